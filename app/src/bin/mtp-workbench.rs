@@ -1,0 +1,3 @@
+//! `mtp-workbench`: the desktop app.
+
+fn main() {}

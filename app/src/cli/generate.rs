@@ -1,0 +1,164 @@
+//! `mtp generate`: text from a prompt, streamed to the terminal or summarised as JSON.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+
+use anyhow::Context;
+use mtp_core::decode::{Decoding, GenerateRequest, SamplingParams, TokenEvent, generate_ar};
+use mtp_core::tokenizer::ChatMessage;
+use mtp_core::{DType, DeviceSpec, LoadOptions, LoadedModel, ModelSource};
+use serde::Serialize;
+
+use super::progress::DownloadBar;
+
+/// Arguments of `mtp generate`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A model folder, a hub repo id (owner/name[@revision]) or `demo`.
+    #[arg(long)]
+    pub model: String,
+    /// The prompt text, encoded exactly as the model's tokenizer says.
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
+    pub prompt: Option<String>,
+    /// The prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<i64>>,
+    /// Wrap `--prompt` as a user turn with the model's chat template.
+    #[arg(long, requires = "prompt")]
+    pub chat: bool,
+    /// Most new tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Sample only among the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens holding this much probability.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Seed of sampled decoding.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: DType,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    model: String,
+    mode: &'static str,
+    device: String,
+    dtype: String,
+    prompt_ids: &'a [i64],
+    token_ids: &'a [i64],
+    text: String,
+    forwards: usize,
+    tokens_per_forward: f64,
+    tokens_per_second: f64,
+    prefill_seconds: f64,
+    total_seconds: f64,
+    stop_reason: mtp_core::decode::StopReason,
+}
+
+impl Args {
+    fn decoding(&self) -> anyhow::Result<Decoding> {
+        if self.temperature < 0.0 {
+            anyhow::bail!(
+                "--temperature must be >= 0 (0 = greedy), got {}",
+                self.temperature
+            );
+        }
+        Ok(if self.temperature == 0.0 {
+            Decoding::Greedy
+        } else {
+            Decoding::Sample(SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: self.seed,
+            })
+        })
+    }
+}
+
+/// Run it.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let decoding = args.decoding()?;
+    let source: ModelSource = args.model.parse()?;
+    let options = LoadOptions {
+        device: args.device,
+        dtype: args.dtype,
+        ..LoadOptions::default()
+    };
+    let loaded = LoadedModel::load(&source, &options, &mut DownloadBar::new())
+        .with_context(|| format!("loading model `{source}`"))?;
+    let tok = &loaded.tokenizer;
+    let prompt_ids = match (&args.prompt, &args.prompt_ids) {
+        (Some(text), _) if args.chat => {
+            let rendered = tok.apply_chat_template(&[ChatMessage::new("user", text)], true)?;
+            tok.encode_with(&rendered, false)?
+        }
+        (Some(text), _) => tok.encode(text)?,
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => anyhow::bail!("give --prompt or --prompt-ids"),
+    };
+    let req = GenerateRequest {
+        prompt_ids,
+        max_new_tokens: args.max_new_tokens,
+        decoding,
+        eos_ids: tok.eos_ids.clone(),
+    };
+
+    let mut stream = tok.stream(false);
+    let mut stdout = std::io::stdout();
+    let json = args.json;
+    let mut sink = |e: &TokenEvent| {
+        if !json {
+            let _ = write!(stdout, "{}", stream.push(e.id));
+            let _ = stdout.flush();
+        }
+        ControlFlow::Continue(())
+    };
+    let out = generate_ar(&loaded.model, &req, &mut sink)?;
+    let text = tok.decode(&out.token_ids, false).unwrap_or_default();
+    if json {
+        super::print_json(&Report {
+            model: source.to_string(),
+            mode: "ar",
+            device: args.device.to_string(),
+            dtype: args.dtype.to_string(),
+            prompt_ids: &req.prompt_ids,
+            token_ids: &out.token_ids,
+            text,
+            forwards: out.forwards,
+            tokens_per_forward: out.tokens_per_forward(),
+            tokens_per_second: out.tokens_per_second(),
+            prefill_seconds: out.prefill_time.as_secs_f64(),
+            total_seconds: out.total_time.as_secs_f64(),
+            stop_reason: out.stop,
+        })
+    } else {
+        println!("{}", stream.finish());
+        eprintln!(
+            "[{} tokens, {} forwards, {:.1} tokens/s, stop: {:?}]",
+            out.token_ids.len(),
+            out.forwards,
+            out.tokens_per_second(),
+            out.stop
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,64 @@
+//! The `mtp` command line: one subcommand per file, a shared progress bar, `--json` output
+//! for machines, and an exit code that says whether it worked.
+
+mod download;
+mod generate;
+mod inspect;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Multi-token prediction workbench: inspect, download and run Llama-family models.
+#[derive(Debug, Parser)]
+#[command(name = "mtp", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Summarise a model: architecture, exact parameter count, dtype, memory.
+    Inspect(inspect::Args),
+    /// Download a model from the Hugging Face hub into the standard cache.
+    Download(download::Args),
+    /// Generate text from a prompt.
+    Generate(generate::Args),
+}
+
+/// Parse arguments, run, and turn any error into a message on stderr and exit code 1.
+pub fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Download(a) => download::run(a),
+        Command::Generate(a) => generate::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Print `value` as one line of JSON on stdout.
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! A model ready to use: resolved folder, weights on a device, tokenizer.
+
+use std::path::{Path, PathBuf};
+
+use crate::device::{DType, DeviceSpec};
+use crate::error::Result;
+use crate::model::Llama;
+use crate::source::{DownloadProgress, HubOptions, ModelSource};
+use crate::tokenizer::TextTokenizer;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Where computation happens.
+    pub device: DeviceSpec,
+    /// The precision weights and activations use.
+    pub dtype: DType,
+    /// How to reach the hub for hub sources.
+    pub hub: HubOptions,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: DeviceSpec::Cpu,
+            dtype: DType::F32,
+            hub: HubOptions::from_env(),
+        }
+    }
+}
+
+/// A loaded model and its tokenizer.
+pub struct LoadedModel {
+    /// Where it came from.
+    pub source: ModelSource,
+    /// Its local folder.
+    pub dir: PathBuf,
+    /// The network.
+    pub model: Llama,
+    /// The tokenizer.
+    pub tokenizer: TextTokenizer,
+}
+
+impl LoadedModel {
+    /// Resolve `source` (downloading when needed) and load it.
+    pub fn load(
+        source: &ModelSource,
+        options: &LoadOptions,
+        progress: &mut dyn DownloadProgress,
+    ) -> Result<Self> {
+        let dir = source.resolve(&options.hub, progress)?;
+        let mut loaded = Self::from_folder(&dir, options)?;
+        loaded.source = source.clone();
+        Ok(loaded)
+    }
+
+    /// Load the model folder `dir`.
+    pub fn from_folder(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let device = options.device.resolve()?;
+        let model = Llama::from_folder(dir, options.dtype, device)?;
+        let tokenizer = TextTokenizer::from_folder(
+            dir,
+            model.config.bos_token_id,
+            &model.config.eos_token_ids,
+        )?;
+        Ok(Self {
+            source: ModelSource::Local {
+                path: dir.to_owned(),
+            },
+            dir: dir.to_owned(),
+            model,
+            tokenizer,
+        })
+    }
+}

@@ -1,0 +1,132 @@
+//! Generation: autoregressive decoding with a KV cache (this module's `ar`), token
+//! selection (`sampling`), and the streaming interface the CLI, GUI and tests share.
+
+pub mod ar;
+pub mod sampling;
+
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use ar::generate_ar;
+pub use sampling::{Sampler, SamplingParams};
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Decoding {
+    /// The most likely token (first on ties).
+    #[default]
+    Greedy,
+    /// A random draw from the processed distribution.
+    Sample(SamplingParams),
+}
+
+/// One generation request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// The prompt, already tokenized (may start with BOS).
+    pub prompt_ids: Vec<i64>,
+    /// Upper bound on new tokens.
+    pub max_new_tokens: usize,
+    /// Greedy or sampled.
+    pub decoding: Decoding,
+    /// Ids that end generation; the EOS token itself is emitted.
+    pub eos_ids: Vec<i64>,
+}
+
+/// How a token came to be emitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TokenOrigin {
+    /// Chosen from the model's own distribution at its position (AR, or the token a
+    /// speculative step verifies itself).
+    Verified,
+    /// A draft from mask slot `slot` (1-based) that verification accepted.
+    Draft {
+        /// The slot, 1..=k.
+        slot: usize,
+    },
+}
+
+/// One emitted token, as it streams out.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TokenEvent {
+    /// The token id.
+    pub id: i64,
+    /// Index among the new tokens (0-based).
+    pub index: usize,
+    /// The forward pass that produced it (0 = prefill).
+    pub step: usize,
+    /// How it was produced.
+    pub origin: TokenOrigin,
+}
+
+/// Receives tokens as they are produced. Returning `Break` stops generation (cancel).
+pub trait TokenSink {
+    /// A token was emitted.
+    fn token(&mut self, event: &TokenEvent) -> ControlFlow<()>;
+}
+
+/// A sink that ignores tokens and never stops generation.
+impl TokenSink for () {
+    fn token(&mut self, _: &TokenEvent) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+}
+
+/// Any closure over events is a sink.
+impl<F: FnMut(&TokenEvent) -> ControlFlow<()>> TokenSink for F {
+    fn token(&mut self, event: &TokenEvent) -> ControlFlow<()> {
+        self(event)
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// An EOS token was emitted.
+    Eos,
+    /// `max_new_tokens` were emitted.
+    MaxTokens,
+    /// The sink asked to stop.
+    Cancelled,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateOutput {
+    /// New tokens only (including a final EOS).
+    pub token_ids: Vec<i64>,
+    /// Model forward passes, prefill included.
+    pub forwards: usize,
+    /// Why it stopped.
+    pub stop: StopReason,
+    /// Time of the prefill pass.
+    pub prefill_time: Duration,
+    /// Wall time from the request to the last token.
+    pub total_time: Duration,
+}
+
+impl GenerateOutput {
+    /// New tokens per second of wall time, prefill included.
+    pub fn tokens_per_second(&self) -> f64 {
+        let s = self.total_time.as_secs_f64();
+        if s > 0.0 {
+            self.token_ids.len() as f64 / s
+        } else {
+            0.0
+        }
+    }
+
+    /// New tokens per forward pass.
+    pub fn tokens_per_forward(&self) -> f64 {
+        if self.forwards > 0 {
+            self.token_ids.len() as f64 / self.forwards as f64
+        } else {
+            0.0
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Where tensors live and in which precision they compute.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind};
+
+use crate::error::{Error, Result};
+
+/// A compute device as the user names it: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(into = "String", try_from = "String")]
+pub enum DeviceSpec {
+    /// The host CPU.
+    #[default]
+    Cpu,
+    /// CUDA device with this index.
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// The tch device, after checking that a CUDA device with that index exists.
+    pub fn resolve(self) -> Result<Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(i) => {
+                let n = tch::Cuda::device_count();
+                if (i as i64) < n {
+                    Ok(Device::Cuda(i))
+                } else {
+                    Err(Error::Invalid(format!(
+                        "device cuda:{i} requested but libtorch sees {n} CUDA device(s)"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// The best device present: `cuda:0` when libtorch sees a GPU, else the CPU.
+    pub fn best_available() -> Self {
+        if tch::Cuda::is_available() {
+            DeviceSpec::Cuda(0)
+        } else {
+            DeviceSpec::Cpu
+        }
+    }
+
+    /// Every device libtorch can see, CPU first.
+    pub fn all_available() -> Vec<Self> {
+        let n = tch::Cuda::device_count().max(0) as usize;
+        std::iter::once(DeviceSpec::Cpu)
+            .chain((0..n).map(DeviceSpec::Cuda))
+            .collect()
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl FromStr for DeviceSpec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| {
+                    Error::Invalid(format!("unknown device `{s}` (use cpu, cuda or cuda:N)"))
+                }),
+        }
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+/// A floating-point precision for weights and activations.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// 32-bit IEEE float.
+    #[default]
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half precision.
+    F16,
+}
+
+impl DType {
+    /// The tch kind.
+    pub fn kind(self) -> Kind {
+        match self {
+            DType::F32 => Kind::Float,
+            DType::Bf16 => Kind::BFloat16,
+            DType::F16 => Kind::Half,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 | DType::F16 => 2,
+        }
+    }
+
+    /// The dtype of a tch kind, if it is one of ours.
+    pub fn from_kind(kind: Kind) -> Option<Self> {
+        match kind {
+            Kind::Float => Some(DType::F32),
+            Kind::BFloat16 => Some(DType::Bf16),
+            Kind::Half => Some(DType::F16),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+            DType::F16 => "f16",
+        })
+    }
+}
+
+impl FromStr for DType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "float32" | "fp32" => Ok(DType::F32),
+            "bf16" | "bfloat16" => Ok(DType::Bf16),
+            "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
+            other => Err(Error::Invalid(format!(
+                "unknown dtype `{other}` (use f32, bf16 or f16)"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_round_trip() -> Result<()> {
+        for (text, spec) in [
+            ("cpu", DeviceSpec::Cpu),
+            ("cuda", DeviceSpec::Cuda(0)),
+            ("cuda:3", DeviceSpec::Cuda(3)),
+        ] {
+            assert_eq!(text.parse::<DeviceSpec>()?, spec);
+            assert_eq!(spec.to_string().parse::<DeviceSpec>()?, spec);
+        }
+        assert!("tpu".parse::<DeviceSpec>().is_err());
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn dtype_names_round_trip() -> Result<()> {
+        for d in [DType::F32, DType::Bf16, DType::F16] {
+            assert_eq!(d.to_string().parse::<DType>()?, d);
+            assert_eq!(DType::from_kind(d.kind()), Some(d));
+        }
+        assert!("int8".parse::<DType>().is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,52 @@
+//! One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
+
+use tch::Tensor;
+
+use super::attention::{Attention, Pass};
+use super::config::ModelConfig;
+use super::kv_cache::KvCache;
+use super::mlp::Mlp;
+use super::norm::RmsNorm;
+use super::weights::Weights;
+use crate::error::Result;
+
+/// `model.layers.N`.
+#[derive(Debug)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// Load layer `layer` from `w` (= `model.layers.N`).
+    pub fn load(w: &Weights, c: &ModelConfig, layer: usize) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::load(
+                &w.pp("input_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+            )?,
+            self_attn: Attention::load(&w.pp("self_attn"), c, layer)?,
+            post_attention_layernorm: RmsNorm::load(
+                &w.pp("post_attention_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+            )?,
+            mlp: Mlp::load(&w.pp("mlp"), c, layer)?,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: `[b, t, d]` -> `[b, t, d]`.
+    pub fn forward(&self, x: &Tensor, pass: &Pass, cache: Option<&mut KvCache>) -> Tensor {
+        let h = x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), pass, cache);
+        let m = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h), pass.adapter);
+        h + m
+    }
+}

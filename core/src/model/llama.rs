@@ -1,0 +1,212 @@
+//! The Llama-family causal LM: embeddings, decoder layers, final norm, LM head.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use super::attention::{AttnMask, Pass};
+use super::block::DecoderLayer;
+use super::config::ModelConfig;
+use super::kv_cache::KvCache;
+use super::linear::Gated;
+use super::norm::RmsNorm;
+use super::rope::Rope;
+use super::weights::{CheckpointSource, SpecSource, TensorSpec, WeightSource, Weights};
+use crate::checkpoint::Checkpoint;
+use crate::device::DType;
+use crate::error::{Error, Result};
+
+/// A decoder-only causal language model of the Llama family, ready to run.
+#[derive(Debug)]
+pub struct Llama {
+    /// The validated config.
+    pub config: ModelConfig,
+    /// `model.embed_tokens.weight`, `[vocab, d]`.
+    pub embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// `[vocab, d]`: `lm_head.weight`, or the embedding matrix when tied.
+    pub lm_head: Tensor,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+/// Checkpoint keys that carry no weights and are skipped on purpose.
+fn ignorable(config: &ModelConfig, name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq")
+        || (config.tie_word_embeddings && name == "lm_head.weight")
+}
+
+impl Llama {
+    /// Build the model from `source` (names as in Hugging Face checkpoints). `dtype` and
+    /// `device` describe the tensors the source returns.
+    pub fn load(
+        config: ModelConfig,
+        source: &dyn WeightSource,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
+        let root = Weights::new(source);
+        let m = root.pp("model");
+        let embed_tokens = m.pp("embed_tokens").get(
+            "weight",
+            &[config.vocab_size as i64, config.hidden_size as i64],
+        )?;
+        let layers = (0..config.num_layers)
+            .map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &config, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(&m.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.shallow_clone()
+        } else {
+            root.pp("lm_head").get(
+                "weight",
+                &[config.vocab_size as i64, config.hidden_size as i64],
+            )?
+        };
+        let rope = Rope::new(&config, device);
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            dtype,
+            device,
+        })
+    }
+
+    /// Load the model in folder `dir` (config.json + safetensors) in `dtype` on `device`.
+    /// Every tensor is checked for name, shape and dtype; tensors the model does not use are
+    /// an error.
+    pub fn from_folder(dir: &Path, dtype: DType, device: Device) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let checkpoint = Checkpoint::open(dir)?;
+        Self::from_checkpoint(config, &checkpoint, dtype, device)
+    }
+
+    /// Load from an opened checkpoint.
+    pub fn from_checkpoint(
+        config: ModelConfig,
+        checkpoint: &Checkpoint,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
+        let source = CheckpointSource::new(checkpoint, dtype, device);
+        let model = tch::no_grad(|| Self::load(config.clone(), &source, dtype, device))?;
+        source.finish(|n| ignorable(&config, n))?;
+        Ok(model)
+    }
+
+    /// The tensors the model needs, checked against `checkpoint`'s headers when given
+    /// (names, shapes, dtypes), without reading any data. Unused checkpoint tensors are an
+    /// error, as in [`Llama::from_checkpoint`].
+    pub fn tensor_specs(
+        config: &ModelConfig,
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<Vec<TensorSpec>> {
+        let source = SpecSource::new(checkpoint);
+        Self::load(config.clone(), &source, DType::F32, Device::Cpu)?;
+        let specs = source.into_specs();
+        if let Some(ck) = checkpoint {
+            let wanted: std::collections::BTreeSet<&str> =
+                specs.iter().map(|s| s.name.as_str()).collect();
+            let extra: Vec<String> = ck
+                .names()
+                .filter(|n| !wanted.contains(n) && !ignorable(config, n))
+                .map(str::to_owned)
+                .collect();
+            if !extra.is_empty() {
+                return Err(ck.unexpected(extra));
+            }
+        }
+        Ok(specs)
+    }
+
+    /// The dtype activations and weights compute in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Token embeddings.
+    ///
+    /// # Shapes
+    /// `ids`: `[b, t]` int64 -> `[b, t, d]`.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
+    }
+
+    /// Run the decoder on embeddings `x` and return the final hidden states (after the
+    /// final norm: the LM head's input). With a cache, the new rows' keys and values are
+    /// appended and committed.
+    ///
+    /// # Shapes
+    /// `x`: `[b, t, d]`; `positions`: `[t]` or `[b, t]` int64 -> `[b, t, d]`.
+    pub fn forward_embeds(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        mask: AttnMask,
+        adapter: Option<&Gated>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let rope = self.rope.tables(positions, x.kind());
+        let pass = Pass {
+            rope: &rope,
+            mask,
+            adapter,
+        };
+        let mut h = x.shallow_clone();
+        for layer in &self.layers {
+            h = layer.forward(&h, &pass, cache.as_deref_mut());
+        }
+        if let Some(cache) = cache {
+            cache.commit(x.size()[1] as usize);
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Logits from final hidden states.
+    ///
+    /// # Shapes
+    /// `h`: `[..., d]` -> `[..., vocab]`.
+    pub fn logits(&self, h: &Tensor) -> Tensor {
+        h.linear::<Tensor>(&self.lm_head, None)
+    }
+
+    /// Check token ids against the vocabulary (a user may supply any number).
+    pub fn check_ids(&self, ids: &[i64]) -> Result<()> {
+        match ids
+            .iter()
+            .find(|&&id| id < 0 || id >= self.config.vocab_size as i64)
+        {
+            Some(&id) => Err(Error::TokenId {
+                id,
+                vocab: self.config.vocab_size,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Plain causal forward of token ids `[b, t]` from position `cache.len()` (or 0), giving
+    /// logits for every position, `[b, t, vocab]`.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
+        let past = cache.as_ref().map_or(0, |c| c.len() as i64);
+        let t = ids.size()[1];
+        let positions = Tensor::arange_start(past, past + t, (Kind::Int64, self.device));
+        let h = self.forward_embeds(&self.embed(ids), &positions, AttnMask::Causal, None, cache);
+        self.logits(&h)
+    }
+
+    /// A KV cache for this model with room for `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(self.config.num_layers, capacity)
+    }
+}

@@ -1,0 +1,20 @@
+//! The Llama-family decoder in tch: config, layers, weights and the KV cache. Struct and
+//! field names follow the Hugging Face checkpoint keys (`self_attn.q_proj`, ...).
+
+pub mod attention;
+pub mod block;
+pub mod config;
+pub mod kv_cache;
+pub mod linear;
+pub mod llama;
+pub mod mlp;
+pub mod norm;
+pub mod rope;
+pub mod weights;
+
+pub use attention::AttnMask;
+pub use config::{Family, HfConfig, ModelConfig, RopeScaling};
+pub use kv_cache::KvCache;
+pub use linear::{Gated, Proj, ProjDelta};
+pub use llama::Llama;
+pub use weights::{CheckpointSource, SpecSource, TensorSpec, WeightSource, Weights};

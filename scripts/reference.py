@@ -1,0 +1,336 @@
+#!/usr/bin/env python3
+"""Reference fixtures from the Hugging Face stack (torch + transformers + tokenizers).
+
+Two modes:
+
+  python scripts/reference.py fixtures [--out tests/fixtures]
+      Makes the tiny random models the Rust tests load (one per supported family, plus a
+      sharded one, one with Llama-3 rope scaling and tied embeddings, and f32/bf16/f16
+      storage), and records their reference logits, greedy continuations, prompt encodings
+      and rendered chat templates. The output is committed; tests then run without Python.
+
+  python scripts/reference.py crosscheck --mtp target/release/mtp [--seed 1234]
+      Makes fresh tiny models the same way with another seed in a temporary folder and
+      checks that `mtp generate --json` reproduces transformers' greedy tokens exactly, with
+      --prompt-ids and with --prompt. Exits non-zero on any mismatch.
+
+Run with the project's environment: .venv/bin/python scripts/reference.py fixtures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER_VOCAB = 400
+SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+# A ChatML template with a default system turn, exercising loops, conditionals, string
+# methods and raise_exception the way hub templates do.
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set rest = messages[1:] -%}"
+    "{%- else -%}{%- set system = 'You are a helpful assistant.' -%}{%- set rest = messages -%}{%- endif -%}"
+    "{{ bos_token }}<|im_start|>system\n{{ system | trim }}<|im_end|>\n"
+    "{%- for m in rest -%}"
+    "{%- if m['role'] not in ['user', 'assistant'] -%}{{ raise_exception('unknown role ' + m['role']) }}{%- endif -%}"
+    "\n<|im_start|>{{ m['role'] }}\n{{ m['content'].strip() }}<|im_end|>"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}\n<|im_start|>assistant\n{%- endif -%}"
+)
+
+# Llama-3 style: header tokens spelled out, eos after every turn.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n\n' + message['content'] | trim + eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n\n' }}{% endif %}"
+)
+
+CHAT_MESSAGES = [
+    {"role": "system", "content": "  Answer briefly.  "},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "2 + 3 = 5."},
+    {"role": "user", "content": "And 4 * 6?"},
+]
+
+TEXT_PROMPT = "def add(a, b):\n    return a +"
+
+
+def corpus() -> list[str]:
+    """A fixed slice of the Python standard library: the same files on every CPython 3.11."""
+    lib = Path(os.__file__).parent
+    names = ["textwrap.py", "bisect.py", "heapq.py", "colorsys.py", "keyword.py", "this.py"]
+    return [(lib / n).read_text(encoding="utf-8") for n in names if (lib / n).exists()]
+
+
+def make_tokenizer(add_bos: bool, template: str) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer)
+    if add_bos:
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|im_end|>" if not add_bos else "</s>",
+        unk_token="<unk>",
+        chat_template=template,
+    )
+
+
+def base_kwargs(vocab: int) -> dict:
+    return dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def families() -> dict[str, dict]:
+    """Name -> how to build it. `v4_config` rewrites rope keys the way transformers 4.x
+    (and most hub checkpoints) spell them."""
+    llama3_rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 500000.0,
+    }
+    return {
+        "llama": dict(
+            cls="LlamaConfig", cfg=dict(base_kwargs(416)), bos=True, template=CHATML_TEMPLATE,
+            dtype=torch.float32, v4_config=True,
+        ),
+        "llama3-tied": dict(
+            cls="LlamaConfig",
+            cfg=dict(base_kwargs(400), tie_word_embeddings=True, rope_parameters=llama3_rope),
+            bos=True, template=LLAMA3_TEMPLATE, dtype=torch.bfloat16, v4_config=True,
+        ),
+        "llama-sharded": dict(
+            cls="LlamaConfig", cfg=dict(base_kwargs(400), attention_bias=True, mlp_bias=True),
+            bos=True, template=CHATML_TEMPLATE, dtype=torch.float32, shard="40KB",
+        ),
+        "mistral": dict(
+            cls="MistralConfig", cfg=dict(base_kwargs(400), sliding_window=4096),
+            bos=True, template=CHATML_TEMPLATE, dtype=torch.float16,
+        ),
+        "qwen2": dict(
+            cls="Qwen2Config",
+            cfg=dict(base_kwargs(400), tie_word_embeddings=True, eos_token_id=4, bos_token_id=None),
+            bos=False, template=CHATML_TEMPLATE, dtype=torch.float32,
+        ),
+        "qwen3": dict(
+            cls="Qwen3Config",
+            cfg=dict(base_kwargs(420), head_dim=32, eos_token_id=4, bos_token_id=None),
+            bos=False, template=CHATML_TEMPLATE, dtype=torch.bfloat16,
+        ),
+    }
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random, norms around 1 and biases non-zero, so that a loader that
+    drops a tensor or a forward that skips one cannot match the reference by luck."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(0.15 * noise)
+
+
+def to_v4(folder: Path) -> None:
+    """Spell the rope keys and the chat template the transformers 4.x way: `rope_theta` and
+    `rope_scaling` in config.json, `chat_template` inside tokenizer_config.json."""
+    config_path = folder / "config.json"
+    cfg = json.loads(config_path.read_text())
+    rope = cfg.pop("rope_parameters", None) or {}
+    cfg["rope_theta"] = rope.pop("rope_theta", 10000.0)
+    if rope.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = rope
+    config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    template_file = folder / "chat_template.jinja"
+    tok_cfg_path = folder / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg["chat_template"] = template_file.read_text()
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+    template_file.unlink()
+
+
+def build(name: str, spec: dict, seed: int, folder: Path) -> None:
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, spec["cls"])(**spec["cfg"])
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    randomize(model, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.to(spec["dtype"]).save_pretrained(folder, max_shard_size=spec.get("shard", "1GB"))
+    make_tokenizer(spec["bos"], spec["template"]).save_pretrained(folder)
+    # Round-trip through AutoTokenizer: transformers 5 replaces some families' pre-tokenizer
+    # in memory (Qwen2: NFC + a split regex); saving it again puts what transformers really
+    # uses into tokenizer.json, as hub checkpoints have it.
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    if spec.get("v4_config"):
+        to_v4(folder)
+
+
+def top2_margin(scores: torch.Tensor) -> float:
+    top = scores.float().topk(2, dim=-1).values
+    return float((top[..., 0] - top[..., 1]).min())
+
+
+def greedy(model, ids: list[int], n: int) -> tuple[list[int], float]:
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=n, do_sample=False, output_scores=True,
+        return_dict_in_generate=True, pad_token_id=0,
+    )
+    new = out.sequences[0, len(ids):].tolist()
+    margin = min(top2_margin(s) for s in out.scores)
+    return new, margin
+
+
+def reference(folder: Path, seed: int, n_new: int = 24) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Reference record for one model folder: JSON-able facts and the logits tensors."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(seed + 7)
+    logits_ids = torch.randint(0, TOKENIZER_VOCAB, (1, 20), generator=g)
+    with torch.no_grad():
+        logits = model(logits_ids).logits[0].float().contiguous()
+
+    # Greedy from random prompt ids; retry with a new prompt until every step has a clear
+    # top-2 margin, so that float rounding cannot decide a tie.
+    for attempt in range(50):
+        prompt_ids = torch.randint(0, TOKENIZER_VOCAB, (8,), generator=g).tolist()
+        new_ids, margin = greedy(model, prompt_ids, n_new)
+        if margin > 5e-3:
+            break
+    else:
+        raise SystemExit(f"{folder}: no prompt with a clear greedy margin")
+
+    text_ids = tok(TEXT_PROMPT)["input_ids"]
+    text_new, text_margin = greedy(model, text_ids, n_new)
+    rendered = tok.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)
+    record = {
+        "model_type": model.config.model_type,
+        "vocab_size": vocab,
+        "num_parameters": model.num_parameters(),
+        "logits_input_ids": logits_ids[0].tolist(),
+        "greedy": {"prompt_ids": prompt_ids, "token_ids": new_ids, "min_margin": margin},
+        "text": {
+            "prompt": TEXT_PROMPT,
+            "prompt_ids": text_ids,
+            "token_ids": text_new,
+            "min_margin": text_margin,
+            "decoded": tok.decode(text_new),
+        },
+        "chat": {"messages": CHAT_MESSAGES, "rendered": rendered},
+        "eos_token_ids": model.generation_config.eos_token_id,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    }
+    return record, {"logits": logits}
+
+
+def cmd_fixtures(args) -> None:
+    out = Path(args.out)
+    models_dir, ref_dir = out / "models", out / "reference"
+    for d in (models_dir, ref_dir):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    for i, (name, spec) in enumerate(families().items()):
+        folder = models_dir / name
+        build(name, spec, seed=args.seed + i, folder=folder)
+        record, tensors = reference(folder, seed=args.seed + i)
+        record["family"] = name
+        (ref_dir / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        save_file(tensors, str(ref_dir / f"{name}.safetensors"))
+        print(f"{name}: {record['num_parameters']} parameters, greedy margin {record['greedy']['min_margin']:.4f}")
+
+
+def run_mtp(mtp: str, folder: Path, extra: list[str]) -> dict:
+    cmd = [mtp, "generate", "--model", str(folder), "--max-new-tokens", "24", "--json", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
+    return json.loads(done.stdout)
+
+
+def cmd_crosscheck(args) -> None:
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, spec) in enumerate(families().items()):
+            folder = Path(tmp) / name
+            build(name, spec, seed=args.seed + i, folder=folder)
+            record, _ = reference(folder, seed=args.seed + i)
+            ids = ",".join(map(str, record["greedy"]["prompt_ids"]))
+            ours = run_mtp(args.mtp, folder, ["--prompt-ids", ids])
+            ok_ids = ours["token_ids"] == record["greedy"]["token_ids"]
+            ours_text = run_mtp(args.mtp, folder, ["--prompt", TEXT_PROMPT])
+            ok_text = (
+                ours_text["prompt_ids"] == record["text"]["prompt_ids"]
+                and ours_text["token_ids"] == record["text"]["token_ids"]
+            )
+            print(f"{name}: --prompt-ids {'ok' if ok_ids else 'MISMATCH'}, --prompt {'ok' if ok_text else 'MISMATCH'}")
+            if not ok_ids:
+                print(f"  reference {record['greedy']['token_ids']}\n  ours      {ours['token_ids']}")
+            if not ok_text:
+                print(f"  reference {record['text']['prompt_ids']} -> {record['text']['token_ids']}")
+                print(f"  ours      {ours_text['prompt_ids']} -> {ours_text['token_ids']}")
+            failures += (not ok_ids) + (not ok_text)
+    if failures:
+        raise SystemExit(f"{failures} mismatches")
+    print("all families match transformers")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fixtures")
+    f.add_argument("--out", default=str(ROOT / "tests" / "fixtures"))
+    f.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("crosscheck")
+    c.add_argument("--mtp", required=True)
+    c.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    {"fixtures": cmd_fixtures, "crosscheck": cmd_crosscheck}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
