@@ -21,11 +21,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self {
-            device: DeviceSpec::Cpu,
-            dtype: DType::F32,
-            hub: HubOptions::from_env(),
-        }
+        Self { device: DeviceSpec::Cpu, dtype: DType::F32, hub: HubOptions::from_env() }
     }
 }
 
@@ -43,11 +39,7 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     /// Resolve `source` (downloading when needed) and load it.
-    pub fn load(
-        source: &ModelSource,
-        options: &LoadOptions,
-        progress: &mut dyn DownloadProgress,
-    ) -> Result<Self> {
+    pub fn load(source: &ModelSource, options: &LoadOptions, progress: &mut dyn DownloadProgress) -> Result<Self> {
         let dir = source.resolve(&options.hub, progress)?;
         let mut loaded = Self::from_folder(&dir, options)?;
         loaded.source = source.clone();
@@ -58,18 +50,7 @@ impl LoadedModel {
     pub fn from_folder(dir: &Path, options: &LoadOptions) -> Result<Self> {
         let device = options.device.resolve()?;
         let model = Llama::from_folder(dir, options.dtype, device)?;
-        let tokenizer = TextTokenizer::from_folder(
-            dir,
-            model.config.bos_token_id,
-            &model.config.eos_token_ids,
-        )?;
-        Ok(Self {
-            source: ModelSource::Local {
-                path: dir.to_owned(),
-            },
-            dir: dir.to_owned(),
-            model,
-            tokenizer,
-        })
+        let tokenizer = TextTokenizer::from_folder(dir, model.config.bos_token_id, &model.config.eos_token_ids)?;
+        Ok(Self { source: ModelSource::Local { path: dir.to_owned() }, dir: dir.to_owned(), model, tokenizer })
     }
 }

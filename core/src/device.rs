@@ -29,9 +29,7 @@ impl DeviceSpec {
                 if (i as i64) < n {
                     Ok(Device::Cuda(i))
                 } else {
-                    Err(Error::Invalid(format!(
-                        "device cuda:{i} requested but libtorch sees {n} CUDA device(s)"
-                    )))
+                    Err(Error::Invalid(format!("device cuda:{i} requested but libtorch sees {n} CUDA device(s)")))
                 }
             }
         }
@@ -39,19 +37,13 @@ impl DeviceSpec {
 
     /// The best device present: `cuda:0` when libtorch sees a GPU, else the CPU.
     pub fn best_available() -> Self {
-        if tch::Cuda::is_available() {
-            DeviceSpec::Cuda(0)
-        } else {
-            DeviceSpec::Cpu
-        }
+        if tch::Cuda::is_available() { DeviceSpec::Cuda(0) } else { DeviceSpec::Cpu }
     }
 
     /// Every device libtorch can see, CPU first.
     pub fn all_available() -> Vec<Self> {
         let n = tch::Cuda::device_count().max(0) as usize;
-        std::iter::once(DeviceSpec::Cpu)
-            .chain((0..n).map(DeviceSpec::Cuda))
-            .collect()
+        std::iter::once(DeviceSpec::Cpu).chain((0..n).map(DeviceSpec::Cuda)).collect()
     }
 }
 
@@ -75,9 +67,7 @@ impl FromStr for DeviceSpec {
                 .strip_prefix("cuda:")
                 .and_then(|i| i.parse().ok())
                 .map(DeviceSpec::Cuda)
-                .ok_or_else(|| {
-                    Error::Invalid(format!("unknown device `{s}` (use cpu, cuda or cuda:N)"))
-                }),
+                .ok_or_else(|| Error::Invalid(format!("unknown device `{s}` (use cpu, cuda or cuda:N)"))),
         }
     }
 }
@@ -96,9 +86,7 @@ impl TryFrom<String> for DeviceSpec {
 }
 
 /// A floating-point precision for weights and activations.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     /// 32-bit IEEE float.
@@ -156,9 +144,7 @@ impl FromStr for DType {
             "f32" | "float32" | "fp32" => Ok(DType::F32),
             "bf16" | "bfloat16" => Ok(DType::Bf16),
             "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
-            other => Err(Error::Invalid(format!(
-                "unknown dtype `{other}` (use f32, bf16 or f16)"
-            ))),
+            other => Err(Error::Invalid(format!("unknown dtype `{other}` (use f32, bf16 or f16)"))),
         }
     }
 }
@@ -169,11 +155,7 @@ mod tests {
 
     #[test]
     fn device_names_round_trip() -> Result<()> {
-        for (text, spec) in [
-            ("cpu", DeviceSpec::Cpu),
-            ("cuda", DeviceSpec::Cuda(0)),
-            ("cuda:3", DeviceSpec::Cuda(3)),
-        ] {
+        for (text, spec) in [("cpu", DeviceSpec::Cpu), ("cuda", DeviceSpec::Cuda(0)), ("cuda:3", DeviceSpec::Cuda(3))] {
             assert_eq!(text.parse::<DeviceSpec>()?, spec);
             assert_eq!(spec.to_string().parse::<DeviceSpec>()?, spec);
         }

@@ -162,23 +162,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.into(),
-            source,
-        }
+        Self::Io { path: path.into(), source }
     }
 
     /// An [`Error::Config`] for `key` in `path`.
-    pub fn config(
-        path: impl Into<PathBuf>,
-        key: impl Into<String>,
-        reason: impl Into<String>,
-    ) -> Self {
-        Self::Config {
-            path: path.into(),
-            key: key.into(),
-            reason: reason.into(),
-        }
+    pub fn config(path: impl Into<PathBuf>, key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Config { path: path.into(), key: key.into(), reason: reason.into() }
     }
 }
 
@@ -190,8 +179,5 @@ pub fn read_to_string(path: &std::path::Path) -> Result<String> {
 /// Read and parse a JSON file, naming it in the error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
     let text = read_to_string(path)?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.to_owned(),
-        source,
-    })
+    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_owned(), source })
 }

@@ -7,10 +7,7 @@ use crate::error::{Error, Result};
 
 /// The temporary sibling `path` is first written to.
 pub fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".tmp");
     path.with_file_name(name)
 }
@@ -23,19 +20,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     let tmp = tmp_path(path);
     let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| Error::io(&tmp, e))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(|e| Error::io(&tmp, e))?;
     drop(file);
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// [`write_atomic`] for a value serialized as pretty JSON.
 pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
-        path: path.to_owned(),
-        source,
-    })?;
+    let mut text =
+        serde_json::to_string_pretty(value).map_err(|source| Error::Json { path: path.to_owned(), source })?;
     text.push('\n');
     write_atomic(path, text.as_bytes())
 }
@@ -50,10 +43,7 @@ mod tests {
         let path = dir.path().join("sub").join("a.json");
         write_json_atomic(&path, &serde_json::json!({"x": 1}))?;
         write_atomic(&path, b"second")?;
-        assert_eq!(
-            std::fs::read(&path).map_err(|e| Error::io(&path, e))?,
-            b"second"
-        );
+        assert_eq!(std::fs::read(&path).map_err(|e| Error::io(&path, e))?, b"second");
         assert!(!tmp_path(&path).exists());
         Ok(())
     }

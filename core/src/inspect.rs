@@ -51,19 +51,11 @@ impl ModelInfo {
         let specs = Llama::tensor_specs(&config, Some(&checkpoint))?;
         let mut by_dtype: BTreeMap<DType, u64> = BTreeMap::new();
         for s in &specs {
-            *by_dtype.entry(s.stored.unwrap_or_default()).or_default() +=
-                s.shape.iter().product::<i64>() as u64;
+            *by_dtype.entry(s.stored.unwrap_or_default()).or_default() += s.shape.iter().product::<i64>() as u64;
         }
         let num_parameters: u64 = by_dtype.values().sum();
-        let stored_dtype = by_dtype
-            .iter()
-            .max_by_key(|(_, n)| **n)
-            .map(|(d, _)| *d)
-            .unwrap_or_default();
-        let stored_bytes = by_dtype
-            .iter()
-            .map(|(d, n)| n * d.size_in_bytes() as u64)
-            .sum();
+        let stored_dtype = by_dtype.iter().max_by_key(|(_, n)| **n).map(|(d, _)| *d).unwrap_or_default();
+        let stored_bytes = by_dtype.iter().map(|(d, n)| n * d.size_in_bytes() as u64).sum();
         let weight_bytes = [DType::F32, DType::Bf16, DType::F16]
             .into_iter()
             .map(|d| (d, num_parameters * d.size_in_bytes() as u64))
@@ -95,9 +87,5 @@ pub fn human_bytes(bytes: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[unit]) }
 }

@@ -46,9 +46,7 @@ fn is_repo_id(s: &str) -> bool {
     let ok = |part: &str| {
         !part.is_empty()
             && !part.starts_with(['.', '-'])
-            && part
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     matches!(s.split('/').collect::<Vec<_>>().as_slice(), [owner, name] if ok(owner) && ok(name))
 }
@@ -64,22 +62,15 @@ impl FromStr for ModelSource {
         }
         let path = Path::new(s);
         if path.is_dir() {
-            return Ok(ModelSource::Local {
-                path: path.to_owned(),
-            });
+            return Ok(ModelSource::Local { path: path.to_owned() });
         }
         let (repo, revision) = s.split_once('@').unwrap_or((s, "main"));
         if is_repo_id(repo) && !revision.is_empty() {
-            return Ok(ModelSource::Hub {
-                repo_id: repo.into(),
-                revision: revision.into(),
-            });
+            return Ok(ModelSource::Hub { repo_id: repo.into(), revision: revision.into() });
         }
         Err(Error::Source {
             source_name: s.into(),
-            reason:
-                "not an existing folder, not a hub repo id (owner/name[@revision]), and not `demo`"
-                    .into(),
+            reason: "not an existing folder, not a hub repo id (owner/name[@revision]), and not `demo`".into(),
         })
     }
 }
@@ -89,9 +80,7 @@ impl FromStr for ModelSource {
 pub fn assets_dir() -> PathBuf {
     match std::env::var_os("MTP_ASSETS") {
         Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join("assets"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("assets"),
     }
 }
 
@@ -133,35 +122,24 @@ impl HubOptions {
         let cache_dir = std::env::var_os("HF_HUB_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|| hf_hub::Cache::from_env().path().clone());
-        let offline = std::env::var("HF_HUB_OFFLINE")
-            .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
+        let offline =
+            std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
         Self { cache_dir, offline }
     }
 }
 
 /// Files a model folder may have besides weights; the first is required.
-const MODEL_FILES: [&str; 5] = [
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "chat_template.jinja",
-];
+const MODEL_FILES: [&str; 5] =
+    ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"];
 
 impl ModelSource {
     /// The local folder of this model, downloading it first when it is a hub repo that is
     /// not in the cache (and the options allow the network).
-    pub fn resolve(
-        &self,
-        hub: &HubOptions,
-        progress: &mut dyn DownloadProgress,
-    ) -> Result<PathBuf> {
+    pub fn resolve(&self, hub: &HubOptions, progress: &mut dyn DownloadProgress) -> Result<PathBuf> {
         let dir = match self {
             ModelSource::Local { path } => path.clone(),
             ModelSource::Demo => demo_model_dir(),
-            ModelSource::Hub { repo_id, revision } => {
-                resolve_hub(repo_id, revision, hub, progress)?
-            }
+            ModelSource::Hub { repo_id, revision } => resolve_hub(repo_id, revision, hub, progress)?,
         };
         if !dir.join("config.json").is_file() {
             return Err(Error::Source {
@@ -174,10 +152,7 @@ impl ModelSource {
 }
 
 fn hub_error(repo_id: &str, reason: impl fmt::Display) -> Error {
-    Error::Source {
-        source_name: repo_id.into(),
-        reason: reason.to_string(),
-    }
+    Error::Source { source_name: repo_id.into(), reason: reason.to_string() }
 }
 
 fn resolve_hub(
@@ -186,8 +161,7 @@ fn resolve_hub(
     hub: &HubOptions,
     progress: &mut dyn DownloadProgress,
 ) -> Result<PathBuf> {
-    let repo =
-        hf_hub::Repo::with_revision(repo_id.into(), hf_hub::RepoType::Model, revision.into());
+    let repo = hf_hub::Repo::with_revision(repo_id.into(), hf_hub::RepoType::Model, revision.into());
     let cached = hf_hub::Cache::new(hub.cache_dir.clone()).repo(repo.clone());
     if let Some(config) = cached.get("config.json") {
         // Complete in the cache (a previous download): use it without the network.
@@ -199,10 +173,7 @@ fn resolve_hub(
     if hub.offline {
         return Err(hub_error(
             repo_id,
-            format!(
-                "not (completely) in the cache {} and HF_HUB_OFFLINE is set",
-                hub.cache_dir.display()
-            ),
+            format!("not (completely) in the cache {} and HF_HUB_OFFLINE is set", hub.cache_dir.display()),
         ));
     }
     let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(hub.cache_dir.clone()))
@@ -211,13 +182,8 @@ fn resolve_hub(
         .map_err(|e| hub_error(repo_id, e))?;
     let remote = api.repo(repo);
     let info = remote.info().map_err(|e| hub_error(repo_id, e))?;
-    let listed: std::collections::BTreeSet<&str> =
-        info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
-    let mut wanted: Vec<String> = MODEL_FILES
-        .iter()
-        .filter(|f| listed.contains(**f))
-        .map(|f| f.to_string())
-        .collect();
+    let listed: std::collections::BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let mut wanted: Vec<String> = MODEL_FILES.iter().filter(|f| listed.contains(**f)).map(|f| f.to_string()).collect();
     if !listed.contains("config.json") {
         return Err(hub_error(repo_id, "the repository has no config.json"));
     }
@@ -226,17 +192,13 @@ fn resolve_hub(
     } else if listed.contains(SINGLE_FILE) {
         wanted.push(SINGLE_FILE.into());
     } else {
-        return Err(hub_error(
-            repo_id,
-            "the repository has no safetensors weights",
-        ));
+        return Err(hub_error(repo_id, "the repository has no safetensors weights"));
     }
     let mut config_path = None;
     let mut i = 0;
     while i < wanted.len() {
         let file = wanted[i].clone();
-        let path = fetch(&remote, &file, progress)
-            .map_err(|e| hub_error(repo_id, format!("{file}: {e}")))?;
+        let path = fetch(&remote, &file, progress).map_err(|e| hub_error(repo_id, format!("{file}: {e}")))?;
         if file == INDEX_FILE {
             wanted.extend(shard_names(&path)?);
         }
@@ -290,10 +252,7 @@ fn shards_cached(cached: &hf_hub::CacheRepo) -> Result<bool> {
 }
 
 fn snapshot_dir(config: &Path, repo_id: &str) -> Result<PathBuf> {
-    config
-        .parent()
-        .map(Path::to_owned)
-        .ok_or_else(|| hub_error(repo_id, "cache path has no parent"))
+    config.parent().map(Path::to_owned).ok_or_else(|| hub_error(repo_id, "cache path has no parent"))
 }
 
 #[cfg(test)]
@@ -305,23 +264,14 @@ mod tests {
         assert_eq!("demo".parse::<ModelSource>()?, ModelSource::Demo);
         assert_eq!(
             "HuggingFaceTB/SmolLM2-135M".parse::<ModelSource>()?,
-            ModelSource::Hub {
-                repo_id: "HuggingFaceTB/SmolLM2-135M".into(),
-                revision: "main".into()
-            }
+            ModelSource::Hub { repo_id: "HuggingFaceTB/SmolLM2-135M".into(), revision: "main".into() }
         );
         assert_eq!(
             "meta-llama/Llama-3.1-8B@v1.0".parse::<ModelSource>()?,
-            ModelSource::Hub {
-                repo_id: "meta-llama/Llama-3.1-8B".into(),
-                revision: "v1.0".into()
-            }
+            ModelSource::Hub { repo_id: "meta-llama/Llama-3.1-8B".into(), revision: "v1.0".into() }
         );
         let dir = std::env::temp_dir();
-        assert_eq!(
-            dir.to_str().unwrap_or_default().parse::<ModelSource>()?,
-            ModelSource::Local { path: dir.clone() }
-        );
+        assert_eq!(dir.to_str().unwrap_or_default().parse::<ModelSource>()?, ModelSource::Local { path: dir.clone() });
         for bad in ["no_such_folder", "a/b/c", "/missing/abs/path", "a/", "x@"] {
             let err = bad.parse::<ModelSource>().expect_err(bad).to_string();
             assert!(err.contains(bad.trim_end_matches('@')), "{err}");

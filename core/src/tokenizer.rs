@@ -22,10 +22,7 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with `role` and `content`.
     pub fn new(role: &str, content: &str) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
 }
 
@@ -67,28 +64,15 @@ impl TextTokenizer {
     pub fn from_folder(dir: &Path, config_bos: Option<i64>, config_eos: &[i64]) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(Error::Tokenizer {
-                path,
-                reason: "file not found".into(),
-            });
+            return Err(Error::Tokenizer { path, reason: "file not found".into() });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::Tokenizer { path: path.clone(), reason: e.to_string() })?;
 
         let tc_path = dir.join("tokenizer_config.json");
-        let tc: Value = if tc_path.exists() {
-            read_json(&tc_path)?
-        } else {
-            Value::Null
-        };
+        let tc: Value = if tc_path.exists() { read_json(&tc_path)? } else { Value::Null };
         let gc_path = dir.join("generation_config.json");
-        let gc: Value = if gc_path.exists() {
-            read_json(&gc_path)?
-        } else {
-            Value::Null
-        };
+        let gc: Value = if gc_path.exists() { read_json(&gc_path)? } else { Value::Null };
 
         let id_of = |text: &str| inner.token_to_id(text).map(i64::from);
         let bos_text = token_text(tc.get("bos_token"));
@@ -107,14 +91,7 @@ impl TextTokenizer {
         }
 
         let chat_template = Self::find_template(dir, &tc_path, &tc)?;
-        Ok(Self {
-            inner,
-            path,
-            bos,
-            eos_text,
-            eos_ids,
-            chat_template,
-        })
+        Ok(Self { inner, path, bos, eos_text, eos_ids, chat_template })
     }
 
     /// The chat template: `chat_template.jinja` when present, else `chat_template` in
@@ -122,10 +99,7 @@ impl TextTokenizer {
     fn find_template(dir: &Path, tc_path: &Path, tc: &Value) -> Result<Option<ChatTemplate>> {
         let file = dir.join("chat_template.jinja");
         if file.exists() {
-            return Ok(Some(ChatTemplate {
-                source: read_to_string(&file)?,
-                path: file,
-            }));
+            return Ok(Some(ChatTemplate { source: read_to_string(&file)?, path: file }));
         }
         let source = match tc.get("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),
@@ -138,18 +112,11 @@ impl TextTokenizer {
                 .map(str::to_owned),
             _ => None,
         };
-        Ok(source.map(|source| ChatTemplate {
-            source,
-            path: tc_path.to_owned(),
-        }))
+        Ok(source.map(|source| ChatTemplate { source, path: tc_path.to_owned() }))
     }
 
     /// Wrap an in-memory tokenizer (for models this project creates).
-    pub fn from_parts(
-        inner: tokenizers::Tokenizer,
-        bos: Option<(String, i64)>,
-        eos: Option<(String, i64)>,
-    ) -> Self {
+    pub fn from_parts(inner: tokenizers::Tokenizer, bos: Option<(String, i64)>, eos: Option<(String, i64)>) -> Self {
         Self {
             inner,
             path: PathBuf::from("tokenizer.json"),
@@ -181,10 +148,7 @@ impl TextTokenizer {
         let enc = self
             .inner
             .encode(text, add_special_tokens)
-            .map_err(|e| Error::Tokenizer {
-                path: self.path.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), reason: e.to_string() })?;
         Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
     }
 
@@ -193,10 +157,7 @@ impl TextTokenizer {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         self.inner
             .decode(&ids, skip_special_tokens)
-            .map_err(|e| Error::Tokenizer {
-                path: self.path.clone(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), reason: e.to_string() })
     }
 
     /// The text of one token as it appears in running text (`None` for ids without text).
@@ -223,35 +184,19 @@ impl TextTokenizer {
 
     /// Render `messages` with the chat template, as transformers' `apply_chat_template(...,
     /// tokenize=False)` does.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
-        let template = self
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| Error::ChatTemplate {
-                path: self.path.with_file_name("tokenizer_config.json"),
-                reason: "the model has no chat template".into(),
-            })?;
-        let err = |e: minijinja::Error| Error::ChatTemplate {
-            path: template.path.clone(),
-            reason: format!("{e:#}"),
-        };
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let template = self.chat_template.as_ref().ok_or_else(|| Error::ChatTemplate {
+            path: self.path.with_file_name("tokenizer_config.json"),
+            reason: "the model has no chat template".into(),
+        })?;
+        let err = |e: minijinja::Error| Error::ChatTemplate { path: template.path.clone(), reason: format!("{e:#}") };
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
         env.add_function("strftime_now", |_fmt: String| String::new());
         let tmpl = env.template_from_str(&template.source).map_err(err)?;
         let ctx = minijinja::context! {
@@ -285,12 +230,7 @@ impl TokenStream<'_> {
     /// Add `id`; returns the new text it completes (possibly empty).
     pub fn push(&mut self, id: i64) -> String {
         self.ids.push(id);
-        let text = self
-            .inner
-            .step(id as u32)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let text = self.inner.step(id as u32).ok().flatten().unwrap_or_default();
         self.emitted += text.len();
         text
     }
@@ -298,10 +238,7 @@ impl TokenStream<'_> {
     /// The text still held back at the end (bytes of an unfinished character, shown as
     /// replacement characters, as a one-shot decode shows them).
     pub fn finish(&mut self) -> String {
-        let all = self
-            .tokenizer
-            .decode(&self.ids, self.skip_special_tokens)
-            .unwrap_or_default();
+        let all = self.tokenizer.decode(&self.ids, self.skip_special_tokens).unwrap_or_default();
         let rest = all.get(self.emitted..).unwrap_or_default().to_owned();
         self.emitted = all.len();
         rest

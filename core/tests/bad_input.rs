@@ -29,17 +29,11 @@ fn expect_error(dir: &Path, needles: &[&str]) -> anyhow::Result<Error> {
 }
 
 /// Rewrite `model.safetensors` of `dir` through `edit`.
-fn rewrite_weights(
-    dir: &Path,
-    edit: impl FnOnce(&mut Vec<(String, Tensor)>),
-) -> anyhow::Result<()> {
+fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> anyhow::Result<()> {
     let path = dir.join("model.safetensors");
     let file = SafetensorsFile::open(&path)?;
-    let mut tensors = file
-        .names()
-        .into_iter()
-        .map(|n| Ok((n.clone(), file.read(&n)?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut tensors =
+        file.names().into_iter().map(|n| Ok((n.clone(), file.read(&n)?))).collect::<anyhow::Result<Vec<_>>>()?;
     drop(file);
     edit(&mut tensors);
     save(&path, &tensors, None)?;
@@ -88,10 +82,7 @@ fn tensor_with_wrong_shape() -> anyhow::Result<()> {
             }
         }
     })?;
-    let err = expect_error(
-        tmp.path(),
-        &[name, "[60, 64]", "[64, 64]", "model.safetensors"],
-    )?;
+    let err = expect_error(tmp.path(), &[name, "[60, 64]", "[64, 64]", "model.safetensors"])?;
     assert!(matches!(err, Error::TensorShape { .. }));
     Ok(())
 }
@@ -99,9 +90,7 @@ fn tensor_with_wrong_shape() -> anyhow::Result<()> {
 #[test]
 fn missing_tensor() -> anyhow::Result<()> {
     let tmp = scratch_copy("llama")?;
-    rewrite_weights(tmp.path(), |ts| {
-        ts.retain(|(n, _)| n != "model.norm.weight")
-    })?;
+    rewrite_weights(tmp.path(), |ts| ts.retain(|(n, _)| n != "model.norm.weight"))?;
     let err = expect_error(tmp.path(), &["missing tensor", "model.norm.weight"])?;
     assert!(matches!(err, Error::MissingTensor { .. }));
     Ok(())
@@ -111,19 +100,9 @@ fn missing_tensor() -> anyhow::Result<()> {
 fn unexpected_tensor() -> anyhow::Result<()> {
     let tmp = scratch_copy("llama")?;
     rewrite_weights(tmp.path(), |ts| {
-        ts.push((
-            "model.layers.0.mlp.extra.weight".into(),
-            Tensor::zeros([2], tch::kind::FLOAT_CPU),
-        ))
+        ts.push(("model.layers.0.mlp.extra.weight".into(), Tensor::zeros([2], tch::kind::FLOAT_CPU)))
     })?;
-    let err = expect_error(
-        tmp.path(),
-        &[
-            "unexpected",
-            "model.layers.0.mlp.extra.weight",
-            "model.safetensors",
-        ],
-    )?;
+    let err = expect_error(tmp.path(), &["unexpected", "model.layers.0.mlp.extra.weight", "model.safetensors"])?;
     assert!(matches!(err, Error::UnexpectedTensors { .. }));
     Ok(())
 }
@@ -139,26 +118,14 @@ fn missing_shard() -> anyhow::Result<()> {
 #[test]
 fn unknown_model_type_and_unsupported_features() -> anyhow::Result<()> {
     let cases: [(&str, serde_json::Value, &[&str]); 4] = [
-        (
-            "model_type",
-            serde_json::json!("gpt_neox"),
-            &["config.json", "model_type `gpt_neox`"],
-        ),
+        ("model_type", serde_json::json!("gpt_neox"), &["config.json", "model_type `gpt_neox`"]),
         (
             "rope_scaling",
             serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
             &["config.json", "rope_scaling.rope_type: yarn"],
         ),
-        (
-            "quantization_config",
-            serde_json::json!({"quant_method": "gptq"}),
-            &["config.json", "quantization_config"],
-        ),
-        (
-            "hidden_act",
-            serde_json::json!("gelu"),
-            &["config.json", "hidden_act `gelu`"],
-        ),
+        ("quantization_config", serde_json::json!({"quant_method": "gptq"}), &["config.json", "quantization_config"]),
+        ("hidden_act", serde_json::json!("gelu"), &["config.json", "hidden_act `gelu`"]),
     ];
     for (key, value, needles) in cases {
         let tmp = scratch_copy("llama")?;
@@ -167,15 +134,10 @@ fn unknown_model_type_and_unsupported_features() -> anyhow::Result<()> {
         assert!(matches!(err, Error::Unsupported { .. }), "{key}: {err:?}");
     }
     let tmp = scratch_copy("llama")?;
-    edit_json(&tmp.path().join("config.json"), |v| {
-        v["num_key_value_heads"] = 3.into()
-    })?;
+    edit_json(&tmp.path().join("config.json"), |v| v["num_key_value_heads"] = 3.into())?;
     expect_error(tmp.path(), &["config.json", "num_key_value_heads"])?;
     let tmp = scratch_copy("llama")?;
-    std::fs::write(
-        tmp.path().join("config.json"),
-        "{\"model_type\": \"llama\",",
-    )?;
+    std::fs::write(tmp.path().join("config.json"), "{\"model_type\": \"llama\",")?;
     expect_error(tmp.path(), &["config.json", "invalid JSON"])?;
     Ok(())
 }
@@ -186,10 +148,7 @@ fn missing_or_broken_tokenizer() -> anyhow::Result<()> {
     std::fs::remove_file(tmp.path().join("tokenizer.json"))?;
     let err = expect_error(tmp.path(), &["tokenizer.json", "not found"])?;
     assert!(matches!(err, Error::Tokenizer { .. }));
-    std::fs::write(
-        tmp.path().join("tokenizer.json"),
-        "{\"version\": \"1.0\", \"model\": 17}",
-    )?;
+    std::fs::write(tmp.path().join("tokenizer.json"), "{\"version\": \"1.0\", \"model\": 17}")?;
     expect_error(tmp.path(), &["tokenizer.json"])?;
     Ok(())
 }
@@ -205,15 +164,9 @@ fn prompt_longer_than_context() -> anyhow::Result<()> {
         eos_ids: vec![],
     };
     let err = generate_ar(&m.model, &req, &mut ()).expect_err("too long");
-    assert!(
-        matches!(err, Error::ContextLength { needed, .. } if needed == context + 6),
-        "{err:?}"
-    );
+    assert!(matches!(err, Error::ContextLength { needed, .. } if needed == context + 6), "{err:?}");
     assert!(err.to_string().contains(&context.to_string()));
-    let bad_id = GenerateRequest {
-        prompt_ids: vec![1, 100_000],
-        ..req
-    };
+    let bad_id = GenerateRequest { prompt_ids: vec![1, 100_000], ..req };
     let err = generate_ar(&m.model, &bad_id, &mut ()).expect_err("bad id");
     assert!(err.to_string().contains("100000"), "{err}");
     Ok(())

@@ -13,17 +13,8 @@ use tch::{Device, Kind, Tensor};
 const LOGITS_TOL: f64 = 1e-4;
 
 fn load(family: &str) -> anyhow::Result<LoadedModel> {
-    let options = LoadOptions {
-        dtype: DType::F32,
-        ..LoadOptions::default()
-    };
-    Ok(LoadedModel::load(
-        &ModelSource::Local {
-            path: model_dir(family),
-        },
-        &options,
-        &mut (),
-    )?)
+    let options = LoadOptions { dtype: DType::F32, ..LoadOptions::default() };
+    Ok(LoadedModel::load(&ModelSource::Local { path: model_dir(family) }, &options, &mut ())?)
 }
 
 #[test]
@@ -59,11 +50,7 @@ fn greedy_generation_matches_transformers() -> anyhow::Result<()> {
                 eos_ids: m.tokenizer.eos_ids.clone(),
             };
             let out = generate_ar(&m.model, &req, &mut ())?;
-            assert_eq!(
-                &out.token_ids, expected,
-                "{family}: prompt {:?}",
-                req.prompt_ids
-            );
+            assert_eq!(&out.token_ids, expected, "{family}: prompt {:?}", req.prompt_ids);
             assert_eq!(out.forwards, out.token_ids.len());
         }
     }
@@ -75,16 +62,8 @@ fn tokenizer_and_chat_template_match_transformers() -> anyhow::Result<()> {
     for family in FAMILIES {
         let m = load(family)?;
         let r = reference(family)?;
-        assert_eq!(
-            m.tokenizer.encode(&r.text.prompt)?,
-            r.text.prompt_ids,
-            "{family}: encoding"
-        );
-        assert_eq!(
-            m.tokenizer.decode(&r.text.token_ids, false)?,
-            r.text.decoded,
-            "{family}: decoding"
-        );
+        assert_eq!(m.tokenizer.encode(&r.text.prompt)?, r.text.prompt_ids, "{family}: encoding");
+        assert_eq!(m.tokenizer.decode(&r.text.token_ids, false)?, r.text.decoded, "{family}: decoding");
         let rendered = m.tokenizer.apply_chat_template(&r.chat.messages, true)?;
         assert_eq!(rendered, r.chat.rendered, "{family}: chat template");
         // Streaming decode gives the same text as decoding at once.
@@ -121,15 +100,11 @@ fn kv_cache_matches_full_forward() -> anyhow::Result<()> {
         let full = tch::no_grad(|| m.model.forward(&ids, None));
         for chunk in [1, 3, 5] {
             let mut cache = m.model.new_cache(4); // small: exercises growth
-            let mut parts = vec![tch::no_grad(|| {
-                m.model.forward(&ids.narrow(1, 0, 8), Some(&mut cache))
-            })];
+            let mut parts = vec![tch::no_grad(|| m.model.forward(&ids.narrow(1, 0, 8), Some(&mut cache)))];
             let mut start = 8;
             while start < t {
                 let n = chunk.min(t - start);
-                parts.push(tch::no_grad(|| {
-                    m.model.forward(&ids.narrow(1, start, n), Some(&mut cache))
-                }));
+                parts.push(tch::no_grad(|| m.model.forward(&ids.narrow(1, start, n), Some(&mut cache))));
                 start += n;
             }
             let incremental = Tensor::cat(&parts, 1);

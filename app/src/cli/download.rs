@@ -16,10 +16,7 @@ pub struct Args {
 
 /// Run it: download (or find in the cache) and print the local folder.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let source = ModelSource::Hub {
-        repo_id: args.repo_id,
-        revision: args.revision,
-    };
+    let source = ModelSource::Hub { repo_id: args.repo_id, revision: args.revision };
     let dir = source.resolve(&HubOptions::from_env(), &mut DownloadBar::new())?;
     println!("{}", dir.display());
     Ok(())

@@ -18,11 +18,7 @@ pub struct Args {
     #[arg(long)]
     pub model: String,
     /// The prompt text, encoded exactly as the model's tokenizer says.
-    #[arg(
-        long,
-        conflicts_with = "prompt_ids",
-        required_unless_present = "prompt_ids"
-    )]
+    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     pub prompt: Option<String>,
     /// The prompt as comma-separated token ids.
     #[arg(long, value_delimiter = ',')]
@@ -76,10 +72,7 @@ struct Report<'a> {
 impl Args {
     fn decoding(&self) -> anyhow::Result<Decoding> {
         if self.temperature < 0.0 {
-            anyhow::bail!(
-                "--temperature must be >= 0 (0 = greedy), got {}",
-                self.temperature
-            );
+            anyhow::bail!("--temperature must be >= 0 (0 = greedy), got {}", self.temperature);
         }
         Ok(if self.temperature == 0.0 {
             Decoding::Greedy
@@ -98,11 +91,7 @@ impl Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let decoding = args.decoding()?;
     let source: ModelSource = args.model.parse()?;
-    let options = LoadOptions {
-        device: args.device,
-        dtype: args.dtype,
-        ..LoadOptions::default()
-    };
+    let options = LoadOptions { device: args.device, dtype: args.dtype, ..LoadOptions::default() };
     let loaded = LoadedModel::load(&source, &options, &mut DownloadBar::new())
         .with_context(|| format!("loading model `{source}`"))?;
     let tok = &loaded.tokenizer;
@@ -115,12 +104,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(ids)) => ids.clone(),
         (None, None) => anyhow::bail!("give --prompt or --prompt-ids"),
     };
-    let req = GenerateRequest {
-        prompt_ids,
-        max_new_tokens: args.max_new_tokens,
-        decoding,
-        eos_ids: tok.eos_ids.clone(),
-    };
+    let req =
+        GenerateRequest { prompt_ids, max_new_tokens: args.max_new_tokens, decoding, eos_ids: tok.eos_ids.clone() };
 
     let mut stream = tok.stream(false);
     let mut stdout = std::io::stdout();

@@ -27,25 +27,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("model        {source} ({})", dir.display());
     println!("model_type   {}", info.model_type);
-    println!(
-        "parameters   {} ({:.1} M)",
-        info.num_parameters,
-        info.num_parameters as f64 / 1e6
-    );
+    println!("parameters   {} ({:.1} M)", info.num_parameters, info.num_parameters as f64 / 1e6);
     println!("hidden_size  {}", info.hidden_size);
     println!("layers       {}", info.num_layers);
-    println!(
-        "heads        {} query, {} key/value",
-        info.num_heads, info.num_kv_heads
-    );
+    println!("heads        {} query, {} key/value", info.num_heads, info.num_kv_heads);
     println!("vocab_size   {}", info.vocab_size);
     println!("context      {}", info.context_length);
     println!("tied head    {}", info.tie_word_embeddings);
-    println!(
-        "stored as    {} ({})",
-        info.stored_dtype,
-        human_bytes(info.stored_bytes)
-    );
+    println!("stored as    {} ({})", info.stored_dtype, human_bytes(info.stored_bytes));
     for (dtype, bytes) in &info.weight_bytes {
         println!("weights {dtype:<4} {}", human_bytes(*bytes));
     }

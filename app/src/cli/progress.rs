@@ -20,17 +20,12 @@ impl DownloadBar {
 impl DownloadProgress for DownloadBar {
     fn start(&mut self, file: &str, bytes: u64) {
         if !std::io::stderr().is_terminal() {
-            eprintln!(
-                "downloading {file} ({})",
-                mtp_core::inspect::human_bytes(bytes)
-            );
+            eprintln!("downloading {file} ({})", mtp_core::inspect::human_bytes(bytes));
             return;
         }
         let bar = ProgressBar::new(bytes);
-        let style = ProgressStyle::with_template(
-            "{msg:30!} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let style = ProgressStyle::with_template("{msg:30!} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
         bar.set_message(file.to_owned());
         self.bar = Some(bar);

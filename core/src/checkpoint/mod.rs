@@ -26,17 +26,9 @@ impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let mmap = map(&file).map_err(|e| Error::io(path, e))?;
-        let (header_len, metadata) =
-            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })?;
-        Ok(Self {
-            path: path.to_owned(),
-            mmap,
-            data_start: 8 + header_len,
-            metadata,
-        })
+        let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
+            .map_err(|e| Error::Safetensors { path: path.to_owned(), reason: e.to_string() })?;
+        Ok(Self { path: path.to_owned(), mmap, data_start: 8 + header_len, metadata })
     }
 
     /// The file's path.
@@ -63,10 +55,8 @@ impl SafetensorsFile {
 
     /// Read one tensor onto the CPU in its stored dtype.
     pub fn read(&self, name: &str) -> Result<Tensor> {
-        let info = self.info(name).ok_or_else(|| Error::MissingTensor {
-            path: self.path.clone(),
-            name: name.to_owned(),
-        })?;
+        let info =
+            self.info(name).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), name: name.to_owned() })?;
         let kind = kind_of(info.dtype).ok_or_else(|| Error::TensorDtype {
             path: self.path.clone(),
             name: name.into(),
@@ -159,10 +149,7 @@ impl Checkpoint {
             for (name, shard) in &shard_index.weight_map {
                 let i = file_of[shard];
                 if files[i].info(name).is_none() {
-                    return Err(Error::MissingTensor {
-                        path: files[i].path.clone(),
-                        name: name.clone(),
-                    });
+                    return Err(Error::MissingTensor { path: files[i].path.clone(), name: name.clone() });
                 }
                 index.insert(name.clone(), i);
             }
@@ -180,11 +167,7 @@ impl Checkpoint {
                 ),
             ));
         };
-        Ok(Self {
-            dir: dir.to_owned(),
-            files,
-            index,
-        })
+        Ok(Self { dir: dir.to_owned(), files, index })
     }
 
     /// The model folder.
@@ -205,16 +188,13 @@ impl Checkpoint {
 
     /// Path to name in errors about a tensor: its file, or the folder when it is in none.
     fn path_for(&self, name: &str) -> PathBuf {
-        self.locate(name)
-            .map_or_else(|| self.dir.clone(), |(f, _)| f.path.clone())
+        self.locate(name).map_or_else(|| self.dir.clone(), |(f, _)| f.path.clone())
     }
 
     /// Check that `name` exists with `shape` and a floating dtype, without reading it.
     pub fn check(&self, name: &str, shape: &[i64]) -> Result<&TensorInfo> {
-        let (file, info) = self.locate(name).ok_or_else(|| Error::MissingTensor {
-            path: self.dir.clone(),
-            name: name.to_owned(),
-        })?;
+        let (file, info) =
+            self.locate(name).ok_or_else(|| Error::MissingTensor { path: self.dir.clone(), name: name.to_owned() })?;
         let actual: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
         if actual != shape {
             return Err(Error::TensorShape {
@@ -237,10 +217,8 @@ impl Checkpoint {
     /// Read `name`, check its shape, and convert it to `kind` on `device`.
     pub fn load(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
         self.check(name, shape)?;
-        let (file, _) = self.locate(name).ok_or_else(|| Error::MissingTensor {
-            path: self.dir.clone(),
-            name: name.into(),
-        })?;
+        let (file, _) =
+            self.locate(name).ok_or_else(|| Error::MissingTensor { path: self.dir.clone(), name: name.into() })?;
         let t = file.read(name)?;
         let t = t.f_to_device(device)?.f_to_kind(kind)?;
         Ok(t)
@@ -248,27 +226,19 @@ impl Checkpoint {
 
     /// The stored dtype of a tensor, if it is one we run.
     pub fn stored_dtype(&self, name: &str) -> Option<DType> {
-        self.locate(name)
-            .and_then(|(_, info)| kind_of(info.dtype))
-            .and_then(DType::from_kind)
+        self.locate(name).and_then(|(_, info)| kind_of(info.dtype)).and_then(DType::from_kind)
     }
 
     /// An error listing `names` as unexpected in this checkpoint.
     pub fn unexpected(&self, names: Vec<String>) -> Error {
-        let path = names
-            .first()
-            .map_or_else(|| self.dir.clone(), |n| self.path_for(n));
+        let path = names.first().map_or_else(|| self.dir.clone(), |n| self.path_for(n));
         Error::UnexpectedTensors { path, names }
     }
 }
 
 /// Write `tensors` (name -> tensor, any device) to a safetensors file, atomically: the data
 /// goes to `path.tmp`, is synced, and is renamed over `path`. Names are written sorted.
-pub fn save(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    metadata: Option<HashMap<String, String>>,
-) -> Result<()> {
+pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
     struct View {
         dtype: Dtype,
         shape: Vec<usize>,
@@ -304,10 +274,7 @@ pub fn save(
         views.insert(name.clone(), View { dtype, shape, data });
     }
     let bytes = safetensors::serialize(views.iter().map(|(n, v)| (n.as_str(), v)), metadata)
-        .map_err(|e| Error::Safetensors {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| Error::Safetensors { path: path.to_owned(), reason: e.to_string() })?;
     crate::fsutil::write_atomic(path, &bytes)
 }
 
@@ -323,33 +290,18 @@ mod tests {
         let meta = HashMap::from([("k".to_string(), "4".to_string())]);
         save(
             &dir.path().join(SINGLE_FILE),
-            &[
-                ("b".into(), b.shallow_clone()),
-                ("a".into(), a.shallow_clone()),
-            ],
+            &[("b".into(), b.shallow_clone()), ("a".into(), a.shallow_clone())],
             Some(meta),
         )?;
         let ck = Checkpoint::open(dir.path())?;
         assert_eq!(ck.names().collect::<Vec<_>>(), ["a", "b"]);
         assert!(ck.load("a", &[2, 3], Kind::Float, Device::Cpu)?.equal(&a));
         assert_eq!(ck.stored_dtype("b"), Some(DType::Bf16));
-        assert!(
-            ck.load("b", &[2], Kind::Float, Device::Cpu)?
-                .equal(&b.to_kind(Kind::Float))
-        );
-        let err = ck
-            .load("a", &[3, 2], Kind::Float, Device::Cpu)
-            .expect_err("shape")
-            .to_string();
-        assert!(
-            err.contains("`a`") && err.contains("[3, 2]") && err.contains("model.safetensors"),
-            "{err}"
-        );
+        assert!(ck.load("b", &[2], Kind::Float, Device::Cpu)?.equal(&b.to_kind(Kind::Float)));
+        let err = ck.load("a", &[3, 2], Kind::Float, Device::Cpu).expect_err("shape").to_string();
+        assert!(err.contains("`a`") && err.contains("[3, 2]") && err.contains("model.safetensors"), "{err}");
         let file = SafetensorsFile::open(&dir.path().join(SINGLE_FILE))?;
-        assert_eq!(
-            file.metadata().and_then(|m| m.get("k")).map(String::as_str),
-            Some("4")
-        );
+        assert_eq!(file.metadata().and_then(|m| m.get("k")).map(String::as_str), Some("4"));
         Ok(())
     }
 }

@@ -6,9 +6,7 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use super::{
-    GenerateOutput, GenerateRequest, Sampler, StopReason, TokenEvent, TokenOrigin, TokenSink,
-};
+use super::{GenerateOutput, GenerateRequest, Sampler, StopReason, TokenEvent, TokenOrigin, TokenSink};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 
@@ -24,11 +22,7 @@ pub fn check_request(model: &Llama, req: &GenerateRequest, extra: usize) -> Resu
     let context = model.config.context_length();
     if needed > context {
         return Err(Error::ContextLength {
-            what: format!(
-                "a prompt of {} tokens + {} new tokens",
-                req.prompt_ids.len(),
-                req.max_new_tokens
-            ),
+            what: format!("a prompt of {} tokens + {} new tokens", req.prompt_ids.len(), req.max_new_tokens),
             needed,
             context,
         });
@@ -46,11 +40,7 @@ pub fn last_logits(model: &Llama, h: &Tensor) -> Tensor {
 }
 
 /// Generate with plain autoregressive decoding, streaming each token to `sink`.
-pub fn generate_ar(
-    model: &Llama,
-    req: &GenerateRequest,
-    sink: &mut dyn TokenSink,
-) -> Result<GenerateOutput> {
+pub fn generate_ar(model: &Llama, req: &GenerateRequest, sink: &mut dyn TokenSink) -> Result<GenerateOutput> {
     check_request(model, req, 0)?;
     let mut sampler = Sampler::new(req.decoding)?;
     let start = Instant::now();
@@ -61,9 +51,7 @@ pub fn generate_ar(
     let mut prefill_time = None;
 
     let out = tch::no_grad(|| {
-        let mut input = Tensor::from_slice(&req.prompt_ids)
-            .to_device(device)
-            .unsqueeze(0);
+        let mut input = Tensor::from_slice(&req.prompt_ids).to_device(device).unsqueeze(0);
         loop {
             if tokens.len() == req.max_new_tokens {
                 return StopReason::MaxTokens;
@@ -81,12 +69,7 @@ pub fn generate_ar(
             let logits = last_logits(model, &h);
             let id = sampler.pick(&logits);
             prefill_time.get_or_insert_with(|| start.elapsed());
-            let event = TokenEvent {
-                id,
-                index: tokens.len(),
-                step: forwards,
-                origin: TokenOrigin::Verified,
-            };
+            let event = TokenEvent { id, index: tokens.len(), step: forwards, origin: TokenOrigin::Verified };
             forwards += 1;
             tokens.push(id);
             if sink.token(&event) == ControlFlow::Break(()) {

@@ -114,19 +114,11 @@ impl GenerateOutput {
     /// New tokens per second of wall time, prefill included.
     pub fn tokens_per_second(&self) -> f64 {
         let s = self.total_time.as_secs_f64();
-        if s > 0.0 {
-            self.token_ids.len() as f64 / s
-        } else {
-            0.0
-        }
+        if s > 0.0 { self.token_ids.len() as f64 / s } else { 0.0 }
     }
 
     /// New tokens per forward pass.
     pub fn tokens_per_forward(&self) -> f64 {
-        if self.forwards > 0 {
-            self.token_ids.len() as f64 / self.forwards as f64
-        } else {
-            0.0
-        }
+        if self.forwards > 0 { self.token_ids.len() as f64 / self.forwards as f64 } else { 0.0 }
     }
 }

@@ -25,10 +25,7 @@ impl SamplingParams {
     /// Check the ranges.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(Error::Invalid(format!(
-                "temperature must be > 0, got {}",
-                self.temperature
-            )));
+            return Err(Error::Invalid(format!("temperature must be > 0, got {}", self.temperature)));
         }
         if self.top_k == Some(0) {
             return Err(Error::Invalid("top-k must be at least 1".into()));
@@ -84,10 +81,7 @@ impl Sampler {
                 p.seed
             }
         };
-        Ok(Self {
-            decoding,
-            rng: StdRng::seed_from_u64(seed),
-        })
+        Ok(Self { decoding, rng: StdRng::seed_from_u64(seed) })
     }
 
     /// The decoding mode.
@@ -108,10 +102,7 @@ impl Sampler {
 
     /// A draw from a probability vector (`[vocab]`, f32, any device).
     pub fn draw(&mut self, probs: &Tensor) -> i64 {
-        let probs: Vec<f32> = probs
-            .to_device(tch::Device::Cpu)
-            .try_into()
-            .unwrap_or_default();
+        let probs: Vec<f32> = probs.to_device(tch::Device::Cpu).try_into().unwrap_or_default();
         let total: f64 = probs.iter().map(|&p| f64::from(p)).sum();
         let mut u = self.rng.random::<f64>() * total;
         let mut last_positive = 0;
@@ -139,12 +130,7 @@ mod tests {
     use super::*;
 
     fn params(top_k: Option<usize>, top_p: Option<f64>) -> SamplingParams {
-        SamplingParams {
-            temperature: 1.0,
-            top_k,
-            top_p,
-            seed: 7,
-        }
+        SamplingParams { temperature: 1.0, top_k, top_p, seed: 7 }
     }
 
     #[test]
@@ -165,13 +151,10 @@ mod tests {
     fn temperature_sharpens() {
         let logits = Tensor::from_slice(&[1.0f32, 0.0]);
         let p = |t: f64| -> f32 {
-            let d: Vec<f32> = SamplingParams {
-                temperature: t,
-                ..params(None, None)
-            }
-            .distribution(&logits)
-            .try_into()
-            .unwrap_or_default();
+            let d: Vec<f32> = SamplingParams { temperature: t, ..params(None, None) }
+                .distribution(&logits)
+                .try_into()
+                .unwrap_or_default();
             d[0]
         };
         assert!(p(0.5) > p(1.0) && p(1.0) > p(2.0));
@@ -181,22 +164,14 @@ mod tests {
     fn seeded_draws_repeat_and_follow_the_distribution() -> Result<()> {
         let probs = Tensor::from_slice(&[0.5f32, 0.25, 0.25, 0.0]);
         let draws = |seed| -> Result<Vec<i64>> {
-            let mut s = Sampler::new(Decoding::Sample(SamplingParams {
-                seed,
-                ..params(None, None)
-            }))?;
+            let mut s = Sampler::new(Decoding::Sample(SamplingParams { seed, ..params(None, None) }))?;
             Ok((0..4000).map(|_| s.draw(&probs)).collect())
         };
         let a = draws(1)?;
         assert_eq!(a, draws(1)?);
         assert_ne!(a, draws(2)?);
         let count = |t| a.iter().filter(|&&x| x == t).count() as f64 / 4000.0;
-        assert!(
-            (count(0) - 0.5).abs() < 0.03 && (count(1) - 0.25).abs() < 0.03,
-            "{} {}",
-            count(0),
-            count(1)
-        );
+        assert!((count(0) - 0.5).abs() < 0.03 && (count(1) - 0.25).abs() < 0.03, "{} {}", count(0), count(1));
         assert_eq!(count(3), 0.0);
         Ok(())
     }
@@ -204,10 +179,7 @@ mod tests {
     #[test]
     fn bad_parameters_are_rejected() {
         for p in [
-            SamplingParams {
-                temperature: 0.0,
-                ..params(None, None)
-            },
+            SamplingParams { temperature: 0.0, ..params(None, None) },
             params(Some(0), None),
             params(None, Some(0.0)),
             params(None, Some(1.5)),

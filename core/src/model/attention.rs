@@ -87,15 +87,8 @@ impl Attention {
             };
             y.transpose(1, 2) // [b, n, t, hd]
         };
-        let q = pass
-            .rope
-            .apply(&heads(&self.q_proj, Proj::Q, self.num_heads, &self.q_norm));
-        let k = pass.rope.apply(&heads(
-            &self.k_proj,
-            Proj::K,
-            self.num_kv_heads,
-            &self.k_norm,
-        ));
+        let q = pass.rope.apply(&heads(&self.q_proj, Proj::Q, self.num_heads, &self.q_norm));
+        let k = pass.rope.apply(&heads(&self.k_proj, Proj::K, self.num_kv_heads, &self.k_norm));
         let v = heads(&self.v_proj, Proj::V, self.num_kv_heads, &None);
 
         let past = cache.as_ref().map_or(0, |c| c.len() as i64);
@@ -106,39 +99,21 @@ impl Attention {
         let (k, v) = (self.repeat_kv(&k), self.repeat_kv(&v));
         let y = match pass.mask {
             // One query attends to everything before it: no mask at all.
-            AttnMask::Causal if t == 1 => Tensor::scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, 0.0, false, self.scale, false,
-            ),
-            AttnMask::Causal if past == 0 => Tensor::scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, 0.0, true, self.scale, false,
-            ),
+            AttnMask::Causal if t == 1 => {
+                Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, self.scale, false)
+            }
+            AttnMask::Causal if past == 0 => {
+                Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, self.scale, false)
+            }
             AttnMask::Causal => {
                 let mask = super::kv_cache::causal_mask(past, t, x.device());
-                Tensor::scaled_dot_product_attention(
-                    &q,
-                    &k,
-                    &v,
-                    Some(&mask),
-                    0.0,
-                    false,
-                    self.scale,
-                    false,
-                )
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, self.scale, false)
             }
-            AttnMask::Custom(mask) => Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                Some(mask),
-                0.0,
-                false,
-                self.scale,
-                false,
-            ),
+            AttnMask::Custom(mask) => {
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, self.scale, false)
+            }
         };
-        let y = y
-            .transpose(1, 2)
-            .reshape([b, t, self.num_heads * self.head_dim]);
+        let y = y.transpose(1, 2).reshape([b, t, self.num_heads * self.head_dim]);
         project(&self.o_proj, &y, a, self.layer, Proj::O)
     }
 
@@ -150,8 +125,6 @@ impl Attention {
             return x.shallow_clone();
         }
         let (b, h, s, d) = x.size4().unwrap_or_default();
-        x.unsqueeze(2)
-            .expand([b, h, groups, s, d], false)
-            .reshape([b, h * groups, s, d])
+        x.unsqueeze(2).expand([b, h, groups, s, d], false).reshape([b, h * groups, s, d])
     }
 }

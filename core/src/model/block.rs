@@ -23,17 +23,9 @@ impl DecoderLayer {
     /// Load layer `layer` from `w` (= `model.layers.N`).
     pub fn load(w: &Weights, c: &ModelConfig, layer: usize) -> Result<Self> {
         Ok(Self {
-            input_layernorm: RmsNorm::load(
-                &w.pp("input_layernorm"),
-                c.hidden_size,
-                c.rms_norm_eps,
-            )?,
+            input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), c.hidden_size, c.rms_norm_eps)?,
             self_attn: Attention::load(&w.pp("self_attn"), c, layer)?,
-            post_attention_layernorm: RmsNorm::load(
-                &w.pp("post_attention_layernorm"),
-                c.hidden_size,
-                c.rms_norm_eps,
-            )?,
+            post_attention_layernorm: RmsNorm::load(&w.pp("post_attention_layernorm"), c.hidden_size, c.rms_norm_eps)?,
             mlp: Mlp::load(&w.pp("mlp"), c, layer)?,
         })
     }
@@ -41,12 +33,8 @@ impl DecoderLayer {
     /// # Shapes
     /// `x`: `[b, t, d]` -> `[b, t, d]`.
     pub fn forward(&self, x: &Tensor, pass: &Pass, cache: Option<&mut KvCache>) -> Tensor {
-        let h = x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x), pass, cache);
-        let m = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&h), pass.adapter);
+        let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), pass, cache);
+        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h), pass.adapter);
         h + m
     }
 }

@@ -174,24 +174,14 @@ impl HfConfig {
                 None => Err(Error::config(path, key, "missing")),
             }
         };
-        let unsupported = |what: String| Error::Unsupported {
-            path: path.to_owned(),
-            what,
-        };
+        let unsupported = |what: String| Error::Unsupported { path: path.to_owned(), what };
 
-        let model_type = self
-            .model_type
-            .as_deref()
-            .ok_or_else(|| Error::config(path, "model_type", "missing"))?;
+        let model_type = self.model_type.as_deref().ok_or_else(|| Error::config(path, "model_type", "missing"))?;
         let family = Family::from_model_type(model_type).ok_or_else(|| {
-            unsupported(format!(
-                "model_type `{model_type}` (supported: llama, mistral, qwen2, qwen3)"
-            ))
+            unsupported(format!("model_type `{model_type}` (supported: llama, mistral, qwen2, qwen3)"))
         })?;
         if self.quantization_config.is_some() {
-            return Err(unsupported(
-                "quantized checkpoint (`quantization_config`)".into(),
-            ));
+            return Err(unsupported("quantized checkpoint (`quantization_config`)".into()));
         }
         if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
             return Err(unsupported(format!("hidden_act `{act}` (only silu)")));
@@ -202,10 +192,7 @@ impl HfConfig {
 
         let hidden_size = need(self.hidden_size, "hidden_size")?;
         let num_heads = need(self.num_attention_heads, "num_attention_heads")?;
-        let num_kv_heads = need(
-            self.num_key_value_heads.or(self.num_attention_heads),
-            "num_key_value_heads",
-        )?;
+        let num_kv_heads = need(self.num_key_value_heads.or(self.num_attention_heads), "num_key_value_heads")?;
         if num_heads % num_kv_heads != 0 {
             return Err(Error::config(
                 path,
@@ -220,18 +207,12 @@ impl HfConfig {
                 return Err(Error::config(
                     path,
                     "num_attention_heads",
-                    format!(
-                        "{num_heads} does not divide hidden_size = {hidden_size} and head_dim is not given"
-                    ),
+                    format!("{num_heads} does not divide hidden_size = {hidden_size} and head_dim is not given"),
                 ));
             }
         };
         if head_dim % 2 != 0 {
-            return Err(Error::config(
-                path,
-                "head_dim",
-                format!("{head_dim} is odd; RoPE needs an even width"),
-            ));
+            return Err(Error::config(path, "head_dim", format!("{head_dim} is odd; RoPE needs an even width")));
         }
 
         let (rope_theta, rope_scaling) = self.rope(path)?;
@@ -239,18 +220,14 @@ impl HfConfig {
         let sliding_window = match family {
             Family::Mistral => self.sliding_window,
             Family::Qwen2 | Family::Qwen3 if self.use_sliding_window == Some(true) => {
-                return Err(unsupported(
-                    "sliding-window attention (`use_sliding_window: true`)".into(),
-                ));
+                return Err(unsupported("sliding-window attention (`use_sliding_window: true`)".into()));
             }
             _ => None,
         };
         if let Some(kinds) = &self.layer_types
             && let Some(other) = kinds.iter().find(|k| k.as_str() != "full_attention")
         {
-            return Err(unsupported(format!(
-                "layer type `{other}` in `layer_types` (only full_attention)"
-            )));
+            return Err(unsupported(format!("layer type `{other}` in `layer_types` (only full_attention)")));
         }
 
         let attention_bias = self.attention_bias.unwrap_or(false);
@@ -264,11 +241,7 @@ impl HfConfig {
 
         let rms_norm_eps = self.rms_norm_eps.unwrap_or(1e-6);
         if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
-            return Err(Error::config(
-                path,
-                "rms_norm_eps",
-                "must be a positive number",
-            ));
+            return Err(Error::config(path, "rms_norm_eps", "must be a positive number"));
         }
 
         Ok(ModelConfig {
@@ -280,10 +253,7 @@ impl HfConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            max_position_embeddings: need(
-                self.max_position_embeddings.or(Some(2048)),
-                "max_position_embeddings",
-            )?,
+            max_position_embeddings: need(self.max_position_embeddings.or(Some(2048)), "max_position_embeddings")?,
             rms_norm_eps,
             rope_theta,
             rope_scaling,
@@ -302,11 +272,7 @@ impl HfConfig {
     /// (transformers 4.x) or `rope_parameters` (5.x).
     fn rope(&self, path: &Path) -> Result<(f64, RopeScaling)> {
         let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
-        let key = if self.rope_parameters.is_some() {
-            "rope_parameters"
-        } else {
-            "rope_scaling"
-        };
+        let key = if self.rope_parameters.is_some() { "rope_parameters" } else { "rope_scaling" };
         let theta = self
             .rope_parameters
             .as_ref()
@@ -315,38 +281,22 @@ impl HfConfig {
             .or(self.rope_theta)
             .unwrap_or(10000.0);
         if !(theta > 0.0 && theta.is_finite()) {
-            return Err(Error::config(
-                path,
-                "rope_theta",
-                "must be a positive number",
-            ));
+            return Err(Error::config(path, "rope_theta", "must be a positive number"));
         }
         let Some(params) = params.filter(|p| !p.is_null()) else {
             return Ok((theta, RopeScaling::Default));
         };
-        let kind = params
-            .get("rope_type")
-            .or_else(|| params.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
+        let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
         let num = |name: &str| -> Result<f64> {
             params
                 .get(name)
                 .and_then(Value::as_f64)
                 .filter(|v| v.is_finite() && *v > 0.0)
-                .ok_or_else(|| {
-                    Error::config(
-                        path,
-                        format!("{key}.{name}"),
-                        "missing or not a positive number",
-                    )
-                })
+                .ok_or_else(|| Error::config(path, format!("{key}.{name}"), "missing or not a positive number"))
         };
         let scaling = match kind {
             "default" => RopeScaling::Default,
-            "linear" => RopeScaling::Linear {
-                factor: num("factor")?,
-            },
+            "linear" => RopeScaling::Linear { factor: num("factor")? },
             "llama3" => RopeScaling::Llama3 {
                 factor: num("factor")?,
                 low_freq_factor: num("low_freq_factor")?,
@@ -356,9 +306,7 @@ impl HfConfig {
             other => {
                 return Err(Error::Unsupported {
                     path: path.to_owned(),
-                    what: format!(
-                        "RoPE scaling `{key}.rope_type: {other}` (supported: default, linear, llama3)"
-                    ),
+                    what: format!("RoPE scaling `{key}.rope_type: {other}` (supported: default, linear, llama3)"),
                 });
             }
         };
@@ -376,10 +324,7 @@ impl ModelConfig {
     /// position limit, or Mistral's attention window when that is shorter (we attend to the
     /// whole sequence, which equals windowed attention only inside the window).
     pub fn context_length(&self) -> usize {
-        self.sliding_window
-            .map_or(self.max_position_embeddings, |w| {
-                w.min(self.max_position_embeddings)
-            })
+        self.sliding_window.map_or(self.max_position_embeddings, |w| w.min(self.max_position_embeddings))
     }
 
     /// Width of all query heads together.
@@ -478,36 +423,20 @@ mod tests {
             ("model_type", json!("gpt2"), "model_type `gpt2`"),
             ("num_key_value_heads", json!(3), "num_key_value_heads"),
             ("hidden_act", json!("gelu"), "hidden_act"),
-            (
-                "rope_scaling",
-                json!({"rope_type": "yarn", "factor": 4.0}),
-                "rope_scaling.rope_type: yarn",
-            ),
-            (
-                "rope_scaling",
-                json!({"rope_type": "llama3", "factor": 4.0}),
-                "rope_scaling.low_freq_factor",
-            ),
+            ("rope_scaling", json!({"rope_type": "yarn", "factor": 4.0}), "rope_scaling.rope_type: yarn"),
+            ("rope_scaling", json!({"rope_type": "llama3", "factor": 4.0}), "rope_scaling.low_freq_factor"),
             ("hidden_size", json!(0), "hidden_size"),
         ];
         for (key, value, needle) in cases {
             let mut v = small();
             v[key] = value;
             let err = parse(v).expect_err(key).to_string();
-            assert!(
-                err.contains(needle),
-                "{key}: `{err}` should mention `{needle}`"
-            );
+            assert!(err.contains(needle), "{key}: `{err}` should mention `{needle}`");
             assert!(err.contains("config.json"), "{err}");
         }
         let mut v = small();
         v.as_object_mut().map(|o| o.remove("vocab_size"));
-        assert!(
-            parse(v)
-                .expect_err("missing")
-                .to_string()
-                .contains("vocab_size")
-        );
+        assert!(parse(v).expect_err("missing").to_string().contains("vocab_size"));
     }
 
     #[test]

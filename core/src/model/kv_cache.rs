@@ -17,11 +17,7 @@ impl KvCache {
     /// An empty cache for `num_layers` layers that first allocates room for `capacity_hint`
     /// positions (it grows past that when needed).
     pub fn new(num_layers: usize, capacity_hint: usize) -> Self {
-        Self {
-            layers: (0..num_layers).map(|_| None).collect(),
-            len: 0,
-            capacity_hint: capacity_hint.max(16) as i64,
-        }
+        Self { layers: (0..num_layers).map(|_| None).collect(), len: 0, capacity_hint: capacity_hint.max(16) as i64 }
     }
 
     /// Positions held.
@@ -49,9 +45,7 @@ impl KvCache {
         };
         if grow {
             let (b, h, d) = (k.size()[0], k.size()[1], k.size()[3]);
-            let capacity = need
-                .max(hint)
-                .max(slot.as_ref().map_or(0, |(kb, _)| kb.size()[2] * 2));
+            let capacity = need.max(hint).max(slot.as_ref().map_or(0, |(kb, _)| kb.size()[2] * 2));
             let opts = (k.kind(), k.device());
             let kb = Tensor::zeros([b, h, capacity, d], opts);
             let vb = Tensor::zeros([b, h, capacity, d], opts);
@@ -61,9 +55,7 @@ impl KvCache {
             }
             *slot = Some((kb, vb));
         }
-        let Some((kb, vb)) = slot.as_ref() else {
-            unreachable!("allocated above")
-        };
+        let Some((kb, vb)) = slot.as_ref() else { unreachable!("allocated above") };
         kb.narrow(2, len, t).copy_(k);
         vb.narrow(2, len, t).copy_(v);
         (kb.narrow(2, 0, need), vb.narrow(2, 0, need))
@@ -94,11 +86,7 @@ impl KvCache {
 
     /// Bytes held by the buffers.
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.numel() + v.numel()) * k.kind().elt_size_in_bytes())
-            .sum()
+        self.layers.iter().flatten().map(|(k, v)| (k.numel() + v.numel()) * k.kind().elt_size_in_bytes()).sum()
     }
 }
 

@@ -21,11 +21,7 @@ impl Linear {
     /// Load `weight` (and `bias` when `bias` is true) under `w`.
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get("weight", &[out_dim as i64, in_dim as i64])?;
-        let bias = if bias {
-            Some(w.get("bias", &[out_dim as i64])?)
-        } else {
-            None
-        };
+        let bias = if bias { Some(w.get("bias", &[out_dim as i64])?) } else { None };
         Ok(Self { weight, bias })
     }
 
@@ -37,9 +33,7 @@ impl Linear {
 }
 
 /// The seven projections of a decoder layer an adapter can target.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Proj {
     /// Attention query.
@@ -60,15 +54,7 @@ pub enum Proj {
 
 impl Proj {
     /// All seven, in layer order.
-    pub const ALL: [Proj; 7] = [
-        Proj::Q,
-        Proj::K,
-        Proj::V,
-        Proj::O,
-        Proj::Gate,
-        Proj::Up,
-        Proj::Down,
-    ];
+    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
 
     /// The Hugging Face module name (`q_proj`, ...).
     pub fn module(self) -> &'static str {
@@ -121,13 +107,7 @@ impl Gated<'_> {
 }
 
 /// Project `x` with `linear`, adding the adapter's gated term when there is one.
-pub fn project(
-    linear: &Linear,
-    x: &Tensor,
-    adapter: Option<&Gated>,
-    layer: usize,
-    proj: Proj,
-) -> Tensor {
+pub fn project(linear: &Linear, x: &Tensor, adapter: Option<&Gated>, layer: usize, proj: Proj) -> Tensor {
     let y = linear.forward(x);
     match adapter {
         Some(a) => a.apply(layer, proj, x, y),

@@ -34,25 +34,17 @@ pub struct Llama {
 
 /// Checkpoint keys that carry no weights and are skipped on purpose.
 fn ignorable(config: &ModelConfig, name: &str) -> bool {
-    name.ends_with("rotary_emb.inv_freq")
-        || (config.tie_word_embeddings && name == "lm_head.weight")
+    name.ends_with("rotary_emb.inv_freq") || (config.tie_word_embeddings && name == "lm_head.weight")
 }
 
 impl Llama {
     /// Build the model from `source` (names as in Hugging Face checkpoints). `dtype` and
     /// `device` describe the tensors the source returns.
-    pub fn load(
-        config: ModelConfig,
-        source: &dyn WeightSource,
-        dtype: DType,
-        device: Device,
-    ) -> Result<Self> {
+    pub fn load(config: ModelConfig, source: &dyn WeightSource, dtype: DType, device: Device) -> Result<Self> {
         let root = Weights::new(source);
         let m = root.pp("model");
-        let embed_tokens = m.pp("embed_tokens").get(
-            "weight",
-            &[config.vocab_size as i64, config.hidden_size as i64],
-        )?;
+        let embed_tokens =
+            m.pp("embed_tokens").get("weight", &[config.vocab_size as i64, config.hidden_size as i64])?;
         let layers = (0..config.num_layers)
             .map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &config, i))
             .collect::<Result<Vec<_>>>()?;
@@ -60,22 +52,10 @@ impl Llama {
         let lm_head = if config.tie_word_embeddings {
             embed_tokens.shallow_clone()
         } else {
-            root.pp("lm_head").get(
-                "weight",
-                &[config.vocab_size as i64, config.hidden_size as i64],
-            )?
+            root.pp("lm_head").get("weight", &[config.vocab_size as i64, config.hidden_size as i64])?
         };
         let rope = Rope::new(&config, device);
-        Ok(Self {
-            config,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rope,
-            dtype,
-            device,
-        })
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, dtype, device })
     }
 
     /// Load the model in folder `dir` (config.json + safetensors) in `dtype` on `device`.
@@ -88,12 +68,7 @@ impl Llama {
     }
 
     /// Load from an opened checkpoint.
-    pub fn from_checkpoint(
-        config: ModelConfig,
-        checkpoint: &Checkpoint,
-        dtype: DType,
-        device: Device,
-    ) -> Result<Self> {
+    pub fn from_checkpoint(config: ModelConfig, checkpoint: &Checkpoint, dtype: DType, device: Device) -> Result<Self> {
         let source = CheckpointSource::new(checkpoint, dtype, device);
         let model = tch::no_grad(|| Self::load(config.clone(), &source, dtype, device))?;
         source.finish(|n| ignorable(&config, n))?;
@@ -103,21 +78,14 @@ impl Llama {
     /// The tensors the model needs, checked against `checkpoint`'s headers when given
     /// (names, shapes, dtypes), without reading any data. Unused checkpoint tensors are an
     /// error, as in [`Llama::from_checkpoint`].
-    pub fn tensor_specs(
-        config: &ModelConfig,
-        checkpoint: Option<&Checkpoint>,
-    ) -> Result<Vec<TensorSpec>> {
+    pub fn tensor_specs(config: &ModelConfig, checkpoint: Option<&Checkpoint>) -> Result<Vec<TensorSpec>> {
         let source = SpecSource::new(checkpoint);
         Self::load(config.clone(), &source, DType::F32, Device::Cpu)?;
         let specs = source.into_specs();
         if let Some(ck) = checkpoint {
-            let wanted: std::collections::BTreeSet<&str> =
-                specs.iter().map(|s| s.name.as_str()).collect();
-            let extra: Vec<String> = ck
-                .names()
-                .filter(|n| !wanted.contains(n) && !ignorable(config, n))
-                .map(str::to_owned)
-                .collect();
+            let wanted: std::collections::BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            let extra: Vec<String> =
+                ck.names().filter(|n| !wanted.contains(n) && !ignorable(config, n)).map(str::to_owned).collect();
             if !extra.is_empty() {
                 return Err(ck.unexpected(extra));
             }
@@ -158,11 +126,7 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
         let rope = self.rope.tables(positions, x.kind());
-        let pass = Pass {
-            rope: &rope,
-            mask,
-            adapter,
-        };
+        let pass = Pass { rope: &rope, mask, adapter };
         let mut h = x.shallow_clone();
         for layer in &self.layers {
             h = layer.forward(&h, &pass, cache.as_deref_mut());
@@ -183,14 +147,8 @@ impl Llama {
 
     /// Check token ids against the vocabulary (a user may supply any number).
     pub fn check_ids(&self, ids: &[i64]) -> Result<()> {
-        match ids
-            .iter()
-            .find(|&&id| id < 0 || id >= self.config.vocab_size as i64)
-        {
-            Some(&id) => Err(Error::TokenId {
-                id,
-                vocab: self.config.vocab_size,
-            }),
+        match ids.iter().find(|&&id| id < 0 || id >= self.config.vocab_size as i64) {
+            Some(&id) => Err(Error::TokenId { id, vocab: self.config.vocab_size }),
             None => Ok(()),
         }
     }

@@ -33,12 +33,6 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor, adapter: Option<&Gated>) -> Tensor {
         let gate = project(&self.gate_proj, x, adapter, self.layer, Proj::Gate).silu();
         let up = project(&self.up_proj, x, adapter, self.layer, Proj::Up);
-        project(
-            &self.down_proj,
-            &(gate * up),
-            adapter,
-            self.layer,
-            Proj::Down,
-        )
+        project(&self.down_proj, &(gate * up), adapter, self.layer, Proj::Down)
     }
 }

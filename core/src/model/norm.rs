@@ -16,10 +16,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Load `weight` of width `dim` under `w`.
     pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: w.get("weight", &[dim as i64])?,
-            eps,
-        })
+        Ok(Self { weight: w.get("weight", &[dim as i64])?, eps })
     }
 
     /// Normalise `x`.

@@ -28,37 +28,24 @@ impl Rope {
     pub fn new(config: &ModelConfig, device: Device) -> Self {
         let dim = config.head_dim as i64;
         // 1 / theta^(2i/d), in f32 as transformers computes it.
-        let exponent = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device))
-            .to_kind(Kind::Float)
-            / dim as f64;
-        let base = Tensor::from(config.rope_theta)
-            .to_kind(Kind::Float)
-            .to_device(device);
+        let exponent = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / dim as f64;
+        let base = Tensor::from(config.rope_theta).to_kind(Kind::Float).to_device(device);
         let inv_freq = base.pow(&exponent).reciprocal();
         let inv_freq = match config.rope_scaling {
             RopeScaling::Default => inv_freq,
             RopeScaling::Linear { factor } => inv_freq / factor,
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 let old = original_max_position_embeddings as f64;
                 let low_freq_wavelen = old / low_freq_factor;
                 let high_freq_wavelen = old / high_freq_factor;
                 let wavelen = inv_freq.reciprocal() * (2.0 * PI);
                 // Long wavelengths are slowed by `factor`, short ones kept, and the band in
                 // between interpolated.
-                let scaled =
-                    inv_freq.where_self(&wavelen.le(low_freq_wavelen), &(&inv_freq / factor));
-                let smooth = ((wavelen.reciprocal() * old) - low_freq_factor)
-                    / (high_freq_factor - low_freq_factor);
+                let scaled = inv_freq.where_self(&wavelen.le(low_freq_wavelen), &(&inv_freq / factor));
+                let smooth = ((wavelen.reciprocal() * old) - low_freq_factor) / (high_freq_factor - low_freq_factor);
                 let one_minus: Tensor = -&smooth + 1.0;
                 let smoothed: Tensor = one_minus * &scaled / factor + &smooth * &scaled;
-                let medium = wavelen
-                    .ge(high_freq_wavelen)
-                    .logical_and(&wavelen.le(low_freq_wavelen));
+                let medium = wavelen.ge(high_freq_wavelen).logical_and(&wavelen.le(low_freq_wavelen));
                 smoothed.where_self(&medium, &scaled)
             }
         };
@@ -67,18 +54,11 @@ impl Rope {
 
     /// cos/sin for `positions` (`[t]` or `[b, t]`, int64), in `kind`.
     pub fn tables(&self, positions: &Tensor, kind: Kind) -> RopeTables {
-        let pos = if positions.dim() == 1 {
-            positions.unsqueeze(0)
-        } else {
-            positions.shallow_clone()
-        };
+        let pos = if positions.dim() == 1 { positions.unsqueeze(0) } else { positions.shallow_clone() };
         // [b, t, d/2]
         let freqs = pos.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
         let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1); // [b, 1, t, d]
-        RopeTables {
-            cos: emb.cos().to_kind(kind),
-            sin: emb.sin().to_kind(kind),
-        }
+        RopeTables { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
     }
 }
 

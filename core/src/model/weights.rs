@@ -29,23 +29,14 @@ pub struct Weights<'a> {
 impl<'a> Weights<'a> {
     /// The root of `source`'s key tree.
     pub fn new(source: &'a dyn WeightSource) -> Self {
-        Self {
-            source,
-            prefix: String::new(),
-        }
+        Self { source, prefix: String::new() }
     }
 
     /// The subtree under one more key component.
     pub fn pp(&self, component: impl Display) -> Self {
-        let prefix = if self.prefix.is_empty() {
-            component.to_string()
-        } else {
-            format!("{}.{component}", self.prefix)
-        };
-        Self {
-            source: self.source,
-            prefix,
-        }
+        let prefix =
+            if self.prefix.is_empty() { component.to_string() } else { format!("{}.{component}", self.prefix) };
+        Self { source: self.source, prefix }
     }
 
     /// The tensor `name` under this prefix.
@@ -66,29 +57,16 @@ pub struct CheckpointSource<'a> {
 impl<'a> CheckpointSource<'a> {
     /// Read from `checkpoint` into `dtype` on `device`.
     pub fn new(checkpoint: &'a Checkpoint, dtype: DType, device: Device) -> Self {
-        Self {
-            checkpoint,
-            kind: dtype.kind(),
-            device,
-            used: RefCell::default(),
-        }
+        Self { checkpoint, kind: dtype.kind(), device, used: RefCell::default() }
     }
 
     /// Fail if the checkpoint holds tensors that were not read, other than those for which
     /// `ignorable` is true.
     pub fn finish(&self, ignorable: impl Fn(&str) -> bool) -> Result<()> {
         let used = self.used.borrow();
-        let unexpected: Vec<String> = self
-            .checkpoint
-            .names()
-            .filter(|n| !used.contains(*n) && !ignorable(n))
-            .map(str::to_owned)
-            .collect();
-        if unexpected.is_empty() {
-            Ok(())
-        } else {
-            Err(self.checkpoint.unexpected(unexpected))
-        }
+        let unexpected: Vec<String> =
+            self.checkpoint.names().filter(|n| !used.contains(*n) && !ignorable(n)).map(str::to_owned).collect();
+        if unexpected.is_empty() { Ok(()) } else { Err(self.checkpoint.unexpected(unexpected)) }
     }
 }
 
@@ -121,10 +99,7 @@ pub struct SpecSource<'a> {
 impl<'a> SpecSource<'a> {
     /// Check against `checkpoint`, or only record shapes when `None`.
     pub fn new(checkpoint: Option<&'a Checkpoint>) -> Self {
-        Self {
-            checkpoint,
-            specs: RefCell::default(),
-        }
+        Self { checkpoint, specs: RefCell::default() }
     }
 
     /// The tensors requested, in order.
@@ -142,11 +117,7 @@ impl WeightSource for SpecSource<'_> {
             }
             None => None,
         };
-        self.specs.borrow_mut().push(TensorSpec {
-            name: name.into(),
-            shape: shape.to_vec(),
-            stored,
-        });
+        self.specs.borrow_mut().push(TensorSpec { name: name.into(), shape: shape.to_vec(), stored });
         Ok(Tensor::zeros([0], (Kind::Float, Device::Cpu)))
     }
 }

@@ -8,21 +8,11 @@ use tch::{Device, Tensor};
 
 /// `tests/fixtures` at the repository root.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("tests")
-        .join("fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("tests").join("fixtures")
 }
 
 /// Names of every fixture model family.
-pub const FAMILIES: [&str; 6] = [
-    "llama",
-    "llama3-tied",
-    "llama-sharded",
-    "mistral",
-    "qwen2",
-    "qwen3",
-];
+pub const FAMILIES: [&str; 6] = ["llama", "llama3-tied", "llama-sharded", "mistral", "qwen2", "qwen3"];
 
 pub fn model_dir(family: &str) -> PathBuf {
     fixtures().join("models").join(family)
@@ -67,9 +57,7 @@ pub fn reference(family: &str) -> anyhow::Result<Reference> {
 
 /// The reference logits, `[t, vocab]` f32.
 pub fn reference_logits(family: &str) -> anyhow::Result<Tensor> {
-    let path = fixtures()
-        .join("reference")
-        .join(format!("{family}.safetensors"));
+    let path = fixtures().join("reference").join(format!("{family}.safetensors"));
     let file = mtp_core::checkpoint::SafetensorsFile::open(&path)?;
     Ok(file.read("logits")?.to_device(Device::Cpu))
 }
