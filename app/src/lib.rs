@@ -1,5 +1,8 @@
 //! MTP Workbench's front ends over `mtp-core`: the `mtp` command line and the
-//! `mtp-workbench` desktop app.
+//! `mtp-workbench` desktop app (eframe/egui). The app's pieces follow one rule: UI code
+//! draws state and collects commands; one worker thread owns every tensor.
 
+pub mod app;
 pub mod cli;
-pub mod gui;
+pub mod ui;
+pub mod worker;

@@ -11,8 +11,11 @@ pub mod error;
 pub mod fsutil;
 pub mod inspect;
 pub mod model;
+pub mod mtp;
+pub mod project;
 pub mod source;
 pub mod tokenizer;
+pub mod train;
 
 pub use bundle::{LoadOptions, LoadedModel};
 pub use device::{DType, DeviceSpec};

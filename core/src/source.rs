@@ -80,7 +80,10 @@ impl FromStr for ModelSource {
 pub fn assets_dir() -> PathBuf {
     match std::env::var_os("MTP_ASSETS") {
         Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("assets"),
+        None => {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("assets");
+            dir.canonicalize().unwrap_or(dir)
+        }
     }
 }
 

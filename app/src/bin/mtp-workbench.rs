@@ -1,3 +1,13 @@
-//! `mtp-workbench`: the desktop app.
+//! `mtp-workbench [PROJECT_DIR | MODEL]`: the desktop app.
 
-fn main() {}
+fn main() -> std::process::ExitCode {
+    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).try_init();
+    let target = std::env::args().nth(1).unwrap_or_else(|| "projects/demo".into());
+    match mtp_app::app::run(&target) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -47,6 +47,9 @@ pub struct Args {
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: DType,
+    /// Keep generating after an end-of-sequence token (benchmarks: always `--max-new-tokens`).
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,

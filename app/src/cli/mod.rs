@@ -5,6 +5,7 @@ mod download;
 mod generate;
 mod inspect;
 mod progress;
+mod train;
 
 use std::process::ExitCode;
 
@@ -28,6 +29,8 @@ pub enum Command {
     Download(download::Args),
     /// Generate text from a prompt.
     Generate(generate::Args),
+    /// Fine-tune a model for multi-token prediction (or --resume a run).
+    Train(train::Args),
 }
 
 /// Parse arguments, run, and turn any error into a message on stderr and exit code 1.
@@ -38,6 +41,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Download(a) => download::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Train(a) => train::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

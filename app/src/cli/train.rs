@@ -1,0 +1,297 @@
+//! `mtp train`: MTP fine-tuning with a progress bar; `--resume RUN_DIR` continues a run.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use mtp_core::model::Proj;
+use mtp_core::mtp::{LoraConfig, MtpConfig};
+use mtp_core::train::{Control, OptimConfig, Packing, Schedule, TrainConfig, TrainEvent};
+use mtp_core::{DType, DeviceSpec, LoadOptions, LoadedModel, ModelSource};
+
+use super::progress::DownloadBar;
+
+/// Arguments of `mtp train`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Continue the run in this folder from its last checkpoint.
+    #[arg(long, conflicts_with_all = ["model", "data", "out"])]
+    pub resume: Option<PathBuf>,
+    /// A model folder, a hub repo id (owner/name[@revision]) or `demo`.
+    #[arg(long, required_unless_present = "resume")]
+    pub model: Option<String>,
+    /// JSONL file, text file, folder of text/source files, or builtin:arith / builtin:code.
+    #[arg(long, required_unless_present = "resume")]
+    pub data: Option<String>,
+    /// The run folder (config.json, metrics.jsonl, checkpoints/, adapter.safetensors).
+    #[arg(long, required_unless_present = "resume")]
+    pub out: Option<PathBuf>,
+    /// Mask tokens (drafts per step).
+    #[arg(long, default_value_t = 4)]
+    pub k: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// LoRA alpha (the delta is scaled by alpha / rank).
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    /// Projections to adapt, comma-separated (q,k,v,o,gate,up,down).
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    pub targets: Vec<String>,
+    /// Total optimizer steps (with --resume: the new total).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// One example per sequence (cut at --seq-len) instead of packing examples together.
+    #[arg(long)]
+    pub no_packing: bool,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// Warmup steps.
+    #[arg(long, default_value_t = 20)]
+    pub warmup: usize,
+    /// Decay the learning rate with a cosine after warmup (default: constant).
+    #[arg(long)]
+    pub cosine: bool,
+    /// Clip the gradient norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Seed of initialisation and data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Checkpoint every N steps.
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+    /// Validate every N steps (0 = only at the end).
+    #[arg(long, default_value_t = 50)]
+    pub val_every: usize,
+    /// Share of examples held out for validation.
+    #[arg(long, default_value_t = 0.05)]
+    pub val_fraction: f64,
+    /// Train without the sampler head (ablation).
+    #[arg(long)]
+    pub no_sampler: bool,
+    /// Plain LoRA instead of gated LoRA (ablation: changes next-token outputs too).
+    #[arg(long)]
+    pub no_gate: bool,
+    /// Train the mask embeddings too.
+    #[arg(long)]
+    pub train_mask_embeddings: bool,
+    /// Weight of the latent-consistency loss.
+    #[arg(long, default_value_t = 1.0)]
+    pub lcm_weight: f64,
+    /// Fail on the first malformed dataset line.
+    #[arg(long)]
+    pub strict: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Base model precision (default: bf16 on CUDA, f32 on CPU).
+    #[arg(long)]
+    pub dtype: Option<DType>,
+    /// Print each event as one JSON line instead of a progress bar.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_proj(s: &str) -> anyhow::Result<Proj> {
+    let s = s.trim().trim_end_matches("_proj");
+    Proj::ALL
+        .into_iter()
+        .find(|p| p.module().trim_end_matches("_proj") == s)
+        .with_context(|| format!("unknown LoRA target `{s}` (use q,k,v,o,gate,up,down)"))
+}
+
+impl Args {
+    fn config(&self) -> anyhow::Result<TrainConfig> {
+        let model: ModelSource = self.model.as_deref().unwrap_or("demo").parse()?;
+        let data = self.data.as_deref().unwrap_or_default().parse()?;
+        let dtype =
+            self.dtype.unwrap_or(if matches!(self.device, DeviceSpec::Cuda(_)) { DType::Bf16 } else { DType::F32 });
+        Ok(TrainConfig {
+            model,
+            data,
+            strict_data: self.strict,
+            method: MtpConfig {
+                k: self.k,
+                lora: LoraConfig {
+                    rank: self.rank,
+                    alpha: self.alpha,
+                    targets: self.targets.iter().map(|t| parse_proj(t)).collect::<anyhow::Result<_>>()?,
+                },
+                gated: !self.no_gate,
+                sampler: !self.no_sampler,
+                train_mask_embeddings: self.train_mask_embeddings,
+            },
+            lcm_weight: self.lcm_weight,
+            optim: OptimConfig {
+                lr: self.lr,
+                warmup: self.warmup,
+                schedule: if self.cosine { Schedule::Cosine } else { Schedule::Constant },
+                grad_clip: self.grad_clip,
+                ..OptimConfig::default()
+            },
+            steps: self.steps.unwrap_or(200),
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            seq_len: self.seq_len,
+            packing: if self.no_packing { Packing::Truncate } else { Packing::Pack },
+            val_fraction: self.val_fraction,
+            val_every: self.val_every,
+            val_batches: 4,
+            checkpoint_every: self.checkpoint_every,
+            seed: self.seed,
+            device: self.device,
+            dtype,
+        })
+    }
+}
+
+/// Reports events on a terminal bar or as JSON lines.
+pub(crate) struct Reporter {
+    json: bool,
+    bar: Option<ProgressBar>,
+}
+
+impl Reporter {
+    pub(crate) fn new(json: bool) -> Self {
+        Self { json, bar: None }
+    }
+
+    pub(crate) fn event(&mut self, e: &TrainEvent) {
+        if self.json {
+            if let Ok(line) = serde_json::to_string(e) {
+                println!("{line}");
+            }
+            return;
+        }
+        match e {
+            TrainEvent::Prepared {
+                data,
+                train_sequences,
+                val_sequences,
+                trainable_parameters,
+                start_step,
+                total_steps,
+            } => {
+                eprintln!(
+                    "data: {} examples ({:?}), {} malformed lines{}; {train_sequences} training and {val_sequences} validation sequences; {trainable_parameters} trainable parameters",
+                    data.examples,
+                    data.format,
+                    data.malformed,
+                    if data.malformed_lines.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (first: {:?})", data.malformed_lines)
+                    },
+                );
+                let bar = if std::io::stderr().is_terminal() {
+                    ProgressBar::new(*total_steps as u64)
+                } else {
+                    ProgressBar::hidden()
+                };
+                bar.set_style(
+                    ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} eta {eta}] {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                bar.set_position(*start_step as u64);
+                self.bar = Some(bar);
+            }
+            TrainEvent::Step(m) => {
+                let acc: Vec<String> = m.losses.slot_acc.iter().map(|a| format!("{a:.2}")).collect();
+                let msg = format!(
+                    "loss {:.3} (base {:.3} sampler {:.3} lcm {:.3}) slot acc [{}] {:.0} tok/s",
+                    m.losses.loss,
+                    m.losses.loss_base,
+                    m.losses.loss_sampler,
+                    m.losses.loss_lcm,
+                    acc.join(" "),
+                    m.tokens_per_second
+                );
+                match &self.bar {
+                    Some(bar) if !bar.is_hidden() => {
+                        bar.set_position(m.step as u64);
+                        bar.set_message(msg);
+                    }
+                    _ if m.step % 10 == 0 || m.step == 1 => eprintln!("step {}: {msg}", m.step),
+                    _ => {}
+                }
+            }
+            TrainEvent::Validation(m) => {
+                let line = format!(
+                    "validation at step {}: loss {:.3}, slot acc {:?}",
+                    m.step,
+                    m.losses.loss,
+                    m.losses.slot_acc.iter().map(|a| (a * 100.0).round() / 100.0).collect::<Vec<_>>()
+                );
+                match &self.bar {
+                    Some(bar) => bar.println(line),
+                    None => eprintln!("{line}"),
+                }
+            }
+            TrainEvent::Checkpoint { .. } => {}
+        }
+    }
+
+    pub(crate) fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+/// Cancel `control` on Ctrl-C (the run then checkpoints and exits cleanly).
+pub(crate) fn cancel_on_ctrl_c(control: &Control) {
+    let flag = control.cancel_flag();
+    let _ = ctrlc::set_handler(move || {
+        eprintln!("\nstopping: saving a checkpoint (Ctrl-C again to abort)");
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+}
+
+/// Run it.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let control = Control::new();
+    cancel_on_ctrl_c(&control);
+    let mut reporter = Reporter::new(args.json);
+    let mut sink = |e: &TrainEvent| reporter.event(e);
+    let (summary, run_dir) = if let Some(dir) = &args.resume {
+        let config = mtp_core::train::trainer::read_config(dir)?;
+        let loaded = load(&config)?;
+        let (_, summary) = mtp_core::train::resume(&loaded, dir, args.steps, &mut sink, &control)?;
+        (summary, dir.clone())
+    } else {
+        let config = args.config()?;
+        config.validate()?;
+        let out = args.out.clone().context("--out is required")?;
+        let loaded = load(&config)?;
+        (mtp_core::train::train(&loaded, &config, &out, &mut sink, &control)?, out)
+    };
+    reporter.finish();
+    eprintln!(
+        "{:?} at step {}; adapter: {}; resume with: mtp train --resume {}",
+        summary.outcome,
+        summary.step,
+        summary.adapter.display(),
+        run_dir.display()
+    );
+    Ok(())
+}
+
+fn load(config: &TrainConfig) -> anyhow::Result<LoadedModel> {
+    let options = LoadOptions { device: config.device, dtype: config.dtype, ..LoadOptions::default() };
+    LoadedModel::load(&config.model, &options, &mut DownloadBar::new())
+        .with_context(|| format!("loading model `{}`", config.model))
+}

@@ -1,0 +1,158 @@
+//! The three losses of METHOD.md section 3 on one collated batch, plus the per-slot
+//! accuracies logged every step.
+//!
+//! - `L_base`: cross-entropy of the LM head on mask rows.
+//! - `L_sampler`: cross-entropy of the sampler head on every labelled row (NTP and mask).
+//! - `L_lcm`: for each NTP row t, the mask rows that predict the same token are pulled
+//!   toward its (detached) final hidden state: mean over those masks of the squared
+//!   distance summed over d, averaged over t.
+
+use tch::{Kind, Reduction, Tensor};
+
+use super::adapter::MtpAdapter;
+use super::masks::{IGNORE, MtpLayout};
+use crate::model::{AttnMask, Gated, Llama};
+
+/// The losses of one batch.
+#[derive(Debug)]
+pub struct MtpLosses {
+    /// `L_base + L_sampler + lcm_weight * L_lcm`, a scalar with a gradient.
+    pub total: Tensor,
+    /// `L_base` (scalar).
+    pub base: Tensor,
+    /// `L_sampler` (scalar; zero without a sampler).
+    pub sampler: Tensor,
+    /// `L_lcm` (scalar).
+    pub lcm: Tensor,
+    /// Per slot j = 1..k: mask rows whose LM-head top-1 equals the label, `[k]` f32.
+    pub slot_correct: Tensor,
+    /// Per slot: the sampler's correct top-1s, `[k]` f32.
+    pub slot_correct_sampler: Tensor,
+    /// Per slot: labelled mask rows, `[k]` f32.
+    pub slot_count: Tensor,
+    /// Labelled rows in the batch (NTP and mask).
+    pub labelled_rows: Tensor,
+}
+
+/// Scalars of [`MtpLosses`] on the host, for logging.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, Default)]
+pub struct LossValues {
+    /// Total loss.
+    pub loss: f64,
+    /// `L_base`.
+    pub loss_base: f64,
+    /// `L_sampler`.
+    pub loss_sampler: f64,
+    /// `L_lcm`.
+    pub loss_lcm: f64,
+    /// Top-1 accuracy of each mask slot from the LM head.
+    pub slot_acc: Vec<f64>,
+    /// Top-1 accuracy of each mask slot from the sampler.
+    pub slot_acc_sampler: Vec<f64>,
+}
+
+impl MtpLosses {
+    /// Copy the scalars to the host.
+    pub fn values(&self) -> LossValues {
+        let acc = |correct: &Tensor| -> Vec<f64> {
+            let ratio = correct / self.slot_count.clamp_min(1.0);
+            Vec::<f64>::try_from(ratio.to_kind(Kind::Double)).unwrap_or_default()
+        };
+        LossValues {
+            loss: self.total.double_value(&[]),
+            loss_base: self.base.double_value(&[]),
+            loss_sampler: self.sampler.double_value(&[]),
+            loss_lcm: self.lcm.double_value(&[]),
+            slot_acc: acc(&self.slot_correct),
+            slot_acc_sampler: acc(&self.slot_correct_sampler),
+        }
+    }
+}
+
+fn rows_where(cond: &Tensor) -> Tensor {
+    cond.nonzero().view([-1])
+}
+
+/// Mean cross-entropy of `logits` (`[n, V]`) against `labels` (`[n]`), 0 when `n` is 0.
+fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
+    if labels.size()[0] == 0 {
+        return Tensor::zeros([], (Kind::Float, logits.device()));
+    }
+    logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(labels, None, Reduction::Mean, IGNORE, 0.0)
+}
+
+/// Forward `batch` through the adapted model and compute every loss term.
+pub fn compute(model: &Llama, adapter: &MtpAdapter, batch: &MtpLayout, lcm_weight: f64) -> MtpLosses {
+    let device = model.device();
+    let k = adapter.config.k as i64;
+    let f32s = (Kind::Float, device);
+    let kind = model.dtype().kind();
+
+    let x = adapter.embed(model, &batch.tokens, &batch.slot);
+    let gate = batch.gate(kind);
+    let gated = Gated { delta: adapter, gate: adapter.config.gated.then_some(&gate) };
+    let mask = batch.attention_mask();
+    let z = model.forward_embeds(&x, &batch.positions, AttnMask::Custom(&mask), Some(&gated), None);
+    let (rows, d) = (z.size()[0] * z.size()[1], z.size()[2]);
+    let len = z.size()[1];
+    let zf = z.reshape([rows, d]);
+    let labels = batch.labels.reshape([rows]);
+    let slot = batch.slot.reshape([rows]);
+    let valid = labels.ne(IGNORE);
+
+    // L_base on mask rows.
+    let m_rows = rows_where(&valid.logical_and(&slot.gt(0)));
+    let m_labels = labels.index_select(0, &m_rows);
+    let m_slot0 = slot.index_select(0, &m_rows) - 1;
+    let base_logits = model.logits(&zf.index_select(0, &m_rows));
+    let base = cross_entropy(&base_logits, &m_labels);
+    let per_slot =
+        |values: &Tensor, slots: &Tensor| Tensor::zeros([k], f32s).index_add(0, slots, &values.to_kind(Kind::Float));
+    let slot_correct = per_slot(&base_logits.argmax(-1, false).eq_tensor(&m_labels), &m_slot0);
+    let slot_count = per_slot(&Tensor::ones_like(&m_labels), &m_slot0);
+
+    // L_sampler on every labelled row, conditioned on the true previous token.
+    let v_rows = rows_where(&valid);
+    let (sampler, slot_correct_sampler) = match adapter.sampler() {
+        Some(head) => {
+            let v_labels = labels.index_select(0, &v_rows);
+            let prev = batch.prev.reshape([rows]).index_select(0, &v_rows);
+            let h = head.forward(&model.embed(&prev), &zf.index_select(0, &v_rows));
+            let logits = model.logits(&h.to_kind(kind));
+            let v_slot = slot.index_select(0, &v_rows);
+            let on_mask = v_slot.gt(0);
+            let correct = logits.argmax(-1, false).eq_tensor(&v_labels).logical_and(&on_mask);
+            (cross_entropy(&logits, &v_labels), per_slot(&correct, &(v_slot - 1).clamp_min(0)))
+        }
+        None => (Tensor::zeros([], f32s), Tensor::zeros([k], f32s)),
+    };
+
+    // L_lcm: mask rows toward the detached state of the NTP row predicting the same token.
+    let flat_target = batch.lcm_target.reshape([rows]);
+    let l_rows = rows_where(&flat_target.ge(0));
+    let lcm = if l_rows.size()[0] == 0 {
+        Tensor::zeros([], f32s)
+    } else {
+        let seq_offset = l_rows.divide_scalar_mode(len, "floor") * len;
+        let targets = flat_target.index_select(0, &l_rows) + seq_offset;
+        let z_t = zf.index_select(0, &targets).detach().to_kind(Kind::Float);
+        let z_m = zf.index_select(0, &l_rows).to_kind(Kind::Float);
+        let dist = (z_t - z_m).square().sum_dim_intlist(-1, false, Kind::Float);
+        let sums = Tensor::zeros([rows], f32s).index_add(0, &targets, &dist);
+        let counts = Tensor::zeros([rows], f32s).index_add(0, &targets, &Tensor::ones_like(&dist));
+        let present = rows_where(&counts.gt(0.0));
+        (sums.index_select(0, &present) / counts.index_select(0, &present)).mean(Kind::Float)
+    };
+
+    let total = &base + &sampler + &lcm * lcm_weight;
+    MtpLosses {
+        total,
+        base,
+        sampler,
+        lcm,
+        slot_correct,
+        slot_correct_sampler,
+        slot_count,
+        labelled_rows: v_rows.size1().map_or(Tensor::zeros([], f32s), |n| Tensor::from(n as f32)),
+    }
+}

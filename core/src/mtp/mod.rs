@@ -1,0 +1,13 @@
+//! Multi-token prediction (METHOD.md sections 1-3): the training layout with mask blocks,
+//! gated LoRA, the sampler head, the three losses, and the adapter that holds the trainable
+//! parts.
+
+pub mod adapter;
+pub mod gated_lora;
+pub mod loss;
+pub mod masks;
+pub mod sampler;
+
+pub use adapter::{BaseIdentity, MtpAdapter, MtpConfig};
+pub use gated_lora::LoraConfig;
+pub use masks::{MtpLayout, build_layout, collate};

@@ -1,0 +1,93 @@
+//! What training reports, through a sink the CLI, the GUI and tests implement alike.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::data::DataReport;
+use crate::mtp::loss::LossValues;
+
+/// Which data a metrics record is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    /// The training batches.
+    #[default]
+    Train,
+    /// The held-out validation set.
+    Val,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct StepMetrics {
+    /// 1-based optimizer step.
+    pub step: usize,
+    /// Train or validation.
+    pub split: Split,
+    /// Loss terms and per-slot accuracies.
+    #[serde(flatten)]
+    pub losses: LossValues,
+    /// Learning rate used for the step.
+    pub lr: f64,
+    /// Gradient norm before clipping (train only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub grad_norm: Option<f64>,
+    /// Input tokens (before mask blocks) per second of the step.
+    pub tokens_per_second: f64,
+    /// GPU memory in use, on CUDA.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub gpu_mem_bytes: Option<u64>,
+    /// Seconds since the run (or its resumption) started.
+    pub elapsed: f64,
+}
+
+/// Events of one training run, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum TrainEvent {
+    /// Data is read and tokenized; training starts.
+    Prepared {
+        /// What the dataset held.
+        data: DataReport,
+        /// Training sequences after packing or truncation.
+        train_sequences: usize,
+        /// Validation sequences.
+        val_sequences: usize,
+        /// Trainable parameters.
+        trainable_parameters: u64,
+        /// The step training starts after (0, or the checkpoint's step on resume).
+        start_step: usize,
+        /// The last step.
+        total_steps: usize,
+    },
+    /// A training step finished.
+    Step(StepMetrics),
+    /// A validation pass finished.
+    Validation(StepMetrics),
+    /// A checkpoint was written.
+    Checkpoint {
+        /// Its step.
+        step: usize,
+        /// Its file.
+        path: PathBuf,
+    },
+}
+
+/// Receives training events.
+pub trait TrainSink {
+    /// An event happened.
+    fn event(&mut self, event: &TrainEvent);
+}
+
+/// Ignores events.
+impl TrainSink for () {
+    fn event(&mut self, _: &TrainEvent) {}
+}
+
+/// Any closure over events is a sink.
+impl<F: FnMut(&TrainEvent)> TrainSink for F {
+    fn event(&mut self, event: &TrainEvent) {
+        self(event)
+    }
+}

@@ -1,0 +1,15 @@
+//! Training: datasets, the built-in synthetic sets, AdamW, events, cancel/pause, and the
+//! MTP training loop with checkpoints and resume.
+
+pub mod builtin;
+pub mod control;
+pub mod data;
+pub mod events;
+pub mod optim;
+pub mod trainer;
+
+pub use control::Control;
+pub use data::{DataSource, Example, Tokenized};
+pub use events::{Split, StepMetrics, TrainEvent, TrainSink};
+pub use optim::{AdamW, OptimConfig, Schedule};
+pub use trainer::{Outcome, Packing, RunDir, TrainConfig, TrainSummary, resume, train};

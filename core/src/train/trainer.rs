@@ -1,0 +1,587 @@
+//! The MTP training loop: data prepared once, AdamW on the adapter's trainable parameters
+//! only, metrics every step (sink + `metrics.jsonl`), validation, atomic checkpoints, and
+//! resumption that reproduces an uninterrupted run.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use super::control::Control;
+use super::data::{self, DataReport, DataSource, Tokenized};
+use super::events::{Split, StepMetrics, TrainEvent, TrainSink};
+use super::optim::{AdamW, OptimConfig};
+use crate::bundle::LoadedModel;
+use crate::checkpoint::{SafetensorsFile, save};
+use crate::device::{DType, DeviceSpec};
+use crate::error::{Error, Result, read_json};
+use crate::fsutil::write_json_atomic;
+use crate::mtp::loss::{LossValues, compute};
+use crate::mtp::{MtpAdapter, MtpConfig, build_layout, collate};
+use crate::source::ModelSource;
+
+/// How examples become fixed-length sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Packing {
+    /// Concatenate examples and cut the stream every `seq_len` tokens.
+    #[default]
+    Pack,
+    /// One example per sequence, cut at `seq_len`.
+    Truncate,
+}
+
+/// The full recipe of a run, saved as `config.json` before step 1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The base model.
+    pub model: ModelSource,
+    /// The dataset.
+    pub data: DataSource,
+    /// Fail on the first malformed dataset line instead of skipping it.
+    pub strict_data: bool,
+    /// The method: k, LoRA, gate, sampler, mask embeddings.
+    pub method: MtpConfig,
+    /// Weight of the latent-consistency loss.
+    pub lcm_weight: f64,
+    /// Optimizer and schedule.
+    pub optim: OptimConfig,
+    /// Optimizer steps in total.
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Tokens per training sequence (before mask blocks).
+    pub seq_len: usize,
+    /// Packing or truncation.
+    pub packing: Packing,
+    /// Share of examples held out for validation.
+    pub val_fraction: f64,
+    /// Validate every this many steps (0 = never, except at the end).
+    pub val_every: usize,
+    /// Most validation micro-batches per pass.
+    pub val_batches: usize,
+    /// Checkpoint every this many steps (and always at the end or on stop).
+    pub checkpoint_every: usize,
+    /// Seed of initialisation and data order.
+    pub seed: u64,
+    /// Where to train.
+    pub device: DeviceSpec,
+    /// Base model precision (the trainable parts and optimizer state stay f32).
+    pub dtype: DType,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelSource::Demo,
+            data: DataSource::Builtin { set: data::BuiltinSet::Arith, examples: data::BUILTIN_EXAMPLES, seed: 0 },
+            strict_data: false,
+            method: MtpConfig::default(),
+            lcm_weight: 1.0,
+            optim: OptimConfig::default(),
+            steps: 200,
+            batch_size: 4,
+            grad_accum: 1,
+            seq_len: 128,
+            packing: Packing::Pack,
+            val_fraction: 0.05,
+            val_every: 50,
+            val_batches: 4,
+            checkpoint_every: 50,
+            seed: 0,
+            device: DeviceSpec::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Check the ranges.
+    pub fn validate(&self) -> Result<()> {
+        self.method.validate()?;
+        let positive = [
+            ("steps", self.steps),
+            ("batch size", self.batch_size),
+            ("grad accumulation", self.grad_accum),
+            ("checkpoint interval", self.checkpoint_every),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::Invalid(format!("{name} must be at least 1")));
+        }
+        if self.seq_len < 2 {
+            return Err(Error::Invalid("sequence length must be at least 2".into()));
+        }
+        if !(0.0..0.9).contains(&self.val_fraction) {
+            return Err(Error::Invalid(format!("validation fraction must be in [0, 0.9), got {}", self.val_fraction)));
+        }
+        if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
+            return Err(Error::Invalid(format!("learning rate must be > 0, got {}", self.optim.lr)));
+        }
+        if !(self.lcm_weight >= 0.0 && self.lcm_weight.is_finite()) {
+            return Err(Error::Invalid(format!("LCM weight must be >= 0, got {}", self.lcm_weight)));
+        }
+        Ok(())
+    }
+}
+
+/// Files of a run folder.
+#[derive(Debug, Clone)]
+pub struct RunDir(pub PathBuf);
+
+impl RunDir {
+    /// The recipe.
+    pub fn config(&self) -> PathBuf {
+        self.0.join("config.json")
+    }
+    /// One JSON object per step and validation pass.
+    pub fn metrics(&self) -> PathBuf {
+        self.0.join("metrics.jsonl")
+    }
+    /// Checkpoint folder.
+    pub fn checkpoints(&self) -> PathBuf {
+        self.0.join("checkpoints")
+    }
+    /// The final trainable weights.
+    pub fn adapter(&self) -> PathBuf {
+        self.0.join("adapter.safetensors")
+    }
+    /// The checkpoint file of `step`.
+    pub fn checkpoint(&self, step: usize) -> PathBuf {
+        self.checkpoints().join(format!("step-{step:07}.safetensors"))
+    }
+    /// The newest checkpoint and its step.
+    pub fn latest_checkpoint(&self) -> Option<(usize, PathBuf)> {
+        let entries = std::fs::read_dir(self.checkpoints()).ok()?;
+        entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|p| {
+                let name = p.file_name()?.to_str()?;
+                let step = name.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()?;
+                Some((step, p))
+            })
+            .max_by_key(|(s, _)| *s)
+    }
+}
+
+/// Checkpoints kept on disk (older ones are removed).
+const KEEP_CHECKPOINTS: usize = 2;
+
+/// Where training is in the data and the schedule; saved in every checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct TrainState {
+    /// Optimizer steps taken.
+    pub step: usize,
+    /// Current epoch over the training sequences.
+    pub epoch: u64,
+    /// Next sequence within the epoch's order.
+    pub position: usize,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// All steps done.
+    Finished,
+    /// Stopped on request after a checkpoint.
+    Stopped,
+}
+
+/// The result of [`train`].
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Finished or stopped.
+    pub outcome: Outcome,
+    /// The last completed step.
+    pub step: usize,
+    /// `adapter.safetensors`.
+    pub adapter: PathBuf,
+    /// The last training metrics.
+    pub last: Option<StepMetrics>,
+}
+
+/// Training and validation sequences with the dataset report.
+pub struct PreparedData {
+    /// Training sequences.
+    pub train: Vec<Tokenized>,
+    /// Validation sequences.
+    pub val: Vec<Tokenized>,
+    /// What the dataset held.
+    pub report: DataReport,
+}
+
+/// Read, tokenize, split and pack the dataset of `config`.
+pub fn prepare_data(config: &TrainConfig, loaded: &LoadedModel) -> Result<PreparedData> {
+    let (examples, report) = data::read_examples(&config.data, config.strict_data)?;
+    let (train_ex, val_ex) = data::split(&examples, config.val_fraction, config.seed);
+    let tokenize = |exs: &[data::Example]| -> Result<Vec<Tokenized>> {
+        exs.iter().map(|e| data::tokenize(e, &loaded.tokenizer)).collect()
+    };
+    let shape = |t: Vec<Tokenized>| match config.packing {
+        Packing::Pack => data::pack(&t, config.seq_len),
+        Packing::Truncate => data::truncate(&t, config.seq_len),
+    };
+    let train = shape(tokenize(&train_ex)?);
+    let val = shape(tokenize(&val_ex)?);
+    if train.is_empty() {
+        return Err(Error::Invalid(format!(
+            "dataset {} gives no training sequence of {} tokens with a target",
+            config.data, config.seq_len
+        )));
+    }
+    let vocab = loaded.model.config.vocab_size as i64;
+    if let Some(bad) = train.iter().chain(&val).flat_map(|t| &t.ids).find(|&&id| id >= vocab) {
+        return Err(Error::TokenId { id: *bad, vocab: vocab as usize });
+    }
+    Ok(PreparedData { train, val, report })
+}
+
+/// The sequence stream over epochs.
+struct Batches<'a> {
+    seqs: &'a [Tokenized],
+    seed: u64,
+    state: TrainState,
+    order: Vec<usize>,
+}
+
+impl<'a> Batches<'a> {
+    fn new(seqs: &'a [Tokenized], seed: u64, state: TrainState) -> Self {
+        let order = data::epoch_order(seqs.len(), seed, state.epoch);
+        Self { seqs, seed, state, order }
+    }
+
+    fn next(&mut self, n: usize) -> Vec<&'a Tokenized> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            if self.state.position >= self.order.len() {
+                self.state.epoch += 1;
+                self.state.position = 0;
+                self.order = data::epoch_order(self.seqs.len(), self.seed, self.state.epoch);
+            }
+            out.push(&self.seqs[self.order[self.state.position]]);
+            self.state.position += 1;
+        }
+        out
+    }
+}
+
+/// Build the device batch of some sequences.
+fn batch_of(seqs: &[&Tokenized], k: usize, device: Device) -> crate::mtp::MtpLayout {
+    let layouts: Vec<_> = seqs
+        .iter()
+        .map(|s| {
+            let ids = Tensor::from_slice(&s.ids);
+            let loss = Tensor::from_slice(&s.loss);
+            build_layout(&ids, &loss, k as i64)
+        })
+        .collect();
+    collate(&layouts, device)
+}
+
+/// Mean of loss values over micro-batches.
+fn mean_values(values: &[LossValues]) -> LossValues {
+    let n = values.len().max(1) as f64;
+    let k = values.first().map_or(0, |v| v.slot_acc.len());
+    let avg = |f: &dyn Fn(&LossValues) -> f64| values.iter().map(f).sum::<f64>() / n;
+    LossValues {
+        loss: avg(&|v| v.loss),
+        loss_base: avg(&|v| v.loss_base),
+        loss_sampler: avg(&|v| v.loss_sampler),
+        loss_lcm: avg(&|v| v.loss_lcm),
+        slot_acc: (0..k).map(|j| avg(&|v| v.slot_acc[j])).collect(),
+        slot_acc_sampler: (0..k).map(|j| avg(&|v| v.slot_acc_sampler[j])).collect(),
+    }
+}
+
+/// GPU memory in use on `device` (whole device, from the driver), when it is a GPU.
+pub fn gpu_memory_used(device: Device) -> Option<u64> {
+    let Device::Cuda(i) = device else { return None };
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", &format!("--id={i}")])
+        .output()
+        .ok()?;
+    let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    Some(mib * 1024 * 1024)
+}
+
+/// Trainable parameters of `adapter`, by name.
+fn trainable(adapter: &MtpAdapter) -> Vec<(String, Tensor)> {
+    adapter.named_tensors().into_iter().filter(|(_, t)| t.requires_grad()).collect()
+}
+
+/// Metadata key of a checkpoint's [`TrainState`].
+const META_STATE: &str = "train_state";
+
+fn save_checkpoint(run: &RunDir, adapter: &MtpAdapter, opt: &AdamW, state: TrainState) -> Result<PathBuf> {
+    let mut tensors: Vec<(String, Tensor)> =
+        adapter.named_tensors().into_iter().map(|(n, t)| (format!("adapter.{n}"), t)).collect();
+    tensors.extend(opt.state().into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
+    let meta = HashMap::from([
+        (META_STATE.to_string(), serde_json::to_string(&state).map_err(|e| Error::Invalid(e.to_string()))?),
+        ("adam_steps".to_string(), opt.steps.to_string()),
+    ]);
+    let path = run.checkpoint(state.step);
+    save(&path, &tensors, Some(meta))?;
+    // Keep the newest few.
+    if let Ok(entries) = std::fs::read_dir(run.checkpoints()) {
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        files.sort();
+        for old in files.iter().rev().skip(KEEP_CHECKPOINTS) {
+            let _ = std::fs::remove_file(old);
+        }
+    }
+    Ok(path)
+}
+
+fn load_checkpoint(path: &Path, adapter: &MtpAdapter, opt: &mut AdamW) -> Result<TrainState> {
+    let file = SafetensorsFile::open(path)?;
+    let meta = file.metadata().ok_or_else(|| Error::config(path, META_STATE, "missing"))?;
+    let state: TrainState = meta
+        .get(META_STATE)
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(|| Error::config(path, META_STATE, "missing or unreadable"))?;
+    let adam_steps = meta.get("adam_steps").and_then(|s| s.parse().ok()).unwrap_or(state.step as u64);
+    adapter.load_tensors(|name| file.read(&format!("adapter.{name}")))?;
+    opt.restore(adam_steps, |name| file.read(&format!("optim.{name}")))?;
+    Ok(state)
+}
+
+/// Append-only `metrics.jsonl`.
+struct MetricsLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    /// Open for appending; on resume from `keep_through`, drop lines of later steps first
+    /// (they belong to the run that was cut short and will be recomputed).
+    fn open(path: &Path, keep_through: Option<usize>) -> Result<Self> {
+        if let Some(last) = keep_through
+            && path.exists()
+        {
+            let text = crate::error::read_to_string(path)?;
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                        .is_some_and(|s| s as usize <= last)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            crate::fsutil::write_atomic(path, kept.as_bytes())?;
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+        Ok(Self { file, path: path.to_owned() })
+    }
+
+    fn append(&mut self, m: &StepMetrics) -> Result<()> {
+        let line = serde_json::to_string(m).map_err(|source| Error::Json { path: self.path.clone(), source })?;
+        writeln!(self.file, "{line}").and_then(|()| self.file.flush()).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// Read `metrics.jsonl` of a run.
+pub fn read_metrics(run_dir: &Path) -> Result<Vec<StepMetrics>> {
+    let path = RunDir(run_dir.to_owned()).metrics();
+    let text = crate::error::read_to_string(&path)?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|source| Error::Json { path: path.clone(), source }))
+        .collect()
+}
+
+/// Start a new run in `run_dir` (which must not hold one already).
+pub fn train(
+    loaded: &LoadedModel,
+    config: &TrainConfig,
+    run_dir: &Path,
+    sink: &mut dyn TrainSink,
+    control: &Control,
+) -> Result<TrainSummary> {
+    config.validate()?;
+    let run = RunDir(run_dir.to_owned());
+    if run.config().exists() {
+        return Err(Error::Invalid(format!(
+            "{} already holds a run; resume it with --resume or choose another folder",
+            run_dir.display()
+        )));
+    }
+    std::fs::create_dir_all(run.checkpoints()).map_err(|e| Error::io(run.checkpoints(), e))?;
+    write_json_atomic(&run.config(), config)?;
+    run_loop(loaded, config, &run, false, sink, control)
+}
+
+/// Continue the run in `run_dir` from its newest checkpoint, up to `steps` in total (or
+/// the steps of its recipe). Returns the recipe too, with the new step count.
+pub fn resume(
+    loaded: &LoadedModel,
+    run_dir: &Path,
+    steps: Option<usize>,
+    sink: &mut dyn TrainSink,
+    control: &Control,
+) -> Result<(TrainConfig, TrainSummary)> {
+    let run = RunDir(run_dir.to_owned());
+    let mut config: TrainConfig = read_json(&run.config())?;
+    if let Some(s) = steps {
+        config.steps = s;
+        write_json_atomic(&run.config(), &config)?;
+    }
+    config.validate()?;
+    let summary = run_loop(loaded, &config, &run, true, sink, control)?;
+    Ok((config, summary))
+}
+
+/// Read a run's recipe.
+pub fn read_config(run_dir: &Path) -> Result<TrainConfig> {
+    read_json(&RunDir(run_dir.to_owned()).config())
+}
+
+fn run_loop(
+    loaded: &LoadedModel,
+    config: &TrainConfig,
+    run: &RunDir,
+    resuming: bool,
+    sink: &mut dyn TrainSink,
+    control: &Control,
+) -> Result<TrainSummary> {
+    let model = &loaded.model;
+    let device = model.device();
+    let data = prepare_data(config, loaded)?;
+
+    tch::manual_seed(config.seed as i64);
+    let adapter = MtpAdapter::new(model, config.method.clone(), &loaded.source.to_string())?;
+    let mut opt = AdamW::new(trainable(&adapter), config.optim.clone());
+    let checkpoint = if resuming { run.latest_checkpoint() } else { None };
+    let mut state = match &checkpoint {
+        Some((_, path)) => load_checkpoint(path, &adapter, &mut opt)?,
+        None => TrainState::default(),
+    };
+    let mut metrics = MetricsLog::open(&run.metrics(), resuming.then_some(state.step))?;
+    let trainable_parameters = trainable(&adapter).iter().map(|(_, t)| t.numel() as u64).sum();
+    sink.event(&TrainEvent::Prepared {
+        data: data.report.clone(),
+        train_sequences: data.train.len(),
+        val_sequences: data.val.len(),
+        trainable_parameters,
+        start_step: state.step,
+        total_steps: config.steps,
+    });
+
+    let start = Instant::now();
+    let mut batches = Batches::new(&data.train, config.seed, state);
+    let mut last = None;
+    let mut outcome = Outcome::Finished;
+    let k = config.method.k;
+    while state.step < config.steps {
+        if control.wait_while_paused() {
+            outcome = Outcome::Stopped;
+            break;
+        }
+        let step = state.step + 1;
+        let lr = config.optim.lr_at(step, config.steps);
+        let t0 = Instant::now();
+        let mut values = Vec::with_capacity(config.grad_accum);
+        let mut tokens = 0usize;
+        for _ in 0..config.grad_accum {
+            let seqs = batches.next(config.batch_size);
+            tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
+            let batch = batch_of(&seqs, k, device);
+            let losses = compute(model, &adapter, &batch, config.lcm_weight);
+            // A batch without any labelled row has nothing to learn from (and no graph).
+            if losses.total.requires_grad() {
+                (&losses.total / config.grad_accum as f64).backward();
+            }
+            values.push(losses.values());
+        }
+        let grad_norm = opt.step(lr);
+        opt.zero_grad();
+        state = TrainState { step, ..batches.state };
+        let losses = mean_values(&values);
+        if !losses.loss.is_finite() {
+            return Err(Error::Invalid(format!(
+                "step {step}: the loss is {} (diverged); lower the learning rate",
+                losses.loss
+            )));
+        }
+        let m = StepMetrics {
+            step,
+            split: Split::Train,
+            losses,
+            lr,
+            grad_norm: Some(grad_norm),
+            tokens_per_second: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            gpu_mem_bytes: if step % 10 == 1 { gpu_memory_used(device) } else { None },
+            elapsed: start.elapsed().as_secs_f64(),
+        };
+        metrics.append(&m)?;
+        sink.event(&TrainEvent::Step(m.clone()));
+        last = Some(m);
+
+        let end = step == config.steps;
+        if (config.val_every > 0 && step % config.val_every == 0) || end {
+            if let Some(v) = validate(model, &adapter, config, &data.val, step, lr, start) {
+                metrics.append(&v)?;
+                sink.event(&TrainEvent::Validation(v));
+            }
+        }
+        let stop = control.is_cancelled();
+        if step % config.checkpoint_every == 0 || end || stop {
+            let path = save_checkpoint(run, &adapter, &opt, state)?;
+            sink.event(&TrainEvent::Checkpoint { step, path });
+        }
+        if stop {
+            outcome = Outcome::Stopped;
+            break;
+        }
+    }
+    if outcome == Outcome::Stopped && run.latest_checkpoint().map(|c| c.0) != Some(state.step) {
+        let path = save_checkpoint(run, &adapter, &opt, state)?;
+        sink.event(&TrainEvent::Checkpoint { step: state.step, path });
+    }
+    adapter.save(&run.adapter())?;
+    Ok(TrainSummary { outcome, step: state.step, adapter: run.adapter(), last })
+}
+
+/// Loss and accuracies on (up to `val_batches` micro-batches of) the validation set.
+fn validate(
+    model: &crate::model::Llama,
+    adapter: &MtpAdapter,
+    config: &TrainConfig,
+    val: &[Tokenized],
+    step: usize,
+    lr: f64,
+    start: Instant,
+) -> Option<StepMetrics> {
+    if val.is_empty() {
+        return None;
+    }
+    let t0 = Instant::now();
+    let mut values = Vec::new();
+    let mut tokens = 0;
+    for chunk in val.chunks(config.batch_size).take(config.val_batches.max(1)) {
+        let seqs: Vec<&Tokenized> = chunk.iter().collect();
+        tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
+        let batch = batch_of(&seqs, config.method.k, model.device());
+        values.push(tch::no_grad(|| compute(model, adapter, &batch, config.lcm_weight).values()));
+    }
+    Some(StepMetrics {
+        step,
+        split: Split::Val,
+        losses: mean_values(&values),
+        lr,
+        grad_norm: None,
+        tokens_per_second: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+        gpu_mem_bytes: None,
+        elapsed: start.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,252 @@
+//! The method's invariants and the training loop, on the tiny fixture models:
+//! - the gate keeps NTP rows of the base model bit-identical with any adapter loaded;
+//! - mask slot j's output does not depend on later slots (one model serves 1..k masks);
+//! - a resumed run reproduces an uninterrupted one;
+//! - adapters round-trip and refuse a different base model.
+
+mod common;
+
+use common::*;
+use mtp_core::model::{AttnMask, Gated};
+use mtp_core::mtp::{MtpAdapter, MtpConfig, build_layout, collate, loss};
+use mtp_core::train::{Control, DataSource, OptimConfig, StepMetrics, TrainConfig, TrainEvent};
+use mtp_core::{DType, LoadOptions, LoadedModel, ModelSource};
+use tch::{Device, Kind, Tensor};
+
+fn load(family: &str) -> anyhow::Result<LoadedModel> {
+    Ok(LoadedModel::load(&ModelSource::Local { path: model_dir(family) }, &LoadOptions::default(), &mut ())?)
+}
+
+/// An adapter whose LoRA B factors are random (a fresh one has B = 0, a zero delta).
+fn busy_adapter(m: &LoadedModel, config: MtpConfig) -> anyhow::Result<MtpAdapter> {
+    tch::manual_seed(1);
+    let a = MtpAdapter::new(&m.model, config, "fixture")?;
+    tch::no_grad(|| {
+        for (name, mut t) in a.named_tensors() {
+            if name.ends_with(".B") {
+                t.copy_(&(Tensor::randn_like(&t) * 0.5));
+            }
+        }
+    });
+    Ok(a)
+}
+
+/// Final hidden states of a laid-out sequence, with or without the adapter's delta.
+fn hidden(m: &LoadedModel, a: &MtpAdapter, ids: &[i64], k: i64, with_delta: bool) -> (Tensor, Tensor) {
+    let layout = collate(
+        &[build_layout(&Tensor::from_slice(ids), &Tensor::ones([ids.len() as i64], (Kind::Bool, Device::Cpu)), k)],
+        Device::Cpu,
+    );
+    let x = a.embed(&m.model, &layout.tokens, &layout.slot);
+    let gate = layout.gate(Kind::Float);
+    let gated = Gated { delta: a, gate: a.config.gated.then_some(&gate) };
+    let mask = layout.attention_mask();
+    let z = tch::no_grad(|| {
+        m.model.forward_embeds(&x, &layout.positions, AttnMask::Custom(&mask), with_delta.then_some(&gated), None)
+    });
+    (z.squeeze_dim(0), layout.slot.squeeze_dim(0))
+}
+
+fn rows(t: &Tensor, slot: &Tensor, want_slot: i64) -> Tensor {
+    t.index_select(0, &slot.eq(want_slot).nonzero().view([-1]))
+}
+
+#[test]
+fn gate_keeps_ntp_rows_bit_identical() -> anyhow::Result<()> {
+    for family in ["llama", "qwen3"] {
+        let m = load(family)?;
+        let ids: Vec<i64> = reference(family)?.logits_input_ids;
+        let a = busy_adapter(&m, MtpConfig { k: 3, ..MtpConfig::default() })?;
+        let (with, slot) = hidden(&m, &a, &ids, 3, true);
+        let (without, _) = hidden(&m, &a, &ids, 3, false);
+        let (ntp_with, ntp_without) = (rows(&with, &slot, 0), rows(&without, &slot, 0));
+        assert!(ntp_with.equal(&ntp_without), "{family}: NTP rows changed by a gated adapter");
+        assert!(
+            max_abs_diff(&rows(&with, &slot, 1), &rows(&without, &slot, 1)) > 1e-3,
+            "{family}: the adapter does nothing"
+        );
+
+        // Against a plain forward of the same tokens (no mask blocks): equal up to rounding.
+        let plain = tch::no_grad(|| {
+            let ids_t = Tensor::from_slice(&ids).unsqueeze(0);
+            let pos = Tensor::arange(ids.len() as i64, (Kind::Int64, Device::Cpu));
+            m.model.forward_embeds(&m.model.embed(&ids_t), &pos, AttnMask::Causal, None, None).squeeze_dim(0)
+        });
+        assert!(max_abs_diff(&ntp_with, &plain) < 1e-5, "{family}");
+
+        // Plain LoRA (the ablation) changes NTP rows.
+        let plain_lora = busy_adapter(&m, MtpConfig { k: 3, gated: false, ..MtpConfig::default() })?;
+        let (ungated, slot) = hidden(&m, &plain_lora, &ids, 3, true);
+        assert!(
+            max_abs_diff(&rows(&ungated, &slot, 0), &ntp_without) > 1e-3,
+            "{family}: ungated LoRA left NTP rows alone"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn mask_slots_do_not_see_later_slots() -> anyhow::Result<()> {
+    let m = load("llama")?;
+    let ids: Vec<i64> = reference("llama")?.logits_input_ids;
+    let a = busy_adapter(&m, MtpConfig { k: 4, ..MtpConfig::default() })?;
+    let (z4, s4) = hidden(&m, &a, &ids, 4, true);
+    // The same adapter with only 2 of its 4 masks per block.
+    let (z2, s2) = hidden(&m, &a, &ids, 2, true);
+    for j in 0..=2 {
+        let d = max_abs_diff(&rows(&z4, &s4, j), &rows(&z2, &s2, j));
+        assert!(d < 1e-5, "slot {j} differs by {d}");
+    }
+    Ok(())
+}
+
+fn small_config(steps: usize) -> TrainConfig {
+    TrainConfig {
+        model: ModelSource::Local { path: model_dir("llama") },
+        data: "builtin:arith:300".parse::<DataSource>().expect("builtin"),
+        method: MtpConfig {
+            k: 2,
+            lora: mtp_core::mtp::LoraConfig { rank: 4, ..Default::default() },
+            ..MtpConfig::default()
+        },
+        optim: OptimConfig { lr: 3e-3, warmup: 5, ..OptimConfig::default() },
+        steps,
+        batch_size: 2,
+        seq_len: 32,
+        val_every: 10,
+        checkpoint_every: 10,
+        ..TrainConfig::default()
+    }
+}
+
+fn train_losses(events: &[TrainEvent]) -> Vec<(usize, f64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Step(StepMetrics { step, losses, .. }) => Some((*step, losses.loss)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() -> anyhow::Result<()> {
+    let m = load("llama")?;
+    let tmp = tempfile::tempdir()?;
+    let control = Control::new();
+
+    let mut straight = Vec::new();
+    mtp_core::train::train(
+        &m,
+        &small_config(40),
+        &tmp.path().join("a"),
+        &mut |e: &TrainEvent| straight.push(e.clone()),
+        &control,
+    )?;
+
+    let mut first = Vec::new();
+    let b = tmp.path().join("b");
+    mtp_core::train::train(&m, &small_config(20), &b, &mut |e: &TrainEvent| first.push(e.clone()), &control)?;
+    let mut second = Vec::new();
+    mtp_core::train::resume(&m, &b, Some(40), &mut |e: &TrainEvent| second.push(e.clone()), &control)?;
+
+    let a = train_losses(&straight);
+    let mut r = train_losses(&first);
+    r.extend(train_losses(&second));
+    assert_eq!(a.len(), 40);
+    assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), r.iter().map(|x| x.0).collect::<Vec<_>>());
+    for ((step, x), (_, y)) in a.iter().zip(&r) {
+        assert!((x - y).abs() <= 1e-5, "step {step}: {x} vs {y}");
+    }
+    // Training learned something: the last losses are below the first.
+    let early: f64 = a[..5].iter().map(|x| x.1).sum::<f64>() / 5.0;
+    let late: f64 = a[35..].iter().map(|x| x.1).sum::<f64>() / 5.0;
+    assert!(late < early, "loss did not fall: {early} -> {late}");
+
+    // The metrics file of the resumed run holds each step once, in order.
+    let logged = mtp_core::train::trainer::read_metrics(&b)?;
+    let steps: Vec<usize> =
+        logged.iter().filter(|m| m.split == mtp_core::train::Split::Train).map(|m| m.step).collect();
+    assert_eq!(steps, (1..=40).collect::<Vec<_>>());
+    assert!(logged.iter().any(|m| m.split == mtp_core::train::Split::Val));
+    assert!(b.join("adapter.safetensors").exists());
+    Ok(())
+}
+
+#[test]
+fn stop_leaves_a_resumable_checkpoint() -> anyhow::Result<()> {
+    let m = load("llama")?;
+    let tmp = tempfile::tempdir()?;
+    let control = Control::new();
+    let stopper = control.clone();
+    let mut seen = 0;
+    let summary = mtp_core::train::train(
+        &m,
+        &small_config(30),
+        tmp.path(),
+        &mut |e: &TrainEvent| {
+            if matches!(e, TrainEvent::Step(_)) {
+                seen += 1;
+                if seen == 7 {
+                    stopper.cancel();
+                }
+            }
+        },
+        &control,
+    )?;
+    assert_eq!(summary.outcome, mtp_core::train::Outcome::Stopped);
+    assert_eq!(summary.step, 7);
+    let run = mtp_core::train::RunDir(tmp.path().to_owned());
+    assert_eq!(run.latest_checkpoint().map(|c| c.0), Some(7));
+    let (_, resumed) = mtp_core::train::resume(&m, tmp.path(), None, &mut (), &Control::new())?;
+    assert_eq!((resumed.outcome, resumed.step), (mtp_core::train::Outcome::Finished, 30));
+    Ok(())
+}
+
+#[test]
+fn adapters_round_trip_and_refuse_another_base() -> anyhow::Result<()> {
+    let m = load("llama")?;
+    let a = busy_adapter(&m, MtpConfig { k: 3, train_mask_embeddings: true, ..MtpConfig::default() })?;
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("adapter.safetensors");
+    a.save(&path)?;
+    let b = MtpAdapter::load(&path, &m.model)?;
+    assert_eq!(b.config, a.config);
+    for ((n1, t1), (n2, t2)) in a.named_tensors().iter().zip(b.named_tensors()) {
+        assert_eq!(n1, &n2);
+        assert!(t1.equal(&t2), "{n1}");
+    }
+    let other = load("llama-sharded")?;
+    let err = MtpAdapter::load(&path, &other.model).expect_err("other base").to_string();
+    assert!(err.contains("not for the loaded model") && err.contains("adapter.safetensors"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn losses_are_finite_and_slot_accuracy_is_per_slot() -> anyhow::Result<()> {
+    let m = load("qwen2")?;
+    tch::manual_seed(0);
+    let a = MtpAdapter::new(&m.model, MtpConfig { k: 3, ..MtpConfig::default() }, "fixture")?;
+    let ids: Vec<i64> = reference("qwen2")?.logits_input_ids;
+    let layout = collate(
+        &[build_layout(&Tensor::from_slice(&ids), &Tensor::ones([ids.len() as i64], (Kind::Bool, Device::Cpu)), 3)],
+        Device::Cpu,
+    );
+    let l = loss::compute(&m.model, &a, &layout, 1.0);
+    let v = l.values();
+    assert!(v.loss.is_finite() && v.loss_base > 0.0 && v.loss_sampler > 0.0 && v.loss_lcm > 0.0, "{v:?}");
+    assert_eq!(v.slot_acc.len(), 3);
+    assert!((v.loss - (v.loss_base + v.loss_sampler + v.loss_lcm)).abs() < 1e-4);
+    // Gradients reach LoRA A/B and the sampler but not the frozen mask embeddings.
+    l.total.backward();
+    for (name, t) in a.named_tensors() {
+        let has_grad = t.grad().defined() && t.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0;
+        match name.as_str() {
+            "mask_embeddings" => assert!(!t.requires_grad(), "mask embeddings are frozen by default"),
+            n if n.ends_with(".B") || n.starts_with("sampler") => assert!(has_grad, "{n} got no gradient"),
+            _ => {}
+        }
+    }
+    let _ = DType::F32;
+    Ok(())
+}

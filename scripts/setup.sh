@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs what MTP Workbench needs and is missing; a second run changes nothing.
+#   - Debian packages for the window and the headless GUI tests (Vulkan loader, Mesa's
+#     lavapipe software renderer, X11/Wayland client libraries, Xvfb);
+#   - a project-local Python environment .venv with libtorch from PyPI (torch==2.11.0, the
+#     build tch 0.24 pairs with), linked as .venv/libtorch for the Rust build;
+#   - with --reference: transformers and peft next to it, for scripts/reference.py and
+#     scripts/bench_ar.py.
+# Source it or run it; it only prints what it installs.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+TORCH_VERSION=2.11.0
+APT_PACKAGES=(mesa-vulkan-drivers libvulkan1 libxkbcommon-x11-0 libx11-6 libxcursor1 libxrandr2 libxi6
+  libwayland-client0 libwayland-cursor0 libegl1 xvfb)
+
+# Debian's python3 needs python3-venv for `python -m venv`; other Pythons bring it along.
+python3 -m venv --help >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if command -v apt-get >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "setup: installing Debian packages: ${missing[*]}" >&2
+    $sudo apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: warning: no apt-get; install these yourself: ${missing[*]}" >&2
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  echo "setup: installing torch==$TORCH_VERSION into .venv (libtorch for tch; about 5 GB)" >&2
+  .venv/bin/pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+fi
+if [[ " $* " == *" --reference "* ]] && ! .venv/bin/python -c "import transformers, peft" 2>/dev/null; then
+  echo "setup: installing transformers and peft into .venv" >&2
+  .venv/bin/pip install -q --disable-pip-version-check transformers peft
+fi
+torch_dir="$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+[ "$(readlink .venv/libtorch 2>/dev/null)" = "$torch_dir" ] || ln -sfn "$torch_dir" .venv/libtorch
