@@ -9,6 +9,10 @@ Two modes:
       storage), and records their reference logits, greedy continuations, prompt encodings
       and rendered chat templates. The output is committed; tests then run without Python.
 
+  python scripts/reference.py check-model DIR --mtp target/release/mtp
+      Loads a model folder this project wrote (`mtp pretrain`) with transformers and checks
+      that its logits match ours within 1e-4 and its greedy continuation exactly.
+
   python scripts/reference.py crosscheck --mtp target/release/mtp [--seed 1234]
       Makes fresh tiny models the same way with another seed in a temporary folder and
       checks that `mtp generate --json` reproduces transformers' greedy tokens exactly, with
@@ -318,18 +322,46 @@ def cmd_crosscheck(args) -> None:
     print("all families match transformers")
 
 
+def cmd_check_model(args) -> None:
+    from safetensors.torch import load_file
+
+    folder = Path(args.folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(args.prompt)["input_ids"]
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].float()
+    with tempfile.TemporaryDirectory() as tmp:
+        dump = Path(tmp) / "logits.safetensors"
+        ours_json = run_mtp(args.mtp, folder, ["--prompt", args.prompt, "--dump-logits", str(dump)])
+        ours = load_file(str(dump))["logits"]
+    new_ids, margin = greedy(model, ids, 24)
+    diff = float((ours - theirs).abs().max())
+    same_prompt = ours_json["prompt_ids"] == ids
+    same_tokens = ours_json["token_ids"] == new_ids
+    print(f"{folder}: max |logit diff| {diff:.2e}; prompt ids {'equal' if same_prompt else 'DIFFER'}; "
+          f"greedy tokens {'equal' if same_tokens else 'DIFFER'} (min top-2 margin {margin:.4f})")
+    print(f"  transformers: {tok.decode(new_ids)!r}")
+    if diff > 1e-4 or not same_prompt or not same_tokens:
+        raise SystemExit("mismatch")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fixtures")
     f.add_argument("--out", default=str(ROOT / "tests" / "fixtures"))
     f.add_argument("--seed", type=int, default=0)
+    m = sub.add_parser("check-model")
+    m.add_argument("folder")
+    m.add_argument("--mtp", required=True)
+    m.add_argument("--prompt", default="def add(a, b):\n    return")
     c = sub.add_parser("crosscheck")
     c.add_argument("--mtp", required=True)
     c.add_argument("--seed", type=int, default=1234)
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    {"fixtures": cmd_fixtures, "crosscheck": cmd_crosscheck}[args.cmd](args)
+    {"fixtures": cmd_fixtures, "crosscheck": cmd_crosscheck, "check-model": cmd_check_model}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ pub struct Args {
     /// Keep generating after an end-of-sequence token (benchmarks: always `--max-new-tokens`).
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Also write the prompt's logits (`[t, vocab]`, f32) to this safetensors file, for
+    /// comparisons with the reference implementation.
+    #[arg(long)]
+    pub dump_logits: Option<std::path::PathBuf>,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -110,6 +114,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let req =
         GenerateRequest { prompt_ids, max_new_tokens: args.max_new_tokens, decoding, eos_ids: tok.eos_ids.clone() };
 
+    if let Some(path) = &args.dump_logits {
+        let ids = tch::Tensor::from_slice(&req.prompt_ids).unsqueeze(0).to_device(loaded.model.device());
+        let logits = tch::no_grad(|| loaded.model.forward(&ids, None)).squeeze_dim(0).to_kind(tch::Kind::Float);
+        mtp_core::checkpoint::save(path, &[("logits".to_string(), logits)], None)?;
+    }
     let mut stream = tok.stream(false);
     let mut stdout = std::io::stdout();
     let json = args.json;

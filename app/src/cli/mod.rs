@@ -4,6 +4,7 @@
 mod download;
 mod generate;
 mod inspect;
+mod pretrain;
 mod progress;
 mod train;
 
@@ -31,6 +32,8 @@ pub enum Command {
     Generate(generate::Args),
     /// Fine-tune a model for multi-token prediction (or --resume a run).
     Train(train::Args),
+    /// Pretrain a small model from scratch (how the built-in demo is made).
+    Pretrain(pretrain::Args),
 }
 
 /// Parse arguments, run, and turn any error into a message on stderr and exit code 1.
@@ -42,6 +45,7 @@ pub fn main() -> ExitCode {
         Command::Download(a) => download::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Train(a) => train::run(a),
+        Command::Pretrain(a) => pretrain::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

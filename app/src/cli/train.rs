@@ -209,15 +209,19 @@ impl Reporter {
             }
             TrainEvent::Step(m) => {
                 let acc: Vec<String> = m.losses.slot_acc.iter().map(|a| format!("{a:.2}")).collect();
-                let msg = format!(
-                    "loss {:.3} (base {:.3} sampler {:.3} lcm {:.3}) slot acc [{}] {:.0} tok/s",
-                    m.losses.loss,
-                    m.losses.loss_base,
-                    m.losses.loss_sampler,
-                    m.losses.loss_lcm,
-                    acc.join(" "),
-                    m.tokens_per_second
-                );
+                let msg = if acc.is_empty() {
+                    format!("loss {:.3} lr {:.2e} {:.0} tok/s", m.losses.loss, m.lr, m.tokens_per_second)
+                } else {
+                    format!(
+                        "loss {:.3} (base {:.3} sampler {:.3} lcm {:.3}) slot acc [{}] {:.0} tok/s",
+                        m.losses.loss,
+                        m.losses.loss_base,
+                        m.losses.loss_sampler,
+                        m.losses.loss_lcm,
+                        acc.join(" "),
+                        m.tokens_per_second
+                    )
+                };
                 match &self.bar {
                     Some(bar) if !bar.is_hidden() => {
                         bar.set_position(m.step as u64);
@@ -229,7 +233,7 @@ impl Reporter {
             }
             TrainEvent::Validation(m) => {
                 let line = format!(
-                    "validation at step {}: loss {:.3}, slot acc {:?}",
+                    "validation at step {}: loss {:.3}, slot accuracy {:?}",
                     m.step,
                     m.losses.loss,
                     m.losses.slot_acc.iter().map(|a| (a * 100.0).round() / 100.0).collect::<Vec<_>>()

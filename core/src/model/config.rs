@@ -165,6 +165,11 @@ impl HfConfig {
         read_json(path)
     }
 
+    /// From a JSON value (configs this project writes).
+    pub fn from_value(v: Value) -> Result<Self> {
+        serde_json::from_value(v).map_err(|source| Error::Json { path: "config.json".into(), source })
+    }
+
     /// Check every value and build the runtime config. `path` names the file in errors.
     pub fn validate(&self, path: &Path) -> Result<ModelConfig> {
         let need = |v: Option<usize>, key: &str| -> Result<usize> {

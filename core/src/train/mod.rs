@@ -6,6 +6,7 @@ pub mod control;
 pub mod data;
 pub mod events;
 pub mod optim;
+pub mod pretrain;
 pub mod trainer;
 
 pub use control::Control;

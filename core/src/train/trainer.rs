@@ -309,17 +309,19 @@ pub fn gpu_memory_used(device: Device) -> Option<u64> {
     Some(mib * 1024 * 1024)
 }
 
-/// Trainable parameters of `adapter`, by name.
-fn trainable(adapter: &MtpAdapter) -> Vec<(String, Tensor)> {
-    adapter.named_tensors().into_iter().filter(|(_, t)| t.requires_grad()).collect()
-}
-
 /// Metadata key of a checkpoint's [`TrainState`].
 const META_STATE: &str = "train_state";
 
-fn save_checkpoint(run: &RunDir, adapter: &MtpAdapter, opt: &AdamW, state: TrainState) -> Result<PathBuf> {
+/// Write a checkpoint of `params` (all of the model's own parameters, trainable or not),
+/// the optimizer's moments and `state`, atomically; keep only the newest few.
+pub(crate) fn save_checkpoint(
+    run: &RunDir,
+    params: &[(String, Tensor)],
+    opt: &AdamW,
+    state: TrainState,
+) -> Result<PathBuf> {
     let mut tensors: Vec<(String, Tensor)> =
-        adapter.named_tensors().into_iter().map(|(n, t)| (format!("adapter.{n}"), t)).collect();
+        params.iter().map(|(n, t)| (format!("params.{n}"), t.shallow_clone())).collect();
     tensors.extend(opt.state().into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
     let meta = HashMap::from([
         (META_STATE.to_string(), serde_json::to_string(&state).map_err(|e| Error::Invalid(e.to_string()))?),
@@ -341,7 +343,13 @@ fn save_checkpoint(run: &RunDir, adapter: &MtpAdapter, opt: &AdamW, state: Train
     Ok(path)
 }
 
-fn load_checkpoint(path: &Path, adapter: &MtpAdapter, opt: &mut AdamW) -> Result<TrainState> {
+/// Restore a checkpoint written by [`save_checkpoint`]: parameters (through `load`, which
+/// receives a lookup by name), optimizer moments, and the state.
+pub(crate) fn load_checkpoint(
+    path: &Path,
+    load: impl FnOnce(&dyn Fn(&str) -> Result<Tensor>) -> Result<()>,
+    opt: &mut AdamW,
+) -> Result<TrainState> {
     let file = SafetensorsFile::open(path)?;
     let meta = file.metadata().ok_or_else(|| Error::config(path, META_STATE, "missing"))?;
     let state: TrainState = meta
@@ -349,13 +357,13 @@ fn load_checkpoint(path: &Path, adapter: &MtpAdapter, opt: &mut AdamW) -> Result
         .and_then(|s| serde_json::from_str(s).ok())
         .ok_or_else(|| Error::config(path, META_STATE, "missing or unreadable"))?;
     let adam_steps = meta.get("adam_steps").and_then(|s| s.parse().ok()).unwrap_or(state.step as u64);
-    adapter.load_tensors(|name| file.read(&format!("adapter.{name}")))?;
+    load(&|name: &str| file.read(&format!("params.{name}")))?;
     opt.restore(adam_steps, |name| file.read(&format!("optim.{name}")))?;
     Ok(state)
 }
 
 /// Append-only `metrics.jsonl`.
-struct MetricsLog {
+pub(crate) struct MetricsLog {
     file: std::fs::File,
     path: PathBuf,
 }
@@ -446,6 +454,69 @@ pub fn read_config(run_dir: &Path) -> Result<TrainConfig> {
     read_json(&RunDir(run_dir.to_owned()).config())
 }
 
+/// What the optimisation loop needs to know about the thing being trained.
+pub(crate) trait Objective {
+    /// Every parameter to checkpoint (trainable or not), sorted by name.
+    fn named_params(&self) -> Vec<(String, Tensor)>;
+    /// Overwrite the parameters from a checkpoint.
+    fn load_params(&self, lookup: &dyn Fn(&str) -> Result<Tensor>) -> Result<()>;
+    /// The loss of one micro-batch (with a graph when anything in it carries a label) and
+    /// its values for logging.
+    fn losses(&self, seqs: &[&Tokenized]) -> (Tensor, LossValues);
+}
+
+/// The loop settings shared by MTP training and pretraining.
+#[derive(Debug, Clone)]
+pub(crate) struct LoopSettings {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub optim: OptimConfig,
+    pub val_every: usize,
+    pub val_batches: usize,
+    pub checkpoint_every: usize,
+    pub seed: u64,
+    pub device: Device,
+}
+
+impl LoopSettings {
+    fn of(config: &TrainConfig, device: Device) -> Self {
+        Self {
+            steps: config.steps,
+            batch_size: config.batch_size,
+            grad_accum: config.grad_accum,
+            optim: config.optim.clone(),
+            val_every: config.val_every,
+            val_batches: config.val_batches,
+            checkpoint_every: config.checkpoint_every,
+            seed: config.seed,
+            device,
+        }
+    }
+}
+
+/// The MTP objective: the adapted model's three losses.
+struct MtpObjective<'a> {
+    model: &'a crate::model::Llama,
+    adapter: &'a MtpAdapter,
+    lcm_weight: f64,
+}
+
+impl Objective for MtpObjective<'_> {
+    fn named_params(&self) -> Vec<(String, Tensor)> {
+        self.adapter.named_tensors()
+    }
+    fn load_params(&self, lookup: &dyn Fn(&str) -> Result<Tensor>) -> Result<()> {
+        self.adapter.load_tensors(lookup).map(drop)
+    }
+    fn losses(&self, seqs: &[&Tokenized]) -> (Tensor, LossValues) {
+        let batch = batch_of(seqs, self.adapter.config.k, self.model.device());
+        let l = compute(self.model, self.adapter, &batch, self.lcm_weight);
+        let values = l.values();
+        (l.total, values)
+    }
+}
+
 fn run_loop(
     loaded: &LoadedModel,
     config: &TrainConfig,
@@ -455,53 +526,71 @@ fn run_loop(
     control: &Control,
 ) -> Result<TrainSummary> {
     let model = &loaded.model;
-    let device = model.device();
     let data = prepare_data(config, loaded)?;
-
     tch::manual_seed(config.seed as i64);
     let adapter = MtpAdapter::new(model, config.method.clone(), &loaded.source.to_string())?;
-    let mut opt = AdamW::new(trainable(&adapter), config.optim.clone());
+    let objective = MtpObjective { model, adapter: &adapter, lcm_weight: config.lcm_weight };
+    let settings = LoopSettings::of(config, model.device());
+    let (outcome, step, last) = optimize(&objective, &data, &settings, run, resuming, sink, control)?;
+    adapter.save(&run.adapter())?;
+    Ok(TrainSummary { outcome, step, adapter: run.adapter(), last })
+}
+
+/// The optimisation loop: micro-batches with gradient accumulation, AdamW on the
+/// parameters that require gradients, metrics every step, validation, checkpoints, pause
+/// and stop. Returns how it ended, the last step and the last training metrics.
+pub(crate) fn optimize(
+    objective: &dyn Objective,
+    data: &PreparedData,
+    settings: &LoopSettings,
+    run: &RunDir,
+    resuming: bool,
+    sink: &mut dyn TrainSink,
+    control: &Control,
+) -> Result<(Outcome, usize, Option<StepMetrics>)> {
+    let params = objective.named_params();
+    let trainable: Vec<(String, Tensor)> =
+        params.iter().filter(|(_, t)| t.requires_grad()).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let trainable_parameters = trainable.iter().map(|(_, t)| t.numel() as u64).sum();
+    let mut opt = AdamW::new(trainable, settings.optim.clone());
     let checkpoint = if resuming { run.latest_checkpoint() } else { None };
     let mut state = match &checkpoint {
-        Some((_, path)) => load_checkpoint(path, &adapter, &mut opt)?,
+        Some((_, path)) => load_checkpoint(path, |lookup| objective.load_params(lookup), &mut opt)?,
         None => TrainState::default(),
     };
     let mut metrics = MetricsLog::open(&run.metrics(), resuming.then_some(state.step))?;
-    let trainable_parameters = trainable(&adapter).iter().map(|(_, t)| t.numel() as u64).sum();
     sink.event(&TrainEvent::Prepared {
         data: data.report.clone(),
         train_sequences: data.train.len(),
         val_sequences: data.val.len(),
         trainable_parameters,
         start_step: state.step,
-        total_steps: config.steps,
+        total_steps: settings.steps,
     });
 
     let start = Instant::now();
-    let mut batches = Batches::new(&data.train, config.seed, state);
+    let mut batches = Batches::new(&data.train, settings.seed, state);
     let mut last = None;
     let mut outcome = Outcome::Finished;
-    let k = config.method.k;
-    while state.step < config.steps {
+    while state.step < settings.steps {
         if control.wait_while_paused() {
             outcome = Outcome::Stopped;
             break;
         }
         let step = state.step + 1;
-        let lr = config.optim.lr_at(step, config.steps);
+        let lr = settings.optim.lr_at(step, settings.steps);
         let t0 = Instant::now();
-        let mut values = Vec::with_capacity(config.grad_accum);
+        let mut values = Vec::with_capacity(settings.grad_accum);
         let mut tokens = 0usize;
-        for _ in 0..config.grad_accum {
-            let seqs = batches.next(config.batch_size);
+        for _ in 0..settings.grad_accum {
+            let seqs = batches.next(settings.batch_size);
             tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
-            let batch = batch_of(&seqs, k, device);
-            let losses = compute(model, &adapter, &batch, config.lcm_weight);
+            let (total, v) = objective.losses(&seqs);
             // A batch without any labelled row has nothing to learn from (and no graph).
-            if losses.total.requires_grad() {
-                (&losses.total / config.grad_accum as f64).backward();
+            if total.requires_grad() {
+                (&total / settings.grad_accum as f64).backward();
             }
-            values.push(losses.values());
+            values.push(v);
         }
         let grad_norm = opt.step(lr);
         opt.zero_grad();
@@ -520,23 +609,23 @@ fn run_loop(
             lr,
             grad_norm: Some(grad_norm),
             tokens_per_second: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-            gpu_mem_bytes: if step % 10 == 1 { gpu_memory_used(device) } else { None },
+            gpu_mem_bytes: if step % 10 == 1 { gpu_memory_used(settings.device) } else { None },
             elapsed: start.elapsed().as_secs_f64(),
         };
         metrics.append(&m)?;
         sink.event(&TrainEvent::Step(m.clone()));
         last = Some(m);
 
-        let end = step == config.steps;
-        if (config.val_every > 0 && step % config.val_every == 0) || end {
-            if let Some(v) = validate(model, &adapter, config, &data.val, step, lr, start) {
-                metrics.append(&v)?;
-                sink.event(&TrainEvent::Validation(v));
-            }
+        let end = step == settings.steps;
+        if ((settings.val_every > 0 && step % settings.val_every == 0) || end)
+            && let Some(v) = validate(objective, settings, &data.val, step, lr, start)
+        {
+            metrics.append(&v)?;
+            sink.event(&TrainEvent::Validation(v));
         }
         let stop = control.is_cancelled();
-        if step % config.checkpoint_every == 0 || end || stop {
-            let path = save_checkpoint(run, &adapter, &opt, state)?;
+        if step % settings.checkpoint_every == 0 || end || stop {
+            let path = save_checkpoint(run, &objective.named_params(), &opt, state)?;
             sink.event(&TrainEvent::Checkpoint { step, path });
         }
         if stop {
@@ -545,18 +634,16 @@ fn run_loop(
         }
     }
     if outcome == Outcome::Stopped && run.latest_checkpoint().map(|c| c.0) != Some(state.step) {
-        let path = save_checkpoint(run, &adapter, &opt, state)?;
+        let path = save_checkpoint(run, &objective.named_params(), &opt, state)?;
         sink.event(&TrainEvent::Checkpoint { step: state.step, path });
     }
-    adapter.save(&run.adapter())?;
-    Ok(TrainSummary { outcome, step: state.step, adapter: run.adapter(), last })
+    Ok((outcome, state.step, last))
 }
 
 /// Loss and accuracies on (up to `val_batches` micro-batches of) the validation set.
 fn validate(
-    model: &crate::model::Llama,
-    adapter: &MtpAdapter,
-    config: &TrainConfig,
+    objective: &dyn Objective,
+    settings: &LoopSettings,
     val: &[Tokenized],
     step: usize,
     lr: f64,
@@ -568,11 +655,10 @@ fn validate(
     let t0 = Instant::now();
     let mut values = Vec::new();
     let mut tokens = 0;
-    for chunk in val.chunks(config.batch_size).take(config.val_batches.max(1)) {
+    for chunk in val.chunks(settings.batch_size).take(settings.val_batches.max(1)) {
         let seqs: Vec<&Tokenized> = chunk.iter().collect();
         tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
-        let batch = batch_of(&seqs, config.method.k, model.device());
-        values.push(tch::no_grad(|| compute(model, adapter, &batch, config.lcm_weight).values()));
+        values.push(tch::no_grad(|| objective.losses(&seqs).1));
     }
     Some(StepMetrics {
         step,
