@@ -87,5 +87,6 @@ pub fn generate_ar(model: &Llama, req: &GenerateRequest, sink: &mut dyn TokenSin
         stop: out,
         prefill_time: prefill_time.unwrap_or_default(),
         total_time: start.elapsed(),
+        steps: Vec::new(),
     })
 }

@@ -3,6 +3,9 @@
 
 pub mod ar;
 pub mod sampling;
+pub mod speculative;
+pub mod stats;
+pub mod verify;
 
 use std::ops::ControlFlow;
 use std::time::Duration;
@@ -11,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 pub use ar::generate_ar;
 pub use sampling::{Sampler, SamplingParams};
+pub use speculative::{Mode, SpecDecoder, generate};
+pub use stats::StepStats;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
@@ -67,6 +72,11 @@ pub struct TokenEvent {
 pub trait TokenSink {
     /// A token was emitted.
     fn token(&mut self, event: &TokenEvent) -> ControlFlow<()>;
+
+    /// A speculative step finished (after its tokens were emitted).
+    fn step(&mut self, _stats: &StepStats) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
 }
 
 /// A sink that ignores tokens and never stops generation.
@@ -108,9 +118,24 @@ pub struct GenerateOutput {
     pub prefill_time: Duration,
     /// Wall time from the request to the last token.
     pub total_time: Duration,
+    /// Per speculative step (empty for AR).
+    #[serde(default)]
+    pub steps: Vec<StepStats>,
 }
 
 impl GenerateOutput {
+    /// Nothing generated yet (the clock started at `start`).
+    pub fn empty(start: std::time::Instant) -> Self {
+        Self {
+            token_ids: Vec::new(),
+            forwards: 0,
+            stop: StopReason::MaxTokens,
+            prefill_time: Duration::ZERO,
+            total_time: start.elapsed(),
+            steps: Vec::new(),
+        }
+    }
+
     /// New tokens per second of wall time, prefill included.
     pub fn tokens_per_second(&self) -> f64 {
         let s = self.total_time.as_secs_f64();

@@ -103,6 +103,11 @@ impl Sampler {
     /// A draw from a probability vector (`[vocab]`, f32, any device).
     pub fn draw(&mut self, probs: &Tensor) -> i64 {
         let probs: Vec<f32> = probs.to_device(tch::Device::Cpu).try_into().unwrap_or_default();
+        self.draw_slice(&probs)
+    }
+
+    /// A draw from non-negative weights (normalised here).
+    pub fn draw_slice(&mut self, probs: &[f32]) -> i64 {
         let total: f64 = probs.iter().map(|&p| f64::from(p)).sum();
         let mut u = self.rng.random::<f64>() * total;
         let mut last_positive = 0;

@@ -79,6 +79,21 @@ impl KvCache {
         self.len = n;
     }
 
+    /// Keep the committed rows before `base` and, after them, only the rows `base + rows[i]`
+    /// (`rows`: int64, ascending, relative to `base`), moved down to follow `base`. Only the
+    /// tail is read and written, so this costs the kept rows, not the cache length.
+    pub fn keep_tail(&mut self, base: usize, rows: &Tensor) {
+        let base = base as i64;
+        let n = rows.size()[0];
+        for (kb, vb) in self.layers.iter().flatten() {
+            for buf in [kb, vb] {
+                let kept = buf.narrow(2, base, self.len - base).index_select(2, rows);
+                buf.narrow(2, base, n).copy_(&kept);
+            }
+        }
+        self.len = base + n;
+    }
+
     /// Drop every row from `len` on.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len as i64);

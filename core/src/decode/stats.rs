@@ -1,0 +1,29 @@
+//! What each speculative step did, for the CLI's JSON, the benchmark table and the GUI's
+//! acceptance map.
+
+use serde::{Deserialize, Serialize};
+
+/// One forward pass of a speculative mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    /// 1-based step (the prefill is step 0 and has no stats).
+    pub step: usize,
+    /// The drafts the step verified (empty when it had none).
+    pub drafts: Vec<i64>,
+    /// How many of them were accepted.
+    pub accepted: usize,
+    /// The 1-based draft slot of the first rejection, if any.
+    pub first_rejected: Option<usize>,
+    /// Tokens the step emitted (accepted drafts + the next verified token; fewer at EOS or
+    /// the token limit).
+    pub emitted: usize,
+    /// Wall time of the step in seconds.
+    pub seconds: f64,
+}
+
+impl StepStats {
+    /// The drafts that were rejected, in slot order (the first one and those after it).
+    pub fn rejected(&self) -> &[i64] {
+        &self.drafts[self.accepted.min(self.drafts.len())..]
+    }
+}

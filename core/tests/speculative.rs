@@ -1,0 +1,271 @@
+//! Speculative decoding against AR on a small model trained here (pretrained on structured
+//! text, then an MTP adapter): greedy outputs identical token for token over many prompts,
+//! mask counts and both modes, EOS inside a step included; sampled outputs distributed as
+//! AR sampling (chi-square); step statistics within their bounds.
+
+use std::sync::OnceLock;
+
+use mtp_core::decode::{Decoding, GenerateRequest, Mode, SamplingParams, StopReason, generate};
+use mtp_core::mtp::{LoraConfig, MtpAdapter, MtpConfig};
+use mtp_core::train::pretrain::{ArchConfig, PretrainConfig, TokenizerPlan, pretrain};
+use mtp_core::train::{Control, OptimConfig, Schedule, TrainConfig};
+use mtp_core::{DeviceSpec, LoadOptions, LoadedModel, ModelSource};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tch::{Kind, Tensor};
+
+/// A pretrained tiny model and an adapter with k = 8.
+struct Trained {
+    loaded: LoadedModel,
+    adapter: MtpAdapter,
+}
+
+/// Train once per test binary (tensors cannot be shared between test threads, so the
+/// files are, and each test loads them).
+fn trained() -> Trained {
+    static FILES: OnceLock<(std::path::PathBuf, std::path::PathBuf)> = OnceLock::new();
+    let (model_dir, adapter) = FILES.get_or_init(|| make().expect("training the test model"));
+    let loaded = LoadedModel::from_folder(model_dir, &LoadOptions::default()).expect("load the test model");
+    let adapter = MtpAdapter::load(adapter, &loaded.model).expect("load the test adapter");
+    Trained { loaded, adapter }
+}
+
+fn make() -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    // Kept for the life of the test process.
+    let dir = Box::leak(Box::new(tempfile::tempdir()?));
+    let model_dir = dir.path().join("model");
+    let config = PretrainConfig {
+        data: vec!["builtin:code:1500".parse()?],
+        arch: ArchConfig::preset("tiny")?,
+        tokenizer: TokenizerPlan::Train { vocab_size: 320 },
+        optim: OptimConfig { lr: 5e-3, warmup: 10, schedule: Schedule::Cosine, ..OptimConfig::default() },
+        steps: 150,
+        batch_size: 8,
+        grad_accum: 1,
+        seq_len: 64,
+        val_fraction: 0.02,
+        val_every: 0,
+        checkpoint_every: 1000,
+        seed: 5,
+        device: DeviceSpec::Cpu,
+    };
+    pretrain(&config, &model_dir, false, &mut (), &Control::new())?;
+    let loaded = LoadedModel::from_folder(&model_dir, &LoadOptions::default())?;
+    let train = TrainConfig {
+        model: ModelSource::Local { path: model_dir.clone() },
+        data: "builtin:code:1500".parse()?,
+        method: MtpConfig { k: 8, lora: LoraConfig { rank: 8, ..LoraConfig::default() }, ..MtpConfig::default() },
+        optim: OptimConfig { lr: 3e-3, warmup: 10, ..OptimConfig::default() },
+        steps: 120,
+        batch_size: 4,
+        seq_len: 64,
+        val_every: 0,
+        checkpoint_every: 1000,
+        ..TrainConfig::default()
+    };
+    let summary = mtp_core::train::train(&loaded, &train, &dir.path().join("run"), &mut (), &Control::new())?;
+    Ok((model_dir, summary.adapter))
+}
+
+fn request(prompt_ids: Vec<i64>, max_new_tokens: usize, decoding: Decoding, eos_ids: Vec<i64>) -> GenerateRequest {
+    GenerateRequest { prompt_ids, max_new_tokens, decoding, eos_ids }
+}
+
+fn random_prompts(t: &Trained, n: usize, seed: u64) -> anyhow::Result<Vec<Vec<i64>>> {
+    let tok = &t.loaded.tokenizer;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let starts = ["def ", "class ", "    return ", "for x in ", "    total", "words = ", "result", "def sum_"];
+    (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                Ok(tok.encode(starts[rng.random_range(0..starts.len())])?)
+            } else {
+                let len = rng.random_range(2..12);
+                Ok((0..len).map(|_| rng.random_range(0..tok.vocab_size() as i64)).collect())
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn greedy_speculative_equals_greedy_ar() -> anyhow::Result<()> {
+    let t = trained();
+    let model = &t.loaded.model;
+    let prompts = random_prompts(&t, 60, 1)?;
+    let mut per_mode_tpf = Vec::new();
+    for mode in [Mode::Linear, Mode::Quadratic] {
+        for masks in [1, 2, 4, 8] {
+            let (mut tokens, mut forwards) = (0, 0);
+            for (i, prompt) in prompts.iter().enumerate() {
+                let req = request(prompt.clone(), 24 + i % 7, Decoding::Greedy, vec![]);
+                let ar = generate(model, None, Mode::Ar, 0, &req, &mut ())?;
+                let spec = generate(model, Some(&t.adapter), mode, masks, &req, &mut ())?;
+                assert_eq!(spec.token_ids, ar.token_ids, "{mode} with {masks} masks, prompt {prompt:?}");
+                assert_eq!(spec.stop, StopReason::MaxTokens);
+                for s in &spec.steps {
+                    assert!(s.accepted <= masks && s.emitted >= 1 && s.emitted <= masks + 1, "{s:?}");
+                    assert!(s.accepted <= s.drafts.len());
+                    assert_eq!(s.first_rejected.is_some(), s.accepted < s.drafts.len());
+                }
+                assert_eq!(spec.forwards, spec.steps.len() + 1);
+                tokens += spec.token_ids.len();
+                forwards += spec.forwards;
+            }
+            per_mode_tpf.push((mode, masks, tokens as f64 / forwards as f64));
+        }
+    }
+    println!("tokens per forward: {per_mode_tpf:?}");
+    // Trained on structured code, drafts are accepted well above chance.
+    let quad4 = per_mode_tpf.iter().find(|x| x.0 == Mode::Quadratic && x.1 == 4).map_or(0.0, |x| x.2);
+    assert!(quad4 > 1.2, "quadratic, 4 masks: {quad4} tokens per forward");
+    Ok(())
+}
+
+/// EOS inside a step: choose as EOS a token the model emits often, so that it is often an
+/// accepted draft; both decoders must stop right after it.
+#[test]
+fn eos_inside_a_step_stops_like_ar() -> anyhow::Result<()> {
+    let t = trained();
+    let model = &t.loaded.model;
+    let prompts = random_prompts(&t, 30, 2)?;
+    let mut counts = std::collections::HashMap::new();
+    for p in &prompts {
+        let out = generate(model, None, Mode::Ar, 0, &request(p.clone(), 30, Decoding::Greedy, vec![]), &mut ())?;
+        for id in out.token_ids {
+            *counts.entry(id).or_insert(0) += 1;
+        }
+    }
+    let (&eos, _) = counts.iter().max_by_key(|(_, c)| **c).ok_or_else(|| anyhow::anyhow!("no tokens"))?;
+    let mut eos_in_draft = 0;
+    for p in &prompts {
+        let req = request(p.clone(), 30, Decoding::Greedy, vec![eos]);
+        let ar = generate(model, None, Mode::Ar, 0, &req, &mut ())?;
+        for mode in [Mode::Linear, Mode::Quadratic] {
+            let mut last_origin = None;
+            let mut sink = |e: &mtp_core::decode::TokenEvent| {
+                last_origin = Some(e.origin);
+                std::ops::ControlFlow::Continue(())
+            };
+            let spec = generate(model, Some(&t.adapter), mode, 4, &req, &mut sink)?;
+            assert_eq!(spec.token_ids, ar.token_ids, "{mode}, prompt {p:?}");
+            assert_eq!(spec.stop, ar.stop);
+            if spec.stop == StopReason::Eos && matches!(last_origin, Some(mtp_core::decode::TokenOrigin::Draft { .. }))
+            {
+                eos_in_draft += 1;
+            }
+        }
+    }
+    assert!(eos_in_draft > 0, "no run ended on an accepted draft EOS");
+    Ok(())
+}
+
+/// Exact distribution of the first `n` tokens under AR sampling, by enumeration over the
+/// processed (top-k) distributions.
+fn exact_marginals(
+    model: &mtp_core::Llama,
+    prompt: &[i64],
+    params: SamplingParams,
+    n: usize,
+) -> Vec<std::collections::HashMap<i64, f64>> {
+    let mut prefixes: Vec<(Vec<i64>, f64)> = vec![(vec![], 1.0)];
+    let mut marginals = Vec::new();
+    for _ in 0..n {
+        let mut next = Vec::new();
+        let mut m = std::collections::HashMap::new();
+        for (prefix, prob) in &prefixes {
+            let ids: Vec<i64> = prompt.iter().chain(prefix).copied().collect();
+            let logits = tch::no_grad(|| model.forward(&Tensor::from_slice(&ids).unsqueeze(0), None));
+            let last = logits.get(0).get(ids.len() as i64 - 1);
+            let p: Vec<f32> = Vec::try_from(params.distribution(&last).to_kind(Kind::Float)).unwrap_or_default();
+            for (tok, &pt) in p.iter().enumerate() {
+                if pt > 0.0 {
+                    let q = prob * f64::from(pt);
+                    *m.entry(tok as i64).or_insert(0.0) += q;
+                    let mut pre = prefix.clone();
+                    pre.push(tok as i64);
+                    next.push((pre, q));
+                }
+            }
+        }
+        marginals.push(m);
+        prefixes = next;
+    }
+    marginals
+}
+
+/// Chi-square statistic of observed counts against expected probabilities, merging the
+/// categories expected fewer than 5 times into one; returns (statistic, degrees of freedom).
+fn chi_square(
+    observed: &std::collections::HashMap<i64, usize>,
+    expected: &std::collections::HashMap<i64, f64>,
+    n: usize,
+) -> (f64, usize) {
+    let (mut chi2, mut df, mut rest_o, mut rest_e) = (0.0, 0usize, 0.0, 0.0);
+    for (tok, &p) in expected {
+        let e = p * n as f64;
+        let o = *observed.get(tok).unwrap_or(&0) as f64;
+        if e < 5.0 {
+            rest_o += o;
+            rest_e += e;
+        } else {
+            chi2 += (o - e).powi(2) / e;
+            df += 1;
+        }
+    }
+    if rest_e > 0.0 {
+        chi2 += (rest_o - rest_e).powi(2) / rest_e.max(1e-9);
+        df += 1;
+    }
+    let unexpected: usize = observed.iter().filter(|(t, _)| !expected.contains_key(t)).map(|(_, c)| *c).sum();
+    assert_eq!(unexpected, 0, "tokens outside the support were sampled");
+    (chi2, df.saturating_sub(1))
+}
+
+/// Upper 0.1% point of the chi-square distribution (Wilson-Hilferty approximation).
+fn chi2_critical(df: usize) -> f64 {
+    let k = df as f64;
+    let z = 3.090; // one-sided 0.001
+    k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
+}
+
+#[test]
+fn speculative_sampling_matches_ar_sampling() -> anyhow::Result<()> {
+    let t = trained();
+    let model = &t.loaded.model;
+    let prompt = t.loaded.tokenizer.encode("def ")?;
+    let base = SamplingParams { temperature: 1.0, top_k: Some(6), top_p: None, seed: 0 };
+    let exact = exact_marginals(model, &prompt, base, 3);
+    let n = 3000;
+    for (mode, masks) in [(Mode::Quadratic, 4), (Mode::Linear, 2)] {
+        let mut observed = vec![std::collections::HashMap::new(); 3];
+        for seed in 0..n {
+            let req =
+                request(prompt.clone(), 3, Decoding::Sample(SamplingParams { seed: seed as u64, ..base }), vec![]);
+            let out = generate(model, Some(&t.adapter), mode, masks, &req, &mut ())?;
+            for (i, &tok) in out.token_ids.iter().enumerate() {
+                *observed[i].entry(tok).or_insert(0usize) += 1;
+            }
+        }
+        for pos in 0..3 {
+            let (chi2, df) = chi_square(&observed[pos], &exact[pos], n);
+            let crit = chi2_critical(df.max(1));
+            println!("{mode} token {}: chi2 {chi2:.1} on {df} df (0.1% critical {crit:.1})", pos + 1);
+            assert!(chi2 < crit, "{mode}: token {} is not distributed as AR sampling: chi2 {chi2} > {crit}", pos + 1);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_requests_are_clear_errors() -> anyhow::Result<()> {
+    let t = trained();
+    let model = &t.loaded.model;
+    let req = request(vec![5, 6], 4, Decoding::Greedy, vec![]);
+    let err = generate(model, Some(&t.adapter), Mode::Quadratic, 9, &req, &mut ()).expect_err("masks > k").to_string();
+    assert!(err.contains("--masks 9") && err.contains("k = 8"), "{err}");
+    let err = generate(model, None, Mode::Linear, 2, &req, &mut ()).expect_err("no adapter").to_string();
+    assert!(err.contains("--mode linear needs an MTP adapter"), "{err}");
+    let long = request(vec![5; model.config.context_length() - 3], 2, Decoding::Greedy, vec![]);
+    let err = generate(model, Some(&t.adapter), Mode::Quadratic, 4, &long, &mut ()).expect_err("context").to_string();
+    assert!(err.contains("context"), "{err}");
+    Ok(())
+}
