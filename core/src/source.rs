@@ -92,6 +92,16 @@ pub fn demo_model_dir() -> PathBuf {
     assets_dir().join("demo").join("model")
 }
 
+/// The built-in demo adapter (MTP weights for the demo model).
+pub fn demo_adapter() -> PathBuf {
+    assets_dir().join("demo").join("adapter.safetensors")
+}
+
+/// The built-in benchmark prompts (domains code, math, text).
+pub fn demo_prompts() -> PathBuf {
+    assets_dir().join("demo").join("prompts.jsonl")
+}
+
 /// Reports download progress (the CLI draws a bar, the GUI a progress widget).
 pub trait DownloadProgress {
     /// A file of `bytes` bytes starts downloading.

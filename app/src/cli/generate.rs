@@ -4,7 +4,8 @@ use std::io::Write;
 use std::ops::ControlFlow;
 
 use anyhow::Context;
-use mtp_core::decode::{Decoding, GenerateRequest, SamplingParams, TokenEvent, generate_ar};
+use mtp_core::decode::{Decoding, GenerateRequest, Mode, SamplingParams, StepStats, TokenEvent, TokenOrigin, generate};
+use mtp_core::mtp::MtpAdapter;
 use mtp_core::tokenizer::ChatMessage;
 use mtp_core::{DType, DeviceSpec, LoadOptions, LoadedModel, ModelSource};
 use serde::Serialize;
@@ -47,6 +48,16 @@ pub struct Args {
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: DType,
+    /// MTP adapter (adapter.safetensors) for --mode linear|quadratic. Default for the demo
+    /// model: the demo adapter.
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
+    /// ar (one token per forward), linear or quadratic (speculative, with the adapter).
+    #[arg(long, default_value = "ar")]
+    pub mode: Mode,
+    /// Mask tokens per step (1..=k of the adapter; default: its k).
+    #[arg(long)]
+    pub masks: Option<usize>,
     /// Keep generating after an end-of-sequence token (benchmarks: always `--max-new-tokens`).
     #[arg(long)]
     pub ignore_eos: bool,
@@ -60,9 +71,17 @@ pub struct Args {
 }
 
 #[derive(Serialize)]
+struct StepLine {
+    accepted: usize,
+    first_rejected: Option<usize>,
+    emitted: usize,
+}
+
+#[derive(Serialize)]
 struct Report<'a> {
     model: String,
-    mode: &'static str,
+    mode: Mode,
+    masks: usize,
     device: String,
     dtype: String,
     prompt_ids: &'a [i64],
@@ -74,6 +93,7 @@ struct Report<'a> {
     prefill_seconds: f64,
     total_seconds: f64,
     stop_reason: mtp_core::decode::StopReason,
+    steps: Vec<StepLine>,
 }
 
 impl Args {
@@ -111,8 +131,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(ids)) => ids.clone(),
         (None, None) => anyhow::bail!("give --prompt or --prompt-ids"),
     };
-    let req =
-        GenerateRequest { prompt_ids, max_new_tokens: args.max_new_tokens, decoding, eos_ids: tok.eos_ids.clone() };
+    let adapter = match (args.mode, &args.adapter) {
+        (Mode::Ar, _) => None,
+        (_, Some(path)) => Some(MtpAdapter::load(path, &loaded.model)?),
+        (_, None) if source == ModelSource::Demo && mtp_core::source::demo_adapter().exists() => {
+            Some(MtpAdapter::load(&mtp_core::source::demo_adapter(), &loaded.model)?)
+        }
+        (mode, None) => anyhow::bail!("--mode {mode} needs an MTP adapter: give --adapter FILE"),
+    };
+    let masks = match (&adapter, args.masks) {
+        (None, _) => 0,
+        (Some(a), None) => a.config.k,
+        (Some(_), Some(m)) => m,
+    };
+    let eos_ids = if args.ignore_eos { Vec::new() } else { tok.eos_ids.clone() };
+    let req = GenerateRequest { prompt_ids, max_new_tokens: args.max_new_tokens, decoding, eos_ids };
 
     if let Some(path) = &args.dump_logits {
         let ids = tch::Tensor::from_slice(&req.prompt_ids).unsqueeze(0).to_device(loaded.model.device());
@@ -122,19 +155,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut stream = tok.stream(false);
     let mut stdout = std::io::stdout();
     let json = args.json;
+    let colour = !json && args.mode != Mode::Ar && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut sink = |e: &TokenEvent| {
         if !json {
-            let _ = write!(stdout, "{}", stream.push(e.id));
+            let text = stream.push(e.id);
+            // On a terminal, accepted drafts are shown in colour (one per slot).
+            match e.origin {
+                TokenOrigin::Draft { slot } if colour => {
+                    let _ = write!(stdout, "\x1b[{}m{text}\x1b[0m", 31 + (slot % 6));
+                }
+                _ => {
+                    let _ = write!(stdout, "{text}");
+                }
+            }
             let _ = stdout.flush();
         }
         ControlFlow::Continue(())
     };
-    let out = generate_ar(&loaded.model, &req, &mut sink)?;
+    let out = generate(&loaded.model, adapter.as_ref(), args.mode, masks, &req, &mut sink)?;
     let text = tok.decode(&out.token_ids, false).unwrap_or_default();
     if json {
         super::print_json(&Report {
             model: source.to_string(),
-            mode: "ar",
+            mode: args.mode,
+            masks,
             device: args.device.to_string(),
             dtype: args.dtype.to_string(),
             prompt_ids: &req.prompt_ids,
@@ -146,13 +190,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             prefill_seconds: out.prefill_time.as_secs_f64(),
             total_seconds: out.total_time.as_secs_f64(),
             stop_reason: out.stop,
+            steps: out
+                .steps
+                .iter()
+                .map(|s: &StepStats| StepLine {
+                    accepted: s.accepted,
+                    first_rejected: s.first_rejected,
+                    emitted: s.emitted,
+                })
+                .collect(),
         })
     } else {
         println!("{}", stream.finish());
         eprintln!(
-            "[{} tokens, {} forwards, {:.1} tokens/s, stop: {:?}]",
+            "[{} tokens, {} forwards ({:.2} tokens/forward), {:.1} tokens/s, stop: {:?}]",
             out.token_ids.len(),
             out.forwards,
+            out.tokens_per_forward(),
             out.tokens_per_second(),
             out.stop
         );

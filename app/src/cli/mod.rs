@@ -1,10 +1,12 @@
 //! The `mtp` command line: one subcommand per file, a shared progress bar, `--json` output
 //! for machines, and an exit code that says whether it worked.
 
+mod bench;
 mod download;
 mod generate;
 mod inspect;
 mod pretrain;
+mod probe;
 mod progress;
 mod train;
 
@@ -34,6 +36,10 @@ pub enum Command {
     Train(train::Args),
     /// Pretrain a small model from scratch (how the built-in demo is made).
     Pretrain(pretrain::Args),
+    /// Tokens per forward by domain and masks, tokens/s and speedup over AR.
+    Bench(bench::Args),
+    /// Rank of the true future tokens at each mask slot (the paper's Figure 1).
+    Probe(probe::Args),
 }
 
 /// Parse arguments, run, and turn any error into a message on stderr and exit code 1.
@@ -46,6 +52,8 @@ pub fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Train(a) => train::run(a),
         Command::Pretrain(a) => pretrain::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Probe(a) => probe::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

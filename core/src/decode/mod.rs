@@ -2,6 +2,7 @@
 //! selection (`sampling`), and the streaming interface the CLI, GUI and tests share.
 
 pub mod ar;
+pub mod bench;
 pub mod sampling;
 pub mod speculative;
 pub mod stats;

@@ -6,6 +6,7 @@ pub mod adapter;
 pub mod gated_lora;
 pub mod loss;
 pub mod masks;
+pub mod probe;
 pub mod sampler;
 
 pub use adapter::{BaseIdentity, MtpAdapter, MtpConfig};

@@ -1,0 +1,140 @@
+//! `mtp bench`: the paper's table (tokens per forward by domain and masks), tokens/s and
+//! the speedup over AR on the same prompts, with greedy outputs checked against AR's.
+
+use std::io::IsTerminal;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use mtp_core::decode::Mode;
+use mtp_core::decode::bench::{BenchConfig, read_prompts, run_bench};
+use mtp_core::mtp::MtpAdapter;
+use mtp_core::{DType, DeviceSpec, LoadOptions, LoadedModel, ModelSource};
+
+use super::progress::DownloadBar;
+
+/// Arguments of `mtp bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A model folder, a hub repo id or `demo`.
+    #[arg(long, default_value = "demo")]
+    pub model: String,
+    /// The MTP adapter (default for the demo model: its adapter).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// JSONL prompts with `prompt` and `domain` (default for the demo: its prompt sets).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Mask counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    pub masks: Vec<usize>,
+    /// Modes, comma-separated (AR always runs as the baseline).
+    #[arg(long, value_delimiter = ',', default_value = "ar,linear,quadratic")]
+    pub modes: Vec<Mode>,
+    /// New tokens per prompt.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: DType,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write bench.json, bench.csv and bench.md here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Run it.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let source: ModelSource = args.model.parse()?;
+    let demo = source == ModelSource::Demo;
+    let adapter_path = match (&args.adapter, demo) {
+        (Some(p), _) => p.clone(),
+        (None, true) => mtp_core::source::demo_adapter(),
+        (None, false) => anyhow::bail!("give --adapter FILE (only the demo model has a default)"),
+    };
+    let prompts_path = match (&args.prompts, demo) {
+        (Some(p), _) => p.clone(),
+        (None, true) => mtp_core::source::demo_prompts(),
+        (None, false) => anyhow::bail!("give --prompts FILE.jsonl (only the demo model has a default)"),
+    };
+    let prompts = read_prompts(&prompts_path)?;
+    let options = LoadOptions { device: args.device, dtype: args.dtype, ..LoadOptions::default() };
+    let loaded = LoadedModel::load(&source, &options, &mut DownloadBar::new())
+        .with_context(|| format!("loading model `{source}`"))?;
+    let adapter = MtpAdapter::load(&adapter_path, &loaded.model)?;
+    let masks = if args.masks.is_empty() { vec![adapter.config.k] } else { args.masks.clone() };
+    let config = BenchConfig { modes: args.modes.clone(), masks, max_new_tokens: args.max_new_tokens };
+
+    let bar = if std::io::stderr().is_terminal() && !args.json { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} eta {eta}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut progress = |done: usize, total: usize, what: &str| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(what.to_owned());
+        ControlFlow::Continue(())
+    };
+    let report = run_bench(&loaded.model, &adapter, &loaded.tokenizer, &prompts, &config, &mut progress)?;
+    bar.finish_and_clear();
+
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        mtp_core::fsutil::write_json_atomic(&dir.join("bench.json"), &report)?;
+        mtp_core::fsutil::write_atomic(&dir.join("bench.csv"), report.to_csv().as_bytes())?;
+        mtp_core::fsutil::write_atomic(&dir.join("bench.md"), report.to_markdown().as_bytes())?;
+    }
+    if args.json {
+        super::print_json(&report)?;
+    } else {
+        println!(
+            "{} prompts from {}, {} new tokens each, {} on {}",
+            prompts.len(),
+            prompts_path.display(),
+            args.max_new_tokens,
+            args.dtype,
+            args.device
+        );
+        print!("{}", report.to_markdown());
+        println!(
+            "\n| domain | mode | masks | tokens/forward | tokens/s | speedup | step cost vs AR | identical |\n|---|---|---|---|---|---|---|---|"
+        );
+        for r in &report.rows {
+            println!(
+                "| {} | {} | {} | {:.2} | {:.1} | {:.2}x | {:.2} | {} |",
+                r.domain,
+                r.mode,
+                r.masks,
+                r.tokens_per_forward,
+                r.tokens_per_second,
+                r.speedup,
+                r.step_cost_vs_ar,
+                r.identical
+            );
+        }
+    }
+    if !report.divergences.is_empty() {
+        for d in &report.divergences {
+            eprintln!(
+                "mismatch: prompt {} ({}), {} with {} masks: first difference at new token {} (AR {:?}, got {:?}); AR top-2 margin there {:.2e}",
+                d.prompt + 1,
+                d.domain,
+                d.mode,
+                d.masks,
+                d.position,
+                d.ar_token,
+                d.token,
+                d.margin
+            );
+        }
+        anyhow::bail!("{} greedy outputs differ from AR", report.divergences.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! The MTP commands end to end: `mtp train` (and --resume), `mtp generate --mode`,
+//! `mtp bench`, `mtp probe`, `mtp pretrain`, with their bad inputs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("tests").join("fixtures").join("models").join(name)
+}
+
+fn mtp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mtp")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("run mtp")
+}
+
+fn ok(out: Output) -> anyhow::Result<String> {
+    anyhow::ensure!(out.status.success(), "mtp failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn fails_with(out: Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "`{err}` should mention `{n}`");
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+fn ids(v: &Value) -> Vec<i64> {
+    v.as_array().map(|a| a.iter().filter_map(Value::as_i64).collect()).unwrap_or_default()
+}
+
+/// Train a 2-mask adapter on the llama fixture for a few steps.
+fn train_adapter(dir: &Path, steps: &str) -> anyhow::Result<PathBuf> {
+    let run = dir.join("run");
+    ok(mtp(&[
+        "train",
+        "--model",
+        s(&fixture("llama")),
+        "--data",
+        "builtin:arith:200",
+        "--out",
+        s(&run),
+        "--k",
+        "2",
+        "--rank",
+        "4",
+        "--steps",
+        steps,
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "3",
+        "--val-every",
+        "3",
+        "--json",
+    ]))?;
+    Ok(run)
+}
+
+#[test]
+fn train_writes_a_run_and_resumes() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let run = train_adapter(tmp.path(), "6")?;
+    for f in ["config.json", "metrics.jsonl", "adapter.safetensors"] {
+        assert!(run.join(f).exists(), "{f}");
+    }
+    let lines: Vec<Value> = std::fs::read_to_string(run.join("metrics.jsonl"))?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let train: Vec<&Value> = lines.iter().filter(|l| l["split"] == "train").collect();
+    assert_eq!(train.len(), 6);
+    for key in [
+        "step",
+        "loss",
+        "loss_base",
+        "loss_sampler",
+        "loss_lcm",
+        "slot_acc",
+        "slot_acc_sampler",
+        "lr",
+        "tokens_per_second",
+    ] {
+        assert!(!train[0][key].is_null(), "metrics.jsonl lacks {key}");
+    }
+    assert_eq!(train[0]["slot_acc"].as_array().map(Vec::len), Some(2));
+    assert!(lines.iter().any(|l| l["split"] == "val"));
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json"))?)?;
+    assert_eq!(config["method"]["k"], 2);
+
+    ok(mtp(&["train", "--resume", s(&run), "--steps", "9"]))?;
+    let steps: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["split"] == "train")
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    assert_eq!(steps, (1..=9).collect::<Vec<_>>());
+
+    // Bad input.
+    fails_with(
+        mtp(&["train", "--model", s(&fixture("llama")), "--data", "builtin:nope", "--out", s(&tmp.path().join("x"))]),
+        &["builtin:"],
+    );
+    fails_with(
+        mtp(&["train", "--model", s(&fixture("llama")), "--data", "builtin:arith:10", "--out", s(&run)]),
+        &["already holds a run"],
+    );
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "{\"bad\": 1}\n")?;
+    fails_with(
+        mtp(&["train", "--model", s(&fixture("llama")), "--data", s(&empty), "--out", s(&tmp.path().join("y"))]),
+        &["no usable examples"],
+    );
+    fails_with(
+        mtp(&[
+            "train",
+            "--model",
+            s(&fixture("llama")),
+            "--data",
+            s(&empty),
+            "--out",
+            s(&tmp.path().join("z")),
+            "--strict",
+        ]),
+        &["empty.jsonl", "line 1"],
+    );
+    Ok(())
+}
+
+#[test]
+fn generate_bench_and_probe_with_an_adapter() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let run = train_adapter(tmp.path(), "3")?;
+    let adapter = run.join("adapter.safetensors");
+    let model = fixture("llama");
+    let base = ["generate", "--model", s(&model), "--prompt-ids", "1,40,41,42,43", "--max-new-tokens", "20", "--json"];
+    let ar: Value = serde_json::from_str(&ok(mtp(&base))?)?;
+    for mode in ["linear", "quadratic"] {
+        for masks in ["1", "2"] {
+            let mut args = base.to_vec();
+            args.extend(["--adapter", s(&adapter), "--mode", mode, "--masks", masks]);
+            let out: Value = serde_json::from_str(&ok(mtp(&args))?)?;
+            assert_eq!(ids(&out["token_ids"]), ids(&ar["token_ids"]), "{mode} {masks}");
+            assert_eq!(out["mode"], mode);
+            assert_eq!(out["masks"].as_u64(), masks.parse().ok());
+            let tpf = out["tokens_per_forward"].as_f64().unwrap_or(0.0);
+            assert!(tpf >= 1.0 && tpf <= 3.0, "{tpf}");
+            let steps = out["steps"].as_array().cloned().unwrap_or_default();
+            assert_eq!(steps.len() + 1, out["forwards"].as_u64().unwrap_or(0) as usize);
+            assert!(steps.iter().all(|s| s.get("accepted").is_some() && s.get("first_rejected").is_some()));
+        }
+    }
+    // Bad combinations.
+    let mut args = base.to_vec();
+    args.extend(["--adapter", s(&adapter), "--mode", "quadratic", "--masks", "3"]);
+    fails_with(mtp(&args), &["--masks 3", "k = 2"]);
+    let mut args = base.to_vec();
+    args.extend(["--mode", "linear"]);
+    fails_with(mtp(&args), &["needs an MTP adapter"]);
+    let qwen = fixture("qwen2");
+    let other =
+        ["generate", "--model", s(&qwen), "--prompt-ids", "5,6", "--adapter", s(&adapter), "--mode", "quadratic"];
+    fails_with(mtp(&other), &["adapter.safetensors", "trained for base model"]);
+
+    // Bench.
+    let prompts = tmp.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"def f(x):\", \"domain\": \"code\"}\n{\"prompt\": \"Question: 2 + 2\", \"domain\": \"math\"}\n",
+    )?;
+    let out = tmp.path().join("bench");
+    let report: Value = serde_json::from_str(&ok(mtp(&[
+        "bench",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--prompts",
+        s(&prompts),
+        "--masks",
+        "1,2",
+        "--max-new-tokens",
+        "12",
+        "--json",
+        "--out",
+        s(&out),
+    ]))?)?;
+    let rows = report["rows"].as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.len(), 3 * 5); // (code, math, all) x (ar, linear 1, linear 2, quadratic 1, quadratic 2)
+    for r in &rows {
+        for key in ["domain", "mode", "masks", "tokens_per_forward", "tokens_per_second", "speedup", "identical"] {
+            assert!(!r[key].is_null(), "bench row lacks {key}");
+        }
+        assert_eq!(r["identical"], true);
+    }
+    for f in ["bench.json", "bench.csv", "bench.md"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    std::fs::write(&prompts, "{\"prompt\": \"x\", \"domain\": \"code\"}\nnot json\n")?;
+    fails_with(
+        mtp(&["bench", "--model", s(&model), "--adapter", s(&adapter), "--prompts", s(&prompts)]),
+        &["prompts.jsonl", "line 2"],
+    );
+
+    // Probe.
+    let probe: Value = serde_json::from_str(&ok(mtp(&[
+        "probe",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--prompt",
+        "def add(a, b):",
+        "--continuation",
+        "\n    return a + b",
+        "--json",
+    ]))?)?;
+    let slots = probe["slots"].as_array().cloned().unwrap_or_default();
+    assert_eq!(slots.len(), 3); // next token + 2 masks
+    assert!(
+        slots.iter().all(|s| s["rank_base"].as_u64().is_some_and(|r| r >= 1) && s["rank_sampler"].as_u64().is_some())
+    );
+    Ok(())
+}
+
+#[test]
+fn pretrain_makes_a_loadable_model() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("m");
+    ok(mtp(&[
+        "pretrain",
+        "--data",
+        "builtin:code:300,builtin:arith:300",
+        "--out",
+        s(&out),
+        "--preset",
+        "tiny",
+        "--vocab-size",
+        "320",
+        "--steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--warmup",
+        "2",
+    ]))?;
+    let info: Value = serde_json::from_str(&ok(mtp(&["inspect", s(&out), "--json"]))?)?;
+    assert_eq!(info["vocab_size"], 320);
+    assert_eq!(info["model_type"], "llama");
+    let generated: Value = serde_json::from_str(&ok(mtp(&[
+        "generate",
+        "--model",
+        s(&out),
+        "--prompt",
+        "def ",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    ]))?)?;
+    assert!(!ids(&generated["token_ids"]).is_empty());
+    fails_with(mtp(&["pretrain", "--data", "builtin:code:10", "--out", s(&out), "--preset", "huge"]), &["huge"]);
+    Ok(())
+}

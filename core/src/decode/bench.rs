@@ -1,0 +1,359 @@
+//! The benchmark behind `mtp bench` and the Bench tab: the paper's table (tokens per
+//! forward by domain and number of masks) plus wall-clock tokens/s and the speedup over AR
+//! measured in the same process on the same prompts, with every greedy output checked
+//! against AR's.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use super::speculative::{Mode, generate};
+use super::{Decoding, GenerateOutput, GenerateRequest};
+use crate::error::{Error, Result};
+use crate::model::Llama;
+use crate::mtp::MtpAdapter;
+use crate::tokenizer::TextTokenizer;
+
+/// One benchmark prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BenchPrompt {
+    /// The prompt text.
+    pub prompt: String,
+    /// Its domain (code, math, chat, knowledge, ...).
+    pub domain: String,
+}
+
+/// Read a prompts file: one JSON object per line with `prompt` and `domain`. A bad line is
+/// an error naming the file and the line.
+pub fn read_prompts(path: &Path) -> Result<Vec<BenchPrompt>> {
+    let text = crate::error::read_to_string(path)?;
+    let mut prompts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let p: BenchPrompt = serde_json::from_str(line).map_err(|e| {
+            Error::Invalid(format!(
+                "{}: line {}: {e} (each line needs \"prompt\" and \"domain\" strings)",
+                path.display(),
+                i + 1
+            ))
+        })?;
+        if p.prompt.is_empty() {
+            return Err(Error::Invalid(format!("{}: line {}: empty prompt", path.display(), i + 1)));
+        }
+        prompts.push(p);
+    }
+    if prompts.is_empty() {
+        return Err(Error::Invalid(format!("{}: no prompts", path.display())));
+    }
+    Ok(prompts)
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchConfig {
+    /// Modes besides AR (AR always runs: it is the baseline).
+    pub modes: Vec<Mode>,
+    /// Mask counts for the speculative modes.
+    pub masks: Vec<usize>,
+    /// New tokens per prompt.
+    pub max_new_tokens: usize,
+}
+
+/// One row of the table: a domain (or `all`), a mode and a mask count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchRow {
+    /// Domain, or `all`.
+    pub domain: String,
+    /// Decoding mode.
+    pub mode: Mode,
+    /// Masks per step (0 for AR).
+    pub masks: usize,
+    /// Prompts in the row.
+    pub prompts: usize,
+    /// Tokens generated.
+    pub tokens: usize,
+    /// Forward passes.
+    pub forwards: usize,
+    /// Tokens per forward pass (the paper's metric).
+    pub tokens_per_forward: f64,
+    /// Tokens per second of wall time.
+    pub tokens_per_second: f64,
+    /// tokens/s over AR's on the same prompts.
+    pub speedup: f64,
+    /// Mean time of one decoding step over the mean time of one AR decoding step.
+    pub step_cost_vs_ar: f64,
+    /// Every greedy output equal to AR's.
+    pub identical: bool,
+}
+
+/// A greedy output that differs from AR's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Divergence {
+    /// Index of the prompt in the file.
+    pub prompt: usize,
+    /// Its domain.
+    pub domain: String,
+    /// Mode.
+    pub mode: Mode,
+    /// Masks.
+    pub masks: usize,
+    /// First differing position among the new tokens.
+    pub position: usize,
+    /// AR's token there.
+    pub ar_token: Option<i64>,
+    /// The speculative mode's token there.
+    pub token: Option<i64>,
+    /// AR's top-2 logit margin at that position (tiny: rounding; large: a bug).
+    pub margin: f64,
+}
+
+/// The benchmark's result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    /// Rows per domain, then `all`; in each, AR first, then each mode and mask count.
+    pub rows: Vec<BenchRow>,
+    /// Every greedy mismatch.
+    pub divergences: Vec<Divergence>,
+    /// New tokens per prompt.
+    pub max_new_tokens: usize,
+}
+
+/// Receives benchmark progress; `Break` cancels.
+pub trait BenchProgress {
+    /// `done` of `total` generations finished; `what` is the current one.
+    fn progress(&mut self, done: usize, total: usize, what: &str) -> ControlFlow<()>;
+}
+
+impl BenchProgress for () {
+    fn progress(&mut self, _: usize, _: usize, _: &str) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+}
+
+impl<F: FnMut(usize, usize, &str) -> ControlFlow<()>> BenchProgress for F {
+    fn progress(&mut self, done: usize, total: usize, what: &str) -> ControlFlow<()> {
+        self(done, total, what)
+    }
+}
+
+#[derive(Default, Clone)]
+struct Acc {
+    prompts: usize,
+    tokens: usize,
+    forwards: usize,
+    seconds: f64,
+    step_seconds: f64,
+    steps: usize,
+    identical: bool,
+}
+
+impl Acc {
+    fn add(&mut self, out: &GenerateOutput, identical: bool) {
+        if self.prompts == 0 {
+            self.identical = true;
+        }
+        self.prompts += 1;
+        self.tokens += out.token_ids.len();
+        self.forwards += out.forwards;
+        self.seconds += out.total_time.as_secs_f64();
+        if out.steps.is_empty() {
+            // AR: the decoding steps are every forward after the prefill.
+            self.step_seconds += (out.total_time - out.prefill_time).as_secs_f64();
+            self.steps += out.forwards.saturating_sub(1);
+        } else {
+            self.step_seconds += out.steps.iter().map(|s| s.seconds).sum::<f64>();
+            self.steps += out.steps.len();
+        }
+        self.identical &= identical;
+    }
+
+    fn tps(&self) -> f64 {
+        if self.seconds > 0.0 { self.tokens as f64 / self.seconds } else { 0.0 }
+    }
+
+    fn step_time(&self) -> f64 {
+        if self.steps > 0 { self.step_seconds / self.steps as f64 } else { 0.0 }
+    }
+}
+
+/// AR's top-2 margin after `prompt + prefix` (f32 logits).
+fn margin_at(model: &Llama, prompt: &[i64], prefix: &[i64]) -> f64 {
+    let ids: Vec<i64> = prompt.iter().chain(prefix).copied().collect();
+    let logits = tch::no_grad(|| model.forward(&Tensor::from_slice(&ids).to_device(model.device()).unsqueeze(0), None));
+    let last = logits.get(0).get(ids.len() as i64 - 1).to_kind(Kind::Float);
+    let (top, _) = last.topk(2, -1, true, true);
+    top.double_value(&[0]) - top.double_value(&[1])
+}
+
+/// Run the benchmark: for each prompt, AR once and each (mode, masks) once, greedy.
+pub fn run_bench(
+    model: &Llama,
+    adapter: &MtpAdapter,
+    tokenizer: &TextTokenizer,
+    prompts: &[BenchPrompt],
+    config: &BenchConfig,
+    progress: &mut dyn BenchProgress,
+) -> Result<BenchReport> {
+    if let Some(&m) = config.masks.iter().find(|&&m| m == 0 || m > adapter.config.k) {
+        return Err(Error::Invalid(format!("--masks {m} is out of range: the adapter has k = {}", adapter.config.k)));
+    }
+    let spec_modes: Vec<Mode> = config.modes.iter().copied().filter(|m| *m != Mode::Ar).collect();
+    let runs: Vec<(Mode, usize)> = std::iter::once((Mode::Ar, 0))
+        .chain(spec_modes.iter().flat_map(|&m| config.masks.iter().map(move |&k| (m, k))))
+        .collect();
+    let encoded: Vec<Vec<i64>> = prompts.iter().map(|p| tokenizer.encode(&p.prompt)).collect::<Result<_>>()?;
+    let total = prompts.len() * runs.len();
+
+    // Warm-up: caches, allocator, thread pool.
+    let warm = GenerateRequest {
+        prompt_ids: encoded[0].clone(),
+        max_new_tokens: 4,
+        decoding: Decoding::Greedy,
+        eos_ids: vec![],
+    };
+    generate(model, None, Mode::Ar, 0, &warm, &mut ())?;
+
+    let mut acc: BTreeMap<(String, usize), Acc> = BTreeMap::new();
+    let mut divergences = Vec::new();
+    let mut done = 0;
+    for (i, (p, ids)) in prompts.iter().zip(&encoded).enumerate() {
+        let req = GenerateRequest {
+            prompt_ids: ids.clone(),
+            max_new_tokens: config.max_new_tokens,
+            decoding: Decoding::Greedy,
+            eos_ids: tokenizer.eos_ids.clone(),
+        };
+        let mut reference: Option<Vec<i64>> = None;
+        for (r, &(mode, masks)) in runs.iter().enumerate() {
+            if progress.progress(done, total, &format!("prompt {} ({}), {mode} {masks}", i + 1, p.domain))
+                == ControlFlow::Break(())
+            {
+                return Err(Error::Cancelled);
+            }
+            let out = generate(model, Some(adapter), mode, masks, &req, &mut ())?;
+            let same = match &reference {
+                None => true,
+                Some(ar) => *ar == out.token_ids,
+            };
+            if let (false, Some(ar)) = (same, &reference) {
+                let position = ar.iter().zip(&out.token_ids).take_while(|(a, b)| a == b).count();
+                divergences.push(Divergence {
+                    prompt: i,
+                    domain: p.domain.clone(),
+                    mode,
+                    masks,
+                    position,
+                    ar_token: ar.get(position).copied(),
+                    token: out.token_ids.get(position).copied(),
+                    margin: margin_at(model, ids, &ar[..position]),
+                });
+            }
+            if reference.is_none() {
+                reference = Some(out.token_ids.clone());
+            }
+            for domain in [p.domain.clone(), "all".to_string()] {
+                acc.entry((domain, r)).or_default().add(&out, same);
+            }
+            done += 1;
+        }
+    }
+    let _ = progress.progress(done, total, "done");
+
+    let mut domains: Vec<String> = prompts.iter().map(|p| p.domain.clone()).collect();
+    domains.sort();
+    domains.dedup();
+    domains.push("all".into());
+    let mut rows = Vec::new();
+    for domain in domains {
+        let ar = acc.get(&(domain.clone(), 0)).cloned().unwrap_or_default();
+        for (r, &(mode, masks)) in runs.iter().enumerate() {
+            let a = acc.get(&(domain.clone(), r)).cloned().unwrap_or_default();
+            rows.push(BenchRow {
+                domain: domain.clone(),
+                mode,
+                masks,
+                prompts: a.prompts,
+                tokens: a.tokens,
+                forwards: a.forwards,
+                tokens_per_forward: if a.forwards > 0 { a.tokens as f64 / a.forwards as f64 } else { 0.0 },
+                tokens_per_second: a.tps(),
+                speedup: if ar.tps() > 0.0 { a.tps() / ar.tps() } else { 0.0 },
+                step_cost_vs_ar: if ar.step_time() > 0.0 { a.step_time() / ar.step_time() } else { 0.0 },
+                identical: a.identical,
+            });
+        }
+    }
+    Ok(BenchReport { rows, divergences, max_new_tokens: config.max_new_tokens })
+}
+
+impl BenchReport {
+    /// The table as CSV.
+    pub fn to_csv(&self) -> String {
+        let mut s = String::from(
+            "domain,mode,masks,prompts,tokens,forwards,tokens_per_forward,tokens_per_second,speedup,step_cost_vs_ar,identical\n",
+        );
+        for r in &self.rows {
+            s.push_str(&format!(
+                "{},{},{},{},{},{},{:.3},{:.2},{:.3},{:.3},{}\n",
+                r.domain,
+                r.mode,
+                r.masks,
+                r.prompts,
+                r.tokens,
+                r.forwards,
+                r.tokens_per_forward,
+                r.tokens_per_second,
+                r.speedup,
+                r.step_cost_vs_ar,
+                r.identical
+            ));
+        }
+        s
+    }
+
+    /// The paper's table for `mode` (tokens per forward, domains by masks) and the
+    /// wall-clock columns, as Markdown.
+    pub fn to_markdown(&self) -> String {
+        let mut s = String::new();
+        let masks: Vec<usize> = {
+            let mut m: Vec<usize> = self.rows.iter().filter(|r| r.mode != Mode::Ar).map(|r| r.masks).collect();
+            m.sort();
+            m.dedup();
+            m
+        };
+        let mut modes: Vec<Mode> = self.rows.iter().map(|r| r.mode).filter(|m| *m != Mode::Ar).collect();
+        modes.dedup();
+        let mut domains: Vec<&str> = self.rows.iter().map(|r| r.domain.as_str()).collect();
+        domains.dedup();
+        for mode in modes {
+            s.push_str(&format!("\n{mode}: tokens per forward (speedup over AR in wall-clock time)\n\n| domain |"));
+            for m in &masks {
+                s.push_str(&format!(" {m} masks |"));
+            }
+            s.push_str("\n|---|");
+            s.push_str(&"---|".repeat(masks.len()));
+            s.push('\n');
+            for d in &domains {
+                s.push_str(&format!("| {d} |"));
+                for m in &masks {
+                    match self.rows.iter().find(|r| r.domain == *d && r.mode == mode && r.masks == *m) {
+                        Some(r) => s.push_str(&format!(
+                            " {:.2} ({:.2}x){} |",
+                            r.tokens_per_forward,
+                            r.speedup,
+                            if r.identical { "" } else { " MISMATCH" }
+                        )),
+                        None => s.push_str(" - |"),
+                    }
+                }
+                s.push('\n');
+            }
+        }
+        s
+    }
+}
