@@ -1,14 +1,11 @@
 //! Autoregressive generation: one prefill pass over the prompt, then one token per forward
 //! pass with the KV cache. The baseline every speculative mode is measured against.
 
-use std::ops::ControlFlow;
-use std::time::Instant;
-
 use tch::{Kind, Tensor};
 
-use super::{GenerateOutput, GenerateRequest, Sampler, StopReason, TokenEvent, TokenOrigin, TokenSink};
+use super::{GenerateOutput, GenerateRequest, Sampler, TokenSink};
 use crate::error::{Error, Result};
-use crate::model::Llama;
+use crate::model::{AttnMask, KvCache, Llama};
 
 /// Check that a request fits the model: a non-empty prompt of valid ids, and room in the
 /// context for the prompt plus `max_new_tokens` (plus `extra` positions a decoding mode
@@ -39,54 +36,49 @@ pub fn last_logits(model: &Llama, h: &Tensor) -> Tensor {
     model.logits(&h.narrow(1, t - 1, 1)).view([-1])
 }
 
+/// Autoregressive decoding one forward pass at a time: the cache holds the prompt and
+/// every emitted token but the last, which the next step feeds.
+pub struct ArDecoder<'a> {
+    model: &'a Llama,
+    sampler: Sampler,
+    cache: KvCache,
+    /// The last chosen token, not yet in the cache.
+    pub pending: i64,
+}
+
+impl<'a> ArDecoder<'a> {
+    /// Check the request, run the prefill and choose the first token.
+    pub fn start(model: &'a Llama, req: &GenerateRequest) -> Result<(Self, i64)> {
+        check_request(model, req, 0)?;
+        let mut cache = model.new_cache(req.prompt_ids.len() + req.max_new_tokens);
+        let mut sampler = Sampler::new(req.decoding)?;
+        let first = tch::no_grad(|| {
+            let input = Tensor::from_slice(&req.prompt_ids).to_device(model.device()).unsqueeze(0);
+            sampler.pick(&forward_last(model, &input, &mut cache))
+        });
+        Ok((Self { model, sampler, cache, pending: first }, first))
+    }
+
+    /// Feed the pending token and choose the next.
+    pub fn step(&mut self) -> i64 {
+        let model = self.model;
+        let input = Tensor::from_slice(&[self.pending]).to_device(model.device()).unsqueeze(0);
+        let next = tch::no_grad(|| self.sampler.pick(&forward_last(model, &input, &mut self.cache)));
+        self.pending = next;
+        next
+    }
+}
+
+/// Forward `input` (`[1, t]`) after the cache; logits of the last position (`[vocab]`).
+fn forward_last(model: &Llama, input: &Tensor, cache: &mut KvCache) -> Tensor {
+    let past = cache.len() as i64;
+    let t = input.size()[1];
+    let positions = Tensor::arange_start(past, past + t, (Kind::Int64, model.device()));
+    let h = model.forward_embeds(&model.embed(input), &positions, AttnMask::Causal, None, Some(cache));
+    last_logits(model, &h)
+}
+
 /// Generate with plain autoregressive decoding, streaming each token to `sink`.
 pub fn generate_ar(model: &Llama, req: &GenerateRequest, sink: &mut dyn TokenSink) -> Result<GenerateOutput> {
-    check_request(model, req, 0)?;
-    let mut sampler = Sampler::new(req.decoding)?;
-    let start = Instant::now();
-    let device = model.device();
-    let mut cache = model.new_cache(req.prompt_ids.len() + req.max_new_tokens);
-    let mut tokens = Vec::with_capacity(req.max_new_tokens);
-    let mut forwards = 0;
-    let mut prefill_time = None;
-
-    let out = tch::no_grad(|| {
-        let mut input = Tensor::from_slice(&req.prompt_ids).to_device(device).unsqueeze(0);
-        loop {
-            if tokens.len() == req.max_new_tokens {
-                return StopReason::MaxTokens;
-            }
-            let past = cache.len() as i64;
-            let t = input.size()[1];
-            let positions = Tensor::arange_start(past, past + t, (Kind::Int64, device));
-            let h = model.forward_embeds(
-                &model.embed(&input),
-                &positions,
-                crate::model::AttnMask::Causal,
-                None,
-                Some(&mut cache),
-            );
-            let logits = last_logits(model, &h);
-            let id = sampler.pick(&logits);
-            prefill_time.get_or_insert_with(|| start.elapsed());
-            let event = TokenEvent { id, index: tokens.len(), step: forwards, origin: TokenOrigin::Verified };
-            forwards += 1;
-            tokens.push(id);
-            if sink.token(&event) == ControlFlow::Break(()) {
-                return StopReason::Cancelled;
-            }
-            if req.eos_ids.contains(&id) {
-                return StopReason::Eos;
-            }
-            input = Tensor::from_slice(&[id]).to_device(device).unsqueeze(0);
-        }
-    });
-    Ok(GenerateOutput {
-        token_ids: tokens,
-        forwards,
-        stop: out,
-        prefill_time: prefill_time.unwrap_or_default(),
-        total_time: start.elapsed(),
-        steps: Vec::new(),
-    })
+    super::generation::generate(model, None, super::Mode::Ar, 0, req, sink)
 }

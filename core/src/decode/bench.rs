@@ -10,7 +10,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::speculative::{Mode, generate};
+use super::generate;
+use super::speculative::Mode;
 use super::{Decoding, GenerateOutput, GenerateRequest};
 use crate::error::{Error, Result};
 use crate::model::Llama;

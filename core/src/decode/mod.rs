@@ -3,6 +3,7 @@
 
 pub mod ar;
 pub mod bench;
+pub mod generation;
 pub mod sampling;
 pub mod speculative;
 pub mod stats;
@@ -14,8 +15,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use ar::generate_ar;
+pub use generation::{Generation, generate};
 pub use sampling::{Sampler, SamplingParams};
-pub use speculative::{Mode, SpecDecoder, generate};
+pub use speculative::{Mode, SpecDecoder};
 pub use stats::StepStats;
 
 /// How the next token is chosen.

@@ -9,16 +9,15 @@
 //! r_0..r_g and the masks of its block up to j. That is the training pattern with block =
 //! g and slot = j, so the same builder makes it.
 
-use std::ops::ControlFlow;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::ar::{check_request, generate_ar};
+use super::ar::check_request;
 use super::stats::StepStats;
 use super::verify::{Verdict, verify_greedy, verify_sampling};
-use super::{Decoding, GenerateOutput, GenerateRequest, Sampler, StopReason, TokenEvent, TokenOrigin, TokenSink};
+use super::{Decoding, GenerateRequest, Sampler};
 use crate::error::{Error, Result};
 use crate::model::{AttnMask, Gated, KvCache, Llama};
 use crate::mtp::MtpAdapter;
@@ -482,82 +481,4 @@ impl<'a> SpecDecoder<'a> {
         });
         StepResult { accepted: drafts[..a].to_vec(), next, stats, detail }
     }
-}
-
-/// Generate with `mode`: AR needs no adapter; linear and quadratic need one and use its
-/// first `masks` mask tokens. Streams tokens and step statistics to `sink`. Stops at EOS
-/// and at `max_new_tokens` exactly as AR does, so greedy outputs are comparable token for
-/// token.
-pub fn generate(
-    model: &Llama,
-    adapter: Option<&MtpAdapter>,
-    mode: Mode,
-    masks: usize,
-    req: &GenerateRequest,
-    sink: &mut dyn TokenSink,
-) -> Result<GenerateOutput> {
-    if mode == Mode::Ar {
-        return generate_ar(model, req, sink);
-    }
-    let adapter =
-        adapter.ok_or_else(|| Error::Invalid(format!("--mode {mode} needs an MTP adapter (--adapter FILE)")))?;
-    let start = Instant::now();
-    if req.max_new_tokens == 0 {
-        check_request(model, req, 0)?;
-        return Ok(GenerateOutput::empty(start));
-    }
-    let (mut dec, first) = SpecDecoder::start(model, adapter, mode, masks, req)?;
-    let prefill_time = start.elapsed();
-    let mut out = GenerateOutput { prefill_time, forwards: 1, ..GenerateOutput::empty(start) };
-    let emit = |out: &mut GenerateOutput,
-                id: i64,
-                step: usize,
-                origin: TokenOrigin,
-                sink: &mut dyn TokenSink|
-     -> Option<StopReason> {
-        let event = TokenEvent { id, index: out.token_ids.len(), step, origin };
-        out.token_ids.push(id);
-        if sink.token(&event) == ControlFlow::Break(()) {
-            return Some(StopReason::Cancelled);
-        }
-        if req.eos_ids.contains(&id) {
-            return Some(StopReason::Eos);
-        }
-        (out.token_ids.len() == req.max_new_tokens).then_some(StopReason::MaxTokens)
-    };
-    if let Some(stop) = emit(&mut out, first, 0, TokenOrigin::Verified, sink) {
-        out.stop = stop;
-        out.total_time = start.elapsed();
-        return Ok(out);
-    }
-    loop {
-        let r = dec.step(false);
-        out.forwards += 1;
-        let mut stats = r.stats;
-        let mut stop = None;
-        let mut emitted = 0;
-        for (g, &d) in r.accepted.iter().enumerate() {
-            emitted += 1;
-            stop = emit(&mut out, d, stats.step, TokenOrigin::Draft { slot: g + 1 }, sink);
-            if stop.is_some() {
-                break;
-            }
-        }
-        if stop.is_none() {
-            emitted += 1;
-            stop = emit(&mut out, r.next, stats.step, TokenOrigin::Verified, sink);
-        }
-        stats.emitted = emitted;
-        let flow = sink.step(&stats);
-        out.steps.push(stats);
-        if flow == ControlFlow::Break(()) && stop.is_none() {
-            stop = Some(StopReason::Cancelled);
-        }
-        if let Some(s) = stop {
-            out.stop = s;
-            break;
-        }
-    }
-    out.total_time = start.elapsed();
-    Ok(out)
 }
