@@ -1,9 +1,10 @@
-//! `mtp-workbench [PROJECT_DIR | MODEL]`: the desktop app.
+//! `mtp-workbench [PROJECT_DIR | MODEL]`: the desktop app. Without an argument it reopens
+//! the last project (or the built-in demo).
 
 fn main() -> std::process::ExitCode {
     let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).try_init();
-    let target = std::env::args().nth(1).unwrap_or_else(|| "projects/demo".into());
-    match mtp_app::app::run(&target) {
+    let target = std::env::args().nth(1);
+    match mtp_app::app::run(target) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -1,72 +1,166 @@
-//! The Model view: pick a source, load it, see its summary.
+//! The Model view: pick a model (hub repo id, local folder, or the built-in demo), a
+//! device and a precision; see its summary and the training memory estimate.
 
+use mtp_core::DType;
 use mtp_core::inspect::human_bytes;
+use mtp_core::model::Proj;
+use mtp_core::mtp::LoraConfig;
+use mtp_core::train::memory::{MemoryInputs, estimate};
 
-use crate::app::{Command, ModelState, UiState};
+use super::{busy_line, form_row};
+use crate::app::{Command, Pick};
+use crate::state::{Persisted, Runtime};
+use crate::worker::Job;
 
 /// Draw the Model view.
-pub fn show(ui: &mut egui::Ui, state: &mut UiState, commands: &mut Vec<Command>) {
-    egui::CentralPanel::default().show(ui, |ui| {
-        ui.heading("MTP Workbench");
-        if let Some(p) = &state.project {
-            ui.label(format!("Project: {}", p.name));
-        }
-        ui.horizontal(|ui| {
-            ui.label("Model");
-            ui.text_edit_singleline(&mut state.source_text)
-                .on_hover_text("A model folder, a hub repo id (owner/name[@revision]) or `demo`");
-            let busy = matches!(state.model, ModelState::Loading(_));
-            if ui.add_enabled(!busy, egui::Button::new("Load")).clicked() {
-                commands.push(Command::LoadModel);
-            }
-        });
-        ui.separator();
-        for (i, e) in state.errors.iter().enumerate() {
+pub fn show(
+    ui: &mut egui::Ui,
+    p: &mut Persisted,
+    rt: &Runtime,
+    devices: &[mtp_core::DeviceSpec],
+    commands: &mut Vec<Command>,
+) {
+    let busy = rt.busy();
+    ui.heading("Model");
+    egui::Grid::new("model-form").num_columns(2).spacing([12.0, 8.0]).show(ui, |ui| {
+        form_row(ui, "Source", "A hub repo id (owner/name[@revision]), a local folder, or `demo`", |ui| {
             ui.horizontal(|ui| {
-                ui.colored_label(ui.visuals().error_fg_color, e);
-                if ui.small_button("dismiss").clicked() {
-                    commands.push(Command::DismissError(i));
+                let r = ui.add(egui::TextEdit::singleline(&mut p.model.source).desired_width(320.0));
+                if ui.button("Folder…").on_hover_text("Pick a local model folder").clicked() {
+                    commands.push(Command::Pick(Pick::ModelFolder));
                 }
-            });
-        }
-        match &state.model {
-            ModelState::None => {
-                ui.label("No model loaded.");
-            }
-            ModelState::Loading(what) => {
-                ui.horizontal(|ui| {
-                    ui.spinner();
-                    ui.label(what);
-                });
-                if let Some((msg, _)) = &state.progress {
-                    ui.label(msg);
+                if ui.button("Demo").on_hover_text("The built-in demo model").clicked() {
+                    p.model.source = "demo".into();
+                    commands.push(Command::LoadModel);
                 }
-            }
-            ModelState::Ready(s) => {
-                egui::Grid::new("model-summary").num_columns(2).striped(true).show(ui, |ui| {
-                    let i = &s.info;
-                    let rows = [
-                        ("Source", s.source.to_string()),
-                        ("Folder", s.dir.display().to_string()),
-                        ("Family", i.model_type.clone()),
-                        ("Parameters", format!("{} ({:.2} M)", i.num_parameters, i.num_parameters as f64 / 1e6)),
-                        ("Hidden size", i.hidden_size.to_string()),
-                        ("Layers", i.num_layers.to_string()),
-                        ("Heads", format!("{} query / {} key-value", i.num_heads, i.num_kv_heads)),
-                        ("Vocabulary", i.vocab_size.to_string()),
-                        ("Context", i.context_length.to_string()),
-                        ("Stored as", format!("{} ({})", i.stored_dtype, human_bytes(i.stored_bytes))),
-                        ("Running on", format!("{} in {}", s.device, s.dtype)),
-                        ("Chat template", if s.chat_template { "yes" } else { "no" }.into()),
-                        ("Loaded in", format!("{:.2} s", s.load_seconds)),
-                    ];
-                    for (k, v) in rows {
-                        ui.strong(k);
-                        ui.label(v);
-                        ui.end_row();
+                r
+            })
+            .inner
+        });
+        form_row(ui, "Device", "Where the model runs", |ui| {
+            egui::ComboBox::from_id_salt("device")
+                .selected_text(p.model.device.to_string())
+                .show_ui(ui, |ui| {
+                    for d in devices {
+                        ui.selectable_value(&mut p.model.device, *d, d.to_string());
                     }
-                });
-            }
+                })
+                .response
+        });
+        form_row(ui, "Precision", "Weights and activations (bf16 on a GPU, f32 on the CPU)", |ui| {
+            egui::ComboBox::from_id_salt("dtype")
+                .selected_text(p.model.dtype.to_string())
+                .show_ui(ui, |ui| {
+                    for d in [DType::F32, DType::Bf16, DType::F16] {
+                        ui.selectable_value(&mut p.model.dtype, d, d.to_string());
+                    }
+                })
+                .response
+        });
+    });
+    ui.horizontal(|ui| {
+        if ui
+            .add_enabled(!busy, egui::Button::new("Load model"))
+            .on_hover_text("Download if needed, then load")
+            .clicked()
+        {
+            commands.push(Command::LoadModel);
+        }
+        busy_line(ui, rt, Job::LoadModel);
+    });
+
+    ui.separator();
+    let Some(m) = &rt.model else {
+        ui.label("No model loaded.");
+        return;
+    };
+    let i = &m.info;
+    egui::Grid::new("model-summary").num_columns(2).striped(true).show(ui, |ui| {
+        let rows = [
+            (
+                "Source",
+                match &m.source {
+                    mtp_core::ModelSource::Local { path } => super::path_text(rt, path),
+                    other => other.to_string(),
+                },
+            ),
+            ("Folder", super::path_text(rt, &m.dir)),
+            ("Family", i.model_type.clone()),
+            ("Parameters", format!("{} ({:.2} M)", i.num_parameters, i.num_parameters as f64 / 1e6)),
+            ("Width × layers", format!("{} × {}", i.hidden_size, i.num_layers)),
+            ("Heads", format!("{} query / {} key-value", i.num_heads, i.num_kv_heads)),
+            ("Vocabulary", i.vocab_size.to_string()),
+            ("Context", i.context_length.to_string()),
+            ("Stored as", format!("{} ({})", i.stored_dtype, human_bytes(i.stored_bytes))),
+            ("Running on", format!("{} in {}", m.device, m.dtype)),
+            ("Chat template", if m.chat_template { "yes" } else { "no" }.into()),
+            ("Loaded in", super::timing(rt, format!("{:.2} s", m.load_seconds))),
+        ];
+        for (k, v) in rows {
+            ui.strong(k);
+            ui.label(v);
+            ui.end_row();
+        }
+    });
+
+    ui.separator();
+    ui.heading("Adapter");
+    ui.horizontal(|ui| {
+        match &rt.adapter {
+            Some(a) => ui.label(format!(
+                "{} — k = {}, rank {}, sampler {}, {}",
+                super::path_text(rt, &a.path),
+                a.config.k,
+                a.config.lora.rank,
+                if a.config.sampler { "on" } else { "off" },
+                if a.config.gated { "gated" } else { "plain LoRA" }
+            )),
+            None => ui.label("none loaded (train one, or pick a file)"),
+        };
+    });
+    ui.horizontal(|ui| {
+        ui.add(egui::TextEdit::singleline(&mut p.model.adapter).hint_text("adapter.safetensors").desired_width(320.0));
+        if ui.button("File…").on_hover_text("Pick an adapter.safetensors").clicked() {
+            commands.push(Command::Pick(Pick::AdapterFile));
+        }
+        if ui.add_enabled(!busy && !p.model.adapter.trim().is_empty(), egui::Button::new("Load adapter")).clicked() {
+            commands.push(Command::LoadAdapter);
+        }
+        busy_line(ui, rt, Job::LoadAdapter);
+    });
+
+    ui.separator();
+    ui.heading("Training memory estimate");
+    let t = &p.train;
+    let lora = LoraConfig {
+        rank: t.rank,
+        alpha: t.alpha,
+        targets: Proj::ALL.iter().zip(t.targets).filter(|(_, on)| *on).map(|(p, _)| *p).collect(),
+    };
+    let inputs = MemoryInputs {
+        k: t.k,
+        lora: &lora,
+        sampler: t.sampler,
+        batch_size: t.batch_size,
+        seq_len: t.seq_len,
+        dtype: m.dtype,
+    };
+    let e = estimate(i, &m.config, &inputs);
+    ui.label(format!(
+        "k = {}, rank {}, batch {}, sequence {} tokens, {} (change these in the Train tab):",
+        t.k, t.rank, t.batch_size, t.seq_len, m.dtype
+    ));
+    egui::Grid::new("memory").num_columns(2).striped(true).show(ui, |ui| {
+        for (k, v) in [
+            ("Frozen weights", e.weights),
+            ("Trainable + grads + AdamW", e.trainable),
+            ("Activations", e.activations),
+            ("Logits", e.logits),
+            ("Total", e.total()),
+        ] {
+            ui.strong(k);
+            ui.label(human_bytes(v));
+            ui.end_row();
         }
     });
 }

@@ -1,29 +1,44 @@
-//! The worker thread: owns every tensor, runs one job at a time, and talks to the UI over
-//! bounded channels. A job that fails or panics becomes an [`Event::Failed`]; the thread
-//! carries on.
+//! The worker thread: owns every tensor (the model, the adapter), runs one job at a time,
+//! and talks to the UI over bounded channels. A job that fails or panics becomes an
+//! [`Event::Failed`]; the thread carries on. Cancel and pause go through a shared
+//! [`Control`], not through the queue, so they reach a running job at once.
 
 pub mod protocol;
 
+use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
+use std::path::Path;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use mtp_core::decode::bench::{read_prompts, run_bench};
+use mtp_core::decode::{GenerateRequest, Generation, Mode, SpecDecoder, StepStats, TokenEvent, TokenSink};
 use mtp_core::inspect::ModelInfo;
+use mtp_core::mtp::MtpAdapter;
+use mtp_core::mtp::probe::probe;
 use mtp_core::source::{DownloadProgress, HubOptions};
+use mtp_core::tokenizer::ChatMessage;
+use mtp_core::train::trainer::{RunDir, read_config, read_metrics};
+use mtp_core::train::{Control, Outcome, TrainEvent};
 use mtp_core::{LoadOptions, LoadedModel};
 
-pub use protocol::{Event, ModelSummary, Request};
+pub use protocol::{
+    AdapterSummary, DataPreview, Event, Job, LaneDone, LaneSpec, LaneToken, ModelSummary, Request, RunSummary, StepView,
+};
 
 /// Requests waiting for the worker; the UI never needs more.
-const REQUEST_CAPACITY: usize = 16;
+const REQUEST_CAPACITY: usize = 64;
 /// Events waiting for the UI; a fast producer blocks rather than growing memory.
-const EVENT_CAPACITY: usize = 1024;
+const EVENT_CAPACITY: usize = 4096;
 
-/// The UI's handle on the worker. Dropping it stops the thread and joins it.
+/// The UI's handle on the worker. Dropping it cancels the running job, waits for it to
+/// stop cleanly (a training run checkpoints) and joins the thread.
 pub struct WorkerHandle {
     requests: Option<Sender<Request>>,
     events: Receiver<Event>,
+    control: Control,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -33,11 +48,16 @@ impl WorkerHandle {
     pub fn spawn(wake: impl Fn() + Send + 'static) -> Self {
         let (req_tx, req_rx) = bounded(REQUEST_CAPACITY);
         let (ev_tx, ev_rx) = bounded(EVENT_CAPACITY);
+        let control = Control::new();
+        let worker_control = control.clone();
         let thread = std::thread::Builder::new()
             .name("mtp-worker".into())
-            .spawn(move || Worker { events: ev_tx, wake: Box::new(wake), model: None }.run(req_rx))
+            .spawn(move || {
+                Worker { events: ev_tx, wake: Box::new(wake), control: worker_control, model: None, adapter: None }
+                    .run(req_rx)
+            })
             .ok();
-        Self { requests: Some(req_tx), events: ev_rx, thread }
+        Self { requests: Some(req_tx), events: ev_rx, control, thread }
     }
 
     /// Queue a request. Fails (with the reason) when the queue is full or the worker is gone.
@@ -49,23 +69,43 @@ impl WorkerHandle {
         })
     }
 
-    /// Events that have arrived, without waiting.
+    /// Ask the running job to stop at its next safe point.
+    pub fn cancel(&self) {
+        self.control.cancel();
+    }
+
+    /// Pause or resume the running job (training).
+    pub fn set_paused(&self, paused: bool) {
+        self.control.set_paused(paused);
+    }
+
+    /// Is the running job paused?
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
+    /// An event that has arrived, without waiting.
     pub fn try_recv(&self) -> Option<Event> {
         self.events.try_recv().ok()
     }
 
-    /// Wait for the next event (tests and the CLI).
-    pub fn recv_timeout(&self, timeout: std::time::Duration) -> Option<Event> {
+    /// Wait up to `timeout` for the next event.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<Event> {
         self.events.recv_timeout(timeout).ok()
     }
 }
 
 impl Drop for WorkerHandle {
     fn drop(&mut self) {
+        self.control.cancel();
         self.requests.take();
-        // Unblock a worker waiting to send, then join it.
-        while self.events.try_recv().is_ok() {}
         if let Some(t) = self.thread.take() {
+            // Keep the event queue flowing until the job has wound down (a training run
+            // writes its checkpoint), then join.
+            while !t.is_finished() {
+                while self.events.try_recv().is_ok() {}
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let _ = t.join();
         }
     }
@@ -74,20 +114,41 @@ impl Drop for WorkerHandle {
 struct Worker {
     events: Sender<Event>,
     wake: Box<dyn Fn() + Send>,
+    control: Control,
     model: Option<LoadedModel>,
+    adapter: Option<MtpAdapter>,
+}
+
+fn job_of(r: &Request) -> Job {
+    match r {
+        Request::LoadModel { .. } => Job::LoadModel,
+        Request::LoadAdapter { .. } => Job::LoadAdapter,
+        Request::PreviewData { .. } => Job::Data,
+        Request::Train { .. } | Request::Resume { .. } => Job::Train,
+        Request::ReadRuns { .. } => Job::Runs,
+        Request::Race { .. } => Job::Race,
+        Request::StepStart { .. } | Request::StepNext => Job::Step,
+        Request::Bench { .. } => Job::Bench,
+        Request::Probe { .. } => Job::Probe,
+    }
 }
 
 impl Worker {
     fn run(mut self, requests: Receiver<Request>) {
-        for request in requests {
-            let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.handle(request)));
-            let failure = match result {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(format!("{e:#}")),
-                Err(panic) => Some(format!("internal error: {}", panic_message(&panic))),
-            };
-            if let Some(msg) = failure {
-                self.emit(Event::Failed(msg));
+        let mut next = requests.recv().ok();
+        while let Some(request) = next.take() {
+            let job = job_of(&request);
+            self.control.reset();
+            self.emit(Event::Started(job));
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.handle(request, &requests)));
+            match result {
+                Ok(Ok(follow)) => next = follow,
+                Ok(Err(e)) => self.emit(Event::Failed(job, format!("{e:#}"))),
+                Err(panic) => self.emit(Event::Failed(job, format!("internal error: {}", panic_message(&panic)))),
+            }
+            self.emit(Event::Finished(job));
+            if next.is_none() {
+                next = requests.recv().ok();
             }
         }
     }
@@ -97,45 +158,325 @@ impl Worker {
         (self.wake)();
     }
 
-    fn handle(&mut self, request: Request) -> anyhow::Result<()> {
+    fn model(&self) -> anyhow::Result<&LoadedModel> {
+        self.model.as_ref().context("no model is loaded: load one in the Model tab")
+    }
+
+    fn adapter(&self) -> anyhow::Result<&MtpAdapter> {
+        self.adapter.as_ref().context("no MTP adapter is loaded: train one, or load one in the Model tab")
+    }
+
+    /// Run one request. Step-through sessions keep reading the queue; the request that
+    /// ends one is returned to be handled next.
+    fn handle(&mut self, request: Request, queue: &Receiver<Request>) -> anyhow::Result<Option<Request>> {
         match request {
             Request::LoadModel { source, device, dtype } => {
-                self.emit(Event::Started(format!("loading {source}")));
                 let start = Instant::now();
                 self.model = None;
+                self.adapter = None;
                 let options = LoadOptions { device, dtype, hub: HubOptions::from_env() };
-                let mut progress = Progress { worker: self };
-                let loaded = LoadedModel::load(&source, &options, &mut progress)?;
+                let loaded = {
+                    let mut progress =
+                        Progress { worker: self, file: String::new(), total: 0, done: 0, last: Instant::now() };
+                    LoadedModel::load(&source, &options, &mut progress)?
+                };
                 let info = ModelInfo::from_folder(&loaded.dir)?;
                 let summary = ModelSummary {
-                    source,
+                    source: source.clone(),
                     dir: loaded.dir.clone(),
                     info,
+                    config: loaded.model.config.clone(),
                     device,
                     dtype,
                     chat_template: loaded.tokenizer.has_chat_template(),
                     load_seconds: start.elapsed().as_secs_f64(),
                 };
+                // The demo ships an adapter: load it with the model.
+                let demo_adapter = mtp_core::source::demo_adapter();
+                let adapter = if source == mtp_core::ModelSource::Demo && demo_adapter.exists() {
+                    Some((MtpAdapter::load(&demo_adapter, &loaded.model)?, demo_adapter))
+                } else {
+                    None
+                };
                 self.model = Some(loaded);
                 self.emit(Event::ModelLoaded(Box::new(summary)));
+                if let Some((a, path)) = adapter {
+                    self.emit(Event::AdapterLoaded(AdapterSummary { path, config: a.config.clone() }));
+                    self.adapter = Some(a);
+                }
+            }
+            Request::LoadAdapter { path } => {
+                let adapter = MtpAdapter::load(&path, &self.model()?.model)?;
+                self.emit(Event::AdapterLoaded(AdapterSummary { path, config: adapter.config.clone() }));
+                self.adapter = Some(adapter);
+            }
+            Request::PreviewData { source, strict, seq_len } => {
+                let (examples, report) = mtp_core::train::data::read_examples(&source, strict)?;
+                let formatted = match &self.model {
+                    Some(m) => examples
+                        .iter()
+                        .take(3)
+                        .map(|e| mtp_core::train::data::preview(e, &m.tokenizer, seq_len))
+                        .collect::<Result<_, _>>()?,
+                    None => Vec::new(),
+                };
+                self.emit(Event::DataPreview(Box::new(DataPreview { report, examples: formatted })));
+            }
+            Request::Train { config, run_dir } => {
+                let loaded = self.model()?;
+                let mut sink = |e: &TrainEvent| self.emit(Event::Train(Box::new(e.clone())));
+                let summary = mtp_core::train::train(loaded, &config, &run_dir, &mut sink, &self.control)?;
+                self.after_training(&run_dir, summary.step, summary.outcome)?;
+            }
+            Request::Resume { run_dir, steps } => {
+                let loaded = self.model()?;
+                let mut sink = |e: &TrainEvent| self.emit(Event::Train(Box::new(e.clone())));
+                let (_, summary) = mtp_core::train::resume(loaded, &run_dir, steps, &mut sink, &self.control)?;
+                self.after_training(&run_dir, summary.step, summary.outcome)?;
+            }
+            Request::ReadRuns { project_dir } => self.emit(Event::Runs(read_runs(&project_dir))),
+            Request::Race { prompt, chat, lanes, decoding, max_new_tokens } => {
+                self.race(&prompt, chat, lanes, decoding, max_new_tokens)?;
+            }
+            Request::StepStart { prompt, masks } => return self.step_session(&prompt, masks, queue),
+            Request::StepNext => anyhow::bail!("start step-through first (Start)"),
+            Request::Bench { prompts, config } => {
+                let loaded = self.model()?;
+                let adapter = self.adapter()?;
+                let prompts = read_prompts(&prompts)?;
+                let control = self.control.clone();
+                let mut progress = |done: usize, total: usize, what: &str| {
+                    self.emit(Event::Progress(Job::Bench, what.to_owned(), Some(done as f32 / total.max(1) as f32)));
+                    if control.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+                };
+                let report = run_bench(&loaded.model, adapter, &loaded.tokenizer, &prompts, &config, &mut progress)?;
+                self.emit(Event::Bench(Box::new(report)));
+            }
+            Request::Probe { prompt, continuation } => {
+                let loaded = self.model()?;
+                let tok = &loaded.tokenizer;
+                let report = probe(
+                    &loaded.model,
+                    self.adapter()?,
+                    &tok.encode(&prompt)?,
+                    &tok.encode_with(&continuation, false)?,
+                )?;
+                let texts = report.slots.iter().map(|s| tok.decode(&[s.token], false).unwrap_or_default()).collect();
+                self.emit(Event::Probe(Box::new(report), texts));
+            }
+        }
+        Ok(None)
+    }
+
+    /// After a run: report it and load its adapter for Compare, Step, Bench and Probe.
+    fn after_training(&mut self, run_dir: &Path, step: usize, outcome: Outcome) -> anyhow::Result<()> {
+        self.emit(Event::TrainDone { run_dir: run_dir.to_owned(), step, stopped: outcome == Outcome::Stopped });
+        let path = RunDir(run_dir.to_owned()).adapter();
+        if path.exists() {
+            let adapter = MtpAdapter::load(&path, &self.model()?.model)?;
+            self.emit(Event::AdapterLoaded(AdapterSummary { path, config: adapter.config.clone() }));
+            self.adapter = Some(adapter);
+        }
+        Ok(())
+    }
+
+    fn encode_prompt(loaded: &LoadedModel, prompt: &str, chat: bool) -> anyhow::Result<Vec<i64>> {
+        let tok = &loaded.tokenizer;
+        Ok(if chat {
+            tok.encode_with(&tok.apply_chat_template(&[ChatMessage::new("user", prompt)], true)?, false)?
+        } else {
+            tok.encode(prompt)?
+        })
+    }
+
+    /// Two lanes on the same weights, advanced in turns (one forward pass each), so both
+    /// stream at once; each lane's speed counts only its own compute time.
+    fn race(
+        &self,
+        prompt: &str,
+        chat: bool,
+        lanes: [LaneSpec; 2],
+        decoding: mtp_core::decode::Decoding,
+        max_new_tokens: usize,
+    ) -> anyhow::Result<()> {
+        let loaded = self.model()?;
+        let prompt_ids = Self::encode_prompt(loaded, prompt, chat)?;
+        let req = GenerateRequest { prompt_ids, max_new_tokens, decoding, eos_ids: loaded.tokenizer.eos_ids.clone() };
+        let adapter = self.adapter.as_ref();
+        let mut gens = Vec::new();
+        for lane in lanes {
+            if lane.mode != Mode::Ar && adapter.is_none() {
+                anyhow::bail!(
+                    "lane {} uses {} decoding, which needs an adapter: train or load one first",
+                    gens.len() + 1,
+                    lane.mode
+                );
+            }
+            gens.push(Generation::new(&loaded.model, adapter, lane.mode, lane.masks, req.clone())?);
+        }
+        let mut streams: Vec<_> = (0..2).map(|_| loaded.tokenizer.stream(false)).collect();
+        while gens.iter().any(|g| !g.is_done()) {
+            if self.control.is_cancelled() {
+                break;
+            }
+            for (lane, g) in gens.iter_mut().enumerate() {
+                if g.is_done() {
+                    continue;
+                }
+                let mut sink =
+                    LaneSink { worker: self, lane, stream: &mut streams[lane], tokenizer: &loaded.tokenizer };
+                g.advance(&mut sink)?;
+                if g.is_done() {
+                    let out = g.output();
+                    self.emit(Event::RaceDone(
+                        lane,
+                        LaneDone {
+                            tokens: out.token_ids.len(),
+                            forwards: out.forwards,
+                            seconds: out.total_time.as_secs_f64(),
+                            stop: out.stop,
+                            token_ids: out.token_ids.clone(),
+                        },
+                    ));
+                }
             }
         }
         Ok(())
     }
+
+    /// Step-through: prefill, then one forward pass per `StepNext`. Any other request ends
+    /// the session and is returned to be handled next.
+    fn step_session(&self, prompt: &str, masks: usize, queue: &Receiver<Request>) -> anyhow::Result<Option<Request>> {
+        let loaded = self.model()?;
+        let adapter = self.adapter()?;
+        let tok = &loaded.tokenizer;
+        let prompt_ids = Self::encode_prompt(loaded, prompt, false)?;
+        let req = GenerateRequest {
+            prompt_ids,
+            max_new_tokens: 4096.min(loaded.model.config.context_length() / 2),
+            decoding: mtp_core::decode::Decoding::Greedy,
+            eos_ids: vec![],
+        };
+        let (mut decoder, first) = SpecDecoder::start(&loaded.model, adapter, Mode::Quadratic, masks, &req)?;
+        let text =
+            |ids: &[i64]| -> Vec<String> { ids.iter().map(|&i| tok.decode(&[i], false).unwrap_or_default()).collect() };
+        let mut generated = vec![first];
+        self.emit(Event::Step(Box::new(StepView {
+            step: 0,
+            input_text: Vec::new(),
+            detail: None,
+            drafts_text: Vec::new(),
+            accepted: 0,
+            next_text: text(&[first]).concat(),
+            regular_top_text: Vec::new(),
+            draft_top_text: Vec::new(),
+            next_drafts_text: text(decoder.drafts()),
+            generated: tok.decode(&generated, false).unwrap_or_default(),
+        })));
+        loop {
+            let request = match queue.recv() {
+                Ok(r) => r,
+                Err(_) => return Ok(None),
+            };
+            if !matches!(request, Request::StepNext) {
+                return Ok(Some(request));
+            }
+            if decoder.cache_len() + (masks + 1) * (masks + 1) + 2 * masks >= loaded.model.config.context_length() {
+                anyhow::bail!("the context is full");
+            }
+            let r = decoder.step(true);
+            generated.extend(&r.accepted);
+            generated.push(r.next);
+            let detail = r.detail.map(|d| *d);
+            let (regular_top_text, draft_top_text, input_text) = match &detail {
+                Some(d) => (
+                    d.regular_top.iter().map(|c| text(&c.ids)).collect(),
+                    d.draft_top.iter().map(|c| text(&c.ids)).collect(),
+                    d.inputs.iter().map(|&i| if i < 0 { format!("m{}", -i) } else { text(&[i]).concat() }).collect(),
+                ),
+                None => (Vec::new(), Vec::new(), Vec::new()),
+            };
+            self.emit(Event::Step(Box::new(StepView {
+                step: r.stats.step,
+                input_text,
+                drafts_text: text(&r.stats.drafts),
+                accepted: r.stats.accepted,
+                next_text: text(&[r.next]).concat(),
+                regular_top_text,
+                draft_top_text,
+                next_drafts_text: text(decoder.drafts()),
+                generated: tok.decode(&generated, false).unwrap_or_default(),
+                detail,
+            })));
+        }
+    }
 }
 
-/// Download progress as worker events.
+/// Streams one race lane's tokens and steps to the UI.
+struct LaneSink<'a, 'b> {
+    worker: &'a Worker,
+    lane: usize,
+    stream: &'a mut mtp_core::tokenizer::TokenStream<'b>,
+    tokenizer: &'b mtp_core::TextTokenizer,
+}
+
+impl TokenSink for LaneSink<'_, '_> {
+    fn token(&mut self, e: &TokenEvent) -> ControlFlow<()> {
+        // Per-token text (not the stream's) so each token can be coloured on its own; the
+        // stream is still fed so multi-byte characters complete.
+        let _ = self.stream.push(e.id);
+        let text = self.tokenizer.decode(&[e.id], false).unwrap_or_default();
+        self.worker.emit(Event::RaceToken(self.lane, LaneToken { id: e.id, text, origin: e.origin, step: e.step }));
+        if self.worker.control.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    }
+
+    fn step(&mut self, stats: &StepStats) -> ControlFlow<()> {
+        let texts = stats.rejected().iter().map(|&i| self.tokenizer.decode(&[i], false).unwrap_or_default()).collect();
+        self.worker.emit(Event::RaceStep(self.lane, stats.clone(), texts));
+        ControlFlow::Continue(())
+    }
+}
+
+/// Every run folder of a project with its recipe and metrics (unreadable ones skipped).
+fn read_runs(project_dir: &Path) -> Vec<RunSummary> {
+    let runs_dir = mtp_core::project::Project::runs_dir(project_dir);
+    let Ok(entries) = std::fs::read_dir(&runs_dir) else { return Vec::new() };
+    let mut runs: Vec<RunSummary> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("config.json").exists())
+        .map(|dir| RunSummary { config: read_config(&dir).ok(), metrics: read_metrics(&dir).unwrap_or_default(), dir })
+        .collect();
+    runs.sort_by(|a, b| a.dir.cmp(&b.dir));
+    runs
+}
+
+/// Download progress as worker events (at most every 100 ms).
 struct Progress<'a> {
     worker: &'a Worker,
+    file: String,
+    total: u64,
+    done: u64,
+    last: Instant,
 }
 
 impl DownloadProgress for Progress<'_> {
     fn start(&mut self, file: &str, bytes: u64) {
-        self.worker.emit(Event::Progress(format!("downloading {file} ({bytes} bytes)"), Some(0.0)));
+        self.file = file.to_owned();
+        self.total = bytes;
+        self.done = 0;
+        self.worker.emit(Event::Progress(Job::LoadModel, format!("downloading {file}"), Some(0.0)));
     }
-    fn advance(&mut self, _bytes: u64) {}
+    fn advance(&mut self, bytes: u64) {
+        self.done += bytes;
+        if self.last.elapsed() > Duration::from_millis(100) {
+            self.last = Instant::now();
+            let frac = if self.total > 0 { self.done as f32 / self.total as f32 } else { 0.0 };
+            let msg = format!("downloading {} ({})", self.file, mtp_core::inspect::human_bytes(self.done));
+            self.worker.emit(Event::Progress(Job::LoadModel, msg, Some(frac)));
+        }
+    }
     fn finish(&mut self) {
-        self.worker.emit(Event::Progress("download complete".into(), Some(1.0)));
+        self.worker.emit(Event::Progress(Job::LoadModel, format!("{} downloaded", self.file), Some(1.0)));
     }
 }
 

@@ -1,12 +1,70 @@
 //! The messages between the UI and the worker thread: plain data, never a tensor.
 
+use std::path::PathBuf;
+
+use mtp_core::decode::bench::{BenchConfig, BenchReport};
+use mtp_core::decode::speculative::StepDetail;
+use mtp_core::decode::{Decoding, Mode, StepStats, StopReason, TokenOrigin};
 use mtp_core::inspect::ModelInfo;
+use mtp_core::mtp::MtpConfig;
+use mtp_core::mtp::probe::ProbeReport;
+use mtp_core::train::data::{DataReport, PreviewToken};
+use mtp_core::train::{DataSource, StepMetrics, TrainConfig, TrainEvent};
 use mtp_core::{DType, DeviceSpec, ModelSource};
+
+/// The kinds of job, for the status bar and for routing failures to the right view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    /// Loading (and maybe downloading) a model.
+    LoadModel,
+    /// Loading an adapter.
+    LoadAdapter,
+    /// Reading and formatting a dataset.
+    Data,
+    /// Training.
+    Train,
+    /// Reading the runs of a project.
+    Runs,
+    /// The A/B race.
+    Race,
+    /// Step-through decoding.
+    Step,
+    /// The benchmark.
+    Bench,
+    /// The probe.
+    Probe,
+}
+
+impl Job {
+    /// A short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Job::LoadModel => "loading model",
+            Job::LoadAdapter => "loading adapter",
+            Job::Data => "reading data",
+            Job::Train => "training",
+            Job::Runs => "reading runs",
+            Job::Race => "A/B race",
+            Job::Step => "step-through",
+            Job::Bench => "benchmark",
+            Job::Probe => "probe",
+        }
+    }
+}
+
+/// One lane of the A/B race.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneSpec {
+    /// Decoding mode.
+    pub mode: Mode,
+    /// Masks (speculative modes).
+    pub masks: usize,
+}
 
 /// What the UI asks the worker to do.
 #[derive(Debug, Clone)]
 pub enum Request {
-    /// Resolve and load a model, replacing any loaded one.
+    /// Resolve (downloading when needed) and load a model, replacing any loaded one.
     LoadModel {
         /// Where it comes from.
         source: ModelSource,
@@ -14,6 +72,75 @@ pub enum Request {
         device: DeviceSpec,
         /// In which precision.
         dtype: DType,
+    },
+    /// Load an MTP adapter for the loaded model.
+    LoadAdapter {
+        /// `adapter.safetensors`.
+        path: PathBuf,
+    },
+    /// Read a dataset and format a few examples exactly as trained.
+    PreviewData {
+        /// The dataset.
+        source: DataSource,
+        /// Fail on the first malformed line.
+        strict: bool,
+        /// Tokens shown per example.
+        seq_len: usize,
+    },
+    /// Start a training run.
+    Train {
+        /// The recipe.
+        config: Box<TrainConfig>,
+        /// The run folder.
+        run_dir: PathBuf,
+    },
+    /// Resume a run from its last checkpoint.
+    Resume {
+        /// The run folder.
+        run_dir: PathBuf,
+        /// New total steps.
+        steps: Option<usize>,
+    },
+    /// Read the runs of a project (configs and metrics).
+    ReadRuns {
+        /// The project folder.
+        project_dir: PathBuf,
+    },
+    /// Race two lanes on one prompt.
+    Race {
+        /// Prompt text.
+        prompt: String,
+        /// Wrap the prompt with the chat template.
+        chat: bool,
+        /// Lane A and lane B.
+        lanes: [LaneSpec; 2],
+        /// Greedy or sampled (same seed in both lanes).
+        decoding: Decoding,
+        /// Token limit.
+        max_new_tokens: usize,
+    },
+    /// Start step-through decoding (prefill) on a prompt.
+    StepStart {
+        /// Prompt text.
+        prompt: String,
+        /// Masks per step.
+        masks: usize,
+    },
+    /// The next step of step-through decoding.
+    StepNext,
+    /// Run the benchmark.
+    Bench {
+        /// Prompts file.
+        prompts: PathBuf,
+        /// Modes, masks, tokens.
+        config: BenchConfig,
+    },
+    /// Run the probe.
+    Probe {
+        /// Prompt text.
+        prompt: String,
+        /// True continuation.
+        continuation: String,
     },
 }
 
@@ -23,9 +150,11 @@ pub struct ModelSummary {
     /// Where it came from.
     pub source: ModelSource,
     /// Its local folder.
-    pub dir: std::path::PathBuf,
+    pub dir: PathBuf,
     /// Facts from its files.
     pub info: ModelInfo,
+    /// Its validated config (for the memory estimate).
+    pub config: mtp_core::model::ModelConfig,
     /// Where it runs.
     pub device: DeviceSpec,
     /// Its compute precision.
@@ -36,15 +165,128 @@ pub struct ModelSummary {
     pub load_seconds: f64,
 }
 
+/// A loaded adapter.
+#[derive(Debug, Clone)]
+pub struct AdapterSummary {
+    /// Its file.
+    pub path: PathBuf,
+    /// Its method config.
+    pub config: MtpConfig,
+}
+
+/// Formatted examples of a dataset.
+#[derive(Debug, Clone)]
+pub struct DataPreview {
+    /// What reading found.
+    pub report: DataReport,
+    /// The first few examples as trained (empty without a loaded model).
+    pub examples: Vec<Vec<PreviewToken>>,
+}
+
+/// A run of a project.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Its folder.
+    pub dir: PathBuf,
+    /// Its recipe.
+    pub config: Option<TrainConfig>,
+    /// Its metrics.
+    pub metrics: Vec<StepMetrics>,
+}
+
+/// One token of a race lane.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaneToken {
+    /// Token id.
+    pub id: i64,
+    /// Its text.
+    pub text: String,
+    /// How it was produced.
+    pub origin: TokenOrigin,
+    /// The forward pass that produced it.
+    pub step: usize,
+}
+
+/// A race lane's totals.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaneDone {
+    /// Tokens emitted.
+    pub tokens: usize,
+    /// Forward passes.
+    pub forwards: usize,
+    /// Compute seconds of this lane.
+    pub seconds: f64,
+    /// Why it stopped.
+    pub stop: StopReason,
+    /// All token ids.
+    pub token_ids: Vec<i64>,
+}
+
+/// One step of step-through decoding, with texts for display.
+#[derive(Debug, Clone)]
+pub struct StepView {
+    /// The step number (0 = prefill).
+    pub step: usize,
+    /// Text of every row's input token (masks shown as m1..mk).
+    pub input_text: Vec<String>,
+    /// What the step computed.
+    pub detail: Option<StepDetail>,
+    /// The drafts it verified, as text.
+    pub drafts_text: Vec<String>,
+    /// Accepted drafts.
+    pub accepted: usize,
+    /// The next verified token's text.
+    pub next_text: String,
+    /// Text of the top candidates: regular rows, then the draft slots.
+    pub regular_top_text: Vec<Vec<String>>,
+    /// Top candidate texts of each draft slot.
+    pub draft_top_text: Vec<Vec<String>>,
+    /// The next drafts as text.
+    pub next_drafts_text: Vec<String>,
+    /// The text generated so far.
+    pub generated: String,
+}
+
 /// What the worker reports.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A job started (for the status bar).
-    Started(String),
-    /// Download or load progress: a message and a fraction in [0, 1] when known.
-    Progress(String, Option<f32>),
+    /// A job started.
+    Started(Job),
+    /// A job finished (successfully or not).
+    Finished(Job),
+    /// A job failed; the worker carries on.
+    Failed(Job, String),
+    /// Progress of the running job: a message and a fraction in [0, 1] when known.
+    Progress(Job, String, Option<f32>),
     /// A model is loaded.
     ModelLoaded(Box<ModelSummary>),
-    /// A job failed; the worker carries on.
-    Failed(String),
+    /// An adapter is loaded.
+    AdapterLoaded(AdapterSummary),
+    /// A dataset preview.
+    DataPreview(Box<DataPreview>),
+    /// A training event.
+    Train(Box<TrainEvent>),
+    /// A training run ended.
+    TrainDone {
+        /// The run folder.
+        run_dir: PathBuf,
+        /// Completed steps.
+        step: usize,
+        /// True when it was stopped before the end.
+        stopped: bool,
+    },
+    /// The runs of a project.
+    Runs(Vec<RunSummary>),
+    /// A race lane emitted a token.
+    RaceToken(usize, LaneToken),
+    /// A race lane finished a speculative step (for rejected drafts), with the drafts' text.
+    RaceStep(usize, StepStats, Vec<String>),
+    /// A race lane finished.
+    RaceDone(usize, LaneDone),
+    /// Step-through: a step.
+    Step(Box<StepView>),
+    /// A benchmark report.
+    Bench(Box<BenchReport>),
+    /// A probe report with the true tokens' texts.
+    Probe(Box<ProbeReport>, Vec<String>),
 }

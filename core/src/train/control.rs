@@ -46,6 +46,12 @@ impl Control {
         self.is_cancelled()
     }
 
+    /// Clear both flags (before the next job).
+    pub fn reset(&self) {
+        self.cancel.store(false, Ordering::SeqCst);
+        self.pause.store(false, Ordering::SeqCst);
+    }
+
     /// The raw cancel flag (for signal handlers).
     pub fn cancel_flag(&self) -> Arc<AtomicBool> {
         self.cancel.clone()

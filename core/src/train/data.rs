@@ -390,6 +390,30 @@ pub fn tokenize(example: &Example, tok: &TextTokenizer) -> Result<Tokenized> {
     Ok(Tokenized { ids, loss })
 }
 
+/// One token of a formatted example, as the Data tab shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreviewToken {
+    /// The token's text.
+    pub text: String,
+    /// Whether it is a target (response / completion / text) or context (prompt).
+    pub target: bool,
+    /// Whether a block of k masks follows it in training (its next token carries loss).
+    pub masks_after: bool,
+}
+
+/// An example exactly as trained: tokens with their role and where mask blocks go.
+pub fn preview(example: &Example, tok: &TextTokenizer, seq_len: usize) -> Result<Vec<PreviewToken>> {
+    let t = tokenize(example, tok)?;
+    let n = t.ids.len().min(seq_len);
+    Ok((0..n)
+        .map(|i| PreviewToken {
+            text: tok.decode(&t.ids[i..=i], false).unwrap_or_default(),
+            target: i > 0 && t.loss[i - 1],
+            masks_after: t.loss[i] && i + 1 < n,
+        })
+        .collect())
+}
+
 /// Append to `spans` the part of `full` after what `rendered` already holds.
 fn push_suffix(spans: &mut Vec<Span>, rendered: &mut String, full: &str, target: bool) -> Result<()> {
     let suffix = full

@@ -5,6 +5,7 @@ pub mod builtin;
 pub mod control;
 pub mod data;
 pub mod events;
+pub mod memory;
 pub mod optim;
 pub mod pretrain;
 pub mod trainer;

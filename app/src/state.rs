@@ -1,0 +1,437 @@
+//! The UI's state: [`Persisted`] (forms, tab, recent projects; saved by eframe across
+//! restarts, every field defaulted so old saves keep loading) and [`Runtime`] (what the
+//! worker reported this session). Views read both and write only forms.
+
+use std::path::PathBuf;
+
+use mtp_core::decode::bench::BenchReport;
+use mtp_core::decode::{Mode, StepStats};
+use mtp_core::mtp::probe::ProbeReport;
+use mtp_core::project::Project;
+use mtp_core::train::{StepMetrics, TrainEvent};
+use mtp_core::{DType, DeviceSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::worker::{AdapterSummary, DataPreview, Job, LaneDone, LaneToken, ModelSummary, RunSummary, StepView};
+
+/// The tabs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Tab {
+    /// Pick and inspect a model.
+    #[default]
+    Model,
+    /// Pick and preview a dataset.
+    Data,
+    /// Train an adapter.
+    Train,
+    /// The A/B race.
+    Compare,
+    /// Step through quadratic decoding.
+    Step,
+    /// The benchmark.
+    Bench,
+    /// The probe.
+    Probe,
+}
+
+impl Tab {
+    /// All tabs in order.
+    pub const ALL: [Tab; 7] = [Tab::Model, Tab::Data, Tab::Train, Tab::Compare, Tab::Step, Tab::Bench, Tab::Probe];
+
+    /// Its title.
+    pub fn title(self) -> &'static str {
+        match self {
+            Tab::Model => "Model",
+            Tab::Data => "Data",
+            Tab::Train => "Train",
+            Tab::Compare => "Compare",
+            Tab::Step => "Step",
+            Tab::Bench => "Bench",
+            Tab::Probe => "Probe",
+        }
+    }
+}
+
+/// Model tab form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelForm {
+    /// Folder, hub repo id, or `demo`.
+    pub source: String,
+    /// Device.
+    pub device: DeviceSpec,
+    /// Precision.
+    pub dtype: DType,
+    /// Adapter file to load.
+    pub adapter: String,
+}
+
+impl Default for ModelForm {
+    fn default() -> Self {
+        Self { source: "demo".into(), device: DeviceSpec::best_available(), dtype: DType::F32, adapter: String::new() }
+    }
+}
+
+/// Data tab form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DataForm {
+    /// File, folder or `builtin:NAME`.
+    pub source: String,
+    /// Fail on the first malformed line.
+    pub strict: bool,
+}
+
+impl Default for DataForm {
+    fn default() -> Self {
+        Self { source: "builtin:arith".into(), strict: false }
+    }
+}
+
+/// Train tab form: every option of `mtp train`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainForm {
+    /// Mask tokens.
+    pub k: usize,
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA alpha.
+    pub alpha: f64,
+    /// Adapted projections, in `Proj::ALL` order.
+    pub targets: [bool; 7],
+    /// Sampler head.
+    pub sampler: bool,
+    /// Gated LoRA (off = plain LoRA ablation).
+    pub gated: bool,
+    /// Train mask embeddings.
+    pub train_masks: bool,
+    /// LCM loss weight.
+    pub lcm_weight: f64,
+    /// Learning rate.
+    pub lr: f64,
+    /// Warmup steps.
+    pub warmup: usize,
+    /// Cosine decay.
+    pub cosine: bool,
+    /// Total steps.
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per step.
+    pub grad_accum: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Pack examples (off: truncate each).
+    pub packing: bool,
+    /// Validation share.
+    pub val_fraction: f64,
+    /// Validate every N steps.
+    pub val_every: usize,
+    /// Checkpoint every N steps.
+    pub checkpoint_every: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Gradient clipping.
+    pub grad_clip: f64,
+    /// Run name (folder under `runs/`); empty: a timestamp.
+    pub run_name: String,
+}
+
+impl Default for TrainForm {
+    fn default() -> Self {
+        Self {
+            k: 4,
+            rank: 16,
+            alpha: 32.0,
+            targets: [true; 7],
+            sampler: true,
+            gated: true,
+            train_masks: false,
+            lcm_weight: 1.0,
+            lr: 1e-3,
+            warmup: 20,
+            cosine: false,
+            steps: 200,
+            batch_size: 8,
+            grad_accum: 1,
+            seq_len: 128,
+            packing: true,
+            val_fraction: 0.05,
+            val_every: 25,
+            checkpoint_every: 25,
+            seed: 0,
+            grad_clip: 1.0,
+            run_name: String::new(),
+        }
+    }
+}
+
+/// Compare tab form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CompareForm {
+    /// Prompt.
+    pub prompt: String,
+    /// Lane B's mode.
+    pub mode: Mode,
+    /// Lane B's masks.
+    pub masks: usize,
+    /// Greedy (else sampled).
+    pub greedy: bool,
+    /// Sampling temperature.
+    pub temperature: f64,
+    /// Sampling seed.
+    pub seed: u64,
+    /// Token limit.
+    pub max_new_tokens: usize,
+    /// Wrap with the chat template.
+    pub chat: bool,
+}
+
+impl Default for CompareForm {
+    fn default() -> Self {
+        Self {
+            prompt: "def count_items(xs):".into(),
+            mode: Mode::Quadratic,
+            masks: 4,
+            greedy: true,
+            temperature: 0.8,
+            seed: 0,
+            max_new_tokens: 96,
+            chat: false,
+        }
+    }
+}
+
+/// Step tab form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StepForm {
+    /// Prompt.
+    pub prompt: String,
+    /// Masks per step.
+    pub masks: usize,
+}
+
+impl Default for StepForm {
+    fn default() -> Self {
+        Self {
+            prompt:
+                "Question: Maya has 12 apples and gets 7 more from Leo. How many apples does Maya have now?\nAnswer:"
+                    .into(),
+            masks: 3,
+        }
+    }
+}
+
+/// Bench tab form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BenchForm {
+    /// Prompts file (empty: the demo's).
+    pub prompts: String,
+    /// Mask counts, comma-separated.
+    pub masks: String,
+    /// Include linear decoding.
+    pub linear: bool,
+    /// Include quadratic decoding.
+    pub quadratic: bool,
+    /// New tokens per prompt.
+    pub max_new_tokens: usize,
+}
+
+impl Default for BenchForm {
+    fn default() -> Self {
+        Self { prompts: String::new(), masks: "1,2,4".into(), linear: true, quadratic: true, max_new_tokens: 48 }
+    }
+}
+
+/// Probe tab form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProbeForm {
+    /// Prompt.
+    pub prompt: String,
+    /// True continuation.
+    pub continuation: String,
+}
+
+impl Default for ProbeForm {
+    fn default() -> Self {
+        Self {
+            prompt: "Question: Ava has 20 stickers and gives 5 to Tom. How many stickers does Ava have left?\nAnswer:"
+                .into(),
+            continuation: " Ava starts with 20 stickers. Giving away 5 leaves 20 - 5 = 15.".into(),
+        }
+    }
+}
+
+/// Everything saved across restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Persisted {
+    /// The open tab.
+    pub tab: Tab,
+    /// The open project.
+    pub project_dir: Option<PathBuf>,
+    /// Recently opened projects, newest first.
+    pub recent: Vec<PathBuf>,
+    /// Name typed for a new project.
+    pub new_project: String,
+    /// Forms.
+    pub model: ModelForm,
+    /// Forms.
+    pub data: DataForm,
+    /// Forms.
+    pub train: TrainForm,
+    /// Forms.
+    pub compare: CompareForm,
+    /// Forms.
+    pub step: StepForm,
+    /// Forms.
+    pub bench: BenchForm,
+    /// Forms.
+    pub probe: ProbeForm,
+}
+
+/// The metrics of one run, as plotted.
+#[derive(Debug, Clone, Default)]
+pub struct Series {
+    /// Run folder.
+    pub dir: PathBuf,
+    /// Training records.
+    pub train: Vec<StepMetrics>,
+    /// Validation records.
+    pub val: Vec<StepMetrics>,
+    /// Steps in total.
+    pub total_steps: usize,
+}
+
+impl Series {
+    /// Add one record.
+    pub fn push(&mut self, m: StepMetrics) {
+        match m.split {
+            mtp_core::train::Split::Train => self.train.push(m),
+            mtp_core::train::Split::Val => self.val.push(m),
+        }
+    }
+}
+
+/// One lane of the race.
+#[derive(Debug, Clone, Default)]
+pub struct LaneState {
+    /// Tokens so far.
+    pub tokens: Vec<LaneToken>,
+    /// Rejected drafts, after the token index they were rejected at (text, step).
+    pub rejected: Vec<(usize, String, usize)>,
+    /// Speculative steps.
+    pub steps: Vec<StepStats>,
+    /// Totals when done.
+    pub done: Option<LaneDone>,
+    /// When the lane started (for the live tokens/s while it runs).
+    pub started: Option<std::time::Instant>,
+}
+
+impl LaneState {
+    /// Tokens per forward so far.
+    pub fn tokens_per_forward(&self) -> f64 {
+        match &self.done {
+            Some(d) if d.forwards > 0 => d.tokens as f64 / d.forwards as f64,
+            _ => {
+                let forwards = self.tokens.last().map_or(0, |t| t.step + 1);
+                if forwards > 0 { self.tokens.len() as f64 / forwards as f64 } else { 0.0 }
+            }
+        }
+    }
+
+    /// Tokens per second of the lane's own compute (when done), or of wall time so far.
+    pub fn tokens_per_second(&self) -> f64 {
+        match (&self.done, self.started) {
+            (Some(d), _) if d.seconds > 0.0 => d.tokens as f64 / d.seconds,
+            (None, Some(t)) => self.tokens.len() as f64 / t.elapsed().as_secs_f64().max(1e-6),
+            _ => 0.0,
+        }
+    }
+}
+
+/// The race.
+#[derive(Debug, Clone, Default)]
+pub struct RaceState {
+    /// Lane A (AR) and lane B.
+    pub lanes: [LaneState; 2],
+    /// Whether the race was greedy.
+    pub greedy: bool,
+    /// Lane B's description.
+    pub lane_b: String,
+    /// The prompt raced.
+    pub prompt: String,
+}
+
+impl RaceState {
+    /// Both lanes done and greedy: are the outputs identical?
+    pub fn identical(&self) -> Option<bool> {
+        match (&self.lanes[0].done, &self.lanes[1].done) {
+            (Some(a), Some(b)) if self.greedy => Some(a.token_ids == b.token_ids),
+            _ => None,
+        }
+    }
+
+    /// Lane B's speedup over lane A in tokens per second.
+    pub fn speedup(&self) -> Option<f64> {
+        let (a, b) = (self.lanes[0].tokens_per_second(), self.lanes[1].tokens_per_second());
+        (a > 0.0 && b > 0.0).then(|| b / a)
+    }
+}
+
+/// What the worker reported this session.
+#[derive(Debug, Default)]
+pub struct Runtime {
+    /// The open project's description.
+    pub project: Option<Project>,
+    /// The loaded model.
+    pub model: Option<ModelSummary>,
+    /// The loaded adapter.
+    pub adapter: Option<AdapterSummary>,
+    /// The running job.
+    pub job: Option<Job>,
+    /// Its progress message and fraction.
+    pub progress: Option<(String, Option<f32>)>,
+    /// Errors to show until dismissed.
+    pub errors: Vec<String>,
+    /// Notices (run finished, file exported).
+    pub notices: Vec<String>,
+    /// Dataset preview.
+    pub data: Option<DataPreview>,
+    /// The live run.
+    pub live: Option<Series>,
+    /// Runs of the project.
+    pub runs: Vec<RunSummary>,
+    /// Runs overlaid in the plots.
+    pub overlay: Vec<PathBuf>,
+    /// Events of the live run since it started (prepared, checkpoints).
+    pub train_log: Vec<TrainEvent>,
+    /// The race.
+    pub race: RaceState,
+    /// Step-through views, oldest first.
+    pub steps: Vec<StepView>,
+    /// The benchmark.
+    pub bench: Option<BenchReport>,
+    /// The probe and its token texts.
+    pub probe: Option<(ProbeReport, Vec<String>)>,
+    /// Drawing time of the last frames, in seconds (for the status bar).
+    pub frame_times: std::collections::VecDeque<f32>,
+    /// The running job is paused.
+    pub paused: bool,
+    /// Reproducible screenshots: wall-clock numbers (speeds, times) shown as "…" and paths
+    /// shown by their last component (tests; the same picture on every machine).
+    pub hide_timings: bool,
+}
+
+impl Runtime {
+    /// Is a job running that other jobs must wait for? A step-through session is not
+    /// one: it idles between steps and any other request ends it.
+    pub fn busy(&self) -> bool {
+        self.job.is_some_and(|j| j != crate::worker::Job::Step)
+    }
+}

@@ -1,0 +1,130 @@
+//! The Bench view: the paper's table (tokens per forward by domain and masks) plus
+//! wall-clock speedup, a chart of tokens per forward against masks per domain, and exports.
+
+use egui_plot::{Legend, Line, Plot, PlotPoints};
+use mtp_core::decode::Mode;
+use mtp_core::decode::bench::BenchConfig;
+
+use super::{busy_line, theme};
+use crate::app::{Command, Pick};
+use crate::state::{Persisted, Runtime};
+use crate::worker::{Job, Request};
+
+/// Draw the Bench view.
+pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut Vec<Command>) {
+    ui.heading("Benchmark");
+    let b = &mut p.bench;
+    ui.horizontal(|ui| {
+        ui.label("Prompts").on_hover_text("JSONL with `prompt` and `domain` per line; empty: the demo's prompt sets");
+        ui.add(egui::TextEdit::singleline(&mut b.prompts).hint_text("built-in demo prompts").desired_width(300.0));
+        if ui.button("File…").clicked() {
+            commands.push(Command::Pick(Pick::PromptsFile));
+        }
+    });
+    ui.horizontal(|ui| {
+        ui.label("Masks");
+        ui.add(egui::TextEdit::singleline(&mut b.masks).desired_width(80.0))
+            .on_hover_text("Comma-separated, each 1..k");
+        ui.checkbox(&mut b.linear, "linear");
+        ui.checkbox(&mut b.quadratic, "quadratic");
+        ui.add(egui::DragValue::new(&mut b.max_new_tokens).range(1..=2048).prefix("tokens "));
+        let masks: Result<Vec<usize>, _> = b.masks.split(',').map(|s| s.trim().parse::<usize>()).collect();
+        let ready = !rt.busy() && rt.adapter.is_some() && masks.is_ok();
+        if ui.add_enabled(ready, egui::Button::new("Run benchmark")).clicked()
+            && let Ok(masks) = masks
+        {
+            let mut modes = vec![Mode::Ar];
+            if b.linear {
+                modes.push(Mode::Linear);
+            }
+            if b.quadratic {
+                modes.push(Mode::Quadratic);
+            }
+            let prompts =
+                if b.prompts.trim().is_empty() { mtp_core::source::demo_prompts() } else { b.prompts.trim().into() };
+            let config = BenchConfig { modes, masks, max_new_tokens: b.max_new_tokens };
+            commands.push(Command::Send(Request::Bench { prompts, config }));
+        }
+        if rt.job == Some(Job::Bench) && ui.button("Stop").clicked() {
+            commands.push(Command::Cancel);
+        }
+        if ui
+            .add_enabled(rt.bench.is_some(), egui::Button::new("Export…"))
+            .on_hover_text("CSV, JSON or Markdown by the file's extension")
+            .clicked()
+        {
+            commands.push(Command::Pick(Pick::SaveBench));
+        }
+        if ui
+            .add_enabled(rt.bench.is_some(), egui::Button::new("Export PNG"))
+            .on_hover_text("A picture of the window, saved in the project folder")
+            .clicked()
+        {
+            commands.push(Command::ScreenshotRace);
+        }
+    });
+    busy_line(ui, rt, Job::Bench);
+    let Some(report) = &rt.bench else {
+        ui.label("Run the benchmark to fill the table.");
+        return;
+    };
+    ui.separator();
+    if !report.divergences.is_empty() {
+        for d in &report.divergences {
+            ui.colored_label(
+                theme::BAD,
+                format!(
+                    "mismatch: prompt {} ({}), {} {} masks, at token {}: AR top-2 margin {:.1e}",
+                    d.prompt + 1,
+                    d.domain,
+                    d.mode,
+                    d.masks,
+                    d.position,
+                    d.margin
+                ),
+            );
+        }
+    }
+    egui::Grid::new("bench-table").striped(true).show(ui, |ui| {
+        for h in ["domain", "mode", "masks", "tokens/forward", "tokens/s", "speedup", "step cost vs AR", "identical"] {
+            ui.strong(h);
+        }
+        ui.end_row();
+        for r in &report.rows {
+            ui.label(&r.domain);
+            ui.label(r.mode.name());
+            ui.label(r.masks.to_string());
+            ui.label(format!("{:.2}", r.tokens_per_forward));
+            ui.label(super::timing(rt, format!("{:.1}", r.tokens_per_second)));
+            ui.label(super::timing(rt, format!("{:.2}×", r.speedup)));
+            ui.label(super::timing(rt, format!("{:.2}", r.step_cost_vs_ar)));
+            if r.identical {
+                ui.colored_label(theme::GOOD, "yes");
+            } else {
+                ui.colored_label(theme::BAD, "NO");
+            }
+            ui.end_row();
+        }
+    });
+    let mut domains: Vec<&str> = report.rows.iter().map(|r| r.domain.as_str()).collect();
+    domains.dedup();
+    Plot::new("tpf-by-masks")
+        .legend(Legend::default())
+        .height(240.0)
+        .x_axis_label("masks")
+        .y_axis_label("tokens per forward")
+        .show(ui, |pu| {
+            for (i, d) in domains.iter().enumerate() {
+                for mode in [Mode::Quadratic, Mode::Linear] {
+                    let points: PlotPoints = report
+                        .rows
+                        .iter()
+                        .filter(|r| r.domain == *d && r.mode == mode)
+                        .map(|r| [r.masks as f64, r.tokens_per_forward])
+                        .collect();
+                    let line = Line::new(format!("{d} {mode}"), points).color(theme::series(i));
+                    pu.line(if mode == Mode::Linear { line.style(egui_plot::LineStyle::dashed_loose()) } else { line });
+                }
+            }
+        });
+}

@@ -1,0 +1,182 @@
+//! The Compare view (A/B race): one prompt, AR in lane A, linear or quadratic MTP in lane
+//! B, generating at the same time from the same weights. Every MTP token is coloured by how
+//! it was produced (verified, or accepted draft slot j); rejected drafts are struck through
+//! where they were rejected; hovering a token shows its step. Greedy races get an "outputs
+//! identical" badge.
+
+use mtp_core::decode::{Mode, TokenOrigin};
+
+use super::theme;
+use crate::app::{Command, Pick};
+use crate::state::{LaneState, Persisted, RaceState, Runtime};
+use crate::worker::Job;
+
+/// Draw the Compare view.
+pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut Vec<Command>) {
+    ui.heading("A/B race: AR vs multi-token");
+    let k = rt.adapter.as_ref().map_or(0, |a| a.config.k);
+    let c = &mut p.compare;
+    ui.add(egui::TextEdit::multiline(&mut c.prompt).desired_rows(3).desired_width(f32::INFINITY).hint_text("prompt"));
+    ui.horizontal(|ui| {
+        ui.label("Lane B").on_hover_text("Lane A always decodes AR, one token per forward pass");
+        egui::ComboBox::from_id_salt("lane-b-mode").selected_text(c.mode.name()).show_ui(ui, |ui| {
+            ui.selectable_value(&mut c.mode, Mode::Quadratic, "quadratic")
+                .on_hover_text("The method: a mask block after every token");
+            ui.selectable_value(&mut c.mode, Mode::Linear, "linear")
+                .on_hover_text("The ablation: drafts, then one mask block");
+        });
+        ui.label("masks");
+        ui.add(egui::DragValue::new(&mut c.masks).range(1..=k.max(1)))
+            .on_hover_text("Mask tokens per step (1..k of the adapter)");
+        ui.separator();
+        ui.checkbox(&mut c.greedy, "Greedy")
+            .on_hover_text("Greedy: outputs must be identical. Off: sampled with the same seed");
+        ui.add_enabled(!c.greedy, egui::DragValue::new(&mut c.temperature).range(0.05..=2.0).speed(0.01).prefix("T "));
+        ui.add_enabled(!c.greedy, egui::DragValue::new(&mut c.seed).prefix("seed "));
+        ui.add(egui::DragValue::new(&mut c.max_new_tokens).range(1..=4096).prefix("max "));
+        ui.add_enabled(
+            rt.model.as_ref().is_some_and(|m| m.chat_template),
+            egui::Checkbox::new(&mut c.chat, "Chat template"),
+        );
+    });
+    ui.horizontal(|ui| {
+        let ready = !rt.busy() && rt.model.is_some() && rt.adapter.is_some();
+        if ui.add_enabled(ready, egui::Button::new("Race")).clicked() {
+            commands.push(Command::StartRace);
+        }
+        if rt.job == Some(Job::Race) && ui.button("Stop").clicked() {
+            commands.push(Command::Cancel);
+        }
+        if rt.adapter.is_none() {
+            ui.weak("needs an adapter: train one or load one in the Model tab");
+        }
+        let has_race = rt.race.lanes.iter().any(|l| !l.tokens.is_empty());
+        if ui
+            .add_enabled(has_race, egui::Button::new("Export JSON…"))
+            .on_hover_text("Both lanes' text and statistics")
+            .clicked()
+        {
+            commands.push(Command::Pick(Pick::SaveRaceJson));
+        }
+        if ui
+            .add_enabled(has_race, egui::Button::new("Export PNG"))
+            .on_hover_text("A picture of the window, saved in the project folder")
+            .clicked()
+        {
+            commands.push(Command::ScreenshotRace);
+        }
+    });
+    ui.separator();
+    badges(ui, rt);
+    legend(ui, k);
+    ui.columns(2, |cols| {
+        lane(&mut cols[0], rt, "Lane A: AR", &rt.race.lanes[0]);
+        let b = if rt.race.lane_b.is_empty() { "Lane B".to_string() } else { format!("Lane B: {}", rt.race.lane_b) };
+        lane(&mut cols[1], rt, &b, &rt.race.lanes[1]);
+    });
+}
+
+fn badges(ui: &mut egui::Ui, rt: &Runtime) {
+    let race = &rt.race;
+    ui.horizontal(|ui| {
+        match race.identical() {
+            Some(true) => {
+                ui.label(egui::RichText::new("outputs identical").color(theme::GOOD).strong())
+                    .on_hover_text("Greedy MTP decoding reproduced AR token for token");
+            }
+            Some(false) => {
+                ui.label(egui::RichText::new("outputs differ").color(theme::BAD).strong())
+                    .on_hover_text("A divergence: at a near-tie this is rounding; otherwise a bug worth reporting");
+            }
+            None => {}
+        }
+        if let Some(s) = race.speedup() {
+            ui.label(egui::RichText::new(format!("speedup {}", super::timing(rt, format!("{s:.2}×")))).strong())
+                .on_hover_text("Lane B's tokens per second over lane A's, each counting only its own compute time");
+        }
+    });
+}
+
+fn legend(ui: &mut egui::Ui, k: usize) {
+    ui.horizontal_wrapped(|ui| {
+        ui.label(egui::RichText::new("verified").color(theme::VERIFIED));
+        for j in 1..=k {
+            ui.label(egui::RichText::new(format!("draft {j}")).color(theme::slot(j)));
+        }
+        ui.label(egui::RichText::new("rejected").color(theme::REJECTED).strikethrough());
+    });
+}
+
+fn lane(ui: &mut egui::Ui, rt: &Runtime, title: &str, l: &LaneState) {
+    ui.strong(title);
+    ui.label(format!(
+        "{} tokens · {:.2} tokens/forward · {} tokens/s{}",
+        l.tokens.len(),
+        l.tokens_per_forward(),
+        super::timing(rt, format!("{:.1}", l.tokens_per_second())),
+        l.done.as_ref().map_or(String::new(), |d| format!(" · {:?}", d.stop))
+    ));
+    egui::Frame::group(ui.style()).show(ui, |ui| {
+        ui.set_min_height(160.0);
+        ui.set_min_width(ui.available_width());
+        ui.horizontal_wrapped(|ui| {
+            ui.spacing_mut().item_spacing.x = 0.0;
+            let mut rejected = l.rejected.iter().peekable();
+            for (i, t) in l.tokens.iter().enumerate() {
+                let colour = match t.origin {
+                    TokenOrigin::Verified => theme::VERIFIED,
+                    TokenOrigin::Draft { slot } => theme::slot(slot),
+                };
+                let text = t.text.replace('\n', "¶");
+                let how = match t.origin {
+                    TokenOrigin::Verified => "verified by the model".to_string(),
+                    TokenOrigin::Draft { slot } => format!("draft from mask slot {slot}, accepted"),
+                };
+                ui.label(egui::RichText::new(text).monospace().color(colour))
+                    .on_hover_text(format!("step {}: {how}", t.step));
+                while let Some((at, text, step)) = rejected.peek() {
+                    if *at != i {
+                        break;
+                    }
+                    ui.label(
+                        egui::RichText::new(text.replace('\n', "¶"))
+                            .monospace()
+                            .color(theme::REJECTED)
+                            .strikethrough()
+                            .small(),
+                    )
+                    .on_hover_text(format!("step {step}: draft rejected here"));
+                    rejected.next();
+                }
+                if t.text.contains('\n') {
+                    ui.end_row();
+                }
+            }
+        });
+    });
+}
+
+/// The race as JSON: both lanes' text, tokens, origins, steps and totals.
+pub fn export_json(race: &RaceState) -> String {
+    let lane = |l: &LaneState| {
+        serde_json::json!({
+            "text": l.tokens.iter().map(|t| t.text.as_str()).collect::<String>(),
+            "tokens": l.tokens.iter().map(|t| serde_json::json!({"id": t.id, "text": t.text, "origin": t.origin, "step": t.step})).collect::<Vec<_>>(),
+            "steps": l.steps,
+            "tokens_per_forward": l.tokens_per_forward(),
+            "tokens_per_second": l.tokens_per_second(),
+            "forwards": l.done.as_ref().map(|d| d.forwards),
+            "seconds": l.done.as_ref().map(|d| d.seconds),
+        })
+    };
+    let v = serde_json::json!({
+        "prompt": race.prompt,
+        "greedy": race.greedy,
+        "lane_a": lane(&race.lanes[0]),
+        "lane_b": lane(&race.lanes[1]),
+        "lane_b_mode": race.lane_b,
+        "identical": race.identical(),
+        "speedup": race.speedup(),
+    });
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}

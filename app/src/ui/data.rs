@@ -1,0 +1,101 @@
+//! The Data view: pick a dataset (JSONL, text file, folder, or a built-in set), see its
+//! format, counts and malformed lines, and a few examples exactly as trained: prompt and
+//! response in different colours and the mask blocks drawn between tokens.
+
+use super::{busy_line, theme};
+use crate::app::{Command, Pick};
+use crate::state::{Persisted, Runtime};
+use crate::worker::Job;
+
+/// Draw the Data view.
+pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut Vec<Command>) {
+    ui.heading("Data");
+    ui.horizontal(|ui| {
+        ui.label("Dataset").on_hover_text(
+            "JSONL (messages, prompt + completion, or text), a text file, a folder, or builtin:NAME[:COUNT]",
+        );
+        ui.add(egui::TextEdit::singleline(&mut p.data.source).desired_width(320.0));
+        if ui.button("File…").on_hover_text("A .jsonl or text file").clicked() {
+            commands.push(Command::Pick(Pick::DataFile));
+        }
+        if ui.button("Folder…").on_hover_text("A folder of text or source files").clicked() {
+            commands.push(Command::Pick(Pick::DataFolder));
+        }
+        egui::ComboBox::from_id_salt("builtin").selected_text("Built-in").show_ui(ui, |ui| {
+            for (name, tip) in [
+                ("builtin:arith", "arithmetic word problems with worked solutions"),
+                ("builtin:code", "small Python functions"),
+            ] {
+                if ui.selectable_label(p.data.source == name, name).on_hover_text(tip).clicked() {
+                    p.data.source = name.into();
+                    commands.push(Command::PreviewData);
+                }
+            }
+        });
+    });
+    ui.horizontal(|ui| {
+        ui.checkbox(&mut p.data.strict, "Strict")
+            .on_hover_text("Fail on the first malformed line instead of skipping it");
+        if ui.add_enabled(!rt.busy(), egui::Button::new("Preview")).clicked() {
+            commands.push(Command::PreviewData);
+        }
+        busy_line(ui, rt, Job::Data);
+    });
+    ui.separator();
+    let Some(d) = &rt.data else {
+        ui.label("Pick a dataset and press Preview.");
+        return;
+    };
+    let r = &d.report;
+    ui.label(format!(
+        "Format: {:?} · {} examples · {} files · {} malformed lines",
+        r.format, r.examples, r.files, r.malformed
+    ));
+    for (line, reason) in &r.malformed_lines {
+        ui.colored_label(theme::ERROR, format!("line {line}: {reason}"));
+    }
+    if d.examples.is_empty() {
+        ui.label("Load a model to see examples formatted with its tokenizer and chat template.");
+        return;
+    }
+    let k = p.train.k;
+    ui.horizontal(|ui| {
+        ui.colored_label(theme::PROMPT, "prompt / context");
+        ui.colored_label(theme::RESPONSE, "response / target");
+        mask_block(ui, k);
+        ui.colored_label(theme::MASK, format!("block of k = {k} masks (set k in Train)"));
+    });
+    for (n, example) in d.examples.iter().enumerate() {
+        ui.separator();
+        ui.strong(format!("Example {}", n + 1));
+        ui.horizontal_wrapped(|ui| {
+            ui.spacing_mut().item_spacing.x = 0.0;
+            for t in example {
+                let colour = if t.target { theme::RESPONSE } else { theme::PROMPT };
+                let shown = t.text.replace('\n', "¶");
+                ui.label(egui::RichText::new(shown).monospace().color(colour)).on_hover_text(format!("{:?}", t.text));
+                if t.masks_after {
+                    mask_block(ui, k)
+                        .on_hover_text(format!("{k} mask tokens here in training: they learn the next {k} tokens"));
+                }
+                if t.text.contains('\n') {
+                    ui.end_row();
+                }
+            }
+        });
+    }
+}
+
+/// A block of `k` masks: `k` thin bars between two tokens.
+fn mask_block(ui: &mut egui::Ui, k: usize) -> egui::Response {
+    let bar = 2.0;
+    let gap = 1.0;
+    let width = k as f32 * (bar + gap) + 2.0;
+    let (rect, response) = ui.allocate_exact_size(egui::vec2(width, 12.0), egui::Sense::hover());
+    for j in 0..k {
+        let x = rect.min.x + 1.0 + j as f32 * (bar + gap);
+        let r = egui::Rect::from_min_size(egui::pos2(x, rect.min.y + 1.0), egui::vec2(bar, rect.height() - 2.0));
+        ui.painter().rect_filled(r, 0.0, theme::MASK);
+    }
+    response
+}

@@ -1,0 +1,72 @@
+//! The Probe view: the paper's Figure 1 on your model: for a prompt and its true
+//! continuation, the rank of each future token at each mask slot before tuning, after
+//! tuning, and after the sampler.
+
+use egui_plot::{Bar, BarChart, Legend, Plot};
+
+use super::{busy_line, theme};
+use crate::app::Command;
+use crate::state::{Persisted, Runtime};
+use crate::worker::{Job, Request};
+
+/// Draw the Probe view.
+pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut Vec<Command>) {
+    ui.heading("Probe: does the model know the future?");
+    ui.label("Prompt");
+    ui.add(egui::TextEdit::multiline(&mut p.probe.prompt).desired_rows(2).desired_width(f32::INFINITY));
+    ui.label("True continuation").on_hover_text("The tokens the masks should predict");
+    ui.add(egui::TextEdit::multiline(&mut p.probe.continuation).desired_rows(2).desired_width(f32::INFINITY));
+    ui.horizontal(|ui| {
+        let ready = !rt.busy() && rt.adapter.is_some();
+        if ui.add_enabled(ready, egui::Button::new("Run probe")).clicked() {
+            commands.push(Command::Send(Request::Probe {
+                prompt: p.probe.prompt.clone(),
+                continuation: p.probe.continuation.clone(),
+            }));
+        }
+        if rt.adapter.is_none() {
+            ui.weak("needs an adapter");
+        }
+        busy_line(ui, rt, Job::Probe);
+    });
+    let Some((report, texts)) = &rt.probe else { return };
+    ui.separator();
+    egui::Grid::new("probe").striped(true).show(ui, |ui| {
+        for h in ["position", "true token", "base + placeholders", "tuned", "tuned + sampler"] {
+            ui.strong(h);
+        }
+        ui.end_row();
+        for (s, t) in report.slots.iter().zip(texts) {
+            ui.label(if s.slot == 0 {
+                "next token".to_string()
+            } else {
+                format!("mask {} (token +{})", s.slot, s.slot + 1)
+            });
+            ui.label(egui::RichText::new(format!("{t:?}")).monospace());
+            ui.label(s.rank_base.to_string());
+            ui.label(s.rank_tuned.to_string());
+            ui.label(s.rank_sampler.map_or("-".into(), |r| r.to_string()));
+            ui.end_row();
+        }
+    });
+    // log10(rank) per slot: lower is better; rank 1 is 0.
+    let bars = |f: &dyn Fn(&mtp_core::mtp::probe::SlotRank) -> Option<usize>, offset: f64| -> Vec<Bar> {
+        report
+            .slots
+            .iter()
+            .filter_map(|s| f(s).map(|r| Bar::new(s.slot as f64 + offset, (r as f64).log10()).width(0.25)))
+            .collect()
+    };
+    Plot::new("probe-ranks")
+        .legend(Legend::default())
+        .height(220.0)
+        .x_axis_label("slot (0 = next token)")
+        .y_axis_label("log10 rank")
+        .show(ui, |pu| {
+            pu.bar_chart(
+                BarChart::new("base + placeholders", bars(&|s| Some(s.rank_base), -0.27)).color(theme::series(1)),
+            );
+            pu.bar_chart(BarChart::new("tuned", bars(&|s| Some(s.rank_tuned), 0.0)).color(theme::series(0)));
+            pu.bar_chart(BarChart::new("tuned + sampler", bars(&|s| s.rank_sampler, 0.27)).color(theme::series(2)));
+        });
+}

@@ -1,0 +1,386 @@
+//! The Train view: every option of `mtp train` with defaults and tooltips; Start, Pause,
+//! Stop, Resume; live plots of each loss term, per-slot accuracy, validation, learning rate,
+//! tokens/s and GPU memory; the project's runs, whose curves can be overlaid.
+
+use egui_plot::{Legend, Line, Plot, PlotPoints};
+use mtp_core::model::Proj;
+use mtp_core::mtp::{LoraConfig, MtpConfig};
+use mtp_core::train::{OptimConfig, Packing, Schedule, StepMetrics, TrainConfig};
+
+use super::{drag_usize, form_row, theme};
+use crate::app::Command;
+use crate::state::{Persisted, Runtime, Series};
+use crate::worker::{Job, ModelSummary};
+
+/// The recipe the forms describe, for the loaded model.
+pub fn config_from_forms(p: &Persisted, model: Option<&ModelSummary>) -> anyhow::Result<TrainConfig> {
+    let m = model.ok_or_else(|| anyhow::anyhow!("load a model first (Model tab)"))?;
+    let t = &p.train;
+    let targets: Vec<Proj> = Proj::ALL.iter().zip(t.targets).filter(|(_, on)| *on).map(|(p, _)| *p).collect();
+    if targets.is_empty() {
+        anyhow::bail!("choose at least one LoRA target");
+    }
+    let config = TrainConfig {
+        model: m.source.clone(),
+        data: p.data.source.parse()?,
+        strict_data: p.data.strict,
+        method: MtpConfig {
+            k: t.k,
+            lora: LoraConfig { rank: t.rank, alpha: t.alpha, targets },
+            gated: t.gated,
+            sampler: t.sampler,
+            train_mask_embeddings: t.train_masks,
+        },
+        lcm_weight: t.lcm_weight,
+        optim: OptimConfig {
+            lr: t.lr,
+            warmup: t.warmup,
+            schedule: if t.cosine { Schedule::Cosine } else { Schedule::Constant },
+            grad_clip: t.grad_clip,
+            ..OptimConfig::default()
+        },
+        steps: t.steps,
+        batch_size: t.batch_size,
+        grad_accum: t.grad_accum,
+        seq_len: t.seq_len,
+        packing: if t.packing { Packing::Pack } else { Packing::Truncate },
+        val_fraction: t.val_fraction,
+        val_every: t.val_every,
+        val_batches: 4,
+        checkpoint_every: t.checkpoint_every,
+        seed: t.seed,
+        device: m.device,
+        dtype: m.dtype,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// Draw the Train view.
+pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &mut Runtime, commands: &mut Vec<Command>) {
+    ui.heading("Train an MTP adapter");
+    let training = rt.job == Some(Job::Train);
+    ui.add_enabled_ui(!training, |ui| form(ui, p));
+    ui.horizontal(|ui| {
+        let can_start = !rt.busy() && rt.model.is_some();
+        if ui
+            .add_enabled(can_start, egui::Button::new("Start training"))
+            .on_hover_text("Train with these settings on the Data tab's dataset")
+            .clicked()
+        {
+            commands.push(Command::StartTraining);
+        }
+        let paused = rt.paused;
+        if training {
+            if ui.button(if paused { "Continue" } else { "Pause" }).on_hover_text("Pause between steps").clicked() {
+                commands.push(Command::Pause(!paused));
+            }
+            if ui.button("Stop").on_hover_text("Stop after this step and save a checkpoint").clicked() {
+                commands.push(Command::Cancel);
+            }
+        }
+        if rt.model.is_none() {
+            ui.weak("load a model first");
+        }
+    });
+    if let Some(live) = &rt.live {
+        progress_line(ui, rt, live, training);
+    }
+    ui.separator();
+    plots(ui, rt);
+    ui.separator();
+    runs(ui, p, rt, commands);
+}
+
+fn form(ui: &mut egui::Ui, p: &mut Persisted) {
+    let t = &mut p.train;
+    ui.columns(3, |cols| {
+        egui::Grid::new("train-method").num_columns(2).show(&mut cols[0], |ui| {
+            ui.strong("Method");
+            ui.end_row();
+            form_row(
+                ui,
+                "k (masks)",
+                "Mask tokens per block: drafts per step. A model trained with k runs with 1..k",
+                |ui| ui.add(drag_usize(&mut t.k, 1..=16)),
+            );
+            form_row(
+                ui,
+                "LoRA rank",
+                "Rank of the gated LoRA on every target projection (paper 128; 16 keeps ~98%)",
+                |ui| ui.add(drag_usize(&mut t.rank, 1..=256)),
+            );
+            form_row(ui, "LoRA alpha", "The LoRA delta is scaled by alpha / rank", |ui| {
+                ui.add(egui::DragValue::new(&mut t.alpha).range(0.1..=1024.0))
+            });
+            form_row(ui, "Sampler head", "Drafts conditioned on the previous draft (off: the ablation)", |ui| {
+                ui.checkbox(&mut t.sampler, "")
+            });
+            form_row(
+                ui,
+                "Gated LoRA",
+                "Off = plain LoRA: changes next-token outputs too (the paper's ablation)",
+                |ui| ui.checkbox(&mut t.gated, ""),
+            );
+            form_row(ui, "Train masks", "Also train the k mask embeddings (frozen by default)", |ui| {
+                ui.checkbox(&mut t.train_masks, "")
+            });
+            form_row(ui, "LCM weight", "Weight of the latent-consistency loss (sum over the hidden size)", |ui| {
+                ui.add(egui::DragValue::new(&mut t.lcm_weight).range(0.0..=10.0).speed(0.01))
+            });
+            ui.label("Targets").on_hover_text("Projections that get gated LoRA");
+            ui.horizontal_wrapped(|ui| {
+                for (i, proj) in Proj::ALL.iter().enumerate() {
+                    ui.checkbox(&mut t.targets[i], proj.module().trim_end_matches("_proj"));
+                }
+            });
+            ui.end_row();
+        });
+        egui::Grid::new("train-optim").num_columns(2).show(&mut cols[1], |ui| {
+            ui.strong("Optimisation");
+            ui.end_row();
+            form_row(ui, "Steps", "Optimizer steps in total", |ui| ui.add(drag_usize(&mut t.steps, 1..=1_000_000)));
+            form_row(ui, "Learning rate", "AdamW peak learning rate", |ui| {
+                ui.add(
+                    egui::DragValue::new(&mut t.lr)
+                        .range(1e-6..=1e-1)
+                        .speed(1e-5)
+                        .custom_formatter(|v, _| format!("{v:.1e}")),
+                )
+            });
+            form_row(ui, "Warmup", "Steps of linear warmup", |ui| ui.add(drag_usize(&mut t.warmup, 0..=100_000)));
+            form_row(ui, "Cosine decay", "Decay to 10% after warmup (off: constant, as in the paper)", |ui| {
+                ui.checkbox(&mut t.cosine, "")
+            });
+            form_row(ui, "Grad clip", "Clip the global gradient norm (0 = off)", |ui| {
+                ui.add(egui::DragValue::new(&mut t.grad_clip).range(0.0..=100.0).speed(0.05))
+            });
+            form_row(ui, "Seed", "Seed of initialisation and data order", |ui| {
+                ui.add(egui::DragValue::new(&mut t.seed))
+            });
+            form_row(ui, "Run name", "Folder under the project's runs/ (empty: a timestamp)", |ui| {
+                ui.add(egui::TextEdit::singleline(&mut t.run_name).desired_width(120.0))
+            });
+        });
+        egui::Grid::new("train-data").num_columns(2).show(&mut cols[2], |ui| {
+            ui.strong("Batches");
+            ui.end_row();
+            form_row(ui, "Batch size", "Sequences per micro-batch", |ui| {
+                ui.add(drag_usize(&mut t.batch_size, 1..=1024))
+            });
+            form_row(ui, "Grad accumulation", "Micro-batches per optimizer step", |ui| {
+                ui.add(drag_usize(&mut t.grad_accum, 1..=1024))
+            });
+            form_row(ui, "Sequence length", "Tokens per training sequence (the layout grows by up to k + 1)", |ui| {
+                ui.add(drag_usize(&mut t.seq_len, 8..=8192))
+            });
+            form_row(ui, "Packing", "Concatenate examples (off: one example per sequence, cut at the length)", |ui| {
+                ui.checkbox(&mut t.packing, "")
+            });
+            form_row(ui, "Validation share", "Share of examples held out", |ui| {
+                ui.add(egui::DragValue::new(&mut t.val_fraction).range(0.0..=0.5).speed(0.005))
+            });
+            form_row(ui, "Validate every", "Steps between validation passes", |ui| {
+                ui.add(drag_usize(&mut t.val_every, 0..=100_000))
+            });
+            form_row(ui, "Checkpoint every", "Steps between checkpoints (also at the end and on stop)", |ui| {
+                ui.add(drag_usize(&mut t.checkpoint_every, 1..=100_000))
+            });
+        });
+    });
+}
+
+fn progress_line(ui: &mut egui::Ui, rt: &Runtime, live: &Series, training: bool) {
+    let step = live.train.last().map_or(0, |m| m.step);
+    let total = live.total_steps.max(1);
+    let eta = live.train.last().filter(|m| m.step > 0).map(|m| {
+        let first = live.train.first().map_or(0.0, |f| f.elapsed);
+        let done = live.train.len().max(1) as f64;
+        (m.elapsed - first).max(0.0) / done * (total.saturating_sub(step)) as f64
+    });
+    ui.horizontal(|ui| {
+        let label = match (training, eta) {
+            (true, Some(s)) => format!("step {step}/{total} · ETA {}", super::timing(rt, human_seconds(s))),
+            _ => format!("step {step}/{total}"),
+        };
+        ui.add(egui::ProgressBar::new(step as f32 / total as f32).text(label).desired_width(420.0));
+        if let Some(m) = live.train.last() {
+            ui.label(format!(
+                "loss {:.3} · {} tokens/s",
+                m.losses.loss,
+                super::timing(rt, format!("{:.0}", m.tokens_per_second))
+            ));
+        }
+        ui.weak(super::path_text(rt, &live.dir));
+    });
+}
+
+fn human_seconds(s: f64) -> String {
+    if s < 90.0 {
+        format!("{s:.0} s")
+    } else if s < 5400.0 {
+        format!("{:.0} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}
+
+fn line(
+    name: String,
+    data: &[StepMetrics],
+    f: impl Fn(&StepMetrics) -> Option<f64>,
+    colour: egui::Color32,
+) -> Line<'static> {
+    let points: PlotPoints = data.iter().filter_map(|m| f(m).map(|y| [m.step as f64, y])).collect();
+    Line::new(name, points).color(colour)
+}
+
+/// Every series shown: the live run and the overlaid ones.
+fn shown_series(rt: &Runtime) -> Vec<(String, Series)> {
+    let mut out = Vec::new();
+    if let Some(live) = &rt.live {
+        out.push(("live".to_string(), live.clone()));
+    }
+    for dir in &rt.overlay {
+        if let Some(r) = rt.runs.iter().find(|r| &r.dir == dir) {
+            let mut s = Series { dir: r.dir.clone(), ..Series::default() };
+            for m in &r.metrics {
+                s.push(m.clone());
+            }
+            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("run").to_owned();
+            out.push((name, s));
+        }
+    }
+    out
+}
+
+fn plots(ui: &mut egui::Ui, rt: &Runtime) {
+    let series = shown_series(rt);
+    if series.iter().all(|(_, s)| s.train.is_empty()) {
+        ui.label("Curves appear here as training runs; tick runs below to overlay them.");
+        return;
+    }
+    let width = (ui.available_width() / 2.0 - 8.0).max(200.0);
+    let plot =
+        |id: &str| Plot::new(id.to_owned()).legend(Legend::default()).height(190.0).width(width).allow_scroll(false);
+    ui.horizontal(|ui| {
+        plot("losses").show(ui, |pu| {
+            for (i, (name, s)) in series.iter().enumerate() {
+                let c = |j| theme::series(i * 4 + j);
+                pu.line(line(format!("{name} total"), &s.train, |m| Some(m.losses.loss), c(0)));
+                pu.line(line(format!("{name} base"), &s.train, |m| Some(m.losses.loss_base), c(1)));
+                pu.line(line(format!("{name} sampler"), &s.train, |m| Some(m.losses.loss_sampler), c(2)));
+                pu.line(line(format!("{name} lcm"), &s.train, |m| Some(m.losses.loss_lcm), c(3)));
+                pu.line(
+                    line(format!("{name} val total"), &s.val, |m| Some(m.losses.loss), c(0))
+                        .style(egui_plot::LineStyle::dashed_loose()),
+                );
+            }
+        });
+        plot("slot-acc").show(ui, |pu| {
+            for (i, (name, s)) in series.iter().enumerate() {
+                let k = s.train.last().map_or(0, |m| m.losses.slot_acc.len());
+                for j in 0..k {
+                    pu.line(line(
+                        format!("{name} slot {} (head)", j + 1),
+                        &s.train,
+                        |m| m.losses.slot_acc.get(j).copied(),
+                        theme::slot(j + 1 + i),
+                    ));
+                    pu.line(
+                        line(
+                            format!("{name} slot {} (sampler)", j + 1),
+                            &s.train,
+                            |m| m.losses.slot_acc_sampler.get(j).copied(),
+                            theme::slot(j + 1 + i),
+                        )
+                        .style(egui_plot::LineStyle::dotted_dense()),
+                    );
+                    pu.line(
+                        line(
+                            format!("{name} slot {} val", j + 1),
+                            &s.val,
+                            |m| m.losses.slot_acc.get(j).copied(),
+                            theme::slot(j + 1 + i),
+                        )
+                        .style(egui_plot::LineStyle::dashed_loose()),
+                    );
+                }
+            }
+        });
+    });
+    ui.horizontal(|ui| {
+        plot("lr").show(ui, |pu| {
+            for (i, (name, s)) in series.iter().enumerate() {
+                pu.line(line(format!("{name} lr"), &s.train, |m| Some(m.lr), theme::series(i)));
+            }
+        });
+        plot("throughput").show(ui, |pu| {
+            for (i, (name, s)) in series.iter().enumerate() {
+                if !rt.hide_timings {
+                    pu.line(line(
+                        format!("{name} tokens/s"),
+                        &s.train,
+                        |m| Some(m.tokens_per_second),
+                        theme::series(i),
+                    ));
+                }
+                pu.line(line(
+                    format!("{name} GPU GiB"),
+                    &s.train,
+                    |m| m.gpu_mem_bytes.map(|b| b as f64 / 1073741824.0),
+                    theme::series(i + 3),
+                ));
+            }
+        });
+    });
+}
+
+fn runs(ui: &mut egui::Ui, p: &Persisted, rt: &mut Runtime, commands: &mut Vec<Command>) {
+    ui.horizontal(|ui| {
+        ui.heading("Runs");
+        if ui.small_button("Refresh").clicked() {
+            commands.push(Command::RefreshRuns);
+        }
+    });
+    if p.project_dir.is_none() {
+        ui.weak("Open or create a project to keep runs in it.");
+    }
+    if rt.runs.is_empty() {
+        ui.weak("no runs yet");
+        return;
+    }
+    let busy = rt.busy();
+    egui::Grid::new("runs").num_columns(5).striped(true).show(ui, |ui| {
+        ui.strong("overlay");
+        ui.strong("run");
+        ui.strong("steps");
+        ui.strong("last loss");
+        ui.strong("");
+        ui.end_row();
+        let runs = rt.runs.clone();
+        for r in &runs {
+            let mut on = rt.overlay.contains(&r.dir);
+            if ui.checkbox(&mut on, "").on_hover_text("Overlay this run's curves").changed() {
+                if on {
+                    rt.overlay.push(r.dir.clone());
+                } else {
+                    rt.overlay.retain(|d| d != &r.dir);
+                }
+            }
+            ui.label(r.dir.file_name().and_then(|n| n.to_str()).unwrap_or("?"));
+            let last = r.metrics.iter().filter(|m| m.split == mtp_core::train::Split::Train).next_back();
+            let total = r.config.as_ref().map_or(0, |c| c.steps);
+            ui.label(format!("{}/{}", last.map_or(0, |m| m.step), total));
+            ui.label(last.map_or("-".into(), |m| format!("{:.3}", m.losses.loss)));
+            if ui
+                .add_enabled(!busy, egui::Button::new("Resume"))
+                .on_hover_text("Continue from the last checkpoint up to the Steps above")
+                .clicked()
+            {
+                commands.push(Command::Resume(r.dir.clone()));
+            }
+            ui.end_row();
+        }
+    });
+}

@@ -1,0 +1,282 @@
+//! The real app (not mock widgets) driven headless with egui_kittest on a fixture model:
+//! open a project, load the model, train and stop, train to the end, race AR against
+//! quadratic decoding and see the identical-outputs badge, step through decoding, bench,
+//! probe; a snapshot of each tab; bad files become errors in the window; quitting during
+//! training leaves a resumable checkpoint.
+//!
+//! Snapshots are rendered by wgpu on Mesa's lavapipe (software Vulkan). Regenerate them
+//! with `UPDATE_SNAPSHOTS=force cargo test -p mtp-app --test gui`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use mtp_app::app::WorkbenchApp;
+use mtp_app::state::{Persisted, Tab};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("tests").join("fixtures").join("models").join(name)
+}
+
+/// A project folder whose model is the llama fixture.
+fn project(dir: &Path) -> anyhow::Result<PathBuf> {
+    let p = dir.join("proj");
+    std::fs::create_dir_all(p.join("runs"))?;
+    let model = fixture("llama").canonicalize()?;
+    std::fs::write(
+        p.join("project.toml"),
+        format!("name = \"fixture\"\n\n[model]\nkind = \"local\"\npath = {:?}\n", model.to_string_lossy()),
+    )?;
+    Ok(p)
+}
+
+/// Small, fast settings for every form.
+fn persisted() -> Persisted {
+    let mut p = Persisted::default();
+    p.model.device = mtp_core::DeviceSpec::Cpu;
+    p.data.source = "builtin:arith:200".into();
+    let t = &mut p.train;
+    t.k = 2;
+    t.rank = 4;
+    t.steps = 12;
+    t.batch_size = 2;
+    t.seq_len = 32;
+    t.lr = 3e-3;
+    t.warmup = 2;
+    t.val_every = 4;
+    t.checkpoint_every = 4;
+    p.compare.prompt = "Question: Tom has 3 cards".into();
+    p.compare.masks = 2;
+    p.compare.max_new_tokens = 24;
+    p.step.masks = 2;
+    p.step.prompt = "def add(a, b):".into();
+    p.bench.masks = "1,2".into();
+    p.bench.max_new_tokens = 12;
+    p.probe.prompt = "def add(a, b):".into();
+    p.probe.continuation = "\n    return a + b".into();
+    p
+}
+
+fn harness(project: &Path, persisted: Persisted) -> Harness<'static, WorkbenchApp> {
+    let target = project.to_string_lossy().into_owned();
+    Harness::builder()
+        .with_size(egui::vec2(1280.0, 900.0))
+        .with_accessibility_check(false)
+        // Model text (the fixture's random tokens) holds characters no font covers; the app
+        // itself sets the same policy.
+        .allow_missing_glyphs()
+        .build_eframe(move |cc| {
+            let mut app = WorkbenchApp::new(&cc.egui_ctx, persisted, Some(&target));
+            app.runtime.hide_timings = true;
+            app
+        })
+}
+
+/// Wait for the worker to go idle, then let the UI settle.
+fn settle(h: &mut Harness<'static, WorkbenchApp>) {
+    assert!(h.state_mut().wait_idle(Duration::from_secs(180)), "the worker did not finish in time");
+    h.run_steps(4);
+}
+
+/// Step frames until `done` holds (or fail after `secs`).
+fn until(h: &mut Harness<'static, WorkbenchApp>, secs: u64, what: &str, done: impl Fn(&WorkbenchApp) -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !done(h.state()) {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        h.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.run_steps(2);
+}
+
+fn tab(h: &mut Harness<'static, WorkbenchApp>, t: Tab) {
+    h.get_by_label(t.title()).click();
+    h.run_steps(3);
+    assert_eq!(h.state().persisted.tab, t);
+}
+
+#[test]
+fn main_flow_and_snapshots() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let proj = project(tmp.path())?;
+    let mut h = harness(&proj, persisted());
+    settle(&mut h);
+    let mut snapshots = egui_kittest::SnapshotResults::new();
+
+    // The project opened and its model loaded.
+    assert!(h.state().runtime.project.as_ref().is_some_and(|p| p.name == "fixture"));
+    assert!(h.state().runtime.errors.is_empty(), "{:?}", h.state().runtime.errors);
+    h.get_by_label("115008 (0.12 M)");
+    snapshots.add(h.try_snapshot("model"));
+
+    // Data: the formatted preview.
+    tab(&mut h, Tab::Data);
+    h.get_by_label("Preview").click();
+    h.run_steps(2);
+    settle(&mut h);
+    assert!(h.state().runtime.data.as_ref().is_some_and(|d| d.report.examples == 200 && !d.examples.is_empty()));
+    snapshots.add(h.try_snapshot("data"));
+
+    // Train: start, see metrics arrive, stop.
+    tab(&mut h, Tab::Train);
+    h.state_mut().persisted.train.run_name = "stopped".into();
+    h.state_mut().persisted.train.steps = 200;
+    h.get_by_label("Start training").click();
+    until(&mut h, 120, "training metrics", |a| a.runtime.live.as_ref().is_some_and(|l| l.train.len() >= 3));
+    h.get_by_label("Stop").click();
+    h.run_steps(2);
+    settle(&mut h);
+    let stopped = proj.join("runs").join("stopped");
+    let step = mtp_core::train::RunDir(stopped.clone()).latest_checkpoint().map(|c| c.0);
+    assert!(step.is_some_and(|s| (3..200).contains(&s)), "stopped run checkpoint: {step:?}");
+    assert!(h.state().runtime.adapter.is_some(), "the stopped run's adapter is loaded");
+    // Where it stopped depends on timing: dismiss the notice before the snapshots.
+    h.get_by_label("OK").click();
+    h.run_steps(2);
+
+    // Train to the end (deterministic: the snapshot shows its curves).
+    h.state_mut().persisted.train.run_name = "full".into();
+    h.state_mut().persisted.train.steps = 12;
+    h.get_by_label("Start training").click();
+    h.run_steps(2);
+    settle(&mut h);
+    assert_eq!(h.state().runtime.live.as_ref().map(|l| l.train.len()), Some(12));
+    assert_eq!(h.state().runtime.runs.len(), 2);
+    snapshots.add(h.try_snapshot("train"));
+
+    // Compare: the A/B race, greedy: identical outputs.
+    tab(&mut h, Tab::Compare);
+    h.get_by_label("Race").click();
+    h.run_steps(2);
+    settle(&mut h);
+    let race = &h.state().runtime.race;
+    assert!(race.lanes.iter().all(|l| l.done.is_some()), "both lanes finished");
+    assert_eq!(race.identical(), Some(true));
+    h.get_by_label("outputs identical");
+    snapshots.add(h.try_snapshot("compare"));
+
+    // Step: prefill, then two steps.
+    tab(&mut h, Tab::Step);
+    h.get_by_label("Start").click();
+    until(&mut h, 60, "the prefill", |a| a.runtime.steps.len() == 1);
+    for n in 2..=3 {
+        h.get_by_label("Next step").click();
+        until(&mut h, 60, "a step", |a| a.runtime.steps.len() == n);
+    }
+    assert!(h.state().runtime.steps.last().is_some_and(|s| s.detail.as_ref().is_some_and(|d| d.inputs.len() == 9)));
+    snapshots.add(h.try_snapshot("step"));
+
+    // Bench.
+    tab(&mut h, Tab::Bench);
+    let prompts = tmp.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"def f(x):\", \"domain\": \"code\"}\n{\"prompt\": \"Question: 2 + 2\", \"domain\": \"math\"}\n",
+    )?;
+    h.state_mut().persisted.bench.prompts = prompts.to_string_lossy().into_owned();
+    h.get_by_label("Run benchmark").click();
+    h.run_steps(2);
+    settle(&mut h);
+    let report = h
+        .state()
+        .runtime
+        .bench
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no bench report: {:?}", h.state().runtime.errors))?;
+    assert_eq!(report.rows.len(), 3 * 5);
+    assert!(report.rows.iter().all(|r| r.identical));
+    // The temporary path differs per run: show a stable one in the snapshot.
+    h.state_mut().persisted.bench.prompts = "prompts.jsonl".into();
+    h.run_steps(2);
+    snapshots.add(h.try_snapshot("bench"));
+
+    // Probe.
+    tab(&mut h, Tab::Probe);
+    h.get_by_label("Run probe").click();
+    h.run_steps(2);
+    settle(&mut h);
+    assert!(h.state().runtime.probe.as_ref().is_some_and(|(r, _)| r.slots.len() == 3));
+    snapshots.add(h.try_snapshot("probe"));
+
+    assert!(h.state().runtime.errors.is_empty(), "{:?}", h.state().runtime.errors);
+    Ok(())
+}
+
+#[test]
+fn bad_files_become_errors_and_the_worker_survives() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let proj = project(tmp.path())?;
+    let mut h = harness(&proj, persisted());
+    settle(&mut h);
+
+    // A dataset that does not exist, then one with only malformed lines.
+    tab(&mut h, Tab::Data);
+    h.state_mut().persisted.data.source = tmp.path().join("missing.jsonl").to_string_lossy().into_owned();
+    h.get_by_label("Preview").click();
+    h.run_steps(2);
+    settle(&mut h);
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "not json\n{\"x\": 1}\n")?;
+    h.state_mut().persisted.data.source = bad.to_string_lossy().into_owned();
+    h.get_by_label("Preview").click();
+    h.run_steps(2);
+    settle(&mut h);
+
+    // A broken model folder and a broken adapter file.
+    tab(&mut h, Tab::Model);
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir_all(&broken)?;
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("llama").join(f), broken.join(f))?;
+    }
+    std::fs::write(broken.join("model.safetensors"), b"truncated")?;
+    h.state_mut().persisted.model.source = broken.to_string_lossy().into_owned();
+    h.get_by_label("Load model").click();
+    h.run_steps(2);
+    settle(&mut h);
+
+    let errors = h.state().runtime.errors.clone();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(errors[0].contains("missing.jsonl"), "{errors:?}");
+    assert!(errors[1].contains("no usable examples"), "{errors:?}");
+    assert!(errors[2].contains("model.safetensors"), "{errors:?}");
+    // Shown in the window.
+    h.get_by_label_contains("missing.jsonl");
+
+    // The worker still works.
+    h.state_mut().persisted.model.source = fixture("llama").to_string_lossy().into_owned();
+    h.get_by_label("Load model").click();
+    h.run_steps(2);
+    settle(&mut h);
+    assert!(h.state().runtime.model.is_some());
+    assert_eq!(h.state().runtime.errors.len(), 3);
+    Ok(())
+}
+
+#[test]
+fn quitting_during_training_leaves_a_resumable_checkpoint() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let proj = project(tmp.path())?;
+    let mut p = persisted();
+    p.train.steps = 100_000;
+    p.train.checkpoint_every = 100_000;
+    p.train.run_name = "interrupted".into();
+    p.tab = Tab::Train;
+    let mut h = harness(&proj, p);
+    settle(&mut h);
+    h.get_by_label("Start training").click();
+    until(&mut h, 120, "a few steps", |a| a.runtime.live.as_ref().is_some_and(|l| l.train.len() >= 2));
+    // Quit: the app is dropped (eframe calls on_exit, then drops it).
+    drop(h);
+    let run = proj.join("runs").join("interrupted");
+    let (step, _) = mtp_core::train::RunDir(run.clone())
+        .latest_checkpoint()
+        .ok_or_else(|| anyhow::anyhow!("no checkpoint after quitting"))?;
+    assert!(step >= 2);
+    let loaded = mtp_core::LoadedModel::from_folder(&fixture("llama"), &mtp_core::LoadOptions::default())?;
+    let (_, summary) =
+        mtp_core::train::resume(&loaded, &run, Some(step + 2), &mut (), &mtp_core::train::Control::new())?;
+    assert_eq!(summary.step, step + 2);
+    Ok(())
+}
