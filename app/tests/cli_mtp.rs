@@ -273,3 +273,75 @@ fn pretrain_makes_a_loadable_model() -> anyhow::Result<()> {
     fails_with(mtp(&["pretrain", "--data", "builtin:code:10", "--out", s(&out), "--preset", "huge"]), &["huge"]);
     Ok(())
 }
+
+/// Ctrl-C during `mtp train` writes a checkpoint and exits cleanly; the run resumes.
+#[test]
+fn ctrl_c_checkpoints_and_exits_cleanly() -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir()?;
+    let run = tmp.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mtp"))
+        .args([
+            "train",
+            "--model",
+            s(&fixture("llama")),
+            "--data",
+            "builtin:arith:200",
+            "--out",
+            s(&run),
+            "--k",
+            "2",
+            "--rank",
+            "4",
+            "--steps",
+            "100000",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--checkpoint-every",
+            "100000",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut steps = 0;
+    while steps < 3 {
+        match lines.next() {
+            Some(line) => {
+                if line?.contains("\"event\":\"step\"") {
+                    steps += 1;
+                }
+            }
+            None => anyhow::bail!("training did not start"),
+        }
+    }
+    // Keep reading so the child never writes into a closed pipe.
+    let drain = std::thread::spawn(move || lines.count());
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
+    assert!(status.success());
+    let out = child.wait_with_output()?;
+    let _ = drain.join();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {err}", out.status);
+    assert!(err.contains("Stopped") && err.contains("--resume"), "{err}");
+    let (step, _) = mtp_core_latest(&run).ok_or_else(|| anyhow::anyhow!("no checkpoint"))?;
+    assert!(step >= 3);
+    ok(mtp(&["train", "--resume", s(&run), "--steps", &(step + 1).to_string()]))?;
+    Ok(())
+}
+
+/// The newest checkpoint of a run folder (`checkpoints/step-NNNNNNN.safetensors`).
+fn mtp_core_latest(run: &Path) -> Option<(usize, PathBuf)> {
+    std::fs::read_dir(run.join("checkpoints"))
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let step = p.file_name()?.to_str()?.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()?;
+            Some((step, p))
+        })
+        .max_by_key(|(s, _)| *s)
+}

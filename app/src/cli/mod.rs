@@ -71,6 +71,7 @@ fn init_tracing() {
 
 /// Print `value` as one line of JSON on stdout.
 pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(value)?);
+    use std::io::Write;
+    writeln!(std::io::stdout(), "{}", serde_json::to_string(value)?)?;
     Ok(())
 }

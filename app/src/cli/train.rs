@@ -170,8 +170,10 @@ impl Reporter {
 
     pub(crate) fn event(&mut self, e: &TrainEvent) {
         if self.json {
+            // A closed pipe (`| head`) must not kill the run mid-step: the write is dropped.
             if let Ok(line) = serde_json::to_string(e) {
-                println!("{line}");
+                use std::io::Write;
+                let _ = writeln!(std::io::stdout(), "{line}");
             }
             return;
         }
