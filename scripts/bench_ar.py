@@ -105,7 +105,14 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--save", help="only write the random model folder here (for other benchmarks) and exit")
     args = p.parse_args()
+    if args.save:
+        folder = Path(args.save)
+        folder.mkdir(parents=True, exist_ok=True)
+        make_model(args.shape, DTYPES[args.dtype], folder)
+        print(folder)
+        return
 
     dev = "cuda" if args.device.startswith("cuda") else "cpu"
     prompt = list(range(3, 3 + args.prompt_len))

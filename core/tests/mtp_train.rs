@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use mtp_core::model::{AttnMask, Gated};
+use mtp_core::model::AttnMask;
 use mtp_core::mtp::{MtpAdapter, MtpConfig, build_layout, collate, loss};
 use mtp_core::train::{Control, DataSource, OptimConfig, StepMetrics, TrainConfig, TrainEvent};
 use mtp_core::{DType, LoadOptions, LoadedModel, ModelSource};
@@ -38,8 +38,7 @@ fn hidden(m: &LoadedModel, a: &MtpAdapter, ids: &[i64], k: i64, with_delta: bool
         Device::Cpu,
     );
     let x = a.embed(&m.model, &layout.tokens, &layout.slot);
-    let gate = layout.gate(Kind::Float);
-    let gated = Gated { delta: a, gate: a.config.gated.then_some(&gate) };
+    let gated = a.gated(&layout.slot);
     let mask = layout.attention_mask();
     let z = tch::no_grad(|| {
         m.model.forward_embeds(&x, &layout.positions, AttnMask::Custom(&mask), with_delta.then_some(&gated), None)

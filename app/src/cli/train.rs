@@ -241,8 +241,8 @@ impl Reporter {
                     m.losses.slot_acc.iter().map(|a| (a * 100.0).round() / 100.0).collect::<Vec<_>>()
                 );
                 match &self.bar {
-                    Some(bar) => bar.println(line),
-                    None => eprintln!("{line}"),
+                    Some(bar) if !bar.is_hidden() => bar.println(line),
+                    _ => eprintln!("{line}"),
                 }
             }
             TrainEvent::Checkpoint { .. } => {}

@@ -19,7 +19,7 @@ use super::stats::StepStats;
 use super::verify::{Verdict, verify_greedy, verify_sampling};
 use super::{Decoding, GenerateRequest, Sampler};
 use crate::error::{Error, Result};
-use crate::model::{AttnMask, Gated, KvCache, Llama};
+use crate::model::{AttnMask, KvCache, Llama};
 use crate::mtp::MtpAdapter;
 use crate::mtp::masks::attention_mask;
 
@@ -206,6 +206,8 @@ pub struct SpecDecoder<'a> {
     drafts: Vec<i64>,
     q: Vec<Vec<f32>>,
     steps: usize,
+    /// Layout tensors by number of drafts (0..=masks), built on first use.
+    plans: std::collections::HashMap<usize, (StepLayout, RowPlan)>,
 }
 
 fn top5(probs: &Tensor) -> Vec<Candidates> {
@@ -224,31 +226,58 @@ fn to_rows(t: &Tensor) -> Vec<Vec<f32>> {
     (0..t.size()[0]).map(|r| Vec::<f32>::try_from(t.get(r).to_device(Device::Cpu)).unwrap_or_default()).collect()
 }
 
-/// The forward pass of a step's new rows with the adapter gated to mask rows: tokens on
-/// regular rows, mask embeddings on mask rows, positions `past + block + slot`, attention to
-/// the whole cache plus `own_mask` among the new rows. Returns the final hidden states
-/// `[T, d]`; the rows' keys and values are appended to `cache`.
-fn forward_rows(
-    model: &Llama,
-    adapter: &MtpAdapter,
-    tokens: &[i64],
-    block: &Tensor,
-    slot: &Tensor,
-    own_mask: &Tensor,
-    cache: &mut KvCache,
-) -> Tensor {
+/// Device-side tensors of one layout of new rows (a given number of drafts), built once
+/// and reused by every step with that layout.
+struct RowPlan {
+    /// `[T]` position offsets from the cache length: block + slot.
+    offsets: Tensor,
+    /// `[T, T]` attention among the new rows.
+    own_mask: Tensor,
+    /// `[1, T, d]`: each mask row's mask embedding (zero on regular rows).
+    mask_embeds: Tensor,
+    /// `[1, T, 1]`: true on mask rows.
+    is_mask: Tensor,
+    /// `[1, T, 1]`: the adapter's gate.
+    gate: Option<Tensor>,
+}
+
+impl RowPlan {
+    fn new(model: &Llama, adapter: &MtpAdapter, block: &Tensor, slot: &Tensor) -> Self {
+        let device = model.device();
+        tch::no_grad(|| {
+            let slot_d = slot.to_device(device).unsqueeze(0);
+            let zeros = Tensor::zeros_like(&slot_d);
+            let mask_embeds =
+                adapter.embed(model, &zeros, &slot_d) * slot_d.gt(0).unsqueeze(-1).to_kind(model.dtype().kind());
+            Self {
+                offsets: (block + slot).to_device(device),
+                own_mask: attention_mask(block, slot).to_device(device),
+                mask_embeds,
+                is_mask: slot_d.gt(0).unsqueeze(-1),
+                gate: adapter.gated(&slot_d).gate,
+            }
+        })
+    }
+}
+
+/// The forward pass of new rows laid out by `plan`: `tokens` on regular rows, mask
+/// embeddings on mask rows, positions `past + block + slot`, attention to the whole cache
+/// plus the plan's pattern among the new rows, the adapter gated to mask rows. Returns the
+/// final hidden states `[T, d]`; the rows' keys and values are appended to `cache`.
+fn forward_rows(model: &Llama, adapter: &MtpAdapter, plan: &RowPlan, tokens: &[i64], cache: &mut KvCache) -> Tensor {
     let device = model.device();
     let past = cache.len() as i64;
     let t = tokens.len() as i64;
     tch::no_grad(|| {
         let tok = Tensor::from_slice(tokens).to_device(device).unsqueeze(0);
-        let slot_d = slot.to_device(device).unsqueeze(0);
-        let x = adapter.embed(model, &tok, &slot_d);
-        let positions = (block + slot).to_device(device) + past;
-        let mask = Tensor::cat(&[Tensor::ones([t, past], (Kind::Bool, Device::Cpu)), own_mask.shallow_clone()], 1)
-            .to_device(device);
-        let gate = slot_d.gt(0).to_kind(x.kind()).unsqueeze(-1);
-        let gated = Gated { delta: adapter, gate: adapter.config.gated.then_some(&gate) };
+        let x = plan.mask_embeds.where_self(&plan.is_mask, &model.embed(&tok));
+        let positions = &plan.offsets + past;
+        let mask = if past == 0 {
+            plan.own_mask.shallow_clone()
+        } else {
+            Tensor::cat(&[Tensor::ones([t, past], (Kind::Bool, device)), plan.own_mask.shallow_clone()], 1)
+        };
+        let gated = crate::model::Gated { delta: adapter, gate: plan.gate.as_ref().map(Tensor::shallow_clone) };
         model.forward_embeds(&x, &positions, AttnMask::Custom(&mask), Some(&gated), Some(cache)).squeeze_dim(0)
     })
 }
@@ -298,7 +327,7 @@ impl<'a> SpecDecoder<'a> {
         );
         let mut tokens = req.prompt_ids.clone();
         tokens.extend(std::iter::repeat_n(0, masks));
-        let h = forward_rows(model, adapter, &tokens, &block, &slot, &attention_mask(&block, &slot), &mut cache);
+        let h = forward_rows(model, adapter, &RowPlan::new(model, adapter, &block, &slot), &tokens, &mut cache);
         // The mask rows were only needed for the first drafts.
         cache.truncate(p);
         let mut decoder = Self {
@@ -312,6 +341,7 @@ impl<'a> SpecDecoder<'a> {
             drafts: Vec::new(),
             q: Vec::new(),
             steps: 0,
+            plans: std::collections::HashMap::new(),
         };
         let first = tch::no_grad(|| {
             let logits = model.logits(&h.narrow(0, p as i64 - 1, 1)).to_kind(Kind::Float);
@@ -417,15 +447,21 @@ impl<'a> SpecDecoder<'a> {
         let drafts = std::mem::take(&mut self.drafts);
         let q = std::mem::take(&mut self.q);
         let n = drafts.len();
-        let layout = StepLayout::new(self.mode, n, self.masks);
+        let (model, adapter, mode, masks) = (self.model, self.adapter, self.mode, self.masks);
+        // Taken out of the map for the step (the step also borrows `self` mutably), put back
+        // at the end.
+        let (layout, plan) = self.plans.remove(&n).unwrap_or_else(|| {
+            let layout = StepLayout::new(mode, n, masks);
+            let plan = RowPlan::new(model, adapter, &layout.block, &layout.slot);
+            (layout, plan)
+        });
         let mut tokens = vec![0i64; layout.len()];
         tokens[layout.regular_row(0)] = self.pending;
         for (g, &d) in drafts.iter().enumerate() {
             tokens[layout.regular_row(g + 1)] = d;
         }
         let past = self.cache.len();
-        let own = attention_mask(&layout.block, &layout.slot);
-        let h = forward_rows(self.model, self.adapter, &tokens, &layout.block, &layout.slot, &own, &mut self.cache);
+        let h = forward_rows(model, adapter, &plan, &tokens, &mut self.cache);
 
         let device = self.model.device();
         let regular: Vec<i64> = (0..layout.regular).map(|g| layout.regular_row(g) as i64).collect();
@@ -472,13 +508,14 @@ impl<'a> SpecDecoder<'a> {
                 positions: ints(&(&layout.block + &layout.slot + past as i64)),
                 past,
                 attention: (0..layout.len() as i64)
-                    .map(|r| Vec::<bool>::try_from(own.get(r)).unwrap_or_default())
+                    .map(|r| Vec::<bool>::try_from(plan.own_mask.get(r).to_device(Device::Cpu)).unwrap_or_default())
                     .collect(),
                 regular_top: top5(&probs),
                 draft_top,
                 next_drafts: self.drafts.clone(),
             })
         });
+        self.plans.insert(n, (layout, plan));
         StepResult { accepted: drafts[..a].to_vec(), next, stats, detail }
     }
 }

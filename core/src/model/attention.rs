@@ -96,35 +96,20 @@ impl Attention {
             Some(cache) => cache.append(self.layer, &k, &v),
             None => (k, v),
         };
-        let (k, v) = (self.repeat_kv(&k), self.repeat_kv(&v));
+        // Grouped-query attention inside the kernel: key/value heads are never copied per
+        // query head.
+        let gqa = self.num_heads != self.num_kv_heads;
+        let sdpa = |mask: Option<&Tensor>, causal: bool| {
+            Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, self.scale, gqa)
+        };
         let y = match pass.mask {
             // One query attends to everything before it: no mask at all.
-            AttnMask::Causal if t == 1 => {
-                Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, self.scale, false)
-            }
-            AttnMask::Causal if past == 0 => {
-                Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, self.scale, false)
-            }
-            AttnMask::Causal => {
-                let mask = super::kv_cache::causal_mask(past, t, x.device());
-                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, self.scale, false)
-            }
-            AttnMask::Custom(mask) => {
-                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, self.scale, false)
-            }
+            AttnMask::Causal if t == 1 => sdpa(None, false),
+            AttnMask::Causal if past == 0 => sdpa(None, true),
+            AttnMask::Causal => sdpa(Some(&super::kv_cache::causal_mask(past, t, x.device())), false),
+            AttnMask::Custom(mask) => sdpa(Some(mask), false),
         };
         let y = y.transpose(1, 2).reshape([b, t, self.num_heads * self.head_dim]);
         project(&self.o_proj, &y, a, self.layer, Proj::O)
-    }
-
-    /// Repeat each key/value head for the query heads that share it.
-    /// `[b, h_kv, s, hd]` -> `[b, h, s, hd]`.
-    fn repeat_kv(&self, x: &Tensor) -> Tensor {
-        let groups = self.num_heads / self.num_kv_heads;
-        if groups == 1 {
-            return x.shallow_clone();
-        }
-        let (b, h, s, d) = x.size4().unwrap_or_default();
-        x.unsqueeze(2).expand([b, h, groups, s, d], false).reshape([b, h * groups, s, d])
     }
 }

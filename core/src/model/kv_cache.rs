@@ -3,11 +3,14 @@
 
 use tch::{Kind, Tensor};
 
-/// Keys and values of every layer for the tokens seen so far.
+/// Keys and values of every layer for the tokens seen so far, in two preallocated buffers
+/// (keys, values) shared by all layers, so that compaction is one gather per buffer
+/// whatever the depth.
 #[derive(Debug)]
 pub struct KvCache {
-    /// Per layer `(k, v)`, each `[b, h_kv, capacity, head_dim]`, allocated on first use.
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `(k, v)`, each `[layers, b, h_kv, capacity, head_dim]`, allocated on first use.
+    buffers: Option<(Tensor, Tensor)>,
+    num_layers: i64,
     /// Rows filled (the same for every layer between forward passes).
     len: i64,
     capacity_hint: i64,
@@ -17,7 +20,7 @@ impl KvCache {
     /// An empty cache for `num_layers` layers that first allocates room for `capacity_hint`
     /// positions (it grows past that when needed).
     pub fn new(num_layers: usize, capacity_hint: usize) -> Self {
-        Self { layers: (0..num_layers).map(|_| None).collect(), len: 0, capacity_hint: capacity_hint.max(16) as i64 }
+        Self { buffers: None, num_layers: num_layers as i64, len: 0, capacity_hint: capacity_hint.max(16) as i64 }
     }
 
     /// Positions held.
@@ -30,35 +33,36 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Make room for `need` rows (allocating on first use, doubling when full).
+    fn reserve(&mut self, like: &Tensor, need: i64) {
+        let capacity = self.buffers.as_ref().map_or(0, |(k, _)| k.size()[3]);
+        if capacity >= need {
+            return;
+        }
+        let (b, h, d) = (like.size()[0], like.size()[1], like.size()[3]);
+        let new_cap = need.max(self.capacity_hint).max(capacity * 2);
+        let opts = (like.kind(), like.device());
+        let k = Tensor::zeros([self.num_layers, b, h, new_cap, d], opts);
+        let v = Tensor::zeros([self.num_layers, b, h, new_cap, d], opts);
+        if let Some((old_k, old_v)) = self.buffers.take() {
+            k.narrow(3, 0, self.len).copy_(&old_k.narrow(3, 0, self.len));
+            v.narrow(3, 0, self.len).copy_(&old_v.narrow(3, 0, self.len));
+        }
+        self.buffers = Some((k, v));
+    }
+
     /// Write `k` and `v` (`[b, h_kv, t, head_dim]`) of `layer` after the committed rows and
     /// return views of all rows including them (`[b, h_kv, len + t, head_dim]`). The new
     /// rows count only after [`KvCache::commit`].
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
         let t = k.size()[2];
         let need = self.len + t;
-        let hint = self.capacity_hint;
-        let len = self.len;
-        let slot = &mut self.layers[layer];
-        let grow = match slot {
-            Some((kb, _)) => kb.size()[2] < need,
-            None => true,
-        };
-        if grow {
-            let (b, h, d) = (k.size()[0], k.size()[1], k.size()[3]);
-            let capacity = need.max(hint).max(slot.as_ref().map_or(0, |(kb, _)| kb.size()[2] * 2));
-            let opts = (k.kind(), k.device());
-            let kb = Tensor::zeros([b, h, capacity, d], opts);
-            let vb = Tensor::zeros([b, h, capacity, d], opts);
-            if let Some((old_k, old_v)) = slot.take() {
-                kb.narrow(2, 0, len).copy_(&old_k.narrow(2, 0, len));
-                vb.narrow(2, 0, len).copy_(&old_v.narrow(2, 0, len));
-            }
-            *slot = Some((kb, vb));
-        }
-        let Some((kb, vb)) = slot.as_ref() else { unreachable!("allocated above") };
-        kb.narrow(2, len, t).copy_(k);
-        vb.narrow(2, len, t).copy_(v);
-        (kb.narrow(2, 0, need), vb.narrow(2, 0, need))
+        self.reserve(k, need);
+        let Some((kb, vb)) = &self.buffers else { return (k.shallow_clone(), v.shallow_clone()) };
+        let (kl, vl) = (kb.get(layer as i64), vb.get(layer as i64));
+        kl.narrow(2, self.len, t).copy_(k);
+        vl.narrow(2, self.len, t).copy_(v);
+        (kl.narrow(2, 0, need), vl.narrow(2, 0, need))
     }
 
     /// Count the `t` rows appended by the last forward pass.
@@ -66,29 +70,16 @@ impl KvCache {
         self.len += t as i64;
     }
 
-    /// Keep only the rows `rows` (int64 indices into the committed rows, ascending), moved
-    /// to the front in that order; everything else is dropped. Runs on the cache's device.
-    pub fn keep(&mut self, rows: &Tensor) {
-        let n = rows.size()[0];
-        for (kb, vb) in self.layers.iter().flatten() {
-            for buf in [kb, vb] {
-                let kept = buf.narrow(2, 0, self.len).index_select(2, rows);
-                buf.narrow(2, 0, n).copy_(&kept);
-            }
-        }
-        self.len = n;
-    }
-
     /// Keep the committed rows before `base` and, after them, only the rows `base + rows[i]`
-    /// (`rows`: int64, ascending, relative to `base`), moved down to follow `base`. Only the
-    /// tail is read and written, so this costs the kept rows, not the cache length.
+    /// (`rows`: int64, ascending, relative to `base`), moved down to follow `base`. One
+    /// gather per buffer for all layers; only the tail is read and written.
     pub fn keep_tail(&mut self, base: usize, rows: &Tensor) {
         let base = base as i64;
         let n = rows.size()[0];
-        for (kb, vb) in self.layers.iter().flatten() {
+        if let Some((kb, vb)) = &self.buffers {
             for buf in [kb, vb] {
-                let kept = buf.narrow(2, base, self.len - base).index_select(2, rows);
-                buf.narrow(2, base, n).copy_(&kept);
+                let kept = buf.narrow(3, base, self.len - base).index_select(3, rows);
+                buf.narrow(3, base, n).copy_(&kept);
             }
         }
         self.len = base + n;
@@ -101,7 +92,7 @@ impl KvCache {
 
     /// Bytes held by the buffers.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().flatten().map(|(k, v)| (k.numel() + v.numel()) * k.kind().elt_size_in_bytes()).sum()
+        self.buffers.as_ref().map_or(0, |(k, v)| (k.numel() + v.numel()) * k.kind().elt_size_in_bytes())
     }
 }
 

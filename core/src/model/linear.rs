@@ -78,39 +78,27 @@ impl fmt::Display for Proj {
 
 /// Something that adds a term to projections' outputs: a (gated) LoRA adapter.
 pub trait ProjDelta {
-    /// The term to add to projection `proj` of layer `layer` for input `x` (`[..., in]` ->
-    /// `[..., out]`), or `None` when this projection is not adapted.
-    fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Option<Tensor>;
+    /// The term to add to projection `proj` of layer `layer` for input `x` (`[b, t, in]` ->
+    /// `[b, t, out]`), or `None` when this projection is not adapted. `gate` (`[b, t, 1]`,
+    /// from [`ProjDelta`]'s owner, scale included) multiplies the term per row; `None`
+    /// applies it to every row.
+    fn delta(&self, layer: usize, proj: Proj, x: &Tensor, gate: Option<&Tensor>) -> Option<Tensor>;
 }
 
-/// An adapter and the per-row gate it is multiplied by.
-#[derive(Clone, Copy)]
+/// An adapter and the per-row gate its term is multiplied by.
 pub struct Gated<'a> {
     /// The adapter.
     pub delta: &'a dyn ProjDelta,
-    /// `[b, t, 1]` in the activations' dtype: 1 on rows the adapter applies to, 0 elsewhere.
-    /// `None` applies it everywhere (plain LoRA).
-    pub gate: Option<&'a Tensor>,
-}
-
-impl Gated<'_> {
-    /// `base + gate * delta(x)`. Where the gate is 0 the result is `base` exactly.
-    pub fn apply(&self, layer: usize, proj: Proj, x: &Tensor, base: Tensor) -> Tensor {
-        match self.delta.delta(layer, proj, x) {
-            Some(d) => match self.gate {
-                Some(g) => base + d * g,
-                None => base + d,
-            },
-            None => base,
-        }
-    }
+    /// `[b, t, 1]`: the adapter's scale on rows it applies to, 0 elsewhere (where the
+    /// result is then the base output exactly). `None` applies it everywhere (plain LoRA).
+    pub gate: Option<Tensor>,
 }
 
 /// Project `x` with `linear`, adding the adapter's gated term when there is one.
 pub fn project(linear: &Linear, x: &Tensor, adapter: Option<&Gated>, layer: usize, proj: Proj) -> Tensor {
     let y = linear.forward(x);
-    match adapter {
-        Some(a) => a.apply(layer, proj, x, y),
+    match adapter.and_then(|a| a.delta.delta(layer, proj, x, a.gate.as_ref())) {
+        Some(d) => y + d,
         None => y,
     }
 }

@@ -13,7 +13,7 @@ use super::gated_lora::{Lora, LoraConfig};
 use super::sampler::SamplerHead;
 use crate::checkpoint::{SafetensorsFile, save};
 use crate::error::{Error, Result};
-use crate::model::{Llama, Proj, ProjDelta};
+use crate::model::{Gated, Llama, Proj, ProjDelta};
 
 /// The method's configuration: what an adapter is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +242,16 @@ impl MtpAdapter {
         Ok(names)
     }
 
+    /// The adapter applied to rows with `slot > 0` (mask rows) only, as the method says;
+    /// for a plain-LoRA adapter (`gated: false`), to every row.
+    ///
+    /// # Shapes
+    /// `slot`: `[b, t]` int64.
+    pub fn gated(&self, slot: &Tensor) -> Gated<'_> {
+        let gate = self.config.gated.then(|| (slot.gt(0).to_kind(Kind::Float) * self.lora.scale()).unsqueeze(-1));
+        Gated { delta: self, gate }
+    }
+
     /// The device its parameters live on.
     pub fn device(&self) -> Device {
         self.vs.device()
@@ -249,7 +259,7 @@ impl MtpAdapter {
 }
 
 impl ProjDelta for MtpAdapter {
-    fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Option<Tensor> {
-        self.lora.delta(layer, proj, x)
+    fn delta(&self, layer: usize, proj: Proj, x: &Tensor, gate: Option<&Tensor>) -> Option<Tensor> {
+        self.lora.delta(layer, proj, x, gate)
     }
 }

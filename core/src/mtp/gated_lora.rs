@@ -74,12 +74,29 @@ impl Lora {
     }
 }
 
+impl Lora {
+    /// alpha / r.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+}
+
 impl ProjDelta for Lora {
-    fn delta(&self, layer: usize, proj: Proj, x: &Tensor) -> Option<Tensor> {
+    fn delta(&self, layer: usize, proj: Proj, x: &Tensor, gate: Option<&Tensor>) -> Option<Tensor> {
         let pair = self.pairs.get(&(layer, proj))?;
-        // The factors stay in f32 (trainable); activations may be bf16.
+        // The factors stay in f32 (trainable); activations may be bf16. The gate (scale
+        // included) multiplies the rank-r intermediate: r columns, not `out`.
         let kind = x.kind();
-        let y = x.to_kind(Kind::Float).linear::<Tensor>(&pair.a, None).linear::<Tensor>(&pair.b, None) * self.scale;
-        Some(y.to_kind(kind))
+        let h = if kind == Kind::Float {
+            x.linear::<Tensor>(&pair.a, None)
+        } else {
+            x.to_kind(Kind::Float).linear::<Tensor>(&pair.a, None)
+        };
+        let h = match gate {
+            Some(g) => h * g,
+            None => h * self.scale,
+        };
+        let y = h.linear::<Tensor>(&pair.b, None);
+        Some(if kind == Kind::Float { y } else { y.to_kind(kind) })
     }
 }

@@ -11,7 +11,7 @@ use tch::{Kind, Reduction, Tensor};
 
 use super::adapter::MtpAdapter;
 use super::masks::{IGNORE, MtpLayout};
-use crate::model::{AttnMask, Gated, Llama};
+use crate::model::{AttnMask, Llama};
 
 /// The losses of one batch.
 #[derive(Debug)]
@@ -89,8 +89,7 @@ pub fn compute(model: &Llama, adapter: &MtpAdapter, batch: &MtpLayout, lcm_weigh
     let kind = model.dtype().kind();
 
     let x = adapter.embed(model, &batch.tokens, &batch.slot);
-    let gate = batch.gate(kind);
-    let gated = Gated { delta: adapter, gate: adapter.config.gated.then_some(&gate) };
+    let gated = adapter.gated(&batch.slot);
     let mask = batch.attention_mask();
     let z = model.forward_embeds(&x, &batch.positions, AttnMask::Custom(&mask), Some(&gated), None);
     let (rows, d) = (z.size()[0] * z.size()[1], z.size()[2]);

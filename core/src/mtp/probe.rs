@@ -79,8 +79,7 @@ pub fn probe(model: &Llama, adapter: &MtpAdapter, prompt_ids: &[i64], continuati
 
     let (base, tuned) = tch::no_grad(|| {
         let x = adapter.embed(model, &tok, &slot_d);
-        let gate = slot_d.gt(0).to_kind(x.kind()).unsqueeze(-1);
-        let gated = Gated { delta: adapter, gate: adapter.config.gated.then_some(&gate) };
+        let gated = adapter.gated(&slot_d);
         let run = |a: Option<&Gated>| {
             model.forward_embeds(&x, &positions, AttnMask::Custom(&mask), a, None).squeeze_dim(0).index_select(0, &rows)
         };
