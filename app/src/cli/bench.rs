@@ -7,19 +7,19 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use mtp_core::ModelSource;
 use mtp_core::decode::Mode;
 use mtp_core::decode::bench::{BenchConfig, read_prompts, run_bench};
 use mtp_core::mtp::MtpAdapter;
-use mtp_core::{DType, DeviceSpec, LoadOptions, LoadedModel, ModelSource};
 
-use super::progress::DownloadBar;
+use super::common::{ModelArgs, demo_default};
 
 /// Arguments of `mtp bench`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A model folder, a hub repo id or `demo`.
-    #[arg(long, default_value = "demo")]
-    pub model: String,
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// The MTP adapter (default for the demo model: its adapter).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -35,12 +35,6 @@ pub struct Args {
     /// New tokens per prompt.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: DType,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -51,22 +45,13 @@ pub struct Args {
 
 /// Run it.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let source: ModelSource = args.model.parse()?;
-    let demo = source == ModelSource::Demo;
-    let adapter_path = match (&args.adapter, demo) {
-        (Some(p), _) => p.clone(),
-        (None, true) => mtp_core::source::demo_adapter(),
-        (None, false) => anyhow::bail!("give --adapter FILE (only the demo model has a default)"),
-    };
-    let prompts_path = match (&args.prompts, demo) {
-        (Some(p), _) => p.clone(),
-        (None, true) => mtp_core::source::demo_prompts(),
-        (None, false) => anyhow::bail!("give --prompts FILE.jsonl (only the demo model has a default)"),
-    };
+    let source: ModelSource = args.model.model.parse()?;
+    let adapter_path =
+        demo_default(&source, args.adapter.as_deref(), mtp_core::source::demo_adapter(), "--adapter FILE")?;
+    let prompts_path =
+        demo_default(&source, args.prompts.as_deref(), mtp_core::source::demo_prompts(), "--prompts FILE.jsonl")?;
     let prompts = read_prompts(&prompts_path)?;
-    let options = LoadOptions { device: args.device, dtype: args.dtype, ..LoadOptions::default() };
-    let loaded = LoadedModel::load(&source, &options, &mut DownloadBar::new())
-        .with_context(|| format!("loading model `{source}`"))?;
+    let (_, loaded) = args.model.load()?;
     let adapter = MtpAdapter::load(&adapter_path, &loaded.model)?;
     let masks = if args.masks.is_empty() { vec![adapter.config.k] } else { args.masks.clone() };
     let config = BenchConfig { modes: args.modes.clone(), masks, max_new_tokens: args.max_new_tokens };
@@ -99,8 +84,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             prompts.len(),
             prompts_path.display(),
             args.max_new_tokens,
-            args.dtype,
-            args.device
+            args.model.dtype,
+            args.model.device
         );
         print!("{}", report.to_markdown());
         println!(

@@ -7,17 +7,16 @@ use anyhow::Context;
 use mtp_core::decode::{Decoding, GenerateRequest, Mode, SamplingParams, StepStats, TokenEvent, TokenOrigin, generate};
 use mtp_core::mtp::MtpAdapter;
 use mtp_core::tokenizer::ChatMessage;
-use mtp_core::{DType, DeviceSpec, LoadOptions, LoadedModel, ModelSource};
 use serde::Serialize;
 
-use super::progress::DownloadBar;
+use super::common::{ModelArgs, demo_default};
 
 /// Arguments of `mtp generate`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A model folder, a hub repo id (owner/name[@revision]) or `demo`.
-    #[arg(long)]
-    pub model: String,
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// The prompt text, encoded exactly as the model's tokenizer says.
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     pub prompt: Option<String>,
@@ -42,12 +41,6 @@ pub struct Args {
     /// Seed of sampled decoding.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: DType,
     /// MTP adapter (adapter.safetensors) for --mode linear|quadratic. Default for the demo
     /// model: the demo adapter.
     #[arg(long)]
@@ -117,10 +110,7 @@ impl Args {
 /// Run it.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let decoding = args.decoding()?;
-    let source: ModelSource = args.model.parse()?;
-    let options = LoadOptions { device: args.device, dtype: args.dtype, ..LoadOptions::default() };
-    let loaded = LoadedModel::load(&source, &options, &mut DownloadBar::new())
-        .with_context(|| format!("loading model `{source}`"))?;
+    let (source, loaded) = args.model.load()?;
     let tok = &loaded.tokenizer;
     let prompt_ids = match (&args.prompt, &args.prompt_ids) {
         (Some(text), _) if args.chat => {
@@ -134,10 +124,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let adapter = match (args.mode, &args.adapter) {
         (Mode::Ar, _) => None,
         (_, Some(path)) => Some(MtpAdapter::load(path, &loaded.model)?),
-        (_, None) if source == ModelSource::Demo && mtp_core::source::demo_adapter().exists() => {
-            Some(MtpAdapter::load(&mtp_core::source::demo_adapter(), &loaded.model)?)
+        (mode, None) => {
+            let path = demo_default(&source, None, mtp_core::source::demo_adapter(), "--adapter FILE")
+                .with_context(|| format!("--mode {mode} needs an MTP adapter"))?;
+            Some(MtpAdapter::load(&path, &loaded.model)?)
         }
-        (mode, None) => anyhow::bail!("--mode {mode} needs an MTP adapter: give --adapter FILE"),
     };
     let masks = match (&adapter, args.masks) {
         (None, _) => 0,
@@ -179,8 +170,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             model: source.to_string(),
             mode: args.mode,
             masks,
-            device: args.device.to_string(),
-            dtype: args.dtype.to_string(),
+            device: args.model.device.to_string(),
+            dtype: args.model.dtype.to_string(),
             prompt_ids: &req.prompt_ids,
             token_ids: &out.token_ids,
             text,

@@ -2,6 +2,7 @@
 //! for machines, and an exit code that says whether it worked.
 
 mod bench;
+mod common;
 mod download;
 mod generate;
 mod inspect;

@@ -2,19 +2,17 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use mtp_core::mtp::MtpAdapter;
 use mtp_core::mtp::probe::probe;
-use mtp_core::{DType, DeviceSpec, LoadOptions, LoadedModel, ModelSource};
 
-use super::progress::DownloadBar;
+use super::common::{ModelArgs, demo_default};
 
 /// Arguments of `mtp probe`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A model folder, a hub repo id or `demo`.
-    #[arg(long, default_value = "demo")]
-    pub model: String,
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// The MTP adapter (default for the demo model: its adapter).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -24,12 +22,6 @@ pub struct Args {
     /// The true continuation whose tokens the masks should predict.
     #[arg(long)]
     pub continuation: String,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: DType,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -37,15 +29,9 @@ pub struct Args {
 
 /// Run it.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let source: ModelSource = args.model.parse()?;
-    let options = LoadOptions { device: args.device, dtype: args.dtype, ..LoadOptions::default() };
-    let loaded = LoadedModel::load(&source, &options, &mut DownloadBar::new())
-        .with_context(|| format!("loading model `{source}`"))?;
-    let adapter_path = match (&args.adapter, source == ModelSource::Demo) {
-        (Some(p), _) => p.clone(),
-        (None, true) => mtp_core::source::demo_adapter(),
-        (None, false) => anyhow::bail!("give --adapter FILE (only the demo model has a default)"),
-    };
+    let (source, loaded) = args.model.load()?;
+    let adapter_path =
+        demo_default(&source, args.adapter.as_deref(), mtp_core::source::demo_adapter(), "--adapter FILE")?;
     let adapter = MtpAdapter::load(&adapter_path, &loaded.model)?;
     let tok = &loaded.tokenizer;
     let prompt_ids = tok.encode(&args.prompt)?;

@@ -1,0 +1,42 @@
+//! Arguments and loading shared by the commands that run a model.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use mtp_core::{DType, DeviceSpec, LoadOptions, LoadedModel, ModelSource};
+
+use super::progress::DownloadBar;
+
+/// Which model, where, in which precision.
+#[derive(Debug, clap::Args)]
+pub struct ModelArgs {
+    /// A model folder, a hub repo id (owner/name[@revision]) or `demo`.
+    #[arg(long, default_value = "demo")]
+    pub model: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: DType,
+}
+
+impl ModelArgs {
+    /// Resolve (downloading with a progress bar when needed) and load the model.
+    pub fn load(&self) -> anyhow::Result<(ModelSource, LoadedModel)> {
+        let source: ModelSource = self.model.parse()?;
+        let options = LoadOptions { device: self.device, dtype: self.dtype, ..LoadOptions::default() };
+        let loaded = LoadedModel::load(&source, &options, &mut DownloadBar::new())
+            .with_context(|| format!("loading model `{source}`"))?;
+        Ok((source, loaded))
+    }
+}
+
+/// The file `given`, or the demo's when the model is the demo and none is given.
+pub fn demo_default(source: &ModelSource, given: Option<&Path>, demo: PathBuf, flag: &str) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(p) => Ok(p.to_owned()),
+        None if *source == ModelSource::Demo => Ok(demo),
+        None => anyhow::bail!("give {flag} (only the demo model has a default)"),
+    }
+}
