@@ -34,17 +34,21 @@ if ((${#missing[@]})); then
   fi
 fi
 
-if [ ! -x .venv/bin/python ]; then
-  echo "setup: creating .venv" >&2
-  python3 -m venv .venv
+# The Python environment: .venv, or $MTP_VENV (CI keeps one outside the clone). Either way
+# .venv/libtorch links to its torch/ folder, which .cargo/config.toml builds against.
+venv="${MTP_VENV:-$root/.venv}"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv" >&2
+  python3 -m venv "$venv"
 fi
-if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
-  echo "setup: installing torch==$TORCH_VERSION into .venv (libtorch for tch; about 5 GB)" >&2
-  .venv/bin/pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  echo "setup: installing torch==$TORCH_VERSION into $venv (libtorch for tch; about 5 GB)" >&2
+  "$venv/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION"
 fi
-if [[ " $* " == *" --reference "* ]] && ! .venv/bin/python -c "import transformers, peft" 2>/dev/null; then
-  echo "setup: installing transformers and peft into .venv" >&2
-  .venv/bin/pip install -q --disable-pip-version-check transformers peft
+if [[ " $* " == *" --reference "* ]] && ! "$venv/bin/python" -c "import transformers, peft" 2>/dev/null; then
+  echo "setup: installing transformers and peft into $venv" >&2
+  "$venv/bin/pip" install -q --disable-pip-version-check transformers peft
 fi
-torch_dir="$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+torch_dir="$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+mkdir -p .venv
 [ "$(readlink .venv/libtorch 2>/dev/null)" = "$torch_dir" ] || ln -sfn "$torch_dir" .venv/libtorch
