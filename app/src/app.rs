@@ -98,7 +98,9 @@ impl WorkbenchApp {
         // draw a box for what no font covers rather than fail.
         ctx.set_missing_glyph_policy(egui::MissingGlyphPolicy::Tofu);
         let repaint = ctx.clone();
-        let worker = WorkerHandle::spawn(move || repaint.request_repaint());
+        // Events wake the window at most ~30 times a second: a fast stream (tokens, bench
+        // progress) must not spend the CPU on frames the worker needs.
+        let worker = WorkerHandle::spawn(move || repaint.request_repaint_after(Duration::from_millis(33)));
         let mut app = Self {
             persisted,
             runtime: Runtime::default(),

@@ -125,7 +125,7 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
             form_row(ui, "Train masks", "Also train the k mask embeddings (frozen by default)", |ui| {
                 ui.checkbox(&mut t.train_masks, "")
             });
-            form_row(ui, "LCM weight", "Weight of the latent-consistency loss (sum over the hidden size)", |ui| {
+            form_row(ui, "LCM weight", "Weight of the latent-consistency loss. It sums over the hidden size, so it grows with the width: about 1000 at width 256 against ~5 for the others; 0.02 balances the demo (the method's default is 1)", |ui| {
                 ui.add(egui::DragValue::new(&mut t.lcm_weight).range(0.0..=10.0).speed(0.01))
             });
             ui.label("Targets").on_hover_text("Projections that get gated LoRA");
@@ -270,7 +270,14 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
                 pu.line(line(format!("{name} total"), &s.train, |m| Some(m.losses.loss), c(0)));
                 pu.line(line(format!("{name} base"), &s.train, |m| Some(m.losses.loss_base), c(1)));
                 pu.line(line(format!("{name} sampler"), &s.train, |m| Some(m.losses.loss_sampler), c(2)));
-                pu.line(line(format!("{name} lcm"), &s.train, |m| Some(m.losses.loss_lcm), c(3)));
+                // The weighted term, as it enters the total (the raw one sums over the width
+                // and would flatten the others).
+                pu.line(line(
+                    format!("{name} lcm × weight"),
+                    &s.train,
+                    |m| Some(m.losses.loss - m.losses.loss_base - m.losses.loss_sampler),
+                    c(3),
+                ));
                 pu.line(
                     line(format!("{name} val total"), &s.val, |m| Some(m.losses.loss), c(0))
                         .style(egui_plot::LineStyle::dashed_loose()),
