@@ -13,6 +13,16 @@ Two modes:
       Loads a model folder this project wrote (`mtp pretrain`) with transformers and checks
       that its logits match ours within 1e-4 and its greedy continuation exactly.
 
+  python scripts/reference.py mtp-parity [--out tests/fixtures]
+      The method of ../shared/METHOD.md written again in PyTorch on top of the transformers
+      model (Fig. 4 layout by plain loops, gated LoRA as forward hooks, the sampler head,
+      the three losses): records a random non-zero adapter, a batch, the losses and every
+      trainable gradient, which tests/mtp_parity.rs compares with ours.
+
+  python scripts/reference.py train-bench --mtp target/release/mtp [--steps 20]
+      Training speed of that PyTorch reference against `mtp train` on the same model, data,
+      k and batch, on the same machine.
+
   python scripts/reference.py crosscheck --mtp target/release/mtp [--seed 1234]
       Makes fresh tiny models the same way with another seed in a temporary folder and
       checks that `mtp generate --json` reproduces transformers' greedy tokens exactly, with
@@ -346,12 +356,209 @@ def cmd_check_model(args) -> None:
         raise SystemExit("mismatch")
 
 
+# ---------------------------------------------------------------- the method in PyTorch
+
+PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IGNORE = -100
+
+
+def layout(ids: list[int], loss: list[bool], k: int) -> dict:
+    """METHOD.md section 2 by plain loops: after each position whose next token carries
+    loss, a block m_1..m_k. Row fields: token (NTP) or 0, slot, block, position, label,
+    prev (teacher-forced previous token), lcm target row (or -1)."""
+    n = len(ids)
+    loss = [loss[i] and i < n - 1 for i in range(n)]
+    rows, ntp_row = [], {}
+    for i in range(n):
+        ntp_row[i] = len(rows)
+        rows.append(dict(token=ids[i], slot=0, block=i))
+        if loss[i]:
+            for j in range(1, k + 1):
+                rows.append(dict(token=0, slot=j, block=i))
+    for r in rows:
+        t = r["block"] + r["slot"]  # the position whose next token is the label
+        valid = t < n - 1 and loss[t]
+        r["position"] = t
+        r["label"] = ids[t + 1] if valid else IGNORE
+        r["prev"] = ids[min(t, n - 1)]
+        r["lcm"] = ntp_row[t] if (valid and r["slot"] > 0) else -1
+    L = len(rows)
+    mask = torch.zeros(L, L, dtype=torch.bool)
+    for a, ra in enumerate(rows):
+        for b, rb in enumerate(rows):
+            if rb["slot"] == 0:
+                mask[a, b] = rb["block"] <= ra["block"]
+            else:
+                mask[a, b] = ra["slot"] > 0 and rb["block"] == ra["block"] and rb["slot"] <= ra["slot"]
+    return dict(rows=rows, mask=mask)
+
+
+class Reference(torch.nn.Module):
+    """Mask embeddings, gated LoRA (as hooks on the frozen model) and the sampler head."""
+
+    def __init__(self, model, k: int, rank: int, alpha: float, gen: torch.Generator):
+        super().__init__()
+        cfg = model.config
+        d = cfg.hidden_size
+        self.model, self.k, self.scale = model, k, alpha / rank
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.mask_embeddings = torch.nn.Parameter(torch.randn(k, d, generator=gen) * 0.2, requires_grad=False)
+        self.lora = torch.nn.ParameterDict()
+        for i, layer in enumerate(model.model.layers):
+            for name in PROJS:
+                mod = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
+                a = torch.randn(rank, mod.in_features, generator=gen) * 0.2
+                b = torch.randn(mod.out_features, rank, generator=gen) * 0.2
+                self.lora[f"{i}_{name}_A"] = torch.nn.Parameter(a)
+                self.lora[f"{i}_{name}_B"] = torch.nn.Parameter(b)
+                mod.register_forward_hook(self._hook(i, name))
+        self.fc1 = torch.nn.Linear(2 * d, d)
+        self.ln1 = torch.nn.LayerNorm(d)
+        self.fc2 = torch.nn.Linear(d, d)
+        self.ln2 = torch.nn.LayerNorm(d)
+        self.gate = None
+
+    def _hook(self, i, name):
+        def hook(mod, inputs, out):
+            a, b = self.lora[f"{i}_{name}_A"], self.lora[f"{i}_{name}_B"]
+            return out + ((inputs[0] @ a.T) * self.gate) @ b.T
+        return hook
+
+    def sampler(self, prev_embed, z):
+        h = self.ln1(torch.nn.functional.silu(self.fc1(torch.cat([prev_embed, z], -1))))
+        return self.ln2(torch.nn.functional.silu(self.fc2(h)))
+
+    def named_tensors(self) -> dict:
+        """Our adapter's tensor names."""
+        out = {"mask_embeddings": self.mask_embeddings}
+        for key, p in self.lora.items():
+            i, rest = key.split("_", 1)
+            proj, ab = rest.rsplit("_", 1)
+            out[f"lora.layers.{i}.{proj}.{ab}"] = p
+        for n in ["fc1", "ln1", "fc2", "ln2"]:
+            m = getattr(self, n)
+            out[f"sampler.{n}.weight"] = m.weight
+            out[f"sampler.{n}.bias"] = m.bias
+        return out
+
+    def losses(self, ids, loss, lcm_weight):
+        lay = layout(ids, loss, self.k)
+        rows = lay["rows"]
+        m = self.model
+        tok = torch.tensor([[r["token"] for r in rows]])
+        slot = torch.tensor([r["slot"] for r in rows])
+        x = m.model.embed_tokens(tok)
+        is_mask = (slot > 0).view(1, -1, 1)
+        x = torch.where(is_mask, self.mask_embeddings[(slot - 1).clamp(min=0)].unsqueeze(0), x)
+        self.gate = (slot > 0).float().view(1, -1, 1) * self.scale
+        pos = torch.tensor([[r["position"] for r in rows]])
+        pe = m.model.rotary_emb(x, position_ids=pos)
+        h = x
+        for layer in m.model.layers:
+            h = layer(h, attention_mask=lay["mask"].view(1, 1, *lay["mask"].shape), position_embeddings=pe, position_ids=pos)
+            h = h[0] if isinstance(h, tuple) else h
+        z = m.model.norm(h)[0]
+        labels = torch.tensor([r["label"] for r in rows])
+        valid = labels != IGNORE
+        on_mask = valid & (slot > 0)
+        base = torch.nn.functional.cross_entropy(m.lm_head(z[on_mask]), labels[on_mask])
+        prev = torch.tensor([r["prev"] for r in rows])
+        s = self.sampler(m.model.embed_tokens(prev[valid]), z[valid])
+        sampler = torch.nn.functional.cross_entropy(m.lm_head(s), labels[valid])
+        targets = {}
+        for idx, r in enumerate(rows):
+            if r["lcm"] >= 0:
+                targets.setdefault(r["lcm"], []).append(idx)
+        per_t = [torch.stack([((z[t].detach() - z[mm]) ** 2).sum() for mm in ms]).mean() for t, ms in targets.items()]
+        lcm = torch.stack(per_t).mean()
+        total = base + sampler + lcm_weight * lcm
+        return dict(loss=total, loss_base=base, loss_sampler=sampler, loss_lcm=lcm)
+
+
+PARITY = dict(family="llama", k=3, rank=4, alpha=8.0, lcm_weight=0.5, seed=11)
+
+
+def cmd_mtp_parity(args) -> None:
+    folder = Path(args.out) / "models" / PARITY["family"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(PARITY["seed"])
+    ref = Reference(model, PARITY["k"], PARITY["rank"], PARITY["alpha"], gen)
+    with torch.no_grad():
+        for m in [ref.fc1, ref.ln1, ref.fc2, ref.ln2]:
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if p.dim() == 1 and m in (ref.ln1, ref.ln2) and p is m.weight else 0.0))
+    ids = torch.randint(0, TOKENIZER_VOCAB, (14,), generator=gen).tolist()
+    # A chat-like mask: no loss on the first 4 positions.
+    loss = [i >= 3 for i in range(len(ids))]
+    out = ref.losses(ids, loss, PARITY["lcm_weight"])
+    out["loss"].backward()
+    tensors = {"ids": torch.tensor(ids), "loss_mask": torch.tensor([int(b) for b in loss])}
+    for name, t in ref.named_tensors().items():
+        tensors[f"adapter.{name}"] = t.detach().contiguous()
+        if t.requires_grad:
+            tensors[f"grad.{name}"] = t.grad.detach().contiguous()
+    for name, v in out.items():
+        tensors[name] = v.detach().reshape(1)
+    path = Path(args.out) / "reference" / "mtp_parity.safetensors"
+    save_file(tensors, str(path), metadata={k: str(v) for k, v in PARITY.items()})
+    print(f"{path}: loss {out['loss'].item():.6f} (base {out['loss_base'].item():.4f}, sampler "
+          f"{out['loss_sampler'].item():.4f}, lcm {out['loss_lcm'].item():.4f})")
+
+
+def cmd_train_bench(args) -> None:
+    """PyTorch reference training tokens/s vs `mtp train` on the same model, data, k."""
+    import statistics
+    import time
+
+    folder = Path(args.model) if args.model else ROOT / "assets" / "demo" / "model"
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
+    gen = torch.Generator().manual_seed(0)
+    k, seq, batch = args.k, args.seq_len, 1
+    ref = Reference(model, k, 16, 32.0, gen)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    # The same data as `mtp train --data builtin:code`: small Python functions.
+    text = "".join(f"def count_items(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total\n" for _ in range(40))
+    ids = tok(text)["input_ids"][:seq]
+    times = []
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        out = ref.losses(ids, [True] * len(ids), 1.0)
+        out["loss"].backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    ref_tps = len(ids) * batch / statistics.median(times[2:])
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [args.mtp, "train", "--model", str(folder), "--data", "builtin:code:400", "--out", f"{tmp}/run",
+               "--k", str(k), "--rank", "16", "--steps", str(args.steps), "--batch-size", str(batch),
+               "--seq-len", str(seq), "--val-every", "0", "--val-fraction", "0", "--json"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(done.stderr)
+        tps = [json.loads(l)["tokens_per_second"] for l in done.stdout.splitlines() if '"event":"step"' in l]
+    ours_tps = statistics.median(tps[2:])
+    print(json.dumps({"k": k, "seq_len": seq, "batch": batch, "steps": args.steps, "threads": torch.get_num_threads(),
+                      "ours_tokens_per_second": ours_tps, "reference_tokens_per_second": ref_tps,
+                      "ours_over_reference": ours_tps / ref_tps}, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fixtures")
     f.add_argument("--out", default=str(ROOT / "tests" / "fixtures"))
     f.add_argument("--seed", type=int, default=0)
+    mp = sub.add_parser("mtp-parity")
+    mp.add_argument("--out", default=str(ROOT / "tests" / "fixtures"))
+    tb = sub.add_parser("train-bench")
+    tb.add_argument("--mtp", required=True)
+    tb.add_argument("--model")
+    tb.add_argument("--k", type=int, default=4)
+    tb.add_argument("--seq-len", type=int, default=128)
+    tb.add_argument("--steps", type=int, default=12)
     m = sub.add_parser("check-model")
     m.add_argument("folder")
     m.add_argument("--mtp", required=True)
@@ -361,7 +568,11 @@ def main() -> None:
     c.add_argument("--seed", type=int, default=1234)
     args = p.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    {"fixtures": cmd_fixtures, "crosscheck": cmd_crosscheck, "check-model": cmd_check_model}[args.cmd](args)
+    commands = {
+        "fixtures": cmd_fixtures, "crosscheck": cmd_crosscheck, "check-model": cmd_check_model,
+        "mtp-parity": cmd_mtp_parity, "train-bench": cmd_train_bench,
+    }
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":

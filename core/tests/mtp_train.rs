@@ -73,6 +73,19 @@ fn gate_keeps_ntp_rows_bit_identical() -> anyhow::Result<()> {
         });
         assert!(max_abs_diff(&ntp_with, &plain) < 1e-5, "{family}");
 
+        // Without mask blocks (every row NTP, the gate 0 everywhere) the adapted model is the
+        // base model bit for bit.
+        let ids_t = Tensor::from_slice(&ids).unsqueeze(0);
+        let pos = Tensor::arange(ids.len() as i64, (Kind::Int64, Device::Cpu));
+        let slot = Tensor::zeros([1, ids.len() as i64], (Kind::Int64, Device::Cpu));
+        let gated = a.gated(&slot);
+        let (base_plain, adapted_plain) = tch::no_grad(|| {
+            let x = m.model.embed(&ids_t);
+            let run = |g: Option<&mtp_core::model::Gated>| m.model.forward_embeds(&x, &pos, AttnMask::Causal, g, None);
+            (run(None), run(Some(&gated)))
+        });
+        assert!(adapted_plain.equal(&base_plain), "{family}: a gated adapter changed a sequence without masks");
+
         // Plain LoRA (the ablation) changes NTP rows.
         let plain_lora = busy_adapter(&m, MtpConfig { k: 3, gated: false, ..MtpConfig::default() })?;
         let (ungated, slot) = hidden(&m, &plain_lora, &ids, 3, true);

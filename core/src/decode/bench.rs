@@ -292,6 +292,41 @@ pub fn run_bench(
     Ok(BenchReport { rows, divergences, max_new_tokens: config.max_new_tokens })
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(domain: &str, mode: Mode, masks: usize) -> BenchRow {
+        BenchRow {
+            domain: domain.into(),
+            mode,
+            masks,
+            prompts: 1,
+            tokens: 2,
+            forwards: 1,
+            tokens_per_forward: 2.0,
+            tokens_per_second: 1.0,
+            speedup: 1.0,
+            step_cost_vs_ar: 1.0,
+            identical: true,
+        }
+    }
+
+    #[test]
+    fn markdown_has_one_table_per_mode() {
+        let rows = ["code", "math", "all"]
+            .iter()
+            .flat_map(|d| [row(d, Mode::Ar, 0), row(d, Mode::Linear, 1), row(d, Mode::Quadratic, 1)])
+            .collect();
+        let md = BenchReport { rows, divergences: vec![], max_new_tokens: 8 }.to_markdown();
+        assert_eq!(md.matches("quadratic: tokens per forward").count(), 1);
+        assert_eq!(md.matches("linear: tokens per forward").count(), 1);
+        assert_eq!(md.matches("| math |").count(), 2);
+        let csv = BenchReport { rows: vec![row("code", Mode::Ar, 0)], divergences: vec![], max_new_tokens: 8 }.to_csv();
+        assert_eq!(csv.lines().count(), 2);
+    }
+}
+
 impl BenchReport {
     /// The table as CSV.
     pub fn to_csv(&self) -> String {
@@ -327,8 +362,12 @@ impl BenchReport {
             m.dedup();
             m
         };
-        let mut modes: Vec<Mode> = self.rows.iter().map(|r| r.mode).filter(|m| *m != Mode::Ar).collect();
-        modes.dedup();
+        let mut modes: Vec<Mode> = Vec::new();
+        for m in self.rows.iter().map(|r| r.mode).filter(|m| *m != Mode::Ar) {
+            if !modes.contains(&m) {
+                modes.push(m);
+            }
+        }
         let mut domains: Vec<&str> = self.rows.iter().map(|r| r.domain.as_str()).collect();
         domains.dedup();
         for mode in modes {

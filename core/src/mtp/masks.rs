@@ -154,6 +154,18 @@ mod tests {
         assert_eq!(v(&l.prev)[..9], [10, 11, 12, 11, 12, 13, 12, 13, 14]);
         // m1 after x0 predicts x2, as does NTP x1 (row 3); m2 after x0 predicts x3 = NTP x2 (row 6).
         assert_eq!(v(&l.lcm_target)[..9], [-1, 3, 6, -1, 6, 9, -1, 9, 12]);
+        // The gate: 1 on mask rows only.
+        let gate: Vec<f32> = Vec::try_from(l.gate(Kind::Float).flatten(0, -1)).unwrap_or_default();
+        assert_eq!(gate[..9], [0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]);
+        // The attention table of METHOD.md for the first nine rows.
+        let m = l.attention_mask();
+        let row = |r: i64| -> Vec<bool> { Vec::try_from(m.get(r).narrow(0, 0, 9)).unwrap_or_default() };
+        let (t, f) = (true, false);
+        assert_eq!(row(0), [t, f, f, f, f, f, f, f, f]); // x0
+        assert_eq!(row(2), [t, t, t, f, f, f, f, f, f]); // m2 after x0
+        assert_eq!(row(4), [t, f, f, t, t, f, f, f, f]); // m1 after x1: x0, x1, its own m1
+        assert_eq!(row(6), [t, f, f, t, f, f, t, f, f]); // x2: NTP rows only
+        assert_eq!(row(8), [t, f, f, t, f, f, t, t, t]); // m2 after x2
         // The tail: block after x4 has m1 -> x6 (past the end): ignored; x5 has no block.
         assert_eq!(v(&l.labels)[12..], [15, IGNORE, IGNORE, IGNORE]);
         assert_eq!(v(&l.slot)[12..], [0, 1, 2, 0]);
