@@ -513,19 +513,9 @@ impl WorkbenchApp {
         });
     }
 
-    /// Is the worker running a job?
-    pub fn busy(&self) -> bool {
-        self.runtime.job.is_some()
-    }
-
     /// The running job, if any.
     pub fn job(&self) -> Option<Job> {
         self.runtime.job
-    }
-
-    /// Is the running job paused?
-    pub fn paused(&self) -> bool {
-        self.worker.is_paused()
     }
 
     /// Block until the worker is idle or `timeout` passes, applying events (tests).

@@ -138,12 +138,25 @@ impl StepLayout {
             _ => Vec::new(),
         }
     }
+}
 
-    /// `[T, past + T]` attention mask: every cached row, plus the step's own pattern.
-    pub fn attention(&self, past: usize) -> Tensor {
-        let own = attention_mask(&self.block, &self.slot);
-        let t = self.len() as i64;
-        Tensor::cat(&[Tensor::ones([t, past as i64], (Kind::Bool, Device::Cpu)), own], 1)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_place_regular_rows_and_mask_blocks() {
+        let q = StepLayout::new(Mode::Quadratic, 2, 2);
+        assert_eq!(q.len(), 9);
+        assert_eq!((0..3).map(|g| q.regular_row(g)).collect::<Vec<_>>(), [0, 3, 6]);
+        assert_eq!(q.mask_rows(1), [4, 5]);
+        assert_eq!(Vec::<i64>::try_from(&q.slot).unwrap_or_default(), [0, 1, 2, 0, 1, 2, 0, 1, 2]);
+        let l = StepLayout::new(Mode::Linear, 2, 2);
+        assert_eq!(l.len(), 5);
+        assert_eq!((0..3).map(|g| l.regular_row(g)).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(l.mask_rows(2), [3, 4]);
+        assert!(l.mask_rows(0).is_empty());
+        assert_eq!(Vec::<i64>::try_from(&l.block).unwrap_or_default(), [0, 1, 2, 2, 2]);
     }
 }
 
