@@ -36,17 +36,17 @@ fn ids(v: &Value) -> Vec<i64> {
     v.as_array().map(|a| a.iter().filter_map(Value::as_i64).collect()).unwrap_or_default()
 }
 
-/// Train a 2-mask adapter on the llama fixture for a few steps.
-fn train_adapter(dir: &Path, steps: &str) -> anyhow::Result<PathBuf> {
-    let run = dir.join("run");
-    ok(mtp(&[
+/// `mtp train` arguments for a 2-mask adapter on the llama fixture.
+fn train_args(run: &Path, steps: &str) -> Vec<String> {
+    let model = fixture("llama");
+    [
         "train",
         "--model",
-        s(&fixture("llama")),
+        s(&model),
         "--data",
         "builtin:arith:200",
         "--out",
-        s(&run),
+        s(run),
         "--k",
         "2",
         "--rank",
@@ -57,12 +57,19 @@ fn train_adapter(dir: &Path, steps: &str) -> anyhow::Result<PathBuf> {
         "32",
         "--batch-size",
         "2",
-        "--checkpoint-every",
-        "3",
-        "--val-every",
-        "3",
         "--json",
-    ]))?;
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
+/// Train a 2-mask adapter on the llama fixture for a few steps.
+fn train_adapter(dir: &Path, steps: &str) -> anyhow::Result<PathBuf> {
+    let run = dir.join("run");
+    let mut args = train_args(&run, steps);
+    args.extend(["--checkpoint-every", "3", "--val-every", "3"].map(String::from));
+    ok(mtp(&args.iter().map(String::as_str).collect::<Vec<_>>()))?;
     Ok(run)
 }
 
@@ -280,29 +287,10 @@ fn ctrl_c_checkpoints_and_exits_cleanly() -> anyhow::Result<()> {
     use std::io::BufRead;
     let tmp = tempfile::tempdir()?;
     let run = tmp.path().join("run");
+    let mut args = train_args(&run, "100000");
+    args.extend(["--checkpoint-every", "100000"].map(String::from));
     let mut child = Command::new(env!("CARGO_BIN_EXE_mtp"))
-        .args([
-            "train",
-            "--model",
-            s(&fixture("llama")),
-            "--data",
-            "builtin:arith:200",
-            "--out",
-            s(&run),
-            "--k",
-            "2",
-            "--rank",
-            "4",
-            "--steps",
-            "100000",
-            "--seq-len",
-            "32",
-            "--batch-size",
-            "2",
-            "--checkpoint-every",
-            "100000",
-            "--json",
-        ])
+        .args(&args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;

@@ -10,9 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mtp_core::ModelSource;
 use mtp_core::decode::Mode;
 use mtp_core::decode::bench::{BenchConfig, read_prompts, run_bench};
-use mtp_core::mtp::MtpAdapter;
 
-use super::common::{ModelArgs, demo_default};
+use super::common::{AdapterArg, ModelArgs, demo_default};
 
 /// Arguments of `mtp bench`.
 #[derive(Debug, clap::Args)]
@@ -20,9 +19,9 @@ pub struct Args {
     /// The model.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The MTP adapter (default for the demo model: its adapter).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    /// The adapter.
+    #[command(flatten)]
+    pub adapter: AdapterArg,
     /// JSONL prompts with `prompt` and `domain` (default for the demo: its prompt sets).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
@@ -46,13 +45,11 @@ pub struct Args {
 /// Run it.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let source: ModelSource = args.model.model.parse()?;
-    let adapter_path =
-        demo_default(&source, args.adapter.as_deref(), mtp_core::source::demo_adapter(), "--adapter FILE")?;
     let prompts_path =
         demo_default(&source, args.prompts.as_deref(), mtp_core::source::demo_prompts(), "--prompts FILE.jsonl")?;
     let prompts = read_prompts(&prompts_path)?;
     let (_, loaded) = args.model.load()?;
-    let adapter = MtpAdapter::load(&adapter_path, &loaded.model)?;
+    let adapter = args.adapter.load(&source, &loaded.model)?;
     let masks = if args.masks.is_empty() { vec![adapter.config.k] } else { args.masks.clone() };
     let config = BenchConfig { modes: args.modes.clone(), masks, max_new_tokens: args.max_new_tokens };
 

@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use mtp_core::{DType, DeviceSpec, LoadOptions, LoadedModel, ModelSource};
+use mtp_core::mtp::MtpAdapter;
+use mtp_core::{DType, DeviceSpec, Llama, LoadOptions, LoadedModel, ModelSource};
 
 use super::progress::DownloadBar;
 
@@ -38,5 +39,21 @@ pub fn demo_default(source: &ModelSource, given: Option<&Path>, demo: PathBuf, f
         Some(p) => Ok(p.to_owned()),
         None if *source == ModelSource::Demo => Ok(demo),
         None => anyhow::bail!("give {flag} (only the demo model has a default)"),
+    }
+}
+
+/// Which MTP adapter.
+#[derive(Debug, clap::Args)]
+pub struct AdapterArg {
+    /// The MTP adapter (adapter.safetensors). Default for the demo model: its adapter.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+impl AdapterArg {
+    /// Load the adapter for `model` (from `source`), checking it was made for it.
+    pub fn load(&self, source: &ModelSource, model: &Llama) -> anyhow::Result<MtpAdapter> {
+        let path = demo_default(source, self.adapter.as_deref(), mtp_core::source::demo_adapter(), "--adapter FILE")?;
+        Ok(MtpAdapter::load(&path, model)?)
     }
 }

@@ -5,11 +5,10 @@ use std::ops::ControlFlow;
 
 use anyhow::Context;
 use mtp_core::decode::{Decoding, GenerateRequest, Mode, SamplingParams, StepStats, TokenEvent, TokenOrigin, generate};
-use mtp_core::mtp::MtpAdapter;
 use mtp_core::tokenizer::ChatMessage;
 use serde::Serialize;
 
-use super::common::{ModelArgs, demo_default};
+use super::common::{AdapterArg, ModelArgs};
 
 /// Arguments of `mtp generate`.
 #[derive(Debug, clap::Args)]
@@ -41,10 +40,9 @@ pub struct Args {
     /// Seed of sampled decoding.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// MTP adapter (adapter.safetensors) for --mode linear|quadratic. Default for the demo
-    /// model: the demo adapter.
-    #[arg(long)]
-    pub adapter: Option<std::path::PathBuf>,
+    /// The adapter, for --mode linear|quadratic.
+    #[command(flatten)]
+    pub adapter: AdapterArg,
     /// ar (one token per forward), linear or quadratic (speculative, with the adapter).
     #[arg(long, default_value = "ar")]
     pub mode: Mode,
@@ -121,14 +119,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(ids)) => ids.clone(),
         (None, None) => anyhow::bail!("give --prompt or --prompt-ids"),
     };
-    let adapter = match (args.mode, &args.adapter) {
-        (Mode::Ar, _) => None,
-        (_, Some(path)) => Some(MtpAdapter::load(path, &loaded.model)?),
-        (mode, None) => {
-            let path = demo_default(&source, None, mtp_core::source::demo_adapter(), "--adapter FILE")
-                .with_context(|| format!("--mode {mode} needs an MTP adapter"))?;
-            Some(MtpAdapter::load(&path, &loaded.model)?)
-        }
+    let adapter = match args.mode {
+        Mode::Ar => None,
+        mode => Some(
+            args.adapter.load(&source, &loaded.model).with_context(|| format!("--mode {mode} needs an MTP adapter"))?,
+        ),
     };
     let masks = match (&adapter, args.masks) {
         (None, _) => 0,

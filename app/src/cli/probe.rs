@@ -1,11 +1,8 @@
 //! `mtp probe`: the paper's Figure 1 on your model.
 
-use std::path::PathBuf;
-
-use mtp_core::mtp::MtpAdapter;
 use mtp_core::mtp::probe::probe;
 
-use super::common::{ModelArgs, demo_default};
+use super::common::{AdapterArg, ModelArgs};
 
 /// Arguments of `mtp probe`.
 #[derive(Debug, clap::Args)]
@@ -13,9 +10,9 @@ pub struct Args {
     /// The model.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The MTP adapter (default for the demo model: its adapter).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    /// The adapter.
+    #[command(flatten)]
+    pub adapter: AdapterArg,
     /// The prompt.
     #[arg(long)]
     pub prompt: String,
@@ -30,9 +27,7 @@ pub struct Args {
 /// Run it.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let (source, loaded) = args.model.load()?;
-    let adapter_path =
-        demo_default(&source, args.adapter.as_deref(), mtp_core::source::demo_adapter(), "--adapter FILE")?;
-    let adapter = MtpAdapter::load(&adapter_path, &loaded.model)?;
+    let adapter = args.adapter.load(&source, &loaded.model)?;
     let tok = &loaded.tokenizer;
     let prompt_ids = tok.encode(&args.prompt)?;
     let continuation_ids = tok.encode_with(&args.continuation, false)?;
