@@ -239,21 +239,54 @@ fn bad_files_become_errors_and_the_worker_survives() -> anyhow::Result<()> {
     h.run_steps(2);
     settle(&mut h);
 
-    let errors = h.state().runtime.errors.clone();
-    assert_eq!(errors.len(), 3, "{errors:?}");
-    assert!(errors[0].contains("missing.jsonl"), "{errors:?}");
-    assert!(errors[1].contains("no usable examples"), "{errors:?}");
-    assert!(errors[2].contains("model.safetensors"), "{errors:?}");
-    // Shown in the window.
-    h.get_by_label_contains("missing.jsonl");
-
-    // The worker still works.
+    // The worker still works: the good model loads.
     h.state_mut().persisted.model.source = fixture("llama").to_string_lossy().into_owned();
     h.get_by_label("Load model").click();
     h.run_steps(2);
     settle(&mut h);
     assert!(h.state().runtime.model.is_some());
-    assert_eq!(h.state().runtime.errors.len(), 3);
+
+    // An adapter file that is not one, and a benchmark prompts file with a bad line.
+    let not_adapter = tmp.path().join("not-an-adapter.safetensors");
+    std::fs::write(&not_adapter, b"garbage")?;
+    h.state_mut().persisted.model.adapter = not_adapter.to_string_lossy().into_owned();
+    h.get_by_label("Load adapter").click();
+    h.run_steps(2);
+    settle(&mut h);
+    tab(&mut h, Tab::Bench);
+    let prompts = tmp.path().join("bad-prompts.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"x\", \"domain\": \"code\"}\nnot json\n")?;
+    h.state_mut().persisted.bench.prompts = prompts.to_string_lossy().into_owned();
+    // The bench needs an adapter: the fixture's run from a quick training.
+    let run = proj.join("runs").join("quick");
+    let loaded = mtp_core::LoadedModel::from_folder(&fixture("llama"), &mtp_core::LoadOptions::default())?;
+    let config = mtp_core::train::TrainConfig {
+        model: mtp_core::ModelSource::Local { path: fixture("llama") },
+        data: "builtin:arith:50".parse()?,
+        steps: 1,
+        batch_size: 1,
+        seq_len: 32,
+        ..mtp_core::train::TrainConfig::default()
+    };
+    mtp_core::train::train(&loaded, &config, &run, &mut (), &mtp_core::train::Control::new())?;
+    h.state_mut().persisted.model.adapter = run.join("adapter.safetensors").to_string_lossy().into_owned();
+    h.state_mut().execute(mtp_app::app::Command::LoadAdapter);
+    settle(&mut h);
+    h.get_by_label("Run benchmark").click();
+    h.run_steps(2);
+    settle(&mut h);
+
+    let errors = h.state().runtime.errors.clone();
+    assert_eq!(errors.len(), 5, "{errors:?}");
+    assert!(errors[0].contains("missing.jsonl"), "{errors:?}");
+    assert!(errors[1].contains("no usable examples"), "{errors:?}");
+    assert!(errors[2].contains("model.safetensors"), "{errors:?}");
+    assert!(errors[3].contains("not-an-adapter.safetensors"), "{errors:?}");
+    assert!(errors[4].contains("bad-prompts.jsonl") && errors[4].contains("line 2"), "{errors:?}");
+    // Shown in the window.
+    h.get_by_label_contains("missing.jsonl");
+    h.get_by_label_contains("bad-prompts.jsonl");
+    assert!(h.state().runtime.adapter.is_some());
     Ok(())
 }
 
