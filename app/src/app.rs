@@ -50,6 +50,8 @@ pub enum Command {
     LoadAdapter,
     /// Preview the dataset named in the Data form.
     PreviewData,
+    /// Self-distill the loaded model on the dataset named in the Data form.
+    Distill,
     /// Start training with the Train form.
     StartTraining,
     /// Resume a run.
@@ -162,6 +164,16 @@ impl WorkbenchApp {
                 rt.adapter = Some(a);
             }
             Event::DataPreview(p) => rt.data = Some(*p),
+            Event::Distilled { path, sequences, new_tokens, seconds } => {
+                let took = ui::timing(rt, format!("{seconds:.0} s"));
+                rt.notices.push(format!(
+                    "wrote {sequences} sequences ({new_tokens} tokens of the model's own output) in {took} to {}; \
+                     it is now the dataset",
+                    ui::path_text(rt, &path)
+                ));
+                self.persisted.data.source = path.display().to_string();
+                self.execute(Command::PreviewData);
+            }
             Event::Train(e) => {
                 let e = *e;
                 match &e {
@@ -230,6 +242,23 @@ impl WorkbenchApp {
                 Ok(source) => {
                     let seq_len = self.persisted.train.seq_len;
                     self.send(Request::PreviewData { source, strict: self.persisted.data.strict, seq_len });
+                }
+                Err(e) => self.runtime.errors.push(format!("Data: {e}")),
+            },
+            Command::Distill => match self.persisted.data.source.parse() {
+                Ok(source) => {
+                    let d = &self.persisted.data;
+                    let defaults = mtp_core::train::distill::DistillConfig::default();
+                    // Prompts leave room for the continuation in one training sequence.
+                    let prompt_tokens = defaults.prompt_tokens.min(self.persisted.train.seq_len / 4).max(1);
+                    let config = mtp_core::train::distill::DistillConfig {
+                        sequences: d.distill_sequences,
+                        new_tokens: d.distill_new_tokens,
+                        prompt_tokens,
+                        ..defaults
+                    };
+                    let out = self.new_distill_path();
+                    self.send(Request::Distill { source, config, out });
                 }
                 Err(e) => self.runtime.errors.push(format!("Data: {e}")),
             },
@@ -335,6 +364,15 @@ impl WorkbenchApp {
             i += 1;
         }
         dir
+    }
+
+    /// `data/distilled-N.jsonl` in the project (or the temporary folder), N the first free.
+    fn new_distill_path(&self) -> PathBuf {
+        let base = match &self.persisted.project_dir {
+            Some(p) => p.join("data"),
+            None => std::env::temp_dir().join("mtp-workbench-data"),
+        };
+        (1..).map(|i| base.join(format!("distilled-{i}.jsonl"))).find(|p| !p.exists()).unwrap_or(base)
     }
 
     fn open_project(&mut self, dir: PathBuf) {

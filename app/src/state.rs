@@ -80,11 +80,21 @@ pub struct DataForm {
     pub source: String,
     /// Fail on the first malformed line.
     pub strict: bool,
+    /// Self-distillation: prompts to continue.
+    pub distill_sequences: usize,
+    /// Self-distillation: greedy tokens per prompt.
+    pub distill_new_tokens: usize,
 }
 
 impl Default for DataForm {
     fn default() -> Self {
-        Self { source: "builtin:arith".into(), strict: false }
+        let d = mtp_core::train::distill::DistillConfig::default();
+        Self {
+            source: "builtin:arith".into(),
+            strict: false,
+            distill_sequences: d.sequences,
+            distill_new_tokens: d.new_tokens,
+        }
     }
 }
 

@@ -333,3 +333,46 @@ fn mtp_core_latest(run: &Path) -> Option<(usize, PathBuf)> {
         })
         .max_by_key(|(s, _)| *s)
 }
+
+#[test]
+fn distill_writes_the_models_own_continuations_and_trains_on_them() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model = fixture("llama");
+    let out = tmp.path().join("distilled.jsonl");
+    let args = ["--model", s(&model), "--data", "builtin:arith:50", "--out", s(&out), "--sequences", "10"];
+    let shape = ["--prompt-tokens", "8", "--new-tokens", "6", "--batch-size", "4", "--json"];
+    let summary: Value = serde_json::from_str(&ok(mtp(&[&["distill"][..], &args, &shape].concat()))?)?;
+    assert_eq!(summary["sequences"], 10);
+    let lines: Vec<Value> =
+        std::fs::read_to_string(&out)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 10);
+    for line in &lines {
+        assert_eq!(ids(&line["prompt_ids"]).len(), 8);
+        let n = ids(&line["completion_ids"]).len();
+        assert!((1..=6).contains(&n), "{line}");
+        assert!(line["prompt"].is_string() && line["completion"].is_string());
+    }
+    // Each completion is what `mtp generate` writes greedily after that prompt (up to EOS).
+    let first = &lines[0];
+    let prompt: Vec<String> = ids(&first["prompt_ids"]).iter().map(i64::to_string).collect();
+    let generate =
+        ["generate", "--model", s(&model), "--prompt-ids", &prompt.join(","), "--max-new-tokens", "6", "--json"];
+    let generated: Value = serde_json::from_str(&ok(mtp(&generate))?)?;
+    assert_eq!(ids(&first["completion_ids"]), ids(&generated["token_ids"]));
+    // The file trains an adapter.
+    let mut train = train_args(&tmp.path().join("run"), "2");
+    let at = train.iter().position(|a| a == "builtin:arith:200").expect("the data argument");
+    train[at] = s(&out).to_string();
+    ok(mtp(&train.iter().map(String::as_str).collect::<Vec<_>>()))?;
+    assert!(tmp.path().join("run").join("adapter.safetensors").is_file());
+    // Ids the model does not have: an error naming the file, not a panic.
+    let foreign = tmp.path().join("foreign.jsonl");
+    std::fs::write(&foreign, "{\"prompt_ids\": [1, 2], \"completion_ids\": [3, 99999]}\n".repeat(8))?;
+    let mut train = train_args(&tmp.path().join("run2"), "2");
+    train[at] = s(&foreign).to_string();
+    fails_with(mtp(&train.iter().map(String::as_str).collect::<Vec<_>>()), &["foreign.jsonl", "99999"]);
+    // Prompts longer than the data allows: a clear error.
+    let long = ["--prompt-tokens", "100000", "--json"];
+    fails_with(mtp(&[&["distill"][..], &args, &long].concat()), &["too few"]);
+    Ok(())
+}

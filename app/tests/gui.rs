@@ -2,7 +2,7 @@
 //! open a project, load the model, train and stop, train to the end, race AR against
 //! quadratic decoding and see the identical-outputs badge, step through decoding, bench,
 //! probe; a snapshot of each tab; bad files become errors in the window; quitting during
-//! training leaves a resumable checkpoint.
+//! training leaves a resumable checkpoint; self-distillation writes a dataset and selects it.
 //!
 //! Snapshots are rendered by wgpu on Mesa's lavapipe (software Vulkan). Regenerate them
 //! with `UPDATE_SNAPSHOTS=force cargo test -p mtp-app --test gui`.
@@ -314,5 +314,37 @@ fn quitting_during_training_leaves_a_resumable_checkpoint() -> anyhow::Result<()
     let (_, summary) =
         mtp_core::train::resume(&loaded, &run, Some(step + 2), &mut (), &mtp_core::train::Control::new())?;
     assert_eq!(summary.step, step + 2);
+    Ok(())
+}
+
+#[test]
+fn self_distill_writes_a_dataset_and_selects_it() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let proj = project(tmp.path())?;
+    let mut p = persisted();
+    p.data.distill_sequences = 9;
+    p.data.distill_new_tokens = 5;
+    let mut h = harness(&proj, p);
+    settle(&mut h);
+    tab(&mut h, Tab::Data);
+    h.get_by_label("Self-distill").click();
+    h.run_steps(2);
+    settle(&mut h);
+    let runtime = &h.state().runtime;
+    assert!(runtime.errors.is_empty(), "{:?}", runtime.errors);
+    let file = proj.join("data").join("distilled-1.jsonl");
+    assert_eq!(h.state().persisted.data.source, file.display().to_string());
+    assert_eq!(std::fs::read_to_string(&file)?.lines().count(), 9);
+    // The new dataset was previewed: prompt + completion token ids, formatted by the model.
+    let data = runtime.data.as_ref().expect("a preview of the distilled set");
+    assert_eq!(data.report.examples, 9);
+    assert_eq!(data.report.format, mtp_core::train::data::DataFormat::PromptCompletion);
+    assert!(data.examples.iter().all(|e| e.iter().any(|t| t.target) && e.iter().any(|t| !t.target)));
+    h.get_by_label_contains("distilled-1.jsonl");
+    // A second one does not overwrite the first.
+    h.get_by_label("Self-distill").click();
+    h.run_steps(2);
+    settle(&mut h);
+    assert!(proj.join("data").join("distilled-2.jsonl").is_file());
     Ok(())
 }

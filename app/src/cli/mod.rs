@@ -3,6 +3,7 @@
 
 mod bench;
 mod common;
+mod distill;
 mod download;
 mod generate;
 mod inspect;
@@ -37,6 +38,8 @@ pub enum Command {
     Train(train::Args),
     /// Pretrain a small model from scratch (how the built-in demo is made).
     Pretrain(pretrain::Args),
+    /// Record the model's own greedy continuations as a training set (self-distillation).
+    Distill(distill::Args),
     /// Tokens per forward by domain and masks, tokens/s and speedup over AR.
     Bench(bench::Args),
     /// Rank of the true future tokens at each mask slot (the paper's Figure 1).
@@ -53,6 +56,7 @@ pub fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Train(a) => train::run(a),
         Command::Pretrain(a) => pretrain::run(a),
+        Command::Distill(a) => distill::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Probe(a) => probe::run(a),
     };

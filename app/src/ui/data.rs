@@ -41,6 +41,21 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         }
         busy_line(ui, rt, Job::Data);
     });
+    ui.horizontal(|ui| {
+        let tip = "Record the loaded model's own greedy continuations of prompts cut from this dataset, \
+                   and make that file the dataset. Speculative decoding accepts a draft only when it equals \
+                   the model's own choice, so masks trained on what the model writes are accepted more often \
+                   than masks trained on text it only read.";
+        let ready = !rt.busy() && rt.model.is_some();
+        if ui.add_enabled(ready, egui::Button::new("Self-distill")).on_hover_text(tip).clicked() {
+            commands.push(Command::Distill);
+        }
+        ui.label("sequences").on_hover_text("Prompts to continue");
+        ui.add(super::drag_usize(&mut p.data.distill_sequences, 1..=1_000_000));
+        ui.label("new tokens").on_hover_text("Greedy tokens per prompt (fewer when the model ends the text)");
+        ui.add(super::drag_usize(&mut p.data.distill_new_tokens, 1..=4096));
+        busy_line(ui, rt, Job::Distill);
+    });
     ui.separator();
     let Some(d) = &rt.data else {
         ui.label("Pick a dataset and press Preview.");

@@ -20,6 +20,7 @@ use mtp_core::mtp::MtpAdapter;
 use mtp_core::mtp::probe::probe;
 use mtp_core::source::{DownloadProgress, HubOptions};
 use mtp_core::tokenizer::ChatMessage;
+use mtp_core::train::distill::{distill, write_jsonl};
 use mtp_core::train::trainer::{RunDir, read_config, read_metrics};
 use mtp_core::train::{Control, Outcome, TrainEvent};
 use mtp_core::{LoadOptions, LoadedModel};
@@ -124,6 +125,7 @@ fn job_of(r: &Request) -> Job {
         Request::LoadModel { .. } => Job::LoadModel,
         Request::LoadAdapter { .. } => Job::LoadAdapter,
         Request::PreviewData { .. } => Job::Data,
+        Request::Distill { .. } => Job::Distill,
         Request::Train { .. } | Request::Resume { .. } => Job::Train,
         Request::ReadRuns { .. } => Job::Runs,
         Request::Race { .. } => Job::Race,
@@ -221,6 +223,29 @@ impl Worker {
                     None => Vec::new(),
                 };
                 self.emit(Event::DataPreview(Box::new(DataPreview { report, examples: formatted })));
+            }
+            Request::Distill { source, config, out } => {
+                let loaded = self.model()?;
+                let started = Instant::now();
+                let mut progress = |done: usize, total: usize| {
+                    let what = format!("{done}/{total} sequences");
+                    self.emit(Event::Progress(Job::Distill, what, Some(done as f32 / total.max(1) as f32)));
+                };
+                let examples = distill(loaded, &source, &config, &self.control, &mut progress)?;
+                if self.control.is_cancelled() {
+                    anyhow::bail!(
+                        "stopped after {} of {} sequences; nothing written",
+                        examples.len(),
+                        config.sequences
+                    );
+                }
+                write_jsonl(&out, &examples, &loaded.tokenizer)?;
+                self.emit(Event::Distilled {
+                    path: out,
+                    sequences: examples.len(),
+                    new_tokens: examples.iter().map(|d| d.completion_ids.len()).sum(),
+                    seconds: started.elapsed().as_secs_f64(),
+                });
             }
             Request::Train { config, run_dir } => {
                 let loaded = self.model()?;

@@ -9,6 +9,7 @@ use mtp_core::inspect::ModelInfo;
 use mtp_core::mtp::MtpConfig;
 use mtp_core::mtp::probe::ProbeReport;
 use mtp_core::train::data::{DataReport, PreviewToken};
+use mtp_core::train::distill::DistillConfig;
 use mtp_core::train::{DataSource, StepMetrics, TrainConfig, TrainEvent};
 use mtp_core::{DType, DeviceSpec, ModelSource};
 
@@ -21,6 +22,8 @@ pub enum Job {
     LoadAdapter,
     /// Reading and formatting a dataset.
     Data,
+    /// Recording the model's own continuations as a dataset.
+    Distill,
     /// Training.
     Train,
     /// Reading the runs of a project.
@@ -42,6 +45,7 @@ impl Job {
             Job::LoadModel => "loading model",
             Job::LoadAdapter => "loading adapter",
             Job::Data => "reading data",
+            Job::Distill => "self-distilling",
             Job::Train => "training",
             Job::Runs => "reading runs",
             Job::Race => "A/B race",
@@ -86,6 +90,16 @@ pub enum Request {
         strict: bool,
         /// Tokens shown per example.
         seq_len: usize,
+    },
+    /// Record the loaded model's greedy continuations of prompts cut from a dataset, as a
+    /// JSONL training set.
+    Distill {
+        /// Where prompts come from.
+        source: DataSource,
+        /// How many, how long.
+        config: DistillConfig,
+        /// The JSONL file to write.
+        out: PathBuf,
     },
     /// Start a training run.
     Train {
@@ -264,6 +278,17 @@ pub enum Event {
     AdapterLoaded(AdapterSummary),
     /// A dataset preview.
     DataPreview(Box<DataPreview>),
+    /// A distilled set was written.
+    Distilled {
+        /// The JSONL file.
+        path: PathBuf,
+        /// Sequences in it.
+        sequences: usize,
+        /// Generated tokens in it.
+        new_tokens: usize,
+        /// Seconds it took.
+        seconds: f64,
+    },
     /// A training event.
     Train(Box<TrainEvent>),
     /// A training run ended.

@@ -156,6 +156,14 @@ pub enum Example {
         /// The text.
         text: String,
     },
+    /// Token ids given directly (a self-distilled set, `mtp distill`), loss on the
+    /// completion. They belong to the tokenizer that wrote them.
+    Tokens {
+        /// Ids without loss.
+        prompt_ids: Vec<i64>,
+        /// Ids with loss (already ending with EOS when the text ended).
+        completion_ids: Vec<i64>,
+    },
 }
 
 /// The format detected for a dataset.
@@ -283,6 +291,20 @@ fn parse_line(v: &Value) -> std::result::Result<Example, String> {
         }
         return Ok(Example::Chat { messages });
     }
+    if let (Some(p), Some(c)) = (obj.get("prompt_ids"), obj.get("completion_ids")) {
+        let ids = |v: &Value, name: &str| -> std::result::Result<Vec<i64>, String> {
+            let ids: Vec<i64> = serde_json::from_value(v.clone()).map_err(|e| format!("`{name}`: {e}"))?;
+            match ids.iter().find(|&&i| i < 0) {
+                Some(i) => Err(format!("`{name}`: negative token id {i}")),
+                None => Ok(ids),
+            }
+        };
+        let (prompt_ids, completion_ids) = (ids(p, "prompt_ids")?, ids(c, "completion_ids")?);
+        if prompt_ids.is_empty() || completion_ids.is_empty() {
+            return Err("`prompt_ids` and `completion_ids` must not be empty".into());
+        }
+        return Ok(Example::Tokens { prompt_ids, completion_ids });
+    }
     match (obj.get("prompt"), obj.get("completion"), obj.get("text")) {
         (Some(Value::String(p)), Some(Value::String(c)), _) => {
             Ok(Example::PromptCompletion { prompt: p.clone(), completion: c.clone() })
@@ -307,7 +329,7 @@ fn read_jsonl(path: &Path, strict: bool) -> Result<(Vec<Example>, DataReport)> {
             Ok(ex) => {
                 kinds[match ex {
                     Example::Chat { .. } => 0,
-                    Example::PromptCompletion { .. } => 1,
+                    Example::PromptCompletion { .. } | Example::Tokens { .. } => 1,
                     Example::Text { .. } => 2,
                 }] = true;
                 examples.push(ex);
@@ -381,7 +403,9 @@ fn encode_marked(tok: &TextTokenizer, spans: &[Span], add_special_tokens: bool) 
 
 /// Tokenize one example. The loss mask marks positions whose next token is a target: every
 /// token of plain text; for chat, assistant turns; for prompt + completion, the completion.
-/// Plain text and completions are followed by the tokenizer's first EOS id.
+/// Plain text and completions are followed by the tokenizer's first EOS id. Token ids are
+/// taken as they are (the model checks them against its vocabulary, which may be larger
+/// than the tokenizer's).
 pub fn tokenize(example: &Example, tok: &TextTokenizer) -> Result<Tokenized> {
     let eos = tok.eos_ids.first().copied();
     let (mut ids, mut target) = match example {
@@ -395,6 +419,7 @@ pub fn tokenize(example: &Example, tok: &TextTokenizer) -> Result<Tokenized> {
             &[Span { text: prompt.clone(), target: false }, Span { text: completion.clone(), target: true }],
             true,
         )?,
+        Example::Tokens { prompt_ids, completion_ids } => return Ok(tokens(prompt_ids, completion_ids)),
         Example::Chat { messages } => {
             // Render growing prefixes: the text an assistant turn adds is the difference
             // between the conversation up to it and the prompt that asks for it.
@@ -428,6 +453,14 @@ pub fn tokenize(example: &Example, tok: &TextTokenizer) -> Result<Tokenized> {
     let n = ids.len();
     let loss = (0..n).map(|i| i + 1 < n && target[i + 1]).collect();
     Ok(Tokenized { ids, loss })
+}
+
+/// A token-id example, loss on the completion.
+fn tokens(prompt_ids: &[i64], completion_ids: &[i64]) -> Tokenized {
+    let ids: Vec<i64> = prompt_ids.iter().chain(completion_ids).copied().collect();
+    let n = ids.len();
+    let loss = (0..n).map(|i| i + 1 < n && i + 1 >= prompt_ids.len()).collect();
+    Tokenized { ids, loss }
 }
 
 /// One token of a formatted example, as the Data tab shows it.
@@ -579,6 +612,27 @@ mod tests {
         assert!(err.contains("d.jsonl") && err.contains("line 3"), "{err}");
         std::fs::write(&path, "\n{\"x\": 1}\n").map_err(|e| Error::io(&path, e))?;
         assert!(read_examples(&source, false).expect_err("empty").to_string().contains("no usable examples"));
+        Ok(())
+    }
+
+    #[test]
+    fn token_id_lines_keep_their_ids_with_loss_on_the_completion() -> Result<()> {
+        let line =
+            serde_json::json!({"prompt": "ab", "completion": "c", "prompt_ids": [5, 6], "completion_ids": [7, 8, 0]});
+        let ex = parse_line(&line).map_err(Error::Invalid)?;
+        assert_eq!(ex, Example::Tokens { prompt_ids: vec![5, 6], completion_ids: vec![7, 8, 0] });
+        let Example::Tokens { prompt_ids, completion_ids } = &ex else { unreachable!() };
+        let t = tokens(prompt_ids, completion_ids);
+        assert_eq!(t.ids, [5, 6, 7, 8, 0]);
+        // Position 1 predicts 7, the first completion token; the last predicts nothing.
+        assert_eq!(t.loss, [false, true, true, true, false]);
+        for bad in [
+            serde_json::json!({"prompt_ids": [1], "completion_ids": []}),
+            serde_json::json!({"prompt_ids": [1], "completion_ids": [-3]}),
+            serde_json::json!({"prompt_ids": "1", "completion_ids": [2]}),
+        ] {
+            assert!(parse_line(&bad).is_err(), "{bad}");
+        }
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 pub mod builtin;
 pub mod control;
 pub mod data;
+pub mod distill;
 pub mod events;
 pub mod memory;
 pub mod optim;

@@ -203,13 +203,17 @@ impl Objective for LmObjective<'_> {
     }
 }
 
-/// Plain text of an example, for pretraining (every token carries loss).
-fn plain_text(e: &Example) -> String {
-    match e {
+/// Plain text of an example, for pretraining (every token carries loss). Token ids belong
+/// to another model's tokenizer: an error.
+fn plain_text(e: &Example, source: &DataSource) -> Result<String> {
+    Ok(match e {
         Example::Text { text } => text.clone(),
         Example::PromptCompletion { prompt, completion } => format!("{prompt}{completion}"),
         Example::Chat { messages } => messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect(),
-    }
+        Example::Tokens { .. } => {
+            return Err(Error::Invalid(format!("{source} holds token ids (a distilled set): pretraining needs text")));
+        }
+    })
 }
 
 /// What pretraining produced.
@@ -257,7 +261,9 @@ pub fn pretrain(
     let mut report: Option<DataReport> = None;
     for source in &config.data {
         let (ex, rep) = data::read_examples(source, false)?;
-        examples.extend(ex.iter().map(plain_text));
+        for e in &ex {
+            examples.push(plain_text(e, source)?);
+        }
         report = Some(match report {
             None => rep,
             Some(mut r) => {

@@ -219,8 +219,17 @@ pub struct PreparedData {
 pub fn prepare_data(config: &TrainConfig, loaded: &LoadedModel) -> Result<PreparedData> {
     let (examples, report) = data::read_examples(&config.data, config.strict_data)?;
     let (train_ex, val_ex) = data::split(&examples, config.val_fraction, config.seed);
+    // Ids given directly (a distilled set) must fit this model's embedding table.
     let tokenize = |exs: &[data::Example]| -> Result<Vec<Tokenized>> {
-        exs.iter().map(|e| data::tokenize(e, &loaded.tokenizer)).collect()
+        exs.iter()
+            .map(|e| {
+                let t = data::tokenize(e, &loaded.tokenizer)?;
+                loaded.model.check_ids(&t.ids).map_err(|err| {
+                    Error::Invalid(format!("dataset {}: {err} (token ids written for another model?)", config.data))
+                })?;
+                Ok(t)
+            })
+            .collect()
     };
     let shape = |t: Vec<Tokenized>| match config.packing {
         Packing::Pack => data::pack(&t, config.seq_len),

@@ -1,0 +1,114 @@
+//! `mtp distill`: a training set of the model's own greedy continuations (self-distillation),
+//! for `mtp train --data FILE.jsonl`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use mtp_core::train::distill::{DistillConfig, distill, write_jsonl};
+use mtp_core::train::{Control, DataSource};
+
+use super::common::ModelArgs;
+use super::train::cancel_on_ctrl_c;
+
+/// Arguments of `mtp distill`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The model whose continuations are recorded.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Where prompts are cut from (repeat or comma-separate): JSONL, text file, folder,
+    /// builtin:NAME[:COUNT].
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub data: Vec<String>,
+    /// The JSONL file to write (`prompt`, `completion`, `prompt_ids`, `completion_ids`).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Prompts to continue.
+    #[arg(long, default_value_t = DistillConfig::default().sequences)]
+    pub sequences: usize,
+    /// Tokens per prompt.
+    #[arg(long, default_value_t = DistillConfig::default().prompt_tokens)]
+    pub prompt_tokens: usize,
+    /// Greedy tokens per prompt (fewer when the model ends the text).
+    #[arg(long, default_value_t = DistillConfig::default().new_tokens)]
+    pub new_tokens: usize,
+    /// Prompts decoded together.
+    #[arg(long, default_value_t = DistillConfig::default().batch_size)]
+    pub batch_size: usize,
+    /// Seed of the prompt choice.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `mtp distill` did.
+#[derive(Debug, serde::Serialize)]
+struct Summary {
+    out: PathBuf,
+    sequences: usize,
+    new_tokens: usize,
+    ended_with_eos: usize,
+    seconds: f64,
+    tokens_per_second: f64,
+    stopped_early: bool,
+}
+
+/// Run it.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let control = Control::new();
+    cancel_on_ctrl_c(&control);
+    let config = DistillConfig {
+        sequences: args.sequences,
+        prompt_tokens: args.prompt_tokens,
+        new_tokens: args.new_tokens,
+        batch_size: args.batch_size,
+        seed: args.seed,
+    };
+    let sources = args.data.iter().map(|d| d.parse::<DataSource>()).collect::<Result<Vec<_>, _>>()?;
+    let source = if sources.len() == 1 { sources[0].clone() } else { DataSource::Mix { sources } };
+    let (_, loaded) = args.model.load()?;
+    let tok = &loaded.tokenizer;
+
+    let bar = if std::io::stderr().is_terminal() && !args.json { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} sequences [{elapsed_precise} eta {eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let out = distill(&loaded, &source, &config, &control, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    write_jsonl(&args.out, &out, tok).context("writing the distilled set")?;
+    let new_tokens: usize = out.iter().map(|d| d.completion_ids.len()).sum();
+    let summary = Summary {
+        out: args.out.clone(),
+        sequences: out.len(),
+        new_tokens,
+        ended_with_eos: out.iter().filter(|d| d.completion_ids.last().is_some_and(|t| tok.eos_ids.contains(t))).count(),
+        seconds,
+        tokens_per_second: new_tokens as f64 / seconds.max(1e-9),
+        stopped_early: control.is_cancelled(),
+    };
+    if args.json {
+        return super::print_json(&summary);
+    }
+    println!(
+        "wrote {} sequences ({} new tokens, {} ended the text) to {} in {:.1} s ({:.0} tokens/s){}",
+        summary.sequences,
+        summary.new_tokens,
+        summary.ended_with_eos,
+        summary.out.display(),
+        summary.seconds,
+        summary.tokens_per_second,
+        if summary.stopped_early { ", stopped early" } else { "" }
+    );
+    Ok(())
+}

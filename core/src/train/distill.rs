@@ -1,0 +1,213 @@
+//! Self-distillation: training data made of the base model's own greedy continuations.
+//!
+//! Greedy speculative decoding accepts a draft only when it equals the base model's own
+//! next-token choice, so the masks are best trained on what the model itself writes, not on
+//! text it merely read. This matters most when a dataset and the model part ways (a small
+//! model that loops, a model tuned away from its data); Medusa-2 and EAGLE make the same
+//! choice. The paper trains on data close to its model's outputs (Tulu3-8B-SFT on the Tulu3
+//! SFT mix) and says nothing of this; it is an option here, never a silent default.
+//!
+//! Prompts are windows of exactly `prompt_tokens` tokens cut from a dataset's token stream
+//! (the examples concatenated, as pretraining saw them) just before a position the dataset
+//! marks as a target, so every prompt has the same length and a batch needs no padding.
+
+use std::path::Path;
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use super::Control;
+use super::data::{self, DataSource, Tokenized};
+use crate::bundle::LoadedModel;
+use crate::error::{Error, Result};
+use crate::model::Llama;
+use crate::tokenizer::TextTokenizer;
+
+/// How much to distill and how.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DistillConfig {
+    /// Prompts to continue.
+    pub sequences: usize,
+    /// Tokens per prompt.
+    pub prompt_tokens: usize,
+    /// Greedy tokens generated per prompt (fewer when the model ends the text).
+    pub new_tokens: usize,
+    /// Prompts decoded together.
+    pub batch_size: usize,
+    /// Seed of the prompt choice.
+    pub seed: u64,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        Self { sequences: 4000, prompt_tokens: 32, new_tokens: 96, batch_size: 32, seed: 0 }
+    }
+}
+
+/// One distilled example: a prompt from the data and the model's greedy continuation (ending
+/// with the first end-of-sequence token, when one came).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Distilled {
+    /// The prompt's token ids.
+    pub prompt_ids: Vec<i64>,
+    /// The continuation's token ids.
+    pub completion_ids: Vec<i64>,
+}
+
+/// The whole pass: read `source`, tokenize it with the model's tokenizer, choose the
+/// prompts and continue them (see [`continue_greedy`] for `progress` and `control`).
+pub fn distill(
+    loaded: &LoadedModel,
+    source: &DataSource,
+    config: &DistillConfig,
+    control: &Control,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Distilled>> {
+    let (examples, _) = data::read_examples(source, false)?;
+    let tokenized = examples.iter().map(|e| data::tokenize(e, &loaded.tokenizer)).collect::<Result<Vec<_>>>()?;
+    let prompts = choose_prompts(&tokenized, config)?;
+    let eos = &loaded.tokenizer.eos_ids;
+    continue_greedy(&loaded.model, &prompts, config.new_tokens, config.batch_size, eos, control, progress)
+}
+
+/// Write `examples` as JSONL, atomically: per line the texts (for people and the Data view)
+/// and the ids (what training reads), `prompt`, `completion`, `prompt_ids`, `completion_ids`.
+pub fn write_jsonl(path: &Path, examples: &[Distilled], tok: &TextTokenizer) -> Result<()> {
+    let mut text = String::new();
+    for d in examples {
+        let line = serde_json::json!({
+            "prompt": tok.decode(&d.prompt_ids, false)?,
+            "completion": tok.decode(&d.completion_ids, false)?,
+            "prompt_ids": d.prompt_ids,
+            "completion_ids": d.completion_ids,
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    crate::fsutil::write_atomic(path, text.as_bytes())
+}
+
+/// Choose `config.sequences` prompt windows from `examples`: each is the `prompt_tokens`
+/// tokens of the concatenated stream before a position whose token is a target of the data.
+/// Seeded; an error when the data is shorter than one prompt.
+pub fn choose_prompts(examples: &[Tokenized], config: &DistillConfig) -> Result<Vec<Vec<i64>>> {
+    let p = config.prompt_tokens;
+    if p == 0 {
+        return Err(Error::Invalid("distillation needs prompts of at least one token".into()));
+    }
+    let ids: Vec<i64> = examples.iter().flat_map(|t| t.ids.iter().copied()).collect();
+    let loss: Vec<bool> = examples.iter().flat_map(|t| t.loss.iter().copied()).collect();
+    // Cut before token c when the data wants c predicted (its predecessor carries loss).
+    let cuts: Vec<usize> = (p..ids.len()).filter(|&c| loss[c - 1]).collect();
+    if cuts.is_empty() {
+        return Err(Error::Invalid(format!(
+            "the dataset has {} tokens: too few for one prompt of {p} tokens before a target",
+            ids.len()
+        )));
+    }
+    let mut rng = StdRng::seed_from_u64(config.seed ^ 0xD157_111);
+    Ok((0..config.sequences)
+        .map(|_| {
+            let c = cuts[rng.random_range(0..cuts.len())];
+            ids[c - p..c].to_vec()
+        })
+        .collect())
+}
+
+/// Continue every prompt (all of one length) greedily for `new_tokens` tokens, `batch_size`
+/// at a time, cutting each continuation after its first token in `eos`. `progress(done,
+/// total)` is called after each batch. Stops early (returning what is done) when `control`
+/// is cancelled.
+pub fn continue_greedy(
+    model: &Llama,
+    prompts: &[Vec<i64>],
+    new_tokens: usize,
+    batch_size: usize,
+    eos: &[i64],
+    control: &Control,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Distilled>> {
+    let p = prompts.first().map_or(0, Vec::len);
+    if let Some(bad) = prompts.iter().find(|q| q.len() != p) {
+        return Err(Error::Invalid(format!("prompts of {} and {p} tokens in one distillation", bad.len())));
+    }
+    if p + new_tokens > model.config.context_length() {
+        return Err(Error::ContextLength {
+            what: format!("a prompt of {p} tokens + {new_tokens} new tokens"),
+            needed: p + new_tokens,
+            context: model.config.context_length(),
+        });
+    }
+    for q in prompts {
+        model.check_ids(q)?;
+    }
+    let mut out = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(batch_size.max(1)) {
+        if control.is_cancelled() {
+            break;
+        }
+        let rows = tch::no_grad(|| greedy_batch(model, chunk, new_tokens));
+        for (prompt, mut completion) in chunk.iter().zip(rows) {
+            if let Some(end) = completion.iter().position(|t| eos.contains(t)) {
+                completion.truncate(end + 1);
+            }
+            out.push(Distilled { prompt_ids: prompt.clone(), completion_ids: completion });
+        }
+        progress(out.len(), prompts.len());
+    }
+    Ok(out)
+}
+
+/// Greedy continuations of equal-length prompts decoded as one batch with a KV cache.
+///
+/// # Shapes
+/// `prompts`: b prompts of p tokens -> b rows of `new_tokens` ids.
+fn greedy_batch(model: &Llama, prompts: &[Vec<i64>], new_tokens: usize) -> Vec<Vec<i64>> {
+    let b = prompts.len() as i64;
+    let p = prompts.first().map_or(0, Vec::len);
+    let flat: Vec<i64> = prompts.iter().flatten().copied().collect();
+    let input = Tensor::from_slice(&flat).view([b, p as i64]).to_device(model.device());
+    let mut cache = model.new_cache(p + new_tokens);
+    let logits = model.forward(&input, Some(&mut cache)); // [b, p, vocab]
+    let mut next = logits.select(1, p as i64 - 1).argmax(-1, false); // [b]
+    let mut steps = Vec::with_capacity(new_tokens);
+    for i in 0..new_tokens {
+        steps.push(next.shallow_clone());
+        if i + 1 < new_tokens {
+            next = model.forward(&next.unsqueeze(1), Some(&mut cache)).select(1, 0).argmax(-1, false);
+        }
+    }
+    let all = Tensor::stack(&steps, 1).to_kind(Kind::Int64).to_device(tch::Device::Cpu); // [b, new]
+    let values = Vec::<i64>::try_from(all.reshape([-1])).unwrap_or_default();
+    values.chunks(new_tokens.max(1)).map(<[i64]>::to_vec).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_end_before_targets_and_are_seeded() -> Result<()> {
+        // Two examples: the first all prompt but its last token, the second all target.
+        let a = Tokenized { ids: (0..10).collect(), loss: (0..10).map(|i| i == 8).collect() };
+        let b = Tokenized { ids: (100..110).collect(), loss: vec![true; 10] };
+        let config = DistillConfig { sequences: 50, prompt_tokens: 4, ..DistillConfig::default() };
+        let prompts = choose_prompts(&[a.clone(), b.clone()], &config)?;
+        assert_eq!(prompts.len(), 50);
+        let stream: Vec<i64> = a.ids.iter().chain(&b.ids).copied().collect();
+        for q in &prompts {
+            assert_eq!(q.len(), 4);
+            let at = stream.windows(4).position(|w| w == q.as_slice()).expect("a window of the stream");
+            let next = at + 4;
+            // The token after the prompt is a target: 9 (after loss[8]) or one of the second example's.
+            assert!(next == 9 || next >= 10, "cut before {next}");
+        }
+        assert_eq!(choose_prompts(&[a.clone(), b.clone()], &config)?, prompts);
+        let other = choose_prompts(&[a.clone(), b], &DistillConfig { seed: 1, ..config })?;
+        assert_ne!(other, prompts);
+        let err = choose_prompts(&[a], &DistillConfig { prompt_tokens: 20, ..config }).expect_err("too short");
+        assert!(err.to_string().contains("too few"), "{err}");
+        Ok(())
+    }
+}

@@ -1,0 +1,49 @@
+//! Self-distillation: the batched greedy continuations equal AR's, token for token, for
+//! every prompt (a partial last batch included), and a continuation ends at its first EOS.
+
+mod common;
+
+use mtp_core::decode::{Decoding, GenerateRequest, generate_ar};
+use mtp_core::train::Control;
+use mtp_core::train::distill::continue_greedy;
+use mtp_core::{LoadOptions, LoadedModel};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+#[test]
+fn batched_continuations_equal_ar_greedy() -> anyhow::Result<()> {
+    let loaded = LoadedModel::from_folder(&common::model_dir("llama"), &LoadOptions::default())?;
+    let model = &loaded.model;
+    let vocab = model.config.vocab_size as i64;
+    let mut rng = StdRng::seed_from_u64(7);
+    let prompts: Vec<Vec<i64>> = (0..7).map(|_| (0..6).map(|_| rng.random_range(0..vocab)).collect()).collect();
+    let ar = |prompt: &Vec<i64>| -> anyhow::Result<Vec<i64>> {
+        let req = GenerateRequest {
+            prompt_ids: prompt.clone(),
+            max_new_tokens: 12,
+            decoding: Decoding::Greedy,
+            eos_ids: vec![],
+        };
+        Ok(generate_ar(model, &req, &mut ())?.token_ids)
+    };
+    let mut calls = Vec::new();
+    let got = continue_greedy(model, &prompts, 12, 3, &[], &Control::new(), &mut |d, n| calls.push((d, n)))?;
+    assert_eq!(calls, [(3, 7), (6, 7), (7, 7)]);
+    for (prompt, d) in prompts.iter().zip(&got) {
+        assert_eq!(&d.prompt_ids, prompt);
+        assert_eq!(d.completion_ids, ar(prompt)?, "prompt {prompt:?}");
+    }
+    // With the token AR wrote fifth as the end of text, the first continuation stops there.
+    let first = ar(&prompts[0])?;
+    let eos = first[4];
+    let cut = continue_greedy(model, &prompts[..1], 12, 3, &[eos], &Control::new(), &mut |_, _| {})?;
+    let end = first.iter().position(|&t| t == eos).expect("eos is in the output") + 1;
+    assert_eq!(cut[0].completion_ids, first[..end]);
+    // Cancelled before the first batch: nothing.
+    let control = Control::new();
+    control.cancel();
+    assert!(continue_greedy(model, &prompts, 12, 3, &[], &control, &mut |_, _| {})?.is_empty());
+    // Prompts of different lengths cannot share a batch.
+    let mixed = vec![vec![1, 2, 3], vec![1, 2]];
+    assert!(continue_greedy(model, &mixed, 4, 2, &[], &Control::new(), &mut |_, _| {}).is_err());
+    Ok(())
+}
