@@ -174,3 +174,15 @@ mod tests {
         Ok(())
     }
 }
+
+/// Run `init` with torch's global generator seeded with `seed`, holding a process-wide lock
+/// so that another thread seeding or drawing through this function cannot interleave its
+/// draws (torch has one global generator per device; two trainings started at once in one
+/// process, as tests do, would otherwise get each other's numbers).
+pub fn seeded<T>(seed: u64, init: impl FnOnce() -> T) -> T {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A panic inside another initialisation leaves nothing half-done here: go on.
+    let _guard = LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    tch::manual_seed(seed as i64);
+    init()
+}

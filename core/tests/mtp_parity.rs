@@ -29,7 +29,7 @@ fn losses_and_gradients_match_the_pytorch_reference() -> anyhow::Result<()> {
         sampler: true,
         train_mask_embeddings: false,
     };
-    let adapter = MtpAdapter::new(&m.model, config, "parity")?;
+    let adapter = mtp_core::device::seeded(0, || MtpAdapter::new(&m.model, config, "parity"))?;
     adapter.load_tensors(|name| Ok(file.read(&format!("adapter.{name}"))?))?;
 
     let ids = file.read("ids")?;

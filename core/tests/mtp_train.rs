@@ -19,16 +19,18 @@ fn load(family: &str) -> anyhow::Result<LoadedModel> {
 
 /// An adapter whose LoRA B factors are random (a fresh one has B = 0, a zero delta).
 fn busy_adapter(m: &LoadedModel, config: MtpConfig) -> anyhow::Result<MtpAdapter> {
-    tch::manual_seed(1);
-    let a = MtpAdapter::new(&m.model, config, "fixture")?;
-    tch::no_grad(|| {
-        for (name, mut t) in a.named_tensors() {
-            if name.ends_with(".B") {
-                t.copy_(&(Tensor::randn_like(&t) * 0.5));
+    // Seeded under the lock that trainings in other test threads take too.
+    Ok(mtp_core::device::seeded(1, || -> anyhow::Result<MtpAdapter> {
+        let a = MtpAdapter::new(&m.model, config, "fixture")?;
+        tch::no_grad(|| {
+            for (name, mut t) in a.named_tensors() {
+                if name.ends_with(".B") {
+                    t.copy_(&(Tensor::randn_like(&t) * 0.5));
+                }
             }
-        }
-    });
-    Ok(a)
+        });
+        Ok(a)
+    })?)
 }
 
 /// Final hidden states of a laid-out sequence, with or without the adapter's delta.
@@ -237,8 +239,9 @@ fn adapters_round_trip_and_refuse_another_base() -> anyhow::Result<()> {
 #[test]
 fn losses_are_finite_and_slot_accuracy_is_per_slot() -> anyhow::Result<()> {
     let m = load("qwen2")?;
-    tch::manual_seed(0);
-    let a = MtpAdapter::new(&m.model, MtpConfig { k: 3, ..MtpConfig::default() }, "fixture")?;
+    let a = mtp_core::device::seeded(0, || {
+        MtpAdapter::new(&m.model, MtpConfig { k: 3, ..MtpConfig::default() }, "fixture")
+    })?;
     let ids: Vec<i64> = reference("qwen2")?.logits_input_ids;
     let layout = collate(
         &[build_layout(&Tensor::from_slice(&ids), &Tensor::ones([ids.len() as i64], (Kind::Bool, Device::Cpu)), 3)],

@@ -106,7 +106,7 @@ impl MtpAdapter {
     /// A fresh adapter for `model`: mask embeddings drawn like the base's embedding rows
     /// (same mean and standard deviation), LoRA B = 0 (so the adapted model starts equal
     /// to the base), sampler with PyTorch's default init. Uses torch's global RNG: call
-    /// `tch::manual_seed` first for a reproducible start.
+    /// it inside [`crate::device::seeded`] for a reproducible start.
     pub fn new(model: &Llama, config: MtpConfig, base_name: &str) -> Result<Self> {
         config.validate()?;
         let device = model.device();

@@ -333,9 +333,10 @@ pub fn pretrain(
     // Validate the shape through the same checks a loaded config.json gets.
     let model_config =
         crate::model::HfConfig::from_value(model_config.to_hf_json())?.validate(&out.join("config.json"))?;
-    tch::manual_seed(config.seed as i64);
     let vs = nn::VarStore::new(device);
-    let model = Llama::load(model_config.clone(), &InitSource { root: vs.root() }, DType::F32, device)?;
+    let model = crate::device::seeded(config.seed, || {
+        Llama::load(model_config.clone(), &InitSource { root: vs.root() }, DType::F32, device)
+    })?;
     let parameters = vs.trainable_variables().iter().map(|t| t.numel() as u64).sum();
 
     let settings = LoopSettings {

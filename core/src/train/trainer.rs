@@ -536,8 +536,9 @@ fn run_loop(
 ) -> Result<TrainSummary> {
     let model = &loaded.model;
     let data = prepare_data(config, loaded)?;
-    tch::manual_seed(config.seed as i64);
-    let adapter = MtpAdapter::new(model, config.method.clone(), &loaded.source.to_string())?;
+    let adapter = crate::device::seeded(config.seed, || {
+        MtpAdapter::new(model, config.method.clone(), &loaded.source.to_string())
+    })?;
     let objective = MtpObjective { model, adapter: &adapter, lcm_weight: config.lcm_weight };
     let settings = LoopSettings::of(config, model.device());
     let (outcome, step, last) = optimize(&objective, &data, &settings, run, resuming, sink, control)?;
