@@ -3,6 +3,7 @@
 //! quadratic decoding and see the identical-outputs badge, step through decoding, bench,
 //! probe; a snapshot of each tab; bad files become errors in the window; quitting during
 //! training leaves a resumable checkpoint; self-distillation writes a dataset and selects it.
+//! Every snapshot also checks that each widget has an accessible name.
 //!
 //! Snapshots are rendered by wgpu on Mesa's lavapipe (software Vulkan). Regenerate them
 //! with `UPDATE_SNAPSHOTS=force cargo test -p mtp-app --test gui`.
@@ -62,7 +63,7 @@ fn harness(project: &Path, persisted: Persisted) -> Harness<'static, WorkbenchAp
     let target = project.to_string_lossy().into_owned();
     Harness::builder()
         .with_size(egui::vec2(1280.0, 900.0))
-        .with_accessibility_check(false)
+        .with_accessibility_check(true)
         // Model text (the fixture's random tokens) holds characters no font covers; the app
         // itself sets the same policy.
         .allow_missing_glyphs()

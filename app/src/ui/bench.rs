@@ -15,19 +15,27 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     ui.heading("Benchmark");
     let b = &mut p.bench;
     ui.horizontal(|ui| {
-        ui.label("Prompts").on_hover_text("JSONL with `prompt` and `domain` per line; empty: the demo's prompt sets");
-        ui.add(egui::TextEdit::singleline(&mut b.prompts).hint_text("built-in demo prompts").desired_width(300.0));
+        let label = ui
+            .label("Prompts")
+            .on_hover_text("JSONL with `prompt` and `domain` per line; empty: the demo's prompt sets");
+        ui.add(egui::TextEdit::singleline(&mut b.prompts).hint_text("built-in demo prompts").desired_width(300.0))
+            .labelled_by(label.id);
         if ui.button("File…").clicked() {
             commands.push(Command::Pick(Pick::PromptsFile));
         }
     });
     ui.horizontal(|ui| {
-        ui.label("Masks");
+        let label = ui.label("Masks");
         ui.add(egui::TextEdit::singleline(&mut b.masks).desired_width(80.0))
+            .labelled_by(label.id)
             .on_hover_text("Comma-separated, each 1..k");
         ui.checkbox(&mut b.linear, "linear");
         ui.checkbox(&mut b.quadratic, "quadratic");
-        ui.add(egui::DragValue::new(&mut b.max_new_tokens).range(1..=2048).prefix("tokens "));
+        super::named(
+            ui.add(egui::DragValue::new(&mut b.max_new_tokens).range(1..=2048).prefix("tokens ")),
+            egui::WidgetType::SpinButton,
+            "New tokens per prompt",
+        );
         let masks: Result<Vec<usize>, _> = b.masks.split(',').map(|s| s.trim().parse::<usize>()).collect();
         let ready = !rt.busy() && rt.adapter.is_some() && masks.is_ok();
         if ui.add_enabled(ready, egui::Button::new("Run benchmark")).clicked()

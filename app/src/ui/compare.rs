@@ -16,24 +16,35 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     ui.heading("A/B race: AR vs multi-token");
     let k = rt.adapter.as_ref().map_or(0, |a| a.config.k);
     let c = &mut p.compare;
-    ui.add(egui::TextEdit::multiline(&mut c.prompt).desired_rows(3).desired_width(f32::INFINITY).hint_text("prompt"));
+    super::named(
+        ui.add(
+            egui::TextEdit::multiline(&mut c.prompt).desired_rows(3).desired_width(f32::INFINITY).hint_text("prompt"),
+        ),
+        egui::WidgetType::MultilineTextInput,
+        "Prompt",
+    );
     ui.horizontal(|ui| {
-        ui.label("Lane B").on_hover_text("Lane A always decodes AR, one token per forward pass");
-        egui::ComboBox::from_id_salt("lane-b-mode").selected_text(c.mode.name()).show_ui(ui, |ui| {
+        let label = ui.label("Lane B").on_hover_text("Lane A always decodes AR, one token per forward pass");
+        let mode = egui::ComboBox::from_id_salt("lane-b-mode").selected_text(c.mode.name()).show_ui(ui, |ui| {
             ui.selectable_value(&mut c.mode, Mode::Quadratic, "quadratic")
                 .on_hover_text("The method: a mask block after every token");
             ui.selectable_value(&mut c.mode, Mode::Linear, "linear")
                 .on_hover_text("The ablation: drafts, then one mask block");
         });
-        ui.label("masks");
+        mode.response.labelled_by(label.id);
+        let label = ui.label("masks");
         ui.add(egui::DragValue::new(&mut c.masks).range(1..=k.max(1)))
+            .labelled_by(label.id)
             .on_hover_text("Mask tokens per step (1..k of the adapter)");
         ui.separator();
         ui.checkbox(&mut c.greedy, "Greedy")
             .on_hover_text("Greedy: outputs must be identical. Off: sampled with the same seed");
-        ui.add_enabled(!c.greedy, egui::DragValue::new(&mut c.temperature).range(0.05..=2.0).speed(0.01).prefix("T "));
-        ui.add_enabled(!c.greedy, egui::DragValue::new(&mut c.seed).prefix("seed "));
-        ui.add(egui::DragValue::new(&mut c.max_new_tokens).range(1..=4096).prefix("max "));
+        let drag = egui::WidgetType::SpinButton;
+        let temperature = egui::DragValue::new(&mut c.temperature).range(0.05..=2.0).speed(0.01).prefix("T ");
+        super::named(ui.add_enabled(!c.greedy, temperature), drag, "Temperature");
+        super::named(ui.add_enabled(!c.greedy, egui::DragValue::new(&mut c.seed).prefix("seed ")), drag, "Seed");
+        let max = egui::DragValue::new(&mut c.max_new_tokens).range(1..=4096).prefix("max ");
+        super::named(ui.add(max), drag, "Most new tokens");
         ui.add_enabled(
             rt.model.as_ref().is_some_and(|m| m.chat_template),
             egui::Checkbox::new(&mut c.chat, "Chat template"),

@@ -11,17 +11,17 @@ use crate::worker::Job;
 pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut Vec<Command>) {
     ui.heading("Data");
     ui.horizontal(|ui| {
-        ui.label("Dataset").on_hover_text(
+        let label = ui.label("Dataset").on_hover_text(
             "JSONL (messages, prompt + completion, or text), a text file, a folder, or builtin:NAME[:COUNT]",
         );
-        ui.add(egui::TextEdit::singleline(&mut p.data.source).desired_width(320.0));
+        ui.add(egui::TextEdit::singleline(&mut p.data.source).desired_width(320.0)).labelled_by(label.id);
         if ui.button("File…").on_hover_text("A .jsonl or text file").clicked() {
             commands.push(Command::Pick(Pick::DataFile));
         }
         if ui.button("Folder…").on_hover_text("A folder of text or source files").clicked() {
             commands.push(Command::Pick(Pick::DataFolder));
         }
-        egui::ComboBox::from_id_salt("builtin").selected_text("Built-in").show_ui(ui, |ui| {
+        let builtin = egui::ComboBox::from_id_salt("builtin").selected_text("Built-in").show_ui(ui, |ui| {
             for (name, tip) in [
                 ("builtin:arith", "arithmetic word problems with worked solutions"),
                 ("builtin:code", "small Python functions"),
@@ -32,6 +32,9 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
                 }
             }
         });
+        builtin
+            .response
+            .widget_info(|| egui::WidgetInfo::labeled(egui::WidgetType::ComboBox, true, "Built-in dataset"));
     });
     ui.horizontal(|ui| {
         ui.checkbox(&mut p.data.strict, "Strict")
@@ -50,10 +53,11 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         if ui.add_enabled(ready, egui::Button::new("Self-distill")).on_hover_text(tip).clicked() {
             commands.push(Command::Distill);
         }
-        ui.label("sequences").on_hover_text("Prompts to continue");
-        ui.add(super::drag_usize(&mut p.data.distill_sequences, 1..=1_000_000));
-        ui.label("new tokens").on_hover_text("Greedy tokens per prompt (fewer when the model ends the text)");
-        ui.add(super::drag_usize(&mut p.data.distill_new_tokens, 1..=4096));
+        let label = ui.label("sequences").on_hover_text("Prompts to continue");
+        ui.add(super::drag_usize(&mut p.data.distill_sequences, 1..=1_000_000)).labelled_by(label.id);
+        let label =
+            ui.label("new tokens").on_hover_text("Greedy tokens per prompt (fewer when the model ends the text)");
+        ui.add(super::drag_usize(&mut p.data.distill_new_tokens, 1..=4096)).labelled_by(label.id);
         busy_line(ui, rt, Job::Distill);
     });
     ui.separator();

@@ -42,10 +42,17 @@ pub fn form_row(
     tip: &str,
     add: impl FnOnce(&mut egui::Ui) -> egui::Response,
 ) -> egui::Response {
-    ui.label(label).on_hover_text(tip);
-    let r = add(ui).on_hover_text(tip);
+    let name = ui.label(label).on_hover_text(tip);
+    let r = add(ui).on_hover_text(tip).labelled_by(name.id);
     ui.end_row();
     r
+}
+
+/// Give a widget with no visible label of its own an accessible name (for screen readers
+/// and the UI tests' accessibility check).
+pub fn named(response: egui::Response, kind: egui::WidgetType, name: &str) -> egui::Response {
+    response.widget_info(|| egui::WidgetInfo::labeled(kind, response.enabled(), name));
+    response
 }
 
 /// A `DragValue` for a usize in a range.

@@ -119,7 +119,13 @@ pub fn show(
         };
     });
     ui.horizontal(|ui| {
-        ui.add(egui::TextEdit::singleline(&mut p.model.adapter).hint_text("adapter.safetensors").desired_width(320.0));
+        super::named(
+            ui.add(
+                egui::TextEdit::singleline(&mut p.model.adapter).hint_text("adapter.safetensors").desired_width(320.0),
+            ),
+            egui::WidgetType::TextInput,
+            "Adapter file",
+        );
         if ui.button("File…").on_hover_text("Pick an adapter.safetensors").clicked() {
             commands.push(Command::Pick(Pick::AdapterFile));
         }

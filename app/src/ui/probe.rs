@@ -12,10 +12,12 @@ use crate::worker::{Job, Request};
 /// Draw the Probe view.
 pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut Vec<Command>) {
     ui.heading("Probe: does the model know the future?");
-    ui.label("Prompt");
-    ui.add(egui::TextEdit::multiline(&mut p.probe.prompt).desired_rows(2).desired_width(f32::INFINITY));
-    ui.label("True continuation").on_hover_text("The tokens the masks should predict");
-    ui.add(egui::TextEdit::multiline(&mut p.probe.continuation).desired_rows(2).desired_width(f32::INFINITY));
+    let label = ui.label("Prompt");
+    ui.add(egui::TextEdit::multiline(&mut p.probe.prompt).desired_rows(2).desired_width(f32::INFINITY))
+        .labelled_by(label.id);
+    let label = ui.label("True continuation").on_hover_text("The tokens the masks should predict");
+    ui.add(egui::TextEdit::multiline(&mut p.probe.continuation).desired_rows(2).desired_width(f32::INFINITY))
+        .labelled_by(label.id);
     ui.horizontal(|ui| {
         let ready = !rt.busy() && rt.adapter.is_some();
         if ui.add_enabled(ready, egui::Button::new("Run probe")).clicked() {

@@ -20,8 +20,12 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         commands.push(Command::Pick(Pick::Project));
     }
     ui.horizontal(|ui| {
-        ui.add(egui::TextEdit::singleline(&mut p.new_project).hint_text("new project name").desired_width(120.0))
-            .on_hover_text("Created under projects/ with the current model");
+        super::named(
+            ui.add(egui::TextEdit::singleline(&mut p.new_project).hint_text("new project name").desired_width(120.0)),
+            egui::WidgetType::TextInput,
+            "New project name",
+        )
+        .on_hover_text("Created under projects/ with the current model");
         if ui.add_enabled(!p.new_project.trim().is_empty(), egui::Button::new("Create")).clicked() {
             commands.push(Command::NewProject);
         }

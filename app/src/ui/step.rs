@@ -11,10 +11,15 @@ use crate::worker::{Job, Request, StepView};
 pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut Vec<Command>) {
     ui.heading("Step through quadratic decoding");
     let k = rt.adapter.as_ref().map_or(0, |a| a.config.k);
-    ui.add(egui::TextEdit::multiline(&mut p.step.prompt).desired_rows(2).desired_width(f32::INFINITY));
+    super::named(
+        ui.add(egui::TextEdit::multiline(&mut p.step.prompt).desired_rows(2).desired_width(f32::INFINITY)),
+        egui::WidgetType::MultilineTextInput,
+        "Prompt",
+    );
     ui.horizontal(|ui| {
-        ui.label("masks");
+        let label = ui.label("masks");
         ui.add(egui::DragValue::new(&mut p.step.masks).range(1..=k.max(1)))
+            .labelled_by(label.id)
             .on_hover_text("k per step: the input has (k+1)^2 rows");
         let ready = rt.model.is_some() && rt.adapter.is_some() && !rt.busy();
         if ui
