@@ -33,7 +33,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         ui.checkbox(&mut b.quadratic, "quadratic");
         super::named(
             ui.add(egui::DragValue::new(&mut b.max_new_tokens).range(1..=2048).prefix("tokens ")),
-            egui::WidgetType::SpinButton,
+            egui::Role::SpinButton,
             "New tokens per prompt",
         );
         let masks: Result<Vec<usize>, _> = b.masks.split(',').map(|s| s.trim().parse::<usize>()).collect();

@@ -20,7 +20,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         ui.add(
             egui::TextEdit::multiline(&mut c.prompt).desired_rows(3).desired_width(f32::INFINITY).hint_text("prompt"),
         ),
-        egui::WidgetType::MultilineTextInput,
+        egui::Role::MultilineTextInput,
         "Prompt",
     );
     ui.horizontal(|ui| {
@@ -39,7 +39,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         ui.separator();
         ui.checkbox(&mut c.greedy, "Greedy")
             .on_hover_text("Greedy: outputs must be identical. Off: sampled with the same seed");
-        let drag = egui::WidgetType::SpinButton;
+        let drag = egui::Role::SpinButton;
         let temperature = egui::DragValue::new(&mut c.temperature).range(0.05..=2.0).speed(0.01).prefix("T ");
         super::named(ui.add_enabled(!c.greedy, temperature), drag, "Temperature");
         super::named(ui.add_enabled(!c.greedy, egui::DragValue::new(&mut c.seed).prefix("seed ")), drag, "Seed");

@@ -32,9 +32,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
                 }
             }
         });
-        builtin
-            .response
-            .widget_info(|| egui::WidgetInfo::labeled(egui::WidgetType::ComboBox, true, "Built-in dataset"));
+        builtin.response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::ComboBox, true, "Built-in dataset"));
     });
     ui.horizontal(|ui| {
         ui.checkbox(&mut p.data.strict, "Strict")

@@ -50,7 +50,7 @@ pub fn form_row(
 
 /// Give a widget with no visible label of its own an accessible name (for screen readers
 /// and the UI tests' accessibility check).
-pub fn named(response: egui::Response, kind: egui::WidgetType, name: &str) -> egui::Response {
+pub fn named(response: egui::Response, kind: egui::Role, name: &str) -> egui::Response {
     response.widget_info(|| egui::WidgetInfo::labeled(kind, response.enabled(), name));
     response
 }

@@ -123,7 +123,7 @@ pub fn show(
             ui.add(
                 egui::TextEdit::singleline(&mut p.model.adapter).hint_text("adapter.safetensors").desired_width(320.0),
             ),
-            egui::WidgetType::TextInput,
+            egui::Role::TextInput,
             "Adapter file",
         );
         if ui.button("File…").on_hover_text("Pick an adapter.safetensors").clicked() {

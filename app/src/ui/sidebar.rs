@@ -22,7 +22,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     ui.horizontal(|ui| {
         super::named(
             ui.add(egui::TextEdit::singleline(&mut p.new_project).hint_text("new project name").desired_width(120.0)),
-            egui::WidgetType::TextInput,
+            egui::Role::TextInput,
             "New project name",
         )
         .on_hover_text("Created under projects/ with the current model");

@@ -13,7 +13,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     let k = rt.adapter.as_ref().map_or(0, |a| a.config.k);
     super::named(
         ui.add(egui::TextEdit::multiline(&mut p.step.prompt).desired_rows(2).desired_width(f32::INFINITY)),
-        egui::WidgetType::MultilineTextInput,
+        egui::Role::MultilineTextInput,
         "Prompt",
     );
     ui.horizontal(|ui| {
