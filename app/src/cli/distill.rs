@@ -19,10 +19,10 @@ pub struct Args {
     /// The model whose continuations are recorded.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Where prompts are cut from (repeat or comma-separate): JSONL, text file, folder,
-    /// builtin:NAME[:COUNT].
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub data: Vec<String>,
+    /// Where prompts are cut from: JSONL, text file, folder, builtin:NAME[:COUNT], or several
+    /// joined by commas.
+    #[arg(long)]
+    pub data: String,
     /// The JSONL file to write (`prompt`, `completion`, `prompt_ids`, `completion_ids`).
     #[arg(long)]
     pub out: PathBuf,
@@ -69,8 +69,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         batch_size: args.batch_size,
         seed: args.seed,
     };
-    let sources = args.data.iter().map(|d| d.parse::<DataSource>()).collect::<Result<Vec<_>, _>>()?;
-    let source = if sources.len() == 1 { sources[0].clone() } else { DataSource::Mix { sources } };
+    let source: DataSource = args.data.parse()?;
     let (_, loaded) = args.model.load()?;
     let tok = &loaded.tokenizer;
 
