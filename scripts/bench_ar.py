@@ -48,6 +48,13 @@ SHAPES = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     ),
 }
+# A launch-bound proxy: many thin layers, whose time is the number of operations (it stands
+# in for a small model on a GPU when measured on a CPU).
+SHAPES["proxy-64x24"] = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=24,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+)
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 

@@ -32,19 +32,20 @@ ls "$work/corpus" > "$work/corpus-files.txt"
 
 # The adapter (k = 4) and the same without the sampler head (for the ablation numbers).
 # LCM weight 0.02: with the sum over d = 256 the term starts near 1000, 100x the others.
+# Draft vocabulary: the 1,024 most frequent target tokens (99.6% of the distilled targets).
 for variant in "" "--no-sampler"; do
   out="$work/adapter-run${variant:+-nosampler}"
   "$mtp" train --model "$work/model" --out "$out" $variant \
     --data "$work/distilled.jsonl,$work/distilled-2.jsonl,$work/distilled-arith.jsonl" \
     --k 4 --rank 16 --steps 3000 --batch-size 4 --seq-len 128 --lr 1e-3 --warmup 30 --cosine \
-    --lcm-weight 0.02 --checkpoint-every 250 --val-every 250 --seed 0
+    --lcm-weight 0.02 --checkpoint-every 250 --val-every 250 --seed 0 --draft-vocab 1024
 done
 
 # The comparison: an adapter trained on the data itself instead of the model's outputs
 # (the first demo adapter's recipe: 1,200 steps at a constant learning rate).
 "$mtp" train --model "$work/model" --data "$work/corpus,builtin:arith" --out "$work/adapter-run-data" \
   --k 4 --rank 16 --steps 1200 --batch-size 4 --seq-len 128 --lr 1e-3 --warmup 30 --lcm-weight 0.02 \
-  --checkpoint-every 200 --val-every 200 --seed 0
+  --checkpoint-every 200 --val-every 200 --seed 0 --draft-vocab 1024
 
 mkdir -p "$root/assets/demo/model"
 for f in config.json model.safetensors tokenizer.json tokenizer_config.json generation_config.json pretrain.json metrics.jsonl; do

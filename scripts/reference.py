@@ -422,11 +422,14 @@ class Reference(torch.nn.Module):
     def _hook(self, i, name):
         def hook(mod, inputs, out):
             a, b = self.lora[f"{i}_{name}_A"], self.lora[f"{i}_{name}_B"]
-            return out + ((inputs[0] @ a.T) * self.gate) @ b.T
+            x = inputs[0]
+            # f32 master weights computing in the activations' dtype, as ours do.
+            return out + ((x @ a.T.to(x.dtype)) * self.gate.to(x.dtype)) @ b.T.to(x.dtype)
         return hook
 
     def sampler(self, prev_embed, z):
-        h = self.ln1(torch.nn.functional.silu(self.fc1(torch.cat([prev_embed, z], -1))))
+        x = torch.cat([prev_embed, z], -1).to(self.fc1.weight.dtype)
+        h = self.ln1(torch.nn.functional.silu(self.fc1(x)))
         return self.ln2(torch.nn.functional.silu(self.fc2(h)))
 
     def named_tensors(self) -> dict:
@@ -443,37 +446,40 @@ class Reference(torch.nn.Module):
         return out
 
     def losses(self, ids, loss, lcm_weight, lay=None):
-        """The three losses of one sequence (`lay`: a precomputed layout of it)."""
+        """The three losses of one sequence (`lay`: a precomputed layout of it). Runs on the
+        device of the adapter's parameters."""
         lay = lay or layout(ids, loss, self.k)
         rows = lay["rows"]
         m = self.model
-        tok = torch.tensor([[r["token"] for r in rows]])
-        slot = torch.tensor([r["slot"] for r in rows])
+        dev = self.mask_embeddings.device
+        tok = torch.tensor([[r["token"] for r in rows]], device=dev)
+        slot = torch.tensor([r["slot"] for r in rows], device=dev)
         x = m.model.embed_tokens(tok)
         is_mask = (slot > 0).view(1, -1, 1)
-        x = torch.where(is_mask, self.mask_embeddings[(slot - 1).clamp(min=0)].unsqueeze(0), x)
+        x = torch.where(is_mask, self.mask_embeddings[(slot - 1).clamp(min=0)].unsqueeze(0).to(x.dtype), x)
         self.gate = (slot > 0).float().view(1, -1, 1) * self.scale
-        pos = torch.tensor([[r["position"] for r in rows]])
+        pos = torch.tensor([[r["position"] for r in rows]], device=dev)
         pe = m.model.rotary_emb(x, position_ids=pos)
+        mask = lay["mask"].to(dev)
         h = x
         for layer in m.model.layers:
-            h = layer(h, attention_mask=lay["mask"].view(1, 1, *lay["mask"].shape), position_embeddings=pe, position_ids=pos)
+            h = layer(h, attention_mask=mask.view(1, 1, *mask.shape), position_embeddings=pe, position_ids=pos)
             h = h[0] if isinstance(h, tuple) else h
         z = m.model.norm(h)[0]
-        labels = torch.tensor([r["label"] for r in rows])
+        labels = torch.tensor([r["label"] for r in rows], device=dev)
         valid = labels != IGNORE
         on_mask = valid & (slot > 0)
-        base = torch.nn.functional.cross_entropy(m.lm_head(z[on_mask]), labels[on_mask])
-        prev = torch.tensor([r["prev"] for r in rows])
+        base = torch.nn.functional.cross_entropy(m.lm_head(z[on_mask]).float(), labels[on_mask])
+        prev = torch.tensor([r["prev"] for r in rows], device=dev)
         s = self.sampler(m.model.embed_tokens(prev[valid]), z[valid])
-        sampler = torch.nn.functional.cross_entropy(m.lm_head(s), labels[valid])
+        sampler = torch.nn.functional.cross_entropy(m.lm_head(s.to(z.dtype)).float(), labels[valid])
         # LCM: each mask row toward its (detached) NTP row; mean per NTP row, then mean.
-        target = torch.tensor([r["lcm"] for r in rows])
+        target = torch.tensor([r["lcm"] for r in rows], device=dev)
         src = (target >= 0).nonzero().view(-1)
         tgt = target[src]
-        dist = ((z[tgt].detach() - z[src]) ** 2).sum(-1)
-        sums = torch.zeros(len(rows)).index_add(0, tgt, dist)
-        counts = torch.zeros(len(rows)).index_add(0, tgt, torch.ones_like(dist))
+        dist = ((z[tgt].detach().float() - z[src].float()) ** 2).sum(-1)
+        sums = torch.zeros(len(rows), device=dev).index_add(0, tgt, dist)
+        counts = torch.zeros(len(rows), device=dev).index_add(0, tgt, torch.ones_like(dist))
         present = counts > 0
         lcm = (sums[present] / counts[present]).mean()
         total = base + sampler + lcm_weight * lcm
@@ -511,16 +517,20 @@ def cmd_mtp_parity(args) -> None:
 
 
 def cmd_train_bench(args) -> None:
-    """PyTorch reference training tokens/s vs `mtp train` on the same model, data, k."""
+    """PyTorch reference training tokens/s vs `mtp train` on the same model, data, k, device
+    and precision (f32 master weights for the trainable parts in both)."""
     import statistics
     import time
 
     folder = Path(args.model) if args.model else ROOT / "assets" / "demo" / "model"
+    dev = "cuda" if args.device.startswith("cuda") else "cpu"
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(dev).train()
     gen = torch.Generator().manual_seed(0)
     k, seq, batch = args.k, args.seq_len, 1
-    ref = Reference(model, k, 16, 32.0, gen)
+    # The frozen model keeps its precision; the adapter's parts are made in f32.
+    ref = Reference(model, k, 16, 32.0, gen).to(dev)
     params = [p for p in ref.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     # The same data as `mtp train --data builtin:code`: small Python functions.
@@ -530,23 +540,32 @@ def cmd_train_bench(args) -> None:
     lay = layout(ids, [True] * len(ids), k)
     times = []
     for step in range(args.steps):
+        if dev == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.zero_grad()
         out = ref.losses(ids, [True] * len(ids), 1.0, lay)
         out["loss"].backward()
         opt.step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     ref_tps = len(ids) * batch / statistics.median(times[2:])
+    del ref, model, opt
+    if dev == "cuda":
+        torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [args.mtp, "train", "--model", str(folder), "--data", "builtin:code:400", "--out", f"{tmp}/run",
                "--k", str(k), "--rank", "16", "--steps", str(args.steps), "--batch-size", str(batch),
-               "--seq-len", str(seq), "--val-every", "0", "--val-fraction", "0", "--json"]
+               "--seq-len", str(seq), "--val-every", "0", "--val-fraction", "0", "--device", args.device,
+               "--dtype", args.dtype, "--checkpointing", "off", "--json"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(done.stderr)
         tps = [json.loads(l)["tokens_per_second"] for l in done.stdout.splitlines() if '"event":"step"' in l]
     ours_tps = statistics.median(tps[2:])
     print(json.dumps({"k": k, "seq_len": seq, "batch": batch, "steps": args.steps, "threads": torch.get_num_threads(),
+                      "device": args.device, "dtype": args.dtype,
                       "ours_tokens_per_second": ours_tps, "reference_tokens_per_second": ref_tps,
                       "ours_over_reference": ours_tps / ref_tps}, indent=1))
 
@@ -565,6 +584,8 @@ def main() -> None:
     tb.add_argument("--k", type=int, default=4)
     tb.add_argument("--seq-len", type=int, default=128)
     tb.add_argument("--steps", type=int, default=12)
+    tb.add_argument("--device", default="cpu")
+    tb.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32")
     m = sub.add_parser("check-model")
     m.add_argument("folder")
     m.add_argument("--mtp", required=True)

@@ -78,6 +78,9 @@ pub enum Command {
     DismissNotices,
 }
 
+/// Files chosen in native dialogs (on their own threads), with what they were chosen for.
+type PickChannel = (Sender<(Pick, PathBuf)>, Receiver<(Pick, PathBuf)>);
+
 /// The workbench.
 pub struct WorkbenchApp {
     /// Forms and choices that survive restarts.
@@ -85,7 +88,7 @@ pub struct WorkbenchApp {
     /// What this session learned from the worker.
     pub runtime: Runtime,
     worker: WorkerHandle,
-    picks: (Sender<(Pick, PathBuf)>, Receiver<(Pick, PathBuf)>),
+    picks: PickChannel,
     /// Devices libtorch sees (read once at start).
     pub devices: Vec<DeviceSpec>,
     screenshot_pending: bool,
@@ -177,9 +180,15 @@ impl WorkbenchApp {
             Event::Train(e) => {
                 let e = *e;
                 match &e {
-                    mtp_core::train::TrainEvent::Prepared { total_steps, .. } => {
+                    mtp_core::train::TrainEvent::Prepared { total_steps, checkpointing, memory_estimate, .. } => {
                         if let Some(live) = &mut rt.live {
                             live.total_steps = *total_steps;
+                        }
+                        if *checkpointing {
+                            rt.notices.push(format!(
+                                "training with activation checkpointing (memory estimate {})",
+                                memory_estimate.map_or("-".into(), mtp_core::inspect::human_bytes)
+                            ));
                         }
                         rt.train_log.push(e.clone());
                     }
@@ -316,12 +325,15 @@ impl WorkbenchApp {
                     })
                 };
                 let lanes = [
-                    crate::worker::LaneSpec { mode: mtp_core::decode::Mode::Ar, masks: 0 },
-                    crate::worker::LaneSpec { mode: c.mode, masks: c.masks },
+                    crate::worker::LaneSpec {
+                        mode: mtp_core::decode::Mode::Ar,
+                        masks: mtp_core::decode::MaskCount::Fixed(0),
+                    },
+                    crate::worker::LaneSpec { mode: c.mode, masks: c.mask_count() },
                 ];
                 self.runtime.race = crate::state::RaceState {
                     greedy: c.greedy,
-                    lane_b: format!("{} with {} masks", c.mode, c.masks),
+                    lane_b: format!("{} with {} masks", c.mode, c.mask_count()),
                     prompt: c.prompt.clone(),
                     ..Default::default()
                 };

@@ -5,9 +5,10 @@
 use std::path::PathBuf;
 
 use mtp_core::decode::bench::BenchReport;
-use mtp_core::decode::{Mode, StepStats};
+use mtp_core::decode::{MaskCount, Mode, StepStats};
 use mtp_core::mtp::probe::ProbeReport;
 use mtp_core::project::Project;
+use mtp_core::train::trainer::Checkpointing;
 use mtp_core::train::{StepMetrics, TrainEvent};
 use mtp_core::{DType, DeviceSpec};
 use serde::{Deserialize, Serialize};
@@ -68,7 +69,8 @@ pub struct ModelForm {
 
 impl Default for ModelForm {
     fn default() -> Self {
-        Self { source: "demo".into(), device: DeviceSpec::best_available(), dtype: DType::F32, adapter: String::new() }
+        let device = DeviceSpec::best_available();
+        Self { source: "demo".into(), device, dtype: DType::default_for(device), adapter: String::new() }
     }
 }
 
@@ -146,6 +148,10 @@ pub struct TrainForm {
     pub grad_clip: f64,
     /// Run name (folder under `runs/`); empty: a timestamp.
     pub run_name: String,
+    /// Activation checkpointing.
+    pub checkpointing: Checkpointing,
+    /// Draft vocabulary stored with the adapter (0: none).
+    pub draft_vocab: usize,
 }
 
 impl Default for TrainForm {
@@ -175,6 +181,8 @@ impl Default for TrainForm {
             seed: 0,
             grad_clip: 1.0,
             run_name: String::new(),
+            checkpointing: Checkpointing::Auto,
+            draft_vocab: mtp_core::train::trainer::DEFAULT_DRAFT_VOCAB,
         }
     }
 }
@@ -189,6 +197,8 @@ pub struct CompareForm {
     pub mode: Mode,
     /// Lane B's masks.
     pub masks: usize,
+    /// Lane B chooses its masks each step (up to the adapter's k) from the recent acceptance.
+    pub auto_masks: bool,
     /// Greedy (else sampled).
     pub greedy: bool,
     /// Sampling temperature.
@@ -201,12 +211,20 @@ pub struct CompareForm {
     pub chat: bool,
 }
 
+impl CompareForm {
+    /// Lane B's mask count.
+    pub fn mask_count(&self) -> MaskCount {
+        if self.auto_masks { MaskCount::Auto } else { MaskCount::Fixed(self.masks) }
+    }
+}
+
 impl Default for CompareForm {
     fn default() -> Self {
         Self {
             prompt: "Question: Priya has 37 pebbles and gets 15 more from Jonas. How many pebbles does Priya have now?\nAnswer:".into(),
             mode: Mode::Quadratic,
             masks: 4,
+            auto_masks: false,
             greedy: true,
             temperature: 0.8,
             seed: 0,

@@ -161,7 +161,7 @@ fn generate_bench_and_probe_with_an_adapter() -> anyhow::Result<()> {
             assert_eq!(out["mode"], mode);
             assert_eq!(out["masks"].as_u64(), masks.parse().ok());
             let tpf = out["tokens_per_forward"].as_f64().unwrap_or(0.0);
-            assert!(tpf >= 1.0 && tpf <= 3.0, "{tpf}");
+            assert!((1.0..=3.0).contains(&tpf), "{tpf}");
             let steps = out["steps"].as_array().cloned().unwrap_or_default();
             assert_eq!(steps.len() + 1, out["forwards"].as_u64().unwrap_or(0) as usize);
             assert!(steps.iter().all(|s| s.get("accepted").is_some() && s.get("first_rejected").is_some()));

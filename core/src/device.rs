@@ -99,6 +99,15 @@ pub enum DType {
 }
 
 impl DType {
+    /// The precision a device computes in unless told otherwise: bf16 on CUDA (half the
+    /// memory traffic, tensor cores), f32 on the CPU (where bf16 is emulated and slower).
+    pub fn default_for(device: DeviceSpec) -> Self {
+        match device {
+            DeviceSpec::Cuda(_) => DType::Bf16,
+            DeviceSpec::Cpu => DType::F32,
+        }
+    }
+
     /// The tch kind.
     pub fn kind(self) -> Kind {
         match self {
@@ -149,6 +158,50 @@ impl FromStr for DType {
     }
 }
 
+
+/// Run `init` with torch's global generator seeded with `seed`, holding a process-wide lock
+/// so that another thread seeding or drawing through this function cannot interleave its
+/// draws (torch has one global generator per device; two trainings started at once in one
+/// process, as tests do, would otherwise get each other's numbers).
+pub fn seeded<T>(seed: u64, init: impl FnOnce() -> T) -> T {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A panic inside another initialisation leaves nothing half-done here: go on.
+    let _guard = LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    tch::manual_seed(seed as i64);
+    init()
+}
+
+/// The memory a device offers, in bytes: a CUDA card's total (from `nvidia-smi`), or the
+/// memory the system has available now (`MemAvailable` of `/proc/meminfo`). `None` where
+/// it cannot be read.
+pub fn device_memory(device: Device) -> Option<u64> {
+    match device {
+        Device::Cuda(i) => {
+            let out = std::process::Command::new("nvidia-smi")
+                .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", &format!("--id={i}")])
+                .output()
+                .ok()?;
+            let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+            Some(mib * 1024 * 1024)
+        }
+        _ => proc_kib("/proc/meminfo", "MemAvailable:").map(|k| k * 1024),
+    }
+}
+
+/// This process's resident memory now (`VmRSS`) and at its peak (`VmHWM`), in bytes, where
+/// the system reports them (Linux).
+pub fn process_memory() -> Option<(u64, u64)> {
+    let now = proc_kib("/proc/self/status", "VmRSS:")?;
+    let peak = proc_kib("/proc/self/status", "VmHWM:")?;
+    Some((now * 1024, peak * 1024))
+}
+
+/// The number of kiB on the line starting with `key` in `path`.
+fn proc_kib(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| l.strip_prefix(key)).and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,16 +226,4 @@ mod tests {
         assert!("int8".parse::<DType>().is_err());
         Ok(())
     }
-}
-
-/// Run `init` with torch's global generator seeded with `seed`, holding a process-wide lock
-/// so that another thread seeding or drawing through this function cannot interleave its
-/// draws (torch has one global generator per device; two trainings started at once in one
-/// process, as tests do, would otherwise get each other's numbers).
-pub fn seeded<T>(seed: u64, init: impl FnOnce() -> T) -> T {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    // A panic inside another initialisation leaves nothing half-done here: go on.
-    let _guard = LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    tch::manual_seed(seed as i64);
-    init()
 }

@@ -30,7 +30,7 @@ fn losses_and_gradients_match_the_pytorch_reference() -> anyhow::Result<()> {
         train_mask_embeddings: false,
     };
     let adapter = mtp_core::device::seeded(0, || MtpAdapter::new(&m.model, config, "parity"))?;
-    adapter.load_tensors(|name| Ok(file.read(&format!("adapter.{name}"))?))?;
+    adapter.load_tensors(|name| file.read(&format!("adapter.{name}")))?;
 
     let ids = file.read("ids")?;
     let loss_mask = file.read("loss_mask")?.to_kind(Kind::Bool);

@@ -20,7 +20,7 @@ fn load(family: &str) -> anyhow::Result<LoadedModel> {
 /// An adapter whose LoRA B factors are random (a fresh one has B = 0, a zero delta).
 fn busy_adapter(m: &LoadedModel, config: MtpConfig) -> anyhow::Result<MtpAdapter> {
     // Seeded under the lock that trainings in other test threads take too.
-    Ok(mtp_core::device::seeded(1, || -> anyhow::Result<MtpAdapter> {
+    mtp_core::device::seeded(1, || -> anyhow::Result<MtpAdapter> {
         let a = MtpAdapter::new(&m.model, config, "fixture")?;
         tch::no_grad(|| {
             for (name, mut t) in a.named_tensors() {
@@ -30,7 +30,7 @@ fn busy_adapter(m: &LoadedModel, config: MtpConfig) -> anyhow::Result<MtpAdapter
             }
         });
         Ok(a)
-    })?)
+    })
 }
 
 /// Final hidden states of a laid-out sequence, with or without the adapter's delta.
@@ -40,7 +40,7 @@ fn hidden(m: &LoadedModel, a: &MtpAdapter, ids: &[i64], k: i64, with_delta: bool
         Device::Cpu,
     );
     let x = a.embed(&m.model, &layout.tokens, &layout.slot);
-    let gated = a.gated(&layout.slot);
+    let gated = a.gated(&layout.slot, m.model.dtype().kind());
     let mask = layout.attention_mask();
     let z = tch::no_grad(|| {
         m.model.forward_embeds(&x, &layout.positions, AttnMask::Custom(&mask), with_delta.then_some(&gated), None)
@@ -80,7 +80,7 @@ fn gate_keeps_ntp_rows_bit_identical() -> anyhow::Result<()> {
         let ids_t = Tensor::from_slice(&ids).unsqueeze(0);
         let pos = Tensor::arange(ids.len() as i64, (Kind::Int64, Device::Cpu));
         let slot = Tensor::zeros([1, ids.len() as i64], (Kind::Int64, Device::Cpu));
-        let gated = a.gated(&slot);
+        let gated = a.gated(&slot, m.model.dtype().kind());
         let (base_plain, adapted_plain) = tch::no_grad(|| {
             let x = m.model.embed(&ids_t);
             let run = |g: Option<&mtp_core::model::Gated>| m.model.forward_embeds(&x, &pos, AttnMask::Causal, g, None);
@@ -184,6 +184,43 @@ fn resumed_run_equals_uninterrupted_run() -> anyhow::Result<()> {
     assert_eq!(steps, (1..=40).collect::<Vec<_>>());
     assert!(logged.iter().any(|m| m.split == mtp_core::train::Split::Val));
     assert!(b.join("adapter.safetensors").exists());
+    Ok(())
+}
+
+/// Activation checkpointing changes where gradients are computed, not what they are: the
+/// same run with it on and off takes the same steps (losses and final weights equal up to
+/// rounding), trainable mask embeddings included.
+#[test]
+fn checkpointing_gives_the_same_training() -> anyhow::Result<()> {
+    use mtp_core::train::trainer::Checkpointing;
+    let m = load("llama")?;
+    let tmp = tempfile::tempdir()?;
+    let control = Control::new();
+    let config = |checkpointing| TrainConfig {
+        checkpointing,
+        method: MtpConfig { train_mask_embeddings: true, ..small_config(12).method },
+        ..small_config(12)
+    };
+    let mut runs = Vec::new();
+    for (name, c) in [("off", Checkpointing::Off), ("on", Checkpointing::On)] {
+        let mut events = Vec::new();
+        let summary =
+            mtp_core::train::train(&m, &config(c), &tmp.path().join(name), &mut |e: &TrainEvent| events.push(e.clone()), &control)?;
+        let used = events.iter().find_map(|e| match e {
+            TrainEvent::Prepared { checkpointing, .. } => Some(*checkpointing),
+            _ => None,
+        });
+        assert_eq!(used, Some(c == Checkpointing::On));
+        runs.push((train_losses(&events), MtpAdapter::load(&summary.adapter, &m.model)?));
+    }
+    let ((off_losses, off), (on_losses, on)) = (&runs[0], &runs[1]);
+    for ((step, x), (_, y)) in off_losses.iter().zip(on_losses) {
+        assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "step {step}: {x} vs {y}");
+    }
+    for ((name, a), (_, b)) in off.named_tensors().iter().zip(on.named_tensors()) {
+        let diff = (a - &b).abs().max().double_value(&[]);
+        assert!(diff <= 1e-4, "{name}: weights differ by {diff}");
+    }
     Ok(())
 }
 

@@ -5,7 +5,9 @@
 
 use std::sync::OnceLock;
 
-use mtp_core::decode::{Decoding, GenerateRequest, Mode, SamplingParams, StopReason, generate};
+use mtp_core::decode::{
+    DraftOptions, Drafter, Decoding, GenerateRequest, MaskCount, Mode, SamplingParams, StopReason, Strategy, generate,
+};
 use mtp_core::mtp::{LoraConfig, MtpAdapter, MtpConfig};
 use mtp_core::train::pretrain::{ArchConfig, PretrainConfig, TokenizerPlan, pretrain};
 use mtp_core::train::{Control, OptimConfig, Schedule, TrainConfig};
@@ -13,10 +15,20 @@ use mtp_core::{DeviceSpec, LoadOptions, LoadedModel, ModelSource};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tch::{Kind, Tensor};
 
-/// A pretrained tiny model and an adapter with k = 8.
+/// A pretrained tiny model and an adapter with k = 8, prepared for decoding twice: with
+/// the whole vocabulary, and with a draft vocabulary of the 64 tokens the model writes
+/// most often.
 struct Trained {
     loaded: LoadedModel,
     adapter: MtpAdapter,
+    drafter: Drafter,
+    small_vocab: Drafter,
+}
+
+impl Trained {
+    fn strategy(&self, mode: Mode, masks: MaskCount) -> anyhow::Result<Strategy<'_>> {
+        Ok(Strategy::new(mode, Some(&self.drafter), masks)?)
+    }
 }
 
 /// Train once per test binary (tensors cannot be shared between test threads, so the
@@ -29,8 +41,30 @@ fn files() -> &'static (std::path::PathBuf, std::path::PathBuf) {
 fn trained() -> Trained {
     let (model_dir, adapter) = files();
     let loaded = LoadedModel::from_folder(model_dir, &LoadOptions::default()).expect("load the test model");
-    let adapter = MtpAdapter::load(adapter, &loaded.model).expect("load the test adapter");
-    Trained { loaded, adapter }
+    let mut adapter = MtpAdapter::load(adapter, &loaded.model).expect("load the test adapter");
+    let drafter = Drafter::new(&loaded.model, &adapter, DraftOptions::default()).expect("drafter");
+    adapter.draft_vocab = Some(frequent_tokens(&loaded, 64));
+    let small_vocab = Drafter::new(&loaded.model, &adapter, DraftOptions::default()).expect("drafter");
+    adapter.draft_vocab = None;
+    Trained { loaded, adapter, drafter, small_vocab }
+}
+
+/// The `n` tokens the model emits most often after a few code prompts.
+fn frequent_tokens(loaded: &LoadedModel, n: usize) -> Vec<i64> {
+    let mut counts = std::collections::HashMap::new();
+    for start in ["def ", "class ", "for x in ", "    return "] {
+        let req = request(loaded.tokenizer.encode(start).expect("encode"), 40, Decoding::Greedy, vec![]);
+        for id in generate(&loaded.model, Strategy::Ar, &req, &mut ()).expect("AR").token_ids {
+            *counts.entry(id).or_insert(0usize) += 1;
+        }
+    }
+    let mut ids: Vec<(i64, usize)> = counts.into_iter().collect();
+    ids.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut vocab: Vec<i64> = ids.into_iter().map(|(id, _)| id).take(n).collect();
+    // Pad with low ids so the set has n members.
+    let missing: Vec<i64> = (0..n as i64).filter(|i| !vocab.contains(i)).take(n - vocab.len()).collect();
+    vocab.extend(missing);
+    vocab
 }
 
 fn make() -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
@@ -95,18 +129,32 @@ fn greedy_speculative_equals_greedy_ar() -> anyhow::Result<()> {
     let t = trained();
     let model = &t.loaded.model;
     let prompts = random_prompts(&t, 60, 1)?;
+    let ar_outputs = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, prompt)| generate(model, Strategy::Ar, &request(prompt.clone(), 24 + i % 7, Decoding::Greedy, vec![]), &mut ()))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut per_mode_tpf = Vec::new();
-    for mode in [Mode::Linear, Mode::Quadratic] {
-        for masks in [1, 2, 4, 8] {
+    let fixed = [1, 2, 4, 8].map(MaskCount::Fixed);
+    let settings = [Mode::Linear, Mode::Quadratic]
+        .into_iter()
+        .flat_map(|mode| fixed.iter().chain([&MaskCount::Auto]).map(move |&m| (mode, m, false)))
+        .chain([(Mode::Quadratic, MaskCount::Fixed(4), true), (Mode::Linear, MaskCount::Auto, true)]);
+    for (mode, masks, small_vocab) in settings {
+        let drafter = if small_vocab { &t.small_vocab } else { &t.drafter };
+        let strategy = Strategy::new(mode, Some(drafter), masks)?;
+        let max = masks.max(8);
+        {
             let (mut tokens, mut forwards) = (0, 0);
-            for (i, prompt) in prompts.iter().enumerate() {
+            for (i, (prompt, ar)) in prompts.iter().zip(&ar_outputs).enumerate() {
                 let req = request(prompt.clone(), 24 + i % 7, Decoding::Greedy, vec![]);
-                let ar = generate(model, None, Mode::Ar, 0, &req, &mut ())?;
-                let spec = generate(model, Some(&t.adapter), mode, masks, &req, &mut ())?;
-                assert_eq!(spec.token_ids, ar.token_ids, "{mode} with {masks} masks, prompt {prompt:?}");
+                let spec = generate(model, strategy, &req, &mut ())?;
+                let what = format!("{mode} with {masks} masks (draft vocabulary: {small_vocab}), prompt {prompt:?}");
+                assert_eq!(spec.token_ids, ar.token_ids, "{what}");
                 assert_eq!(spec.stop, StopReason::MaxTokens);
                 for s in &spec.steps {
-                    assert!(s.accepted <= masks && s.emitted >= 1 && s.emitted <= masks + 1, "{s:?}");
+                    assert!(s.masks >= 1 && s.masks <= max, "{s:?}");
+                    assert!(s.accepted <= max && s.emitted >= 1 && s.emitted <= max + 1, "{s:?}");
                     assert!(s.accepted <= s.drafts.len());
                     assert_eq!(s.first_rejected.is_some(), s.accepted < s.drafts.len());
                 }
@@ -114,12 +162,13 @@ fn greedy_speculative_equals_greedy_ar() -> anyhow::Result<()> {
                 tokens += spec.token_ids.len();
                 forwards += spec.forwards;
             }
-            per_mode_tpf.push((mode, masks, tokens as f64 / forwards as f64));
+            per_mode_tpf.push((mode, masks, small_vocab, tokens as f64 / forwards as f64));
         }
     }
     println!("tokens per forward: {per_mode_tpf:?}");
     // Trained on structured code, drafts are accepted well above chance.
-    let quad4 = per_mode_tpf.iter().find(|x| x.0 == Mode::Quadratic && x.1 == 4).map_or(0.0, |x| x.2);
+    let quad4 =
+        per_mode_tpf.iter().find(|x| x.0 == Mode::Quadratic && x.1 == MaskCount::Fixed(4) && !x.2).map_or(0.0, |x| x.3);
     assert!(quad4 > 1.2, "quadratic, 4 masks: {quad4} tokens per forward");
     Ok(())
 }
@@ -133,7 +182,7 @@ fn eos_inside_a_step_stops_like_ar() -> anyhow::Result<()> {
     let prompts = random_prompts(&t, 30, 2)?;
     let mut counts = std::collections::HashMap::new();
     for p in &prompts {
-        let out = generate(model, None, Mode::Ar, 0, &request(p.clone(), 30, Decoding::Greedy, vec![]), &mut ())?;
+        let out = generate(model, Strategy::Ar, &request(p.clone(), 30, Decoding::Greedy, vec![]), &mut ())?;
         for id in out.token_ids {
             *counts.entry(id).or_insert(0) += 1;
         }
@@ -142,14 +191,14 @@ fn eos_inside_a_step_stops_like_ar() -> anyhow::Result<()> {
     let mut eos_in_draft = 0;
     for p in &prompts {
         let req = request(p.clone(), 30, Decoding::Greedy, vec![eos]);
-        let ar = generate(model, None, Mode::Ar, 0, &req, &mut ())?;
+        let ar = generate(model, Strategy::Ar, &req, &mut ())?;
         for mode in [Mode::Linear, Mode::Quadratic] {
             let mut last_origin = None;
             let mut sink = |e: &mtp_core::decode::TokenEvent| {
                 last_origin = Some(e.origin);
                 std::ops::ControlFlow::Continue(())
             };
-            let spec = generate(model, Some(&t.adapter), mode, 4, &req, &mut sink)?;
+            let spec = generate(model, t.strategy(mode, MaskCount::Fixed(4))?, &req, &mut sink)?;
             assert_eq!(spec.token_ids, ar.token_ids, "{mode}, prompt {p:?}");
             assert_eq!(spec.stop, ar.stop);
             if spec.stop == StopReason::Eos && matches!(last_origin, Some(mtp_core::decode::TokenOrigin::Draft { .. }))
@@ -239,12 +288,15 @@ fn speculative_sampling_matches_ar_sampling() -> anyhow::Result<()> {
     let base = SamplingParams { temperature: 1.0, top_k: Some(6), top_p: None, seed: 0 };
     let exact = exact_marginals(model, &prompt, base, 3);
     let n = 3000;
-    for (mode, masks) in [(Mode::Quadratic, 4), (Mode::Linear, 2)] {
+    let settings =
+        [(Mode::Quadratic, 4, &t.drafter), (Mode::Linear, 2, &t.drafter), (Mode::Quadratic, 4, &t.small_vocab)];
+    for (mode, masks, drafter) in settings {
+        let strategy = Strategy::new(mode, Some(drafter), MaskCount::Fixed(masks))?;
         let mut observed = vec![std::collections::HashMap::new(); 3];
         for seed in 0..n {
             let req =
                 request(prompt.clone(), 3, Decoding::Sample(SamplingParams { seed: seed as u64, ..base }), vec![]);
-            let out = generate(model, Some(&t.adapter), mode, masks, &req, &mut ())?;
+            let out = generate(model, strategy, &req, &mut ())?;
             for (i, &tok) in out.token_ids.iter().enumerate() {
                 *observed[i].entry(tok).or_insert(0usize) += 1;
             }
@@ -263,13 +315,14 @@ fn speculative_sampling_matches_ar_sampling() -> anyhow::Result<()> {
 fn bad_requests_are_clear_errors() -> anyhow::Result<()> {
     let t = trained();
     let model = &t.loaded.model;
-    let req = request(vec![5, 6], 4, Decoding::Greedy, vec![]);
-    let err = generate(model, Some(&t.adapter), Mode::Quadratic, 9, &req, &mut ()).expect_err("masks > k").to_string();
-    assert!(err.contains("--masks 9") && err.contains("k = 8"), "{err}");
-    let err = generate(model, None, Mode::Linear, 2, &req, &mut ()).expect_err("no adapter").to_string();
-    assert!(err.contains("--mode linear needs an MTP adapter"), "{err}");
+    let err = t.strategy(Mode::Quadratic, MaskCount::Fixed(9)).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("9 masks") && err.contains("k = 8"), "{err}");
+    let err = Strategy::new(Mode::Linear, None, MaskCount::Fixed(2)).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("linear decoding needs an MTP adapter"), "{err}");
     let long = request(vec![5; model.config.context_length() - 3], 2, Decoding::Greedy, vec![]);
-    let err = generate(model, Some(&t.adapter), Mode::Quadratic, 4, &long, &mut ()).expect_err("context").to_string();
+    let err = generate(model, t.strategy(Mode::Quadratic, MaskCount::Fixed(4))?, &long, &mut ())
+        .expect_err("context")
+        .to_string();
     assert!(err.contains("context"), "{err}");
     Ok(())
 }
@@ -322,5 +375,32 @@ fn two_hundred_steps_raise_every_slot() -> anyhow::Result<()> {
             last.slot_acc_sampler[j]
         );
     }
+    Ok(())
+}
+
+/// A step's rows through the prepared adapter (LoRA on the mask rows only, added in place):
+/// the regular rows equal the base model's bit for bit, and the mask rows equal the
+/// training path's (the adapter's own factors, gated per row) up to rounding.
+#[test]
+fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
+    use mtp_core::decode::speculative::{StepLayout, StepPlan};
+    use mtp_core::decode::Layout;
+    use mtp_core::model::AttnMask;
+    let t = trained();
+    let model = &t.loaded.model;
+    let plan = StepPlan::new(model, &t.drafter, StepLayout::new(Layout::Quadratic, 2, 3));
+    let tokens = Tensor::from_slice(&t.loaded.tokenizer.encode("def add")?[..1].repeat(3)).unsqueeze(0);
+    let x = Tensor::cat(&[model.embed(&tokens), plan.mask_inputs.shallow_clone()], 1);
+    let run = |gated: Option<&mtp_core::model::Gated>| {
+        tch::no_grad(|| model.forward_embeds(&x, &plan.offsets, AttnMask::Custom(&plan.own_mask), gated, None))
+    };
+    let base = run(None);
+    let prepared = run(Some(&t.drafter.gate_from(3)));
+    let slot = Tensor::from_slice(&plan.layout.slot).unsqueeze(0);
+    let training = run(Some(&t.adapter.gated(&slot, model.dtype().kind())));
+    assert!(prepared.narrow(1, 0, 3).equal(&base.narrow(1, 0, 3)), "regular rows changed");
+    let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+    assert!(diff(&prepared.narrow(1, 3, 9), &base.narrow(1, 3, 9)) > 1e-3, "the adapter did nothing");
+    assert!(diff(&prepared, &training) < 1e-5, "prepared and training adapters differ: {}", diff(&prepared, &training));
     Ok(())
 }

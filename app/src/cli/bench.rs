@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use mtp_core::ModelSource;
-use mtp_core::decode::Mode;
+use mtp_core::decode::{MaskCount, Mode};
 use mtp_core::decode::bench::{BenchConfig, read_prompts, run_bench};
 
 use super::common::{AdapterArg, ModelArgs, demo_default};
@@ -25,9 +25,10 @@ pub struct Args {
     /// JSONL prompts with `prompt` and `domain` (default for the demo: its prompt sets).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// Mask counts, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
-    pub masks: Vec<usize>,
+    /// Mask counts, comma-separated; `auto` chooses each step's count from the recent
+    /// acceptance (default: the adapter's k).
+    #[arg(long, value_delimiter = ',')]
+    pub masks: Vec<MaskCount>,
     /// Modes, comma-separated (AR always runs as the baseline).
     #[arg(long, value_delimiter = ',', default_value = "ar,linear,quadratic")]
     pub modes: Vec<Mode>,
@@ -49,8 +50,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         demo_default(&source, args.prompts.as_deref(), mtp_core::source::demo_prompts(), "--prompts FILE.jsonl")?;
     let prompts = read_prompts(&prompts_path)?;
     let (_, loaded) = args.model.load()?;
-    let adapter = args.adapter.load(&source, &loaded.model)?;
-    let masks = if args.masks.is_empty() { vec![adapter.config.k] } else { args.masks.clone() };
+    let drafter = args.adapter.drafter(&source, &loaded.model)?;
+    let masks = if args.masks.is_empty() { vec![MaskCount::Fixed(drafter.k())] } else { args.masks.clone() };
     let config = BenchConfig { modes: args.modes.clone(), masks, max_new_tokens: args.max_new_tokens };
 
     let bar = if std::io::stderr().is_terminal() && !args.json { ProgressBar::new(0) } else { ProgressBar::hidden() };
@@ -64,7 +65,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bar.set_message(what.to_owned());
         ControlFlow::Continue(())
     };
-    let report = run_bench(&loaded.model, &adapter, &loaded.tokenizer, &prompts, &config, &mut progress)?;
+    let report = run_bench(&loaded.model, &drafter, &loaded.tokenizer, &prompts, &config, &mut progress)
+        .context("--masks")?;
     bar.finish_and_clear();
 
     if let Some(dir) = &args.out {
@@ -81,19 +83,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             prompts.len(),
             prompts_path.display(),
             args.max_new_tokens,
-            args.model.dtype,
+            args.model.dtype(),
             args.model.device
         );
         print!("{}", report.to_markdown());
         println!(
-            "\n| domain | mode | masks | tokens/forward | tokens/s | speedup | step cost vs AR | identical |\n|---|---|---|---|---|---|---|---|"
+            "\n| domain | mode | masks | masks used | tokens/forward | tokens/s | speedup | step cost vs AR | identical |\n|---|---|---|---|---|---|---|---|---|"
         );
         for r in &report.rows {
             println!(
-                "| {} | {} | {} | {:.2} | {:.1} | {:.2}x | {:.2} | {} |",
+                "| {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.2}x | {:.2} | {} |",
                 r.domain,
                 r.mode,
                 r.masks,
+                r.mean_masks,
                 r.tokens_per_forward,
                 r.tokens_per_second,
                 r.speedup,

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use mtp_core::decode::{DraftOptions, Drafter};
 use mtp_core::mtp::MtpAdapter;
 use mtp_core::{DType, DeviceSpec, Llama, LoadOptions, LoadedModel, ModelSource};
 
@@ -17,16 +18,21 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: DType,
+    /// f32, bf16 or f16 (default: bf16 on CUDA, f32 on the CPU).
+    #[arg(long)]
+    pub dtype: Option<DType>,
 }
 
 impl ModelArgs {
+    /// The precision: the one given, else the device's default.
+    pub fn dtype(&self) -> DType {
+        self.dtype.unwrap_or_else(|| DType::default_for(self.device))
+    }
+
     /// Resolve (downloading with a progress bar when needed) and load the model.
     pub fn load(&self) -> anyhow::Result<(ModelSource, LoadedModel)> {
         let source: ModelSource = self.model.parse()?;
-        let options = LoadOptions { device: self.device, dtype: self.dtype, ..LoadOptions::default() };
+        let options = LoadOptions { device: self.device, dtype: self.dtype(), ..LoadOptions::default() };
         let loaded = LoadedModel::load(&source, &options, &mut DownloadBar::new())
             .with_context(|| format!("loading model `{source}`"))?;
         Ok((source, loaded))
@@ -42,12 +48,15 @@ pub fn demo_default(source: &ModelSource, given: Option<&Path>, demo: PathBuf, f
     }
 }
 
-/// Which MTP adapter.
+/// Which MTP adapter, and how to draft with it.
 #[derive(Debug, clap::Args)]
 pub struct AdapterArg {
     /// The MTP adapter (adapter.safetensors). Default for the demo model: its adapter.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Draft from the whole vocabulary even when the adapter has a draft vocabulary.
+    #[arg(long)]
+    pub full_vocab_drafts: bool,
 }
 
 impl AdapterArg {
@@ -55,5 +64,11 @@ impl AdapterArg {
     pub fn load(&self, source: &ModelSource, model: &Llama) -> anyhow::Result<MtpAdapter> {
         let path = demo_default(source, self.adapter.as_deref(), mtp_core::source::demo_adapter(), "--adapter FILE")?;
         Ok(MtpAdapter::load(&path, model)?)
+    }
+
+    /// Load the adapter and prepare it for decoding.
+    pub fn drafter(&self, source: &ModelSource, model: &Llama) -> anyhow::Result<Drafter> {
+        let adapter = self.load(source, model)?;
+        Ok(Drafter::new(model, &adapter, DraftOptions { draft_vocab: !self.full_vocab_drafts })?)
     }
 }

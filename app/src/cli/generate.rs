@@ -4,7 +4,9 @@ use std::io::Write;
 use std::ops::ControlFlow;
 
 use anyhow::Context;
-use mtp_core::decode::{Decoding, GenerateRequest, Mode, SamplingParams, StepStats, TokenEvent, TokenOrigin, generate};
+use mtp_core::decode::{
+    Decoding, GenerateRequest, MaskCount, Mode, SamplingParams, StepStats, Strategy, TokenEvent, TokenOrigin, generate,
+};
 use mtp_core::tokenizer::ChatMessage;
 use serde::Serialize;
 
@@ -46,9 +48,10 @@ pub struct Args {
     /// ar (one token per forward), linear or quadratic (speculative, with the adapter).
     #[arg(long, default_value = "ar")]
     pub mode: Mode,
-    /// Mask tokens per step (1..=k of the adapter; default: its k).
+    /// Mask tokens per step (1..=k of the adapter, or auto: chosen each step from the recent
+    /// acceptance; default: its k).
     #[arg(long)]
-    pub masks: Option<usize>,
+    pub masks: Option<MaskCount>,
     /// Keep generating after an end-of-sequence token (benchmarks: always `--max-new-tokens`).
     #[arg(long)]
     pub ignore_eos: bool,
@@ -59,6 +62,10 @@ pub struct Args {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Benchmarks: generate this many more times after a first (warm-up) run, in the same
+    /// process; the JSON then reports each run's seconds and the median as `total_seconds`.
+    #[arg(long, default_value_t = 0)]
+    pub repeats: usize,
 }
 
 #[derive(Serialize)]
@@ -66,13 +73,14 @@ struct StepLine {
     accepted: usize,
     first_rejected: Option<usize>,
     emitted: usize,
+    masks: usize,
 }
 
 #[derive(Serialize)]
 struct Report<'a> {
     model: String,
     mode: Mode,
-    masks: usize,
+    masks: MaskCount,
     device: String,
     dtype: String,
     prompt_ids: &'a [i64],
@@ -83,6 +91,8 @@ struct Report<'a> {
     tokens_per_second: f64,
     prefill_seconds: f64,
     total_seconds: f64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    repeat_seconds: Vec<f64>,
     stop_reason: mtp_core::decode::StopReason,
     steps: Vec<StepLine>,
 }
@@ -119,17 +129,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(ids)) => ids.clone(),
         (None, None) => anyhow::bail!("give --prompt or --prompt-ids"),
     };
-    let adapter = match args.mode {
+    let drafter = match args.mode {
         Mode::Ar => None,
         mode => Some(
-            args.adapter.load(&source, &loaded.model).with_context(|| format!("--mode {mode} needs an MTP adapter"))?,
+            args.adapter
+                .drafter(&source, &loaded.model)
+                .with_context(|| format!("--mode {mode} needs an MTP adapter"))?,
         ),
     };
-    let masks = match (&adapter, args.masks) {
-        (None, _) => 0,
-        (Some(a), None) => a.config.k,
+    let masks = match (&drafter, args.masks) {
+        (None, _) => MaskCount::Fixed(0),
+        (Some(d), None) => MaskCount::Fixed(d.k()),
         (Some(_), Some(m)) => m,
     };
+    let strategy = Strategy::new(args.mode, drafter.as_ref(), masks).with_context(|| format!("--masks {masks}"))?;
     let eos_ids = if args.ignore_eos { Vec::new() } else { tok.eos_ids.clone() };
     let req = GenerateRequest { prompt_ids, max_new_tokens: args.max_new_tokens, decoding, eos_ids };
 
@@ -158,7 +171,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         ControlFlow::Continue(())
     };
-    let out = generate(&loaded.model, adapter.as_ref(), args.mode, masks, &req, &mut sink)?;
+    let mut out = generate(&loaded.model, strategy, &req, &mut sink)?;
+    let mut repeat_seconds = Vec::with_capacity(args.repeats);
+    for _ in 0..args.repeats {
+        out = generate(&loaded.model, strategy, &req, &mut ())?;
+        repeat_seconds.push(out.total_time.as_secs_f64());
+    }
+    let median = {
+        let mut s = repeat_seconds.clone();
+        s.sort_by(f64::total_cmp);
+        s.get(s.len() / 2).copied()
+    };
     let text = tok.decode(&out.token_ids, false).unwrap_or_default();
     if json {
         super::print_json(&Report {
@@ -166,15 +189,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             mode: args.mode,
             masks,
             device: args.model.device.to_string(),
-            dtype: args.model.dtype.to_string(),
+            dtype: args.model.dtype().to_string(),
             prompt_ids: &req.prompt_ids,
             token_ids: &out.token_ids,
             text,
             forwards: out.forwards,
             tokens_per_forward: out.tokens_per_forward(),
-            tokens_per_second: out.tokens_per_second(),
+            tokens_per_second: median.map_or(out.tokens_per_second(), |t| out.token_ids.len() as f64 / t.max(1e-12)),
             prefill_seconds: out.prefill_time.as_secs_f64(),
-            total_seconds: out.total_time.as_secs_f64(),
+            total_seconds: median.unwrap_or(out.total_time.as_secs_f64()),
+            repeat_seconds,
             stop_reason: out.stop,
             steps: out
                 .steps
@@ -183,6 +207,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     accepted: s.accepted,
                     first_rejected: s.first_rejected,
                     emitted: s.emitted,
+                    masks: s.masks,
                 })
                 .collect(),
         })

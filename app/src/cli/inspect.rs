@@ -1,7 +1,11 @@
 //! `mtp inspect MODEL`.
 
 use mtp_core::inspect::{ModelInfo, human_bytes};
+use mtp_core::model::ModelConfig;
+use mtp_core::mtp::LoraConfig;
 use mtp_core::source::{HubOptions, ModelSource};
+use mtp_core::train::memory::{MemoryEstimate, MemoryInputs, estimate};
+use mtp_core::DType;
 
 use super::progress::DownloadBar;
 
@@ -13,6 +17,28 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Training memory estimate: mask tokens.
+    #[arg(long, default_value_t = 4)]
+    pub k: usize,
+    /// Training memory estimate: LoRA rank (all seven projections).
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Training memory estimate: sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Training memory estimate: tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Training memory estimate: precision of the base model (default: bf16 on CUDA, f32
+    /// on the CPU).
+    #[arg(long)]
+    pub dtype: Option<DType>,
+    /// Training memory estimate: without the sampler head.
+    #[arg(long)]
+    pub no_sampler: bool,
+    /// Training memory estimate: the device it trains on.
+    #[arg(long, default_value = "cpu")]
+    pub device: mtp_core::DeviceSpec,
 }
 
 /// Run it.
@@ -20,9 +46,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let source: ModelSource = args.model.parse()?;
     let dir = source.resolve(&HubOptions::from_env(), &mut DownloadBar::new())?;
     let info = ModelInfo::from_folder(&dir)?;
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let lora = LoraConfig { rank: args.rank, ..LoraConfig::default() };
+    let dtype = args.dtype.unwrap_or_else(|| DType::default_for(args.device));
+    let inputs = |checkpointing| MemoryInputs {
+        k: args.k,
+        lora: &lora,
+        sampler: !args.no_sampler,
+        batch_size: args.batch_size,
+        seq_len: args.seq_len,
+        dtype,
+        checkpointing,
+        device: args.device,
+    };
+    let (plain, ckpt) = (estimate(&info, &config, &inputs(false)), estimate(&info, &config, &inputs(true)));
     if args.json {
         let mut v = serde_json::to_value(&info)?;
         v["path"] = dir.display().to_string().into();
+        let parts = |e: &MemoryEstimate| {
+            serde_json::json!({ "weights": e.weights, "trainable": e.trainable, "activations": e.activations,
+                                "logits": e.logits, "runtime": e.runtime, "total": e.total() })
+        };
+        v["training_memory"] = serde_json::json!({
+            "k": args.k, "rank": args.rank, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "dtype": dtype.to_string(), "device": args.device.to_string(), "sampler": !args.no_sampler,
+            "plain": parts(&plain), "checkpointing": parts(&ckpt),
+        });
         return super::print_json(&v);
     }
     println!("model        {source} ({})", dir.display());
@@ -38,5 +87,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for (dtype, bytes) in &info.weight_bytes {
         println!("weights {dtype:<4} {}", human_bytes(*bytes));
     }
+    println!(
+        "training     k = {}, rank {}, batch {}, {} tokens, {}{}: about {} ({} with activation checkpointing)",
+        args.k,
+        args.rank,
+        args.batch_size,
+        args.seq_len,
+        dtype,
+        if args.no_sampler { ", no sampler" } else { "" },
+        human_bytes(plain.total()),
+        human_bytes(ckpt.total())
+    );
     Ok(())
 }

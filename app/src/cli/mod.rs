@@ -4,6 +4,7 @@
 mod bench;
 mod common;
 mod distill;
+mod draft_vocab;
 mod download;
 mod generate;
 mod inspect;
@@ -42,6 +43,8 @@ pub enum Command {
     Distill(distill::Args),
     /// Tokens per forward by domain and masks, tokens/s and speedup over AR.
     Bench(bench::Args),
+    /// Store a draft vocabulary (a dataset's most frequent target tokens) in an adapter.
+    DraftVocab(draft_vocab::Args),
     /// Rank of the true future tokens at each mask slot (the paper's Figure 1).
     Probe(probe::Args),
 }
@@ -58,6 +61,7 @@ pub fn main() -> ExitCode {
         Command::Pretrain(a) => pretrain::run(a),
         Command::Distill(a) => distill::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::DraftVocab(a) => draft_vocab::run(a),
         Command::Probe(a) => probe::run(a),
     };
     match result {

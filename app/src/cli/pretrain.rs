@@ -141,7 +141,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut reporter = Reporter::new(args.json);
     let mut sink = |e: &TrainEvent| reporter.event(e);
     let start = std::time::Instant::now();
-    let summary = pretrain(&config, &out, resume, &mut sink, &control)?;
+    let summary = pretrain(&config, &out, resume, &mut sink, &control).map_err(|e| match e {
+        mtp_core::Error::Invalid(m) if m.contains("already holds") => {
+            anyhow::anyhow!("{m} (mtp pretrain --resume {})", out.display())
+        }
+        e => e.into(),
+    })?;
     reporter.finish();
     eprintln!(
         "{:?} at step {} after {:.0} s: {} parameters; model folder {}",

@@ -8,6 +8,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mtp_core::model::Proj;
 use mtp_core::mtp::{LoraConfig, MtpConfig};
 use mtp_core::train::{Control, OptimConfig, Packing, Schedule, TrainConfig, TrainEvent};
+use mtp_core::inspect::human_bytes;
+use mtp_core::train::trainer::Checkpointing;
 use mtp_core::{DType, DeviceSpec, LoadOptions, LoadedModel, ModelSource};
 
 use super::progress::DownloadBar;
@@ -99,6 +101,13 @@ pub struct Args {
     /// Base model precision (default: bf16 on CUDA, f32 on CPU).
     #[arg(long)]
     pub dtype: Option<DType>,
+    /// Activation checkpointing: auto (on when the memory estimate exceeds the device's
+    /// memory), on or off.
+    #[arg(long, default_value = "auto")]
+    pub checkpointing: Checkpointing,
+    /// Draft vocabulary stored with the adapter: its most frequent target tokens (0: none).
+    #[arg(long, default_value_t = mtp_core::train::trainer::DEFAULT_DRAFT_VOCAB)]
+    pub draft_vocab: usize,
     /// Print each event as one JSON line instead of a progress bar.
     #[arg(long)]
     pub json: bool,
@@ -116,8 +125,7 @@ impl Args {
     fn config(&self) -> anyhow::Result<TrainConfig> {
         let model: ModelSource = self.model.as_deref().unwrap_or("demo").parse()?;
         let data = self.data.as_deref().unwrap_or_default().parse()?;
-        let dtype =
-            self.dtype.unwrap_or(if matches!(self.device, DeviceSpec::Cuda(_)) { DType::Bf16 } else { DType::F32 });
+        let dtype = self.dtype.unwrap_or_else(|| DType::default_for(self.device));
         Ok(TrainConfig {
             model,
             data,
@@ -153,6 +161,8 @@ impl Args {
             seed: self.seed,
             device: self.device,
             dtype,
+            draft_vocab: self.draft_vocab,
+            checkpointing: self.checkpointing,
         })
     }
 }
@@ -185,6 +195,8 @@ impl Reporter {
                 trainable_parameters,
                 start_step,
                 total_steps,
+                checkpointing,
+                memory_estimate,
             } => {
                 eprintln!(
                     "data: {} examples ({:?}), {} malformed lines{}; {train_sequences} training and {val_sequences} validation sequences; {trainable_parameters} trainable parameters",
@@ -197,6 +209,13 @@ impl Reporter {
                         format!(" (first: {:?})", data.malformed_lines)
                     },
                 );
+                if let Some(bytes) = memory_estimate {
+                    eprintln!(
+                        "memory: about {} estimated; activation checkpointing {}",
+                        human_bytes(*bytes),
+                        if *checkpointing { "on" } else { "off" }
+                    );
+                }
                 let bar = if std::io::stderr().is_terminal() {
                     ProgressBar::new(*total_steps as u64)
                 } else {
@@ -272,7 +291,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let control = Control::new();
     cancel_on_ctrl_c(&control);
     let mut reporter = Reporter::new(args.json);
-    let mut sink = |e: &TrainEvent| reporter.event(e);
+    let mut estimate = None;
+    let mut sink = |e: &TrainEvent| {
+        if let TrainEvent::Prepared { memory_estimate, .. } = e {
+            estimate = *memory_estimate;
+        }
+        reporter.event(e)
+    };
+    // Memory before the model is loaded: what the run adds is measured from here.
+    let before = mtp_core::device::process_memory().map(|(now, _)| now);
     let (summary, run_dir) = if let Some(dir) = &args.resume {
         let config = mtp_core::train::trainer::read_config(dir)?;
         let loaded = load(&config)?;
@@ -282,10 +309,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let config = args.config()?;
         config.validate()?;
         let out = args.out.clone().context("--out is required")?;
+        if out.join("config.json").exists() {
+            anyhow::bail!(
+                "{} already holds a run; resume it with `mtp train --resume {}` or choose another --out",
+                out.display(),
+                out.display()
+            );
+        }
         let loaded = load(&config)?;
         (mtp_core::train::train(&loaded, &config, &out, &mut sink, &control)?, out)
     };
     reporter.finish();
+    // The peak resident memory the run added (the host's; on CUDA the GPU's memory is
+    // measured from outside, see scripts/gpu_check.py).
+    let peak = match (before, mtp_core::device::process_memory()) {
+        (Some(before), Some((_, peak))) => Some(peak.saturating_sub(before)),
+        _ => None,
+    };
+    if args.json {
+        super::print_json(&serde_json::json!({ "summary": {
+            "outcome": format!("{:?}", summary.outcome).to_lowercase(),
+            "step": summary.step,
+            "adapter": summary.adapter,
+            "peak_rss_bytes": peak,
+            "memory_estimate_bytes": estimate,
+        }}))?;
+    } else if let Some(peak) = peak {
+        eprintln!("peak memory of the run (host, resident): {}", human_bytes(peak));
+    }
     eprintln!(
         "{:?} at step {}; adapter: {}; resume with: mtp train --resume {}",
         summary.outcome,

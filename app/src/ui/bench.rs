@@ -2,7 +2,7 @@
 //! wall-clock speedup, a chart of tokens per forward against masks per domain, and exports.
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
-use mtp_core::decode::Mode;
+use mtp_core::decode::{MaskCount, Mode};
 use mtp_core::decode::bench::BenchConfig;
 
 use super::{busy_line, theme};
@@ -28,7 +28,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         let label = ui.label("Masks");
         ui.add(egui::TextEdit::singleline(&mut b.masks).desired_width(80.0))
             .labelled_by(label.id)
-            .on_hover_text("Comma-separated, each 1..k");
+            .on_hover_text("Comma-separated, each 1..k, or auto (chosen each step from the acceptance)");
         ui.checkbox(&mut b.linear, "linear");
         ui.checkbox(&mut b.quadratic, "quadratic");
         super::named(
@@ -36,7 +36,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             egui::Role::SpinButton,
             "New tokens per prompt",
         );
-        let masks: Result<Vec<usize>, _> = b.masks.split(',').map(|s| s.trim().parse::<usize>()).collect();
+        let masks: Result<Vec<MaskCount>, _> = b.masks.split(',').map(|s| s.parse::<MaskCount>()).collect();
         let ready = !rt.busy() && rt.adapter.is_some() && masks.is_ok();
         if ui.add_enabled(ready, egui::Button::new("Run benchmark")).clicked()
             && let Ok(masks) = masks
@@ -101,7 +101,11 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         for r in &report.rows {
             ui.label(&r.domain);
             ui.label(r.mode.name());
-            ui.label(r.masks.to_string());
+            ui.label(match r.masks {
+                MaskCount::Auto => format!("auto ({:.2})", r.mean_masks),
+                m => m.to_string(),
+            })
+            .on_hover_text("auto: the mean number of masks per step it chose");
             ui.label(format!("{:.2}", r.tokens_per_forward));
             ui.label(super::timing(rt, format!("{:.1}", r.tokens_per_second)));
             ui.label(super::timing(rt, format!("{:.2}×", r.speedup)));
@@ -128,7 +132,10 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
                         .rows
                         .iter()
                         .filter(|r| r.domain == *d && r.mode == mode)
-                        .map(|r| [r.masks as f64, r.tokens_per_forward])
+                        .filter_map(|r| match r.masks {
+                            MaskCount::Fixed(m) => Some([m as f64, r.tokens_per_forward]),
+                            MaskCount::Auto => None,
+                        })
                         .collect();
                     let line = Line::new(format!("{d} {mode}"), points).color(theme::series(i));
                     pu.line(if mode == Mode::Linear { line.style(egui_plot::LineStyle::dashed_loose()) } else { line });

@@ -33,9 +33,11 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         });
         mode.response.labelled_by(label.id);
         let label = ui.label("masks");
-        ui.add(egui::DragValue::new(&mut c.masks).range(1..=k.max(1)))
+        ui.add_enabled(!c.auto_masks, egui::DragValue::new(&mut c.masks).range(1..=k.max(1)))
             .labelled_by(label.id)
             .on_hover_text("Mask tokens per step (1..k of the adapter)");
+        ui.checkbox(&mut c.auto_masks, "auto")
+            .on_hover_text("Choose each step's masks from the recent acceptance (up to k)");
         ui.separator();
         ui.checkbox(&mut c.greedy, "Greedy")
             .on_hover_text("Greedy: outputs must be identical. Off: sampled with the same seed");

@@ -42,7 +42,11 @@ pub fn show(
                 .selected_text(p.model.device.to_string())
                 .show_ui(ui, |ui| {
                     for d in devices {
-                        ui.selectable_value(&mut p.model.device, *d, d.to_string());
+                        // A new device brings its default precision (bf16 on CUDA, f32 on
+                        // the CPU); the Precision box still overrides it.
+                        if ui.selectable_value(&mut p.model.device, *d, d.to_string()).changed() {
+                            p.model.dtype = DType::default_for(*d);
+                        }
                     }
                 })
                 .response
@@ -150,23 +154,36 @@ pub fn show(
         batch_size: t.batch_size,
         seq_len: t.seq_len,
         dtype: m.dtype,
+        checkpointing: false,
+        device: m.device,
     };
     let e = estimate(i, &m.config, &inputs);
+    let c = estimate(i, &m.config, &MemoryInputs { checkpointing: true, ..inputs.clone() });
     ui.label(format!(
         "k = {}, rank {}, batch {}, sequence {} tokens, {} (change these in the Train tab):",
         t.k, t.rank, t.batch_size, t.seq_len, m.dtype
     ));
-    egui::Grid::new("memory").num_columns(2).striped(true).show(ui, |ui| {
-        for (k, v) in [
-            ("Frozen weights", e.weights),
-            ("Trainable + grads + AdamW", e.trainable),
-            ("Activations", e.activations),
-            ("Logits", e.logits),
-            ("Total", e.total()),
+    egui::Grid::new("memory").num_columns(3).striped(true).show(ui, |ui| {
+        ui.label("");
+        ui.strong("as is");
+        ui.strong("with checkpointing");
+        ui.end_row();
+        for (k, v, w) in [
+            ("Frozen weights", e.weights, c.weights),
+            ("Trainable + grads + AdamW", e.trainable, c.trainable),
+            ("Activations", e.activations, c.activations),
+            ("Logits", e.logits, c.logits),
+            ("Runtime", e.runtime, c.runtime),
+            ("Total", e.total(), c.total()),
         ] {
             ui.strong(k);
             ui.label(human_bytes(v));
+            ui.label(human_bytes(w));
             ui.end_row();
         }
     });
+    ui.weak(
+        "Activation checkpointing keeps only each layer's input and recomputes the layer in the backward \
+         pass; Train's `auto` turns it on when the estimate exceeds the device's memory.",
+    );
 }

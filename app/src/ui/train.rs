@@ -5,6 +5,7 @@
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 use mtp_core::model::Proj;
 use mtp_core::mtp::{LoraConfig, MtpConfig};
+use mtp_core::train::trainer::Checkpointing;
 use mtp_core::train::{OptimConfig, Packing, Schedule, StepMetrics, TrainConfig};
 
 use super::{drag_usize, form_row, theme};
@@ -51,6 +52,8 @@ pub fn config_from_forms(p: &Persisted, model: Option<&ModelSummary>) -> anyhow:
         seed: t.seed,
         device: m.device,
         dtype: m.dtype,
+        draft_vocab: t.draft_vocab,
+        checkpointing: t.checkpointing,
     };
     config.validate()?;
     Ok(config)
@@ -174,6 +177,30 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
             form_row(ui, "Sequence length", "Tokens per training sequence (the layout grows by up to k + 1)", |ui| {
                 ui.add(drag_usize(&mut t.seq_len, 8..=8192))
             });
+            form_row(
+                ui,
+                "Checkpointing",
+                "Activation checkpointing: keep only each layer's input and recompute it in the backward pass \
+                 (a fraction of the memory, about a third more compute). auto: on when the Model tab's estimate \
+                 exceeds the device's memory",
+                |ui| {
+                    egui::ComboBox::from_id_salt("checkpointing")
+                        .selected_text(t.checkpointing.to_string())
+                        .show_ui(ui, |ui| {
+                            for c in [Checkpointing::Auto, Checkpointing::On, Checkpointing::Off] {
+                                ui.selectable_value(&mut t.checkpointing, c, c.to_string());
+                            }
+                        })
+                        .response
+                },
+            );
+            form_row(
+                ui,
+                "Draft vocabulary",
+                "Stored with the adapter: the most frequent target tokens of the data, which drafting may be \
+                 restricted to (0: none; verification always uses the whole vocabulary)",
+                |ui| ui.add(drag_usize(&mut t.draft_vocab, 0..=1_000_000)),
+            );
             form_row(ui, "Packing", "Concatenate examples (off: one example per sequence, cut at the length)", |ui| {
                 ui.checkbox(&mut t.packing, "")
             });
@@ -376,7 +403,7 @@ fn runs(ui: &mut egui::Ui, p: &Persisted, rt: &mut Runtime, commands: &mut Vec<C
                 }
             }
             ui.label(r.dir.file_name().and_then(|n| n.to_str()).unwrap_or("?"));
-            let last = r.metrics.iter().filter(|m| m.split == mtp_core::train::Split::Train).next_back();
+            let last = r.metrics.iter().rfind(|m| m.split == mtp_core::train::Split::Train);
             let total = r.config.as_ref().map_or(0, |c| c.steps);
             ui.label(format!("{}/{}", last.map_or(0, |m| m.step), total));
             ui.label(last.map_or("-".into(), |m| format!("{:.3}", m.losses.loss)));

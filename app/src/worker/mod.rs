@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use mtp_core::decode::bench::{read_prompts, run_bench};
-use mtp_core::decode::{GenerateRequest, Generation, Mode, SpecDecoder, StepStats, TokenEvent, TokenSink};
+use mtp_core::decode::{
+    DraftOptions, Drafter, GenerateRequest, Generation, Layout, MaskCount, SpecDecoder, Speculative, StepStats,
+    Strategy, TokenEvent, TokenSink,
+};
 use mtp_core::inspect::ModelInfo;
 use mtp_core::mtp::MtpAdapter;
 use mtp_core::mtp::probe::probe;
@@ -117,7 +120,13 @@ struct Worker {
     wake: Box<dyn Fn() + Send>,
     control: Control,
     model: Option<LoadedModel>,
-    adapter: Option<MtpAdapter>,
+    adapter: Option<Adapter>,
+}
+
+/// The loaded adapter and the same adapter prepared for decoding.
+struct Adapter {
+    adapter: MtpAdapter,
+    drafter: Drafter,
 }
 
 fn job_of(r: &Request) -> Job {
@@ -165,7 +174,22 @@ impl Worker {
     }
 
     fn adapter(&self) -> anyhow::Result<&MtpAdapter> {
+        Ok(&self.loaded_adapter()?.adapter)
+    }
+
+    fn drafter(&self) -> anyhow::Result<&Drafter> {
+        Ok(&self.loaded_adapter()?.drafter)
+    }
+
+    fn loaded_adapter(&self) -> anyhow::Result<&Adapter> {
         self.adapter.as_ref().context("no MTP adapter is loaded: train one, or load one in the Model tab")
+    }
+
+    /// Make `adapter` the loaded one (prepared for decoding with the loaded model).
+    fn set_adapter(&mut self, adapter: MtpAdapter) -> anyhow::Result<()> {
+        let drafter = Drafter::new(&self.model()?.model, &adapter, DraftOptions::default())?;
+        self.adapter = Some(Adapter { adapter, drafter });
+        Ok(())
     }
 
     /// Run one request. Step-through sessions keep reading the queue; the request that
@@ -204,13 +228,13 @@ impl Worker {
                 self.emit(Event::ModelLoaded(Box::new(summary)));
                 if let Some((a, path)) = adapter {
                     self.emit(Event::AdapterLoaded(AdapterSummary { path, config: a.config.clone() }));
-                    self.adapter = Some(a);
+                    self.set_adapter(a)?;
                 }
             }
             Request::LoadAdapter { path } => {
                 let adapter = MtpAdapter::load(&path, &self.model()?.model)?;
                 self.emit(Event::AdapterLoaded(AdapterSummary { path, config: adapter.config.clone() }));
-                self.adapter = Some(adapter);
+                self.set_adapter(adapter)?;
             }
             Request::PreviewData { source, strict, seq_len } => {
                 let (examples, report) = mtp_core::train::data::read_examples(&source, strict)?;
@@ -267,14 +291,14 @@ impl Worker {
             Request::StepNext => anyhow::bail!("start step-through first (Start)"),
             Request::Bench { prompts, config } => {
                 let loaded = self.model()?;
-                let adapter = self.adapter()?;
+                let drafter = self.drafter()?;
                 let prompts = read_prompts(&prompts)?;
                 let control = self.control.clone();
                 let mut progress = |done: usize, total: usize, what: &str| {
                     self.emit(Event::Progress(Job::Bench, what.to_owned(), Some(done as f32 / total.max(1) as f32)));
                     if control.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
                 };
-                let report = run_bench(&loaded.model, adapter, &loaded.tokenizer, &prompts, &config, &mut progress)?;
+                let report = run_bench(&loaded.model, drafter, &loaded.tokenizer, &prompts, &config, &mut progress)?;
                 self.emit(Event::Bench(Box::new(report)));
             }
             Request::Probe { prompt, continuation } => {
@@ -300,7 +324,7 @@ impl Worker {
         if path.exists() {
             let adapter = MtpAdapter::load(&path, &self.model()?.model)?;
             self.emit(Event::AdapterLoaded(AdapterSummary { path, config: adapter.config.clone() }));
-            self.adapter = Some(adapter);
+            self.set_adapter(adapter)?;
         }
         Ok(())
     }
@@ -327,17 +351,13 @@ impl Worker {
         let loaded = self.model()?;
         let prompt_ids = Self::encode_prompt(loaded, prompt, chat)?;
         let req = GenerateRequest { prompt_ids, max_new_tokens, decoding, eos_ids: loaded.tokenizer.eos_ids.clone() };
-        let adapter = self.adapter.as_ref();
+        let drafter = self.adapter.as_ref().map(|a| &a.drafter);
         let mut gens = Vec::new();
         for lane in lanes {
-            if lane.mode != Mode::Ar && adapter.is_none() {
-                anyhow::bail!(
-                    "lane {} uses {} decoding, which needs an adapter: train or load one first",
-                    gens.len() + 1,
-                    lane.mode
-                );
-            }
-            gens.push(Generation::new(&loaded.model, adapter, lane.mode, lane.masks, req.clone())?);
+            let strategy = Strategy::new(lane.mode, drafter, lane.masks).with_context(|| {
+                format!("lane {} ({} decoding): train or load an adapter first", gens.len() + 1, lane.mode)
+            })?;
+            gens.push(Generation::new(&loaded.model, strategy, req.clone())?);
         }
         let mut streams: Vec<_> = (0..2).map(|_| loaded.tokenizer.stream(false)).collect();
         while gens.iter().any(|g| !g.is_done()) {
@@ -373,7 +393,7 @@ impl Worker {
     /// the session and is returned to be handled next.
     fn step_session(&self, prompt: &str, masks: usize, queue: &Receiver<Request>) -> anyhow::Result<Option<Request>> {
         let loaded = self.model()?;
-        let adapter = self.adapter()?;
+        let drafter = self.drafter()?;
         let tok = &loaded.tokenizer;
         let prompt_ids = Self::encode_prompt(loaded, prompt, false)?;
         let req = GenerateRequest {
@@ -382,7 +402,8 @@ impl Worker {
             decoding: mtp_core::decode::Decoding::Greedy,
             eos_ids: vec![],
         };
-        let (mut decoder, first) = SpecDecoder::start(&loaded.model, adapter, Mode::Quadratic, masks, &req)?;
+        let spec = Speculative { drafter, layout: Layout::Quadratic, masks: MaskCount::Fixed(masks) };
+        let (mut decoder, first) = SpecDecoder::start(&loaded.model, spec, &req)?;
         let text =
             |ids: &[i64]| -> Vec<String> { ids.iter().map(|&i| tok.decode(&[i], false).unwrap_or_default()).collect() };
         let mut generated = vec![first];
@@ -406,10 +427,10 @@ impl Worker {
             if !matches!(request, Request::StepNext) {
                 return Ok(Some(request));
             }
-            if decoder.cache_len() + (masks + 1) * (masks + 1) + 2 * masks >= loaded.model.config.context_length() {
+            if !decoder.has_room() {
                 anyhow::bail!("the context is full");
             }
-            let r = decoder.step(true);
+            let r = decoder.step(true)?;
             generated.extend(&r.accepted);
             generated.push(r.next);
             let detail = r.detail.map(|d| *d);

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use mtp_core::decode::bench::{BenchConfig, BenchReport};
 use mtp_core::decode::speculative::StepDetail;
-use mtp_core::decode::{Decoding, Mode, StepStats, StopReason, TokenOrigin};
+use mtp_core::decode::{Decoding, MaskCount, Mode, StepStats, StopReason, TokenOrigin};
 use mtp_core::inspect::ModelInfo;
 use mtp_core::mtp::MtpConfig;
 use mtp_core::mtp::probe::ProbeReport;
@@ -62,7 +62,7 @@ pub struct LaneSpec {
     /// Decoding mode.
     pub mode: Mode,
     /// Masks (speculative modes).
-    pub masks: usize,
+    pub masks: MaskCount,
 }
 
 /// What the UI asks the worker to do.

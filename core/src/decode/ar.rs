@@ -5,7 +5,7 @@ use tch::{Kind, Tensor};
 
 use super::{GenerateOutput, GenerateRequest, Sampler, TokenSink};
 use crate::error::{Error, Result};
-use crate::model::{AttnMask, KvCache, Llama};
+use crate::model::{AttnMask, Gated, KvCache, Llama};
 
 /// Check that a request fits the model: a non-empty prompt of valid ids, and room in the
 /// context for the prompt plus `max_new_tokens` (plus `extra` positions a decoding mode
@@ -54,31 +54,32 @@ impl<'a> ArDecoder<'a> {
         let mut sampler = Sampler::new(req.decoding)?;
         let first = tch::no_grad(|| {
             let input = Tensor::from_slice(&req.prompt_ids).to_device(model.device()).unsqueeze(0);
-            sampler.pick(&forward_last(model, &input, &mut cache))
-        });
+            sampler.pick(&forward_last(model, &input, &mut cache, None))
+        })?;
         Ok((Self { model, sampler, cache, pending: first }, first))
     }
 
     /// Feed the pending token and choose the next.
-    pub fn step(&mut self) -> i64 {
+    pub fn step(&mut self) -> Result<i64> {
         let model = self.model;
         let input = Tensor::from_slice(&[self.pending]).to_device(model.device()).unsqueeze(0);
-        let next = tch::no_grad(|| self.sampler.pick(&forward_last(model, &input, &mut self.cache)));
+        let next = tch::no_grad(|| self.sampler.pick(&forward_last(model, &input, &mut self.cache, None)))?;
         self.pending = next;
-        next
+        Ok(next)
     }
 }
 
-/// Forward `input` (`[1, t]`) after the cache; logits of the last position (`[vocab]`).
-fn forward_last(model: &Llama, input: &Tensor, cache: &mut KvCache) -> Tensor {
+/// Forward `input` (`[1, t]`) after the cache through the causal path, with `adapter`
+/// when given; logits of the last position (`[vocab]`).
+pub(crate) fn forward_last(model: &Llama, input: &Tensor, cache: &mut KvCache, adapter: Option<&Gated>) -> Tensor {
     let past = cache.len() as i64;
     let t = input.size()[1];
     let positions = Tensor::arange_start(past, past + t, (Kind::Int64, model.device()));
-    let h = model.forward_embeds(&model.embed(input), &positions, AttnMask::Causal, None, Some(cache));
+    let h = model.forward_embeds(&model.embed(input), &positions, AttnMask::Causal, adapter, Some(cache));
     last_logits(model, &h)
 }
 
 /// Generate with plain autoregressive decoding, streaming each token to `sink`.
 pub fn generate_ar(model: &Llama, req: &GenerateRequest, sink: &mut dyn TokenSink) -> Result<GenerateOutput> {
-    super::generation::generate(model, None, super::Mode::Ar, 0, req, sink)
+    super::generation::generate(model, super::Strategy::Ar, req, sink)
 }

@@ -11,11 +11,11 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::generate;
-use super::speculative::Mode;
+use super::speculative::Drafter;
+use super::strategy::{MaskCount, Mode, Strategy};
 use super::{Decoding, GenerateOutput, GenerateRequest};
 use crate::error::{Error, Result};
 use crate::model::Llama;
-use crate::mtp::MtpAdapter;
 use crate::tokenizer::TextTokenizer;
 
 /// One benchmark prompt.
@@ -59,8 +59,8 @@ pub fn read_prompts(path: &Path) -> Result<Vec<BenchPrompt>> {
 pub struct BenchConfig {
     /// Modes besides AR (AR always runs: it is the baseline).
     pub modes: Vec<Mode>,
-    /// Mask counts for the speculative modes.
-    pub masks: Vec<usize>,
+    /// Mask counts for the speculative modes (`auto`: chosen each step).
+    pub masks: Vec<MaskCount>,
     /// New tokens per prompt.
     pub max_new_tokens: usize,
 }
@@ -73,7 +73,10 @@ pub struct BenchRow {
     /// Decoding mode.
     pub mode: Mode,
     /// Masks per step (0 for AR).
-    pub masks: usize,
+    pub masks: MaskCount,
+    /// Mean masks per step actually used (the count itself unless `auto`; 0 for AR).
+    #[serde(default)]
+    pub mean_masks: f64,
     /// Prompts in the row.
     pub prompts: usize,
     /// Tokens generated.
@@ -102,7 +105,7 @@ pub struct Divergence {
     /// Mode.
     pub mode: Mode,
     /// Masks.
-    pub masks: usize,
+    pub masks: MaskCount,
     /// First differing position among the new tokens.
     pub position: usize,
     /// AR's token there.
@@ -150,6 +153,7 @@ struct Acc {
     seconds: f64,
     step_seconds: f64,
     steps: usize,
+    masks_used: usize,
     identical: bool,
 }
 
@@ -169,6 +173,7 @@ impl Acc {
         } else {
             self.step_seconds += out.steps.iter().map(|s| s.seconds).sum::<f64>();
             self.steps += out.steps.len();
+            self.masks_used += out.steps.iter().map(|s| s.masks).sum::<usize>();
         }
         self.identical &= identical;
     }
@@ -194,19 +199,21 @@ fn margin_at(model: &Llama, prompt: &[i64], prefix: &[i64]) -> f64 {
 /// Run the benchmark: for each prompt, AR once and each (mode, masks) once, greedy.
 pub fn run_bench(
     model: &Llama,
-    adapter: &MtpAdapter,
+    drafter: &Drafter,
     tokenizer: &TextTokenizer,
     prompts: &[BenchPrompt],
     config: &BenchConfig,
     progress: &mut dyn BenchProgress,
 ) -> Result<BenchReport> {
-    if let Some(&m) = config.masks.iter().find(|&&m| m == 0 || m > adapter.config.k) {
-        return Err(Error::Invalid(format!("--masks {m} is out of range: the adapter has k = {}", adapter.config.k)));
+    for m in &config.masks {
+        m.check(drafter.k())?;
     }
     let spec_modes: Vec<Mode> = config.modes.iter().copied().filter(|m| *m != Mode::Ar).collect();
-    let runs: Vec<(Mode, usize)> = std::iter::once((Mode::Ar, 0))
+    let runs: Vec<(Mode, MaskCount)> = std::iter::once((Mode::Ar, MaskCount::Fixed(0)))
         .chain(spec_modes.iter().flat_map(|&m| config.masks.iter().map(move |&k| (m, k))))
         .collect();
+    let strategies: Vec<Strategy> =
+        runs.iter().map(|&(mode, masks)| Strategy::new(mode, Some(drafter), masks)).collect::<Result<_>>()?;
     let encoded: Vec<Vec<i64>> = prompts.iter().map(|p| tokenizer.encode(&p.prompt)).collect::<Result<_>>()?;
     let total = prompts.len() * runs.len();
 
@@ -217,7 +224,9 @@ pub fn run_bench(
         decoding: Decoding::Greedy,
         eos_ids: vec![],
     };
-    generate(model, None, Mode::Ar, 0, &warm, &mut ())?;
+    for strategy in &strategies {
+        generate(model, *strategy, &warm, &mut ())?;
+    }
 
     let mut acc: BTreeMap<(String, usize), Acc> = BTreeMap::new();
     let mut divergences = Vec::new();
@@ -236,7 +245,7 @@ pub fn run_bench(
             {
                 return Err(Error::Cancelled);
             }
-            let out = generate(model, Some(adapter), mode, masks, &req, &mut ())?;
+            let out = generate(model, strategies[r], &req, &mut ())?;
             let same = match &reference {
                 None => true,
                 Some(ar) => *ar == out.token_ids,
@@ -281,6 +290,7 @@ pub fn run_bench(
                 prompts: a.prompts,
                 tokens: a.tokens,
                 forwards: a.forwards,
+                mean_masks: if a.steps > 0 { a.masks_used as f64 / a.steps as f64 } else { 0.0 },
                 tokens_per_forward: if a.forwards > 0 { a.tokens as f64 / a.forwards as f64 } else { 0.0 },
                 tokens_per_second: a.tps(),
                 speedup: if ar.tps() > 0.0 { a.tps() / ar.tps() } else { 0.0 },
@@ -292,53 +302,20 @@ pub fn run_bench(
     Ok(BenchReport { rows, divergences, max_new_tokens: config.max_new_tokens })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(domain: &str, mode: Mode, masks: usize) -> BenchRow {
-        BenchRow {
-            domain: domain.into(),
-            mode,
-            masks,
-            prompts: 1,
-            tokens: 2,
-            forwards: 1,
-            tokens_per_forward: 2.0,
-            tokens_per_second: 1.0,
-            speedup: 1.0,
-            step_cost_vs_ar: 1.0,
-            identical: true,
-        }
-    }
-
-    #[test]
-    fn markdown_has_one_table_per_mode() {
-        let rows = ["code", "math", "all"]
-            .iter()
-            .flat_map(|d| [row(d, Mode::Ar, 0), row(d, Mode::Linear, 1), row(d, Mode::Quadratic, 1)])
-            .collect();
-        let md = BenchReport { rows, divergences: vec![], max_new_tokens: 8 }.to_markdown();
-        assert_eq!(md.matches("quadratic: tokens per forward").count(), 1);
-        assert_eq!(md.matches("linear: tokens per forward").count(), 1);
-        assert_eq!(md.matches("| math |").count(), 2);
-        let csv = BenchReport { rows: vec![row("code", Mode::Ar, 0)], divergences: vec![], max_new_tokens: 8 }.to_csv();
-        assert_eq!(csv.lines().count(), 2);
-    }
-}
 
 impl BenchReport {
     /// The table as CSV.
     pub fn to_csv(&self) -> String {
         let mut s = String::from(
-            "domain,mode,masks,prompts,tokens,forwards,tokens_per_forward,tokens_per_second,speedup,step_cost_vs_ar,identical\n",
+            "domain,mode,masks,mean_masks,prompts,tokens,forwards,tokens_per_forward,tokens_per_second,speedup,step_cost_vs_ar,identical\n",
         );
         for r in &self.rows {
             s.push_str(&format!(
-                "{},{},{},{},{},{},{:.3},{:.2},{:.3},{:.3},{}\n",
+                "{},{},{},{:.2},{},{},{},{:.3},{:.2},{:.3},{:.3},{}\n",
                 r.domain,
                 r.mode,
                 r.masks,
+                r.mean_masks,
                 r.prompts,
                 r.tokens,
                 r.forwards,
@@ -356,8 +333,8 @@ impl BenchReport {
     /// wall-clock columns, as Markdown.
     pub fn to_markdown(&self) -> String {
         let mut s = String::new();
-        let masks: Vec<usize> = {
-            let mut m: Vec<usize> = self.rows.iter().filter(|r| r.mode != Mode::Ar).map(|r| r.masks).collect();
+        let masks: Vec<MaskCount> = {
+            let mut m: Vec<MaskCount> = self.rows.iter().filter(|r| r.mode != Mode::Ar).map(|r| r.masks).collect();
             m.sort();
             m.dedup();
             m
@@ -395,5 +372,41 @@ impl BenchReport {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(domain: &str, mode: Mode, masks: usize) -> BenchRow {
+        BenchRow {
+            domain: domain.into(),
+            mode,
+            masks: MaskCount::Fixed(masks),
+            mean_masks: masks as f64,
+            prompts: 1,
+            tokens: 2,
+            forwards: 1,
+            tokens_per_forward: 2.0,
+            tokens_per_second: 1.0,
+            speedup: 1.0,
+            step_cost_vs_ar: 1.0,
+            identical: true,
+        }
+    }
+
+    #[test]
+    fn markdown_has_one_table_per_mode() {
+        let rows = ["code", "math", "all"]
+            .iter()
+            .flat_map(|d| [row(d, Mode::Ar, 0), row(d, Mode::Linear, 1), row(d, Mode::Quadratic, 1)])
+            .collect();
+        let md = BenchReport { rows, divergences: vec![], max_new_tokens: 8 }.to_markdown();
+        assert_eq!(md.matches("quadratic: tokens per forward").count(), 1);
+        assert_eq!(md.matches("linear: tokens per forward").count(), 1);
+        assert_eq!(md.matches("| math |").count(), 2);
+        let csv = BenchReport { rows: vec![row("code", Mode::Ar, 0)], divergences: vec![], max_new_tokens: 8 }.to_csv();
+        assert_eq!(csv.lines().count(), 2);
     }
 }

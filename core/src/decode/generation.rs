@@ -7,23 +7,21 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use super::ar::{ArDecoder, check_request};
-use super::speculative::{Mode, SpecDecoder};
+use super::speculative::SpecDecoder;
+use super::strategy::Strategy;
 use super::{GenerateOutput, GenerateRequest, StopReason, TokenEvent, TokenOrigin, TokenSink};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::Llama;
-use crate::mtp::MtpAdapter;
 
 enum Decoder<'a> {
-    Ar(ArDecoder<'a>),
-    Spec(SpecDecoder<'a>),
+    Ar(Box<ArDecoder<'a>>),
+    Spec(Box<SpecDecoder<'a>>),
 }
 
 /// A generation in progress.
 pub struct Generation<'a> {
     model: &'a Llama,
-    adapter: Option<&'a MtpAdapter>,
-    mode: Mode,
-    masks: usize,
+    strategy: Strategy<'a>,
     req: GenerateRequest,
     decoder: Option<Decoder<'a>>,
     out: GenerateOutput,
@@ -34,23 +32,16 @@ pub struct Generation<'a> {
 }
 
 impl<'a> Generation<'a> {
-    /// Prepare a generation (nothing runs until [`Generation::advance`]). Checks the mode,
-    /// the adapter and the request.
-    pub fn new(
-        model: &'a Llama,
-        adapter: Option<&'a MtpAdapter>,
-        mode: Mode,
-        masks: usize,
-        req: GenerateRequest,
-    ) -> Result<Self> {
-        if mode != Mode::Ar && adapter.is_none() {
-            return Err(Error::Invalid(format!("--mode {mode} needs an MTP adapter (--adapter FILE)")));
+    /// Prepare a generation (nothing runs until [`Generation::advance`]). Checks the
+    /// request against the model and the strategy.
+    pub fn new(model: &'a Llama, strategy: Strategy<'a>, req: GenerateRequest) -> Result<Self> {
+        if let Strategy::Speculative(s) = &strategy {
+            s.masks.check(s.drafter.k())?;
         }
-        let extra = if mode == Mode::Ar { 0 } else { 2 * masks + 1 };
-        check_request(model, &req, extra)?;
+        check_request(model, &req, strategy.reach())?;
         let out = GenerateOutput::empty(Instant::now());
         let done = req.max_new_tokens == 0;
-        Ok(Self { model, adapter, mode, masks, req, decoder: None, out, done, busy: Duration::ZERO })
+        Ok(Self { model, strategy, req, decoder: None, out, done, busy: Duration::ZERO })
     }
 
     /// True once generation has stopped.
@@ -81,15 +72,15 @@ impl<'a> Generation<'a> {
     fn advance_inner(&mut self, sink: &mut dyn TokenSink) -> Result<()> {
         match &mut self.decoder {
             None => {
-                let first = match (self.mode, self.adapter) {
-                    (Mode::Ar, _) | (_, None) => {
+                let first = match self.strategy {
+                    Strategy::Ar => {
                         let (d, first) = ArDecoder::start(self.model, &self.req)?;
-                        self.decoder = Some(Decoder::Ar(d));
+                        self.decoder = Some(Decoder::Ar(Box::new(d)));
                         first
                     }
-                    (mode, Some(adapter)) => {
-                        let (d, first) = SpecDecoder::start(self.model, adapter, mode, self.masks, &self.req)?;
-                        self.decoder = Some(Decoder::Spec(d));
+                    Strategy::Speculative(spec) => {
+                        let (d, first) = SpecDecoder::start(self.model, spec, &self.req)?;
+                        self.decoder = Some(Decoder::Spec(Box::new(d)));
                         first
                     }
                 };
@@ -99,7 +90,7 @@ impl<'a> Generation<'a> {
                 }
             }
             Some(Decoder::Ar(d)) => {
-                let next = d.step();
+                let next = d.step()?;
                 self.out.forwards += 1;
                 let step = self.out.forwards - 1;
                 if let Some(stop) = self.emit(next, step, TokenOrigin::Verified, sink) {
@@ -107,7 +98,7 @@ impl<'a> Generation<'a> {
                 }
             }
             Some(Decoder::Spec(d)) => {
-                let r = d.step(false);
+                let r = d.step(false)?;
                 self.out.forwards += 1;
                 let mut stats = r.stats;
                 let mut stop = None;
@@ -161,19 +152,16 @@ impl<'a> Generation<'a> {
     }
 }
 
-/// Generate with `mode`: AR needs no adapter; linear and quadratic need one and use its
-/// first `masks` mask tokens. Streams tokens and step statistics to `sink`. Stops at EOS
+/// Generate with `strategy`, streaming tokens and step statistics to `sink`. Stops at EOS
 /// and at `max_new_tokens` exactly as AR does, so greedy outputs are comparable token for
 /// token.
 pub fn generate(
     model: &Llama,
-    adapter: Option<&MtpAdapter>,
-    mode: Mode,
-    masks: usize,
+    strategy: Strategy,
     req: &GenerateRequest,
     sink: &mut dyn TokenSink,
 ) -> Result<GenerateOutput> {
-    let mut g = Generation::new(model, adapter, mode, masks, req.clone())?;
+    let mut g = Generation::new(model, strategy, req.clone())?;
     while g.advance(sink)? {}
     Ok(g.finish())
 }

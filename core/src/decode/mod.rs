@@ -7,6 +7,7 @@ pub mod generation;
 pub mod sampling;
 pub mod speculative;
 pub mod stats;
+pub mod strategy;
 pub mod verify;
 
 use std::ops::ControlFlow;
@@ -17,8 +18,9 @@ use serde::{Deserialize, Serialize};
 pub use ar::generate_ar;
 pub use generation::{Generation, generate};
 pub use sampling::{Sampler, SamplingParams};
-pub use speculative::{Mode, SpecDecoder};
+pub use speculative::{DraftOptions, Drafter, SpecDecoder};
 pub use stats::StepStats;
+pub use strategy::{Layout, MaskCount, Mode, Speculative, Strategy};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]

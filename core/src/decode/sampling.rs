@@ -90,9 +90,9 @@ impl Sampler {
     }
 
     /// The next token from one row of logits (`[vocab]`).
-    pub fn pick(&mut self, logits: &Tensor) -> i64 {
+    pub fn pick(&mut self, logits: &Tensor) -> Result<i64> {
         match self.decoding {
-            Decoding::Greedy => logits.argmax(-1, false).int64_value(&[]),
+            Decoding::Greedy => Ok(logits.f_argmax(-1, false)?.f_int64_value(&[])?),
             Decoding::Sample(p) => {
                 let probs = p.distribution(logits);
                 self.draw(&probs)
@@ -101,9 +101,9 @@ impl Sampler {
     }
 
     /// A draw from a probability vector (`[vocab]`, f32, any device).
-    pub fn draw(&mut self, probs: &Tensor) -> i64 {
-        let probs: Vec<f32> = probs.to_device(tch::Device::Cpu).try_into().unwrap_or_default();
-        self.draw_slice(&probs)
+    pub fn draw(&mut self, probs: &Tensor) -> Result<i64> {
+        let probs = Vec::<f32>::try_from(probs.to_device(tch::Device::Cpu))?;
+        Ok(self.draw_slice(&probs))
     }
 
     /// A draw from non-negative weights (normalised here).
@@ -170,7 +170,7 @@ mod tests {
         let probs = Tensor::from_slice(&[0.5f32, 0.25, 0.25, 0.0]);
         let draws = |seed| -> Result<Vec<i64>> {
             let mut s = Sampler::new(Decoding::Sample(SamplingParams { seed, ..params(None, None) }))?;
-            Ok((0..4000).map(|_| s.draw(&probs)).collect())
+            (0..4000).map(|_| s.draw(&probs)).collect()
         };
         let a = draws(1)?;
         assert_eq!(a, draws(1)?);

@@ -14,6 +14,9 @@ pub struct StepStats {
     pub accepted: usize,
     /// The 1-based draft slot of the first rejection, if any.
     pub first_rejected: Option<usize>,
+    /// Masks per block in the step (the drafts it made for the next step).
+    #[serde(default)]
+    pub masks: usize,
     /// Tokens the step emitted (accepted drafts + the next verified token; fewer at EOS or
     /// the token limit).
     pub emitted: usize,

@@ -2,6 +2,8 @@
 //! temperature 0, speculative sampling above it. Pure functions over host vectors, so
 //! they are tested on their own.
 
+use tch::{Kind, Tensor};
+
 use super::sampling::Sampler;
 
 /// The outcome of verifying one step's drafts.
@@ -19,6 +21,23 @@ pub struct Verdict {
 pub fn verify_greedy(drafts: &[i64], predictions: &[i64]) -> Verdict {
     let accepted = drafts.iter().zip(predictions).take_while(|(d, y)| d == y).count();
     Verdict { accepted, next: predictions[accepted] }
+}
+
+/// [`verify_greedy`] on the device, without reading anything back: returns the accepted
+/// count and the next token, each `[1]` int64.
+///
+/// # Shapes
+/// `drafts`: `[n]`; `predictions`: `[n + 1]` int64.
+pub fn verify_greedy_on_device(drafts: &Tensor, predictions: &Tensor) -> (Tensor, Tensor) {
+    let n = drafts.size()[0];
+    let accepted = if n == 0 {
+        Tensor::zeros([1], (Kind::Int64, predictions.device()))
+    } else {
+        // The matching prefix: the running product of matches is 1 up to the first miss.
+        drafts.eq_tensor(&predictions.narrow(0, 0, n)).cumprod(0, Kind::Int64).sum_dim_intlist([0i64].as_slice(), true, Kind::Int64)
+    };
+    let next = predictions.index_select(0, &accepted);
+    (accepted, next)
 }
 
 /// Speculative sampling: draft d_{g+1} was drawn from `q[g]`; `p[g]` is the model's
@@ -55,6 +74,17 @@ mod tests {
         assert_eq!(verify_greedy(&[], &[8]), Verdict { accepted: 0, next: 8 });
     }
 
+    #[test]
+    fn greedy_on_device_equals_greedy_on_the_host() {
+        let cases: [(&[i64], &[i64]); 5] =
+            [(&[5, 6, 7], &[5, 6, 9, 1]), (&[5, 6], &[5, 6, 4]), (&[3], &[5, 6]), (&[], &[8]), (&[1, 2, 3], &[9, 2, 3, 4])];
+        for (drafts, predictions) in cases {
+            let host = verify_greedy(drafts, predictions);
+            let (a, next) = verify_greedy_on_device(&Tensor::from_slice(drafts), &Tensor::from_slice(predictions));
+            assert_eq!((a.int64_value(&[0]) as usize, next.int64_value(&[0])), (host.accepted, host.next), "{drafts:?}");
+        }
+    }
+
     /// One draft position: the token after verification must be distributed as p whatever
     /// q is (the core of speculative sampling), checked with a chi-square test.
     #[test]
@@ -67,7 +97,7 @@ mod tests {
         let mut counts = [0usize; 4];
         for _ in 0..n {
             let d = s.draw_slice(&q);
-            let v = verify_sampling(&[d], &[q.clone()], &[p.clone(), p.clone()], &mut s);
+            let v = verify_sampling(&[d], std::slice::from_ref(&q), &[p.clone(), p.clone()], &mut s);
             let first = if v.accepted == 1 { d } else { v.next };
             counts[first as usize] += 1;
         }

@@ -1,11 +1,11 @@
 //! Multi-head self-attention with grouped key/value heads, RoPE, optional q/k norms (Qwen3),
 //! the KV cache, and PyTorch's fused scaled-dot-product attention.
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
-use super::linear::{Gated, Linear, Proj, project};
+use super::linear::{Gated, ProjGroup, StackedLinear};
 use super::norm::RmsNorm;
 use super::rope::RopeTables;
 use super::weights::Weights;
@@ -16,7 +16,9 @@ use crate::error::Result;
 pub enum AttnMask<'a> {
     /// Every new token attends to the whole cache and causally to the new tokens.
     Causal,
-    /// An explicit boolean mask (`true` = attend), `[t, past + t]` or `[b, 1, t, past + t]`.
+    /// An explicit mask over `[t, past + t]` (or `[b, 1, t, past + t]`): boolean (`true` =
+    /// attend), or additive in the activations' dtype (0 = attend, -inf = not), which
+    /// saves the kernel a conversion per layer.
     Custom(&'a Tensor),
 }
 
@@ -34,10 +36,9 @@ pub struct Pass<'a> {
 /// `self_attn` of one decoder layer.
 #[derive(Debug)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    /// `q_proj`, `k_proj`, `v_proj` stacked.
+    qkv_proj: StackedLinear,
+    o_proj: StackedLinear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     num_heads: i64,
@@ -59,11 +60,10 @@ impl Attention {
         } else {
             (None, None)
         };
+        let qkv = [("q_proj", c.q_dim()), ("k_proj", c.kv_dim()), ("v_proj", c.kv_dim())];
         Ok(Self {
-            q_proj: Linear::load(&w.pp("q_proj"), d, c.q_dim(), c.qkv_bias)?,
-            k_proj: Linear::load(&w.pp("k_proj"), d, c.kv_dim(), c.qkv_bias)?,
-            v_proj: Linear::load(&w.pp("v_proj"), d, c.kv_dim(), c.qkv_bias)?,
-            o_proj: Linear::load(&w.pp("o_proj"), c.q_dim(), d, c.o_bias)?,
+            qkv_proj: StackedLinear::load(w, &qkv, d, c.qkv_bias)?,
+            o_proj: StackedLinear::load(w, &[("o_proj", d)], c.q_dim(), c.o_bias)?,
             q_norm,
             k_norm,
             num_heads: c.num_heads as i64,
@@ -78,38 +78,124 @@ impl Attention {
     /// `x`: `[b, t, d]` -> `[b, t, d]`.
     pub fn forward(&self, x: &Tensor, pass: &Pass, cache: Option<&mut KvCache>) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
+        let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let a = pass.adapter;
-        let heads = |lin: &Linear, proj: Proj, n: i64, norm: &Option<RmsNorm>| {
-            let y = project(lin, x, a, self.layer, proj).view([b, t, n, self.head_dim]);
-            let y = match norm {
-                Some(norm) => norm.forward(&y),
-                None => y,
-            };
-            y.transpose(1, 2) // [b, n, t, hd]
+        let qkv = self.qkv_proj.project(x, a, self.layer, ProjGroup::Qkv).view([b, t, h + 2 * kv, hd]);
+        // [b, t, heads, hd] each.
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (
+                pass.rope.apply(&qn.forward(&qkv.narrow(2, 0, h))),
+                pass.rope.apply(&kn.forward(&qkv.narrow(2, h, kv))),
+            ),
+            // Queries and keys rotate together: one rotation for both.
+            _ => {
+                let qk = pass.rope.apply(&qkv.narrow(2, 0, h + kv));
+                (qk.narrow(2, 0, h), qk.narrow(2, h, kv))
+            }
         };
-        let q = pass.rope.apply(&heads(&self.q_proj, Proj::Q, self.num_heads, &self.q_norm));
-        let k = pass.rope.apply(&heads(&self.k_proj, Proj::K, self.num_kv_heads, &self.k_norm));
-        let v = heads(&self.v_proj, Proj::V, self.num_kv_heads, &None);
+        let v = qkv.narrow(2, h + kv, kv);
+        let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)); // [b, heads, t, hd]
 
         let past = cache.as_ref().map_or(0, |c| c.len() as i64);
         let (k, v) = match cache {
             Some(cache) => cache.append(self.layer, &k, &v),
             None => (k, v),
         };
-        // Grouped-query attention inside the kernel: key/value heads are never copied per
-        // query head.
-        let gqa = self.num_heads != self.num_kv_heads;
-        let sdpa = |mask: Option<&Tensor>, causal: bool| {
-            Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, self.scale, gqa)
-        };
         let y = match pass.mask {
             // One query attends to everything before it: no mask at all.
-            AttnMask::Causal if t == 1 => sdpa(None, false),
-            AttnMask::Causal if past == 0 => sdpa(None, true),
-            AttnMask::Causal => sdpa(Some(&super::kv_cache::causal_mask(past, t, x.device())), false),
-            AttnMask::Custom(mask) => sdpa(Some(mask), false),
+            AttnMask::Causal if t == 1 => attend(&q, &k, &v, None, false, self.scale),
+            AttnMask::Causal if past == 0 => attend(&q, &k, &v, None, true, self.scale),
+            AttnMask::Causal => {
+                attend(&q, &k, &v, Some(&super::kv_cache::causal_mask(past, t, x.device())), false, self.scale)
+            }
+            AttnMask::Custom(mask) => attend(&q, &k, &v, Some(mask), false, self.scale),
         };
-        let y = y.transpose(1, 2).reshape([b, t, self.num_heads * self.head_dim]);
-        project(&self.o_proj, &y, a, self.layer, Proj::O)
+        let y = y.transpose(1, 2).reshape([b, t, h * hd]);
+        self.o_proj.project(&y, a, self.layer, ProjGroup::O)
+    }
+}
+
+/// How grouped key/value heads reach the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvHeads {
+    /// Shared by their query heads inside the kernel (no copy).
+    Grouped,
+    /// Copied to every query head first.
+    Expanded,
+}
+
+impl KvHeads {
+    /// The choice for a call on `device`: on CUDA, a call with an explicit mask expands
+    /// grouped heads, because in libtorch 2.11 neither flash attention (no explicit masks)
+    /// nor the memory-efficient kernel (no grouped heads) takes it otherwise, and the math
+    /// fallback upcasts to f32 and materialises every score. The CPU kernel takes masks
+    /// and grouped heads together.
+    pub fn for_call(device: Device, masked: bool) -> Self {
+        if masked && device.is_cuda() { KvHeads::Expanded } else { KvHeads::Grouped }
+    }
+}
+
+/// Scaled-dot-product attention of `q` over `k`, `v` with grouped-query heads.
+///
+/// # Shapes
+/// `q`: `[b, h, t, hd]`; `k`, `v`: `[b, kv, s, hd]` with `h` a multiple of `kv`; `mask`:
+/// broadcastable to `[b, h, t, s]` -> `[b, h, t, hd]`.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> Tensor {
+    attend_with(q, k, v, mask, causal, scale, KvHeads::for_call(q.device(), mask.is_some()))
+}
+
+/// [`attend`] with the key/value heads handled as `heads` says (the outputs are the same;
+/// tests compare them).
+pub fn attend_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f64,
+    heads: KvHeads,
+) -> Tensor {
+    let group = q.size()[1] / k.size()[1];
+    if group == 1 {
+        return Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, false);
+    }
+    match heads {
+        KvHeads::Grouped => Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, true),
+        KvHeads::Expanded => {
+            let (k, v) = (k.repeat_interleave_self_int(group, 1, None), v.repeat_interleave_self_int(group, 1, None));
+            Tensor::scaled_dot_product_attention(q, &k, &v, mask, 0.0, causal, scale, false)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    /// Expanding grouped key/value heads (what CUDA needs for masked calls) gives the same
+    /// attention as the grouped kernel, with a boolean and with an additive mask.
+    #[test]
+    fn expanded_heads_equal_grouped_heads() {
+        tch::manual_seed(3);
+        let q = Tensor::randn([1, 8, 9, 16], (Kind::Float, Device::Cpu));
+        let k = Tensor::randn([1, 2, 20, 16], (Kind::Float, Device::Cpu));
+        let v = Tensor::randn([1, 2, 20, 16], (Kind::Float, Device::Cpu));
+        let allowed = Tensor::rand([9, 20], (Kind::Float, Device::Cpu)).gt(0.3).logical_or(
+            &Tensor::eye_m(9, 20, (Kind::Bool, Device::Cpu)),
+        );
+        let additive = Tensor::zeros([9, 20], (Kind::Float, Device::Cpu)).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+        for mask in [&allowed, &additive] {
+            let grouped = attend_with(&q, &k, &v, Some(mask), false, 0.25, KvHeads::Grouped);
+            let expanded = attend_with(&q, &k, &v, Some(mask), false, 0.25, KvHeads::Expanded);
+            let diff = (&grouped - &expanded).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "{diff}");
+        }
+        let bool_result = attend_with(&q, &k, &v, Some(&allowed), false, 0.25, KvHeads::Grouped);
+        let additive_result = attend_with(&q, &k, &v, Some(&additive), false, 0.25, KvHeads::Grouped);
+        assert!((&bool_result - &additive_result).abs().max().double_value(&[]) < 1e-6);
+        assert_eq!(KvHeads::for_call(Device::Cpu, true), KvHeads::Grouped);
+        assert_eq!(KvHeads::for_call(Device::Cuda(0), true), KvHeads::Expanded);
+        assert_eq!(KvHeads::for_call(Device::Cuda(0), false), KvHeads::Grouped);
     }
 }

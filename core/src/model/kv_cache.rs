@@ -1,15 +1,18 @@
-//! The key/value cache: per layer, preallocated buffers that grow by doubling, a committed
-//! length shared by all layers, and compaction on the device for speculative decoding.
+//! The key/value cache: per layer, preallocated buffers that grow by doubling, and a
+//! committed length shared by all layers. Speculative decoding lays out the rows it keeps
+//! first, so dropping the others is a truncation.
 
 use tch::{Kind, Tensor};
 
 /// Keys and values of every layer for the tokens seen so far, in two preallocated buffers
-/// (keys, values) shared by all layers, so that compaction is one gather per buffer
-/// whatever the depth.
+/// (keys, values) shared by all layers.
 #[derive(Debug)]
 pub struct KvCache {
     /// `(k, v)`, each `[layers, b, h_kv, capacity, head_dim]`, allocated on first use.
     buffers: Option<(Tensor, Tensor)>,
+    /// Per layer, views of its slice of the two buffers (`[b, h_kv, capacity, head_dim]`),
+    /// made once per allocation rather than once per layer and pass.
+    layers: Vec<(Tensor, Tensor)>,
     num_layers: i64,
     /// Rows filled (the same for every layer between forward passes).
     len: i64,
@@ -20,7 +23,13 @@ impl KvCache {
     /// An empty cache for `num_layers` layers that first allocates room for `capacity_hint`
     /// positions (it grows past that when needed).
     pub fn new(num_layers: usize, capacity_hint: usize) -> Self {
-        Self { buffers: None, num_layers: num_layers as i64, len: 0, capacity_hint: capacity_hint.max(16) as i64 }
+        Self {
+            buffers: None,
+            layers: Vec::new(),
+            num_layers: num_layers as i64,
+            len: 0,
+            capacity_hint: capacity_hint.max(16) as i64,
+        }
     }
 
     /// Positions held.
@@ -48,6 +57,7 @@ impl KvCache {
             k.narrow(3, 0, self.len).copy_(&old_k.narrow(3, 0, self.len));
             v.narrow(3, 0, self.len).copy_(&old_v.narrow(3, 0, self.len));
         }
+        self.layers = (0..self.num_layers).map(|l| (k.get(l), v.get(l))).collect();
         self.buffers = Some((k, v));
     }
 
@@ -58,8 +68,7 @@ impl KvCache {
         let t = k.size()[2];
         let need = self.len + t;
         self.reserve(k, need);
-        let Some((kb, vb)) = &self.buffers else { return (k.shallow_clone(), v.shallow_clone()) };
-        let (kl, vl) = (kb.get(layer as i64), vb.get(layer as i64));
+        let Some((kl, vl)) = self.layers.get(layer) else { return (k.shallow_clone(), v.shallow_clone()) };
         kl.narrow(2, self.len, t).copy_(k);
         vl.narrow(2, self.len, t).copy_(v);
         (kl.narrow(2, 0, need), vl.narrow(2, 0, need))
@@ -68,21 +77,6 @@ impl KvCache {
     /// Count the `t` rows appended by the last forward pass.
     pub fn commit(&mut self, t: usize) {
         self.len += t as i64;
-    }
-
-    /// Keep the committed rows before `base` and, after them, only the rows `base + rows[i]`
-    /// (`rows`: int64, ascending, relative to `base`), moved down to follow `base`. One
-    /// gather per buffer for all layers; only the tail is read and written.
-    pub fn keep_tail(&mut self, base: usize, rows: &Tensor) {
-        let base = base as i64;
-        let n = rows.size()[0];
-        if let Some((kb, vb)) = &self.buffers {
-            for buf in [kb, vb] {
-                let kept = buf.narrow(3, base, self.len - base).index_select(3, rows);
-                buf.narrow(3, base, n).copy_(&kept);
-            }
-        }
-        self.len = base + n;
     }
 
     /// Drop every row from `len` on.

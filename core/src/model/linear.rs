@@ -1,5 +1,5 @@
-//! Linear projections, and the hook through which an adapter adds a gated low-rank term
-//! to any of them.
+//! Linear projections, stacked where several read the same input (q/k/v, gate/up), and
+//! the hook through which an adapter adds a gated low-rank term to them.
 
 use std::fmt;
 
@@ -68,6 +68,16 @@ impl Proj {
             Proj::Down => "down_proj",
         }
     }
+
+    /// The group of projections it is computed with.
+    pub fn group(self) -> ProjGroup {
+        match self {
+            Proj::Q | Proj::K | Proj::V => ProjGroup::Qkv,
+            Proj::O => ProjGroup::O,
+            Proj::Gate | Proj::Up => ProjGroup::GateUp,
+            Proj::Down => ProjGroup::Down,
+        }
+    }
 }
 
 impl fmt::Display for Proj {
@@ -76,29 +86,163 @@ impl fmt::Display for Proj {
     }
 }
 
-/// Something that adds a term to projections' outputs: a (gated) LoRA adapter.
-pub trait ProjDelta {
-    /// The term to add to projection `proj` of layer `layer` for input `x` (`[b, t, in]` ->
-    /// `[b, t, out]`), or `None` when this projection is not adapted. `gate` (`[b, t, 1]`,
-    /// from [`ProjDelta`]'s owner, scale included) multiplies the term per row; `None`
-    /// applies it to every row.
-    fn delta(&self, layer: usize, proj: Proj, x: &Tensor, gate: Option<&Tensor>) -> Option<Tensor>;
+/// Projections that read the same input and run as one matrix product: q/k/v, o,
+/// gate/up, down. Their outputs are concatenated in [`ProjGroup::parts`] order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProjGroup {
+    /// q, k, v (input: the normed hidden state).
+    Qkv,
+    /// o (input: the attention output).
+    O,
+    /// gate, up (input: the normed hidden state).
+    GateUp,
+    /// down (input: the gated MLP activation).
+    Down,
 }
 
-/// An adapter and the per-row gate its term is multiplied by.
+impl ProjGroup {
+    /// All four, in layer order.
+    pub const ALL: [ProjGroup; 4] = [ProjGroup::Qkv, ProjGroup::O, ProjGroup::GateUp, ProjGroup::Down];
+
+    /// The projections of the group, in output order.
+    pub fn parts(self) -> &'static [Proj] {
+        match self {
+            ProjGroup::Qkv => &[Proj::Q, Proj::K, Proj::V],
+            ProjGroup::O => &[Proj::O],
+            ProjGroup::GateUp => &[Proj::Gate, Proj::Up],
+            ProjGroup::Down => &[Proj::Down],
+        }
+    }
+
+    /// Position in [`ProjGroup::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The projections of one [`ProjGroup`]: one stacked `[sum(out), in]` matrix, so that the
+/// group costs one matrix product. A deviation from the checkpoint tree (which stores
+/// `q_proj`, `k_proj`, `v_proj` apart), made at load time: each part is copied into its
+/// rows. Trainable weights (pretraining) stay separate leaf tensors, one product each.
+#[derive(Debug)]
+pub struct StackedLinear {
+    weights: Stacking,
+    /// Output width of each part.
+    sizes: Vec<i64>,
+}
+
+#[derive(Debug)]
+enum Stacking {
+    Stacked(Linear),
+    Separate(Vec<Linear>),
+}
+
+impl StackedLinear {
+    /// Load the parts `(module, out_dim)` under `w` (each `module.weight`, and
+    /// `module.bias` when `bias`), all reading `in_dim` features.
+    pub fn load(w: &Weights, parts: &[(&str, usize)], in_dim: usize, bias: bool) -> Result<Self> {
+        let mut linears =
+            parts.iter().map(|(name, out)| Linear::load(&w.pp(name), in_dim, *out, bias)).collect::<Result<Vec<_>>>()?;
+        let sizes = parts.iter().map(|(_, out)| *out as i64).collect();
+        let weights = if linears.len() == 1 {
+            Stacking::Stacked(linears.remove(0))
+        } else if !w.frozen() {
+            Stacking::Separate(linears)
+        } else {
+            let stack = |ts: Vec<&Tensor>| tch::no_grad(|| Tensor::cat(&ts, 0));
+            let weight = stack(linears.iter().map(|l| &l.weight).collect());
+            let bias = if bias { Some(stack(linears.iter().filter_map(|l| l.bias.as_ref()).collect())) } else { None };
+            Stacking::Stacked(Linear { weight, bias })
+        };
+        Ok(Self { weights, sizes })
+    }
+
+    /// Output width of each part, in order.
+    pub fn sizes(&self) -> &[i64] {
+        &self.sizes
+    }
+
+    /// All parts' outputs, concatenated on the last dimension.
+    ///
+    /// # Shapes
+    /// `x`: `[..., in]` -> `[..., sum(out)]`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        match &self.weights {
+            Stacking::Stacked(l) if few_rows_on_cpu(x, &l.weight) => {
+                // MKL's sgemm with a handful of rows costs nearly a matrix-vector product
+                // per row here (it repacks the weight every call); with the weight as the
+                // left operand (y^T = W x^T) it runs 1.4-1.8x faster for 2..16 rows on
+                // the CPUs measured (docs/BENCHMARKS.md). Same products, one more copy.
+                let size = x.size();
+                let x2 = x.reshape([-1, size[size.len() - 1]]);
+                let y = l.weight.mm(&x2.tr()).tr();
+                let y = match &l.bias {
+                    Some(b) => y + b,
+                    None => y.contiguous(),
+                };
+                let mut out = size;
+                if let Some(last) = out.last_mut() {
+                    *last = l.weight.size()[0];
+                }
+                y.view(out.as_slice())
+            }
+            Stacking::Stacked(l) => l.forward(x),
+            Stacking::Separate(parts) => Tensor::cat(&parts.iter().map(|l| l.forward(x)).collect::<Vec<_>>(), -1),
+        }
+    }
+
+    /// The output of the group with the adapter's term added on the rows its gate selects.
+    ///
+    /// # Shapes
+    /// `x`: `[b, t, in]` -> `[b, t, sum(out)]`.
+    pub fn project(&self, x: &Tensor, adapter: Option<&Gated>, layer: usize, group: ProjGroup) -> Tensor {
+        let y = self.forward(x);
+        match adapter {
+            Some(a) => a.delta.add_to(layer, group, x, y, &a.gate),
+            None => y,
+        }
+    }
+}
+
+/// True for f32 products of 2..=16 rows on the CPU (see [`StackedLinear::forward`]).
+fn few_rows_on_cpu(x: &Tensor, weight: &Tensor) -> bool {
+    let size = x.size();
+    let rows: i64 = size[..size.len().saturating_sub(1)].iter().product();
+    let (out, inp) = (weight.size()[0], weight.size()[1]);
+    (2..=16).contains(&rows)
+        && x.device() == tch::Device::Cpu
+        && x.kind() == tch::Kind::Float
+        && out >= 256
+        && inp >= 256
+}
+
+/// Which rows of a forward pass an adapter's term applies to.
+#[derive(Debug)]
+pub enum Gate {
+    /// Every row (plain LoRA, the paper's ablation: next-token outputs change too).
+    All,
+    /// A per-row factor, `[b, t, 1]` in the activations' dtype: 1 on rows the term applies
+    /// to (mask rows), 0 elsewhere, where the output then equals the base output exactly.
+    Rows(Tensor),
+    /// Rows `start..t` of every sequence (decoding lays out mask rows last): the rows
+    /// before `start` are not touched at all, so they cost nothing extra and equal the
+    /// base output bit for bit.
+    Tail(i64),
+}
+
+/// Something that adds a term to projections' outputs: a (gated) LoRA adapter.
+pub trait ProjDelta {
+    /// `y`, the base output of `group` in layer `layer` for input `x` (`[b, t, in]` ->
+    /// `[b, t, out]`), plus the adapter's term on the rows `gate` selects. May add in
+    /// place (outside autograd) and return `y` itself; returns `y` unchanged when the
+    /// group is not adapted.
+    fn add_to(&self, layer: usize, group: ProjGroup, x: &Tensor, y: Tensor, gate: &Gate) -> Tensor;
+}
+
+/// An adapter and the rows its term applies to.
 pub struct Gated<'a> {
     /// The adapter.
     pub delta: &'a dyn ProjDelta,
-    /// `[b, t, 1]`: the adapter's scale on rows it applies to, 0 elsewhere (where the
-    /// result is then the base output exactly). `None` applies it everywhere (plain LoRA).
-    pub gate: Option<Tensor>,
-}
-
-/// Project `x` with `linear`, adding the adapter's gated term when there is one.
-pub fn project(linear: &Linear, x: &Tensor, adapter: Option<&Gated>, layer: usize, proj: Proj) -> Tensor {
-    let y = linear.forward(x);
-    match adapter.and_then(|a| a.delta.delta(layer, proj, x, a.gate.as_ref())) {
-        Some(d) => y + d,
-        None => y,
-    }
+    /// Where it applies.
+    pub gate: Gate,
 }

@@ -10,7 +10,7 @@ use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::Gated;
 use super::norm::RmsNorm;
-use super::rope::Rope;
+use super::rope::{Rope, RopeTables};
 use super::weights::{CheckpointSource, SpecSource, TensorSpec, WeightSource, Weights};
 use crate::checkpoint::Checkpoint;
 use crate::device::DType;
@@ -125,7 +125,7 @@ impl Llama {
         adapter: Option<&Gated>,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
-        let rope = self.rope.tables(positions, x.kind());
+        let rope = self.rope_tables(positions, x.kind());
         let pass = Pass { rope: &rope, mask, adapter };
         let mut h = x.shallow_clone();
         for layer in &self.layers {
@@ -134,7 +134,23 @@ impl Llama {
         if let Some(cache) = cache {
             cache.commit(x.size()[1] as usize);
         }
-        self.norm.forward(&h)
+        self.final_norm(&h)
+    }
+
+    /// The decoder layers, for callers that run them one at a time (activation
+    /// checkpointing); [`Llama::forward_embeds`] is the same loop.
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// cos/sin of `positions` (`[t]` or `[b, t]`) in `kind`, as a forward pass uses them.
+    pub fn rope_tables(&self, positions: &Tensor, kind: tch::Kind) -> RopeTables {
+        self.rope.tables(positions, kind)
+    }
+
+    /// The final norm: last layer's output -> the LM head's input.
+    pub fn final_norm(&self, h: &Tensor) -> Tensor {
+        self.norm.forward(h)
     }
 
     /// Logits from final hidden states.

@@ -3,16 +3,17 @@
 use tch::Tensor;
 
 use super::config::ModelConfig;
-use super::linear::{Gated, Linear, Proj, project};
+use super::linear::{Gated, ProjGroup, StackedLinear};
 use super::weights::Weights;
 use crate::error::Result;
 
 /// `down(silu(gate(x)) * up(x))`.
 #[derive(Debug)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    /// `gate_proj` and `up_proj` stacked.
+    gate_up_proj: StackedLinear,
+    down_proj: StackedLinear,
+    intermediate: i64,
     layer: usize,
 }
 
@@ -21,9 +22,9 @@ impl Mlp {
     pub fn load(w: &Weights, c: &ModelConfig, layer: usize) -> Result<Self> {
         let (d, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
         Ok(Self {
-            gate_proj: Linear::load(&w.pp("gate_proj"), d, i, bias)?,
-            up_proj: Linear::load(&w.pp("up_proj"), d, i, bias)?,
-            down_proj: Linear::load(&w.pp("down_proj"), i, d, bias)?,
+            gate_up_proj: StackedLinear::load(w, &[("gate_proj", i), ("up_proj", i)], d, bias)?,
+            down_proj: StackedLinear::load(w, &[("down_proj", d)], i, bias)?,
+            intermediate: i as i64,
             layer,
         })
     }
@@ -31,8 +32,9 @@ impl Mlp {
     /// # Shapes
     /// `x`: `[b, t, d]` -> `[b, t, d]`.
     pub fn forward(&self, x: &Tensor, adapter: Option<&Gated>) -> Tensor {
-        let gate = project(&self.gate_proj, x, adapter, self.layer, Proj::Gate).silu();
-        let up = project(&self.up_proj, x, adapter, self.layer, Proj::Up);
-        project(&self.down_proj, &(gate * up), adapter, self.layer, Proj::Down)
+        let i = self.intermediate;
+        let gate_up = self.gate_up_proj.project(x, adapter, self.layer, ProjGroup::GateUp);
+        let act = gate_up.narrow(-1, 0, i).silu() * gate_up.narrow(-1, i, i);
+        self.down_proj.project(&act, adapter, self.layer, ProjGroup::Down)
     }
 }

@@ -15,6 +15,6 @@ pub mod weights;
 pub use attention::AttnMask;
 pub use config::{Family, HfConfig, ModelConfig, RopeScaling};
 pub use kv_cache::KvCache;
-pub use linear::{Gated, Proj, ProjDelta};
+pub use linear::{Gate, Gated, Proj, ProjDelta, ProjGroup, StackedLinear};
 pub use llama::Llama;
 pub use weights::{CheckpointSource, SpecSource, TensorSpec, WeightSource, Weights};

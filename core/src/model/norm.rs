@@ -24,10 +24,15 @@ impl RmsNorm {
     /// # Shapes
     /// `x`: `[..., d]` -> `[..., d]`, same dtype as `x`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let kind = x.kind();
-        let xf = x.to_kind(Kind::Float);
-        let variance = xf.square().mean_dim(-1, true, Kind::Float);
-        let normed = xf * (variance + self.eps).rsqrt();
-        &self.weight * normed.to_kind(kind)
+        let d = *x.size().last().unwrap_or(&0);
+        // One fused op. PyTorch's rms_norm normalises in f32 like transformers; for f32 it
+        // also applies the weight bit for bit as transformers does. In half precision it
+        // would multiply by the weight before rounding, where transformers rounds first:
+        // normalise there without the weight, then scale in the activations' dtype.
+        if x.kind() == Kind::Float {
+            x.rms_norm([d], Some(&self.weight), self.eps)
+        } else {
+            &self.weight * x.rms_norm([d], None::<Tensor>, self.eps)
+        }
     }
 }

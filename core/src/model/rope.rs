@@ -14,13 +14,15 @@ pub struct Rope {
     inv_freq: Tensor,
 }
 
-/// cos and sin for one forward pass, already in the activations' dtype.
+/// cos and sin for one forward pass, already in the activations' dtype, shaped to rotate
+/// tensors laid out `[b, t, heads, head_dim]` (tokens before heads, as projections give them).
 #[derive(Debug)]
 pub struct RopeTables {
-    /// `[b, 1, t, head_dim]`.
+    /// `[b, t, 1, head_dim]`.
     pub cos: Tensor,
-    /// `[b, 1, t, head_dim]`.
-    pub sin: Tensor,
+    /// `[b, t, 1, head_dim]`: sin with its first half negated, so that the rotation needs
+    /// no negation of its own (see [`RopeTables::apply`]).
+    pub sin_signed: Tensor,
 }
 
 impl Rope {
@@ -55,20 +57,25 @@ impl Rope {
     /// cos/sin for `positions` (`[t]` or `[b, t]`, int64), in `kind`.
     pub fn tables(&self, positions: &Tensor, kind: Kind) -> RopeTables {
         let pos = if positions.dim() == 1 { positions.unsqueeze(0) } else { positions.shallow_clone() };
-        // [b, t, d/2]
-        let freqs = pos.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1); // [b, 1, t, d]
-        RopeTables { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
+        // [b, t, 1, d/2]
+        let freqs = (pos.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1])).unsqueeze(2);
+        let (cos, sin) = (freqs.cos(), freqs.sin());
+        RopeTables {
+            cos: Tensor::cat(&[&cos, &cos], -1).to_kind(kind),
+            sin_signed: Tensor::cat(&[&sin.neg(), &sin], -1).to_kind(kind),
+        }
     }
 }
 
 impl RopeTables {
-    /// Rotate `x` (`[b, h, t, head_dim]`) by the tables' angles.
+    /// Rotate `x` (`[b, t, heads, head_dim]`) by the tables' angles: `x * cos +
+    /// rotate_half(x) * sin` with `rotate_half(x) = [-x2, x1]`, written as the halves
+    /// swapped (`[x2, x1]`, one flip) times the signed sin. `(-x2) * s` and `x2 * (-s)` are
+    /// the same float, so the result equals transformers' bit for bit.
     pub fn apply(&self, x: &Tensor) -> Tensor {
-        let half = x.size()[3] / 2;
-        let x1 = x.narrow(3, 0, half);
-        let x2 = x.narrow(3, half, half);
-        let rotated = Tensor::cat(&[&x2.neg(), &x1], 3);
-        x * &self.cos + rotated * &self.sin
+        let size = x.size();
+        let (d, half) = (size[3], size[3] / 2);
+        let swapped = x.view([size[0], size[1], size[2], 2, half]).flip([3]).view([size[0], size[1], size[2], d]);
+        x * &self.cos + swapped * &self.sin_signed
     }
 }

@@ -17,6 +17,12 @@ pub trait WeightSource {
     /// The tensor called `name` (a full Hugging Face key such as
     /// `model.layers.0.self_attn.q_proj.weight`), which must have `shape`.
     fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor>;
+
+    /// True when the tensors are not trained (the default), so that layers may copy them
+    /// into stacked buffers; a source of trainable leaf tensors says false.
+    fn frozen(&self) -> bool {
+        true
+    }
 }
 
 /// A position in the key tree of a [`WeightSource`]: `model` / `layers` / `0` / ...
@@ -37,6 +43,11 @@ impl<'a> Weights<'a> {
         let prefix =
             if self.prefix.is_empty() { component.to_string() } else { format!("{}.{component}", self.prefix) };
         Self { source: self.source, prefix }
+    }
+
+    /// See [`WeightSource::frozen`].
+    pub fn frozen(&self) -> bool {
+        self.source.frozen()
     }
 
     /// The tensor `name` under this prefix.

@@ -9,11 +9,11 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
-use super::gated_lora::{Lora, LoraConfig};
+use super::gated_lora::{Lora, LoraConfig, PreparedLora};
 use super::sampler::SamplerHead;
 use crate::checkpoint::{SafetensorsFile, save};
 use crate::error::{Error, Result};
-use crate::model::{Gated, Llama, Proj, ProjDelta};
+use crate::model::{Gate, Gated, Llama, ModelConfig, ProjDelta, ProjGroup};
 
 /// The method's configuration: what an adapter is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +81,8 @@ const META_CONFIG: &str = "mtp_config";
 const META_BASE: &str = "base_model";
 const META_FORMAT: &str = "format";
 const FORMAT: &str = "mtp-workbench-adapter-v1";
+/// The optional tensor holding the draft vocabulary (int64 token ids).
+const DRAFT_VOCAB: &str = "draft_vocab";
 
 /// Mask embeddings, gated LoRA and sampler head, ready to train or to decode with.
 pub struct MtpAdapter {
@@ -94,6 +96,11 @@ pub struct MtpAdapter {
     pub mask_embeddings: Tensor,
     lora: Lora,
     sampler: Option<SamplerHead>,
+    /// The draft vocabulary: the most frequent target tokens of the training data, most
+    /// frequent first. Drafting may restrict the sampler's chain to these rows of the LM
+    /// head (verification always uses the whole head). `None` for adapters written before
+    /// it existed, or trained with it off.
+    pub draft_vocab: Option<Vec<i64>>,
 }
 
 impl std::fmt::Debug for MtpAdapter {
@@ -128,7 +135,7 @@ impl MtpAdapter {
         let lora = Lora::new(&(&root / "lora"), &model.config, &config.lora);
         let sampler = config.sampler.then(|| SamplerHead::new(&(&root / "sampler"), model.config.hidden_size));
         let base = BaseIdentity::of(model, base_name)?;
-        Ok(Self { config, base, vs, mask_embeddings, lora, sampler })
+        Ok(Self { config, base, vs, mask_embeddings, lora, sampler, draft_vocab: None })
     }
 
     /// The sampler head, when the adapter has one.
@@ -162,7 +169,12 @@ impl MtpAdapter {
             (META_CONFIG.to_string(), serde_json::to_string(&self.config).map_err(|e| Error::Invalid(e.to_string()))?),
             (META_BASE.to_string(), serde_json::to_string(&self.base).map_err(|e| Error::Invalid(e.to_string()))?),
         ]);
-        save(path, &self.named_tensors(), Some(meta))
+        let mut tensors = self.named_tensors();
+        if let Some(vocab) = &self.draft_vocab {
+            tensors.push((DRAFT_VOCAB.to_string(), Tensor::from_slice(vocab)));
+            tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        save(path, &tensors, Some(meta))
     }
 
     /// Read the config and base identity of an adapter file without loading it.
@@ -209,14 +221,24 @@ impl MtpAdapter {
         let mut adapter = Self::new(model, config, &base.name)?;
         adapter.base = base;
         adapter.copy_from(&file)?;
+        if file.info(DRAFT_VOCAB).is_some() {
+            let ids = file.read(DRAFT_VOCAB)?;
+            let ids = Vec::<i64>::try_from(ids.to_kind(Kind::Int64).flatten(0, -1))?;
+            if ids.is_empty() {
+                return Err(Error::config(path, DRAFT_VOCAB, "the draft vocabulary is empty"));
+            }
+            model.check_ids(&ids).map_err(|e| Error::config(path, DRAFT_VOCAB, e.to_string()))?;
+            adapter.draft_vocab = Some(ids);
+        }
         Ok(adapter)
     }
 
     /// Overwrite every parameter with the tensor of the same name in `file`, which must
-    /// hold nothing else.
+    /// hold nothing else (but the draft vocabulary, read by [`MtpAdapter::load`]).
     pub fn copy_from(&self, file: &SafetensorsFile) -> Result<()> {
         let names = self.load_tensors(|name| file.read(name))?;
-        let extra: Vec<String> = file.names().into_iter().filter(|n| !names.contains(n)).collect();
+        let extra: Vec<String> =
+            file.names().into_iter().filter(|n| !names.contains(n) && n != DRAFT_VOCAB).collect();
         if !extra.is_empty() {
             return Err(Error::UnexpectedTensors { path: file.path().into(), names: extra });
         }
@@ -243,13 +265,18 @@ impl MtpAdapter {
     }
 
     /// The adapter applied to rows with `slot > 0` (mask rows) only, as the method says;
-    /// for a plain-LoRA adapter (`gated: false`), to every row.
+    /// for a plain-LoRA adapter (`gated: false`), to every row. `kind`: the activations'.
     ///
     /// # Shapes
     /// `slot`: `[b, t]` int64.
-    pub fn gated(&self, slot: &Tensor) -> Gated<'_> {
-        let gate = self.config.gated.then(|| (slot.gt(0).to_kind(Kind::Float) * self.lora.scale()).unsqueeze(-1));
+    pub fn gated(&self, slot: &Tensor, kind: Kind) -> Gated<'_> {
+        let gate = if self.config.gated { Gate::Rows(slot.gt(0).to_kind(kind).unsqueeze(-1)) } else { Gate::All };
         Gated { delta: self, gate }
+    }
+
+    /// The LoRA factors restacked for decoding with `model` (its dtype).
+    pub fn prepared_lora(&self, model: &ModelConfig, kind: Kind) -> PreparedLora {
+        self.lora.prepare(model, kind)
     }
 
     /// The device its parameters live on.
@@ -259,7 +286,7 @@ impl MtpAdapter {
 }
 
 impl ProjDelta for MtpAdapter {
-    fn delta(&self, layer: usize, proj: Proj, x: &Tensor, gate: Option<&Tensor>) -> Option<Tensor> {
-        self.lora.delta(layer, proj, x, gate)
+    fn add_to(&self, layer: usize, group: ProjGroup, x: &Tensor, y: Tensor, gate: &Gate) -> Tensor {
+        self.lora.add_to(layer, group, x, y, gate)
     }
 }

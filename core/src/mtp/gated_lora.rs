@@ -1,13 +1,14 @@
 //! Gated LoRA: `y = W x + g * (alpha / r) * B (A x)` on chosen projections of every layer,
-//! where the gate g is 1 on mask rows and 0 on NTP rows (METHOD.md section 1.2). The gate is
-//! applied by the model ([`crate::model::Gated`]); this module holds A and B.
+//! where the gate g is 1 on mask rows and 0 on NTP rows (METHOD.md section 1.2). The model
+//! says which rows ([`crate::model::Gate`]); this module holds A and B: trainable
+//! ([`Lora`]) and restacked for decoding ([`PreparedLora`]).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
 
-use crate::model::{ModelConfig, Proj, ProjDelta};
+use crate::model::{Gate, ModelConfig, Proj, ProjDelta, ProjGroup};
 
 /// LoRA hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,6 +51,8 @@ struct Pair {
 #[derive(Debug)]
 pub struct Lora {
     pairs: BTreeMap<(usize, Proj), Pair>,
+    /// Output width of every projection (adapted or not).
+    out_dims: BTreeMap<Proj, i64>,
     scale: f64,
 }
 
@@ -70,7 +73,8 @@ impl Lora {
                 pairs.insert((layer, proj), Pair { a, b });
             }
         }
-        Self { pairs, scale: cfg.alpha / cfg.rank as f64 }
+        let out_dims = Proj::ALL.iter().map(|&p| (p, proj_dims(model, p).1 as i64)).collect();
+        Self { pairs, out_dims, scale: cfg.alpha / cfg.rank as f64 }
     }
 }
 
@@ -79,24 +83,118 @@ impl Lora {
     pub fn scale(&self) -> f64 {
         self.scale
     }
+
+    /// The adapted parts of `group` in `layer`: `(part index in the group, factors)`.
+    fn parts(&self, layer: usize, group: ProjGroup) -> Vec<(usize, &Pair)> {
+        group.parts().iter().enumerate().filter_map(|(i, p)| self.pairs.get(&(layer, *p)).map(|pair| (i, pair))).collect()
+    }
+
+    /// The factors restacked for decoding (see [`PreparedLora`]), in `kind`.
+    pub fn prepare(&self, model: &ModelConfig, kind: Kind) -> PreparedLora {
+        tch::no_grad(|| {
+            let mut groups = Vec::with_capacity(model.num_layers * ProjGroup::ALL.len());
+            for layer in 0..model.num_layers {
+                for group in ProjGroup::ALL {
+                    let parts = self.parts(layer, group);
+                    if parts.is_empty() {
+                        groups.push(None);
+                        continue;
+                    }
+                    let r = parts[0].1.a.size()[0];
+                    let a = Tensor::cat(&parts.iter().map(|(_, p)| &p.a).collect::<Vec<_>>(), 0);
+                    let dims: Vec<i64> = group.parts().iter().map(|&p| proj_dims(model, p).1 as i64).collect();
+                    let offsets: Vec<i64> = dims.iter().scan(0, |o, d| Some(std::mem::replace(o, *o + d))).collect();
+                    let b = Tensor::zeros([parts.len() as i64 * r, dims.iter().sum()], (Kind::Float, a.device()));
+                    for (slot, (i, pair)) in parts.iter().enumerate() {
+                        b.narrow(0, slot as i64 * r, r).narrow(1, offsets[*i], dims[*i]).copy_(&(pair.b.tr() * self.scale));
+                    }
+                    groups.push(Some((a.tr().contiguous().to_kind(kind), b.to_kind(kind))));
+                }
+            }
+            PreparedLora { groups }
+        })
+    }
 }
 
 impl ProjDelta for Lora {
-    fn delta(&self, layer: usize, proj: Proj, x: &Tensor, gate: Option<&Tensor>) -> Option<Tensor> {
-        let pair = self.pairs.get(&(layer, proj))?;
-        // The factors stay in f32 (trainable); activations may be bf16. The gate (scale
-        // included) multiplies the rank-r intermediate: r columns, not `out`.
+    fn add_to(&self, layer: usize, group: ProjGroup, x: &Tensor, y: Tensor, gate: &Gate) -> Tensor {
+        let parts = self.parts(layer, group);
+        if parts.is_empty() {
+            return y;
+        }
+        // The factors stay in f32 (trainable master weights) and compute in the
+        // activations' dtype. The A factors of a group run as one product.
         let kind = x.kind();
-        let h = if kind == Kind::Float {
-            x.linear::<Tensor>(&pair.a, None)
+        let a = if parts.len() == 1 {
+            parts[0].1.a.to_kind(kind)
         } else {
-            x.to_kind(Kind::Float).linear::<Tensor>(&pair.a, None)
+            Tensor::cat(&parts.iter().map(|(_, p)| &p.a).collect::<Vec<_>>(), 0).to_kind(kind)
         };
+        let (t, start) = (x.size()[1], if let Gate::Tail(s) = gate { *s } else { 0 });
+        if start >= t {
+            return y;
+        }
+        let xs = if start > 0 { x.narrow(1, start, t - start) } else { x.shallow_clone() };
+        let h = xs.linear::<Tensor>(&a, None);
+        // The gate (with the scale) multiplies the rank-r intermediate: r columns, not `out`.
         let h = match gate {
-            Some(g) => h * g,
-            None => h * self.scale,
+            Gate::Rows(g) => h * (g * self.scale),
+            Gate::All | Gate::Tail(_) => h * self.scale,
         };
-        let y = h.linear::<Tensor>(&pair.b, None);
-        Some(if kind == Kind::Float { y } else { y.to_kind(kind) })
+        let r = parts[0].1.a.size()[0];
+        let mut outs = Vec::new();
+        let mut next = parts.iter().enumerate().peekable();
+        for (i, &proj) in group.parts().iter().enumerate() {
+            match next.next_if(|(_, (pi, _))| *pi == i) {
+                Some((slot, (_, pair))) => {
+                    outs.push(h.narrow(-1, slot as i64 * r, r).linear::<Tensor>(&pair.b.to_kind(kind), None))
+                }
+                None => {
+                    let mut size = h.size();
+                    if let Some(last) = size.last_mut() {
+                        *last = self.out_dims.get(&proj).copied().unwrap_or(0);
+                    }
+                    outs.push(Tensor::zeros(size, (kind, x.device())));
+                }
+            }
+        }
+        let delta = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, -1) };
+        if start > 0 { Tensor::cat(&[y.narrow(1, 0, start), y.narrow(1, start, t - start) + delta], 1) } else { y + delta }
+    }
+}
+
+/// LoRA factors restacked for decoding, per layer and [`ProjGroup`]: the A factors of the
+/// group's adapted parts stacked and transposed (`[in, parts * r]`), the B factors as one
+/// block-diagonal matrix, transposed and multiplied by the scale (`[parts * r, out]`,
+/// zero where a part is not adapted), all in the model's dtype. A group then costs two
+/// matrix products on the rows the gate selects, added in place.
+#[derive(Debug)]
+pub struct PreparedLora {
+    /// Index `layer * 4 + group`: `(A^T, scale * B^T)`, or `None` when not adapted.
+    groups: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl ProjDelta for PreparedLora {
+    fn add_to(&self, layer: usize, group: ProjGroup, x: &Tensor, y: Tensor, gate: &Gate) -> Tensor {
+        let Some(Some((at, bt))) = self.groups.get(layer * ProjGroup::ALL.len() + group.index()) else { return y };
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let start = match gate {
+            Gate::Rows(g) => return y + (x.matmul(at) * g).matmul(bt),
+            Gate::All => 0,
+            Gate::Tail(s) => *s,
+        };
+        if start >= t {
+            return y;
+        }
+        let rows = t - start;
+        if b == 1 {
+            // In place on the selected rows of `y` (a view of its storage): y += (x A^T) B^T.
+            let h = x.select(0, 0).narrow(0, start, rows).mm(at);
+            let _ = y.select(0, 0).narrow(0, start, rows).addmm_(&h, bt);
+        } else {
+            let delta = x.narrow(1, start, rows).matmul(at).matmul(bt);
+            let _ = y.narrow(1, start, rows).g_add_(&delta);
+        }
+        y
     }
 }

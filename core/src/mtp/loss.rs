@@ -10,7 +10,8 @@
 use tch::{Kind, Reduction, Tensor};
 
 use super::adapter::MtpAdapter;
-use super::masks::{IGNORE, MtpLayout};
+use super::masks::{IGNORE, MtpLayout, additive_mask};
+use crate::model::attention::Pass;
 use crate::model::{AttnMask, Llama};
 
 /// The losses of one batch.
@@ -83,15 +84,67 @@ fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
 
 /// Forward `batch` through the adapted model and compute every loss term.
 pub fn compute(model: &Llama, adapter: &MtpAdapter, batch: &MtpLayout, lcm_weight: f64) -> MtpLosses {
+    let x = adapter.embed(model, &batch.tokens, &batch.slot);
+    let gated = adapter.gated(&batch.slot, model.dtype().kind());
+    let mask = additive_mask(&batch.attention_mask(), x.kind());
+    let z = model.forward_embeds(&x, &batch.positions, AttnMask::Custom(&mask), Some(&gated), None);
+    from_hidden(model, adapter, batch, &z, lcm_weight)
+}
+
+/// [`compute`] and the backward pass of `scale * total` with activation checkpointing:
+/// the forward pass keeps only each layer's input; the backward pass runs from the loss
+/// down to the last layer's output, then recomputes one layer at a time and carries the
+/// gradient of its output to its input (`backward` of `sum(output * grad)`). Parameter
+/// gradients accumulate exactly as in one backward pass, up to rounding. Returns the
+/// losses (their graph is already used).
+pub fn backward_checkpointed(
+    model: &Llama,
+    adapter: &MtpAdapter,
+    batch: &MtpLayout,
+    lcm_weight: f64,
+    scale: f64,
+) -> MtpLosses {
+    let x = adapter.embed(model, &batch.tokens, &batch.slot);
+    let gated = adapter.gated(&batch.slot, model.dtype().kind());
+    let mask = additive_mask(&batch.attention_mask(), x.kind());
+    let rope = model.rope_tables(&batch.positions, x.kind());
+    let pass = Pass { rope: &rope, mask: AttnMask::Custom(&mask), adapter: Some(&gated) };
+    let layers = model.layers();
+    let mut inputs = Vec::with_capacity(layers.len());
+    let mut h = x.detach();
+    tch::no_grad(|| {
+        for layer in layers {
+            inputs.push(h.shallow_clone());
+            h = layer.forward(&h, &pass, None);
+        }
+    });
+    let top = h.detach().set_requires_grad(true);
+    let losses = from_hidden(model, adapter, batch, &model.final_norm(&top), lcm_weight);
+    if losses.total.requires_grad() {
+        (&losses.total * scale).backward();
+        let mut grad = top.grad();
+        for (i, layer) in layers.iter().enumerate().rev() {
+            // The first layer's input carries the mask embeddings' graph when they train.
+            let input = if i == 0 { x.shallow_clone() } else { inputs[i].set_requires_grad(true) };
+            if !grad.defined() {
+                break;
+            }
+            let out = layer.forward(&input, &pass, None);
+            (out * &grad).sum(Kind::Float).backward();
+            if i > 0 {
+                grad = input.grad();
+            }
+        }
+    }
+    losses
+}
+
+/// Every loss term from the final hidden states `z` (`[b, L, d]`) of `batch`.
+pub fn from_hidden(model: &Llama, adapter: &MtpAdapter, batch: &MtpLayout, z: &Tensor, lcm_weight: f64) -> MtpLosses {
     let device = model.device();
     let k = adapter.config.k as i64;
     let f32s = (Kind::Float, device);
     let kind = model.dtype().kind();
-
-    let x = adapter.embed(model, &batch.tokens, &batch.slot);
-    let gated = adapter.gated(&batch.slot);
-    let mask = batch.attention_mask();
-    let z = model.forward_embeds(&x, &batch.positions, AttnMask::Custom(&mask), Some(&gated), None);
     let (rows, d) = (z.size()[0] * z.size()[1], z.size()[2]);
     let len = z.size()[1];
     let zf = z.reshape([rows, d]);

@@ -110,6 +110,14 @@ pub fn attention_mask(block: &Tensor, slot: &Tensor) -> Tensor {
     to_ntp.logical_or(&to_own_block)
 }
 
+/// A boolean attention mask (`true` = attend) as an additive one in `kind` (0 to attend,
+/// -inf not): what the attention kernels take without converting it on every call, so a
+/// forward pass converts it once and every layer shares the one tensor (also in memory,
+/// where the backward pass keeps it).
+pub fn additive_mask(allowed: &Tensor, kind: Kind) -> Tensor {
+    Tensor::zeros(allowed.size(), (kind, allowed.device())).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
+}
+
 /// Stack layouts into a batch, padding each to the longest with rows that carry no label
 /// and that no real row attends. Row indices in `lcm_target` stay per sequence.
 pub fn collate(layouts: &[MtpLayout], device: Device) -> MtpLayout {

@@ -79,7 +79,7 @@ pub fn probe(model: &Llama, adapter: &MtpAdapter, prompt_ids: &[i64], continuati
 
     let (base, tuned) = tch::no_grad(|| {
         let x = adapter.embed(model, &tok, &slot_d);
-        let gated = adapter.gated(&slot_d);
+        let gated = adapter.gated(&slot_d, model.dtype().kind());
         let run = |a: Option<&Gated>| {
             model.forward_embeds(&x, &positions, AttnMask::Custom(&mask), a, None).squeeze_dim(0).index_select(0, &rows)
         };

@@ -17,7 +17,7 @@ const ITEMS: [&str; 12] = [
 
 /// `count` examples of `set`, the same for the same seed.
 pub fn generate(set: BuiltinSet, count: usize, seed: u64) -> Vec<Example> {
-    let mut rng = StdRng::seed_from_u64(seed ^ (set as u64 + 1) * 0x1000_0001);
+    let mut rng = StdRng::seed_from_u64(seed ^ ((set as u64 + 1) * 0x1000_0001));
     (0..count)
         .map(|_| match set {
             BuiltinSet::Arith => arith(&mut rng),

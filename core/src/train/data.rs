@@ -373,6 +373,30 @@ pub struct Tokenized {
     pub loss: Vec<bool>,
 }
 
+/// The draft vocabulary of a training set: its `n` most frequent target tokens (tokens
+/// whose prediction carries loss), most frequent first, ties broken by id. `None` when `n`
+/// is 0 or covers the whole vocabulary of `vocab` tokens (drafting would gain nothing).
+/// Tokens that never occur as a target are not included, so the result may be shorter.
+pub fn frequent_targets(seqs: &[Tokenized], n: usize, vocab: usize) -> Option<Vec<i64>> {
+    if n == 0 || n >= vocab {
+        return None;
+    }
+    let mut counts = vec![0u64; vocab];
+    for s in seqs {
+        for (i, &on) in s.loss.iter().enumerate() {
+            if let (true, Some(&next)) = (on, s.ids.get(i + 1))
+                && let Some(c) = usize::try_from(next).ok().and_then(|t| counts.get_mut(t))
+            {
+                *c += 1;
+            }
+        }
+    }
+    let mut ids: Vec<i64> = (0..vocab as i64).filter(|&t| counts[t as usize] > 0).collect();
+    ids.sort_by(|a, b| counts[*b as usize].cmp(&counts[*a as usize]).then(a.cmp(b)));
+    ids.truncate(n);
+    (!ids.is_empty()).then_some(ids)
+}
+
 /// A span of text and whether its tokens are targets.
 struct Span {
     text: String,
@@ -571,6 +595,19 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frequent_targets_count_only_targets() {
+        let seqs = [
+            Tokenized { ids: vec![1, 2, 2, 3, 3, 3], loss: vec![false, true, true, true, true, false] },
+            Tokenized { ids: vec![9, 9, 4], loss: vec![false, false, true] },
+        ];
+        // Targets: 2, 3, 3, 3 (the first 2 follows a position without loss).
+        assert_eq!(frequent_targets(&seqs, 2, 10), Some(vec![3, 2]));
+        assert_eq!(frequent_targets(&seqs, 5, 10), Some(vec![3, 2]));
+        assert_eq!(frequent_targets(&seqs, 0, 10), None);
+        assert_eq!(frequent_targets(&seqs, 10, 10), None);
+    }
 
     #[test]
     fn parses_sources() -> Result<()> {

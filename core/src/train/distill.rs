@@ -106,7 +106,7 @@ pub fn choose_prompts(examples: &[Tokenized], config: &DistillConfig) -> Result<
             ids.len()
         )));
     }
-    let mut rng = StdRng::seed_from_u64(config.seed ^ 0xD157_111);
+    let mut rng = StdRng::seed_from_u64(config.seed ^ 0x0D15_7111);
     Ok((0..config.sequences)
         .map(|_| {
             let c = cuts[rng.random_range(0..cuts.len())];
@@ -147,7 +147,7 @@ pub fn continue_greedy(
         if control.is_cancelled() {
             break;
         }
-        let rows = tch::no_grad(|| greedy_batch(model, chunk, new_tokens, eos));
+        let rows = tch::no_grad(|| greedy_batch(model, chunk, new_tokens, eos))?;
         for (prompt, mut completion) in chunk.iter().zip(rows) {
             if let Some(end) = completion.iter().position(|t| eos.contains(t)) {
                 completion.truncate(end + 1);
@@ -164,7 +164,7 @@ pub fn continue_greedy(
 ///
 /// # Shapes
 /// `prompts`: b prompts of p tokens -> b rows of at most `new_tokens` ids.
-fn greedy_batch(model: &Llama, prompts: &[Vec<i64>], new_tokens: usize, eos: &[i64]) -> Vec<Vec<i64>> {
+fn greedy_batch(model: &Llama, prompts: &[Vec<i64>], new_tokens: usize, eos: &[i64]) -> Result<Vec<Vec<i64>>> {
     let b = prompts.len() as i64;
     let p = prompts.first().map_or(0, Vec::len);
     let flat: Vec<i64> = prompts.iter().flatten().copied().collect();
@@ -186,8 +186,8 @@ fn greedy_batch(model: &Llama, prompts: &[Vec<i64>], new_tokens: usize, eos: &[i
     }
     let n = steps.len();
     let all = Tensor::stack(&steps, 1).to_kind(Kind::Int64).to_device(tch::Device::Cpu); // [b, n]
-    let values = Vec::<i64>::try_from(all.reshape([-1])).unwrap_or_default();
-    values.chunks(n.max(1)).map(<[i64]>::to_vec).collect()
+    let values = Vec::<i64>::try_from(all.reshape([-1]))?;
+    Ok(values.chunks(n.max(1)).map(<[i64]>::to_vec).collect())
 }
 
 #[cfg(test)]

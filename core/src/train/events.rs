@@ -60,6 +60,12 @@ pub enum TrainEvent {
         start_step: usize,
         /// The last step.
         total_steps: usize,
+        /// Activation checkpointing is on.
+        #[serde(default)]
+        checkpointing: bool,
+        /// The training memory estimate for this run's settings, in bytes.
+        #[serde(default)]
+        memory_estimate: Option<u64>,
     },
     /// A training step finished.
     Step(StepMetrics),

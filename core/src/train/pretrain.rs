@@ -158,6 +158,10 @@ impl WeightSource for InitSource<'_> {
         };
         Ok(path.var(leaf, shape, init))
     }
+
+    fn frozen(&self) -> bool {
+        false
+    }
 }
 
 /// The next-token objective over all weights.
@@ -181,7 +185,7 @@ impl Objective for LmObjective<'_> {
         Ok(())
     }
 
-    fn losses(&self, seqs: &[&Tokenized]) -> (Tensor, LossValues) {
+    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>) -> LossValues {
         let device = self.model.device();
         let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
         let mut ids = Vec::new();
@@ -189,7 +193,7 @@ impl Objective for LmObjective<'_> {
         for s in seqs {
             for i in 0..t {
                 ids.push(s.ids.get(i).copied().unwrap_or(0));
-                let label = (i + 1 < s.ids.len() && s.loss[i]).then(|| s.ids[i + 1]).unwrap_or(IGNORE);
+                let label = if i + 1 < s.ids.len() && s.loss[i] { s.ids[i + 1] } else { IGNORE };
                 labels.push(label);
             }
         }
@@ -199,7 +203,12 @@ impl Objective for LmObjective<'_> {
         let logits = self.model.forward(&ids, None).view([b * t as i64, -1]).to_kind(Kind::Float);
         let loss = logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, IGNORE, 0.0);
         let value = loss.double_value(&[]);
-        (loss, LossValues { loss: value, loss_base: value, ..LossValues::default() })
+        if let Some(scale) = grad_scale
+            && loss.requires_grad()
+        {
+            (loss * scale).backward();
+        }
+        LossValues { loss: value, loss_base: value, ..LossValues::default() }
     }
 }
 
@@ -250,7 +259,7 @@ pub fn pretrain(
     }
     let run = RunDir(out.to_owned());
     if !resume && recipe_path(out).exists() {
-        return Err(Error::Invalid(format!("{} already holds a pretraining run; use --resume", out.display())));
+        return Err(Error::Invalid(format!("{} already holds a pretraining run: resume it, or choose another folder", out.display())));
     }
     std::fs::create_dir_all(run.checkpoints()).map_err(|e| Error::io(run.checkpoints(), e))?;
     write_json_atomic(&recipe_path(out), config)?;
@@ -349,6 +358,8 @@ pub fn pretrain(
         checkpoint_every: config.checkpoint_every,
         seed: config.seed,
         device,
+        checkpointing: false,
+        memory_estimate: None,
     };
     let objective = LmObjective { model: &model, vs: &vs };
     let (outcome, step, _) = optimize(&objective, &prepared, &settings, &run, resume, sink, control)?;

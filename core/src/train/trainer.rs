@@ -13,13 +13,14 @@ use tch::{Device, Tensor};
 use super::control::Control;
 use super::data::{self, DataReport, DataSource, Tokenized};
 use super::events::{Split, StepMetrics, TrainEvent, TrainSink};
+use super::memory::{MemoryInputs, estimate};
 use super::optim::{AdamW, OptimConfig};
 use crate::bundle::LoadedModel;
 use crate::checkpoint::{SafetensorsFile, save};
-use crate::device::{DType, DeviceSpec};
+use crate::device::{DType, DeviceSpec, device_memory};
 use crate::error::{Error, Result, read_json};
 use crate::fsutil::write_json_atomic;
-use crate::mtp::loss::{LossValues, compute};
+use crate::mtp::loss::{LossValues, backward_checkpointed, compute};
 use crate::mtp::{MtpAdapter, MtpConfig, build_layout, collate};
 use crate::source::ModelSource;
 
@@ -73,6 +74,51 @@ pub struct TrainConfig {
     pub device: DeviceSpec,
     /// Base model precision (the trainable parts and optimizer state stay f32).
     pub dtype: DType,
+    /// Size of the draft vocabulary stored with the adapter: the most frequent target
+    /// tokens of the training data, which drafting may restrict the sampler's chain to
+    /// (0: none).
+    #[serde(default)]
+    pub draft_vocab: usize,
+    /// Recompute each layer's activations in the backward pass instead of keeping them.
+    #[serde(default)]
+    pub checkpointing: Checkpointing,
+}
+
+/// Activation checkpointing: keep only each layer's input in the forward pass and
+/// recompute the layer in the backward pass (about a third more compute, a fraction of
+/// the activation memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Checkpointing {
+    /// On when the memory estimate without it exceeds the device's memory.
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
+impl std::str::FromStr for Checkpointing {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Checkpointing::Auto),
+            "on" | "true" | "yes" => Ok(Checkpointing::On),
+            "off" | "false" | "no" => Ok(Checkpointing::Off),
+            other => Err(Error::Invalid(format!("unknown checkpointing `{other}` (auto, on or off)"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Checkpointing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Checkpointing::Auto => "auto",
+            Checkpointing::On => "on",
+            Checkpointing::Off => "off",
+        })
+    }
 }
 
 impl Default for TrainConfig {
@@ -96,9 +142,14 @@ impl Default for TrainConfig {
             seed: 0,
             device: DeviceSpec::Cpu,
             dtype: DType::F32,
+            draft_vocab: DEFAULT_DRAFT_VOCAB,
+            checkpointing: Checkpointing::Auto,
         }
     }
 }
+
+/// The draft vocabulary stored with a new adapter, in tokens.
+pub const DEFAULT_DRAFT_VOCAB: usize = 4096;
 
 impl TrainConfig {
     /// Check the ranges.
@@ -429,7 +480,7 @@ pub fn train(
     let run = RunDir(run_dir.to_owned());
     if run.config().exists() {
         return Err(Error::Invalid(format!(
-            "{} already holds a run; resume it with --resume or choose another folder",
+            "{} already holds a run: resume it, or choose another folder",
             run_dir.display()
         )));
     }
@@ -469,9 +520,9 @@ pub(crate) trait Objective {
     fn named_params(&self) -> Vec<(String, Tensor)>;
     /// Overwrite the parameters from a checkpoint.
     fn load_params(&self, lookup: &dyn Fn(&str) -> Result<Tensor>) -> Result<()>;
-    /// The loss of one micro-batch (with a graph when anything in it carries a label) and
-    /// its values for logging.
-    fn losses(&self, seqs: &[&Tokenized]) -> (Tensor, LossValues);
+    /// The loss values of one micro-batch; with `grad_scale`, also accumulate the
+    /// gradients of `grad_scale * loss` (a batch without any labelled row has none).
+    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>) -> LossValues;
 }
 
 /// The loop settings shared by MTP training and pretraining.
@@ -486,11 +537,15 @@ pub(crate) struct LoopSettings {
     pub checkpoint_every: usize,
     pub seed: u64,
     pub device: Device,
+    pub checkpointing: bool,
+    pub memory_estimate: Option<u64>,
 }
 
 impl LoopSettings {
     fn of(config: &TrainConfig, device: Device) -> Self {
         Self {
+            checkpointing: false,
+            memory_estimate: None,
             steps: config.steps,
             batch_size: config.batch_size,
             grad_accum: config.grad_accum,
@@ -509,6 +564,7 @@ struct MtpObjective<'a> {
     model: &'a crate::model::Llama,
     adapter: &'a MtpAdapter,
     lcm_weight: f64,
+    checkpointing: bool,
 }
 
 impl Objective for MtpObjective<'_> {
@@ -518,11 +574,22 @@ impl Objective for MtpObjective<'_> {
     fn load_params(&self, lookup: &dyn Fn(&str) -> Result<Tensor>) -> Result<()> {
         self.adapter.load_tensors(lookup).map(drop)
     }
-    fn losses(&self, seqs: &[&Tokenized]) -> (Tensor, LossValues) {
+    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>) -> LossValues {
         let batch = batch_of(seqs, self.adapter.config.k, self.model.device());
-        let l = compute(self.model, self.adapter, &batch, self.lcm_weight);
-        let values = l.values();
-        (l.total, values)
+        match grad_scale {
+            Some(scale) if self.checkpointing => {
+                backward_checkpointed(self.model, self.adapter, &batch, self.lcm_weight, scale).values()
+            }
+            _ => {
+                let l = compute(self.model, self.adapter, &batch, self.lcm_weight);
+                if let Some(scale) = grad_scale
+                    && l.total.requires_grad()
+                {
+                    (&l.total * scale).backward();
+                }
+                l.values()
+            }
+        }
     }
 }
 
@@ -536,14 +603,39 @@ fn run_loop(
 ) -> Result<TrainSummary> {
     let model = &loaded.model;
     let data = prepare_data(config, loaded)?;
-    let adapter = crate::device::seeded(config.seed, || {
+    let mut adapter = crate::device::seeded(config.seed, || {
         MtpAdapter::new(model, config.method.clone(), &loaded.source.to_string())
     })?;
-    let objective = MtpObjective { model, adapter: &adapter, lcm_weight: config.lcm_weight };
-    let settings = LoopSettings::of(config, model.device());
+    adapter.draft_vocab = data::frequent_targets(&data.train, config.draft_vocab, model.config.vocab_size);
+    let (checkpointing, memory_estimate) = plan_memory(config, loaded)?;
+    let objective = MtpObjective { model, adapter: &adapter, lcm_weight: config.lcm_weight, checkpointing };
+    let settings = LoopSettings { checkpointing, memory_estimate: Some(memory_estimate), ..LoopSettings::of(config, model.device()) };
     let (outcome, step, last) = optimize(&objective, &data, &settings, run, resuming, sink, control)?;
     adapter.save(&run.adapter())?;
     Ok(TrainSummary { outcome, step, adapter: run.adapter(), last })
+}
+
+/// Whether the run checkpoints activations (`auto`: when the estimate without it exceeds
+/// the device's memory) and the memory estimate with that choice.
+fn plan_memory(config: &TrainConfig, loaded: &LoadedModel) -> Result<(bool, u64)> {
+    let info = crate::inspect::ModelInfo::from_folder(&loaded.dir)?;
+    let inputs = |checkpointing| MemoryInputs {
+        k: config.method.k,
+        lora: &config.method.lora,
+        sampler: config.method.sampler,
+        batch_size: config.batch_size,
+        seq_len: config.seq_len,
+        dtype: config.dtype,
+        checkpointing,
+        device: config.device,
+    };
+    let plain = estimate(&info, &loaded.model.config, &inputs(false)).total();
+    let checkpointing = match config.checkpointing {
+        Checkpointing::On => true,
+        Checkpointing::Off => false,
+        Checkpointing::Auto => device_memory(loaded.model.device()).is_some_and(|available| plain > available),
+    };
+    Ok((checkpointing, estimate(&info, &loaded.model.config, &inputs(checkpointing)).total()))
 }
 
 /// The optimisation loop: micro-batches with gradient accumulation, AdamW on the
@@ -576,6 +668,8 @@ pub(crate) fn optimize(
         trainable_parameters,
         start_step: state.step,
         total_steps: settings.steps,
+        checkpointing: settings.checkpointing,
+        memory_estimate: settings.memory_estimate,
     });
 
     let start = Instant::now();
@@ -595,12 +689,7 @@ pub(crate) fn optimize(
         for _ in 0..settings.grad_accum {
             let seqs = batches.next(settings.batch_size);
             tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
-            let (total, v) = objective.losses(&seqs);
-            // A batch without any labelled row has nothing to learn from (and no graph).
-            if total.requires_grad() {
-                (&total / settings.grad_accum as f64).backward();
-            }
-            values.push(v);
+            values.push(objective.losses(&seqs, Some(1.0 / settings.grad_accum as f64)));
         }
         let grad_norm = opt.step(lr);
         opt.zero_grad();
@@ -668,7 +757,7 @@ fn validate(
     for chunk in val.chunks(settings.batch_size).take(settings.val_batches.max(1)) {
         let seqs: Vec<&Tokenized> = chunk.iter().collect();
         tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
-        values.push(tch::no_grad(|| objective.losses(&seqs).1));
+        values.push(tch::no_grad(|| objective.losses(&seqs, None)));
     }
     Some(StepMetrics {
         step,

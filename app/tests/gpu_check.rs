@@ -1,0 +1,45 @@
+//! `scripts/gpu-check` end to end on the CPU with tiny shapes, so that the GPU proof a
+//! session with a GPU runs cannot rot in the sessions without one. Needs the reference
+//! stack (transformers) in the project's Python environment, which `./scripts/test`
+//! installs.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or_else(|| anyhow::anyhow!("no root"))?;
+    let out = tempfile::tempdir()?;
+    let done = Command::new(root.join("scripts/gpu-check"))
+        .args(["--tiny", "--device", "cpu", "--mtp", env!("CARGO_BIN_EXE_mtp"), "--out"])
+        .arg(out.path())
+        .output()?;
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "gpu-check failed:\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("gpu-cpu.json"))?)?;
+    assert!(report["device"].is_string() && report["date"].is_string());
+    assert_eq!(report["errors"].as_array().map(Vec::len), Some(0), "{err}");
+    let fields: [(&str, &[&str]); 5] = [
+        ("ar", &["shape", "dtype", "ours_tokens_per_s", "transformers_tokens_per_s", "bound_tokens_per_s"]),
+        ("step_cost", &["shape", "mode", "masks", "ratio"]),
+        ("train", &["shape", "ours_tokens_per_s", "reference_tokens_per_s", "peak_bytes", "estimate_bytes"]),
+        ("demo", &["masks", "tokens_per_forward", "speedup", "identical"]),
+        ("parity", &["family", "dtype", "max_abs_diff", "greedy_identical", "ok"]),
+    ];
+    for (list, keys) in fields {
+        let rows = report[list].as_array().ok_or_else(|| anyhow::anyhow!("no {list}"))?;
+        assert!(!rows.is_empty(), "{list} is empty");
+        for row in rows {
+            for key in keys {
+                assert!(!row[key].is_null(), "{list}: no {key} in {row}");
+            }
+        }
+    }
+    // Every fixture family in both precisions, within tolerance.
+    let parity = report["parity"].as_array().map_or(0, |p| p.iter().filter(|r| r["ok"] == true).count());
+    assert_eq!(parity, 12, "{}", report["parity"]);
+    assert!(report["demo"].as_array().is_some_and(|d| d.iter().all(|r| r["identical"] == true)));
+    let md = std::fs::read_to_string(out.path().join("gpu-cpu.md"))?;
+    assert!(md.contains("### AR decoding") && md.contains("### Training"), "{md}");
+    Ok(())
+}

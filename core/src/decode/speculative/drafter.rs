@@ -1,0 +1,215 @@
+//! The adapter as decoding uses it: its parts copied once into the shapes and dtype a step
+//! wants (mask embeddings in the model's dtype, LoRA factors restacked per projection group,
+//! the sampler head split for chained drafting, the LM-head rows of the draft vocabulary),
+//! and the draft chain itself.
+
+use tch::{Device, Kind, Tensor};
+
+use super::super::sampling::{Sampler, SamplingParams};
+use crate::error::{Error, Result};
+use crate::model::{Gate, Gated, Llama};
+use crate::mtp::gated_lora::PreparedLora;
+use crate::mtp::sampler::PreparedSampler;
+use crate::mtp::{MtpAdapter, MtpConfig};
+
+/// Choices made when preparing a drafter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DraftOptions {
+    /// Draft from the adapter's draft vocabulary (when it has one) instead of the whole
+    /// LM head. Verification always uses the whole head, so greedy output is unchanged.
+    pub draft_vocab: bool,
+}
+
+impl Default for DraftOptions {
+    fn default() -> Self {
+        Self { draft_vocab: true }
+    }
+}
+
+/// An [`MtpAdapter`] prepared for decoding with one model. Build it once per adapter (it
+/// copies the adapter's weights) and share it between generations.
+pub struct Drafter {
+    /// The method's config of the adapter.
+    pub config: MtpConfig,
+    /// `[k, d]` in the model's dtype.
+    mask_embeddings: Tensor,
+    lora: PreparedLora,
+    sampler: Option<PreparedSampler>,
+    /// `[N]` int64: token id of each row of `head`, when drafting from a draft vocabulary.
+    vocab: Option<Tensor>,
+    /// `[N, d]` (or `[V, d]`): the LM-head rows drafts are chosen from.
+    head: Tensor,
+}
+
+impl std::fmt::Debug for Drafter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drafter")
+            .field("config", &self.config)
+            .field("draft_vocab", &self.vocab.as_ref().map(|v| v.size()[0]))
+            .finish()
+    }
+}
+
+impl Drafter {
+    /// Prepare `adapter` for decoding with `model` (the model it was loaded for).
+    pub fn new(model: &Llama, adapter: &MtpAdapter, options: DraftOptions) -> Result<Self> {
+        let kind = model.dtype().kind();
+        let device = model.device();
+        if adapter.device() != device {
+            return Err(Error::Invalid(format!(
+                "the adapter is on {:?} and the model on {device:?}: load both on one device",
+                adapter.device()
+            )));
+        }
+        tch::no_grad(|| {
+            let vocab = match (&adapter.draft_vocab, options.draft_vocab) {
+                (Some(ids), true) => Some(Tensor::from_slice(ids).to_device(device)),
+                _ => None,
+            };
+            let head = match &vocab {
+                Some(ids) => model.lm_head.index_select(0, ids),
+                None => model.lm_head.shallow_clone(),
+            };
+            Ok(Self {
+                config: adapter.config.clone(),
+                mask_embeddings: adapter.mask_embeddings.detach().to_kind(kind),
+                lora: adapter.prepared_lora(&model.config, kind),
+                sampler: adapter.sampler().map(|s| s.prepare()),
+                vocab,
+                head,
+            })
+        })
+    }
+
+    /// The number of masks the adapter was trained with.
+    pub fn k(&self) -> usize {
+        self.config.k
+    }
+
+    /// Size of the vocabulary drafts are chosen from (`None`: the whole vocabulary).
+    pub fn draft_vocab_size(&self) -> Option<usize> {
+        self.vocab.as_ref().map(|v| v.size()[0] as usize)
+    }
+
+    /// `[k, d]`: the mask embeddings in the model's dtype.
+    pub fn mask_embeddings(&self) -> &Tensor {
+        &self.mask_embeddings
+    }
+
+    /// The adapter applied from row `start` on (the mask rows of a step), or to every row
+    /// for a plain-LoRA adapter.
+    pub fn gate_from(&self, start: i64) -> Gated<'_> {
+        let gate = if self.config.gated { Gate::Tail(start) } else { Gate::All };
+        Gated { delta: &self.lora, gate }
+    }
+
+    /// The adapter for a prefill: nothing for a gated adapter (prompt rows are next-token
+    /// rows, which it leaves alone), every row for a plain-LoRA one.
+    pub fn prefill_gate(&self) -> Option<Gated<'_>> {
+        (!self.config.gated).then(|| Gated { delta: &self.lora, gate: Gate::All })
+    }
+
+    /// Logits over the draft vocabulary (or the whole head) for final hidden states `h`.
+    fn draft_logits(&self, h: &Tensor, kind: Kind) -> Tensor {
+        let h = if h.kind() == kind { h.shallow_clone() } else { h.to_kind(kind) };
+        h.linear::<Tensor>(&self.head, None)
+    }
+
+    /// Token ids of draft-vocabulary indices.
+    fn ids(&self, index: &Tensor) -> Tensor {
+        match &self.vocab {
+            Some(v) => v.index_select(0, index),
+            None => index.shallow_clone(),
+        }
+    }
+
+    /// Greedy drafts for one mask block, on the device: the sampler's chain seeded with the
+    /// verified token `prev`, or the LM head's choice at each mask without a sampler. With
+    /// `probs`, also each slot's draft distribution over the whole vocabulary (`[m, V]`,
+    /// for the step view).
+    ///
+    /// # Shapes
+    /// `z`: `[m, d]` final hidden states of the masks; `prev`: `[1]` int64 -> `[m]` int64.
+    pub fn greedy(&self, model: &Llama, z: &Tensor, prev: &Tensor, probs: Option<&mut Tensor>) -> Tensor {
+        let kind = model.dtype().kind();
+        tch::no_grad(|| {
+            let mut logits_rows = Vec::new();
+            let drafts = match &self.sampler {
+                Some(head) => {
+                    let z_part = head.z_part(z);
+                    let mut prev = prev.shallow_clone();
+                    let mut chosen = Vec::with_capacity(z.size()[0] as usize);
+                    for j in 0..z.size()[0] {
+                        let h = head.step(&z_part.narrow(0, j, 1), &model.embed(&prev));
+                        let logits = self.draft_logits(&h, kind);
+                        prev = self.ids(&logits.argmax(-1, false));
+                        chosen.push(prev.shallow_clone());
+                        if probs.is_some() {
+                            logits_rows.push(logits);
+                        }
+                    }
+                    Tensor::cat(&chosen, 0)
+                }
+                None => {
+                    let logits = self.draft_logits(z, kind);
+                    let drafts = self.ids(&logits.argmax(-1, false));
+                    logits_rows.push(logits);
+                    drafts
+                }
+            };
+            if let Some(out) = probs {
+                *out = self.full_vocab(&Tensor::cat(&logits_rows, 0).softmax(-1, Kind::Float), model);
+            }
+            drafts
+        })
+    }
+
+    /// Sampled drafts for one mask block: each draft drawn from the sampler's (processed)
+    /// distribution given the previous one. Returns the drafts and each one's distribution
+    /// over the whole vocabulary (zero outside the draft vocabulary), which speculative
+    /// sampling needs to accept or correct them.
+    pub fn sampled(
+        &self,
+        model: &Llama,
+        z: &Tensor,
+        prev: i64,
+        params: &SamplingParams,
+        sampler: &mut Sampler,
+    ) -> Result<(Vec<i64>, Vec<Vec<f32>>)> {
+        let kind = model.dtype().kind();
+        let device = model.device();
+        tch::no_grad(|| {
+            let m = z.size()[0];
+            let (mut drafts, mut q) = (Vec::with_capacity(m as usize), Vec::with_capacity(m as usize));
+            let z_part = self.sampler.as_ref().map(|head| head.z_part(z));
+            let mut prev = prev;
+            for j in 0..m {
+                let logits = match (&self.sampler, &z_part) {
+                    (Some(head), Some(zp)) => {
+                        let e = model.embed(&Tensor::from_slice(&[prev]).to_device(device));
+                        self.draft_logits(&head.step(&zp.narrow(0, j, 1), &e), kind)
+                    }
+                    _ => self.draft_logits(&z.narrow(0, j, 1), kind),
+                };
+                let dist = self.full_vocab(&params.distribution(&logits), model).view([-1]);
+                let row: Vec<f32> = Vec::try_from(dist.to_device(Device::Cpu))?;
+                prev = sampler.draw_slice(&row);
+                drafts.push(prev);
+                q.push(row);
+            }
+            Ok((drafts, q))
+        })
+    }
+
+    /// Rows over the draft vocabulary scattered into the whole vocabulary (zeros elsewhere).
+    fn full_vocab(&self, rows: &Tensor, model: &Llama) -> Tensor {
+        match &self.vocab {
+            None => rows.shallow_clone(),
+            Some(ids) => {
+                let n = rows.size()[0];
+                let full = Tensor::zeros([n, model.config.vocab_size as i64], (rows.kind(), rows.device()));
+                full.index_copy(1, ids, rows)
+            }
+        }
+    }
+}

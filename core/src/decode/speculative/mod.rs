@@ -1,0 +1,27 @@
+//! Speculative decoding with the model's own mask tokens (METHOD.md section 4): the
+//! quadratic scheme of the paper and the linear ablation, greedy or sampled, one forward
+//! pass per step. Split by role:
+//!
+//! - [`layout`]: which rows a step has, in which order, and their device constants;
+//! - [`drafter`]: the adapter prepared for decoding, and the draft chain;
+//! - [`step`]: the decoder (prefill, then verify, keep, draft, each step);
+//! - [`masks`]: the mask count of each step when chosen on the fly;
+//! - [`detail`]: what the step-through view shows.
+//!
+//! Where this departs from METHOD.md's wording: the prefill runs the prompt alone through
+//! the ordinary causal path (a gated adapter does nothing to prompt rows), and the first
+//! step, with no drafts to verify, carries the first mask block; METHOD.md appends that
+//! block to the prefill, which would send the whole prompt through the masked-attention
+//! path. Outputs are the same; the first drafts come one forward pass later.
+
+pub mod detail;
+pub mod drafter;
+pub mod layout;
+pub mod masks;
+pub mod step;
+
+pub use detail::{Candidates, StepDetail};
+pub use drafter::{DraftOptions, Drafter};
+pub use layout::{StepLayout, StepPlan};
+pub use masks::MaskController;
+pub use step::{SpecDecoder, StepResult};

@@ -1,0 +1,226 @@
+//! The speculative decoder: prefill, then one forward pass per step that verifies the
+//! drafts, keeps the accepted rows in the cache and drafts again from the mask block after
+//! the last accepted token.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+
+use super::super::ar::{check_request, forward_last};
+use super::super::stats::StepStats;
+use super::super::strategy::{Layout, Speculative, Strategy};
+use super::super::verify::{Verdict, verify_greedy_on_device, verify_sampling};
+use super::super::{Decoding, GenerateRequest, Sampler};
+use super::detail::{StepDetail, top5};
+use super::drafter::Drafter;
+use super::layout::{StepLayout, StepPlan};
+use super::masks::MaskController;
+use crate::error::Result;
+use crate::model::{AttnMask, KvCache, Llama};
+
+/// The result of one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepResult {
+    /// Accepted drafts, in order.
+    pub accepted: Vec<i64>,
+    /// The next verified token.
+    pub next: i64,
+    /// Statistics (emitted is filled in by the caller that applies EOS and limits).
+    pub stats: StepStats,
+    /// Details when asked for.
+    pub detail: Option<Box<StepDetail>>,
+}
+
+/// A speculative decoder in progress: the cache holds the prompt and every emitted token
+/// except `pending`, the verified token the next step starts with.
+pub struct SpecDecoder<'a> {
+    model: &'a Llama,
+    drafter: &'a Drafter,
+    layout: Layout,
+    sampler: Sampler,
+    masks: MaskController,
+    cache: KvCache,
+    /// The verified token not yet in the cache.
+    pending: i64,
+    drafts: Vec<i64>,
+    /// Greedy decoding: `[pending, drafts..]` on the device, as the last step computed
+    /// them, so the next step's input needs no upload.
+    inputs: Option<Tensor>,
+    /// Sampled decoding: the distribution each draft was drawn from.
+    q: Vec<Vec<f32>>,
+    steps: usize,
+    /// Positions past the cache a step may touch.
+    reach: usize,
+    /// Device constants by (drafts, masks), built on first use.
+    plans: HashMap<(usize, usize), StepPlan>,
+}
+
+impl<'a> SpecDecoder<'a> {
+    /// Check the request and run the prefill through the ordinary causal path; returns the
+    /// decoder and the first token. The first step has no drafts to verify: its input is
+    /// the first token and one mask block, which drafts for the second.
+    pub fn start(model: &'a Llama, spec: Speculative<'a>, req: &GenerateRequest) -> Result<(Self, i64)> {
+        spec.masks.check(spec.drafter.k())?;
+        let strategy = Strategy::Speculative(spec);
+        let reach = strategy.reach();
+        check_request(model, req, reach)?;
+        let p = req.prompt_ids.len();
+        let mut cache = model.new_cache(p + req.max_new_tokens + strategy.max_rows() + 1);
+        let mut sampler = Sampler::new(req.decoding)?;
+        let first = tch::no_grad(|| {
+            let input = Tensor::from_slice(&req.prompt_ids).to_device(model.device()).unsqueeze(0);
+            let gate = spec.drafter.prefill_gate();
+            sampler.pick(&forward_last(model, &input, &mut cache, gate.as_ref()))
+        })?;
+        let decoder = Self {
+            model,
+            drafter: spec.drafter,
+            layout: spec.layout,
+            sampler,
+            masks: MaskController::new(spec.masks, spec.layout, spec.drafter.k()),
+            cache,
+            pending: first,
+            drafts: Vec::new(),
+            inputs: None,
+            q: Vec::new(),
+            steps: 0,
+            reach,
+            plans: HashMap::new(),
+        };
+        Ok((decoder, first))
+    }
+
+    /// The drafts the next step will verify.
+    pub fn drafts(&self) -> &[i64] {
+        &self.drafts
+    }
+
+    /// Rows in the cache.
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// True while another step fits in the model's context.
+    pub fn has_room(&self) -> bool {
+        self.cache.len() + self.reach <= self.model.config.context_length()
+    }
+
+    /// One forward pass: verify the drafts, keep the accepted rows in the cache, choose the
+    /// next verified token and draft again. With `detailed`, also returns what the
+    /// step-through view shows.
+    pub fn step(&mut self, detailed: bool) -> Result<StepResult> {
+        let t0 = Instant::now();
+        self.steps += 1;
+        let (model, drafter) = (self.model, self.drafter);
+        let device = model.device();
+        let drafts = std::mem::take(&mut self.drafts);
+        let q = std::mem::take(&mut self.q);
+        let n = drafts.len();
+        let verified = self.pending;
+        let masks = self.masks.masks();
+        let layout = self.layout;
+        let plan = self
+            .plans
+            .entry((n, masks))
+            .or_insert_with(|| StepPlan::new(model, drafter, StepLayout::new(layout, n, masks)));
+        let inputs = match self.inputs.take() {
+            Some(t) => t,
+            None => {
+                let ids: Vec<i64> = std::iter::once(self.pending).chain(drafts.iter().copied()).collect();
+                Tensor::from_slice(&ids).to_device(device)
+            }
+        };
+        let past = self.cache.len();
+        let regular = n as i64 + 1;
+        let (h, logits) = tch::no_grad(|| {
+            let x = Tensor::cat(&[model.embed(&inputs.unsqueeze(0)), plan.mask_inputs.shallow_clone()], 1);
+            let positions = &plan.offsets + past as i64;
+            let mask = plan.own_mask.constant_pad_nd([past as i64, 0]);
+            let gated = drafter.gate_from(regular);
+            let h = model
+                .forward_embeds(&x, &positions, AttnMask::Custom(&mask), Some(&gated), Some(&mut self.cache))
+                .squeeze_dim(0);
+            let logits = model.logits(&h.narrow(0, 0, regular));
+            (h, logits)
+        });
+
+        let mut draft_probs = detailed.then(|| Tensor::zeros([0], (Kind::Float, device)));
+        let (a, next, new_drafts, regular_probs) = match self.sampler.decoding() {
+            Decoding::Greedy => tch::no_grad(|| -> Result<_> {
+                let predictions = logits.argmax(-1, false);
+                let (accepted, next) = verify_greedy_on_device(&inputs.narrow(0, 1, n as i64), &predictions);
+                let z = h.index_select(0, &plan.block_rows.index_select(0, &accepted).view([-1]));
+                let new_drafts = drafter.greedy(model, &z, &next, draft_probs.as_mut());
+                // The step's one read from the device: accepted count, next token, drafts.
+                let out = Tensor::cat(&[accepted, next, new_drafts], 0);
+                let host = Vec::<i64>::try_from(out.to_device(Device::Cpu))?;
+                let (a, next) = (host[0] as usize, host[1]);
+                // Linear decoding drafts again only when every draft was accepted.
+                let keep = if layout == Layout::Linear && a < n { 0 } else { masks };
+                self.inputs = Some(out.narrow(0, 1, 1 + keep as i64));
+                let probs = detailed.then(|| logits.softmax(-1, Kind::Float));
+                Ok((a, next, host[2..2 + keep].to_vec(), probs))
+            })?,
+            Decoding::Sample(params) => {
+                let p = tch::no_grad(|| params.distribution(&logits));
+                let p_rows = (0..regular).map(|g| Vec::<f32>::try_from(p.get(g).to_device(Device::Cpu))).collect::<std::result::Result<Vec<_>, _>>()?;
+                let Verdict { accepted: a, next } = verify_sampling(&drafts, &q, &p_rows, &mut self.sampler);
+                let mut new_drafts = Vec::new();
+                if let Some(row) = plan.layout.mask_block(a) {
+                    let z = h.narrow(0, row as i64, masks as i64);
+                    let (d, new_q) = drafter.sampled(model, &z, next, &params, &mut self.sampler)?;
+                    if let Some(out) = draft_probs.as_mut() {
+                        *out = Tensor::stack(&new_q.iter().map(|r| Tensor::from_slice(r)).collect::<Vec<_>>(), 0);
+                    }
+                    new_drafts = d;
+                    self.q = new_q;
+                }
+                (a, next, new_drafts, detailed.then_some(p))
+            }
+        };
+
+        // Keep the cache rows of r_0..r_a, the first a + 1 rows of the step: exactly the
+        // rows AR would have computed.
+        self.cache.truncate(past + a + 1);
+        self.pending = next;
+        let seconds = t0.elapsed().as_secs_f64();
+        self.masks.observe(n, a, masks, seconds);
+        let stats = StepStats {
+            step: self.steps,
+            drafts: drafts.clone(),
+            accepted: a,
+            first_rejected: (a < n).then_some(a + 1),
+            emitted: a + 1,
+            masks,
+            seconds,
+        };
+        let detail = match (regular_probs, draft_probs) {
+            (Some(regular_probs), Some(draft_probs)) => {
+                let l = &plan.layout;
+                let allowed = plan.own_mask.isfinite().to_device(Device::Cpu);
+                let mut input_ids = vec![verified; l.len()];
+                input_ids[1..=n].copy_from_slice(&drafts);
+                for (r, s) in l.slot.iter().enumerate().skip(l.regular()) {
+                    input_ids[r] = -s;
+                }
+                Some(Box::new(StepDetail {
+                    inputs: input_ids,
+                    block: l.block.clone(),
+                    slot: l.slot.clone(),
+                    positions: l.offsets().iter().map(|o| o + past as i64).collect(),
+                    past,
+                    attention: (0..l.len() as i64)
+                        .map(|r| Vec::<bool>::try_from(allowed.get(r)))
+                        .collect::<std::result::Result<_, _>>()?,
+                    regular_top: top5(&regular_probs)?,
+                    draft_top: if draft_probs.numel() > 0 { top5(&draft_probs)? } else { Vec::new() },
+                    next_drafts: new_drafts.clone(),
+                }))
+            }
+            _ => None,
+        };
+        self.drafts = new_drafts;
+        Ok(StepResult { accepted: drafts[..a].to_vec(), next, stats, detail })
+    }
+}

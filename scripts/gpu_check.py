@@ -1,0 +1,383 @@
+#!/usr/bin/env python3
+"""The GPU proof: one run that measures our binary against its baselines on one device and
+writes gpu-<card>.json and gpu-<card>.md (a section for docs/BENCHMARKS.md).
+
+Sections (each one's failure is recorded under "errors" and the others still run):
+  parity     logits of every fixture family, ours vs transformers, f32 and bf16, greedy tokens;
+  ar         AR decoding tokens/s, ours vs transformers `generate`, SmolLM2-135M and
+             Llama-3.1-8B shapes (random weights, bf16), and the memory-bandwidth bound
+             measured in the same run (a device copy);
+  step_cost  one speculative step over one AR step, linear and quadratic, 1/2/4/8 masks, both
+             shapes (an untrained k = 8 adapter: acceptance ~0, so the ratio is the step cost);
+  train      MTP training tokens/s, ours vs the PyTorch reference (scripts/reference.py), on the
+             135M shape; peak training memory vs our estimate;
+  demo       the demo end to end: tokens per forward, speedup over AR, outputs identical.
+
+  scripts/gpu-check                      # on a machine with an NVIDIA GPU (about 4 minutes)
+  scripts/gpu-check --tiny --device cpu  # the same on tiny shapes (the test suite runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_ar  # noqa: E402  (shapes and the random-model builder)
+
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
+            tie_word_embeddings=True)
+bench_ar.SHAPES.setdefault("tiny", TINY)
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+FAMILIES = ["llama", "llama-sharded", "llama3-tied", "mistral", "qwen2", "qwen3"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done
+
+
+def sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+class Check:
+    def __init__(self, args):
+        self.args = args
+        self.mtp = str(Path(args.mtp).resolve())
+        self.dev = "cuda" if args.device.startswith("cuda") else "cpu"
+        self.tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+        self.result = {
+            "device": torch.cuda.get_device_name() if self.dev == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+            "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__,
+            "tiny": args.tiny,
+            "parity": [], "ar": [], "step_cost": [], "train": [], "demo": [], "errors": [],
+            "seconds": {},
+        }
+        self.shapes = ["tiny"] if args.tiny else ["smollm2-135m", "llama-3.1-8b"]
+        self.models: dict[str, Path] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def section(self, name: str, fn) -> None:
+        t0 = time.perf_counter()
+        log(f"{name} ...")
+        try:
+            fn()
+        except Exception as e:  # recorded, and the next section runs
+            self.result["errors"].append({"section": name, "error": f"{type(e).__name__}: {e}",
+                                          "trace": traceback.format_exc()[-2000:]})
+            log(f"{name} FAILED: {e}")
+        self.result["seconds"][name] = round(time.perf_counter() - t0, 1)
+        if self.dev == "cuda":
+            torch.cuda.empty_cache()
+
+    def model_folder(self, shape: str) -> Path:
+        """A random model of `shape` in bf16 (f32 for tiny on the CPU), saved once."""
+        if shape not in self.models:
+            folder = self.tmp / shape
+            folder.mkdir(parents=True, exist_ok=True)
+            dtype = self.dtype()
+            cfg = bench_ar.LlamaConfig(**bench_ar.SHAPES[shape], bos_token_id=1, eos_token_id=2)
+            torch.manual_seed(0)
+            with torch.device(self.dev):
+                model = bench_ar.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+            model.save_pretrained(folder)
+            fixture = ROOT / "tests" / "fixtures" / "models" / "llama"
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                (folder / name).write_bytes((fixture / name).read_bytes())
+            del model
+            self.models[shape] = folder
+        return self.models[shape]
+
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name()]
+
+    def dtype_name(self) -> str:
+        return "bf16" if self.dev == "cuda" else "f32"
+
+    def mtp_json(self, args: list[str]) -> dict:
+        out = run([self.mtp, *args, "--json"]).stdout.strip().splitlines()
+        return json.loads(out[-1])
+
+    # ------------------------------------------------------------------ parity
+    def parity(self) -> None:
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        for family in FAMILIES:
+            folder = ROOT / "tests" / "fixtures" / "models" / family
+            for dname in ["f32", "bf16"]:
+                dtype = DTYPES[dname]
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(self.dev).eval()
+                ids = list(range(3, 19))
+                with torch.no_grad():
+                    theirs = model(torch.tensor([ids], device=self.dev)).logits[0].float().cpu()
+                    seq, margins = list(ids), []
+                    for _ in range(16):
+                        step = model(torch.tensor([seq], device=self.dev)).logits[0, -1].float()
+                        top = step.topk(2).values
+                        margins.append(float(top[0] - top[1]))
+                        seq.append(int(step.argmax()))
+                del model
+                dump = self.tmp / f"logits-{family}-{dname}.safetensors"
+                ours = self.mtp_json(["generate", "--model", folder, "--prompt-ids", ",".join(map(str, ids)),
+                                      "--max-new-tokens", "16", "--ignore-eos", "--device", self.args.device,
+                                      "--dtype", dname, "--dump-logits", dump])
+                ours_logits = load_file(str(dump))["logits"]
+                diff = float((ours_logits - theirs).abs().max())
+                scale = float(theirs.abs().max())
+                identical = ours["token_ids"] == seq[len(ids):]
+                first = next((i for i, (a, b) in enumerate(zip(ours["token_ids"], seq[len(ids):])) if a != b), None)
+                tolerance = 1e-4 if dname == "f32" else 2e-2 * max(scale, 1.0)
+                self.result["parity"].append({
+                    "family": family, "dtype": dname, "max_abs_diff": diff, "logit_scale": scale,
+                    "tolerance": tolerance, "greedy_identical": identical,
+                    "first_difference": first, "margin_there": margins[first] if first is not None else None,
+                    "min_margin": min(margins), "ok": diff <= tolerance and (identical or margins[first] < 1e-2),
+                })
+
+    # ------------------------------------------------------------------ AR
+    def bandwidth(self) -> float:
+        """Bytes per second of a large device copy (read + write)."""
+        n = (1 << 30) if self.dev == "cuda" else (1 << 26)
+        a = torch.empty(n, dtype=torch.uint8, device=self.dev)
+        b = torch.empty_like(a)
+        for _ in range(3):
+            b.copy_(a)
+        sync(self.dev)
+        reps = 20 if self.dev == "cuda" else 5
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            b.copy_(a)
+        sync(self.dev)
+        return 2 * n * reps / (time.perf_counter() - t0)
+
+    def ar(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        bandwidth = self.bandwidth()
+        self.result["bandwidth_bytes_per_s"] = bandwidth
+        new, prompt = (64, list(range(3, 19))) if not self.args.tiny else (16, list(range(3, 11)))
+        for shape in self.shapes:
+            folder = self.model_folder(shape)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype()).to(self.dev).eval()
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            with torch.no_grad():
+                theirs = bench_ar.time_transformers(model, prompt, new, 3, self.dev)
+            del model
+            if self.dev == "cuda":
+                torch.cuda.empty_cache()
+            ours = self.mtp_json(["generate", "--model", folder, "--prompt-ids", ",".join(map(str, prompt)),
+                                  "--max-new-tokens", str(new), "--ignore-eos", "--device", self.args.device,
+                                  "--dtype", self.dtype_name(), "--repeats", "3"])
+            # Decode tokens/s of the median run (prefill included, as transformers' is).
+            self.result["ar"].append({
+                "shape": shape, "dtype": self.dtype_name(), "new_tokens": new,
+                "ours_tokens_per_s": new / ours["total_seconds"],
+                "transformers_tokens_per_s": new / statistics.median(theirs),
+                "bound_tokens_per_s": bandwidth / weight_bytes,
+                "weight_bytes": weight_bytes,
+            })
+            row = self.result["ar"][-1]
+            row["ours_over_transformers"] = row["ours_tokens_per_s"] / row["transformers_tokens_per_s"]
+            row["fraction_of_bound"] = row["ours_tokens_per_s"] / row["bound_tokens_per_s"]
+
+    # ------------------------------------------------------------------ step cost
+    def adapter_for(self, folder: Path, k: int) -> Path:
+        out = folder.parent / f"{folder.name}-run-k{k}"
+        if not (out / "adapter.safetensors").exists():
+            run([self.mtp, "train", "--model", folder, "--data", "builtin:code:200", "--out", out, "--k", k,
+                 "--steps", "1", "--batch-size", "1", "--seq-len", "16", "--device", self.args.device,
+                 "--dtype", self.dtype_name(), "--val-fraction", "0", "--checkpointing", "off"])
+        return out / "adapter.safetensors"
+
+    def step_cost(self) -> None:
+        prompts = self.tmp / "prompts.jsonl"
+        prompts.write_text('{"prompt": "def add(a, b):", "domain": "code"}\n'
+                           '{"prompt": "Question: 3 + 4 =", "domain": "math"}\n')
+        masks = "1,2" if self.args.tiny else "1,2,4,8"
+        for shape in self.shapes:
+            folder = self.model_folder(shape)
+            adapter = self.adapter_for(folder, 8 if not self.args.tiny else 2)
+            report = self.mtp_json(["bench", "--model", folder, "--adapter", adapter, "--prompts", prompts,
+                                    "--masks", masks, "--modes", "ar,linear,quadratic", "--max-new-tokens",
+                                    "32" if not self.args.tiny else "8", "--device", self.args.device,
+                                    "--dtype", self.dtype_name()])
+            for r in report["rows"]:
+                if r["domain"] == "all" and r["mode"] != "ar":
+                    self.result["step_cost"].append({"shape": shape, "mode": r["mode"], "masks": r["masks"],
+                                                     "ratio": r["step_cost_vs_ar"],
+                                                     "identical": r["identical"]})
+
+    # ------------------------------------------------------------------ training
+    def gpu_used(self) -> int | None:
+        if self.dev != "cuda":
+            return None
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "--id=0"],
+                             capture_output=True, text=True).stdout.strip()
+        return int(out) * 1024 * 1024 if out.isdigit() else None
+
+    def train(self) -> None:
+        shape = self.shapes[0]
+        folder = self.model_folder(shape)
+        steps = "12" if not self.args.tiny else "4"
+        seq = "128" if not self.args.tiny else "32"
+        bench = run([sys.executable, ROOT / "scripts" / "reference.py", "train-bench", "--mtp", self.mtp,
+                     "--model", folder, "--steps", steps, "--seq-len", seq, "--device", self.args.device,
+                     "--dtype", self.dtype_name()])
+        speed = json.loads(bench.stdout[bench.stdout.index("{"):])
+        # Peak memory: k = 4, sequence 256, batch 2, without and with checkpointing.
+        for ckpt in ["off", "on"]:
+            out = self.tmp / f"mem-{ckpt}"
+            cmd = [self.mtp, "train", "--model", folder, "--data", "builtin:code:300", "--out", out, "--k", "4",
+                   "--seq-len", "256" if not self.args.tiny else "32", "--batch-size", "2", "--steps", "2",
+                   "--val-every", "0", "--checkpointing", ckpt, "--device", self.args.device,
+                   "--dtype", self.dtype_name(), "--json"]
+            base, peak, stop = self.gpu_used(), [0], threading.Event()
+
+            def sample():
+                while not stop.is_set():
+                    used = self.gpu_used()
+                    if used is not None:
+                        peak[0] = max(peak[0], used)
+                    time.sleep(0.05)
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            try:
+                done = run(cmd)
+            finally:
+                stop.set()
+                sampler.join()
+            summary = json.loads(done.stdout.strip().splitlines()[-1])["summary"]
+            if self.dev == "cuda":
+                # What the run added on the card, less the CUDA context (measured here).
+                measured = peak[0] - (base or 0) - self.result.get("cuda_context_bytes", 0)
+            else:
+                measured = summary["peak_rss_bytes"]
+            self.result["train"].append({
+                "shape": shape, "checkpointing": ckpt == "on", "k": 4, "batch_size": 2,
+                "seq_len": 256 if not self.args.tiny else 32,
+                "ours_tokens_per_s": speed["ours_tokens_per_second"],
+                "reference_tokens_per_s": speed["reference_tokens_per_second"],
+                "peak_bytes": measured, "estimate_bytes": summary["memory_estimate_bytes"],
+            })
+
+    # ------------------------------------------------------------------ demo
+    def demo(self) -> None:
+        args = [self.mtp, "bench", "--device", self.args.device, "--modes", "ar,quadratic", "--json"]
+        if self.args.tiny:
+            prompts = self.tmp / "demo-prompts.jsonl"
+            prompts.write_text('{"prompt": "def add(a, b):", "domain": "code"}\n')
+            args += ["--prompts", prompts, "--max-new-tokens", "8", "--masks", "1,2,auto"]
+        else:
+            args += ["--masks", "1,2,4,auto"]
+        # A greedy mismatch (a bf16 near-tie) exits 1 but still prints the report, margins
+        # included: keep it.
+        done = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+        if not done.stdout.strip():
+            raise RuntimeError(f"mtp bench failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        for r in report["rows"]:
+            if r["domain"] == "all" and r["mode"] != "ar":
+                self.result["demo"].append({"mode": r["mode"], "masks": r["masks"],
+                                            "tokens_per_forward": r["tokens_per_forward"],
+                                            "speedup": r["speedup"], "step_cost": r["step_cost_vs_ar"],
+                                            "identical": r["identical"]})
+        self.result["demo_divergences"] = report.get("divergences", [])
+
+    # ------------------------------------------------------------------ all
+    def main(self) -> None:
+        if self.dev == "cuda":
+            before = self.gpu_used() or 0
+            torch.zeros(1, device="cuda")
+            self.result["cuda_context_bytes"] = (self.gpu_used() or 0) - before
+        self.section("parity", self.parity)
+        self.section("ar", self.ar)
+        self.section("step_cost", self.step_cost)
+        self.section("train", self.train)
+        self.section("demo", self.demo)
+        card = re.sub(r"[^a-z0-9]+", "-", self.result["device"].lower()).strip("-") if self.dev == "cuda" else "cpu"
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"gpu-{card}.json").write_text(json.dumps(self.result, indent=1) + "\n")
+        (out / f"gpu-{card}.md").write_text(markdown(self.result))
+        log(f"wrote {out / f'gpu-{card}.json'} and .md; {len(self.result['errors'])} section(s) failed")
+        if self.result["errors"]:
+            sys.exit(1)
+
+
+def markdown(r: dict) -> str:
+    f = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    s = [f"## GPU: {r['device']} ({r['date']})\n",
+         "Measured by `scripts/gpu-check` in one run; every ratio compares numbers from that run.\n"]
+    if r.get("ar"):
+        s.append("\n### AR decoding, random weights\n\n| shape | dtype | ours (tokens/s) | transformers | ours / theirs "
+                 "| bandwidth bound | ours / bound |\n|---|---|---|---|---|---|---|")
+        for a in r["ar"]:
+            s.append(f"| {a['shape']} | {a['dtype']} | {f(a['ours_tokens_per_s'], 1)} | "
+                     f"{f(a['transformers_tokens_per_s'], 1)} | {f(a['ours_over_transformers'])}x | "
+                     f"{f(a['bound_tokens_per_s'], 1)} | {f(100 * a['fraction_of_bound'], 0)}% |")
+    if r.get("step_cost"):
+        s.append("\n### Step cost (one speculative step / one AR step)\n\n| shape | mode | masks | ratio |\n|---|---|---|---|")
+        for c in r["step_cost"]:
+            s.append(f"| {c['shape']} | {c['mode']} | {c['masks']} | {f(c['ratio'])} |")
+    if r.get("train"):
+        s.append("\n### Training\n\n| shape | checkpointing | ours (tokens/s) | reference | peak memory | estimate |"
+                 "\n|---|---|---|---|---|---|")
+        for t in r["train"]:
+            s.append(f"| {t['shape']} | {'on' if t['checkpointing'] else 'off'} | {f(t['ours_tokens_per_s'], 0)} | "
+                     f"{f(t['reference_tokens_per_s'], 0)} | {t['peak_bytes'] / 2**20:.0f} MiB | "
+                     f"{t['estimate_bytes'] / 2**20:.0f} MiB |")
+    if r.get("demo"):
+        s.append("\n### The demo end to end\n\n| mode | masks | tokens per forward | speedup | step cost | identical |"
+                 "\n|---|---|---|---|---|---|")
+        for d in r["demo"]:
+            s.append(f"| {d['mode']} | {d['masks']} | {f(d['tokens_per_forward'])} | {f(d['speedup'])}x | "
+                     f"{f(d['step_cost'])} | {d['identical']} |")
+    if r.get("parity"):
+        bad = [p for p in r["parity"] if not p["ok"]]
+        s.append(f"\n### Parity with transformers\n\n{len(r['parity']) - len(bad)} of {len(r['parity'])} "
+                 "family/dtype pairs within tolerance (f32: 1e-4; bf16: 2% of the logit scale), greedy tokens "
+                 "identical or parting at a near-tie.")
+        for p in bad:
+            s.append(f"- {p['family']} {p['dtype']}: max |diff| {p['max_abs_diff']:.3g}, greedy identical "
+                     f"{p['greedy_identical']} (margin {p['margin_there']})")
+    for e in r.get("errors", []):
+        s.append(f"\n**{e['section']} failed**: {e['error']}")
+    return "\n".join(s) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mtp", default=str(ROOT / "target" / "release" / "mtp"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke test that runs anywhere)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "bench"))
+    Check(p.parse_args()).main()
+
+
+if __name__ == "__main__":
+    main()
