@@ -35,6 +35,9 @@ pub struct Args {
     /// New tokens per prompt.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
+    /// Run each generation this many times and count the fastest (for a noisy machine).
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -52,7 +55,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (_, loaded) = args.model.load()?;
     let drafter = args.adapter.drafter(&source, &loaded.model)?;
     let masks = if args.masks.is_empty() { vec![MaskCount::Fixed(drafter.k())] } else { args.masks.clone() };
-    let config = BenchConfig { modes: args.modes.clone(), masks, max_new_tokens: args.max_new_tokens };
+    let config =
+        BenchConfig { modes: args.modes.clone(), masks, max_new_tokens: args.max_new_tokens, repeats: args.repeats };
 
     let bar = if std::io::stderr().is_terminal() && !args.json { ProgressBar::new(0) } else { ProgressBar::hidden() };
     bar.set_style(

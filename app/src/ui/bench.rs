@@ -50,7 +50,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             }
             let prompts =
                 if b.prompts.trim().is_empty() { mtp_core::source::demo_prompts() } else { b.prompts.trim().into() };
-            let config = BenchConfig { modes, masks, max_new_tokens: b.max_new_tokens };
+            let config = BenchConfig { modes, masks, max_new_tokens: b.max_new_tokens, repeats: 1 };
             commands.push(Command::Send(Request::Bench { prompts, config }));
         }
         if rt.job == Some(Job::Bench) && ui.button("Stop").clicked() {

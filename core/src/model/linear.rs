@@ -168,25 +168,7 @@ impl StackedLinear {
     /// `x`: `[..., in]` -> `[..., sum(out)]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         match &self.weights {
-            Stacking::Stacked(l) if few_rows_on_cpu(x, &l.weight) => {
-                // MKL's sgemm with a handful of rows costs nearly a matrix-vector product
-                // per row here (it repacks the weight every call); with the weight as the
-                // left operand (y^T = W x^T) it runs 1.4-1.8x faster for 2..16 rows on
-                // the CPUs measured (docs/BENCHMARKS.md). Same products, one more copy.
-                let size = x.size();
-                let x2 = x.reshape([-1, size[size.len() - 1]]);
-                let y = l.weight.mm(&x2.tr()).tr();
-                let y = match &l.bias {
-                    Some(b) => y + b,
-                    None => y.contiguous(),
-                };
-                let mut out = size;
-                if let Some(last) = out.last_mut() {
-                    *last = l.weight.size()[0];
-                }
-                y.view(out.as_slice())
-            }
-            Stacking::Stacked(l) => l.forward(x),
+            Stacking::Stacked(l) => linear(x, &l.weight, l.bias.as_ref()),
             Stacking::Separate(parts) => Tensor::cat(&parts.iter().map(|l| l.forward(x)).collect::<Vec<_>>(), -1),
         }
     }
@@ -204,7 +186,30 @@ impl StackedLinear {
     }
 }
 
-/// True for f32 products of 2..=16 rows on the CPU (see [`StackedLinear::forward`]).
+/// `x W^T + b` (`x`: `[..., in]`, `weight`: `[out, in]`), the way that runs fastest for
+/// the number of rows: MKL's sgemm with a handful of rows costs nearly a matrix-vector
+/// product per row on the CPUs measured (it repacks the weight every call); with the
+/// weight as the left operand (`y^T = W x^T`) it runs 1.4-1.8x faster for 2..16 rows of
+/// width 256 and more (docs/BENCHMARKS.md). The same products, one more copy.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    if !few_rows_on_cpu(x, weight) {
+        return x.linear(weight, bias);
+    }
+    let size = x.size();
+    let x2 = x.reshape([-1, size[size.len() - 1]]);
+    let y = weight.mm(&x2.tr()).tr();
+    let y = match bias {
+        Some(b) => y + b,
+        None => y.contiguous(),
+    };
+    let mut out = size;
+    if let Some(last) = out.last_mut() {
+        *last = weight.size()[0];
+    }
+    y.view(out.as_slice())
+}
+
+/// True for f32 products of 2..=16 rows on the CPU (see [`linear`]).
 fn few_rows_on_cpu(x: &Tensor, weight: &Tensor) -> bool {
     let size = x.size();
     let rows: i64 = size[..size.len().saturating_sub(1)].iter().product();

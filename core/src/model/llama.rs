@@ -158,7 +158,7 @@ impl Llama {
     /// # Shapes
     /// `h`: `[..., d]` -> `[..., vocab]`.
     pub fn logits(&self, h: &Tensor) -> Tensor {
-        h.linear::<Tensor>(&self.lm_head, None)
+        super::linear::linear(h, &self.lm_head, None)
     }
 
     /// Check token ids against the vocabulary (a user may supply any number).

@@ -99,6 +99,18 @@ pub enum Checkpointing {
     Off,
 }
 
+impl Checkpointing {
+    /// On or off for a run whose estimate without checkpointing is `plain` bytes, on a
+    /// device with `available()` bytes (asked only for `Auto`; unknown means off).
+    pub fn resolve(self, plain: u64, available: impl FnOnce() -> Option<u64>) -> bool {
+        match self {
+            Checkpointing::On => true,
+            Checkpointing::Off => false,
+            Checkpointing::Auto => available().is_some_and(|bytes| plain > bytes),
+        }
+    }
+}
+
 impl std::str::FromStr for Checkpointing {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -630,11 +642,7 @@ fn plan_memory(config: &TrainConfig, loaded: &LoadedModel) -> Result<(bool, u64)
         device: config.device,
     };
     let plain = estimate(&info, &loaded.model.config, &inputs(false)).total();
-    let checkpointing = match config.checkpointing {
-        Checkpointing::On => true,
-        Checkpointing::Off => false,
-        Checkpointing::Auto => device_memory(loaded.model.device()).is_some_and(|available| plain > available),
-    };
+    let checkpointing = config.checkpointing.resolve(plain, || device_memory(loaded.model.device()));
     Ok((checkpointing, estimate(&info, &loaded.model.config, &inputs(checkpointing)).total()))
 }
 
@@ -769,4 +777,21 @@ fn validate(
         gpu_mem_bytes: None,
         elapsed: start.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpointing_turns_on_when_the_estimate_does_not_fit() {
+        let gib = 1u64 << 30;
+        assert!(Checkpointing::Auto.resolve(10 * gib, || Some(8 * gib)));
+        assert!(!Checkpointing::Auto.resolve(6 * gib, || Some(8 * gib)));
+        assert!(!Checkpointing::Auto.resolve(10 * gib, || None));
+        assert!(Checkpointing::On.resolve(gib, || Some(8 * gib)));
+        assert!(!Checkpointing::Off.resolve(10 * gib, || Some(8 * gib)));
+        assert_eq!("on".parse::<Checkpointing>().ok(), Some(Checkpointing::On));
+        assert!("sometimes".parse::<Checkpointing>().is_err());
+    }
 }

@@ -3,9 +3,16 @@
 //! the sampler head split for chained drafting, the LM-head rows of the draft vocabulary),
 //! and the draft chain itself.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
 use tch::{Device, Kind, Tensor};
 
 use super::super::sampling::{Sampler, SamplingParams};
+use super::super::strategy::{Layout, MaskCount};
+use super::layout::{StepLayout, StepPlan};
+use super::masks::MaskController;
 use crate::error::{Error, Result};
 use crate::model::{Gate, Gated, Llama};
 use crate::mtp::gated_lora::PreparedLora;
@@ -27,7 +34,8 @@ impl Default for DraftOptions {
 }
 
 /// An [`MtpAdapter`] prepared for decoding with one model. Build it once per adapter (it
-/// copies the adapter's weights) and share it between generations.
+/// copies the adapter's weights) and share it between generations (on one thread: it
+/// caches step constants as they are first needed).
 pub struct Drafter {
     /// The method's config of the adapter.
     pub config: MtpConfig,
@@ -39,6 +47,11 @@ pub struct Drafter {
     vocab: Option<Tensor>,
     /// `[N, d]` (or `[V, d]`): the LM-head rows drafts are chosen from.
     head: Tensor,
+    /// Step constants by shape, built on first use and shared by every generation.
+    plans: RefCell<HashMap<(Layout, usize, usize), Rc<StepPlan>>>,
+    /// What the last generation's `auto` mask controller learned (per layout), so that the
+    /// next one starts from it rather than from nothing.
+    controllers: RefCell<HashMap<Layout, MaskController>>,
 }
 
 impl std::fmt::Debug for Drafter {
@@ -77,8 +90,38 @@ impl Drafter {
                 sampler: adapter.sampler().map(|s| s.prepare()),
                 vocab,
                 head,
+                plans: RefCell::default(),
+                controllers: RefCell::default(),
             })
         })
+    }
+
+    /// The device constants of a step of `layout` with `drafts` drafts and `masks` masks,
+    /// built once per shape and shared by every generation with this drafter.
+    pub fn plan(&self, model: &Llama, layout: Layout, drafts: usize, masks: usize) -> Rc<StepPlan> {
+        let key = (layout, drafts, masks);
+        if let Some(plan) = self.plans.borrow().get(&key) {
+            return Rc::clone(plan);
+        }
+        let plan = Rc::new(StepPlan::new(model, self, StepLayout::new(layout, drafts, masks)));
+        self.plans.borrow_mut().insert(key, Rc::clone(&plan));
+        plan
+    }
+
+    /// A mask controller for a generation with `count` masks: for `auto`, the last one
+    /// this drafter ran with `layout` (its acceptance and timing estimates carry over).
+    pub fn controller(&self, layout: Layout, count: MaskCount) -> MaskController {
+        match (count, self.controllers.borrow().get(&layout)) {
+            (MaskCount::Auto, Some(c)) => c.clone(),
+            _ => MaskController::new(count, layout, self.k()),
+        }
+    }
+
+    /// Keep an `auto` controller's estimates for the next generation.
+    pub fn remember(&self, controller: &MaskController, layout: Layout) {
+        if controller.is_auto() {
+            self.controllers.borrow_mut().insert(layout, controller.clone());
+        }
     }
 
     /// The number of masks the adapter was trained with.

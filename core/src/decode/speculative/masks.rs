@@ -76,6 +76,11 @@ impl MaskController {
         Self { count, layout, k, current, reached: vec![0.0; k], accepted: vec![0.0; k], cost: LineFit::default() }
     }
 
+    /// True for [`MaskCount::Auto`].
+    pub fn is_auto(&self) -> bool {
+        self.count == MaskCount::Auto
+    }
+
     /// Masks per block for the next step.
     pub fn masks(&self) -> usize {
         self.current

@@ -2,7 +2,6 @@
 //! drafts, keeps the accepted rows in the cache and drafts again from the mask block after
 //! the last accepted token.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
@@ -14,7 +13,6 @@ use super::super::verify::{Verdict, verify_greedy_on_device, verify_sampling};
 use super::super::{Decoding, GenerateRequest, Sampler};
 use super::detail::{StepDetail, top5};
 use super::drafter::Drafter;
-use super::layout::{StepLayout, StepPlan};
 use super::masks::MaskController;
 use crate::error::Result;
 use crate::model::{AttnMask, KvCache, Llama};
@@ -52,8 +50,6 @@ pub struct SpecDecoder<'a> {
     steps: usize,
     /// Positions past the cache a step may touch.
     reach: usize,
-    /// Device constants by (drafts, masks), built on first use.
-    plans: HashMap<(usize, usize), StepPlan>,
 }
 
 impl<'a> SpecDecoder<'a> {
@@ -78,7 +74,7 @@ impl<'a> SpecDecoder<'a> {
             drafter: spec.drafter,
             layout: spec.layout,
             sampler,
-            masks: MaskController::new(spec.masks, spec.layout, spec.drafter.k()),
+            masks: spec.drafter.controller(spec.layout, spec.masks),
             cache,
             pending: first,
             drafts: Vec::new(),
@@ -86,7 +82,6 @@ impl<'a> SpecDecoder<'a> {
             q: Vec::new(),
             steps: 0,
             reach,
-            plans: HashMap::new(),
         };
         Ok((decoder, first))
     }
@@ -120,10 +115,7 @@ impl<'a> SpecDecoder<'a> {
         let verified = self.pending;
         let masks = self.masks.masks();
         let layout = self.layout;
-        let plan = self
-            .plans
-            .entry((n, masks))
-            .or_insert_with(|| StepPlan::new(model, drafter, StepLayout::new(layout, n, masks)));
+        let plan = drafter.plan(model, layout, n, masks);
         let inputs = match self.inputs.take() {
             Some(t) => t,
             None => {
@@ -186,6 +178,7 @@ impl<'a> SpecDecoder<'a> {
         self.pending = next;
         let seconds = t0.elapsed().as_secs_f64();
         self.masks.observe(n, a, masks, seconds);
+        drafter.remember(&self.masks, layout);
         let stats = StepStats {
             step: self.steps,
             drafts: drafts.clone(),
