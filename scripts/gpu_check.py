@@ -93,22 +93,29 @@ class Check:
         if self.dev == "cuda":
             torch.cuda.empty_cache()
 
+    def random_model(self, shape: str):
+        """A random model of `shape` in bf16 (f32 on the CPU), made on the device."""
+        cfg = bench_ar.LlamaConfig(**bench_ar.SHAPES[shape], bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        with torch.device(self.dev):
+            return bench_ar.AutoModelForCausalLM.from_config(cfg, dtype=self.dtype()).eval()
+
+    def save(self, shape: str, model) -> Path:
+        folder = self.tmp / shape
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+        fixture = ROOT / "tests" / "fixtures" / "models" / "llama"
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).write_bytes((fixture / name).read_bytes())
+        self.models[shape] = folder
+        return folder
+
     def model_folder(self, shape: str) -> Path:
-        """A random model of `shape` in bf16 (f32 for tiny on the CPU), saved once."""
+        """The saved random model of `shape` (made and saved on first use)."""
         if shape not in self.models:
-            folder = self.tmp / shape
-            folder.mkdir(parents=True, exist_ok=True)
-            dtype = self.dtype()
-            cfg = bench_ar.LlamaConfig(**bench_ar.SHAPES[shape], bos_token_id=1, eos_token_id=2)
-            torch.manual_seed(0)
-            with torch.device(self.dev):
-                model = bench_ar.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-            model.save_pretrained(folder)
-            fixture = ROOT / "tests" / "fixtures" / "models" / "llama"
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                (folder / name).write_bytes((fixture / name).read_bytes())
+            model = self.random_model(shape)
+            self.save(shape, model)
             del model
-            self.models[shape] = folder
         return self.models[shape]
 
     def dtype(self) -> torch.dtype:
@@ -175,17 +182,17 @@ class Check:
         return 2 * n * reps / (time.perf_counter() - t0)
 
     def ar(self) -> None:
-        from transformers import AutoModelForCausalLM
-
         bandwidth = self.bandwidth()
         self.result["bandwidth_bytes_per_s"] = bandwidth
         new, prompt = (64, list(range(3, 19))) if not self.args.tiny else (16, list(range(3, 11)))
         for shape in self.shapes:
-            folder = self.model_folder(shape)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype()).to(self.dev).eval()
+            t0 = time.perf_counter()
+            model = self.random_model(shape)
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             with torch.no_grad():
                 theirs = bench_ar.time_transformers(model, prompt, new, 3, self.dev)
+            folder = self.save(shape, model)
+            log(f"  {shape}: transformers timed and model saved in {time.perf_counter() - t0:.0f} s")
             del model
             if self.dev == "cuda":
                 torch.cuda.empty_cache()

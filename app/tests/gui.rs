@@ -135,9 +135,11 @@ fn main_flow_and_snapshots() -> anyhow::Result<()> {
     let step = mtp_core::train::RunDir(stopped.clone()).latest_checkpoint().map(|c| c.0);
     assert!(step.is_some_and(|s| (3..200).contains(&s)), "stopped run checkpoint: {step:?}");
     assert!(h.state().runtime.adapter.is_some(), "the stopped run's adapter is loaded");
-    // Where it stopped depends on timing: dismiss the notice before the snapshots.
+    // Where it stopped depends on timing: dismiss the notice and remove the run before the
+    // snapshots (the runs list at the bottom of the Train tab would show its step).
     h.get_by_label("OK").click();
     h.run_steps(2);
+    std::fs::remove_dir_all(&stopped)?;
 
     // Train to the end (deterministic: the snapshot shows its curves).
     h.state_mut().persisted.train.run_name = "full".into();
@@ -146,7 +148,7 @@ fn main_flow_and_snapshots() -> anyhow::Result<()> {
     h.run_steps(2);
     settle(&mut h);
     assert_eq!(h.state().runtime.live.as_ref().map(|l| l.train.len()), Some(12));
-    assert_eq!(h.state().runtime.runs.len(), 2);
+    assert_eq!(h.state().runtime.runs.len(), 1);
     snapshots.add(h.try_snapshot("train"));
 
     // Compare: the A/B race, greedy: identical outputs.

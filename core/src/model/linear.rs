@@ -187,17 +187,25 @@ impl StackedLinear {
 }
 
 /// `x W^T + b` (`x`: `[..., in]`, `weight`: `[out, in]`), the way that runs fastest for
-/// the number of rows: MKL's sgemm with a handful of rows costs nearly a matrix-vector
-/// product per row on the CPUs measured (it repacks the weight every call); with the
-/// weight as the left operand (`y^T = W x^T`) it runs 1.4-1.8x faster for 2..16 rows of
-/// width 256 and more (docs/BENCHMARKS.md). The same products, one more copy.
+/// the number of rows on the CPU: MKL's sgemm with a handful of rows costs nearly a
+/// matrix-vector product per row on the CPUs measured (it repacks the weight every call),
+/// and its matrix-vector product reads the weight at well under half the bandwidth; with
+/// the weight as the left operand (`y^T = W x^T`, a single row sent twice) 1..16 rows of
+/// width 256 and more run 1.4-2.2x faster (docs/BENCHMARKS.md). The same products, one
+/// more copy.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     if !few_rows_on_cpu(x, weight) {
         return x.linear(weight, bias);
     }
     let size = x.size();
     let x2 = x.reshape([-1, size[size.len() - 1]]);
+    let rows = x2.size()[0];
+    // One row: MKL's matrix-vector product reads the weight at well under half the
+    // bandwidth its matrix product with two columns reaches here, so a single row goes in
+    // twice and one copy of the result is kept.
+    let x2 = if rows == 1 { x2.repeat([2, 1]) } else { x2 };
     let y = weight.mm(&x2.tr()).tr();
+    let y = if rows == 1 { y.narrow(0, 0, 1) } else { y };
     let y = match bias {
         Some(b) => y + b,
         None => y.contiguous(),
@@ -209,12 +217,12 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     y.view(out.as_slice())
 }
 
-/// True for f32 products of 2..=16 rows on the CPU (see [`linear`]).
+/// True for f32 products of 1..=16 rows on the CPU (see [`linear`]).
 fn few_rows_on_cpu(x: &Tensor, weight: &Tensor) -> bool {
     let size = x.size();
     let rows: i64 = size[..size.len().saturating_sub(1)].iter().product();
     let (out, inp) = (weight.size()[0], weight.size()[1]);
-    (2..=16).contains(&rows)
+    (1..=16).contains(&rows)
         && x.device() == tch::Device::Cpu
         && x.kind() == tch::Kind::Float
         && out >= 256

@@ -155,7 +155,7 @@ impl Drafter {
     /// Logits over the draft vocabulary (or the whole head) for final hidden states `h`.
     fn draft_logits(&self, h: &Tensor, kind: Kind) -> Tensor {
         let h = if h.kind() == kind { h.shallow_clone() } else { h.to_kind(kind) };
-        h.linear::<Tensor>(&self.head, None)
+        crate::model::linear::linear(&h, &self.head, None)
     }
 
     /// Token ids of draft-vocabulary indices.
