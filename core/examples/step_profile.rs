@@ -42,17 +42,13 @@ fn main() -> anyhow::Result<()> {
     let _ = model.forward(&prompt, Some(&mut cache));
     let reps = 300;
     let tok = Tensor::from_slice(&[5i64]).unsqueeze(0);
-    let ar = time("AR step (forward + head + argmax)", reps, || {
-        let h = model.forward_embeds(
-            &model.embed(&tok),
-            &Tensor::from_slice(&[past]),
-            AttnMask::Causal,
-            None,
-            Some(&mut cache),
-        );
+    let ar_step = |cache: &mut mtp_core::model::KvCache| {
+        let positions = Tensor::from_slice(&[past]);
+        let h = model.forward_embeds(&model.embed(&tok), &positions, AttnMask::Causal, None, Some(cache));
         let _ = model.logits(&h).argmax(-1, false).int64_value(&[0]);
         cache.truncate(past as usize);
-    });
+    };
+    let ar = time("AR step (forward + head + argmax)", reps, || ar_step(&mut cache));
     let pos1 = Tensor::from_slice(&[past]);
     time("AR forward only, causal", reps, || {
         let _ = model.forward_embeds(&model.embed(&tok), &pos1, AttnMask::Causal, None, Some(&mut cache));
@@ -110,17 +106,7 @@ fn main() -> anyhow::Result<()> {
     let draft = time("draft chain", reps, || {
         let _ = drafter.greedy(model, &z, &prev, None);
     });
-    let ar2 = time("AR step again", reps, || {
-        let h = model.forward_embeds(
-            &model.embed(&tok),
-            &Tensor::from_slice(&[past]),
-            AttnMask::Causal,
-            None,
-            Some(&mut cache),
-        );
-        let _ = model.logits(&h).argmax(-1, false).int64_value(&[0]);
-        cache.truncate(past as usize);
-    });
+    let ar2 = time("AR step again", reps, || ar_step(&mut cache));
     let ar = ar.min(ar2);
     println!(
         "ratio: forward {:.2} (no adapter {:.2}), + verify {:.2}, + draft {:.2} => {:.2}",

@@ -176,16 +176,25 @@ pub fn seeded<T>(seed: u64, init: impl FnOnce() -> T) -> T {
 /// it cannot be read.
 pub fn device_memory(device: Device) -> Option<u64> {
     match device {
-        Device::Cuda(i) => {
-            let out = std::process::Command::new("nvidia-smi")
-                .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", &format!("--id={i}")])
-                .output()
-                .ok()?;
-            let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
-            Some(mib * 1024 * 1024)
-        }
+        Device::Cuda(i) => nvidia_smi_bytes("memory.total", i),
         _ => proc_kib("/proc/meminfo", "MemAvailable:").map(|k| k * 1024),
     }
+}
+
+/// GPU memory in use on `device` (the whole card, from the driver), when it is a GPU.
+pub fn gpu_memory_used(device: Device) -> Option<u64> {
+    let Device::Cuda(i) = device else { return None };
+    nvidia_smi_bytes("memory.used", i)
+}
+
+/// A memory figure of card `index` from `nvidia-smi` (which reports MiB).
+fn nvidia_smi_bytes(query: &str, index: usize) -> Option<u64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([format!("--query-gpu={query}"), "--format=csv,noheader,nounits".into(), format!("--id={index}")])
+        .output()
+        .ok()?;
+    let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    Some(mib * 1024 * 1024)
 }
 
 /// This process's resident memory now (`VmRSS`) and at its peak (`VmHWM`), in bytes, where

@@ -17,7 +17,7 @@ use super::memory::{MemoryInputs, estimate};
 use super::optim::{AdamW, OptimConfig};
 use crate::bundle::LoadedModel;
 use crate::checkpoint::{SafetensorsFile, save};
-use crate::device::{DType, DeviceSpec, device_memory};
+use crate::device::{DType, DeviceSpec, device_memory, gpu_memory_used};
 use crate::error::{Error, Result, read_json};
 use crate::fsutil::write_json_atomic;
 use crate::mtp::loss::{LossValues, backward_checkpointed, compute};
@@ -368,17 +368,6 @@ fn mean_values(values: &[LossValues]) -> LossValues {
         slot_acc: (0..k).map(|j| avg(&|v| v.slot_acc[j])).collect(),
         slot_acc_sampler: (0..k).map(|j| avg(&|v| v.slot_acc_sampler[j])).collect(),
     }
-}
-
-/// GPU memory in use on `device` (whole device, from the driver), when it is a GPU.
-pub fn gpu_memory_used(device: Device) -> Option<u64> {
-    let Device::Cuda(i) = device else { return None };
-    let out = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=memory.used", "--format=csv,noheader,nounits", &format!("--id={i}")])
-        .output()
-        .ok()?;
-    let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
-    Some(mib * 1024 * 1024)
 }
 
 /// Metadata key of a checkpoint's [`TrainState`].
