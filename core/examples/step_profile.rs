@@ -65,7 +65,13 @@ fn main() -> anyhow::Result<()> {
         cache.truncate(past as usize);
     });
     time("AR forward (fresh positions)", reps, || {
-        let _ = model.forward_embeds(&model.embed(&tok), &Tensor::from_slice(&[past]), AttnMask::Causal, None, Some(&mut cache));
+        let _ = model.forward_embeds(
+            &model.embed(&tok),
+            &Tensor::from_slice(&[past]),
+            AttnMask::Causal,
+            None,
+            Some(&mut cache),
+        );
         cache.truncate(past as usize);
     });
     let zero_mask = Tensor::zeros([1, past + 1], (Kind::Float, tch::Device::Cpu));

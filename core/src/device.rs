@@ -158,7 +158,6 @@ impl FromStr for DType {
     }
 }
 
-
 /// Run `init` with torch's global generator seeded with `seed`, holding a process-wide lock
 /// so that another thread seeding or drawing through this function cannot interleave its
 /// draws (torch has one global generator per device; two trainings started at once in one

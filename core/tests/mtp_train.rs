@@ -204,8 +204,13 @@ fn checkpointing_gives_the_same_training() -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for (name, c) in [("off", Checkpointing::Off), ("on", Checkpointing::On)] {
         let mut events = Vec::new();
-        let summary =
-            mtp_core::train::train(&m, &config(c), &tmp.path().join(name), &mut |e: &TrainEvent| events.push(e.clone()), &control)?;
+        let summary = mtp_core::train::train(
+            &m,
+            &config(c),
+            &tmp.path().join(name),
+            &mut |e: &TrainEvent| events.push(e.clone()),
+            &control,
+        )?;
         let used = events.iter().find_map(|e| match e {
             TrainEvent::Prepared { checkpointing, .. } => Some(*checkpointing),
             _ => None,

@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use mtp_core::decode::{
-    DraftOptions, Drafter, Decoding, GenerateRequest, MaskCount, Mode, SamplingParams, StopReason, Strategy, generate,
+    Decoding, DraftOptions, Drafter, GenerateRequest, MaskCount, Mode, SamplingParams, StopReason, Strategy, generate,
 };
 use mtp_core::mtp::{LoraConfig, MtpAdapter, MtpConfig};
 use mtp_core::train::pretrain::{ArchConfig, PretrainConfig, TokenizerPlan, pretrain};
@@ -132,7 +132,9 @@ fn greedy_speculative_equals_greedy_ar() -> anyhow::Result<()> {
     let ar_outputs = prompts
         .iter()
         .enumerate()
-        .map(|(i, prompt)| generate(model, Strategy::Ar, &request(prompt.clone(), 24 + i % 7, Decoding::Greedy, vec![]), &mut ()))
+        .map(|(i, prompt)| {
+            generate(model, Strategy::Ar, &request(prompt.clone(), 24 + i % 7, Decoding::Greedy, vec![]), &mut ())
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let mut per_mode_tpf = Vec::new();
     let fixed = [1, 2, 4, 8].map(MaskCount::Fixed);
@@ -383,8 +385,8 @@ fn two_hundred_steps_raise_every_slot() -> anyhow::Result<()> {
 /// training path's (the adapter's own factors, gated per row) up to rounding.
 #[test]
 fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
-    use mtp_core::decode::speculative::{StepLayout, StepPlan};
     use mtp_core::decode::Layout;
+    use mtp_core::decode::speculative::{StepLayout, StepPlan};
     use mtp_core::model::AttnMask;
     let t = trained();
     let model = &t.loaded.model;

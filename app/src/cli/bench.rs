@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use mtp_core::ModelSource;
-use mtp_core::decode::{MaskCount, Mode};
 use mtp_core::decode::bench::{BenchConfig, read_prompts, run_bench};
+use mtp_core::decode::{MaskCount, Mode};
 
 use super::common::{AdapterArg, ModelArgs, demo_default};
 
@@ -69,8 +69,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bar.set_message(what.to_owned());
         ControlFlow::Continue(())
     };
-    let report = run_bench(&loaded.model, &drafter, &loaded.tokenizer, &prompts, &config, &mut progress)
-        .context("--masks")?;
+    let report =
+        run_bench(&loaded.model, &drafter, &loaded.tokenizer, &prompts, &config, &mut progress).context("--masks")?;
     bar.finish_and_clear();
 
     if let Some(dir) = &args.out {

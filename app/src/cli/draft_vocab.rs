@@ -61,7 +61,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 targets.len()
             );
         }
-        None => eprintln!("{}: no draft vocabulary (size 0, or not smaller than the vocabulary of {vocab})", out.display()),
+        None => {
+            eprintln!("{}: no draft vocabulary (size 0, or not smaller than the vocabulary of {vocab})", out.display())
+        }
     }
     Ok(())
 }

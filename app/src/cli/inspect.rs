@@ -1,11 +1,11 @@
 //! `mtp inspect MODEL`.
 
+use mtp_core::DType;
 use mtp_core::inspect::{ModelInfo, human_bytes};
 use mtp_core::model::ModelConfig;
 use mtp_core::mtp::LoraConfig;
 use mtp_core::source::{HubOptions, ModelSource};
 use mtp_core::train::memory::{MemoryEstimate, MemoryInputs, estimate};
-use mtp_core::DType;
 
 use super::progress::DownloadBar;
 

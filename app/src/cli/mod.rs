@@ -4,8 +4,8 @@
 mod bench;
 mod common;
 mod distill;
-mod draft_vocab;
 mod download;
+mod draft_vocab;
 mod generate;
 mod inspect;
 mod pretrain;

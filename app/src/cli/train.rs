@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use mtp_core::inspect::human_bytes;
 use mtp_core::model::Proj;
 use mtp_core::mtp::{LoraConfig, MtpConfig};
-use mtp_core::train::{Control, OptimConfig, Packing, Schedule, TrainConfig, TrainEvent};
-use mtp_core::inspect::human_bytes;
 use mtp_core::train::trainer::Checkpointing;
+use mtp_core::train::{Control, OptimConfig, Packing, Schedule, TrainConfig, TrainEvent};
 use mtp_core::{DType, DeviceSpec, LoadOptions, LoadedModel, ModelSource};
 
 use super::progress::DownloadBar;

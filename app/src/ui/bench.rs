@@ -2,8 +2,8 @@
 //! wall-clock speedup, a chart of tokens per forward against masks per domain, and exports.
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
-use mtp_core::decode::{MaskCount, Mode};
 use mtp_core::decode::bench::BenchConfig;
+use mtp_core::decode::{MaskCount, Mode};
 
 use super::{busy_line, theme};
 use crate::app::{Command, Pick};

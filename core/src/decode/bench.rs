@@ -319,7 +319,6 @@ pub fn run_bench(
     Ok(BenchReport { rows, divergences, max_new_tokens: config.max_new_tokens })
 }
 
-
 impl BenchReport {
     /// The table as CSV.
     pub fn to_csv(&self) -> String {

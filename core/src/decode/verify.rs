@@ -34,7 +34,11 @@ pub fn verify_greedy_on_device(drafts: &Tensor, predictions: &Tensor) -> (Tensor
         Tensor::zeros([1], (Kind::Int64, predictions.device()))
     } else {
         // The matching prefix: the running product of matches is 1 up to the first miss.
-        drafts.eq_tensor(&predictions.narrow(0, 0, n)).cumprod(0, Kind::Int64).sum_dim_intlist([0i64].as_slice(), true, Kind::Int64)
+        drafts.eq_tensor(&predictions.narrow(0, 0, n)).cumprod(0, Kind::Int64).sum_dim_intlist(
+            [0i64].as_slice(),
+            true,
+            Kind::Int64,
+        )
     };
     let next = predictions.index_select(0, &accepted);
     (accepted, next)
@@ -76,12 +80,21 @@ mod tests {
 
     #[test]
     fn greedy_on_device_equals_greedy_on_the_host() {
-        let cases: [(&[i64], &[i64]); 5] =
-            [(&[5, 6, 7], &[5, 6, 9, 1]), (&[5, 6], &[5, 6, 4]), (&[3], &[5, 6]), (&[], &[8]), (&[1, 2, 3], &[9, 2, 3, 4])];
+        let cases: [(&[i64], &[i64]); 5] = [
+            (&[5, 6, 7], &[5, 6, 9, 1]),
+            (&[5, 6], &[5, 6, 4]),
+            (&[3], &[5, 6]),
+            (&[], &[8]),
+            (&[1, 2, 3], &[9, 2, 3, 4]),
+        ];
         for (drafts, predictions) in cases {
             let host = verify_greedy(drafts, predictions);
             let (a, next) = verify_greedy_on_device(&Tensor::from_slice(drafts), &Tensor::from_slice(predictions));
-            assert_eq!((a.int64_value(&[0]) as usize, next.int64_value(&[0])), (host.accepted, host.next), "{drafts:?}");
+            assert_eq!(
+                (a.int64_value(&[0]) as usize, next.int64_value(&[0])),
+                (host.accepted, host.next),
+                "{drafts:?}"
+            );
         }
     }
 

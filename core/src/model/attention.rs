@@ -181,10 +181,13 @@ mod tests {
         let q = Tensor::randn([1, 8, 9, 16], (Kind::Float, Device::Cpu));
         let k = Tensor::randn([1, 2, 20, 16], (Kind::Float, Device::Cpu));
         let v = Tensor::randn([1, 2, 20, 16], (Kind::Float, Device::Cpu));
-        let allowed = Tensor::rand([9, 20], (Kind::Float, Device::Cpu)).gt(0.3).logical_or(
-            &Tensor::eye_m(9, 20, (Kind::Bool, Device::Cpu)),
-        );
-        let additive = Tensor::zeros([9, 20], (Kind::Float, Device::Cpu)).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+        let allowed = Tensor::rand([9, 20], (Kind::Float, Device::Cpu)).gt(0.3).logical_or(&Tensor::eye_m(
+            9,
+            20,
+            (Kind::Bool, Device::Cpu),
+        ));
+        let additive =
+            Tensor::zeros([9, 20], (Kind::Float, Device::Cpu)).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
         for mask in [&allowed, &additive] {
             let grouped = attend_with(&q, &k, &v, Some(mask), false, 0.25, KvHeads::Grouped);
             let expanded = attend_with(&q, &k, &v, Some(mask), false, 0.25, KvHeads::Expanded);

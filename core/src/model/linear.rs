@@ -141,8 +141,10 @@ impl StackedLinear {
     /// Load the parts `(module, out_dim)` under `w` (each `module.weight`, and
     /// `module.bias` when `bias`), all reading `in_dim` features.
     pub fn load(w: &Weights, parts: &[(&str, usize)], in_dim: usize, bias: bool) -> Result<Self> {
-        let mut linears =
-            parts.iter().map(|(name, out)| Linear::load(&w.pp(name), in_dim, *out, bias)).collect::<Result<Vec<_>>>()?;
+        let mut linears = parts
+            .iter()
+            .map(|(name, out)| Linear::load(&w.pp(name), in_dim, *out, bias))
+            .collect::<Result<Vec<_>>>()?;
         let sizes = parts.iter().map(|(_, out)| *out as i64).collect();
         let weights = if linears.len() == 1 {
             Stacking::Stacked(linears.remove(0))

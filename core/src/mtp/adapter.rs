@@ -237,8 +237,7 @@ impl MtpAdapter {
     /// hold nothing else (but the draft vocabulary, read by [`MtpAdapter::load`]).
     pub fn copy_from(&self, file: &SafetensorsFile) -> Result<()> {
         let names = self.load_tensors(|name| file.read(name))?;
-        let extra: Vec<String> =
-            file.names().into_iter().filter(|n| !names.contains(n) && n != DRAFT_VOCAB).collect();
+        let extra: Vec<String> = file.names().into_iter().filter(|n| !names.contains(n) && n != DRAFT_VOCAB).collect();
         if !extra.is_empty() {
             return Err(Error::UnexpectedTensors { path: file.path().into(), names: extra });
         }

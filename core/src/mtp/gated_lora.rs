@@ -86,7 +86,12 @@ impl Lora {
 
     /// The adapted parts of `group` in `layer`: `(part index in the group, factors)`.
     fn parts(&self, layer: usize, group: ProjGroup) -> Vec<(usize, &Pair)> {
-        group.parts().iter().enumerate().filter_map(|(i, p)| self.pairs.get(&(layer, *p)).map(|pair| (i, pair))).collect()
+        group
+            .parts()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| self.pairs.get(&(layer, *p)).map(|pair| (i, pair)))
+            .collect()
     }
 
     /// The factors restacked for decoding (see [`PreparedLora`]), in `kind`.
@@ -106,7 +111,9 @@ impl Lora {
                     let offsets: Vec<i64> = dims.iter().scan(0, |o, d| Some(std::mem::replace(o, *o + d))).collect();
                     let b = Tensor::zeros([parts.len() as i64 * r, dims.iter().sum()], (Kind::Float, a.device()));
                     for (slot, (i, pair)) in parts.iter().enumerate() {
-                        b.narrow(0, slot as i64 * r, r).narrow(1, offsets[*i], dims[*i]).copy_(&(pair.b.tr() * self.scale));
+                        b.narrow(0, slot as i64 * r, r)
+                            .narrow(1, offsets[*i], dims[*i])
+                            .copy_(&(pair.b.tr() * self.scale));
                     }
                     groups.push(Some((a.tr().contiguous().to_kind(kind), b.to_kind(kind))));
                 }
@@ -159,7 +166,11 @@ impl ProjDelta for Lora {
             }
         }
         let delta = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, -1) };
-        if start > 0 { Tensor::cat(&[y.narrow(1, 0, start), y.narrow(1, start, t - start) + delta], 1) } else { y + delta }
+        if start > 0 {
+            Tensor::cat(&[y.narrow(1, 0, start), y.narrow(1, start, t - start) + delta], 1)
+        } else {
+            y + delta
+        }
     }
 }
 

@@ -100,8 +100,10 @@ impl PreparedSampler {
     /// # Shapes
     /// `z_part`: `[1, d]` f32; `prev_embed`: `[1, d]` -> `[1, d]` f32.
     pub fn step(&self, z_part: &Tensor, prev_embed: &Tensor) -> Tensor {
-        let e = if prev_embed.kind() == Kind::Float { prev_embed.shallow_clone() } else { prev_embed.to_kind(Kind::Float) };
-        let norm = |x: &Tensor, (w, b): &(Tensor, Tensor)| x.layer_norm([self.d], Some(w), Some(b), LAYER_NORM_EPS, false);
+        let e =
+            if prev_embed.kind() == Kind::Float { prev_embed.shallow_clone() } else { prev_embed.to_kind(Kind::Float) };
+        let norm =
+            |x: &Tensor, (w, b): &(Tensor, Tensor)| x.layer_norm([self.d], Some(w), Some(b), LAYER_NORM_EPS, false);
         let h = norm(&z_part.addmm(&e, &self.w1_prev).silu(), &self.ln1);
         norm(&self.b2.addmm(&h, &self.w2).silu(), &self.ln2)
     }

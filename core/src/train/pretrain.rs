@@ -259,7 +259,10 @@ pub fn pretrain(
     }
     let run = RunDir(out.to_owned());
     if !resume && recipe_path(out).exists() {
-        return Err(Error::Invalid(format!("{} already holds a pretraining run: resume it, or choose another folder", out.display())));
+        return Err(Error::Invalid(format!(
+            "{} already holds a pretraining run: resume it, or choose another folder",
+            out.display()
+        )));
     }
     std::fs::create_dir_all(run.checkpoints()).map_err(|e| Error::io(run.checkpoints(), e))?;
     write_json_atomic(&recipe_path(out), config)?;

@@ -610,7 +610,11 @@ fn run_loop(
     adapter.draft_vocab = data::frequent_targets(&data.train, config.draft_vocab, model.config.vocab_size);
     let (checkpointing, memory_estimate) = plan_memory(config, loaded)?;
     let objective = MtpObjective { model, adapter: &adapter, lcm_weight: config.lcm_weight, checkpointing };
-    let settings = LoopSettings { checkpointing, memory_estimate: Some(memory_estimate), ..LoopSettings::of(config, model.device()) };
+    let settings = LoopSettings {
+        checkpointing,
+        memory_estimate: Some(memory_estimate),
+        ..LoopSettings::of(config, model.device())
+    };
     let (outcome, step, last) = optimize(&objective, &data, &settings, run, resuming, sink, control)?;
     adapter.save(&run.adapter())?;
     Ok(TrainSummary { outcome, step, adapter: run.adapter(), last })

@@ -110,14 +110,17 @@ impl StepPlan {
             let slot = Tensor::from_slice(&layout.slot);
             let own_mask = additive_mask(&attention_mask(&block, &slot), kind).to_device(device);
             let mask_slots: Vec<i64> = layout.slot[layout.regular()..].iter().map(|s| s - 1).collect();
-            let mask_inputs =
-                drafter.mask_embeddings().index_select(0, &Tensor::from_slice(&mask_slots).to_device(device)).unsqueeze(0);
+            let mask_inputs = drafter
+                .mask_embeddings()
+                .index_select(0, &Tensor::from_slice(&mask_slots).to_device(device))
+                .unsqueeze(0);
             let starts: Vec<i64> = (0..layout.regular())
                 .map(|g| layout.mask_block(g).or(layout.mask_block(layout.drafts)).unwrap_or(0) as i64)
                 .collect();
             let m = layout.masks as i64;
-            let block_rows = (Tensor::from_slice(&starts).unsqueeze(1) + Tensor::arange(m, (Kind::Int64, tch::Device::Cpu)))
-                .to_device(device);
+            let block_rows = (Tensor::from_slice(&starts).unsqueeze(1)
+                + Tensor::arange(m, (Kind::Int64, tch::Device::Cpu)))
+            .to_device(device);
             Self {
                 offsets: Tensor::from_slice(&layout.offsets()).to_device(device),
                 own_mask,

@@ -60,7 +60,8 @@ impl LineFit {
             return None;
         }
         let var = self.xx * self.n - self.x * self.x;
-        let slope = if var > 1e-9 * self.n * self.n { ((self.xy * self.n - self.x * self.y) / var).max(0.0) } else { 0.0 };
+        let slope =
+            if var > 1e-9 * self.n * self.n { ((self.xy * self.n - self.x * self.y) / var).max(0.0) } else { 0.0 };
         Some(((self.y - slope * self.x) / self.n, slope))
     }
 }

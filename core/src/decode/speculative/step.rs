@@ -156,7 +156,9 @@ impl<'a> SpecDecoder<'a> {
             })?,
             Decoding::Sample(params) => {
                 let p = tch::no_grad(|| params.distribution(&logits));
-                let p_rows = (0..regular).map(|g| Vec::<f32>::try_from(p.get(g).to_device(Device::Cpu))).collect::<std::result::Result<Vec<_>, _>>()?;
+                let p_rows = (0..regular)
+                    .map(|g| Vec::<f32>::try_from(p.get(g).to_device(Device::Cpu)))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
                 let Verdict { accepted: a, next } = verify_sampling(&drafts, &q, &p_rows, &mut self.sampler);
                 let mut new_drafts = Vec::new();
                 if let Some(row) = plan.layout.mask_block(a) {
