@@ -23,6 +23,7 @@ import argparse
 import json
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -321,11 +322,15 @@ class Check:
             before = self.gpu_used() or 0
             torch.zeros(1, device="cuda")
             self.result["cuda_context_bytes"] = (self.gpu_used() or 0) - before
-        self.section("parity", self.parity)
-        self.section("ar", self.ar)
-        self.section("step_cost", self.step_cost)
-        self.section("train", self.train)
-        self.section("demo", self.demo)
+        try:
+            self.section("parity", self.parity)
+            self.section("ar", self.ar)
+            self.section("step_cost", self.step_cost)
+            self.section("train", self.train)
+            self.section("demo", self.demo)
+        finally:
+            # The random models (16 GB for the 8B shape) are not kept.
+            shutil.rmtree(self.tmp, ignore_errors=True)
         card = re.sub(r"[^a-z0-9]+", "-", self.result["device"].lower()).strip("-") if self.dev == "cuda" else "cpu"
         out = Path(self.args.out)
         out.mkdir(parents=True, exist_ok=True)
