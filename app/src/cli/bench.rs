@@ -83,12 +83,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         super::print_json(&report)?;
     } else {
         println!(
-            "{} prompts from {}, {} new tokens each, {} on {}",
+            "{} prompts from {}, {} new tokens each, {} on {}; drafts from {}",
             prompts.len(),
             prompts_path.display(),
             args.max_new_tokens,
             args.model.dtype(),
-            args.model.device
+            args.model.device,
+            drafter
+                .draft_vocab_size()
+                .map_or("the whole vocabulary".into(), |n| format!("a draft vocabulary of {n} tokens"))
         );
         print!("{}", report.to_markdown());
         println!(

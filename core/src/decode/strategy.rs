@@ -80,14 +80,6 @@ impl Layout {
             Layout::Linear => drafts + 1 + masks,
         }
     }
-
-    /// The mode it implements.
-    pub fn mode(self) -> Mode {
-        match self {
-            Layout::Linear => Mode::Linear,
-            Layout::Quadratic => Mode::Quadratic,
-        }
-    }
 }
 
 /// How many masks each step uses.
@@ -201,22 +193,6 @@ impl<'a> Strategy<'a> {
         let drafter = drafter.ok_or_else(|| Error::Invalid(format!("{mode} decoding needs an MTP adapter")))?;
         masks.check(drafter.k())?;
         Ok(Strategy::Speculative(Speculative { drafter, layout, masks }))
-    }
-
-    /// Its mode.
-    pub fn mode(&self) -> Mode {
-        match self {
-            Strategy::Ar => Mode::Ar,
-            Strategy::Speculative(s) => s.layout.mode(),
-        }
-    }
-
-    /// Masks per step (`None` for AR).
-    pub fn masks(&self) -> Option<MaskCount> {
-        match self {
-            Strategy::Ar => None,
-            Strategy::Speculative(s) => Some(s.masks),
-        }
     }
 
     /// The most masks a step uses (0 for AR).

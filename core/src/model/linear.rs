@@ -127,8 +127,6 @@ impl ProjGroup {
 #[derive(Debug)]
 pub struct StackedLinear {
     weights: Stacking,
-    /// Output width of each part.
-    sizes: Vec<i64>,
 }
 
 #[derive(Debug)]
@@ -145,7 +143,6 @@ impl StackedLinear {
             .iter()
             .map(|(name, out)| Linear::load(&w.pp(name), in_dim, *out, bias))
             .collect::<Result<Vec<_>>>()?;
-        let sizes = parts.iter().map(|(_, out)| *out as i64).collect();
         let weights = if linears.len() == 1 {
             Stacking::Stacked(linears.remove(0))
         } else if !w.frozen() {
@@ -156,12 +153,7 @@ impl StackedLinear {
             let bias = if bias { Some(stack(linears.iter().filter_map(|l| l.bias.as_ref()).collect())) } else { None };
             Stacking::Stacked(Linear { weight, bias })
         };
-        Ok(Self { weights, sizes })
-    }
-
-    /// Output width of each part, in order.
-    pub fn sizes(&self) -> &[i64] {
-        &self.sizes
+        Ok(Self { weights })
     }
 
     /// All parts' outputs, concatenated on the last dimension.
