@@ -93,6 +93,16 @@ class Check:
         self.result["seconds"][name] = round(time.perf_counter() - t0, 1)
         if self.dev == "cuda":
             torch.cuda.empty_cache()
+        # Written after every section: a run cut short keeps what it measured.
+        self.write()
+
+    def write(self) -> Path:
+        card = re.sub(r"[^a-z0-9]+", "-", self.result["device"].lower()).strip("-") if self.dev == "cuda" else "cpu"
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"gpu-{card}.json").write_text(json.dumps(self.result, indent=1) + "\n")
+        (out / f"gpu-{card}.md").write_text(markdown(self.result))
+        return out / f"gpu-{card}.json"
 
     def random_model(self, shape: str):
         """A random model of `shape` in bf16 (f32 on the CPU), made on the device."""
@@ -331,12 +341,8 @@ class Check:
         finally:
             # The random models (16 GB for the 8B shape) are not kept.
             shutil.rmtree(self.tmp, ignore_errors=True)
-        card = re.sub(r"[^a-z0-9]+", "-", self.result["device"].lower()).strip("-") if self.dev == "cuda" else "cpu"
-        out = Path(self.args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"gpu-{card}.json").write_text(json.dumps(self.result, indent=1) + "\n")
-        (out / f"gpu-{card}.md").write_text(markdown(self.result))
-        log(f"wrote {out / f'gpu-{card}.json'} and .md; {len(self.result['errors'])} section(s) failed")
+        path = self.write()
+        log(f"wrote {path} and .md; {len(self.result['errors'])} section(s) failed")
         if self.result["errors"]:
             sys.exit(1)
 
