@@ -139,6 +139,14 @@ class Check:
         out = run([self.mtp, *args, "--json"]).stdout.strip().splitlines()
         return json.loads(out[-1])
 
+    def bench_json(self, args: list[str]) -> dict:
+        """`mtp bench --json`: a greedy mismatch (a bf16 near-tie) exits 1 but still prints
+        the report, margins included; keep it."""
+        done = subprocess.run([str(a) for a in [self.mtp, "bench", *args, "--json"]], capture_output=True, text=True)
+        if not done.stdout.strip():
+            raise RuntimeError(f"mtp bench failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     # ------------------------------------------------------------------ parity
     def parity(self) -> None:
         from safetensors.torch import load_file
@@ -239,10 +247,11 @@ class Check:
         for shape in self.shapes:
             folder = self.model_folder(shape)
             adapter = self.adapter_for(folder, 8 if not self.args.tiny else 2)
-            report = self.mtp_json(["bench", "--model", folder, "--adapter", adapter, "--prompts", prompts,
-                                    "--masks", masks, "--modes", "ar,linear,quadratic", "--max-new-tokens",
-                                    "32" if not self.args.tiny else "8", "--device", self.args.device,
-                                    "--dtype", self.dtype_name()])
+            report = self.bench_json(["--model", folder, "--adapter", adapter, "--prompts", prompts,
+                                      "--masks", masks, "--modes", "ar,linear,quadratic", "--max-new-tokens",
+                                      "32" if not self.args.tiny else "8", "--device", self.args.device,
+                                      "--dtype", self.dtype_name()])
+            self.result.setdefault("step_cost_divergences", []).extend(report.get("divergences", []))
             for r in report["rows"]:
                 if r["domain"] == "all" and r["mode"] != "ar":
                     self.result["step_cost"].append({"shape": shape, "mode": r["mode"], "masks": r["masks"],
@@ -305,19 +314,14 @@ class Check:
 
     # ------------------------------------------------------------------ demo
     def demo(self) -> None:
-        args = [self.mtp, "bench", "--device", self.args.device, "--modes", "ar,quadratic", "--json"]
+        args = ["--device", self.args.device, "--modes", "ar,quadratic"]
         if self.args.tiny:
             prompts = self.tmp / "demo-prompts.jsonl"
             prompts.write_text('{"prompt": "def add(a, b):", "domain": "code"}\n')
             args += ["--prompts", prompts, "--max-new-tokens", "8", "--masks", "1,2,auto"]
         else:
             args += ["--masks", "1,2,4,auto"]
-        # A greedy mismatch (a bf16 near-tie) exits 1 but still prints the report, margins
-        # included: keep it.
-        done = subprocess.run([str(a) for a in args], capture_output=True, text=True)
-        if not done.stdout.strip():
-            raise RuntimeError(f"mtp bench failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        report = json.loads(done.stdout.strip().splitlines()[-1])
+        report = self.bench_json(args)
         for r in report["rows"]:
             if r["domain"] == "all" and r["mode"] != "ar":
                 self.result["demo"].append({"mode": r["mode"], "masks": r["masks"],
@@ -333,11 +337,8 @@ class Check:
             torch.zeros(1, device="cuda")
             self.result["cuda_context_bytes"] = (self.gpu_used() or 0) - before
         try:
-            self.section("parity", self.parity)
-            self.section("ar", self.ar)
-            self.section("step_cost", self.step_cost)
-            self.section("train", self.train)
-            self.section("demo", self.demo)
+            for name in self.args.sections.split(","):
+                self.section(name, getattr(self, name))
         finally:
             # The random models (16 GB for the 8B shape) are not kept.
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -394,6 +395,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke test that runs anywhere)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"))
+    p.add_argument("--sections", default="parity,ar,step_cost,train,demo", help="comma-separated, in order")
     Check(p.parse_args()).main()
 
 
