@@ -1,7 +1,7 @@
 //! Multi-head self-attention with grouped key/value heads, RoPE, optional q/k norms (Qwen3),
 //! the KV cache, and PyTorch's fused scaled-dot-product attention.
 
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
@@ -115,68 +115,30 @@ impl Attention {
     }
 }
 
-/// How grouped key/value heads reach the kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvHeads {
-    /// Shared by their query heads inside the kernel (no copy).
-    Grouped,
-    /// Copied to every query head first.
-    Expanded,
-}
-
-impl KvHeads {
-    /// The choice for a call on `device`: on CUDA, a call with an explicit mask expands
-    /// grouped heads, because in libtorch 2.11 neither flash attention (no explicit masks)
-    /// nor the memory-efficient kernel (no grouped heads) takes it otherwise, and the math
-    /// fallback upcasts to f32 and materialises every score. The CPU kernel takes masks
-    /// and grouped heads together.
-    pub fn for_call(device: Device, masked: bool) -> Self {
-        if masked && device.is_cuda() { KvHeads::Expanded } else { KvHeads::Grouped }
-    }
-}
-
-/// Scaled-dot-product attention of `q` over `k`, `v` with grouped-query heads.
+/// Scaled-dot-product attention of `q` over `k`, `v` with grouped-query heads shared by
+/// their query heads inside the kernel (no copy), masked or not. On CUDA, libtorch 2.11
+/// runs this as cuDNN's fused attention, grouped heads and an additive mask included: on an
+/// H200 26 to 30 us per call for the 135M and 8B head shapes, where copying the key/value
+/// heads to every query head first (what the memory-efficient kernel would need) took 60 us
+/// (scripts/gpu_check.py's session, docs/BENCHMARKS.md). The CPU kernel takes both too.
 ///
 /// # Shapes
 /// `q`: `[b, h, t, hd]`; `k`, `v`: `[b, kv, s, hd]` with `h` a multiple of `kv`; `mask`:
 /// broadcastable to `[b, h, t, s]` -> `[b, h, t, hd]`.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> Tensor {
-    attend_with(q, k, v, mask, causal, scale, KvHeads::for_call(q.device(), mask.is_some()))
-}
-
-/// [`attend`] with the key/value heads handled as `heads` says (the outputs are the same;
-/// tests compare them).
-pub fn attend_with(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    causal: bool,
-    scale: f64,
-    heads: KvHeads,
-) -> Tensor {
-    let group = q.size()[1] / k.size()[1];
-    if group == 1 {
-        return Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, false);
-    }
-    match heads {
-        KvHeads::Grouped => Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, true),
-        KvHeads::Expanded => {
-            let (k, v) = (k.repeat_interleave_self_int(group, 1, None), v.repeat_interleave_self_int(group, 1, None));
-            Tensor::scaled_dot_product_attention(q, &k, &v, mask, 0.0, causal, scale, false)
-        }
-    }
+    let grouped = q.size()[1] != k.size()[1];
+    Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, grouped)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Kind;
+    use tch::{Device, Kind};
 
-    /// Expanding grouped key/value heads (what CUDA needs for masked calls) gives the same
-    /// attention as the grouped kernel, with a boolean and with an additive mask.
+    /// Grouped key/value heads give the same attention as the same heads copied to every
+    /// query head, with a boolean and with an additive mask.
     #[test]
-    fn expanded_heads_equal_grouped_heads() {
+    fn grouped_heads_equal_expanded_heads() {
         tch::manual_seed(3);
         let q = Tensor::randn([1, 8, 9, 16], (Kind::Float, Device::Cpu));
         let k = Tensor::randn([1, 2, 20, 16], (Kind::Float, Device::Cpu));
@@ -188,17 +150,15 @@ mod tests {
         ));
         let additive =
             Tensor::zeros([9, 20], (Kind::Float, Device::Cpu)).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+        let (ke, ve) = (k.repeat_interleave_self_int(4, 1, None), v.repeat_interleave_self_int(4, 1, None));
         for mask in [&allowed, &additive] {
-            let grouped = attend_with(&q, &k, &v, Some(mask), false, 0.25, KvHeads::Grouped);
-            let expanded = attend_with(&q, &k, &v, Some(mask), false, 0.25, KvHeads::Expanded);
+            let grouped = attend(&q, &k, &v, Some(mask), false, 0.25);
+            let expanded = attend(&q, &ke, &ve, Some(mask), false, 0.25);
             let diff = (&grouped - &expanded).abs().max().double_value(&[]);
             assert!(diff < 1e-6, "{diff}");
         }
-        let bool_result = attend_with(&q, &k, &v, Some(&allowed), false, 0.25, KvHeads::Grouped);
-        let additive_result = attend_with(&q, &k, &v, Some(&additive), false, 0.25, KvHeads::Grouped);
+        let bool_result = attend(&q, &k, &v, Some(&allowed), false, 0.25);
+        let additive_result = attend(&q, &k, &v, Some(&additive), false, 0.25);
         assert!((&bool_result - &additive_result).abs().max().double_value(&[]) < 1e-6);
-        assert_eq!(KvHeads::for_call(Device::Cpu, true), KvHeads::Grouped);
-        assert_eq!(KvHeads::for_call(Device::Cuda(0), true), KvHeads::Expanded);
-        assert_eq!(KvHeads::for_call(Device::Cuda(0), false), KvHeads::Grouped);
     }
 }

@@ -98,13 +98,8 @@ pub fn estimate(info: &ModelInfo, config: &crate::model::ModelConfig, x: &Memory
     // reshaped copy (5q + 4kv); gate/up, the SiLU output and the product (4i); the gated
     // LoRA's rank-r intermediate before and after the gate, per target.
     let r = x.lora.rank as u64 * x.lora.targets.len() as u64;
-    let mut per_row_layer = 6 * d + 5 * q + 4 * kv + 4 * i + 2 * r;
+    let per_row_layer = 6 * d + 5 * q + 4 * kv + 4 * i + 2 * r;
     let cuda = matches!(x.device, DeviceSpec::Cuda(_));
-    if cuda && q != kv {
-        // Masked attention on CUDA copies grouped key/value heads to every query head
-        // (model/attention.rs), and the backward pass keeps the copies.
-        per_row_layer += 2 * q;
-    }
     let layer = rows * per_row_layer * act;
     // One additive attention mask per batch, shared by every layer.
     let mask = x.batch_size as u64 * per_seq_rows * per_seq_rows * act;
