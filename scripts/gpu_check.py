@@ -247,16 +247,20 @@ class Check:
         for shape in self.shapes:
             folder = self.model_folder(shape)
             adapter = self.adapter_for(folder, 8 if not self.args.tiny else 2)
-            report = self.bench_json(["--model", folder, "--adapter", adapter, "--prompts", prompts,
-                                      "--masks", masks, "--modes", "ar,linear,quadratic", "--max-new-tokens",
-                                      "32" if not self.args.tiny else "8", "--device", self.args.device,
-                                      "--dtype", self.dtype_name()])
-            self.result.setdefault("step_cost_divergences", []).extend(report.get("divergences", []))
-            for r in report["rows"]:
-                if r["domain"] == "all" and r["mode"] != "ar":
-                    self.result["step_cost"].append({"shape": shape, "mode": r["mode"], "masks": r["masks"],
-                                                     "ratio": r["step_cost_vs_ar"],
-                                                     "identical": r["identical"]})
+            # Both forms of the adapter's term where the merged weights (the layers twice
+            # more) are small enough to be worth measuring; the 8B shape runs low-rank.
+            forms = ["low-rank"] if shape == "llama-3.1-8b" else ["low-rank", "merged"]
+            for form in forms:
+                report = self.bench_json(["--model", folder, "--adapter", adapter, "--prompts", prompts,
+                                          "--masks", masks, "--modes", "ar,linear,quadratic", "--max-new-tokens",
+                                          "32" if not self.args.tiny else "8", "--device", self.args.device,
+                                          "--dtype", self.dtype_name(), "--lora-form", form])
+                self.result.setdefault("step_cost_divergences", []).extend(report.get("divergences", []))
+                for r in report["rows"]:
+                    if r["domain"] == "all" and r["mode"] != "ar":
+                        self.result["step_cost"].append({"shape": shape, "form": form, "mode": r["mode"],
+                                                         "masks": r["masks"], "ratio": r["step_cost_vs_ar"],
+                                                         "identical": r["identical"]})
 
     # ------------------------------------------------------------------ training
     def gpu_used(self) -> int | None:
@@ -360,9 +364,10 @@ def markdown(r: dict) -> str:
                      f"{f(a['transformers_tokens_per_s'], 1)} | {f(a['ours_over_transformers'])}x | "
                      f"{f(a['bound_tokens_per_s'], 1)} | {f(100 * a['fraction_of_bound'], 0)}% |")
     if r.get("step_cost"):
-        s.append("\n### Step cost (one speculative step / one AR step)\n\n| shape | mode | masks | ratio |\n|---|---|---|---|")
+        s.append("\n### Step cost (one speculative step / one AR step)\n\n| shape | adapter form | mode | masks | ratio |"
+                 "\n|---|---|---|---|---|")
         for c in r["step_cost"]:
-            s.append(f"| {c['shape']} | {c['mode']} | {c['masks']} | {f(c['ratio'])} |")
+            s.append(f"| {c['shape']} | {c.get('form', 'low-rank')} | {c['mode']} | {c['masks']} | {f(c['ratio'])} |")
     if r.get("train"):
         s.append("\n### Training\n\n| shape | checkpointing | ours (tokens/s) | reference | peak memory | estimate |"
                  "\n|---|---|---|---|---|---|")

@@ -21,7 +21,7 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     assert_eq!(report["errors"].as_array().map(Vec::len), Some(0), "{err}");
     let fields: [(&str, &[&str]); 5] = [
         ("ar", &["shape", "dtype", "ours_tokens_per_s", "transformers_tokens_per_s", "bound_tokens_per_s"]),
-        ("step_cost", &["shape", "mode", "masks", "ratio"]),
+        ("step_cost", &["shape", "form", "mode", "masks", "ratio"]),
         ("train", &["shape", "ours_tokens_per_s", "reference_tokens_per_s", "peak_bytes", "estimate_bytes"]),
         ("demo", &["masks", "tokens_per_forward", "speedup", "identical"]),
         ("parity", &["family", "dtype", "max_abs_diff", "greedy_identical", "ok"]),
@@ -39,6 +39,10 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     let parity = report["parity"].as_array().map_or(0, |p| p.iter().filter(|r| r["ok"] == true).count());
     assert_eq!(parity, 12, "{}", report["parity"]);
     assert!(report["demo"].as_array().is_some_and(|d| d.iter().all(|r| r["identical"] == true)));
+    // Both forms of the adapter's term are measured.
+    for form in ["low-rank", "merged"] {
+        assert!(report["step_cost"].as_array().is_some_and(|c| c.iter().any(|r| r["form"] == form)), "no {form}");
+    }
     let md = std::fs::read_to_string(out.path().join("gpu-cpu.md"))?;
     assert!(md.contains("### AR decoding") && md.contains("### Training"), "{md}");
     Ok(())

@@ -1,29 +1,51 @@
-//! Where the time of one speculative step goes, against one AR step (default: the demo).
+//! Where the time of one speculative step goes, against one AR step (default: the demo),
+//! for each form of the adapter's term. The parts are timed in turns, round after round,
+//! and the median of each counts (the machine is shared and noisy).
 //! `cargo run --release -p mtp-core --example step_profile [MASKS] [MODEL_DIR ADAPTER]`
 use std::time::Instant;
 
 use mtp_core::decode::speculative::{StepLayout, StepPlan};
-use mtp_core::decode::{DraftOptions, Drafter, Layout};
-use mtp_core::model::AttnMask;
+use mtp_core::decode::{DraftOptions, Drafter, Layout, LoraForm};
+use mtp_core::model::{AttnMask, KvCache, Llama};
 use mtp_core::mtp::MtpAdapter;
 use mtp_core::{LoadOptions, LoadedModel, ModelSource};
 use tch::{Kind, Tensor};
 
-/// The fastest of 7 rounds (the machine is shared and noisy): microseconds per call.
-fn time(label: &str, reps: usize, mut f: impl FnMut()) -> f64 {
-    for _ in 0..10 {
-        f();
+/// Named parts, each timed once per round; medians in microseconds.
+struct Rounds<'a> {
+    parts: Vec<(String, Box<dyn FnMut() + 'a>)>,
+}
+
+impl<'a> Rounds<'a> {
+    fn add(&mut self, label: &str, f: impl FnMut() + 'a) {
+        self.parts.push((label.to_owned(), Box::new(f)));
     }
-    let mut best = f64::INFINITY;
-    for _ in 0..7 {
-        let t = Instant::now();
-        for _ in 0..reps / 7 {
-            f();
+
+    fn run(mut self, rounds: usize, calls: usize) -> Vec<(String, f64)> {
+        for (_, f) in &mut self.parts {
+            for _ in 0..3 {
+                f();
+            }
         }
-        best = best.min(t.elapsed().as_secs_f64() * 1e6 / (reps / 7) as f64);
+        let mut times = vec![Vec::with_capacity(rounds); self.parts.len()];
+        for _ in 0..rounds {
+            for (i, (_, f)) in self.parts.iter_mut().enumerate() {
+                let t = Instant::now();
+                for _ in 0..calls {
+                    f();
+                }
+                times[i].push(t.elapsed().as_secs_f64() * 1e6 / calls as f64);
+            }
+        }
+        self.parts
+            .into_iter()
+            .zip(times)
+            .map(|((label, _), mut t)| {
+                t.sort_by(f64::total_cmp);
+                (label, t[t.len() / 2])
+            })
+            .collect()
     }
-    println!("{label:<40} {best:>9.1} us");
-    best
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,97 +56,102 @@ fn main() -> anyhow::Result<()> {
     let loaded = LoadedModel::load(&source, &LoadOptions::default(), &mut ())?;
     let model = &loaded.model;
     let adapter = MtpAdapter::load(&adapter_path, model)?;
-    let drafter = Drafter::new(model, &adapter, DraftOptions::default())?;
+    let drafter = |lora| Drafter::new(model, &adapter, DraftOptions { lora, ..DraftOptions::default() });
+    let (low_rank, merged) = (drafter(LoraForm::LowRank)?, drafter(LoraForm::Merged)?);
+    let auto = LoraForm::Auto.resolve(model, adapter.config.gated);
     let _g = tch::no_grad_guard();
-    let past = 100i64;
-    let mut cache = model.new_cache(400);
-    let prompt = Tensor::arange(past, (Kind::Int64, tch::Device::Cpu)).unsqueeze(0);
-    let _ = model.forward(&prompt, Some(&mut cache));
-    let reps = 300;
-    let tok = Tensor::from_slice(&[5i64]).unsqueeze(0);
-    let ar_step = |cache: &mut mtp_core::model::KvCache| {
-        let positions = Tensor::from_slice(&[past]);
-        let h = model.forward_embeds(&model.embed(&tok), &positions, AttnMask::Causal, None, Some(cache));
-        let _ = model.logits(&h).argmax(-1, false).int64_value(&[0]);
-        cache.truncate(past as usize);
+    let past = 100usize;
+    let prompt = Tensor::arange(past as i64, (Kind::Int64, tch::Device::Cpu)).unsqueeze(0);
+    let new_cache = || -> KvCache {
+        let mut cache = model.new_cache(400);
+        let _ = model.forward(&prompt, Some(&mut cache));
+        cache
     };
-    let ar = time("AR step (forward + head + argmax)", reps, || ar_step(&mut cache));
-    let pos1 = Tensor::from_slice(&[past]);
-    time("AR forward only, causal", reps, || {
-        let _ = model.forward_embeds(&model.embed(&tok), &pos1, AttnMask::Causal, None, Some(&mut cache));
-        cache.truncate(past as usize);
-    });
-    time("AR forward + logits", reps, || {
-        let h = model.forward_embeds(&model.embed(&tok), &pos1, AttnMask::Causal, None, Some(&mut cache));
-        let _ = model.logits(&h);
-        cache.truncate(past as usize);
-    });
-    time("AR forward + logits + argmax", reps, || {
-        let h = model.forward_embeds(&model.embed(&tok), &pos1, AttnMask::Causal, None, Some(&mut cache));
-        let _ = model.logits(&h).argmax(-1, false);
-        cache.truncate(past as usize);
-    });
-    time("AR forward (fresh positions)", reps, || {
-        let _ = model.forward_embeds(
-            &model.embed(&tok),
-            &Tensor::from_slice(&[past]),
-            AttnMask::Causal,
-            None,
-            Some(&mut cache),
-        );
-        cache.truncate(past as usize);
-    });
-    let zero_mask = Tensor::zeros([1, past + 1], (Kind::Float, tch::Device::Cpu));
-    time("AR forward only, additive mask", reps, || {
-        let _ = model.forward_embeds(&model.embed(&tok), &pos1, AttnMask::Custom(&zero_mask), None, Some(&mut cache));
-        cache.truncate(past as usize);
-    });
-    let h1 = model.forward_embeds(&model.embed(&tok), &pos1, AttnMask::Causal, None, None);
-    time("LM head + argmax + read", reps, || {
-        let _ = model.logits(&h1).argmax(-1, false).int64_value(&[0]);
-    });
-    let plan = StepPlan::new(model, &drafter, StepLayout::new(Layout::Quadratic, masks, masks));
+    let plan = |d: &Drafter| StepPlan::new(model, d, StepLayout::new(Layout::Quadratic, masks, masks));
+    let (plan_lr, plan_mg) = (plan(&low_rank)?, plan(&merged)?);
     let n = masks as i64 + 1;
     let inputs = Tensor::full([n], 5, (Kind::Int64, tch::Device::Cpu));
-    let x = || Tensor::cat(&[model.embed(&inputs.unsqueeze(0)), plan.mask_inputs.shallow_clone()], 1);
-    let mask = || plan.own_mask.constant_pad_nd([past, 0]);
-    let pos = || &plan.offsets + past;
-    let run = |gated: bool, cache: &mut mtp_core::model::KvCache| {
-        let g = drafter.gate_from(n);
-        let h = model.forward_embeds(&x(), &pos(), AttnMask::Custom(&mask()), gated.then_some(&g), Some(cache));
-        cache.truncate(past as usize);
+    let tok = Tensor::from_slice(&[5i64]).unsqueeze(0);
+
+    let mut caches: Vec<KvCache> = (0..6).map(|_| new_cache()).collect();
+    let mut it = caches.iter_mut();
+    let mut next = || it.next().ok_or_else(|| anyhow::anyhow!("caches"));
+    let (c1, c2, c3, c4, c5, c6) = (next()?, next()?, next()?, next()?, next()?, next()?);
+    let ar = |model: &Llama, cache: &mut KvCache| {
+        let h = model.forward_embeds(
+            &model.embed(&tok),
+            &Tensor::from_slice(&[past as i64]),
+            AttnMask::Causal,
+            None,
+            Some(cache),
+        );
+        let _ = model.logits(&h).argmax(-1, false).int64_value(&[0]);
+        cache.truncate(past);
+    };
+    let step = |d: &Drafter, plan: &StepPlan, cache: &mut KvCache, adapter: bool| {
+        let gated = d.step_gate(plan);
+        let base = mtp_core::model::Gated { delta: &NoDelta, gate: mtp_core::model::Gate::All };
+        let h = plan.forward(model, if adapter { &gated } else { &base }, &inputs, past, Some(cache));
+        cache.truncate(past);
         h
     };
-    let fwd_base = time("quadratic forward, no adapter", reps, || {
-        let _ = run(false, &mut cache);
-    });
-    let fwd = time("quadratic forward, adapter", reps, || {
-        let _ = run(true, &mut cache);
-    });
-    let h = run(true, &mut cache).squeeze_dim(0);
-    let head = time("verify (head + argmax + accept)", reps, || {
-        let pred = model.logits(&h.narrow(0, 0, n)).argmax(-1, false);
-        let (a, _next) = mtp_mtp_verify(&inputs.narrow(0, 1, n - 1), &pred);
-        let _ = h.index_select(0, &plan.block_rows.index_select(0, &a).view([-1]));
-    });
+    let h = step(&low_rank, &plan_lr, c1, true);
     let z = h.narrow(0, n, masks as i64);
     let prev = Tensor::from_slice(&[5i64]);
-    let draft = time("draft chain", reps, || {
-        let _ = drafter.greedy(model, &z, &prev, None);
+    let block_rows = plan_lr.block_rows.shallow_clone();
+
+    let mut r = Rounds { parts: Vec::new() };
+    r.add("AR step (forward + head + argmax)", || ar(model, c1));
+    r.add("step forward, no adapter (one sequence)", || {
+        let _ = step(&low_rank, &plan_lr, c2, false);
     });
-    let ar2 = time("AR step again", reps, || ar_step(&mut cache));
-    let ar = ar.min(ar2);
+    r.add("step forward, low-rank adapter", || {
+        let _ = step(&low_rank, &plan_lr, c3, true);
+    });
+    r.add("step forward, merged (two halves)", || {
+        let _ = step(&merged, &plan_mg, c4, true);
+    });
+    r.add("verify (head + argmax + accept)", || {
+        let pred = model.logits(&h.narrow(0, 0, n)).argmax(-1, false);
+        let (a, _next) = mtp_core::decode::verify::verify_greedy_on_device(&inputs.narrow(0, 1, n - 1), &pred);
+        let _ = h.index_select(0, &block_rows.index_select(0, &a).view([-1]));
+    });
+    r.add("draft chain", || {
+        let _ = low_rank.greedy(model, &z, &prev, None);
+    });
+    r.add("AR step again", || ar(model, c5));
+    let _ = c6;
+    let results = r.run(15, 20);
+    for (label, us) in &results {
+        println!("{label:<45} {us:>10.1} us");
+    }
+    let get = |i: usize| results[i].1;
+    let ar_us = (get(0) + get(6)) / 2.0;
+    let rest = get(4) + get(5);
     println!(
-        "ratio: forward {:.2} (no adapter {:.2}), + verify {:.2}, + draft {:.2} => {:.2}",
-        fwd / ar,
-        fwd_base / ar,
-        head / ar,
-        draft / ar,
-        (fwd + head + draft) / ar
+        "{} masks, {} rows; step / AR step: low-rank {:.2}, merged {:.2} (no adapter {:.2}; verify + draft {:.2}); auto = {auto}",
+        masks,
+        plan_lr.rows(),
+        (get(2) + rest) / ar_us,
+        (get(3) + rest) / ar_us,
+        (get(1) + rest) / ar_us,
+        rest / ar_us,
     );
     Ok(())
 }
 
-fn mtp_mtp_verify(drafts: &Tensor, pred: &Tensor) -> (Tensor, Tensor) {
-    mtp_core::decode::verify::verify_greedy_on_device(drafts, pred)
+/// No term at all: the base model on the same rows.
+struct NoDelta;
+
+impl mtp_core::model::ProjDelta for NoDelta {
+    fn add_to(
+        &self,
+        _: usize,
+        _: mtp_core::model::ProjGroup,
+        _: &Tensor,
+        y: Tensor,
+        _: &mtp_core::model::Gate,
+    ) -> Tensor {
+        y
+    }
 }

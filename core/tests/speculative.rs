@@ -6,7 +6,8 @@
 use std::sync::OnceLock;
 
 use mtp_core::decode::{
-    Decoding, DraftOptions, Drafter, GenerateRequest, MaskCount, Mode, SamplingParams, StopReason, Strategy, generate,
+    Decoding, DraftOptions, Drafter, GenerateRequest, LoraForm, MaskCount, Mode, SamplingParams, StopReason, Strategy,
+    generate,
 };
 use mtp_core::mtp::{LoraConfig, MtpAdapter, MtpConfig};
 use mtp_core::train::pretrain::{ArchConfig, PretrainConfig, TokenizerPlan, pretrain};
@@ -15,13 +16,15 @@ use mtp_core::{DeviceSpec, LoadOptions, LoadedModel, ModelSource};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tch::{Kind, Tensor};
 
-/// A pretrained tiny model and an adapter with k = 8, prepared for decoding twice: with
-/// the whole vocabulary, and with a draft vocabulary of the 64 tokens the model writes
-/// most often.
+/// A pretrained tiny model and an adapter with k = 8, prepared for decoding three times:
+/// with the whole vocabulary (the default form, which for this small model is merged
+/// weights), the same with the low-rank form, and with a draft vocabulary of the 64 tokens
+/// the model writes most often.
 struct Trained {
     loaded: LoadedModel,
     adapter: MtpAdapter,
     drafter: Drafter,
+    low_rank: Drafter,
     small_vocab: Drafter,
 }
 
@@ -43,10 +46,13 @@ fn trained() -> Trained {
     let loaded = LoadedModel::from_folder(model_dir, &LoadOptions::default()).expect("load the test model");
     let mut adapter = MtpAdapter::load(adapter, &loaded.model).expect("load the test adapter");
     let drafter = Drafter::new(&loaded.model, &adapter, DraftOptions::default()).expect("drafter");
+    let low_rank =
+        Drafter::new(&loaded.model, &adapter, DraftOptions { lora: LoraForm::LowRank, ..DraftOptions::default() })
+            .expect("drafter");
     adapter.draft_vocab = Some(frequent_tokens(&loaded, 64));
     let small_vocab = Drafter::new(&loaded.model, &adapter, DraftOptions::default()).expect("drafter");
     adapter.draft_vocab = None;
-    Trained { loaded, adapter, drafter, small_vocab }
+    Trained { loaded, adapter, drafter, low_rank, small_vocab }
 }
 
 /// The `n` tokens the model emits most often after a few code prompts.
@@ -138,12 +144,15 @@ fn greedy_speculative_equals_greedy_ar() -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     let mut per_mode_tpf = Vec::new();
     let fixed = [1, 2, 4, 8].map(MaskCount::Fixed);
+    assert_eq!((t.drafter.form(), t.low_rank.form()), (LoraForm::Merged, LoraForm::LowRank));
+    // (mode, masks, drafter: 0 default (merged), 1 low-rank, 2 draft vocabulary)
     let settings = [Mode::Linear, Mode::Quadratic]
         .into_iter()
-        .flat_map(|mode| fixed.iter().chain([&MaskCount::Auto]).map(move |&m| (mode, m, false)))
-        .chain([(Mode::Quadratic, MaskCount::Fixed(4), true), (Mode::Linear, MaskCount::Auto, true)]);
-    for (mode, masks, small_vocab) in settings {
-        let drafter = if small_vocab { &t.small_vocab } else { &t.drafter };
+        .flat_map(|mode| fixed.iter().chain([&MaskCount::Auto]).flat_map(move |&m| [(mode, m, 0), (mode, m, 1)]))
+        .chain([(Mode::Quadratic, MaskCount::Fixed(4), 2), (Mode::Linear, MaskCount::Auto, 2)]);
+    for (mode, masks, which) in settings {
+        let drafter = [&t.drafter, &t.low_rank, &t.small_vocab][which];
+        let small_vocab = which == 2;
         let strategy = Strategy::new(mode, Some(drafter), masks)?;
         let max = masks.max(8);
         {
@@ -151,7 +160,10 @@ fn greedy_speculative_equals_greedy_ar() -> anyhow::Result<()> {
             for (i, (prompt, ar)) in prompts.iter().zip(&ar_outputs).enumerate() {
                 let req = request(prompt.clone(), 24 + i % 7, Decoding::Greedy, vec![]);
                 let spec = generate(model, strategy, &req, &mut ())?;
-                let what = format!("{mode} with {masks} masks (draft vocabulary: {small_vocab}), prompt {prompt:?}");
+                let what = format!(
+                    "{mode} with {masks} masks ({}, draft vocabulary: {small_vocab}), prompt {prompt:?}",
+                    drafter.form()
+                );
                 assert_eq!(spec.token_ids, ar.token_ids, "{what}");
                 assert_eq!(spec.stop, StopReason::MaxTokens);
                 for s in &spec.steps {
@@ -164,13 +176,15 @@ fn greedy_speculative_equals_greedy_ar() -> anyhow::Result<()> {
                 tokens += spec.token_ids.len();
                 forwards += spec.forwards;
             }
-            per_mode_tpf.push((mode, masks, small_vocab, tokens as f64 / forwards as f64));
+            per_mode_tpf.push((mode, masks, which, tokens as f64 / forwards as f64));
         }
     }
     println!("tokens per forward: {per_mode_tpf:?}");
     // Trained on structured code, drafts are accepted well above chance.
-    let quad4 =
-        per_mode_tpf.iter().find(|x| x.0 == Mode::Quadratic && x.1 == MaskCount::Fixed(4) && !x.2).map_or(0.0, |x| x.3);
+    let quad4 = per_mode_tpf
+        .iter()
+        .find(|x| x.0 == Mode::Quadratic && x.1 == MaskCount::Fixed(4) && x.2 == 0)
+        .map_or(0.0, |x| x.3);
     assert!(quad4 > 1.2, "quadratic, 4 masks: {quad4} tokens per forward");
     Ok(())
 }
@@ -380,29 +394,69 @@ fn two_hundred_steps_raise_every_slot() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A step's rows through the prepared adapter (LoRA on the mask rows only, added in place):
-/// the regular rows equal the base model's bit for bit, and the mask rows equal the
-/// training path's (the adapter's own factors, gated per row) up to rounding.
+/// A step's rows through the prepared adapter, in both forms (low-rank: the term added on
+/// the mask rows; merged: two halves through stacked weights, padding included): the
+/// regular rows are the same whatever the adapter (bit for bit: the base model's for the
+/// low-rank form, and the same as with an all-zero adapter in the merged form), and every
+/// row equals the training path's (the adapter's own factors, gated per row) up to
+/// rounding.
 #[test]
 fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
     use mtp_core::decode::Layout;
     use mtp_core::decode::speculative::{StepLayout, StepPlan};
-    use mtp_core::model::AttnMask;
+    use mtp_core::model::{AttnMask, Gate, Gated};
     let t = trained();
     let model = &t.loaded.model;
-    let plan = StepPlan::new(model, &t.drafter, StepLayout::new(Layout::Quadratic, 2, 3));
-    let tokens = Tensor::from_slice(&t.loaded.tokenizer.encode("def add")?[..1].repeat(3)).unsqueeze(0);
-    let x = Tensor::cat(&[model.embed(&tokens), plan.mask_inputs.shallow_clone()], 1);
-    let run = |gated: Option<&mtp_core::model::Gated>| {
-        tch::no_grad(|| model.forward_embeds(&x, &plan.offsets, AttnMask::Custom(&plan.own_mask), gated, None))
-    };
-    let base = run(None);
-    let prepared = run(Some(&t.drafter.gate_from(3)));
-    let slot = Tensor::from_slice(&plan.layout.slot).unsqueeze(0);
-    let training = run(Some(&t.adapter.gated(&slot, model.dtype().kind())));
-    assert!(prepared.narrow(1, 0, 3).equal(&base.narrow(1, 0, 3)), "regular rows changed");
+    let fresh = MtpAdapter::new(model, t.adapter.config.clone(), "fresh")?;
     let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
-    assert!(diff(&prepared.narrow(1, 3, 9), &base.narrow(1, 3, 9)) > 1e-3, "the adapter did nothing");
-    assert!(diff(&prepared, &training) < 1e-5, "prepared and training adapters differ: {}", diff(&prepared, &training));
+    // Quadratic with 2 drafts and 3 masks (3 regular rows, 9 mask rows: the merged form
+    // pads the first half), linear with 2 drafts and 2 masks (pads the second).
+    for (layout, drafts, masks) in [(Layout::Quadratic, 2, 3), (Layout::Linear, 2, 2)] {
+        let regular = drafts + 1;
+        let inputs = Tensor::from_slice(&t.loaded.tokenizer.encode("def add")?[..1].repeat(regular));
+        // The training path, on the rows in the layout's order (one sequence).
+        let step = StepLayout::new(layout, drafts, masks);
+        let rows = step.len() as i64;
+        let slot = Tensor::from_slice(&step.slot).unsqueeze(0);
+        let ids = Tensor::cat(
+            &[inputs.shallow_clone(), Tensor::zeros([rows - regular as i64], (Kind::Int64, tch::Device::Cpu))],
+            0,
+        );
+        let slots = Tensor::from_slice(&step.slot);
+        let x = t.adapter.embed(model, &ids.unsqueeze(0), &slots.unsqueeze(0));
+        let allowed = mtp_core::mtp::masks::attention_mask(&Tensor::from_slice(&step.block), &slots);
+        let offsets = Tensor::from_slice(&step.offsets());
+        let run = |gated: Option<&Gated>| {
+            tch::no_grad(|| model.forward_embeds(&x, &offsets, AttnMask::Custom(&allowed), gated, None)).squeeze_dim(0)
+        };
+        let base = run(None);
+        let training = run(Some(&t.adapter.gated(&slot, model.dtype().kind())));
+        for form in [LoraForm::LowRank, LoraForm::Merged] {
+            let options = DraftOptions { lora: form, ..DraftOptions::default() };
+            let (trained, zero) = (Drafter::new(model, &t.adapter, options)?, Drafter::new(model, &fresh, options)?);
+            let plan = StepPlan::new(model, &trained, StepLayout::new(layout, drafts, masks))?;
+            assert_eq!(plan.halves(), form == LoraForm::Merged);
+            let forward = |d: &Drafter| tch::no_grad(|| plan.forward(model, &d.step_gate(&plan), &inputs, 0, None));
+            let (h, h_zero) = (forward(&trained), forward(&zero));
+            let what = format!("{layout:?}, {drafts} drafts, {masks} masks, {form}");
+            let reg = regular as i64;
+            assert!(h.narrow(0, 0, reg).equal(&h_zero.narrow(0, 0, reg)), "{what}: regular rows changed");
+            if form == LoraForm::LowRank {
+                assert!(h.narrow(0, 0, reg).equal(&base.narrow(0, 0, reg)), "{what}: not the base model's rows");
+            }
+            // Packed rows back in the layout's order.
+            let order: Vec<i64> = (0..rows as usize).map(|u| plan.row(u) as i64).collect();
+            let logical = h.index_select(0, &Tensor::from_slice(&order));
+            let masks_part = |x: &Tensor| x.narrow(0, reg, rows - reg);
+            assert!(diff(&masks_part(&logical), &masks_part(&base)) > 1e-3, "{what}: the adapter did nothing");
+            assert!(diff(&logical, &training) < 1e-5, "{what}: differs from training: {}", diff(&logical, &training));
+            if form == LoraForm::Merged {
+                // The training adapter's own term on the second half gives the same rows.
+                let halves = Gated { delta: &t.adapter, gate: Gate::Halves };
+                let own = tch::no_grad(|| plan.forward(model, &halves, &inputs, 0, None));
+                assert!(diff(&own, &h) < 1e-5, "{what}: merged weights vs the adapter's factors: {}", diff(&own, &h));
+            }
+        }
+    }
     Ok(())
 }

@@ -83,7 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         super::print_json(&report)?;
     } else {
         println!(
-            "{} prompts from {}, {} new tokens each, {} on {}; drafts from {}",
+            "{} prompts from {}, {} new tokens each, {} on {}; drafts from {}; adapter form {}",
             prompts.len(),
             prompts_path.display(),
             args.max_new_tokens,
@@ -91,7 +91,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.model.device,
             drafter
                 .draft_vocab_size()
-                .map_or("the whole vocabulary".into(), |n| format!("a draft vocabulary of {n} tokens"))
+                .map_or("the whole vocabulary".into(), |n| format!("a draft vocabulary of {n} tokens")),
+            drafter.form(),
         );
         print!("{}", report.to_markdown());
         println!(

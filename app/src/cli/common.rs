@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use mtp_core::decode::{DraftOptions, Drafter};
+use mtp_core::decode::{DraftOptions, Drafter, LoraForm};
 use mtp_core::mtp::MtpAdapter;
 use mtp_core::{DType, DeviceSpec, Llama, LoadOptions, LoadedModel, ModelSource};
 
@@ -57,6 +57,11 @@ pub struct AdapterArg {
     /// Draft from the whole vocabulary even when the adapter has a draft vocabulary.
     #[arg(long)]
     pub full_vocab_drafts: bool,
+    /// How a step applies the adapter to its mask rows: low-rank (two small products per
+    /// projection group), merged (base and adapted weights in one batched product; the
+    /// layer weights held twice more), or auto (merged for small layers).
+    #[arg(long, default_value = "auto")]
+    pub lora_form: LoraForm,
 }
 
 impl AdapterArg {
@@ -69,6 +74,7 @@ impl AdapterArg {
     /// Load the adapter and prepare it for decoding.
     pub fn drafter(&self, source: &ModelSource, model: &Llama) -> anyhow::Result<Drafter> {
         let adapter = self.load(source, model)?;
-        Ok(Drafter::new(model, &adapter, DraftOptions { draft_vocab: !self.full_vocab_drafts })?)
+        let options = DraftOptions { draft_vocab: !self.full_vocab_drafts, lora: self.lora_form };
+        Ok(Drafter::new(model, &adapter, options)?)
     }
 }

@@ -5,7 +5,8 @@ use std::ops::ControlFlow;
 
 use anyhow::Context;
 use mtp_core::decode::{
-    Decoding, GenerateRequest, MaskCount, Mode, SamplingParams, StepStats, Strategy, TokenEvent, TokenOrigin, generate,
+    Decoding, GenerateRequest, LoraForm, MaskCount, Mode, SamplingParams, StepStats, Strategy, TokenEvent, TokenOrigin,
+    generate,
 };
 use mtp_core::tokenizer::ChatMessage;
 use serde::Serialize;
@@ -81,6 +82,8 @@ struct Report<'a> {
     model: String,
     mode: Mode,
     masks: MaskCount,
+    /// How the steps applied the adapter (speculative modes).
+    lora_form: Option<LoraForm>,
     device: String,
     dtype: String,
     prompt_ids: &'a [i64],
@@ -188,6 +191,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             model: source.to_string(),
             mode: args.mode,
             masks,
+            lora_form: drafter.as_ref().map(|d| d.form()),
             device: args.model.device.to_string(),
             dtype: args.model.dtype().to_string(),
             prompt_ids: &req.prompt_ids,

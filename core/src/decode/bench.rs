@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::generate;
-use super::speculative::Drafter;
+use super::speculative::{Drafter, LoraForm};
 use super::strategy::{MaskCount, Mode, Strategy};
 use super::{Decoding, GenerateOutput, GenerateRequest};
 use crate::error::{Error, Result};
@@ -133,6 +133,9 @@ pub struct BenchReport {
     pub divergences: Vec<Divergence>,
     /// New tokens per prompt.
     pub max_new_tokens: usize,
+    /// How the steps applied the adapter (absent in reports written before it was chosen).
+    #[serde(default)]
+    pub lora_form: Option<LoraForm>,
 }
 
 /// Receives benchmark progress; `Break` cancels.
@@ -316,7 +319,7 @@ pub fn run_bench(
             });
         }
     }
-    Ok(BenchReport { rows, divergences, max_new_tokens: config.max_new_tokens })
+    Ok(BenchReport { rows, divergences, max_new_tokens: config.max_new_tokens, lora_form: Some(drafter.form()) })
 }
 
 impl BenchReport {
@@ -418,11 +421,17 @@ mod tests {
             .iter()
             .flat_map(|d| [row(d, Mode::Ar, 0), row(d, Mode::Linear, 1), row(d, Mode::Quadratic, 1)])
             .collect();
-        let md = BenchReport { rows, divergences: vec![], max_new_tokens: 8 }.to_markdown();
+        let md = BenchReport { rows, divergences: vec![], max_new_tokens: 8, lora_form: None }.to_markdown();
         assert_eq!(md.matches("quadratic: tokens per forward").count(), 1);
         assert_eq!(md.matches("linear: tokens per forward").count(), 1);
         assert_eq!(md.matches("| math |").count(), 2);
-        let csv = BenchReport { rows: vec![row("code", Mode::Ar, 0)], divergences: vec![], max_new_tokens: 8 }.to_csv();
+        let csv = BenchReport {
+            rows: vec![row("code", Mode::Ar, 0)],
+            divergences: vec![],
+            max_new_tokens: 8,
+            lora_form: None,
+        }
+        .to_csv();
         assert_eq!(csv.lines().count(), 2);
     }
 }

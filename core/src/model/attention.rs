@@ -33,6 +33,13 @@ pub struct Pass<'a> {
     pub adapter: Option<&'a Gated<'a>>,
 }
 
+impl Pass<'_> {
+    /// True when the activations are two halves of one sequence ([`super::linear::Gate::Halves`]).
+    pub fn joins_halves(&self) -> bool {
+        self.adapter.is_some_and(|a| a.gate.joins_halves())
+    }
+}
+
 /// `self_attn` of one decoder layer.
 #[derive(Debug)]
 pub struct Attention {
@@ -74,6 +81,11 @@ impl Attention {
         })
     }
 
+    /// The stacked q/k/v projections ([`ProjGroup::Qkv`]) or `o_proj` (any other group).
+    pub fn group(&self, group: ProjGroup) -> &StackedLinear {
+        if group == ProjGroup::Qkv { &self.qkv_proj } else { &self.o_proj }
+    }
+
     /// # Shapes
     /// `x`: `[b, t, d]` -> `[b, t, d]`.
     pub fn forward(&self, x: &Tensor, pass: &Pass, cache: Option<&mut KvCache>) -> Tensor {
@@ -94,6 +106,14 @@ impl Attention {
             }
         };
         let v = qkv.narrow(2, h + kv, kv);
+        // Two halves of one sequence (`Gate::Halves`) attend as one sequence of 2t rows.
+        let (q, k, v) = if pass.joins_halves() {
+            let join = |x: &Tensor, heads: i64| x.reshape([1, b * t, heads, hd]);
+            (join(&q, h), join(&k, kv), join(&v, kv))
+        } else {
+            (q, k, v)
+        };
+        let t_seq = q.size()[1];
         let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)); // [b, heads, t, hd]
 
         let past = cache.as_ref().map_or(0, |c| c.len() as i64);
@@ -103,10 +123,10 @@ impl Attention {
         };
         let y = match pass.mask {
             // One query attends to everything before it: no mask at all.
-            AttnMask::Causal if t == 1 => attend(&q, &k, &v, None, false, self.scale),
+            AttnMask::Causal if t_seq == 1 => attend(&q, &k, &v, None, false, self.scale),
             AttnMask::Causal if past == 0 => attend(&q, &k, &v, None, true, self.scale),
             AttnMask::Causal => {
-                attend(&q, &k, &v, Some(&super::kv_cache::causal_mask(past, t, x.device())), false, self.scale)
+                attend(&q, &k, &v, Some(&super::kv_cache::causal_mask(past, t_seq, x.device())), false, self.scale)
             }
             AttnMask::Custom(mask) => attend(&q, &k, &v, Some(mask), false, self.scale),
         };

@@ -5,6 +5,7 @@ use tch::Tensor;
 use super::attention::{Attention, Pass};
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
+use super::linear::{ProjGroup, StackedLinear};
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::weights::Weights;
@@ -36,5 +37,13 @@ impl DecoderLayer {
         let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), pass, cache);
         let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h), pass.adapter);
         h + m
+    }
+
+    /// The stacked projections of `group`.
+    pub fn group(&self, group: ProjGroup) -> &StackedLinear {
+        match group {
+            ProjGroup::Qkv | ProjGroup::O => self.self_attn.group(group),
+            ProjGroup::GateUp | ProjGroup::Down => self.mlp.group(group),
+        }
     }
 }

@@ -167,15 +167,29 @@ impl StackedLinear {
         }
     }
 
-    /// The output of the group with the adapter's term added on the rows its gate selects.
+    /// The output of the group with the adapter's term added on the rows its gate selects
+    /// (or the adapter's own product of the whole group, when it computes one).
     ///
     /// # Shapes
     /// `x`: `[b, t, in]` -> `[b, t, sum(out)]`.
     pub fn project(&self, x: &Tensor, adapter: Option<&Gated>, layer: usize, group: ProjGroup) -> Tensor {
-        let y = self.forward(x);
-        match adapter {
-            Some(a) => a.delta.add_to(layer, group, x, y, &a.gate),
-            None => y,
+        let Some(a) = adapter else { return self.forward(x) };
+        if let Some(y) = a.delta.product(layer, group, x, &a.gate) {
+            return y;
+        }
+        a.delta.add_to(layer, group, x, self.forward(x), &a.gate)
+    }
+
+    /// The stacked weight (`[sum(out), in]`) and bias of the group, as one product uses
+    /// them (copies when the parts are separate trainable tensors).
+    pub fn weight_and_bias(&self) -> (Tensor, Option<Tensor>) {
+        match &self.weights {
+            Stacking::Stacked(l) => (l.weight.shallow_clone(), l.bias.as_ref().map(Tensor::shallow_clone)),
+            Stacking::Separate(parts) => tch::no_grad(|| {
+                let weight = Tensor::cat(&parts.iter().map(|l| l.weight.detach()).collect::<Vec<_>>(), 0);
+                let biases: Vec<Tensor> = parts.iter().filter_map(|l| l.bias.as_ref().map(Tensor::detach)).collect();
+                (weight, (!biases.is_empty()).then(|| Tensor::cat(&biases, 0)))
+            }),
         }
     }
 }
@@ -235,6 +249,20 @@ pub enum Gate {
     /// before `start` are not touched at all, so they cost nothing extra and equal the
     /// base output bit for bit.
     Tail(i64),
+    /// Activations packed as two halves, `[2, r, ·]`: entry 0 holds next-token rows, entry
+    /// 1 mask rows, and attention joins them into one sequence of `2r` rows (entry 0
+    /// first). The term applies to entry 1. An adapter with merged weights runs each
+    /// group as one batched product, base weights on entry 0 and base + delta on entry 1:
+    /// no extra operation per projection (decoding steps of small models, whose time is
+    /// the number of operations).
+    Halves,
+}
+
+impl Gate {
+    /// True for [`Gate::Halves`]: the batch dimension holds two halves of one sequence.
+    pub fn joins_halves(&self) -> bool {
+        matches!(self, Gate::Halves)
+    }
 }
 
 /// Something that adds a term to projections' outputs: a (gated) LoRA adapter.
@@ -244,6 +272,13 @@ pub trait ProjDelta {
     /// place (outside autograd) and return `y` itself; returns `y` unchanged when the
     /// group is not adapted.
     fn add_to(&self, layer: usize, group: ProjGroup, x: &Tensor, y: Tensor, gate: &Gate) -> Tensor;
+
+    /// The whole output of `group` (base and term) for input `x`, when the adapter
+    /// computes it in one product of its own (merged weights for [`Gate::Halves`]); `None`
+    /// to let the base product run and [`ProjDelta::add_to`] add the term.
+    fn product(&self, _layer: usize, _group: ProjGroup, _x: &Tensor, _gate: &Gate) -> Option<Tensor> {
+        None
+    }
 }
 
 /// An adapter and the rows its term applies to.

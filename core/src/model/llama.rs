@@ -8,7 +8,7 @@ use super::attention::{AttnMask, Pass};
 use super::block::DecoderLayer;
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
-use super::linear::Gated;
+use super::linear::{Gated, ProjGroup};
 use super::norm::RmsNorm;
 use super::rope::{Rope, RopeTables};
 use super::weights::{CheckpointSource, SpecSource, TensorSpec, WeightSource, Weights};
@@ -113,7 +113,9 @@ impl Llama {
 
     /// Run the decoder on embeddings `x` and return the final hidden states (after the
     /// final norm: the LM head's input). With a cache, the new rows' keys and values are
-    /// appended and committed.
+    /// appended and committed. With an adapter gated by [`super::linear::Gate::Halves`],
+    /// `x` is `[2, t, d]`: two halves of one sequence of `2t` rows (the cache grows by
+    /// `2t`, entry 0's rows first).
     ///
     /// # Shapes
     /// `x`: `[b, t, d]`; `positions`: `[t]` or `[b, t]` int64 -> `[b, t, d]`.
@@ -132,7 +134,8 @@ impl Llama {
             h = layer.forward(&h, &pass, cache.as_deref_mut());
         }
         if let Some(cache) = cache {
-            cache.commit(x.size()[1] as usize);
+            let (b, t) = (x.size()[0], x.size()[1]);
+            cache.commit(if pass.joins_halves() { b * t } else { t } as usize);
         }
         self.final_norm(&h)
     }
@@ -141,6 +144,12 @@ impl Llama {
     /// checkpointing); [`Llama::forward_embeds`] is the same loop.
     pub fn layers(&self) -> &[DecoderLayer] {
         &self.layers
+    }
+
+    /// The weight (`[out, in]`, the group's projections stacked) and bias of projection
+    /// group `group` in layer `layer`, as the forward pass multiplies by them.
+    pub fn group_weight(&self, layer: usize, group: ProjGroup) -> Option<(Tensor, Option<Tensor>)> {
+        self.layers.get(layer).map(|l| l.group(group).weight_and_bias())
     }
 
     /// cos/sin of `positions` (`[t]` or `[b, t]`) in `kind`, as a forward pass uses them.

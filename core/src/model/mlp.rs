@@ -29,6 +29,12 @@ impl Mlp {
         })
     }
 
+    /// The stacked gate/up projections ([`ProjGroup::GateUp`]) or `down_proj` (any other
+    /// group).
+    pub fn group(&self, group: ProjGroup) -> &StackedLinear {
+        if group == ProjGroup::GateUp { &self.gate_up_proj } else { &self.down_proj }
+    }
+
     /// # Shapes
     /// `x`: `[b, t, d]` -> `[b, t, d]`.
     pub fn forward(&self, x: &Tensor, adapter: Option<&Gated>) -> Tensor {

@@ -13,7 +13,7 @@ use super::gated_lora::{Lora, LoraConfig, PreparedLora};
 use super::sampler::SamplerHead;
 use crate::checkpoint::{SafetensorsFile, save};
 use crate::error::{Error, Result};
-use crate::model::{Gate, Gated, Llama, ModelConfig, ProjDelta, ProjGroup};
+use crate::model::{Gate, Gated, Llama, ProjDelta, ProjGroup};
 
 /// The method's configuration: what an adapter is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -273,9 +273,10 @@ impl MtpAdapter {
         Gated { delta: self, gate }
     }
 
-    /// The LoRA factors restacked for decoding with `model` (its dtype).
-    pub fn prepared_lora(&self, model: &ModelConfig, kind: Kind) -> PreparedLora {
-        self.lora.prepare(model, kind)
+    /// The LoRA factors restacked for decoding with `model` (its dtype), with merged
+    /// weights when `merged` (see [`PreparedLora`]).
+    pub fn prepared_lora(&self, model: &Llama, merged: bool) -> PreparedLora {
+        self.lora.prepare(model, merged)
     }
 
     /// The device its parameters live on.

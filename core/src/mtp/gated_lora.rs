@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
 
-use crate::model::{Gate, ModelConfig, Proj, ProjDelta, ProjGroup};
+use crate::model::{Gate, Llama, ModelConfig, Proj, ProjDelta, ProjGroup};
 
 /// LoRA hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,11 +94,15 @@ impl Lora {
             .collect()
     }
 
-    /// The factors restacked for decoding (see [`PreparedLora`]), in `kind`.
-    pub fn prepare(&self, model: &ModelConfig, kind: Kind) -> PreparedLora {
+    /// The factors restacked for decoding (see [`PreparedLora`]), in `model`'s dtype;
+    /// with `merged`, also each adapted group's base weight stacked with the base weight
+    /// plus the delta, for [`Gate::Halves`] steps.
+    pub fn prepare(&self, model: &Llama, merged: bool) -> PreparedLora {
+        let config = &model.config;
+        let kind = model.dtype().kind();
         tch::no_grad(|| {
-            let mut groups = Vec::with_capacity(model.num_layers * ProjGroup::ALL.len());
-            for layer in 0..model.num_layers {
+            let mut groups = Vec::with_capacity(config.num_layers * ProjGroup::ALL.len());
+            for layer in 0..config.num_layers {
                 for group in ProjGroup::ALL {
                     let parts = self.parts(layer, group);
                     if parts.is_empty() {
@@ -107,7 +111,7 @@ impl Lora {
                     }
                     let r = parts[0].1.a.size()[0];
                     let a = Tensor::cat(&parts.iter().map(|(_, p)| &p.a).collect::<Vec<_>>(), 0);
-                    let dims: Vec<i64> = group.parts().iter().map(|&p| proj_dims(model, p).1 as i64).collect();
+                    let dims: Vec<i64> = group.parts().iter().map(|&p| proj_dims(config, p).1 as i64).collect();
                     let offsets: Vec<i64> = dims.iter().scan(0, |o, d| Some(std::mem::replace(o, *o + d))).collect();
                     let b = Tensor::zeros([parts.len() as i64 * r, dims.iter().sum()], (Kind::Float, a.device()));
                     for (slot, (i, pair)) in parts.iter().enumerate() {
@@ -115,7 +119,16 @@ impl Lora {
                             .narrow(1, offsets[*i], dims[*i])
                             .copy_(&(pair.b.tr() * self.scale));
                     }
-                    groups.push(Some((a.tr().contiguous().to_kind(kind), b.to_kind(kind))));
+                    let at = a.tr().contiguous();
+                    // [2, out, in]: W, then W + (A^T (s B^T))^T, summed in f32.
+                    let merged = match (merged, model.group_weight(layer, group)) {
+                        (true, Some((w, bias))) => {
+                            let adapted = (w.to_kind(Kind::Float) + at.mm(&b).tr()).to_kind(kind);
+                            Some(Merged { w2: Tensor::stack(&[w.to_kind(kind), adapted], 0), bias })
+                        }
+                        _ => None,
+                    };
+                    groups.push(Some(PreparedGroup { at: at.to_kind(kind), bt: b.to_kind(kind), merged }));
                 }
             }
             PreparedLora { groups }
@@ -137,6 +150,11 @@ impl ProjDelta for Lora {
         } else {
             Tensor::cat(&parts.iter().map(|(_, p)| &p.a).collect::<Vec<_>>(), 0).to_kind(kind)
         };
+        if let Gate::Halves = gate {
+            // Entry 1 holds the mask rows: the term goes there, entry 0 is left alone.
+            let delta = self.add_to(layer, group, &x.narrow(0, 1, 1), y.narrow(0, 1, 1), &Gate::All);
+            return Tensor::cat(&[y.narrow(0, 0, 1), delta], 0);
+        }
         let (t, start) = (x.size()[1], if let Gate::Tail(s) = gate { *s } else { 0 });
         if start >= t {
             return y;
@@ -146,7 +164,7 @@ impl ProjDelta for Lora {
         // The gate (with the scale) multiplies the rank-r intermediate: r columns, not `out`.
         let h = match gate {
             Gate::Rows(g) => h * (g * self.scale),
-            Gate::All | Gate::Tail(_) => h * self.scale,
+            Gate::All | Gate::Tail(_) | Gate::Halves => h * self.scale,
         };
         let r = parts[0].1.a.size()[0];
         let mut outs = Vec::new();
@@ -178,30 +196,88 @@ impl ProjDelta for Lora {
 /// group's adapted parts stacked and transposed (`[in, parts * r]`), the B factors as one
 /// block-diagonal matrix, transposed and multiplied by the scale (`[parts * r, out]`,
 /// zero where a part is not adapted), all in the model's dtype. A group then costs two
-/// matrix products on the rows the gate selects, added in place.
+/// matrix products on the rows the gate selects, added in place. Optionally also merged
+/// weights (see [`Gate::Halves`]): one batched product per group, no extra operation.
 #[derive(Debug)]
 pub struct PreparedLora {
-    /// Index `layer * 4 + group`: `(A^T, scale * B^T)`, or `None` when not adapted.
-    groups: Vec<Option<(Tensor, Tensor)>>,
+    /// Index `layer * 4 + group`, `None` when not adapted.
+    groups: Vec<Option<PreparedGroup>>,
+}
+
+/// One adapted projection group, prepared.
+#[derive(Debug)]
+struct PreparedGroup {
+    /// `A^T`, `[in, parts * r]`.
+    at: Tensor,
+    /// `scale * B^T`, `[parts * r, out]`.
+    bt: Tensor,
+    merged: Option<Merged>,
+}
+
+/// The base weight and the base weight plus the delta, stacked for one batched product.
+#[derive(Debug)]
+struct Merged {
+    /// `[2, out, in]`: `W` and `W + scale * B A`.
+    w2: Tensor,
+    /// The base projection's bias, `[out]`.
+    bias: Option<Tensor>,
+}
+
+impl PreparedLora {
+    fn group(&self, layer: usize, group: ProjGroup) -> Option<&PreparedGroup> {
+        self.groups.get(layer * ProjGroup::ALL.len() + group.index()).and_then(Option::as_ref)
+    }
+
+    /// True when the groups carry merged weights for [`Gate::Halves`] steps.
+    pub fn is_merged(&self) -> bool {
+        self.groups.iter().flatten().any(|g| g.merged.is_some())
+    }
+
+    /// Bytes of the merged weights.
+    pub fn merged_bytes(&self) -> usize {
+        self.groups
+            .iter()
+            .flatten()
+            .filter_map(|g| g.merged.as_ref())
+            .map(|m| m.w2.numel() * m.w2.kind().elt_size_in_bytes())
+            .sum()
+    }
 }
 
 impl ProjDelta for PreparedLora {
+    fn product(&self, layer: usize, group: ProjGroup, x: &Tensor, gate: &Gate) -> Option<Tensor> {
+        let merged = match gate {
+            Gate::Halves => self.group(layer, group)?.merged.as_ref()?,
+            _ => return None,
+        };
+        // [2, r, in] x [2, in, out]: entry 0 through W, entry 1 through W + delta.
+        let y = x.matmul(&merged.w2.transpose(1, 2));
+        Some(match &merged.bias {
+            Some(b) => y + b,
+            None => y,
+        })
+    }
+
     fn add_to(&self, layer: usize, group: ProjGroup, x: &Tensor, y: Tensor, gate: &Gate) -> Tensor {
-        let Some(Some((at, bt))) = self.groups.get(layer * ProjGroup::ALL.len() + group.index()) else { return y };
+        let Some(PreparedGroup { at, bt, merged }) = self.group(layer, group) else { return y };
         let (b, t) = (x.size()[0], x.size()[1]);
-        let start = match gate {
+        let (batch, start) = match gate {
             Gate::Rows(g) => return y + (x.matmul(at) * g).matmul(bt),
-            Gate::All => 0,
-            Gate::Tail(s) => *s,
+            Gate::All => (None, 0),
+            Gate::Tail(s) => (None, *s),
+            // With merged weights the product already holds the term.
+            Gate::Halves if merged.is_some() => return y,
+            Gate::Halves => (Some(1), 0),
         };
         if start >= t {
             return y;
         }
         let rows = t - start;
-        if b == 1 {
+        if b == 1 || batch.is_some() {
             // In place on the selected rows of `y` (a view of its storage): y += (x A^T) B^T.
-            let h = x.select(0, 0).narrow(0, start, rows).mm(at);
-            let _ = y.select(0, 0).narrow(0, start, rows).addmm_(&h, bt);
+            let e = batch.unwrap_or(0);
+            let h = x.select(0, e).narrow(0, start, rows).mm(at);
+            let _ = y.select(0, e).narrow(0, start, rows).addmm_(&h, bt);
         } else {
             let delta = x.narrow(1, start, rows).matmul(at).matmul(bt);
             let _ = y.narrow(1, start, rows).g_add_(&delta);

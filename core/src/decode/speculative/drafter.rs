@@ -5,7 +5,11 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::fmt;
 use std::rc::Rc;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
 
 use tch::{Device, Kind, Tensor};
 
@@ -25,11 +29,92 @@ pub struct DraftOptions {
     /// Draft from the adapter's draft vocabulary (when it has one) instead of the whole
     /// LM head. Verification always uses the whole head, so greedy output is unchanged.
     pub draft_vocab: bool,
+    /// How a step applies the adapter's low-rank term.
+    pub lora: LoraForm,
 }
 
 impl Default for DraftOptions {
     fn default() -> Self {
-        Self { draft_vocab: true }
+        Self { draft_vocab: true, lora: LoraForm::Auto }
+    }
+}
+
+/// How a decoding step applies the adapter's term to the mask rows. Either way the
+/// next-token rows are untouched (the base model's, bit for bit) and greedy output is
+/// AR's; the forms differ in cost only (and in the last bits of the drafts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoraForm {
+    /// [`LoraForm::Merged`] where a layer's weights are small enough that a step's time is
+    /// the number of operations (on the CPU up to 1 MiB per layer, on CUDA up to 64 MiB),
+    /// else [`LoraForm::LowRank`].
+    #[default]
+    Auto,
+    /// Two small products per projection group on the mask rows, added in place: no
+    /// memory beyond the factors, two more operations per group.
+    LowRank,
+    /// Each group's base weight stacked with base + delta and the step's rows packed as
+    /// two halves ([`crate::model::Gate::Halves`]): one batched product per group, no
+    /// operation beyond AR's, the layer weights held twice more, and padding rows when the
+    /// halves differ in length.
+    Merged,
+}
+
+impl LoraForm {
+    /// Every form, as named on the command line.
+    pub const ALL: [LoraForm; 3] = [LoraForm::Auto, LoraForm::LowRank, LoraForm::Merged];
+
+    /// The name users type.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraForm::Auto => "auto",
+            LoraForm::LowRank => "low-rank",
+            LoraForm::Merged => "merged",
+        }
+    }
+
+    /// The form to run with `model` for an adapter (`gated`: the method's gate; a plain
+    /// LoRA adapter changes every row and always runs low-rank).
+    pub fn resolve(self, model: &Llama, gated: bool) -> LoraForm {
+        if !gated {
+            return LoraForm::LowRank;
+        }
+        match self {
+            LoraForm::Auto => {
+                let limit = if model.device().is_cuda() { 64 << 20 } else { 1 << 20 };
+                if layer_bytes(model) <= limit { LoraForm::Merged } else { LoraForm::LowRank }
+            }
+            form => form,
+        }
+    }
+}
+
+/// Bytes of one decoder layer's projection weights in the model's dtype.
+fn layer_bytes(model: &Llama) -> usize {
+    let c = &model.config;
+    let params: usize = crate::model::Proj::ALL
+        .iter()
+        .map(|&p| {
+            let (i, o) = crate::mtp::gated_lora::proj_dims(c, p);
+            i * o
+        })
+        .sum();
+    params * model.dtype().kind().elt_size_in_bytes()
+}
+
+impl fmt::Display for LoraForm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for LoraForm {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        LoraForm::ALL
+            .into_iter()
+            .find(|f| f.name() == s.trim())
+            .ok_or_else(|| Error::Invalid(format!("unknown adapter form `{s}` (auto, low-rank, merged)")))
     }
 }
 
@@ -42,6 +127,8 @@ pub struct Drafter {
     /// `[k, d]` in the model's dtype.
     mask_embeddings: Tensor,
     lora: PreparedLora,
+    /// The form the adapter's term runs in (resolved: never `Auto`).
+    form: LoraForm,
     sampler: Option<PreparedSampler>,
     /// `[N]` int64: token id of each row of `head`, when drafting from a draft vocabulary.
     vocab: Option<Tensor>,
@@ -83,10 +170,12 @@ impl Drafter {
                 Some(ids) => model.lm_head.index_select(0, ids),
                 None => model.lm_head.shallow_clone(),
             };
+            let form = options.lora.resolve(model, adapter.config.gated);
             Ok(Self {
                 config: adapter.config.clone(),
                 mask_embeddings: adapter.mask_embeddings.detach().to_kind(kind),
-                lora: adapter.prepared_lora(&model.config, kind),
+                lora: adapter.prepared_lora(model, form == LoraForm::Merged),
+                form,
                 sampler: adapter.sampler().map(|s| s.prepare()),
                 vocab,
                 head,
@@ -98,14 +187,29 @@ impl Drafter {
 
     /// The device constants of a step of `layout` with `drafts` drafts and `masks` masks,
     /// built once per shape and shared by every generation with this drafter.
-    pub fn plan(&self, model: &Llama, layout: Layout, drafts: usize, masks: usize) -> Rc<StepPlan> {
+    pub fn plan(&self, model: &Llama, layout: Layout, drafts: usize, masks: usize) -> Result<Rc<StepPlan>> {
         let key = (layout, drafts, masks);
         if let Some(plan) = self.plans.borrow().get(&key) {
-            return Rc::clone(plan);
+            return Ok(Rc::clone(plan));
         }
-        let plan = Rc::new(StepPlan::new(model, self, StepLayout::new(layout, drafts, masks)));
+        let plan = Rc::new(StepPlan::new(model, self, StepLayout::new(layout, drafts, masks))?);
         self.plans.borrow_mut().insert(key, Rc::clone(&plan));
-        plan
+        Ok(plan)
+    }
+
+    /// The form the adapter's term runs in.
+    pub fn form(&self) -> LoraForm {
+        self.form
+    }
+
+    /// True when steps run merged weights, their rows packed as two halves.
+    pub fn merged(&self) -> bool {
+        self.form == LoraForm::Merged
+    }
+
+    /// Bytes the drafter holds beyond the adapter itself (merged weights).
+    pub fn extra_bytes(&self) -> usize {
+        self.lora.merged_bytes()
     }
 
     /// A mask controller for a generation with `count` masks: for `auto`, the last one
@@ -139,10 +243,14 @@ impl Drafter {
         &self.mask_embeddings
     }
 
-    /// The adapter applied from row `start` on (the mask rows of a step), or to every row
-    /// for a plain-LoRA adapter.
-    pub fn gate_from(&self, start: i64) -> Gated<'_> {
-        let gate = if self.config.gated { Gate::Tail(start) } else { Gate::All };
+    /// The adapter as a step of `plan` applies it: to its mask rows (the second half of
+    /// two, or the rows after the regular ones), or to every row for a plain-LoRA adapter.
+    pub fn step_gate(&self, plan: &StepPlan) -> Gated<'_> {
+        let gate = match (self.config.gated, plan.halves()) {
+            (false, _) => Gate::All,
+            (true, true) => Gate::Halves,
+            (true, false) => Gate::Tail(plan.layout.regular() as i64),
+        };
         Gated { delta: &self.lora, gate }
     }
 

@@ -10,11 +10,14 @@
 //! cache keeps after verification (`r_0..r_a`) are a prefix, dropped by a truncation, and
 //! the rows the adapter applies to are a suffix ([`crate::model::Gate::Tail`]).
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::super::strategy::Layout;
 use super::drafter::Drafter;
-use crate::model::Llama;
+use crate::error::Result;
+#[cfg(doc)]
+use crate::model::Gate;
+use crate::model::{AttnMask, Gated, KvCache, Llama};
 use crate::mtp::masks::{additive_mask, attention_mask};
 
 /// Which rows one step has, as plain data.
@@ -83,52 +86,134 @@ impl StepLayout {
 
 /// A step's constants on the model's device, built once per (drafts, masks) and reused by
 /// every step with that shape.
+///
+/// Rows are packed for the forward pass in one of two ways. As one sequence (`[1, T, d]`,
+/// the rows of [`StepLayout`] in order; the adapter's term is added on the mask rows), or,
+/// for an adapter with merged weights, as two halves (`[2, R, d]`, [`Gate::Halves`]): the
+/// regular rows padded to `R` rows, then the mask rows padded to `R`, so that every
+/// projection is one batched product. Padding rows (a zero input) attend to the cache and
+/// to themselves only, and no other row attends to them. Either way the regular rows come
+/// first, so the rows a step keeps in the cache are still a prefix.
 #[derive(Debug)]
 pub struct StepPlan {
     /// The rows.
     pub layout: StepLayout,
-    /// `[T]` int64: position offsets from the cache length.
-    pub offsets: Tensor,
-    /// `[T, T]` in the model's dtype: the attention among the step's rows, additive (0 to
-    /// attend, -inf not). Padded on the left with zeros for the cache at each step.
-    pub own_mask: Tensor,
-    /// `[1, T - regular, d]`: the mask embeddings of the mask rows, in row order.
-    pub mask_inputs: Tensor,
-    /// `[regular, masks]` int64: the rows of the mask block after each regular row
+    /// Rows of each half when packed as two halves.
+    half: Option<i64>,
+    /// Position offsets from the cache length, int64: `[T]`, or `[2, R]` for two halves.
+    offsets: Tensor,
+    /// `[P, P]` in the model's dtype (`P` packed rows): the attention among the step's rows,
+    /// additive (0 to attend, -inf not). Padded on the left with zeros for the cache.
+    own_mask: Tensor,
+    /// The mask rows' inputs, in packed order: `[1, T - regular, d]` or `[1, R, d]`.
+    mask_inputs: Tensor,
+    /// `[regular, masks]` int64: the packed rows of the mask block after each regular row
     /// (quadratic; linear has one row for its single block). Indexed on the device by the
     /// accepted count, so that choosing the next block needs no host read.
     pub block_rows: Tensor,
 }
 
 impl StepPlan {
-    /// Build the plan of `layout` for `model` and `drafter`.
-    pub fn new(model: &Llama, drafter: &Drafter, layout: StepLayout) -> Self {
+    /// Build the plan of `layout` for `model` and `drafter`, packed as two halves when the
+    /// drafter runs merged weights.
+    pub fn new(model: &Llama, drafter: &Drafter, layout: StepLayout) -> Result<Self> {
         let device = model.device();
         let kind = model.dtype().kind();
+        let (regular, t) = (layout.regular() as i64, layout.len() as i64);
+        let half = drafter.merged().then(|| regular.max(t - regular));
+        // Packed index of each of the layout's rows.
+        let packed: Vec<i64> = (0..t).map(|u| pack(half, regular, u)).collect();
+        let p = half.map_or(t, |r| 2 * r);
         tch::no_grad(|| {
-            let block = Tensor::from_slice(&layout.block);
-            let slot = Tensor::from_slice(&layout.slot);
-            let own_mask = additive_mask(&attention_mask(&block, &slot), kind).to_device(device);
+            let allowed = attention_mask(&Tensor::from_slice(&layout.block), &Tensor::from_slice(&layout.slot));
+            let allowed = Vec::<bool>::try_from(allowed.view([-1]))?;
+            // Padding rows attend to themselves only.
+            let mut packed_allowed: Vec<bool> = (0..p * p).map(|i| i / p == i % p).collect();
+            let mut offsets = vec![0i64; p as usize];
+            for (u, &pu) in packed.iter().enumerate() {
+                offsets[pu as usize] = layout.offsets()[u];
+                for (v, &pv) in packed.iter().enumerate() {
+                    packed_allowed[(pu * p + pv) as usize] = allowed.get(u * t as usize + v).copied().unwrap_or(false);
+                }
+            }
+            let own_mask = additive_mask(&Tensor::from_slice(&packed_allowed).view([p, p]), kind).to_device(device);
+            let offsets = Tensor::from_slice(&offsets).to_device(device);
             let mask_slots: Vec<i64> = layout.slot[layout.regular()..].iter().map(|s| s - 1).collect();
             let mask_inputs = drafter
                 .mask_embeddings()
                 .index_select(0, &Tensor::from_slice(&mask_slots).to_device(device))
                 .unsqueeze(0);
+            let (offsets, mask_inputs) = match half {
+                Some(r) => (offsets.view([2, r]), mask_inputs.constant_pad_nd([0, 0, 0, r - (t - regular)])),
+                None => (offsets, mask_inputs),
+            };
             let starts: Vec<i64> = (0..layout.regular())
                 .map(|g| layout.mask_block(g).or(layout.mask_block(layout.drafts)).unwrap_or(0) as i64)
                 .collect();
             let m = layout.masks as i64;
-            let block_rows = (Tensor::from_slice(&starts).unsqueeze(1)
-                + Tensor::arange(m, (Kind::Int64, tch::Device::Cpu)))
-            .to_device(device);
-            Self {
-                offsets: Tensor::from_slice(&layout.offsets()).to_device(device),
-                own_mask,
-                mask_inputs,
-                block_rows,
-                layout,
-            }
+            let block_rows: Vec<i64> =
+                starts.iter().flat_map(|s| (0..m).map(move |j| pack(half, regular, s + j))).collect();
+            let block_rows = Tensor::from_slice(&block_rows).view([regular, m]).to_device(device);
+            Ok(Self { offsets, own_mask, mask_inputs, block_rows, half, layout })
         })
+    }
+
+    /// Rows of the forward pass (padding rows included).
+    pub fn rows(&self) -> usize {
+        self.half.map_or(self.layout.len(), |r| 2 * r as usize)
+    }
+
+    /// True when the rows are packed as two halves ([`Gate::Halves`]).
+    pub fn halves(&self) -> bool {
+        self.half.is_some()
+    }
+
+    /// The packed row (an index into [`StepPlan::forward`]'s output) of row `u` of the
+    /// layout.
+    pub fn row(&self, u: usize) -> usize {
+        pack(self.half, self.layout.regular() as i64, u as i64) as usize
+    }
+
+    /// The layout's attention among its own rows (`[T, T]` boolean, true = attend), on the
+    /// CPU: what the step view draws.
+    pub fn allowed(&self) -> Tensor {
+        attention_mask(&Tensor::from_slice(&self.layout.block), &Tensor::from_slice(&self.layout.slot))
+    }
+
+    /// One step's forward pass: `inputs` are the regular rows' tokens (`[regular]` int64,
+    /// the verified token then the drafts), the cache holds `past` rows before them, the
+    /// adapter applies as `gated` says ([`Drafter::step_gate`]). Returns the final hidden
+    /// state of every packed row, `[rows, d]`; the regular rows are rows `0..regular`.
+    pub fn forward(
+        &self,
+        model: &Llama,
+        gated: &Gated,
+        inputs: &Tensor,
+        past: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let x = model.embed(&inputs.unsqueeze(0)); // [1, regular, d]
+        let x = match self.half {
+            None => Tensor::cat(&[x, self.mask_inputs.shallow_clone()], 1),
+            Some(r) => {
+                let pad = r - self.layout.regular() as i64;
+                let x = if pad > 0 { x.constant_pad_nd([0, 0, 0, pad]) } else { x };
+                Tensor::cat(&[x, self.mask_inputs.shallow_clone()], 0) // [2, r, d]
+            }
+        };
+        let positions = &self.offsets + past as i64;
+        let mask = self.own_mask.constant_pad_nd([past as i64, 0]);
+        let h = model.forward_embeds(&x, &positions, AttnMask::Custom(&mask), Some(gated), cache);
+        h.reshape([-1, h.size()[2]])
+    }
+}
+
+/// The packed index of layout row `u` with `regular` regular rows: itself as one sequence,
+/// or shifted past the first half's padding for a mask row.
+fn pack(half: Option<i64>, regular: i64, u: i64) -> i64 {
+    match half {
+        Some(r) if u >= regular => r + (u - regular),
+        _ => u,
     }
 }
 

@@ -15,7 +15,7 @@ use super::detail::{StepDetail, top5};
 use super::drafter::Drafter;
 use super::masks::MaskController;
 use crate::error::Result;
-use crate::model::{AttnMask, KvCache, Llama};
+use crate::model::{KvCache, Llama};
 
 /// The result of one step.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,7 +115,7 @@ impl<'a> SpecDecoder<'a> {
         let verified = self.pending;
         let masks = self.masks.masks();
         let layout = self.layout;
-        let plan = drafter.plan(model, layout, n, masks);
+        let plan = drafter.plan(model, layout, n, masks)?;
         let inputs = match self.inputs.take() {
             Some(t) => t,
             None => {
@@ -126,13 +126,7 @@ impl<'a> SpecDecoder<'a> {
         let past = self.cache.len();
         let regular = n as i64 + 1;
         let (h, logits) = tch::no_grad(|| {
-            let x = Tensor::cat(&[model.embed(&inputs.unsqueeze(0)), plan.mask_inputs.shallow_clone()], 1);
-            let positions = &plan.offsets + past as i64;
-            let mask = plan.own_mask.constant_pad_nd([past as i64, 0]);
-            let gated = drafter.gate_from(regular);
-            let h = model
-                .forward_embeds(&x, &positions, AttnMask::Custom(&mask), Some(&gated), Some(&mut self.cache))
-                .squeeze_dim(0);
+            let h = plan.forward(model, &drafter.step_gate(&plan), &inputs, past, Some(&mut self.cache));
             let logits = model.logits(&h.narrow(0, 0, regular));
             (h, logits)
         });
@@ -162,7 +156,7 @@ impl<'a> SpecDecoder<'a> {
                 let Verdict { accepted: a, next } = verify_sampling(&drafts, &q, &p_rows, &mut self.sampler);
                 let mut new_drafts = Vec::new();
                 if let Some(row) = plan.layout.mask_block(a) {
-                    let z = h.narrow(0, row as i64, masks as i64);
+                    let z = h.narrow(0, plan.row(row) as i64, masks as i64);
                     let (d, new_q) = drafter.sampled(model, &z, next, &params, &mut self.sampler)?;
                     if let Some(out) = draft_probs.as_mut() {
                         *out = Tensor::stack(&new_q.iter().map(|r| Tensor::from_slice(r)).collect::<Vec<_>>(), 0);
@@ -193,7 +187,7 @@ impl<'a> SpecDecoder<'a> {
         let detail = match (regular_probs, draft_probs) {
             (Some(regular_probs), Some(draft_probs)) => {
                 let l = &plan.layout;
-                let allowed = plan.own_mask.isfinite().to_device(Device::Cpu);
+                let allowed = plan.allowed();
                 let mut input_ids = vec![verified; l.len()];
                 input_ids[1..=n].copy_from_slice(&drafts);
                 for (r, s) in l.slot.iter().enumerate().skip(l.regular()) {
