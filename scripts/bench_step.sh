@@ -5,11 +5,12 @@
 # adapter gets is about tokens-per-forward / step cost. For vocabularies over 4096 tokens it
 # runs twice: with a draft vocabulary of 4096 tokens (what `mtp train` stores by default)
 # and drafting from the whole vocabulary (`--full-vocab-drafts`).
-#   scripts/bench_step.sh [SHAPE=smollm2-135m] [DEVICE=cpu] [DTYPE=f32] [MTP=target/release/mtp] [MASKS=1,2,4,8]
+# FORM chooses how steps apply the adapter (auto, low-rank, merged: `mtp bench --lora-form`).
+#   scripts/bench_step.sh [SHAPE=smollm2-135m] [DEVICE=cpu] [DTYPE=f32] [MTP=target/release/mtp] [MASKS=1,2,4,8] [FORM=auto]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 shape="${1:-smollm2-135m}"; device="${2:-cpu}"; dtype="${3:-f32}"; mtp="${4:-$root/target/release/mtp}"
-masks="${5:-1,2,4,8}"
+masks="${5:-1,2,4,8}"; form="${6:-auto}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 python="${PYTHON:-$root/.venv/bin/python}"
@@ -31,7 +32,8 @@ fi
 printf '{"prompt": "def add(a, b):", "domain": "code"}\n{"prompt": "Question: 3 + 4 =", "domain": "math"}\n' > "$work/prompts.jsonl"
 run() {
   "$mtp" bench --model "$work/model" --adapter "$work/run/adapter.safetensors" --prompts "$work/prompts.jsonl" \
-    --masks "$masks" --modes ar,linear,quadratic --max-new-tokens 32 --device "$device" --dtype "$dtype" --json "$@"
+    --masks "$masks" --modes ar,linear,quadratic --max-new-tokens 32 --device "$device" --dtype "$dtype" \
+    --lora-form "$form" --repeats 3 --json "$@"
 }
 if [ "$vocab" -gt 4096 ]; then
   printf '{"shape": "%s", "draft_vocab": ' "$shape"; run; printf ', "full_vocab": '; run --full-vocab-drafts; printf '}\n'

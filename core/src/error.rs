@@ -147,6 +147,10 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// An adapter trained on another checkpoint of the loaded model's architecture.
+    #[error("{0}")]
+    OtherBase(String),
+
     /// An operation was cancelled by the user.
     #[error("cancelled")]
     Cancelled,

@@ -42,7 +42,7 @@ impl fmt::Display for ModelSource {
 }
 
 /// True for `owner/name` made of the characters the hub allows.
-fn is_repo_id(s: &str) -> bool {
+pub(crate) fn is_repo_id(s: &str) -> bool {
     let ok = |part: &str| {
         !part.is_empty()
             && !part.starts_with(['.', '-'])

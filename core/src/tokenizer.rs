@@ -127,6 +127,12 @@ impl TextTokenizer {
         }
     }
 
+    /// Where the chat template comes from (`chat_template.jinja`, or `tokenizer_config.json`
+    /// and its `chat_template` key), when the model has one.
+    pub fn chat_template_origin(&self) -> Option<String> {
+        self.chat_template.as_ref().map(|t| t.path.display().to_string())
+    }
+
     /// The `tokenizers` object.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner

@@ -1,5 +1,6 @@
 //! Self-distillation: the batched greedy continuations equal AR's, token for token, for
-//! every prompt (a partial last batch included), and a continuation ends at its first EOS.
+//! every prompt (a partial last batch and prompts of different lengths in one batch
+//! included), and a continuation ends at its first EOS.
 
 mod common;
 
@@ -42,8 +43,14 @@ fn batched_continuations_equal_ar_greedy() -> anyhow::Result<()> {
     let control = Control::new();
     control.cancel();
     assert!(continue_greedy(model, &prompts, 12, 3, &[], &control, &mut |_, _| {})?.is_empty());
-    // Prompts of different lengths cannot share a batch.
-    let mixed = vec![vec![1, 2, 3], vec![1, 2]];
-    assert!(continue_greedy(model, &mixed, 4, 2, &[], &Control::new(), &mut |_, _| {}).is_err());
+    // Prompts of different lengths share a batch, padded on the left: each continuation is
+    // still AR's.
+    let mixed: Vec<Vec<i64>> = (1..=8).map(|n| (0..n).map(|_| rng.random_range(0..vocab)).collect()).collect();
+    let got = continue_greedy(model, &mixed, 12, 3, &[], &Control::new(), &mut |_, _| {})?;
+    for (prompt, d) in mixed.iter().zip(&got) {
+        assert_eq!(d.completion_ids, ar(prompt)?, "padded batch, prompt of {} tokens", prompt.len());
+    }
+    // An empty prompt is refused.
+    assert!(continue_greedy(model, &[vec![], vec![1, 2]], 4, 2, &[], &Control::new(), &mut |_, _| {}).is_err());
     Ok(())
 }

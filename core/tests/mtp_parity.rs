@@ -28,6 +28,8 @@ fn losses_and_gradients_match_the_pytorch_reference() -> anyhow::Result<()> {
         gated: true,
         sampler: true,
         train_mask_embeddings: false,
+        // The reference implements the paper's form.
+        sampler_form: mtp_core::mtp::SamplerForm::Paper,
     };
     let adapter = mtp_core::device::seeded(0, || MtpAdapter::new(&m.model, config, "parity"))?;
     adapter.load_tensors(|name| file.read(&format!("adapter.{name}")))?;

@@ -184,6 +184,22 @@ fn resumed_run_equals_uninterrupted_run() -> anyhow::Result<()> {
     assert_eq!(steps, (1..=40).collect::<Vec<_>>());
     assert!(logged.iter().any(|m| m.split == mtp_core::train::Split::Val));
     assert!(b.join("adapter.safetensors").exists());
+
+    // Every validation pass predicts tokens per forward at 1..k masks from the slot
+    // accuracies; the last one (every 4 passes, and at the end) also measures it by decoding.
+    let vals: Vec<&StepMetrics> =
+        straight.iter().filter_map(|e| if let TrainEvent::Validation(m) = e { Some(m) } else { None }).collect();
+    assert_eq!(vals.iter().map(|v| v.step).collect::<Vec<_>>(), [10, 20, 30, 40]);
+    for v in &vals {
+        let e = v.expected_tokens_per_forward.clone().unwrap_or_default();
+        assert!(e.len() == 2 && e[0] >= 1.0 && e[1] >= e[0] && e[1] <= 3.0, "step {}: {e:?}", v.step);
+    }
+    assert!(vals[..3].iter().all(|v| v.measured_tokens_per_forward.is_none()));
+    let measured = vals[3].measured_tokens_per_forward.clone().unwrap_or_default();
+    assert!(measured.len() == 2 && measured.iter().all(|t| (1.0..=3.0).contains(t)), "{measured:?}");
+    // The resumed run measured at its end too, on (nearly) the same weights.
+    let resumed = logged.iter().rev().find_map(|m| m.measured_tokens_per_forward.clone()).unwrap_or_default();
+    assert!(resumed.len() == 2 && resumed.iter().zip(&measured).all(|(a, b)| (a - b).abs() < 0.2), "{resumed:?}");
     Ok(())
 }
 
@@ -275,6 +291,49 @@ fn adapters_round_trip_and_refuse_another_base() -> anyhow::Result<()> {
     let other = load("llama-sharded")?;
     let err = MtpAdapter::load(&path, &other.model).expect_err("other base").to_string();
     assert!(err.contains("not for the loaded model") && err.contains("adapter.safetensors"), "{err}");
+    Ok(())
+}
+
+/// Same architecture, other weights (a base model's adapter on its instruct variant): refused
+/// with a message naming both, loaded when allowed; the same weights in bf16 are accepted,
+/// and an adapter written before weights were sampled still loads.
+#[test]
+fn adapters_refuse_other_weights_of_their_architecture() -> anyhow::Result<()> {
+    let m = load("llama")?;
+    let mut a = busy_adapter(&m, MtpConfig { k: 2, ..MtpConfig::default() })?;
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("adapter.safetensors");
+    a.save(&path)?;
+    let bf16 = LoadedModel::load(
+        &ModelSource::Local { path: model_dir("llama") },
+        &LoadOptions { dtype: DType::Bf16, ..LoadOptions::default() },
+        &mut (),
+    )?;
+    MtpAdapter::load(&path, &bf16.model)?;
+    // Another checkpoint of the same architecture: every weight 5% larger.
+    let other_dir = scratch_copy("llama")?;
+    let weights = other_dir.path().join("model.safetensors");
+    let nudged: Vec<(String, Tensor)> =
+        Tensor::read_safetensors(&weights)?.into_iter().map(|(n, t)| (n, &t * 1.05)).collect();
+    Tensor::write_safetensors(&nudged, &weights)?;
+    let other =
+        LoadedModel::load(&ModelSource::Local { path: other_dir.path().to_owned() }, &LoadOptions::default(), &mut ())?;
+    let check = mtp_core::mtp::BaseCheck { model_name: "nudged".into(), allow_other_weights: false };
+    match MtpAdapter::load_checked(&path, &other.model, &check) {
+        Err(mtp_core::Error::OtherBase(msg)) => {
+            assert!(
+                msg.contains("`fixture`") && msg.contains("`nudged`") && msg.contains("adapter.safetensors"),
+                "{msg}"
+            )
+        }
+        other => anyhow::bail!("expected OtherBase, got {other:?}"),
+    }
+    let allowed = mtp_core::mtp::BaseCheck { allow_other_weights: true, ..check };
+    MtpAdapter::load_checked(&path, &other.model, &allowed)?;
+    // Written before the weight sample existed: loads (with a warning).
+    a.base.weights = None;
+    a.save(&path)?;
+    MtpAdapter::load(&path, &other.model)?;
     Ok(())
 }
 

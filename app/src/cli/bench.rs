@@ -94,6 +94,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .map_or("the whole vocabulary".into(), |n| format!("a draft vocabulary of {n} tokens")),
             drafter.form(),
         );
+        if let Some(template) = &report.chat_template {
+            println!("conversation prompts encoded with the chat template of {template}");
+        }
         print!("{}", report.to_markdown());
         println!(
             "\n| domain | mode | masks | masks used | tokens/forward | tokens/s | speedup | step cost vs AR | identical |\n|---|---|---|---|---|---|---|---|---|"

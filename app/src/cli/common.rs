@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use mtp_core::decode::{DraftOptions, Drafter, LoraForm};
-use mtp_core::mtp::MtpAdapter;
+use mtp_core::mtp::{BaseCheck, MtpAdapter};
+use mtp_core::train::DataSource;
 use mtp_core::{DType, DeviceSpec, Llama, LoadOptions, LoadedModel, ModelSource};
 
 use super::progress::DownloadBar;
@@ -39,6 +40,15 @@ impl ModelArgs {
     }
 }
 
+/// Bring a dataset's hub repositories into the Hugging Face cache (with a progress bar), so
+/// that reading it later needs no network; nothing for local data.
+pub fn fetch_data(source: &DataSource) -> anyhow::Result<()> {
+    source
+        .resolve(&mtp_core::source::HubOptions::from_env(), &mut DownloadBar::new())
+        .with_context(|| format!("fetching dataset {source}"))?;
+    Ok(())
+}
+
 /// The file `given`, or the demo's when the model is the demo and none is given.
 pub fn demo_default(source: &ModelSource, given: Option<&Path>, demo: PathBuf, flag: &str) -> anyhow::Result<PathBuf> {
     match given {
@@ -57,6 +67,11 @@ pub struct AdapterArg {
     /// Draft from the whole vocabulary even when the adapter has a draft vocabulary.
     #[arg(long)]
     pub full_vocab_drafts: bool,
+    /// Load the adapter even when the model it was trained on has other weights than this
+    /// one (same architecture: a base model and its instruct variant). Its drafts will be
+    /// accepted less often.
+    #[arg(long)]
+    pub allow_other_base: bool,
     /// How a step applies the adapter to its mask rows: low-rank (two small products per
     /// projection group), merged (base and adapted weights in one batched product; the
     /// layer weights held twice more), or auto (merged for small layers).
@@ -68,7 +83,13 @@ impl AdapterArg {
     /// Load the adapter for `model` (from `source`), checking it was made for it.
     pub fn load(&self, source: &ModelSource, model: &Llama) -> anyhow::Result<MtpAdapter> {
         let path = demo_default(source, self.adapter.as_deref(), mtp_core::source::demo_adapter(), "--adapter FILE")?;
-        Ok(MtpAdapter::load(&path, model)?)
+        let check = BaseCheck { model_name: source.to_string(), allow_other_weights: self.allow_other_base };
+        match MtpAdapter::load_checked(&path, model, &check) {
+            Err(e @ mtp_core::Error::OtherBase(_)) => {
+                Err(anyhow::anyhow!("{e}; pass --allow-other-base to load it anyway"))
+            }
+            other => Ok(other?),
+        }
     }
 
     /// Load the adapter and prepare it for decoding.

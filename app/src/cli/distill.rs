@@ -19,17 +19,22 @@ pub struct Args {
     /// The model whose continuations are recorded.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Where prompts are cut from: JSONL, text file, folder, builtin:NAME[:COUNT], or several
-    /// joined by commas.
+    /// Where prompts come from: a JSONL, JSON or Parquet file, a text file, a folder, a hub
+    /// dataset (owner/name[@revision]), builtin:NAME[:COUNT], or several joined by commas.
     #[arg(long)]
     pub data: String,
+    /// Chat: take the dataset's questions (each conversation up to an assistant turn, an
+    /// Alpaca instruction, a prompt) through the model's chat template and record each
+    /// response to its end-of-turn token, as the instruct model answers them.
+    #[arg(long)]
+    pub chat: bool,
     /// The JSONL file to write (`prompt`, `completion`, `prompt_ids`, `completion_ids`).
     #[arg(long)]
     pub out: PathBuf,
     /// Prompts to continue.
     #[arg(long, default_value_t = DistillConfig::default().sequences)]
     pub sequences: usize,
-    /// Tokens per prompt.
+    /// Tokens per prompt (text prompts; chat prompts are the questions as they are).
     #[arg(long, default_value_t = DistillConfig::default().prompt_tokens)]
     pub prompt_tokens: usize,
     /// Greedy tokens per prompt (fewer when the model ends the text).
@@ -68,8 +73,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         new_tokens: args.new_tokens,
         batch_size: args.batch_size,
         seed: args.seed,
+        chat: args.chat,
     };
     let source: DataSource = args.data.parse()?;
+    super::common::fetch_data(&source)?;
     let (_, loaded) = args.model.load()?;
     let tok = &loaded.tokenizer;
 

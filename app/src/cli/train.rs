@@ -77,12 +77,21 @@ pub struct Args {
     /// Validate every N steps (0 = only at the end).
     #[arg(long, default_value_t = 50)]
     pub val_every: usize,
+    /// Every N validation passes (and at the end), measure tokens per forward by decoding a
+    /// few held-out prompts at 1..k masks (0 = never).
+    #[arg(long, default_value_t = TrainConfig::default().measure_every)]
+    pub measure_every: usize,
     /// Share of examples held out for validation.
     #[arg(long, default_value_t = 0.05)]
     pub val_fraction: f64,
     /// Train without the sampler head (ablation).
     #[arg(long)]
     pub no_sampler: bool,
+    /// The sampler head's form: paper (the LM head reads the MLP's output) or residual (the
+    /// MLP's output is added to the mask's hidden state through a zero-initialised matrix,
+    /// so the head starts drafting as the LM head does).
+    #[arg(long, default_value_t = mtp_core::mtp::DEFAULT_SAMPLER_FORM)]
+    pub sampler_form: mtp_core::mtp::SamplerForm,
     /// Plain LoRA instead of gated LoRA (ablation: changes next-token outputs too).
     #[arg(long)]
     pub no_gate: bool,
@@ -140,6 +149,7 @@ impl Args {
                 gated: !self.no_gate,
                 sampler: !self.no_sampler,
                 train_mask_embeddings: self.train_mask_embeddings,
+                sampler_form: self.sampler_form,
             },
             lcm_weight: self.lcm_weight,
             optim: OptimConfig {
@@ -163,6 +173,7 @@ impl Args {
             dtype,
             draft_vocab: self.draft_vocab,
             checkpointing: self.checkpointing,
+            measure_every: self.measure_every,
         })
     }
 }
@@ -199,14 +210,15 @@ impl Reporter {
                 memory_estimate,
             } => {
                 eprintln!(
-                    "data: {} examples ({:?}), {} malformed lines{}; {train_sequences} training and {val_sequences} validation sequences; {trainable_parameters} trainable parameters",
+                    "data: {} examples ({}), {} malformed rows{}; {train_sequences} training and {val_sequences} validation sequences; {trainable_parameters} trainable parameters",
                     data.examples,
                     data.format,
                     data.malformed,
-                    if data.malformed_lines.is_empty() {
+                    if data.malformed_rows.is_empty() {
                         String::new()
                     } else {
-                        format!(" (first: {:?})", data.malformed_lines)
+                        let rows: Vec<String> = data.malformed_rows.iter().map(ToString::to_string).collect();
+                        format!(" (first: {})", rows.join("; "))
                     },
                 );
                 if let Some(bytes) = memory_estimate {
@@ -253,12 +265,20 @@ impl Reporter {
                 }
             }
             TrainEvent::Validation(m) => {
-                let line = format!(
-                    "validation at step {}: loss {:.3}, slot accuracy {:?}",
+                let round = |v: &[f64]| v.iter().map(|a| (a * 100.0).round() / 100.0).collect::<Vec<_>>();
+                let mut line = format!(
+                    "validation at step {}: loss {:.3}, slot accuracy {:?} (sampler {:?})",
                     m.step,
                     m.losses.loss,
-                    m.losses.slot_acc.iter().map(|a| (a * 100.0).round() / 100.0).collect::<Vec<_>>()
+                    round(&m.losses.slot_acc),
+                    round(&m.losses.slot_acc_sampler),
                 );
+                if let Some(e) = &m.expected_tokens_per_forward {
+                    line.push_str(&format!("; tokens/forward at 1..k masks: expected {:?}", round(e)));
+                }
+                if let Some(v) = &m.measured_tokens_per_forward {
+                    line.push_str(&format!(", measured {:?}", round(v)));
+                }
                 match &self.bar {
                     Some(bar) if !bar.is_hidden() => bar.println(line),
                     _ => eprintln!("{line}"),
@@ -302,6 +322,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let before = mtp_core::device::process_memory().map(|(now, _)| now);
     let (summary, run_dir) = if let Some(dir) = &args.resume {
         let config = mtp_core::train::trainer::read_config(dir)?;
+        super::common::fetch_data(&config.data)?;
         let loaded = load(&config)?;
         let (_, summary) = mtp_core::train::resume(&loaded, dir, args.steps, &mut sink, &control)?;
         (summary, dir.clone())
@@ -316,6 +337,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 out.display()
             );
         }
+        super::common::fetch_data(&config.data)?;
         let loaded = load(&config)?;
         (mtp_core::train::train(&loaded, &config, &out, &mut sink, &control)?, out)
     };

@@ -56,6 +56,12 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         let label =
             ui.label("new tokens").on_hover_text("Greedy tokens per prompt (fewer when the model ends the text)");
         ui.add(super::drag_usize(&mut p.data.distill_new_tokens, 1..=4096)).labelled_by(label.id);
+        let has_template = rt.model.as_ref().is_some_and(|m| m.chat_template);
+        ui.add_enabled(has_template, egui::Checkbox::new(&mut p.data.distill_chat, "chat")).on_hover_text(
+            "An instruct model: take the dataset's questions (conversations up to each assistant turn, \
+             Alpaca instructions, prompts) through the model's chat template and record each answer to its \
+             end-of-turn token, as the model is used",
+        );
         busy_line(ui, rt, Job::Distill);
     });
     ui.separator();
@@ -65,11 +71,11 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     };
     let r = &d.report;
     ui.label(format!(
-        "Format: {:?} · {} examples · {} files · {} malformed lines",
+        "Format: {} · {} examples · {} files · {} malformed rows",
         r.format, r.examples, r.files, r.malformed
     ));
-    for (line, reason) in &r.malformed_lines {
-        ui.colored_label(theme::ERROR, format!("line {line}: {reason}"));
+    for bad in &r.malformed_rows {
+        ui.colored_label(theme::ERROR, bad.to_string());
     }
     if d.examples.is_empty() {
         ui.label("Load a model to see examples formatted with its tokenizer and chat template.");

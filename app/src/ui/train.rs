@@ -4,7 +4,7 @@
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 use mtp_core::model::Proj;
-use mtp_core::mtp::{LoraConfig, MtpConfig};
+use mtp_core::mtp::{LoraConfig, MtpConfig, SamplerForm};
 use mtp_core::train::trainer::Checkpointing;
 use mtp_core::train::{OptimConfig, Packing, Schedule, StepMetrics, TrainConfig};
 
@@ -31,6 +31,7 @@ pub fn config_from_forms(p: &Persisted, model: Option<&ModelSummary>) -> anyhow:
             gated: t.gated,
             sampler: t.sampler,
             train_mask_embeddings: t.train_masks,
+            sampler_form: if t.residual_sampler { SamplerForm::Residual } else { SamplerForm::Paper },
         },
         lcm_weight: t.lcm_weight,
         optim: OptimConfig {
@@ -54,6 +55,7 @@ pub fn config_from_forms(p: &Persisted, model: Option<&ModelSummary>) -> anyhow:
         dtype: m.dtype,
         draft_vocab: t.draft_vocab,
         checkpointing: t.checkpointing,
+        measure_every: t.measure_every,
     };
     config.validate()?;
     Ok(config)
@@ -119,6 +121,13 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
             form_row(ui, "Sampler head", "Drafts conditioned on the previous draft (off: the ablation)", |ui| {
                 ui.checkbox(&mut t.sampler, "")
             });
+            form_row(
+                ui,
+                "Residual sampler",
+                "The sampler's output added to the mask's hidden state through a zero-initialised matrix, so it \
+                 starts drafting as the LM head does (off: the paper's form, which starts from random drafts)",
+                |ui| ui.add_enabled(t.sampler, egui::Checkbox::without_text(&mut t.residual_sampler)),
+            );
             form_row(
                 ui,
                 "Gated LoRA",
@@ -210,6 +219,13 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
             form_row(ui, "Validate every", "Steps between validation passes", |ui| {
                 ui.add(drag_usize(&mut t.val_every, 0..=100_000))
             });
+            form_row(
+                ui,
+                "Measure every",
+                "Validation passes between measurements of tokens per forward: greedy quadratic decoding of a \
+                 few held-out prompts at 1..k masks (0: never; always at the end)",
+                |ui| ui.add(drag_usize(&mut t.measure_every, 0..=10_000)),
+            );
             form_row(ui, "Checkpoint every", "Steps between checkpoints (also at the end and on stop)", |ui| {
                 ui.add(drag_usize(&mut t.checkpoint_every, 1..=100_000))
             });
@@ -344,6 +360,35 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
         });
     });
     ui.horizontal(|ui| {
+        plot("acceptance").show(ui, |pu| {
+            for (i, (name, s)) in series.iter().enumerate() {
+                let k = s.val.iter().rev().find_map(|m| m.expected_tokens_per_forward.as_ref()).map_or(0, Vec::len);
+                for j in 0..k {
+                    let colour = theme::slot(j + 1 + i);
+                    let masks = if j == 0 { "1 mask".to_string() } else { format!("{} masks", j + 1) };
+                    pu.line(line(
+                        format!("{name} tokens/forward, {masks} (expected)"),
+                        &s.val,
+                        |m| m.expected_tokens_per_forward.as_ref().and_then(|e| e.get(j).copied()),
+                        colour,
+                    ));
+                    let measured: PlotPoints = s
+                        .val
+                        .iter()
+                        .filter_map(|m| {
+                            m.measured_tokens_per_forward.as_ref().and_then(|v| v.get(j)).map(|y| [m.step as f64, *y])
+                        })
+                        .collect();
+                    pu.points(
+                        egui_plot::Points::new(format!("{name} tokens/forward, {masks} (measured)"), measured)
+                            .color(colour)
+                            .radius(3.5),
+                    );
+                }
+            }
+        });
+    });
+    ui.horizontal(|ui| {
         plot("lr").show(ui, |pu| {
             for (i, (name, s)) in series.iter().enumerate() {
                 pu.line(line(format!("{name} lr"), &s.train, |m| Some(m.lr), theme::series(i)));
@@ -385,11 +430,15 @@ fn runs(ui: &mut egui::Ui, p: &Persisted, rt: &mut Runtime, commands: &mut Vec<C
         return;
     }
     let busy = rt.busy();
-    egui::Grid::new("runs").num_columns(5).striped(true).show(ui, |ui| {
+    egui::Grid::new("runs").num_columns(6).striped(true).show(ui, |ui| {
         ui.strong("overlay");
         ui.strong("run");
         ui.strong("steps");
         ui.strong("last loss");
+        ui.strong("tokens/forward at k").on_hover_text(
+            "The last validation's tokens per forward at k masks: expected from the drafter's slot accuracies, \
+             and measured by decoding held-out prompts",
+        );
         ui.strong("");
         ui.end_row();
         let runs = rt.runs.clone();
@@ -407,6 +456,7 @@ fn runs(ui: &mut egui::Ui, p: &Persisted, rt: &mut Runtime, commands: &mut Vec<C
             let total = r.config.as_ref().map_or(0, |c| c.steps);
             ui.label(format!("{}/{}", last.map_or(0, |m| m.step), total));
             ui.label(last.map_or("-".into(), |m| format!("{:.3}", m.losses.loss)));
+            ui.label(final_acceptance(&r.metrics));
             if ui
                 .add_enabled(!busy, egui::Button::new("Resume"))
                 .on_hover_text("Continue from the last checkpoint up to the Steps above")
@@ -417,4 +467,16 @@ fn runs(ui: &mut egui::Ui, p: &Persisted, rt: &mut Runtime, commands: &mut Vec<C
             ui.end_row();
         }
     });
+}
+
+/// A run's last acceptance at k masks: expected, and measured when it was.
+fn final_acceptance(metrics: &[StepMetrics]) -> String {
+    let last_k =
+        |f: fn(&StepMetrics) -> Option<&Vec<f64>>| metrics.iter().rev().find_map(f).and_then(|v| v.last().copied());
+    match (last_k(|m| m.expected_tokens_per_forward.as_ref()), last_k(|m| m.measured_tokens_per_forward.as_ref())) {
+        (Some(e), Some(m)) => format!("{e:.2} expected, {m:.2} measured"),
+        (Some(e), None) => format!("{e:.2} expected"),
+        (None, Some(m)) => format!("{m:.2} measured"),
+        (None, None) => "-".into(),
+    }
 }

@@ -232,7 +232,9 @@ impl Worker {
                 }
             }
             Request::LoadAdapter { path } => {
-                let adapter = MtpAdapter::load(&path, &self.model()?.model)?;
+                let loaded = self.model()?;
+                let check = mtp_core::mtp::BaseCheck { model_name: loaded.source.to_string(), ..Default::default() };
+                let adapter = MtpAdapter::load_checked(&path, &loaded.model, &check)?;
                 self.emit(Event::AdapterLoaded(AdapterSummary { path, config: adapter.config.clone() }));
                 self.set_adapter(adapter)?;
             }

@@ -16,19 +16,37 @@ use super::strategy::{MaskCount, Mode, Strategy};
 use super::{Decoding, GenerateOutput, GenerateRequest};
 use crate::error::{Error, Result};
 use crate::model::Llama;
-use crate::tokenizer::TextTokenizer;
+use crate::tokenizer::{ChatMessage, TextTokenizer};
 
-/// One benchmark prompt.
+/// One benchmark prompt: raw text, or a conversation (`messages`) encoded with the model's
+/// chat template, as an instruct model is used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BenchPrompt {
-    /// The prompt text.
+    /// The prompt text (empty when `messages` is given).
+    #[serde(default)]
     pub prompt: String,
+    /// A conversation ending with the turn the model answers, encoded with the chat template
+    /// and the generation prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
     /// Its domain (code, math, chat, knowledge, ...).
     pub domain: String,
 }
 
-/// Read a prompts file: one JSON object per line with `prompt` and `domain`. A bad line is
-/// an error naming the file and the line.
+impl BenchPrompt {
+    /// The prompt's token ids: the text as it is, or the conversation through the chat
+    /// template.
+    pub fn encode(&self, tokenizer: &TextTokenizer) -> Result<Vec<i64>> {
+        match &self.messages {
+            Some(messages) => tokenizer.encode_with(&tokenizer.apply_chat_template(messages, true)?, false),
+            None => tokenizer.encode(&self.prompt),
+        }
+    }
+}
+
+/// Read a prompts file: one JSON object per line with `domain` and either `prompt` (text)
+/// or `messages` (a conversation for the chat template). A bad line is an error naming the
+/// file and the line.
 pub fn read_prompts(path: &Path) -> Result<Vec<BenchPrompt>> {
     let text = crate::error::read_to_string(path)?;
     let mut prompts = Vec::new();
@@ -36,15 +54,15 @@ pub fn read_prompts(path: &Path) -> Result<Vec<BenchPrompt>> {
         if line.trim().is_empty() {
             continue;
         }
+        let bad = |reason: String| Error::Invalid(format!("{}: line {}: {reason}", path.display(), i + 1));
         let p: BenchPrompt = serde_json::from_str(line).map_err(|e| {
-            Error::Invalid(format!(
-                "{}: line {}: {e} (each line needs \"prompt\" and \"domain\" strings)",
-                path.display(),
-                i + 1
-            ))
+            bad(format!("{e} (each line needs a \"domain\" string and a \"prompt\" string or \"messages\")"))
         })?;
-        if p.prompt.is_empty() {
-            return Err(Error::Invalid(format!("{}: line {}: empty prompt", path.display(), i + 1)));
+        match &p.messages {
+            Some(m) if m.is_empty() => return Err(bad("empty messages".into())),
+            Some(_) if !p.prompt.is_empty() => return Err(bad("give \"prompt\" or \"messages\", not both".into())),
+            None if p.prompt.is_empty() => return Err(bad("empty prompt".into())),
+            _ => {}
         }
         prompts.push(p);
     }
@@ -136,6 +154,10 @@ pub struct BenchReport {
     /// How the steps applied the adapter (absent in reports written before it was chosen).
     #[serde(default)]
     pub lora_form: Option<LoraForm>,
+    /// The chat template that encoded the conversation prompts (its file), when any prompt
+    /// was a conversation.
+    #[serde(default)]
+    pub chat_template: Option<String>,
 }
 
 /// Receives benchmark progress; `Break` cancels.
@@ -225,7 +247,7 @@ pub fn run_bench(
         .collect();
     let strategies: Vec<Strategy> =
         runs.iter().map(|&(mode, masks)| Strategy::new(mode, Some(drafter), masks)).collect::<Result<_>>()?;
-    let encoded: Vec<Vec<i64>> = prompts.iter().map(|p| tokenizer.encode(&p.prompt)).collect::<Result<_>>()?;
+    let encoded: Vec<Vec<i64>> = prompts.iter().map(|p| p.encode(tokenizer)).collect::<Result<_>>()?;
     let total = prompts.len() * runs.len();
     if config.repeats == 0 {
         return Err(Error::Invalid("repeats must be at least 1".into()));
@@ -319,7 +341,15 @@ pub fn run_bench(
             });
         }
     }
-    Ok(BenchReport { rows, divergences, max_new_tokens: config.max_new_tokens, lora_form: Some(drafter.form()) })
+    let chat_template =
+        prompts.iter().any(|p| p.messages.is_some()).then(|| tokenizer.chat_template_origin()).flatten();
+    Ok(BenchReport {
+        rows,
+        divergences,
+        max_new_tokens: config.max_new_tokens,
+        lora_form: Some(drafter.form()),
+        chat_template,
+    })
 }
 
 impl BenchReport {
@@ -421,7 +451,8 @@ mod tests {
             .iter()
             .flat_map(|d| [row(d, Mode::Ar, 0), row(d, Mode::Linear, 1), row(d, Mode::Quadratic, 1)])
             .collect();
-        let md = BenchReport { rows, divergences: vec![], max_new_tokens: 8, lora_form: None }.to_markdown();
+        let md = BenchReport { rows, divergences: vec![], max_new_tokens: 8, lora_form: None, chat_template: None }
+            .to_markdown();
         assert_eq!(md.matches("quadratic: tokens per forward").count(), 1);
         assert_eq!(md.matches("linear: tokens per forward").count(), 1);
         assert_eq!(md.matches("| math |").count(), 2);
@@ -430,6 +461,7 @@ mod tests {
             divergences: vec![],
             max_new_tokens: 8,
             lora_form: None,
+            chat_template: None,
         }
         .to_csv();
         assert_eq!(csv.lines().count(), 2);

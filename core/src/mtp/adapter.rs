@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
 use super::gated_lora::{Lora, LoraConfig, PreparedLora};
-use super::sampler::SamplerHead;
+use super::sampler::{SamplerForm, SamplerHead};
 use crate::checkpoint::{SafetensorsFile, save};
 use crate::error::{Error, Result};
 use crate::model::{Gate, Gated, Llama, ProjDelta, ProjGroup};
@@ -29,13 +29,26 @@ pub struct MtpConfig {
     pub sampler: bool,
     /// Train the mask embeddings (frozen by default, as in the paper).
     pub train_mask_embeddings: bool,
+    /// The sampler head's form (adapters written before it was recorded: the paper's).
+    #[serde(default)]
+    pub sampler_form: SamplerForm,
 }
 
 impl Default for MtpConfig {
     fn default() -> Self {
-        Self { k: 4, lora: LoraConfig::default(), gated: true, sampler: true, train_mask_embeddings: false }
+        Self {
+            k: 4,
+            lora: LoraConfig::default(),
+            gated: true,
+            sampler: true,
+            train_mask_embeddings: false,
+            sampler_form: DEFAULT_SAMPLER_FORM,
+        }
     }
 }
+
+/// The sampler form new adapters are trained with.
+pub const DEFAULT_SAMPLER_FORM: SamplerForm = SamplerForm::Paper;
 
 impl MtpConfig {
     /// Check the ranges.
@@ -54,13 +67,20 @@ impl MtpConfig {
 }
 
 /// Which base model an adapter belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BaseIdentity {
     /// A readable name (the model source).
     pub name: String,
-    /// SHA-256 of the validated config and every tensor's name and shape.
+    /// SHA-256 of the validated config and every tensor's name and shape: the architecture.
     pub hash: String,
+    /// A sample of the weights' values: two models of one architecture (a base model and
+    /// its instruct variant) differ here. Absent in adapters written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Vec<f32>>,
 }
+
+/// Values sampled from each tensor the weight sample reads.
+const SAMPLES_PER_TENSOR: usize = 48;
 
 impl BaseIdentity {
     /// The identity of a loaded model.
@@ -72,8 +92,59 @@ impl BaseIdentity {
         for spec in Llama::tensor_specs(&model.config, None)? {
             h.update(format!("\n{}:{:?}", spec.name, spec.shape).as_bytes());
         }
-        Ok(Self { name: name.into(), hash: format!("{:x}", h.finalize()) })
+        Ok(Self { name: name.into(), hash: format!("{:x}", h.finalize()), weights: Some(weight_sample(model)?) })
     }
+
+    /// How many of the sampled weight values of `other` differ from these beyond the
+    /// rounding of a 16-bit float (the same model loaded in bf16 or f32 differs by less),
+    /// out of how many; `None` when either identity has no sample.
+    pub fn weights_differ(&self, other: &BaseIdentity) -> Option<(usize, usize)> {
+        let (a, b) = (self.weights.as_ref()?, other.weights.as_ref()?);
+        if a.len() != b.len() {
+            return Some((a.len().max(b.len()), a.len().max(b.len())));
+        }
+        let differ = a.iter().zip(b).filter(|(x, y)| (*x - *y).abs() > 1e-2 * x.abs().max(y.abs()) + 1e-6).count();
+        Some((differ, a.len()))
+    }
+}
+
+/// [`SAMPLES_PER_TENSOR`] values at fixed, spread positions of the embedding matrix, the
+/// first and last layers' stacked projections and the final norm, in f32.
+fn weight_sample(model: &Llama) -> Result<Vec<f32>> {
+    use crate::model::ProjGroup;
+    let last = model.config.num_layers.saturating_sub(1);
+    let mut tensors = vec![model.embed_tokens.shallow_clone()];
+    for (layer, group) in [(0, ProjGroup::Qkv), (0, ProjGroup::Down), (last, ProjGroup::Qkv), (last, ProjGroup::GateUp)]
+    {
+        if let Some((w, _)) = model.group_weight(layer, group) {
+            tensors.push(w);
+        }
+    }
+    let mut out = Vec::with_capacity(tensors.len() * SAMPLES_PER_TENSOR);
+    tch::no_grad(|| -> Result<()> {
+        for t in &tensors {
+            let n = t.numel() as u64;
+            // A fixed stride through the flattened tensor (an odd multiplier of the golden
+            // ratio): spread over every row, the same positions for every model of a shape.
+            let idx: Vec<i64> = (0..SAMPLES_PER_TENSOR as u64)
+                .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(12_345) % n.max(1)) as i64)
+                .collect();
+            let picked = t.flatten(0, -1).index_select(0, &Tensor::from_slice(&idx).to_device(t.device()));
+            out.extend(Vec::<f32>::try_from(picked.to_kind(Kind::Float).to_device(Device::Cpu))?);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// How an adapter is checked against the model it is loaded onto.
+#[derive(Debug, Clone, Default)]
+pub struct BaseCheck {
+    /// The loaded model's name, for messages.
+    pub model_name: String,
+    /// Load it even when the weights differ from those it was trained on (same
+    /// architecture, another checkpoint): its drafts will be accepted less often.
+    pub allow_other_weights: bool,
 }
 
 /// Metadata keys of `adapter.safetensors`.
@@ -133,7 +204,9 @@ impl MtpAdapter {
             t
         };
         let lora = Lora::new(&(&root / "lora"), &model.config, &config.lora);
-        let sampler = config.sampler.then(|| SamplerHead::new(&(&root / "sampler"), model.config.hidden_size));
+        let sampler = config
+            .sampler
+            .then(|| SamplerHead::new(&(&root / "sampler"), model.config.hidden_size, config.sampler_form));
         let base = BaseIdentity::of(model, base_name)?;
         Ok(Self { config, base, vs, mask_embeddings, lora, sampler, draft_vocab: None })
     }
@@ -206,17 +279,48 @@ impl MtpAdapter {
     /// Load an adapter for `model`. An adapter made for another base model is an error
     /// that says so; every tensor is checked for name and shape.
     pub fn load(path: &Path, model: &Llama) -> Result<Self> {
+        Self::load_checked(path, model, &BaseCheck::default())
+    }
+
+    /// [`MtpAdapter::load`], checked as `check` says: another architecture is always an
+    /// error; other weights of the same architecture (a base model's adapter on its
+    /// instruct variant) are an error unless allowed. Adapters written before weights were
+    /// sampled load with a warning.
+    pub fn load_checked(path: &Path, model: &Llama, check: &BaseCheck) -> Result<Self> {
         let file = SafetensorsFile::open(path)?;
         let (config, base) = Self::header_of(&file)?;
-        let ours = BaseIdentity::of(model, &base.name)?;
+        let ours = BaseIdentity::of(model, &check.model_name)?;
+        let loaded =
+            if check.model_name.is_empty() { "the loaded model".to_owned() } else { format!("`{}`", check.model_name) };
         if ours.hash != base.hash {
             return Err(Error::Invalid(format!(
-                "{}: this adapter was trained for base model `{}` (identity {}), not for the loaded model (identity {})",
+                "{}: this adapter was trained for base model `{}` (identity {}), not for {loaded} (identity {}): \
+                 another architecture",
                 path.display(),
                 base.name,
                 &base.hash[..12.min(base.hash.len())],
                 &ours.hash[..12],
             )));
+        }
+        match base.weights_differ(&ours) {
+            None => tracing::warn!(
+                "{}: written before adapters recorded their base model's weights; cannot check that it belongs to {loaded}",
+                path.display()
+            ),
+            Some((differ, of)) if differ * 20 > of => {
+                let what = format!(
+                    "{}: this adapter was trained on `{}`, whose weights differ from {loaded}'s ({differ} of {of} sampled \
+                     values): same architecture, another checkpoint (a base model and its instruct variant, say), so its \
+                     drafts would be trained for a model it never saw",
+                    path.display(),
+                    base.name,
+                );
+                if !check.allow_other_weights {
+                    return Err(Error::OtherBase(what));
+                }
+                tracing::warn!("{what}; loading it as asked");
+            }
+            Some(_) => {}
         }
         let mut adapter = Self::new(model, config, &base.name)?;
         adapter.base = base;

@@ -9,6 +9,7 @@ pub mod masks;
 pub mod probe;
 pub mod sampler;
 
-pub use adapter::{BaseIdentity, MtpAdapter, MtpConfig};
+pub use adapter::{BaseCheck, BaseIdentity, DEFAULT_SAMPLER_FORM, MtpAdapter, MtpConfig};
 pub use gated_lora::LoraConfig;
 pub use masks::{MtpLayout, build_layout, collate};
+pub use sampler::SamplerForm;

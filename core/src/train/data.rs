@@ -10,8 +10,9 @@ use std::str::FromStr;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
+use super::formats::{self, RowFile};
+pub use super::formats::{BadRow, DataFormat};
 use crate::error::{Error, Result};
 use crate::tokenizer::{ChatMessage, TextTokenizer};
 
@@ -19,10 +20,28 @@ use crate::tokenizer::{ChatMessage, TextTokenizer};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DataSource {
-    /// A JSONL file: one object per line with `messages`, `prompt` + `completion`, or `text`.
+    /// A JSONL file: one object per line (any row format of [`formats::parse_row`]).
     Jsonl {
         /// The file.
         path: PathBuf,
+    },
+    /// A JSON file holding an array of objects (the usual shape of an Alpaca set).
+    Json {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A Parquet file: one object per row.
+    Parquet {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A dataset repository on the Hugging Face hub: the files of its train split (JSONL,
+    /// JSON or Parquet), from the cache or downloaded into it.
+    Hub {
+        /// `owner/name`.
+        repo_id: String,
+        /// Branch, tag or commit.
+        revision: String,
     },
     /// A plain text file: one example.
     Text {
@@ -112,20 +131,45 @@ impl FromStr for DataSource {
         if path.is_dir() {
             Ok(DataSource::Folder { path, extensions: DEFAULT_EXTENSIONS.iter().map(|e| e.to_string()).collect() })
         } else if path.is_file() {
-            let jsonl = path.extension().is_some_and(|e| e == "jsonl");
-            Ok(if jsonl { DataSource::Jsonl { path } } else { DataSource::Text { path } })
+            Ok(DataSource::file(path))
+        } else if let Some((repo_id, revision)) = hub_dataset_id(s) {
+            Ok(DataSource::Hub { repo_id, revision })
         } else {
             Err(Error::io(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")))
         }
     }
 }
 
+impl DataSource {
+    /// A data file, read by its extension: `.jsonl`, `.json`, `.parquet`, else plain text.
+    pub fn file(path: PathBuf) -> Self {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("jsonl") => DataSource::Jsonl { path },
+            Some("json") => DataSource::Json { path },
+            Some("parquet") => DataSource::Parquet { path },
+            _ => DataSource::Text { path },
+        }
+    }
+}
+
+/// `owner/name[@revision]` when `s` reads as a hub dataset id and not as a missing file (a
+/// name with a data file's extension is a file that is not there).
+fn hub_dataset_id(s: &str) -> Option<(String, String)> {
+    let (repo, revision) = s.split_once('@').unwrap_or((s, "main"));
+    let file_like = [".jsonl", ".json", ".parquet", ".txt", ".csv"].iter().any(|e| repo.ends_with(e));
+    (crate::source::is_repo_id(repo) && !revision.is_empty() && !file_like).then(|| (repo.into(), revision.into()))
+}
+
 impl fmt::Display for DataSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DataSource::Jsonl { path } | DataSource::Text { path } | DataSource::Folder { path, .. } => {
-                write!(f, "{}", path.display())
-            }
+            DataSource::Jsonl { path }
+            | DataSource::Json { path }
+            | DataSource::Parquet { path }
+            | DataSource::Text { path }
+            | DataSource::Folder { path, .. } => write!(f, "{}", path.display()),
+            DataSource::Hub { repo_id, revision } if revision == "main" => write!(f, "{repo_id}"),
+            DataSource::Hub { repo_id, revision } => write!(f, "{repo_id}@{revision}"),
             DataSource::Builtin { set, examples, .. } => write!(f, "builtin:{}:{examples}", set.name()),
             DataSource::Mix { sources } => {
                 let parts: Vec<String> = sources.iter().map(ToString::to_string).collect();
@@ -166,20 +210,6 @@ pub enum Example {
     },
 }
 
-/// The format detected for a dataset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DataFormat {
-    /// JSONL with `messages`.
-    Chat,
-    /// JSONL with `prompt` and `completion`.
-    PromptCompletion,
-    /// JSONL with `text`, text files, folders.
-    Text,
-    /// A JSONL file mixing formats.
-    Mixed,
-}
-
 /// What reading a dataset found.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataReport {
@@ -189,20 +219,41 @@ pub struct DataReport {
     pub examples: usize,
     /// Files read.
     pub files: usize,
-    /// Lines skipped as malformed (JSONL).
+    /// Rows (lines of JSONL, rows of JSON arrays and Parquet files) skipped as malformed.
     pub malformed: usize,
-    /// The first few malformed line numbers (1-based), with the reason.
-    pub malformed_lines: Vec<(usize, String)>,
+    /// The first few malformed rows, with file, number and reason.
+    pub malformed_rows: Vec<BadRow>,
 }
 
-/// How many malformed lines are listed by number.
-const LISTED_BAD_LINES: usize = 5;
+impl DataReport {
+    /// Nothing read yet from `files` files.
+    pub fn empty(files: usize) -> Self {
+        Self { format: DataFormat::Text, examples: 0, files, malformed: 0, malformed_rows: Vec::new() }
+    }
 
-/// Read every example of `source`. Malformed JSONL lines are skipped and reported (with
-/// `strict`, the first one is an error). An empty dataset is an error.
+    /// The report of two parts of one dataset read one after the other.
+    pub fn merge(mut self, other: DataReport) -> Self {
+        self.format = self.format.join(other.format);
+        self.examples += other.examples;
+        self.files += other.files;
+        self.malformed += other.malformed;
+        self.malformed_rows.extend(other.malformed_rows);
+        self
+    }
+}
+
+/// Read every example of `source`. Malformed rows are skipped and reported (with `strict`,
+/// the first one is an error naming its file and row). An empty dataset is an error. A hub
+/// dataset resolves through the cache as [`DataSource::resolve`] does, without progress.
 pub fn read_examples(source: &DataSource, strict: bool) -> Result<(Vec<Example>, DataReport)> {
     let (examples, report) = match source {
-        DataSource::Jsonl { path } => read_jsonl(path, strict)?,
+        DataSource::Jsonl { path } => formats::read_rows(path, RowFile::Jsonl, strict, &formats::parse_row)?,
+        DataSource::Json { path } => formats::read_rows(path, RowFile::Json, strict, &formats::parse_row)?,
+        DataSource::Parquet { path } => formats::read_rows(path, RowFile::Parquet, strict, &formats::parse_row)?,
+        DataSource::Hub { .. } => {
+            let local = source.resolve(&crate::source::HubOptions::from_env(), &mut ())?;
+            return read_examples(&local, strict);
+        }
         DataSource::Text { path } => {
             let text = crate::error::read_to_string(path)?;
             (vec![Example::Text { text }], report(DataFormat::Text, 1, 1))
@@ -237,14 +288,7 @@ pub fn read_examples(source: &DataSource, strict: bool) -> Result<(Vec<Example>,
                 all.extend(ex);
                 rep = Some(match rep {
                     None => r,
-                    Some(mut acc) => {
-                        acc.format = if acc.format == r.format { acc.format } else { DataFormat::Mixed };
-                        acc.examples += r.examples;
-                        acc.files += r.files;
-                        acc.malformed += r.malformed;
-                        acc.malformed_lines.extend(r.malformed_lines);
-                        acc
-                    }
+                    Some(acc) => acc.merge(r),
                 });
             }
             let rep = rep.unwrap_or_else(|| report(DataFormat::Mixed, 0, 0));
@@ -258,7 +302,7 @@ pub fn read_examples(source: &DataSource, strict: bool) -> Result<(Vec<Example>,
 }
 
 fn report(format: DataFormat, examples: usize, files: usize) -> DataReport {
-    DataReport { format, examples, files, malformed: 0, malformed_lines: Vec::new() }
+    DataReport { format, examples, ..DataReport::empty(files) }
 }
 
 fn collect_files(dir: &Path, extensions: &[String], out: &mut Vec<PathBuf>) -> Result<()> {
@@ -272,95 +316,6 @@ fn collect_files(dir: &Path, extensions: &[String], out: &mut Vec<PathBuf>) -> R
         }
     }
     Ok(())
-}
-
-/// Parse one JSONL object into an example.
-fn parse_line(v: &Value) -> std::result::Result<Example, String> {
-    let obj = v.as_object().ok_or("not a JSON object")?;
-    if let Some(messages) = obj.get("messages") {
-        let messages: Vec<ChatMessage> =
-            serde_json::from_value(messages.clone()).map_err(|e| format!("`messages`: {e}"))?;
-        if messages.is_empty() {
-            return Err("`messages` is empty".into());
-        }
-        if let Some(m) = messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant")) {
-            return Err(format!("unknown role `{}`", m.role));
-        }
-        if !messages.iter().any(|m| m.role == "assistant") {
-            return Err("no assistant message".into());
-        }
-        return Ok(Example::Chat { messages });
-    }
-    if let (Some(p), Some(c)) = (obj.get("prompt_ids"), obj.get("completion_ids")) {
-        let ids = |v: &Value, name: &str| -> std::result::Result<Vec<i64>, String> {
-            let ids: Vec<i64> = serde_json::from_value(v.clone()).map_err(|e| format!("`{name}`: {e}"))?;
-            match ids.iter().find(|&&i| i < 0) {
-                Some(i) => Err(format!("`{name}`: negative token id {i}")),
-                None => Ok(ids),
-            }
-        };
-        let (prompt_ids, completion_ids) = (ids(p, "prompt_ids")?, ids(c, "completion_ids")?);
-        if prompt_ids.is_empty() || completion_ids.is_empty() {
-            return Err("`prompt_ids` and `completion_ids` must not be empty".into());
-        }
-        return Ok(Example::Tokens { prompt_ids, completion_ids });
-    }
-    match (obj.get("prompt"), obj.get("completion"), obj.get("text")) {
-        (Some(Value::String(p)), Some(Value::String(c)), _) => {
-            Ok(Example::PromptCompletion { prompt: p.clone(), completion: c.clone() })
-        }
-        (Some(_), Some(_), _) => Err("`prompt` and `completion` must be strings".into()),
-        (_, _, Some(Value::String(t))) if !t.is_empty() => Ok(Example::Text { text: t.clone() }),
-        _ => Err("needs `messages`, `prompt` + `completion`, or a non-empty `text`".into()),
-    }
-}
-
-fn read_jsonl(path: &Path, strict: bool) -> Result<(Vec<Example>, DataReport)> {
-    let text = crate::error::read_to_string(path)?;
-    let mut examples = Vec::new();
-    let mut rep = report(DataFormat::Text, 0, 1);
-    let mut kinds = [false; 3];
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let parsed = serde_json::from_str::<Value>(line).map_err(|e| e.to_string()).and_then(|v| parse_line(&v));
-        match parsed {
-            Ok(ex) => {
-                kinds[match ex {
-                    Example::Chat { .. } => 0,
-                    Example::PromptCompletion { .. } | Example::Tokens { .. } => 1,
-                    Example::Text { .. } => 2,
-                }] = true;
-                examples.push(ex);
-            }
-            Err(reason) if strict => {
-                return Err(Error::Invalid(format!("{}: line {}: {reason}", path.display(), i + 1)));
-            }
-            Err(reason) => {
-                rep.malformed += 1;
-                if rep.malformed_lines.len() < LISTED_BAD_LINES {
-                    rep.malformed_lines.push((i + 1, reason));
-                }
-            }
-        }
-    }
-    rep.examples = examples.len();
-    rep.format = match kinds {
-        [true, false, false] => DataFormat::Chat,
-        [false, true, false] => DataFormat::PromptCompletion,
-        [false, false, _] => DataFormat::Text,
-        _ => DataFormat::Mixed,
-    };
-    if rep.malformed > 0 {
-        tracing::warn!(
-            "{}: skipped {} malformed lines (first: {:?})",
-            path.display(),
-            rep.malformed,
-            rep.malformed_lines
-        );
-    }
-    Ok((examples, rep))
 }
 
 /// Token ids with a loss mask: `loss[i]` says whether the label of position i, the token
@@ -643,7 +598,8 @@ mod tests {
         let (examples, rep) = read_examples(&source, false)?;
         assert_eq!(examples.len(), 3);
         assert_eq!(rep.malformed, 3);
-        assert_eq!(rep.malformed_lines.iter().map(|l| l.0).collect::<Vec<_>>(), [3, 4, 7]);
+        assert_eq!(rep.malformed_rows.iter().map(|l| l.number).collect::<Vec<_>>(), [3, 4, 7]);
+        assert!(rep.malformed_rows.iter().all(|r| r.file.ends_with("d.jsonl") && r.unit == "line"));
         assert_eq!(rep.format, DataFormat::Mixed);
         let err = read_examples(&source, true).expect_err("strict").to_string();
         assert!(err.contains("d.jsonl") && err.contains("line 3"), "{err}");
@@ -656,7 +612,7 @@ mod tests {
     fn token_id_lines_keep_their_ids_with_loss_on_the_completion() -> Result<()> {
         let line =
             serde_json::json!({"prompt": "ab", "completion": "c", "prompt_ids": [5, 6], "completion_ids": [7, 8, 0]});
-        let ex = parse_line(&line).map_err(Error::Invalid)?;
+        let (ex, _) = formats::parse_row(&line).map_err(Error::Invalid)?;
         assert_eq!(ex, Example::Tokens { prompt_ids: vec![5, 6], completion_ids: vec![7, 8, 0] });
         let Example::Tokens { prompt_ids, completion_ids } = &ex else { unreachable!() };
         let t = tokens(prompt_ids, completion_ids);
@@ -668,7 +624,7 @@ mod tests {
             serde_json::json!({"prompt_ids": [1], "completion_ids": [-3]}),
             serde_json::json!({"prompt_ids": "1", "completion_ids": [2]}),
         ] {
-            assert!(parse_line(&bad).is_err(), "{bad}");
+            assert!(formats::parse_row(&bad).is_err(), "{bad}");
         }
         Ok(())
     }

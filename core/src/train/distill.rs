@@ -7,22 +7,30 @@
 //! choice. The paper trains on data close to its model's outputs (Tulu3-8B-SFT on the Tulu3
 //! SFT mix) and says nothing of this; it is an option here, never a silent default.
 //!
-//! Prompts are windows of exactly `prompt_tokens` tokens cut from a dataset's token stream
-//! (the examples concatenated, as pretraining saw them) just before a position the dataset
-//! marks as a target, so every prompt has the same length and a batch needs no padding.
+//! Two ways to choose prompts. From text: windows of exactly `prompt_tokens` tokens cut
+//! from a dataset's token stream (the examples concatenated, as pretraining saw them) just
+//! before a position the dataset marks as a target. For chat (an instruct model, distilled
+//! the way it is used, as EAGLE-3 and SpecForge regenerate responses with the target
+//! model): the dataset's questions (each conversation up to an assistant turn, an Alpaca
+//! instruction, a `prompt`) through the model's chat template, the response generated to
+//! the end-of-turn token. Prompts of different lengths share a batch padded on the left:
+//! padding is masked out of attention and positions start after it, so each row computes
+//! what it would alone.
 
 use std::path::Path;
 
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::Control;
-use super::data::{self, DataSource, Tokenized};
+use super::data::{self, DataSource, Example, Tokenized};
+use super::formats::{self, RowFile};
 use crate::bundle::LoadedModel;
 use crate::error::{Error, Result};
-use crate::model::Llama;
-use crate::tokenizer::TextTokenizer;
+use crate::model::{AttnMask, Llama};
+use crate::tokenizer::{ChatMessage, TextTokenizer};
 
 /// How much to distill and how.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -37,11 +45,14 @@ pub struct DistillConfig {
     pub batch_size: usize,
     /// Seed of the prompt choice.
     pub seed: u64,
+    /// Chat: the dataset's questions through the chat template (`prompt_tokens` unused).
+    #[serde(default)]
+    pub chat: bool,
 }
 
 impl Default for DistillConfig {
     fn default() -> Self {
-        Self { sequences: 4000, prompt_tokens: 32, new_tokens: 96, batch_size: 32, seed: 0 }
+        Self { sequences: 4000, prompt_tokens: 32, new_tokens: 96, batch_size: 32, seed: 0, chat: false }
     }
 }
 
@@ -64,11 +75,89 @@ pub fn distill(
     control: &Control,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Distilled>> {
-    let (examples, _) = data::read_examples(source, false)?;
-    let tokenized = examples.iter().map(|e| data::tokenize(e, &loaded.tokenizer)).collect::<Result<Vec<_>>>()?;
-    let prompts = choose_prompts(&tokenized, config)?;
+    let prompts = if config.chat {
+        chat_prompts(loaded, source, config)?
+    } else {
+        let (examples, _) = data::read_examples(source, false)?;
+        let tokenized = examples.iter().map(|e| data::tokenize(e, &loaded.tokenizer)).collect::<Result<Vec<_>>>()?;
+        choose_prompts(&tokenized, config)?
+    };
     let eos = &loaded.tokenizer.eos_ids;
     continue_greedy(&loaded.model, &prompts, config.new_tokens, config.batch_size, eos, control, progress)
+}
+
+/// Every question of `source` (see [`formats::parse_questions`]); an error when it has none.
+pub fn read_questions(source: &DataSource) -> Result<Vec<Vec<ChatMessage>>> {
+    let rows = |path: &std::path::Path, file: RowFile| -> Result<Vec<Vec<ChatMessage>>> {
+        let (rows, _) = formats::read_rows(path, file, false, &formats::parse_questions)?;
+        Ok(rows.into_iter().flatten().collect())
+    };
+    let questions = match source {
+        DataSource::Jsonl { path } => rows(path, RowFile::Jsonl)?,
+        DataSource::Json { path } => rows(path, RowFile::Json)?,
+        DataSource::Parquet { path } => rows(path, RowFile::Parquet)?,
+        DataSource::Hub { .. } => {
+            return read_questions(&source.resolve(&crate::source::HubOptions::from_env(), &mut ())?);
+        }
+        DataSource::Mix { sources } => {
+            let mut all = Vec::new();
+            for part in sources {
+                all.extend(read_questions(part)?);
+            }
+            all
+        }
+        DataSource::Text { .. } | DataSource::Folder { .. } | DataSource::Builtin { .. } => {
+            let (examples, _) = data::read_examples(source, false)?;
+            examples
+                .into_iter()
+                .flat_map(|e| match e {
+                    Example::Chat { messages } => formats::conversation_questions(messages),
+                    Example::PromptCompletion { prompt, .. } => vec![vec![ChatMessage::new("user", &prompt)]],
+                    Example::Text { .. } | Example::Tokens { .. } => Vec::new(),
+                })
+                .collect()
+        }
+    };
+    if questions.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{source} has no questions: chat distillation needs rows with `messages`, `conversations`, \
+             `instruction` or `prompt`"
+        )));
+    }
+    Ok(questions)
+}
+
+/// `config.sequences` questions of `source` (seeded; all of them when there are fewer),
+/// each through the chat template with the generation prompt, as `mtp generate --chat`
+/// encodes a prompt; those that leave no room for `new_tokens` in the context are dropped.
+/// Sorted by length, so that batches hold prompts of similar lengths.
+pub fn chat_prompts(loaded: &LoadedModel, source: &DataSource, config: &DistillConfig) -> Result<Vec<Vec<i64>>> {
+    let tok = &loaded.tokenizer;
+    let mut questions = read_questions(source)?;
+    questions.shuffle(&mut StdRng::seed_from_u64(config.seed ^ 0xC4A7_D157));
+    questions.truncate(config.sequences);
+    let room = loaded.model.config.context_length().saturating_sub(config.new_tokens);
+    let mut prompts = Vec::with_capacity(questions.len());
+    let mut too_long = 0;
+    for q in &questions {
+        let ids = tok.encode_with(&tok.apply_chat_template(q, true)?, false)?;
+        if ids.is_empty() || ids.len() > room {
+            too_long += 1;
+        } else {
+            prompts.push(ids);
+        }
+    }
+    if too_long > 0 {
+        tracing::warn!(
+            "{too_long} questions left no room for {} new tokens in the context: skipped",
+            config.new_tokens
+        );
+    }
+    if prompts.is_empty() {
+        return Err(Error::Invalid(format!("every question of {source} is too long for the model's context")));
+    }
+    prompts.sort_by_key(Vec::len);
+    Ok(prompts)
 }
 
 /// Write `examples` as JSONL, atomically: per line the texts (for people and the Data view)
@@ -115,10 +204,10 @@ pub fn choose_prompts(examples: &[Tokenized], config: &DistillConfig) -> Result<
         .collect())
 }
 
-/// Continue every prompt (all of one length) greedily for `new_tokens` tokens, `batch_size`
-/// at a time, cutting each continuation after its first token in `eos`. `progress(done,
-/// total)` is called after each batch. Stops early (returning what is done) when `control`
-/// is cancelled.
+/// Continue every prompt greedily for `new_tokens` tokens, `batch_size` at a time (prompts
+/// of different lengths padded on the left), cutting each continuation after its first
+/// token in `eos`. `progress(done, total)` is called after each batch. Stops early
+/// (returning what is done) when `control` is cancelled.
 pub fn continue_greedy(
     model: &Llama,
     prompts: &[Vec<i64>],
@@ -128,9 +217,9 @@ pub fn continue_greedy(
     control: &Control,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Distilled>> {
-    let p = prompts.first().map_or(0, Vec::len);
-    if let Some(bad) = prompts.iter().find(|q| q.len() != p) {
-        return Err(Error::Invalid(format!("prompts of {} and {p} tokens in one distillation", bad.len())));
+    let p = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(Error::Invalid("an empty prompt in a distillation".into()));
     }
     if p + new_tokens > model.config.context_length() {
         return Err(Error::ContextLength {
@@ -159,22 +248,48 @@ pub fn continue_greedy(
     Ok(out)
 }
 
-/// Greedy continuations of equal-length prompts decoded as one batch with a KV cache,
-/// stopping early once every row has written a token of `eos`.
+/// Greedy continuations of prompts decoded as one batch with a KV cache, stopping early
+/// once every row has written a token of `eos`. Shorter prompts are padded on the left:
+/// their padding is masked out of every row's attention (a padding row attends to itself
+/// alone, so that nothing it computes is NaN) and their positions start after it.
 ///
 /// # Shapes
-/// `prompts`: b prompts of p tokens -> b rows of at most `new_tokens` ids.
+/// `prompts`: b prompts of at most p tokens -> b rows of at most `new_tokens` ids.
 fn greedy_batch(model: &Llama, prompts: &[Vec<i64>], new_tokens: usize, eos: &[i64]) -> Result<Vec<Vec<i64>>> {
+    let device = model.device();
     let b = prompts.len() as i64;
-    let p = prompts.first().map_or(0, Vec::len);
-    let flat: Vec<i64> = prompts.iter().flatten().copied().collect();
-    let input = Tensor::from_slice(&flat).view([b, p as i64]).to_device(model.device());
-    let mut cache = model.new_cache(p + new_tokens);
-    let logits = model.forward(&input, Some(&mut cache)); // [b, p, vocab]
-    let mut next = logits.select(1, p as i64 - 1).argmax(-1, false); // [b]
-    let eos = Tensor::from_slice(eos).to_device(model.device());
-    let mut ended = Tensor::zeros([b], (Kind::Bool, model.device()));
+    let p = prompts.iter().map(Vec::len).max().unwrap_or(0) as i64;
+    let pads: Vec<i64> = prompts.iter().map(|q| p - q.len() as i64).collect();
+    let flat: Vec<i64> = prompts
+        .iter()
+        .zip(&pads)
+        .flat_map(|(q, &pad)| std::iter::repeat_n(0, pad as usize).chain(q.iter().copied()))
+        .collect();
+    let input = Tensor::from_slice(&flat).view([b, p]).to_device(device);
+    let mut cache = model.new_cache(p as usize + new_tokens);
+    let padded = pads.iter().any(|&pad| pad > 0);
+    // Per row: the first real column, and whether each cache column is a real token.
+    let pad = Tensor::from_slice(&pads).to_device(device).unsqueeze(1); // [b, 1]
+    let columns = Tensor::arange(p + new_tokens as i64, (Kind::Int64, device)).unsqueeze(0); // [1, S]
+    let real = columns.ge_tensor(&pad); // [b, S]
+    let cols = columns.narrow(1, 0, p);
+    let (positions, mask) = if padded {
+        let rows = cols.view([p, 1]);
+        let causal = cols.le_tensor(&rows); // [p, p]
+        let own = cols.eq_tensor(&rows);
+        let mask = causal.unsqueeze(0).logical_and(&real.narrow(1, 0, p).unsqueeze(1)).logical_or(&own); // [b, p, p]
+        ((&cols - &pad).clamp_min(0), Some(mask.unsqueeze(1))) // [b, p], [b, 1, p, p]
+    } else {
+        (cols.squeeze_dim(0), None)
+    };
+    let attn = mask.as_ref().map_or(AttnMask::Causal, AttnMask::Custom);
+    let h = model.forward_embeds(&model.embed(&input), &positions, attn, None, Some(&mut cache));
+    let logits = model.logits(&h.narrow(1, p - 1, 1)); // [b, 1, vocab]
+    let mut next = logits.select(1, 0).argmax(-1, false); // [b]
+    let eos = Tensor::from_slice(eos).to_device(device);
+    let mut ended = Tensor::zeros([b], (Kind::Bool, device));
     let mut steps = Vec::with_capacity(new_tokens);
+    let lengths = Tensor::from_slice(&prompts.iter().map(|q| q.len() as i64).collect::<Vec<_>>()).to_device(device);
     for i in 0..new_tokens {
         steps.push(next.shallow_clone());
         ended = ended.logical_or(&Tensor::isin(&next, &eos, false, false));
@@ -182,7 +297,17 @@ fn greedy_batch(model: &Llama, prompts: &[Vec<i64>], new_tokens: usize, eos: &[i
         if i + 1 == new_tokens || (i % 8 == 7 && ended.all().int64_value(&[]) != 0) {
             break;
         }
-        next = model.forward(&next.unsqueeze(1), Some(&mut cache)).select(1, 0).argmax(-1, false);
+        let x = next.unsqueeze(1);
+        let out = if padded {
+            let s = p + i as i64 + 1;
+            let positions = (&lengths + i as i64).unsqueeze(1); // [b, 1]
+            let mask = real.narrow(1, 0, s).reshape([b, 1, 1, s]);
+            let h = model.forward_embeds(&model.embed(&x), &positions, AttnMask::Custom(&mask), None, Some(&mut cache));
+            model.logits(&h)
+        } else {
+            model.forward(&x, Some(&mut cache))
+        };
+        next = out.select(1, 0).argmax(-1, false);
     }
     let n = steps.len();
     let all = Tensor::stack(&steps, 1).to_kind(Kind::Int64).to_device(tch::Device::Cpu); // [b, n]

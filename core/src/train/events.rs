@@ -40,6 +40,28 @@ pub struct StepMetrics {
     pub gpu_mem_bytes: Option<u64>,
     /// Seconds since the run (or its resumption) started.
     pub elapsed: f64,
+    /// Validation: per mask count 1..k, the tokens per forward the drafter's slot
+    /// accuracies predict, `1 + sum over j <= m of acc_1 ... acc_j`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub expected_tokens_per_forward: Option<Vec<f64>>,
+    /// Validation, every few passes: per mask count 1..k, the tokens per forward greedy
+    /// quadratic decoding of a few held-out prompts reached.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub measured_tokens_per_forward: Option<Vec<f64>>,
+}
+
+/// The tokens per forward that per-slot acceptance rates `acc` predict at each mask count
+/// 1..=len: `1 + acc_1 + acc_1 acc_2 + ...` (a draft counts only when every earlier one was
+/// accepted).
+pub fn expected_tokens_per_forward(acc: &[f64]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(acc.len());
+    let (mut total, mut run) = (1.0, 1.0);
+    for a in acc {
+        run *= a.clamp(0.0, 1.0);
+        total += run;
+        out.push(total);
+    }
+    out
 }
 
 /// Events of one training run, in order.
@@ -95,5 +117,18 @@ impl TrainSink for () {
 impl<F: FnMut(&TrainEvent)> TrainSink for F {
     fn event(&mut self, event: &TrainEvent) {
         self(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_tokens_per_forward_multiplies_slot_rates() {
+        assert_eq!(expected_tokens_per_forward(&[0.5, 0.5, 1.0]), [1.5, 1.75, 2.0]);
+        assert_eq!(expected_tokens_per_forward(&[1.0, 1.0]), [2.0, 3.0]);
+        assert_eq!(expected_tokens_per_forward(&[0.0, 0.9]), [1.0, 1.0]);
+        assert!(expected_tokens_per_forward(&[]).is_empty());
     }
 }

@@ -6,6 +6,8 @@ pub mod control;
 pub mod data;
 pub mod distill;
 pub mod events;
+pub mod formats;
+pub mod hub_data;
 pub mod memory;
 pub mod optim;
 pub mod pretrain;
@@ -13,6 +15,6 @@ pub mod trainer;
 
 pub use control::Control;
 pub use data::{DataSource, Example, Tokenized};
-pub use events::{Split, StepMetrics, TrainEvent, TrainSink};
+pub use events::{Split, StepMetrics, TrainEvent, TrainSink, expected_tokens_per_forward};
 pub use optim::{AdamW, OptimConfig, Schedule};
 pub use trainer::{Outcome, Packing, RunDir, TrainConfig, TrainSummary, resume, train};

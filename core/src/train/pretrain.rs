@@ -278,13 +278,7 @@ pub fn pretrain(
         }
         report = Some(match report {
             None => rep,
-            Some(mut r) => {
-                r.examples += rep.examples;
-                r.files += rep.files;
-                r.malformed += rep.malformed;
-                r.format = data::DataFormat::Mixed;
-                r
-            }
+            Some(r) => r.merge(rep),
         });
     }
     let report = report.ok_or_else(|| Error::Invalid("no data".into()))?;
@@ -363,6 +357,7 @@ pub fn pretrain(
         device,
         checkpointing: false,
         memory_estimate: None,
+        measure_every: 0,
     };
     let objective = LmObjective { model: &model, vs: &vs };
     let (outcome, step, _) = optimize(&objective, &prepared, &settings, &run, resume, sink, control)?;

@@ -82,7 +82,22 @@ pub struct TrainConfig {
     /// Recompute each layer's activations in the backward pass instead of keeping them.
     #[serde(default)]
     pub checkpointing: Checkpointing,
+    /// Every this many validation passes (and at the end), measure tokens per forward by
+    /// decoding a few held-out prompts at 1..k masks (0 = never).
+    #[serde(default = "default_measure_every")]
+    pub measure_every: usize,
 }
+
+fn default_measure_every() -> usize {
+    4
+}
+
+/// Held-out prompts decoded by each acceptance measurement.
+const MEASURE_PROMPTS: usize = 4;
+/// Tokens each of them is continued by.
+const MEASURE_TOKENS: usize = 32;
+/// The longest prompt a measurement feeds (the end of a longer context is kept).
+const MEASURE_PROMPT_TOKENS: usize = 64;
 
 /// Activation checkpointing: keep only each layer's input in the forward pass and
 /// recompute the layer in the backward pass (about a third more compute, a fraction of
@@ -156,6 +171,7 @@ impl Default for TrainConfig {
             dtype: DType::F32,
             draft_vocab: DEFAULT_DRAFT_VOCAB,
             checkpointing: Checkpointing::Auto,
+            measure_every: default_measure_every(),
         }
     }
 }
@@ -524,6 +540,14 @@ pub(crate) trait Objective {
     /// The loss values of one micro-batch; with `grad_scale`, also accumulate the
     /// gradients of `grad_scale * loss` (a batch without any labelled row has none).
     fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>) -> LossValues;
+    /// Tokens per forward at each mask count that validation values `v` predict.
+    fn expected_acceptance(&self, _v: &LossValues) -> Option<Vec<f64>> {
+        None
+    }
+    /// Tokens per forward at each mask count, measured by decoding `prompts`.
+    fn measured_acceptance(&self, _prompts: &[Vec<i64>]) -> Result<Option<Vec<f64>>> {
+        Ok(None)
+    }
 }
 
 /// The loop settings shared by MTP training and pretraining.
@@ -540,6 +564,7 @@ pub(crate) struct LoopSettings {
     pub device: Device,
     pub checkpointing: bool,
     pub memory_estimate: Option<u64>,
+    pub measure_every: usize,
 }
 
 impl LoopSettings {
@@ -547,6 +572,7 @@ impl LoopSettings {
         Self {
             checkpointing: false,
             memory_estimate: None,
+            measure_every: config.measure_every,
             steps: config.steps,
             batch_size: config.batch_size,
             grad_accum: config.grad_accum,
@@ -592,6 +618,51 @@ impl Objective for MtpObjective<'_> {
             }
         }
     }
+
+    fn expected_acceptance(&self, v: &LossValues) -> Option<Vec<f64>> {
+        // The drafts come from the sampler when the adapter has one, else the LM head.
+        let acc = if self.adapter.config.sampler { &v.slot_acc_sampler } else { &v.slot_acc };
+        Some(super::events::expected_tokens_per_forward(acc))
+    }
+
+    fn measured_acceptance(&self, prompts: &[Vec<i64>]) -> Result<Option<Vec<f64>>> {
+        use crate::decode::{Decoding, DraftOptions, Drafter, GenerateRequest, MaskCount, Mode, Strategy, generate};
+        if prompts.is_empty() {
+            return Ok(None);
+        }
+        let drafter = tch::no_grad(|| Drafter::new(self.model, self.adapter, DraftOptions::default()))?;
+        let mut per_masks = Vec::with_capacity(self.adapter.config.k);
+        for m in 1..=self.adapter.config.k {
+            let strategy = Strategy::new(Mode::Quadratic, Some(&drafter), MaskCount::Fixed(m))?;
+            let (mut tokens, mut forwards) = (0, 0);
+            for prompt in prompts {
+                let req = GenerateRequest {
+                    prompt_ids: prompt.clone(),
+                    max_new_tokens: MEASURE_TOKENS,
+                    decoding: Decoding::Greedy,
+                    eos_ids: Vec::new(),
+                };
+                let out = generate(self.model, strategy, &req, &mut ())?;
+                tokens += out.token_ids.len();
+                forwards += out.forwards;
+            }
+            per_masks.push(tokens as f64 / forwards.max(1) as f64);
+        }
+        Ok(Some(per_masks))
+    }
+}
+
+/// Up to [`MEASURE_PROMPTS`] prompts from validation sequences: each one's context up to
+/// its first target (its last [`MEASURE_PROMPT_TOKENS`] tokens), what the model continues.
+fn measure_prompts(val: &[Tokenized]) -> Vec<Vec<i64>> {
+    val.iter()
+        .filter_map(|t| {
+            let first = t.loss.iter().position(|&l| l)?;
+            let start = (first + 1).saturating_sub(MEASURE_PROMPT_TOKENS);
+            Some(t.ids[start..=first].to_vec())
+        })
+        .take(MEASURE_PROMPTS)
+        .collect()
 }
 
 fn run_loop(
@@ -711,6 +782,7 @@ pub(crate) fn optimize(
             tokens_per_second: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             gpu_mem_bytes: if step % 10 == 1 { gpu_memory_used(settings.device) } else { None },
             elapsed: start.elapsed().as_secs_f64(),
+            ..StepMetrics::default()
         };
         metrics.append(&m)?;
         sink.event(&TrainEvent::Step(m.clone()));
@@ -718,8 +790,14 @@ pub(crate) fn optimize(
 
         let end = step == settings.steps;
         if ((settings.val_every > 0 && step % settings.val_every == 0) || end)
-            && let Some(v) = validate(objective, settings, &data.val, step, lr, start)
+            && let Some(mut v) = validate(objective, settings, &data.val, step, lr, start)
         {
+            v.expected_tokens_per_forward = objective.expected_acceptance(&v.losses);
+            // By step, so that a resumed run measures where an uninterrupted one does.
+            let every = settings.val_every.max(1) * settings.measure_every;
+            if settings.measure_every > 0 && (step % every == 0 || end) {
+                v.measured_tokens_per_forward = objective.measured_acceptance(&measure_prompts(&data.val))?;
+            }
             metrics.append(&v)?;
             sink.event(&TrainEvent::Validation(v));
         }
@@ -769,6 +847,8 @@ fn validate(
         tokens_per_second: tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
         gpu_mem_bytes: None,
         elapsed: start.elapsed().as_secs_f64(),
+        expected_tokens_per_forward: None,
+        measured_tokens_per_forward: None,
     })
 }
 

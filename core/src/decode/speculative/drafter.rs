@@ -132,8 +132,12 @@ pub struct Drafter {
     sampler: Option<PreparedSampler>,
     /// `[N]` int64: token id of each row of `head`, when drafting from a draft vocabulary.
     vocab: Option<Tensor>,
-    /// `[N, d]` (or `[V, d]`): the LM-head rows drafts are chosen from.
-    head: Tensor,
+    /// `[d, N]` (or `[d, V]`): the LM-head rows drafts are chosen from, transposed once on
+    /// the CPU so that a draft's logits are one plain product (there, a row times a
+    /// row-major `[d, N]` matrix beat both the head's matrix-vector product and its two-row
+    /// form, for heads in cache and in memory alike: docs/BENCHMARKS.md); on a GPU the
+    /// whole head is a transposed view, not a copy.
+    head_t: Tensor,
     /// Step constants by shape, built on first use and shared by every generation.
     plans: RefCell<HashMap<(Layout, usize, usize), Rc<StepPlan>>>,
     /// What the last generation's `auto` mask controller learned (per layout), so that the
@@ -166,9 +170,11 @@ impl Drafter {
                 (Some(ids), true) => Some(Tensor::from_slice(ids).to_device(device)),
                 _ => None,
             };
-            let head = match &vocab {
-                Some(ids) => model.lm_head.index_select(0, ids),
-                None => model.lm_head.shallow_clone(),
+            let head_t = match (&vocab, device) {
+                (Some(ids), _) => model.lm_head.index_select(0, ids).tr().contiguous(),
+                (None, Device::Cpu) => model.lm_head.tr().contiguous(),
+                // The whole head on a GPU: a view (the product takes it transposed as it is).
+                (None, _) => model.lm_head.tr(),
             };
             let form = options.lora.resolve(model, adapter.config.gated);
             Ok(Self {
@@ -178,7 +184,7 @@ impl Drafter {
                 form,
                 sampler: adapter.sampler().map(|s| s.prepare()),
                 vocab,
-                head,
+                head_t,
                 plans: RefCell::default(),
                 controllers: RefCell::default(),
             })
@@ -263,7 +269,7 @@ impl Drafter {
     /// Logits over the draft vocabulary (or the whole head) for final hidden states `h`.
     fn draft_logits(&self, h: &Tensor, kind: Kind) -> Tensor {
         let h = if h.kind() == kind { h.shallow_clone() } else { h.to_kind(kind) };
-        crate::model::linear::linear(&h, &self.head, None)
+        h.mm(&self.head_t)
     }
 
     /// Token ids of draft-vocabulary indices.
@@ -287,11 +293,11 @@ impl Drafter {
             let mut logits_rows = Vec::new();
             let drafts = match &self.sampler {
                 Some(head) => {
-                    let z_part = head.z_part(z);
+                    let block = head.block(z);
                     let mut prev = prev.shallow_clone();
                     let mut chosen = Vec::with_capacity(z.size()[0] as usize);
                     for j in 0..z.size()[0] {
-                        let h = head.step(&z_part.narrow(0, j, 1), &model.embed(&prev));
+                        let h = head.step(&block, j, &model.embed(&prev));
                         let logits = self.draft_logits(&h, kind);
                         prev = self.ids(&logits.argmax(-1, false));
                         chosen.push(prev.shallow_clone());
@@ -332,13 +338,13 @@ impl Drafter {
         tch::no_grad(|| {
             let m = z.size()[0];
             let (mut drafts, mut q) = (Vec::with_capacity(m as usize), Vec::with_capacity(m as usize));
-            let z_part = self.sampler.as_ref().map(|head| head.z_part(z));
+            let block = self.sampler.as_ref().map(|head| head.block(z));
             let mut prev = prev;
             for j in 0..m {
-                let logits = match (&self.sampler, &z_part) {
+                let logits = match (&self.sampler, &block) {
                     (Some(head), Some(zp)) => {
                         let e = model.embed(&Tensor::from_slice(&[prev]).to_device(device));
-                        self.draft_logits(&head.step(&zp.narrow(0, j, 1), &e), kind)
+                        self.draft_logits(&head.step(zp, j, &e), kind)
                     }
                     _ => self.draft_logits(&z.narrow(0, j, 1), kind),
                 };
