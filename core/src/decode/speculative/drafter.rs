@@ -135,7 +135,7 @@ pub struct Drafter {
     /// `[d, N]` (or `[d, V]`): the LM-head rows drafts are chosen from, transposed once on
     /// the CPU so that a draft's logits are one plain product (there, a row times a
     /// row-major `[d, N]` matrix beat both the head's matrix-vector product and its two-row
-    /// form, for heads in cache and in memory alike: docs/BENCHMARKS.md); on a GPU the
+    /// form, for heads in cache and in memory alike: `examples/product_forms.rs`); on a GPU the
     /// whole head is a transposed view, not a copy.
     head_t: Tensor,
     /// Step constants by shape, built on first use and shared by every generation.
