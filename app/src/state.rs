@@ -174,7 +174,7 @@ impl Default for TrainForm {
             train_masks: false,
             // The loss sums over the width: ~1000 at width 256 where the others are ~5. 0.02
             // balances the demo; the method's (and the CLI's) default is 1.
-            lcm_weight: 0.02,
+            lcm_weight: mtp_core::train::trainer::DEFAULT_LCM_WEIGHT,
             lr: 1e-3,
             warmup: 20,
             cosine: false,

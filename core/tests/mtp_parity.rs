@@ -37,7 +37,9 @@ fn losses_and_gradients_match_the_pytorch_reference() -> anyhow::Result<()> {
     let ids = file.read("ids")?;
     let loss_mask = file.read("loss_mask")?.to_kind(Kind::Bool);
     let batch = collate(&[build_layout(&ids, &loss_mask, k as i64)], Device::Cpu);
-    let ours = loss::compute(&m.model, &adapter, &batch, lcm_weight);
+    // The reference sums the LCM distance over the width.
+    let lcm = loss::Lcm { weight: lcm_weight, reduction: loss::LcmReduction::Sum };
+    let ours = loss::compute(&m.model, &adapter, &batch, lcm);
     let v = ours.values();
     for (name, value) in
         [("loss", v.loss), ("loss_base", v.loss_base), ("loss_sampler", v.loss_sampler), ("loss_lcm", v.loss_lcm)]

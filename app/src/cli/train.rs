@@ -99,8 +99,12 @@ pub struct Args {
     #[arg(long)]
     pub train_mask_embeddings: bool,
     /// Weight of the latent-consistency loss.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = mtp_core::train::trainer::DEFAULT_LCM_WEIGHT)]
     pub lcm_weight: f64,
+    /// How the latent-consistency loss reduces over the hidden width: mean (one weight for
+    /// every width) or sum (the first reading; its weight depends on the width).
+    #[arg(long, default_value_t = mtp_core::mtp::loss::LcmReduction::Mean)]
+    pub lcm_reduction: mtp_core::mtp::loss::LcmReduction,
     /// Fail on the first malformed dataset line.
     #[arg(long)]
     pub strict: bool,
@@ -152,6 +156,7 @@ impl Args {
                 sampler_form: self.sampler_form,
             },
             lcm_weight: self.lcm_weight,
+            lcm_reduction: self.lcm_reduction,
             optim: OptimConfig {
                 lr: self.lr,
                 warmup: self.warmup,

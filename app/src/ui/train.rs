@@ -34,6 +34,7 @@ pub fn config_from_forms(p: &Persisted, model: Option<&ModelSummary>) -> anyhow:
             sampler_form: if t.residual_sampler { SamplerForm::Residual } else { SamplerForm::Paper },
         },
         lcm_weight: t.lcm_weight,
+        lcm_reduction: mtp_core::mtp::loss::LcmReduction::Mean,
         optim: OptimConfig {
             lr: t.lr,
             warmup: t.warmup,
@@ -137,9 +138,13 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
             form_row(ui, "Train masks", "Also train the k mask embeddings (frozen by default)", |ui| {
                 ui.checkbox(&mut t.train_masks, "")
             });
-            form_row(ui, "LCM weight", "Weight of the latent-consistency loss. It sums over the hidden size, so it grows with the width: about 1000 at width 256 against ~5 for the others; 0.02 balances the demo (the method's default is 1)", |ui| {
-                ui.add(egui::DragValue::new(&mut t.lcm_weight).range(0.0..=10.0).speed(0.01))
-            });
+            form_row(
+                ui,
+                "LCM weight",
+                "Weight of the latent-consistency loss, which averages over the hidden width: one weight serves \
+                 every model (5, the default, is what the demo's adapter was trained with)",
+                |ui| ui.add(egui::DragValue::new(&mut t.lcm_weight).range(0.0..=100.0).speed(0.05)),
+            );
             ui.label("Targets").on_hover_text("Projections that get gated LoRA");
             ui.horizontal_wrapped(|ui| {
                 for (i, proj) in Proj::ALL.iter().enumerate() {

