@@ -4,6 +4,8 @@
 
 pub mod app;
 pub mod cli;
+pub mod commands;
+pub mod requests;
 pub mod state;
 pub mod ui;
 pub mod worker;

@@ -37,14 +37,14 @@ fn persisted() -> Persisted {
     let mut p = Persisted::default();
     p.model.device = mtp_core::DeviceSpec::Cpu;
     p.data.source = "builtin:arith:200".into();
-    let t = &mut p.train;
-    t.k = 2;
-    t.rank = 4;
+    let t = &mut p.train.recipe;
+    t.method.k = 2;
+    t.method.lora.rank = 4;
     t.steps = 12;
     t.batch_size = 2;
     t.seq_len = 32;
-    t.lr = 3e-3;
-    t.warmup = 2;
+    t.optim.lr = 3e-3;
+    t.optim.warmup = 2;
     t.val_every = 4;
     t.checkpoint_every = 4;
     p.compare.prompt = "Question: Tom has 3 cards".into();
@@ -125,7 +125,7 @@ fn main_flow_and_snapshots() -> anyhow::Result<()> {
     // Train: start, see metrics arrive, stop.
     tab(&mut h, Tab::Train);
     h.state_mut().persisted.train.run_name = "stopped".into();
-    h.state_mut().persisted.train.steps = 200;
+    h.state_mut().persisted.train.recipe.steps = 200;
     h.get_by_label("Start training").click();
     until(&mut h, 120, "training metrics", |a| a.runtime.live.as_ref().is_some_and(|l| l.train.len() >= 3));
     h.get_by_label("Stop").click();
@@ -143,7 +143,7 @@ fn main_flow_and_snapshots() -> anyhow::Result<()> {
 
     // Train to the end (deterministic: the snapshot shows its curves).
     h.state_mut().persisted.train.run_name = "full".into();
-    h.state_mut().persisted.train.steps = 12;
+    h.state_mut().persisted.train.recipe.steps = 12;
     h.get_by_label("Start training").click();
     h.run_steps(2);
     settle(&mut h);
@@ -298,8 +298,8 @@ fn quitting_during_training_leaves_a_resumable_checkpoint() -> anyhow::Result<()
     let tmp = tempfile::tempdir()?;
     let proj = project(tmp.path())?;
     let mut p = persisted();
-    p.train.steps = 100_000;
-    p.train.checkpoint_every = 100_000;
+    p.train.recipe.steps = 100_000;
+    p.train.recipe.checkpoint_every = 100_000;
     p.train.run_name = "interrupted".into();
     p.tab = Tab::Train;
     let mut h = harness(&proj, p);

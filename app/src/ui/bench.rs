@@ -2,13 +2,12 @@
 //! wall-clock speedup, a chart of tokens per forward against masks per domain, and exports.
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
-use mtp_core::decode::bench::BenchConfig;
 use mtp_core::decode::{MaskCount, Mode};
 
 use super::{busy_line, theme};
 use crate::app::{Command, Pick};
 use crate::state::{Persisted, Runtime};
-use crate::worker::{Job, Request};
+use crate::worker::Job;
 
 /// Draw the Bench view.
 pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut Vec<Command>) {
@@ -36,22 +35,10 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             egui::Role::SpinButton,
             "New tokens per prompt",
         );
-        let masks: Result<Vec<MaskCount>, _> = b.masks.split(',').map(|s| s.parse::<MaskCount>()).collect();
-        let ready = !rt.busy() && rt.adapter.is_some() && masks.is_ok();
-        if ui.add_enabled(ready, egui::Button::new("Run benchmark")).clicked()
-            && let Ok(masks) = masks
-        {
-            let mut modes = vec![Mode::Ar];
-            if b.linear {
-                modes.push(Mode::Linear);
-            }
-            if b.quadratic {
-                modes.push(Mode::Quadratic);
-            }
-            let prompts =
-                if b.prompts.trim().is_empty() { mtp_core::source::demo_prompts() } else { b.prompts.trim().into() };
-            let config = BenchConfig { modes, masks, max_new_tokens: b.max_new_tokens, repeats: 1 };
-            commands.push(Command::Send(Request::Bench { prompts, config }));
+        let masks_ok = b.masks.split(',').all(|s| s.parse::<MaskCount>().is_ok());
+        let ready = !rt.busy() && rt.adapter.is_some() && masks_ok;
+        if ui.add_enabled(ready, egui::Button::new("Run benchmark")).clicked() {
+            commands.push(Command::StartBench);
         }
         if rt.job == Some(Job::Bench) && ui.button("Stop").clicked() {
             commands.push(Command::Cancel);

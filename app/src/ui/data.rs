@@ -81,7 +81,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         ui.label("Load a model to see examples formatted with its tokenizer and chat template.");
         return;
     }
-    let k = p.train.k;
+    let k = p.train.recipe.method.k;
     ui.horizontal(|ui| {
         ui.colored_label(theme::PROMPT, "prompt / context");
         ui.colored_label(theme::RESPONSE, "response / target");

@@ -3,8 +3,6 @@
 
 use mtp_core::DType;
 use mtp_core::inspect::human_bytes;
-use mtp_core::model::Proj;
-use mtp_core::mtp::LoraConfig;
 use mtp_core::train::memory::{MemoryInputs, estimate};
 
 use super::{busy_line, form_row};
@@ -141,16 +139,11 @@ pub fn show(
 
     ui.separator();
     ui.heading("Training memory estimate");
-    let t = &p.train;
-    let lora = LoraConfig {
-        rank: t.rank,
-        alpha: t.alpha,
-        targets: Proj::ALL.iter().zip(t.targets).filter(|(_, on)| *on).map(|(p, _)| *p).collect(),
-    };
+    let t = &p.train.recipe;
     let inputs = MemoryInputs {
-        k: t.k,
-        lora: &lora,
-        sampler: t.sampler,
+        k: t.method.k,
+        lora: &t.method.lora,
+        sampler: t.method.sampler,
         batch_size: t.batch_size,
         seq_len: t.seq_len,
         dtype: m.dtype,
@@ -161,7 +154,7 @@ pub fn show(
     let c = estimate(i, &m.config, &MemoryInputs { checkpointing: true, ..inputs.clone() });
     ui.label(format!(
         "k = {}, rank {}, batch {}, sequence {} tokens, {} (change these in the Train tab):",
-        t.k, t.rank, t.batch_size, t.seq_len, m.dtype
+        t.method.k, t.method.lora.rank, t.batch_size, t.seq_len, m.dtype
     ));
     egui::Grid::new("memory").num_columns(3).striped(true).show(ui, |ui| {
         ui.label("");

@@ -7,7 +7,7 @@ use egui_plot::{Bar, BarChart, Legend, Plot};
 use super::{busy_line, theme};
 use crate::app::Command;
 use crate::state::{Persisted, Runtime};
-use crate::worker::{Job, Request};
+use crate::worker::Job;
 
 /// Draw the Probe view.
 pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut Vec<Command>) {
@@ -21,10 +21,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     ui.horizontal(|ui| {
         let ready = !rt.busy() && rt.adapter.is_some();
         if ui.add_enabled(ready, egui::Button::new("Run probe")).clicked() {
-            commands.push(Command::Send(Request::Probe {
-                prompt: p.probe.prompt.clone(),
-                continuation: p.probe.continuation.clone(),
-            }));
+            commands.push(Command::StartProbe);
         }
         if rt.adapter.is_none() {
             ui.weak("needs an adapter");

@@ -5,7 +5,7 @@
 use super::theme;
 use crate::app::Command;
 use crate::state::{Persisted, Runtime};
-use crate::worker::{Job, Request, StepView};
+use crate::worker::{Job, StepView};
 
 /// Draw the Step view.
 pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut Vec<Command>) {
@@ -27,11 +27,11 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             .on_hover_text("Prefill the prompt and one mask block")
             .clicked()
         {
-            commands.push(Command::Send(Request::StepStart { prompt: p.step.prompt.clone(), masks: p.step.masks }));
+            commands.push(Command::StartStep);
         }
         let stepping = rt.job == Some(Job::Step) && !rt.steps.is_empty();
         if ui.add_enabled(stepping, egui::Button::new("Next step")).on_hover_text("One forward pass").clicked() {
-            commands.push(Command::Send(Request::StepNext));
+            commands.push(Command::NextStep);
         }
         if rt.adapter.is_none() {
             ui.weak("needs an adapter");

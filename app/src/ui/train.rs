@@ -4,63 +4,14 @@
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 use mtp_core::model::Proj;
-use mtp_core::mtp::{LoraConfig, MtpConfig, SamplerForm};
+use mtp_core::mtp::SamplerForm;
 use mtp_core::train::trainer::Checkpointing;
-use mtp_core::train::{OptimConfig, Packing, Schedule, StepMetrics, TrainConfig};
+use mtp_core::train::{Packing, Schedule, StepMetrics};
 
 use super::{drag_usize, form_row, theme};
 use crate::app::Command;
-use crate::state::{Persisted, Runtime, Series};
-use crate::worker::{Job, ModelSummary};
-
-/// The recipe the forms describe, for the loaded model.
-pub fn config_from_forms(p: &Persisted, model: Option<&ModelSummary>) -> anyhow::Result<TrainConfig> {
-    let m = model.ok_or_else(|| anyhow::anyhow!("load a model first (Model tab)"))?;
-    let t = &p.train;
-    let targets: Vec<Proj> = Proj::ALL.iter().zip(t.targets).filter(|(_, on)| *on).map(|(p, _)| *p).collect();
-    if targets.is_empty() {
-        anyhow::bail!("choose at least one LoRA target");
-    }
-    let config = TrainConfig {
-        model: m.source.clone(),
-        data: p.data.source.parse()?,
-        strict_data: p.data.strict,
-        method: MtpConfig {
-            k: t.k,
-            lora: LoraConfig { rank: t.rank, alpha: t.alpha, targets },
-            gated: t.gated,
-            sampler: t.sampler,
-            train_mask_embeddings: t.train_masks,
-            sampler_form: if t.residual_sampler { SamplerForm::Residual } else { SamplerForm::Paper },
-        },
-        lcm_weight: t.lcm_weight,
-        lcm_reduction: mtp_core::mtp::loss::LcmReduction::Mean,
-        optim: OptimConfig {
-            lr: t.lr,
-            warmup: t.warmup,
-            schedule: if t.cosine { Schedule::Cosine } else { Schedule::Constant },
-            grad_clip: t.grad_clip,
-            ..OptimConfig::default()
-        },
-        steps: t.steps,
-        batch_size: t.batch_size,
-        grad_accum: t.grad_accum,
-        seq_len: t.seq_len,
-        packing: if t.packing { Packing::Pack } else { Packing::Truncate },
-        val_fraction: t.val_fraction,
-        val_every: t.val_every,
-        val_batches: 4,
-        checkpoint_every: t.checkpoint_every,
-        seed: t.seed,
-        device: m.device,
-        dtype: m.dtype,
-        draft_vocab: t.draft_vocab,
-        checkpointing: t.checkpointing,
-        measure_every: t.measure_every,
-    };
-    config.validate()?;
-    Ok(config)
-}
+use crate::state::{Persisted, Runtime, Series, TrainForm};
+use crate::worker::Job;
 
 /// Draw the Train view.
 pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &mut Runtime, commands: &mut Vec<Command>) {
@@ -99,56 +50,70 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &mut Runtime, commands: &m
 }
 
 fn form(ui: &mut egui::Ui, p: &mut Persisted) {
-    let t = &mut p.train;
+    let TrainForm { recipe: r, run_name } = &mut p.train;
     ui.columns(3, |cols| {
         egui::Grid::new("train-method").num_columns(2).show(&mut cols[0], |ui| {
             ui.strong("Method");
             ui.end_row();
+            let m = &mut r.method;
             form_row(
                 ui,
                 "k (masks)",
                 "Mask tokens per block: drafts per step. A model trained with k runs with 1..k",
-                |ui| ui.add(drag_usize(&mut t.k, 1..=16)),
+                |ui| ui.add(drag_usize(&mut m.k, 1..=16)),
             );
             form_row(
                 ui,
                 "LoRA rank",
                 "Rank of the gated LoRA on every target projection (paper 128; 16 keeps ~98%)",
-                |ui| ui.add(drag_usize(&mut t.rank, 1..=256)),
+                |ui| ui.add(drag_usize(&mut m.lora.rank, 1..=256)),
             );
             form_row(ui, "LoRA alpha", "The LoRA delta is scaled by alpha / rank", |ui| {
-                ui.add(egui::DragValue::new(&mut t.alpha).range(0.1..=1024.0))
+                ui.add(egui::DragValue::new(&mut m.lora.alpha).range(0.1..=1024.0))
             });
             form_row(ui, "Sampler head", "Drafts conditioned on the previous draft (off: the ablation)", |ui| {
-                ui.checkbox(&mut t.sampler, "")
+                ui.checkbox(&mut m.sampler, "")
             });
             form_row(
                 ui,
                 "Residual sampler",
                 "The sampler's output added to the mask's hidden state through a zero-initialised matrix, so it \
                  starts drafting as the LM head does (off: the paper's form, which starts from random drafts)",
-                |ui| ui.add_enabled(t.sampler, egui::Checkbox::without_text(&mut t.residual_sampler)),
+                |ui| {
+                    let mut residual = m.sampler_form == SamplerForm::Residual;
+                    let response = ui.add_enabled(m.sampler, egui::Checkbox::without_text(&mut residual));
+                    m.sampler_form = if residual { SamplerForm::Residual } else { SamplerForm::Paper };
+                    response
+                },
             );
             form_row(
                 ui,
                 "Gated LoRA",
                 "Off = plain LoRA: changes next-token outputs too (the paper's ablation)",
-                |ui| ui.checkbox(&mut t.gated, ""),
+                |ui| ui.checkbox(&mut m.gated, ""),
             );
             form_row(ui, "Train masks", "Also train the k mask embeddings (frozen by default)", |ui| {
-                ui.checkbox(&mut t.train_masks, "")
+                ui.checkbox(&mut m.train_mask_embeddings, "")
             });
             form_row(
                 ui,
                 "LCM weight",
                 "Weight of the latent-consistency loss, which averages over the hidden width: one weight serves \
                  every model (5, the default, is what the demo's adapter was trained with)",
-                |ui| ui.add(egui::DragValue::new(&mut t.lcm_weight).range(0.0..=100.0).speed(0.05)),
+                |ui| ui.add(egui::DragValue::new(&mut r.lcm_weight).range(0.0..=100.0).speed(0.05)),
             );
             ui.label("Targets").on_hover_text("Projections that get gated LoRA");
             ui.horizontal_wrapped(|ui| {
-                for (i, proj) in Proj::ALL.iter().enumerate() {
-                    ui.checkbox(&mut t.targets[i], proj.module().trim_end_matches("_proj"));
+                let targets = &mut r.method.lora.targets;
+                for proj in Proj::ALL {
+                    let mut on = targets.contains(&proj);
+                    if ui.checkbox(&mut on, proj.module().trim_end_matches("_proj")).changed() {
+                        targets.retain(|t| *t != proj);
+                        if on {
+                            targets.push(proj);
+                            targets.sort();
+                        }
+                    }
                 }
             });
             ui.end_row();
@@ -156,40 +121,44 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
         egui::Grid::new("train-optim").num_columns(2).show(&mut cols[1], |ui| {
             ui.strong("Optimisation");
             ui.end_row();
-            form_row(ui, "Steps", "Optimizer steps in total", |ui| ui.add(drag_usize(&mut t.steps, 1..=1_000_000)));
+            form_row(ui, "Steps", "Optimizer steps in total", |ui| ui.add(drag_usize(&mut r.steps, 1..=1_000_000)));
+            let o = &mut r.optim;
             form_row(ui, "Learning rate", "AdamW peak learning rate", |ui| {
                 ui.add(
-                    egui::DragValue::new(&mut t.lr)
+                    egui::DragValue::new(&mut o.lr)
                         .range(1e-6..=1e-1)
                         .speed(1e-5)
                         .custom_formatter(|v, _| format!("{v:.1e}")),
                 )
             });
-            form_row(ui, "Warmup", "Steps of linear warmup", |ui| ui.add(drag_usize(&mut t.warmup, 0..=100_000)));
+            form_row(ui, "Warmup", "Steps of linear warmup", |ui| ui.add(drag_usize(&mut o.warmup, 0..=100_000)));
             form_row(ui, "Cosine decay", "Decay to 10% after warmup (off: constant, as in the paper)", |ui| {
-                ui.checkbox(&mut t.cosine, "")
+                let mut cosine = o.schedule == Schedule::Cosine;
+                let response = ui.checkbox(&mut cosine, "");
+                o.schedule = if cosine { Schedule::Cosine } else { Schedule::Constant };
+                response
             });
             form_row(ui, "Grad clip", "Clip the global gradient norm (0 = off)", |ui| {
-                ui.add(egui::DragValue::new(&mut t.grad_clip).range(0.0..=100.0).speed(0.05))
+                ui.add(egui::DragValue::new(&mut o.grad_clip).range(0.0..=100.0).speed(0.05))
             });
             form_row(ui, "Seed", "Seed of initialisation and data order", |ui| {
-                ui.add(egui::DragValue::new(&mut t.seed))
+                ui.add(egui::DragValue::new(&mut r.seed))
             });
             form_row(ui, "Run name", "Folder under the project's runs/ (empty: a timestamp)", |ui| {
-                ui.add(egui::TextEdit::singleline(&mut t.run_name).desired_width(120.0))
+                ui.add(egui::TextEdit::singleline(run_name).desired_width(120.0))
             });
         });
         egui::Grid::new("train-data").num_columns(2).show(&mut cols[2], |ui| {
             ui.strong("Batches");
             ui.end_row();
             form_row(ui, "Batch size", "Sequences per micro-batch", |ui| {
-                ui.add(drag_usize(&mut t.batch_size, 1..=1024))
+                ui.add(drag_usize(&mut r.batch_size, 1..=1024))
             });
             form_row(ui, "Grad accumulation", "Micro-batches per optimizer step", |ui| {
-                ui.add(drag_usize(&mut t.grad_accum, 1..=1024))
+                ui.add(drag_usize(&mut r.grad_accum, 1..=1024))
             });
             form_row(ui, "Sequence length", "Tokens per training sequence (the layout grows by up to k + 1)", |ui| {
-                ui.add(drag_usize(&mut t.seq_len, 8..=8192))
+                ui.add(drag_usize(&mut r.seq_len, 8..=8192))
             });
             form_row(
                 ui,
@@ -199,10 +168,10 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
                  exceeds the device's memory",
                 |ui| {
                     egui::ComboBox::from_id_salt("checkpointing")
-                        .selected_text(t.checkpointing.to_string())
+                        .selected_text(r.checkpointing.to_string())
                         .show_ui(ui, |ui| {
                             for c in [Checkpointing::Auto, Checkpointing::On, Checkpointing::Off] {
-                                ui.selectable_value(&mut t.checkpointing, c, c.to_string());
+                                ui.selectable_value(&mut r.checkpointing, c, c.to_string());
                             }
                         })
                         .response
@@ -213,26 +182,29 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
                 "Draft vocabulary",
                 "Stored with the adapter: the most frequent target tokens of the data, which drafting may be \
                  restricted to (0: none; verification always uses the whole vocabulary)",
-                |ui| ui.add(drag_usize(&mut t.draft_vocab, 0..=1_000_000)),
+                |ui| ui.add(drag_usize(&mut r.draft_vocab, 0..=1_000_000)),
             );
             form_row(ui, "Packing", "Concatenate examples (off: one example per sequence, cut at the length)", |ui| {
-                ui.checkbox(&mut t.packing, "")
+                let mut pack = r.packing == Packing::Pack;
+                let response = ui.checkbox(&mut pack, "");
+                r.packing = if pack { Packing::Pack } else { Packing::Truncate };
+                response
             });
             form_row(ui, "Validation share", "Share of examples held out", |ui| {
-                ui.add(egui::DragValue::new(&mut t.val_fraction).range(0.0..=0.5).speed(0.005))
+                ui.add(egui::DragValue::new(&mut r.val_fraction).range(0.0..=0.5).speed(0.005))
             });
             form_row(ui, "Validate every", "Steps between validation passes", |ui| {
-                ui.add(drag_usize(&mut t.val_every, 0..=100_000))
+                ui.add(drag_usize(&mut r.val_every, 0..=100_000))
             });
             form_row(
                 ui,
                 "Measure every",
                 "Validation passes between measurements of tokens per forward: greedy quadratic decoding of a \
                  few held-out prompts at 1..k masks (0: never; always at the end)",
-                |ui| ui.add(drag_usize(&mut t.measure_every, 0..=10_000)),
+                |ui| ui.add(drag_usize(&mut r.measure_every, 0..=10_000)),
             );
             form_row(ui, "Checkpoint every", "Steps between checkpoints (also at the end and on stop)", |ui| {
-                ui.add(drag_usize(&mut t.checkpoint_every, 1..=100_000))
+                ui.add(drag_usize(&mut r.checkpoint_every, 1..=100_000))
             });
         });
     });

@@ -1,0 +1,216 @@
+//! The forms turned into worker requests: one function per request, each with its test.
+//! Views push intents ([`crate::app::Command`]); the commands call these with the state, so
+//! no view builds a request and nothing here draws or touches the worker.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use mtp_core::ModelSource;
+use mtp_core::decode::bench::BenchConfig;
+use mtp_core::decode::{Decoding, MaskCount, Mode, SamplingParams};
+use mtp_core::train::TrainConfig;
+use mtp_core::train::distill::DistillConfig;
+
+use crate::state::Persisted;
+use crate::worker::{LaneSpec, ModelSummary, Request};
+
+/// Load the model the Model form names, on its device and in its precision.
+pub fn load_model(p: &Persisted) -> anyhow::Result<Request> {
+    let m = &p.model;
+    let source: ModelSource = m.source.parse()?;
+    Ok(Request::LoadModel { source, device: m.device, dtype: m.dtype })
+}
+
+/// Load the adapter file the Model form names.
+pub fn load_adapter(p: &Persisted) -> Request {
+    Request::LoadAdapter { path: PathBuf::from(p.model.adapter.trim()) }
+}
+
+/// Preview the Data form's dataset, cut at the Train form's sequence length.
+pub fn preview_data(p: &Persisted) -> anyhow::Result<Request> {
+    let source = p.data.source.parse().context("Data")?;
+    Ok(Request::PreviewData { source, strict: p.data.strict, seq_len: p.train.recipe.seq_len })
+}
+
+/// Self-distill the loaded model on the Data form's dataset into `out`. Text prompts leave
+/// room for the continuation in one training sequence; chat needs a chat template.
+pub fn distill(p: &Persisted, model: Option<&ModelSummary>, out: PathBuf) -> anyhow::Result<Request> {
+    let d = &p.data;
+    let source = d.source.parse().context("Data")?;
+    let defaults = DistillConfig::default();
+    let config = DistillConfig {
+        sequences: d.distill_sequences,
+        new_tokens: d.distill_new_tokens,
+        prompt_tokens: defaults.prompt_tokens.min(p.train.recipe.seq_len / 4).max(1),
+        chat: d.distill_chat && model.is_some_and(|m| m.chat_template),
+        ..defaults
+    };
+    Ok(Request::Distill { source, config, out })
+}
+
+/// Train with the Train form's recipe on the loaded model (its source, device and
+/// precision) and the Data form's dataset, into `run_dir`.
+pub fn train(p: &Persisted, model: Option<&ModelSummary>, run_dir: PathBuf) -> anyhow::Result<Request> {
+    let m = model.context("load a model first")?;
+    let config = TrainConfig {
+        model: m.source.clone(),
+        data: p.data.source.parse().context("Data")?,
+        strict_data: p.data.strict,
+        device: m.device,
+        dtype: m.dtype,
+        ..p.train.recipe.clone()
+    };
+    if config.method.lora.targets.is_empty() {
+        anyhow::bail!("choose at least one LoRA target");
+    }
+    config.validate()?;
+    Ok(Request::Train { config: Box::new(config), run_dir })
+}
+
+/// Continue the run in `run_dir` up to the Train form's steps.
+pub fn resume(p: &Persisted, run_dir: PathBuf) -> Request {
+    Request::Resume { run_dir, steps: Some(p.train.recipe.steps) }
+}
+
+/// The race of the Compare form: AR in lane A, the chosen mode in lane B.
+pub fn race(p: &Persisted) -> Request {
+    let c = &p.compare;
+    let decoding = if c.greedy {
+        Decoding::Greedy
+    } else {
+        Decoding::Sample(SamplingParams { temperature: c.temperature, top_k: None, top_p: None, seed: c.seed })
+    };
+    let lanes =
+        [LaneSpec { mode: Mode::Ar, masks: MaskCount::Fixed(0) }, LaneSpec { mode: c.mode, masks: c.mask_count() }];
+    Request::Race { prompt: c.prompt.clone(), chat: c.chat, lanes, decoding, max_new_tokens: c.max_new_tokens }
+}
+
+/// Start stepping through quadratic decoding of the Step form's prompt.
+pub fn step_start(p: &Persisted) -> Request {
+    Request::StepStart { prompt: p.step.prompt.clone(), masks: p.step.masks }
+}
+
+/// The Bench form's benchmark: AR and the ticked modes at its mask counts, on its prompts
+/// file (or the demo's).
+pub fn bench(p: &Persisted) -> anyhow::Result<Request> {
+    let b = &p.bench;
+    let masks =
+        b.masks.split(',').map(|s| s.parse::<MaskCount>()).collect::<Result<Vec<_>, _>>().context("Bench: masks")?;
+    let mut modes = vec![Mode::Ar];
+    if b.linear {
+        modes.push(Mode::Linear);
+    }
+    if b.quadratic {
+        modes.push(Mode::Quadratic);
+    }
+    let prompts = if b.prompts.trim().is_empty() { mtp_core::source::demo_prompts() } else { b.prompts.trim().into() };
+    let config = BenchConfig { modes, masks, max_new_tokens: b.max_new_tokens, repeats: 1 };
+    Ok(Request::Bench { prompts, config })
+}
+
+/// The Probe form's prompt and continuation.
+pub fn probe(p: &Persisted) -> Request {
+    Request::Probe { prompt: p.probe.prompt.clone(), continuation: p.probe.continuation.clone() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mtp_core::{DType, DeviceSpec};
+
+    fn model() -> anyhow::Result<ModelSummary> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/llama");
+        let info = mtp_core::inspect::ModelInfo::from_folder(&dir)?;
+        let config = mtp_core::model::ModelConfig::from_file(&dir.join("config.json"))?;
+        Ok(ModelSummary {
+            source: ModelSource::Local { path: dir.clone() },
+            dir,
+            info,
+            config,
+            device: DeviceSpec::Cpu,
+            dtype: DType::F32,
+            chat_template: true,
+            load_seconds: 0.0,
+        })
+    }
+
+    #[test]
+    fn train_runs_the_forms_recipe_on_the_loaded_model() -> anyhow::Result<()> {
+        let mut p = Persisted::default();
+        p.data.source = "builtin:arith:50".into();
+        p.train.recipe.method.k = 3;
+        p.train.recipe.steps = 7;
+        let m = model()?;
+        let Request::Train { config, run_dir } = train(&p, Some(&m), "runs/x".into())? else {
+            anyhow::bail!("not a training request")
+        };
+        assert_eq!(run_dir, PathBuf::from("runs/x"));
+        assert_eq!((config.method.k, config.steps), (3, 7));
+        assert_eq!(config.model, m.source);
+        assert_eq!(config.data.to_string(), "builtin:arith:50");
+        // Everything else is the form's recipe as it stands.
+        assert_eq!(config.optim, p.train.recipe.optim);
+        assert_eq!(config.lcm_weight, p.train.recipe.lcm_weight);
+        assert!(train(&p, None, "runs/y".into()).is_err(), "no model loaded");
+        p.train.recipe.method.lora.targets.clear();
+        assert!(train(&p, Some(&m), "runs/z".into()).is_err(), "no target");
+        p.data.source = "/no/such/data.jsonl".into();
+        assert!(train(&p, Some(&m), "runs/z".into()).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn distill_asks_for_chat_only_with_a_template() -> anyhow::Result<()> {
+        let mut p = Persisted::default();
+        p.data.distill_chat = true;
+        p.data.distill_sequences = 12;
+        let mut m = model()?;
+        let chat = |r: Request| matches!(r, Request::Distill { config, .. } if config.chat && config.sequences == 12);
+        assert!(chat(distill(&p, Some(&m), "d.jsonl".into())?));
+        m.chat_template = false;
+        assert!(!chat(distill(&p, Some(&m), "d.jsonl".into())?));
+        Ok(())
+    }
+
+    #[test]
+    fn bench_takes_the_ticked_modes_and_checks_the_masks() -> anyhow::Result<()> {
+        let mut p = Persisted::default();
+        p.bench.masks = "1,2,auto".into();
+        p.bench.linear = false;
+        p.bench.quadratic = true;
+        let Request::Bench { prompts, config } = bench(&p)? else { anyhow::bail!("not a bench request") };
+        assert_eq!(config.modes, [Mode::Ar, Mode::Quadratic]);
+        assert_eq!(config.masks, [MaskCount::Fixed(1), MaskCount::Fixed(2), MaskCount::Auto]);
+        assert_eq!(prompts, mtp_core::source::demo_prompts());
+        p.bench.masks = "1,two".into();
+        assert!(bench(&p).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn race_step_probe_resume_and_loads_carry_their_forms() -> anyhow::Result<()> {
+        let mut p = Persisted::default();
+        p.compare.greedy = false;
+        p.compare.seed = 9;
+        p.compare.auto_masks = true;
+        let Request::Race { lanes, decoding, prompt, .. } = race(&p) else { anyhow::bail!("not a race") };
+        assert_eq!((lanes[0].mode, lanes[1].masks), (Mode::Ar, MaskCount::Auto));
+        assert!(matches!(decoding, Decoding::Sample(s) if s.seed == 9));
+        assert_eq!(prompt, p.compare.prompt);
+        p.step.masks = 3;
+        assert!(matches!(step_start(&p), Request::StepStart { masks: 3, .. }));
+        p.probe.continuation = "x".into();
+        assert!(matches!(probe(&p), Request::Probe { continuation, .. } if continuation == "x"));
+        p.train.recipe.steps = 42;
+        assert!(matches!(resume(&p, "r".into()), Request::Resume { steps: Some(42), .. }));
+        p.model.source = "demo".into();
+        assert!(matches!(load_model(&p)?, Request::LoadModel { source: ModelSource::Demo, .. }));
+        p.model.source = "not a model or a folder".into();
+        assert!(load_model(&p).is_err());
+        p.model.adapter = " a.safetensors ".into();
+        assert!(matches!(load_adapter(&p), Request::LoadAdapter { path } if path == PathBuf::from("a.safetensors")));
+        p.data.source = "builtin:code:5".into();
+        assert!(matches!(preview_data(&p)?, Request::PreviewData { .. }));
+        Ok(())
+    }
+}
