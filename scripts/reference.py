@@ -28,6 +28,16 @@ Two modes:
       checks that `mtp generate --json` reproduces transformers' greedy tokens exactly, with
       --prompt-ids and with --prompt. Exits non-zero on any mismatch.
 
+  python scripts/reference.py uno-check --mtp target/release/mtp [--out tests/fixtures]
+      For each family (llama, mistral, qwen2, qwen3): trains a small adapter of the UNO
+      recipe on the fixture model (`mtp train --recipe uno`), exports it (`mtp export
+      --format peft`), loads the export with PEFT onto the transformers model (no missing,
+      no unexpected keys), and runs UNO's draft step written here from its description
+      (prompt and seed row with the base weights, the random-id rows with base + LoRA,
+      causal, the LM head's argmax at each row) with the random ids `mtp generate --json`
+      reports; its drafts must equal ours. Writes tests/fixtures/reference/uno-FAMILY.*,
+      which tests/uno.rs checks without Python. Exits non-zero on any mismatch.
+
 Run with the project's environment: .venv/bin/python scripts/reference.py fixtures
 """
 
@@ -570,6 +580,124 @@ def cmd_train_bench(args) -> None:
                       "ours_over_reference": ours_tps / ref_tps}, indent=1))
 
 
+UNO_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+UNO_MASKS = 3
+
+
+def mtp_json(cmd: list[str]) -> dict:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def uno_draft(peft_model, ids: list[int], seed: int, lora: bool = True) -> tuple[list[int], float]:
+    """UNO's draft pass: one causal forward over `ids` (prompt, the seed at row `seed`, random
+    ids after it, at consecutive positions), the LoRA applied on the rows after the seed only
+    (on none without `lora`); the LM head's argmax at the seed row and at every row after it,
+    and the smallest top-2 logit margin among them."""
+    from peft.tuners.lora import LoraLayer
+
+    gate = torch.zeros(1, len(ids), 1)
+    if lora:
+        gate[0, seed + 1:] = 1.0
+
+    def gated(self, x, *args, **kwargs):
+        out = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                delta = self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
+                out = out + delta * gate.to(out.dtype)
+        return out
+
+    saved = []
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
+            saved.append((module, module.forward))
+            module.forward = gated.__get__(module)
+    try:
+        with torch.no_grad():
+            logits = peft_model(input_ids=torch.tensor([ids])).logits[0]
+    finally:
+        for module, forward in saved:
+            module.forward = forward
+    rows = logits[seed:]
+    return rows.argmax(-1).tolist(), top2_margin(rows)
+
+
+def cmd_uno_check(args) -> None:
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    out = Path(args.out)
+    ref_dir = out / "reference"
+    failures = 0
+    for name in UNO_FAMILIES:
+        folder = out / "models" / name
+        record = json.loads((ref_dir / f"{name}.json").read_text())
+        adapter = ref_dir / f"uno-{name}.safetensors"
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            if not args.keep_adapters or not adapter.exists():
+                subprocess.run(
+                    [args.mtp, "train", "--model", str(folder), "--data", "builtin:code:400", "--out",
+                     str(tmp / "run"), "--recipe", "uno", "--k", str(UNO_MASKS), "--rank", "4", "--alpha", "8",
+                     "--steps", "40", "--lr", "1e-2", "--warmup", "2", "--batch-size", "4", "--seq-len", "48",
+                     "--val-every", "0", "--checkpoint-every", "1000", "--checkpointing", "off", "--json"],
+                    check=True, capture_output=True,
+                )
+                shutil.copyfile(tmp / "run" / "adapter.safetensors", adapter)
+            subprocess.run([args.mtp, "export", "--format", "peft", str(adapter), str(tmp / "peft")],
+                           check=True, capture_output=True)
+            peft_config = json.loads((tmp / "peft" / "adapter_config.json").read_text())
+            weights = load_file(str(tmp / "peft" / "adapter_model.safetensors"))
+
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            peft_model = get_peft_model(model, LoraConfig.from_pretrained(str(tmp / "peft"))).eval()
+            loaded = set_peft_model_state_dict(peft_model, weights)
+            missing = sorted(k for k in loaded.missing_keys if "lora_" in k)
+            unexpected = sorted(loaded.unexpected_keys)
+            # PEFT's scale is the one we trained with.
+            scales = {s for m in peft_model.modules() if isinstance(getattr(m, "scaling", None), dict)
+                      for s in m.scaling.values()}
+
+            prompt = record["greedy"]["prompt_ids"]
+            ours = mtp_json([args.mtp, "generate", "--model", str(folder), "--adapter", str(adapter), "--mode",
+                             "linear", "--masks", str(UNO_MASKS), "--prompt-ids", ",".join(map(str, prompt)),
+                             "--max-new-tokens", "12", "--ignore-eos", "--json"])
+            noise = ours["bootstrap_noise_ids"]
+            first = ours["token_ids"][0]
+            # The bootstrap block is the first step's: the prompt is in the cache, the first
+            # token is the seed; the second step verifies the drafts it made.
+            assert ours["steps"][0]["noise_ids"] == noise
+            our_drafts = ours["steps"][1]["drafts"]
+            ids = prompt + [first] + noise
+            rows, margin = uno_draft(peft_model, ids, len(prompt))
+            base_rows, _ = uno_draft(peft_model, ids, len(prompt), lora=False)
+        seed_next, drafts = rows[0], rows[1:]
+        checks = {
+            "peft loads every key": not missing and not unexpected,
+            "PEFT scale = alpha / rank": scales == {peft_config["lora_alpha"] / peft_config["r"]},
+            "seed row = our next token": seed_next == ours["token_ids"][1],
+            "drafts = ours": drafts == our_drafts,
+            "the LoRA changes the drafts": base_rows[1:] != drafts,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        failures += len(bad)
+        print(f"{name}: {'ok' if not bad else 'FAILED: ' + ', '.join(bad)} (drafts {drafts}, ours {our_drafts}, "
+              f"without LoRA {base_rows[1:]}, margin {margin:.4f})")
+        fixture = {
+            "family": name, "masks": UNO_MASKS, "prompt_ids": prompt, "first": first, "noise_ids": noise,
+            "seed_next": seed_next, "drafts": drafts, "base_drafts": base_rows[1:], "min_margin": margin,
+            "peft": {"keys": sorted(weights), "missing": missing, "unexpected": unexpected, "config": peft_config},
+            "checks": checks,
+        }
+        (ref_dir / f"uno-{name}.json").write_text(json.dumps(fixture, indent=1, sort_keys=True) + "\n")
+    if failures:
+        raise SystemExit(f"{failures} failed checks")
+    print("PEFT loads every export, and UNO's draft step drafts as ours for every family")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -590,6 +718,10 @@ def main() -> None:
     m.add_argument("folder")
     m.add_argument("--mtp", required=True)
     m.add_argument("--prompt", default="def add(a, b):\n    return")
+    u = sub.add_parser("uno-check")
+    u.add_argument("--mtp", required=True)
+    u.add_argument("--out", default=str(ROOT / "tests" / "fixtures"))
+    u.add_argument("--keep-adapters", action="store_true", help="reuse the committed adapters, train none")
     c = sub.add_parser("crosscheck")
     c.add_argument("--mtp", required=True)
     c.add_argument("--seed", type=int, default=1234)
@@ -598,6 +730,7 @@ def main() -> None:
     commands = {
         "fixtures": cmd_fixtures, "crosscheck": cmd_crosscheck, "check-model": cmd_check_model,
         "mtp-parity": cmd_mtp_parity, "train-bench": cmd_train_bench,
+        "uno-check": cmd_uno_check,
     }
     commands[args.cmd](args)
 

@@ -170,6 +170,10 @@ impl WorkbenchApp {
             }
             Event::Bench(report) => rt.bench = Some(*report),
             Event::Probe(report, texts) => rt.probe = Some((*report, texts)),
+            Event::Exported { dir, tensors } => rt.notices.push(format!(
+                "wrote a PEFT LoRA ({tensors} tensors) to {}: SGLang and vLLM serve it with UNO decoding (README)",
+                ui::path_text(rt, &dir)
+            )),
         }
     }
 

@@ -71,6 +71,8 @@ pub enum Command {
     StartBench,
     /// Run the probe of the Probe form.
     StartProbe,
+    /// Export a run's adapter as a PEFT LoRA folder next to it.
+    ExportPeft(PathBuf),
     /// Export the race as a PNG of the window.
     ScreenshotRace,
     /// Dismiss error `i`.
@@ -146,6 +148,7 @@ impl WorkbenchApp {
             Command::NextStep => self.send(Request::StepNext),
             Command::StartBench => self.send_built(requests::bench(p)),
             Command::StartProbe => self.send(requests::probe(p)),
+            Command::ExportPeft(run_dir) => self.send(requests::export_peft(&run_dir)),
             Command::ScreenshotRace => self.screenshot_pending = true,
             Command::DismissError(i) => {
                 if i < self.runtime.errors.len() {

@@ -108,6 +108,12 @@ pub fn bench(p: &Persisted) -> anyhow::Result<Request> {
     Ok(Request::Bench { prompts, config })
 }
 
+/// Export the adapter of the run in `run_dir` as a PEFT LoRA folder, `peft/` in the run.
+pub fn export_peft(run_dir: &std::path::Path) -> Request {
+    let run = mtp_core::train::RunDir(run_dir.to_owned());
+    Request::ExportPeft { adapter: run.adapter(), out: run_dir.join("peft") }
+}
+
 /// The Probe form's prompt and continuation.
 pub fn probe(p: &Persisted) -> Request {
     Request::Probe { prompt: p.probe.prompt.clone(), continuation: p.probe.continuation.clone() }
@@ -208,9 +214,13 @@ mod tests {
         p.model.source = "not a model or a folder".into();
         assert!(load_model(&p).is_err());
         p.model.adapter = " a.safetensors ".into();
-        assert!(matches!(load_adapter(&p), Request::LoadAdapter { path } if path == PathBuf::from("a.safetensors")));
+        assert!(matches!(load_adapter(&p), Request::LoadAdapter { path } if path == std::path::Path::new("a.safetensors")));
         p.data.source = "builtin:code:5".into();
         assert!(matches!(preview_data(&p)?, Request::PreviewData { .. }));
+        let Request::ExportPeft { adapter, out } = export_peft(std::path::Path::new("runs/a")) else {
+            anyhow::bail!("not an export")
+        };
+        assert_eq!((adapter, out), ("runs/a/adapter.safetensors".into(), "runs/a/peft".into()));
         Ok(())
     }
 }

@@ -450,3 +450,63 @@ fn chat_distillation_answers_like_generate_chat() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `mtp train --recipe uno`, its random ids in `mtp generate --json`, and `mtp export`: the
+/// PEFT folder for it, a clear refusal for an adapter of the paper's recipe.
+#[test]
+fn uno_recipe_trains_reports_its_random_ids_and_exports() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let run = tmp.path().join("uno");
+    let mut args = train_args(&run, "4");
+    args.extend(["--recipe", "uno", "--val-every", "0"].map(String::from));
+    ok(mtp(&args.iter().map(String::as_str).collect::<Vec<_>>()))?;
+    let adapter = run.join("adapter.safetensors");
+
+    let model = fixture("llama");
+    let out = ok(mtp(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--mode",
+        "quadratic",
+        "--masks",
+        "2",
+        "--prompt-ids",
+        "5,6,7",
+        "--max-new-tokens",
+        "10",
+        "--ignore-eos",
+        "--json",
+    ]))?;
+    let v: Value = serde_json::from_str(out.trim())?;
+    let steps = v["steps"].as_array().cloned().unwrap_or_default();
+    assert!(steps.len() >= 2, "{v}");
+    // The bootstrap block is the first step's; every step reports the ids its mask rows read:
+    // one block of 2 per regular row (quadratic).
+    assert_eq!(ids(&v["bootstrap_noise_ids"]), ids(&steps[0]["noise_ids"]));
+    for step in &steps {
+        assert_eq!(ids(&step["noise_ids"]).len(), 2 * (ids(&step["drafts"]).len() + 1), "{step}");
+    }
+
+    let peft = tmp.path().join("peft");
+    let out = ok(mtp(&["export", "--format", "peft", s(&adapter), s(&peft), "--json"]))?;
+    let v: Value = serde_json::from_str(out.trim())?;
+    // 2 layers x 7 projections x (A, B).
+    assert_eq!(v["tensors"], 28, "{v}");
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json"))?)?;
+    assert_eq!((config["r"].as_u64(), config["peft_type"].as_str()), (Some(4), Some("LORA")), "{config}");
+    assert!(peft.join("adapter_model.safetensors").exists());
+    let copy = tmp.path().join("copy.safetensors");
+    ok(mtp(&["export", "--format", "safetensors", s(&adapter), s(&copy)]))?;
+    assert_eq!(std::fs::read(&copy)?, std::fs::read(&adapter)?);
+
+    let paper = train_adapter(tmp.path(), "1")?.join("adapter.safetensors");
+    fails_with(
+        mtp(&["export", "--format", "peft", s(&paper), s(&tmp.path().join("no"))]),
+        &["cannot serve", "mask embeddings", "--recipe uno"],
+    );
+    fails_with(mtp(&["export", "--format", "peft", s(&model.join("config.json")), s(&peft)]), &["config.json"]);
+    Ok(())
+}

@@ -91,7 +91,7 @@ fn main() -> anyhow::Result<()> {
     let step = |d: &Drafter, plan: &StepPlan, cache: &mut KvCache, adapter: bool| {
         let gated = d.step_gate(plan);
         let base = mtp_core::model::Gated { delta: &NoDelta, gate: mtp_core::model::Gate::All };
-        let h = plan.forward(model, if adapter { &gated } else { &base }, &inputs, past, Some(cache));
+        let h = plan.forward(model, if adapter { &gated } else { &base }, &inputs, None, past, Some(cache));
         cache.truncate(past);
         h
     };

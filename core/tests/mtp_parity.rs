@@ -30,6 +30,7 @@ fn losses_and_gradients_match_the_pytorch_reference() -> anyhow::Result<()> {
         train_mask_embeddings: false,
         // The reference implements the paper's form.
         sampler_form: mtp_core::mtp::SamplerForm::Paper,
+        recipe: mtp_core::mtp::Recipe::Paper,
     };
     let adapter = mtp_core::device::seeded(0, || MtpAdapter::new(&m.model, config, "parity"))?;
     adapter.load_tensors(|name| file.read(&format!("adapter.{name}")))?;

@@ -436,7 +436,8 @@ fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
             let (trained, zero) = (Drafter::new(model, &t.adapter, options)?, Drafter::new(model, &fresh, options)?);
             let plan = StepPlan::new(model, &trained, StepLayout::new(layout, drafts, masks))?;
             assert_eq!(plan.halves(), form == LoraForm::Merged);
-            let forward = |d: &Drafter| tch::no_grad(|| plan.forward(model, &d.step_gate(&plan), &inputs, 0, None));
+            let forward =
+                |d: &Drafter| tch::no_grad(|| plan.forward(model, &d.step_gate(&plan), &inputs, None, 0, None));
             let (h, h_zero) = (forward(&trained), forward(&zero));
             let what = format!("{layout:?}, {drafts} drafts, {masks} masks, {form}");
             let reg = regular as i64;
@@ -453,7 +454,7 @@ fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
             if form == LoraForm::Merged {
                 // The training adapter's own term on the second half gives the same rows.
                 let halves = Gated { delta: &t.adapter, gate: Gate::Halves };
-                let own = tch::no_grad(|| plan.forward(model, &halves, &inputs, 0, None));
+                let own = tch::no_grad(|| plan.forward(model, &halves, &inputs, None, 0, None));
                 assert!(diff(&own, &h) < 1e-5, "{what}: merged weights vs the adapter's factors: {}", diff(&own, &h));
             }
         }

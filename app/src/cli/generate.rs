@@ -71,10 +71,15 @@ pub struct Args {
 
 #[derive(Serialize)]
 struct StepLine {
+    /// The drafts the step verified (the previous step's mask block made them).
+    drafts: Vec<i64>,
     accepted: usize,
     first_rejected: Option<usize>,
     emitted: usize,
     masks: usize,
+    /// UNO recipe: the random ids the step's mask rows read.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    noise_ids: Vec<i64>,
 }
 
 #[derive(Serialize)]
@@ -84,6 +89,10 @@ struct Report<'a> {
     masks: MaskCount,
     /// How the steps applied the adapter (speculative modes).
     lora_form: Option<LoraForm>,
+    /// UNO recipe: the random ids the mask block after the prompt read (the first step's;
+    /// the drafts that block made are the second step's `drafts`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bootstrap_noise_ids: Option<Vec<i64>>,
     device: String,
     dtype: String,
     prompt_ids: &'a [i64],
@@ -192,6 +201,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             mode: args.mode,
             masks,
             lora_form: drafter.as_ref().map(|d| d.form()),
+            bootstrap_noise_ids: out.steps.first().filter(|s| !s.noise_ids.is_empty()).map(|s| s.noise_ids.clone()),
             device: args.model.device.to_string(),
             dtype: args.model.dtype().to_string(),
             prompt_ids: &req.prompt_ids,
@@ -208,10 +218,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .steps
                 .iter()
                 .map(|s: &StepStats| StepLine {
+                    drafts: s.drafts.clone(),
                     accepted: s.accepted,
                     first_rejected: s.first_rejected,
                     emitted: s.emitted,
                     masks: s.masks,
+                    noise_ids: s.noise_ids.clone(),
                 })
                 .collect(),
         })

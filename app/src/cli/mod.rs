@@ -6,6 +6,7 @@ mod common;
 mod distill;
 mod download;
 mod draft_vocab;
+mod export;
 mod generate;
 mod inspect;
 mod pretrain;
@@ -47,6 +48,8 @@ pub enum Command {
     DraftVocab(draft_vocab::Args),
     /// Rank of the true future tokens at each mask slot (the paper's Figure 1).
     Probe(probe::Args),
+    /// Write an adapter for other tools: a PEFT LoRA for SGLang's and vLLM's UNO decoding.
+    Export(export::Args),
 }
 
 /// Parse arguments, run, and turn any error into a message on stderr and exit code 1.
@@ -63,6 +66,7 @@ pub fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::DraftVocab(a) => draft_vocab::run(a),
         Command::Probe(a) => probe::run(a),
+        Command::Export(a) => export::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -84,6 +84,11 @@ pub struct Args {
     /// Share of examples held out for validation.
     #[arg(long, default_value_t = 0.05)]
     pub val_fraction: f64,
+    /// What mask rows read: paper (learned mask embeddings, a sampler head) or uno (random
+    /// token ids and no sampler: the recipe SGLang's and vLLM's UNO decoding serve; export it
+    /// with `mtp export --format peft`).
+    #[arg(long, default_value_t = mtp_core::mtp::Recipe::Paper)]
+    pub recipe: mtp_core::mtp::Recipe,
     /// Train without the sampler head (ablation).
     #[arg(long)]
     pub no_sampler: bool,
@@ -151,9 +156,11 @@ impl Args {
                     targets: self.targets.iter().map(|t| parse_proj(t)).collect::<anyhow::Result<_>>()?,
                 },
                 gated: !self.no_gate,
-                sampler: !self.no_sampler,
+                // UNO has no sampler head: its drafts are the LM head's.
+                sampler: !self.no_sampler && self.recipe != mtp_core::mtp::Recipe::Uno,
                 train_mask_embeddings: self.train_mask_embeddings,
                 sampler_form: self.sampler_form,
+                recipe: self.recipe,
             },
             lcm_weight: self.lcm_weight,
             lcm_reduction: self.lcm_reduction,

@@ -4,7 +4,7 @@
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 use mtp_core::model::Proj;
-use mtp_core::mtp::SamplerForm;
+use mtp_core::mtp::{Recipe, SamplerForm};
 use mtp_core::train::trainer::Checkpointing;
 use mtp_core::train::{Packing, Schedule, StepMetrics};
 
@@ -71,8 +71,30 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
             form_row(ui, "LoRA alpha", "The LoRA delta is scaled by alpha / rank", |ui| {
                 ui.add(egui::DragValue::new(&mut m.lora.alpha).range(0.1..=1024.0))
             });
+            form_row(
+                ui,
+                "Recipe",
+                "paper: learned mask embeddings and a sampler head. UNO: mask rows read random token ids, no \
+                 sampler; exports as a PEFT LoRA that SGLang and vLLM serve (README, Serving at scale)",
+                |ui| {
+                    egui::ComboBox::from_id_salt("recipe")
+                        .selected_text(m.recipe.to_string())
+                        .show_ui(ui, |ui| {
+                            for recipe in Recipe::ALL {
+                                ui.selectable_value(&mut m.recipe, recipe, recipe.to_string());
+                            }
+                        })
+                        .response
+                },
+            );
+            let uno = m.recipe == Recipe::Uno;
+            if uno {
+                // UNO has neither: its drafts are the LM head's, its masks random ids.
+                m.sampler = false;
+                m.train_mask_embeddings = false;
+            }
             form_row(ui, "Sampler head", "Drafts conditioned on the previous draft (off: the ablation)", |ui| {
-                ui.checkbox(&mut m.sampler, "")
+                ui.add_enabled(!uno, egui::Checkbox::without_text(&mut m.sampler))
             });
             form_row(
                 ui,
@@ -93,7 +115,7 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
                 |ui| ui.checkbox(&mut m.gated, ""),
             );
             form_row(ui, "Train masks", "Also train the k mask embeddings (frozen by default)", |ui| {
-                ui.checkbox(&mut m.train_mask_embeddings, "")
+                ui.add_enabled(!uno, egui::Checkbox::without_text(&mut m.train_mask_embeddings))
             });
             form_row(
                 ui,
@@ -434,13 +456,26 @@ fn runs(ui: &mut egui::Ui, p: &Persisted, rt: &mut Runtime, commands: &mut Vec<C
             ui.label(format!("{}/{}", last.map_or(0, |m| m.step), total));
             ui.label(last.map_or("-".into(), |m| format!("{:.3}", m.losses.loss)));
             ui.label(final_acceptance(&r.metrics));
-            if ui
-                .add_enabled(!busy, egui::Button::new("Resume"))
-                .on_hover_text("Continue from the last checkpoint up to the Steps above")
-                .clicked()
-            {
-                commands.push(Command::Resume(r.dir.clone()));
-            }
+            ui.horizontal(|ui| {
+                if ui
+                    .add_enabled(!busy, egui::Button::new("Resume"))
+                    .on_hover_text("Continue from the last checkpoint up to the Steps above")
+                    .clicked()
+                {
+                    commands.push(Command::Resume(r.dir.clone()));
+                }
+                let servable = r.config.as_ref().is_some_and(|c| c.method.recipe == Recipe::Uno);
+                if ui
+                    .add_enabled(!busy && servable, egui::Button::new("Export PEFT"))
+                    .on_hover_text(
+                        "Write the adapter as a PEFT LoRA folder (peft/ in the run) that SGLang's and vLLM's UNO \
+                         speculative decoding load; for runs of the UNO recipe",
+                    )
+                    .clicked()
+                {
+                    commands.push(Command::ExportPeft(r.dir.clone()));
+                }
+            });
             ui.end_row();
         }
     });

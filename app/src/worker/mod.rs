@@ -141,6 +141,7 @@ fn job_of(r: &Request) -> Job {
         Request::StepStart { .. } | Request::StepNext => Job::Step,
         Request::Bench { .. } => Job::Bench,
         Request::Probe { .. } => Job::Probe,
+        Request::ExportPeft { .. } => Job::Export,
     }
 }
 
@@ -286,6 +287,10 @@ impl Worker {
                 self.after_training(&run_dir, summary.step, summary.outcome)?;
             }
             Request::ReadRuns { project_dir } => self.emit(Event::Runs(read_runs(&project_dir))),
+            Request::ExportPeft { adapter, out } => {
+                let done = mtp_core::mtp::export::export_peft(&adapter, &out)?;
+                self.emit(Event::Exported { dir: done.dir, tensors: done.tensors });
+            }
             Request::Race { prompt, chat, lanes, decoding, max_new_tokens } => {
                 self.race(&prompt, chat, lanes, decoding, max_new_tokens)?;
             }

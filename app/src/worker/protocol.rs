@@ -36,6 +36,8 @@ pub enum Job {
     Bench,
     /// The probe.
     Probe,
+    /// Writing an adapter for other tools.
+    Export,
 }
 
 impl Job {
@@ -52,6 +54,7 @@ impl Job {
             Job::Step => "step-through",
             Job::Bench => "benchmark",
             Job::Probe => "probe",
+            Job::Export => "export",
         }
     }
 }
@@ -155,6 +158,13 @@ pub enum Request {
         prompt: String,
         /// True continuation.
         continuation: String,
+    },
+    /// Write an adapter as a PEFT LoRA folder (for SGLang's and vLLM's UNO decoding).
+    ExportPeft {
+        /// The adapter file.
+        adapter: PathBuf,
+        /// The folder to write.
+        out: PathBuf,
     },
 }
 
@@ -314,4 +324,11 @@ pub enum Event {
     Bench(Box<BenchReport>),
     /// A probe report with the true tokens' texts.
     Probe(Box<ProbeReport>, Vec<String>),
+    /// An adapter was exported as a PEFT LoRA folder.
+    Exported {
+        /// The folder.
+        dir: PathBuf,
+        /// LoRA tensors written.
+        tensors: usize,
+    },
 }

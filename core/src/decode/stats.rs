@@ -22,6 +22,10 @@ pub struct StepStats {
     pub emitted: usize,
     /// Wall time of the step in seconds.
     pub seconds: f64,
+    /// UNO recipe: the random token ids the step's mask rows read, in row order (empty for
+    /// the paper's recipe).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub noise_ids: Vec<i64>,
 }
 
 impl StepStats {

@@ -32,6 +32,53 @@ pub struct MtpConfig {
     /// The sampler head's form (adapters written before it was recorded: the paper's).
     #[serde(default)]
     pub sampler_form: SamplerForm,
+    /// What mask rows read: the paper's mask embeddings, or UNO's random token ids
+    /// (adapters written before it was recorded: the paper's).
+    #[serde(default)]
+    pub recipe: Recipe,
+}
+
+/// What a mask row reads, which decides where an adapter can be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Recipe {
+    /// The paper's: k mask embeddings (frozen by default), optionally a sampler head.
+    #[default]
+    Paper,
+    /// UNO's draft-only gated LoRA, as SGLang and vLLM serve it: a mask row reads the
+    /// embedding of a uniformly random vocabulary id, drawn fresh for every block; no mask
+    /// embeddings, no sampler head (drafts are the LM head's choice at each mask). Exports
+    /// as a PEFT LoRA.
+    Uno,
+}
+
+impl Recipe {
+    /// Both, as named on the command line.
+    pub const ALL: [Recipe; 2] = [Recipe::Paper, Recipe::Uno];
+
+    /// The name users type.
+    pub fn name(self) -> &'static str {
+        match self {
+            Recipe::Paper => "paper",
+            Recipe::Uno => "uno",
+        }
+    }
+}
+
+impl std::fmt::Display for Recipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Recipe {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Recipe::ALL
+            .into_iter()
+            .find(|r| r.name() == s.trim())
+            .ok_or_else(|| Error::Invalid(format!("unknown recipe `{s}` (paper, uno)")))
+    }
 }
 
 impl Default for MtpConfig {
@@ -43,6 +90,7 @@ impl Default for MtpConfig {
             sampler: true,
             train_mask_embeddings: false,
             sampler_form: DEFAULT_SAMPLER_FORM,
+            recipe: Recipe::Paper,
         }
     }
 }
@@ -61,6 +109,20 @@ impl MtpConfig {
         }
         if !(self.lora.alpha.is_finite() && self.lora.alpha > 0.0) {
             return Err(Error::Invalid(format!("LoRA alpha must be > 0, got {}", self.lora.alpha)));
+        }
+        if self.recipe == Recipe::Uno {
+            let conflict = [
+                (self.sampler, "a sampler head"),
+                (self.train_mask_embeddings, "trained mask embeddings"),
+                (!self.gated, "plain (ungated) LoRA"),
+            ];
+            if let Some((_, what)) = conflict.iter().find(|(on, _)| *on) {
+                return Err(Error::Invalid(format!(
+                    "the UNO recipe has no {}: its mask rows read random token ids and its drafts are the LM \
+                     head's; turn that off",
+                    what.trim_start_matches("a ")
+                )));
+            }
         }
         Ok(())
     }
@@ -230,6 +292,10 @@ impl MtpAdapter {
     /// `tokens`, `slot`: `[b, L]` -> `[b, L, d]` in the model's dtype.
     pub fn embed(&self, model: &Llama, tokens: &Tensor, slot: &Tensor) -> Tensor {
         let x = model.embed(tokens);
+        // UNO: a mask row's token is the random id it reads ([`crate::mtp::masks::with_noise`]).
+        if self.config.recipe == Recipe::Uno {
+            return x;
+        }
         let masks = self.mask_embeddings.to_kind(x.kind()).index_select(0, &(slot - 1).clamp_min(0).flatten(0, -1));
         let masks = masks.view_as(&x);
         masks.where_self(&slot.gt(0).unsqueeze(-1), &x)

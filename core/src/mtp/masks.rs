@@ -15,7 +15,8 @@ const PAD_BLOCK: i64 = i64::MAX / 4;
 /// L = n + k * (number of NTP tokens followed by a block).
 #[derive(Debug)]
 pub struct MtpLayout {
-    /// Token id on NTP rows, 0 on mask rows (their input is a mask embedding).
+    /// Token id on NTP rows; on mask rows 0 (their input is a mask embedding), or the random
+    /// id they read under the UNO recipe ([`with_noise`]).
     pub tokens: Tensor,
     /// 0 on NTP rows, j (1..=k) on the row of mask m_j.
     pub slot: Tensor,
@@ -95,6 +96,22 @@ pub fn build_layout(ids: &Tensor, loss: &Tensor, k: i64) -> MtpLayout {
         ntp_row.index_select(0, &clamped).where_self(&valid.logical_and(&slot.gt(0)), &Tensor::full([1], -1, i64s));
 
     MtpLayout { tokens, positions: target, slot, block, labels, prev, lcm_target }
+}
+
+/// Draw `n` uniformly random token ids of a `vocab`-token vocabulary: what a mask row reads
+/// under the UNO recipe.
+pub fn noise_ids(rng: &mut impl rand::Rng, n: usize, vocab: usize) -> Vec<i64> {
+    (0..n).map(|_| rng.random_range(0..vocab as i64)).collect()
+}
+
+/// The layout with every mask row's token replaced by a random id (UNO: each block reads
+/// fresh noise), drawn from `rng`; next-token rows are unchanged.
+pub fn with_noise(mut layout: MtpLayout, rng: &mut impl rand::Rng, vocab: usize) -> MtpLayout {
+    let shape = layout.tokens.size();
+    let noise = noise_ids(rng, layout.tokens.numel(), vocab);
+    let noise = Tensor::from_slice(&noise).view(shape.as_slice()).to_device(layout.tokens.device());
+    layout.tokens = layout.tokens.where_self(&layout.slot.eq(0), &noise);
+    layout
 }
 
 /// The attention pattern of METHOD.md section 2 from per-row vectors (`[L]` or `[B, L]`):

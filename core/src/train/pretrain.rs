@@ -185,7 +185,7 @@ impl Objective for LmObjective<'_> {
         Ok(())
     }
 
-    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>) -> LossValues {
+    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>, _draw: u64) -> LossValues {
         let device = self.model.device();
         let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
         let mut ids = Vec::new();

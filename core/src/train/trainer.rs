@@ -7,6 +7,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
@@ -21,7 +23,8 @@ use crate::device::{DType, DeviceSpec, device_memory, gpu_memory_used};
 use crate::error::{Error, Result, read_json};
 use crate::fsutil::write_json_atomic;
 use crate::mtp::loss::{Lcm, LcmReduction, LossValues, backward_checkpointed, compute};
-use crate::mtp::{MtpAdapter, MtpConfig, build_layout, collate};
+use crate::mtp::masks::with_noise;
+use crate::mtp::{MtpAdapter, MtpConfig, Recipe, build_layout, collate};
 use crate::source::ModelSource;
 
 /// How examples become fixed-length sequences.
@@ -549,7 +552,9 @@ pub(crate) trait Objective {
     fn load_params(&self, lookup: &dyn Fn(&str) -> Result<Tensor>) -> Result<()>;
     /// The loss values of one micro-batch; with `grad_scale`, also accumulate the
     /// gradients of `grad_scale * loss` (a batch without any labelled row has none).
-    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>) -> LossValues;
+    /// `draw` numbers the micro-batch within the run (the same on resumption): what random
+    /// inputs it needs are drawn from it.
+    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>, draw: u64) -> LossValues;
     /// Tokens per forward at each mask count that validation values `v` predict.
     fn expected_acceptance(&self, _v: &LossValues) -> Option<Vec<f64>> {
         None
@@ -602,6 +607,8 @@ struct MtpObjective<'a> {
     adapter: &'a MtpAdapter,
     lcm: Lcm,
     checkpointing: bool,
+    /// The run's seed (UNO's noise is drawn from it).
+    seed: u64,
 }
 
 impl Objective for MtpObjective<'_> {
@@ -611,8 +618,17 @@ impl Objective for MtpObjective<'_> {
     fn load_params(&self, lookup: &dyn Fn(&str) -> Result<Tensor>) -> Result<()> {
         self.adapter.load_tensors(lookup).map(drop)
     }
-    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>) -> LossValues {
+    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>, draw: u64) -> LossValues {
         let batch = batch_of(seqs, self.adapter.config.k, self.model.device());
+        // UNO: mask rows read random ids, fresh for every block, drawn from the run's seed
+        // and the micro-batch's number (so a resumed run draws what an uninterrupted one did).
+        let batch = match self.adapter.config.recipe {
+            Recipe::Uno => {
+                let mut rng = StdRng::seed_from_u64(self.seed ^ draw.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                with_noise(batch, &mut rng, self.model.config.vocab_size)
+            }
+            Recipe::Paper => batch,
+        };
         match grad_scale {
             Some(scale) if self.checkpointing => {
                 backward_checkpointed(self.model, self.adapter, &batch, self.lcm, scale).values()
@@ -691,7 +707,7 @@ fn run_loop(
     adapter.draft_vocab = data::frequent_targets(&data.train, config.draft_vocab, model.config.vocab_size);
     let (checkpointing, memory_estimate) = plan_memory(config, loaded)?;
     let lcm = Lcm { weight: config.lcm_weight, reduction: config.lcm_reduction };
-    let objective = MtpObjective { model, adapter: &adapter, lcm, checkpointing };
+    let objective = MtpObjective { model, adapter: &adapter, lcm, checkpointing, seed: config.seed };
     let settings = LoopSettings {
         checkpointing,
         memory_estimate: Some(memory_estimate),
@@ -769,10 +785,11 @@ pub(crate) fn optimize(
         let t0 = Instant::now();
         let mut values = Vec::with_capacity(settings.grad_accum);
         let mut tokens = 0usize;
-        for _ in 0..settings.grad_accum {
+        for micro in 0..settings.grad_accum {
             let seqs = batches.next(settings.batch_size);
             tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
-            values.push(objective.losses(&seqs, Some(1.0 / settings.grad_accum as f64)));
+            let draw = (step * settings.grad_accum + micro) as u64;
+            values.push(objective.losses(&seqs, Some(1.0 / settings.grad_accum as f64), draw));
         }
         let grad_norm = opt.step(lr);
         opt.zero_grad();
@@ -844,10 +861,11 @@ fn validate(
     let t0 = Instant::now();
     let mut values = Vec::new();
     let mut tokens = 0;
-    for chunk in val.chunks(settings.batch_size).take(settings.val_batches.max(1)) {
+    for (i, chunk) in val.chunks(settings.batch_size).take(settings.val_batches.max(1)).enumerate() {
         let seqs: Vec<&Tokenized> = chunk.iter().collect();
         tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
-        values.push(tch::no_grad(|| objective.losses(&seqs, None)));
+        // The same draws at every pass: validation passes differ by the weights alone.
+        values.push(tch::no_grad(|| objective.losses(&seqs, None, u64::MAX - i as u64)));
     }
     Some(StepMetrics {
         step,

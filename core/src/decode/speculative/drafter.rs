@@ -234,6 +234,11 @@ impl Drafter {
         }
     }
 
+    /// What the adapter's mask rows read.
+    pub fn recipe(&self) -> crate::mtp::Recipe {
+        self.config.recipe
+    }
+
     /// The number of masks the adapter was trained with.
     pub fn k(&self) -> usize {
         self.config.k

@@ -180,25 +180,38 @@ impl StepPlan {
         attention_mask(&Tensor::from_slice(&self.layout.block), &Tensor::from_slice(&self.layout.slot))
     }
 
+    /// Rows of the step's mask blocks (padding excluded).
+    pub fn mask_rows(&self) -> usize {
+        self.layout.len() - self.layout.regular()
+    }
+
     /// One step's forward pass: `inputs` are the regular rows' tokens (`[regular]` int64,
     /// the verified token then the drafts), the cache holds `past` rows before them, the
-    /// adapter applies as `gated` says ([`Drafter::step_gate`]). Returns the final hidden
-    /// state of every packed row, `[rows, d]`; the regular rows are rows `0..regular`.
+    /// adapter applies as `gated` says ([`Drafter::step_gate`]). The mask rows read the
+    /// mask embeddings, or with `noise` (`[mask rows]` int64, the UNO recipe) the
+    /// embeddings of those token ids. Returns the final hidden state of every packed row,
+    /// `[rows, d]`; the regular rows are rows `0..regular`.
     pub fn forward(
         &self,
         model: &Llama,
         gated: &Gated,
         inputs: &Tensor,
+        noise: Option<&Tensor>,
         past: usize,
         cache: Option<&mut KvCache>,
     ) -> Tensor {
         let x = model.embed(&inputs.unsqueeze(0)); // [1, regular, d]
+        let masks = match (noise, self.half) {
+            (None, _) => self.mask_inputs.shallow_clone(),
+            (Some(ids), None) => model.embed(&ids.unsqueeze(0)),
+            (Some(ids), Some(r)) => model.embed(&ids.unsqueeze(0)).constant_pad_nd([0, 0, 0, r - ids.size()[0]]),
+        };
         let x = match self.half {
-            None => Tensor::cat(&[x, self.mask_inputs.shallow_clone()], 1),
+            None => Tensor::cat(&[x, masks], 1),
             Some(r) => {
                 let pad = r - self.layout.regular() as i64;
                 let x = if pad > 0 { x.constant_pad_nd([0, 0, 0, pad]) } else { x };
-                Tensor::cat(&[x, self.mask_inputs.shallow_clone()], 0) // [2, r, d]
+                Tensor::cat(&[x, masks], 0) // [2, r, d]
             }
         };
         let positions = &self.offsets + past as i64;

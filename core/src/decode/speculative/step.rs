@@ -16,6 +16,10 @@ use super::drafter::Drafter;
 use super::masks::MaskController;
 use crate::error::Result;
 use crate::model::{KvCache, Llama};
+use crate::mtp::Recipe;
+use crate::mtp::masks::noise_ids;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 /// The result of one step.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +54,9 @@ pub struct SpecDecoder<'a> {
     steps: usize,
     /// Positions past the cache a step may touch.
     reach: usize,
+    /// UNO recipe: where the mask rows' random token ids come from (seeded by the request:
+    /// its sampling seed, or 0 for greedy decoding, so a generation is reproducible).
+    noise: Option<StdRng>,
 }
 
 impl<'a> SpecDecoder<'a> {
@@ -82,6 +89,13 @@ impl<'a> SpecDecoder<'a> {
             q: Vec::new(),
             steps: 0,
             reach,
+            noise: (spec.drafter.recipe() == Recipe::Uno).then(|| {
+                let seed = match req.decoding {
+                    Decoding::Sample(p) => p.seed,
+                    Decoding::Greedy => 0,
+                };
+                StdRng::seed_from_u64(seed ^ 0x0A0A_0123_4567_89AB)
+            }),
         };
         Ok((decoder, first))
     }
@@ -125,8 +139,15 @@ impl<'a> SpecDecoder<'a> {
         };
         let past = self.cache.len();
         let regular = n as i64 + 1;
+        let vocab = model.config.vocab_size;
+        let noise_ids = match &mut self.noise {
+            Some(rng) => noise_ids(rng, plan.mask_rows(), vocab),
+            None => Vec::new(),
+        };
+        let noise = (!noise_ids.is_empty()).then(|| Tensor::from_slice(&noise_ids).to_device(device));
         let (h, logits) = tch::no_grad(|| {
-            let h = plan.forward(model, &drafter.step_gate(&plan), &inputs, past, Some(&mut self.cache));
+            let gated = drafter.step_gate(&plan);
+            let h = plan.forward(model, &gated, &inputs, noise.as_ref(), past, Some(&mut self.cache));
             let logits = model.logits(&h.narrow(0, 0, regular));
             (h, logits)
         });
@@ -183,6 +204,7 @@ impl<'a> SpecDecoder<'a> {
             emitted: a + 1,
             masks,
             seconds,
+            noise_ids: noise_ids.clone(),
         };
         let detail = match (regular_probs, draft_probs) {
             (Some(regular_probs), Some(draft_probs)) => {
@@ -191,7 +213,8 @@ impl<'a> SpecDecoder<'a> {
                 let mut input_ids = vec![verified; l.len()];
                 input_ids[1..=n].copy_from_slice(&drafts);
                 for (r, s) in l.slot.iter().enumerate().skip(l.regular()) {
-                    input_ids[r] = -s;
+                    // A mask row: its slot (negative), or the random id it read (UNO).
+                    input_ids[r] = noise_ids.get(r - l.regular()).copied().unwrap_or(-s);
                 }
                 Some(Box::new(StepDetail {
                     inputs: input_ids,

@@ -1,0 +1,180 @@
+//! The UNO recipe, against `scripts/reference.py uno-check` (PEFT and a PyTorch UNO draft
+//! step written from SGLang's and vLLM's description): for every family, an adapter of the
+//! recipe drafts exactly what UNO's draft pass drafts from the same prompt and random ids; its
+//! PEFT export holds the keys PEFT loaded with nothing missing or unexpected; an adapter of
+//! the paper's recipe is refused; greedy decoding with it equals AR, and its random ids are
+//! reproducible.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use mtp_core::checkpoint::SafetensorsFile;
+use mtp_core::decode::{
+    Decoding, DraftOptions, Drafter, GenerateRequest, LoraForm, MaskCount, Mode, SamplingParams, Strategy, generate,
+};
+use mtp_core::mtp::export::{PEFT_CONFIG, PEFT_WEIGHTS, export_peft, peft_key};
+use mtp_core::mtp::{MtpAdapter, MtpConfig, Recipe};
+use mtp_core::{LoadOptions, LoadedModel, ModelSource};
+use serde::Deserialize;
+
+const UNO_FAMILIES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+
+#[derive(Debug, Deserialize)]
+struct PeftRecord {
+    keys: Vec<String>,
+    missing: Vec<String>,
+    unexpected: Vec<String>,
+    config: serde_json::Value,
+}
+
+/// What `reference.py uno-check` recorded for one family.
+#[derive(Debug, Deserialize)]
+struct UnoRecord {
+    masks: usize,
+    prompt_ids: Vec<i64>,
+    first: i64,
+    noise_ids: Vec<i64>,
+    seed_next: i64,
+    drafts: Vec<i64>,
+    base_drafts: Vec<i64>,
+    peft: PeftRecord,
+    checks: BTreeMap<String, bool>,
+}
+
+fn record(family: &str) -> anyhow::Result<UnoRecord> {
+    let path = fixtures().join("reference").join(format!("uno-{family}.json"));
+    Ok(serde_json::from_str(&std::fs::read_to_string(&path)?)?)
+}
+
+fn adapter_path(family: &str) -> std::path::PathBuf {
+    fixtures().join("reference").join(format!("uno-{family}.safetensors"))
+}
+
+fn load(family: &str) -> anyhow::Result<(LoadedModel, MtpAdapter)> {
+    let m = LoadedModel::load(&ModelSource::Local { path: model_dir(family) }, &LoadOptions::default(), &mut ())?;
+    let a = MtpAdapter::load(&adapter_path(family), &m.model)?;
+    Ok((m, a))
+}
+
+fn greedy(prompt_ids: Vec<i64>, max_new_tokens: usize) -> GenerateRequest {
+    GenerateRequest { prompt_ids, max_new_tokens, decoding: Decoding::Greedy, eos_ids: vec![] }
+}
+
+#[test]
+fn drafts_equal_the_reference_uno_draft_step() -> anyhow::Result<()> {
+    for family in UNO_FAMILIES {
+        let r = record(family)?;
+        assert!(r.checks.values().all(|ok| *ok), "{family}: the reference recorded a failed check: {:?}", r.checks);
+        // The LoRA decides the drafts: without it they differ.
+        assert_ne!(r.drafts, r.base_drafts, "{family}");
+        let (m, a) = load(family)?;
+        assert_eq!((a.config.recipe, a.config.sampler, a.config.k), (Recipe::Uno, false, r.masks), "{family}");
+        for form in [LoraForm::Merged, LoraForm::LowRank] {
+            let drafter = Drafter::new(&m.model, &a, DraftOptions { lora: form, ..DraftOptions::default() })?;
+            let strategy = Strategy::new(Mode::Linear, Some(&drafter), MaskCount::Fixed(r.masks))?;
+            let out = generate(&m.model, strategy, &greedy(r.prompt_ids.clone(), 12), &mut ())?;
+            let what = format!("{family}, {form}");
+            // The first step: the prompt in the cache, the first token as the seed, the mask
+            // rows reading the random ids; the second step verifies the drafts it made.
+            assert_eq!(out.steps[0].noise_ids, r.noise_ids, "{what}");
+            assert_eq!(out.token_ids[0], r.first, "{what}");
+            assert_eq!(out.token_ids[1], r.seed_next, "{what}");
+            assert_eq!(out.steps[1].drafts, r.drafts, "{what}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn peft_export_holds_what_peft_loaded() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    for family in UNO_FAMILIES {
+        let r = record(family)?;
+        assert!(r.peft.missing.is_empty() && r.peft.unexpected.is_empty(), "{family}: {:?}", r.peft);
+        let out = tmp.path().join(family);
+        let done = export_peft(&adapter_path(family), &out)?;
+        let written = SafetensorsFile::open(&out.join(PEFT_WEIGHTS))?;
+        let mut keys = written.names();
+        keys.sort();
+        assert_eq!(keys, r.peft.keys, "{family}");
+        assert_eq!(done.tensors, keys.len());
+        // The factors are ours, renamed.
+        let ours = SafetensorsFile::open(&adapter_path(family))?;
+        let mut renamed = 0;
+        for name in ours.names() {
+            if let Some(key) = peft_key(&name) {
+                assert!(ours.read(&name)?.equal(&written.read(&key)?), "{family}: {name} -> {key}");
+                renamed += 1;
+            }
+        }
+        assert_eq!(renamed, keys.len(), "{family}");
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join(PEFT_CONFIG))?)?;
+        for field in ["r", "lora_alpha", "target_modules", "peft_type", "task_type"] {
+            assert_eq!(config[field], r.peft.config[field], "{family}: {field}");
+        }
+        assert_eq!(config["base_model_name_or_path"], r.peft.config["base_model_name_or_path"], "{family}");
+    }
+
+    // The paper's recipe cannot be served by UNO: refused, saying what to train instead.
+    let m = LoadedModel::load(&ModelSource::Local { path: model_dir("llama") }, &LoadOptions::default(), &mut ())?;
+    let paper = MtpAdapter::new(&m.model, MtpConfig { k: 2, ..MtpConfig::default() }, "llama")?;
+    let file = tmp.path().join("paper.safetensors");
+    paper.save(&file)?;
+    let out = tmp.path().join("paper-peft");
+    let err = export_peft(&file, &out).expect_err("a paper adapter exported").to_string();
+    for what in ["paper.safetensors", "mask embeddings", "sampler head", "--recipe uno"] {
+        assert!(err.contains(what), "`{what}` missing from: {err}");
+    }
+    assert!(!out.exists(), "a refused export wrote {}", out.display());
+    Ok(())
+}
+
+#[test]
+fn greedy_equals_ar_and_random_ids_are_reproducible() -> anyhow::Result<()> {
+    let (m, a) = load("llama")?;
+    let vocab = m.model.config.vocab_size as i64;
+    let drafter = Drafter::new(&m.model, &a, DraftOptions::default())?;
+    let prompts: Vec<Vec<i64>> =
+        (0..12).map(|i| (0..3 + i % 5).map(|j| ((i * 37 + j * 11) % (vocab as usize)) as i64).collect()).collect();
+    for mode in [Mode::Linear, Mode::Quadratic] {
+        for masks in [1, 2, 3].map(MaskCount::Fixed).into_iter().chain([MaskCount::Auto]) {
+            let strategy = Strategy::new(mode, Some(&drafter), masks)?;
+            for prompt in &prompts {
+                let req = greedy(prompt.clone(), 20);
+                let ar = generate(&m.model, Strategy::Ar, &req, &mut ())?;
+                let spec = generate(&m.model, strategy, &req, &mut ())?;
+                assert_eq!(spec.token_ids, ar.token_ids, "{mode}, {masks} masks, prompt {prompt:?}");
+                for s in &spec.steps {
+                    let blocks = if mode == Mode::Quadratic { s.drafts.len() + 1 } else { 1 };
+                    assert_eq!(s.noise_ids.len(), blocks * s.masks, "{mode} {masks}: {s:?}");
+                    assert!(s.noise_ids.iter().all(|&id| (0..vocab).contains(&id)), "{s:?}");
+                }
+                // The same request draws the same ids (with a fixed mask count: the automatic
+                // one follows measured step times).
+                if masks == MaskCount::Auto {
+                    continue;
+                }
+                let again = generate(&m.model, strategy, &req, &mut ())?;
+                let key = |o: &mtp_core::decode::GenerateOutput| {
+                    o.steps.iter().map(|s| (s.drafts.clone(), s.accepted, s.noise_ids.clone())).collect::<Vec<_>>()
+                };
+                assert_eq!(key(&again), key(&spec));
+            }
+        }
+    }
+
+    // Sampling: a seed fixes the random ids and the tokens; another seed draws others.
+    let strategy = Strategy::new(Mode::Quadratic, Some(&drafter), MaskCount::Fixed(3))?;
+    let sample = |seed| {
+        let params = SamplingParams { temperature: 0.8, top_k: None, top_p: None, seed };
+        let req = GenerateRequest { decoding: Decoding::Sample(params), ..greedy(prompts[0].clone(), 24) };
+        generate(&m.model, strategy, &req, &mut ())
+    };
+    let (a1, a2, b) = (sample(3)?, sample(3)?, sample(4)?);
+    let ids = |o: &mtp_core::decode::GenerateOutput| o.steps.iter().map(|s| s.noise_ids.clone()).collect::<Vec<_>>();
+    assert_eq!((&a1.token_ids, ids(&a1)), (&a2.token_ids, ids(&a2)));
+    assert_ne!(ids(&a1), ids(&b));
+    Ok(())
+}
