@@ -214,7 +214,9 @@ mod tests {
         p.model.source = "not a model or a folder".into();
         assert!(load_model(&p).is_err());
         p.model.adapter = " a.safetensors ".into();
-        assert!(matches!(load_adapter(&p), Request::LoadAdapter { path } if path == std::path::Path::new("a.safetensors")));
+        assert!(
+            matches!(load_adapter(&p), Request::LoadAdapter { path } if path == std::path::Path::new("a.safetensors"))
+        );
         p.data.source = "builtin:code:5".into();
         assert!(matches!(preview_data(&p)?, Request::PreviewData { .. }));
         let Request::ExportPeft { adapter, out } = export_peft(std::path::Path::new("runs/a")) else {

@@ -95,8 +95,12 @@ impl Default for MtpConfig {
     }
 }
 
-/// The sampler form new adapters are trained with.
-pub const DEFAULT_SAMPLER_FORM: SamplerForm = SamplerForm::Paper;
+/// The sampler form new adapters are trained with: the residual one, which starts equal to
+/// the LM head and so never drafts worse than no sampler. On SmolLM2-135M-Instruct the
+/// paper's form trailed the LM head for hundreds of steps (slot 1: 0.31 against 0.48 after
+/// 200), the residual one led it at every slot from step 80 (docs/BENCHMARKS.md, "A real
+/// instruct model"). Adapters record their form; those written before load as the paper's.
+pub const DEFAULT_SAMPLER_FORM: SamplerForm = SamplerForm::Residual;
 
 impl MtpConfig {
     /// Check the ranges.
