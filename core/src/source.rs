@@ -224,8 +224,8 @@ fn resolve_hub(
     snapshot_dir(&config, repo_id)
 }
 
-/// Adapts our progress sink to hf-hub's.
-struct HubProgress<'a>(&'a mut dyn DownloadProgress);
+/// Adapts our progress sink to hf-hub's (model and dataset downloads).
+pub(crate) struct HubProgress<'a>(pub(crate) &'a mut dyn DownloadProgress);
 
 impl hf_hub::api::Progress for HubProgress<'_> {
     fn init(&mut self, size: usize, filename: &str) {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::data::DataSource;
 use crate::error::{Error, Result};
-use crate::source::{DownloadProgress, HubOptions};
+use crate::source::{DownloadProgress, HubOptions, HubProgress};
 
 /// Extensions of the files a dataset's rows are read from.
 const DATA_EXTENSIONS: [&str; 3] = ["parquet", "jsonl", "json"];
@@ -71,7 +71,7 @@ pub fn resolve_dataset(
         .map(|file| match cached.get(file) {
             Some(path) => Ok(path),
             None => remote
-                .download_with_progress(file, Progress(progress))
+                .download_with_progress(file, HubProgress(progress))
                 .map_err(|e| hub_error(repo_id, format!("{file}: {e}"))),
         })
         .collect()
@@ -147,21 +147,6 @@ pub fn train_split(files: &[String]) -> std::result::Result<Vec<String>, String>
     } else {
         format!("no train split among the data files {data:?}")
     })
-}
-
-/// Adapts our progress sink to hf-hub's.
-struct Progress<'a>(&'a mut dyn DownloadProgress);
-
-impl hf_hub::api::Progress for Progress<'_> {
-    fn init(&mut self, size: usize, filename: &str) {
-        self.0.start(filename, size as u64);
-    }
-    fn update(&mut self, size: usize) {
-        self.0.advance(size as u64);
-    }
-    fn finish(&mut self) {
-        self.0.finish();
-    }
 }
 
 #[cfg(test)]
