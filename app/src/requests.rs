@@ -29,7 +29,7 @@ pub fn load_adapter(p: &Persisted) -> Request {
 /// Preview the Data form's dataset, cut at the Train form's sequence length.
 pub fn preview_data(p: &Persisted) -> anyhow::Result<Request> {
     let source = p.data.source.parse().context("Data")?;
-    Ok(Request::PreviewData { source, strict: p.data.strict, seq_len: p.train.recipe.seq_len })
+    Ok(Request::PreviewData { source, strict: p.data.strict, seq_len: p.train.recipe.training.seq_len })
 }
 
 /// Self-distill the loaded model on the Data form's dataset into `out`. Text prompts leave
@@ -41,7 +41,7 @@ pub fn distill(p: &Persisted, model: Option<&ModelSummary>, out: PathBuf) -> any
     let config = DistillConfig {
         sequences: d.distill_sequences,
         new_tokens: d.distill_new_tokens,
-        prompt_tokens: defaults.prompt_tokens.min(p.train.recipe.seq_len / 4).max(1),
+        prompt_tokens: defaults.prompt_tokens.min(p.train.recipe.training.seq_len / 4).max(1),
         chat: d.distill_chat && model.is_some_and(|m| m.chat_template),
         ..defaults
     };
@@ -56,7 +56,7 @@ pub fn train(p: &Persisted, model: Option<&ModelSummary>, run_dir: PathBuf) -> a
         model: m.source.clone(),
         data: p.data.source.parse().context("Data")?,
         strict_data: p.data.strict,
-        device: m.device,
+        training: mtp_core::train::LoopConfig { device: m.device, ..p.train.recipe.training.clone() },
         dtype: m.dtype,
         ..p.train.recipe.clone()
     };
@@ -69,7 +69,7 @@ pub fn train(p: &Persisted, model: Option<&ModelSummary>, run_dir: PathBuf) -> a
 
 /// Continue the run in `run_dir` up to the Train form's steps.
 pub fn resume(p: &Persisted, run_dir: PathBuf) -> Request {
-    Request::Resume { run_dir, steps: Some(p.train.recipe.steps) }
+    Request::Resume { run_dir, steps: Some(p.train.recipe.training.steps) }
 }
 
 /// The race of the Compare form: AR in lane A, the chosen mode in lane B.
@@ -145,17 +145,17 @@ mod tests {
         let mut p = Persisted::default();
         p.data.source = "builtin:arith:50".into();
         p.train.recipe.method.k = 3;
-        p.train.recipe.steps = 7;
+        p.train.recipe.training.steps = 7;
         let m = model()?;
         let Request::Train { config, run_dir } = train(&p, Some(&m), "runs/x".into())? else {
             anyhow::bail!("not a training request")
         };
         assert_eq!(run_dir, PathBuf::from("runs/x"));
-        assert_eq!((config.method.k, config.steps), (3, 7));
+        assert_eq!((config.method.k, config.training.steps), (3, 7));
         assert_eq!(config.model, m.source);
         assert_eq!(config.data.to_string(), "builtin:arith:50");
         // Everything else is the form's recipe as it stands.
-        assert_eq!(config.optim, p.train.recipe.optim);
+        assert_eq!(config.training.optim, p.train.recipe.training.optim);
         assert_eq!(config.lcm_weight, p.train.recipe.lcm_weight);
         assert!(train(&p, None, "runs/y".into()).is_err(), "no model loaded");
         p.train.recipe.method.lora.targets.clear();
@@ -207,7 +207,7 @@ mod tests {
         assert!(matches!(step_start(&p), Request::StepStart { masks: 3, .. }));
         p.probe.continuation = "x".into();
         assert!(matches!(probe(&p), Request::Probe { continuation, .. } if continuation == "x"));
-        p.train.recipe.steps = 42;
+        p.train.recipe.training.steps = 42;
         assert!(matches!(resume(&p, "r".into()), Request::Resume { steps: Some(42), .. }));
         p.model.source = "demo".into();
         assert!(matches!(load_model(&p)?, Request::LoadModel { source: ModelSource::Demo, .. }));

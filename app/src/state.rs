@@ -125,9 +125,12 @@ impl Default for TrainForm {
         let defaults = TrainConfig::default();
         Self {
             recipe: TrainConfig {
-                optim: mtp_core::train::OptimConfig { lr: 1e-3, ..defaults.optim.clone() },
-                val_every: 25,
-                checkpoint_every: 25,
+                training: mtp_core::train::LoopConfig {
+                    optim: mtp_core::train::OptimConfig { lr: 1e-3, ..defaults.training.optim.clone() },
+                    val_every: 25,
+                    checkpoint_every: 25,
+                    ..defaults.training.clone()
+                },
                 ..defaults
             },
             run_name: String::new(),

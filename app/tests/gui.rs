@@ -37,9 +37,9 @@ fn persisted() -> Persisted {
     let mut p = Persisted::default();
     p.model.device = mtp_core::DeviceSpec::Cpu;
     p.data.source = "builtin:arith:200".into();
-    let t = &mut p.train.recipe;
-    t.method.k = 2;
-    t.method.lora.rank = 4;
+    p.train.recipe.method.k = 2;
+    p.train.recipe.method.lora.rank = 4;
+    let t = &mut p.train.recipe.training;
     t.steps = 12;
     t.batch_size = 2;
     t.seq_len = 32;
@@ -125,7 +125,7 @@ fn main_flow_and_snapshots() -> anyhow::Result<()> {
     // Train: start, see metrics arrive, stop.
     tab(&mut h, Tab::Train);
     h.state_mut().persisted.train.run_name = "stopped".into();
-    h.state_mut().persisted.train.recipe.steps = 200;
+    h.state_mut().persisted.train.recipe.training.steps = 200;
     h.get_by_label("Start training").click();
     until(&mut h, 120, "training metrics", |a| a.runtime.live.as_ref().is_some_and(|l| l.train.len() >= 3));
     h.get_by_label("Stop").click();
@@ -143,7 +143,7 @@ fn main_flow_and_snapshots() -> anyhow::Result<()> {
 
     // Train to the end (deterministic: the snapshot shows its curves).
     h.state_mut().persisted.train.run_name = "full".into();
-    h.state_mut().persisted.train.recipe.steps = 12;
+    h.state_mut().persisted.train.recipe.training.steps = 12;
     h.get_by_label("Start training").click();
     h.run_steps(2);
     settle(&mut h);
@@ -266,9 +266,12 @@ fn bad_files_become_errors_and_the_worker_survives() -> anyhow::Result<()> {
     let config = mtp_core::train::TrainConfig {
         model: mtp_core::ModelSource::Local { path: fixture("llama") },
         data: "builtin:arith:50".parse()?,
-        steps: 1,
-        batch_size: 1,
-        seq_len: 32,
+        training: mtp_core::train::LoopConfig {
+            steps: 1,
+            batch_size: 1,
+            seq_len: 32,
+            ..mtp_core::train::LoopConfig::default()
+        },
         ..mtp_core::train::TrainConfig::default()
     };
     mtp_core::train::train(&loaded, &config, &run, &mut (), &mtp_core::train::Control::new())?;
@@ -298,8 +301,8 @@ fn quitting_during_training_leaves_a_resumable_checkpoint() -> anyhow::Result<()
     let tmp = tempfile::tempdir()?;
     let proj = project(tmp.path())?;
     let mut p = persisted();
-    p.train.recipe.steps = 100_000;
-    p.train.recipe.checkpoint_every = 100_000;
+    p.train.recipe.training.steps = 100_000;
+    p.train.recipe.training.checkpoint_every = 100_000;
     p.train.run_name = "interrupted".into();
     p.tab = Tab::Train;
     let mut h = harness(&proj, p);

@@ -1,6 +1,6 @@
 //! Self-distillation: the batched greedy continuations equal AR's, token for token, for
 //! every prompt (a partial last batch and prompts of different lengths in one batch
-//! included), and a continuation ends at its first EOS.
+//! included), a continuation ends at its first EOS, and rows that end leave their batch.
 
 mod common;
 
@@ -50,6 +50,32 @@ fn batched_continuations_equal_ar_greedy() -> anyhow::Result<()> {
     for (prompt, d) in mixed.iter().zip(&got) {
         assert_eq!(d.completion_ids, ar(prompt)?, "padded batch, prompt of {} tokens", prompt.len());
     }
+    // Rows that end leave the batch (every 8 tokens) while the others go on: with two
+    // tokens AR writes early in some rows as the end of text, 24 tokens in batches of 4,
+    // padded and not, each continuation is still AR's, cut after its first end.
+    let long = |prompt: &Vec<i64>| -> anyhow::Result<Vec<i64>> {
+        let req = GenerateRequest {
+            prompt_ids: prompt.clone(),
+            max_new_tokens: 24,
+            decoding: Decoding::Greedy,
+            eos_ids: vec![],
+        };
+        Ok(generate_ar(model, &req, &mut ())?.token_ids)
+    };
+    let ends = [long(&prompts[0])?[2], long(&mixed[1])?[9]];
+    let mut compacted = 0;
+    for set in [&prompts, &mixed] {
+        let got = continue_greedy(model, set, 24, 4, &ends, &Control::new(), &mut |_, _| {})?;
+        for (prompt, d) in set.iter().zip(&got) {
+            let mut want = long(prompt)?;
+            if let Some(end) = want.iter().position(|t| ends.contains(t)) {
+                want.truncate(end + 1);
+                compacted += usize::from(end < 16);
+            }
+            assert_eq!(d.completion_ids, want, "prompt {prompt:?}");
+        }
+    }
+    assert!(compacted >= 2, "rows ended before the last look: {compacted}");
     // An empty prompt is refused.
     assert!(continue_greedy(model, &[vec![], vec![1, 2]], 4, 2, &[], &Control::new(), &mut |_, _| {}).is_err());
     Ok(())

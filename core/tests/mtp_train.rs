@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use mtp_core::model::AttnMask;
 use mtp_core::mtp::{MtpAdapter, MtpConfig, build_layout, collate, loss};
-use mtp_core::train::{Control, DataSource, OptimConfig, StepMetrics, TrainConfig, TrainEvent};
+use mtp_core::train::{Control, DataSource, LoopConfig, OptimConfig, StepMetrics, TrainConfig, TrainEvent};
 use mtp_core::{DType, LoadOptions, LoadedModel, ModelSource};
 use tch::{Device, Kind, Tensor};
 
@@ -123,12 +123,15 @@ fn small_config(steps: usize) -> TrainConfig {
             lora: mtp_core::mtp::LoraConfig { rank: 4, ..Default::default() },
             ..MtpConfig::default()
         },
-        optim: OptimConfig { lr: 3e-3, warmup: 5, ..OptimConfig::default() },
-        steps,
-        batch_size: 2,
-        seq_len: 32,
-        val_every: 10,
-        checkpoint_every: 10,
+        training: LoopConfig {
+            optim: OptimConfig { lr: 3e-3, warmup: 5, ..OptimConfig::default() },
+            steps,
+            batch_size: 2,
+            seq_len: 32,
+            val_every: 10,
+            checkpoint_every: 10,
+            ..LoopConfig::default()
+        },
         ..TrainConfig::default()
     }
 }
@@ -214,7 +217,7 @@ fn uno_recipe_resumes_exactly() -> anyhow::Result<()> {
         let mut c = small_config(steps);
         c.method.recipe = mtp_core::mtp::Recipe::Uno;
         c.method.sampler = false;
-        (c.val_every, c.checkpoint_every) = (6, 6);
+        (c.training.val_every, c.training.checkpoint_every) = (6, 6);
         c
     };
     let mut straight = Vec::new();

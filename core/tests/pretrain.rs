@@ -2,7 +2,7 @@
 //! folder loads back as an ordinary model, and a stopped run resumes.
 
 use mtp_core::train::pretrain::{ArchConfig, PretrainConfig, TokenizerPlan, pretrain};
-use mtp_core::train::{Control, OptimConfig, Outcome, Schedule, TrainEvent};
+use mtp_core::train::{Control, LoopConfig, OptimConfig, Outcome, Schedule, TrainEvent};
 use mtp_core::{DeviceSpec, LoadOptions, LoadedModel};
 
 fn config(steps: usize) -> anyhow::Result<PretrainConfig> {
@@ -10,16 +10,20 @@ fn config(steps: usize) -> anyhow::Result<PretrainConfig> {
         data: vec!["builtin:code:400".parse()?, "builtin:arith:400".parse()?],
         arch: ArchConfig::preset("tiny")?,
         tokenizer: TokenizerPlan::Train { vocab_size: 384 },
-        optim: OptimConfig { lr: 3e-3, warmup: 5, schedule: Schedule::Cosine, ..OptimConfig::default() },
-        steps,
-        batch_size: 4,
-        grad_accum: 1,
-        seq_len: 64,
-        val_fraction: 0.05,
-        val_every: 10,
-        checkpoint_every: 10,
-        seed: 3,
-        device: DeviceSpec::Cpu,
+        training: LoopConfig {
+            optim: OptimConfig { lr: 3e-3, warmup: 5, schedule: Schedule::Cosine, ..OptimConfig::default() },
+            steps,
+            batch_size: 4,
+            grad_accum: 1,
+            seq_len: 64,
+            val_fraction: 0.05,
+            val_every: 10,
+            checkpoint_every: 10,
+            seed: 3,
+            device: DeviceSpec::Cpu,
+
+            ..LoopConfig::default()
+        },
     })
 }
 

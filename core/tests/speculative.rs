@@ -11,7 +11,7 @@ use mtp_core::decode::{
 };
 use mtp_core::mtp::{LoraConfig, MtpAdapter, MtpConfig};
 use mtp_core::train::pretrain::{ArchConfig, PretrainConfig, TokenizerPlan, pretrain};
-use mtp_core::train::{Control, OptimConfig, Schedule, TrainConfig};
+use mtp_core::train::{Control, LoopConfig, OptimConfig, Schedule, TrainConfig};
 use mtp_core::{DeviceSpec, LoadOptions, LoadedModel, ModelSource};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tch::{Kind, Tensor};
@@ -81,16 +81,20 @@ fn make() -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
         data: vec!["builtin:code:1500".parse()?],
         arch: ArchConfig::preset("tiny")?,
         tokenizer: TokenizerPlan::Train { vocab_size: 320 },
-        optim: OptimConfig { lr: 5e-3, warmup: 10, schedule: Schedule::Cosine, ..OptimConfig::default() },
-        steps: 150,
-        batch_size: 8,
-        grad_accum: 1,
-        seq_len: 64,
-        val_fraction: 0.02,
-        val_every: 0,
-        checkpoint_every: 1000,
-        seed: 5,
-        device: DeviceSpec::Cpu,
+        training: LoopConfig {
+            optim: OptimConfig { lr: 5e-3, warmup: 10, schedule: Schedule::Cosine, ..OptimConfig::default() },
+            steps: 150,
+            batch_size: 8,
+            grad_accum: 1,
+            seq_len: 64,
+            val_fraction: 0.02,
+            val_every: 0,
+            checkpoint_every: 1000,
+            seed: 5,
+            device: DeviceSpec::Cpu,
+
+            ..LoopConfig::default()
+        },
     };
     pretrain(&config, &model_dir, false, &mut (), &Control::new())?;
     let loaded = LoadedModel::from_folder(&model_dir, &LoadOptions::default())?;
@@ -98,12 +102,15 @@ fn make() -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
         model: ModelSource::Local { path: model_dir.clone() },
         data: "builtin:code:1500".parse()?,
         method: MtpConfig { k: 8, lora: LoraConfig { rank: 8, ..LoraConfig::default() }, ..MtpConfig::default() },
-        optim: OptimConfig { lr: 3e-3, warmup: 10, ..OptimConfig::default() },
-        steps: 120,
-        batch_size: 4,
-        seq_len: 64,
-        val_every: 0,
-        checkpoint_every: 1000,
+        training: LoopConfig {
+            optim: OptimConfig { lr: 3e-3, warmup: 10, ..OptimConfig::default() },
+            steps: 120,
+            batch_size: 4,
+            seq_len: 64,
+            val_every: 0,
+            checkpoint_every: 1000,
+            ..LoopConfig::default()
+        },
         ..TrainConfig::default()
     };
     let summary = mtp_core::train::train(&loaded, &train, &dir.path().join("run"), &mut (), &Control::new())?;
@@ -353,13 +360,16 @@ fn two_hundred_steps_raise_every_slot() -> anyhow::Result<()> {
         model: ModelSource::Local { path: model_dir.clone() },
         data: "builtin:code:2000".parse()?,
         method: MtpConfig { k: 4, lora: LoraConfig { rank: 8, ..LoraConfig::default() }, ..MtpConfig::default() },
-        optim: OptimConfig { lr: 3e-3, warmup: 10, ..OptimConfig::default() },
         lcm_weight: 0.1,
-        steps: 200,
-        batch_size: 4,
-        seq_len: 64,
-        val_every: 200,
-        checkpoint_every: 1000,
+        training: LoopConfig {
+            optim: OptimConfig { lr: 3e-3, warmup: 10, ..OptimConfig::default() },
+            steps: 200,
+            batch_size: 4,
+            seq_len: 64,
+            val_every: 200,
+            checkpoint_every: 1000,
+            ..LoopConfig::default()
+        },
         ..TrainConfig::default()
     };
     let tmp = tempfile::tempdir()?;

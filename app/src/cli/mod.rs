@@ -12,6 +12,7 @@ mod inspect;
 mod pretrain;
 mod probe;
 mod progress;
+mod recipe;
 mod train;
 
 use std::process::ExitCode;

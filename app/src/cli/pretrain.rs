@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-use mtp_core::DeviceSpec;
-use mtp_core::train::pretrain::{ArchConfig, PretrainConfig, TokenizerPlan, pretrain, read_recipe};
-use mtp_core::train::{Control, DataSource, OptimConfig, Schedule, TrainEvent};
+use mtp_core::train::pretrain::{ArchConfig, DEFAULT_VOCAB_SIZE, PretrainConfig, TokenizerPlan, pretrain, read_recipe};
+use mtp_core::train::{Control, DataSource, TrainEvent};
 
+use super::recipe::PretrainLoopArgs;
 use super::train::{Reporter, cancel_on_ctrl_c};
 
 /// Arguments of `mtp pretrain`.
@@ -48,39 +48,9 @@ pub struct Args {
     /// ...or use the tokenizer of this model folder.
     #[arg(long)]
     pub tokenizer_from: Option<PathBuf>,
-    /// Optimizer steps (with --resume: the new total).
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Sequences per micro-batch.
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Micro-batches per step.
-    #[arg(long, default_value_t = 1)]
-    pub grad_accum: usize,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 256)]
-    pub seq_len: usize,
-    /// Peak learning rate (cosine decay after warmup).
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
-    /// Warmup steps.
-    #[arg(long, default_value_t = 100)]
-    pub warmup: usize,
-    /// Decoupled weight decay.
-    #[arg(long, default_value_t = 0.1)]
-    pub weight_decay: f64,
-    /// Seed.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Checkpoint every N steps.
-    #[arg(long, default_value_t = 100)]
-    pub checkpoint_every: usize,
-    /// Validate every N steps.
-    #[arg(long, default_value_t = 100)]
-    pub val_every: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
+    /// The optimisation loop: steps, batches, learning rate, validation, checkpoints, seed, device.
+    #[command(flatten)]
+    pub training: PretrainLoopArgs,
     /// Print events as JSON lines.
     #[arg(long)]
     pub json: bool,
@@ -101,25 +71,9 @@ impl Args {
             arch,
             tokenizer: match &self.tokenizer_from {
                 Some(path) => TokenizerPlan::From { path: path.clone() },
-                None => TokenizerPlan::Train { vocab_size: self.vocab_size.unwrap_or(4096) },
+                None => TokenizerPlan::Train { vocab_size: self.vocab_size.unwrap_or(DEFAULT_VOCAB_SIZE) },
             },
-            optim: OptimConfig {
-                lr: self.lr,
-                warmup: self.warmup,
-                schedule: Schedule::Cosine,
-                weight_decay: self.weight_decay,
-                beta2: 0.95,
-                ..OptimConfig::default()
-            },
-            steps: self.steps.unwrap_or(1000),
-            batch_size: self.batch_size,
-            grad_accum: self.grad_accum,
-            seq_len: self.seq_len,
-            val_fraction: 0.02,
-            val_every: self.val_every,
-            checkpoint_every: self.checkpoint_every,
-            seed: self.seed,
-            device: self.device,
+            training: self.training.config(),
         })
     }
 }
@@ -131,8 +85,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (config, out, resume) = match &args.resume {
         Some(dir) => {
             let mut c = read_recipe(dir)?;
-            if let Some(s) = args.steps {
-                c.steps = s;
+            if let Some(s) = args.training.steps {
+                c.training.steps = s;
             }
             (c, dir.clone(), true)
         }

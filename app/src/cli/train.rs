@@ -9,10 +9,11 @@ use mtp_core::inspect::human_bytes;
 use mtp_core::model::Proj;
 use mtp_core::mtp::{LoraConfig, MtpConfig};
 use mtp_core::train::trainer::Checkpointing;
-use mtp_core::train::{Control, OptimConfig, Packing, Schedule, TrainConfig, TrainEvent};
-use mtp_core::{DType, DeviceSpec, LoadOptions, LoadedModel, ModelSource};
+use mtp_core::train::{Control, Packing, TrainConfig, TrainEvent};
+use mtp_core::{DType, LoadOptions, LoadedModel, ModelSource};
 
 use super::progress::DownloadBar;
+use super::recipe::TrainLoopArgs;
 
 /// Arguments of `mtp train`.
 #[derive(Debug, clap::Args)]
@@ -41,49 +42,16 @@ pub struct Args {
     /// Projections to adapt, comma-separated (q,k,v,o,gate,up,down).
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
     pub targets: Vec<String>,
-    /// Total optimizer steps (with --resume: the new total).
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Sequences per micro-batch.
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    pub grad_accum: usize,
-    /// Tokens per training sequence.
-    #[arg(long, default_value_t = 128)]
-    pub seq_len: usize,
+    /// The optimisation loop: steps, batches, learning rate, validation, checkpoints, seed, device.
+    #[command(flatten)]
+    pub training: TrainLoopArgs,
     /// One example per sequence (cut at --seq-len) instead of packing examples together.
     #[arg(long)]
     pub no_packing: bool,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-4)]
-    pub lr: f64,
-    /// Warmup steps.
-    #[arg(long, default_value_t = 20)]
-    pub warmup: usize,
-    /// Decay the learning rate with a cosine after warmup (default: constant).
-    #[arg(long)]
-    pub cosine: bool,
-    /// Clip the gradient norm (0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub grad_clip: f64,
-    /// Seed of initialisation and data order.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Checkpoint every N steps.
-    #[arg(long, default_value_t = 50)]
-    pub checkpoint_every: usize,
-    /// Validate every N steps (0 = only at the end).
-    #[arg(long, default_value_t = 50)]
-    pub val_every: usize,
     /// Every N validation passes (and at the end), measure tokens per forward by decoding a
     /// few held-out prompts at 1..k masks (0 = never).
     #[arg(long, default_value_t = TrainConfig::default().measure_every)]
     pub measure_every: usize,
-    /// Share of examples held out for validation.
-    #[arg(long, default_value_t = 0.05)]
-    pub val_fraction: f64,
     /// What mask rows read: paper (learned mask embeddings, a sampler head) or uno (random
     /// token ids and no sampler: the recipe SGLang's and vLLM's UNO decoding serve; export it
     /// with `mtp export --format peft`).
@@ -113,9 +81,6 @@ pub struct Args {
     /// Fail on the first malformed dataset line.
     #[arg(long)]
     pub strict: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
     /// Base model precision (default: bf16 on CUDA, f32 on CPU).
     #[arg(long)]
     pub dtype: Option<DType>,
@@ -143,7 +108,7 @@ impl Args {
     fn config(&self) -> anyhow::Result<TrainConfig> {
         let model: ModelSource = self.model.as_deref().unwrap_or("demo").parse()?;
         let data = self.data.as_deref().unwrap_or_default().parse()?;
-        let dtype = self.dtype.unwrap_or_else(|| DType::default_for(self.device));
+        let dtype = self.dtype.unwrap_or_else(|| DType::default_for(self.training.device));
         Ok(TrainConfig {
             model,
             data,
@@ -164,24 +129,8 @@ impl Args {
             },
             lcm_weight: self.lcm_weight,
             lcm_reduction: self.lcm_reduction,
-            optim: OptimConfig {
-                lr: self.lr,
-                warmup: self.warmup,
-                schedule: if self.cosine { Schedule::Cosine } else { Schedule::Constant },
-                grad_clip: self.grad_clip,
-                ..OptimConfig::default()
-            },
-            steps: self.steps.unwrap_or(200),
-            batch_size: self.batch_size,
-            grad_accum: self.grad_accum,
-            seq_len: self.seq_len,
+            training: self.training.config(),
             packing: if self.no_packing { Packing::Truncate } else { Packing::Pack },
-            val_fraction: self.val_fraction,
-            val_every: self.val_every,
-            val_batches: 4,
-            checkpoint_every: self.checkpoint_every,
-            seed: self.seed,
-            device: self.device,
             dtype,
             draft_vocab: self.draft_vocab,
             checkpointing: self.checkpointing,
@@ -336,7 +285,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let config = mtp_core::train::trainer::read_config(dir)?;
         super::common::fetch_data(&config.data)?;
         let loaded = load(&config)?;
-        let (_, summary) = mtp_core::train::resume(&loaded, dir, args.steps, &mut sink, &control)?;
+        let (_, summary) = mtp_core::train::resume(&loaded, dir, args.training.steps, &mut sink, &control)?;
         (summary, dir.clone())
     } else {
         let config = args.config()?;
@@ -382,7 +331,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn load(config: &TrainConfig) -> anyhow::Result<LoadedModel> {
-    let options = LoadOptions { device: config.device, dtype: config.dtype, ..LoadOptions::default() };
+    let options = LoadOptions { device: config.training.device, dtype: config.dtype, ..LoadOptions::default() };
     LoadedModel::load(&config.model, &options, &mut DownloadBar::new())
         .with_context(|| format!("loading model `{}`", config.model))
 }

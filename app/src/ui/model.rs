@@ -144,8 +144,8 @@ pub fn show(
         k: t.method.k,
         lora: &t.method.lora,
         sampler: t.method.sampler,
-        batch_size: t.batch_size,
-        seq_len: t.seq_len,
+        batch_size: t.training.batch_size,
+        seq_len: t.training.seq_len,
         dtype: m.dtype,
         checkpointing: false,
         device: m.device,
@@ -154,7 +154,7 @@ pub fn show(
     let c = estimate(i, &m.config, &MemoryInputs { checkpointing: true, ..inputs.clone() });
     ui.label(format!(
         "k = {}, rank {}, batch {}, sequence {} tokens, {} (change these in the Train tab):",
-        t.method.k, t.method.lora.rank, t.batch_size, t.seq_len, m.dtype
+        t.method.k, t.method.lora.rank, t.training.batch_size, t.training.seq_len, m.dtype
     ));
     egui::Grid::new("memory").num_columns(3).striped(true).show(ui, |ui| {
         ui.label("");

@@ -143,8 +143,10 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
         egui::Grid::new("train-optim").num_columns(2).show(&mut cols[1], |ui| {
             ui.strong("Optimisation");
             ui.end_row();
-            form_row(ui, "Steps", "Optimizer steps in total", |ui| ui.add(drag_usize(&mut r.steps, 1..=1_000_000)));
-            let o = &mut r.optim;
+            form_row(ui, "Steps", "Optimizer steps in total", |ui| {
+                ui.add(drag_usize(&mut r.training.steps, 1..=1_000_000))
+            });
+            let o = &mut r.training.optim;
             form_row(ui, "Learning rate", "AdamW peak learning rate", |ui| {
                 ui.add(
                     egui::DragValue::new(&mut o.lr)
@@ -164,7 +166,7 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
                 ui.add(egui::DragValue::new(&mut o.grad_clip).range(0.0..=100.0).speed(0.05))
             });
             form_row(ui, "Seed", "Seed of initialisation and data order", |ui| {
-                ui.add(egui::DragValue::new(&mut r.seed))
+                ui.add(egui::DragValue::new(&mut r.training.seed))
             });
             form_row(ui, "Run name", "Folder under the project's runs/ (empty: a timestamp)", |ui| {
                 ui.add(egui::TextEdit::singleline(run_name).desired_width(120.0))
@@ -174,13 +176,13 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
             ui.strong("Batches");
             ui.end_row();
             form_row(ui, "Batch size", "Sequences per micro-batch", |ui| {
-                ui.add(drag_usize(&mut r.batch_size, 1..=1024))
+                ui.add(drag_usize(&mut r.training.batch_size, 1..=1024))
             });
             form_row(ui, "Grad accumulation", "Micro-batches per optimizer step", |ui| {
-                ui.add(drag_usize(&mut r.grad_accum, 1..=1024))
+                ui.add(drag_usize(&mut r.training.grad_accum, 1..=1024))
             });
             form_row(ui, "Sequence length", "Tokens per training sequence (the layout grows by up to k + 1)", |ui| {
-                ui.add(drag_usize(&mut r.seq_len, 8..=8192))
+                ui.add(drag_usize(&mut r.training.seq_len, 8..=8192))
             });
             form_row(
                 ui,
@@ -213,10 +215,10 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
                 response
             });
             form_row(ui, "Validation share", "Share of examples held out", |ui| {
-                ui.add(egui::DragValue::new(&mut r.val_fraction).range(0.0..=0.5).speed(0.005))
+                ui.add(egui::DragValue::new(&mut r.training.val_fraction).range(0.0..=0.5).speed(0.005))
             });
             form_row(ui, "Validate every", "Steps between validation passes", |ui| {
-                ui.add(drag_usize(&mut r.val_every, 0..=100_000))
+                ui.add(drag_usize(&mut r.training.val_every, 0..=100_000))
             });
             form_row(
                 ui,
@@ -226,7 +228,7 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
                 |ui| ui.add(drag_usize(&mut r.measure_every, 0..=10_000)),
             );
             form_row(ui, "Checkpoint every", "Steps between checkpoints (also at the end and on stop)", |ui| {
-                ui.add(drag_usize(&mut r.checkpoint_every, 1..=100_000))
+                ui.add(drag_usize(&mut r.training.checkpoint_every, 1..=100_000))
             });
         });
     });
@@ -452,7 +454,7 @@ fn runs(ui: &mut egui::Ui, p: &Persisted, rt: &mut Runtime, commands: &mut Vec<C
             }
             ui.label(r.dir.file_name().and_then(|n| n.to_str()).unwrap_or("?"));
             let last = r.metrics.iter().rfind(|m| m.split == mtp_core::train::Split::Train);
-            let total = r.config.as_ref().map_or(0, |c| c.steps);
+            let total = r.config.as_ref().map_or(0, |c| c.training.steps);
             ui.label(format!("{}/{}", last.map_or(0, |m| m.step), total));
             ui.label(last.map_or("-".into(), |m| format!("{:.3}", m.losses.loss)));
             ui.label(final_acceptance(&r.metrics));

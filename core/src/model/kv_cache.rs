@@ -84,6 +84,16 @@ impl KvCache {
         self.len = self.len.min(len as i64);
     }
 
+    /// Keep only the batch rows `rows` (indices into the batch, on the cache's device), in
+    /// that order: a batch whose finished rows leave it stops paying for them.
+    pub fn keep_rows(&mut self, rows: &Tensor) {
+        if let Some((k, v)) = self.buffers.take() {
+            let (k, v) = (k.index_select(1, rows), v.index_select(1, rows));
+            self.layers = (0..self.num_layers).map(|l| (k.get(l), v.get(l))).collect();
+            self.buffers = Some((k, v));
+        }
+    }
+
     /// Bytes held by the buffers.
     pub fn bytes(&self) -> usize {
         self.buffers.as_ref().map_or(0, |(k, v)| (k.numel() + v.numel()) * k.kind().elt_size_in_bytes())

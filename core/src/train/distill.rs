@@ -248,10 +248,12 @@ pub fn continue_greedy(
     Ok(out)
 }
 
-/// Greedy continuations of prompts decoded as one batch with a KV cache, stopping early
-/// once every row has written a token of `eos`. Shorter prompts are padded on the left:
-/// their padding is masked out of every row's attention (a padding row attends to itself
-/// alone, so that nothing it computes is NaN) and their positions start after it.
+/// Greedy continuations of prompts decoded as one batch with a KV cache. Every
+/// [`COMPACT_EVERY`] tokens the rows that have written a token of `eos` leave the batch (and
+/// the cache), so a batch costs what its unfinished rows need; it ends when none is left.
+/// Shorter prompts are padded on the left: their padding is masked out of every row's
+/// attention (a padding row attends to itself alone, so that nothing it computes is NaN)
+/// and their positions start after it.
 ///
 /// # Shapes
 /// `prompts`: b prompts of at most p tokens -> b rows of at most `new_tokens` ids.
@@ -271,7 +273,7 @@ fn greedy_batch(model: &Llama, prompts: &[Vec<i64>], new_tokens: usize, eos: &[i
     // Per row: the first real column, and whether each cache column is a real token.
     let pad = Tensor::from_slice(&pads).to_device(device).unsqueeze(1); // [b, 1]
     let columns = Tensor::arange(p + new_tokens as i64, (Kind::Int64, device)).unsqueeze(0); // [1, S]
-    let real = columns.ge_tensor(&pad); // [b, S]
+    let mut real = columns.ge_tensor(&pad); // [b, S]
     let cols = columns.narrow(1, 0, p);
     let (positions, mask) = if padded {
         let rows = cols.view([p, 1]);
@@ -288,20 +290,42 @@ fn greedy_batch(model: &Llama, prompts: &[Vec<i64>], new_tokens: usize, eos: &[i
     let mut next = logits.select(1, 0).argmax(-1, false); // [b]
     let eos = Tensor::from_slice(eos).to_device(device);
     let mut ended = Tensor::zeros([b], (Kind::Bool, device));
-    let mut steps = Vec::with_capacity(new_tokens);
-    let lengths = Tensor::from_slice(&prompts.iter().map(|q| q.len() as i64).collect::<Vec<_>>()).to_device(device);
+    let mut lengths = Tensor::from_slice(&prompts.iter().map(|q| q.len() as i64).collect::<Vec<_>>()).to_device(device);
+    // The batch rows still decoding (indices into `prompts`), and what each stretch of
+    // steps between two compactions wrote for the rows alive during it.
+    let mut alive: Vec<usize> = (0..prompts.len()).collect();
+    let mut stretches: Vec<(Vec<usize>, Vec<Tensor>)> = vec![(alive.clone(), Vec::new())];
     for i in 0..new_tokens {
-        steps.push(next.shallow_clone());
+        if let Some((_, steps)) = stretches.last_mut() {
+            steps.push(next.shallow_clone());
+        }
         ended = ended.logical_or(&Tensor::isin(&next, &eos, false, false));
-        // Asking the device whether all rows ended costs a sync: every 8 tokens.
-        if i + 1 == new_tokens || (i % 8 == 7 && ended.all().int64_value(&[]) != 0) {
+        if i + 1 == new_tokens {
             break;
+        }
+        // Which rows ended costs a read from the device: every few tokens.
+        if i % COMPACT_EVERY == COMPACT_EVERY - 1 {
+            let done = Vec::<bool>::try_from(&ended.to_device(tch::Device::Cpu))?;
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            if done.iter().any(|&d| d) {
+                let keep: Vec<i64> = (0..done.len() as i64).filter(|&r| !done[r as usize]).collect();
+                alive = keep.iter().map(|&r| alive[r as usize]).collect();
+                let keep = Tensor::from_slice(&keep).to_device(device);
+                cache.keep_rows(&keep);
+                next = next.index_select(0, &keep);
+                real = real.index_select(0, &keep);
+                lengths = lengths.index_select(0, &keep);
+                ended = ended.index_select(0, &keep);
+                stretches.push((alive.clone(), Vec::new()));
+            }
         }
         let x = next.unsqueeze(1);
         let out = if padded {
             let s = p + i as i64 + 1;
             let positions = (&lengths + i as i64).unsqueeze(1); // [b, 1]
-            let mask = real.narrow(1, 0, s).reshape([b, 1, 1, s]);
+            let mask = real.narrow(1, 0, s).reshape([alive.len() as i64, 1, 1, s]);
             let h = model.forward_embeds(&model.embed(&x), &positions, AttnMask::Custom(&mask), None, Some(&mut cache));
             model.logits(&h)
         } else {
@@ -309,11 +333,20 @@ fn greedy_batch(model: &Llama, prompts: &[Vec<i64>], new_tokens: usize, eos: &[i
         };
         next = out.select(1, 0).argmax(-1, false);
     }
-    let n = steps.len();
-    let all = Tensor::stack(&steps, 1).to_kind(Kind::Int64).to_device(tch::Device::Cpu); // [b, n]
-    let values = Vec::<i64>::try_from(all.reshape([-1]))?;
-    Ok(values.chunks(n.max(1)).map(<[i64]>::to_vec).collect())
+    let mut rows = vec![Vec::new(); prompts.len()];
+    for (rows_alive, steps) in stretches.iter().filter(|(_, steps)| !steps.is_empty()) {
+        let n = steps.len();
+        let all = Tensor::stack(steps, 1).to_kind(Kind::Int64).to_device(tch::Device::Cpu); // [alive, n]
+        let values = Vec::<i64>::try_from(all.reshape([-1]))?;
+        for (&row, written) in rows_alive.iter().zip(values.chunks(n)) {
+            rows[row].extend_from_slice(written);
+        }
+    }
+    Ok(rows)
 }
+
+/// Tokens between two looks at which rows of a distillation batch have ended.
+const COMPACT_EVERY: usize = 8;
 
 #[cfg(test)]
 mod tests {

@@ -17,4 +17,4 @@ pub use control::Control;
 pub use data::{DataSource, Example, Tokenized};
 pub use events::{Split, StepMetrics, TrainEvent, TrainSink, expected_tokens_per_forward};
 pub use optim::{AdamW, OptimConfig, Schedule};
-pub use trainer::{Outcome, Packing, RunDir, TrainConfig, TrainSummary, resume, train};
+pub use trainer::{LoopConfig, Outcome, Packing, RunDir, TrainConfig, TrainSummary, resume, train};

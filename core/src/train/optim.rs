@@ -19,6 +19,28 @@ pub enum Schedule {
     Cosine,
 }
 
+impl std::str::FromStr for Schedule {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> crate::error::Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "constant" => Ok(Schedule::Constant),
+            "cosine" => Ok(Schedule::Cosine),
+            other => Err(crate::error::Error::Invalid(format!(
+                "unknown learning-rate schedule `{other}` (constant or cosine)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Schedule::Constant => "constant",
+            Schedule::Cosine => "cosine",
+        })
+    }
+}
+
 /// Optimizer settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OptimConfig {

@@ -10,8 +10,8 @@ use tch::{Kind, Reduction, Tensor, nn};
 use super::control::Control;
 use super::data::{self, DataReport, DataSource, Example, Tokenized};
 use super::events::TrainSink;
-use super::optim::OptimConfig;
-use super::trainer::{LoopSettings, Objective, Outcome, PreparedData, RunDir, optimize};
+use super::optim::{OptimConfig, Schedule};
+use super::trainer::{LoopConfig, LoopSettings, Objective, Outcome, PreparedData, RunDir, optimize};
 use crate::checkpoint::{SINGLE_FILE, save};
 use crate::device::{DType, DeviceSpec};
 use crate::error::{Error, Result, read_json};
@@ -90,27 +90,47 @@ pub struct PretrainConfig {
     pub arch: ArchConfig,
     /// Tokenizer.
     pub tokenizer: TokenizerPlan,
-    /// Optimizer and schedule.
-    pub optim: OptimConfig,
-    /// Optimizer steps.
-    pub steps: usize,
-    /// Sequences per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per step.
-    pub grad_accum: usize,
-    /// Tokens per sequence.
-    pub seq_len: usize,
-    /// Share of examples held out.
-    pub val_fraction: f64,
-    /// Validate every this many steps.
-    pub val_every: usize,
-    /// Checkpoint every this many steps.
-    pub checkpoint_every: usize,
-    /// Seed.
-    pub seed: u64,
-    /// Where to train (weights in f32).
-    pub device: DeviceSpec,
+    /// The optimisation loop (weights in f32 on its device; flattened, as in
+    /// [`super::TrainConfig`]).
+    #[serde(flatten)]
+    pub training: LoopConfig,
 }
+
+impl Default for PretrainConfig {
+    /// `mtp pretrain`'s: the demo's shape and tokenizer, and a loop for training every
+    /// weight from scratch (larger batches and sequences, a higher peak learning rate
+    /// with a cosine decay after a longer warmup, weight decay, AdamW's beta2 at 0.95).
+    fn default() -> Self {
+        Self {
+            data: Vec::new(),
+            arch: ArchConfig::preset("demo").expect("the demo preset exists"),
+            tokenizer: TokenizerPlan::Train { vocab_size: DEFAULT_VOCAB_SIZE },
+            training: LoopConfig {
+                optim: OptimConfig {
+                    lr: 1e-3,
+                    warmup: 100,
+                    schedule: Schedule::Cosine,
+                    weight_decay: 0.1,
+                    beta2: 0.95,
+                    ..OptimConfig::default()
+                },
+                steps: 1000,
+                batch_size: 16,
+                grad_accum: 1,
+                seq_len: 256,
+                val_fraction: 0.02,
+                val_every: 100,
+                val_batches: 4,
+                checkpoint_every: 100,
+                seed: 0,
+                device: DeviceSpec::Cpu,
+            },
+        }
+    }
+}
+
+/// The vocabulary of a tokenizer trained for a new model (the demo's).
+pub const DEFAULT_VOCAB_SIZE: usize = 4096;
 
 /// The end-of-text token of tokenizers this project trains (also used as BOS).
 pub const EOS_TOKEN: &str = "<|endoftext|>";
@@ -257,6 +277,7 @@ pub fn pretrain(
     if config.data.is_empty() {
         return Err(Error::Invalid("pretraining needs at least one dataset".into()));
     }
+    config.training.validate()?;
     let run = RunDir(out.to_owned());
     if !resume && recipe_path(out).exists() {
         return Err(Error::Invalid(format!(
@@ -266,7 +287,7 @@ pub fn pretrain(
     }
     std::fs::create_dir_all(run.checkpoints()).map_err(|e| Error::io(run.checkpoints(), e))?;
     write_json_atomic(&recipe_path(out), config)?;
-    let device = config.device.resolve()?;
+    let device = config.training.device.resolve()?;
 
     // Data.
     let mut examples = Vec::new();
@@ -294,7 +315,7 @@ pub fn pretrain(
             tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer { path, reason: e.to_string() })?
         }
         (TokenizerPlan::Train { vocab_size }, false) => {
-            let (train_texts, _) = data::split(&examples, config.val_fraction, config.seed);
+            let (train_texts, _) = data::split(&examples, config.training.val_fraction, config.training.seed);
             train_tokenizer(&train_texts, *vocab_size)?
         }
     };
@@ -305,9 +326,12 @@ pub fn pretrain(
 
     let tokenized: Vec<Tokenized> =
         examples.iter().map(|t| data::tokenize(&Example::Text { text: t.clone() }, &tok)).collect::<Result<_>>()?;
-    let (train, val) = data::split(&tokenized, config.val_fraction, config.seed);
-    let prepared =
-        PreparedData { train: data::pack(&train, config.seq_len), val: data::pack(&val, config.seq_len), report };
+    let (train, val) = data::split(&tokenized, config.training.val_fraction, config.training.seed);
+    let prepared = PreparedData {
+        train: data::pack(&train, config.training.seq_len),
+        val: data::pack(&val, config.training.seq_len),
+        report,
+    };
     if prepared.train.is_empty() {
         return Err(Error::Invalid("the data gives no training sequence".into()));
     }
@@ -340,20 +364,13 @@ pub fn pretrain(
     let model_config =
         crate::model::HfConfig::from_value(model_config.to_hf_json())?.validate(&out.join("config.json"))?;
     let vs = nn::VarStore::new(device);
-    let model = crate::device::seeded(config.seed, || {
+    let model = crate::device::seeded(config.training.seed, || {
         Llama::load(model_config.clone(), &InitSource { root: vs.root() }, DType::F32, device)
     })?;
     let parameters = vs.trainable_variables().iter().map(|t| t.numel() as u64).sum();
 
     let settings = LoopSettings {
-        steps: config.steps,
-        batch_size: config.batch_size,
-        grad_accum: config.grad_accum,
-        optim: config.optim.clone(),
-        val_every: config.val_every,
-        val_batches: 4,
-        checkpoint_every: config.checkpoint_every,
-        seed: config.seed,
+        config: config.training.clone(),
         device,
         checkpointing: false,
         memory_estimate: None,

@@ -38,6 +38,85 @@ pub enum Packing {
     Truncate,
 }
 
+/// The optimisation loop's recipe, shared by MTP training ([`TrainConfig`]) and pretraining
+/// ([`super::pretrain::PretrainConfig`]); each command's defaults are its recipe's
+/// `Default`, which the CLI and the GUI show.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoopConfig {
+    /// Optimizer and learning-rate schedule.
+    pub optim: OptimConfig,
+    /// Optimizer steps in total.
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Tokens per training sequence (for MTP training: before mask blocks).
+    pub seq_len: usize,
+    /// Share of examples held out for validation.
+    pub val_fraction: f64,
+    /// Validate every this many steps (0 = never, except at the end).
+    pub val_every: usize,
+    /// Most validation micro-batches per pass (pretraining recipes recorded before it was
+    /// a field used 4).
+    #[serde(default = "default_val_batches")]
+    pub val_batches: usize,
+    /// Checkpoint every this many steps (and always at the end or on stop).
+    pub checkpoint_every: usize,
+    /// Seed of initialisation and data order.
+    pub seed: u64,
+    /// Where to train.
+    pub device: DeviceSpec,
+}
+
+fn default_val_batches() -> usize {
+    4
+}
+
+impl Default for LoopConfig {
+    /// MTP training's: the paper's learning rate, constant after a short warmup.
+    fn default() -> Self {
+        Self {
+            optim: OptimConfig::default(),
+            steps: 200,
+            batch_size: 4,
+            grad_accum: 1,
+            seq_len: 128,
+            val_fraction: 0.05,
+            val_every: 50,
+            val_batches: default_val_batches(),
+            checkpoint_every: 50,
+            seed: 0,
+            device: DeviceSpec::Cpu,
+        }
+    }
+}
+
+impl LoopConfig {
+    /// Check the ranges every loop needs.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("steps", self.steps),
+            ("batch size", self.batch_size),
+            ("grad accumulation", self.grad_accum),
+            ("checkpoint interval", self.checkpoint_every),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::Invalid(format!("{name} must be at least 1")));
+        }
+        if self.seq_len < 2 {
+            return Err(Error::Invalid("sequence length must be at least 2".into()));
+        }
+        if !(0.0..0.9).contains(&self.val_fraction) {
+            return Err(Error::Invalid(format!("validation fraction must be in [0, 0.9), got {}", self.val_fraction)));
+        }
+        if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
+            return Err(Error::Invalid(format!("learning rate must be > 0, got {}", self.optim.lr)));
+        }
+        Ok(())
+    }
+}
+
 /// The full recipe of a run, saved as `config.json` before step 1.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -55,30 +134,13 @@ pub struct TrainConfig {
     /// it was chosen summed).
     #[serde(default)]
     pub lcm_reduction: LcmReduction,
-    /// Optimizer and schedule.
-    pub optim: OptimConfig,
-    /// Optimizer steps in total.
-    pub steps: usize,
-    /// Sequences per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
-    /// Tokens per training sequence (before mask blocks).
-    pub seq_len: usize,
+    /// The optimisation loop: steps, batches, optimizer, validation, checkpoints, seed,
+    /// device (flattened: `config.json` keeps one level, as runs recorded before it was
+    /// split out wrote it).
+    #[serde(flatten)]
+    pub training: LoopConfig,
     /// Packing or truncation.
     pub packing: Packing,
-    /// Share of examples held out for validation.
-    pub val_fraction: f64,
-    /// Validate every this many steps (0 = never, except at the end).
-    pub val_every: usize,
-    /// Most validation micro-batches per pass.
-    pub val_batches: usize,
-    /// Checkpoint every this many steps (and always at the end or on stop).
-    pub checkpoint_every: usize,
-    /// Seed of initialisation and data order.
-    pub seed: u64,
-    /// Where to train.
-    pub device: DeviceSpec,
     /// Base model precision (the trainable parts and optimizer state stay f32).
     pub dtype: DType,
     /// Size of the draft vocabulary stored with the adapter: the most frequent target
@@ -164,18 +226,8 @@ impl Default for TrainConfig {
             method: MtpConfig::default(),
             lcm_weight: DEFAULT_LCM_WEIGHT,
             lcm_reduction: LcmReduction::Mean,
-            optim: OptimConfig::default(),
-            steps: 200,
-            batch_size: 4,
-            grad_accum: 1,
-            seq_len: 128,
+            training: LoopConfig::default(),
             packing: Packing::Pack,
-            val_fraction: 0.05,
-            val_every: 50,
-            val_batches: 4,
-            checkpoint_every: 50,
-            seed: 0,
-            device: DeviceSpec::Cpu,
             dtype: DType::F32,
             draft_vocab: DEFAULT_DRAFT_VOCAB,
             checkpointing: Checkpointing::Auto,
@@ -196,24 +248,7 @@ impl TrainConfig {
     /// Check the ranges.
     pub fn validate(&self) -> Result<()> {
         self.method.validate()?;
-        let positive = [
-            ("steps", self.steps),
-            ("batch size", self.batch_size),
-            ("grad accumulation", self.grad_accum),
-            ("checkpoint interval", self.checkpoint_every),
-        ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(Error::Invalid(format!("{name} must be at least 1")));
-        }
-        if self.seq_len < 2 {
-            return Err(Error::Invalid("sequence length must be at least 2".into()));
-        }
-        if !(0.0..0.9).contains(&self.val_fraction) {
-            return Err(Error::Invalid(format!("validation fraction must be in [0, 0.9), got {}", self.val_fraction)));
-        }
-        if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
-            return Err(Error::Invalid(format!("learning rate must be > 0, got {}", self.optim.lr)));
-        }
+        self.training.validate()?;
         if !(self.lcm_weight >= 0.0 && self.lcm_weight.is_finite()) {
             return Err(Error::Invalid(format!("LCM weight must be >= 0, got {}", self.lcm_weight)));
         }
@@ -310,7 +345,7 @@ pub struct PreparedData {
 /// Read, tokenize, split and pack the dataset of `config`.
 pub fn prepare_data(config: &TrainConfig, loaded: &LoadedModel) -> Result<PreparedData> {
     let (examples, report) = data::read_examples(&config.data, config.strict_data)?;
-    let (train_ex, val_ex) = data::split(&examples, config.val_fraction, config.seed);
+    let (train_ex, val_ex) = data::split(&examples, config.training.val_fraction, config.training.seed);
     // Ids given directly (a distilled set) must fit this model's embedding table.
     let tokenize = |exs: &[data::Example]| -> Result<Vec<Tokenized>> {
         exs.iter()
@@ -324,15 +359,15 @@ pub fn prepare_data(config: &TrainConfig, loaded: &LoadedModel) -> Result<Prepar
             .collect()
     };
     let shape = |t: Vec<Tokenized>| match config.packing {
-        Packing::Pack => data::pack(&t, config.seq_len),
-        Packing::Truncate => data::truncate(&t, config.seq_len),
+        Packing::Pack => data::pack(&t, config.training.seq_len),
+        Packing::Truncate => data::truncate(&t, config.training.seq_len),
     };
     let train = shape(tokenize(&train_ex)?);
     let val = shape(tokenize(&val_ex)?);
     if train.is_empty() {
         return Err(Error::Invalid(format!(
             "dataset {} gives no training sequence of {} tokens with a target",
-            config.data, config.seq_len
+            config.data, config.training.seq_len
         )));
     }
     let vocab = loaded.model.config.vocab_size as i64;
@@ -531,7 +566,7 @@ pub fn resume(
     let run = RunDir(run_dir.to_owned());
     let mut config: TrainConfig = read_json(&run.config())?;
     if let Some(s) = steps {
-        config.steps = s;
+        config.training.steps = s;
         write_json_atomic(&run.config(), &config)?;
     }
     config.validate()?;
@@ -565,40 +600,16 @@ pub(crate) trait Objective {
     }
 }
 
-/// The loop settings shared by MTP training and pretraining.
+/// What the optimisation loop runs with: the recipe's loop, resolved for this run.
 #[derive(Debug, Clone)]
 pub(crate) struct LoopSettings {
-    pub steps: usize,
-    pub batch_size: usize,
-    pub grad_accum: usize,
-    pub optim: OptimConfig,
-    pub val_every: usize,
-    pub val_batches: usize,
-    pub checkpoint_every: usize,
-    pub seed: u64,
+    pub config: LoopConfig,
+    /// The device the recipe's names, resolved.
     pub device: Device,
     pub checkpointing: bool,
     pub memory_estimate: Option<u64>,
+    /// Every this many validation passes, measure acceptance (0: never).
     pub measure_every: usize,
-}
-
-impl LoopSettings {
-    fn of(config: &TrainConfig, device: Device) -> Self {
-        Self {
-            checkpointing: false,
-            memory_estimate: None,
-            measure_every: config.measure_every,
-            steps: config.steps,
-            batch_size: config.batch_size,
-            grad_accum: config.grad_accum,
-            optim: config.optim.clone(),
-            val_every: config.val_every,
-            val_batches: config.val_batches,
-            checkpoint_every: config.checkpoint_every,
-            seed: config.seed,
-            device,
-        }
-    }
 }
 
 /// The MTP objective: the adapted model's three losses.
@@ -701,17 +712,19 @@ fn run_loop(
 ) -> Result<TrainSummary> {
     let model = &loaded.model;
     let data = prepare_data(config, loaded)?;
-    let mut adapter = crate::device::seeded(config.seed, || {
+    let mut adapter = crate::device::seeded(config.training.seed, || {
         MtpAdapter::new(model, config.method.clone(), &loaded.source.to_string())
     })?;
     adapter.draft_vocab = data::frequent_targets(&data.train, config.draft_vocab, model.config.vocab_size);
     let (checkpointing, memory_estimate) = plan_memory(config, loaded)?;
     let lcm = Lcm { weight: config.lcm_weight, reduction: config.lcm_reduction };
-    let objective = MtpObjective { model, adapter: &adapter, lcm, checkpointing, seed: config.seed };
+    let objective = MtpObjective { model, adapter: &adapter, lcm, checkpointing, seed: config.training.seed };
     let settings = LoopSettings {
+        config: config.training.clone(),
+        device: model.device(),
         checkpointing,
         memory_estimate: Some(memory_estimate),
-        ..LoopSettings::of(config, model.device())
+        measure_every: config.measure_every,
     };
     let (outcome, step, last) = optimize(&objective, &data, &settings, run, resuming, sink, control)?;
     adapter.save(&run.adapter())?;
@@ -726,11 +739,11 @@ fn plan_memory(config: &TrainConfig, loaded: &LoadedModel) -> Result<(bool, u64)
         k: config.method.k,
         lora: &config.method.lora,
         sampler: config.method.sampler,
-        batch_size: config.batch_size,
-        seq_len: config.seq_len,
+        batch_size: config.training.batch_size,
+        seq_len: config.training.seq_len,
         dtype: config.dtype,
         checkpointing,
-        device: config.device,
+        device: config.training.device,
     };
     let plain = estimate(&info, &loaded.model.config, &inputs(false)).total();
     let checkpointing = config.checkpointing.resolve(plain, || device_memory(loaded.model.device()));
@@ -753,7 +766,7 @@ pub(crate) fn optimize(
     let trainable: Vec<(String, Tensor)> =
         params.iter().filter(|(_, t)| t.requires_grad()).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
     let trainable_parameters = trainable.iter().map(|(_, t)| t.numel() as u64).sum();
-    let mut opt = AdamW::new(trainable, settings.optim.clone());
+    let mut opt = AdamW::new(trainable, settings.config.optim.clone());
     let checkpoint = if resuming { run.latest_checkpoint() } else { None };
     let mut state = match &checkpoint {
         Some((_, path)) => load_checkpoint(path, |lookup| objective.load_params(lookup), &mut opt)?,
@@ -766,30 +779,30 @@ pub(crate) fn optimize(
         val_sequences: data.val.len(),
         trainable_parameters,
         start_step: state.step,
-        total_steps: settings.steps,
+        total_steps: settings.config.steps,
         checkpointing: settings.checkpointing,
         memory_estimate: settings.memory_estimate,
     });
 
     let start = Instant::now();
-    let mut batches = Batches::new(&data.train, settings.seed, state);
+    let mut batches = Batches::new(&data.train, settings.config.seed, state);
     let mut last = None;
     let mut outcome = Outcome::Finished;
-    while state.step < settings.steps {
+    while state.step < settings.config.steps {
         if control.wait_while_paused() {
             outcome = Outcome::Stopped;
             break;
         }
         let step = state.step + 1;
-        let lr = settings.optim.lr_at(step, settings.steps);
+        let lr = settings.config.optim.lr_at(step, settings.config.steps);
         let t0 = Instant::now();
-        let mut values = Vec::with_capacity(settings.grad_accum);
+        let mut values = Vec::with_capacity(settings.config.grad_accum);
         let mut tokens = 0usize;
-        for micro in 0..settings.grad_accum {
-            let seqs = batches.next(settings.batch_size);
+        for micro in 0..settings.config.grad_accum {
+            let seqs = batches.next(settings.config.batch_size);
             tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
-            let draw = (step * settings.grad_accum + micro) as u64;
-            values.push(objective.losses(&seqs, Some(1.0 / settings.grad_accum as f64), draw));
+            let draw = (step * settings.config.grad_accum + micro) as u64;
+            values.push(objective.losses(&seqs, Some(1.0 / settings.config.grad_accum as f64), draw));
         }
         let grad_norm = opt.step(lr);
         opt.zero_grad();
@@ -816,13 +829,13 @@ pub(crate) fn optimize(
         sink.event(&TrainEvent::Step(m.clone()));
         last = Some(m);
 
-        let end = step == settings.steps;
-        if ((settings.val_every > 0 && step % settings.val_every == 0) || end)
+        let end = step == settings.config.steps;
+        if ((settings.config.val_every > 0 && step % settings.config.val_every == 0) || end)
             && let Some(mut v) = validate(objective, settings, &data.val, step, lr, start)
         {
             v.expected_tokens_per_forward = objective.expected_acceptance(&v.losses);
             // By step, so that a resumed run measures where an uninterrupted one does.
-            let every = settings.val_every.max(1) * settings.measure_every;
+            let every = settings.config.val_every.max(1) * settings.measure_every;
             if settings.measure_every > 0 && (step % every == 0 || end) {
                 v.measured_tokens_per_forward = objective.measured_acceptance(&measure_prompts(&data.val))?;
             }
@@ -830,7 +843,7 @@ pub(crate) fn optimize(
             sink.event(&TrainEvent::Validation(v));
         }
         let stop = control.is_cancelled();
-        if step % settings.checkpoint_every == 0 || end || stop {
+        if step % settings.config.checkpoint_every == 0 || end || stop {
             let path = save_checkpoint(run, &objective.named_params(), &opt, state)?;
             sink.event(&TrainEvent::Checkpoint { step, path });
         }
@@ -861,7 +874,7 @@ fn validate(
     let t0 = Instant::now();
     let mut values = Vec::new();
     let mut tokens = 0;
-    for (i, chunk) in val.chunks(settings.batch_size).take(settings.val_batches.max(1)).enumerate() {
+    for (i, chunk) in val.chunks(settings.config.batch_size).take(settings.config.val_batches.max(1)).enumerate() {
         let seqs: Vec<&Tokenized> = chunk.iter().collect();
         tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
         // The same draws at every pass: validation passes differ by the weights alone.
@@ -895,5 +908,50 @@ mod tests {
         assert!(!Checkpointing::Off.resolve(10 * gib, || Some(8 * gib)));
         assert_eq!("on".parse::<Checkpointing>().ok(), Some(Checkpointing::On));
         assert!("sometimes".parse::<Checkpointing>().is_err());
+    }
+
+    /// `config.json` keeps one level: a run recorded before the loop was its own struct
+    /// loads, and a recipe written now has the same keys at the top.
+    #[test]
+    fn recipes_stay_flat_on_disk() -> std::result::Result<(), serde_json::Error> {
+        let recorded = serde_json::json!({
+            "model": { "kind": "demo" }, "data": { "kind": "jsonl", "path": "d.jsonl" }, "strict_data": false,
+            "method": serde_json::to_value(MtpConfig::default())?,
+            "lcm_weight": 5.0, "optim": serde_json::to_value(OptimConfig { lr: 1e-3, ..OptimConfig::default() })?,
+            "steps": 7, "batch_size": 3, "grad_accum": 2, "seq_len": 64, "packing": "pack",
+            "val_fraction": 0.1, "val_every": 5, "val_batches": 2, "checkpoint_every": 4, "seed": 9,
+            "device": "cpu", "dtype": "f32"
+        });
+        let config: TrainConfig = serde_json::from_value(recorded.clone())?;
+        let t = &config.training;
+        assert_eq!((t.steps, t.batch_size, t.grad_accum, t.seq_len), (7, 3, 2, 64));
+        assert_eq!((t.val_every, t.val_batches, t.checkpoint_every, t.seed, t.optim.lr), (5, 2, 4, 9, 1e-3));
+        let written = serde_json::to_value(&config)?;
+        for (key, value) in recorded.as_object().into_iter().flatten() {
+            assert_eq!(written.get(key), Some(value), "{key}");
+        }
+        assert!(written.get("training").is_none());
+        // A pretraining recipe recorded without `val_batches` takes the 4 it used.
+        let mut pre = serde_json::to_value(super::super::pretrain::PretrainConfig::default())?;
+        pre.as_object_mut().map(|o| o.remove("val_batches"));
+        let pre: super::super::pretrain::PretrainConfig = serde_json::from_value(pre)?;
+        assert_eq!(pre.training.val_batches, 4);
+        Ok(())
+    }
+
+    #[test]
+    fn every_loop_is_checked_the_same_way() {
+        let ok = LoopConfig::default();
+        assert!(ok.validate().is_ok());
+        for bad in [
+            LoopConfig { steps: 0, ..ok.clone() },
+            LoopConfig { batch_size: 0, ..ok.clone() },
+            LoopConfig { seq_len: 1, ..ok.clone() },
+            LoopConfig { val_fraction: 0.95, ..ok.clone() },
+            LoopConfig { optim: OptimConfig { lr: 0.0, ..ok.optim.clone() }, ..ok.clone() },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+            assert!(TrainConfig { training: bad.clone(), ..TrainConfig::default() }.validate().is_err());
+        }
     }
 }
