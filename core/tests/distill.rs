@@ -6,7 +6,7 @@ mod common;
 
 use mtp_core::decode::{Decoding, GenerateRequest, generate_ar};
 use mtp_core::train::Control;
-use mtp_core::train::distill::continue_greedy;
+use mtp_core::train::distill::{DistillConfig, continue_greedy, distill_into};
 use mtp_core::{LoadOptions, LoadedModel};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -78,5 +78,59 @@ fn batched_continuations_equal_ar_greedy() -> anyhow::Result<()> {
     assert!(compacted >= 2, "rows ended before the last look: {compacted}");
     // An empty prompt is refused.
     assert!(continue_greedy(model, &[vec![], vec![1, 2]], 4, 2, &[], &Control::new(), &mut |_, _| {}).is_err());
+    Ok(())
+}
+
+/// A distillation that stops (or is killed mid-line) keeps its finished batches in
+/// OUT.partial; the same command then decodes only the rest and writes what one
+/// uninterrupted run writes. Answers of another token cap are refused, naming the file.
+#[test]
+fn an_interrupted_distillation_continues_where_it_stopped() -> anyhow::Result<()> {
+    let loaded = LoadedModel::from_folder(&common::model_dir("llama"), &LoadOptions::default())?;
+    let source = "builtin:arith:60".parse()?;
+    let config =
+        DistillConfig { sequences: 7, prompt_tokens: 6, new_tokens: 8, batch_size: 2, ..DistillConfig::default() };
+    let tmp = tempfile::tempdir()?;
+    let whole =
+        distill_into(&loaded, &source, &config, &tmp.path().join("whole.jsonl"), &Control::new(), &mut |_, _| {})?;
+    assert!(whole.complete && whole.reused == 0 && whole.examples.len() == 7);
+
+    let out = tmp.path().join("d.jsonl");
+    let control = Control::new();
+    let stopper = control.clone();
+    let first = distill_into(&loaded, &source, &config, &out, &control, &mut |done, _| {
+        if done >= 2 {
+            stopper.cancel();
+        }
+    })?;
+    assert!(!first.complete && first.examples.len() == 2 && !out.exists());
+    let partial = first.partial.clone();
+    assert_eq!(partial, tmp.path().join("d.jsonl.partial"));
+    // Killed while writing the next line.
+    std::fs::OpenOptions::new().append(true).open(&partial).and_then(|mut f| {
+        use std::io::Write;
+        f.write_all(b"{\"prompt_ids\":[1,2")
+    })?;
+    let mut seen = Vec::new();
+    let rest = distill_into(&loaded, &source, &config, &out, &Control::new(), &mut |d, n| seen.push((d, n)))?;
+    assert!(rest.complete && rest.reused == 2 && !partial.exists());
+    assert_eq!(seen.first(), Some(&(2, 7)), "starts from what was kept");
+    assert_eq!(rest.examples, whole.examples);
+    assert_eq!(std::fs::read_to_string(&out)?, std::fs::read_to_string(tmp.path().join("whole.jsonl"))?);
+
+    // Another run's answers are not mixed in.
+    let control = Control::new();
+    let stopper = control.clone();
+    let other = tmp.path().join("o.jsonl");
+    distill_into(&loaded, &source, &config, &other, &control, &mut |done, _| {
+        if done >= 2 {
+            stopper.cancel();
+        }
+    })?;
+    let longer = DistillConfig { new_tokens: 9, ..config };
+    let err = distill_into(&loaded, &source, &longer, &other, &Control::new(), &mut |_, _| {})
+        .expect_err("a partial file of another token cap")
+        .to_string();
+    assert!(err.contains("o.jsonl.partial") && err.contains("8 new tokens"), "{err}");
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use mtp_core::train::distill::{DistillConfig, distill, write_jsonl};
+use mtp_core::train::distill::{DistillConfig, distill_into};
 use mtp_core::train::{Control, DataSource};
 
 use super::common::ModelArgs;
@@ -28,7 +28,9 @@ pub struct Args {
     /// response to its end-of-turn token, as the instruct model answers them.
     #[arg(long)]
     pub chat: bool,
-    /// The JSONL file to write (`prompt`, `completion`, `prompt_ids`, `completion_ids`).
+    /// The JSONL file to write (`prompt`, `completion`, `prompt_ids`, `completion_ids`); until
+    /// every prompt is answered, finished batches are kept in OUT.partial, from which the
+    /// same command continues after a stop or a crash.
     #[arg(long)]
     pub out: PathBuf,
     /// Prompts to continue.
@@ -61,6 +63,8 @@ struct Summary {
     seconds: f64,
     tokens_per_second: f64,
     stopped_early: bool,
+    /// Answers taken from an earlier run's partial file.
+    reused: usize,
 }
 
 /// Run it.
@@ -86,13 +90,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    let out = distill(&loaded, &source, &config, &control, &mut |done, total| {
+    let outcome = distill_into(&loaded, &source, &config, &args.out, &control, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
-    })?;
+    })
+    .context("distilling")?;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
-    write_jsonl(&args.out, &out, tok).context("writing the distilled set")?;
+    let out = &outcome.examples;
     let new_tokens: usize = out.iter().map(|d| d.completion_ids.len()).sum();
     let summary = Summary {
         out: args.out.clone(),
@@ -100,21 +105,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         new_tokens,
         ended_with_eos: out.iter().filter(|d| d.completion_ids.last().is_some_and(|t| tok.eos_ids.contains(t))).count(),
         seconds,
-        tokens_per_second: new_tokens as f64 / seconds.max(1e-9),
-        stopped_early: control.is_cancelled(),
+        // What this run decoded, not what it took from an earlier one.
+        tokens_per_second: outcome.decoded_tokens as f64 / seconds.max(1e-9),
+        stopped_early: !outcome.complete,
+        reused: outcome.reused,
     };
+    if !outcome.complete {
+        eprintln!(
+            "stopped with {} prompts answered, kept in {}: the same command continues from there",
+            out.len(),
+            outcome.partial.display()
+        );
+    }
     if args.json {
         return super::print_json(&summary);
     }
-    println!(
-        "wrote {} sequences ({} new tokens, {} ended the text) to {} in {:.1} s ({:.0} tokens/s){}",
-        summary.sequences,
-        summary.new_tokens,
-        summary.ended_with_eos,
-        summary.out.display(),
-        summary.seconds,
-        summary.tokens_per_second,
-        if summary.stopped_early { ", stopped early" } else { "" }
-    );
+    if outcome.complete {
+        println!(
+            "wrote {} sequences ({} new tokens, {} ended the text{}) to {} in {:.1} s ({:.0} tokens/s)",
+            summary.sequences,
+            summary.new_tokens,
+            summary.ended_with_eos,
+            if summary.reused > 0 { format!("; {} from the unfinished run", summary.reused) } else { String::new() },
+            summary.out.display(),
+            summary.seconds,
+            summary.tokens_per_second,
+        );
+    }
     Ok(())
 }

@@ -23,7 +23,7 @@ use mtp_core::mtp::MtpAdapter;
 use mtp_core::mtp::probe::probe;
 use mtp_core::source::{DownloadProgress, HubOptions};
 use mtp_core::tokenizer::ChatMessage;
-use mtp_core::train::distill::{distill, write_jsonl};
+use mtp_core::train::distill::distill_into;
 use mtp_core::train::trainer::{RunDir, read_config, read_metrics};
 use mtp_core::train::{Control, Outcome, TrainEvent};
 use mtp_core::{LoadOptions, LoadedModel};
@@ -258,15 +258,15 @@ impl Worker {
                     let what = format!("{done}/{total} sequences");
                     self.emit(Event::Progress(Job::Distill, what, Some(done as f32 / total.max(1) as f32)));
                 };
-                let examples = distill(loaded, &source, &config, &self.control, &mut progress)?;
-                if self.control.is_cancelled() {
+                let outcome = distill_into(loaded, &source, &config, &out, &self.control, &mut progress)?;
+                if !outcome.complete {
                     anyhow::bail!(
-                        "stopped after {} of {} sequences; nothing written",
-                        examples.len(),
-                        config.sequences
+                        "stopped with {} prompts answered, kept in {}: Self-distill again continues from there",
+                        outcome.examples.len(),
+                        outcome.partial.display()
                     );
                 }
-                write_jsonl(&out, &examples, &loaded.tokenizer)?;
+                let examples = outcome.examples;
                 self.emit(Event::Distilled {
                     path: out,
                     sequences: examples.len(),

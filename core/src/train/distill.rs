@@ -66,24 +66,162 @@ pub struct Distilled {
     pub completion_ids: Vec<i64>,
 }
 
-/// The whole pass: read `source`, tokenize it with the model's tokenizer, choose the
-/// prompts and continue them (see [`continue_greedy`] for `progress` and `control`).
-pub fn distill(
-    loaded: &LoadedModel,
-    source: &DataSource,
-    config: &DistillConfig,
-    control: &Control,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<Vec<Distilled>> {
-    let prompts = if config.chat {
-        chat_prompts(loaded, source, config)?
+/// The prompts a distillation continues: questions through the chat template, or windows of
+/// the text.
+fn prompts_of(loaded: &LoadedModel, source: &DataSource, config: &DistillConfig) -> Result<Vec<Vec<i64>>> {
+    if config.chat {
+        chat_prompts(loaded, source, config)
     } else {
         let (examples, _) = data::read_examples(source, false)?;
         let tokenized = examples.iter().map(|e| data::tokenize(e, &loaded.tokenizer)).collect::<Result<Vec<_>>>()?;
-        choose_prompts(&tokenized, config)?
+        choose_prompts(&tokenized, config)
+    }
+}
+
+/// What [`distill_into`] did.
+#[derive(Debug, Clone)]
+pub struct DistillOutcome {
+    /// Every answered prompt, in prompt order (all of them when `complete`).
+    pub examples: Vec<Distilled>,
+    /// How many of them an earlier, interrupted run had answered.
+    pub reused: usize,
+    /// Tokens this run decoded (the answers it did not take from the earlier run).
+    pub decoded_tokens: usize,
+    /// Every prompt is answered and `out` is written.
+    pub complete: bool,
+    /// Where the answers of an unfinished run are kept.
+    pub partial: std::path::PathBuf,
+}
+
+/// What makes answers of an earlier run valid for this one: greedy answers depend on the
+/// model, its precision and the token cap, not on which prompts a run chose.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct PartialHeader {
+    model: String,
+    dtype: crate::device::DType,
+    new_tokens: usize,
+}
+
+/// The whole pass: read `source`, tokenize it with the model's tokenizer, choose the prompts
+/// and continue them (see [`continue_greedy`] for `control`; `progress(done, total)` after
+/// each batch) into the JSONL file `out`, written atomically once every prompt is answered,
+/// keeping each finished batch in `OUT.partial` as it goes: a run that is stopped, killed or
+/// crashes loses at most one batch, and the same command run again decodes only the prompts
+/// not answered yet (a partial file of another model, precision or token cap is refused).
+/// The partial file is removed once `out` is written.
+pub fn distill_into(
+    loaded: &LoadedModel,
+    source: &DataSource,
+    config: &DistillConfig,
+    out: &Path,
+    control: &Control,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<DistillOutcome> {
+    use std::io::Write;
+    let prompts = prompts_of(loaded, source, config)?;
+    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".partial");
+    let partial = out.with_file_name(name);
+    let header =
+        PartialHeader { model: loaded.source.to_string(), dtype: loaded.model.dtype(), new_tokens: config.new_tokens };
+    let mut answered = read_partial(&partial, &header)?;
+    let todo: Vec<Vec<i64>> = prompts.iter().filter(|p| !answered.contains_key(*p)).cloned().collect();
+    let reused = prompts.len() - todo.len();
+    progress(reused, prompts.len());
+    let mut file = if todo.is_empty() {
+        None
+    } else {
+        if let Some(parent) = partial.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        let fresh = !partial.exists();
+        let mut f =
+            std::fs::OpenOptions::new().create(true).append(true).open(&partial).map_err(|e| Error::io(&partial, e))?;
+        if fresh {
+            let line =
+                serde_json::to_string(&header).map_err(|source| Error::Json { path: partial.clone(), source })?;
+            writeln!(f, "{line}").map_err(|e| Error::io(&partial, e))?;
+        }
+        Some(f)
     };
     let eos = &loaded.tokenizer.eos_ids;
-    continue_greedy(&loaded.model, &prompts, config.new_tokens, config.batch_size, eos, control, progress)
+    let (mut decoded, mut decoded_tokens) = (0, 0);
+    for chunk in todo.chunks(config.batch_size.max(1)) {
+        if control.is_cancelled() {
+            break;
+        }
+        let rows =
+            continue_greedy(&loaded.model, chunk, config.new_tokens, config.batch_size, eos, control, &mut |_, _| {})?;
+        if let Some(f) = file.as_mut() {
+            let mut text = String::new();
+            for d in &rows {
+                let line = serde_json::to_string(d).map_err(|source| Error::Json { path: partial.clone(), source })?;
+                text.push_str(&line);
+                text.push('\n');
+            }
+            f.write_all(text.as_bytes()).and_then(|()| f.sync_data()).map_err(|e| Error::io(&partial, e))?;
+        }
+        decoded += rows.len();
+        decoded_tokens += rows.iter().map(|d| d.completion_ids.len()).sum::<usize>();
+        for d in rows {
+            answered.insert(d.prompt_ids, d.completion_ids);
+        }
+        progress(reused + decoded, prompts.len());
+    }
+    let examples: Vec<Distilled> = prompts
+        .iter()
+        .filter_map(|p| answered.get(p).map(|c| Distilled { prompt_ids: p.clone(), completion_ids: c.clone() }))
+        .collect();
+    let complete = examples.len() == prompts.len();
+    if complete {
+        write_jsonl(out, &examples, &loaded.tokenizer)?;
+        if partial.exists() {
+            std::fs::remove_file(&partial).map_err(|e| Error::io(&partial, e))?;
+        }
+    }
+    Ok(DistillOutcome { examples, reused, decoded_tokens, complete, partial })
+}
+
+/// The answers an interrupted run kept in `path` (none when there is no such file), refused
+/// when they were made under another `header`. A last line cut short by a crash is cut off
+/// the file too, so that what is appended next starts on a line of its own.
+fn read_partial(path: &Path, header: &PartialHeader) -> Result<std::collections::HashMap<Vec<i64>, Vec<i64>>> {
+    let mut answered = std::collections::HashMap::new();
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(answered),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let whole = text.rfind('\n').map_or(0, |i| i + 1);
+    if whole < text.len() {
+        if whole == 0 {
+            std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+            return Ok(answered);
+        }
+        let f = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
+        f.set_len(whole as u64).map_err(|e| Error::io(path, e))?;
+    }
+    let mut lines = text[..whole].lines();
+    let json = |source| Error::Json { path: path.to_owned(), source };
+    let theirs: PartialHeader = serde_json::from_str(lines.next().unwrap_or_default()).map_err(json)?;
+    if &theirs != header {
+        return Err(Error::Invalid(format!(
+            "{} holds the answers of an unfinished distillation of {} ({}, {} new tokens), not of {} ({}, {} new \
+             tokens): delete it to start over, or write to another file",
+            path.display(),
+            theirs.model,
+            theirs.dtype,
+            theirs.new_tokens,
+            header.model,
+            header.dtype,
+            header.new_tokens
+        )));
+    }
+    for line in lines {
+        let d: Distilled = serde_json::from_str(line).map_err(json)?;
+        answered.insert(d.prompt_ids, d.completion_ids);
+    }
+    Ok(answered)
 }
 
 /// Every question of `source` (see [`formats::parse_questions`]); an error when it has none.
