@@ -11,7 +11,10 @@ Sections (each one's failure is recorded under "errors" and the others still run
              shapes (an untrained k = 8 adapter: acceptance ~0, so the ratio is the step cost);
   train      MTP training tokens/s, ours vs the PyTorch reference (scripts/reference.py), on the
              135M shape; peak training memory vs our estimate;
-  demo       the demo end to end: tokens per forward, speedup over AR, outputs identical.
+  demo       the demo end to end: tokens per forward, speedup over AR, outputs identical;
+  demo_train (only when asked: --sections demo_train, about 5 minutes on a GPU) the demo
+             adapter's recipe distilled and trained on this device, then raced there; the
+             adapter is written next to the report.
 
   scripts/gpu-check                      # on a machine with an NVIDIA GPU (about 4 minutes)
   scripts/gpu-check --tiny --device cpu  # the same on tiny shapes (the test suite runs this)
@@ -317,8 +320,10 @@ class Check:
             })
 
     # ------------------------------------------------------------------ demo
-    def demo(self) -> None:
-        args = ["--device", self.args.device, "--modes", "ar,quadratic"]
+    def race_demo(self, extra: list) -> tuple[list[dict], list]:
+        """`mtp bench` of the demo model (with `extra` arguments): AR against quadratic
+        decoding; the rows over all prompts and the report's divergences."""
+        args = [*extra, "--device", self.args.device, "--modes", "ar,quadratic"]
         if self.args.tiny:
             prompts = self.tmp / "demo-prompts.jsonl"
             prompts.write_text('{"prompt": "def add(a, b):", "domain": "code"}\n')
@@ -326,13 +331,55 @@ class Check:
         else:
             args += ["--masks", "1,2,4,auto"]
         report = self.bench_json(args)
-        for r in report["rows"]:
-            if r["domain"] == "all" and r["mode"] != "ar":
-                self.result["demo"].append({"mode": r["mode"], "masks": r["masks"],
-                                            "tokens_per_forward": r["tokens_per_forward"],
-                                            "speedup": r["speedup"], "step_cost": r["step_cost_vs_ar"],
-                                            "identical": r["identical"]})
-        self.result["demo_divergences"] = report.get("divergences", [])
+        rows = [{"mode": r["mode"], "masks": r["masks"], "tokens_per_forward": r["tokens_per_forward"],
+                 "speedup": r["speedup"], "step_cost": r["step_cost_vs_ar"], "identical": r["identical"]}
+                for r in report["rows"] if r["domain"] == "all" and r["mode"] != "ar"]
+        return rows, report.get("divergences", [])
+
+    def demo(self) -> None:
+        self.result["demo"], self.result["demo_divergences"] = self.race_demo([])
+
+    # ------------------------------------------------------------------ the demo trained here
+    def demo_train(self) -> None:
+        """The demo adapter's recipe (scripts/make_demo.sh: self-distilled data, k = 4, rank 16,
+        3,000 steps of 4 x 128 tokens, cosine from 1e-3) trained on this device in its default
+        precision, then raced here: wall time of each part, tokens per forward, speedup,
+        identical outputs. The adapter is kept in the output folder (it is small)."""
+        lib = Path(sysconfig_stdlib())
+        corpus = self.tmp / "corpus"
+        corpus.mkdir(exist_ok=True)
+        for f in sorted(lib.glob("*.py"))[: 8 if self.args.tiny else None]:
+            shutil.copy(f, corpus / f.name)
+        dev = ["--device", self.args.device]
+        tiny = self.args.tiny
+        t0 = time.perf_counter()
+        data = []
+        # The three distilled sets of make_demo.sh (far larger batches: a GPU decodes them at
+        # the cost of one).
+        for name, source, n, seed in [("distilled", f"{corpus},builtin:arith", 8000, 0),
+                                      ("distilled-2", f"{corpus},builtin:arith", 8000, 2),
+                                      ("distilled-arith", "builtin:arith", 4000, 1)]:
+            out = self.tmp / f"{name}.jsonl"
+            run([self.mtp, "distill", "--model", "demo", "--data", source, "--out", out,
+                 "--sequences", 8 if tiny else n, "--prompt-tokens", 32, "--new-tokens", 8 if tiny else 96,
+                 "--batch-size", 8 if tiny else 512, "--seed", seed, *dev])
+            data.append(str(out))
+        distill_s = time.perf_counter() - t0
+        steps = 4 if tiny else 3000
+        run_dir = self.tmp / "demo-run"
+        t0 = time.perf_counter()
+        run([self.mtp, "train", "--model", "demo", "--data", ",".join(data), "--out", run_dir, "--k", 4,
+             "--rank", 16, "--steps", steps, "--batch-size", 4, "--seq-len", 32 if tiny else 128, "--lr", "1e-3",
+             "--warmup", 2 if tiny else 30, "--cosine", "--checkpoint-every", 250, "--val-every", 0 if tiny else 250,
+             "--seed", 0, "--draft-vocab", 1024, *dev, "--json"])
+        train_s = time.perf_counter() - t0
+        adapter = Path(self.args.out) / "demo-adapter-trained-here.safetensors"
+        Path(self.args.out).mkdir(parents=True, exist_ok=True)
+        shutil.copy(run_dir / "adapter.safetensors", adapter)
+        shutil.copy(run_dir / "metrics.jsonl", Path(self.args.out) / "demo-adapter-trained-here-metrics.jsonl")
+        rows, divergences = self.race_demo(["--adapter", adapter])
+        self.result["demo_train"] = {"distill_seconds": distill_s, "train_seconds": train_s, "steps": steps,
+                                     "cpu_train_minutes": 26, "rows": rows, "divergences": divergences}
 
     # ------------------------------------------------------------------ all
     def main(self) -> None:
@@ -350,6 +397,11 @@ class Check:
         log(f"wrote {path} and .md; {len(self.result['errors'])} section(s) failed")
         if self.result["errors"]:
             sys.exit(1)
+
+
+def sysconfig_stdlib() -> str:
+    import sysconfig
+    return sysconfig.get_paths()["stdlib"]
 
 
 def markdown(r: dict) -> str:
@@ -381,6 +433,14 @@ def markdown(r: dict) -> str:
         for d in r["demo"]:
             s.append(f"| {d['mode']} | {d['masks']} | {f(d['tokens_per_forward'])} | {f(d['speedup'])}x | "
                      f"{f(d['step_cost'])} | {d['identical']} |")
+    if r.get("demo_train"):
+        t = r["demo_train"]
+        s.append(f"\n### The demo's adapter recipe trained here\n\nDistillation {t['distill_seconds']:.0f} s, "
+                 f"training {t['steps']} steps {t['train_seconds']:.0f} s (the CPU: {t['cpu_train_minutes']} min)."
+                 "\n\n| mode | masks | tokens per forward | speedup | identical |\n|---|---|---|---|---|")
+        for d in t["rows"]:
+            s.append(f"| {d['mode']} | {d['masks']} | {f(d['tokens_per_forward'])} | {f(d['speedup'])}x | "
+                     f"{d['identical']} |")
     if r.get("parity"):
         bad = [p for p in r["parity"] if not p["ok"]]
         s.append(f"\n### Parity with transformers\n\n{len(r['parity']) - len(bad)} of {len(r['parity'])} "

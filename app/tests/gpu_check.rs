@@ -11,7 +11,8 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or_else(|| anyhow::anyhow!("no root"))?;
     let out = tempfile::tempdir()?;
     let done = Command::new(root.join("scripts/gpu-check"))
-        .args(["--tiny", "--device", "cpu", "--mtp", env!("CARGO_BIN_EXE_mtp"), "--out"])
+        .args(["--tiny", "--device", "cpu", "--mtp", env!("CARGO_BIN_EXE_mtp")])
+        .args(["--sections", "parity,ar,step_cost,train,demo,demo_train", "--out"])
         .arg(out.path())
         .output()?;
     let err = String::from_utf8_lossy(&done.stderr);
@@ -43,7 +44,13 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     for form in ["low-rank", "merged"] {
         assert!(report["step_cost"].as_array().is_some_and(|c| c.iter().any(|r| r["form"] == form)), "no {form}");
     }
+    // The demo's recipe trained on the device: timed, raced, its adapter kept.
+    let trained = &report["demo_train"];
+    assert!(trained["train_seconds"].as_f64().is_some_and(|s| s > 0.0), "{trained}");
+    let rows = trained["rows"].as_array().ok_or_else(|| anyhow::anyhow!("no demo_train rows"))?;
+    assert!(!rows.is_empty() && rows.iter().all(|r| r["identical"] == true), "{trained}");
+    assert!(out.path().join("demo-adapter-trained-here.safetensors").exists());
     let md = std::fs::read_to_string(out.path().join("gpu-cpu.md"))?;
-    assert!(md.contains("### AR decoding") && md.contains("### Training"), "{md}");
+    assert!(md.contains("### AR decoding") && md.contains("### Training") && md.contains("trained here"), "{md}");
     Ok(())
 }
