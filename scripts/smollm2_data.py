@@ -57,10 +57,10 @@ def chat_questions(topics: list[str], rng: random.Random) -> list[str]:
     return [t.format(t=topic) for topic in topics for t in TEMPLATES]
 
 
-def stdlib_tasks(limit: int, rng: random.Random) -> list[str]:
-    """`Write a Python function ...` from the standard library's documented top-level functions."""
+def stdlib_functions():
+    """(function node, docstring) of every documented public top-level function of the
+    standard library this Python runs, in file order."""
     lib = sysconfig.get_paths()["stdlib"]
-    tasks = []
     for path in sorted(glob.glob(f"{lib}/*.py")):
         try:
             tree = ast.parse(Path(path).read_text(encoding="utf-8"))
@@ -69,13 +69,19 @@ def stdlib_tasks(limit: int, rng: random.Random) -> list[str]:
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
                 doc = ast.get_docstring(node)
-                if not doc:
-                    continue
-                line = doc.strip().splitlines()[0].strip()
-                if len(line) < 15:
-                    continue
-                args = ", ".join(a.arg for a in node.args.args)
-                tasks.append(f"Write a Python function `{node.name}({args})`. {line}")
+                if doc:
+                    yield node, doc
+
+
+def stdlib_tasks(limit: int, rng: random.Random) -> list[str]:
+    """`Write a Python function ...` from the standard library's documented top-level functions."""
+    tasks = []
+    for node, doc in stdlib_functions():
+        line = doc.strip().splitlines()[0].strip()
+        if len(line) < 15:
+            continue
+        args = ", ".join(a.arg for a in node.args.args)
+        tasks.append(f"Write a Python function `{node.name}({args})`. {line}")
     rng.shuffle(tasks)
     return tasks[:limit]
 
@@ -83,23 +89,14 @@ def stdlib_tasks(limit: int, rng: random.Random) -> list[str]:
 def stdlib_completions(limit: int, rng: random.Random) -> list[str]:
     """`Complete this Python function.` with a standard-library function's signature and docstring:
     the shape of a HumanEval prompt (which the bench holds out), from code this machine has."""
-    lib = sysconfig.get_paths()["stdlib"]
     tasks = []
-    for path in sorted(glob.glob(f"{lib}/*.py")):
-        try:
-            tree = ast.parse(Path(path).read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
+    for node, doc in stdlib_functions():
+        if len(doc) < 40:
             continue
-        for node in tree.body:
-            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
-                continue
-            doc = ast.get_docstring(node)
-            if not doc or len(doc) < 40:
-                continue
-            lines = doc.strip().splitlines()[:12]
-            body = "\n".join(("    " + line).rstrip() for line in lines)
-            head = f"def {node.name}({ast.unparse(node.args)}):"
-            tasks.append(f'Complete this Python function.\n\n{head}\n    """{body.lstrip()}\n    """\n')
+        lines = doc.strip().splitlines()[:12]
+        body = "\n".join(("    " + line).rstrip() for line in lines)
+        head = f"def {node.name}({ast.unparse(node.args)}):"
+        tasks.append(f'Complete this Python function.\n\n{head}\n    """{body.lstrip()}\n    """\n')
     rng.shuffle(tasks)
     return tasks[:limit]
 

@@ -7,8 +7,13 @@ use crate::error::{Error, Result};
 
 /// The temporary sibling `path` is first written to.
 pub fn tmp_path(path: &Path) -> PathBuf {
+    suffixed(path, ".tmp")
+}
+
+/// The sibling of `path` whose name is `path`'s followed by `suffix`.
+pub fn suffixed(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".tmp");
+    name.push(suffix);
     path.with_file_name(name)
 }
 

@@ -17,15 +17,12 @@ fn batched_continuations_equal_ar_greedy() -> anyhow::Result<()> {
     let vocab = model.config.vocab_size as i64;
     let mut rng = StdRng::seed_from_u64(7);
     let prompts: Vec<Vec<i64>> = (0..7).map(|_| (0..6).map(|_| rng.random_range(0..vocab)).collect()).collect();
-    let ar = |prompt: &Vec<i64>| -> anyhow::Result<Vec<i64>> {
-        let req = GenerateRequest {
-            prompt_ids: prompt.clone(),
-            max_new_tokens: 12,
-            decoding: Decoding::Greedy,
-            eos_ids: vec![],
-        };
+    let ar_for = |prompt: &Vec<i64>, max_new_tokens: usize| -> anyhow::Result<Vec<i64>> {
+        let req =
+            GenerateRequest { prompt_ids: prompt.clone(), max_new_tokens, decoding: Decoding::Greedy, eos_ids: vec![] };
         Ok(generate_ar(model, &req, &mut ())?.token_ids)
     };
+    let ar = |prompt: &Vec<i64>| ar_for(prompt, 12);
     let mut calls = Vec::new();
     let got = continue_greedy(model, &prompts, 12, 3, &[], &Control::new(), &mut |d, n| calls.push((d, n)))?;
     assert_eq!(calls, [(3, 7), (6, 7), (7, 7)]);
@@ -53,15 +50,7 @@ fn batched_continuations_equal_ar_greedy() -> anyhow::Result<()> {
     // Rows that end leave the batch (every 8 tokens) while the others go on: with two
     // tokens AR writes early in some rows as the end of text, 24 tokens in batches of 4,
     // padded and not, each continuation is still AR's, cut after its first end.
-    let long = |prompt: &Vec<i64>| -> anyhow::Result<Vec<i64>> {
-        let req = GenerateRequest {
-            prompt_ids: prompt.clone(),
-            max_new_tokens: 24,
-            decoding: Decoding::Greedy,
-            eos_ids: vec![],
-        };
-        Ok(generate_ar(model, &req, &mut ())?.token_ids)
-    };
+    let long = |prompt: &Vec<i64>| ar_for(prompt, 24);
     let ends = [long(&prompts[0])?[2], long(&mixed[1])?[9]];
     let mut compacted = 0;
     for set in [&prompts, &mixed] {

@@ -119,9 +119,7 @@ pub fn distill_into(
 ) -> Result<DistillOutcome> {
     use std::io::Write;
     let prompts = prompts_of(loaded, source, config)?;
-    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".partial");
-    let partial = out.with_file_name(name);
+    let partial = crate::fsutil::suffixed(out, ".partial");
     let header =
         PartialHeader { model: loaded.source.to_string(), dtype: loaded.model.dtype(), new_tokens: config.new_tokens };
     let mut answered = read_partial(&partial, &header)?;
