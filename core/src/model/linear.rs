@@ -195,28 +195,43 @@ impl StackedLinear {
 }
 
 /// `x W^T + b` (`x`: `[..., in]`, `weight`: `[out, in]`), the way that runs fastest for
-/// the number of rows on the CPU: MKL's sgemm with a handful of rows costs nearly a
-/// matrix-vector product per row on the CPUs measured (it repacks the weight every call),
-/// and its matrix-vector product reads the weight at well under half the bandwidth; with
-/// the weight as the left operand (`y^T = W x^T`, a single row sent twice) 1..16 rows of
-/// width 256 and more run 1.4-2.2x faster (docs/BENCHMARKS.md). The same products, one
-/// more copy.
+/// the number of rows on the CPU (f32, no gradient, both sides of the weight 256 or more;
+/// docs/BENCHMARKS.md, "Few-row products"):
+/// - 1 to 5 rows: MKL's sgemm with the weight as the left operand (`y^T = W x^T`), which
+///   streams the weight once; a single row goes in twice, since MKL's matrix-vector product
+///   reads the weight at well under half that bandwidth. `x.linear(W)` with a handful of
+///   rows costs nearly a matrix-vector product per row here (it repacks the weight every
+///   call).
+/// - 6 to 64 rows (a speculative step's 9 or 25) and a weight of 2 MiB or more: oneDNN's
+///   inner product, which reads the plain weight in place; MKL's kernels for these column
+///   counts run at a fraction of this CPU's arithmetic (SmolLM2-135M's layer products, 25
+///   rows: 102 ms through `x.linear(W)`, 70 ms through oneDNN). Libtorch builds without
+///   oneDNN, and `MTP_CPU_PRODUCTS=mkl` (to compare), keep MKL.
+/// - 6 to 16 rows otherwise: as for 1 to 5.
+/// - Anything else: `x.linear(W)`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
-    if !few_rows_on_cpu(x, weight) {
+    let route = cpu_route(x, weight);
+    if route == Route::Library {
         return x.linear(weight, bias);
     }
     let size = x.size();
     let x2 = x.reshape([-1, size[size.len() - 1]]);
     let rows = x2.size()[0];
-    // One row: MKL's matrix-vector product reads the weight at well under half the
-    // bandwidth its matrix product with two columns reaches here, so a single row goes in
-    // twice and one copy of the result is kept.
-    let x2 = if rows == 1 { x2.repeat([2, 1]) } else { x2 };
-    let y = weight.mm(&x2.tr()).tr();
-    let y = if rows == 1 { y.narrow(0, 0, 1) } else { y };
-    let y = match bias {
-        Some(b) => y + b,
-        None => y.contiguous(),
+    let y = match route {
+        Route::OneDnn => match onednn_product(&x2, weight, bias) {
+            Ok(y) => y,
+            // Not expected once the probe passed; the library's product is always right.
+            Err(_) => x2.linear(weight, bias),
+        },
+        _ => {
+            let x2 = if rows == 1 { x2.repeat([2, 1]) } else { x2 };
+            let y = weight.mm(&x2.tr()).tr();
+            let y = if rows == 1 { y.narrow(0, 0, 1) } else { y };
+            match bias {
+                Some(b) => y + b,
+                None => y.contiguous(),
+            }
+        }
     };
     let mut out = size;
     if let Some(last) = out.last_mut() {
@@ -225,16 +240,66 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     y.view(out.as_slice())
 }
 
-/// True for f32 products of 1..=16 rows on the CPU (see [`linear`]).
-fn few_rows_on_cpu(x: &Tensor, weight: &Tensor) -> bool {
+/// The smallest weight (elements) whose few-row products go through oneDNN: each call
+/// costs oneDNN about 70 us more than MKL here, which only a weight of 2 MiB or more (in
+/// f32) earns back (SmolLM2-135M's q/k/v, gate/up and down; none of the demo's).
+const ONEDNN_MIN_WEIGHT: i64 = 1 << 19;
+
+/// How [`linear`] computes a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// `x.linear(W)`.
+    Library,
+    /// MKL, the weight as the left operand.
+    WeightLeft,
+    /// oneDNN's inner product.
+    OneDnn,
+}
+
+fn cpu_route(x: &Tensor, weight: &Tensor) -> Route {
     let size = x.size();
     let rows: i64 = size[..size.len().saturating_sub(1)].iter().product();
     let (out, inp) = (weight.size()[0], weight.size()[1]);
-    (1..=16).contains(&rows)
-        && x.device() == tch::Device::Cpu
+    let eligible = x.device() == tch::Device::Cpu
         && x.kind() == tch::Kind::Float
+        && weight.kind() == tch::Kind::Float
         && out >= 256
         && inp >= 256
+        && !x.requires_grad()
+        && !weight.requires_grad();
+    match rows {
+        _ if !eligible => Route::Library,
+        1..=5 => Route::WeightLeft,
+        6..=64 if out * inp >= ONEDNN_MIN_WEIGHT && onednn_available() => Route::OneDnn,
+        6..=16 => Route::WeightLeft,
+        _ => Route::Library,
+    }
+}
+
+/// `x W^T + b` through oneDNN (`x`: `[rows, in]`, contiguous f32 on the CPU).
+fn onednn_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> std::result::Result<Tensor, tch::TchError> {
+    let weight = if weight.is_contiguous() { weight.shallow_clone() } else { weight.contiguous() };
+    x.contiguous().f_to_mkldnn(None)?.f_mkldnn_linear(&weight, bias)?.f_to_dense(None, false)
+}
+
+/// Whether this libtorch has oneDNN on the CPU, and the route is not switched off: one
+/// tiny product tried once per process.
+fn onednn_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        if !tch::utils::has_mkldnn() || cpu_products_forced_to_mkl() {
+            return false;
+        }
+        let _guard = tch::no_grad_guard();
+        let x = Tensor::ones([2, 4], (tch::Kind::Float, tch::Device::Cpu));
+        let w = Tensor::ones([3, 4], (tch::Kind::Float, tch::Device::Cpu));
+        onednn_product(&x, &w, None).is_ok_and(|y| y.size() == [2, 3] && y.double_value(&[1, 2]) == 4.0)
+    })
+}
+
+/// `MTP_CPU_PRODUCTS=mkl`: every product through MKL, to compare the routes.
+fn cpu_products_forced_to_mkl() -> bool {
+    std::env::var("MTP_CPU_PRODUCTS").is_ok_and(|v| v.eq_ignore_ascii_case("mkl"))
 }
 
 /// Which rows of a forward pass an adapter's term applies to.
@@ -287,4 +352,56 @@ pub struct Gated<'a> {
     pub delta: &'a dyn ProjDelta,
     /// Where it applies.
     pub gate: Gate,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// Every route gives the library's product (to f32 rounding), for each row count on
+    /// both sides of each threshold, with and without a bias, on a weight under the oneDNN
+    /// size and one over it.
+    #[test]
+    fn every_route_computes_the_same_product() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(0);
+        let o = (Kind::Float, Device::Cpu);
+        for (out, inp) in [(320, 256), (1024, 512)] {
+            let w = Tensor::randn([out, inp], o);
+            let b = Tensor::randn([out], o);
+            for rows in [1, 2, 5, 6, 9, 16, 17, 25, 64, 65] {
+                let x = Tensor::randn([1, rows, inp], o);
+                for bias in [None, Some(&b)] {
+                    let want = x.linear(&w, bias);
+                    let got = linear(&x, &w, bias);
+                    assert_eq!(got.size(), want.size(), "{out}x{inp}, {rows} rows");
+                    let diff = (&got - &want).abs().max().double_value(&[]);
+                    assert!(diff < 1e-3, "{out}x{inp}, {rows} rows, bias {}: max difference {diff}", bias.is_some());
+                }
+            }
+        }
+    }
+
+    /// Which route each product takes: oneDNN only for a big weight and 6 to 64 rows (when
+    /// this libtorch has it), never for tensors that need a gradient.
+    #[test]
+    fn products_take_the_route_their_shape_calls_for() {
+        let o = (Kind::Float, Device::Cpu);
+        let (big, small) = (Tensor::zeros([1024, 512], o), Tensor::zeros([320, 256], o));
+        let rows = |n: i64, w: &Tensor| Tensor::zeros([1, n, w.size()[1]], o);
+        let dnn =
+            if tch::utils::has_mkldnn() && !cpu_products_forced_to_mkl() { Route::OneDnn } else { Route::WeightLeft };
+        assert_eq!(onednn_available(), dnn == Route::OneDnn);
+        assert_eq!(cpu_route(&rows(1, &big), &big), Route::WeightLeft);
+        assert_eq!(cpu_route(&rows(5, &big), &big), Route::WeightLeft);
+        assert_eq!(cpu_route(&rows(9, &big), &big), dnn);
+        assert_eq!(cpu_route(&rows(9, &small), &small), Route::WeightLeft);
+        assert_eq!(cpu_route(&rows(25, &small), &small), Route::Library);
+        assert_eq!(cpu_route(&rows(65, &big), &big), Route::Library);
+        let trainable = big.set_requires_grad(true);
+        assert_eq!(cpu_route(&rows(9, &trainable), &trainable), Route::Library);
+        let thin = Tensor::zeros([1024, 64], o);
+        assert_eq!(cpu_route(&rows(9, &thin), &thin), Route::Library);
+    }
 }
