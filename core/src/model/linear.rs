@@ -216,14 +216,11 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     }
     let size = x.size();
     let x2 = x.reshape([-1, size[size.len() - 1]]);
-    let rows = x2.size()[0];
     let y = match route {
-        Route::OneDnn => match onednn_product(&x2, weight, bias) {
-            Ok(y) => y,
-            // Not expected once the probe passed; the library's product is always right.
-            Err(_) => x2.linear(weight, bias),
-        },
-        _ => {
+        // Should oneDNN refuse after all, the library's product is the same product.
+        Route::OneDnn => onednn_product(&x2, weight, bias).unwrap_or_else(|_| x2.linear(weight, bias)),
+        Route::WeightLeft | Route::Library => {
+            let rows = x2.size()[0];
             let x2 = if rows == 1 { x2.repeat([2, 1]) } else { x2 };
             let y = weight.mm(&x2.tr()).tr();
             let y = if rows == 1 { y.narrow(0, 0, 1) } else { y };
@@ -276,25 +273,16 @@ fn cpu_route(x: &Tensor, weight: &Tensor) -> Route {
     }
 }
 
-/// `x W^T + b` through oneDNN (`x`: `[rows, in]`, contiguous f32 on the CPU).
+/// `x W^T + b` through oneDNN (`x`: `[rows, in]`, f32 on the CPU; the weight is read in
+/// place).
 fn onednn_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> std::result::Result<Tensor, tch::TchError> {
-    let weight = if weight.is_contiguous() { weight.shallow_clone() } else { weight.contiguous() };
-    x.contiguous().f_to_mkldnn(None)?.f_mkldnn_linear(&weight, bias)?.f_to_dense(None, false)
+    x.contiguous().f_to_mkldnn(None)?.f_mkldnn_linear(weight, bias)?.f_to_dense(None, false)
 }
 
-/// Whether this libtorch has oneDNN on the CPU, and the route is not switched off: one
-/// tiny product tried once per process.
+/// Whether this libtorch has oneDNN and the route is not switched off.
 fn onednn_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        if !tch::utils::has_mkldnn() || cpu_products_forced_to_mkl() {
-            return false;
-        }
-        let _guard = tch::no_grad_guard();
-        let x = Tensor::ones([2, 4], (tch::Kind::Float, tch::Device::Cpu));
-        let w = Tensor::ones([3, 4], (tch::Kind::Float, tch::Device::Cpu));
-        onednn_product(&x, &w, None).is_ok_and(|y| y.size() == [2, 3] && y.double_value(&[1, 2]) == 4.0)
-    })
+    *AVAILABLE.get_or_init(|| tch::utils::has_mkldnn() && !cpu_products_forced_to_mkl())
 }
 
 /// `MTP_CPU_PRODUCTS=mkl`: every product through MKL, to compare the routes.
