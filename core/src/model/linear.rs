@@ -195,20 +195,22 @@ impl StackedLinear {
 }
 
 /// `x W^T + b` (`x`: `[..., in]`, `weight`: `[out, in]`), the way that runs fastest for
-/// the number of rows on the CPU (f32, no gradient, both sides of the weight 256 or more;
-/// docs/BENCHMARKS.md, "Few-row products"):
-/// - 1 to 5 rows: MKL's sgemm with the weight as the left operand (`y^T = W x^T`), which
-///   streams the weight once; a single row goes in twice, since MKL's matrix-vector product
-///   reads the weight at well under half that bandwidth. `x.linear(W)` with a handful of
-///   rows costs nearly a matrix-vector product per row here (it repacks the weight every
-///   call).
-/// - 6 to 64 rows (a speculative step's 9 or 25) and a weight of 2 MiB or more: oneDNN's
-///   inner product, which reads the plain weight in place; MKL's kernels for these column
-///   counts run at a fraction of this CPU's arithmetic (SmolLM2-135M's layer products, 25
-///   rows: 102 ms through `x.linear(W)`, 70 ms through oneDNN). Libtorch builds without
-///   oneDNN, and `MTP_CPU_PRODUCTS=mkl` (to compare), keep MKL.
-/// - 6 to 16 rows otherwise: as for 1 to 5.
+/// the number of rows on the CPU (f32, no gradient; docs/BENCHMARKS.md, "Few-row
+/// products" and "A product kernel for a few rows"):
+/// - 1 to 32 rows (decoding), on a CPU with AVX2 and FMA: our own kernel
+///   ([`super::few_rows`]), which streams the weight once and whose outputs for a row do
+///   not depend on the other rows.
+/// - Otherwise, for weights with both sides 256 or more, 1 to 5 rows: MKL's sgemm with the
+///   weight as the left operand (`y^T = W x^T`), which streams the weight once; a single
+///   row goes in twice, since MKL's matrix-vector product reads the weight at well under
+///   half that bandwidth.
+/// - 6 to 64 rows and a weight of 2 MiB or more: oneDNN's inner product, which reads the
+///   plain weight in place (MKL's kernels for these column counts run at a fraction of the
+///   CPU's arithmetic); 6 to 16 rows of a smaller weight: as for 1 to 5.
 /// - Anything else: `x.linear(W)`.
+///
+/// `MTP_CPU_PRODUCTS=libraries` leaves our kernel out, `MTP_CPU_PRODUCTS=mkl` oneDNN too
+/// (to compare the routes).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let route = cpu_route(x, weight);
     if route == Route::Library {
@@ -217,7 +219,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let size = x.size();
     let x2 = x.reshape([-1, size[size.len() - 1]]);
     let y = match route {
-        // Should oneDNN refuse after all, the library's product is the same product.
+        // Should the kernel or oneDNN refuse after all, the library's product is the same.
+        Route::Rows => super::few_rows::product(&x2, weight, bias).unwrap_or_else(|| x2.linear(weight, bias)),
         Route::OneDnn => onednn_product(&x2, weight, bias).unwrap_or_else(|_| x2.linear(weight, bias)),
         Route::WeightLeft | Route::Library => {
             let rows = x2.size()[0];
@@ -237,6 +240,34 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     y.view(out.as_slice())
 }
 
+/// `y += x W^T` in place for the rows of a decoding step (`x`: `[rows, in]`, `y`: a
+/// contiguous `[rows, out]`, both f32 on the CPU): our kernel where [`linear`] would use
+/// it, else `addmm_`.
+pub fn add_product(y: &Tensor, x: &Tensor, weight: &Tensor) {
+    if products() == CpuProducts::Ours && super::few_rows::accumulate(x, weight, y) {
+        return;
+    }
+    let mut y = y.shallow_clone();
+    let _ = y.addmm_(x, &weight.tr());
+}
+
+/// `x W^T + b` plus the low-rank term `(x A^T) B^T` on rows `start..` (`x`: `[rows, in]`,
+/// `a`: `[m, in]`, `bt`: `B^T`, `[m, out]`), in one call of our kernel where [`linear`] would use
+/// it for `x`; `None` otherwise.
+pub fn linear_with_low_rank(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    bt: &Tensor,
+    start: i64,
+) -> Option<Tensor> {
+    if cpu_route(x, weight) != Route::Rows {
+        return None;
+    }
+    super::few_rows::product_with_low_rank(x, weight, bias, a, bt, start)
+}
+
 /// The smallest weight (elements) whose few-row products go through oneDNN: each call
 /// costs oneDNN about 70 us more than MKL here, which only a weight of 2 MiB or more (in
 /// f32) earns back (SmolLM2-135M's q/k/v, gate/up and down; none of the demo's).
@@ -247,6 +278,8 @@ const ONEDNN_MIN_WEIGHT: i64 = 1 << 19;
 enum Route {
     /// `x.linear(W)`.
     Library,
+    /// Our kernel for a few rows.
+    Rows,
     /// MKL, the weight as the left operand.
     WeightLeft,
     /// oneDNN's inner product.
@@ -260,12 +293,14 @@ fn cpu_route(x: &Tensor, weight: &Tensor) -> Route {
     let eligible = x.device() == tch::Device::Cpu
         && x.kind() == tch::Kind::Float
         && weight.kind() == tch::Kind::Float
-        && out >= 256
-        && inp >= 256
         && !x.requires_grad()
         && !weight.requires_grad();
+    let big = out >= 256 && inp >= 256;
+    let ours = products() == CpuProducts::Ours && super::few_rows::available();
     match rows {
         _ if !eligible => Route::Library,
+        1..=super::few_rows::MAX_ROWS if ours => Route::Rows,
+        _ if !big => Route::Library,
         1..=5 => Route::WeightLeft,
         6..=64 if out * inp >= ONEDNN_MIN_WEIGHT && onednn_available() => Route::OneDnn,
         6..=16 => Route::WeightLeft,
@@ -282,12 +317,27 @@ fn onednn_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> std::re
 /// Whether this libtorch has oneDNN and the route is not switched off.
 fn onednn_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| tch::utils::has_mkldnn() && !cpu_products_forced_to_mkl())
+    *AVAILABLE.get_or_init(|| tch::utils::has_mkldnn() && products() != CpuProducts::Mkl)
 }
 
-/// `MTP_CPU_PRODUCTS=mkl`: every product through MKL, to compare the routes.
-fn cpu_products_forced_to_mkl() -> bool {
-    std::env::var("MTP_CPU_PRODUCTS").is_ok_and(|v| v.eq_ignore_ascii_case("mkl"))
+/// Which products the CPU routes may use (`MTP_CPU_PRODUCTS`, to compare them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CpuProducts {
+    /// Our kernel, oneDNN and MKL (the default).
+    Ours,
+    /// `libraries`: oneDNN and MKL.
+    Libraries,
+    /// `mkl`: MKL alone.
+    Mkl,
+}
+
+fn products() -> CpuProducts {
+    static CHOICE: std::sync::OnceLock<CpuProducts> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| match std::env::var("MTP_CPU_PRODUCTS").map(|v| v.to_ascii_lowercase()).as_deref() {
+        Ok("mkl") => CpuProducts::Mkl,
+        Ok("libraries") => CpuProducts::Libraries,
+        _ => CpuProducts::Ours,
+    })
 }
 
 /// Which rows of a forward pass an adapter's term applies to.
@@ -358,7 +408,7 @@ mod tests {
         for (out, inp) in [(320, 256), (1024, 512)] {
             let w = Tensor::randn([out, inp], o);
             let b = Tensor::randn([out], o);
-            for rows in [1, 2, 5, 6, 9, 16, 17, 25, 64, 65] {
+            for rows in [1, 2, 5, 6, 9, 16, 17, 25, 32, 33, 64, 65] {
                 let x = Tensor::randn([1, rows, inp], o);
                 for bias in [None, Some(&b)] {
                     let want = x.linear(&w, bias);
@@ -371,25 +421,31 @@ mod tests {
         }
     }
 
-    /// Which route each product takes: oneDNN only for a big weight and 6 to 64 rows (when
-    /// this libtorch has it), never for tensors that need a gradient.
+    /// Which route each product takes: our kernel for 1 to 32 rows where the CPU has it,
+    /// else MKL or oneDNN (only for a big weight and 6 to 64 rows, when this libtorch has
+    /// it); never anything but the library for tensors that need a gradient.
     #[test]
     fn products_take_the_route_their_shape_calls_for() {
         let o = (Kind::Float, Device::Cpu);
         let (big, small) = (Tensor::zeros([1024, 512], o), Tensor::zeros([320, 256], o));
         let rows = |n: i64, w: &Tensor| Tensor::zeros([1, n, w.size()[1]], o);
         let dnn =
-            if tch::utils::has_mkldnn() && !cpu_products_forced_to_mkl() { Route::OneDnn } else { Route::WeightLeft };
+            if tch::utils::has_mkldnn() && products() != CpuProducts::Mkl { Route::OneDnn } else { Route::WeightLeft };
         assert_eq!(onednn_available(), dnn == Route::OneDnn);
-        assert_eq!(cpu_route(&rows(1, &big), &big), Route::WeightLeft);
-        assert_eq!(cpu_route(&rows(5, &big), &big), Route::WeightLeft);
-        assert_eq!(cpu_route(&rows(9, &big), &big), dnn);
-        assert_eq!(cpu_route(&rows(9, &small), &small), Route::WeightLeft);
-        assert_eq!(cpu_route(&rows(25, &small), &small), Route::Library);
+        let ours = products() == CpuProducts::Ours && super::super::few_rows::available();
+        let few = |library: Route| if ours { Route::Rows } else { library };
+        assert_eq!(cpu_route(&rows(1, &big), &big), few(Route::WeightLeft));
+        assert_eq!(cpu_route(&rows(5, &big), &big), few(Route::WeightLeft));
+        assert_eq!(cpu_route(&rows(9, &big), &big), few(dnn));
+        assert_eq!(cpu_route(&rows(32, &big), &big), few(dnn));
+        assert_eq!(cpu_route(&rows(33, &big), &big), dnn);
+        assert_eq!(cpu_route(&rows(9, &small), &small), few(Route::WeightLeft));
+        assert_eq!(cpu_route(&rows(25, &small), &small), few(Route::Library));
         assert_eq!(cpu_route(&rows(65, &big), &big), Route::Library);
+        let thin = Tensor::zeros([1024, 64], o);
+        assert_eq!(cpu_route(&rows(9, &thin), &thin), few(Route::Library));
+        assert_eq!(cpu_route(&rows(40, &thin), &thin), Route::Library);
         let trainable = big.set_requires_grad(true);
         assert_eq!(cpu_route(&rows(9, &trainable), &trainable), Route::Library);
-        let thin = Tensor::zeros([1024, 64], o);
-        assert_eq!(cpu_route(&rows(9, &thin), &thin), Route::Library);
     }
 }

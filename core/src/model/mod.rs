@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod block;
 pub mod config;
+pub mod few_rows;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
 
+use crate::model::linear::{add_product, linear, linear_with_low_rank};
 use crate::model::{Gate, Llama, ModelConfig, Proj, ProjDelta, ProjGroup};
 
 /// LoRA hyper-parameters.
@@ -119,16 +120,18 @@ impl Lora {
                             .narrow(1, offsets[*i], dims[*i])
                             .copy_(&(pair.b.tr() * self.scale));
                     }
-                    let at = a.tr().contiguous();
                     // [2, out, in]: W, then W + (A^T (s B^T))^T, summed in f32.
                     let merged = match (merged, model.group_weight(layer, group)) {
                         (true, Some((w, bias))) => {
-                            let adapted = (w.to_kind(Kind::Float) + at.mm(&b).tr()).to_kind(kind);
+                            let adapted = (w.to_kind(Kind::Float) + a.tr().mm(&b).tr()).to_kind(kind);
                             Some(Merged { w2: Tensor::stack(&[w.to_kind(kind), adapted], 0), bias })
                         }
                         _ => None,
                     };
-                    groups.push(Some(PreparedGroup { at: at.to_kind(kind), bt: b.to_kind(kind), merged }));
+                    let bt = b.to_kind(kind);
+                    let (a, b) = (a.to_kind(kind).contiguous(), b.tr().contiguous().to_kind(kind));
+                    let base = model.group_weight(layer, group);
+                    groups.push(Some(PreparedGroup { a, b, bt, merged, base }));
                 }
             }
             PreparedLora { groups }
@@ -193,9 +196,9 @@ impl ProjDelta for Lora {
 }
 
 /// LoRA factors restacked for decoding, per layer and [`ProjGroup`]: the A factors of the
-/// group's adapted parts stacked and transposed (`[in, parts * r]`), the B factors as one
-/// block-diagonal matrix, transposed and multiplied by the scale (`[parts * r, out]`,
-/// zero where a part is not adapted), all in the model's dtype. A group then costs two
+/// group's adapted parts stacked (`[parts * r, in]`), the B factors as one block-diagonal
+/// matrix multiplied by the scale (`[out, parts * r]`, zero where a part is not adapted),
+/// both laid out as a projection's weight, in the model's dtype. A group then costs two
 /// matrix products on the rows the gate selects, added in place. Optionally also merged
 /// weights (see [`Gate::Halves`]): one batched product per group, no extra operation.
 #[derive(Debug)]
@@ -207,11 +210,16 @@ pub struct PreparedLora {
 /// One adapted projection group, prepared.
 #[derive(Debug)]
 struct PreparedGroup {
-    /// `A^T`, `[in, parts * r]`.
-    at: Tensor,
-    /// `scale * B^T`, `[parts * r, out]`.
+    /// The stacked A factors, `[parts * r, in]`.
+    a: Tensor,
+    /// `scale * B`, block-diagonal, `[out, parts * r]`.
+    b: Tensor,
+    /// `scale * B^T`, `[parts * r, out]`: the layout of the CPU kernel's term.
     bt: Tensor,
     merged: Option<Merged>,
+    /// The group's base weight and bias (shared with the model, not copied), for
+    /// [`crate::model::linear::linear_with_low_rank`].
+    base: Option<(Tensor, Option<Tensor>)>,
 }
 
 /// The base weight and the base weight plus the delta, stacked for one batched product.
@@ -246,8 +254,18 @@ impl PreparedLora {
 
 impl ProjDelta for PreparedLora {
     fn product(&self, layer: usize, group: ProjGroup, x: &Tensor, gate: &Gate) -> Option<Tensor> {
+        let prepared = self.group(layer, group)?;
         let merged = match gate {
-            Gate::Halves => self.group(layer, group)?.merged.as_ref()?,
+            Gate::Halves => prepared.merged.as_ref()?,
+            // One sequence of a decoding step, mask rows last: base product and term in
+            // one call of the CPU's few-row kernel, where it runs.
+            Gate::Tail(start) if x.size()[0] == 1 => {
+                let (w, bias) = prepared.base.as_ref()?;
+                let (t, inp) = (x.size()[1], x.size()[2]);
+                let y =
+                    linear_with_low_rank(&x.reshape([t, inp]), w, bias.as_ref(), &prepared.a, &prepared.bt, *start)?;
+                return Some(y.unsqueeze(0));
+            }
             _ => return None,
         };
         // [2, r, in] x [2, in, out]: entry 0 through W, entry 1 through W + delta.
@@ -259,10 +277,10 @@ impl ProjDelta for PreparedLora {
     }
 
     fn add_to(&self, layer: usize, group: ProjGroup, x: &Tensor, y: Tensor, gate: &Gate) -> Tensor {
-        let Some(PreparedGroup { at, bt, merged }) = self.group(layer, group) else { return y };
+        let Some(PreparedGroup { a, b: b_scaled, merged, .. }) = self.group(layer, group) else { return y };
         let (b, t) = (x.size()[0], x.size()[1]);
         let (batch, start) = match gate {
-            Gate::Rows(g) => return y + (x.matmul(at) * g).matmul(bt),
+            Gate::Rows(g) => return y + (x.matmul(&a.tr()) * g).matmul(&b_scaled.tr()),
             Gate::All => (None, 0),
             Gate::Tail(s) => (None, *s),
             // With merged weights the product already holds the term.
@@ -274,12 +292,13 @@ impl ProjDelta for PreparedLora {
         }
         let rows = t - start;
         if b == 1 || batch.is_some() {
-            // In place on the selected rows of `y` (a view of its storage): y += (x A^T) B^T.
+            // In place on the selected rows of `y` (a view of its storage): y += (x A^T) B^T,
+            // both products through the few-row routes of a projection.
             let e = batch.unwrap_or(0);
-            let h = x.select(0, e).narrow(0, start, rows).mm(at);
-            let _ = y.select(0, e).narrow(0, start, rows).addmm_(&h, bt);
+            let h = linear(&x.select(0, e).narrow(0, start, rows), a, None);
+            add_product(&y.select(0, e).narrow(0, start, rows), &h, b_scaled);
         } else {
-            let delta = x.narrow(1, start, rows).matmul(at).matmul(bt);
+            let delta = x.narrow(1, start, rows).matmul(&a.tr()).matmul(&b_scaled.tr());
             let _ = y.narrow(1, start, rows).g_add_(&delta);
         }
         y

@@ -132,12 +132,10 @@ pub struct Drafter {
     sampler: Option<PreparedSampler>,
     /// `[N]` int64: token id of each row of `head`, when drafting from a draft vocabulary.
     vocab: Option<Tensor>,
-    /// `[d, N]` (or `[d, V]`): the LM-head rows drafts are chosen from, transposed once on
-    /// the CPU so that a draft's logits are one plain product (there, a row times a
-    /// row-major `[d, N]` matrix beat both the head's matrix-vector product and its two-row
-    /// form, for heads in cache and in memory alike: `examples/product_forms.rs`); on a GPU the
-    /// whole head is a transposed view, not a copy.
-    head_t: Tensor,
+    /// `[N, d]` (or the whole `[V, d]` head, shared, not copied): the LM-head rows drafts
+    /// are chosen from, multiplied like a projection ([`crate::model::linear::linear`]:
+    /// on the CPU our few-row kernel, which streams the rows once).
+    head: Tensor,
     /// Step constants by shape, built on first use and shared by every generation.
     plans: RefCell<HashMap<(Layout, usize, usize), Rc<StepPlan>>>,
     /// What the last generation's `auto` mask controller learned (per layout), so that the
@@ -170,11 +168,9 @@ impl Drafter {
                 (Some(ids), true) => Some(Tensor::from_slice(ids).to_device(device)),
                 _ => None,
             };
-            let head_t = match (&vocab, device) {
-                (Some(ids), _) => model.lm_head.index_select(0, ids).tr().contiguous(),
-                (None, Device::Cpu) => model.lm_head.tr().contiguous(),
-                // The whole head on a GPU: a view (the product takes it transposed as it is).
-                (None, _) => model.lm_head.tr(),
+            let head = match &vocab {
+                Some(ids) => model.lm_head.index_select(0, ids),
+                None => model.lm_head.shallow_clone(),
             };
             let form = options.lora.resolve(model, adapter.config.gated);
             Ok(Self {
@@ -184,7 +180,7 @@ impl Drafter {
                 form,
                 sampler: adapter.sampler().map(|s| s.prepare()),
                 vocab,
-                head_t,
+                head,
                 plans: RefCell::default(),
                 controllers: RefCell::default(),
             })
@@ -274,7 +270,7 @@ impl Drafter {
     /// Logits over the draft vocabulary (or the whole head) for final hidden states `h`.
     fn draft_logits(&self, h: &Tensor, kind: Kind) -> Tensor {
         let h = if h.kind() == kind { h.shallow_clone() } else { h.to_kind(kind) };
-        h.mm(&self.head_t)
+        crate::model::linear::linear(&h, &self.head, None)
     }
 
     /// Token ids of draft-vocabulary indices.

@@ -1,0 +1,556 @@
+//! Products of a few rows with a weight on the CPU (`x W^T`, f32, 1 to [`MAX_ROWS`] rows):
+//! the products of decoding, an AR step's one row and a speculative step's 9 or 25.
+//!
+//! Measured on the CPU we run on (docs/BENCHMARKS.md, "A product kernel for a few rows"),
+//! neither of libtorch's libraries does these well: MKL and oneDNN pack the weight for
+//! every call and run their few-column kernels at a fraction of the CPU's arithmetic, so
+//! SmolLM2-135M's layer products take 36 ms for one row where reading the weights takes
+//! about 17, and 58 ms for 9 rows. This kernel streams the weight once, four output rows at
+//! a time, and multiplies each block by every input row while it sits in L1 (AVX2 and FMA,
+//! chosen at run time; other CPUs keep the libraries). The output columns are split between
+//! the threads of libtorch's own OpenMP team.
+//!
+//! Every output is the same sequence of operations whatever the number of rows and
+//! wherever its row falls in a tile (eight lanes accumulated over the input in order, the
+//! lanes summed in a fixed order, the remainder added last, then the bias): a row's output
+//! does not depend on the other rows of the call. So a speculative step's next-token rows
+//! equal an AR step's outputs bit for bit, however many mask rows ride along.
+
+// The one module that reads tensors through raw pointers and uses SIMD intrinsics: what
+// each `unsafe` relies on is stated where it is used.
+#![allow(unsafe_code)]
+
+use std::sync::OnceLock;
+
+use tch::{Device, Kind, Tensor};
+
+/// The most rows a call takes: beyond it the products are bound by arithmetic, which the
+/// libraries' large-matrix kernels do better.
+pub const MAX_ROWS: i64 = 32;
+
+/// Weights smaller than this (elements) run on the calling thread alone: sharing a product
+/// with the OpenMP team costs a few microseconds.
+const SPLIT_MIN_WEIGHT: usize = 1 << 16;
+
+/// Whether this CPU runs the kernel (x86-64 with AVX2 and FMA).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Whether `x W^T` (`x`: `[rows, in]`) can run here: the CPU has the instructions, both
+/// are f32 on the CPU, `x` has 1 to [`MAX_ROWS`] rows, and neither needs a gradient.
+pub fn takes(x: &Tensor, weight: &Tensor) -> bool {
+    let (xs, ws) = (x.size(), weight.size());
+    available()
+        && xs.len() == 2
+        && ws.len() == 2
+        && xs[1] == ws[1]
+        && (1..=MAX_ROWS).contains(&xs[0])
+        && x.device() == Device::Cpu
+        && weight.device() == Device::Cpu
+        && x.kind() == Kind::Float
+        && weight.kind() == Kind::Float
+        && !x.requires_grad()
+        && !weight.requires_grad()
+}
+
+/// `x W^T + b` (`x`: `[rows, in]`, `weight`: `[out, in]`, `bias`: `[out]`), or `None`
+/// when [`takes`] says no.
+pub fn product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tensor> {
+    if !takes(x, weight) || bias.is_some_and(|b| b.kind() != Kind::Float || b.numel() != weight.size()[0] as usize) {
+        return None;
+    }
+    let y = Tensor::empty([x.size()[0], weight.size()[0]], (Kind::Float, Device::Cpu));
+    run(x, weight, bias, &y, false);
+    Some(y)
+}
+
+/// `y += x W^T` in place (`y`: `[rows, out]`, contiguous, f32); false (and `y` untouched)
+/// when [`takes`] says no or `y` does not fit.
+pub fn accumulate(x: &Tensor, weight: &Tensor, y: &Tensor) -> bool {
+    let fits = y.size() == [x.size()[0], weight.size()[0]]
+        && y.kind() == Kind::Float
+        && y.device() == Device::Cpu
+        && y.is_contiguous()
+        && !y.requires_grad();
+    if !fits || !takes(x, weight) {
+        return false;
+    }
+    run(x, weight, None, y, true);
+    true
+}
+
+/// One product's operands, as raw pointers into tensors the caller keeps alive until every
+/// part has run.
+#[derive(Clone, Copy)]
+struct Job {
+    x: *const f32,
+    w: *const f32,
+    bias: *const f32,
+    y: *mut f32,
+    rows: usize,
+    inp: usize,
+    out: usize,
+    accumulate: bool,
+    /// The weight is laid out `[inp, out]` (a low-rank term's `B^T`, with few inputs), and
+    /// `y` is added to: the products of each input with a weight row, summed in order.
+    transposed: bool,
+}
+
+impl Job {
+    /// Compute part `i` of `parts`: its output columns are multiples of four but for the
+    /// last part's end, so parts write disjoint columns.
+    fn run_part(&self, i: usize, parts: usize) {
+        let edge = |j: usize| if j >= parts { self.out } else { (self.out * j / parts) / 4 * 4 };
+        let (o0, o1) = (edge(i), edge(i + 1));
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available()` held when the job was made; the pointers cover `rows x inp`,
+        // `out x inp`, `out` and `rows x out` f32 values, alive until the job is done.
+        unsafe {
+            if self.transposed { avx2::scaled_rows(self, o0, o1) } else { avx2::columns(self, o0, o1) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (o0, o1);
+    }
+}
+
+fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulate: bool) {
+    // Contiguous copies only where the caller's tensors are not (kept alive below).
+    let x = x.contiguous();
+    let weight = weight.contiguous();
+    let bias = bias.map(Tensor::contiguous);
+    dispatch(Job {
+        x: x.data_ptr() as *const f32,
+        w: weight.data_ptr() as *const f32,
+        bias: bias.as_ref().map_or(std::ptr::null(), |b| b.data_ptr() as *const f32),
+        y: y.data_ptr() as *mut f32,
+        rows: x.size()[0] as usize,
+        inp: x.size()[1] as usize,
+        out: weight.size()[0] as usize,
+        accumulate,
+        transposed: false,
+    });
+}
+
+/// Run `job`, shared with the OpenMP team when the weight is big enough.
+fn dispatch(job: Job) {
+    let threads = tch::get_num_threads().max(1) as usize;
+    match openmp() {
+        Some(omp) if threads > 1 && job.out * job.inp >= SPLIT_MIN_WEIGHT && job.out >= 8 => omp.run(&job, threads),
+        _ => job.run_part(0, 1),
+    }
+}
+
+/// `x W^T + b`, plus on rows `start..` a low-rank term `(x A^T) B^T` (`a`: `[m, in]`,
+/// `bt`: `B^T`, `[m, out]`, the scale already in it), in one call: the rows before `start` are
+/// exactly [`product`]'s, and the term costs no libtorch operation (its rank-`m`
+/// intermediate lives in a buffer of our own). `None` when [`takes`] says no to either.
+pub fn product_with_low_rank(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    bt: &Tensor,
+    start: i64,
+) -> Option<Tensor> {
+    let (rows, out, m) = (x.size().first().copied()?, weight.size()[0], a.size()[0]);
+    let fits = (0..rows).contains(&start)
+        && bt.size() == [m, out]
+        && bt.kind() == Kind::Float
+        && bt.device() == Device::Cpu
+        && takes(&x.narrow(0, start, rows - start), a);
+    if !fits {
+        return None;
+    }
+    let y = product(x, weight, bias)?;
+    let (x, a, bt) = (x.contiguous(), a.contiguous(), bt.contiguous());
+    let tail = (rows - start) as usize;
+    let mut h = vec![0f32; tail * m as usize];
+    let inp = x.size()[1] as usize;
+    // SAFETY (pointer offsets): row `start` of `x` and of `y` lie inside them.
+    let (x_tail, y_tail) = unsafe {
+        (
+            (x.data_ptr() as *const f32).add(start as usize * inp),
+            (y.data_ptr() as *mut f32).add(start as usize * out as usize),
+        )
+    };
+    let base = Job {
+        x: x_tail,
+        w: a.data_ptr() as *const f32,
+        bias: std::ptr::null(),
+        y: h.as_mut_ptr(),
+        rows: tail,
+        inp,
+        out: m as usize,
+        accumulate: false,
+        transposed: false,
+    };
+    dispatch(base);
+    // The term: each row of B^T scaled by an intermediate value and added, `y` streamed
+    // once (the dot form's sums over only m inputs cost more in their ends than in them).
+    let term = Job {
+        x: h.as_ptr(),
+        w: bt.data_ptr() as *const f32,
+        y: y_tail,
+        inp: m as usize,
+        out: out as usize,
+        accumulate: true,
+        transposed: true,
+        ..base
+    };
+    dispatch(term);
+    Some(y)
+}
+
+/// libtorch's own OpenMP runtime (libgomp, or a runtime with its GNU entry points), found
+/// in the running process: the parts of a product run on the threads that run libtorch's
+/// operations. A pool of our own would spin on the same cores as OpenMP's threads, which
+/// wait busily for a while after each parallel operation: measured on 2 cores, an AR step
+/// of the SmolLM2-135M shape took 79 ms so, against 53 with the libraries alone.
+struct OpenMp {
+    parallel: unsafe extern "C" fn(extern "C" fn(*mut libc::c_void), *mut libc::c_void, libc::c_uint, libc::c_uint),
+    thread_num: unsafe extern "C" fn() -> libc::c_int,
+    num_threads: unsafe extern "C" fn() -> libc::c_int,
+}
+
+fn openmp() -> Option<&'static OpenMp> {
+    static OPENMP: OnceLock<Option<OpenMp>> = OnceLock::new();
+    OPENMP
+        .get_or_init(|| {
+            #[cfg(unix)]
+            {
+                let find = |name: &std::ffi::CStr| {
+                    // SAFETY: dlsym with a NUL-terminated name; a null result is checked.
+                    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+                    (!p.is_null()).then_some(p)
+                };
+                let (parallel, thread_num, num_threads) =
+                    (find(c"GOMP_parallel")?, find(c"omp_get_thread_num")?, find(c"omp_get_num_threads")?);
+                // SAFETY: the symbols of the GNU OpenMP ABI, with these signatures
+                // (`void GOMP_parallel(void (*)(void *), void *, unsigned, unsigned)`).
+                unsafe {
+                    Some(OpenMp {
+                        parallel: std::mem::transmute::<*mut libc::c_void, _>(parallel),
+                        thread_num: std::mem::transmute::<*mut libc::c_void, _>(thread_num),
+                        num_threads: std::mem::transmute::<*mut libc::c_void, _>(num_threads),
+                    })
+                }
+            }
+            #[cfg(not(unix))]
+            None
+        })
+        .as_ref()
+}
+
+impl OpenMp {
+    /// Every part of `job`, one per thread of a team of `threads` (the calling thread
+    /// among them); returns when all are done.
+    fn run(&self, job: &Job, threads: usize) {
+        extern "C" fn part(data: *mut libc::c_void) {
+            // SAFETY: `data` is the `Call` below, alive until GOMP_parallel returns; the
+            // OpenMP functions are those of the runtime running this team.
+            let call = unsafe { &*(data as *const Call) };
+            let (i, n) = unsafe { ((call.omp.thread_num)(), (call.omp.num_threads)()) };
+            call.job.run_part(i.max(0) as usize, n.max(1) as usize);
+        }
+        struct Call<'a> {
+            job: &'a Job,
+            omp: &'a OpenMp,
+        }
+        let call = Call { job, omp: self };
+        // SAFETY: GOMP_parallel runs `part` on every thread of the team and returns after
+        // all of them; `call` outlives it.
+        unsafe { (self.parallel)(part, &call as *const Call as *mut libc::c_void, threads as libc::c_uint, 0) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::Job;
+
+    /// Output columns `o0..o1` of the job: blocks of four weight rows multiplied by the
+    /// input rows three at a time, or for 4, 7 and 8 rows blocks of three by four at a time
+    /// (fewer passes over each block: a 1-mask step's 4 rows in one; for 25 rows the same
+    /// tile measured a third slower, 103 ms a step against 79), then single columns. For up to [`PREFETCH_MAX_ROWS`] rows the passes over a block
+    /// also ask for the block [`PREFETCH_BLOCKS`] ahead, spread over them, so that reading
+    /// the weight from memory overlaps the arithmetic of the later passes (9 rows of
+    /// SmolLM2-135M's layers: 29 ms -> 26; with more rows the arithmetic dominates and it
+    /// costs).
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; the job's pointers are valid for its sizes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn columns(job: &Job, o0: usize, o1: usize) {
+        let o = if job.rows <= 8 && job.rows.div_ceil(4) < job.rows.div_ceil(3) {
+            unsafe { blocks::<3, 4>(job, o0, o1) }
+        } else {
+            unsafe { blocks::<4, 3>(job, o0, o1) }
+        };
+        for o in o..o1 {
+            for r in 0..job.rows {
+                unsafe { tile::<1, 1>(job, o, r, None, (0, 1)) };
+            }
+        }
+    }
+
+    /// Blocks of `NO` weight rows from `o0` while they fit before `o1`, each multiplied by
+    /// the input rows `NR` at a time (the remainder in one narrower pass); returns where
+    /// the blocks stopped.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn blocks<const NO: usize, const NR: usize>(job: &Job, o0: usize, o1: usize) -> usize {
+        let passes = job.rows.div_ceil(NR);
+        let mut o = o0;
+        while o + NO <= o1 {
+            let ahead = o + NO * PREFETCH_BLOCKS;
+            let prefetch = (job.rows <= PREFETCH_MAX_ROWS && ahead + NO <= o1).then_some(ahead);
+            let mut r = 0;
+            while r + NR <= job.rows {
+                unsafe { tile::<NO, NR>(job, o, r, prefetch, (r / NR, passes)) };
+                r += NR;
+            }
+            let pass = (r / NR, passes);
+            match job.rows - r {
+                3 => unsafe { tile::<NO, 3>(job, o, r, prefetch, pass) },
+                2 => unsafe { tile::<NO, 2>(job, o, r, prefetch, pass) },
+                1 => unsafe { tile::<NO, 1>(job, o, r, prefetch, pass) },
+                _ => {}
+            }
+            o += NO;
+        }
+        o
+    }
+
+    /// How many blocks of weight rows ahead the passes prefetch.
+    const PREFETCH_BLOCKS: usize = 2;
+    /// Up to this many rows the passes prefetch.
+    const PREFETCH_MAX_ROWS: usize = 16;
+
+    /// Outputs `r..r + NR` x `o..o + NO`: one accumulator of eight lanes per output. With
+    /// `prefetch`, pass `pass.0` of `pass.1` also prefetches its share of the weight rows
+    /// from that one on (every 16 values, which of the passes takes them in turn).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile<const NO: usize, const NR: usize>(
+        job: &Job,
+        o: usize,
+        r: usize,
+        prefetch: Option<usize>,
+        pass: (usize, usize),
+    ) {
+        let n = job.inp;
+        let whole = n / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); NR]; NO];
+        let mut k = 0;
+        while k < whole {
+            if let Some(p) = prefetch
+                && k % 16 == 0
+                && (k / 16) % pass.1 == pass.0
+            {
+                for i in 0..NO {
+                    // SAFETY: within the weight: row p + i < o1 <= out, column k < n.
+                    _mm_prefetch::<_MM_HINT_T0>(unsafe { job.w.add((p + i) * n + k) } as *const i8);
+                }
+            }
+            let mut xs = [_mm256_setzero_ps(); NR];
+            for (j, x) in xs.iter_mut().enumerate() {
+                *x = unsafe { _mm256_loadu_ps(job.x.add((r + j) * n + k)) };
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let w = unsafe { _mm256_loadu_ps(job.w.add((o + i) * n + k)) };
+                for (a, x) in row.iter_mut().zip(&xs) {
+                    *a = _mm256_fmadd_ps(w, *x, *a);
+                }
+            }
+            k += 8;
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (j, a) in row.iter().enumerate() {
+                let (wr, xr) = unsafe { (job.w.add((o + i) * n), job.x.add((r + j) * n)) };
+                let mut s = lanes_sum(*a);
+                for k in whole..n {
+                    s += unsafe { *wr.add(k) * *xr.add(k) };
+                }
+                if !job.bias.is_null() {
+                    s += unsafe { *job.bias.add(o + i) };
+                }
+                let y = unsafe { job.y.add((r + j) * job.out + o + i) };
+                unsafe {
+                    if job.accumulate {
+                        *y += s;
+                    } else {
+                        *y = s;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `y[r, o0..o1] += sum_j x[r, j] * w[j, o0..o1]` for every row (`w`: `[inp, out]`),
+    /// four rows by sixteen outputs at a time, the products added in order of `j`, fused;
+    /// the last outputs one at a time with the same fused operations, so an output's value
+    /// does not depend on where the part or the block edges fall.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; the job's pointers are valid for its sizes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scaled_rows(job: &Job, o0: usize, o1: usize) {
+        let (m, out) = (job.inp, job.out);
+        let mut r = 0;
+        while r < job.rows {
+            let nr = (job.rows - r).min(4);
+            let mut o = o0;
+            while o + 16 <= o1 {
+                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                for (i, a) in acc.iter_mut().enumerate().take(nr) {
+                    let y = unsafe { job.y.add((r + i) * out + o) };
+                    *a = unsafe { [_mm256_loadu_ps(y), _mm256_loadu_ps(y.add(8))] };
+                }
+                for j in 0..m {
+                    let w = unsafe { job.w.add(j * out + o) };
+                    let (w0, w1) = unsafe { (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8))) };
+                    for (i, a) in acc.iter_mut().enumerate().take(nr) {
+                        let h = _mm256_set1_ps(unsafe { *job.x.add((r + i) * m + j) });
+                        a[0] = _mm256_fmadd_ps(h, w0, a[0]);
+                        a[1] = _mm256_fmadd_ps(h, w1, a[1]);
+                    }
+                }
+                for (i, a) in acc.iter().enumerate().take(nr) {
+                    let y = unsafe { job.y.add((r + i) * out + o) };
+                    unsafe {
+                        _mm256_storeu_ps(y, a[0]);
+                        _mm256_storeu_ps(y.add(8), a[1]);
+                    }
+                }
+                o += 16;
+            }
+            for o in o..o1 {
+                for i in 0..nr {
+                    let y = unsafe { &mut *job.y.add((r + i) * out + o) };
+                    for j in 0..m {
+                        *y = unsafe { (*job.x.add((r + i) * m + j)).mul_add(*job.w.add(j * out + o), *y) };
+                    }
+                }
+            }
+            r += nr;
+        }
+    }
+
+    /// The eight lanes summed: halves, then pairs, then the last two.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn lanes_sum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const O: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+    /// The kernel's product equals libtorch's to f32 rounding: widths that are not
+    /// multiples of the tile (7 x 13), small weights computed by one thread and large ones
+    /// shared with the OpenMP team, with and without a bias, and added in place.
+    #[test]
+    fn matches_the_library_product() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(1);
+        for (out, inp) in [(7, 13), (64, 64), (320, 256), (1030, 600)] {
+            let w = Tensor::randn([out, inp], O);
+            let b = Tensor::randn([out], O);
+            for rows in [1, 2, 3, 4, 5, 9, 25, MAX_ROWS] {
+                let x = Tensor::randn([rows, inp], O);
+                for bias in [None, Some(&b)] {
+                    let Some(got) = product(&x, &w, bias) else {
+                        assert!(!available(), "refused {rows} x {inp} by {out} x {inp}");
+                        return;
+                    };
+                    let want = x.linear(&w, bias);
+                    let diff = (&got - &want).abs().max().double_value(&[]);
+                    assert!(diff < 1e-3, "{out}x{inp}, {rows} rows, bias {}: max difference {diff}", bias.is_some());
+                }
+                let y = Tensor::randn([rows, out], O);
+                let want = &y + x.linear::<Tensor>(&w, None);
+                assert!(accumulate(&x, &w, &y), "{out}x{inp}, {rows} rows: not accumulated");
+                let diff = (&y - &want).abs().max().double_value(&[]);
+                assert!(diff < 1e-3, "{out}x{inp}, {rows} rows, in place: max difference {diff}");
+            }
+        }
+    }
+
+    /// A row's outputs are bit for bit the same alone and among any number of other rows,
+    /// at any position: what keeps a speculative step's next-token rows equal to AR's.
+    #[test]
+    fn a_row_does_not_depend_on_the_other_rows() {
+        let _g = tch::no_grad_guard();
+        if !available() {
+            return;
+        }
+        tch::manual_seed(2);
+        let (w, b) = (Tensor::randn([1030, 600], O), Tensor::randn([1030], O));
+        let x = Tensor::randn([MAX_ROWS, 600], O);
+        let alone: Vec<Tensor> =
+            (0..MAX_ROWS).map(|i| product(&x.narrow(0, i, 1), &w, Some(&b)).expect("one row")).collect();
+        for rows in [2, 3, 4, 5, 9, 16, 25, MAX_ROWS] {
+            let all = product(&x.narrow(0, 0, rows), &w, Some(&b)).expect("rows");
+            for (i, one) in alone.iter().enumerate().take(rows as usize) {
+                assert!(all.narrow(0, i as i64, 1).equal(one), "row {i} of {rows} differs from the row alone");
+            }
+        }
+    }
+
+    /// The product with a low-rank term on the tail rows: the rows before `start` are
+    /// bit for bit the plain product's, the others the library's `x W^T + b + (x A^T) B^T`
+    /// to f32 rounding.
+    #[test]
+    fn low_rank_term_applies_to_the_tail_rows_only() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(3);
+        let (w, bias) = (Tensor::randn([1030, 600], O), Tensor::randn([1030], O));
+        let (a, b) = (Tensor::randn([96, 600], O), Tensor::randn([1030, 96], O));
+        for (rows, start) in [(9, 3), (25, 5), (4, 0), (1, 0)] {
+            let x = Tensor::randn([rows, 600], O);
+            let Some(y) = product_with_low_rank(&x, &w, Some(&bias), &a, &b.tr().contiguous(), start) else {
+                assert!(!available());
+                return;
+            };
+            let plain = product(&x, &w, Some(&bias)).expect("plain product");
+            assert!(y.narrow(0, 0, start).equal(&plain.narrow(0, 0, start)), "{rows} rows: head rows changed");
+            let xt = x.narrow(0, start, rows - start);
+            let want = xt.linear(&w, Some(&bias)) + xt.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None);
+            let diff = (y.narrow(0, start, rows - start) - want).abs().max().double_value(&[]);
+            assert!(diff < 1e-2, "{rows} rows from {start}: max difference {diff}");
+        }
+    }
+
+    /// What the kernel leaves to the libraries: too many rows, a gradient, other dtypes,
+    /// widths that do not agree; and an output that does not fit is left untouched.
+    #[test]
+    fn refuses_what_it_does_not_take() {
+        let w = Tensor::randn([64, 32], O);
+        let x = |rows: i64| Tensor::randn([rows, 32], O);
+        assert!(product(&x(MAX_ROWS + 1), &w, None).is_none());
+        assert!(product(&x(4).set_requires_grad(true), &w, None).is_none());
+        assert!(product(&x(4).to_kind(Kind::Double), &w.to_kind(Kind::Double), None).is_none());
+        assert!(product(&Tensor::randn([4, 31], O), &w, None).is_none());
+        assert!(product(&x(4), &w, Some(&Tensor::zeros([63], O))).is_none());
+        let y = Tensor::zeros([4, 63], O);
+        assert!(!accumulate(&x(4), &w, &y));
+        assert_eq!(y.abs().sum(Kind::Float).double_value(&[]), 0.0);
+    }
+}
