@@ -17,8 +17,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use tch::{Kind, Tensor};
 
 /// A pretrained tiny model and an adapter with k = 8, prepared for decoding three times:
-/// with the whole vocabulary (the default form, which for this small model is merged
-/// weights), the same with the low-rank form, and with a draft vocabulary of the 64 tokens
+/// with the whole vocabulary in the merged form, the same in the low-rank form, and with a draft vocabulary of the 64 tokens
 /// the model writes most often.
 struct Trained {
     loaded: LoadedModel,
@@ -45,7 +44,13 @@ fn trained() -> Trained {
     let (model_dir, adapter) = files();
     let loaded = LoadedModel::from_folder(model_dir, &LoadOptions::default()).expect("load the test model");
     let mut adapter = MtpAdapter::load(adapter, &loaded.model).expect("load the test adapter");
-    let drafter = Drafter::new(&loaded.model, &adapter, DraftOptions::default()).expect("drafter");
+    let merged = DraftOptions { lora: LoraForm::Merged, ..DraftOptions::default() };
+    let drafter = Drafter::new(&loaded.model, &adapter, merged).expect("drafter");
+    // `auto`: low-rank where the CPU's few-row kernel applies the term with the base
+    // product, else merged for a model this small.
+    let auto = Drafter::new(&loaded.model, &adapter, DraftOptions::default()).expect("drafter").form();
+    let kernel = mtp_core::model::linear::few_row_kernel_runs(loaded.model.device(), loaded.model.dtype().kind());
+    assert_eq!(auto, if kernel { LoraForm::LowRank } else { LoraForm::Merged });
     let low_rank =
         Drafter::new(&loaded.model, &adapter, DraftOptions { lora: LoraForm::LowRank, ..DraftOptions::default() })
             .expect("drafter");
@@ -152,7 +157,7 @@ fn greedy_speculative_equals_greedy_ar() -> anyhow::Result<()> {
     let mut per_mode_tpf = Vec::new();
     let fixed = [1, 2, 4, 8].map(MaskCount::Fixed);
     assert_eq!((t.drafter.form(), t.low_rank.form()), (LoraForm::Merged, LoraForm::LowRank));
-    // (mode, masks, drafter: 0 default (merged), 1 low-rank, 2 draft vocabulary)
+    // (mode, masks, drafter: 0 merged, 1 low-rank, 2 draft vocabulary)
     let settings = [Mode::Linear, Mode::Quadratic]
         .into_iter()
         .flat_map(|mode| fixed.iter().chain([&MaskCount::Auto]).flat_map(move |&m| [(mode, m, 0), (mode, m, 1)]))

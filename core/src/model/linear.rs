@@ -268,6 +268,16 @@ pub fn linear_with_low_rank(
     super::few_rows::product_with_low_rank(x, weight, bias, a, bt, start)
 }
 
+/// Whether decoding's few-row products of a model on `device` in `kind` run through our
+/// kernel ([`super::few_rows`]): the CPU, f32, a CPU with the instructions, and not
+/// switched off by `MTP_CPU_PRODUCTS`.
+pub fn few_row_kernel_runs(device: tch::Device, kind: tch::Kind) -> bool {
+    device == tch::Device::Cpu
+        && kind == tch::Kind::Float
+        && products() == CpuProducts::Ours
+        && super::few_rows::available()
+}
+
 /// The smallest weight (elements) whose few-row products go through oneDNN: each call
 /// costs oneDNN about 70 us more than MKL here, which only a weight of 2 MiB or more (in
 /// f32) earns back (SmolLM2-135M's q/k/v, gate/up and down; none of the demo's).

@@ -45,13 +45,16 @@ impl Default for DraftOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LoraForm {
-    /// [`LoraForm::Merged`] where a layer's weights are small enough that a step's time is
-    /// the number of operations (on the CPU up to 1 MiB per layer, on CUDA up to 64 MiB),
-    /// else [`LoraForm::LowRank`].
+    /// [`LoraForm::LowRank`] where the CPU's few-row kernel runs the step's products (it
+    /// applies the term in the same call as the base product: no extra operation);
+    /// elsewhere [`LoraForm::Merged`] where a layer's weights are small enough that a step's
+    /// time is the number of operations (on the CPU up to 1 MiB per layer, on CUDA up to 64
+    /// MiB), else [`LoraForm::LowRank`].
     #[default]
     Auto,
     /// Two small products per projection group on the mask rows, added in place: no
-    /// memory beyond the factors, two more operations per group.
+    /// memory beyond the factors, two more operations per group (none on a CPU whose
+    /// few-row kernel runs them with the base product).
     LowRank,
     /// Each group's base weight stacked with base + delta and the step's rows packed as
     /// two halves ([`crate::model::Gate::Halves`]): one batched product per group, no
@@ -80,6 +83,9 @@ impl LoraForm {
             return LoraForm::LowRank;
         }
         match self {
+            LoraForm::Auto if crate::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind()) => {
+                LoraForm::LowRank
+            }
             LoraForm::Auto => {
                 let limit = if model.device().is_cuda() { 64 << 20 } else { 1 << 20 };
                 if layer_bytes(model) <= limit { LoraForm::Merged } else { LoraForm::LowRank }
