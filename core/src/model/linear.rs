@@ -244,28 +244,11 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
 /// contiguous `[rows, out]`, both f32 on the CPU): our kernel where [`linear`] would use
 /// it, else `addmm_`.
 pub fn add_product(y: &Tensor, x: &Tensor, weight: &Tensor) {
-    if products() == CpuProducts::Ours && super::few_rows::accumulate(x, weight, y) {
+    if few_row_kernel_runs(y.device(), y.kind()) && super::few_rows::accumulate(x, weight, y) {
         return;
     }
     let mut y = y.shallow_clone();
     let _ = y.addmm_(x, &weight.tr());
-}
-
-/// `x W^T + b` plus the low-rank term `(x A^T) B^T` on rows `start..` (`x`: `[rows, in]`,
-/// `a`: `[m, in]`, `bt`: `B^T`, `[m, out]`), in one call of our kernel where [`linear`] would use
-/// it for `x`; `None` otherwise.
-pub fn linear_with_low_rank(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    a: &Tensor,
-    bt: &Tensor,
-    start: i64,
-) -> Option<Tensor> {
-    if cpu_route(x, weight) != Route::Rows {
-        return None;
-    }
-    super::few_rows::product_with_low_rank(x, weight, bias, a, bt, start)
 }
 
 /// Whether decoding's few-row products of a model on `device` in `kind` run through our
@@ -306,7 +289,7 @@ fn cpu_route(x: &Tensor, weight: &Tensor) -> Route {
         && !x.requires_grad()
         && !weight.requires_grad();
     let big = out >= 256 && inp >= 256;
-    let ours = products() == CpuProducts::Ours && super::few_rows::available();
+    let ours = few_row_kernel_runs(x.device(), x.kind());
     match rows {
         _ if !eligible => Route::Library,
         1..=super::few_rows::MAX_ROWS if ours => Route::Rows,
@@ -442,7 +425,7 @@ mod tests {
         let dnn =
             if tch::utils::has_mkldnn() && products() != CpuProducts::Mkl { Route::OneDnn } else { Route::WeightLeft };
         assert_eq!(onednn_available(), dnn == Route::OneDnn);
-        let ours = products() == CpuProducts::Ours && super::super::few_rows::available();
+        let ours = few_row_kernel_runs(Device::Cpu, Kind::Float);
         let few = |library: Route| if ours { Route::Rows } else { library };
         assert_eq!(cpu_route(&rows(1, &big), &big), few(Route::WeightLeft));
         assert_eq!(cpu_route(&rows(5, &big), &big), few(Route::WeightLeft));

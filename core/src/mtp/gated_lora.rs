@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
 
-use crate::model::linear::{add_product, linear, linear_with_low_rank};
+use crate::model::few_rows;
+use crate::model::linear::{add_product, few_row_kernel_runs, linear};
 use crate::model::{Gate, Llama, ModelConfig, Proj, ProjDelta, ProjGroup};
 
 /// LoRA hyper-parameters.
@@ -218,7 +219,7 @@ struct PreparedGroup {
     bt: Tensor,
     merged: Option<Merged>,
     /// The group's base weight and bias (shared with the model, not copied), for
-    /// [`crate::model::linear::linear_with_low_rank`].
+    /// [`few_rows::product_with_low_rank`].
     base: Option<(Tensor, Option<Tensor>)>,
 }
 
@@ -259,11 +260,10 @@ impl ProjDelta for PreparedLora {
             Gate::Halves => prepared.merged.as_ref()?,
             // One sequence of a decoding step, mask rows last: base product and term in
             // one call of the CPU's few-row kernel, where it runs.
-            Gate::Tail(start) if x.size()[0] == 1 => {
+            Gate::Tail(start) if x.size()[0] == 1 && few_row_kernel_runs(x.device(), x.kind()) => {
                 let (w, bias) = prepared.base.as_ref()?;
-                let (t, inp) = (x.size()[1], x.size()[2]);
-                let y =
-                    linear_with_low_rank(&x.reshape([t, inp]), w, bias.as_ref(), &prepared.a, &prepared.bt, *start)?;
+                let x = x.reshape([x.size()[1], x.size()[2]]);
+                let y = few_rows::product_with_low_rank(&x, w, bias.as_ref(), &prepared.a, &prepared.bt, *start)?;
                 return Some(y.unsqueeze(0));
             }
             _ => return None,
