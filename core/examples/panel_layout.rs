@@ -4,7 +4,10 @@
 //! products of four weight rows by three input rows) against the weight stored once more as
 //! panels of 16 output columns (`[out / 16, in, 16]`), multiplied five input rows by 16
 //! columns at a time with the input broadcast. A standalone prototype without libtorch,
-//! for docs/BENCHMARKS.md ("What bounds a 4-mask step on this CPU").
+//! for docs/BENCHMARKS.md ("What bounds a 4-mask step on this CPU"). It carries its own copy
+//! of today's dot form so that both forms run on the same helper thread: the library's
+//! kernel on libtorch's OpenMP team beside this prototype's spinning thread measured 2 to 4
+//! times slower than either alone (the two spin against each other on two cores).
 //! `cargo run --release -p mtp-core --example panel_layout [THREADS: 1 or 2]`
 // Raw pointers and SIMD intrinsics, as in `model::few_rows`.
 #![allow(unsafe_code)]

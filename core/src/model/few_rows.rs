@@ -71,7 +71,7 @@ pub fn product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Ten
         return None;
     }
     let y = Tensor::empty([x.size()[0], weight.size()[0]], (Kind::Float, Device::Cpu));
-    run(x, weight, bias, &y, false);
+    run(x, weight, bias, &y, false, None);
     Some(y)
 }
 
@@ -86,7 +86,7 @@ pub fn accumulate(x: &Tensor, weight: &Tensor, y: &Tensor) -> bool {
     if !fits || !takes(x, weight) {
         return false;
     }
-    run(x, weight, None, y, true);
+    run(x, weight, None, y, true, None);
     true
 }
 
@@ -179,7 +179,9 @@ impl Job {
     }
 }
 
-fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulate: bool) {
+/// `y (+)= x W^T + b`, with a low-rank term when given (its operands kept alive by the
+/// caller until this returns).
+fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulate: bool, low_rank: Option<LowRank>) {
     // Contiguous copies only where the caller's tensors are not (kept alive below).
     let x = x.contiguous();
     let weight = weight.contiguous();
@@ -194,7 +196,7 @@ fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulat
         out: weight.size()[0] as usize,
         accumulate,
         transposed: false,
-        low_rank: None,
+        low_rank,
     });
 }
 
@@ -235,28 +237,17 @@ pub fn product_with_low_rank(
         return None;
     }
     // Contiguous copies only where the caller's tensors are not (kept alive below).
-    let (x, weight, bias) = (x.contiguous(), weight.contiguous(), bias.map(Tensor::contiguous));
     let (a, bt) = (a.contiguous(), bt.contiguous());
     let y = Tensor::empty([rows, out], (Kind::Float, Device::Cpu));
     let mut h = vec![0f32; (rows - start) as usize * m as usize];
-    dispatch(Job {
-        x: x.data_ptr() as *const f32,
-        w: weight.data_ptr() as *const f32,
-        bias: bias.as_ref().map_or(std::ptr::null(), |b| b.data_ptr() as *const f32),
-        y: y.data_ptr() as *mut f32,
-        rows: rows as usize,
-        inp: x.size()[1] as usize,
-        out: out as usize,
-        accumulate: false,
-        transposed: false,
-        low_rank: Some(LowRank {
-            a: a.data_ptr() as *const f32,
-            bt: bt.data_ptr() as *const f32,
-            h: h.as_mut_ptr(),
-            m: m as usize,
-            start: start as usize,
-        }),
-    });
+    let term = LowRank {
+        a: a.data_ptr() as *const f32,
+        bt: bt.data_ptr() as *const f32,
+        h: h.as_mut_ptr(),
+        m: m as usize,
+        start: start as usize,
+    };
+    run(x, weight, bias, &y, false, Some(term));
     Some(y)
 }
 
