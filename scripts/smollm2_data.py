@@ -41,6 +41,21 @@ HELD_OUT = [
     "soap", "mirrors", "telescopes", "honey", "rice", "yoga", "birdwatching", "podcasts", "sunscreen",
     "thunderstorms", "snowflakes",
 ]
+# A second set of everyday topics (the 2-hour run of the seventh session drafted chat worst,
+# from 480 chat answers): written after every other question, so the earlier ones stay as
+# they were.
+MORE_TOPICS = [
+    "hurricanes", "coral reefs", "the immune system", "digestion", "first aid", "hand washing",
+    "drinking water", "vitamins", "swimming", "hiking", "meditation", "journaling", "airplanes", "rockets",
+    "satellites", "the solar system", "black holes", "the ocean", "rain forests", "wetlands",
+    "climate change", "air pollution", "plastic waste", "electric cars", "public transport", "city parks",
+    "bridges", "skyscrapers", "the printing press", "the telephone", "photography", "movies",
+    "music theory", "the guitar", "singing", "dancing", "knitting", "pottery", "cooking pasta",
+    "baking cookies", "spices", "cheese", "chocolate", "houseplants", "cats", "dogs", "horses", "owls",
+    "ants", "butterflies", "sharks", "whales", "saving money", "credit cards", "smartphones",
+    "video games", "social media", "cybersecurity", "artificial intelligence", "robots", "3D printing",
+    "volunteering", "friendship", "studying for exams",
+]
 TEMPLATES = [
     "Explain {t} in simple terms.",
     "What is {t}?",
@@ -155,6 +170,7 @@ def main() -> None:
     questions = chat_questions(TOPICS, rng) + stdlib_tasks(args.code, rng) + arithmetic(args.math, rng)
     # Drawn after the others, so that adding them leaves the earlier questions as they were.
     questions += stdlib_completions(args.complete, rng)
+    questions += chat_questions(MORE_TOPICS, rng)
     with open(args.out / "questions.jsonl", "w") as f:
         for q in questions:
             f.write(json.dumps(user(q)) + "\n")
