@@ -14,7 +14,11 @@ Sections (each one's failure is recorded under "errors" and the others still run
   demo       the demo end to end: tokens per forward, speedup over AR, outputs identical;
   demo_train (only when asked: --sections demo_train, about 5 minutes on a GPU) the demo
              adapter's recipe distilled and trained on this device, then raced there; the
-             adapter is written next to the report.
+             adapter is written next to the report;
+  smollm2_train (only when asked, with --smollm2) SmolLM2-135M-Instruct trained on this device
+             for --train-seconds from answers distilled elsewhere, then raced here on chat, code
+             and math prompts; the adapter comes back in parts of at most 15 MiB (issue 13 item
+             4; scripts/gpu-pack prepares the files and the calls that carry them).
 
   scripts/gpu-check                      # on a machine with an NVIDIA GPU (about 4 minutes)
   scripts/gpu-check --tiny --device cpu  # the same on tiny shapes (the test suite runs this)
@@ -23,7 +27,10 @@ Sections (each one's failure is recorded under "errors" and the others still run
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import lzma
+import os
 import platform
 import re
 import shutil
@@ -381,6 +388,110 @@ class Check:
         self.result["demo_train"] = {"distill_seconds": distill_s, "train_seconds": train_s, "steps": steps,
                                      "cpu_train_minutes": 26, "rows": rows, "divergences": divergences}
 
+    # ------------------------------------------------------------------ SmolLM2 trained here
+    def smollm2_model(self) -> Path:
+        """The model folder: --smollm2 itself when it holds one, else the GGUF file put back
+        together from its parts (checked against SHA256SUMS) and dequantized by
+        scripts/smollm2.py, with the `gguf` wheel found there installed first."""
+        src = Path(self.args.smollm2)
+        if (src / "config.json").exists():
+            return src
+        parts = sorted(src.glob("smollm2.gguf.part-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+        sums = dict(line.split()[::-1] for line in (src / "SHA256SUMS").read_text().splitlines() if line.strip())
+        expected = int(sums.get("parts", "0"))
+        if len(parts) != expected:
+            have = ", ".join(p.name for p in parts) or "none"
+            raise RuntimeError(f"{src}: {len(parts)} of {expected} parts of the GGUF file here ({have}); "
+                               "a call that carried one did not leave it (scripts/gpu-pack says which call carries which)")
+        gguf = self.tmp / "smollm2.gguf"
+        digest = hashlib.sha256()
+        with gguf.open("wb") as out:
+            for part in parts:
+                data = part.read_bytes()
+                digest.update(data)
+                out.write(data)
+        if digest.hexdigest() != sums["smollm2.gguf"]:
+            raise RuntimeError(f"{gguf}: sha256 {digest.hexdigest()} is not SHA256SUMS' {sums['smollm2.gguf']}")
+        env = dict(os.environ)
+        wheels = sorted(src.glob("gguf-*.whl"))
+        if wheels:
+            site = self.tmp / "site"
+            run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                 "--target", site, *wheels])
+            env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(site)
+        folder = self.tmp / "smollm2-135m-instruct"
+        run([sys.executable, ROOT / "scripts" / "smollm2.py", "--gguf", gguf, "--out", folder], env=env)
+        return folder
+
+    def smollm2_train(self) -> None:
+        """SmolLM2-135M-Instruct (issue 13 item 4): trained here for --train-seconds on the
+        answers of --smollm2-data (distilled on the CPU in f32, so trained and raced in f32),
+        the step count set by a timed run of a few steps; then `mtp bench` here on the
+        prompts of --smollm2-prompts. The adapter comes back in parts (at most 15 MiB each:
+        what a device call returns) to be joined with `cat` and benched on the CPU."""
+        if not self.args.smollm2:
+            raise RuntimeError("smollm2_train needs --smollm2 (a model folder, or the folder scripts/gpu-pack made)")
+        tiny = self.args.tiny
+        t0 = time.perf_counter()
+        model = self.smollm2_model()
+        convert_s = time.perf_counter() - t0
+        data = self.args.smollm2_data or "builtin:arith:200"
+        if data.endswith(".xz"):
+            plain = self.tmp / Path(data).stem
+            plain.write_bytes(lzma.decompress(Path(data).read_bytes()))
+            data = str(plain)
+        batch, seq = (2, 32) if tiny else (32, 128)
+        common = ["--model", model, "--data", data, "--k", 4, "--rank", 16, "--sampler-form", "residual",
+                  "--batch-size", batch, "--seq-len", seq, "--seed", 0, "--draft-vocab", 64 if tiny else 8192,
+                  "--device", self.args.device, "--dtype", "f32", "--json"]
+        # A timed run of a few steps: the seconds per step after the first (start-up and the
+        # first step's allocations are not counted).
+        probe = run([self.mtp, "train", *common, "--out", self.tmp / "smollm2-probe", "--steps", 6,
+                     "--val-every", 0, "--measure-every", 0, "--checkpoint-every", 1000])
+        times = [json.loads(line)["elapsed"] for line in probe.stdout.splitlines() if '"event":"step"' in line]
+        per_step = (times[-1] - times[0]) / max(len(times) - 1, 1)
+        steps = 4 if tiny else max(50, int(self.args.train_seconds / per_step))
+        run_dir = self.tmp / "smollm2-run"
+        t0 = time.perf_counter()
+        trained = run([self.mtp, "train", *common, "--out", run_dir, "--steps", steps, "--lr", "2e-3",
+                       "--warmup", 2 if tiny else 30, "--cosine", "--val-every", 0, "--checkpoint-every", 1000])
+        train_s = time.perf_counter() - t0
+        events = [json.loads(line) for line in trained.stdout.splitlines() if line.startswith("{")]
+        validation = [e for e in events if e.get("event") == "validation"]
+        prepared = next((e for e in events if e.get("event") == "prepared"), {})
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        adapter = run_dir / "adapter.safetensors"
+        blob = adapter.read_bytes()
+        part_bytes = 15 * 2**20
+        parts = []
+        for i in range(0, len(blob), part_bytes):
+            name = f"smollm2-adapter.safetensors.part-{i // part_bytes + 1}"
+            (out / name).write_bytes(blob[i:i + part_bytes])
+            parts.append(name)
+        shutil.copy(run_dir / "metrics.jsonl", out / "smollm2-metrics.jsonl")
+        args = ["--model", model, "--adapter", adapter, "--device", self.args.device, "--dtype", "f32",
+                "--modes", "ar,quadratic"]
+        if self.args.smollm2_prompts:
+            args += ["--prompts", self.args.smollm2_prompts, "--masks", "1,2,4", "--max-new-tokens", 48]
+        else:
+            prompts = self.tmp / "smollm2-prompts.jsonl"
+            prompts.write_text('{"prompt": "1 + 2 =", "domain": "math"}\n')
+            args += ["--prompts", prompts, "--masks", "1,2", "--max-new-tokens", 8]
+        report = self.bench_json(args)
+        self.result["smollm2_train"] = {
+            "convert_seconds": convert_s, "probe_seconds_per_step": per_step, "steps": steps,
+            "batch_size": batch, "seq_len": seq, "train_seconds": train_s,
+            "train_tokens_per_s": steps * batch * seq / train_s,
+            "train_sequences": prepared.get("train_sequences"),
+            "final_validation": validation[-1] if validation else None,
+            "adapter_bytes": len(blob), "adapter_sha256": hashlib.sha256(blob).hexdigest(), "adapter_parts": parts,
+            "rows": [{"domain": r["domain"], "mode": r["mode"], "masks": r["masks"],
+                      "tokens_per_forward": r["tokens_per_forward"], "speedup": r["speedup"],
+                      "identical": r["identical"]} for r in report["rows"] if r["mode"] != "ar"],
+            "divergences": report.get("divergences", []),
+        }
+
     # ------------------------------------------------------------------ all
     def main(self) -> None:
         if self.dev == "cuda":
@@ -441,6 +552,15 @@ def markdown(r: dict) -> str:
         for d in t["rows"]:
             s.append(f"| {d['mode']} | {d['masks']} | {f(d['tokens_per_forward'])} | {f(d['speedup'])}x | "
                      f"{d['identical']} |")
+    if r.get("smollm2_train"):
+        t = r["smollm2_train"]
+        s.append(f"\n### SmolLM2-135M-Instruct trained here\n\nGGUF to model folder {t['convert_seconds']:.0f} s; "
+                 f"training {t['steps']} steps of {t['batch_size']} x {t['seq_len']} tokens in {t['train_seconds']:.0f} s "
+                 f"({t['train_tokens_per_s']:.0f} tokens/s, f32); adapter sha256 {t['adapter_sha256'][:16]}..."
+                 "\n\n| domain | masks | tokens per forward | speedup | identical |\n|---|---|---|---|---|")
+        for d in t["rows"]:
+            s.append(f"| {d['domain']} | {d['masks']} | {f(d['tokens_per_forward'])} | {f(d['speedup'])}x | "
+                     f"{d['identical']} |")
     if r.get("parity"):
         bad = [p for p in r["parity"] if not p["ok"]]
         s.append(f"\n### Parity with transformers\n\n{len(r['parity']) - len(bad)} of {len(r['parity'])} "
@@ -461,6 +581,10 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke test that runs anywhere)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"))
     p.add_argument("--sections", default="parity,ar,step_cost,train,demo", help="comma-separated, in order")
+    p.add_argument("--smollm2", help="smollm2_train: a model folder, or the folder scripts/gpu-pack made")
+    p.add_argument("--smollm2-data", help="smollm2_train: the distilled answers (JSONL, or .jsonl.xz)")
+    p.add_argument("--smollm2-prompts", help="smollm2_train: the bench's prompts (JSONL with messages and domain)")
+    p.add_argument("--train-seconds", type=float, default=300, help="smollm2_train: training time on the device")
     Check(p.parse_args()).main()
 
 

@@ -8,6 +8,8 @@ chat template. The weights are never committed; `scripts/setup.sh --reference` m
 folder once, next to the Python environment.
 
   .venv/bin/python scripts/smollm2.py --out DIR            # the model folder
+  python3 scripts/smollm2.py --gguf FILE --out DIR          # from a GGUF file already here (a
+                                                             # machine with no index: scripts/gpu-pack)
   .venv/bin/python scripts/smollm2.py --model DIR --fixture tests/fixtures/reference/smollm2-chat.json
                                                              # transformers' greedy chat outputs
 """
@@ -63,13 +65,13 @@ def fetch_gguf(work: Path) -> Path:
     return work / GGUF
 
 
-def make_folder(out: Path) -> None:
+def make_folder(out: Path, local_gguf: Path | None = None) -> None:
     ensure("gguf", "gguf")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        gguf = fetch_gguf(Path(tmp))
+        gguf = local_gguf.resolve() if local_gguf else fetch_gguf(Path(tmp))
         log(f"smollm2: dequantizing {gguf.name}")
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -124,11 +126,12 @@ def fixture(model_dir: Path, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="write the model folder here")
+    p.add_argument("--gguf", type=Path, help="the package's GGUF file, already here (else it is downloaded)")
     p.add_argument("--model", type=Path, help="an existing model folder (for --fixture)")
     p.add_argument("--fixture", type=Path, help="write transformers' greedy chat outputs here")
     args = p.parse_args()
     if args.out:
-        make_folder(args.out)
+        make_folder(args.out, args.gguf)
     if args.fixture:
         fixture(args.model or args.out, args.fixture)
     if not (args.out or args.fixture):

@@ -72,11 +72,22 @@ def chat_questions(topics: list[str], rng: random.Random) -> list[str]:
     return [t.format(t=topic) for topic in topics for t in TEMPLATES]
 
 
-def stdlib_functions():
+# Standard-library packages whose modules are tests, demos or an IDE rather than library code.
+SKIP_PACKAGES = {"test", "idlelib", "lib2to3", "site-packages", "tkinter", "turtledemo"}
+
+
+def stdlib_functions(packages: bool = False):
     """(function node, docstring) of every documented public top-level function of the
-    standard library this Python runs, in file order."""
+    standard library this Python runs, in file order: its top-level modules, or with
+    `packages` the modules inside its packages (tests and demos left out)."""
     lib = sysconfig.get_paths()["stdlib"]
-    for path in sorted(glob.glob(f"{lib}/*.py")):
+    if packages:
+        paths = [p for p in sorted(glob.glob(f"{lib}/*/**/*.py", recursive=True))
+                 if Path(p).relative_to(lib).parts[0] not in SKIP_PACKAGES
+                 and not any(part.startswith("test") for part in Path(p).relative_to(lib).parts)]
+    else:
+        paths = sorted(glob.glob(f"{lib}/*.py"))
+    for path in paths:
         try:
             tree = ast.parse(Path(path).read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError):
@@ -101,19 +112,20 @@ def stdlib_tasks(limit: int, rng: random.Random) -> list[str]:
     return tasks[:limit]
 
 
-def stdlib_completions(limit: int, rng: random.Random) -> list[str]:
+def completion_task(node: ast.FunctionDef, doc: str) -> str:
+    lines = doc.strip().splitlines()[:12]
+    body = "\n".join(("    " + line).rstrip() for line in lines)
+    head = f"def {node.name}({ast.unparse(node.args)}):"
+    return f'Complete this Python function.\n\n{head}\n    """{body.lstrip()}\n    """\n'
+
+
+def stdlib_completions(rng: random.Random, packages: bool = False) -> list[str]:
     """`Complete this Python function.` with a standard-library function's signature and docstring:
-    the shape of a HumanEval prompt (which the bench holds out), from code this machine has."""
-    tasks = []
-    for node, doc in stdlib_functions():
-        if len(doc) < 40:
-            continue
-        lines = doc.strip().splitlines()[:12]
-        body = "\n".join(("    " + line).rstrip() for line in lines)
-        head = f"def {node.name}({ast.unparse(node.args)}):"
-        tasks.append(f'Complete this Python function.\n\n{head}\n    """{body.lstrip()}\n    """\n')
+    the shape of a HumanEval prompt (which the bench holds out), from code this machine has;
+    every such function, shuffled."""
+    tasks = [completion_task(node, doc) for node, doc in stdlib_functions(packages) if len(doc) >= 40]
     rng.shuffle(tasks)
-    return tasks[:limit]
+    return tasks
 
 
 def arithmetic(n: int, rng: random.Random) -> list[str]:
@@ -162,6 +174,8 @@ def main() -> None:
     p.add_argument("--code", type=int, default=600, help="standard-library tasks to distill")
     p.add_argument("--complete", type=int, default=400,
                    help="standard-library functions to complete (signature and docstring, as HumanEval)")
+    p.add_argument("--more-complete", type=int, default=600,
+                   help="further functions to complete: the rest of the top-level modules', then the packages'")
     p.add_argument("--math", type=int, default=600, help="arithmetic questions to distill")
     p.add_argument("--bench", type=int, default=20, help="held-out prompts per domain")
     args = p.parse_args()
@@ -169,8 +183,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     questions = chat_questions(TOPICS, rng) + stdlib_tasks(args.code, rng) + arithmetic(args.math, rng)
     # Drawn after the others, so that adding them leaves the earlier questions as they were.
-    questions += stdlib_completions(args.complete, rng)
+    completions = stdlib_completions(rng)
+    questions += completions[: args.complete]
     questions += chat_questions(MORE_TOPICS, rng)
+    # A package's function can repeat a top-level one word for word: asked once.
+    asked = set(questions)
+    more = [q for q in completions[args.complete:] + stdlib_completions(rng, packages=True) if q not in asked]
+    questions += list(dict.fromkeys(more))[: args.more_complete]
     with open(args.out / "questions.jsonl", "w") as f:
         for q in questions:
             f.write(json.dumps(user(q)) + "\n")

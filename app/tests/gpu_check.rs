@@ -12,8 +12,11 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     let out = tempfile::tempdir()?;
     let done = Command::new(root.join("scripts/gpu-check"))
         .args(["--tiny", "--device", "cpu", "--mtp", env!("CARGO_BIN_EXE_mtp")])
-        .args(["--sections", "parity,ar,step_cost,train,demo,demo_train", "--out"])
+        .args(["--sections", "parity,ar,step_cost,train,demo,demo_train,smollm2_train", "--out"])
         .arg(out.path())
+        // A model folder stands in for the GGUF parts that scripts/gpu-pack makes.
+        .arg("--smollm2")
+        .arg(root.join("tests/fixtures/models/llama"))
         .output()?;
     let err = String::from_utf8_lossy(&done.stderr);
     assert!(done.status.success(), "gpu-check failed:\n{err}");
@@ -50,7 +53,20 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     let rows = trained["rows"].as_array().ok_or_else(|| anyhow::anyhow!("no demo_train rows"))?;
     assert!(!rows.is_empty() && rows.iter().all(|r| r["identical"] == true), "{trained}");
     assert!(out.path().join("demo-adapter-trained-here.safetensors").exists());
+    // The real model's section: trained for a counted number of steps, raced, its adapter
+    // returned in parts that join back to the file whose digest the report gives.
+    let smol = &report["smollm2_train"];
+    assert!(smol["steps"].as_u64().is_some_and(|s| s > 0) && smol["train_seconds"].as_f64().is_some(), "{smol}");
+    let rows = smol["rows"].as_array().ok_or_else(|| anyhow::anyhow!("no smollm2_train rows"))?;
+    assert!(!rows.is_empty() && rows.iter().all(|r| r["identical"] == true), "{smol}");
+    let mut joined = Vec::new();
+    for part in smol["adapter_parts"].as_array().ok_or_else(|| anyhow::anyhow!("no adapter parts"))? {
+        joined.extend(std::fs::read(out.path().join(part.as_str().unwrap_or_default()))?);
+    }
+    assert_eq!(joined.len() as u64, smol["adapter_bytes"].as_u64().unwrap_or_default());
+    assert!(safetensors::SafeTensors::deserialize(&joined).is_ok(), "the joined parts are not a safetensors file");
     let md = std::fs::read_to_string(out.path().join("gpu-cpu.md"))?;
     assert!(md.contains("### AR decoding") && md.contains("### Training") && md.contains("trained here"), "{md}");
+    assert!(md.contains("SmolLM2-135M-Instruct trained here"), "{md}");
     Ok(())
 }
