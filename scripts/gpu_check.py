@@ -338,10 +338,7 @@ class Check:
         else:
             args += ["--masks", "1,2,4,auto"]
         report = self.bench_json(args)
-        rows = [{"mode": r["mode"], "masks": r["masks"], "tokens_per_forward": r["tokens_per_forward"],
-                 "speedup": r["speedup"], "step_cost": r["step_cost_vs_ar"], "identical": r["identical"]}
-                for r in report["rows"] if r["domain"] == "all" and r["mode"] != "ar"]
-        return rows, report.get("divergences", [])
+        return [r for r in bench_rows(report) if r["domain"] == "all"], report.get("divergences", [])
 
     def demo(self) -> None:
         self.result["demo"], self.result["demo_divergences"] = self.race_demo([])
@@ -486,9 +483,7 @@ class Check:
             "train_sequences": prepared.get("train_sequences"),
             "final_validation": validation[-1] if validation else None,
             "adapter_bytes": len(blob), "adapter_sha256": hashlib.sha256(blob).hexdigest(), "adapter_parts": parts,
-            "rows": [{"domain": r["domain"], "mode": r["mode"], "masks": r["masks"],
-                      "tokens_per_forward": r["tokens_per_forward"], "speedup": r["speedup"],
-                      "identical": r["identical"]} for r in report["rows"] if r["mode"] != "ar"],
+            "rows": bench_rows(report),
             "divergences": report.get("divergences", []),
         }
 
@@ -508,6 +503,13 @@ class Check:
         log(f"wrote {path} and .md; {len(self.result['errors'])} section(s) failed")
         if self.result["errors"]:
             sys.exit(1)
+
+
+def bench_rows(report: dict) -> list[dict]:
+    """The speculative rows of an `mtp bench --json` report, with what the sections keep."""
+    return [{"domain": r["domain"], "mode": r["mode"], "masks": r["masks"], "tokens_per_forward": r["tokens_per_forward"],
+             "speedup": r["speedup"], "step_cost": r["step_cost_vs_ar"], "identical": r["identical"]}
+            for r in report["rows"] if r["mode"] != "ar"]
 
 
 def sysconfig_stdlib() -> str:
