@@ -167,6 +167,12 @@ fn generate_bench_and_probe_with_an_adapter() -> anyhow::Result<()> {
             assert!(steps.iter().all(|s| s.get("accepted").is_some() && s.get("first_rejected").is_some()));
         }
     }
+    // Without --masks each step chooses its own count (auto), and the output is still AR's.
+    let mut args = base.to_vec();
+    args.extend(["--adapter", s(&adapter), "--mode", "quadratic"]);
+    let out: Value = serde_json::from_str(&ok(mtp(&args))?)?;
+    assert_eq!(out["masks"], "auto", "{out}");
+    assert_eq!(ids(&out["token_ids"]), ids(&ar["token_ids"]), "quadratic, auto masks");
     // Bad combinations.
     let mut args = base.to_vec();
     args.extend(["--adapter", s(&adapter), "--mode", "quadratic", "--masks", "3"]);

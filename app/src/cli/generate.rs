@@ -50,7 +50,7 @@ pub struct Args {
     #[arg(long, default_value = "ar")]
     pub mode: Mode,
     /// Mask tokens per step (1..=k of the adapter, or auto: chosen each step from the recent
-    /// acceptance; default: its k).
+    /// acceptance and the step's measured cost; default: auto).
     #[arg(long)]
     pub masks: Option<MaskCount>,
     /// Keep generating after an end-of-sequence token (benchmarks: always `--max-new-tokens`).
@@ -151,7 +151,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let masks = match (&drafter, args.masks) {
         (None, _) => MaskCount::Fixed(0),
-        (Some(d), None) => MaskCount::Fixed(d.k()),
+        (Some(_), None) => MaskCount::Auto,
         (Some(_), Some(m)) => m,
     };
     let strategy = Strategy::new(args.mode, drafter.as_ref(), masks).with_context(|| format!("--masks {masks}"))?;

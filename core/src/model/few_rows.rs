@@ -102,22 +102,53 @@ struct Job {
     inp: usize,
     out: usize,
     accumulate: bool,
-    /// The weight is laid out `[inp, out]` (a low-rank term's `B^T`, with few inputs), and
-    /// `y` is added to: the products of each input with a weight row, summed in order.
-    transposed: bool,
     /// A low-rank term added to the rows from its `start` on, in the same parallel region.
     low_rank: Option<LowRank>,
 }
 
-/// `(x[start..] A^T) B^T` added to `y[start..]`: `a` is `[m, inp]`, `bt` `[m, out]`, `h` a
-/// `[rows - start, m]` buffer for the intermediate.
+/// The most parts a low-rank term has: the projections of one group (q, k, v).
+pub const MAX_TERM_PARTS: usize = 3;
+
+/// Where one part of a low-rank term goes: output columns `cols` get
+/// `h[:, rank_offset..rank_offset + r] B_part^T`, with `B_part^T` the rows of the term's
+/// `[r, out]` factor in those columns. The parts of a group's term are its adapted
+/// projections: each reads only its own rank-r slice of the intermediate, so the zero
+/// blocks of a block-diagonal `B` are never stored nor read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TermPart {
+    /// Output columns, a range of the product's.
+    pub cols: std::ops::Range<usize>,
+    /// The first of the part's r columns of the intermediate `x A^T`.
+    pub rank_offset: usize,
+}
+
+/// `(x[start..] A^T) B^T` added to `y[start..]` part by part: `a` is `[m, inp]`, `bt`
+/// `[r, out]` (each part's `B^T` in its own columns), `h` a `[rows - start, m]` buffer for
+/// the intermediate; `parts[..n]` say which columns take which slice of it.
 #[derive(Clone, Copy)]
 struct LowRank {
     a: *const f32,
     bt: *const f32,
     h: *mut f32,
     m: usize,
+    r: usize,
     start: usize,
+    /// `(first column, end column, rank offset)` of each part.
+    parts: [(usize, usize, usize); MAX_TERM_PARTS],
+    n: usize,
+}
+
+/// One part of a low-rank term on the rows it applies to: `y` (`[rows, out]`, row
+/// stride `out`) += `h` (`[rows, r]`, row stride `m`: the part's slice of the
+/// intermediate) times `bt` (`[r, out]`).
+struct Term {
+    y: *mut f32,
+    out: usize,
+    h: *const f32,
+    m: usize,
+    rows: usize,
+    bt: *const f32,
+    r: usize,
 }
 
 impl Job {
@@ -138,11 +169,7 @@ impl Job {
         // `m x out` and `(rows - start) x m`), alive until the job is done.
         unsafe {
             let Some(lr) = self.low_rank else {
-                if self.transposed {
-                    avx2::scaled_rows(self, o0, o1)
-                } else {
-                    avx2::columns(self, o0, o1)
-                }
+                avx2::columns(self, o0, o1);
                 return;
             };
             let tail = self.rows - lr.start;
@@ -162,17 +189,14 @@ impl Job {
             if parts > 1 {
                 barrier();
             }
-            let term = Job {
-                x: lr.h,
-                w: lr.bt,
-                y: self.y.add(lr.start * self.out),
-                inp: lr.m,
-                out: self.out,
-                accumulate: true,
-                transposed: true,
-                ..first
-            };
-            avx2::scaled_rows(&term, o0, o1);
+            let y = self.y.add(lr.start * self.out);
+            for &(c0, c1, offset) in &lr.parts[..lr.n] {
+                let (c0, c1) = (c0.max(o0), c1.min(o1));
+                if c0 < c1 {
+                    let term = Term { y, out: self.out, h: lr.h.add(offset), m: lr.m, rows: tail, bt: lr.bt, r: lr.r };
+                    avx2::add_term(&term, c0, c1);
+                }
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (o0, o1, barrier);
@@ -195,7 +219,6 @@ fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulat
         inp: x.size()[1] as usize,
         out: weight.size()[0] as usize,
         accumulate,
-        transposed: false,
         low_rank,
     });
 }
@@ -209,25 +232,36 @@ fn dispatch(job: Job) {
     }
 }
 
-/// `x W^T + b`, plus on rows `start..` a low-rank term `(x A^T) B^T` (`a`: `[m, in]`,
-/// `bt`: `B^T`, `[m, out]`, the scale already in it), in one call: the rows before `start` are
-/// exactly [`product`]'s, and the term costs no libtorch operation (its rank-`m`
-/// intermediate lives in a buffer of our own) and no parallel region of its own: each
-/// thread computes its share of the intermediate and of the base product, waits at one
+/// `x W^T + b`, plus on rows `start..` a low-rank term `(x A^T) B^T` (`a`: `[m, in]`; `bt`:
+/// `[r, out]`, each part's `B^T` (the scale already in it) in its own output columns; `parts`
+/// say which columns read which rank-r slice of the intermediate), in one call: the rows
+/// before `start` are exactly [`product`]'s, and the term costs no libtorch operation (its
+/// rank-`m` intermediate lives in a buffer of our own) and no parallel region of its own:
+/// each thread computes its share of the intermediate and of the base product, waits at one
 /// barrier, then adds the term to its own output columns (two regions before: on the
 /// SmolLM2-135M shape a layer's terms cost 108 us over the base products at 9 rows, now
-/// 67). `None` when [`takes`] says no to either.
+/// 67). Columns in no part get no term. `None` when [`takes`] says no to either, or the
+/// parts do not fit (more than [`MAX_TERM_PARTS`], out of order or out of range).
 pub fn product_with_low_rank(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     a: &Tensor,
     bt: &Tensor,
+    parts: &[TermPart],
     start: i64,
 ) -> Option<Tensor> {
     let (rows, out, m) = (x.size().first().copied()?, weight.size()[0], a.size()[0]);
+    let r = *bt.size().first()?;
+    let ordered = parts.windows(2).all(|w| w[0].cols.end <= w[1].cols.start);
+    let parts_fit = parts.len() <= MAX_TERM_PARTS
+        && ordered
+        && parts
+            .iter()
+            .all(|p| p.cols.start < p.cols.end && p.cols.end <= out as usize && p.rank_offset as i64 + r <= m);
     let fits = (0..rows).contains(&start)
-        && bt.size() == [m, out]
+        && parts_fit
+        && bt.size() == [r, out]
         && bt.kind() == Kind::Float
         && bt.device() == Device::Cpu
         && takes(&x.narrow(0, start, rows - start), a)
@@ -240,12 +274,19 @@ pub fn product_with_low_rank(
     let (a, bt) = (a.contiguous(), bt.contiguous());
     let y = Tensor::empty([rows, out], (Kind::Float, Device::Cpu));
     let mut h = vec![0f32; (rows - start) as usize * m as usize];
+    let mut spans = [(0, 0, 0); MAX_TERM_PARTS];
+    for (span, p) in spans.iter_mut().zip(parts) {
+        *span = (p.cols.start, p.cols.end, p.rank_offset);
+    }
     let term = LowRank {
         a: a.data_ptr() as *const f32,
         bt: bt.data_ptr() as *const f32,
         h: h.as_mut_ptr(),
         m: m as usize,
+        r: r as usize,
         start: start as usize,
+        parts: spans,
+        n: parts.len(),
     };
     run(x, weight, bias, &y, false, Some(term));
     Some(y)
@@ -330,7 +371,7 @@ impl OpenMp {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::Job;
+    use super::{Job, Term};
 
     /// Output columns `o0..o1` of the job: blocks of four weight rows multiplied by the
     /// input rows three at a time, or for 4, 7 and 8 rows blocks of three by four at a time
@@ -449,53 +490,54 @@ mod avx2 {
         }
     }
 
-    /// `y[r, o0..o1] += sum_j x[r, j] * w[j, o0..o1]` for every row (`w`: `[inp, out]`),
-    /// four rows by sixteen outputs at a time, the products added in order of `j`, fused;
-    /// the last outputs one at a time with the same fused operations, so an output's value
-    /// does not depend on where the part or the block edges fall.
+    /// The term of one part on columns `c0..c1`: `y[i, c] += sum_j h[i, j] * bt[j, c]` for
+    /// every row i, four rows by sixteen columns at a time held in registers, the products
+    /// added in order of j, each fused (`y = h * w + y`); the last columns one at a time
+    /// with the same fused operations, so an output's value does not depend on where the
+    /// part, the thread's share or a block edge falls.
     ///
     /// # Safety
-    /// AVX2 and FMA are available; the job's pointers are valid for its sizes.
+    /// AVX2 and FMA are available; the term's pointers are valid for its sizes.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn scaled_rows(job: &Job, o0: usize, o1: usize) {
-        let (m, out) = (job.inp, job.out);
-        let mut r = 0;
-        while r < job.rows {
-            let nr = (job.rows - r).min(4);
-            let mut o = o0;
-            while o + 16 <= o1 {
+    pub(super) unsafe fn add_term(t: &Term, c0: usize, c1: usize) {
+        let mut i0 = 0;
+        while i0 < t.rows {
+            let nr = (t.rows - i0).min(4);
+            let h = |i: usize, j: usize| unsafe { *t.h.add((i0 + i) * t.m + j) };
+            let mut c = c0;
+            while c + 16 <= c1 {
                 let mut acc = [[_mm256_setzero_ps(); 2]; 4];
                 for (i, a) in acc.iter_mut().enumerate().take(nr) {
-                    let y = unsafe { job.y.add((r + i) * out + o) };
+                    let y = unsafe { t.y.add((i0 + i) * t.out + c) };
                     *a = unsafe { [_mm256_loadu_ps(y), _mm256_loadu_ps(y.add(8))] };
                 }
-                for j in 0..m {
-                    let w = unsafe { job.w.add(j * out + o) };
+                for j in 0..t.r {
+                    let w = unsafe { t.bt.add(j * t.out + c) };
                     let (w0, w1) = unsafe { (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8))) };
                     for (i, a) in acc.iter_mut().enumerate().take(nr) {
-                        let h = _mm256_set1_ps(unsafe { *job.x.add((r + i) * m + j) });
-                        a[0] = _mm256_fmadd_ps(h, w0, a[0]);
-                        a[1] = _mm256_fmadd_ps(h, w1, a[1]);
+                        let hv = _mm256_set1_ps(h(i, j));
+                        a[0] = _mm256_fmadd_ps(hv, w0, a[0]);
+                        a[1] = _mm256_fmadd_ps(hv, w1, a[1]);
                     }
                 }
                 for (i, a) in acc.iter().enumerate().take(nr) {
-                    let y = unsafe { job.y.add((r + i) * out + o) };
+                    let y = unsafe { t.y.add((i0 + i) * t.out + c) };
                     unsafe {
                         _mm256_storeu_ps(y, a[0]);
                         _mm256_storeu_ps(y.add(8), a[1]);
                     }
                 }
-                o += 16;
+                c += 16;
             }
-            for o in o..o1 {
+            for c in c..c1 {
                 for i in 0..nr {
-                    let y = unsafe { &mut *job.y.add((r + i) * out + o) };
-                    for j in 0..m {
-                        *y = unsafe { (*job.x.add((r + i) * m + j)).mul_add(*job.w.add(j * out + o), *y) };
+                    let y = unsafe { &mut *t.y.add((i0 + i) * t.out + c) };
+                    for j in 0..t.r {
+                        *y = h(i, j).mul_add(unsafe { *t.bt.add(j * t.out + c) }, *y);
                     }
                 }
             }
-            r += nr;
+            i0 += nr;
         }
     }
 
@@ -581,7 +623,15 @@ mod tests {
         let threads = tch::get_num_threads();
         let on = |team: i32, x: &Tensor, start: i64| {
             tch::set_num_threads(team);
-            let y = product_with_low_rank(x, &w, Some(&bias), &a, &bt, start);
+            let y = product_with_low_rank(
+                x,
+                &w,
+                Some(&bias),
+                &a,
+                &bt,
+                &[TermPart { cols: 0..1030, rank_offset: 0 }],
+                start,
+            );
             tch::set_num_threads(threads);
             y
         };
@@ -600,6 +650,44 @@ mod tests {
             let alone = on(1, &x, start).expect("one thread");
             assert!(alone.equal(&y), "{rows} rows from {start}: one thread differs from a team of two");
         }
+    }
+
+    /// A group's term part by part (q, k, v with k not adapted): each part's columns take
+    /// its own slice of the intermediate and the other columns none, bit for bit what the
+    /// same term gives through a block-diagonal `B` with its zero blocks read (as before
+    /// the parts), and the library's product to f32 rounding.
+    #[test]
+    fn term_parts_equal_the_block_diagonal_term() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(4);
+        let (out, inp, r) = (640, 200, 8);
+        let w = Tensor::randn([out, inp], O);
+        let a = Tensor::randn([2 * r, inp], O);
+        // q: columns 0..384 from slice 0; k: 384..512 none; v: 512..640 from slice r.
+        let (bq, bv) = (Tensor::randn([r, 384], O), Tensor::randn([r, 128], O));
+        let compact = Tensor::zeros([r, out], O);
+        compact.narrow(1, 0, 384).copy_(&bq);
+        compact.narrow(1, 512, 128).copy_(&bv);
+        let block = Tensor::zeros([2 * r, out], O);
+        block.narrow(0, 0, r).narrow(1, 0, 384).copy_(&bq);
+        block.narrow(0, r, r).narrow(1, 512, 128).copy_(&bv);
+        let parts = [TermPart { cols: 0..384, rank_offset: 0 }, TermPart { cols: 512..640, rank_offset: r as usize }];
+        for (rows, start) in [(4, 2), (25, 5)] {
+            let x = Tensor::randn([rows, inp], O);
+            let Some(got) = product_with_low_rank(&x, &w, None, &a, &compact, &parts, start) else {
+                assert!(!available());
+                return;
+            };
+            let dense = [TermPart { cols: 0..out as usize, rank_offset: 0 }];
+            let want = product_with_low_rank(&x, &w, None, &a, &block, &dense, start).expect("dense term");
+            assert!(got.equal(&want), "{rows} rows: the parts differ from the block-diagonal term");
+            let xt = x.narrow(0, start, rows - start);
+            let library = xt.linear::<Tensor>(&w, None) + xt.linear::<Tensor>(&a, None).mm(&block);
+            let diff = (got.narrow(0, start, rows - start) - library).abs().max().double_value(&[]);
+            assert!(diff < 1e-2, "{rows} rows: max difference {diff}");
+        }
+        let overlapping = [TermPart { cols: 0..400, rank_offset: 0 }, TermPart { cols: 384..640, rank_offset: 0 }];
+        assert!(product_with_low_rank(&Tensor::randn([4, inp], O), &w, None, &a, &compact, &overlapping, 2).is_none());
     }
 
     /// What the kernel leaves to the libraries: too many rows, a gradient, other dtypes,

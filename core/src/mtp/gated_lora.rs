@@ -129,10 +129,19 @@ impl Lora {
                         }
                         _ => None,
                     };
-                    let bt = b.to_kind(kind);
+                    let bt = Tensor::zeros([r, dims.iter().sum()], (kind, a.device()));
+                    let mut term_parts = Vec::with_capacity(parts.len());
+                    for (slot, (i, pair)) in parts.iter().enumerate() {
+                        bt.narrow(1, offsets[*i], dims[*i]).copy_(&(pair.b.tr() * self.scale));
+                        let start = offsets[*i] as usize;
+                        term_parts.push(few_rows::TermPart {
+                            cols: start..start + dims[*i] as usize,
+                            rank_offset: slot * r as usize,
+                        });
+                    }
                     let (a, b) = (a.to_kind(kind).contiguous(), b.tr().contiguous().to_kind(kind));
                     let base = model.group_weight(layer, group);
-                    groups.push(Some(PreparedGroup { a, b, bt, merged, base }));
+                    groups.push(Some(PreparedGroup { a, b, bt, term_parts, merged, base }));
                 }
             }
             PreparedLora { groups }
@@ -215,8 +224,10 @@ struct PreparedGroup {
     a: Tensor,
     /// `scale * B`, block-diagonal, `[out, parts * r]`.
     b: Tensor,
-    /// `scale * B^T`, `[parts * r, out]`: the layout of the CPU kernel's term.
+    /// `scale * B^T` without its zero blocks, `[r, out]` (each adapted part's in its own
+    /// columns), and which columns read which slice of `x A^T`: the CPU kernel's term.
     bt: Tensor,
+    term_parts: Vec<few_rows::TermPart>,
     merged: Option<Merged>,
     /// The group's base weight and bias (shared with the model, not copied), for
     /// [`few_rows::product_with_low_rank`].
@@ -263,7 +274,15 @@ impl ProjDelta for PreparedLora {
             Gate::Tail(start) if x.size()[0] == 1 && few_row_kernel_runs(x.device(), x.kind()) => {
                 let (w, bias) = prepared.base.as_ref()?;
                 let x = x.reshape([x.size()[1], x.size()[2]]);
-                let y = few_rows::product_with_low_rank(&x, w, bias.as_ref(), &prepared.a, &prepared.bt, *start)?;
+                let y = few_rows::product_with_low_rank(
+                    &x,
+                    w,
+                    bias.as_ref(),
+                    &prepared.a,
+                    &prepared.bt,
+                    &prepared.term_parts,
+                    *start,
+                )?;
                 return Some(y.unsqueeze(0));
             }
             _ => return None,

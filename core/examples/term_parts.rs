@@ -1,0 +1,128 @@
+//! What the adapter's low-rank term adds to a decoding step's products on the CPU, every
+//! layer's groups of the SmolLM2-135M shape at rank 16 (each layer's own weights and
+//! factors, so that they come from memory as in decoding): the base products alone, the
+//! term read as one block-diagonal `B` (its zero blocks included: the layout before the
+//! term went part by part), the term part by part (what decoding runs), and a rank-1 term
+//! (what a term costs beyond its factors: the intermediate's pass and the barrier). The
+//! forms are timed in turns, round after round; medians in milliseconds.
+//! `cargo run --release -p mtp-core --example term_parts`
+use std::time::Instant;
+
+use mtp_core::model::few_rows::{self, TermPart};
+use tch::{Device, Kind, Tensor};
+
+/// Median milliseconds of each form over interleaved rounds.
+fn rounds(forms: &[&dyn Fn()], rounds: usize) -> Vec<f64> {
+    for f in forms {
+        f();
+    }
+    let mut times = vec![Vec::with_capacity(rounds); forms.len()];
+    for _ in 0..rounds {
+        for (i, f) in forms.iter().enumerate() {
+            let t = Instant::now();
+            f();
+            times[i].push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect()
+}
+
+/// One projection group of one layer: the base weight, the stacked A factors, the
+/// block-diagonal `B^T`, the parts' `B^T` and a rank-1 term.
+struct Group {
+    w: Tensor,
+    a: Tensor,
+    block: Tensor,
+    compact: Tensor,
+    a1: Tensor,
+    b1: Tensor,
+}
+
+fn main() {
+    let _g = tch::no_grad_guard();
+    let o = (Kind::Float, Device::Cpu);
+    let r = 16;
+    // (input width, each part's output width): q/k/v, o, gate/up, down.
+    let shapes: [(i64, &[i64]); 4] = [(576, &[576, 192, 192]), (576, &[576]), (576, &[1536, 1536]), (1536, &[576])];
+    let parts: Vec<Vec<TermPart>> = shapes
+        .iter()
+        .map(|(_, outs)| {
+            let mut start = 0;
+            outs.iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    let cols = start..start + n as usize;
+                    start += n as usize;
+                    TermPart { cols, rank_offset: i * r as usize }
+                })
+                .collect()
+        })
+        .collect();
+    let dense: Vec<Vec<TermPart>> = shapes
+        .iter()
+        .map(|(_, outs)| vec![TermPart { cols: 0..outs.iter().sum::<i64>() as usize, rank_offset: 0 }])
+        .collect();
+    let rank1: Vec<Vec<TermPart>> = parts
+        .iter()
+        .map(|ps| ps.iter().enumerate().map(|(i, p)| TermPart { cols: p.cols.clone(), rank_offset: i }).collect())
+        .collect();
+    let layers: Vec<Vec<Group>> = (0..30)
+        .map(|_| {
+            shapes
+                .iter()
+                .zip(&parts)
+                .map(|((inp, outs), ps)| {
+                    let (out, n) = (outs.iter().sum::<i64>(), outs.len() as i64);
+                    let compact = Tensor::randn([r, out], o);
+                    let block = Tensor::zeros([n * r, out], o);
+                    for p in ps {
+                        let (c0, len) = (p.cols.start as i64, p.cols.len() as i64);
+                        block.narrow(0, p.rank_offset as i64, r).narrow(1, c0, len).copy_(&compact.narrow(1, c0, len));
+                    }
+                    Group {
+                        w: Tensor::randn([out, *inp], o),
+                        a: Tensor::randn([n * r, *inp], o),
+                        block,
+                        compact,
+                        a1: Tensor::randn([n, *inp], o),
+                        b1: Tensor::randn([1, out], o),
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    println!("SmolLM2-135M shape, rank 16: every layer's products, ms (median of 15 interleaved rounds)");
+    for (rows, start) in [(4i64, 2i64), (9, 3), (25, 5)] {
+        let xs: Vec<Tensor> = shapes.iter().map(|(inp, _)| Tensor::randn([rows, *inp], o)).collect();
+        let each = |f: &dyn Fn(&Group, &Tensor, usize)| {
+            for layer in &layers {
+                for (i, (g, x)) in layer.iter().zip(&xs).enumerate() {
+                    f(g, x, i);
+                }
+            }
+        };
+        let plain = || each(&|g, x, _| drop(few_rows::product(x, &g.w, None)));
+        let block =
+            || each(&|g, x, i| drop(few_rows::product_with_low_rank(x, &g.w, None, &g.a, &g.block, &dense[i], start)));
+        let by_part = || {
+            each(&|g, x, i| drop(few_rows::product_with_low_rank(x, &g.w, None, &g.a, &g.compact, &parts[i], start)))
+        };
+        let one =
+            || each(&|g, x, i| drop(few_rows::product_with_low_rank(x, &g.w, None, &g.a1, &g.b1, &rank1[i], start)));
+        let t = rounds(&[&plain, &block, &by_part, &one], 15);
+        println!(
+            "{rows:2} rows ({:2} with the term): products {:6.2}; term as one block-diagonal B +{:5.2}, by part +{:5.2}, rank 1 +{:5.2}",
+            rows - start,
+            t[0],
+            t[1] - t[0],
+            t[2] - t[0],
+            t[3] - t[0]
+        );
+    }
+}
