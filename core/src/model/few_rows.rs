@@ -138,6 +138,7 @@ struct LowRank {
     n: usize,
 }
 
+#[cfg(target_arch = "x86_64")]
 /// One part of a low-rank term on the rows it applies to: `y` (`[rows, out]`, row
 /// stride `out`) += `h` (`[rows, r]`, row stride `m`: the part's slice of the
 /// intermediate) times `bt` (`[r, out]`).
@@ -166,7 +167,8 @@ impl Job {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` held when the job was made; the pointers cover `rows x inp`,
         // `out x inp`, `out` and `rows x out` f32 values (and the term's `m x inp`,
-        // `m x out` and `(rows - start) x m`), alive until the job is done.
+        // `r x out` and `(rows - start) x m`, its parts within `out` columns and `m` rank
+        // columns: checked by `product_with_low_rank`), alive until the job is done.
         unsafe {
             let Some(lr) = self.low_rank else {
                 avx2::columns(self, o0, o1);
