@@ -3,28 +3,9 @@
 //! come from memory as in decoding) and a draft head's one-row product. The forms are timed
 //! in turns, round after round; the median counts.
 //! `cargo run --release -p mtp-core --example product_forms [demo|smollm2]`
-use std::time::Instant;
+mod common;
 
 use tch::{Device, Kind, Tensor};
-
-/// Median milliseconds of `f` over interleaved rounds, for each form.
-fn rounds(forms: &[(&str, &dyn Fn())], rounds: usize) -> Vec<f64> {
-    let mut times = vec![Vec::with_capacity(rounds); forms.len()];
-    for _ in 0..rounds {
-        for (i, (_, f)) in forms.iter().enumerate() {
-            let t = Instant::now();
-            f();
-            times[i].push(t.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    times
-        .into_iter()
-        .map(|mut t| {
-            t.sort_by(f64::total_cmp);
-            t[t.len() / 2]
-        })
-        .collect()
-}
 
 fn main() {
     let _g = tch::no_grad_guard();
@@ -60,7 +41,7 @@ fn main() {
                 }
             }
         };
-        let med = rounds(&[("ours", &|| run(0)), ("linear", &|| run(1)), ("x.mm(W^T)", &|| run(2))], 9);
+        let med = common::medians(&[&|| run(0), &|| run(1), &|| run(2)], 9);
         println!(
             "rows {rows:2}: model::linear {:7.2}  x.linear(W) {:7.2}  x.mm(W^T contiguous) {:7.2}",
             med[0], med[1], med[2]
@@ -74,11 +55,11 @@ fn main() {
             let _ = f();
         }
     };
-    let med = rounds(
+    let med = common::medians(
         &[
-            ("ours", &|| calls(&|| mtp_core::model::linear::linear(&x, &head, None))),
-            ("linear", &|| calls(&|| x.linear::<Tensor>(&head, None))),
-            ("mm", &|| calls(&|| x.mm(&head_t))),
+            &|| calls(&|| mtp_core::model::linear::linear(&x, &head, None)),
+            &|| calls(&|| x.linear::<Tensor>(&head, None)),
+            &|| calls(&|| x.mm(&head_t)),
         ],
         15,
     );

@@ -6,32 +6,10 @@
 //! (what a term costs beyond its factors: the intermediate's pass and the barrier). The
 //! forms are timed in turns, round after round; medians in milliseconds.
 //! `cargo run --release -p mtp-core --example term_parts`
-use std::time::Instant;
+mod common;
 
 use mtp_core::model::few_rows::{self, TermPart};
 use tch::{Device, Kind, Tensor};
-
-/// Median milliseconds of each form over interleaved rounds.
-fn rounds(forms: &[&dyn Fn()], rounds: usize) -> Vec<f64> {
-    for f in forms {
-        f();
-    }
-    let mut times = vec![Vec::with_capacity(rounds); forms.len()];
-    for _ in 0..rounds {
-        for (i, f) in forms.iter().enumerate() {
-            let t = Instant::now();
-            f();
-            times[i].push(t.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    times
-        .into_iter()
-        .map(|mut t| {
-            t.sort_by(f64::total_cmp);
-            t[t.len() / 2]
-        })
-        .collect()
-}
 
 /// One projection group of one layer: the base weight, the stacked A factors, the
 /// block-diagonal `B^T`, the parts' `B^T` and a rank-1 term.
@@ -115,7 +93,7 @@ fn main() {
         };
         let one =
             || each(&|g, x, i| drop(few_rows::product_with_low_rank(x, &g.w, None, &g.a1, &g.b1, &rank1[i], start)));
-        let t = rounds(&[&plain, &block, &by_part, &one], 15);
+        let t = common::medians(&[&plain, &block, &by_part, &one], 15);
         println!(
             "{rows:2} rows ({:2} with the term): products {:6.2}; term as one block-diagonal B +{:5.2}, by part +{:5.2}, rank 1 +{:5.2}",
             rows - start,
