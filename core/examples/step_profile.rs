@@ -105,6 +105,7 @@ fn main() -> anyhow::Result<()> {
     let prev = Tensor::from_slice(&[5i64]);
     let block_rows = plan_lr.block_rows.shallow_clone();
 
+    let drafts: Vec<i64> = vec![5; n as usize - 1];
     let mut r = Rounds { parts: Vec::new() };
     r.add("AR step (forward + head + argmax)", || ar(model, c1));
     r.add("step forward, no adapter (one sequence)", || {
@@ -116,15 +117,29 @@ fn main() -> anyhow::Result<()> {
     r.add("step forward, merged (two halves)", || {
         let _ = step(&merged, &plan_mg, c4, true);
     });
+    // Verification and drafting as a greedy step runs them: on host vectors where the
+    // CPU's few-row kernel runs, else on the device.
+    let on_host = mtp_core::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind());
     r.add("verify (head + argmax + accept)", || {
         let pred = model.logits(&h.narrow(0, 0, n)).argmax(-1, false);
-        let (a, _next) = mtp_core::decode::verify::verify_greedy_on_device(&inputs.narrow(0, 1, n - 1), &pred);
-        let _ = h.index_select(0, &block_rows.index_select(0, &a).view([-1]));
+        if on_host {
+            let pred = Vec::<i64>::try_from(pred).unwrap_or_default();
+            let v = mtp_core::decode::verify::verify_greedy(&drafts, &pred);
+            let _ = h.narrow(0, n + (v.accepted as i64) * masks as i64, masks as i64);
+        } else {
+            let (a, _next) = mtp_core::decode::verify::verify_greedy_on_device(&inputs.narrow(0, 1, n - 1), &pred);
+            let _ = h.index_select(0, &block_rows.index_select(0, &a).view([-1]));
+        }
     });
     r.add("draft chain", || {
-        let _ = low_rank.greedy(model, &z, &prev, None);
+        if !on_host || low_rank.greedy_on_host(model, &z, 5).ok().flatten().is_none() {
+            let _ = low_rank.greedy(model, &z, &prev, None);
+        }
     });
     r.add("AR step again", || ar(model, c5));
+    r.add("draft chain, tensor operations (for comparison)", || {
+        let _ = low_rank.greedy(model, &z, &prev, None);
+    });
     let _ = c6;
     let results = r.run(15, 20);
     for (label, us) in &results {

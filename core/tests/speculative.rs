@@ -476,3 +476,36 @@ fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The CPU's draft chain on host vectors ([`Drafter::greedy_on_host`]) drafts what the chain
+/// of tensor operations ([`Drafter::greedy`]) drafts, with the whole vocabulary and with a
+/// draft vocabulary, from the final hidden states of real text (each window of 8 rows taken
+/// as a mask block, the token before it as the verified one).
+#[test]
+fn host_chain_drafts_as_the_tensor_chain() -> anyhow::Result<()> {
+    let t = trained();
+    let model = &t.loaded.model;
+    if !mtp_core::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind()) {
+        return Ok(()); // the host chain runs only where the few-row kernel does
+    }
+    let _g = tch::no_grad_guard();
+    let ids = t.loaded.tokenizer.encode("def total(words):\n    result = 0\n    for x in words:\n        result")?;
+    let tokens = Tensor::from_slice(&ids);
+    let positions = Tensor::arange(ids.len() as i64, (Kind::Int64, model.device()));
+    let embeds = model.embed(&tokens.unsqueeze(0));
+    let h = model.forward_embeds(&embeds, &positions, mtp_core::model::AttnMask::Causal, None, None).squeeze_dim(0);
+    let k = t.drafter.k();
+    let mut compared = 0;
+    for drafter in [&t.drafter, &t.small_vocab] {
+        for start in 1..ids.len() - k {
+            let z = h.narrow(0, start as i64, k as i64);
+            let prev = ids[start - 1];
+            let on_host = drafter.greedy_on_host(model, &z, prev)?.expect("the host chain runs with the kernel");
+            let tensors = Vec::<i64>::try_from(drafter.greedy(model, &z, &Tensor::from_slice(&[prev]), None))?;
+            assert_eq!(on_host, tensors, "window at {start}");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 20, "only {compared} windows");
+    Ok(())
+}

@@ -90,6 +90,43 @@ pub fn accumulate(x: &Tensor, weight: &Tensor, y: &Tensor) -> bool {
     true
 }
 
+/// `y = x W^T + b` for rows held in host memory (`x`: `rows x in` values, row after row;
+/// `y`: `rows x out`; `bias`: `out`), the weight a tensor: the same kernel and the same
+/// outputs as [`product`], without a tensor for the input or the output (the draft chain
+/// multiplies one row at a time, and a libtorch operation costs more than the product of
+/// a small head). False (and `y` untouched) when [`takes`] would say no for the weight or
+/// the lengths do not fit.
+pub fn product_into(x: &[f32], weight: &Tensor, bias: Option<&[f32]>, y: &mut [f32]) -> bool {
+    let size = weight.size();
+    let [out, inp] = size[..] else { return false };
+    let (out, inp) = (out as usize, inp as usize);
+    let rows = if inp == 0 { 0 } else { x.len() / inp };
+    let fits = available()
+        && weight.device() == Device::Cpu
+        && weight.kind() == Kind::Float
+        && !weight.requires_grad()
+        && weight.is_contiguous()
+        && (1..=MAX_ROWS as usize).contains(&rows)
+        && x.len() == rows * inp
+        && y.len() == rows * out
+        && bias.is_none_or(|b| b.len() == out);
+    if !fits {
+        return false;
+    }
+    dispatch(Job {
+        x: x.as_ptr(),
+        w: weight.data_ptr() as *const f32,
+        bias: bias.map_or(std::ptr::null(), <[f32]>::as_ptr),
+        y: y.as_mut_ptr(),
+        rows,
+        inp,
+        out,
+        accumulate: false,
+        low_rank: None,
+    });
+    true
+}
+
 /// One product's operands, as raw pointers into tensors the caller keeps alive until every
 /// part has run.
 #[derive(Clone, Copy)]
@@ -378,11 +415,12 @@ mod avx2 {
     /// Output columns `o0..o1` of the job: blocks of four weight rows multiplied by the
     /// input rows three at a time, or for 4, 7 and 8 rows blocks of three by four at a time
     /// (fewer passes over each block: a 1-mask step's 4 rows in one; for 25 rows the same
-    /// tile measured a third slower, 103 ms a step against 79), then single columns. For up to [`PREFETCH_MAX_ROWS`] rows the passes over a block
-    /// also ask for the block [`PREFETCH_BLOCKS`] ahead, spread over them, so that reading
-    /// the weight from memory overlaps the arithmetic of the later passes (9 rows of
-    /// SmolLM2-135M's layers: 29 ms -> 26; with more rows the arithmetic dominates and it
-    /// costs).
+    /// tile measured a third slower, 103 ms a step against 79), then single columns. The
+    /// passes over a block also ask for the block [`PREFETCH_BLOCKS`] ahead, spread over
+    /// them, so that reading the weight from memory or L3 overlaps the arithmetic of the
+    /// later passes (9 rows of SmolLM2-135M's layers: 29 ms -> 26 on a Zen 3; 25 rows on a
+    /// Zen 4, where waiting for each block had cost a fifth of the step: its forward 72 ms
+    /// -> 59, the demo's 4-mask step 2.5 AR steps -> 1.9; docs/BENCHMARKS.md).
     ///
     /// # Safety
     /// AVX2 and FMA are available; the job's pointers are valid for its sizes.
@@ -409,7 +447,7 @@ mod avx2 {
         let mut o = o0;
         while o + NO <= o1 {
             let ahead = o + NO * PREFETCH_BLOCKS;
-            let prefetch = (job.rows <= PREFETCH_MAX_ROWS && ahead + NO <= o1).then_some(ahead);
+            let prefetch = (ahead + NO <= o1).then_some(ahead);
             let mut r = 0;
             while r + NR <= job.rows {
                 unsafe { tile::<NO, NR>(job, o, r, prefetch, (r / NR, passes)) };
@@ -429,8 +467,6 @@ mod avx2 {
 
     /// How many blocks of weight rows ahead the passes prefetch.
     const PREFETCH_BLOCKS: usize = 2;
-    /// Up to this many rows the passes prefetch.
-    const PREFETCH_MAX_ROWS: usize = 16;
 
     /// Outputs `r..r + NR` x `o..o + NO`: one accumulator of eight lanes per output. With
     /// `prefetch`, pass `pass.0` of `pass.1` also prefetches its share of the weight rows
@@ -586,6 +622,35 @@ mod tests {
                 let diff = (&y - &want).abs().max().double_value(&[]);
                 assert!(diff < 1e-3, "{out}x{inp}, {rows} rows, in place: max difference {diff}");
             }
+        }
+    }
+
+    /// Rows in host memory give bit for bit the tensor product's outputs, and lengths that
+    /// do not fit are refused with the output untouched.
+    #[test]
+    fn host_rows_equal_the_tensor_product() {
+        let _g = tch::no_grad_guard();
+        if !available() {
+            return;
+        }
+        tch::manual_seed(4);
+        for (out, inp) in [(7, 13), (256, 256), (1030, 600)] {
+            let (w, b) = (Tensor::randn([out, inp], O), Tensor::randn([out], O));
+            let b_host = Vec::<f32>::try_from(&b).unwrap();
+            for rows in [1, 4, 9] {
+                let x = Tensor::randn([rows, inp], O);
+                let x_host = Vec::<f32>::try_from(x.view([-1])).unwrap();
+                for bias in [None, Some(&b)] {
+                    let want = Vec::<f32>::try_from(product(&x, &w, bias).unwrap().view([-1])).unwrap();
+                    let mut got = vec![0f32; (rows * out) as usize];
+                    assert!(product_into(&x_host, &w, bias.map(|_| b_host.as_slice()), &mut got));
+                    assert_eq!(got, want, "{out}x{inp}, {rows} rows, bias {}", bias.is_some());
+                }
+            }
+            let mut short = vec![7f32; out as usize - 1];
+            assert!(!product_into(&vec![0f32; inp as usize], &w, None, &mut short));
+            assert!(short.iter().all(|&v| v == 7.0));
+            assert!(!product_into(&vec![0f32; inp as usize + 1], &w, None, &mut vec![0f32; out as usize]));
         }
     }
 

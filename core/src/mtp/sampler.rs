@@ -8,6 +8,9 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn, nn::Module};
 
+use crate::model::few_rows;
+use crate::model::linear::linear;
+
 /// Which function the sampler head computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -93,22 +96,34 @@ impl SamplerHead {
 /// The sampler head's weights arranged for drafting one token at a time: the first layer
 /// split into its halves for `E(prev)` and for `z`, so that the `z` half runs once for a
 /// whole mask block and each draft in the chain costs a few small products. f32, like
-/// training; only the LM-head product that follows runs in the model's dtype.
+/// training; only the LM-head product that follows runs in the model's dtype. Weights are
+/// `[out, in]`, as [`crate::model::linear::linear`] and the CPU's few-row kernel read them.
 #[derive(Debug)]
 pub struct PreparedSampler {
-    /// `[d, d]`: fc1's columns for `E(prev)`, transposed.
+    /// `[d, d]`: fc1's columns for `E(prev)`.
     w1_prev: Tensor,
-    /// `[d, d]`: fc1's columns for `z`, transposed.
+    /// `[d, d]`: fc1's columns for `z`.
     w1_z: Tensor,
     b1: Tensor,
     ln1: (Tensor, Tensor),
-    /// `[d, d]`: fc2, transposed.
+    /// `[d, d]`: fc2.
     w2: Tensor,
     b2: Tensor,
     ln2: (Tensor, Tensor),
-    /// `[d, d]`: the residual form's `W_o`, transposed.
+    /// `[d, d]`: the residual form's `W_o`.
     wo: Option<Tensor>,
     d: i64,
+    /// The vectors again in host memory, for the chain on the CPU ([`PreparedSampler::host_state`]).
+    host: HostVectors,
+}
+
+/// The sampler head's biases and LayerNorm parameters as host vectors.
+#[derive(Debug, Default)]
+struct HostVectors {
+    b1: Vec<f32>,
+    b2: Vec<f32>,
+    ln1: (Vec<f32>, Vec<f32>),
+    ln2: (Vec<f32>, Vec<f32>),
 }
 
 /// One mask block's inputs to the draft chain, computed once per block.
@@ -135,16 +150,29 @@ impl SamplerHead {
                 (w, b)
             };
             let zeros = || Tensor::zeros([d], (Kind::Float, self.fc1.ws.device()));
+            let (b1, b2) = (
+                self.fc1.bs.as_ref().map_or_else(zeros, |b| b.detach().copy()),
+                self.fc2.bs.as_ref().map_or_else(zeros, |b| b.detach().copy()),
+            );
+            let (ln1, ln2) = (ln(&self.ln1), ln(&self.ln2));
+            let vector = |t: &Tensor| Vec::<f32>::try_from(t.to_kind(Kind::Float)).unwrap_or_default();
+            let host = HostVectors {
+                b1: vector(&b1),
+                b2: vector(&b2),
+                ln1: (vector(&ln1.0), vector(&ln1.1)),
+                ln2: (vector(&ln2.0), vector(&ln2.1)),
+            };
             PreparedSampler {
-                w1_prev: self.fc1.ws.narrow(1, 0, d).tr().contiguous().detach(),
-                w1_z: self.fc1.ws.narrow(1, d, d).tr().contiguous().detach(),
-                b1: self.fc1.bs.as_ref().map_or_else(zeros, |b| b.detach().copy()),
-                ln1: ln(&self.ln1),
-                w2: self.fc2.ws.tr().contiguous().detach(),
-                b2: self.fc2.bs.as_ref().map_or_else(zeros, |b| b.detach().copy()),
-                ln2: ln(&self.ln2),
-                wo: self.out.as_ref().map(|o| o.ws.tr().contiguous().detach()),
+                w1_prev: self.fc1.ws.narrow(1, 0, d).contiguous().detach(),
+                w1_z: self.fc1.ws.narrow(1, d, d).contiguous().detach(),
+                b1,
+                ln1,
+                w2: self.fc2.ws.detach().contiguous(),
+                b2,
+                ln2,
+                wo: self.out.as_ref().map(|o| o.ws.detach().contiguous()),
                 d,
+                host,
             }
         })
     }
@@ -158,7 +186,7 @@ impl PreparedSampler {
     /// `z`: `[m, d]` (any float dtype).
     pub fn block(&self, z: &Tensor) -> BlockInputs {
         let z = if z.kind() == Kind::Float { z.shallow_clone() } else { z.to_kind(Kind::Float) };
-        BlockInputs { part: self.b1.addmm(&z, &self.w1_z), z }
+        BlockInputs { part: linear(&z, &self.w1_z, Some(&self.b1)), z }
     }
 
     /// The state the LM head turns into the logits of mask `j`'s draft, given the previous
@@ -171,11 +199,111 @@ impl PreparedSampler {
             if prev_embed.kind() == Kind::Float { prev_embed.shallow_clone() } else { prev_embed.to_kind(Kind::Float) };
         let norm =
             |x: &Tensor, (w, b): &(Tensor, Tensor)| x.layer_norm([self.d], Some(w), Some(b), LAYER_NORM_EPS, false);
-        let h = norm(&block.part.narrow(0, j, 1).addmm(&e, &self.w1_prev).silu(), &self.ln1);
-        let m = norm(&self.b2.addmm(&h, &self.w2).silu(), &self.ln2);
+        let h = norm(&(block.part.narrow(0, j, 1) + linear(&e, &self.w1_prev, None)).silu(), &self.ln1);
+        let m = norm(&linear(&h, &self.w2, Some(&self.b2)).silu(), &self.ln2);
         match &self.wo {
-            Some(wo) => block.z.narrow(0, j, 1).addmm(&m, wo),
+            Some(wo) => block.z.narrow(0, j, 1) + linear(&m, wo, None),
             None => m,
+        }
+    }
+
+    /// The `z` half of the first layer for a block's hidden states held in host memory
+    /// (`z`: `m x d` values), into `part`; false when the CPU's few-row kernel does not run
+    /// here (the chain then runs on tensors, [`PreparedSampler::block`]).
+    pub fn host_block(&self, z: &[f32], part: &mut [f32]) -> bool {
+        few_rows::product_into(z, &self.w1_z, Some(&self.host.b1), part)
+    }
+
+    /// [`PreparedSampler::step`] in host memory on the CPU, every product through the
+    /// few-row kernel: a draft costs four products and no libtorch operation. `part` and
+    /// `z` are the draft's rows of [`PreparedSampler::host_block`] and of the block's hidden
+    /// states, `e` the previous token's embedding; the state goes to `out` (all `d`
+    /// values). False when the kernel does not run here.
+    pub fn host_state(&self, part: &[f32], z: &[f32], e: &[f32], out: &mut [f32]) -> bool {
+        let d = self.d as usize;
+        let mut h = vec![0f32; d];
+        if !few_rows::product_into(e, &self.w1_prev, None, &mut h) {
+            return false;
+        }
+        for (h, p) in h.iter_mut().zip(part) {
+            *h = silu(*h + p);
+        }
+        layer_norm(&mut h, &self.host.ln1);
+        let mut m = vec![0f32; d];
+        if !few_rows::product_into(&h, &self.w2, Some(&self.host.b2), &mut m) {
+            return false;
+        }
+        m.iter_mut().for_each(|v| *v = silu(*v));
+        layer_norm(&mut m, &self.host.ln2);
+        match &self.wo {
+            Some(wo) => {
+                if !few_rows::product_into(&m, wo, None, out) {
+                    return false;
+                }
+                out.iter_mut().zip(z).for_each(|(o, z)| *o += z);
+            }
+            None => out.copy_from_slice(&m),
+        }
+        true
+    }
+}
+
+/// `x * sigmoid(x)`.
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// LayerNorm over `x` in place with weight and bias `wb` (mean and variance summed in f64).
+fn layer_norm(x: &mut [f32], (w, b): &(Vec<f32>, Vec<f32>)) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
+    let inv = 1.0 / (var + LAYER_NORM_EPS).sqrt();
+    for ((v, w), b) in x.iter_mut().zip(w).zip(b) {
+        *v = ((f64::from(*v) - mean) * inv) as f32 * w + b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, nn::VarStore};
+
+    /// The chain's state computed on host vectors equals the tensor operations' to f32
+    /// rounding, for both forms (the residual one with a non-zero `W_o`), a block's first
+    /// and last draft.
+    #[test]
+    fn host_state_equals_the_tensor_state() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(6);
+        let d = 96;
+        for form in SamplerForm::ALL {
+            let vs = VarStore::new(Device::Cpu);
+            let head = SamplerHead::new(&vs.root(), d, form);
+            if let Some(out) = &head.out {
+                let mut ws = out.ws.shallow_clone();
+                ws.copy_(&(Tensor::randn([d as i64, d as i64], (Kind::Float, Device::Cpu)) * 0.1));
+            }
+            let prepared = head.prepare();
+            let (m, o) = (3, (Kind::Float, Device::Cpu));
+            let (z, e) = (Tensor::randn([m, d as i64], o), Tensor::randn([1, d as i64], o));
+            let host = |t: &Tensor| Vec::<f32>::try_from(t.contiguous().view([-1])).unwrap_or_default();
+            let (z_host, e_host) = (host(&z), host(&e));
+            let mut part = vec![0f32; m as usize * d];
+            if !prepared.host_block(&z_host, &mut part) {
+                assert!(!few_rows::available());
+                return;
+            }
+            let block = prepared.block(&z);
+            for j in [0, m - 1] {
+                let want = host(&prepared.step(&block, j, &e));
+                let rows = j as usize * d..(j as usize + 1) * d;
+                let mut got = vec![0f32; d];
+                assert!(prepared.host_state(&part[rows.clone()], &z_host[rows], &e_host, &mut got));
+                let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff < 1e-5, "{form}, draft {j}: max difference {diff}");
+                assert!(want.iter().any(|&v| v != 0.0), "{form}: a zero state compares nothing");
+            }
         }
     }
 }

@@ -18,10 +18,21 @@ use super::super::strategy::{Layout, MaskCount};
 use super::layout::{StepLayout, StepPlan};
 use super::masks::MaskController;
 use crate::error::{Error, Result};
-use crate::model::{Gate, Gated, Llama};
+use crate::model::{Gate, Gated, Llama, few_rows};
 use crate::mtp::gated_lora::PreparedLora;
 use crate::mtp::sampler::PreparedSampler;
 use crate::mtp::{MtpAdapter, MtpConfig};
+
+/// The index of the largest value, the first of equal ones (as `argmax` picks); 0 for none.
+fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
 
 /// Choices made when preparing a drafter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +149,8 @@ pub struct Drafter {
     sampler: Option<PreparedSampler>,
     /// `[N]` int64: token id of each row of `head`, when drafting from a draft vocabulary.
     vocab: Option<Tensor>,
+    /// The same ids in host memory, for the chain on the CPU.
+    vocab_ids: Option<Vec<i64>>,
     /// `[N, d]` (or the whole `[V, d]` head, shared, not copied): the LM-head rows drafts
     /// are chosen from, multiplied like a projection ([`crate::model::linear::linear`]:
     /// on the CPU our few-row kernel, which streams the rows once).
@@ -170,10 +183,11 @@ impl Drafter {
             )));
         }
         tch::no_grad(|| {
-            let vocab = match (&adapter.draft_vocab, options.draft_vocab) {
-                (Some(ids), true) => Some(Tensor::from_slice(ids).to_device(device)),
+            let vocab_ids = match (&adapter.draft_vocab, options.draft_vocab) {
+                (Some(ids), true) => Some(ids.clone()),
                 _ => None,
             };
+            let vocab = vocab_ids.as_ref().map(|ids| Tensor::from_slice(ids).to_device(device));
             let head = match &vocab {
                 Some(ids) => model.lm_head.index_select(0, ids),
                 None => model.lm_head.shallow_clone(),
@@ -186,6 +200,7 @@ impl Drafter {
                 form,
                 sampler: adapter.sampler().map(|s| s.prepare()),
                 vocab,
+                vocab_ids,
                 head,
                 plans: RefCell::default(),
                 controllers: RefCell::default(),
@@ -326,6 +341,53 @@ impl Drafter {
             }
             drafts
         })
+    }
+
+    /// [`Drafter::greedy`] in host memory on the CPU (f32, where the few-row kernel runs):
+    /// the chain's products through the kernel, what lies between them on plain vectors,
+    /// so that a draft costs no libtorch operation but reading its previous token's
+    /// embedding row (a demo draft took about 120 us as a dozen operations). Returns the
+    /// drafts, or `None` where the kernel does not run (the caller then drafts with
+    /// [`Drafter::greedy`]); the drafts are those of [`Drafter::greedy`] but where two
+    /// tokens' logits tie to within the last bits (the two sum in different orders).
+    ///
+    /// # Shapes
+    /// `z`: `[m, d]` final hidden states of the masks.
+    pub fn greedy_on_host(&self, model: &Llama, z: &Tensor, prev: i64) -> Result<Option<Vec<i64>>> {
+        if !crate::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind()) || z.kind() != Kind::Float {
+            return Ok(None);
+        }
+        let (m, d) = (z.size()[0] as usize, z.size()[1] as usize);
+        let mut z_rows = vec![0f32; m * d];
+        z.contiguous().f_copy_data(&mut z_rows, m * d)?;
+        let n = self.head.size()[0] as usize;
+        let pick = |logits: &[f32]| -> i64 {
+            let i = argmax(logits);
+            self.vocab_ids.as_ref().map_or(i as i64, |ids| ids[i])
+        };
+        let Some(head) = &self.sampler else {
+            let mut logits = vec![0f32; m * n];
+            let done = few_rows::product_into(&z_rows, &self.head, None, &mut logits);
+            return Ok(done.then(|| logits.chunks(n).map(pick).collect()));
+        };
+        let mut part = vec![0f32; m * d];
+        if !head.host_block(&z_rows, &mut part) {
+            return Ok(None);
+        }
+        let (mut e, mut state, mut logits) = (vec![0f32; d], vec![0f32; d], vec![0f32; n]);
+        let (mut prev, mut drafts) = (prev, Vec::with_capacity(m));
+        for j in 0..m {
+            model.embed_tokens.get(prev).f_copy_data(&mut e, d)?;
+            let rows = j * d..(j + 1) * d;
+            if !head.host_state(&part[rows.clone()], &z_rows[rows], &e, &mut state)
+                || !few_rows::product_into(&state, &self.head, None, &mut logits)
+            {
+                return Ok(None);
+            }
+            prev = pick(&logits);
+            drafts.push(prev);
+        }
+        Ok(Some(drafts))
     }
 
     /// Sampled drafts for one mask block: each draft drawn from the sampler's (processed)

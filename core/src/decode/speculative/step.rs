@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use super::super::ar::{check_request, forward_last};
 use super::super::stats::StepStats;
 use super::super::strategy::{Layout, Speculative, Strategy};
-use super::super::verify::{Verdict, verify_greedy_on_device, verify_sampling};
+use super::super::verify::{Verdict, verify_greedy, verify_greedy_on_device, verify_sampling};
 use super::super::{Decoding, GenerateRequest, Sampler};
 use super::detail::{StepDetail, top5};
 use super::drafter::Drafter;
@@ -153,7 +153,29 @@ impl<'a> SpecDecoder<'a> {
         });
 
         let mut draft_probs = detailed.then(|| Tensor::zeros([0], (Kind::Float, device)));
+        let on_host = !detailed && crate::model::linear::few_row_kernel_runs(device, model.dtype().kind());
         let (a, next, new_drafts, regular_probs) = match self.sampler.decoding() {
+            // On the CPU the host is the device: read the predictions, verify and draft on
+            // plain vectors (a dozen libtorch operations fewer than the device path).
+            Decoding::Greedy if on_host => tch::no_grad(|| -> Result<_> {
+                let predictions = Vec::<i64>::try_from(logits.argmax(-1, false))?;
+                let Verdict { accepted: a, next } = verify_greedy(&drafts, &predictions);
+                let block = plan.layout.mask_block(a).filter(|_| !(layout == Layout::Linear && a < n));
+                let new_drafts = match block {
+                    Some(row) => {
+                        let z = h.narrow(0, plan.row(row) as i64, masks as i64);
+                        match drafter.greedy_on_host(model, &z, next)? {
+                            Some(d) => d,
+                            None => {
+                                let prev = Tensor::from_slice(&[next]);
+                                Vec::<i64>::try_from(drafter.greedy(model, &z, &prev, None))?
+                            }
+                        }
+                    }
+                    None => Vec::new(),
+                };
+                Ok((a, next, new_drafts, None))
+            })?,
             Decoding::Greedy => tch::no_grad(|| -> Result<_> {
                 let predictions = logits.argmax(-1, false);
                 let (accepted, next) = verify_greedy_on_device(&inputs.narrow(0, 1, n as i64), &predictions);
