@@ -126,6 +126,14 @@ struct HostVectors {
     ln2: (Vec<f32>, Vec<f32>),
 }
 
+impl HostVectors {
+    /// True when every vector holds `d` values (a copy that failed holds none, and the
+    /// chain then runs on tensors).
+    fn fit(&self, d: usize) -> bool {
+        [&self.b1, &self.b2, &self.ln1.0, &self.ln1.1, &self.ln2.0, &self.ln2.1].iter().all(|v| v.len() == d)
+    }
+}
+
 /// One mask block's inputs to the draft chain, computed once per block.
 #[derive(Debug)]
 pub struct BlockInputs {
@@ -155,6 +163,7 @@ impl SamplerHead {
                 self.fc2.bs.as_ref().map_or_else(zeros, |b| b.detach().copy()),
             );
             let (ln1, ln2) = (ln(&self.ln1), ln(&self.ln2));
+            // A copy that fails leaves its vector empty: `HostVectors::fit` then says no.
             let vector = |t: &Tensor| Vec::<f32>::try_from(t.to_kind(Kind::Float)).unwrap_or_default();
             let host = HostVectors {
                 b1: vector(&b1),
@@ -211,18 +220,19 @@ impl PreparedSampler {
     /// (`z`: `m x d` values), into `part`; false when the CPU's few-row kernel does not run
     /// here (the chain then runs on tensors, [`PreparedSampler::block`]).
     pub fn host_block(&self, z: &[f32], part: &mut [f32]) -> bool {
-        few_rows::product_into(z, &self.w1_z, Some(&self.host.b1), part)
+        self.host.fit(self.d as usize) && few_rows::product_into(z, &self.w1_z, Some(&self.host.b1), part)
     }
 
     /// [`PreparedSampler::step`] in host memory on the CPU, every product through the
     /// few-row kernel: a draft costs four products and no libtorch operation. `part` and
     /// `z` are the draft's rows of [`PreparedSampler::host_block`] and of the block's hidden
     /// states, `e` the previous token's embedding; the state goes to `out` (all `d`
-    /// values). False when the kernel does not run here.
+    /// values). False when the kernel does not run here or the lengths do not fit.
     pub fn host_state(&self, part: &[f32], z: &[f32], e: &[f32], out: &mut [f32]) -> bool {
         let d = self.d as usize;
         let mut h = vec![0f32; d];
-        if !few_rows::product_into(e, &self.w1_prev, None, &mut h) {
+        let sizes = self.host.fit(d) && part.len() == d && z.len() == d && out.len() == d;
+        if !sizes || !few_rows::product_into(e, &self.w1_prev, None, &mut h) {
             return false;
         }
         for (h, p) in h.iter_mut().zip(part) {
@@ -304,6 +314,8 @@ mod tests {
                 assert!(diff < 1e-5, "{form}, draft {j}: max difference {diff}");
                 assert!(want.iter().any(|&v| v != 0.0), "{form}: a zero state compares nothing");
             }
+            let mut out = vec![0f32; d];
+            assert!(!prepared.host_state(&part[..d - 1], &z_host[..d], &e_host, &mut out), "a short row was taken");
         }
     }
 }
