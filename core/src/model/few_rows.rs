@@ -636,12 +636,13 @@ mod tests {
         tch::manual_seed(4);
         for (out, inp) in [(7, 13), (256, 256), (1030, 600)] {
             let (w, b) = (Tensor::randn([out, inp], O), Tensor::randn([out], O));
-            let b_host = Vec::<f32>::try_from(&b).unwrap();
+            let b_host = Vec::<f32>::try_from(&b).expect("bias to the host");
             for rows in [1, 4, 9] {
                 let x = Tensor::randn([rows, inp], O);
-                let x_host = Vec::<f32>::try_from(x.view([-1])).unwrap();
+                let x_host = Vec::<f32>::try_from(x.view([-1])).expect("rows to the host");
                 for bias in [None, Some(&b)] {
-                    let want = Vec::<f32>::try_from(product(&x, &w, bias).unwrap().view([-1])).unwrap();
+                    let want = product(&x, &w, bias).expect("the tensor product");
+                    let want = Vec::<f32>::try_from(want.view([-1])).expect("product to the host");
                     let mut got = vec![0f32; (rows * out) as usize];
                     assert!(product_into(&x_host, &w, bias.map(|_| b_host.as_slice()), &mut got));
                     assert_eq!(got, want, "{out}x{inp}, {rows} rows, bias {}", bias.is_some());
