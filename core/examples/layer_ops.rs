@@ -1,7 +1,8 @@
 //! Where one decoder layer's time goes, operation by operation, for an AR step's one row
 //! and a speculative step's rows (default: the demo's first layer, 1 and 25 rows, 100
 //! cached positions): each operation as the forward pass runs it, timed in turns with the
-//! others, medians of rounds in microseconds per call; then the whole layer.
+//! others, medians of rounds in microseconds per call; then the whole layer, and the
+//! products of every layer in turn (a forward pass's, the weights read from memory).
 //! `cargo run --release -p mtp-core --example layer_ops [ROWS] [MODEL_DIR]`
 mod common;
 
@@ -126,5 +127,22 @@ fn main() -> anyhow::Result<()> {
         println!("{name:<36} {a:>10.1} {b:>10.1}");
     }
     println!("{:<36} {:>10.1} {:>10.1}", "sum of the operations", totals[0], totals[1]);
+
+    // One layer's weights stay in the caches between calls; a forward pass reads every
+    // layer's from memory (or L3) once. Its products, layer after layer:
+    let weights: Vec<Tensor> = (0..model.layers().len())
+        .flat_map(|l| ProjGroup::ALL.map(move |g| (l, g)))
+        .filter_map(|(l, g)| model.group_weight(l, g).map(|(w, _)| w))
+        .collect();
+    let inputs = |t: i64| -> Vec<Tensor> { weights.iter().map(|w| Tensor::randn([t, w.size()[1]], o)).collect() };
+    let (xs_one, xs_rows) = (inputs(1), inputs(rows));
+    let every_layer = |xs: &[Tensor]| {
+        for (w, x) in weights.iter().zip(xs) {
+            drop(linear(x, w, None));
+        }
+    };
+    let (one, many) = (|| every_layer(&xs_one), || every_layer(&xs_rows));
+    let ms = common::medians(&[&one, &many], 21);
+    println!("{:<36} {:>10.1} {:>10.1}", "every layer's products in turn", ms[0] * 1e3, ms[1] * 1e3);
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! for each form of the adapter's term. The parts are timed in turns, round after round,
 //! and the median of each counts (the machine is shared and noisy).
 //! `cargo run --release -p mtp-core --example step_profile [MASKS] [MODEL_DIR ADAPTER]`
+//! (`STEP_PROFILE_ONLY=ar` or `=step`: only that part, in a loop, for `perf record`)
 use std::time::Instant;
 
 use mtp_core::decode::speculative::{StepLayout, StepPlan};
@@ -105,6 +106,20 @@ fn main() -> anyhow::Result<()> {
     let prev = Tensor::from_slice(&[5i64]);
     let block_rows = plan_lr.block_rows.shallow_clone();
 
+    // For a sampling profiler (`perf record`): only the AR step or only the low-rank step,
+    // 2,000 times, then the mean time of one.
+    if let Ok(only) = std::env::var("STEP_PROFILE_ONLY") {
+        let t = std::time::Instant::now();
+        for _ in 0..2000 {
+            if only == "ar" {
+                ar(model, c1);
+            } else {
+                let _ = step(&low_rank, &plan_lr, c3, true);
+            }
+        }
+        println!("{only}: {:?} a call", t.elapsed() / 2000);
+        return Ok(());
+    }
     let drafts: Vec<i64> = vec![5; n as usize - 1];
     let mut r = Rounds { parts: Vec::new() };
     r.add("AR step (forward + head + argmax)", || ar(model, c1));

@@ -420,7 +420,12 @@ mod avx2 {
     /// them, so that reading the weight from memory or L3 overlaps the arithmetic of the
     /// later passes (9 rows of SmolLM2-135M's layers: 29 ms -> 26 on a Zen 3; 25 rows on a
     /// Zen 4, where waiting for each block had cost a fifth of the step: its forward 72 ms
-    /// -> 59, the demo's 4-mask step 2.5 AR steps -> 1.9; docs/BENCHMARKS.md).
+    /// -> 59, the demo's 4-mask step 2.5 AR steps -> 1.9; docs/BENCHMARKS.md). The block
+    /// is asked into L2, not L1: a core has many more requests to memory in flight for L2
+    /// than for L1, and the block moves to L1 on its first pass anyway. On the Zen 4 the
+    /// SmolLM2-135M shape's products, every layer in turn, took 19.9 / 21.7 / 28.8 / 39.9
+    /// ms at 1 / 4 / 9 / 25 rows prefetched into L1, 14.0 / 12.7 / 15.4 / 35.2 into L2
+    /// (`layer_ops`, "every layer's products").
     ///
     /// # Safety
     /// AVX2 and FMA are available; the job's pointers are valid for its sizes.
@@ -491,7 +496,7 @@ mod avx2 {
             {
                 for i in 0..NO {
                     // SAFETY: within the weight: row p + i < o1 <= out, column k < n.
-                    _mm_prefetch::<_MM_HINT_T0>(unsafe { job.w.add((p + i) * n + k) } as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(unsafe { job.w.add((p + i) * n + k) } as *const i8);
                 }
             }
             let mut xs = [_mm256_setzero_ps(); NR];
