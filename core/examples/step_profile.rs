@@ -2,7 +2,7 @@
 //! for each form of the adapter's term. The parts are timed in turns, round after round,
 //! and the median of each counts (the machine is shared and noisy).
 //! `cargo run --release -p mtp-core --example step_profile [MASKS] [MODEL_DIR ADAPTER]`
-//! (`STEP_PROFILE_ONLY=ar` or `=step`: only that part, in a loop, for `perf record`)
+//! (`STEP_PROFILE_ONLY=ar`, `=base` (the step without its adapter) or `=step`: only that part, in a loop, for `perf record`)
 use std::time::Instant;
 
 use mtp_core::decode::speculative::{StepLayout, StepPlan};
@@ -111,10 +111,10 @@ fn main() -> anyhow::Result<()> {
     if let Ok(only) = std::env::var("STEP_PROFILE_ONLY") {
         let t = std::time::Instant::now();
         for _ in 0..2000 {
-            if only == "ar" {
-                ar(model, c1);
-            } else {
-                let _ = step(&low_rank, &plan_lr, c3, true);
+            match only.as_str() {
+                "ar" => ar(model, c1),
+                "base" => drop(step(&low_rank, &plan_lr, c3, false)),
+                _ => drop(step(&low_rank, &plan_lr, c3, true)),
             }
         }
         println!("{only}: {:?} a call", t.elapsed() / 2000);
