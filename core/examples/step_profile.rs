@@ -2,7 +2,8 @@
 //! for each form of the adapter's term. The parts are timed in turns, round after round,
 //! and the median of each counts (the machine is shared and noisy).
 //! `cargo run --release -p mtp-core --example step_profile [MASKS] [MODEL_DIR ADAPTER]`
-//! (`STEP_PROFILE_ONLY=ar`, `=base` (the step without its adapter) or `=step`: only that part, in a loop, for `perf record`)
+//! With `STEP_PROFILE_ONLY=ar`, `=base` (the step without its adapter) or `=step`: only that
+//! part, 2,000 times in a loop, for `perf record`.
 use std::time::Instant;
 
 use mtp_core::decode::speculative::{StepLayout, StepPlan};
@@ -106,8 +107,8 @@ fn main() -> anyhow::Result<()> {
     let prev = Tensor::from_slice(&[5i64]);
     let block_rows = plan_lr.block_rows.shallow_clone();
 
-    // For a sampling profiler (`perf record`): only the AR step or only the low-rank step,
-    // 2,000 times, then the mean time of one.
+    // For a sampling profiler (`perf record`): only the AR step, the step without its
+    // adapter or the low-rank step, 2,000 times, then the mean time of one.
     if let Ok(only) = std::env::var("STEP_PROFILE_ONLY") {
         let t = std::time::Instant::now();
         for _ in 0..2000 {

@@ -553,10 +553,11 @@ mod avx2 {
             // prefetchers do not follow.
             if c + 32 <= c1 {
                 for j in 0..t.r {
-                    // SAFETY: within `bt`: row j < r, columns c + 16.. < c1 <= out.
-                    let next = unsafe { t.bt.add(j * t.out + c + 16) } as *const i8;
-                    _mm_prefetch::<_MM_HINT_T0>(next);
-                    _mm_prefetch::<_MM_HINT_T0>(unsafe { next.add(60) });
+                    // SAFETY: within `bt`: row j < r, columns c + 16..c + 32 <= c1 <= out.
+                    let next = unsafe { t.bt.add(j * t.out + c + 16) };
+                    // Its first value's line and its last's (sixteen values may span two).
+                    _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(unsafe { next.add(15) } as *const i8);
                 }
             }
             let mut i0 = 0;
