@@ -167,6 +167,24 @@ fn generate_bench_and_probe_with_an_adapter() -> anyhow::Result<()> {
             assert!(steps.iter().all(|s| s.get("accepted").is_some() && s.get("first_rejected").is_some()));
         }
     }
+    // Mask rows in bf16 (where the CPU has it) or exact: the output is AR's either way.
+    for (arithmetic, min_rows) in [("bf16", Some(1)), ("exact", None)] {
+        let mut args = base.to_vec();
+        args.extend([
+            "--adapter",
+            s(&adapter),
+            "--mode",
+            "quadratic",
+            "--masks",
+            "2",
+            "--draft-arithmetic",
+            arithmetic,
+        ]);
+        let out: Value = serde_json::from_str(&ok(mtp(&args))?)?;
+        assert_eq!(ids(&out["token_ids"]), ids(&ar["token_ids"]), "mask rows {arithmetic}");
+        let got = out["bf16_min_mask_rows"].as_u64();
+        assert!(got.is_none() || got == min_rows, "mask rows {arithmetic}: {out}");
+    }
     // Without --masks each step chooses its own count (auto), and the output is still AR's.
     let mut args = base.to_vec();
     args.extend(["--adapter", s(&adapter), "--mode", "quadratic"]);

@@ -2,12 +2,13 @@
 //! for each form of the adapter's term. The parts are timed in turns, round after round,
 //! and the median of each counts (the machine is shared and noisy).
 //! `cargo run --release -p mtp-core --example step_profile [MASKS] [MODEL_DIR ADAPTER]`
-//! With `STEP_PROFILE_ONLY=ar`, `=base` (the step without its adapter) or `=step`: only that
-//! part, 2,000 times in a loop, for `perf record`.
+//! With `STEP_PROFILE_ONLY=ar`, `=base` (the step without its adapter), `=bf16` (the step
+//! with its mask rows in bf16) or `=step`: only that part, 2,000 times in a loop, for
+//! `perf record`.
 use std::time::Instant;
 
 use mtp_core::decode::speculative::{StepLayout, StepPlan};
-use mtp_core::decode::{DraftOptions, Drafter, Layout, LoraForm};
+use mtp_core::decode::{DraftArithmetic, DraftOptions, Drafter, Layout, LoraForm};
 use mtp_core::model::{AttnMask, KvCache, Llama};
 use mtp_core::mtp::MtpAdapter;
 use mtp_core::{LoadOptions, LoadedModel, ModelSource};
@@ -63,8 +64,11 @@ fn main() -> anyhow::Result<()> {
     let loaded = LoadedModel::load(&source, &LoadOptions::default(), &mut ())?;
     let model = &loaded.model;
     let adapter = MtpAdapter::load(&adapter_path, model)?;
-    let drafter = |lora| Drafter::new(model, &adapter, DraftOptions { lora, ..DraftOptions::default() });
-    let (low_rank, merged) = (drafter(LoraForm::LowRank)?, drafter(LoraForm::Merged)?);
+    let drafter =
+        |lora, arithmetic| Drafter::new(model, &adapter, DraftOptions { lora, arithmetic, ..DraftOptions::default() });
+    let (low_rank, merged) =
+        (drafter(LoraForm::LowRank, DraftArithmetic::Exact)?, drafter(LoraForm::Merged, DraftArithmetic::Exact)?);
+    let low_rank_bf16 = drafter(LoraForm::LowRank, DraftArithmetic::Bf16)?;
     let auto = LoraForm::Auto.resolve(model, adapter.config.gated);
     let _g = tch::no_grad_guard();
     let past = 100usize;
@@ -75,7 +79,7 @@ fn main() -> anyhow::Result<()> {
         cache
     };
     let plan = |d: &Drafter| StepPlan::new(model, d, StepLayout::new(Layout::Quadratic, masks, masks));
-    let (plan_lr, plan_mg) = (plan(&low_rank)?, plan(&merged)?);
+    let (plan_lr, plan_mg, plan_bf) = (plan(&low_rank)?, plan(&merged)?, plan(&low_rank_bf16)?);
     let n = masks as i64 + 1;
     let inputs = Tensor::full([n], 5, (Kind::Int64, tch::Device::Cpu));
     let tok = Tensor::from_slice(&[5i64]).unsqueeze(0);
@@ -115,6 +119,7 @@ fn main() -> anyhow::Result<()> {
             match only.as_str() {
                 "ar" => ar(model, c1),
                 "base" => drop(step(&low_rank, &plan_lr, c3, false)),
+                "bf16" => drop(step(&low_rank_bf16, &plan_bf, c3, true)),
                 _ => drop(step(&low_rank, &plan_lr, c3, true)),
             }
         }
@@ -156,7 +161,9 @@ fn main() -> anyhow::Result<()> {
     r.add("draft chain, tensor operations (for comparison)", || {
         let _ = low_rank.greedy(model, &z, &prev, None);
     });
-    let _ = c6;
+    r.add("step forward, low-rank, mask rows in bf16", || {
+        let _ = step(&low_rank_bf16, &plan_bf, c6, true);
+    });
     let results = r.run(15, 20);
     for (label, us) in &results {
         println!("{label:<45} {us:>10.1} us");
@@ -164,8 +171,12 @@ fn main() -> anyhow::Result<()> {
     let get = |i: usize| results[i].1;
     let ar_us = (get(0) + get(6)) / 2.0;
     let rest = get(4) + get(5);
+    let bf16 = match low_rank_bf16.bf16_min_rows() {
+        Some(_) => format!(", mask rows in bf16 {:.2}", (get(8) + rest) / ar_us),
+        None => String::new(),
+    };
     println!(
-        "{} masks, {} rows; step / AR step: low-rank {:.2}, merged {:.2} (no adapter {:.2}; verify + draft {:.2}); auto = {auto}",
+        "{} masks, {} rows; step / AR step: low-rank {:.2}{bf16}, merged {:.2} (no adapter {:.2}; verify + draft {:.2}); auto = {auto}",
         masks,
         plan_lr.rows(),
         (get(2) + rest) / ar_us,

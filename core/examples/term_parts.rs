@@ -8,7 +8,7 @@
 //! `cargo run --release -p mtp-core --example term_parts`
 mod common;
 
-use mtp_core::model::few_rows::{self, TermPart};
+use mtp_core::model::few_rows::{self, TailTerm, TermPart};
 use tch::{Device, Kind, Tensor};
 
 /// One projection group of one layer: the base weight, the stacked A factors, the
@@ -86,21 +86,55 @@ fn main() {
             }
         };
         let plain = || each(&|g, x, _| drop(few_rows::product(x, &g.w, None)));
-        let block =
-            || each(&|g, x, i| drop(few_rows::product_with_low_rank(x, &g.w, None, &g.a, &g.block, &dense[i], start)));
-        let by_part = || {
-            each(&|g, x, i| drop(few_rows::product_with_low_rank(x, &g.w, None, &g.a, &g.compact, &parts[i], start)))
+        let block = || {
+            each(&|g, x, i| {
+                drop(few_rows::product_with_low_rank(
+                    x,
+                    &g.w,
+                    None,
+                    &TailTerm { a: &g.a, bt: &g.block, parts: &dense[i], start, bf16: false },
+                ))
+            })
         };
-        let one =
-            || each(&|g, x, i| drop(few_rows::product_with_low_rank(x, &g.w, None, &g.a1, &g.b1, &rank1[i], start)));
-        let t = common::medians(&[&plain, &block, &by_part, &one], 15);
+        let by_part = || {
+            each(&|g, x, i| {
+                drop(few_rows::product_with_low_rank(
+                    x,
+                    &g.w,
+                    None,
+                    &TailTerm { a: &g.a, bt: &g.compact, parts: &parts[i], start, bf16: false },
+                ))
+            })
+        };
+        let one = || {
+            each(&|g, x, i| {
+                drop(few_rows::product_with_low_rank(
+                    x,
+                    &g.w,
+                    None,
+                    &TailTerm { a: &g.a1, bt: &g.b1, parts: &rank1[i], start, bf16: false },
+                ))
+            })
+        };
+        let bf16 = || {
+            each(&|g, x, i| {
+                drop(few_rows::product_with_low_rank(
+                    x,
+                    &g.w,
+                    None,
+                    &TailTerm { a: &g.a, bt: &g.compact, parts: &parts[i], start, bf16: true },
+                ))
+            })
+        };
+        let t = common::medians(&[&plain, &block, &by_part, &one, &bf16], 15);
         println!(
-            "{rows:2} rows ({:2} with the term): products {:6.2}; term as one block-diagonal B +{:5.2}, by part +{:5.2}, rank 1 +{:5.2}",
+            "{rows:2} rows ({:2} with the term): products {:6.2}; term as one block-diagonal B +{:5.2}, by part +{:5.2}, rank 1 +{:5.2}; by part with those rows in bf16 {:6.2}",
             rows - start,
             t[0],
             t[1] - t[0],
             t[2] - t[0],
-            t[3] - t[0]
+            t[3] - t[0],
+            t[4]
         );
     }
 }

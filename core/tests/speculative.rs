@@ -6,8 +6,8 @@
 use std::sync::OnceLock;
 
 use mtp_core::decode::{
-    Decoding, DraftOptions, Drafter, GenerateRequest, LoraForm, MaskCount, Mode, SamplingParams, StopReason, Strategy,
-    generate,
+    Decoding, DraftArithmetic, DraftOptions, Drafter, GenerateRequest, LoraForm, MaskCount, Mode, SamplingParams,
+    StopReason, Strategy, generate,
 };
 use mtp_core::mtp::{LoraConfig, MtpAdapter, MtpConfig};
 use mtp_core::train::pretrain::{ArchConfig, PretrainConfig, TokenizerPlan, pretrain};
@@ -16,14 +16,16 @@ use mtp_core::{DeviceSpec, LoadOptions, LoadedModel, ModelSource};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tch::{Kind, Tensor};
 
-/// A pretrained tiny model and an adapter with k = 8, prepared for decoding three times:
-/// with the whole vocabulary in the merged form, the same in the low-rank form, and with a draft vocabulary of the 64 tokens
-/// the model writes most often.
+/// A pretrained tiny model and an adapter with k = 8, prepared for decoding four times:
+/// with the whole vocabulary in the merged form, the same in the low-rank form (mask rows
+/// exact, and mask rows in bf16 in every step where the CPU has it), and with a draft
+/// vocabulary of the 64 tokens the model writes most often.
 struct Trained {
     loaded: LoadedModel,
     adapter: MtpAdapter,
     drafter: Drafter,
     low_rank: Drafter,
+    bf16: Drafter,
     small_vocab: Drafter,
 }
 
@@ -51,13 +53,18 @@ fn trained() -> Trained {
     let auto = Drafter::new(&loaded.model, &adapter, DraftOptions::default()).expect("drafter").form();
     let kernel = mtp_core::model::linear::few_row_kernel_runs(loaded.model.device(), loaded.model.dtype().kind());
     assert_eq!(auto, if kernel { LoraForm::LowRank } else { LoraForm::Merged });
-    let low_rank =
-        Drafter::new(&loaded.model, &adapter, DraftOptions { lora: LoraForm::LowRank, ..DraftOptions::default() })
-            .expect("drafter");
+    let low_rank = |arithmetic| {
+        let options = DraftOptions { lora: LoraForm::LowRank, arithmetic, ..DraftOptions::default() };
+        Drafter::new(&loaded.model, &adapter, options).expect("drafter")
+    };
+    let (low_rank, bf16) = (low_rank(DraftArithmetic::Exact), low_rank(DraftArithmetic::Bf16));
+    let bf16_runs = mtp_core::model::few_rows::bf16_available() && kernel;
+    assert_eq!(bf16.bf16_min_rows(), bf16_runs.then_some(1));
+    assert_eq!(low_rank.bf16_min_rows(), None);
     adapter.draft_vocab = Some(frequent_tokens(&loaded, 64));
     let small_vocab = Drafter::new(&loaded.model, &adapter, DraftOptions::default()).expect("drafter");
     adapter.draft_vocab = None;
-    Trained { loaded, adapter, drafter, low_rank, small_vocab }
+    Trained { loaded, adapter, drafter, low_rank, bf16, small_vocab }
 }
 
 /// The `n` tokens the model emits most often after a few code prompts.
@@ -157,13 +164,15 @@ fn greedy_speculative_equals_greedy_ar() -> anyhow::Result<()> {
     let mut per_mode_tpf = Vec::new();
     let fixed = [1, 2, 4, 8].map(MaskCount::Fixed);
     assert_eq!((t.drafter.form(), t.low_rank.form()), (LoraForm::Merged, LoraForm::LowRank));
-    // (mode, masks, drafter: 0 merged, 1 low-rank, 2 draft vocabulary)
+    // (mode, masks, drafter: 0 merged, 1 low-rank, 2 draft vocabulary, 3 mask rows in bf16)
     let settings = [Mode::Linear, Mode::Quadratic]
         .into_iter()
         .flat_map(|mode| fixed.iter().chain([&MaskCount::Auto]).flat_map(move |&m| [(mode, m, 0), (mode, m, 1)]))
-        .chain([(Mode::Quadratic, MaskCount::Fixed(4), 2), (Mode::Linear, MaskCount::Auto, 2)]);
+        .chain([(Mode::Quadratic, MaskCount::Fixed(4), 2), (Mode::Linear, MaskCount::Auto, 2)])
+        .chain([MaskCount::Fixed(2), MaskCount::Fixed(8), MaskCount::Auto].map(|m| (Mode::Quadratic, m, 3)))
+        .chain([(Mode::Linear, MaskCount::Fixed(4), 3)]);
     for (mode, masks, which) in settings {
-        let drafter = [&t.drafter, &t.low_rank, &t.small_vocab][which];
+        let drafter = [&t.drafter, &t.low_rank, &t.small_vocab, &t.bf16][which];
         let small_vocab = which == 2;
         let strategy = Strategy::new(mode, Some(drafter), masks)?;
         let max = masks.max(8);
@@ -173,8 +182,9 @@ fn greedy_speculative_equals_greedy_ar() -> anyhow::Result<()> {
                 let req = request(prompt.clone(), 24 + i % 7, Decoding::Greedy, vec![]);
                 let spec = generate(model, strategy, &req, &mut ())?;
                 let what = format!(
-                    "{mode} with {masks} masks ({}, draft vocabulary: {small_vocab}), prompt {prompt:?}",
-                    drafter.form()
+                    "{mode} with {masks} masks ({}, draft vocabulary: {small_vocab}, mask rows {}), prompt {prompt:?}",
+                    drafter.form(),
+                    drafter.arithmetic()
                 );
                 assert_eq!(spec.token_ids, ar.token_ids, "{what}");
                 assert_eq!(spec.stop, StopReason::MaxTokens);
@@ -414,7 +424,7 @@ fn two_hundred_steps_raise_every_slot() -> anyhow::Result<()> {
 /// regular rows are the same whatever the adapter (bit for bit: the base model's for the
 /// low-rank form, and the same as with an all-zero adapter in the merged form), and every
 /// row equals the training path's (the adapter's own factors, gated per row) up to
-/// rounding.
+/// rounding; with the mask rows in bf16, up to bf16 rounding.
 #[test]
 fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
     use mtp_core::decode::Layout;
@@ -447,7 +457,7 @@ fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
         let base = run(None);
         let training = run(Some(&t.adapter.gated(&slot, model.dtype().kind())));
         for form in [LoraForm::LowRank, LoraForm::Merged] {
-            let options = DraftOptions { lora: form, ..DraftOptions::default() };
+            let options = DraftOptions { lora: form, arithmetic: DraftArithmetic::Exact, ..DraftOptions::default() };
             let (trained, zero) = (Drafter::new(model, &t.adapter, options)?, Drafter::new(model, &fresh, options)?);
             let plan = StepPlan::new(model, &trained, StepLayout::new(layout, drafts, masks))?;
             assert_eq!(plan.halves(), form == LoraForm::Merged);
@@ -472,6 +482,21 @@ fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
                 let own = tch::no_grad(|| plan.forward(model, &halves, &inputs, None, 0, None));
                 assert!(diff(&own, &h) < 1e-5, "{what}: merged weights vs the adapter's factors: {}", diff(&own, &h));
             }
+        }
+        // Mask rows in bf16: the regular rows still the base model's bit for bit, the mask
+        // rows the training path's to bf16 rounding (and not bit for bit, where it runs).
+        let plan = StepPlan::new(model, &t.bf16, StepLayout::new(layout, drafts, masks))?;
+        let h = tch::no_grad(|| plan.forward(model, &t.bf16.step_gate(&plan), &inputs, None, 0, None));
+        let what = format!("{layout:?}, {drafts} drafts, {masks} masks, mask rows in bf16");
+        let reg = regular as i64;
+        assert!(h.narrow(0, 0, reg).equal(&base.narrow(0, 0, reg)), "{what}: not the base model's rows");
+        let order: Vec<i64> = (0..rows as usize).map(|u| plan.row(u) as i64).collect();
+        let logical = h.index_select(0, &Tensor::from_slice(&order));
+        let relative = diff(&logical, &training) / training.abs().max().double_value(&[]);
+        println!("{what}: largest difference from training {relative:.2e} of the largest value");
+        assert!(relative < 2e-2, "{what}: differs from training: {relative}");
+        if t.bf16.bf16_min_rows().is_some() {
+            assert!(relative > 1e-6, "{what}: the training path's to f32 rounding: bf16 did not run");
         }
     }
     Ok(())

@@ -83,7 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         super::print_json(&report)?;
     } else {
         println!(
-            "{} prompts from {}, {} new tokens each, {} on {}; drafts from {}; adapter form {}",
+            "{} prompts from {}, {} new tokens each, {} on {}; drafts from {}; adapter form {}; {}",
             prompts.len(),
             prompts_path.display(),
             args.max_new_tokens,
@@ -93,6 +93,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .draft_vocab_size()
                 .map_or("the whole vocabulary".into(), |n| format!("a draft vocabulary of {n} tokens")),
             drafter.form(),
+            drafter
+                .bf16_min_rows()
+                .map_or("mask rows exact".into(), |n| format!("mask rows in bf16 in steps of {n} or more")),
         );
         if let Some(template) = &report.chat_template {
             println!("conversation prompts encoded with the chat template of {template}");

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use mtp_core::decode::{DraftOptions, Drafter, LoraForm};
+use mtp_core::decode::{DraftArithmetic, DraftOptions, Drafter, LoraForm};
 use mtp_core::mtp::{BaseCheck, MtpAdapter};
 use mtp_core::train::DataSource;
 use mtp_core::{DType, DeviceSpec, Llama, LoadOptions, LoadedModel, ModelSource};
@@ -77,6 +77,12 @@ pub struct AdapterArg {
     /// layer weights held twice more), or auto (merged for small layers).
     #[arg(long, default_value = "auto")]
     pub lora_form: LoraForm,
+    /// The arithmetic of a step's mask rows (drafts only: the next-token rows, and so
+    /// greedy output, are the same either way): exact (the model's dtype), bf16 (on a CPU
+    /// with AVX-512 BF16 and an f32 model, twice the multiply-adds a core does in f32), or
+    /// auto (bf16 for steps of at least 12 mask rows, where it runs).
+    #[arg(long, default_value = "auto")]
+    pub draft_arithmetic: DraftArithmetic,
 }
 
 impl AdapterArg {
@@ -95,7 +101,11 @@ impl AdapterArg {
     /// Load the adapter and prepare it for decoding.
     pub fn drafter(&self, source: &ModelSource, model: &Llama) -> anyhow::Result<Drafter> {
         let adapter = self.load(source, model)?;
-        let options = DraftOptions { draft_vocab: !self.full_vocab_drafts, lora: self.lora_form };
+        let options = DraftOptions {
+            draft_vocab: !self.full_vocab_drafts,
+            lora: self.lora_form,
+            arithmetic: self.draft_arithmetic,
+        };
         Ok(Drafter::new(model, &adapter, options)?)
     }
 }

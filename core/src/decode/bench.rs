@@ -154,6 +154,10 @@ pub struct BenchReport {
     /// How the steps applied the adapter (absent in reports written before it was chosen).
     #[serde(default)]
     pub lora_form: Option<LoraForm>,
+    /// The fewest mask rows a step multiplied in bf16 ([`super::DraftArithmetic`]; absent:
+    /// never).
+    #[serde(default)]
+    pub bf16_min_mask_rows: Option<usize>,
     /// The chat template that encoded the conversation prompts (its file), when any prompt
     /// was a conversation.
     #[serde(default)]
@@ -348,6 +352,7 @@ pub fn run_bench(
         divergences,
         max_new_tokens: config.max_new_tokens,
         lora_form: Some(drafter.form()),
+        bf16_min_mask_rows: drafter.bf16_min_rows(),
         chat_template,
     })
 }
@@ -451,8 +456,15 @@ mod tests {
             .iter()
             .flat_map(|d| [row(d, Mode::Ar, 0), row(d, Mode::Linear, 1), row(d, Mode::Quadratic, 1)])
             .collect();
-        let md = BenchReport { rows, divergences: vec![], max_new_tokens: 8, lora_form: None, chat_template: None }
-            .to_markdown();
+        let md = BenchReport {
+            rows,
+            divergences: vec![],
+            max_new_tokens: 8,
+            lora_form: None,
+            bf16_min_mask_rows: None,
+            chat_template: None,
+        }
+        .to_markdown();
         assert_eq!(md.matches("quadratic: tokens per forward").count(), 1);
         assert_eq!(md.matches("linear: tokens per forward").count(), 1);
         assert_eq!(md.matches("| math |").count(), 2);
@@ -461,6 +473,7 @@ mod tests {
             divergences: vec![],
             max_new_tokens: 8,
             lora_form: None,
+            bf16_min_mask_rows: None,
             chat_template: None,
         }
         .to_csv();

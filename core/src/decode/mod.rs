@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use ar::generate_ar;
 pub use generation::{Generation, generate};
 pub use sampling::{Sampler, SamplingParams};
-pub use speculative::{DraftOptions, Drafter, LoraForm, SpecDecoder};
+pub use speculative::{DraftArithmetic, DraftOptions, Drafter, LoraForm, SpecDecoder};
 pub use stats::StepStats;
 pub use strategy::{Layout, MaskCount, Mode, Speculative, Strategy};
 

@@ -47,6 +47,25 @@ pub fn available() -> bool {
     })
 }
 
+/// Whether this CPU multiplies bf16 pairs with f32 sums (AVX-512 BF16: Zen 4, Sapphire
+/// Rapids and later), for [`product_with_low_rank`]'s `bf16_tail`.
+pub fn bf16_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            available()
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 /// Whether `x W^T` (`x`: `[rows, in]`) can run here: the CPU has the instructions, both
 /// are f32 on the CPU, `x` has 1 to [`MAX_ROWS`] rows, and neither needs a gradient.
 pub fn takes(x: &Tensor, weight: &Tensor) -> bool {
@@ -71,7 +90,7 @@ pub fn product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Ten
         return None;
     }
     let y = Tensor::empty([x.size()[0], weight.size()[0]], (Kind::Float, Device::Cpu));
-    run(x, weight, bias, &y, false, None);
+    run(x, weight, bias, &y, false, None, None);
     Some(y)
 }
 
@@ -86,7 +105,7 @@ pub fn accumulate(x: &Tensor, weight: &Tensor, y: &Tensor) -> bool {
     if !fits || !takes(x, weight) {
         return false;
     }
-    run(x, weight, None, y, true, None);
+    run(x, weight, None, y, true, None, None);
     true
 }
 
@@ -100,7 +119,7 @@ pub fn product_into(x: &[f32], weight: &Tensor, bias: Option<&[f32]>, y: &mut [f
     let size = weight.size();
     let [out, inp] = size[..] else { return false };
     let (out, inp) = (out as usize, inp as usize);
-    let rows = if inp == 0 { 0 } else { x.len() / inp };
+    let rows = x.len().checked_div(inp).unwrap_or(0);
     let fits = available()
         && weight.device() == Device::Cpu
         && weight.kind() == Kind::Float
@@ -123,6 +142,7 @@ pub fn product_into(x: &[f32], weight: &Tensor, bias: Option<&[f32]>, y: &mut [f
         out,
         accumulate: false,
         low_rank: None,
+        bf16: None,
     });
     true
 }
@@ -141,6 +161,18 @@ struct Job {
     accumulate: bool,
     /// A low-rank term added to the rows from its `start` on, in the same parallel region.
     low_rank: Option<LowRank>,
+    /// Rows from `from` on multiplied in bf16 (see [`product_with_low_rank`]).
+    bf16: Option<Bf16Rows>,
+}
+
+/// The rows of a product from `from` on, rounded to bf16 (`x`: `[rows - from, stride]`
+/// values, each row zero-padded to `stride`, a multiple of 32), multiplied by the weight
+/// rounded to bf16 block by block with f32 sums.
+#[derive(Clone, Copy)]
+struct Bf16Rows {
+    x: *const u16,
+    from: usize,
+    stride: usize,
 }
 
 /// The most parts a low-rank term has: the projections of one group (q, k, v).
@@ -221,10 +253,14 @@ impl Job {
                 out: lr.m,
                 accumulate: false,
                 low_rank: None,
+                bf16: None,
                 ..*self
             };
             avx2::columns(&first, Self::edge(lr.m, i, parts), Self::edge(lr.m, i + 1, parts));
-            avx2::columns(self, o0, o1);
+            match self.bf16 {
+                Some(low) => avx512::columns(self, &low, o0, o1),
+                None => avx2::columns(self, o0, o1),
+            }
             if parts > 1 {
                 barrier();
             }
@@ -243,22 +279,46 @@ impl Job {
 }
 
 /// `y (+)= x W^T + b`, with a low-rank term when given (its operands kept alive by the
-/// caller until this returns).
-fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulate: bool, low_rank: Option<LowRank>) {
+/// caller until this returns), the rows from `bf16_from` on in bf16.
+fn run(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+    accumulate: bool,
+    low_rank: Option<LowRank>,
+    bf16_from: Option<usize>,
+) {
     // Contiguous copies only where the caller's tensors are not (kept alive below).
     let x = x.contiguous();
     let weight = weight.contiguous();
     let bias = bias.map(Tensor::contiguous);
+    let (rows, inp) = (x.size()[0] as usize, x.size()[1] as usize);
+    let stride = inp.div_ceil(32) * 32;
+    let mut x_bf16 = Vec::new();
+    let bf16 = bf16_from.filter(|&from| from < rows && bf16_available()).map(|from| {
+        x_bf16 = vec![0u16; (rows - from) * stride];
+        // SAFETY: the f32 rows from `from` on (`(rows - from) x inp` values of the
+        // contiguous `x`) and the buffer of `(rows - from) x stride` values.
+        let src =
+            unsafe { std::slice::from_raw_parts((x.data_ptr() as *const f32).add(from * inp), (rows - from) * inp) };
+        for (dst, row) in x_bf16.chunks_exact_mut(stride).zip(src.chunks_exact(inp)) {
+            // SAFETY: `bf16_available()` holds.
+            unsafe { avx512::round_row(row, dst) };
+        }
+        Bf16Rows { x: x_bf16.as_ptr(), from, stride }
+    });
     dispatch(Job {
         x: x.data_ptr() as *const f32,
         w: weight.data_ptr() as *const f32,
         bias: bias.as_ref().map_or(std::ptr::null(), |b| b.data_ptr() as *const f32),
         y: y.data_ptr() as *mut f32,
-        rows: x.size()[0] as usize,
-        inp: x.size()[1] as usize,
+        rows,
+        inp,
         out: weight.size()[0] as usize,
         accumulate,
         low_rank,
+        bf16,
     });
 }
 
@@ -271,25 +331,35 @@ fn dispatch(job: Job) {
     }
 }
 
-/// `x W^T + b`, plus on rows `start..` a low-rank term `(x A^T) B^T` (`a`: `[m, in]`; `bt`:
-/// `[r, out]`, each part's `B^T` (the scale already in it) in its own output columns; `parts`
-/// say which columns read which rank-r slice of the intermediate), in one call: the rows
-/// before `start` are exactly [`product`]'s, and the term costs no libtorch operation (its
+/// A low-rank term `(x A^T) B^T` on the rows of a product from `start` on, for
+/// [`product_with_low_rank`].
+#[derive(Debug, Clone, Copy)]
+pub struct TailTerm<'a> {
+    /// `[m, in]`: the stacked A factors.
+    pub a: &'a Tensor,
+    /// `[r, out]`: each part's `B^T` (the scale already in it) in its own output columns.
+    pub bt: &'a Tensor,
+    /// Which columns read which rank-r slice of the intermediate.
+    pub parts: &'a [TermPart],
+    /// The first row the term applies to.
+    pub start: i64,
+    /// Multiply the base product of those rows in bf16 (where [`bf16_available`], else
+    /// exactly): each value rounded to bf16 (to nearest, ties to even), the products
+    /// summed in f32 (32 pairs an instruction, twice a core's f32 multiply-adds). For a
+    /// decoding step's mask rows, whose outputs are only drafts.
+    pub bf16: bool,
+}
+
+/// `x W^T + b`, plus the low-rank term `term` on its rows, in one call: the rows before
+/// `term.start` are exactly [`product`]'s, and the term costs no libtorch operation (its
 /// rank-`m` intermediate lives in a buffer of our own) and no parallel region of its own:
 /// each thread computes its share of the intermediate and of the base product, waits at one
 /// barrier, then adds the term to its own output columns (two regions before: on the
 /// SmolLM2-135M shape a layer's terms cost 108 us over the base products at 9 rows, now
 /// 67). Columns in no part get no term. `None` when [`takes`] says no to either, or the
 /// parts do not fit (more than [`MAX_TERM_PARTS`], out of order or out of range).
-pub fn product_with_low_rank(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    a: &Tensor,
-    bt: &Tensor,
-    parts: &[TermPart],
-    start: i64,
-) -> Option<Tensor> {
+pub fn product_with_low_rank(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, term: &TailTerm) -> Option<Tensor> {
+    let TailTerm { a, bt, parts, start, bf16 } = *term;
     let (rows, out, m) = (x.size().first().copied()?, weight.size()[0], a.size()[0]);
     let r = *bt.size().first()?;
     let ordered = parts.windows(2).all(|w| w[0].cols.end <= w[1].cols.start);
@@ -317,7 +387,7 @@ pub fn product_with_low_rank(
     for (span, p) in spans.iter_mut().zip(parts) {
         *span = (p.cols.start, p.cols.end, p.rank_offset);
     }
-    let term = LowRank {
+    let low_rank = LowRank {
         a: a.data_ptr() as *const f32,
         bt: bt.data_ptr() as *const f32,
         h: h.as_mut_ptr(),
@@ -327,7 +397,7 @@ pub fn product_with_low_rank(
         parts: spans,
         n: parts.len(),
     };
-    run(x, weight, bias, &y, false, Some(term));
+    run(x, weight, bias, &y, false, Some(low_rank), bf16.then_some(start as usize));
     Some(y)
 }
 
@@ -448,37 +518,44 @@ mod avx2 {
     /// the blocks stopped.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn blocks<const NO: usize, const NR: usize>(job: &Job, o0: usize, o1: usize) -> usize {
-        let passes = job.rows.div_ceil(NR);
         let mut o = o0;
         while o + NO <= o1 {
             let ahead = o + NO * PREFETCH_BLOCKS;
-            let prefetch = (ahead + NO <= o1).then_some(ahead);
-            let mut r = 0;
-            while r + NR <= job.rows {
-                unsafe { tile::<NO, NR>(job, o, r, prefetch, (r / NR, passes)) };
-                r += NR;
-            }
-            let pass = (r / NR, passes);
-            match job.rows - r {
-                3 => unsafe { tile::<NO, 3>(job, o, r, prefetch, pass) },
-                2 => unsafe { tile::<NO, 2>(job, o, r, prefetch, pass) },
-                1 => unsafe { tile::<NO, 1>(job, o, r, prefetch, pass) },
-                _ => {}
-            }
+            unsafe { block::<NO, NR>(job, o, (ahead + NO <= o1).then_some(ahead)) };
             o += NO;
         }
         o
     }
 
+    /// The block of `NO` weight rows at `o` multiplied by every input row, `NR` at a time
+    /// (the remainder in one narrower pass), the passes prefetching the block at `prefetch`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) unsafe fn block<const NO: usize, const NR: usize>(job: &Job, o: usize, prefetch: Option<usize>) {
+        let passes = job.rows.div_ceil(NR);
+        let mut r = 0;
+        while r + NR <= job.rows {
+            unsafe { tile::<NO, NR>(job, o, r, prefetch, (r / NR, passes)) };
+            r += NR;
+        }
+        let pass = (r / NR, passes);
+        match job.rows - r {
+            3 => unsafe { tile::<NO, 3>(job, o, r, prefetch, pass) },
+            2 => unsafe { tile::<NO, 2>(job, o, r, prefetch, pass) },
+            1 => unsafe { tile::<NO, 1>(job, o, r, prefetch, pass) },
+            _ => {}
+        }
+    }
+
     /// How many blocks of weight rows ahead the passes prefetch.
-    const PREFETCH_BLOCKS: usize = 2;
+    pub(super) const PREFETCH_BLOCKS: usize = 2;
 
     /// Outputs `r..r + NR` x `o..o + NO`: one accumulator of eight lanes per output. With
     /// `prefetch`, pass `pass.0` of `pass.1` also prefetches its share of the weight rows
     /// from that one on (every 16 values, which of the passes takes them in turn).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn tile<const NO: usize, const NR: usize>(
+    pub(super) unsafe fn tile<const NO: usize, const NR: usize>(
         job: &Job,
         o: usize,
         r: usize,
@@ -623,6 +700,175 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Bf16Rows, Job, avx2};
+
+    /// `row` rounded to bf16 (to nearest, ties to even) into `dst`, zero past its end.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512 BF16 are available; `dst` is at least as long as `row`, a
+    /// multiple of 32.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+    pub(super) unsafe fn round_row(row: &[f32], dst: &mut [u16]) {
+        debug_assert!(dst.len().is_multiple_of(32) && dst.len() >= row.len());
+        unsafe { round(row.as_ptr(), row.len(), dst.as_mut_ptr(), dst.len()) }
+    }
+
+    /// `n` f32 values at `src` rounded to bf16 at `dst`, zero from `n` to `stride`.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+    #[inline]
+    unsafe fn round(src: *const f32, n: usize, dst: *mut u16, stride: usize) {
+        let whole = n / 32 * 32;
+        let mut k = 0;
+        while k < whole {
+            // SAFETY: values k..k + 32 < n of `src`, k..k + 32 <= stride of `dst`.
+            unsafe {
+                let (lo, hi) = (_mm512_loadu_ps(src.add(k)), _mm512_loadu_ps(src.add(k + 16)));
+                _mm512_storeu_si512(
+                    dst.add(k) as *mut __m512i,
+                    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)),
+                );
+            }
+            k += 32;
+        }
+        while k < stride {
+            let lanes = |from: usize| -> __mmask16 {
+                let left = n.saturating_sub(from);
+                if left >= 16 { 0xffff } else { ((1u32 << left) - 1) as __mmask16 }
+            };
+            // SAFETY: masked loads read only values below `n`.
+            unsafe {
+                let lo = _mm512_maskz_loadu_ps(lanes(k), src.add(k));
+                let hi = _mm512_maskz_loadu_ps(lanes(k + 16), src.add(k + 16));
+                _mm512_storeu_si512(
+                    dst.add(k) as *mut __m512i,
+                    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)),
+                );
+            }
+            k += 32;
+        }
+    }
+
+    /// Output columns `o0..o1` of `job`: its rows before `low.from` exactly as
+    /// [`avx2::columns`] computes them (the same tiles in the same order, so the same
+    /// bits), the rows from `low.from` on in bf16: each block of four weight rows, once
+    /// the f32 rows' passes have brought it to L1, is rounded to bf16 into a buffer of
+    /// this thread's and multiplied by those rows (32 pairs a instruction, twice the f32
+    /// multiply-adds of a core). Columns past the last whole block: f32, every row.
+    ///
+    /// # Safety
+    /// AVX2, FMA, AVX-512F and AVX-512 BF16 are available; the job's and `low`'s pointers
+    /// are valid for their sizes.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bf16,avx512vl")]
+    pub(super) unsafe fn columns(job: &Job, low: &Bf16Rows, o0: usize, o1: usize) {
+        const NO: usize = 4;
+        let head = Job { rows: low.from, ..*job };
+        let mut w = vec![0u16; NO * low.stride];
+        let mut o = o0;
+        while o + NO <= o1 {
+            let ahead = o + NO * avx2::PREFETCH_BLOCKS;
+            let prefetch = (ahead + NO <= o1).then_some(ahead);
+            if head.rows > 0 {
+                unsafe { avx2::block::<NO, 3>(&head, o, prefetch) };
+            } else if let Some(p) = prefetch {
+                for i in 0..NO {
+                    for k in (0..job.inp).step_by(16) {
+                        // SAFETY: within the weight: row p + i < o1 <= out, column k < inp.
+                        _mm_prefetch::<_MM_HINT_T1>(unsafe { job.w.add((p + i) * job.inp + k) } as *const i8);
+                    }
+                }
+            }
+            for i in 0..NO {
+                // SAFETY: weight row o + i (`inp` values) and the buffer's row i.
+                unsafe { round(job.w.add((o + i) * job.inp), job.inp, w.as_mut_ptr().add(i * low.stride), low.stride) };
+            }
+            let rows = job.rows - low.from;
+            let mut r = 0;
+            while r < rows {
+                // Five rows at most a pass (20 accumulators, 5 rows and a weight row of
+                // 32 registers), passes of about equal size: 6 rows as two of three.
+                let left = rows - r;
+                let n = match left {
+                    0..=5 => left,
+                    6..=10 => left.div_ceil(2),
+                    _ => 5,
+                };
+                // SAFETY: as this function's.
+                unsafe {
+                    match n {
+                        5 => tile::<5>(job, low, &w, o, r),
+                        4 => tile::<4>(job, low, &w, o, r),
+                        3 => tile::<3>(job, low, &w, o, r),
+                        2 => tile::<2>(job, low, &w, o, r),
+                        _ => tile::<1>(job, low, &w, o, r),
+                    }
+                }
+                r += n;
+            }
+            o += NO;
+        }
+        for o in o..o1 {
+            for r in 0..job.rows {
+                unsafe { avx2::tile::<1, 1>(job, o, r, None, (0, 1)) };
+            }
+        }
+    }
+
+    /// The sixteen lanes of each of four accumulators summed, the four sums in order:
+    /// halves of the four added two vectors at a time, then quarters, then each quarter's
+    /// four lanes (a fixed order, the same for every output).
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+    #[inline]
+    fn sums(a: &[__m512; 4]) -> __m128 {
+        // [a0 q0+q2, a0 q1+q3, a1 q0+q2, a1 q1+q3], the same for a2 and a3.
+        let h01 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a[0], a[1]), _mm512_shuffle_f32x4::<0xee>(a[0], a[1]));
+        let h23 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a[2], a[3]), _mm512_shuffle_f32x4::<0xee>(a[2], a[3]));
+        // Quarter i: accumulator i's four partial sums.
+        let q = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(h01, h23), _mm512_shuffle_f32x4::<0xdd>(h01, h23));
+        let (q0, q1) = (_mm512_castps512_ps128(q), _mm512_extractf32x4_ps::<1>(q));
+        let (q2, q3) = (_mm512_extractf32x4_ps::<2>(q), _mm512_extractf32x4_ps::<3>(q));
+        _mm_hadd_ps(_mm_hadd_ps(q0, q1), _mm_hadd_ps(q2, q3))
+    }
+
+    /// Outputs `low.from + r .. + NR` x `o..o + 4` in bf16: `w` holds the block's four
+    /// weight rows rounded, `stride` apart.
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+    #[inline]
+    unsafe fn tile<const NR: usize>(job: &Job, low: &Bf16Rows, w: &[u16], o: usize, r: usize) {
+        let load = |p: *const u16| -> __m512bh {
+            // SAFETY: the callers' pointers have 32 values from `p`.
+            unsafe { std::mem::transmute(_mm512_loadu_si512(p as *const __m512i)) }
+        };
+        let mut acc = [[_mm512_setzero_ps(); 4]; NR];
+        let mut k = 0;
+        while k < low.stride {
+            // SAFETY: `w` holds 4 rows of `stride` values.
+            let ws: [__m512bh; 4] = std::array::from_fn(|i| load(unsafe { w.as_ptr().add(i * low.stride + k) }));
+            for (j, row) in acc.iter_mut().enumerate() {
+                // SAFETY: `low.x` holds `stride` values for each row from `r + j`.
+                let x = load(unsafe { low.x.add((r + j) * low.stride + k) });
+                for (a, wv) in row.iter_mut().zip(&ws) {
+                    *a = _mm512_dpbf16_ps(*a, *wv, x);
+                }
+            }
+            k += 32;
+        }
+        for (j, row) in acc.iter().enumerate() {
+            let mut s = sums(row);
+            if !job.bias.is_null() {
+                // SAFETY: the bias has `out` values, o + 4 <= out.
+                s = _mm_add_ps(s, unsafe { _mm_loadu_ps(job.bias.add(o)) });
+            }
+            // SAFETY: row `low.from + r + j` of `y`, its columns o..o + 4.
+            let y = unsafe { job.y.add((low.from + r + j) * job.out + o) };
+            unsafe { _mm_storeu_ps(y, if job.accumulate { _mm_add_ps(_mm_loadu_ps(y), s) } else { s }) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -725,15 +971,9 @@ mod tests {
         let threads = tch::get_num_threads();
         let on = |team: i32, x: &Tensor, start: i64| {
             tch::set_num_threads(team);
-            let y = product_with_low_rank(
-                x,
-                &w,
-                Some(&bias),
-                &a,
-                &bt,
-                &[TermPart { cols: 0..1030, rank_offset: 0 }],
-                start,
-            );
+            let parts = [TermPart { cols: 0..1030, rank_offset: 0 }];
+            let term = TailTerm { a: &a, bt: &bt, parts: &parts, start, bf16: false };
+            let y = product_with_low_rank(x, &w, Some(&bias), &term);
             tch::set_num_threads(threads);
             y
         };
@@ -751,6 +991,48 @@ mod tests {
             assert!(diff < 1e-2, "{rows} rows from {start}: max difference {diff}");
             let alone = on(1, &x, start).expect("one thread");
             assert!(alone.equal(&y), "{rows} rows from {start}: one thread differs from a team of two");
+        }
+    }
+
+    /// The tail rows in bf16: the rows before `start` are bit for bit the plain product's,
+    /// the tail rows the library's `x W^T + b + (x A^T) B^T` to bf16 rounding (and not
+    /// bit for bit: the bf16 path ran), widths that are not multiples of the blocks (7
+    /// columns, 13 or 600 inputs: padded to 32), every row the same from one thread as
+    /// from a team of two.
+    #[test]
+    fn bf16_tail_rows_are_close_and_head_rows_exact() {
+        let _g = tch::no_grad_guard();
+        if !bf16_available() {
+            return;
+        }
+        tch::manual_seed(5);
+        let threads = tch::get_num_threads();
+        for (out, inp) in [(1030, 600), (7, 13), (64, 64)] {
+            let (w, bias) = (Tensor::randn([out, inp], O), Tensor::randn([out], O));
+            let (a, b) = (Tensor::randn([16, inp], O) * 0.1, Tensor::randn([out, 16], O) * 0.1);
+            let bt = b.tr().contiguous();
+            let parts = [TermPart { cols: 0..out as usize, rank_offset: 0 }];
+            let on = |team: i32, x: &Tensor, start: i64| {
+                tch::set_num_threads(team);
+                let term = TailTerm { a: &a, bt: &bt, parts: &parts, start, bf16: true };
+                let y = product_with_low_rank(x, &w, Some(&bias), &term).expect("bf16 tail");
+                tch::set_num_threads(threads);
+                y
+            };
+            for (rows, start) in [(25, 5), (9, 3), (4, 0)] {
+                let x = Tensor::randn([rows, inp], O);
+                let y = on(2, &x, start);
+                let plain = product(&x, &w, Some(&bias)).expect("plain product");
+                let what = format!("{out}x{inp}, {rows} rows from {start}");
+                assert!(y.narrow(0, 0, start).equal(&plain.narrow(0, 0, start)), "{what}: head rows changed");
+                let xt = x.narrow(0, start, rows - start);
+                let want = xt.linear(&w, Some(&bias)) + xt.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None);
+                let got = y.narrow(0, start, rows - start);
+                let rel = (&got - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+                assert!(rel < 1e-2, "{what}: relative difference {rel}");
+                assert!(rel > 0.0, "{what}: bit for bit the f32 product: the bf16 path did not run");
+                assert!(on(1, &x, start).equal(&y), "{what}: one thread differs from a team of two");
+            }
         }
     }
 
@@ -776,12 +1058,13 @@ mod tests {
         let parts = [TermPart { cols: 0..384, rank_offset: 0 }, TermPart { cols: 512..640, rank_offset: r as usize }];
         for (rows, start) in [(4, 2), (25, 5)] {
             let x = Tensor::randn([rows, inp], O);
-            let Some(got) = product_with_low_rank(&x, &w, None, &a, &compact, &parts, start) else {
+            let term = |bt, parts| TailTerm { a: &a, bt, parts, start, bf16: false };
+            let Some(got) = product_with_low_rank(&x, &w, None, &term(&compact, &parts)) else {
                 assert!(!available());
                 return;
             };
             let dense = [TermPart { cols: 0..out as usize, rank_offset: 0 }];
-            let want = product_with_low_rank(&x, &w, None, &a, &block, &dense, start).expect("dense term");
+            let want = product_with_low_rank(&x, &w, None, &term(&block, &dense)).expect("dense term");
             assert!(got.equal(&want), "{rows} rows: the parts differ from the block-diagonal term");
             let xt = x.narrow(0, start, rows - start);
             let library = xt.linear::<Tensor>(&w, None) + xt.linear::<Tensor>(&a, None).mm(&block);
@@ -789,7 +1072,8 @@ mod tests {
             assert!(diff < 1e-2, "{rows} rows: max difference {diff}");
         }
         let overlapping = [TermPart { cols: 0..400, rank_offset: 0 }, TermPart { cols: 384..640, rank_offset: 0 }];
-        assert!(product_with_low_rank(&Tensor::randn([4, inp], O), &w, None, &a, &compact, &overlapping, 2).is_none());
+        let term = TailTerm { a: &a, bt: &compact, parts: &overlapping, start: 2, bf16: false };
+        assert!(product_with_low_rank(&Tensor::randn([4, inp], O), &w, None, &term).is_none());
     }
 
     /// What the kernel leaves to the libraries: too many rows, a gradient, other dtypes,

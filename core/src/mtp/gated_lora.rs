@@ -144,7 +144,7 @@ impl Lora {
                     groups.push(Some(PreparedGroup { a, b, bt, term_parts, merged, base }));
                 }
             }
-            PreparedLora { groups }
+            PreparedLora { groups, bf16_min_rows: None }
         })
     }
 }
@@ -215,6 +215,9 @@ impl ProjDelta for Lora {
 pub struct PreparedLora {
     /// Index `layer * 4 + group`, `None` when not adapted.
     groups: Vec<Option<PreparedGroup>>,
+    /// The fewest rows of a [`Gate::Tail`] whose base products run in bf16 on the CPU's
+    /// few-row kernel (`None`: never).
+    bf16_min_rows: Option<usize>,
 }
 
 /// One adapted projection group, prepared.
@@ -248,6 +251,18 @@ impl PreparedLora {
         self.groups.get(layer * ProjGroup::ALL.len() + group.index()).and_then(Option::as_ref)
     }
 
+    /// Multiply the rows of a [`Gate::Tail`] in bf16 when there are at least `min_rows` of
+    /// them (see [`few_rows::product_with_low_rank`]); `None`: never.
+    pub fn with_bf16_tail(mut self, min_rows: Option<usize>) -> Self {
+        self.bf16_min_rows = min_rows;
+        self
+    }
+
+    /// The fewest tail rows multiplied in bf16 (`None`: never).
+    pub fn bf16_min_rows(&self) -> Option<usize> {
+        self.bf16_min_rows
+    }
+
     /// True when the groups carry merged weights for [`Gate::Halves`] steps.
     pub fn is_merged(&self) -> bool {
         self.groups.iter().flatten().any(|g| g.merged.is_some())
@@ -274,15 +289,15 @@ impl ProjDelta for PreparedLora {
             Gate::Tail(start) if x.size()[0] == 1 && few_row_kernel_runs(x.device(), x.kind()) => {
                 let (w, bias) = prepared.base.as_ref()?;
                 let x = x.reshape([x.size()[1], x.size()[2]]);
-                let y = few_rows::product_with_low_rank(
-                    &x,
-                    w,
-                    bias.as_ref(),
-                    &prepared.a,
-                    &prepared.bt,
-                    &prepared.term_parts,
-                    *start,
-                )?;
+                let tail = (x.size()[0] - start).max(0) as usize;
+                let term = few_rows::TailTerm {
+                    a: &prepared.a,
+                    bt: &prepared.bt,
+                    parts: &prepared.term_parts,
+                    start: *start,
+                    bf16: self.bf16_min_rows.is_some_and(|min| tail >= min),
+                };
+                let y = few_rows::product_with_low_rank(&x, w, bias.as_ref(), &term)?;
                 return Some(y.unsqueeze(0));
             }
             _ => return None,

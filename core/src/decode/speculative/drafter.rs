@@ -42,11 +42,81 @@ pub struct DraftOptions {
     pub draft_vocab: bool,
     /// How a step applies the adapter's low-rank term.
     pub lora: LoraForm,
+    /// The arithmetic of a step's mask rows.
+    pub arithmetic: DraftArithmetic,
 }
 
 impl Default for DraftOptions {
     fn default() -> Self {
-        Self { draft_vocab: true, lora: LoraForm::Auto }
+        Self { draft_vocab: true, lora: LoraForm::Auto, arithmetic: DraftArithmetic::Auto }
+    }
+}
+
+/// The arithmetic of a decoding step's mask rows, whose outputs are only drafts: the
+/// next-token rows are computed in the model's dtype either way (an f32 model's bit for
+/// bit as AR computes them), so greedy output is AR's whatever the choice; the drafts, and
+/// so the acceptance, may differ in near-ties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DraftArithmetic {
+    /// [`DraftArithmetic::Bf16`] for the steps with at least [`BF16_MIN_MASK_ROWS`] mask
+    /// rows, where it runs; [`DraftArithmetic::Exact`] otherwise.
+    #[default]
+    Auto,
+    /// The model's own dtype.
+    Exact,
+    /// On a CPU with AVX-512 BF16 (Zen 4, Sapphire Rapids and later) and an f32 model: the
+    /// mask rows' base products in bf16 (values rounded to bf16, products summed in f32),
+    /// twice the multiply-adds a core does in f32. Elsewhere the same as `Exact`.
+    Bf16,
+}
+
+/// The fewest mask rows for which `auto` multiplies them in bf16: a step whose products
+/// are bound by arithmetic (a 3- or 4-mask quadratic step, 12 or 20 mask rows). With fewer,
+/// the products wait on reading the weights (SmolLM2-135M's 9-row products took as long
+/// with the mask rows in bf16, docs/BENCHMARKS.md).
+pub const BF16_MIN_MASK_ROWS: usize = 12;
+
+impl DraftArithmetic {
+    /// Every choice, as named on the command line.
+    pub const ALL: [DraftArithmetic; 3] = [DraftArithmetic::Auto, DraftArithmetic::Exact, DraftArithmetic::Bf16];
+
+    /// The name users type.
+    pub fn name(self) -> &'static str {
+        match self {
+            DraftArithmetic::Auto => "auto",
+            DraftArithmetic::Exact => "exact",
+            DraftArithmetic::Bf16 => "bf16",
+        }
+    }
+
+    /// The fewest mask rows a step multiplies in bf16 with `model`; `None`: never (the
+    /// CPU or the model's device or dtype cannot, or `Exact`).
+    pub fn bf16_min_rows(self, model: &Llama) -> Option<usize> {
+        let runs = few_rows::bf16_available()
+            && crate::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind());
+        match self {
+            _ if !runs => None,
+            DraftArithmetic::Auto => Some(BF16_MIN_MASK_ROWS),
+            DraftArithmetic::Bf16 => Some(1),
+            DraftArithmetic::Exact => None,
+        }
+    }
+}
+
+impl fmt::Display for DraftArithmetic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DraftArithmetic {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        DraftArithmetic::ALL
+            .into_iter()
+            .find(|f| f.name() == s.trim())
+            .ok_or_else(|| Error::Invalid(format!("unknown draft arithmetic `{s}` (auto, exact, bf16)")))
     }
 }
 
@@ -146,6 +216,8 @@ pub struct Drafter {
     lora: PreparedLora,
     /// The form the adapter's term runs in (resolved: never `Auto`).
     form: LoraForm,
+    /// The arithmetic of the mask rows, as asked for.
+    arithmetic: DraftArithmetic,
     sampler: Option<PreparedSampler>,
     /// `[N]` int64: token id of each row of `head`, when drafting from a draft vocabulary.
     vocab: Option<Tensor>,
@@ -196,8 +268,11 @@ impl Drafter {
             Ok(Self {
                 config: adapter.config.clone(),
                 mask_embeddings: adapter.mask_embeddings.detach().to_kind(kind),
-                lora: adapter.prepared_lora(model, form == LoraForm::Merged),
+                lora: adapter
+                    .prepared_lora(model, form == LoraForm::Merged)
+                    .with_bf16_tail(options.arithmetic.bf16_min_rows(model)),
                 form,
+                arithmetic: options.arithmetic,
                 sampler: adapter.sampler().map(|s| s.prepare()),
                 vocab,
                 vocab_ids,
@@ -223,6 +298,16 @@ impl Drafter {
     /// The form the adapter's term runs in.
     pub fn form(&self) -> LoraForm {
         self.form
+    }
+
+    /// The arithmetic of the mask rows, as asked for.
+    pub fn arithmetic(&self) -> DraftArithmetic {
+        self.arithmetic
+    }
+
+    /// The fewest mask rows a step multiplies in bf16 (`None`: never).
+    pub fn bf16_min_rows(&self) -> Option<usize> {
+        self.lora.bf16_min_rows()
     }
 
     /// True when steps run merged weights, their rows packed as two halves.

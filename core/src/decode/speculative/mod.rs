@@ -21,7 +21,7 @@ pub mod masks;
 pub mod step;
 
 pub use detail::{Candidates, StepDetail};
-pub use drafter::{DraftOptions, Drafter, LoraForm};
+pub use drafter::{BF16_MIN_MASK_ROWS, DraftArithmetic, DraftOptions, Drafter, LoraForm};
 pub use layout::{StepLayout, StepPlan};
 pub use masks::MaskController;
 pub use step::{SpecDecoder, StepResult};
