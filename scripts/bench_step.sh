@@ -5,12 +5,13 @@
 # adapter gets is about tokens-per-forward / step cost. For vocabularies over 4096 tokens it
 # runs twice: with a draft vocabulary of 4096 tokens (what `mtp train` stores by default)
 # and drafting from the whole vocabulary (`--full-vocab-drafts`).
-# FORM chooses how steps apply the adapter (auto, low-rank, merged: `mtp bench --lora-form`).
-#   scripts/bench_step.sh [SHAPE=smollm2-135m] [DEVICE=cpu] [DTYPE=f32] [MTP=target/release/mtp] [MASKS=1,2,4,8] [FORM=auto]
+# FORM chooses how steps apply the adapter (auto, low-rank, merged: `mtp bench --lora-form`),
+# ARITH the arithmetic of the mask rows (auto, exact, bf16: `mtp bench --draft-arithmetic`).
+#   scripts/bench_step.sh [SHAPE=smollm2-135m] [DEVICE=cpu] [DTYPE=f32] [MTP=target/release/mtp] [MASKS=1,2,4,8] [FORM=auto] [ARITH=auto]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 shape="${1:-smollm2-135m}"; device="${2:-cpu}"; dtype="${3:-f32}"; mtp="${4:-$root/target/release/mtp}"
-masks="${5:-1,2,4,8}"; form="${6:-auto}"
+masks="${5:-1,2,4,8}"; form="${6:-auto}"; arith="${7:-auto}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 python="${PYTHON:-$root/.venv/bin/python}"
@@ -33,7 +34,7 @@ printf '{"prompt": "def add(a, b):", "domain": "code"}\n{"prompt": "Question: 3 
 run() {
   "$mtp" bench --model "$work/model" --adapter "$work/run/adapter.safetensors" --prompts "$work/prompts.jsonl" \
     --masks "$masks" --modes ar,linear,quadratic --max-new-tokens 32 --device "$device" --dtype "$dtype" \
-    --lora-form "$form" --repeats 3 --json "$@"
+    --lora-form "$form" --draft-arithmetic "$arith" --repeats 3 --json "$@"
 }
 if [ "$vocab" -gt 4096 ]; then
   printf '{"shape": "%s", "draft_vocab": ' "$shape"; run; printf ', "full_vocab": '; run --full-vocab-drafts; printf '}\n'
