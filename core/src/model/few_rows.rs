@@ -48,7 +48,7 @@ pub fn available() -> bool {
 }
 
 /// Whether this CPU multiplies bf16 pairs with f32 sums (AVX-512 BF16: Zen 4, Sapphire
-/// Rapids and later), for [`product_with_low_rank`]'s `bf16_tail`.
+/// Rapids and later), for [`TailTerm::bf16`].
 pub fn bf16_available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
@@ -303,8 +303,13 @@ fn run(
         let src =
             unsafe { std::slice::from_raw_parts((x.data_ptr() as *const f32).add(from * inp), (rows - from) * inp) };
         for (dst, row) in x_bf16.chunks_exact_mut(stride).zip(src.chunks_exact(inp)) {
+            #[cfg(target_arch = "x86_64")]
             // SAFETY: `bf16_available()` holds.
-            unsafe { avx512::round_row(row, dst) };
+            unsafe {
+                avx512::round_row(row, dst)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (row, dst);
         }
         Bf16Rows { x: x_bf16.as_ptr(), from, stride }
     });
