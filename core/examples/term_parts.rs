@@ -22,6 +22,17 @@ struct Group {
     b1: Tensor,
 }
 
+/// The term's layouts compared.
+#[derive(Clone, Copy)]
+enum Form {
+    /// One block-diagonal `B`, its zero blocks read.
+    Block,
+    /// Part by part (what decoding runs).
+    ByPart,
+    /// Rank 1.
+    Rank1,
+}
+
 fn main() {
     let _g = tch::no_grad_guard();
     let o = (Kind::Float, Device::Cpu);
@@ -86,46 +97,21 @@ fn main() {
             }
         };
         let plain = || each(&|g, x, _| drop(few_rows::product(x, &g.w, None)));
-        let block = || {
+        // Every layer's products with a term of one form, its mask rows exact or in bf16.
+        let with_term = |form: Form, bf16: bool| {
             each(&|g, x, i| {
-                drop(few_rows::product_with_low_rank(
-                    x,
-                    &g.w,
-                    None,
-                    &TailTerm { a: &g.a, bt: &g.block, parts: &dense[i], start, bf16: false },
-                ))
+                let (a, bt, parts) = match form {
+                    Form::Block => (&g.a, &g.block, &dense[i]),
+                    Form::ByPart => (&g.a, &g.compact, &parts[i]),
+                    Form::Rank1 => (&g.a1, &g.b1, &rank1[i]),
+                };
+                drop(few_rows::product_with_low_rank(x, &g.w, None, &TailTerm { a, bt, parts, start, bf16 }))
             })
         };
-        let by_part = || {
-            each(&|g, x, i| {
-                drop(few_rows::product_with_low_rank(
-                    x,
-                    &g.w,
-                    None,
-                    &TailTerm { a: &g.a, bt: &g.compact, parts: &parts[i], start, bf16: false },
-                ))
-            })
-        };
-        let one = || {
-            each(&|g, x, i| {
-                drop(few_rows::product_with_low_rank(
-                    x,
-                    &g.w,
-                    None,
-                    &TailTerm { a: &g.a1, bt: &g.b1, parts: &rank1[i], start, bf16: false },
-                ))
-            })
-        };
-        let bf16 = || {
-            each(&|g, x, i| {
-                drop(few_rows::product_with_low_rank(
-                    x,
-                    &g.w,
-                    None,
-                    &TailTerm { a: &g.a, bt: &g.compact, parts: &parts[i], start, bf16: true },
-                ))
-            })
-        };
+        let block = || with_term(Form::Block, false);
+        let by_part = || with_term(Form::ByPart, false);
+        let one = || with_term(Form::Rank1, false);
+        let bf16 = || with_term(Form::ByPart, true);
         let t = common::medians(&[&plain, &block, &by_part, &one, &bf16], 15);
         println!(
             "{rows:2} rows ({:2} with the term): products {:6.2}; term as one block-diagonal B +{:5.2}, by part +{:5.2}, rank 1 +{:5.2}; by part with those rows in bf16 {:6.2}",

@@ -726,25 +726,14 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
     #[inline]
     unsafe fn round(src: *const f32, n: usize, dst: *mut u16, stride: usize) {
-        let whole = n / 32 * 32;
+        // The lanes of 16 values from `from` that lie before `n`.
+        let lanes = |from: usize| -> __mmask16 {
+            let left = n.saturating_sub(from);
+            if left >= 16 { 0xffff } else { ((1u32 << left) - 1) as __mmask16 }
+        };
         let mut k = 0;
-        while k < whole {
-            // SAFETY: values k..k + 32 < n of `src`, k..k + 32 <= stride of `dst`.
-            unsafe {
-                let (lo, hi) = (_mm512_loadu_ps(src.add(k)), _mm512_loadu_ps(src.add(k + 16)));
-                _mm512_storeu_si512(
-                    dst.add(k) as *mut __m512i,
-                    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)),
-                );
-            }
-            k += 32;
-        }
         while k < stride {
-            let lanes = |from: usize| -> __mmask16 {
-                let left = n.saturating_sub(from);
-                if left >= 16 { 0xffff } else { ((1u32 << left) - 1) as __mmask16 }
-            };
-            // SAFETY: masked loads read only values below `n`.
+            // SAFETY: masked loads read only values below `n`; k + 32 <= stride of `dst`.
             unsafe {
                 let lo = _mm512_maskz_loadu_ps(lanes(k), src.add(k));
                 let hi = _mm512_maskz_loadu_ps(lanes(k + 16), src.add(k + 16));
@@ -880,6 +869,16 @@ mod tests {
 
     const O: (Kind, Device) = (Kind::Float, Device::Cpu);
 
+    /// `f` run with OpenMP teams of `team` threads, the setting then restored (it is this
+    /// thread's own: other tests keep theirs).
+    fn in_team<T>(team: i32, f: impl FnOnce() -> T) -> T {
+        let threads = tch::get_num_threads();
+        tch::set_num_threads(team);
+        let result = f();
+        tch::set_num_threads(threads);
+        result
+    }
+
     /// The kernel's product equals libtorch's to f32 rounding: widths that are not
     /// multiples of the tile (7 x 13), small weights computed by one thread and large ones
     /// shared with the OpenMP team, with and without a bias, and added in place.
@@ -972,15 +971,10 @@ mod tests {
         let (w, bias) = (Tensor::randn([1030, 600], O), Tensor::randn([1030], O));
         let (a, b) = (Tensor::randn([96, 600], O), Tensor::randn([1030, 96], O));
         let bt = b.tr().contiguous();
-        // OpenMP's thread count is this thread's own setting: other tests keep theirs.
-        let threads = tch::get_num_threads();
         let on = |team: i32, x: &Tensor, start: i64| {
-            tch::set_num_threads(team);
             let parts = [TermPart { cols: 0..1030, rank_offset: 0 }];
             let term = TailTerm { a: &a, bt: &bt, parts: &parts, start, bf16: false };
-            let y = product_with_low_rank(x, &w, Some(&bias), &term);
-            tch::set_num_threads(threads);
-            y
+            in_team(team, || product_with_low_rank(x, &w, Some(&bias), &term))
         };
         for (rows, start) in [(9, 3), (25, 5), (4, 0), (1, 0)] {
             let x = Tensor::randn([rows, 600], O);
@@ -1011,18 +1005,14 @@ mod tests {
             return;
         }
         tch::manual_seed(5);
-        let threads = tch::get_num_threads();
         for (out, inp) in [(1030, 600), (7, 13), (64, 64)] {
             let (w, bias) = (Tensor::randn([out, inp], O), Tensor::randn([out], O));
             let (a, b) = (Tensor::randn([16, inp], O) * 0.1, Tensor::randn([out, 16], O) * 0.1);
             let bt = b.tr().contiguous();
             let parts = [TermPart { cols: 0..out as usize, rank_offset: 0 }];
             let on = |team: i32, x: &Tensor, start: i64| {
-                tch::set_num_threads(team);
                 let term = TailTerm { a: &a, bt: &bt, parts: &parts, start, bf16: true };
-                let y = product_with_low_rank(x, &w, Some(&bias), &term).expect("bf16 tail");
-                tch::set_num_threads(threads);
-                y
+                in_team(team, || product_with_low_rank(x, &w, Some(&bias), &term)).expect("bf16 tail")
             };
             for (rows, start) in [(25, 5), (9, 3), (4, 0)] {
                 let x = Tensor::randn([rows, inp], O);
