@@ -12,6 +12,9 @@ use mtp_core::model::linear::linear;
 use mtp_core::{LoadOptions, LoadedModel, ModelSource};
 use tch::{Kind, Tensor};
 
+/// One timed operation.
+type Op<'a> = Box<dyn Fn() + 'a>;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let rows: i64 = args.get(1).map_or(Ok(25), |s| s.parse())?;
@@ -52,7 +55,7 @@ fn main() -> anyhow::Result<()> {
         let scale = (hd as f64).powf(-0.5);
         let cache_cell = std::cell::RefCell::new(cache);
         let pass_mask = if t == 1 { AttnMask::Causal } else { AttnMask::Custom(&mask) };
-        let ops: Vec<(&str, Box<dyn Fn()>)> = vec![
+        let ops: Vec<(&str, Op)> = vec![
             ("rms_norm", Box::new(|| drop(x.rms_norm([d], Some(&norm_w), 1e-5)))),
             ("q/k/v product", Box::new(|| drop(linear(&x, &w_qkv, None)))),
             ("rotary embedding (q and k)", Box::new(|| drop(rope.apply(&qkv.narrow(2, 0, heads + kv))))),

@@ -1,11 +1,13 @@
 //! What the adapter's low-rank term adds to a decoding step's products on the CPU, every
-//! layer's groups of the SmolLM2-135M shape at rank 16 (each layer's own weights and
-//! factors, so that they come from memory as in decoding): the base products alone, the
-//! term read as one block-diagonal `B` (its zero blocks included: the layout before the
-//! term went part by part), the term part by part (what decoding runs), and a rank-1 term
-//! (what a term costs beyond its factors: the intermediate's pass and the barrier). The
-//! forms are timed in turns, round after round; medians in milliseconds.
-//! `cargo run --release -p mtp-core --example term_parts`
+//! layer's groups of the SmolLM2-135M shape (or the demo's) at rank 16 (each layer's own
+//! weights and factors, so that they come from memory or L3 as in decoding): the base
+//! products alone, the term read as one block-diagonal `B` (its zero blocks included: the
+//! layout before the term went part by part), the term part by part (what decoding runs),
+//! a rank-1 term (what a term costs beyond its factors: the intermediate's pass and the
+//! barrier), the mask rows in bf16, and the two kinds of rows of that product apart (the
+//! next-token rows alone, exact; the mask rows alone with their term, bf16). The forms are
+//! timed in turns, round after round; medians in milliseconds.
+//! `cargo run --release -p mtp-core --example term_parts [smollm2|demo]`
 mod common;
 
 use mtp_core::model::few_rows::{self, TailTerm, TermPart};
@@ -37,8 +39,13 @@ fn main() {
     let _g = tch::no_grad_guard();
     let o = (Kind::Float, Device::Cpu);
     let r = 16;
+    // (name, layers, width, key/value width, MLP width).
+    let (name, num_layers, d, kv, i) = match std::env::args().nth(1).as_deref() {
+        Some("demo") => ("demo", 6, 256, 128, 704),
+        _ => ("SmolLM2-135M", 30, 576, 192, 1536),
+    };
     // (input width, each part's output width): q/k/v, o, gate/up, down.
-    let shapes: [(i64, &[i64]); 4] = [(576, &[576, 192, 192]), (576, &[576]), (576, &[1536, 1536]), (1536, &[576])];
+    let shapes: [(i64, Vec<i64>); 4] = [(d, vec![d, kv, kv]), (d, vec![d]), (d, vec![i, i]), (i, vec![d])];
     let parts: Vec<Vec<TermPart>> = shapes
         .iter()
         .map(|(_, outs)| {
@@ -61,7 +68,7 @@ fn main() {
         .iter()
         .map(|ps| ps.iter().enumerate().map(|(i, p)| TermPart { cols: p.cols.clone(), rank_offset: i }).collect())
         .collect();
-    let layers: Vec<Vec<Group>> = (0..30)
+    let layers: Vec<Vec<Group>> = (0..num_layers)
         .map(|_| {
             shapes
                 .iter()
@@ -86,7 +93,7 @@ fn main() {
                 .collect()
         })
         .collect();
-    println!("SmolLM2-135M shape, rank 16: every layer's products, ms (median of 15 interleaved rounds)");
+    println!("{name} shape, rank 16: every layer's products, ms (median of 15 interleaved rounds)");
     for (rows, start) in [(4i64, 2i64), (9, 3), (25, 5)] {
         let xs: Vec<Tensor> = shapes.iter().map(|(inp, _)| Tensor::randn([rows, *inp], o)).collect();
         let each = |f: &dyn Fn(&Group, &Tensor, usize)| {
@@ -112,15 +119,27 @@ fn main() {
         let by_part = || with_term(Form::ByPart, false);
         let one = || with_term(Form::Rank1, false);
         let bf16 = || with_term(Form::ByPart, true);
-        let t = common::medians(&[&plain, &block, &by_part, &one, &bf16], 15);
+        // The same product's two kinds of rows apart.
+        let heads: Vec<Tensor> = xs.iter().map(|x| x.narrow(0, 0, start)).collect();
+        let tails: Vec<Tensor> = xs.iter().map(|x| x.narrow(0, start, rows - start)).collect();
+        let head_rows = || each(&|g, _, i| drop(few_rows::product(&heads[i], &g.w, None)));
+        let mask_rows = || {
+            each(&|g, _, i| {
+                let term = TailTerm { a: &g.a, bt: &g.compact, parts: &parts[i], start: 0, bf16: true };
+                drop(few_rows::product_with_low_rank(&tails[i], &g.w, None, &term))
+            })
+        };
+        let t = common::medians(&[&plain, &block, &by_part, &one, &bf16, &head_rows, &mask_rows], 15);
         println!(
-            "{rows:2} rows ({:2} with the term): products {:6.2}; term as one block-diagonal B +{:5.2}, by part +{:5.2}, rank 1 +{:5.2}; by part with those rows in bf16 {:6.2}",
+            "{rows:2} rows ({:2} with the term): products {:6.2}; term as one block-diagonal B +{:5.2}, by part +{:5.2}, rank 1 +{:5.2}; by part with those rows in bf16 {:6.2} (next-token rows alone {:6.2}, mask rows alone {:6.2})",
             rows - start,
             t[0],
             t[1] - t[0],
             t[2] - t[0],
             t[3] - t[0],
-            t[4]
+            t[4],
+            t[5],
+            t[6]
         );
     }
 }
