@@ -53,6 +53,24 @@ pub fn available() -> bool {
     })
 }
 
+/// Whether this CPU has AVX-512's 32 vector registers for 256-bit operations (AVX-512F and
+/// VL): the f32 tiles then hold up to six rows' accumulators (`avx512::columns_f32`).
+fn wide_registers() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            available()
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 /// Whether this CPU multiplies bf16 pairs with f32 sums (AVX-512 BF16: Zen 4, Sapphire
 /// Rapids and later), for [`TailTerm::bf16`].
 pub fn bf16_available() -> bool {
@@ -252,7 +270,7 @@ impl Job {
         unsafe {
             match self.bf16 {
                 Some(low) => avx512::columns(self, &low, o0, o1),
-                None => avx2::columns(self, o0, o1),
+                None => f32_columns(self, o0, o1),
             }
             let Some(lr) = self.low_rank else { return };
             let tail = self.rows - lr.start;
@@ -273,7 +291,7 @@ impl Job {
             for &(c0, c1, offset) in &lr.parts[..lr.n] {
                 let (c0, c1) = (c0.max(o0), c1.min(o1));
                 if c0 < c1 {
-                    avx2::columns(&first, offset, offset + lr.r);
+                    f32_columns(&first, offset, offset + lr.r);
                     let term =
                         Term { y, out: self.out, h: h.as_ptr().add(offset), m: lr.m, rows: tail, bt: lr.bt, r: lr.r };
                     avx2::add_term(&term, c0, c1);
@@ -282,6 +300,26 @@ impl Job {
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (o0, o1);
+    }
+}
+
+/// Output columns `o0..o1` of `job`, every row in f32: with 32 registers in passes of up
+/// to six rows (9 rows: two passes, not three; every layer's 9-row products 5-8% faster
+/// on the demo, the proxy and the SmolLM2-135M shape), else of three or four. The same
+/// outputs either way.
+///
+/// # Safety
+/// [`available`] holds; the job's pointers are valid for its sizes.
+#[cfg(target_arch = "x86_64")]
+unsafe fn f32_columns(job: &Job, o0: usize, o1: usize) {
+    // At four rows and fewer (AR's one row among them) the narrow tiles' passes are as
+    // few, and the wide form measured no faster (one row: 4-15% slower).
+    if job.rows > 4 && wide_registers() {
+        // SAFETY: AVX-512F and VL are available.
+        unsafe { avx512::columns_f32(job, o0, o1) }
+    } else {
+        // SAFETY: AVX2 and FMA are available (`available`).
+        unsafe { avx2::columns(job, o0, o1) }
     }
 }
 
@@ -814,25 +852,8 @@ mod avx512 {
             for q in (0..NO).step_by(4) {
                 let ahead = o + NO + q;
                 let prefetch = (ahead + 4 <= o1).then_some(ahead);
-                if (1..=MAX_ONE_PASS_ROWS).contains(&head.rows) {
-                    // With AVX-512's 32 registers the block's next-token rows (a 4-mask
-                    // step's five, a 5-mask step's six) fit in one pass, where 16 registers
-                    // took two: the same outputs (a tile's shape does not change them),
-                    // the weights read from L1 once less (the demo's 25-row products 1.46
-                    // and 1.45 ms against 1.56 and 1.53, SmolLM2-135M's 27.8 against 29.1).
-                    let pass = (0, 1);
-                    unsafe {
-                        match head.rows {
-                            6 => avx2::tile::<4, 6>(&head, o + q, 0, prefetch, pass),
-                            5 => avx2::tile::<4, 5>(&head, o + q, 0, prefetch, pass),
-                            4 => avx2::tile::<4, 4>(&head, o + q, 0, prefetch, pass),
-                            3 => avx2::tile::<4, 3>(&head, o + q, 0, prefetch, pass),
-                            2 => avx2::tile::<4, 2>(&head, o + q, 0, prefetch, pass),
-                            _ => avx2::tile::<4, 1>(&head, o + q, 0, prefetch, pass),
-                        }
-                    }
-                } else if head.rows > 0 {
-                    unsafe { avx2::block::<4, 3>(&head, o + q, prefetch) };
+                if head.rows > 0 {
+                    unsafe { block_f32(&head, o + q, prefetch) };
                 } else if let Some(p) = prefetch {
                     for i in 0..4 {
                         for k in (0..job.inp).step_by(16) {
@@ -876,12 +897,64 @@ mod avx512 {
         }
     }
 
+    /// [`avx2::columns`] with AVX-512's 32 registers: a block of four weight rows
+    /// multiplied by up to six input rows a pass ([`block_f32`]), the same outputs.
+    ///
+    /// # Safety
+    /// AVX2, FMA, AVX-512F and VL are available; the job's pointers are valid for its
+    /// sizes.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    pub(super) unsafe fn columns_f32(job: &Job, o0: usize, o1: usize) {
+        let mut o = o0;
+        while o + 4 <= o1 {
+            let ahead = o + 4 * avx2::PREFETCH_BLOCKS;
+            unsafe { block_f32(job, o, (ahead + 4 <= o1).then_some(ahead)) };
+            o += 4;
+        }
+        for o in o..o1 {
+            for r in 0..job.rows {
+                unsafe { avx2::tile::<1, 1>(job, o, r, None, (0, 1)) };
+            }
+        }
+    }
+
+    /// The block of four weight rows at `o` times every input row, in as few passes of
+    /// at most [`MAX_PASS_ROWS`] rows as fit, of about equal size (9 rows as 5 and 4; 25
+    /// as five of 5), the passes prefetching the block at `prefetch`. With 16 registers a
+    /// pass held three rows: a 4-mask step's five next-token rows took two passes, now
+    /// one, the weights read from L1 once less (the demo's 25-row products 1.46 and 1.45
+    /// ms against 1.56 and 1.53, SmolLM2-135M's 27.8 against 29.1). A tile's shape does
+    /// not change its outputs.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    #[inline]
+    unsafe fn block_f32(job: &Job, o: usize, prefetch: Option<usize>) {
+        let passes = job.rows.div_ceil(MAX_PASS_ROWS);
+        let mut r = 0;
+        for pass in 0..passes {
+            let n = (job.rows - r).div_ceil(passes - pass);
+            let at = (pass, passes);
+            // SAFETY: as this function's; r + n <= rows.
+            unsafe {
+                match n {
+                    6 => avx2::tile::<4, 6>(job, o, r, prefetch, at),
+                    5 => avx2::tile::<4, 5>(job, o, r, prefetch, at),
+                    4 => avx2::tile::<4, 4>(job, o, r, prefetch, at),
+                    3 => avx2::tile::<4, 3>(job, o, r, prefetch, at),
+                    2 => avx2::tile::<4, 2>(job, o, r, prefetch, at),
+                    _ => avx2::tile::<4, 1>(job, o, r, prefetch, at),
+                }
+            }
+            r += n;
+        }
+    }
+
+    /// The most rows a pass of [`block_f32`] multiplies (24 accumulators, 4 weight
+    /// vectors and an input's).
+    const MAX_PASS_ROWS: usize = 6;
+
     /// The most bf16 rows one pass of [`tile`] multiplies (20 in one pass measured no
     /// faster: 1.50 and 1.57 ms against 1.46 and 1.45 for the demo's 25-row products).
     const BF16_PASS_ROWS: usize = 10;
-
-    /// The most next-token rows a block multiplies in one pass (24 accumulators).
-    const MAX_ONE_PASS_ROWS: usize = 6;
 
     /// Sixteen weight rows from `w` (`inp` values each, `inp` apart) rounded to bf16 and
     /// laid out by pairs of inputs: `dst[p * 16 + i]` holds inputs `2p`, `2p + 1` of row
