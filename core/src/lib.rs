@@ -3,6 +3,9 @@
 //! hub, built-in), autoregressive generation, and (in later modules) multi-token prediction
 //! training and speculative decoding. Never depends on a GUI crate.
 
+#[macro_use]
+mod choices;
+
 pub mod bundle;
 pub mod checkpoint;
 pub mod decode;

@@ -46,21 +46,7 @@ impl Mode {
     }
 }
 
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Mode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Mode::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| Error::Invalid(format!("unknown mode `{s}` (ar, linear, quadratic)")))
-    }
-}
+named_choices!(Mode, "mode");
 
 /// Where a speculative step puts its mask blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -581,7 +581,7 @@ mod avx2 {
     /// (the remainder in one narrower pass), the passes prefetching the block at `prefetch`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    pub(super) unsafe fn block<const NO: usize, const NR: usize>(job: &Job, o: usize, prefetch: Option<usize>) {
+    unsafe fn block<const NO: usize, const NR: usize>(job: &Job, o: usize, prefetch: Option<usize>) {
         let passes = job.rows.div_ceil(NR);
         let mut r = 0;
         while r + NR <= job.rows {

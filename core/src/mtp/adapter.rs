@@ -65,21 +65,7 @@ impl Recipe {
     }
 }
 
-impl std::fmt::Display for Recipe {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Recipe {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Recipe::ALL
-            .into_iter()
-            .find(|r| r.name() == s.trim())
-            .ok_or_else(|| Error::Invalid(format!("unknown recipe `{s}` (paper, uno)")))
-    }
-}
+named_choices!(Recipe, "recipe");
 
 impl Default for MtpConfig {
     fn default() -> Self {

@@ -36,21 +36,7 @@ impl SamplerForm {
     }
 }
 
-impl std::fmt::Display for SamplerForm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for SamplerForm {
-    type Err = crate::error::Error;
-    fn from_str(s: &str) -> crate::error::Result<Self> {
-        SamplerForm::ALL
-            .into_iter()
-            .find(|f| f.name() == s.trim())
-            .ok_or_else(|| crate::error::Error::Invalid(format!("unknown sampler form `{s}` (paper, residual)")))
-    }
-}
+named_choices!(SamplerForm, "sampler form");
 
 /// The MLP of the sampler head (the LM head it feeds is the frozen base one).
 #[derive(Debug)]

@@ -5,9 +5,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::fmt;
 use std::rc::Rc;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -104,21 +102,7 @@ impl DraftArithmetic {
     }
 }
 
-impl fmt::Display for DraftArithmetic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for DraftArithmetic {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        DraftArithmetic::ALL
-            .into_iter()
-            .find(|f| f.name() == s.trim())
-            .ok_or_else(|| Error::Invalid(format!("unknown draft arithmetic `{s}` (auto, exact, bf16)")))
-    }
-}
+named_choices!(DraftArithmetic, "draft arithmetic");
 
 /// How a decoding step applies the adapter's term to the mask rows. Either way the
 /// next-token rows are untouched (the base model's, bit for bit) and greedy output is
@@ -189,21 +173,7 @@ fn layer_bytes(model: &Llama) -> usize {
     params * model.dtype().kind().elt_size_in_bytes()
 }
 
-impl fmt::Display for LoraForm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for LoraForm {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        LoraForm::ALL
-            .into_iter()
-            .find(|f| f.name() == s.trim())
-            .ok_or_else(|| Error::Invalid(format!("unknown adapter form `{s}` (auto, low-rank, merged)")))
-    }
-}
+named_choices!(LoraForm, "adapter form");
 
 /// An [`MtpAdapter`] prepared for decoding with one model. Build it once per adapter (it
 /// copies the adapter's weights) and share it between generations (on one thread: it
