@@ -3,8 +3,8 @@
 //! and the median of each counts (the machine is shared and noisy).
 //! `cargo run --release -p mtp-core --example step_profile [MASKS] [MODEL_DIR ADAPTER]`
 //! With `STEP_PROFILE_ONLY=ar`, `=base` (the step without its adapter), `=bf16` (the step
-//! with its mask rows in bf16) or `=step`: only that part, 2,000 times in a loop, for
-//! `perf record`.
+//! with its mask rows in bf16), `=merged` (its adapter's weights merged) or `=step`: only
+//! that part, 2,000 times in a loop, for `perf record`.
 use std::time::Instant;
 
 use mtp_core::decode::speculative::{StepLayout, StepPlan};
@@ -120,6 +120,7 @@ fn main() -> anyhow::Result<()> {
                 "ar" => ar(model, c1),
                 "base" => drop(step(&low_rank, &plan_lr, c3, false)),
                 "bf16" => drop(step(&low_rank_bf16, &plan_bf, c3, true)),
+                "merged" => drop(step(&merged, &plan_mg, c3, true)),
                 _ => drop(step(&low_rank, &plan_lr, c3, true)),
             }
         }
@@ -135,7 +136,7 @@ fn main() -> anyhow::Result<()> {
     r.add("step forward, low-rank adapter", || {
         let _ = step(&low_rank, &plan_lr, c3, true);
     });
-    r.add("step forward, merged (two halves)", || {
+    r.add("step forward, merged weights", || {
         let _ = step(&merged, &plan_mg, c4, true);
     });
     // Verification and drafting as a greedy step runs them: on host vectors where the

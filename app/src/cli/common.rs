@@ -73,8 +73,8 @@ pub struct AdapterArg {
     #[arg(long)]
     pub allow_other_base: bool,
     /// How a step applies the adapter to its mask rows: low-rank (two small products per
-    /// projection group), merged (base and adapted weights in one batched product; the
-    /// layer weights held twice more), or auto (merged for small layers).
+    /// projection group), merged (the mask rows through the weights with the adapter's
+    /// delta merged in, held once more), or auto (merged for small layers).
     #[arg(long, default_value = "auto")]
     pub lora_form: LoraForm,
     /// The arithmetic of a step's mask rows (drafts only: the next-token rows, and so

@@ -97,8 +97,9 @@ impl Lora {
     }
 
     /// The factors restacked for decoding (see [`PreparedLora`]), in `model`'s dtype;
-    /// with `merged`, also each adapted group's base weight stacked with the base weight
-    /// plus the delta, for [`Gate::Halves`] steps.
+    /// with `merged`, also each adapted group's base weight plus the delta: alone where the
+    /// CPU's few-row kernel runs (the [`Gate::Tail`] rows read it), else stacked after the
+    /// base weight for [`Gate::Halves`] steps.
     pub fn prepare(&self, model: &Llama, merged: bool) -> PreparedLora {
         let config = &model.config;
         let kind = model.dtype().kind();
@@ -121,11 +122,17 @@ impl Lora {
                             .narrow(1, offsets[*i], dims[*i])
                             .copy_(&(pair.b.tr() * self.scale));
                     }
-                    // [2, out, in]: W, then W + (A^T (s B^T))^T, summed in f32.
+                    // W + (A^T (s B^T))^T, summed in f32: where the CPU's few-row kernel runs
+                    // the step's products, alone (its mask rows read it); elsewhere stacked
+                    // after W for one batched product of two halves, [2, out, in].
                     let merged = match (merged, model.group_weight(layer, group)) {
                         (true, Some((w, bias))) => {
                             let adapted = (w.to_kind(Kind::Float) + a.tr().mm(&b).tr()).to_kind(kind);
-                            Some(Merged { w2: Tensor::stack(&[w.to_kind(kind), adapted], 0), bias })
+                            Some(if few_row_kernel_runs(model.device(), kind) {
+                                Merged::Tail { adapted: adapted.contiguous() }
+                            } else {
+                                Merged::Halves { w2: Tensor::stack(&[w.to_kind(kind), adapted], 0), bias }
+                            })
                         }
                         _ => None,
                     };
@@ -210,7 +217,7 @@ impl ProjDelta for Lora {
 /// matrix multiplied by the scale (`[out, parts * r]`, zero where a part is not adapted),
 /// both laid out as a projection's weight, in the model's dtype. A group then costs two
 /// matrix products on the rows the gate selects, added in place. Optionally also merged
-/// weights (see [`Gate::Halves`]): one batched product per group, no extra operation.
+/// weights ([`Merged`]): no term to compute, no extra operation.
 #[derive(Debug)]
 pub struct PreparedLora {
     /// Index `layer * 4 + group`, `None` when not adapted.
@@ -237,13 +244,33 @@ struct PreparedGroup {
     base: Option<(Tensor, Option<Tensor>)>,
 }
 
-/// The base weight and the base weight plus the delta, stacked for one batched product.
+/// A group's weight with the adapter's delta merged in (`W + scale * B A`).
 #[derive(Debug)]
-struct Merged {
-    /// `[2, out, in]`: `W` and `W + scale * B A`.
-    w2: Tensor,
-    /// The base projection's bias, `[out]`.
-    bias: Option<Tensor>,
+enum Merged {
+    /// Stacked after the base weight for one batched product of two halves
+    /// ([`Gate::Halves`]).
+    Halves {
+        /// `[2, out, in]`: `W` and `W + scale * B A`.
+        w2: Tensor,
+        /// The base projection's bias, `[out]`.
+        bias: Option<Tensor>,
+    },
+    /// Alone, for the CPU's few-row kernel: the rows of a [`Gate::Tail`] read it, the
+    /// others the base weight, in one call ([`few_rows::product_two_weights`]).
+    Tail {
+        /// `[out, in]`.
+        adapted: Tensor,
+    },
+}
+
+impl Merged {
+    fn bytes(&self) -> usize {
+        let t = match self {
+            Merged::Halves { w2, .. } => w2,
+            Merged::Tail { adapted } => adapted,
+        };
+        t.numel() * t.kind().elt_size_in_bytes()
+    }
 }
 
 impl PreparedLora {
@@ -270,25 +297,24 @@ impl PreparedLora {
 
     /// Bytes of the merged weights.
     pub fn merged_bytes(&self) -> usize {
-        self.groups
-            .iter()
-            .flatten()
-            .filter_map(|g| g.merged.as_ref())
-            .map(|m| m.w2.numel() * m.w2.kind().elt_size_in_bytes())
-            .sum()
+        self.groups.iter().flatten().filter_map(|g| g.merged.as_ref()).map(Merged::bytes).sum()
     }
 }
 
 impl ProjDelta for PreparedLora {
     fn product(&self, layer: usize, group: ProjGroup, x: &Tensor, gate: &Gate) -> Option<Tensor> {
         let prepared = self.group(layer, group)?;
-        let merged = match gate {
-            Gate::Halves => prepared.merged.as_ref()?,
-            // One sequence of a decoding step, mask rows last: base product and term in
-            // one call of the CPU's few-row kernel, where it runs.
-            Gate::Tail(start) if x.size()[0] == 1 && few_row_kernel_runs(x.device(), x.kind()) => {
+        let (w2, bias) = match (gate, &prepared.merged) {
+            (Gate::Halves, Some(Merged::Halves { w2, bias })) => (w2, bias),
+            // One sequence of a decoding step, mask rows last: base product and term (or
+            // the merged weight) in one call of the CPU's few-row kernel, where it runs.
+            (Gate::Tail(start), merged) if x.size()[0] == 1 && few_row_kernel_runs(x.device(), x.kind()) => {
                 let (w, bias) = prepared.base.as_ref()?;
                 let x = x.reshape([x.size()[1], x.size()[2]]);
+                if let Some(Merged::Tail { adapted }) = merged {
+                    let y = few_rows::product_two_weights(&x, w, adapted, bias.as_ref(), *start)?;
+                    return Some(y.unsqueeze(0));
+                }
                 let tail = (x.size()[0] - start).max(0) as usize;
                 let term = few_rows::TailTerm {
                     a: &prepared.a,
@@ -303,8 +329,8 @@ impl ProjDelta for PreparedLora {
             _ => return None,
         };
         // [2, r, in] x [2, in, out]: entry 0 through W, entry 1 through W + delta.
-        let y = x.matmul(&merged.w2.transpose(1, 2));
-        Some(match &merged.bias {
+        let y = x.matmul(&w2.transpose(1, 2));
+        Some(match bias {
             Some(b) => y + b,
             None => y,
         })
@@ -318,7 +344,7 @@ impl ProjDelta for PreparedLora {
             Gate::All => (None, 0),
             Gate::Tail(s) => (None, *s),
             // With merged weights the product already holds the term.
-            Gate::Halves if merged.is_some() => return y,
+            Gate::Halves if matches!(merged, Some(Merged::Halves { .. })) => return y,
             Gate::Halves => (Some(1), 0),
         };
         if start >= t {

@@ -110,21 +110,25 @@ named_choices!(DraftArithmetic, "draft arithmetic");
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LoraForm {
-    /// [`LoraForm::LowRank`] where the CPU's few-row kernel runs the step's products (it
-    /// applies the term in the same call as the base product: no extra operation);
-    /// elsewhere [`LoraForm::Merged`] where a layer's weights are small enough that a step's
-    /// time is the number of operations (on the CPU up to 1 MiB per layer, on CUDA up to 64
-    /// MiB), else [`LoraForm::LowRank`].
+    /// [`LoraForm::Merged`] where a layer's weights are small enough that a step's time is
+    /// the number of operations and the weights held once more cost little to read (on the
+    /// CPU up to 1 MiB per layer, on CUDA up to 64 MiB), else [`LoraForm::LowRank`]. On the
+    /// CPU the two measured: the launch-bound proxy (width 64, 24 layers, 0.18 MB a layer)
+    /// 1.66-1.72 AR steps a 2-mask step merged against 1.74-1.79 low-rank; the demo (2.9
+    /// MB a layer) 1.84 against 1.46-1.53 (docs/BENCHMARKS.md).
     #[default]
     Auto,
     /// Two small products per projection group on the mask rows, added in place: no
     /// memory beyond the factors, two more operations per group (none on a CPU whose
     /// few-row kernel runs them with the base product).
     LowRank,
-    /// Each group's base weight stacked with base + delta and the step's rows packed as
-    /// two halves ([`crate::model::Gate::Halves`]): one batched product per group, no
-    /// operation beyond AR's, the layer weights held twice more, and padding rows when the
-    /// halves differ in length.
+    /// Each group's weight with the delta merged in (`W + s B A`, made once). Where the
+    /// CPU's few-row kernel runs: the mask rows read it and the next-token rows the base
+    /// weight, in one call (no term to compute, the adapted weights held once more).
+    /// Elsewhere: stacked with the base weight and the step's rows packed as two halves
+    /// ([`crate::model::Gate::Halves`]): one batched product per group, no operation
+    /// beyond AR's, the layer weights held twice more, and padding rows when the halves
+    /// differ in length.
     Merged,
 }
 
@@ -148,9 +152,6 @@ impl LoraForm {
             return LoraForm::LowRank;
         }
         match self {
-            LoraForm::Auto if crate::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind()) => {
-                LoraForm::LowRank
-            }
             LoraForm::Auto => {
                 let limit = if model.device().is_cuda() { 64 << 20 } else { 1 << 20 };
                 if layer_bytes(model) <= limit { LoraForm::Merged } else { LoraForm::LowRank }
@@ -186,6 +187,9 @@ pub struct Drafter {
     lora: PreparedLora,
     /// The form the adapter's term runs in (resolved: never `Auto`).
     form: LoraForm,
+    /// Steps pack their rows as two halves ([`Gate::Halves`]): merged weights where the
+    /// CPU's few-row kernel does not run.
+    halves: bool,
     /// The arithmetic of the mask rows, as asked for.
     arithmetic: DraftArithmetic,
     sampler: Option<PreparedSampler>,
@@ -242,6 +246,8 @@ impl Drafter {
                     .prepared_lora(model, form == LoraForm::Merged)
                     .with_bf16_tail(options.arithmetic.bf16_min_rows(model)),
                 form,
+                halves: form == LoraForm::Merged
+                    && !crate::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind()),
                 arithmetic: options.arithmetic,
                 sampler: adapter.sampler().map(|s| s.prepare()),
                 vocab,
@@ -280,9 +286,10 @@ impl Drafter {
         self.lora.bf16_min_rows()
     }
 
-    /// True when steps run merged weights, their rows packed as two halves.
-    pub fn merged(&self) -> bool {
-        self.form == LoraForm::Merged
+    /// True when steps pack their rows as two halves (merged weights in a batched
+    /// product; where the CPU's few-row kernel runs, merged weights take one sequence).
+    pub fn packs_halves(&self) -> bool {
+        self.halves
     }
 
     /// Bytes the drafter holds beyond the adapter itself (merged weights).

@@ -88,8 +88,9 @@ impl StepLayout {
 /// every step with that shape.
 ///
 /// Rows are packed for the forward pass in one of two ways. As one sequence (`[1, T, d]`,
-/// the rows of [`StepLayout`] in order; the adapter's term is added on the mask rows), or,
-/// for an adapter with merged weights, as two halves (`[2, R, d]`, [`Gate::Halves`]): the
+/// the rows of [`StepLayout`] in order; the adapter's term is added on the mask rows, or
+/// they read merged weights in the CPU's few-row kernel), or, for an adapter with merged
+/// weights elsewhere, as two halves (`[2, R, d]`, [`Gate::Halves`]): the
 /// regular rows padded to `R` rows, then the mask rows padded to `R`, so that every
 /// projection is one batched product. Padding rows (a zero input) attend to the cache and
 /// to themselves only, and no other row attends to them. Either way the regular rows come
@@ -115,12 +116,12 @@ pub struct StepPlan {
 
 impl StepPlan {
     /// Build the plan of `layout` for `model` and `drafter`, packed as two halves when the
-    /// drafter runs merged weights.
+    /// drafter's merged weights run as a batched product.
     pub fn new(model: &Llama, drafter: &Drafter, layout: StepLayout) -> Result<Self> {
         let device = model.device();
         let kind = model.dtype().kind();
         let (regular, t) = (layout.regular() as i64, layout.len() as i64);
-        let half = drafter.merged().then(|| regular.max(t - regular));
+        let half = drafter.packs_halves().then(|| regular.max(t - regular));
         // Packed index of each of the layout's rows.
         let packed: Vec<i64> = (0..t).map(|u| pack(half, regular, u)).collect();
         let p = half.map_or(t, |r| 2 * r);
