@@ -767,17 +767,7 @@ mod avx2 {
                     _mm_prefetch::<_MM_HINT_T0>(unsafe { next.add(15) } as *const i8);
                 }
             }
-            let mut i0 = 0;
-            while i0 < t.rows {
-                // A fixed number of rows per call keeps the accumulators in registers.
-                match t.rows - i0 {
-                    1 => unsafe { term_block::<1>(t, i0, c) },
-                    2 => unsafe { term_block::<2>(t, i0, c) },
-                    3 => unsafe { term_block::<3>(t, i0, c) },
-                    _ => unsafe { term_block::<4>(t, i0, c) },
-                }
-                i0 += (t.rows - i0).min(4);
-            }
+            unsafe { term_rows(t, c, None) };
             c += 16;
         }
         // The last columns (fewer than sixteen) through masked loads and stores: the same
@@ -795,35 +785,50 @@ mod avx2 {
                     _mm256_loadu_si256(on.as_ptr().add(8) as *const __m256i),
                 ]
             };
-            let mut i0 = 0;
-            while i0 < t.rows {
-                match t.rows - i0 {
-                    1 => unsafe { term_block_masked::<1>(t, i0, c, &masks) },
-                    2 => unsafe { term_block_masked::<2>(t, i0, c, &masks) },
-                    3 => unsafe { term_block_masked::<3>(t, i0, c, &masks) },
-                    _ => unsafe { term_block_masked::<4>(t, i0, c, &masks) },
-                }
-                i0 += (t.rows - i0).min(4);
-            }
+            unsafe { term_rows(t, c, Some(&masks)) };
         }
     }
 
-    /// [`term_block`] for the last columns of a part, fewer than sixteen: `masks` says
-    /// which of the sixteen lanes from `c` are columns.
+    /// Every row of the term at columns `c..c + 16` (`masks`: which of those lanes are
+    /// columns, for a part's last columns), a fixed number of rows per call, which keeps the
+    /// accumulators in registers.
     ///
     /// # Safety
-    /// As [`add_term`]; `i0 + NR <= t.rows`; the masks' lanes lie within the part.
+    /// As [`add_term`]; `c + 16 <= t.out` or the masks' lanes lie within the part.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn term_block_masked<const NR: usize>(t: &Term, i0: usize, c: usize, masks: &[__m256i; 2]) {
+    unsafe fn term_rows(t: &Term, c: usize, masks: Option<&[__m256i; 2]>) {
+        let mut i0 = 0;
+        while i0 < t.rows {
+            match t.rows - i0 {
+                1 => unsafe { term_block::<1>(t, i0, c, masks) },
+                2 => unsafe { term_block::<2>(t, i0, c, masks) },
+                3 => unsafe { term_block::<3>(t, i0, c, masks) },
+                _ => unsafe { term_block::<4>(t, i0, c, masks) },
+            }
+            i0 += (t.rows - i0).min(4);
+        }
+    }
+
+    /// Rows `i0..i0 + NR` and columns `c..c + 16` of the term (see [`add_term`]), only the
+    /// lanes `masks` selects read and written when given.
+    ///
+    /// # Safety
+    /// As [`term_rows`]; `i0 + NR <= t.rows`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn term_block<const NR: usize>(t: &Term, i0: usize, c: usize, masks: Option<&[__m256i; 2]>) {
+        // Functions, not closures: closures do not take the target features, so they would
+        // be called rather than inlined, the accumulators saved around every call.
+        let m = |half: usize| masks.map(|m| m[half]);
         let mut acc = [[_mm256_setzero_ps(); 2]; NR];
         for (i, a) in acc.iter_mut().enumerate() {
             let y = unsafe { t.y.add((i0 + i) * t.out + c) };
-            *a = unsafe { [_mm256_maskload_ps(y, masks[0]), _mm256_maskload_ps(y.add(8), masks[1])] };
+            *a = unsafe { [load8(y, m(0)), load8(y.add(8), m(1))] };
         }
         for j in 0..t.r {
             let w = unsafe { t.bt.add(j * t.out + c) };
-            let (w0, w1) = unsafe { (_mm256_maskload_ps(w, masks[0]), _mm256_maskload_ps(w.add(8), masks[1])) };
+            let (w0, w1) = unsafe { (load8(w, m(0)), load8(w.add(8), m(1))) };
             for (i, a) in acc.iter_mut().enumerate() {
                 let hv = _mm256_set1_ps(unsafe { *t.h.add((i0 + i) * t.m + j) });
                 a[0] = _mm256_fmadd_ps(hv, w0, a[0]);
@@ -833,39 +838,35 @@ mod avx2 {
         for (i, a) in acc.iter().enumerate() {
             let y = unsafe { t.y.add((i0 + i) * t.out + c) };
             unsafe {
-                _mm256_maskstore_ps(y, masks[0], a[0]);
-                _mm256_maskstore_ps(y.add(8), masks[1], a[1]);
+                store8(y, m(0), a[0]);
+                store8(y.add(8), m(1), a[1]);
             }
         }
     }
 
-    /// Rows `i0..i0 + NR` and columns `c..c + 16` of the term (see [`add_term`]).
+    /// Eight values at `p`, or the lanes `mask` selects (the others zero).
     ///
     /// # Safety
-    /// As [`add_term`]; `i0 + NR <= t.rows`, `c + 16 <= t.out`.
-    #[target_feature(enable = "avx2,fma")]
+    /// AVX2 is available; the values (or the selected lanes) are readable.
+    #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn term_block<const NR: usize>(t: &Term, i0: usize, c: usize) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; NR];
-        for (i, a) in acc.iter_mut().enumerate() {
-            let y = unsafe { t.y.add((i0 + i) * t.out + c) };
-            *a = unsafe { [_mm256_loadu_ps(y), _mm256_loadu_ps(y.add(8))] };
+    unsafe fn load8(p: *const f32, mask: Option<__m256i>) -> __m256 {
+        match mask {
+            Some(m) => unsafe { _mm256_maskload_ps(p, m) },
+            None => unsafe { _mm256_loadu_ps(p) },
         }
-        for j in 0..t.r {
-            let w = unsafe { t.bt.add(j * t.out + c) };
-            let (w0, w1) = unsafe { (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8))) };
-            for (i, a) in acc.iter_mut().enumerate() {
-                let hv = _mm256_set1_ps(unsafe { *t.h.add((i0 + i) * t.m + j) });
-                a[0] = _mm256_fmadd_ps(hv, w0, a[0]);
-                a[1] = _mm256_fmadd_ps(hv, w1, a[1]);
-            }
-        }
-        for (i, a) in acc.iter().enumerate() {
-            let y = unsafe { t.y.add((i0 + i) * t.out + c) };
-            unsafe {
-                _mm256_storeu_ps(y, a[0]);
-                _mm256_storeu_ps(y.add(8), a[1]);
-            }
+    }
+
+    /// `v` to eight values at `p`, or to the lanes `mask` selects.
+    ///
+    /// # Safety
+    /// AVX2 is available; the values (or the selected lanes) are writable.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store8(p: *mut f32, mask: Option<__m256i>, v: __m256) {
+        match mask {
+            Some(m) => unsafe { _mm256_maskstore_ps(p, m, v) },
+            None => unsafe { _mm256_storeu_ps(p, v) },
         }
     }
 
