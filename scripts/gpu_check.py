@@ -16,8 +16,8 @@ Sections (each one's failure is recorded under "errors" and the others still run
              adapter's recipe distilled and trained on this device, then raced there; the
              adapter is written next to the report;
   smollm2_train (only when asked, with --smollm2) SmolLM2-135M-Instruct trained on this device
-             for --train-seconds from answers distilled elsewhere, then raced here on chat, code
-             and math prompts; the adapter comes back in parts of at most 15 MiB (issue 13 item
+             for --train-seconds from answers distilled here (--smollm2-questions, f32) or
+             elsewhere (--smollm2-data), then raced here on chat, code and math prompts; the adapter comes back in parts of at most 15 MiB (issue 13 item
              4; scripts/gpu-pack prepares the files and the calls that carry them).
 
   scripts/gpu-check                      # on a machine with an NVIDIA GPU (about 4 minutes)
@@ -422,8 +422,9 @@ class Check:
 
     def smollm2_train(self) -> None:
         """SmolLM2-135M-Instruct (issue 13 item 4): trained here for --train-seconds on the
-        answers of --smollm2-data (distilled on the CPU in f32, so trained and raced in f32),
-        the step count set by a timed run of a few steps; then `mtp bench` here on the
+        answers of --smollm2-questions, chat-distilled here first, and of --smollm2-data
+        (distilled elsewhere), all in f32 (so trained and raced in f32), the step count set
+        by a timed run of a few steps, validated five times as it trains; then `mtp bench` here on the
         prompts of --smollm2-prompts. The adapter comes back in parts (at most 15 MiB each:
         what a device call returns) to be joined with `cat` and benched on the CPU."""
         if not self.args.smollm2:
@@ -432,11 +433,42 @@ class Check:
         t0 = time.perf_counter()
         model = self.smollm2_model()
         convert_s = time.perf_counter() - t0
-        data = self.args.smollm2_data or "builtin:arith:200"
-        if data.endswith(".xz"):
-            plain = self.tmp / Path(data).stem
-            plain.write_bytes(lzma.decompress(Path(data).read_bytes()))
-            data = str(plain)
+        answers = []
+        if self.args.smollm2_data:
+            data = self.args.smollm2_data
+            if data.endswith(".xz"):
+                plain = self.tmp / Path(data).stem
+                plain.write_bytes(lzma.decompress(Path(data).read_bytes()))
+                data = str(plain)
+            answers.append(Path(data))
+        distilled = {}
+        if self.args.smollm2_questions:
+            # Chat self-distillation here, in f32 like the training: each question through the
+            # chat template, answered greedily to its end-of-turn token or the cap.
+            questions = Path(self.args.smollm2_questions)
+            if questions.suffix == ".xz":
+                plain = self.tmp / questions.stem
+                plain.write_bytes(lzma.decompress(questions.read_bytes()))
+                questions = plain
+            out_file = self.tmp / "smollm2-distilled.jsonl"
+            count = sum(1 for line in questions.read_text().splitlines() if line.strip())
+            done = run([self.mtp, "distill", "--model", model, "--chat", "--data", questions,
+                        "--out", out_file, "--sequences", 4 if tiny else count,
+                        "--new-tokens", 16 if tiny else 128, "--batch-size", 4 if tiny else 128,
+                        "--device", self.args.device, "--dtype", "f32", "--json"])
+            distilled = json.loads(done.stdout.strip().splitlines()[-1])
+            answers.append(out_file)
+            out = Path(self.args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "smollm2-distilled.jsonl.xz").write_bytes(lzma.compress(out_file.read_bytes(), preset=6))
+        if not answers:
+            data = "builtin:arith:200"
+        elif len(answers) == 1:
+            data = str(answers[0])
+        else:
+            joined = self.tmp / "smollm2-answers.jsonl"
+            joined.write_text("".join(a.read_text() for a in answers))
+            data = str(joined)
         batch, seq = (2, 32) if tiny else (32, 128)
         common = ["--model", model, "--data", data, "--k", 4, "--rank", 16, "--sampler-form", "residual",
                   "--batch-size", batch, "--seq-len", seq, "--seed", 0, "--draft-vocab", 64 if tiny else 8192,
@@ -451,7 +483,8 @@ class Check:
         run_dir = self.tmp / "smollm2-run"
         t0 = time.perf_counter()
         trained = run([self.mtp, "train", *common, "--out", run_dir, "--steps", steps, "--lr", "2e-3",
-                       "--warmup", 2 if tiny else 30, "--cosine", "--val-every", 0, "--checkpoint-every", 1000])
+                       "--warmup", 2 if tiny else 30, "--cosine", "--val-every", max(steps // 5, 1),
+                       "--measure-every", 0, "--checkpoint-every", 100000])
         train_s = time.perf_counter() - t0
         events = [json.loads(line) for line in trained.stdout.splitlines() if line.startswith("{")]
         validation = [e for e in events if e.get("event") == "validation"]
@@ -467,6 +500,16 @@ class Check:
             (out / name).write_bytes(blob[i:i + part_bytes])
             parts.append(name)
         shutil.copy(run_dir / "metrics.jsonl", out / "smollm2-metrics.jsonl")
+        self.result["smollm2_train"] = {
+            "convert_seconds": convert_s, "distill": distilled, "probe_seconds_per_step": per_step, "steps": steps,
+            "batch_size": batch, "seq_len": seq, "train_seconds": train_s,
+            "train_tokens_per_s": steps * batch * seq / train_s,
+            "train_sequences": prepared.get("train_sequences"),
+            "final_validation": validation[-1] if validation else None,
+            "adapter_bytes": len(blob), "adapter_sha256": hashlib.sha256(blob).hexdigest(), "adapter_parts": parts,
+        }
+        # Written before the race: a call cut short there still brings the training back.
+        self.write()
         args = ["--model", model, "--adapter", adapter, "--device", self.args.device, "--dtype", "f32",
                 "--modes", "ar,quadratic"]
         if self.args.smollm2_prompts:
@@ -476,16 +519,7 @@ class Check:
             prompts.write_text('{"prompt": "1 + 2 =", "domain": "math"}\n')
             args += ["--prompts", prompts, "--masks", "1,2", "--max-new-tokens", 8]
         report = self.bench_json(args)
-        self.result["smollm2_train"] = {
-            "convert_seconds": convert_s, "probe_seconds_per_step": per_step, "steps": steps,
-            "batch_size": batch, "seq_len": seq, "train_seconds": train_s,
-            "train_tokens_per_s": steps * batch * seq / train_s,
-            "train_sequences": prepared.get("train_sequences"),
-            "final_validation": validation[-1] if validation else None,
-            "adapter_bytes": len(blob), "adapter_sha256": hashlib.sha256(blob).hexdigest(), "adapter_parts": parts,
-            "rows": bench_rows(report),
-            "divergences": report.get("divergences", []),
-        }
+        self.result["smollm2_train"].update(rows=bench_rows(report), divergences=report.get("divergences", []))
 
     # ------------------------------------------------------------------ all
     def main(self) -> None:
@@ -556,11 +590,18 @@ def markdown(r: dict) -> str:
                      f"{d['identical']} |")
     if r.get("smollm2_train"):
         t = r["smollm2_train"]
+        d = t.get("distill") or {}
+        distilled = (f"{d['sequences']} answers chat-distilled here ({d['new_tokens']} tokens, {d['ended_with_eos']} "
+                     f"ended with the end-of-turn token) in {d['seconds']:.0f} s; " if d else "")
+        v = t.get("final_validation") or {}
+        expected = v.get("expected_tokens_per_forward")
         s.append(f"\n### SmolLM2-135M-Instruct trained here\n\nGGUF to model folder {t['convert_seconds']:.0f} s; "
-                 f"training {t['steps']} steps of {t['batch_size']} x {t['seq_len']} tokens in {t['train_seconds']:.0f} s "
+                 f"{distilled}training {t['steps']} steps of {t['batch_size']} x {t['seq_len']} tokens in {t['train_seconds']:.0f} s "
                  f"({t['train_tokens_per_s']:.0f} tokens/s, f32); adapter sha256 {t['adapter_sha256'][:16]}..."
-                 "\n\n| domain | masks | tokens per forward | speedup | identical |\n|---|---|---|---|---|")
-        for d in t["rows"]:
+                 + (f"; last validation's expected tokens per forward at 1..k masks "
+                    f"{' / '.join(f(x) for x in expected)}" if expected else "")
+                 + "\n\n| domain | masks | tokens per forward | speedup | identical |\n|---|---|---|---|---|")
+        for d in t.get("rows", []):
             s.append(f"| {d['domain']} | {d['masks']} | {f(d['tokens_per_forward'])} | {f(d['speedup'])}x | "
                      f"{d['identical']} |")
     if r.get("parity"):
@@ -585,6 +626,8 @@ def main() -> None:
     p.add_argument("--sections", default="parity,ar,step_cost,train,demo", help="comma-separated, in order")
     p.add_argument("--smollm2", help="smollm2_train: a model folder, or the folder scripts/gpu-pack made")
     p.add_argument("--smollm2-data", help="smollm2_train: the distilled answers (JSONL, or .jsonl.xz)")
+    p.add_argument("--smollm2-questions", help="smollm2_train: questions (JSONL with messages, or .jsonl.xz) to chat-distill "
+                   "here first, in f32; their answers join --smollm2-data's")
     p.add_argument("--smollm2-prompts", help="smollm2_train: the bench's prompts (JSONL with messages and domain)")
     p.add_argument("--train-seconds", type=float, default=300, help="smollm2_train: training time on the device")
     Check(p.parse_args()).main()

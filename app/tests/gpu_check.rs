@@ -10,6 +10,12 @@ use std::process::Command;
 fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or_else(|| anyhow::anyhow!("no root"))?;
     let out = tempfile::tempdir()?;
+    // Questions the real-model section chat-distills on the device before it trains.
+    let questions = out.path().join("questions.jsonl");
+    std::fs::write(
+        &questions,
+        (0..4).map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is {i} + {i}?\"}}]}}\n")).collect::<String>(),
+    )?;
     let done = Command::new(root.join("scripts/gpu-check"))
         .args(["--tiny", "--device", "cpu", "--mtp", env!("CARGO_BIN_EXE_mtp")])
         .args(["--sections", "parity,ar,step_cost,train,demo,demo_train,smollm2_train", "--out"])
@@ -17,6 +23,8 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
         // A model folder stands in for the GGUF parts that scripts/gpu-pack makes.
         .arg("--smollm2")
         .arg(root.join("tests/fixtures/models/llama"))
+        .arg("--smollm2-questions")
+        .arg(&questions)
         .output()?;
     let err = String::from_utf8_lossy(&done.stderr);
     assert!(done.status.success(), "gpu-check failed:\n{err}");
@@ -57,6 +65,8 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     // returned in parts that join back to the file whose digest the report gives.
     let smol = &report["smollm2_train"];
     assert!(smol["steps"].as_u64().is_some_and(|s| s > 0) && smol["train_seconds"].as_f64().is_some(), "{smol}");
+    assert_eq!(smol["distill"]["sequences"].as_u64(), Some(4), "{smol}");
+    assert!(out.path().join("smollm2-distilled.jsonl.xz").exists());
     let rows = smol["rows"].as_array().ok_or_else(|| anyhow::anyhow!("no smollm2_train rows"))?;
     assert!(!rows.is_empty() && rows.iter().all(|r| r["identical"] == true), "{smol}");
     let mut joined = Vec::new();
