@@ -228,10 +228,20 @@ class Check:
             ours = self.mtp_json(["generate", "--model", folder, "--prompt-ids", ",".join(map(str, prompt)),
                                   "--max-new-tokens", str(new), "--ignore-eos", "--device", self.args.device,
                                   "--dtype", self.dtype_name(), "--repeats", "3"])
+            # The same with each step recorded as a CUDA graph (one launch a step), which must
+            # give the same tokens; a recording that fails says why on stderr and runs eagerly.
+            graphed_run = run([self.mtp, "generate", "--model", folder, "--prompt-ids", ",".join(map(str, prompt)),
+                               "--max-new-tokens", str(new), "--ignore-eos", "--device", self.args.device,
+                               "--dtype", self.dtype_name(), "--repeats", "3", "--cuda-graphs", "--json"])
+            graphed = json.loads(graphed_run.stdout.strip().splitlines()[-1])
             # Decode tokens/s of the median run (prefill included, as transformers' is).
             self.result["ar"].append({
                 "shape": shape, "dtype": self.dtype_name(), "new_tokens": new,
                 "ours_tokens_per_s": new / ours["total_seconds"],
+                "graphed_tokens_per_s": new / graphed["total_seconds"],
+                "graphed": graphed.get("cuda_graphs"),
+                "graphed_identical": graphed["token_ids"] == ours["token_ids"],
+                "graphed_log": [line for line in graphed_run.stderr.splitlines() if "graph" in line.lower()][-5:],
                 "transformers_tokens_per_s": new / statistics.median(theirs),
                 "bound_tokens_per_s": bandwidth / weight_bytes,
                 "weight_bytes": weight_bytes,
@@ -239,6 +249,8 @@ class Check:
             row = self.result["ar"][-1]
             row["ours_over_transformers"] = row["ours_tokens_per_s"] / row["transformers_tokens_per_s"]
             row["fraction_of_bound"] = row["ours_tokens_per_s"] / row["bound_tokens_per_s"]
+            row["graphed_over_transformers"] = row["graphed_tokens_per_s"] / row["transformers_tokens_per_s"]
+            row["graphed_fraction_of_bound"] = row["graphed_tokens_per_s"] / row["bound_tokens_per_s"]
 
     # ------------------------------------------------------------------ step cost
     def adapter_for(self, folder: Path, k: int) -> Path:
@@ -557,11 +569,15 @@ def markdown(r: dict) -> str:
          "Measured by `scripts/gpu-check` in one run; every ratio compares numbers from that run.\n"]
     if r.get("ar"):
         s.append("\n### AR decoding, random weights\n\n| shape | dtype | ours (tokens/s) | transformers | ours / theirs "
-                 "| bandwidth bound | ours / bound |\n|---|---|---|---|---|---|---|")
+                 "| bandwidth bound | ours / bound | CUDA graphs (tokens/s) | / theirs | / bound | same tokens |"
+                 "\n|---|---|---|---|---|---|---|---|---|---|---|")
         for a in r["ar"]:
             s.append(f"| {a['shape']} | {a['dtype']} | {f(a['ours_tokens_per_s'], 1)} | "
                      f"{f(a['transformers_tokens_per_s'], 1)} | {f(a['ours_over_transformers'])}x | "
-                     f"{f(a['bound_tokens_per_s'], 1)} | {f(100 * a['fraction_of_bound'], 0)}% |")
+                     f"{f(a['bound_tokens_per_s'], 1)} | {f(100 * a['fraction_of_bound'], 0)}% | "
+                     f"{f(a.get('graphed_tokens_per_s'), 1)}{'' if a.get('graphed') else ' (not recorded)'} | "
+                     f"{f(a.get('graphed_over_transformers'))}x | {f(100 * a.get('graphed_fraction_of_bound', 0), 0)}% | "
+                     f"{a.get('graphed_identical')} |")
     if r.get("step_cost"):
         s.append("\n### Step cost (one speculative step / one AR step)\n\n| shape | adapter form | mode | masks | ratio |"
                  "\n|---|---|---|---|---|")

@@ -1,8 +1,9 @@
 // Shared by core/build.rs and app/build.rs (included with `include!`): each package that
-// links binaries (tests, examples, executables) needs the same two link facts, and a build
+// links binaries (tests, examples, executables) needs the same link facts, and a build
 // script's link arguments do not reach dependent packages.
 //
-// 1. An rpath to libtorch's folder, so binaries run without LD_LIBRARY_PATH.
+// 1. An rpath to libtorch's folder, so binaries run without LD_LIBRARY_PATH; and to the CUDA
+//    runtime's, which the CUDA-graph shim links directly (core/csrc/cuda_graph.cpp).
 // 2. `libtorch_cuda.so` linked with --no-as-needed: nothing references its symbols directly,
 //    so the default --as-needed drops it and libtorch then reports no CUDA device.
 fn link_libtorch() {
@@ -12,9 +13,24 @@ fn link_libtorch() {
     };
     let lib = std::fs::canonicalize(&lib).unwrap_or_else(|_| std::path::PathBuf::from(&lib));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    if let Some(cuda) = cuda_dir(&lib) {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", cuda.join("lib").display());
+    }
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+}
+
+/// The CUDA 13 runtime of a PyPI torch (site-packages/nvidia/cu13, beside torch/): its
+/// `lib` holds libcudart.so.13; it counts only with the headers the shim compiles against
+/// (crt/host_config.h comes from the nvidia-cuda-crt wheel).
+#[allow(dead_code)]
+fn cuda_dir(torch_lib: &std::path::Path) -> Option<std::path::PathBuf> {
+    let dir = torch_lib.parent()?.parent()?.join("nvidia").join("cu13");
+    let complete = dir.join("include/cuda_runtime_api.h").exists()
+        && dir.join("include/crt/host_config.h").exists()
+        && dir.join("lib/libcudart.so.13").exists();
+    complete.then_some(dir)
 }

@@ -4,6 +4,7 @@
 #     lavapipe software renderer, X11/Wayland client libraries, Xvfb);
 #   - a project-local Python environment .venv with libtorch from PyPI (torch==2.11.0, the
 #     build tch 0.24 pairs with), linked as .venv/libtorch for the Rust build;
+#   - the CUDA runtime headers a CUDA build of torch lacks (nvidia-cuda-crt), for CUDA graphs;
 #   - with --reference: transformers and peft next to it, for scripts/reference.py and
 #     scripts/bench_ar.py.
 # Source it or run it; it only prints what it installs.
@@ -12,6 +13,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 TORCH_VERSION=2.11.0
+CUDA_CRT_VERSION=13.0.88
 APT_PACKAGES=(mesa-vulkan-drivers libvulkan1 libxkbcommon-x11-0 libx11-6 libxcursor1 libxrandr2 libxi6
   libwayland-client0 libwayland-cursor0 libegl1 xvfb)
 
@@ -50,6 +52,12 @@ if [[ " $* " == *" --reference "* ]] && ! "$venv/bin/python" -c "import transfor
   "$venv/bin/pip" install -q --disable-pip-version-check transformers peft
 fi
 torch_dir="$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+# The CUDA runtime's headers that the CUDA-graph shim compiles against (core/csrc/cuda_graph.cpp):
+# a CUDA 13 torch brings the runtime and most headers, not crt/host_config.h (134 kB).
+if [ -f "$torch_dir/../nvidia/cu13/include/cuda_runtime_api.h" ] && [ ! -f "$torch_dir/../nvidia/cu13/include/crt/host_config.h" ]; then
+  echo "setup: installing nvidia-cuda-crt==$CUDA_CRT_VERSION into $venv (CUDA headers for CUDA graphs)" >&2
+  "$venv/bin/pip" install -q --disable-pip-version-check --no-deps "nvidia-cuda-crt==$CUDA_CRT_VERSION"
+fi
 mkdir -p .venv
 [ "$(readlink .venv/libtorch 2>/dev/null)" = "$torch_dir" ] || ln -sfn "$torch_dir" .venv/libtorch
 # With --reference, also a real instruct model for the tests that pin ours against

@@ -14,7 +14,9 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     let questions = out.path().join("questions.jsonl");
     std::fs::write(
         &questions,
-        (0..4).map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is {i} + {i}?\"}}]}}\n")).collect::<String>(),
+        (0..4)
+            .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is {i} + {i}?\"}}]}}\n"))
+            .collect::<String>(),
     )?;
     let done = Command::new(root.join("scripts/gpu-check"))
         .args(["--tiny", "--device", "cpu", "--mtp", env!("CARGO_BIN_EXE_mtp")])
@@ -32,7 +34,17 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     assert!(report["device"].is_string() && report["date"].is_string());
     assert_eq!(report["errors"].as_array().map(Vec::len), Some(0), "{err}");
     let fields: [(&str, &[&str]); 5] = [
-        ("ar", &["shape", "dtype", "ours_tokens_per_s", "transformers_tokens_per_s", "bound_tokens_per_s"]),
+        (
+            "ar",
+            &[
+                "shape",
+                "dtype",
+                "ours_tokens_per_s",
+                "transformers_tokens_per_s",
+                "bound_tokens_per_s",
+                "graphed_tokens_per_s",
+            ],
+        ),
         ("step_cost", &["shape", "form", "mode", "masks", "ratio"]),
         ("train", &["shape", "ours_tokens_per_s", "reference_tokens_per_s", "peak_bytes", "estimate_bytes"]),
         ("demo", &["masks", "tokens_per_forward", "speedup", "identical"]),
@@ -51,6 +63,12 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     let parity = report["parity"].as_array().map_or(0, |p| p.iter().filter(|r| r["ok"] == true).count());
     assert_eq!(parity, 12, "{}", report["parity"]);
     assert!(report["demo"].as_array().is_some_and(|d| d.iter().all(|r| r["identical"] == true)));
+    // `--cuda-graphs` (eager on the CPU) gives AR's tokens.
+    assert!(
+        report["ar"].as_array().is_some_and(|a| a.iter().all(|r| r["graphed_identical"] == true)),
+        "{}",
+        report["ar"]
+    );
     // Both forms of the adapter's term are measured.
     for form in ["low-rank", "merged"] {
         assert!(report["step_cost"].as_array().is_some_and(|c| c.iter().any(|r| r["form"] == form)), "no {form}");

@@ -95,7 +95,7 @@ fn main() -> anyhow::Result<()> {
             (
                 "whole layer",
                 Box::new(|| {
-                    let pass = Pass { rope: &rope, mask: pass_mask, adapter: None };
+                    let pass = Pass { rope: &rope, mask: pass_mask, adapter: None, write_at: None };
                     let mut c = cache_cell.borrow_mut();
                     drop(layer.forward(&x, &pass, Some(&mut c)));
                 }),

@@ -17,11 +17,13 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// How to reach the hub for hub sources.
     pub hub: HubOptions,
+    /// Record AR decoding steps as CUDA graphs (CUDA only; [`Llama::set_cuda_graphs`]).
+    pub cuda_graphs: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: DeviceSpec::Cpu, dtype: DType::F32, hub: HubOptions::from_env() }
+        Self { device: DeviceSpec::Cpu, dtype: DType::F32, hub: HubOptions::from_env(), cuda_graphs: false }
     }
 }
 
@@ -49,7 +51,8 @@ impl LoadedModel {
     /// Load the model folder `dir`.
     pub fn from_folder(dir: &Path, options: &LoadOptions) -> Result<Self> {
         let device = options.device.resolve()?;
-        let model = Llama::from_folder(dir, options.dtype, device)?;
+        let mut model = Llama::from_folder(dir, options.dtype, device)?;
+        model.set_cuda_graphs(options.cuda_graphs);
         let tokenizer = TextTokenizer::from_folder(dir, model.config.bos_token_id, &model.config.eos_token_ids)?;
         Ok(Self { source: ModelSource::Local { path: dir.to_owned() }, dir: dir.to_owned(), model, tokenizer })
     }

@@ -22,6 +22,10 @@ pub struct ModelArgs {
     /// f32, bf16 or f16 (default: bf16 on CUDA, f32 on the CPU).
     #[arg(long)]
     pub dtype: Option<DType>,
+    /// Record each AR decoding step as a CUDA graph and replay it with one launch (CUDA
+    /// only): a step then costs the GPU's work, not one launch per operation.
+    #[arg(long)]
+    pub cuda_graphs: bool,
 }
 
 impl ModelArgs {
@@ -33,7 +37,12 @@ impl ModelArgs {
     /// Resolve (downloading with a progress bar when needed) and load the model.
     pub fn load(&self) -> anyhow::Result<(ModelSource, LoadedModel)> {
         let source: ModelSource = self.model.parse()?;
-        let options = LoadOptions { device: self.device, dtype: self.dtype(), ..LoadOptions::default() };
+        let options = LoadOptions {
+            device: self.device,
+            dtype: self.dtype(),
+            cuda_graphs: self.cuda_graphs,
+            ..LoadOptions::default()
+        };
         let loaded = LoadedModel::load(&source, &options, &mut DownloadBar::new())
             .with_context(|| format!("loading model `{source}`"))?;
         Ok((source, loaded))

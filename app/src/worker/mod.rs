@@ -201,7 +201,7 @@ impl Worker {
                 let start = Instant::now();
                 self.model = None;
                 self.adapter = None;
-                let options = LoadOptions { device, dtype, hub: HubOptions::from_env() };
+                let options = LoadOptions { device, dtype, hub: HubOptions::from_env(), cuda_graphs: false };
                 let loaded = {
                     let mut progress =
                         Progress { worker: self, file: String::new(), total: 0, done: 0, last: Instant::now() };

@@ -5,7 +5,7 @@ use tch::{Kind, Tensor};
 
 use super::{GenerateOutput, GenerateRequest, Sampler, TokenSink};
 use crate::error::{Error, Result};
-use crate::model::{AttnMask, Gated, KvCache, Llama};
+use crate::model::{AttnMask, CudaGraph, Gated, KvCache, Llama};
 
 /// Check that a request fits the model: a non-empty prompt of valid ids, and room in the
 /// context for the prompt plus `max_new_tokens` (plus `extra` positions a decoding mode
@@ -44,6 +44,46 @@ pub struct ArDecoder<'a> {
     cache: KvCache,
     /// The last chosen token, not yet in the cache.
     pub pending: i64,
+    /// The step recorded as a CUDA graph, once the first step records it
+    /// ([`Llama::records_graphs`]); `Err` after a recording failed (steps then run eagerly).
+    graph: Option<std::result::Result<GraphedStep, ()>>,
+}
+
+/// An AR step recorded as a CUDA graph: the pending token and its position are written into
+/// fixed device tensors, one replay runs the whole forward pass (the new row's keys and
+/// values written in place, the whole cache attended under a mask), and `logits` holds the
+/// result.
+struct GraphedStep {
+    logits: Tensor,
+    token: Tensor,
+    position: Tensor,
+    graph: CudaGraph,
+}
+
+impl GraphedStep {
+    /// Record a step at the cache's current length for `pending`. The warm-up runs and the
+    /// recording write that token's keys and values at that position, as the step will.
+    fn record(model: &Llama, cache: &mut KvCache, pending: i64) -> Result<Self> {
+        let device = model.device();
+        let token = Tensor::full([1, 1], pending, (Kind::Int64, device));
+        let position = Tensor::full([1], cache.len() as i64, (Kind::Int64, device));
+        let (graph, logits) = CudaGraph::capture(device, 2, || {
+            tch::no_grad(|| model.logits(&model.forward_in_place(&token, &position, cache)).view([-1]))
+        })?;
+        Ok(Self { logits, token, position, graph })
+    }
+
+    /// Feed `pending` at the cache's length; the logits of the next token.
+    fn run(&mut self, cache: &mut KvCache, pending: i64) -> Result<&Tensor> {
+        if cache.len() >= cache.capacity() {
+            return Err(Error::Invalid(format!("the cache holds {} positions, all used", cache.capacity())));
+        }
+        let _ = self.token.fill_(pending);
+        let _ = self.position.fill_(cache.len() as i64);
+        self.graph.replay()?;
+        cache.commit(1);
+        Ok(&self.logits)
+    }
 }
 
 impl<'a> ArDecoder<'a> {
@@ -56,14 +96,28 @@ impl<'a> ArDecoder<'a> {
             let input = Tensor::from_slice(&req.prompt_ids).to_device(model.device()).unsqueeze(0);
             sampler.pick(&forward_last(model, &input, &mut cache, None))
         })?;
-        Ok((Self { model, sampler, cache, pending: first }, first))
+        Ok((Self { model, sampler, cache, pending: first, graph: None }, first))
     }
 
     /// Feed the pending token and choose the next.
     pub fn step(&mut self) -> Result<i64> {
         let model = self.model;
-        let input = Tensor::from_slice(&[self.pending]).to_device(model.device()).unsqueeze(0);
-        let next = tch::no_grad(|| self.sampler.pick(&forward_last(model, &input, &mut self.cache, None)))?;
+        if self.graph.is_none() && model.records_graphs() {
+            // The cache was made for the whole request: the graph's steps fit in it.
+            self.graph = Some(GraphedStep::record(model, &mut self.cache, self.pending).map_err(|e| {
+                tracing::warn!("AR steps run without a CUDA graph: {e}");
+            }));
+        }
+        let next = match &mut self.graph {
+            Some(Ok(graph)) => {
+                let logits = graph.run(&mut self.cache, self.pending)?;
+                tch::no_grad(|| self.sampler.pick(logits))?
+            }
+            _ => {
+                let input = Tensor::from_slice(&[self.pending]).to_device(model.device()).unsqueeze(0);
+                tch::no_grad(|| self.sampler.pick(&forward_last(model, &input, &mut self.cache, None)))?
+            }
+        };
         self.pending = next;
         Ok(next)
     }

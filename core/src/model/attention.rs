@@ -31,6 +31,11 @@ pub struct Pass<'a> {
     pub mask: AttnMask<'a>,
     /// A (gated) adapter, when one is applied.
     pub adapter: Option<&'a Gated<'a>>,
+    /// The cache positions this pass's rows are written at (`[t]`, on the device), with the
+    /// whole cache attended under `mask`: a pass whose shapes never change, as a CUDA
+    /// graph needs ([`Llama::forward_in_place`](super::Llama::forward_in_place)). `None`:
+    /// the rows go after the cache's length and attention sees the cache up to them.
+    pub write_at: Option<&'a Tensor>,
 }
 
 impl Pass<'_> {
@@ -117,9 +122,10 @@ impl Attention {
         let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)); // [b, heads, t, hd]
 
         let past = cache.as_ref().map_or(0, |c| c.len() as i64);
-        let (k, v) = match cache {
-            Some(cache) => cache.append(self.layer, &k, &v),
-            None => (k, v),
+        let (k, v) = match (cache, pass.write_at) {
+            (Some(cache), Some(at)) => cache.write_at(self.layer, &k, &v, at),
+            (Some(cache), None) => cache.append(self.layer, &k, &v),
+            (None, _) => (k, v),
         };
         let y = match pass.mask {
             // One query attends to everything before it: no mask at all.

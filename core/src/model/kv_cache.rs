@@ -74,6 +74,23 @@ impl KvCache {
         (kl.narrow(2, 0, need), vl.narrow(2, 0, need))
     }
 
+    /// Rows the buffers hold before they must grow (0 before the first append).
+    pub fn capacity(&self) -> usize {
+        self.buffers.as_ref().map_or(0, |(k, _)| k.size()[3] as usize)
+    }
+
+    /// Write `k` and `v` (`[b, heads, t, d]`) of `layer` at the cache positions `at` (`[t]`,
+    /// on the device) and return the layer's whole buffers: shapes that never change, for a
+    /// pass recorded as a CUDA graph. The buffers must already hold those positions (see
+    /// [`KvCache::capacity`]); nothing is committed.
+    pub fn write_at(&mut self, layer: usize, k: &Tensor, v: &Tensor, at: &Tensor) -> (Tensor, Tensor) {
+        let Some((kl, vl)) = self.layers.get(layer) else { return (k.shallow_clone(), v.shallow_clone()) };
+        let (mut kl, mut vl) = (kl.shallow_clone(), vl.shallow_clone());
+        let _ = kl.index_copy_(2, at, k);
+        let _ = vl.index_copy_(2, at, v);
+        (kl, vl)
+    }
+
     /// Count the `t` rows appended by the last forward pass.
     pub fn commit(&mut self, t: usize) {
         self.len += t as i64;

@@ -30,6 +30,8 @@ pub struct Llama {
     rope: Rope,
     dtype: DType,
     device: Device,
+    /// Record AR decoding steps as CUDA graphs ([`Llama::records_graphs`]).
+    cuda_graphs: bool,
 }
 
 /// Checkpoint keys that carry no weights and are skipped on purpose.
@@ -55,7 +57,7 @@ impl Llama {
             root.pp("lm_head").get("weight", &[config.vocab_size as i64, config.hidden_size as i64])?
         };
         let rope = Rope::new(&config, device);
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, dtype, device })
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, dtype, device, cuda_graphs: false })
     }
 
     /// Load the model in folder `dir` (config.json + safetensors) in `dtype` on `device`.
@@ -103,6 +105,18 @@ impl Llama {
         self.device
     }
 
+    /// Ask for AR decoding steps recorded as CUDA graphs and replayed with one launch each
+    /// (see [`crate::model::cuda_graph`]); they apply on a CUDA device in a build that has them.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.cuda_graphs = on;
+    }
+
+    /// Whether AR decoding records its steps as CUDA graphs: asked for, on a CUDA device, and
+    /// in this build.
+    pub fn records_graphs(&self) -> bool {
+        self.cuda_graphs && self.device.is_cuda() && super::CudaGraph::AVAILABLE
+    }
+
     /// Token embeddings.
     ///
     /// # Shapes
@@ -128,7 +142,7 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
         let rope = self.rope_tables(positions, x.kind());
-        let pass = Pass { rope: &rope, mask, adapter };
+        let pass = Pass { rope: &rope, mask, adapter, write_at: None };
         let mut h = x.shallow_clone();
         for layer in &self.layers {
             h = layer.forward(&h, &pass, cache.as_deref_mut());
@@ -136,6 +150,25 @@ impl Llama {
         if let Some(cache) = cache {
             let (b, t) = (x.size()[0], x.size()[1]);
             cache.commit(if pass.joins_halves() { b * t } else { t } as usize);
+        }
+        self.final_norm(&h)
+    }
+
+    /// One pass whose shapes never change, for decoding steps recorded as CUDA graphs: the
+    /// rows of `ids` (`[1, t]`) are written at the cache positions `positions` (`[t]`, on the
+    /// device) and attend to every cached position up to their own, through the whole cache
+    /// (whose capacity must hold them). Nothing is committed to the cache and nothing is read
+    /// back to the host. Final-normed hidden states, `[1, t, d]`.
+    pub fn forward_in_place(&self, ids: &Tensor, positions: &Tensor, cache: &mut KvCache) -> Tensor {
+        let x = self.embed(ids);
+        let columns = Tensor::arange(cache.capacity() as i64, (Kind::Int64, self.device)).unsqueeze(0);
+        let allowed = columns.le_tensor(&positions.unsqueeze(1));
+        let mask = crate::mtp::masks::additive_mask(&allowed, x.kind());
+        let rope = self.rope_tables(positions, x.kind());
+        let pass = Pass { rope: &rope, mask: AttnMask::Custom(&mask), adapter: None, write_at: Some(positions) };
+        let mut h = x;
+        for layer in &self.layers {
+            h = layer.forward(&h, &pass, Some(cache));
         }
         self.final_norm(&h)
     }

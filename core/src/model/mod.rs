@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod block;
 pub mod config;
+pub mod cuda_graph;
 pub mod few_rows;
 pub mod kv_cache;
 pub mod linear;
@@ -15,6 +16,7 @@ pub mod weights;
 
 pub use attention::AttnMask;
 pub use config::{Family, HfConfig, ModelConfig, RopeScaling};
+pub use cuda_graph::CudaGraph;
 pub use kv_cache::KvCache;
 pub use linear::{Gate, Gated, Proj, ProjDelta, ProjGroup, StackedLinear};
 pub use llama::Llama;

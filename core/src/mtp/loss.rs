@@ -150,7 +150,7 @@ pub fn backward_checkpointed(
     let gated = adapter.gated(&batch.slot, model.dtype().kind());
     let mask = additive_mask(&batch.attention_mask(), x.kind());
     let rope = model.rope_tables(&batch.positions, x.kind());
-    let pass = Pass { rope: &rope, mask: AttnMask::Custom(&mask), adapter: Some(&gated) };
+    let pass = Pass { rope: &rope, mask: AttnMask::Custom(&mask), adapter: Some(&gated), write_at: None };
     let layers = model.layers();
     let mut inputs = Vec::with_capacity(layers.len());
     let mut h = x.detach();
