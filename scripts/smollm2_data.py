@@ -67,6 +67,40 @@ TEMPLATES = [
     "List some interesting facts about {t}.",
 ]
 
+# More ways to ask about the same topics, for --more-chat (the GPU-trained adapter of
+# 2026-11-30 drafted chat worst: 1.70 tokens per forward at 4 masks against code's 1.97, from
+# 992 chat answers of 3,192). The bench's held-out chat prompts keep TEMPLATES.
+MORE_TEMPLATES = [
+    "How does {t} work?",
+    "What should a beginner know about {t}?",
+    "Summarize the history of {t} in a few sentences.",
+    "What are the pros and cons of {t}?",
+    "Explain {t} as if I were a complete beginner.",
+    "Tell me a fun fact about {t}.",
+    "How would you teach someone about {t}?",
+    "What questions do people often ask about {t}?",
+    "Write two sentences that describe {t}.",
+    "What is the most surprising thing about {t}?",
+    "Give an example that shows how {t} matters in daily life.",
+    "What are the main parts of {t}?",
+]
+PAIR_TEMPLATES = [
+    "Compare {a} and {b}.",
+    "What do {a} and {b} have in common?",
+    "Which is more interesting, {a} or {b}? Explain why.",
+]
+
+
+def more_chat_questions(n: int, rng: random.Random) -> list[str]:
+    """`n` further chat questions on the training topics (never the held-out ones): each
+    topic with MORE_TEMPLATES, then pairs of topics, shuffled."""
+    topics = TOPICS + MORE_TOPICS
+    single = [t.format(t=topic) for topic in topics for t in MORE_TEMPLATES]
+    pairs = [t.format(a=a, b=b) for t in PAIR_TEMPLATES for a, b in zip(topics, topics[1:] + topics[:1])]
+    out = single + pairs
+    rng.shuffle(out)
+    return out[:n]
+
 
 def chat_questions(topics: list[str], rng: random.Random) -> list[str]:
     return [t.format(t=topic) for topic in topics for t in TEMPLATES]
@@ -177,6 +211,8 @@ def main() -> None:
     p.add_argument("--more-complete", type=int, default=600,
                    help="further functions to complete: the rest of the top-level modules', then the packages'")
     p.add_argument("--math", type=int, default=600, help="arithmetic questions to distill")
+    p.add_argument("--more-chat", type=int, default=0,
+                   help="further chat questions on the training topics (up to 1,860), written after every other")
     p.add_argument("--bench", type=int, default=20, help="held-out prompts per domain")
     args = p.parse_args()
     rng = random.Random(0)
@@ -190,6 +226,7 @@ def main() -> None:
     asked = set(questions)
     more = [q for q in completions[args.complete:] + stdlib_completions(rng, packages=True) if q not in asked]
     questions += list(dict.fromkeys(more))[: args.more_complete]
+    questions += more_chat_questions(args.more_chat, random.Random(3))
     with open(args.out / "questions.jsonl", "w") as f:
         for q in questions:
             f.write(json.dumps(user(q)) + "\n")
