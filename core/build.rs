@@ -11,6 +11,12 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/cuda_graph.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Some(lib) = torch_lib() else { return };
+    // Headers installed later (scripts/setup.sh) bring the shim in on the next build.
+    let cu13 = lib.parent().and_then(Path::parent).map(|p| p.join("nvidia/cu13/include/crt")).unwrap_or_default();
+    println!("cargo:rerun-if-changed={}", cu13.display());
+    if !lib.join("libtorch_cuda.so").exists() {
+        return;
+    }
     let Some(cuda) = cuda_dir(&lib) else {
         println!(
             "cargo:warning=CUDA graphs left out of this build: no CUDA runtime headers with crt/host_config.h \

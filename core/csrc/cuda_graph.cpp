@@ -33,6 +33,12 @@ int guarded(char* err, size_t len, F f) {
       err[len - 1] = '\0';
     }
     return -1;
+  } catch (...) {
+    if (err != nullptr && len > 0) {
+      std::strncpy(err, "an exception that is not a std::exception", len - 1);
+      err[len - 1] = '\0';
+    }
+    return -1;
   }
 }
 
@@ -65,6 +71,16 @@ int mtp_graph_capture_begin(void* g, char* err, size_t len) {
 
 int mtp_graph_capture_end(void* g, char* err, size_t len) {
   return guarded(err, len, [&] { static_cast<Graph*>(g)->graph.capture_end(); });
+}
+
+// Ends a recording that the code it recorded broke off: capture_end stops the stream's
+// capture and gives the memory allocator back its ordinary pools before it checks (and here
+// rejects) the recording. Errors are expected and dropped.
+void mtp_graph_abort(void* g) {
+  try {
+    static_cast<Graph*>(g)->graph.capture_end();
+  } catch (...) {
+  }
 }
 
 // Replays the recorded kernels on the current stream.

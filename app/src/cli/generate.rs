@@ -97,8 +97,8 @@ struct Report<'a> {
     bootstrap_noise_ids: Option<Vec<i64>>,
     device: String,
     dtype: String,
-    /// Whether AR steps were to be recorded as CUDA graphs (`--cuda-graphs` on a CUDA device,
-    /// in a build that has them; a recording that fails is logged and runs eagerly).
+    /// Whether AR steps were replayed from a CUDA graph (`--cuda-graphs` on a CUDA device, in
+    /// a build that has them, and the recording succeeded; a failed one is logged).
     cuda_graphs: bool,
     prompt_ids: &'a [i64],
     token_ids: &'a [i64],
@@ -210,7 +210,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bootstrap_noise_ids: out.steps.first().filter(|s| !s.noise_ids.is_empty()).map(|s| s.noise_ids.clone()),
             device: args.model.device.to_string(),
             dtype: args.model.dtype().to_string(),
-            cuda_graphs: loaded.model.records_graphs(),
+            cuda_graphs: out.cuda_graph,
             prompt_ids: &req.prompt_ids,
             token_ids: &out.token_ids,
             text,

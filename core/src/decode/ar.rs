@@ -99,6 +99,11 @@ impl<'a> ArDecoder<'a> {
         Ok((Self { model, sampler, cache, pending: first, graph: None }, first))
     }
 
+    /// Whether the steps replay a recorded CUDA graph.
+    pub fn replays_graph(&self) -> bool {
+        matches!(self.graph, Some(Ok(_)))
+    }
+
     /// Feed the pending token and choose the next.
     pub fn step(&mut self) -> Result<i64> {
         let model = self.model;

@@ -91,6 +91,7 @@ impl<'a> Generation<'a> {
             }
             Some(Decoder::Ar(d)) => {
                 let next = d.step()?;
+                self.out.cuda_graph = d.replays_graph();
                 self.out.forwards += 1;
                 let step = self.out.forwards - 1;
                 if let Some(stop) = self.emit(next, step, TokenOrigin::Verified, sink) {

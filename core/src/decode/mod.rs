@@ -126,6 +126,10 @@ pub struct GenerateOutput {
     /// Per speculative step (empty for AR).
     #[serde(default)]
     pub steps: Vec<StepStats>,
+    /// Whether AR steps were replayed from a CUDA graph ([`crate::model::Llama::records_graphs`];
+    /// false also when recording one failed and the steps ran eagerly).
+    #[serde(default)]
+    pub cuda_graph: bool,
 }
 
 impl GenerateOutput {
@@ -138,6 +142,7 @@ impl GenerateOutput {
             prefill_time: Duration::ZERO,
             total_time: start.elapsed(),
             steps: Vec::new(),
+            cuda_graph: false,
         }
     }
 

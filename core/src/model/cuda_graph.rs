@@ -28,6 +28,7 @@ unsafe extern "C" {
     fn mtp_graph_capture_begin(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
     fn mtp_graph_capture_end(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
     fn mtp_graph_replay(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+    fn mtp_graph_abort(g: *mut c_void);
     fn mtp_graph_free(g: *mut c_void);
 }
 
@@ -53,6 +54,7 @@ mod absent {
     pub unsafe fn mtp_graph_replay(_: *mut c_void, _: *mut c_char, _: usize) -> c_int {
         -1
     }
+    pub unsafe fn mtp_graph_abort(_: *mut c_void) {}
     pub unsafe fn mtp_graph_free(_: *mut c_void) {}
 }
 #[cfg(not(mtp_cuda_graphs))]
@@ -109,7 +111,20 @@ impl CudaGraph {
             }
             tch::Cuda::synchronize(index as i64);
             call("capture", |e, n| unsafe { mtp_graph_capture_begin(graph.ptr, e, n) })?;
-            let out = record();
+            // tch panics on libtorch's errors (an operation not allowed while recording, say):
+            // the recording is then ended, so that the stream and the allocator are usable.
+            let out = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut record)) {
+                Ok(out) => out,
+                Err(panic) => {
+                    unsafe { mtp_graph_abort(graph.ptr) };
+                    let msg = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("a panic");
+                    return Err(Error::Invalid(format!("CUDA graph recording: {msg}")));
+                }
+            };
             call("capture", |e, n| unsafe { mtp_graph_capture_end(graph.ptr, e, n) })?;
             Ok(out)
         })();
