@@ -12,8 +12,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Some(lib) = torch_lib() else { return };
     // Headers installed later (scripts/setup.sh) bring the shim in on the next build.
-    let cu13 = lib.parent().and_then(Path::parent).map(|p| p.join("nvidia/cu13/include/crt")).unwrap_or_default();
-    println!("cargo:rerun-if-changed={}", cu13.display());
+    if let Some(cu13) = cuda_candidate(&lib) {
+        println!("cargo:rerun-if-changed={}", cu13.join("include/crt").display());
+    }
     if !lib.join("libtorch_cuda.so").exists() {
         return;
     }

@@ -225,19 +225,17 @@ class Check:
             del model
             if self.dev == "cuda":
                 torch.cuda.empty_cache()
-            ours = self.mtp_json(["generate", "--model", folder, "--prompt-ids", ",".join(map(str, prompt)),
-                                  "--max-new-tokens", str(new), "--ignore-eos", "--device", self.args.device,
-                                  "--dtype", self.dtype_name(), "--repeats", "3"])
+            generate = ["generate", "--model", folder, "--prompt-ids", ",".join(map(str, prompt)),
+                        "--max-new-tokens", str(new), "--ignore-eos", "--device", self.args.device,
+                        "--dtype", self.dtype_name(), "--repeats", "3"]
+            ours = self.mtp_json(generate)
             # The same with each step replayed from a CUDA graph (one launch a step; each run
             # records its graph, and that time counts). The same tokens, or parting at a bf16
             # near-tie (the graphed pass attends over the whole cache under a mask). A
             # recording that fails says why on stderr and runs eagerly; a run that fails is
             # recorded here and leaves the eager numbers.
             try:
-                graphed_run = run([self.mtp, "generate", "--model", folder, "--prompt-ids",
-                                   ",".join(map(str, prompt)), "--max-new-tokens", str(new), "--ignore-eos",
-                                   "--device", self.args.device, "--dtype", self.dtype_name(), "--repeats", "3",
-                                   "--cuda-graphs", "--json"])
+                graphed_run = run([self.mtp, *generate, "--cuda-graphs", "--json"])
                 graphed = json.loads(graphed_run.stdout.strip().splitlines()[-1])
                 graphed["log"] = [line for line in graphed_run.stderr.splitlines() if "graph" in line.lower()][-5:]
             except Exception as e:  # noqa: BLE001 (kept in the report)

@@ -26,11 +26,15 @@ fn link_libtorch() {
 /// The CUDA 13 runtime of a PyPI torch (site-packages/nvidia/cu13, beside torch/): its
 /// `lib` holds libcudart.so.13; it counts only with the headers the shim compiles against
 /// (crt/host_config.h comes from the nvidia-cuda-crt wheel).
-#[allow(dead_code)]
 fn cuda_dir(torch_lib: &std::path::Path) -> Option<std::path::PathBuf> {
-    let dir = torch_lib.parent()?.parent()?.join("nvidia").join("cu13");
+    let dir = cuda_candidate(torch_lib)?;
     let complete = dir.join("include/cuda_runtime_api.h").exists()
         && dir.join("include/crt/host_config.h").exists()
         && dir.join("lib/libcudart.so.13").exists();
     complete.then_some(dir)
+}
+
+/// Where a PyPI torch keeps its CUDA 13 runtime, whether or not it is there.
+fn cuda_candidate(torch_lib: &std::path::Path) -> Option<std::path::PathBuf> {
+    Some(torch_lib.parent()?.parent()?.join("nvidia").join("cu13"))
 }
