@@ -279,17 +279,22 @@ class Check:
             # Both forms of the adapter's term where the merged weights (the layers twice
             # more) are small enough to be worth measuring; the 8B shape runs low-rank.
             forms = ["low-rank"] if shape == "llama-3.1-8b" else ["low-rank", "merged"]
-            for form in forms:
+            # Then each form with every step replayed from a CUDA graph, AR's and the
+            # speculative ones (--cuda-graphs): longer generations, so that each run's
+            # recordings (one per step shape, made at its second step) weigh less.
+            for form, graphs in [(f, False) for f in forms] + [(f, True) for f in forms]:
+                tokens = ("96" if graphs else "32") if not self.args.tiny else "8"
                 report = self.bench_json(["--model", folder, "--adapter", adapter, "--prompts", prompts,
                                           "--masks", masks, "--modes", "ar,linear,quadratic", "--max-new-tokens",
-                                          "32" if not self.args.tiny else "8", "--device", self.args.device,
-                                          "--dtype", self.dtype_name(), "--lora-form", form])
+                                          tokens, "--device", self.args.device, "--dtype", self.dtype_name(),
+                                          "--lora-form", form, *(["--cuda-graphs"] if graphs else [])])
                 self.result.setdefault("step_cost_divergences", []).extend(report.get("divergences", []))
                 for r in report["rows"]:
                     if r["domain"] == "all" and r["mode"] != "ar":
                         self.result["step_cost"].append({"shape": shape, "form": form, "mode": r["mode"],
                                                          "masks": r["masks"], "ratio": r["step_cost_vs_ar"],
-                                                         "identical": r["identical"]})
+                                                         "identical": r["identical"], "graphs": graphs,
+                                                         "graphed": r.get("cuda_graphs", False)})
 
     # ------------------------------------------------------------------ training
     def gpu_used(self) -> int | None:
@@ -586,10 +591,12 @@ def markdown(r: dict) -> str:
                      f"{f(a.get('graphed_over_transformers'))}x | {f(100 * a['graphed_fraction_of_bound'] if 'graphed_fraction_of_bound' in a else None, 0)}% | "
                      f"{a.get('graphed_identical')} |")
     if r.get("step_cost"):
-        s.append("\n### Step cost (one speculative step / one AR step)\n\n| shape | adapter form | mode | masks | ratio |"
-                 "\n|---|---|---|---|---|")
+        s.append("\n### Step cost (one speculative step / one AR step)\n\n| shape | adapter form | CUDA graphs | mode "
+                 "| masks | ratio |\n|---|---|---|---|---|---|")
         for c in r["step_cost"]:
-            s.append(f"| {c['shape']} | {c.get('form', 'low-rank')} | {c['mode']} | {c['masks']} | {f(c['ratio'])} |")
+            graphs = ("replayed" if c.get("graphed") else "asked, not replayed") if c.get("graphs") else "off"
+            s.append(f"| {c['shape']} | {c.get('form', 'low-rank')} | {graphs} | {c['mode']} | {c['masks']} | "
+                     f"{f(c['ratio'])} |")
     if r.get("train"):
         s.append("\n### Training\n\n| shape | checkpointing | ours (tokens/s) | reference | peak memory | estimate |"
                  "\n|---|---|---|---|---|---|")

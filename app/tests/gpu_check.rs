@@ -72,6 +72,11 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     // Both forms of the adapter's term are measured.
     for form in ["low-rank", "merged"] {
         assert!(report["step_cost"].as_array().is_some_and(|c| c.iter().any(|r| r["form"] == form)), "no {form}");
+        // And again with `--cuda-graphs` (nothing recorded on the CPU), the outputs AR's.
+        let graphed = |r: &serde_json::Value| r["form"] == form && r["graphs"] == true;
+        let rows = report["step_cost"].as_array().map(|c| c.iter().filter(|r| graphed(r)).collect::<Vec<_>>());
+        assert!(rows.as_ref().is_some_and(|r| !r.is_empty()), "no {form} with --cuda-graphs");
+        assert!(rows.is_some_and(|r| r.iter().all(|r| r["identical"] == true && r["graphed"] == false)), "{form}");
     }
     // The demo's recipe trained on the device: timed, raced, its adapter kept.
     let trained = &report["demo_train"];

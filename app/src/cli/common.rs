@@ -22,8 +22,9 @@ pub struct ModelArgs {
     /// f32, bf16 or f16 (default: bf16 on CUDA, f32 on the CPU).
     #[arg(long)]
     pub dtype: Option<DType>,
-    /// Record each AR decoding step as a CUDA graph and replay it with one launch (CUDA
-    /// only): a step then costs the GPU's work, not one launch per operation.
+    /// Record decoding steps as CUDA graphs and replay each with one launch (CUDA only): AR
+    /// steps, and greedy speculative steps (one recording per step shape). A step then
+    /// costs the GPU's work, not one launch per operation.
     #[arg(long)]
     pub cuda_graphs: bool,
 }

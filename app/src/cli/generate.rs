@@ -97,7 +97,7 @@ struct Report<'a> {
     bootstrap_noise_ids: Option<Vec<i64>>,
     device: String,
     dtype: String,
-    /// Whether AR steps were replayed from a CUDA graph (`--cuda-graphs` on a CUDA device, in
+    /// Whether decoding steps were replayed from a CUDA graph (`--cuda-graphs` on a CUDA device, in
     /// a build that has them, and the recording succeeded; a failed one is logged).
     cuda_graphs: bool,
     prompt_ids: &'a [i64],

@@ -5,7 +5,7 @@ use tch::{Kind, Tensor};
 
 use super::{GenerateOutput, GenerateRequest, Sampler, TokenSink};
 use crate::error::{Error, Result};
-use crate::model::{AttnMask, CudaGraph, Gated, KvCache, Llama};
+use crate::model::{AttnMask, FixedStep, Gated, KvCache, Llama, StepGraphs};
 
 /// Check that a request fits the model: a non-empty prompt of valid ids, and room in the
 /// context for the prompt plus `max_new_tokens` (plus `extra` positions a decoding mode
@@ -44,20 +44,24 @@ pub struct ArDecoder<'a> {
     cache: KvCache,
     /// The last chosen token, not yet in the cache.
     pub pending: i64,
-    /// The step recorded as a CUDA graph, once the first step records it
-    /// ([`Llama::records_graphs`]); `Err` after a recording failed (steps then run eagerly).
+    /// The step of fixed shapes, once the first step records it ([`Llama::step_graphs`]);
+    /// `Err` after a recording failed (steps then run the ordinary pass).
     graph: Option<std::result::Result<GraphedStep, ()>>,
 }
 
-/// An AR step recorded as a CUDA graph: the pending token and its position are written into
+/// An AR step of fixed shapes, recorded as a CUDA graph ([`StepGraphs::Record`]) or run
+/// eagerly ([`StepGraphs::Eager`]): the pending token and its position are written into
 /// fixed device tensors, one replay runs the whole forward pass (the new row's keys and
-/// values written in place, the whole cache attended under a mask), and `logits` holds the
-/// result.
+/// values written in place, the whole cache attended under a mask) and writes the logits.
 struct GraphedStep {
-    logits: Tensor,
     token: Tensor,
     position: Tensor,
-    graph: CudaGraph,
+    step: FixedStep<Tensor>,
+}
+
+/// The recorded pass: the logits of `token` at `position`, `[vocab]`.
+fn in_place_logits(model: &Llama, token: &Tensor, position: &Tensor, cache: &mut KvCache) -> Tensor {
+    tch::no_grad(|| model.logits(&model.forward_in_place(token, position, cache)).view([-1]))
 }
 
 impl GraphedStep {
@@ -67,22 +71,22 @@ impl GraphedStep {
         let device = model.device();
         let token = Tensor::full([1, 1], pending, (Kind::Int64, device));
         let position = Tensor::full([1], cache.len() as i64, (Kind::Int64, device));
-        let (graph, logits) = CudaGraph::capture(device, 2, || {
-            tch::no_grad(|| model.logits(&model.forward_in_place(&token, &position, cache)).view([-1]))
-        })?;
-        Ok(Self { logits, token, position, graph })
+        let record = model.records_graphs();
+        let step = FixedStep::new(device, record, || in_place_logits(model, &token, &position, cache))?;
+        Ok(Self { token, position, step })
     }
 
     /// Feed `pending` at the cache's length; the logits of the next token.
-    fn run(&mut self, cache: &mut KvCache, pending: i64) -> Result<&Tensor> {
+    fn run(&mut self, model: &Llama, cache: &mut KvCache, pending: i64) -> Result<&Tensor> {
         if cache.len() >= cache.capacity() {
             return Err(Error::Invalid(format!("the cache holds {} positions, all used", cache.capacity())));
         }
         let _ = self.token.fill_(pending);
         let _ = self.position.fill_(cache.len() as i64);
-        self.graph.replay()?;
+        let (token, position) = (&self.token, &self.position);
+        let logits = self.step.run(|| in_place_logits(model, token, position, cache))?;
         cache.commit(1);
-        Ok(&self.logits)
+        Ok(logits)
     }
 }
 
@@ -101,13 +105,13 @@ impl<'a> ArDecoder<'a> {
 
     /// Whether the steps replay a recorded CUDA graph.
     pub fn replays_graph(&self) -> bool {
-        matches!(self.graph, Some(Ok(_)))
+        matches!(&self.graph, Some(Ok(g)) if g.step.replays())
     }
 
     /// Feed the pending token and choose the next.
     pub fn step(&mut self) -> Result<i64> {
         let model = self.model;
-        if self.graph.is_none() && model.records_graphs() {
+        if self.graph.is_none() && model.step_graphs() != StepGraphs::Off {
             // The cache was made for the whole request: the graph's steps fit in it.
             self.graph = Some(GraphedStep::record(model, &mut self.cache, self.pending).map_err(|e| {
                 tracing::warn!("AR steps run without a CUDA graph: {e}");
@@ -115,7 +119,7 @@ impl<'a> ArDecoder<'a> {
         }
         let next = match &mut self.graph {
             Some(Ok(graph)) => {
-                let logits = graph.run(&mut self.cache, self.pending)?;
+                let logits = graph.run(model, &mut self.cache, self.pending)?;
                 tch::no_grad(|| self.sampler.pick(logits))?
             }
             _ => {

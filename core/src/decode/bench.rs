@@ -119,6 +119,9 @@ pub struct BenchRow {
     pub step_cost_vs_ar: f64,
     /// Every greedy output equal to AR's.
     pub identical: bool,
+    /// Every generation replayed its steps from CUDA graphs (`--cuda-graphs`).
+    #[serde(default)]
+    pub cuda_graphs: bool,
 }
 
 /// A greedy output that differs from AR's.
@@ -192,12 +195,14 @@ struct Acc {
     steps: usize,
     masks_used: usize,
     identical: bool,
+    graphs: bool,
 }
 
 impl Acc {
     fn add(&mut self, out: &GenerateOutput, identical: bool) {
         if self.prompts == 0 {
             self.identical = true;
+            self.graphs = true;
         }
         self.prompts += 1;
         self.tokens += out.token_ids.len();
@@ -213,6 +218,7 @@ impl Acc {
             self.masks_used += out.steps.iter().map(|s| s.masks).sum::<usize>();
         }
         self.identical &= identical;
+        self.graphs &= out.cuda_graph;
     }
 
     fn tps(&self) -> f64 {
@@ -342,6 +348,7 @@ pub fn run_bench(
                 speedup: if ar.tps() > 0.0 { a.tps() / ar.tps() } else { 0.0 },
                 step_cost_vs_ar: if ar.step_time() > 0.0 { a.step_time() / ar.step_time() } else { 0.0 },
                 identical: a.identical,
+                cuda_graphs: a.graphs,
             });
         }
     }
@@ -447,6 +454,7 @@ mod tests {
             speedup: 1.0,
             step_cost_vs_ar: 1.0,
             identical: true,
+            cuda_graphs: false,
         }
     }
 

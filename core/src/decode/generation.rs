@@ -100,6 +100,7 @@ impl<'a> Generation<'a> {
             }
             Some(Decoder::Spec(d)) => {
                 let r = d.step(false)?;
+                self.out.cuda_graph = d.replays_graph();
                 self.out.forwards += 1;
                 let mut stats = r.stats;
                 let mut stop = None;

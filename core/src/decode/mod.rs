@@ -126,8 +126,9 @@ pub struct GenerateOutput {
     /// Per speculative step (empty for AR).
     #[serde(default)]
     pub steps: Vec<StepStats>,
-    /// Whether AR steps were replayed from a CUDA graph ([`crate::model::Llama::records_graphs`];
-    /// false also when recording one failed and the steps ran eagerly).
+    /// Whether decoding steps (AR, or greedy speculative steps) were replayed from a CUDA
+    /// graph ([`crate::model::Llama::records_graphs`]; false also when recording failed and
+    /// the steps ran eagerly).
     #[serde(default)]
     pub cuda_graph: bool,
 }

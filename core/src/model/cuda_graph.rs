@@ -142,6 +142,58 @@ impl CudaGraph {
     }
 }
 
+/// How decoding steps run: the ordinary passes, or passes whose shapes never change
+/// ([`crate::model::Llama::forward_in_place`] and the speculative step's counterpart),
+/// recorded as CUDA graphs and replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StepGraphs {
+    /// The ordinary passes.
+    #[default]
+    Off,
+    /// Fixed-shape passes recorded as CUDA graphs and replayed (on a CUDA device in a build
+    /// that has graphs; elsewhere the same as `Off`).
+    Record,
+    /// The fixed-shape passes run eagerly each step, nothing recorded: on the CPU, the tests'
+    /// stand-in for a replay (the same code, the same bookkeeping).
+    Eager,
+}
+
+/// One decoding step of fixed shapes: recorded once and replayed, or with
+/// [`StepGraphs::Eager`] run again each time. `T` holds the tensors the step writes.
+#[derive(Debug)]
+pub struct FixedStep<T> {
+    out: T,
+    graph: Option<CudaGraph>,
+}
+
+impl<T> FixedStep<T> {
+    /// Record `body` on `device` (`record`), or run it once eagerly. Either way it has run
+    /// with the inputs it reads as they are now: callers record a step that they then run.
+    pub fn new(device: Device, record: bool, mut body: impl FnMut() -> T) -> Result<Self> {
+        if record {
+            let (graph, out) = CudaGraph::capture(device, 2, body)?;
+            Ok(Self { out, graph: Some(graph) })
+        } else {
+            Ok(Self { out: body(), graph: None })
+        }
+    }
+
+    /// Run the step on the current inputs: a replay, or `body` again where nothing was
+    /// recorded. Returns what the step wrote.
+    pub fn run(&mut self, body: impl FnOnce() -> T) -> Result<&T> {
+        match &self.graph {
+            Some(graph) => graph.replay()?,
+            None => self.out = body(),
+        }
+        Ok(&self.out)
+    }
+
+    /// True when the step replays a recorded graph.
+    pub fn replays(&self) -> bool {
+        self.graph.is_some()
+    }
+}
+
 impl Drop for CudaGraph {
     fn drop(&mut self) {
         // SAFETY: made by mtp_graph_new, freed once.

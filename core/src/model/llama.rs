@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 use super::attention::{AttnMask, Pass};
 use super::block::DecoderLayer;
 use super::config::ModelConfig;
+use super::cuda_graph::StepGraphs;
 use super::kv_cache::KvCache;
 use super::linear::{Gated, ProjGroup};
 use super::norm::RmsNorm;
@@ -30,8 +31,8 @@ pub struct Llama {
     rope: Rope,
     dtype: DType,
     device: Device,
-    /// Record AR decoding steps as CUDA graphs ([`Llama::records_graphs`]).
-    cuda_graphs: bool,
+    /// How decoding steps run ([`Llama::step_graphs`]).
+    step_graphs: StepGraphs,
 }
 
 /// Checkpoint keys that carry no weights and are skipped on purpose.
@@ -57,7 +58,7 @@ impl Llama {
             root.pp("lm_head").get("weight", &[config.vocab_size as i64, config.hidden_size as i64])?
         };
         let rope = Rope::new(&config, device);
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, dtype, device, cuda_graphs: false })
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, dtype, device, step_graphs: StepGraphs::Off })
     }
 
     /// Load the model in folder `dir` (config.json + safetensors) in `dtype` on `device`.
@@ -105,16 +106,31 @@ impl Llama {
         self.device
     }
 
-    /// Ask for AR decoding steps recorded as CUDA graphs and replayed with one launch each
-    /// (see [`crate::model::cuda_graph`]); they apply on a CUDA device in a build that has them.
+    /// Ask for decoding steps recorded as CUDA graphs and replayed with one launch each (see
+    /// [`crate::model::cuda_graph`]): AR steps, and greedy speculative steps; they apply on a
+    /// CUDA device in a build that has them.
     pub fn set_cuda_graphs(&mut self, on: bool) {
-        self.cuda_graphs = on;
+        self.step_graphs = if on { StepGraphs::Record } else { StepGraphs::Off };
     }
 
-    /// Whether AR decoding records its steps as CUDA graphs: asked for, on a CUDA device, and
+    /// Choose how decoding steps run ([`StepGraphs`]; `Eager` is for tests on the CPU).
+    pub fn set_step_graphs(&mut self, mode: StepGraphs) {
+        self.step_graphs = mode;
+    }
+
+    /// How decoding steps run here: `Record` only where graphs can be recorded (asked for,
+    /// on a CUDA device, in this build), else `Off`; `Eager` as asked.
+    pub fn step_graphs(&self) -> StepGraphs {
+        match self.step_graphs {
+            StepGraphs::Record if !(self.device.is_cuda() && super::CudaGraph::AVAILABLE) => StepGraphs::Off,
+            mode => mode,
+        }
+    }
+
+    /// Whether decoding records its steps as CUDA graphs: asked for, on a CUDA device, and
     /// in this build.
     pub fn records_graphs(&self) -> bool {
-        self.cuda_graphs && self.device.is_cuda() && super::CudaGraph::AVAILABLE
+        self.step_graphs() == StepGraphs::Record
     }
 
     /// Token embeddings.
@@ -164,9 +180,26 @@ impl Llama {
         let columns = Tensor::arange(cache.capacity() as i64, (Kind::Int64, self.device)).unsqueeze(0);
         let allowed = columns.le_tensor(&positions.unsqueeze(1));
         let mask = crate::mtp::masks::additive_mask(&allowed, x.kind());
+        self.forward_embeds_in_place(&x, positions, positions, &mask, None, cache)
+    }
+
+    /// The general fixed-shape pass: the rows of `x` (`[b, t, d]`; two halves of one
+    /// sequence with an adapter gated by [`super::linear::Gate::Halves`]) at the positions
+    /// `positions` (`[t]` or `[b, t]`), their keys and values written at the cache rows
+    /// `rows` (`[b * t]`, on the device), attending to the whole cache under the additive
+    /// `mask` (`[b * t, capacity]`). Nothing is committed and nothing read back to the host.
+    pub fn forward_embeds_in_place(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        rows: &Tensor,
+        mask: &Tensor,
+        adapter: Option<&Gated>,
+        cache: &mut KvCache,
+    ) -> Tensor {
         let rope = self.rope_tables(positions, x.kind());
-        let pass = Pass { rope: &rope, mask: AttnMask::Custom(&mask), adapter: None, write_at: Some(positions) };
-        let mut h = x;
+        let pass = Pass { rope: &rope, mask: AttnMask::Custom(mask), adapter, write_at: Some(rows) };
+        let mut h = x.shallow_clone();
         for layer in &self.layers {
             h = layer.forward(&h, &pass, Some(cache));
         }

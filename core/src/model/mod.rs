@@ -16,7 +16,7 @@ pub mod weights;
 
 pub use attention::AttnMask;
 pub use config::{Family, HfConfig, ModelConfig, RopeScaling};
-pub use cuda_graph::CudaGraph;
+pub use cuda_graph::{CudaGraph, FixedStep, StepGraphs};
 pub use kv_cache::KvCache;
 pub use linear::{Gate, Gated, Proj, ProjDelta, ProjGroup, StackedLinear};
 pub use llama::Llama;

@@ -10,7 +10,7 @@
 //! cache keeps after verification (`r_0..r_a`) are a prefix, dropped by a truncation, and
 //! the rows the adapter applies to are a suffix ([`crate::model::Gate::Tail`]).
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::super::strategy::Layout;
 use super::drafter::Drafter;
@@ -201,24 +201,58 @@ impl StepPlan {
         past: usize,
         cache: Option<&mut KvCache>,
     ) -> Tensor {
+        let x = self.packed_inputs(model, inputs, noise);
+        let positions = &self.offsets + past as i64;
+        let mask = self.own_mask.constant_pad_nd([past as i64, 0]);
+        let h = model.forward_embeds(&x, &positions, AttnMask::Custom(&mask), Some(gated), cache);
+        h.reshape([-1, h.size()[2]])
+    }
+
+    /// [`StepPlan::forward`] with shapes that never change, as a CUDA graph records it: the
+    /// cache length is `past` (`[1]` int64 on the device), the step's rows are written at
+    /// the cache rows after it and attend through the whole cache
+    /// ([`Llama::forward_embeds_in_place`]), whose capacity must hold them. Nothing is
+    /// committed and nothing read back to the host.
+    pub fn forward_in_place(
+        &self,
+        model: &Llama,
+        gated: &Gated,
+        inputs: &Tensor,
+        past: &Tensor,
+        cache: &mut KvCache,
+    ) -> Tensor {
+        let x = self.packed_inputs(model, inputs, None);
+        let device = model.device();
+        let p = self.rows() as i64;
+        let positions = &self.offsets + past;
+        let rows = Tensor::arange(p, (Kind::Int64, device)) + past;
+        // Column c of the cache: cached (c < past) every row attends; one of the step's rows
+        // (c - past < p) as the step's own pattern says; later ones none (column p below).
+        let relative = Tensor::arange(cache.capacity() as i64, (Kind::Int64, device)) - past;
+        let blocked = Tensor::full([p, 1], f64::NEG_INFINITY, (self.own_mask.kind(), device));
+        let own = Tensor::cat(&[&self.own_mask, &blocked], 1);
+        let mask = own.index_select(1, &relative.clamp(0, p)).masked_fill(&relative.lt(0), 0.0);
+        let h = model.forward_embeds_in_place(&x, &positions, &rows, &mask, Some(gated), cache);
+        h.reshape([-1, h.size()[2]])
+    }
+
+    /// The packed rows' inputs: the regular rows' token embeddings and the mask rows'
+    /// (the mask embeddings, or those of the `noise` ids), `[1, T, d]` or `[2, R, d]`.
+    fn packed_inputs(&self, model: &Llama, inputs: &Tensor, noise: Option<&Tensor>) -> Tensor {
         let x = model.embed(&inputs.unsqueeze(0)); // [1, regular, d]
         let masks = match (noise, self.half) {
             (None, _) => self.mask_inputs.shallow_clone(),
             (Some(ids), None) => model.embed(&ids.unsqueeze(0)),
             (Some(ids), Some(r)) => model.embed(&ids.unsqueeze(0)).constant_pad_nd([0, 0, 0, r - ids.size()[0]]),
         };
-        let x = match self.half {
+        match self.half {
             None => Tensor::cat(&[x, masks], 1),
             Some(r) => {
                 let pad = r - self.layout.regular() as i64;
                 let x = if pad > 0 { x.constant_pad_nd([0, 0, 0, pad]) } else { x };
                 Tensor::cat(&[x, masks], 0) // [2, r, d]
             }
-        };
-        let positions = &self.offsets + past as i64;
-        let mask = self.own_mask.constant_pad_nd([past as i64, 0]);
-        let h = model.forward_embeds(&x, &positions, AttnMask::Custom(&mask), Some(gated), cache);
-        h.reshape([-1, h.size()[2]])
+        }
     }
 }
 

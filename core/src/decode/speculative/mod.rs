@@ -5,6 +5,7 @@
 //! - [`layout`]: which rows a step has, in which order, and their device constants;
 //! - [`drafter`]: the adapter prepared for decoding, and the draft chain;
 //! - [`step`]: the decoder (prefill, then verify, keep, draft, each step);
+//! - `fixed`: greedy steps of fixed shapes, recorded as CUDA graphs;
 //! - [`masks`]: the mask count of each step when chosen on the fly;
 //! - [`detail`]: what the step-through view shows.
 //!
@@ -16,6 +17,7 @@
 
 pub mod detail;
 pub mod drafter;
+mod fixed;
 pub mod layout;
 pub mod masks;
 pub mod step;

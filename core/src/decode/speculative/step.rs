@@ -13,6 +13,7 @@ use super::super::verify::{Verdict, verify_greedy, verify_greedy_on_device, veri
 use super::super::{Decoding, GenerateRequest, Sampler};
 use super::detail::{StepDetail, top5};
 use super::drafter::Drafter;
+use super::fixed::FixedSteps;
 use super::masks::MaskController;
 use crate::error::Result;
 use crate::model::{KvCache, Llama};
@@ -57,6 +58,8 @@ pub struct SpecDecoder<'a> {
     /// UNO recipe: where the mask rows' random token ids come from (seeded by the request:
     /// its sampling seed, or 0 for greedy decoding, so a generation is reproducible).
     noise: Option<StdRng>,
+    /// Greedy steps of fixed shapes, recorded as CUDA graphs ([`Llama::step_graphs`]).
+    fixed: FixedSteps,
 }
 
 impl<'a> SpecDecoder<'a> {
@@ -69,7 +72,10 @@ impl<'a> SpecDecoder<'a> {
         let reach = strategy.reach();
         check_request(model, req, reach)?;
         let p = req.prompt_ids.len();
-        let mut cache = model.new_cache(p + req.max_new_tokens + strategy.max_rows() + 1);
+        // Two halves (merged weights as one batched product) pad both to the larger; a
+        // fixed-shape step needs the cache to hold every row it writes.
+        let rows = if spec.drafter.packs_halves() { 2 * strategy.max_rows() } else { strategy.max_rows() };
+        let mut cache = model.new_cache(p + req.max_new_tokens + rows + 1);
         let mut sampler = Sampler::new(req.decoding)?;
         let first = tch::no_grad(|| {
             let input = Tensor::from_slice(&req.prompt_ids).to_device(model.device()).unsqueeze(0);
@@ -96,6 +102,7 @@ impl<'a> SpecDecoder<'a> {
                 };
                 StdRng::seed_from_u64(seed ^ 0x0A0A_0123_4567_89AB)
             }),
+            fixed: FixedSteps::new(model),
         };
         Ok((decoder, first))
     }
@@ -108,6 +115,17 @@ impl<'a> SpecDecoder<'a> {
     /// Rows in the cache.
     pub fn cache_len(&self) -> usize {
         self.cache.len()
+    }
+
+    /// Steps that ran through the fixed-shape pass ([`Llama::step_graphs`]): replayed from a
+    /// CUDA graph, or with [`crate::model::StepGraphs::Eager`] run eagerly.
+    pub fn fixed_shape_steps(&self) -> usize {
+        self.fixed.runs()
+    }
+
+    /// Whether a step replayed a recorded CUDA graph.
+    pub fn replays_graph(&self) -> bool {
+        self.fixed.replayed()
     }
 
     /// True while another step fits in the model's context.
@@ -145,69 +163,85 @@ impl<'a> SpecDecoder<'a> {
             None => Vec::new(),
         };
         let noise = (!noise_ids.is_empty()).then(|| Tensor::from_slice(&noise_ids).to_device(device));
-        let (h, logits) = tch::no_grad(|| {
-            let gated = drafter.step_gate(&plan);
-            let h = plan.forward(model, &gated, &inputs, noise.as_ref(), past, Some(&mut self.cache));
-            let logits = model.logits(&h.narrow(0, 0, regular));
-            (h, logits)
-        });
-
+        // A greedy step of a recorded shape replays its recording (fixed.rs).
+        let fixed = match self.sampler.decoding() {
+            Decoding::Greedy if !detailed && noise.is_none() => {
+                self.fixed.run(model, drafter, &plan, &inputs, past, &mut self.cache)?
+            }
+            _ => None,
+        };
         let mut draft_probs = detailed.then(|| Tensor::zeros([0], (Kind::Float, device)));
-        let on_host = !detailed && crate::model::linear::few_row_kernel_runs(device, model.dtype().kind());
-        let (a, next, new_drafts, regular_probs) = match self.sampler.decoding() {
-            // On the CPU the host is the device: read the predictions, verify and draft on
-            // plain vectors (a dozen libtorch operations fewer than the device path).
-            Decoding::Greedy if on_host => tch::no_grad(|| -> Result<_> {
-                let predictions = Vec::<i64>::try_from(logits.argmax(-1, false))?;
-                let Verdict { accepted: a, next } = verify_greedy(&drafts, &predictions);
-                let block = plan.layout.mask_block(a).filter(|_| !(layout == Layout::Linear && a < n));
-                let new_drafts = match block {
-                    Some(row) => {
-                        let z = h.narrow(0, plan.row(row) as i64, masks as i64);
-                        match drafter.greedy_on_host(model, &z, next)? {
-                            Some(d) => d,
-                            None => {
-                                let prev = Tensor::from_slice(&[next]);
-                                Vec::<i64>::try_from(drafter.greedy(model, &z, &prev, None))?
+        let (a, next, new_drafts, regular_probs) = if let Some(found) = fixed {
+            // Linear decoding drafts again only when every draft was accepted.
+            let keep = if layout == Layout::Linear && found.accepted < n { 0 } else { masks };
+            self.inputs = Some(found.inputs.narrow(0, 0, 1 + keep as i64));
+            // The pass wrote its rows after the cache without counting them: count the kept ones.
+            self.cache.commit(found.accepted + 1);
+            (found.accepted, found.next, found.drafts[..keep].to_vec(), None)
+        } else {
+            let (h, logits) = tch::no_grad(|| {
+                let gated = drafter.step_gate(&plan);
+                let h = plan.forward(model, &gated, &inputs, noise.as_ref(), past, Some(&mut self.cache));
+                let logits = model.logits(&h.narrow(0, 0, regular));
+                (h, logits)
+            });
+
+            let on_host = !detailed && crate::model::linear::few_row_kernel_runs(device, model.dtype().kind());
+            match self.sampler.decoding() {
+                // On the CPU the host is the device: read the predictions, verify and draft on
+                // plain vectors (a dozen libtorch operations fewer than the device path).
+                Decoding::Greedy if on_host => tch::no_grad(|| -> Result<_> {
+                    let predictions = Vec::<i64>::try_from(logits.argmax(-1, false))?;
+                    let Verdict { accepted: a, next } = verify_greedy(&drafts, &predictions);
+                    let block = plan.layout.mask_block(a).filter(|_| !(layout == Layout::Linear && a < n));
+                    let new_drafts = match block {
+                        Some(row) => {
+                            let z = h.narrow(0, plan.row(row) as i64, masks as i64);
+                            match drafter.greedy_on_host(model, &z, next)? {
+                                Some(d) => d,
+                                None => {
+                                    let prev = Tensor::from_slice(&[next]);
+                                    Vec::<i64>::try_from(drafter.greedy(model, &z, &prev, None))?
+                                }
                             }
                         }
+                        None => Vec::new(),
+                    };
+                    Ok((a, next, new_drafts, None))
+                })?,
+                Decoding::Greedy => tch::no_grad(|| -> Result<_> {
+                    let predictions = logits.argmax(-1, false);
+                    let (accepted, next) = verify_greedy_on_device(&inputs.narrow(0, 1, n as i64), &predictions);
+                    let z = h.index_select(0, &plan.block_rows.index_select(0, &accepted).view([-1]));
+                    let new_drafts = drafter.greedy(model, &z, &next, draft_probs.as_mut());
+                    // The step's one read from the device: accepted count, next token, drafts.
+                    let out = Tensor::cat(&[accepted, next, new_drafts], 0);
+                    let host = Vec::<i64>::try_from(out.to_device(Device::Cpu))?;
+                    let (a, next) = (host[0] as usize, host[1]);
+                    // Linear decoding drafts again only when every draft was accepted.
+                    let keep = if layout == Layout::Linear && a < n { 0 } else { masks };
+                    self.inputs = Some(out.narrow(0, 1, 1 + keep as i64));
+                    let probs = detailed.then(|| logits.softmax(-1, Kind::Float));
+                    Ok((a, next, host[2..2 + keep].to_vec(), probs))
+                })?,
+                Decoding::Sample(params) => {
+                    let p = tch::no_grad(|| params.distribution(&logits));
+                    let p_rows = (0..regular)
+                        .map(|g| Vec::<f32>::try_from(p.get(g).to_device(Device::Cpu)))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    let Verdict { accepted: a, next } = verify_sampling(&drafts, &q, &p_rows, &mut self.sampler);
+                    let mut new_drafts = Vec::new();
+                    if let Some(row) = plan.layout.mask_block(a) {
+                        let z = h.narrow(0, plan.row(row) as i64, masks as i64);
+                        let (d, new_q) = drafter.sampled(model, &z, next, &params, &mut self.sampler)?;
+                        if let Some(out) = draft_probs.as_mut() {
+                            *out = Tensor::stack(&new_q.iter().map(|r| Tensor::from_slice(r)).collect::<Vec<_>>(), 0);
+                        }
+                        new_drafts = d;
+                        self.q = new_q;
                     }
-                    None => Vec::new(),
-                };
-                Ok((a, next, new_drafts, None))
-            })?,
-            Decoding::Greedy => tch::no_grad(|| -> Result<_> {
-                let predictions = logits.argmax(-1, false);
-                let (accepted, next) = verify_greedy_on_device(&inputs.narrow(0, 1, n as i64), &predictions);
-                let z = h.index_select(0, &plan.block_rows.index_select(0, &accepted).view([-1]));
-                let new_drafts = drafter.greedy(model, &z, &next, draft_probs.as_mut());
-                // The step's one read from the device: accepted count, next token, drafts.
-                let out = Tensor::cat(&[accepted, next, new_drafts], 0);
-                let host = Vec::<i64>::try_from(out.to_device(Device::Cpu))?;
-                let (a, next) = (host[0] as usize, host[1]);
-                // Linear decoding drafts again only when every draft was accepted.
-                let keep = if layout == Layout::Linear && a < n { 0 } else { masks };
-                self.inputs = Some(out.narrow(0, 1, 1 + keep as i64));
-                let probs = detailed.then(|| logits.softmax(-1, Kind::Float));
-                Ok((a, next, host[2..2 + keep].to_vec(), probs))
-            })?,
-            Decoding::Sample(params) => {
-                let p = tch::no_grad(|| params.distribution(&logits));
-                let p_rows = (0..regular)
-                    .map(|g| Vec::<f32>::try_from(p.get(g).to_device(Device::Cpu)))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                let Verdict { accepted: a, next } = verify_sampling(&drafts, &q, &p_rows, &mut self.sampler);
-                let mut new_drafts = Vec::new();
-                if let Some(row) = plan.layout.mask_block(a) {
-                    let z = h.narrow(0, plan.row(row) as i64, masks as i64);
-                    let (d, new_q) = drafter.sampled(model, &z, next, &params, &mut self.sampler)?;
-                    if let Some(out) = draft_probs.as_mut() {
-                        *out = Tensor::stack(&new_q.iter().map(|r| Tensor::from_slice(r)).collect::<Vec<_>>(), 0);
-                    }
-                    new_drafts = d;
-                    self.q = new_q;
+                    (a, next, new_drafts, detailed.then_some(p))
                 }
-                (a, next, new_drafts, detailed.then_some(p))
             }
         };
 

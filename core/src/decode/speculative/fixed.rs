@@ -1,0 +1,200 @@
+//! Greedy speculative steps of fixed shapes, recorded as CUDA graphs (or, for the tests on
+//! the CPU, run eagerly through the same code): [`Llama::step_graphs`].
+//!
+//! A greedy step already keeps its work on the device until one small read (accepted
+//! count, next token, new drafts). Here that work is one recorded pass: the step's rows
+//! written after a cache length held on the device ([`StepPlan::forward_in_place`]), the
+//! verification, the next mask block's hidden states chosen by the accepted count, and the
+//! draft chain. A replay then costs one launch where the step issued several hundred
+//! operations, each a host launch (about 10 us on the GPU docs/BENCHMARKS.md measured).
+//!
+//! One recording per step shape (drafts, masks), made the second time a shape comes (the
+//! first step, with no drafts, comes once). Steps that do not fit a recording run the
+//! ordinary pass: sampled decoding, the step-through view's detailed steps, the UNO
+//! recipe's random mask ids, and a cache without room for the step's rows.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use tch::{Device, Kind, Tensor};
+
+use super::super::verify::verify_greedy_on_device;
+use super::drafter::Drafter;
+use super::layout::StepPlan;
+use crate::error::{Error, Result};
+use crate::model::{FixedStep, KvCache, Llama, StepGraphs};
+
+/// What one greedy step found: the accepted count, the next token and the new drafts.
+pub(super) struct Found {
+    pub accepted: usize,
+    pub next: i64,
+    pub drafts: Vec<i64>,
+    /// `[next, drafts..]` on the device: the next step's inputs as this step wrote them.
+    pub inputs: Tensor,
+}
+
+/// One shape's step, recorded.
+struct ShapeStep {
+    plan: Rc<StepPlan>,
+    /// `[drafts + 1]` int64: the verified token and the drafts, written before each run.
+    inputs: Tensor,
+    /// `[1]` int64: the cache length, written before each run.
+    past: Tensor,
+    /// Writes `[accepted, next, drafts..]`.
+    step: FixedStep<Tensor>,
+}
+
+/// The step's work on the device: verify the drafts, choose the mask block after the last
+/// accepted row, draft from it. Returns `[accepted, next, drafts..]` (int64).
+fn verify_and_draft(
+    model: &Llama,
+    drafter: &Drafter,
+    plan: &StepPlan,
+    inputs: &Tensor,
+    past: &Tensor,
+    cache: &mut KvCache,
+) -> Tensor {
+    tch::no_grad(|| {
+        let n = plan.layout.drafts as i64;
+        let h = plan.forward_in_place(model, &drafter.step_gate(plan), inputs, past, cache);
+        let predictions = model.logits(&h.narrow(0, 0, n + 1)).argmax(-1, false);
+        let (accepted, next) = verify_greedy_on_device(&inputs.narrow(0, 1, n), &predictions);
+        let z = h.index_select(0, &plan.block_rows.index_select(0, &accepted).view([-1]));
+        let drafts = drafter.greedy(model, &z, &next, None);
+        Tensor::cat(&[accepted, next, drafts], 0)
+    })
+}
+
+/// A shape's state: seen once, recorded, or failed to record (it then runs the ordinary pass).
+enum Slot {
+    Seen,
+    Ready(Box<ShapeStep>),
+    Failed,
+}
+
+/// The fixed-shape steps of one speculative decoder.
+pub(super) struct FixedSteps {
+    mode: StepGraphs,
+    slots: HashMap<(usize, usize), Slot>,
+    /// Steps run through a fixed-shape pass.
+    runs: usize,
+    replayed: bool,
+}
+
+impl FixedSteps {
+    /// For `model`'s [`StepGraphs`] mode.
+    pub fn new(model: &Llama) -> Self {
+        Self { mode: model.step_graphs(), slots: HashMap::new(), runs: 0, replayed: false }
+    }
+
+    /// True when this decoder runs fixed-shape steps at all.
+    pub fn on(&self) -> bool {
+        self.mode != StepGraphs::Off
+    }
+
+    /// Steps run through a fixed-shape pass so far.
+    pub fn runs(&self) -> usize {
+        self.runs
+    }
+
+    /// True once a step replayed a recorded graph.
+    pub fn replayed(&self) -> bool {
+        self.replayed
+    }
+
+    /// Run the step of `plan` on `inputs` (`[drafts + 1]` on the device) after `past` cached
+    /// rows when its shape has a recording, recording it the second time the shape comes;
+    /// `None`: the caller runs the ordinary pass. A failed recording is logged, and its shape
+    /// runs the ordinary pass from then on.
+    pub fn run(
+        &mut self,
+        model: &Llama,
+        drafter: &Drafter,
+        plan: &Rc<StepPlan>,
+        inputs: &Tensor,
+        past: usize,
+        cache: &mut KvCache,
+    ) -> Result<Option<Found>> {
+        if !self.on() || past + plan.rows() > cache.capacity() {
+            return Ok(None);
+        }
+        let key = (plan.layout.drafts, plan.layout.masks);
+        let mut step = match self.slots.remove(&key) {
+            None => {
+                self.slots.insert(key, Slot::Seen);
+                return Ok(None);
+            }
+            Some(Slot::Failed) => {
+                self.slots.insert(key, Slot::Failed);
+                return Ok(None);
+            }
+            Some(Slot::Seen) => {
+                match record(model, drafter, plan, inputs, past, cache, self.mode == StepGraphs::Record) {
+                    Ok(step) => Box::new(step),
+                    Err(e) => {
+                        tracing::warn!(
+                            "speculative steps of {} drafts, {} masks run without a CUDA graph: {e}",
+                            key.0,
+                            key.1
+                        );
+                        self.slots.insert(key, Slot::Failed);
+                        return Ok(None);
+                    }
+                }
+            }
+            Some(Slot::Ready(step)) => step,
+        };
+        let found = run_step(model, drafter, &mut step, inputs, past, cache);
+        self.runs += 1;
+        self.replayed |= step.step.replays();
+        self.slots.insert(key, Slot::Ready(step));
+        found.map(Some)
+    }
+}
+
+/// Record the step of `plan` (or, without `graphs`, run it once eagerly) on its own copies
+/// of `inputs` and `past`.
+fn record(
+    model: &Llama,
+    drafter: &Drafter,
+    plan: &Rc<StepPlan>,
+    inputs: &Tensor,
+    past: usize,
+    cache: &mut KvCache,
+    graphs: bool,
+) -> Result<ShapeStep> {
+    let device = model.device();
+    let own_inputs = inputs.to_device(device).copy();
+    let own_past = Tensor::full([1], past as i64, (Kind::Int64, device));
+    let step =
+        FixedStep::new(device, graphs, || verify_and_draft(model, drafter, plan, &own_inputs, &own_past, cache))?;
+    Ok(ShapeStep { plan: Rc::clone(plan), inputs: own_inputs, past: own_past, step })
+}
+
+/// One step: write the inputs, replay (or run), read the result.
+fn run_step(
+    model: &Llama,
+    drafter: &Drafter,
+    step: &mut ShapeStep,
+    inputs: &Tensor,
+    past: usize,
+    cache: &mut KvCache,
+) -> Result<Found> {
+    let ShapeStep { plan, inputs: own_inputs, past: own_past, step } = step;
+    tch::no_grad(|| {
+        own_inputs.copy_(inputs);
+        let _ = own_past.fill_(past as i64);
+    });
+    let out = step.run(|| verify_and_draft(model, drafter, plan, own_inputs, own_past, cache))?;
+    // The step's one read from the device.
+    let host = Vec::<i64>::try_from(out.to_device(Device::Cpu))?;
+    let [accepted, next, drafts @ ..] = host.as_slice() else {
+        return Err(Error::Invalid(format!("a speculative step wrote {} values, not at least 2", host.len())));
+    };
+    Ok(Found {
+        accepted: *accepted as usize,
+        next: *next,
+        drafts: drafts.to_vec(),
+        inputs: out.narrow(0, 1, out.size()[0] - 1),
+    })
+}
