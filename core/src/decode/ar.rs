@@ -57,6 +57,8 @@ struct GraphedStep {
     token: Tensor,
     position: Tensor,
     step: FixedStep<Tensor>,
+    /// The cache buffers the recording writes to ([`KvCache::buffers_id`]).
+    buffers: u64,
 }
 
 /// The recorded pass: the logits of `token` at `position`, `[vocab]`.
@@ -73,7 +75,7 @@ impl GraphedStep {
         let position = Tensor::full([1], cache.len() as i64, (Kind::Int64, device));
         let record = model.records_graphs();
         let step = FixedStep::new(device, record, || in_place_logits(model, &token, &position, cache))?;
-        Ok(Self { token, position, step })
+        Ok(Self { token, position, step, buffers: cache.buffers_id() })
     }
 
     /// Feed `pending` at the cache's length; the logits of the next token.
@@ -111,6 +113,10 @@ impl<'a> ArDecoder<'a> {
     /// Feed the pending token and choose the next.
     pub fn step(&mut self) -> Result<i64> {
         let model = self.model;
+        // A recording writes to the cache buffers it saw: new buffers, a new recording.
+        if matches!(&self.graph, Some(Ok(g)) if g.buffers != self.cache.buffers_id()) {
+            self.graph = None;
+        }
         if self.graph.is_none() && model.step_graphs() != StepGraphs::Off {
             // The cache was made for the whole request: the graph's steps fit in it.
             self.graph = Some(GraphedStep::record(model, &mut self.cache, self.pending).map_err(|e| {

@@ -167,8 +167,9 @@ pub struct FixedStep<T> {
 }
 
 impl<T> FixedStep<T> {
-    /// Record `body` on `device` (`record`), or run it once eagerly. Either way it has run
-    /// with the inputs it reads as they are now: callers record a step that they then run.
+    /// Record `body` on `device` (`record`: two warm-up runs, then the recording, which
+    /// runs nothing), or run it once eagerly. What it returns holds valid values only after
+    /// [`FixedStep::run`]: callers record a step that they then run.
     pub fn new(device: Device, record: bool, mut body: impl FnMut() -> T) -> Result<Self> {
         if record {
             let (graph, out) = CudaGraph::capture(device, 2, body)?;

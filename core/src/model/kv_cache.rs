@@ -17,6 +17,8 @@ pub struct KvCache {
     /// Rows filled (the same for every layer between forward passes).
     len: i64,
     capacity_hint: i64,
+    /// Counts the buffers' allocations ([`KvCache::buffers_id`]).
+    allocations: u64,
 }
 
 impl KvCache {
@@ -29,6 +31,7 @@ impl KvCache {
             num_layers: num_layers as i64,
             len: 0,
             capacity_hint: capacity_hint.max(16) as i64,
+            allocations: 0,
         }
     }
 
@@ -59,6 +62,14 @@ impl KvCache {
         }
         self.layers = (0..self.num_layers).map(|l| (k.get(l), v.get(l))).collect();
         self.buffers = Some((k, v));
+        self.allocations += 1;
+    }
+
+    /// Which buffers the cache holds: it changes whenever they are allocated anew (growing,
+    /// or keeping some batch rows). A recorded CUDA graph writes to the buffers of its
+    /// recording, so it is only replayed while this is unchanged.
+    pub fn buffers_id(&self) -> u64 {
+        self.allocations
     }
 
     /// Write `k` and `v` (`[b, h_kv, t, head_dim]`) of `layer` after the committed rows and
@@ -108,6 +119,7 @@ impl KvCache {
             let (k, v) = (k.index_select(1, rows), v.index_select(1, rows));
             self.layers = (0..self.num_layers).map(|l| (k.get(l), v.get(l))).collect();
             self.buffers = Some((k, v));
+            self.allocations += 1;
         }
     }
 
@@ -123,4 +135,30 @@ pub fn causal_mask(past: i64, t: i64, device: tch::Device) -> Tensor {
     let cols = Tensor::arange(past + t, (Kind::Int64, device)).unsqueeze(0);
     let rows = (Tensor::arange(t, (Kind::Int64, device)) + past).unsqueeze(1);
     cols.le_tensor(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// The buffers' identity changes exactly when they are allocated anew.
+    #[test]
+    fn buffers_id_changes_only_with_new_buffers() {
+        let mut cache = KvCache::new(2, 16);
+        let rows = |t: i64| Tensor::ones([1, 2, t, 4], (Kind::Float, Device::Cpu));
+        let first = cache.buffers_id();
+        let _ = cache.append(0, &rows(10), &rows(10));
+        cache.commit(10);
+        let allocated = cache.buffers_id();
+        assert_ne!(allocated, first);
+        let _ = cache.append(0, &rows(6), &rows(6));
+        cache.commit(6);
+        assert_eq!((cache.buffers_id(), cache.capacity()), (allocated, 16), "filled, not grown");
+        let _ = cache.append(0, &rows(1), &rows(1));
+        assert_ne!(cache.buffers_id(), allocated, "grown");
+        let grown = cache.buffers_id();
+        cache.keep_rows(&Tensor::from_slice(&[0i64]));
+        assert_ne!(cache.buffers_id(), grown, "batch rows kept");
+    }
 }

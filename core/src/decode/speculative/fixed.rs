@@ -79,12 +79,17 @@ pub(super) struct FixedSteps {
     /// Steps run through a fixed-shape pass.
     runs: usize,
     replayed: bool,
+    /// Whether the last step's time is a steady step's: not one that recorded its shape,
+    /// nor one that ran the ordinary pass while its shape waits for a recording.
+    steady: bool,
+    /// The cache buffers the recordings write to ([`KvCache::buffers_id`]).
+    buffers: Option<u64>,
 }
 
 impl FixedSteps {
     /// For `model`'s [`StepGraphs`] mode.
     pub fn new(model: &Llama) -> Self {
-        Self { mode: model.step_graphs(), slots: HashMap::new(), runs: 0, replayed: false }
+        Self { mode: model.step_graphs(), slots: HashMap::new(), runs: 0, replayed: false, steady: true, buffers: None }
     }
 
     /// True when this decoder runs fixed-shape steps at all.
@@ -95,6 +100,12 @@ impl FixedSteps {
     /// Steps run through a fixed-shape pass so far.
     pub fn runs(&self) -> usize {
         self.runs
+    }
+
+    /// Whether the last step's time is what a step of its shape costs from now on (the mask
+    /// count chosen on the fly learns only from those).
+    pub fn steady(&self) -> bool {
+        self.steady
     }
 
     /// True once a step replayed a recorded graph.
@@ -115,13 +126,20 @@ impl FixedSteps {
         past: usize,
         cache: &mut KvCache,
     ) -> Result<Option<Found>> {
+        self.steady = true;
         if !self.on() || past + plan.rows() > cache.capacity() {
             return Ok(None);
+        }
+        // Recordings write to the cache's buffers as they were: new buffers, new recordings.
+        if self.buffers != Some(cache.buffers_id()) {
+            self.slots.clear();
+            self.buffers = Some(cache.buffers_id());
         }
         let key = (plan.layout.drafts, plan.layout.masks);
         let mut step = match self.slots.remove(&key) {
             None => {
                 self.slots.insert(key, Slot::Seen);
+                self.steady = false;
                 return Ok(None);
             }
             Some(Slot::Failed) => {
@@ -129,6 +147,8 @@ impl FixedSteps {
                 return Ok(None);
             }
             Some(Slot::Seen) => {
+                // Its time (warm-ups, the recording, a replay) says nothing of the next steps.
+                self.steady = false;
                 match record(model, drafter, plan, inputs, past, cache, self.mode == StepGraphs::Record) {
                     Ok(step) => Box::new(step),
                     Err(e) => {

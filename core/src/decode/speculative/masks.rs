@@ -88,8 +88,9 @@ impl MaskController {
     }
 
     /// Record a step that verified `drafts` drafts, accepted `accepted` of them, had `masks`
-    /// masks per block and took `seconds`; then choose the next step's count.
-    pub fn observe(&mut self, drafts: usize, accepted: usize, masks: usize, seconds: f64) {
+    /// masks per block and took `seconds` (`None`: a step whose time says nothing about the
+    /// next ones, such as one that recorded a CUDA graph); then choose the next step's count.
+    pub fn observe(&mut self, drafts: usize, accepted: usize, masks: usize, seconds: Option<f64>) {
         if self.count != MaskCount::Auto {
             return;
         }
@@ -104,7 +105,9 @@ impl MaskController {
                 self.accepted[j] += 1.0;
             }
         }
-        self.cost.add(self.layout.rows(drafts, masks) as f64, seconds);
+        if let Some(seconds) = seconds {
+            self.cost.add(self.layout.rows(drafts, masks) as f64, seconds);
+        }
         self.current = (1..=self.k)
             .map(|m| (m, self.tokens_per_step(m) / self.seconds_per_step(m)))
             .fold((self.current, f64::NEG_INFINITY), |best, (m, rate)| if rate > best.1 { (m, rate) } else { best })
@@ -140,8 +143,8 @@ mod tests {
     #[test]
     fn fixed_counts_never_move() {
         let mut c = MaskController::new(MaskCount::Fixed(2), Layout::Quadratic, 4);
-        c.observe(2, 0, 2, 1.0);
-        c.observe(2, 2, 2, 1.0);
+        c.observe(2, 0, 2, Some(1.0));
+        c.observe(2, 2, 2, Some(1.0));
         assert_eq!(c.masks(), 2);
     }
 
@@ -153,7 +156,7 @@ mod tests {
         assert_eq!(c.masks(), 4);
         for _ in 0..20 {
             let m = c.masks();
-            c.observe(m, m.min(3), m, 0.010);
+            c.observe(m, m.min(3), m, Some(0.010));
         }
         assert_eq!(c.masks(), 4);
     }
@@ -164,12 +167,12 @@ mod tests {
         let mut c = MaskController::new(MaskCount::Auto, Layout::Quadratic, 4);
         // Time = 1 + 0.25 per row: 25 rows cost 7.25, 4 rows 2, 9 rows 3.25.
         let time = |drafts: usize, masks: usize| 1.0 + 0.25 * Layout::Quadratic.rows(drafts, masks) as f64;
-        c.observe(0, 0, 4, time(0, 4));
+        c.observe(0, 0, 4, Some(time(0, 4)));
         for _ in 0..30 {
             let m = c.masks();
             // Slot 1 always accepted, later slots rarely.
             let a = if m >= 2 { 1 } else { m };
-            c.observe(m, a, m, time(m, m));
+            c.observe(m, a, m, Some(time(m, m)));
         }
         assert!(c.masks() <= 2, "{}", c.masks());
     }

@@ -164,11 +164,11 @@ impl<'a> SpecDecoder<'a> {
         };
         let noise = (!noise_ids.is_empty()).then(|| Tensor::from_slice(&noise_ids).to_device(device));
         // A greedy step of a recorded shape replays its recording (fixed.rs).
-        let fixed = match self.sampler.decoding() {
+        let (fixed, steady) = match self.sampler.decoding() {
             Decoding::Greedy if !detailed && noise.is_none() => {
-                self.fixed.run(model, drafter, &plan, &inputs, past, &mut self.cache)?
+                (self.fixed.run(model, drafter, &plan, &inputs, past, &mut self.cache)?, self.fixed.steady())
             }
-            _ => None,
+            _ => (None, true),
         };
         let mut draft_probs = detailed.then(|| Tensor::zeros([0], (Kind::Float, device)));
         let (a, next, new_drafts, regular_probs) = if let Some(found) = fixed {
@@ -250,7 +250,8 @@ impl<'a> SpecDecoder<'a> {
         self.cache.truncate(past + a + 1);
         self.pending = next;
         let seconds = t0.elapsed().as_secs_f64();
-        self.masks.observe(n, a, masks, seconds);
+        // A step that recorded its shape, or waited for a recording, is no measure of cost.
+        self.masks.observe(n, a, masks, steady.then_some(seconds));
         drafter.remember(&self.masks, layout);
         let stats = StepStats {
             step: self.steps,
