@@ -18,7 +18,9 @@ use crate::worker::{LaneSpec, ModelSummary, Request};
 pub fn load_model(p: &Persisted) -> anyhow::Result<Request> {
     let m = &p.model;
     let source: ModelSource = m.source.parse()?;
-    Ok(Request::LoadModel { source, device: m.device, dtype: m.dtype })
+    // Graphs only where they can be recorded: the form keeps the choice for a CUDA device.
+    let cuda_graphs = m.cuda_graphs && m.device.is_cuda();
+    Ok(Request::LoadModel { source, device: m.device, dtype: m.dtype, cuda_graphs })
 }
 
 /// Load the adapter file the Model form names.
@@ -210,7 +212,12 @@ mod tests {
         p.train.recipe.training.steps = 42;
         assert!(matches!(resume(&p, "r".into()), Request::Resume { steps: Some(42), .. }));
         p.model.source = "demo".into();
-        assert!(matches!(load_model(&p)?, Request::LoadModel { source: ModelSource::Demo, .. }));
+        assert!(matches!(load_model(&p)?, Request::LoadModel { source: ModelSource::Demo, cuda_graphs: false, .. }));
+        p.model.cuda_graphs = true;
+        p.model.device = mtp_core::DeviceSpec::Cpu;
+        assert!(matches!(load_model(&p)?, Request::LoadModel { cuda_graphs: false, .. }), "not on the CPU");
+        p.model.device = mtp_core::DeviceSpec::Cuda(0);
+        assert!(matches!(load_model(&p)?, Request::LoadModel { cuda_graphs: true, .. }));
         p.model.source = "not a model or a folder".into();
         assert!(load_model(&p).is_err());
         p.model.adapter = " a.safetensors ".into();

@@ -63,6 +63,8 @@ pub struct ModelForm {
     pub device: DeviceSpec,
     /// Precision.
     pub dtype: DType,
+    /// Record decoding steps as CUDA graphs (CUDA only; `--cuda-graphs`).
+    pub cuda_graphs: bool,
     /// Adapter file to load.
     pub adapter: String,
 }
@@ -70,7 +72,13 @@ pub struct ModelForm {
 impl Default for ModelForm {
     fn default() -> Self {
         let device = DeviceSpec::best_available();
-        Self { source: "demo".into(), device, dtype: DType::default_for(device), adapter: String::new() }
+        Self {
+            source: "demo".into(),
+            device,
+            dtype: DType::default_for(device),
+            cuda_graphs: false,
+            adapter: String::new(),
+        }
     }
 }
 

@@ -40,6 +40,11 @@ impl DeviceSpec {
         if tch::Cuda::is_available() { DeviceSpec::Cuda(0) } else { DeviceSpec::Cpu }
     }
 
+    /// True for a CUDA device.
+    pub fn is_cuda(self) -> bool {
+        matches!(self, DeviceSpec::Cuda(_))
+    }
+
     /// Every device libtorch can see, CPU first.
     pub fn all_available() -> Vec<Self> {
         let n = tch::Cuda::device_count().max(0) as usize;

@@ -79,6 +79,8 @@ pub enum Request {
         device: DeviceSpec,
         /// In which precision.
         dtype: DType,
+        /// Record decoding steps as CUDA graphs (CUDA only).
+        cuda_graphs: bool,
     },
     /// Load an MTP adapter for the loaded model.
     LoadAdapter {
