@@ -16,7 +16,7 @@ Sections (each one's failure is recorded under "errors" and the others still run
              adapter's recipe distilled and trained on this device, then raced there; the
              adapter is written next to the report;
   smollm2_train (only when asked, with --smollm2) SmolLM2-135M-Instruct trained on this device
-             for --train-seconds from answers distilled here (--smollm2-questions, f32) or
+             for --train-seconds from answers distilled here (--smollm2-questions, --smollm2-dtype) or
              elsewhere (--smollm2-data), then raced here on chat, code and math prompts; the adapter comes back in parts of at most 15 MiB (issue 13 item
              4; scripts/gpu-pack prepares the files and the calls that carry them).
 
@@ -447,13 +447,15 @@ class Check:
     def smollm2_train(self) -> None:
         """SmolLM2-135M-Instruct (issue 13 item 4): trained here for --train-seconds on the
         answers of --smollm2-questions, chat-distilled here first, and of --smollm2-data
-        (distilled elsewhere), all in f32 (so trained and raced in f32), the step count set
+        (distilled elsewhere), all in --smollm2-dtype (f32: so trained and raced in f32), the step count set
         by a timed run of a few steps, validated five times as it trains; then `mtp bench` here on the
         prompts of --smollm2-prompts. The adapter comes back in parts (at most 15 MiB each:
         what a device call returns) to be joined with `cat` and benched on the CPU."""
         if not self.args.smollm2:
             raise RuntimeError("smollm2_train needs --smollm2 (a model folder, or the folder scripts/gpu-pack made)")
         tiny = self.args.tiny
+        # One precision throughout: the answers are the model's own in it, trained and raced in it.
+        dtype = self.args.smollm2_dtype
         t0 = time.perf_counter()
         model = self.smollm2_model()
         convert_s = time.perf_counter() - t0
@@ -467,7 +469,7 @@ class Check:
             answers.append(Path(data))
         distilled = {}
         if self.args.smollm2_questions:
-            # Chat self-distillation here, in f32 like the training: each question through the
+            # Chat self-distillation here, in the training's precision: each question through the
             # chat template, answered greedily to its end-of-turn token or the cap.
             questions = Path(self.args.smollm2_questions)
             if questions.suffix == ".xz":
@@ -479,7 +481,7 @@ class Check:
             done = run([self.mtp, "distill", "--model", model, "--chat", "--data", questions,
                         "--out", out_file, "--sequences", 4 if tiny else count,
                         "--new-tokens", 16 if tiny else 128, "--batch-size", 4 if tiny else 128,
-                        "--device", self.args.device, "--dtype", "f32", "--json"])
+                        "--device", self.args.device, "--dtype", dtype, "--json"])
             distilled = json.loads(done.stdout.strip().splitlines()[-1])
             answers.append(out_file)
             out = Path(self.args.out)
@@ -496,7 +498,7 @@ class Check:
         batch, seq = (2, 32) if tiny else (32, 128)
         common = ["--model", model, "--data", data, "--k", 4, "--rank", 16, "--sampler-form", "residual",
                   "--batch-size", batch, "--seq-len", seq, "--seed", 0, "--draft-vocab", 64 if tiny else 8192,
-                  "--device", self.args.device, "--dtype", "f32", "--json"]
+                  "--device", self.args.device, "--dtype", dtype, "--json"]
         # A timed run of a few steps: the seconds per step after the first (start-up and the
         # first step's allocations are not counted).
         probe = run([self.mtp, "train", *common, "--out", self.tmp / "smollm2-probe", "--steps", 6,
@@ -526,7 +528,7 @@ class Check:
         shutil.copy(run_dir / "metrics.jsonl", out / "smollm2-metrics.jsonl")
         self.result["smollm2_train"] = {
             "convert_seconds": convert_s, "distill": distilled, "probe_seconds_per_step": per_step, "steps": steps,
-            "batch_size": batch, "seq_len": seq, "train_seconds": train_s,
+            "batch_size": batch, "seq_len": seq, "dtype": dtype, "train_seconds": train_s,
             "train_tokens_per_s": steps * batch * seq / train_s,
             "train_sequences": prepared.get("train_sequences"),
             "final_validation": validation[-1] if validation else None,
@@ -534,7 +536,7 @@ class Check:
         }
         # Written before the race: a call cut short there still brings the training back.
         self.write()
-        args = ["--model", model, "--adapter", adapter, "--device", self.args.device, "--dtype", "f32",
+        args = ["--model", model, "--adapter", adapter, "--device", self.args.device, "--dtype", dtype,
                 "--modes", "ar,quadratic"]
         if self.args.smollm2_prompts:
             args += ["--prompts", self.args.smollm2_prompts, "--masks", "1,2,4", "--max-new-tokens", 48]
@@ -627,7 +629,7 @@ def markdown(r: dict) -> str:
         expected = v.get("expected_tokens_per_forward")
         s.append(f"\n### SmolLM2-135M-Instruct trained here\n\nGGUF to model folder {t['convert_seconds']:.0f} s; "
                  f"{distilled}training {t['steps']} steps of {t['batch_size']} x {t['seq_len']} tokens in {t['train_seconds']:.0f} s "
-                 f"({t['train_tokens_per_s']:.0f} tokens/s, f32); adapter sha256 {t['adapter_sha256'][:16]}..."
+                 f"({t['train_tokens_per_s']:.0f} tokens/s, {t.get('dtype', 'f32')}); adapter sha256 {t['adapter_sha256'][:16]}..."
                  + (f"; last validation's expected tokens per forward at 1..k masks "
                     f"{' / '.join(f(x) for x in expected)}" if expected else "")
                  + "\n\n| domain | masks | tokens per forward | speedup | identical |\n|---|---|---|---|---|")
@@ -657,9 +659,12 @@ def main() -> None:
     p.add_argument("--smollm2", help="smollm2_train: a model folder, or the folder scripts/gpu-pack made")
     p.add_argument("--smollm2-data", help="smollm2_train: the distilled answers (JSONL, or .jsonl.xz)")
     p.add_argument("--smollm2-questions", help="smollm2_train: questions (JSONL with messages, or .jsonl.xz) to chat-distill "
-                   "here first, in f32; their answers join --smollm2-data's")
+                   "here first, in --smollm2-dtype; their answers join --smollm2-data's")
     p.add_argument("--smollm2-prompts", help="smollm2_train: the bench's prompts (JSONL with messages and domain)")
     p.add_argument("--train-seconds", type=float, default=300, help="smollm2_train: training time on the device")
+    p.add_argument("--smollm2-dtype", choices=["f32", "bf16"], default="f32",
+                   help="smollm2_train: the precision of distillation, training and the race (bf16: faster "
+                        "products, half the logits' memory)")
     Check(p.parse_args()).main()
 
 
