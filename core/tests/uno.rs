@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use common::*;
 use mtp_core::checkpoint::SafetensorsFile;
 use mtp_core::decode::{
-    Decoding, DraftOptions, Drafter, GenerateRequest, LoraForm, MaskCount, Mode, SamplingParams, Strategy, generate,
+    Decoding, DraftOptions, Drafter, GenerateRequest, Layout, LoraForm, MaskCount, Mode, SamplingParams, SpecDecoder,
+    Speculative, Strategy, generate,
 };
 use mtp_core::mtp::export::{PEFT_CONFIG, PEFT_WEIGHTS, export_peft, peft_key};
 use mtp_core::mtp::{MtpAdapter, MtpConfig, Recipe};
@@ -176,5 +177,52 @@ fn greedy_equals_ar_and_random_ids_are_reproducible() -> anyhow::Result<()> {
     let ids = |o: &mtp_core::decode::GenerateOutput| o.steps.iter().map(|s| s.noise_ids.clone()).collect::<Vec<_>>();
     assert_eq!((&a1.token_ids, ids(&a1)), (&a2.token_ids, ids(&a2)));
     assert_ne!(ids(&a1), ids(&b));
+    Ok(())
+}
+
+/// The fixed-shape steps that CUDA graphs record (run eagerly here: `StepGraphs::Eager`)
+/// read the recipe's random ids as one more input: every step drafts, accepts and draws the
+/// ids the ordinary step does, and the output is AR's.
+#[test]
+fn fixed_shape_steps_draft_as_ordinary_steps() -> anyhow::Result<()> {
+    let (m, a) = load("llama")?;
+    let mut fixed =
+        LoadedModel::load(&ModelSource::Local { path: model_dir("llama") }, &LoadOptions::default(), &mut ())?;
+    fixed.model.set_step_graphs(mtp_core::model::StepGraphs::Eager);
+    let vocab = m.model.config.vocab_size as i64;
+    let (plain, graphed) = (
+        Drafter::new(&m.model, &a, DraftOptions::default())?,
+        Drafter::new(&fixed.model, &a, DraftOptions::default())?,
+    );
+    let key = |o: &mtp_core::decode::GenerateOutput| {
+        o.steps.iter().map(|s| (s.drafts.clone(), s.accepted, s.noise_ids.clone())).collect::<Vec<_>>()
+    };
+    let mut steps = 0;
+    for mode in [Mode::Linear, Mode::Quadratic] {
+        for masks in [1, 3].map(MaskCount::Fixed) {
+            for i in 0..6usize {
+                let prompt: Vec<i64> = (0..3 + i % 4).map(|j| ((i * 53 + j * 7) % vocab as usize) as i64).collect();
+                let req = greedy(prompt.clone(), 24);
+                let ar = generate(&m.model, Strategy::Ar, &req, &mut ())?;
+                let want = generate(&m.model, Strategy::new(mode, Some(&plain), masks)?, &req, &mut ())?;
+                let got = generate(&fixed.model, Strategy::new(mode, Some(&graphed), masks)?, &req, &mut ())?;
+                assert_eq!(got.token_ids, ar.token_ids, "{mode}, {masks} masks, prompt {prompt:?}");
+                assert_eq!(key(&got), key(&want), "{mode}, {masks} masks, prompt {prompt:?}");
+                steps += got.steps.len();
+            }
+        }
+    }
+    assert!(steps > 50, "only {steps} steps");
+    // Those steps ran the fixed-shape pass, random ids included: counted on one decoder. The
+    // first step (no drafts) and the first of 3 drafts run the ordinary pass; the shape is
+    // recorded at its second step and run from then on.
+    let spec = Speculative { drafter: &graphed, layout: Layout::Quadratic, masks: MaskCount::Fixed(3) };
+    let (mut decoder, _) = SpecDecoder::start(&fixed.model, spec, &greedy(vec![1, 2, 3], 24))?;
+    let mut ids = 0;
+    for _ in 0..8 {
+        ids += decoder.step(false)?.stats.noise_ids.len();
+    }
+    assert_eq!(ids, 3 + 7 * 4 * 3, "a mask block after each regular row");
+    assert_eq!(decoder.fixed_shape_steps(), 6);
     Ok(())
 }

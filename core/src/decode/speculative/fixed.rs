@@ -9,9 +9,10 @@
 //! operations, each a host launch (about 10 us on the GPU docs/BENCHMARKS.md measured).
 //!
 //! One recording per step shape (drafts, masks), made the second time a shape comes (the
-//! first step, with no drafts, comes once). Steps that do not fit a recording run the
-//! ordinary pass: sampled decoding, the step-through view's detailed steps, the UNO
-//! recipe's random mask ids, and a cache without room for the step's rows.
+//! first step, with no drafts, comes once); the UNO recipe's random mask ids are one more
+//! input written before each run. Steps that do not fit a recording run the ordinary pass:
+//! sampled decoding, the step-through view's detailed steps, and a cache without room for
+//! the step's rows.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -40,6 +41,8 @@ struct ShapeStep {
     inputs: Tensor,
     /// `[1]` int64: the cache length, written before each run.
     past: Tensor,
+    /// `[mask rows]` int64: the UNO recipe's random ids of the mask rows, written before each run.
+    noise: Option<Tensor>,
     /// Writes `[accepted, next, drafts..]`.
     step: FixedStep<Tensor>,
 }
@@ -50,13 +53,12 @@ fn verify_and_draft(
     model: &Llama,
     drafter: &Drafter,
     plan: &StepPlan,
-    inputs: &Tensor,
-    past: &Tensor,
+    (inputs, noise, past): (&Tensor, Option<&Tensor>, &Tensor),
     cache: &mut KvCache,
 ) -> Tensor {
     tch::no_grad(|| {
         let n = plan.layout.drafts as i64;
-        let h = plan.forward_in_place(model, &drafter.step_gate(plan), inputs, past, cache);
+        let h = plan.forward_in_place(model, &drafter.step_gate(plan), inputs, noise, past, cache);
         let predictions = model.logits(&h.narrow(0, 0, n + 1)).argmax(-1, false);
         let (accepted, next) = verify_greedy_on_device(&inputs.narrow(0, 1, n), &predictions);
         let z = h.index_select(0, &plan.block_rows.index_select(0, &accepted).view([-1]));
@@ -122,7 +124,7 @@ impl FixedSteps {
         model: &Llama,
         drafter: &Drafter,
         plan: &Rc<StepPlan>,
-        inputs: &Tensor,
+        (inputs, noise): (&Tensor, Option<&Tensor>),
         past: usize,
         cache: &mut KvCache,
     ) -> Result<Option<Found>> {
@@ -149,7 +151,7 @@ impl FixedSteps {
             Some(Slot::Seen) => {
                 // Its time (warm-ups, the recording, a replay) says nothing of the next steps.
                 self.steady = false;
-                match record(model, drafter, plan, inputs, past, cache, self.mode == StepGraphs::Record) {
+                match record(model, drafter, plan, (inputs, noise), past, cache, self.mode == StepGraphs::Record) {
                     Ok(step) => Box::new(step),
                     Err(e) => {
                         tracing::warn!(
@@ -164,7 +166,7 @@ impl FixedSteps {
             }
             Some(Slot::Ready(step)) => step,
         };
-        let found = run_step(model, drafter, &mut step, inputs, past, cache);
+        let found = run_step(model, drafter, &mut step, (inputs, noise), past, cache);
         self.runs += 1;
         self.replayed |= step.step.replays();
         self.slots.insert(key, Slot::Ready(step));
@@ -178,17 +180,19 @@ fn record(
     model: &Llama,
     drafter: &Drafter,
     plan: &Rc<StepPlan>,
-    inputs: &Tensor,
+    (inputs, noise): (&Tensor, Option<&Tensor>),
     past: usize,
     cache: &mut KvCache,
     graphs: bool,
 ) -> Result<ShapeStep> {
     let device = model.device();
     let own_inputs = inputs.to_device(device).copy();
+    let own_noise = noise.map(|n| n.to_device(device).copy());
     let own_past = Tensor::full([1], past as i64, (Kind::Int64, device));
-    let step =
-        FixedStep::new(device, graphs, || verify_and_draft(model, drafter, plan, &own_inputs, &own_past, cache))?;
-    Ok(ShapeStep { plan: Rc::clone(plan), inputs: own_inputs, past: own_past, step })
+    let step = FixedStep::new(device, graphs, || {
+        verify_and_draft(model, drafter, plan, (&own_inputs, own_noise.as_ref(), &own_past), cache)
+    })?;
+    Ok(ShapeStep { plan: Rc::clone(plan), inputs: own_inputs, past: own_past, noise: own_noise, step })
 }
 
 /// One step: write the inputs, replay (or run), read the result.
@@ -196,16 +200,22 @@ fn run_step(
     model: &Llama,
     drafter: &Drafter,
     step: &mut ShapeStep,
-    inputs: &Tensor,
+    (inputs, noise): (&Tensor, Option<&Tensor>),
     past: usize,
     cache: &mut KvCache,
 ) -> Result<Found> {
-    let ShapeStep { plan, inputs: own_inputs, past: own_past, step } = step;
-    tch::no_grad(|| {
+    let ShapeStep { plan, inputs: own_inputs, past: own_past, noise: own_noise, step } = step;
+    tch::no_grad(|| -> Result<()> {
         own_inputs.copy_(inputs);
         let _ = own_past.fill_(past as i64);
-    });
-    let out = step.run(|| verify_and_draft(model, drafter, plan, own_inputs, own_past, cache))?;
+        match (own_noise.as_mut(), noise) {
+            (Some(own), Some(ids)) => own.copy_(ids),
+            (None, None) => {}
+            _ => return Err(Error::Invalid("a recorded step's mask rows changed their inputs".into())),
+        }
+        Ok(())
+    })?;
+    let out = step.run(|| verify_and_draft(model, drafter, plan, (own_inputs, own_noise.as_ref(), own_past), cache))?;
     // The step's one read from the device.
     let host = Vec::<i64>::try_from(out.to_device(Device::Cpu))?;
     let [accepted, next, drafts @ ..] = host.as_slice() else {

@@ -208,7 +208,8 @@ impl StepPlan {
         h.reshape([-1, h.size()[2]])
     }
 
-    /// [`StepPlan::forward`] with shapes that never change, as a CUDA graph records it: the
+    /// [`StepPlan::forward`] with shapes that never change, as a CUDA graph records it (`noise`
+    /// on the device too): the
     /// cache length is `past` (`[1]` int64 on the device), the step's rows are written at
     /// the cache rows after it and attend through the whole cache
     /// ([`Llama::forward_embeds_in_place`]), whose capacity must hold them. Nothing is
@@ -218,10 +219,11 @@ impl StepPlan {
         model: &Llama,
         gated: &Gated,
         inputs: &Tensor,
+        noise: Option<&Tensor>,
         past: &Tensor,
         cache: &mut KvCache,
     ) -> Tensor {
-        let x = self.packed_inputs(model, inputs, None);
+        let x = self.packed_inputs(model, inputs, noise);
         let device = model.device();
         let p = self.rows() as i64;
         let positions = &self.offsets + past;

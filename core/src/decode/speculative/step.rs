@@ -165,8 +165,9 @@ impl<'a> SpecDecoder<'a> {
         let noise = (!noise_ids.is_empty()).then(|| Tensor::from_slice(&noise_ids).to_device(device));
         // A greedy step of a recorded shape replays its recording (fixed.rs).
         let (fixed, steady) = match self.sampler.decoding() {
-            Decoding::Greedy if !detailed && noise.is_none() => {
-                (self.fixed.run(model, drafter, &plan, &inputs, past, &mut self.cache)?, self.fixed.steady())
+            Decoding::Greedy if !detailed => {
+                let step_inputs = (&inputs, noise.as_ref());
+                (self.fixed.run(model, drafter, &plan, step_inputs, past, &mut self.cache)?, self.fixed.steady())
             }
             _ => (None, true),
         };
