@@ -96,25 +96,57 @@ impl OptimConfig {
 }
 
 /// AdamW over named parameters, with its moments as plain tensors (saved in checkpoints).
+///
+/// Where every parameter is a distinct f32 tensor on one device (an adapter's always are),
+/// they live in one flat buffer: each parameter's data becomes a view of it
+/// ([`Tensor::set_data`]), and so do the moments. A step then gathers the gradients with one
+/// concatenation and updates every parameter with a dozen operations on the whole buffer,
+/// where one operation per parameter per term took some 20 operations a parameter (about
+/// 5,000 for the SmolLM2-135M shape's 250 adapter tensors, each a kernel launch on a GPU).
+/// The arithmetic per element is the same either way.
 pub struct AdamW {
     params: Vec<(String, Tensor)>,
-    /// First moments, one per parameter.
+    /// First moments, one per parameter (views of `flat.m` in the flat form).
     m: Vec<Tensor>,
     /// Second moments.
     v: Vec<Tensor>,
+    /// The flat form's buffers, when the parameters allow it.
+    flat: Option<Flat>,
     /// Updates taken.
     pub steps: u64,
     config: OptimConfig,
 }
 
+/// Parameters and moments, each one buffer of every parameter's elements in turn.
+struct Flat {
+    params: Tensor,
+    m: Tensor,
+    v: Tensor,
+}
+
 impl AdamW {
     /// An optimizer for `params` (name, tensor with `requires_grad`), sorted by name.
-    pub fn new(mut params: Vec<(String, Tensor)>, config: OptimConfig) -> Self {
+    pub fn new(params: Vec<(String, Tensor)>, config: OptimConfig) -> Self {
+        Self::with_form(params, config, true)
+    }
+
+    /// [`AdamW::new`], choosing whether the flat form may be used (tests compare the two).
+    pub fn with_form(mut params: Vec<(String, Tensor)>, config: OptimConfig, flat: bool) -> Self {
         params.sort_by(|a, b| a.0.cmp(&b.0));
-        let zeros = |p: &Tensor| Tensor::zeros_like(p).to_kind(Kind::Float);
-        let m = params.iter().map(|(_, p)| zeros(p)).collect();
-        let v = params.iter().map(|(_, p)| zeros(p)).collect();
-        Self { params, m, v, steps: 0, config }
+        let flat = if flat { Flat::adopt(&params) } else { None };
+        let (m, v) = match &flat {
+            Some(f) => (f.views(&f.m, &params), f.views(&f.v, &params)),
+            None => {
+                let zeros = |p: &Tensor| Tensor::zeros_like(p).to_kind(Kind::Float);
+                (params.iter().map(|(_, p)| zeros(p)).collect(), params.iter().map(|(_, p)| zeros(p)).collect())
+            }
+        };
+        Self { params, m, v, flat, steps: 0, config }
+    }
+
+    /// True when the parameters live in one flat buffer.
+    pub fn is_flat(&self) -> bool {
+        self.flat.is_some()
     }
 
     /// Clear every gradient.
@@ -145,33 +177,49 @@ impl AdamW {
     /// Clip to the configured norm, then take one update at `lr`. Returns the norm before
     /// clipping.
     pub fn step(&mut self, lr: f64) -> f64 {
-        let norm = self.grad_norm();
+        // The flat form needs every gradient (a parameter without one is left alone).
+        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
+        let flat_grad = match &self.flat {
+            Some(_) if grads.iter().all(Tensor::defined) => {
+                Some(tch::no_grad(|| Tensor::cat(&grads.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0)))
+            }
+            _ => None,
+        };
+        let norm = match &flat_grad {
+            Some(g) => tch::no_grad(|| g.square().sum(Kind::Float).sqrt().double_value(&[])),
+            None => self.grad_norm(),
+        };
         let clip = if self.config.grad_clip > 0.0 && norm > self.config.grad_clip {
             self.config.grad_clip / (norm + 1e-6)
         } else {
             1.0
         };
         self.steps += 1;
-        let c = &self.config;
+        let c = self.config.clone();
         let t = self.steps as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-        tch::no_grad(|| {
-            for (i, (_, p)) in self.params.iter().enumerate() {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
+        // One update of `p` from `g`, with its moments: the same operations on one
+        // parameter or on the flat buffer of all of them.
+        let update = |p: &Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor| {
+            let g = g.to_kind(Kind::Float) * clip;
+            let _ = m.g_mul_scalar_(c.beta1).g_add_(&(&g * (1.0 - c.beta1)));
+            let _ = v.g_mul_scalar_(c.beta2).g_add_(&(g.square() * (1.0 - c.beta2)));
+            let denom = (&*v / bc2).sqrt() + c.eps;
+            let update = (&*m / bc1) / denom;
+            let mut p = p.shallow_clone();
+            if c.weight_decay > 0.0 {
+                let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
+            }
+            let _ = p.g_sub_(&(update * lr).to_kind(p.kind()));
+        };
+        tch::no_grad(|| match (&mut self.flat, &flat_grad) {
+            (Some(f), Some(g)) => update(&f.params, g, &mut f.m, &mut f.v),
+            _ => {
+                for (i, g) in grads.iter().enumerate() {
+                    if g.defined() {
+                        update(&self.params[i].1, g, &mut self.m[i], &mut self.v[i]);
+                    }
                 }
-                let g = g.to_kind(Kind::Float) * clip;
-                let (m, v) = (&mut self.m[i], &mut self.v[i]);
-                let _ = m.g_mul_scalar_(c.beta1).g_add_(&(&g * (1.0 - c.beta1)));
-                let _ = v.g_mul_scalar_(c.beta2).g_add_(&(g.square() * (1.0 - c.beta2)));
-                let denom = (&*v / bc2).sqrt() + c.eps;
-                let update = (&*m / bc1) / denom;
-                let mut p = p.shallow_clone();
-                if c.weight_decay > 0.0 {
-                    let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
-                }
-                let _ = p.g_sub_(&(update * lr).to_kind(p.kind()));
             }
         });
         norm
@@ -195,11 +243,60 @@ impl AdamW {
             if m.size() != p.size() || v.size() != p.size() {
                 return Err(crate::Error::Invalid(format!("optimizer state for `{name}` has the wrong shape")));
             }
-            self.m[i] = m;
-            self.v[i] = v;
+            // Into the moments' own storage (views of the flat buffers in the flat form).
+            tch::no_grad(|| {
+                self.m[i].copy_(&m);
+                self.v[i].copy_(&v);
+            });
         }
         self.steps = steps;
         Ok(())
+    }
+}
+
+impl Flat {
+    /// Move `params` into one buffer (each one's data a view of it), with zeroed moments;
+    /// `None` unless they are distinct f32 tensors on one device.
+    fn adopt(params: &[(String, Tensor)]) -> Option<Self> {
+        let (_, first) = params.first()?;
+        let device = first.device();
+        let mut seen = std::collections::HashSet::new();
+        let fits = params.iter().all(|(_, p)| {
+            p.kind() == Kind::Float && p.device() == device && p.is_contiguous() && seen.insert(p.data_ptr() as usize)
+        });
+        if !fits {
+            return None;
+        }
+        let total: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
+        let buffer = Tensor::zeros([total], (Kind::Float, device));
+        let flat = Self {
+            m: Tensor::zeros([total], (Kind::Float, device)),
+            v: Tensor::zeros([total], (Kind::Float, device)),
+            params: buffer,
+        };
+        let views = flat.views(&flat.params, params);
+        tch::no_grad(|| {
+            for ((_, p), mut view) in params.iter().zip(views) {
+                view.copy_(p);
+                let mut p = p.shallow_clone();
+                p.set_data(&view);
+            }
+        });
+        Some(flat)
+    }
+
+    /// Each parameter's part of `buffer`, in its shape.
+    fn views(&self, buffer: &Tensor, params: &[(String, Tensor)]) -> Vec<Tensor> {
+        let mut offset = 0i64;
+        params
+            .iter()
+            .map(|(_, p)| {
+                let n = p.numel() as i64;
+                let view = buffer.narrow(0, offset, n).view(p.size().as_slice());
+                offset += n;
+                view
+            })
+            .collect()
     }
 }
 
@@ -235,5 +332,70 @@ mod tests {
         assert!((values[0][0] - 0.9).abs() < 1e-6 && (values[0][1] + 1.9).abs() < 1e-6, "{:?}", values[0]);
         assert!(values[199].iter().all(|x| x.abs() < 0.05), "{:?}", values[199]);
         assert_eq!(opt.state().len(), 2);
+    }
+
+    /// The flat form updates every parameter as the per-parameter form does, bit for bit
+    /// without clipping and to rounding with it (the norm sums in another order), keeps its
+    /// parameters shared with their holders, and saves and restores the same moments.
+    #[test]
+    fn flat_buffers_update_as_one_tensor_per_parameter() -> crate::Result<()> {
+        let shapes: [&[i64]; 4] = [&[3, 5], &[7], &[2, 2, 4], &[1]];
+        let make = || -> Vec<(String, Tensor)> {
+            tch::manual_seed(11);
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    (format!("p{i}"), Tensor::randn(*s, (Kind::Float, tch::Device::Cpu)).set_requires_grad(true))
+                })
+                .collect()
+        };
+        for grad_clip in [0.0, 0.5] {
+            let config = OptimConfig { lr: 0.05, warmup: 0, grad_clip, weight_decay: 0.01, ..OptimConfig::default() };
+            let (a, b) = (make(), make());
+            let handles = |ps: &[(String, Tensor)]| ps.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+            let (mut flat, mut each) =
+                (AdamW::with_form(handles(&a), config.clone(), true), AdamW::with_form(handles(&b), config, false));
+            assert!(flat.is_flat() && !each.is_flat());
+            for step in 0..30 {
+                for params in [&a, &b] {
+                    // A loss that mixes the parameters, different at every step.
+                    let loss = params
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (_, p))| (p * (step as f64 + i as f64 + 1.0)).sin().sum(Kind::Float))
+                        .fold(Tensor::zeros([], (Kind::Float, tch::Device::Cpu)), |x, y| x + y);
+                    loss.backward();
+                }
+                let (na, nb) = (flat.step(0.05), each.step(0.05));
+                assert!((na - nb).abs() <= 1e-6 * nb, "step {step}: norms {na} {nb}");
+                flat.zero_grad();
+                each.zero_grad();
+            }
+            for ((name, x), (_, y)) in a.iter().zip(&b) {
+                let diff = (x - y).abs().max().double_value(&[]);
+                if grad_clip == 0.0 {
+                    assert!(x.equal(y), "{name}: differs by {diff}");
+                } else {
+                    assert!(diff < 1e-5, "{name}: differs by {diff}");
+                }
+            }
+            // The moments restore into the flat buffers, where the next step reads them.
+            let saved: std::collections::HashMap<String, Tensor> =
+                each.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
+            let mut restored = AdamW::with_form(make(), OptimConfig::default(), true);
+            restored.restore(30, |n| Ok(saved[n].shallow_clone()))?;
+            for (n, t) in restored.state() {
+                assert!(t.equal(&saved[&n]), "{n}");
+            }
+            let flat_m = &restored.flat.as_ref().map(|f| f.m.shallow_clone()).expect("flat");
+            let total: f64 = saved
+                .iter()
+                .filter(|(n, _)| n.starts_with("adam_m."))
+                .map(|(_, t)| t.sum(Kind::Double).double_value(&[]))
+                .sum();
+            assert!((flat_m.sum(Kind::Double).double_value(&[]) - total).abs() < 1e-9);
+        }
+        Ok(())
     }
 }
