@@ -569,7 +569,7 @@ fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
                 (Layout::Quadratic, MaskCount::Auto),
                 (Layout::Linear, MaskCount::Fixed(3)),
             ] {
-                for prompt in &prompts {
+                for (index, prompt) in prompts.iter().enumerate() {
                     let req = request(prompt.clone(), 28, Decoding::Greedy, vec![]);
                     let what = format!("{dtype:?}, {form}, {layout:?}, {masks} masks, prompt {prompt:?}");
                     let ar = generate(&ordinary.model, Strategy::Ar, &req, &mut ())?;
@@ -590,8 +590,10 @@ fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
                             assert_eq!(out.token_ids, ar.token_ids, "{what}: not AR's output");
                         }
                     }
+                    let mut steps = 0;
                     while masks != MaskCount::Auto && tokens.len() < req.max_new_tokens && b.has_room() {
                         let (ra, rb) = (a.step(false)?, b.step(false)?);
+                        steps += 1;
                         let step = ra.stats.step;
                         assert_eq!((&ra.accepted, ra.next), (&rb.accepted, rb.next), "{what}, step {step}");
                         if dtype == mtp_core::DType::Bf16 && a.drafts() != b.drafts() {
@@ -608,6 +610,11 @@ fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
                         tokens.push(ra.next);
                     }
                     runs += 1;
+                    // The drafter keeps the last generation's cache and recordings: from the
+                    // third generation on, every quadratic step's shape has been seen twice.
+                    if index >= 2 && layout == Layout::Quadratic && masks != MaskCount::Auto {
+                        assert_eq!(b.fixed_shape_steps(), steps, "{what}: steps of recorded shapes");
+                    }
                     tokens.truncate(req.max_new_tokens);
                     if dtype == mtp_core::DType::F32 && masks != MaskCount::Auto {
                         assert_eq!(tokens, ar.token_ids, "{what}: not AR's output");

@@ -53,7 +53,8 @@ pub struct ArDecoder<'a> {
 /// eagerly ([`StepGraphs::Eager`]): the pending token and its position are written into
 /// fixed device tensors, one replay runs the whole forward pass (the new row's keys and
 /// values written in place, the whole cache attended under a mask) and writes the logits.
-struct GraphedStep {
+#[derive(Debug)]
+pub(crate) struct GraphedStep {
     token: Tensor,
     position: Tensor,
     step: FixedStep<Tensor>,
@@ -92,17 +93,44 @@ impl GraphedStep {
     }
 }
 
+/// What an AR generation with fixed-shape steps leaves for the next one ([`Llama`] keeps
+/// it): its cache, whose buffers the recording writes to, and the recording (or the failure
+/// to make one, not tried again).
+#[derive(Debug)]
+pub(crate) struct KeptAr {
+    cache: KvCache,
+    graph: Option<std::result::Result<GraphedStep, ()>>,
+}
+
+/// The cache for a generation that needs `capacity` positions: with fixed-shape steps, the
+/// last generation's when it is large enough (its recordings then replay again; it is
+/// emptied), else a new one rounded up to 128 positions, so that the next generations
+/// fit it too; without them, a new one of that capacity.
+pub(crate) fn decoding_cache<T>(model: &Llama, kept: Option<(KvCache, T)>, capacity: usize) -> (KvCache, Option<T>) {
+    if model.step_graphs() == StepGraphs::Off {
+        return (model.new_cache(capacity), None);
+    }
+    match kept {
+        Some((mut cache, recorded)) if cache.capacity() >= capacity => {
+            cache.clear();
+            (cache, Some(recorded))
+        }
+        _ => (model.new_cache(capacity.div_ceil(128) * 128), None),
+    }
+}
+
 impl<'a> ArDecoder<'a> {
     /// Check the request, run the prefill and choose the first token.
     pub fn start(model: &'a Llama, req: &GenerateRequest) -> Result<(Self, i64)> {
         check_request(model, req, 0)?;
-        let mut cache = model.new_cache(req.prompt_ids.len() + req.max_new_tokens);
+        let kept = model.kept_ar.borrow_mut().take().map(|k| (k.cache, k.graph));
+        let (mut cache, graph) = decoding_cache(model, kept, req.prompt_ids.len() + req.max_new_tokens);
         let mut sampler = Sampler::new(req.decoding)?;
         let first = tch::no_grad(|| {
             let input = Tensor::from_slice(&req.prompt_ids).to_device(model.device()).unsqueeze(0);
             sampler.pick(&forward_last(model, &input, &mut cache, None))
         })?;
-        Ok((Self { model, sampler, cache, pending: first, graph: None }, first))
+        Ok((Self { model, sampler, cache, pending: first, graph: graph.flatten() }, first))
     }
 
     /// Whether the steps replay a recorded CUDA graph.
@@ -135,6 +163,16 @@ impl<'a> ArDecoder<'a> {
         };
         self.pending = next;
         Ok(next)
+    }
+}
+
+impl Drop for ArDecoder<'_> {
+    /// With fixed-shape steps, leave the cache and the recording to the next generation.
+    fn drop(&mut self) {
+        if self.model.step_graphs() != StepGraphs::Off {
+            let cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
+            *self.model.kept_ar.borrow_mut() = Some(KeptAr { cache, graph: self.graph.take() });
+        }
     }
 }
 

@@ -107,6 +107,11 @@ impl KvCache {
         self.len += t as i64;
     }
 
+    /// Empty the cache, keeping its buffers (and so what was recorded against them).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
     /// Drop every row from `len` on.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len as i64);

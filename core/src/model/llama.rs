@@ -33,6 +33,9 @@ pub struct Llama {
     device: Device,
     /// How decoding steps run ([`Llama::step_graphs`]).
     step_graphs: StepGraphs,
+    /// With fixed-shape steps: the last AR generation's cache and recorded step, kept so
+    /// that the next generation replays the recording rather than making its own.
+    pub(crate) kept_ar: std::cell::RefCell<Option<crate::decode::ar::KeptAr>>,
 }
 
 /// Checkpoint keys that carry no weights and are skipped on purpose.
@@ -58,7 +61,18 @@ impl Llama {
             root.pp("lm_head").get("weight", &[config.vocab_size as i64, config.hidden_size as i64])?
         };
         let rope = Rope::new(&config, device);
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, dtype, device, step_graphs: StepGraphs::Off })
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            dtype,
+            device,
+            step_graphs: StepGraphs::Off,
+            kept_ar: Default::default(),
+        })
     }
 
     /// Load the model in folder `dir` (config.json + safetensors) in `dtype` on `device`.
@@ -110,12 +124,13 @@ impl Llama {
     /// [`crate::model::cuda_graph`]): AR steps, and greedy speculative steps; they apply on a
     /// CUDA device in a build that has them.
     pub fn set_cuda_graphs(&mut self, on: bool) {
-        self.step_graphs = if on { StepGraphs::Record } else { StepGraphs::Off };
+        self.set_step_graphs(if on { StepGraphs::Record } else { StepGraphs::Off });
     }
 
     /// Choose how decoding steps run ([`StepGraphs`]; `Eager` is for tests on the CPU).
     pub fn set_step_graphs(&mut self, mode: StepGraphs) {
         self.step_graphs = mode;
+        self.kept_ar.take();
     }
 
     /// How decoding steps run here: `Record` only where graphs can be recorded (asked for,

@@ -13,10 +13,11 @@ use tch::{Device, Kind, Tensor};
 
 use super::super::sampling::{Sampler, SamplingParams};
 use super::super::strategy::{Layout, MaskCount};
+use super::fixed::FixedSteps;
 use super::layout::{StepLayout, StepPlan};
 use super::masks::MaskController;
 use crate::error::{Error, Result};
-use crate::model::{Gate, Gated, Llama, few_rows};
+use crate::model::{Gate, Gated, KvCache, Llama, few_rows};
 use crate::mtp::gated_lora::PreparedLora;
 use crate::mtp::sampler::PreparedSampler;
 use crate::mtp::{MtpAdapter, MtpConfig};
@@ -206,6 +207,9 @@ pub struct Drafter {
     /// What the last generation's `auto` mask controller learned (per layout), so that the
     /// next one starts from it rather than from nothing.
     controllers: RefCell<HashMap<Layout, MaskController>>,
+    /// With fixed-shape steps: per layout, the last generation's cache and its recorded
+    /// steps, kept so that the next generation replays them.
+    pub(super) kept: RefCell<HashMap<Layout, (KvCache, FixedSteps)>>,
 }
 
 impl std::fmt::Debug for Drafter {
@@ -255,6 +259,7 @@ impl Drafter {
                 head,
                 plans: RefCell::default(),
                 controllers: RefCell::default(),
+                kept: RefCell::default(),
             })
         })
     }

@@ -94,9 +94,21 @@ impl FixedSteps {
         Self { mode: model.step_graphs(), slots: HashMap::new(), runs: 0, replayed: false, steady: true, buffers: None }
     }
 
+    /// The mode its recordings were made in.
+    pub fn mode(&self) -> StepGraphs {
+        self.mode
+    }
+
     /// True when this decoder runs fixed-shape steps at all.
     pub fn on(&self) -> bool {
         self.mode != StepGraphs::Off
+    }
+
+    /// A new generation with these recordings: its counts start again.
+    pub fn begin(&mut self) {
+        self.runs = 0;
+        self.replayed = false;
+        self.steady = true;
     }
 
     /// Steps run through a fixed-shape pass so far.

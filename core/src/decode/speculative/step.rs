@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::super::ar::{check_request, forward_last};
+use super::super::ar::{check_request, decoding_cache, forward_last};
 use super::super::stats::StepStats;
 use super::super::strategy::{Layout, Speculative, Strategy};
 use super::super::verify::{Verdict, verify_greedy, verify_greedy_on_device, verify_sampling};
@@ -75,7 +75,10 @@ impl<'a> SpecDecoder<'a> {
         // Two halves (merged weights as one batched product) pad both to the larger; a
         // fixed-shape step needs the cache to hold every row it writes.
         let rows = if spec.drafter.packs_halves() { 2 * strategy.max_rows() } else { strategy.max_rows() };
-        let mut cache = model.new_cache(p + req.max_new_tokens + rows + 1);
+        let kept = spec.drafter.kept.borrow_mut().remove(&spec.layout);
+        let (mut cache, fixed) = decoding_cache(model, kept, p + req.max_new_tokens + rows + 1);
+        let mut fixed = fixed.filter(|f| f.mode() == model.step_graphs()).unwrap_or_else(|| FixedSteps::new(model));
+        fixed.begin();
         let mut sampler = Sampler::new(req.decoding)?;
         let first = tch::no_grad(|| {
             let input = Tensor::from_slice(&req.prompt_ids).to_device(model.device()).unsqueeze(0);
@@ -102,7 +105,7 @@ impl<'a> SpecDecoder<'a> {
                 };
                 StdRng::seed_from_u64(seed ^ 0x0A0A_0123_4567_89AB)
             }),
-            fixed: FixedSteps::new(model),
+            fixed,
         };
         Ok((decoder, first))
     }
@@ -292,5 +295,17 @@ impl<'a> SpecDecoder<'a> {
         };
         self.drafts = new_drafts;
         Ok(StepResult { accepted: drafts[..a].to_vec(), next, stats, detail })
+    }
+}
+
+impl Drop for SpecDecoder<'_> {
+    /// With fixed-shape steps, leave the cache and the recordings to the next generation of
+    /// this layout.
+    fn drop(&mut self) {
+        if self.fixed.on() {
+            let cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
+            let fixed = std::mem::replace(&mut self.fixed, FixedSteps::new(self.model));
+            self.drafter.kept.borrow_mut().insert(self.layout, (cache, fixed));
+        }
     }
 }
