@@ -150,6 +150,15 @@ impl Worker {
         let mut next = requests.recv().ok();
         while let Some(request) = next.take() {
             let job = job_of(&request);
+            if matches!(job, Job::Distill | Job::Train) {
+                // What decoding kept for the next race (caches, recorded steps) gives way.
+                if let Some(m) = &self.model {
+                    m.model.release_kept();
+                }
+                if let Some(a) = &self.adapter {
+                    a.drafter.release_kept();
+                }
+            }
             self.control.reset();
             self.emit(Event::Started(job));
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.handle(request, &requests)));

@@ -103,19 +103,21 @@ pub(crate) struct KeptAr {
 }
 
 /// The cache for a generation that needs `capacity` positions: with fixed-shape steps, the
-/// last generation's when it is large enough (its recordings then replay again; it is
-/// emptied), else a new one rounded up to 128 positions, so that the next generations
+/// last generation's when it is large enough and not more than twice what a new one would
+/// be (a fixed-shape pass attends over the whole cache; its recordings then replay again;
+/// it is emptied), else a new one rounded up to 128 positions, so that the next generations
 /// fit it too; without them, a new one of that capacity.
 pub(crate) fn decoding_cache<T>(model: &Llama, kept: Option<(KvCache, T)>, capacity: usize) -> (KvCache, Option<T>) {
     if model.step_graphs() == StepGraphs::Off {
         return (model.new_cache(capacity), None);
     }
+    let rounded = capacity.div_ceil(128) * 128;
     match kept {
-        Some((mut cache, recorded)) if cache.capacity() >= capacity => {
+        Some((mut cache, recorded)) if (capacity..=2 * rounded).contains(&cache.capacity()) => {
             cache.clear();
             (cache, Some(recorded))
         }
-        _ => (model.new_cache(capacity.div_ceil(128) * 128), None),
+        _ => (model.new_cache(rounded), None),
     }
 }
 
@@ -169,7 +171,7 @@ impl<'a> ArDecoder<'a> {
 impl Drop for ArDecoder<'_> {
     /// With fixed-shape steps, leave the cache and the recording to the next generation.
     fn drop(&mut self) {
-        if self.model.step_graphs() != StepGraphs::Off {
+        if self.model.step_graphs() != StepGraphs::Off && self.graph.is_some() {
             let cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
             *self.model.kept_ar.borrow_mut() = Some(KeptAr { cache, graph: self.graph.take() });
         }

@@ -133,6 +133,12 @@ impl Llama {
         self.kept_ar.take();
     }
 
+    /// Free what decoding kept for the next generation (its cache and recorded step), for
+    /// work that needs the memory more.
+    pub fn release_kept(&self) {
+        self.kept_ar.take();
+    }
+
     /// How decoding steps run here: `Record` only where graphs can be recorded (asked for,
     /// on a CUDA device, in this build), else `Off`; `Eager` as asked.
     pub fn step_graphs(&self) -> StepGraphs {

@@ -135,7 +135,7 @@ impl AdamW {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let flat = if flat { Flat::adopt(&params) } else { None };
         let (m, v) = match &flat {
-            Some(f) => (f.views(&f.m, &params), f.views(&f.v, &params)),
+            Some(f) => (views(&f.m, &params), views(&f.v, &params)),
             None => {
                 let zeros = |p: &Tensor| Tensor::zeros_like(p).to_kind(Kind::Float);
                 (params.iter().map(|(_, p)| zeros(p)).collect(), params.iter().map(|(_, p)| zeros(p)).collect())
@@ -198,26 +198,35 @@ impl AdamW {
         let c = self.config.clone();
         let t = self.steps as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-        // One update of `p` from `g`, with its moments: the same operations on one
-        // parameter or on the flat buffer of all of them.
-        let update = |p: &Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor| {
-            let g = g.to_kind(Kind::Float) * clip;
-            let _ = m.g_mul_scalar_(c.beta1).g_add_(&(&g * (1.0 - c.beta1)));
-            let _ = v.g_mul_scalar_(c.beta2).g_add_(&(g.square() * (1.0 - c.beta2)));
-            let denom = (&*v / bc2).sqrt() + c.eps;
-            let update = (&*m / bc1) / denom;
+        // One update of `p` from `g` (the step's own f32 copy of its gradient, clipped),
+        // with its moments: the same operations on one parameter or on the flat buffer of
+        // all of them. `g` is reused in place, so a step needs one more buffer of its size.
+        let update = |p: &Tensor, mut g: Tensor, m: &mut Tensor, v: &mut Tensor| {
+            let mut work = g.square();
+            let _ = work.g_mul_scalar_(1.0 - c.beta2);
+            let _ = v.g_mul_scalar_(c.beta2).g_add_(&work);
+            let _ = g.g_mul_scalar_(1.0 - c.beta1);
+            let _ = m.g_mul_scalar_(c.beta1).g_add_(&g);
+            // The denominator sqrt(v / bc2) + eps in `work`, the update (m / bc1) / it in `g`.
+            work.copy_(v);
+            let _ = work.g_div_scalar_(bc2).sqrt_().g_add_scalar_(c.eps);
+            g.copy_(m);
+            let _ = g.g_div_scalar_(bc1).g_div_(&work).g_mul_scalar_(lr);
             let mut p = p.shallow_clone();
             if c.weight_decay > 0.0 {
                 let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
             }
-            let _ = p.g_sub_(&(update * lr).to_kind(p.kind()));
+            let _ = p.g_sub_(&g.to_kind(p.kind()));
         };
-        tch::no_grad(|| match (&mut self.flat, &flat_grad) {
-            (Some(f), Some(g)) => update(&f.params, g, &mut f.m, &mut f.v),
+        tch::no_grad(|| match (&mut self.flat, flat_grad) {
+            (Some(f), Some(mut g)) => {
+                let _ = g.g_mul_scalar_(clip);
+                update(&f.params, g, &mut f.m, &mut f.v)
+            }
             _ => {
                 for (i, g) in grads.iter().enumerate() {
                     if g.defined() {
-                        update(&self.params[i].1, g, &mut self.m[i], &mut self.v[i]);
+                        update(&self.params[i].1, g.to_kind(Kind::Float) * clip, &mut self.m[i], &mut self.v[i]);
                     }
                 }
             }
@@ -268,36 +277,39 @@ impl Flat {
             return None;
         }
         let total: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
+        if total > FLAT_MAX_ELEMENTS {
+            return None;
+        }
         let buffer = Tensor::zeros([total], (Kind::Float, device));
-        let flat = Self {
-            m: Tensor::zeros([total], (Kind::Float, device)),
-            v: Tensor::zeros([total], (Kind::Float, device)),
-            params: buffer,
-        };
-        let views = flat.views(&flat.params, params);
         tch::no_grad(|| {
-            for ((_, p), mut view) in params.iter().zip(views) {
+            for ((_, p), mut view) in params.iter().zip(views(&buffer, params)) {
                 view.copy_(p);
                 let mut p = p.shallow_clone();
                 p.set_data(&view);
             }
         });
-        Some(flat)
+        // The moments after the parameters' old storage has gone.
+        let zeros = || Tensor::zeros([total], (Kind::Float, device));
+        Some(Self { params: buffer, m: zeros(), v: zeros() })
     }
+}
 
-    /// Each parameter's part of `buffer`, in its shape.
-    fn views(&self, buffer: &Tensor, params: &[(String, Tensor)]) -> Vec<Tensor> {
-        let mut offset = 0i64;
-        params
-            .iter()
-            .map(|(_, p)| {
-                let n = p.numel() as i64;
-                let view = buffer.narrow(0, offset, n).view(p.size().as_slice());
-                offset += n;
-                view
-            })
-            .collect()
-    }
+/// The most elements the flat form takes (a full model's pretraining beyond this keeps one
+/// update per tensor, whose temporaries are one tensor's, not the whole buffer's).
+const FLAT_MAX_ELEMENTS: i64 = 1 << 26;
+
+/// Each parameter's part of `buffer`, in its shape.
+fn views(buffer: &Tensor, params: &[(String, Tensor)]) -> Vec<Tensor> {
+    let mut offset = 0i64;
+    params
+        .iter()
+        .map(|(_, p)| {
+            let n = p.numel() as i64;
+            let view = buffer.narrow(0, offset, n).view(p.size().as_slice());
+            offset += n;
+            view
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -207,9 +207,18 @@ pub struct Drafter {
     /// What the last generation's `auto` mask controller learned (per layout), so that the
     /// next one starts from it rather than from nothing.
     controllers: RefCell<HashMap<Layout, MaskController>>,
-    /// With fixed-shape steps: per layout, the last generation's cache and its recorded
-    /// steps, kept so that the next generation replays them.
-    pub(super) kept: RefCell<HashMap<Layout, (KvCache, FixedSteps)>>,
+    /// With fixed-shape steps: per layout and mask count, the last generation's cache and
+    /// its recorded steps, kept so that the next generation replays them (with the address
+    /// of the model they were recorded with).
+    pub(super) kept: RefCell<HashMap<(Layout, MaskCount), Kept>>,
+}
+
+/// A speculative generation's cache and recorded steps, left for the next one.
+pub(super) struct Kept {
+    /// The model they were recorded with (its address).
+    pub model: usize,
+    pub cache: KvCache,
+    pub fixed: FixedSteps,
 }
 
 impl std::fmt::Debug for Drafter {
@@ -347,6 +356,12 @@ impl Drafter {
             (true, false) => Gate::Tail(plan.layout.regular() as i64),
         };
         Gated { delta: &self.lora, gate }
+    }
+
+    /// Free what decoding kept for the next generation (caches and recorded steps), for
+    /// work that needs the memory more.
+    pub fn release_kept(&self) {
+        self.kept.borrow_mut().clear();
     }
 
     /// The adapter for a prefill: nothing for a gated adapter (prompt rows are next-token

@@ -111,6 +111,12 @@ impl FixedSteps {
         self.steady = true;
     }
 
+    /// True when some step shape has been seen or recorded (worth keeping for the next
+    /// generation).
+    pub fn has_progress(&self) -> bool {
+        self.slots.values().any(|s| !matches!(s, Slot::Failed))
+    }
+
     /// Steps run through a fixed-shape pass so far.
     pub fn runs(&self) -> usize {
         self.runs

@@ -82,6 +82,11 @@ impl MaskController {
         self.count == MaskCount::Auto
     }
 
+    /// How the mask counts are chosen.
+    pub fn count(&self) -> MaskCount {
+        self.count
+    }
+
     /// Masks per block for the next step.
     pub fn masks(&self) -> usize {
         self.current

@@ -12,7 +12,7 @@ use super::super::strategy::{Layout, Speculative, Strategy};
 use super::super::verify::{Verdict, verify_greedy, verify_greedy_on_device, verify_sampling};
 use super::super::{Decoding, GenerateRequest, Sampler};
 use super::detail::{StepDetail, top5};
-use super::drafter::Drafter;
+use super::drafter::{Drafter, Kept};
 use super::fixed::FixedSteps;
 use super::masks::MaskController;
 use crate::error::Result;
@@ -75,7 +75,9 @@ impl<'a> SpecDecoder<'a> {
         // Two halves (merged weights as one batched product) pad both to the larger; a
         // fixed-shape step needs the cache to hold every row it writes.
         let rows = if spec.drafter.packs_halves() { 2 * strategy.max_rows() } else { strategy.max_rows() };
-        let kept = spec.drafter.kept.borrow_mut().remove(&spec.layout);
+        let address = model as *const Llama as usize;
+        let kept = spec.drafter.kept.borrow_mut().remove(&(spec.layout, spec.masks));
+        let kept = kept.filter(|k| k.model == address).map(|k| (k.cache, k.fixed));
         let (mut cache, fixed) = decoding_cache(model, kept, p + req.max_new_tokens + rows + 1);
         let mut fixed = fixed.filter(|f| f.mode() == model.step_graphs()).unwrap_or_else(|| FixedSteps::new(model));
         fixed.begin();
@@ -300,12 +302,14 @@ impl<'a> SpecDecoder<'a> {
 
 impl Drop for SpecDecoder<'_> {
     /// With fixed-shape steps, leave the cache and the recordings to the next generation of
-    /// this layout.
+    /// this layout and mask count (not when no step of this one came near a recording: the
+    /// step-through view's, sampled decoding's).
     fn drop(&mut self) {
-        if self.fixed.on() {
+        if self.fixed.on() && self.fixed.has_progress() {
             let cache = std::mem::replace(&mut self.cache, KvCache::new(0, 0));
             let fixed = std::mem::replace(&mut self.fixed, FixedSteps::new(self.model));
-            self.drafter.kept.borrow_mut().insert(self.layout, (cache, fixed));
+            let kept = Kept { model: self.model as *const Llama as usize, cache, fixed };
+            self.drafter.kept.borrow_mut().insert((self.layout, self.masks.count()), kept);
         }
     }
 }
