@@ -8,7 +8,10 @@ Sections (each one's failure is recorded under "errors" and the others still run
              Llama-3.1-8B shapes (random weights, bf16), and the memory-bandwidth bound
              measured in the same run (a device copy);
   step_cost  one speculative step over one AR step, linear and quadratic, 1/2/4/8 masks, both
-             shapes (an untrained k = 8 adapter: acceptance ~0, so the ratio is the step cost);
+             shapes (an untrained k = 8 adapter: acceptance ~0, so the ratio is the step cost),
+             each form again with --cuda-graphs;
+  gemm_rows  one layer's four products at 1 to 32 rows, both shapes (does a product of a few
+             rows cost less than one of a single row: the step cost's 9-row anomaly);
   train      MTP training tokens/s, ours vs the PyTorch reference (scripts/reference.py), on the
              135M shape; peak training memory vs our estimate;
   demo       the demo end to end: tokens per forward, speedup over AR, outputs identical;
@@ -295,6 +298,46 @@ class Check:
                                                          "masks": r["masks"], "ratio": r["step_cost_vs_ar"],
                                                          "identical": r["identical"], "graphs": graphs,
                                                          "graphed": r.get("cuda_graphs", False)})
+
+    # ------------------------------------------------------------------ products by rows
+    def gemm_rows(self) -> None:
+        """One decoder layer's four products (q/k/v, o, gate/up, down; bf16 on a GPU) at 1 to 32
+        rows, each shape's weights, as libtorch runs them for our binary too (`linear`): the
+        step-cost section found a 9-row step cheaper than a 1-row AR step (the low-rank form at
+        2 masks, both shapes, both GPU sessions), which only the products' kernels choosing
+        differently by row count would explain. Microseconds per call, median of 50 timed
+        rounds of 20 calls each (synchronised)."""
+        dims = {"smollm2-135m": (576, 1536, 9, 3, 64), "llama-3.1-8b": (4096, 14336, 32, 8, 128),
+                "tiny": (64, 172, 4, 2, 16)}
+        rows = [1, 2, 3, 4, 5, 8, 9, 12, 16, 25, 32]
+        rounds, calls = (5, 2) if self.args.tiny else (50, 20)
+        out = []
+        for shape in self.shapes:
+            d, inter, heads, kv, hd = dims[shape]
+            opts = {"device": self.dev, "dtype": self.dtype()}
+            products = {"qkv": ((heads + 2 * kv) * hd, d), "o": (d, heads * hd), "gate_up": (2 * inter, d),
+                        "down": (d, inter)}
+            weights = {name: torch.randn(o, i, **opts) * 0.02 for name, (o, i) in products.items()}
+            for m in rows:
+                row = {"shape": shape, "rows": m}
+                for name, w in weights.items():
+                    x = torch.randn(1, m, w.shape[1], **opts)
+                    with torch.no_grad():
+                        for _ in range(3):
+                            torch.nn.functional.linear(x, w)
+                        times = []
+                        for _ in range(rounds):
+                            sync(self.dev)
+                            t0 = time.perf_counter()
+                            for _ in range(calls):
+                                torch.nn.functional.linear(x, w)
+                            sync(self.dev)
+                            times.append((time.perf_counter() - t0) / calls * 1e6)
+                    row[f"{name}_us"] = sorted(times)[len(times) // 2]
+                row["layer_us"] = sum(row[f"{n}_us"] for n in weights)
+                out.append(row)
+            del weights
+        self.result["gemm_rows"] = out
 
     # ------------------------------------------------------------------ training
     def gpu_used(self) -> int | None:
@@ -592,6 +635,13 @@ def markdown(r: dict) -> str:
                      f"{f(a.get('graphed_tokens_per_s'), 1)}{'' if a.get('graphed') else ' (not recorded)'} | "
                      f"{f(a.get('graphed_over_transformers'))}x | {f(100 * a['graphed_fraction_of_bound'] if 'graphed_fraction_of_bound' in a else None, 0)}% | "
                      f"{a.get('graphed_identical')} |")
+    if r.get("gemm_rows"):
+        s.append("\n### One layer's four products by rows (microseconds a call)\n\n| shape | rows | q/k/v | o | gate/up "
+                 "| down | layer | / 1 row |\n|---|---|---|---|---|---|---|---|")
+        one = {g["shape"]: g["layer_us"] for g in r["gemm_rows"] if g["rows"] == 1}
+        for g in r["gemm_rows"]:
+            s.append(f"| {g['shape']} | {g['rows']} | {f(g['qkv_us'], 1)} | {f(g['o_us'], 1)} | {f(g['gate_up_us'], 1)} | "
+                     f"{f(g['down_us'], 1)} | {f(g['layer_us'], 1)} | {f(g['layer_us'] / one[g['shape']])} |")
     if r.get("step_cost"):
         s.append("\n### Step cost (one speculative step / one AR step)\n\n| shape | adapter form | CUDA graphs | mode "
                  "| masks | ratio |\n|---|---|---|---|---|---|")
@@ -655,7 +705,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke test that runs anywhere)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"))
-    p.add_argument("--sections", default="parity,ar,step_cost,train,demo", help="comma-separated, in order")
+    p.add_argument("--sections", default="parity,ar,step_cost,gemm_rows,train,demo", help="comma-separated, in order")
     p.add_argument("--smollm2", help="smollm2_train: a model folder, or the folder scripts/gpu-pack made")
     p.add_argument("--smollm2-data", help="smollm2_train: the distilled answers (JSONL, or .jsonl.xz)")
     p.add_argument("--smollm2-questions", help="smollm2_train: questions (JSONL with messages, or .jsonl.xz) to chat-distill "

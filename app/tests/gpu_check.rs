@@ -20,7 +20,7 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     )?;
     let done = Command::new(root.join("scripts/gpu-check"))
         .args(["--tiny", "--device", "cpu", "--mtp", env!("CARGO_BIN_EXE_mtp")])
-        .args(["--sections", "parity,ar,step_cost,train,demo,demo_train,smollm2_train", "--out"])
+        .args(["--sections", "parity,ar,step_cost,gemm_rows,train,demo,demo_train,smollm2_train", "--out"])
         .arg(out.path())
         // A model folder stands in for the GGUF parts that scripts/gpu-pack makes.
         .arg("--smollm2")
@@ -46,6 +46,7 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
             ],
         ),
         ("step_cost", &["shape", "form", "mode", "masks", "ratio"]),
+        ("gemm_rows", &["shape", "rows", "qkv_us", "o_us", "gate_up_us", "down_us", "layer_us"]),
         ("train", &["shape", "ours_tokens_per_s", "reference_tokens_per_s", "peak_bytes", "estimate_bytes"]),
         ("demo", &["masks", "tokens_per_forward", "speedup", "identical"]),
         ("parity", &["family", "dtype", "max_abs_diff", "greedy_identical", "ok"]),
