@@ -33,7 +33,7 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("gpu-cpu.json"))?)?;
     assert!(report["device"].is_string() && report["date"].is_string());
     assert_eq!(report["errors"].as_array().map(Vec::len), Some(0), "{err}");
-    let fields: [(&str, &[&str]); 5] = [
+    let fields: [(&str, &[&str]); 6] = [
         (
             "ar",
             &[

@@ -127,7 +127,11 @@ fn lane(ui: &mut egui::Ui, rt: &Runtime, title: &str, l: &LaneState) {
         l.tokens.len(),
         l.tokens_per_forward(),
         super::timing(rt, format!("{:.1}", l.tokens_per_second())),
-        l.done.as_ref().map_or(String::new(), |d| format!(" · {:?}", d.stop))
+        l.done.as_ref().map_or(String::new(), |d| format!(
+            " · {:?}{}",
+            d.stop,
+            if d.cuda_graph { " · CUDA graphs" } else { "" }
+        ))
     ));
     egui::Frame::group(ui.style()).show(ui, |ui| {
         ui.set_min_height(160.0);

@@ -397,6 +397,7 @@ impl Worker {
                             seconds: out.total_time.as_secs_f64(),
                             stop: out.stop,
                             token_ids: out.token_ids.clone(),
+                            cuda_graph: out.cuda_graph,
                         },
                     ));
                 }

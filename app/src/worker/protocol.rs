@@ -246,6 +246,8 @@ pub struct LaneDone {
     pub stop: StopReason,
     /// All token ids.
     pub token_ids: Vec<i64>,
+    /// Whether its steps replayed CUDA graphs.
+    pub cuda_graph: bool,
 }
 
 /// One step of step-through decoding, with texts for display.
