@@ -12,7 +12,8 @@
 //! first step, with no drafts, comes once); the UNO recipe's random mask ids are one more
 //! input written before each run. Steps that do not fit a recording run the ordinary pass:
 //! sampled decoding, the step-through view's detailed steps, and a cache without room for
-//! the step's rows.
+//! the step's rows. The recordings and the cache they write to pass from one generation to
+//! the next of the same layout and mask count through the drafter (`Drafter::kept`).
 
 use std::collections::HashMap;
 use std::rc::Rc;
