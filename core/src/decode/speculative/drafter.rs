@@ -217,7 +217,9 @@ pub struct Drafter {
 pub(super) struct Kept {
     /// The model they were recorded with (its address).
     pub model: usize,
+    /// The cache whose buffers the recordings write to.
     pub cache: KvCache,
+    /// The recordings, by step shape.
     pub fixed: FixedSteps,
 }
 

@@ -28,8 +28,11 @@ use crate::model::{FixedStep, KvCache, Llama, StepGraphs};
 
 /// What one greedy step found: the accepted count, the next token and the new drafts.
 pub(super) struct Found {
+    /// Drafts accepted.
     pub accepted: usize,
+    /// The next verified token.
     pub next: i64,
+    /// The next step's drafts (the step's mask count of them).
     pub drafts: Vec<i64>,
     /// `[next, drafts..]` on the device: the next step's inputs as this step wrote them.
     pub inputs: Tensor,
