@@ -41,7 +41,7 @@ fn losses_and_gradients_match_the_pytorch_reference() -> anyhow::Result<()> {
     // The reference sums the LCM distance over the width.
     let lcm = loss::Lcm { weight: lcm_weight, reduction: loss::LcmReduction::Sum };
     let ours = loss::compute(&m.model, &adapter, &batch, lcm);
-    let v = ours.values();
+    let v = ours.values()?;
     for (name, value) in
         [("loss", v.loss), ("loss_base", v.loss_base), ("loss_sampler", v.loss_sampler), ("loss_lcm", v.loss_lcm)]
     {

@@ -389,7 +389,7 @@ fn losses_are_finite_and_slot_accuracy_is_per_slot() -> anyhow::Result<()> {
         Device::Cpu,
     );
     let l = loss::compute(&m.model, &a, &layout, loss::Lcm { weight: 1.0, reduction: loss::LcmReduction::Mean });
-    let v = l.values();
+    let v = l.values()?;
     assert!(v.loss.is_finite() && v.loss_base > 0.0 && v.loss_sampler > 0.0 && v.loss_lcm > 0.0, "{v:?}");
     assert_eq!(v.slot_acc.len(), 3);
     assert!((v.loss - (v.loss_base + v.loss_sampler + v.loss_lcm)).abs() < 1e-4);

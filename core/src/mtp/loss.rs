@@ -53,20 +53,33 @@ pub struct LossValues {
 }
 
 impl MtpLosses {
-    /// Copy the scalars to the host.
-    pub fn values(&self) -> LossValues {
-        let acc = |correct: &Tensor| -> Vec<f64> {
-            let ratio = correct / self.slot_count.clamp_min(1.0);
-            Vec::<f64>::try_from(ratio.to_kind(Kind::Double)).unwrap_or_default()
+    /// Copy the scalars to the host, in one read from the device.
+    pub fn values(&self) -> crate::error::Result<LossValues> {
+        let values = tch::no_grad(|| {
+            let count = self.slot_count.clamp_min(1.0);
+            let scalars =
+                [&self.total, &self.base, &self.sampler, &self.lcm].map(|t| t.to_kind(Kind::Double).view([1]));
+            let parts: Vec<Tensor> = scalars
+                .into_iter()
+                .chain([&self.slot_correct, &self.slot_correct_sampler].map(|c| (c / &count).to_kind(Kind::Double)))
+                .collect();
+            Vec::<f64>::try_from(Tensor::cat(&parts, 0).to_device(tch::Device::Cpu))
+        })?;
+        let k = self.slot_count.numel();
+        let [loss, loss_base, loss_sampler, loss_lcm] = values[..4] else {
+            return Err(crate::error::Error::Invalid(format!("{} loss values, not 4 + 2 x {k}", values.len())));
         };
-        LossValues {
-            loss: self.total.double_value(&[]),
-            loss_base: self.base.double_value(&[]),
-            loss_sampler: self.sampler.double_value(&[]),
-            loss_lcm: self.lcm.double_value(&[]),
-            slot_acc: acc(&self.slot_correct),
-            slot_acc_sampler: acc(&self.slot_correct_sampler),
+        if values.len() != 4 + 2 * k {
+            return Err(crate::error::Error::Invalid(format!("{} loss values, not 4 + 2 x {k}", values.len())));
         }
+        Ok(LossValues {
+            loss,
+            loss_base,
+            loss_sampler,
+            loss_lcm,
+            slot_acc: values[4..4 + k].to_vec(),
+            slot_acc_sampler: values[4 + k..].to_vec(),
+        })
     }
 }
 

@@ -205,7 +205,7 @@ impl Objective for LmObjective<'_> {
         Ok(())
     }
 
-    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>, _draw: u64) -> LossValues {
+    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>, _draw: u64) -> Result<LossValues> {
         let device = self.model.device();
         let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
         let mut ids = Vec::new();
@@ -222,13 +222,13 @@ impl Objective for LmObjective<'_> {
         let labels = Tensor::from_slice(&labels).to_device(device);
         let logits = self.model.forward(&ids, None).view([b * t as i64, -1]).to_kind(Kind::Float);
         let loss = logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, IGNORE, 0.0);
-        let value = loss.double_value(&[]);
+        let value = f64::try_from(&loss.detach().to_device(tch::Device::Cpu))?;
         if let Some(scale) = grad_scale
             && loss.requires_grad()
         {
             (loss * scale).backward();
         }
-        LossValues { loss: value, loss_base: value, ..LossValues::default() }
+        Ok(LossValues { loss: value, loss_base: value, ..LossValues::default() })
     }
 }
 

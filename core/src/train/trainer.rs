@@ -589,7 +589,7 @@ pub(crate) trait Objective {
     /// gradients of `grad_scale * loss` (a batch without any labelled row has none).
     /// `draw` numbers the micro-batch within the run (the same on resumption): what random
     /// inputs it needs are drawn from it.
-    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>, draw: u64) -> LossValues;
+    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>, draw: u64) -> Result<LossValues>;
     /// Tokens per forward at each mask count that validation values `v` predict.
     fn expected_acceptance(&self, _v: &LossValues) -> Option<Vec<f64>> {
         None
@@ -629,7 +629,7 @@ impl Objective for MtpObjective<'_> {
     fn load_params(&self, lookup: &dyn Fn(&str) -> Result<Tensor>) -> Result<()> {
         self.adapter.load_tensors(lookup).map(drop)
     }
-    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>, draw: u64) -> LossValues {
+    fn losses(&self, seqs: &[&Tokenized], grad_scale: Option<f64>, draw: u64) -> Result<LossValues> {
         let batch = batch_of(seqs, self.adapter.config.k, self.model.device());
         // UNO: mask rows read random ids, fresh for every block, drawn from the run's seed
         // and the micro-batch's number (so a resumed run draws what an uninterrupted one did).
@@ -802,7 +802,7 @@ pub(crate) fn optimize(
             let seqs = batches.next(settings.config.batch_size);
             tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
             let draw = (step * settings.config.grad_accum + micro) as u64;
-            values.push(objective.losses(&seqs, Some(1.0 / settings.config.grad_accum as f64), draw));
+            values.push(objective.losses(&seqs, Some(1.0 / settings.config.grad_accum as f64), draw)?);
         }
         let grad_norm = opt.step(lr);
         opt.zero_grad();
@@ -831,7 +831,7 @@ pub(crate) fn optimize(
 
         let end = step == settings.config.steps;
         if ((settings.config.val_every > 0 && step % settings.config.val_every == 0) || end)
-            && let Some(mut v) = validate(objective, settings, &data.val, step, lr, start)
+            && let Some(mut v) = validate(objective, settings, &data.val, step, lr, start)?
         {
             v.expected_tokens_per_forward = objective.expected_acceptance(&v.losses);
             // By step, so that a resumed run measures where an uninterrupted one does.
@@ -867,9 +867,9 @@ fn validate(
     step: usize,
     lr: f64,
     start: Instant,
-) -> Option<StepMetrics> {
+) -> Result<Option<StepMetrics>> {
     if val.is_empty() {
-        return None;
+        return Ok(None);
     }
     let t0 = Instant::now();
     let mut values = Vec::new();
@@ -878,9 +878,9 @@ fn validate(
         let seqs: Vec<&Tokenized> = chunk.iter().collect();
         tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
         // The same draws at every pass: validation passes differ by the weights alone.
-        values.push(tch::no_grad(|| objective.losses(&seqs, None, u64::MAX - i as u64)));
+        values.push(tch::no_grad(|| objective.losses(&seqs, None, u64::MAX - i as u64))?);
     }
-    Some(StepMetrics {
+    Ok(Some(StepMetrics {
         step,
         split: Split::Val,
         losses: mean_values(&values),
@@ -891,7 +891,7 @@ fn validate(
         elapsed: start.elapsed().as_secs_f64(),
         expected_tokens_per_forward: None,
         measured_tokens_per_forward: None,
-    })
+    }))
 }
 
 #[cfg(test)]
