@@ -38,6 +38,23 @@ pub(super) struct Found {
     pub inputs: Tensor,
 }
 
+/// What one step hands to its fixed-shape pass.
+#[derive(Clone, Copy)]
+pub(super) struct StepCall<'a> {
+    /// The model.
+    pub model: &'a Llama,
+    /// The adapter prepared for decoding.
+    pub drafter: &'a Drafter,
+    /// The step's rows and constants (its shape).
+    pub plan: &'a Rc<StepPlan>,
+    /// `[drafts + 1]` on the device: the verified token and the drafts.
+    pub inputs: &'a Tensor,
+    /// The UNO recipe's random mask ids, `[mask rows]`.
+    pub noise: Option<&'a Tensor>,
+    /// Rows in the cache before the step.
+    pub past: usize,
+}
+
 /// One shape's step, recorded.
 struct ShapeStep {
     plan: Rc<StepPlan>,
@@ -137,21 +154,13 @@ impl FixedSteps {
         self.replayed
     }
 
-    /// Run the step of `plan` on `inputs` (`[drafts + 1]` on the device) after `past` cached
-    /// rows when its shape has a recording, recording it the second time the shape comes;
-    /// `None`: the caller runs the ordinary pass. A failed recording is logged, and its shape
-    /// runs the ordinary pass from then on.
-    pub fn run(
-        &mut self,
-        model: &Llama,
-        drafter: &Drafter,
-        plan: &Rc<StepPlan>,
-        (inputs, noise): (&Tensor, Option<&Tensor>),
-        past: usize,
-        cache: &mut KvCache,
-    ) -> Result<Option<Found>> {
+    /// Run `call`'s step when its shape has a recording, recording it the second time the
+    /// shape comes; `None`: the caller runs the ordinary pass. A failed recording is
+    /// logged, and its shape runs the ordinary pass from then on.
+    pub fn run(&mut self, call: StepCall, cache: &mut KvCache) -> Result<Option<Found>> {
         self.steady = true;
-        if !self.on() || past + plan.rows() > cache.capacity() {
+        let plan = call.plan;
+        if !self.on() || call.past + plan.rows() > cache.capacity() {
             return Ok(None);
         }
         // Recordings write to the cache's buffers as they were: new buffers, new recordings.
@@ -173,7 +182,7 @@ impl FixedSteps {
             Some(Slot::Seen) => {
                 // Its time (warm-ups, the recording, a replay) says nothing of the next steps.
                 self.steady = false;
-                match record(model, drafter, plan, (inputs, noise), past, cache, self.mode == StepGraphs::Record) {
+                match record(call, cache, self.mode == StepGraphs::Record) {
                     Ok(step) => Box::new(step),
                     Err(e) => {
                         tracing::warn!(
@@ -188,7 +197,7 @@ impl FixedSteps {
             }
             Some(Slot::Ready(step)) => step,
         };
-        let found = run_step(model, drafter, &mut step, (inputs, noise), past, cache);
+        let found = run_step(call, &mut step, cache);
         self.runs += 1;
         self.replayed |= step.step.replays();
         self.slots.insert(key, Slot::Ready(step));
@@ -196,21 +205,14 @@ impl FixedSteps {
     }
 }
 
-/// Record the step of `plan` (or, without `graphs`, run it once eagerly) on its own copies
-/// of `inputs` and `past`.
-fn record(
-    model: &Llama,
-    drafter: &Drafter,
-    plan: &Rc<StepPlan>,
-    (inputs, noise): (&Tensor, Option<&Tensor>),
-    past: usize,
-    cache: &mut KvCache,
-    graphs: bool,
-) -> Result<ShapeStep> {
+/// Record `call`'s step (or, without `graphs`, run it once eagerly) on its own copies of
+/// its inputs.
+fn record(call: StepCall, cache: &mut KvCache, graphs: bool) -> Result<ShapeStep> {
+    let StepCall { model, drafter, plan, .. } = call;
     let device = model.device();
-    let own_inputs = inputs.to_device(device).copy();
-    let own_noise = noise.map(|n| n.to_device(device).copy());
-    let own_past = Tensor::full([1], past as i64, (Kind::Int64, device));
+    let own_inputs = call.inputs.to_device(device).copy();
+    let own_noise = call.noise.map(|n| n.to_device(device).copy());
+    let own_past = Tensor::full([1], call.past as i64, (Kind::Int64, device));
     let step = FixedStep::new(device, graphs, || {
         verify_and_draft(model, drafter, plan, (&own_inputs, own_noise.as_ref(), &own_past), cache)
     })?;
@@ -218,19 +220,13 @@ fn record(
 }
 
 /// One step: write the inputs, replay (or run), read the result.
-fn run_step(
-    model: &Llama,
-    drafter: &Drafter,
-    step: &mut ShapeStep,
-    (inputs, noise): (&Tensor, Option<&Tensor>),
-    past: usize,
-    cache: &mut KvCache,
-) -> Result<Found> {
+fn run_step(call: StepCall, step: &mut ShapeStep, cache: &mut KvCache) -> Result<Found> {
+    let StepCall { model, drafter, .. } = call;
     let ShapeStep { plan, inputs: own_inputs, past: own_past, noise: own_noise, step } = step;
     tch::no_grad(|| -> Result<()> {
-        own_inputs.copy_(inputs);
-        let _ = own_past.fill_(past as i64);
-        match (own_noise.as_mut(), noise) {
+        own_inputs.copy_(call.inputs);
+        let _ = own_past.fill_(call.past as i64);
+        match (own_noise.as_mut(), call.noise) {
             (Some(own), Some(ids)) => own.copy_(ids),
             (None, None) => {}
             _ => return Err(Error::Invalid("a recorded step's mask rows changed their inputs".into())),

@@ -13,7 +13,7 @@ use super::super::verify::{Verdict, verify_greedy, verify_greedy_on_device, veri
 use super::super::{Decoding, GenerateRequest, Sampler};
 use super::detail::{StepDetail, top5};
 use super::drafter::{Drafter, Kept};
-use super::fixed::FixedSteps;
+use super::fixed::{FixedSteps, StepCall};
 use super::masks::MaskController;
 use crate::error::Result;
 use crate::model::{KvCache, Llama};
@@ -171,8 +171,8 @@ impl<'a> SpecDecoder<'a> {
         // A greedy step of a recorded shape replays its recording (fixed.rs).
         let (fixed, steady) = match self.sampler.decoding() {
             Decoding::Greedy if !detailed => {
-                let step_inputs = (&inputs, noise.as_ref());
-                (self.fixed.run(model, drafter, &plan, step_inputs, past, &mut self.cache)?, self.fixed.steady())
+                let call = StepCall { model, drafter, plan: &plan, inputs: &inputs, noise: noise.as_ref(), past };
+                (self.fixed.run(call, &mut self.cache)?, self.fixed.steady())
             }
             _ => (None, true),
         };
