@@ -4,7 +4,8 @@
 //! `cargo run --release -p mtp-core --example step_profile [MASKS] [MODEL_DIR ADAPTER]`
 //! With `STEP_PROFILE_ONLY=ar`, `=base` (the step without its adapter), `=bf16` (the step
 //! with its mask rows in bf16), `=merged` (its adapter's weights merged) or `=step`: only
-//! that part, 2,000 times in a loop, for `perf record`.
+//! that part, 2,000 times in a loop, for `perf record`. `STEP_PROFILE_STAT=min`: the
+//! fastest round of each part instead of the median.
 use std::time::Instant;
 
 use mtp_core::decode::speculative::{StepLayout, StepPlan};
@@ -50,7 +51,10 @@ impl<'a> Rounds<'a> {
             .zip(times)
             .map(|((label, _), mut t)| {
                 t.sort_by(f64::total_cmp);
-                (label, t[t.len() / 2])
+                // `STEP_PROFILE_STAT=min`: the fastest round (when other work on the machine
+                // comes and goes, the median moves with it).
+                let min = std::env::var("STEP_PROFILE_STAT").is_ok_and(|s| s == "min");
+                (label, if min { t[0] } else { t[t.len() / 2] })
             })
             .collect()
     }
@@ -84,10 +88,11 @@ fn main() -> anyhow::Result<()> {
     let inputs = Tensor::full([n], 5, (Kind::Int64, tch::Device::Cpu));
     let tok = Tensor::from_slice(&[5i64]).unsqueeze(0);
 
-    let mut caches: Vec<KvCache> = (0..6).map(|_| new_cache()).collect();
+    let mut caches: Vec<KvCache> = (0..8).map(|_| new_cache()).collect();
     let mut it = caches.iter_mut();
     let mut next = || it.next().ok_or_else(|| anyhow::anyhow!("caches"));
     let (c1, c2, c3, c4, c5, c6) = (next()?, next()?, next()?, next()?, next()?, next()?);
+    let (c7, c8) = (next()?, next()?);
     let ar = |model: &Llama, cache: &mut KvCache| {
         let h = model.forward_embeds(
             &model.embed(&tok),
@@ -165,6 +170,16 @@ fn main() -> anyhow::Result<()> {
     r.add("step forward, low-rank, mask rows in bf16", || {
         let _ = step(&low_rank_bf16, &plan_bf, c6, true);
     });
+    // The same two with libtorch's attention kernel in place of ours (few_queries).
+    let libtorch = |f: &mut dyn FnMut()| {
+        mtp_core::model::few_queries::set_enabled(false);
+        f();
+        mtp_core::model::few_queries::set_enabled(true);
+    };
+    r.add("AR step, libtorch's attention", || libtorch(&mut || ar(model, c7)));
+    r.add("step forward, merged, libtorch's attention", || {
+        libtorch(&mut || drop(step(&merged, &plan_mg, c8, true)));
+    });
     let results = r.run(15, 20);
     for (label, us) in &results {
         println!("{label:<45} {us:>10.1} us");
@@ -176,6 +191,12 @@ fn main() -> anyhow::Result<()> {
         Some(_) => format!(", mask rows in bf16 {:.2}", (get(8) + rest) / ar_us),
         None => String::new(),
     };
+    println!(
+        "libtorch's attention: AR step {:.1} us, merged step / AR step {:.2} (ours: {:.2})",
+        get(9),
+        (get(10) + rest) / get(9),
+        (get(3) + rest) / ar_us,
+    );
     println!(
         "{} masks, {} rows; step / AR step: low-rank {:.2}{bf16}, merged {:.2} (no adapter {:.2}; verify + draft {:.2}); auto = {auto}",
         masks,

@@ -146,12 +146,17 @@ impl Attention {
 /// runs this as cuDNN's fused attention, grouped heads and an additive mask included: on an
 /// H200 26 to 30 us per call for the 135M and 8B head shapes, where copying the key/value
 /// heads to every query head first (what the memory-efficient kernel would need) took 60 us
-/// (scripts/gpu_check.py's session, docs/BENCHMARKS.md). The CPU kernel takes both too.
+/// (scripts/gpu_check.py's session, docs/BENCHMARKS.md). On the CPU, f32 calls of up to
+/// [`super::few_queries::MAX_ROWS`] query rows (decoding) go to our kernel
+/// ([`super::few_queries`]), the rest to libtorch's, which takes both too.
 ///
 /// # Shapes
 /// `q`: `[b, h, t, hd]`; `k`, `v`: `[b, kv, s, hd]` with `h` a multiple of `kv`; `mask`:
 /// broadcastable to `[b, h, t, s]` -> `[b, h, t, hd]`.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> Tensor {
+    if let Some(y) = super::few_queries::attend(q, k, v, mask, causal, scale) {
+        return y;
+    }
     let grouped = q.size()[1] != k.size()[1];
     Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, grouped)
 }

@@ -193,6 +193,10 @@ struct Job {
     tail_weight: Option<(usize, *const f32)>,
 }
 
+// SAFETY: the parts of a job read its inputs and write disjoint columns of its output
+// (`Job::run_part`), each from its own thread, while the caller keeps the tensors alive.
+unsafe impl Sync for Job {}
+
 /// The rows of a product from `from` on, rounded to bf16 (`x`: `[rows - from, stride]`
 /// values, each row zero-padded to `stride`, a multiple of 32), multiplied by the weight
 /// rounded to bf16 block by block with f32 sums.
@@ -564,21 +568,37 @@ impl OpenMp {
     /// Every part of `job`, one per thread of a team of `threads` (the calling thread
     /// among them); returns when all are done.
     fn run(&self, job: &Job, threads: usize) {
-        extern "C" fn part(data: *mut libc::c_void) {
+        self.team(threads, &|i, n| job.run_part(i, n));
+    }
+
+    /// `part(i, n)` on every thread `i` of a team of `n = threads` (the calling thread
+    /// among them); returns when all are done.
+    fn team(&self, threads: usize, part: &(dyn Fn(usize, usize) + Sync)) {
+        extern "C" fn each(data: *mut libc::c_void) {
             // SAFETY: `data` is the `Call` below, alive until GOMP_parallel returns; the
             // OpenMP functions are those of the runtime running this team.
             let call = unsafe { &*(data as *const Call) };
             let (i, n) = unsafe { ((call.omp.thread_num)(), (call.omp.num_threads)()) };
-            call.job.run_part(i.max(0) as usize, n.max(1) as usize);
+            (call.part)(i.max(0) as usize, n.max(1) as usize);
         }
         struct Call<'a> {
-            job: &'a Job,
+            part: &'a (dyn Fn(usize, usize) + Sync),
             omp: &'a OpenMp,
         }
-        let call = Call { job, omp: self };
-        // SAFETY: GOMP_parallel runs `part` on every thread of the team and returns after
+        let call = Call { part, omp: self };
+        // SAFETY: GOMP_parallel runs `each` on every thread of the team and returns after
         // all of them; `call` outlives it.
-        unsafe { (self.parallel)(part, &call as *const Call as *mut libc::c_void, threads as libc::c_uint, 0) }
+        unsafe { (self.parallel)(each, &call as *const Call as *mut libc::c_void, threads as libc::c_uint, 0) }
+    }
+}
+
+/// `part(i, n)` for every part `i` of `n`: on the threads of libtorch's OpenMP team when
+/// `share` and the team has more than one thread, else `part(0, 1)` on this thread.
+pub(super) fn in_parts(share: bool, part: &(dyn Fn(usize, usize) + Sync)) {
+    let threads = tch::get_num_threads().max(1) as usize;
+    match openmp() {
+        Some(omp) if share && threads > 1 => omp.team(threads, part),
+        _ => part(0, 1),
     }
 }
 

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod block;
 pub mod config;
 pub mod cuda_graph;
+pub mod few_queries;
 pub mod few_rows;
 pub mod kv_cache;
 pub mod linear;

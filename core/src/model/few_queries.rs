@@ -1,0 +1,665 @@
+//! Attention for a few query rows on the CPU (f32, AVX2 and FMA): an AR step's one row, a
+//! speculative step's 4 to 81, a prompt's prefill of up to [`MAX_ROWS`] tokens.
+//!
+//! libtorch's CPU kernel costs far more than its arithmetic at these sizes: on the Zen 4 of
+//! docs/BENCHMARKS.md, with a width-64 model's heads (4 query heads, 2 key/value heads of
+//! 16) over about 100 cached positions, 7-13 us at one query row, 17-30 at nine and 29-46
+//! at 25, against a few microseconds of multiply-adds. Here, per key/value head, its keys
+//! are transposed once into a scratch buffer; then the query rows of its query heads go
+//! four at a time: their scores eight keys at a time (two blocks of keys a pass, so that
+//! eight chains of multiply-adds run side by side and each key vector loaded serves four
+//! rows), each row's softmax with a vectorised exp, and the weighted sum of the values (each
+//! value vector loaded once for the four rows). The key/value heads (and the rows within
+//! them) are shared out between the threads of libtorch's OpenMP team when the call is big
+//! enough. The output is written as `[b, t, heads, hd]` (what the layer's output
+//! projection reads) and returned as the usual `[b, heads, t, hd]` view.
+//!
+//! Every row is computed by the same operations whatever the other rows are, whichever
+//! thread takes it, and whatever keys past its own are masked out (a masked key adds an
+//! exact zero): so a speculative step's next-token rows equal an AR step's bit for bit.
+//! For that, every call that decoding makes goes through this kernel or none does: the
+//! choice depends on the dtype, the device, gradients, the mask's kind and the number of
+//! query rows only (at most [`MAX_ROWS`]), never on the number of keys.
+//!
+//! Anything else (other dtypes or devices, gradients, more rows) goes to libtorch's kernel;
+//! `MTP_CPU_ATTENTION=libtorch` sends everything there (to compare).
+
+// Reads tensors through raw pointers and uses SIMD intrinsics: each `unsafe` says what it
+// relies on.
+#![allow(unsafe_code)]
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tch::{Device, Kind, Tensor};
+
+/// The most query rows a call takes: a quadratic step has `(drafts + 1) x (masks + 1)`
+/// (81 at 8 masks; up to 31 masks fit), and prompts' prefills of up to this many tokens
+/// come here too, so that a batched prefill (a distillation's, padded, under a mask) and a
+/// single one (causal) of the same prompt agree. Measured as fast as libtorch's kernel or
+/// faster up to here (`attention_kernels`); longer prompts re-read the values too often.
+pub const MAX_ROWS: i64 = 1024;
+
+/// Calls of fewer multiply-adds than this (batch x heads x rows x keys x head width) run on
+/// the calling thread alone: waking the second thread costs a few microseconds.
+const SPLIT_MIN_WORK: i64 = 1 << 16;
+
+/// Query rows a pass takes together.
+const ROWS: usize = 4;
+
+/// Whether this kernel takes calls at all: the CPU has AVX2 and FMA, `MTP_CPU_ATTENTION`
+/// does not say `libtorch`, and [`set_enabled`] did not switch it off.
+pub fn runs() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    let available = *AVAILABLE.get_or_init(|| {
+        let off = std::env::var("MTP_CPU_ATTENTION").is_ok_and(|v| v.eq_ignore_ascii_case("libtorch"));
+        if off {
+            DISABLED.store(true, Ordering::Relaxed);
+        }
+        super::few_rows::available()
+    });
+    available && !DISABLED.load(Ordering::Relaxed)
+}
+
+/// Set by [`set_enabled`] (or by `MTP_CPU_ATTENTION=libtorch`).
+static DISABLED: AtomicBool = AtomicBool::new(false);
+
+/// Send this process's attention to this kernel (`true`, the default where it runs) or to
+/// libtorch's: the examples time the two in turns in one process (the machine's speed
+/// drifts too much between processes). Decoding with one and comparing its outputs to
+/// decoding with the other is not meant to give the same bits.
+pub fn set_enabled(on: bool) {
+    let _ = runs();
+    DISABLED.store(!on, Ordering::Relaxed);
+}
+
+/// Scaled-dot-product attention of `q` (`[b, h, t, hd]`) over `k`, `v` (`[b, kv, s, hd]`,
+/// `h` a multiple of `kv`, grouped-query heads shared by their query heads) under `mask`
+/// (additive f32 or boolean, `true` = attend; `t x s` values shared by the batch, or
+/// `b x t x s`, in that order: `[t, s]`, `[b, 1, t, s]`, ...) or, with `causal`, query `i`
+/// seeing keys `0..=i` (only for `s == t`). `None` when this kernel does not take the call
+/// (see the module's documentation).
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> Option<Tensor> {
+    let (qs, ks, vs) = (q.size(), k.size(), v.size());
+    let [b, h, t, hd] = qs[..] else { return None };
+    let [kb, kv, s, khd] = ks[..] else { return None };
+    let shapes = vs == ks
+        && kb == b
+        && khd == hd
+        && b >= 1
+        && kv > 0
+        && h % kv == 0
+        && hd % 8 == 0
+        && hd <= 512
+        && (1..=MAX_ROWS).contains(&t)
+        && s >= 1
+        && (!causal || (s == t && mask.is_none()));
+    let tensors = [q, k, v]
+        .iter()
+        .all(|x| x.device() == Device::Cpu && x.kind() == Kind::Float && !x.requires_grad() && x.stride()[3] == 1);
+    let mask_kind = match mask {
+        None => Some(MaskKind::None),
+        Some(m) if m.device() != Device::Cpu || m.requires_grad() => None,
+        Some(m) => {
+            let n = m.numel() as i64;
+            let per_batch = if n == t * s {
+                false
+            } else if n == b * t * s {
+                true
+            } else {
+                return None;
+            };
+            match m.kind() {
+                Kind::Float => Some(MaskKind::Additive { per_batch }),
+                Kind::Bool => Some(MaskKind::Allowed { per_batch }),
+                _ => None,
+            }
+        }
+    };
+    let mask_kind = mask_kind?;
+    if !(runs() && shapes && tensors) {
+        return None;
+    }
+    let mask = mask.map(Tensor::contiguous);
+    let out = Tensor::empty([b, t, h, hd], (Kind::Float, Device::Cpu));
+    let view = |x: &Tensor| {
+        let st = x.stride();
+        View { ptr: x.data_ptr() as *const f32, strides: [st[0] as isize, st[1] as isize, st[2] as isize] }
+    };
+    let call = Call {
+        b: b as usize,
+        h: h as usize,
+        kv: kv as usize,
+        t: t as usize,
+        s: s as usize,
+        hd: hd as usize,
+        scale: scale as f32,
+        causal,
+        q: view(q),
+        k: view(k),
+        v: view(v),
+        mask: mask.as_ref().map_or(std::ptr::null(), |m| m.data_ptr() as *const u8),
+        mask_kind,
+        out: out.data_ptr() as *mut f32,
+    };
+    let work = b * h * t * s * hd;
+    #[cfg(target_arch = "x86_64")]
+    super::few_rows::in_parts(work >= SPLIT_MIN_WORK, &|i, n| {
+        // SAFETY: `runs()` checked AVX2 and FMA; every pointer in `call` is the data of a
+        // live tensor of the sizes and strides it states (checked above; `mask` and `out`
+        // contiguous), kept alive until `in_parts` returns; the parts write disjoint rows
+        // of `out`.
+        unsafe { kernel::part(&call, i, n) }
+    });
+    #[cfg(not(target_arch = "x86_64"))]
+    return None;
+    Some(out.transpose(1, 2))
+}
+
+/// What the mask holds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum MaskKind {
+    None,
+    /// f32 values added to the scores (`-inf`: not attended).
+    Additive {
+        per_batch: bool,
+    },
+    /// One byte a key: nonzero = attended.
+    Allowed {
+        per_batch: bool,
+    },
+}
+
+/// A `[batch, heads, rows, hd]` reading of a tensor's data (element strides of the first
+/// three; the last is 1).
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    strides: [isize; 3],
+}
+
+impl View {
+    /// The `hd` values of batch entry `e`, head `head`, row `row`.
+    ///
+    /// # Safety
+    /// The indices are within the tensor this view reads.
+    unsafe fn row(&self, e: usize, head: usize, row: usize) -> *const f32 {
+        let [se, sh, sr] = self.strides;
+        // SAFETY: the caller keeps the indices in range; strides are the tensor's own.
+        unsafe { self.ptr.offset(e as isize * se + head as isize * sh + row as isize * sr) }
+    }
+}
+
+/// One call's sizes and data.
+struct Call {
+    b: usize,
+    h: usize,
+    kv: usize,
+    t: usize,
+    s: usize,
+    hd: usize,
+    scale: f32,
+    causal: bool,
+    q: View,
+    k: View,
+    v: View,
+    mask: *const u8,
+    mask_kind: MaskKind,
+    out: *mut f32,
+}
+
+// SAFETY: the parts of a call read its inputs and write disjoint rows of its output, each
+// from its own thread, while `attend` keeps the tensors alive.
+unsafe impl Sync for Call {}
+
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use std::arch::x86_64::*;
+
+    use super::{Call, MaskKind, ROWS};
+
+    /// Part `i` of `n`: the call's units (batch entry, key/value head) are cut into passes
+    /// of up to [`ROWS`] query rows, numbered in order, and part `i` takes the `i`-th share
+    /// of them.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; `call`'s pointers are valid for its sizes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn part(call: &Call, i: usize, n: usize) {
+        let group = call.h / call.kv;
+        let queries = group * call.t;
+        let passes = queries.div_ceil(ROWS);
+        let total = call.b * call.kv * passes;
+        let (first, last) = (total * i / n, total * (i + 1) / n);
+        let width = call.s.div_ceil(8) * 8;
+        // Keys of one key/value head transposed: `hd` rows of `width` (zero padded).
+        let mut keys = vec![0f32; call.hd * width];
+        let mut scores = vec![0f32; ROWS * width];
+        let mut loaded = None;
+        for item in first..last {
+            let (unit, pass) = (item / passes, item % passes);
+            let (e, g) = (unit / call.kv, unit % call.kv);
+            if loaded != Some(unit) {
+                // SAFETY: `e < b`, `g < kv`; `keys` holds `hd x width` values.
+                unsafe { transpose_keys(call, e, g, &mut keys, width) };
+                loaded = Some(unit);
+            }
+            // Query vector `x` of this unit: head `g * group + x / t`, row `x % t`.
+            let from = pass * ROWS;
+            let rows: [(usize, usize); ROWS] =
+                std::array::from_fn(|r| ((g * group + (from + r) / call.t).min(call.h - 1), (from + r) % call.t));
+            let (keys, scores) = (keys.as_slice(), scores.as_mut_slice());
+            // SAFETY: as this function's; the rows' heads and indices are in range.
+            unsafe {
+                match queries - from {
+                    1 => rows_pass::<1>(call, keys, scores, e, g, &rows),
+                    2 => rows_pass::<2>(call, keys, scores, e, g, &rows),
+                    3 => rows_pass::<3>(call, keys, scores, e, g, &rows),
+                    _ => rows_pass::<4>(call, keys, scores, e, g, &rows),
+                }
+            }
+        }
+    }
+
+    /// The keys of batch entry `e`, key/value head `g`, transposed into `keys` (`hd` rows of
+    /// `width`): blocks of eight keys by eight of the width through registers, the last
+    /// keys (fewer than eight) one by one.
+    ///
+    /// # Safety
+    /// As [`part`]; `e < b`, `g < kv`, `keys` holds `hd x width` values, `width >= s`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn transpose_keys(call: &Call, e: usize, g: usize, keys: &mut [f32], width: usize) {
+        let (s, hd) = (call.s, call.hd);
+        let whole = s / 8 * 8;
+        // SAFETY (whole body): key rows below `s`, `hd` values each (a multiple of 8);
+        // stores within `hd x width`.
+        unsafe {
+            let dst = keys.as_mut_ptr();
+            for j0 in (0..whole).step_by(8) {
+                let rows: [*const f32; 8] = std::array::from_fn(|i| call.k.row(e, g, j0 + i));
+                for d0 in (0..hd).step_by(8) {
+                    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(d0)));
+                    let t = [
+                        _mm256_unpacklo_ps(r[0], r[1]),
+                        _mm256_unpackhi_ps(r[0], r[1]),
+                        _mm256_unpacklo_ps(r[2], r[3]),
+                        _mm256_unpackhi_ps(r[2], r[3]),
+                        _mm256_unpacklo_ps(r[4], r[5]),
+                        _mm256_unpackhi_ps(r[4], r[5]),
+                        _mm256_unpacklo_ps(r[6], r[7]),
+                        _mm256_unpackhi_ps(r[6], r[7]),
+                    ];
+                    let u = [
+                        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+                    ];
+                    let columns = [
+                        _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+                        _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+                        _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+                        _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+                        _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+                        _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+                        _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+                        _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+                    ];
+                    for (i, c) in columns.iter().enumerate() {
+                        _mm256_storeu_ps(dst.add((d0 + i) * width + j0), *c);
+                    }
+                }
+            }
+            for j in whole..s {
+                let row = call.k.row(e, g, j);
+                for d in 0..hd {
+                    *dst.add(d * width + j) = *row.add(d);
+                }
+            }
+        }
+    }
+
+    /// The first `R` of `rows` (head, query row) of batch entry `e`, key/value head `g`:
+    /// scores, softmax and the weighted sum of the values, written to the output.
+    ///
+    /// # Safety
+    /// As [`part`]; `keys` holds the head's keys transposed (`hd` rows of `width`, zero
+    /// padded), `scores` room for [`ROWS`] rows of `width`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_pass<const R: usize>(
+        call: &Call,
+        keys: &[f32],
+        scores: &mut [f32],
+        e: usize,
+        g: usize,
+        rows: &[(usize, usize); ROWS],
+    ) {
+        let hd = call.hd;
+        let width = call.s.div_ceil(8) * 8;
+        // With `causal`, the keys after the pass's last row count for nothing: left out (a
+        // prompt's prefill then does half the work). A row's values do not change: the keys
+        // it may not attend add exact zeros.
+        let s = if call.causal { call.s.min(rows[..R].iter().map(|&(_, i)| i + 1).max().unwrap_or(1)) } else { call.s };
+        let blocks = s.div_ceil(8);
+        // SAFETY (whole body): every pointer below indexes within the slices and tensors
+        // whose sizes `call` gives; loads and stores are unaligned.
+        unsafe {
+            let q: [*const f32; R] = std::array::from_fn(|r| call.q.row(e, rows[r].0, rows[r].1));
+            let scale = _mm256_set1_ps(call.scale);
+            let mut best = [_mm256_set1_ps(f32::NEG_INFINITY); R];
+            let mut blk = 0;
+            // Two blocks of eight keys a pass while two remain, then one.
+            while blk < blocks {
+                let two = blk + 1 < blocks;
+                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                for d in 0..hd {
+                    let k0 = _mm256_loadu_ps(keys.as_ptr().add(d * width + blk * 8));
+                    let k1 = if two { _mm256_loadu_ps(keys.as_ptr().add(d * width + blk * 8 + 8)) } else { k0 };
+                    for r in 0..R {
+                        let x = _mm256_broadcast_ss(&*q[r].add(d));
+                        acc[r][0] = _mm256_fmadd_ps(x, k0, acc[r][0]);
+                        if two {
+                            acc[r][1] = _mm256_fmadd_ps(x, k1, acc[r][1]);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    for (half, a) in acc.iter().enumerate().take(if two { 2 } else { 1 }) {
+                        let b = blk + half;
+                        let x = masked(call, e, rows[r].1, b, _mm256_mul_ps(*a, scale));
+                        _mm256_storeu_ps(scores.as_mut_ptr().add(r * width + b * 8), x);
+                        best[r] = _mm256_max_ps(best[r], x);
+                    }
+                }
+                blk += if two { 2 } else { 1 };
+            }
+            // Each row's softmax weights (not yet divided by their sum).
+            let mut inverse = [_mm256_setzero_ps(); R];
+            let mut empty = [false; R];
+            for r in 0..R {
+                let top = horizontal_max(best[r]);
+                if top == f32::NEG_INFINITY {
+                    // A row that may attend to nothing: zeros (our masks never make one).
+                    empty[r] = true;
+                    continue;
+                }
+                let top = _mm256_set1_ps(top);
+                let mut total = _mm256_setzero_ps();
+                let row = scores.as_mut_ptr().add(r * width);
+                for b in 0..blocks {
+                    let x = exp(_mm256_sub_ps(_mm256_loadu_ps(row.add(b * 8)), top));
+                    total = _mm256_add_ps(total, x);
+                    _mm256_storeu_ps(row.add(b * 8), x);
+                }
+                inverse[r] = _mm256_set1_ps(1.0 / horizontal_sum(total));
+            }
+            // The weighted sums of the values, sixteen of the head's width at a time (eight
+            // for the last when the width is an odd multiple of eight).
+            let out: [*mut f32; R] =
+                std::array::from_fn(|r| call.out.add(((e * call.t + rows[r].1) * call.h + rows[r].0) * hd));
+            let mut c0 = 0;
+            while c0 < hd {
+                let wide = c0 + 16 <= hd;
+                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                for j in 0..s {
+                    let vj = call.v.row(e, g, j).add(c0);
+                    let v0 = _mm256_loadu_ps(vj);
+                    let v1 = if wide { _mm256_loadu_ps(vj.add(8)) } else { v0 };
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let p = _mm256_broadcast_ss(&*scores.as_ptr().add(r * width + j));
+                        acc[0] = _mm256_fmadd_ps(p, v0, acc[0]);
+                        if wide {
+                            acc[1] = _mm256_fmadd_ps(p, v1, acc[1]);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    let (a0, a1) = if empty[r] {
+                        (_mm256_setzero_ps(), _mm256_setzero_ps())
+                    } else {
+                        (_mm256_mul_ps(acc[r][0], inverse[r]), _mm256_mul_ps(acc[r][1], inverse[r]))
+                    };
+                    _mm256_storeu_ps(out[r].add(c0), a0);
+                    if wide {
+                        _mm256_storeu_ps(out[r].add(c0 + 8), a1);
+                    }
+                }
+                c0 += if wide { 16 } else { 8 };
+            }
+        }
+    }
+
+    /// Block `b`'s eight scores `x` of query row `i` (batch entry `e`) with the mask
+    /// applied: `-inf` where the key may not be attended or lies past the last key.
+    ///
+    /// # Safety
+    /// As [`rows_pass`].
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn masked(call: &Call, e: usize, i: usize, b: usize, x: __m256) -> __m256 {
+        let (s, t) = (call.s, call.t);
+        let first = b * 8;
+        let valid = (s - first).min(8);
+        let minus = _mm256_set1_ps(f32::NEG_INFINITY);
+        // SAFETY: the mask holds `t x s` values (or `b x t x s`), one byte a key for a
+        // boolean mask, four for an additive one; only keys below `s` are read.
+        unsafe {
+            let row = |per_batch: bool| (if per_batch { e * t * s } else { 0 }) + i * s + first;
+            let mut x = match call.mask_kind {
+                MaskKind::None => x,
+                MaskKind::Additive { per_batch } => {
+                    let m = (call.mask as *const f32).add(row(per_batch));
+                    let add = if valid == 8 {
+                        _mm256_loadu_ps(m)
+                    } else {
+                        let mut lanes = [0f32; 8];
+                        lanes[..valid].copy_from_slice(std::slice::from_raw_parts(m, valid));
+                        _mm256_loadu_ps(lanes.as_ptr())
+                    };
+                    _mm256_add_ps(x, add)
+                }
+                MaskKind::Allowed { per_batch } => {
+                    let m = call.mask.add(row(per_batch));
+                    let mut bytes = [0u8; 8];
+                    bytes[..valid].copy_from_slice(std::slice::from_raw_parts(m, valid));
+                    let wide = _mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes.as_ptr() as *const __m128i));
+                    let no = _mm256_castsi256_ps(_mm256_cmpeq_epi32(wide, _mm256_setzero_si256()));
+                    _mm256_blendv_ps(x, minus, no)
+                }
+            };
+            if call.causal && first + 7 > i {
+                // Keys after the row's own position (`s == t`).
+                let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                let key = _mm256_add_epi32(lane, _mm256_set1_epi32(first as i32));
+                let after = _mm256_castsi256_ps(_mm256_cmpgt_epi32(key, _mm256_set1_epi32(i as i32)));
+                x = _mm256_blendv_ps(x, minus, after);
+            }
+            if valid < 8 {
+                // Padding keys count for nothing.
+                let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                let past = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(valid as i32 - 1)));
+                x = _mm256_blendv_ps(x, minus, past);
+            }
+            x
+        }
+    }
+
+    /// The largest of the eight lanes of `x`.
+    #[target_feature(enable = "avx2,fma")]
+    fn horizontal_max(x: __m256) -> f32 {
+        let x = _mm256_max_ps(x, _mm256_permute2f128_ps(x, x, 1));
+        let x = _mm256_max_ps(x, _mm256_permute_ps(x, 0b01_00_11_10));
+        let x = _mm256_max_ps(x, _mm256_permute_ps(x, 0b10_11_00_01));
+        _mm256_cvtss_f32(x)
+    }
+
+    /// The sum of the eight lanes of `x`, in a fixed order.
+    #[target_feature(enable = "avx2,fma")]
+    fn horizontal_sum(x: __m256) -> f32 {
+        let x = _mm256_add_ps(x, _mm256_permute2f128_ps(x, x, 1));
+        let x = _mm256_add_ps(x, _mm256_permute_ps(x, 0b01_00_11_10));
+        let x = _mm256_add_ps(x, _mm256_permute_ps(x, 0b10_11_00_01));
+        _mm256_cvtss_f32(x)
+    }
+
+    /// e^x lane by lane, to within two units in the last place for x <= 0 (what the softmax
+    /// takes); -inf gives 0. e^x = 2^n e^r with n the integer nearest x / ln 2 and
+    /// |r| <= ln 2 / 2, e^r by its Taylor series to the 7th power (Horner), 2^n built in the
+    /// exponent bits.
+    #[target_feature(enable = "avx2,fma")]
+    fn exp(x: __m256) -> __m256 {
+        // ln 2 split in a part exact in few bits and the rest, so that n ln 2 subtracts exactly.
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        const INV: [f32; 8] = [1.0, 1.0, 1.0 / 2.0, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0];
+        let zero = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_LT_OQ);
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut y = _mm256_set1_ps(INV[7]);
+        for &c in INV[..7].iter().rev() {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+        }
+        let bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        let e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+        _mm256_andnot_ps(zero, e)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The vectorised exp against the standard library's, over the softmax's range.
+        #[test]
+        fn exp_within_two_ulp() {
+            if !crate::model::few_rows::available() {
+                return;
+            }
+            let mut worst = 0u32;
+            let mut x = -87.0f32;
+            while x <= 0.0 {
+                let lanes = [x, x * 0.5, x * 0.25, x * 0.125, x * 1e-3, x * 1e-6, -0.0, x * 0.75];
+                let mut got = [0f32; 8];
+                // SAFETY: AVX2 and FMA checked above.
+                unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp(_mm256_loadu_ps(lanes.as_ptr()))) };
+                for (g, l) in got.iter().zip(lanes) {
+                    let want = l.exp();
+                    worst = worst.max(g.to_bits().abs_diff(want.to_bits()));
+                }
+                x += 0.0137;
+            }
+            assert!(worst <= 2, "{worst} ulp");
+            let mut got = [1f32; 8];
+            let lanes = [f32::NEG_INFINITY, -100.0, -88.0, -87.5, 0.0, -1.0, -2.0, -3.0];
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp(_mm256_loadu_ps(lanes.as_ptr()))) };
+            assert_eq!(&got[..4], &[0.0; 4]);
+            assert_eq!(got[4], 1.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn libtorch(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> Tensor {
+        let grouped = q.size()[1] != k.size()[1];
+        Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, grouped)
+    }
+
+    /// Against libtorch's kernel: grouped heads, head widths 8 to 128, 1 to 81 rows, no
+    /// mask, additive and boolean masks, causal, batches with a mask each, q/k/v as the
+    /// layer hands them over (strided views of the projection's output and of the cache);
+    /// and each row alone gives the same bits as among the others, with the keys past it
+    /// masked or absent (an AR step against a speculative step's next-token row).
+    #[test]
+    fn equals_libtorch_within_rounding() {
+        if !runs() {
+            return;
+        }
+        tch::manual_seed(5);
+        let o = (Kind::Float, Device::Cpu);
+        let mut compared = 0;
+        for (h, kv, hd) in [(4, 2, 16), (9, 3, 64), (8, 8, 24), (4, 1, 128), (2, 2, 8)] {
+            for (b, t, past) in [
+                (1, 1, 0),
+                (1, 1, 37),
+                (1, 4, 20),
+                (1, 9, 100),
+                (1, 25, 3),
+                (3, 5, 12),
+                (1, 81, 40),
+                (1, 30, 0),
+                (2, 7, 0),
+            ] {
+                let s = past + t;
+                let qkv = Tensor::randn([b, t, h + 2 * kv, hd], o);
+                let q = qkv.narrow(2, 0, h).transpose(1, 2);
+                let cache = Tensor::randn([2, b, kv, s + 17, hd], o);
+                let (k, v) = (cache.get(0).narrow(2, 0, s), cache.get(1).narrow(2, 0, s));
+                // Random, but every row sees at least its own position.
+                let own = Tensor::eye_m(t, s, (Kind::Bool, Device::Cpu)).roll([past], [1]);
+                let allowed = Tensor::rand([b, 1, t, s], o).gt(0.3).logical_or(&own);
+                let additive = Tensor::zeros([b, 1, t, s], o).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+                let shared = additive.get(0).get(0);
+                let scale = (hd as f64).powf(-0.5);
+                let mut cases: Vec<(Option<&Tensor>, bool)> =
+                    vec![(None, false), (Some(&additive), false), (Some(&allowed), false), (Some(&shared), false)];
+                if past == 0 {
+                    cases.push((None, true));
+                }
+                for (mask, causal) in cases {
+                    let what = format!("{h}/{kv} heads of {hd}, batch {b}, {t} rows over {s}, causal {causal}");
+                    let Some(got) = attend(&q, &k, &v, mask, causal, scale) else {
+                        panic!("the kernel did not take {what}");
+                    };
+                    assert_eq!(got.size(), [b, h, t, hd]);
+                    let want = libtorch(&q, &k, &v, mask, causal, scale);
+                    let diff = (&got - &want).abs().max().double_value(&[]);
+                    assert!(diff < 2e-6, "{what}: {diff}");
+                    compared += 1;
+                }
+                // Row i of a causal pattern alone, over its own keys only, gives the bits
+                // it has among the others with the later keys masked.
+                let causal_mask = Tensor::ones([t, s], (Kind::Bool, Device::Cpu)).tril(past).unsqueeze(0).unsqueeze(0);
+                let all = attend(&q, &k, &v, Some(&causal_mask), false, scale).expect("causal mask");
+                for i in [0, t / 2, t - 1] {
+                    let n = past + i + 1;
+                    let (ki, vi) = (k.narrow(2, 0, n), v.narrow(2, 0, n));
+                    let alone = attend(&q.narrow(2, i, 1), &ki, &vi, None, false, scale).expect("one row");
+                    assert!(alone.equal(&all.narrow(2, i, 1)), "{:?}: row {i} alone differs", (h, kv, hd, b, t));
+                }
+            }
+        }
+        assert_eq!(compared, 5 * (9 * 4 + 3));
+    }
+
+    /// What it leaves to libtorch: gradients, too many rows, widths not a multiple of 8,
+    /// masks of another size, integer masks, causal with a cache.
+    #[test]
+    fn declines_what_it_does_not_do() {
+        let o = (Kind::Float, Device::Cpu);
+        let (q, k) = (Tensor::randn([1, 4, 3, 16], o), Tensor::randn([1, 2, 10, 16], o));
+        assert!(attend(&q.copy().set_requires_grad(true), &k, &k, None, false, 0.25).is_none());
+        let many = Tensor::randn([1, 4, MAX_ROWS + 1, 16], o);
+        assert!(attend(&many, &k, &k, None, false, 0.25).is_none());
+        let odd = Tensor::randn([1, 4, 3, 12], o);
+        let odd_k = Tensor::randn([1, 2, 10, 12], o);
+        assert!(attend(&odd, &odd_k, &odd_k, None, false, 0.25).is_none());
+        assert!(attend(&q, &k, &k, Some(&Tensor::zeros([3, 9], o)), false, 0.25).is_none());
+        assert!(attend(&q, &k, &k, Some(&Tensor::zeros([3, 10], (Kind::Int64, Device::Cpu))), false, 0.25).is_none());
+        assert!(attend(&q, &k, &k, None, true, 0.25).is_none());
+        if runs() {
+            assert!(attend(&q, &k, &k, Some(&Tensor::zeros([3, 10], o)), false, 0.25).is_some());
+        }
+    }
+}
