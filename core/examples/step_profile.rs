@@ -73,6 +73,7 @@ fn main() -> anyhow::Result<()> {
     let (low_rank, merged) =
         (drafter(LoraForm::LowRank, DraftArithmetic::Exact)?, drafter(LoraForm::Merged, DraftArithmetic::Exact)?);
     let low_rank_bf16 = drafter(LoraForm::LowRank, DraftArithmetic::Bf16)?;
+    let merged_bf16 = drafter(LoraForm::Merged, DraftArithmetic::Bf16)?;
     let auto = LoraForm::Auto.resolve(model, adapter.config.gated);
     let _g = tch::no_grad_guard();
     let past = 100usize;
@@ -84,15 +85,16 @@ fn main() -> anyhow::Result<()> {
     };
     let plan = |d: &Drafter| StepPlan::new(model, d, StepLayout::new(Layout::Quadratic, masks, masks));
     let (plan_lr, plan_mg, plan_bf) = (plan(&low_rank)?, plan(&merged)?, plan(&low_rank_bf16)?);
+    let plan_mb = plan(&merged_bf16)?;
     let n = masks as i64 + 1;
     let inputs = Tensor::full([n], 5, (Kind::Int64, tch::Device::Cpu));
     let tok = Tensor::from_slice(&[5i64]).unsqueeze(0);
 
-    let mut caches: Vec<KvCache> = (0..8).map(|_| new_cache()).collect();
+    let mut caches: Vec<KvCache> = (0..9).map(|_| new_cache()).collect();
     let mut it = caches.iter_mut();
     let mut next = || it.next().ok_or_else(|| anyhow::anyhow!("caches"));
     let (c1, c2, c3, c4, c5, c6) = (next()?, next()?, next()?, next()?, next()?, next()?);
-    let (c7, c8) = (next()?, next()?);
+    let (c7, c8, c9) = (next()?, next()?, next()?);
     let ar = |model: &Llama, cache: &mut KvCache| {
         let h = model.forward_embeds(
             &model.embed(&tok),
@@ -180,6 +182,9 @@ fn main() -> anyhow::Result<()> {
     r.add("step forward, merged, libtorch's attention", || {
         libtorch(&mut || drop(step(&merged, &plan_mg, c8, true)));
     });
+    r.add("step forward, merged, mask rows in bf16", || {
+        let _ = step(&merged_bf16, &plan_mb, c9, true);
+    });
     let results = r.run(15, 20);
     for (label, us) in &results {
         println!("{label:<45} {us:>10.1} us");
@@ -192,10 +197,11 @@ fn main() -> anyhow::Result<()> {
         None => String::new(),
     };
     println!(
-        "libtorch's attention: AR step {:.1} us, merged step / AR step {:.2} (ours: {:.2})",
+        "libtorch's attention: AR step {:.1} us, merged step / AR step {:.2} (ours: {:.2}); merged, mask rows in bf16 {:.2}",
         get(9),
         (get(10) + rest) / get(9),
         (get(3) + rest) / ar_us,
+        (get(11) + rest) / ar_us,
     );
     println!(
         "{} masks, {} rows; step / AR step: low-rank {:.2}{bf16}, merged {:.2} (no adapter {:.2}; verify + draft {:.2}); auto = {auto}",

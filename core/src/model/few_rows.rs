@@ -496,14 +496,17 @@ pub fn product_with_low_rank(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
 /// the others exactly [`product`]'s of `tail_weight` (each block of rows streams its
 /// weight once). For a decoding step whose mask rows read the adapter's weights merged
 /// into the base weights (`W + s B A`): no term to compute, the merged weights held once
-/// more, what a model small enough for its weights to stay in cache affords. `None` when
-/// [`takes`] says no to either weight or `start` is out of range.
+/// more, what a model small enough for its weights to stay in cache affords. With `bf16`
+/// (where [`bf16_available`]), the rows from `start` on are multiplied in bf16 as
+/// [`TailTerm::bf16`] says (before, the merged form ignored `--draft-arithmetic`). `None`
+/// when [`takes`] says no to either weight or `start` is out of range.
 pub fn product_two_weights(
     x: &Tensor,
     weight: &Tensor,
     tail_weight: &Tensor,
     bias: Option<&Tensor>,
     start: i64,
+    bf16: bool,
 ) -> Option<Tensor> {
     let rows = *x.size().first()?;
     let fits = (0..rows).contains(&start)
@@ -517,7 +520,8 @@ pub fn product_two_weights(
     }
     let y = Tensor::empty([rows, weight.size()[0]], (Kind::Float, Device::Cpu));
     let tail = (start as usize, tail_weight.data_ptr() as *const f32);
-    run(x, weight, bias, &y, false, Extras { tail_weight: Some(tail), ..Extras::default() });
+    let bf16_from = bf16.then_some(start as usize);
+    run(x, weight, bias, &y, false, Extras { tail_weight: Some(tail), bf16_from, ..Extras::default() });
     Some(y)
 }
 
@@ -976,7 +980,10 @@ mod avx512 {
     #[target_feature(enable = "avx2,fma,avx512f,avx512bf16,avx512vl")]
     pub(super) unsafe fn columns(job: &Job, low: &Bf16Rows, o0: usize, o1: usize) {
         const NO: usize = BF16_BLOCK;
-        let head = Job { rows: low.from, ..*job };
+        // The bf16 rows' weight: the tail weight where the job has one (it starts where
+        // the bf16 rows do: `product_two_weights`), else the job's.
+        let tail_w = job.tail_weight.map_or(job.w, |(_, w)| w);
+        let head = Job { rows: low.from, tail_weight: None, ..*job };
         let mut packed = vec![0u32; low.stride / 2 * NO];
         let mut o = o0;
         while o + NO <= o1 {
@@ -992,14 +999,14 @@ mod avx512 {
                     for i in 0..4 {
                         for k in (0..job.inp).step_by(16) {
                             // SAFETY: within the weight: row p + i < o1 <= out, column k < inp.
-                            _mm_prefetch::<_MM_HINT_T1>(unsafe { job.w.add((p + i) * job.inp + k) } as *const i8);
+                            _mm_prefetch::<_MM_HINT_T1>(unsafe { tail_w.add((p + i) * job.inp + k) } as *const i8);
                         }
                     }
                 }
             }
             // SAFETY: weight rows o..o + NO (`inp` values each) and the buffer of
             // `stride / 2 x NO` pairs.
-            unsafe { pack(job.w.add(o * job.inp), job.inp, low.stride, packed.as_mut_ptr()) };
+            unsafe { pack(tail_w.add(o * job.inp), job.inp, low.stride, packed.as_mut_ptr()) };
             let rows = job.rows - low.from;
             let mut r = 0;
             while r < rows {
@@ -1027,7 +1034,27 @@ mod avx512 {
             o += NO;
         }
         if o < o1 {
-            unsafe { avx2::columns(job, o, o1) };
+            // The last columns in f32, each block of rows through its own weight.
+            match job.tail_weight {
+                None => unsafe { avx2::columns(job, o, o1) },
+                Some((from, w)) => {
+                    if from > 0 {
+                        unsafe { avx2::columns(&Job { rows: from, tail_weight: None, ..*job }, o, o1) };
+                    }
+                    // SAFETY: rows `from..rows` of `x` and `y`.
+                    let tail = unsafe {
+                        Job {
+                            x: job.x.add(from * job.inp),
+                            w,
+                            y: job.y.add(from * job.out),
+                            rows: job.rows - from,
+                            tail_weight: None,
+                            ..*job
+                        }
+                    };
+                    unsafe { avx2::columns(&tail, o, o1) };
+                }
+            }
         }
     }
 
@@ -1412,7 +1439,7 @@ mod tests {
             (Tensor::randn([1030, 600], O), Tensor::randn([1030, 600], O), Tensor::randn([1030], O));
         for (rows, start) in [(9, 3), (25, 5), (4, 0), (2, 1)] {
             let x = Tensor::randn([rows, 600], O);
-            let on = |team: i32| in_team(team, || product_two_weights(&x, &w, &tail_w, Some(&bias), start));
+            let on = |team: i32| in_team(team, || product_two_weights(&x, &w, &tail_w, Some(&bias), start, false));
             let Some(y) = on(2) else {
                 assert!(!available());
                 return;
@@ -1424,7 +1451,44 @@ mod tests {
             assert!(on(1).expect("one thread").equal(&y), "{rows} rows from {start}: one thread differs");
         }
         let other = Tensor::randn([1029, 600], O);
-        assert!(product_two_weights(&Tensor::randn([4, 600], O), &w, &other, None, 2).is_none());
+        assert!(product_two_weights(&Tensor::randn([4, 600], O), &w, &other, None, 2, false).is_none());
+    }
+
+    /// Two weights with the tail rows in bf16: the head rows exactly the base weight's
+    /// product, the tail rows the tail weight's within bf16 rounding (and not its f32
+    /// product: the bf16 path ran), the same on one thread as on two.
+    #[test]
+    fn bf16_tail_rows_take_the_tail_weight() {
+        let _g = tch::no_grad_guard();
+        if !bf16_available() {
+            return;
+        }
+        tch::manual_seed(7);
+        for (out, inp) in [(1030, 600), (23, 13), (344, 64)] {
+            let (w, tail_w, bias) =
+                (Tensor::randn([out, inp], O), Tensor::randn([out, inp], O), Tensor::randn([out], O));
+            for (rows, start) in [(25, 5), (9, 3), (4, 0)] {
+                let x = Tensor::randn([rows, inp], O);
+                let on = |team: i32| {
+                    in_team(team, || product_two_weights(&x, &w, &tail_w, Some(&bias), start, true)).expect("bf16 tail")
+                };
+                let y = on(2);
+                let what = format!("{out}x{inp}, {rows} rows from {start}");
+                let head = product(&x, &w, Some(&bias)).expect("base product");
+                assert!(y.narrow(0, 0, start).equal(&head.narrow(0, 0, start)), "{what}: head rows changed");
+                let xt = x.narrow(0, start, rows - start);
+                let want = xt.linear(&tail_w, Some(&bias));
+                let got = y.narrow(0, start, rows - start);
+                let diff = (&got - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+                assert!(diff < 1e-2, "{what}: relative difference {diff}");
+                let exact = product(&xt, &tail_w, Some(&bias)).expect("tail product");
+                assert!(
+                    !got.narrow(1, 0, 16.min(out)).equal(&exact.narrow(1, 0, 16.min(out))) || out < 16,
+                    "{what}: the bf16 path did not run"
+                );
+                assert!(on(1).equal(&y), "{what}: one thread differs from a team of two");
+            }
+        }
     }
 
     /// What the kernel leaves to the libraries: too many rows, a gradient, other dtypes,

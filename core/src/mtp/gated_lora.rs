@@ -311,17 +311,18 @@ impl ProjDelta for PreparedLora {
             (Gate::Tail(start), merged) if x.size()[0] == 1 && few_row_kernel_runs(x.device(), x.kind()) => {
                 let (w, bias) = prepared.base.as_ref()?;
                 let x = x.reshape([x.size()[1], x.size()[2]]);
+                let tail = (x.size()[0] - start).max(0) as usize;
+                let bf16 = self.bf16_min_rows.is_some_and(|min| tail >= min);
                 if let Some(Merged::Tail { adapted }) = merged {
-                    let y = few_rows::product_two_weights(&x, w, adapted, bias.as_ref(), *start)?;
+                    let y = few_rows::product_two_weights(&x, w, adapted, bias.as_ref(), *start, bf16)?;
                     return Some(y.unsqueeze(0));
                 }
-                let tail = (x.size()[0] - start).max(0) as usize;
                 let term = few_rows::TailTerm {
                     a: &prepared.a,
                     bt: &prepared.bt,
                     parts: &prepared.term_parts,
                     start: *start,
-                    bf16: self.bf16_min_rows.is_some_and(|min| tail >= min),
+                    bf16,
                 };
                 let y = few_rows::product_with_low_rank(&x, w, bias.as_ref(), &term)?;
                 return Some(y.unsqueeze(0));
