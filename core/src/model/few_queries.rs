@@ -36,8 +36,10 @@ use tch::{Device, Kind, Tensor};
 /// The most query rows a call takes: a quadratic step has `(drafts + 1) x (masks + 1)`
 /// (81 at 8 masks; up to 31 masks fit), and prompts' prefills of up to this many tokens
 /// come here too, so that a batched prefill (a distillation's, padded, under a mask) and a
-/// single one (causal) of the same prompt agree. Measured as fast as libtorch's kernel or
-/// faster up to here (`attention_kernels`); longer prompts re-read the values too often.
+/// single one (causal) of the same prompt take the same kernel (their values may still
+/// differ in the last bits where left padding moves the keys to other lanes). Measured as
+/// fast as libtorch's kernel or faster up to here (`attention_kernels`); longer prompts
+/// re-read the values too often.
 pub const MAX_ROWS: i64 = 1024;
 
 /// Calls of fewer multiply-adds than this (batch x heads x rows x keys x head width) run on
@@ -75,8 +77,8 @@ pub fn set_enabled(on: bool) {
 
 /// Scaled-dot-product attention of `q` (`[b, h, t, hd]`) over `k`, `v` (`[b, kv, s, hd]`,
 /// `h` a multiple of `kv`, grouped-query heads shared by their query heads) under `mask`
-/// (additive f32 or boolean, `true` = attend; `t x s` values shared by the batch, or
-/// `b x t x s`, in that order: `[t, s]`, `[b, 1, t, s]`, ...) or, with `causal`, query `i`
+/// (additive f32 or boolean, `true` = attend; `[t, s]` or `[1, 1, t, s]` shared by the
+/// batch, or `[b, 1, t, s]`) or, with `causal`, query `i`
 /// seeing keys `0..=i` (only for `s == t`). `None` when this kernel does not take the call
 /// (see the module's documentation).
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> Option<Tensor> {
@@ -101,14 +103,19 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal:
         None => Some(MaskKind::None),
         Some(m) if m.device() != Device::Cpu || m.requires_grad() => None,
         Some(m) => {
-            let n = m.numel() as i64;
-            let per_batch = if n == t * s {
-                false
-            } else if n == b * t * s {
-                true
-            } else {
+            // Its shape as it broadcasts to `[b, h, t, s]` (ones added in front): `[1, 1, t, s]`
+            // (shared by the batch) or `[b, 1, t, s]` (one a batch entry); anything else
+            // (one a head, rows sharing a row, ...) to libtorch.
+            let size = m.size();
+            if size.len() > 4 {
                 return None;
-            };
+            }
+            let mut dims = [1i64; 4];
+            dims[4 - size.len()..].copy_from_slice(&size);
+            if dims[1] != 1 || dims[2] != t || dims[3] != s || (dims[0] != 1 && dims[0] != b) {
+                return None;
+            }
+            let per_batch = dims[0] == b && b > 1;
             match m.kind() {
                 Kind::Float => Some(MaskKind::Additive { per_batch }),
                 Kind::Bool => Some(MaskKind::Allowed { per_batch }),
@@ -658,6 +665,12 @@ mod tests {
         assert!(attend(&q, &k, &k, Some(&Tensor::zeros([3, 9], o)), false, 0.25).is_none());
         assert!(attend(&q, &k, &k, Some(&Tensor::zeros([3, 10], (Kind::Int64, Device::Cpu))), false, 0.25).is_none());
         assert!(attend(&q, &k, &k, None, true, 0.25).is_none());
+        // A mask of `t x s` values that is not `[t, s]`: one a head, or one a batch entry
+        // shared by its rows (batch 3 and 3 rows).
+        let per_head = Tensor::zeros([1, 4, 3, 10], o);
+        assert!(attend(&q, &k, &k, Some(&per_head), false, 0.25).is_none());
+        let (q3, k3) = (Tensor::randn([3, 4, 3, 16], o), Tensor::randn([3, 2, 10, 16], o));
+        assert!(attend(&q3, &k3, &k3, Some(&Tensor::zeros([3, 1, 1, 10], o)), false, 0.25).is_none());
         if runs() {
             assert!(attend(&q, &k, &k, Some(&Tensor::zeros([3, 10], o)), false, 0.25).is_some());
         }

@@ -983,6 +983,7 @@ mod avx512 {
         // The bf16 rows' weight: the tail weight where the job has one (it starts where
         // the bf16 rows do: `product_two_weights`), else the job's.
         let tail_w = job.tail_weight.map_or(job.w, |(_, w)| w);
+        debug_assert!(job.tail_weight.is_none_or(|(from, _)| from == low.from), "bf16 rows and tail weight apart");
         let head = Job { rows: low.from, tail_weight: None, ..*job };
         let mut packed = vec![0u32; low.stride / 2 * NO];
         let mut o = o0;
@@ -995,7 +996,10 @@ mod avx512 {
                 let prefetch = (ahead + 4 <= o1).then_some(ahead);
                 if head.rows > 0 {
                     unsafe { block_f32(&head, o + q, prefetch) };
-                } else if let Some(p) = prefetch {
+                }
+                // The bf16 rows' next block, where the f32 rows' passes do not ask for it:
+                // no f32 rows, or a tail weight of its own.
+                if let Some(p) = prefetch.filter(|_| head.rows == 0 || job.tail_weight.is_some()) {
                     for i in 0..4 {
                         for k in (0..job.inp).step_by(16) {
                             // SAFETY: within the weight: row p + i < o1 <= out, column k < inp.
