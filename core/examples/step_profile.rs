@@ -204,9 +204,10 @@ fn main() -> anyhow::Result<()> {
         (get(11) + rest) / ar_us,
     );
     println!(
-        "{} masks, {} rows; step / AR step: low-rank {:.2}{bf16}, merged {:.2} (no adapter {:.2}; verify + draft {:.2}); auto = {auto}",
+        "{} masks, {} rows (merged: {}); step / AR step: low-rank {:.2}{bf16}, merged {:.2} (no adapter {:.2}; verify + draft {:.2}); auto = {auto}",
         masks,
         plan_lr.rows(),
+        plan_mg.rows(),
         (get(2) + rest) / ar_us,
         (get(3) + rest) / ar_us,
         (get(1) + rest) / ar_us,
