@@ -402,7 +402,7 @@ mod kernel {
                     total = _mm256_add_ps(total, x);
                     _mm256_storeu_ps(row.add(b * 8), x);
                 }
-                inverse[r] = _mm256_set1_ps(1.0 / horizontal_sum(total));
+                inverse[r] = _mm256_set1_ps(1.0 / crate::model::few_rows::avx2::lanes_sum(total));
             }
             // The weighted sums of the values, sixteen of the head's width at a time (eight
             // for the last when the width is an odd multiple of eight).
@@ -501,15 +501,6 @@ mod kernel {
         let x = _mm256_max_ps(x, _mm256_permute2f128_ps(x, x, 1));
         let x = _mm256_max_ps(x, _mm256_permute_ps(x, 0b01_00_11_10));
         let x = _mm256_max_ps(x, _mm256_permute_ps(x, 0b10_11_00_01));
-        _mm256_cvtss_f32(x)
-    }
-
-    /// The sum of the eight lanes of `x`, in a fixed order.
-    #[target_feature(enable = "avx2,fma")]
-    fn horizontal_sum(x: __m256) -> f32 {
-        let x = _mm256_add_ps(x, _mm256_permute2f128_ps(x, x, 1));
-        let x = _mm256_add_ps(x, _mm256_permute_ps(x, 0b01_00_11_10));
-        let x = _mm256_add_ps(x, _mm256_permute_ps(x, 0b10_11_00_01));
         _mm256_cvtss_f32(x)
     }
 

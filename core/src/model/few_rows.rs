@@ -607,7 +607,7 @@ pub(super) fn in_parts(share: bool, part: &(dyn Fn(usize, usize) + Sync)) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Job, Term};
@@ -894,10 +894,11 @@ mod avx2 {
         }
     }
 
-    /// The eight lanes summed: halves, then pairs, then the last two.
+    /// The eight lanes summed: halves, then pairs, then the last two (also the softmax's
+    /// sum in [`super::super::few_queries`]).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn lanes_sum(v: __m256) -> f32 {
+    pub(in crate::model) fn lanes_sum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
@@ -1349,6 +1350,11 @@ mod tests {
         }
     }
 
+    /// The largest difference between `got` and `want`, relative to `want`'s largest value.
+    fn relative_difference(got: &Tensor, want: &Tensor) -> f64 {
+        (got - want).abs().max().double_value(&[]) / want.abs().max().double_value(&[])
+    }
+
     /// The tail rows in bf16: the rows before `start` are bit for bit the plain product's,
     /// the tail rows the library's `x W^T + b + (x A^T) B^T` to bf16 rounding (in the
     /// first block of sixteen columns further from it than f32 rounding: the bf16 path
@@ -1380,12 +1386,9 @@ mod tests {
                 let xt = x.narrow(0, start, rows - start);
                 let want = xt.linear(&w, Some(&bias)) + xt.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None);
                 let got = y.narrow(0, start, rows - start);
-                let rel = |got: &Tensor, want: &Tensor| {
-                    (got - want).abs().max().double_value(&[]) / want.abs().max().double_value(&[])
-                };
-                let all = rel(&got, &want);
+                let all = relative_difference(&got, &want);
                 assert!(all < 1e-2, "{what}: relative difference {all}");
-                let block = rel(&got.narrow(1, 0, 16), &want.narrow(1, 0, 16));
+                let block = relative_difference(&got.narrow(1, 0, 16), &want.narrow(1, 0, 16));
                 assert!(block > 1e-5, "{what}: {block} from the f32 product: the bf16 path did not run");
                 assert!(on(1, &x, start).equal(&y), "{what}: one thread differs from a team of two");
             }
@@ -1483,7 +1486,7 @@ mod tests {
                 let xt = x.narrow(0, start, rows - start);
                 let want = xt.linear(&tail_w, Some(&bias));
                 let got = y.narrow(0, start, rows - start);
-                let diff = (&got - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+                let diff = relative_difference(&got, &want);
                 assert!(diff < 1e-2, "{what}: relative difference {diff}");
                 let exact = product(&xt, &tail_w, Some(&bias)).expect("tail product");
                 assert!(
