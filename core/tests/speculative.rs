@@ -631,3 +631,57 @@ fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
     assert!(halves_seen, "no drafter packed two halves");
     Ok(())
 }
+
+/// `run_bench` with repeats goes round the modes of a prompt in turn (AR, each mode, AR
+/// again ..), so that each mode's fastest run comes from the same stretch of time; it counts
+/// every generation in its progress, and the table keeps one generation per prompt and mode
+/// (tokens and forwards as one run has them), every greedy output AR's.
+#[test]
+fn bench_repeats_go_round_the_modes() -> anyhow::Result<()> {
+    use mtp_core::decode::bench::{BenchConfig, BenchPrompt, run_bench};
+    let t = trained();
+    let prompts: Vec<BenchPrompt> = ["(a b", "[c d e"]
+        .iter()
+        .map(|p| BenchPrompt { prompt: (*p).into(), messages: None, domain: "text".into() })
+        .collect();
+    let config = BenchConfig {
+        modes: vec![Mode::Ar, Mode::Quadratic],
+        masks: vec![MaskCount::Fixed(1), MaskCount::Fixed(2)],
+        max_new_tokens: 12,
+        repeats: 3,
+    };
+    let mut seen: Vec<(usize, usize, String)> = Vec::new();
+    let mut progress = |done: usize, total: usize, what: &str| {
+        seen.push((done, total, what.to_owned()));
+        std::ops::ControlFlow::Continue(())
+    };
+    let report = run_bench(&t.loaded.model, &t.drafter, &t.loaded.tokenizer, &prompts, &config, &mut progress)?;
+    // 2 prompts x 3 runs (AR, quadratic 1, quadratic 2) x 3 repeats, then "done".
+    assert_eq!(seen.len(), 19, "{seen:?}");
+    assert!(seen.iter().enumerate().all(|(i, (done, total, _))| *done == i && *total == 18), "{seen:?}");
+    let first: Vec<&str> = seen[..6].iter().map(|(_, _, w)| w.as_str()).collect();
+    assert_eq!(
+        first,
+        [
+            "prompt 1 (text), ar 0, run 1 of 3",
+            "prompt 1 (text), quadratic 1, run 1 of 3",
+            "prompt 1 (text), quadratic 2, run 1 of 3",
+            "prompt 1 (text), ar 0, run 2 of 3",
+            "prompt 1 (text), quadratic 1, run 2 of 3",
+            "prompt 1 (text), quadratic 2, run 2 of 3",
+        ]
+    );
+    assert!(seen[9].2.starts_with("prompt 2 (text), ar"), "{seen:?}");
+    assert!(report.divergences.is_empty(), "{:?}", report.divergences);
+    let all: Vec<_> = report.rows.iter().filter(|r| r.domain == "all").collect();
+    assert_eq!(all.len(), 3);
+    for r in &all {
+        assert!(r.identical, "{r:?}");
+        assert_eq!(r.prompts, 2, "{r:?}");
+        assert_eq!(r.tokens, all[0].tokens, "{r:?}");
+        assert!(r.step_cost_vs_ar > 0.0 && r.tokens_per_second > 0.0, "{r:?}");
+    }
+    // One generation per prompt and mode: AR's forwards are its tokens (prefill + one a token).
+    assert!(all[0].tokens > 2 && all[0].tokens <= 24 && all[0].forwards == all[0].tokens, "{:?}", all[0]);
+    Ok(())
+}

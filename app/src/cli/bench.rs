@@ -35,7 +35,9 @@ pub struct Args {
     /// New tokens per prompt.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Run each generation this many times and count the fastest (for a noisy machine).
+    /// Run each generation this many times and count the fastest (for a noisy machine); the
+    /// runs of a prompt go round its modes in turn, so each mode's fastest comes from the
+    /// same stretch of time.
     #[arg(long, default_value_t = 1)]
     pub repeats: usize,
     /// Print one JSON object.
