@@ -161,7 +161,7 @@ fn main() -> anyhow::Result<()> {
         }
     });
     r.add("draft chain", || {
-        if !on_host || low_rank.greedy_on_host(model, &z, 5).ok().flatten().is_none() {
+        if !on_host || low_rank.greedy_on_host(model, &z, 5, false).ok().flatten().is_none() {
             let _ = low_rank.greedy(model, &z, &prev, None);
         }
     });

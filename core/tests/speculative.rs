@@ -526,7 +526,8 @@ fn host_chain_drafts_as_the_tensor_chain() -> anyhow::Result<()> {
         for start in 1..ids.len() - k {
             let z = h.narrow(0, start as i64, k as i64);
             let prev = ids[start - 1];
-            let on_host = drafter.greedy_on_host(model, &z, prev)?.expect("the host chain runs with the kernel");
+            let on_host =
+                drafter.greedy_on_host(model, &z, prev, false)?.expect("the host chain runs with the kernel").ids;
             let tensors = Vec::<i64>::try_from(drafter.greedy(model, &z, &Tensor::from_slice(&[prev]), None))?;
             assert_eq!(on_host, tensors, "window at {start}");
             compared += 1;
@@ -683,5 +684,49 @@ fn bench_repeats_go_round_the_modes() -> anyhow::Result<()> {
     }
     // One generation per prompt and mode: AR's forwards are its tokens (prefill + one a token).
     assert!(all[0].tokens > 2 && all[0].tokens <= 24 && all[0].forwards == all[0].tokens, "{:?}", all[0]);
+    Ok(())
+}
+
+/// Whatever mask blocks a quadratic step keeps (`auto` leaves out those verification will
+/// likely not need), the output is AR's: every step here keeps a random subset of its
+/// blocks (the likeliest-looking ones or none of them alike); when verification stops where
+/// a block was left out, the next step has no drafts. The pruned steps have fewer rows.
+#[test]
+fn pruned_blocks_keep_the_output() -> anyhow::Result<()> {
+    use mtp_core::decode::speculative::SpecDecoder;
+    use mtp_core::decode::{Layout, Speculative};
+    let t = trained();
+    let mut rng = StdRng::seed_from_u64(11);
+    let (mut pruned_steps, mut empty_after_miss) = (0, 0);
+    for (masks, prompt) in [2, 3, 4]
+        .into_iter()
+        .flat_map(|m| random_prompts(&t, 6, m as u64).unwrap_or_default().into_iter().map(move |p| (m, p)))
+    {
+        let req = request(prompt.clone(), 40, Decoding::Greedy, vec![]);
+        let ar = generate(&t.loaded.model, Strategy::Ar, &req, &mut ())?;
+        for drafter in [&t.low_rank, &t.drafter] {
+            let spec = Speculative { drafter, layout: Layout::Quadratic, masks: MaskCount::Fixed(masks) };
+            let (mut d, first) = SpecDecoder::start(&t.loaded.model, spec, &req)?;
+            let mut tokens = vec![first];
+            while tokens.len() < req.max_new_tokens && d.has_room() {
+                let n = d.drafts().len();
+                let blocks: Vec<usize> = (0..=n).filter(|_| rng.random_bool(0.5)).collect();
+                d.keep_blocks(blocks.clone());
+                let r = d.step(false)?;
+                let full = Layout::Quadratic.rows(n, masks);
+                assert_eq!(d.last_rows(), full - (n + 1 - blocks.len()) * masks, "masks {masks}, blocks {blocks:?}");
+                pruned_steps += usize::from(blocks.len() <= n);
+                if !blocks.contains(&r.accepted.len()) {
+                    assert!(d.drafts().is_empty(), "no block after {} accepted, yet drafts", r.accepted.len());
+                    empty_after_miss += 1;
+                }
+                tokens.extend(&r.accepted);
+                tokens.push(r.next);
+            }
+            tokens.truncate(req.max_new_tokens);
+            assert_eq!(tokens, ar.token_ids, "masks {masks}, prompt {prompt:?}: not AR's output");
+        }
+    }
+    assert!(pruned_steps > 100 && empty_after_miss > 20, "{pruned_steps} pruned steps, {empty_after_miss} misses");
     Ok(())
 }

@@ -33,6 +33,28 @@ fn argmax(values: &[f32]) -> usize {
     best
 }
 
+/// The softmax probability of `logits[top]`, the largest: one over the sum of
+/// `exp(l - l[top])`.
+fn top_probability(logits: &[f32], top: usize) -> f32 {
+    let max = logits[top];
+    let total: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    1.0 / total
+}
+
+/// One mask block's greedy drafts, made on host vectors ([`Drafter::greedy_on_host`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostDrafts {
+    /// The drafts, in order.
+    pub ids: Vec<i64>,
+    /// When asked for: each draft's probability under the drafter given the drafts before
+    /// it (the softmax of its logits over the draft vocabulary, where it has one), the
+    /// chance that the model writes it if the drafter is calibrated; else empty.
+    pub confidence: Vec<f32>,
+}
+
+/// A step plan's shape: layout, drafts, masks a block, the regular rows with a block.
+type PlanKey = (Layout, usize, usize, Vec<usize>);
+
 /// Choices made when preparing a drafter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DraftOptions {
@@ -203,7 +225,7 @@ pub struct Drafter {
     /// on the CPU our few-row kernel, which streams the rows once).
     head: Tensor,
     /// Step constants by shape, built on first use and shared by every generation.
-    plans: RefCell<HashMap<(Layout, usize, usize), Rc<StepPlan>>>,
+    plans: RefCell<HashMap<PlanKey, Rc<StepPlan>>>,
     /// What the last generation's `auto` mask controller learned (per layout), so that the
     /// next one starts from it rather than from nothing.
     controllers: RefCell<HashMap<Layout, MaskController>>,
@@ -278,11 +300,16 @@ impl Drafter {
     /// The device constants of a step of `layout` with `drafts` drafts and `masks` masks,
     /// built once per shape and shared by every generation with this drafter.
     pub fn plan(&self, model: &Llama, layout: Layout, drafts: usize, masks: usize) -> Result<Rc<StepPlan>> {
-        let key = (layout, drafts, masks);
+        self.plan_of(model, StepLayout::new(layout, drafts, masks))
+    }
+
+    /// [`Drafter::plan`] for any layout, a pruned one ([`StepLayout::with_blocks`]) too.
+    pub fn plan_of(&self, model: &Llama, rows: StepLayout) -> Result<Rc<StepPlan>> {
+        let key = (rows.layout, rows.drafts, rows.masks, rows.blocks.clone());
         if let Some(plan) = self.plans.borrow().get(&key) {
             return Ok(Rc::clone(plan));
         }
-        let plan = Rc::new(StepPlan::new(model, self, StepLayout::new(layout, drafts, masks))?);
+        let plan = Rc::new(StepPlan::new(model, self, rows)?);
         self.plans.borrow_mut().insert(key, Rc::clone(&plan));
         Ok(plan)
     }
@@ -433,11 +460,12 @@ impl Drafter {
     /// embedding row (a demo draft took about 120 us as a dozen operations). Returns the
     /// drafts, or `None` where the kernel does not run (the caller then drafts with
     /// [`Drafter::greedy`]); the drafts are those of [`Drafter::greedy`] but where two
-    /// tokens' logits tie to within the last bits (the two sum in different orders).
+    /// tokens' logits tie to within the last bits (the two sum in different orders). With
+    /// `scored`, also each draft's confidence ([`HostDrafts::confidence`]).
     ///
     /// # Shapes
     /// `z`: `[m, d]` final hidden states of the masks.
-    pub fn greedy_on_host(&self, model: &Llama, z: &Tensor, prev: i64) -> Result<Option<Vec<i64>>> {
+    pub fn greedy_on_host(&self, model: &Llama, z: &Tensor, prev: i64, scored: bool) -> Result<Option<HostDrafts>> {
         if !crate::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind()) || z.kind() != Kind::Float {
             return Ok(None);
         }
@@ -445,21 +473,28 @@ impl Drafter {
         let mut z_rows = vec![0f32; m * d];
         z.contiguous().f_copy_data(&mut z_rows, m * d)?;
         let n = self.head.size()[0] as usize;
-        let pick = |logits: &[f32]| -> i64 {
+        let mut confidence = Vec::with_capacity(if scored { m } else { 0 });
+        let mut pick = |logits: &[f32]| -> i64 {
             let i = argmax(logits);
+            if scored {
+                confidence.push(top_probability(logits, i));
+            }
             self.vocab_ids.as_ref().map_or(i as i64, |ids| ids[i])
         };
         let Some(head) = &self.sampler else {
             let mut logits = vec![0f32; m * n];
-            let done = few_rows::product_into(&z_rows, &self.head, None, &mut logits);
-            return Ok(done.then(|| logits.chunks(n).map(pick).collect()));
+            if !few_rows::product_into(&z_rows, &self.head, None, &mut logits) {
+                return Ok(None);
+            }
+            let ids = logits.chunks(n).map(&mut pick).collect();
+            return Ok(Some(HostDrafts { ids, confidence }));
         };
         let mut part = vec![0f32; m * d];
         if !head.host_block(&z_rows, &mut part) {
             return Ok(None);
         }
         let (mut e, mut state, mut logits) = (vec![0f32; d], vec![0f32; d], vec![0f32; n]);
-        let (mut prev, mut drafts) = (prev, Vec::with_capacity(m));
+        let (mut prev, mut ids) = (prev, Vec::with_capacity(m));
         for j in 0..m {
             model.embed_tokens.get(prev).f_copy_data(&mut e, d)?;
             let rows = j * d..(j + 1) * d;
@@ -469,9 +504,9 @@ impl Drafter {
                 return Ok(None);
             }
             prev = pick(&logits);
-            drafts.push(prev);
+            ids.push(prev);
         }
-        Ok(Some(drafts))
+        Ok(Some(HostDrafts { ids, confidence }))
     }
 
     /// Sampled drafts for one mask block: each draft drawn from the sampler's (processed)

@@ -33,25 +33,36 @@ pub struct StepLayout {
     pub block: Vec<i64>,
     /// Slot of each row: 0 regular, j for mask m_j.
     pub slot: Vec<i64>,
+    /// The regular rows followed by a mask block, ascending: every one (quadratic), the
+    /// last (linear), or those a pruned quadratic step keeps ([`StepLayout::with_blocks`]).
+    pub blocks: Vec<usize>,
 }
 
 impl StepLayout {
     /// The rows of a step with `drafts` drafts and `masks` masks per block.
     pub fn new(layout: Layout, drafts: usize, masks: usize) -> Self {
-        let n = drafts as i64;
-        let m = masks as i64;
-        let mut block: Vec<i64> = (0..=n).collect();
-        let mut slot = vec![0; drafts + 1];
-        let blocks: Vec<i64> = match layout {
-            Layout::Quadratic => (0..=n).collect(),
-            Layout::Linear => vec![n],
+        let blocks = match layout {
+            Layout::Quadratic => (0..=drafts).collect(),
+            Layout::Linear => vec![drafts],
         };
-        for g in blocks {
-            block.extend(std::iter::repeat_n(g, masks));
-            slot.extend(1..=m);
+        let rows = Self::with_blocks(layout, drafts, masks, blocks);
+        debug_assert_eq!(rows.len(), layout.rows(drafts, masks));
+        rows
+    }
+
+    /// The rows of a step with a mask block after the regular rows `blocks` only
+    /// (ascending, each at most `drafts`): a quadratic step without the blocks it is
+    /// unlikely to need. When verification accepts a count whose block is missing, the next
+    /// step has no drafts, as after a partial acceptance in linear decoding.
+    pub fn with_blocks(layout: Layout, drafts: usize, masks: usize, blocks: Vec<usize>) -> Self {
+        debug_assert!(blocks.windows(2).all(|w| w[0] < w[1]) && blocks.iter().all(|&g| g <= drafts));
+        let mut block: Vec<i64> = (0..=drafts as i64).collect();
+        let mut slot = vec![0; drafts + 1];
+        for &g in &blocks {
+            block.extend(std::iter::repeat_n(g as i64, masks));
+            slot.extend(1..=masks as i64);
         }
-        debug_assert_eq!(block.len(), layout.rows(drafts, masks));
-        Self { layout, drafts, masks, block, slot }
+        Self { layout, drafts, masks, block, slot, blocks }
     }
 
     /// Rows in the step.
@@ -71,11 +82,7 @@ impl StepLayout {
 
     /// The first row of the mask block after regular row `g`, when the step has one.
     pub fn mask_block(&self, g: usize) -> Option<usize> {
-        match self.layout {
-            Layout::Quadratic if g <= self.drafts => Some(self.regular() + g * self.masks),
-            Layout::Linear if g == self.drafts => Some(self.regular()),
-            _ => None,
-        }
+        self.blocks.iter().position(|&b| b == g).map(|i| self.regular() + i * self.masks)
     }
 
     /// Position of each row relative to the cache length: block + slot.
@@ -286,6 +293,19 @@ mod tests {
         assert_eq!((l.mask_block(0), l.mask_block(2)), (None, Some(3)));
         let first = StepLayout::new(Layout::Quadratic, 0, 3);
         assert_eq!((first.block, first.slot), (vec![0, 0, 0, 0], vec![0, 1, 2, 3]));
+    }
+
+    #[test]
+    fn a_pruned_step_has_the_blocks_it_keeps() {
+        let p = StepLayout::with_blocks(Layout::Quadratic, 2, 2, vec![0, 2]);
+        assert_eq!(p.len(), 7);
+        assert_eq!(p.block, [0, 1, 2, 0, 0, 2, 2]);
+        assert_eq!(p.slot, [0, 0, 0, 1, 2, 1, 2]);
+        assert_eq!(p.offsets(), [0, 1, 2, 1, 2, 3, 4]);
+        assert_eq!((0..3).map(|g| p.mask_block(g)).collect::<Vec<_>>(), [Some(3), None, Some(5)]);
+        // Every block kept: the quadratic layout.
+        let all = StepLayout::with_blocks(Layout::Quadratic, 2, 2, vec![0, 1, 2]);
+        assert_eq!(all, StepLayout::new(Layout::Quadratic, 2, 2));
     }
 
     /// The pattern among a step's rows is the training pattern: a regular row sees the

@@ -31,6 +31,9 @@ pub struct MaskController {
     accepted: Vec<f64>,
     /// Decayed sums for the least-squares line seconds = a + b * rows.
     cost: LineFit,
+    /// Decayed sums of the share of mask blocks the pruned steps kept
+    /// ([`MaskController::blocks_to_keep`]) and of their weights: (1, 1) until one is pruned.
+    kept: (f64, f64),
 }
 
 /// Running least squares of y on x with exponential forgetting.
@@ -74,7 +77,16 @@ impl MaskController {
             MaskCount::Fixed(m) => m.clamp(1, k),
             MaskCount::Auto => k,
         };
-        Self { count, layout, k, current, reached: vec![0.0; k], accepted: vec![0.0; k], cost: LineFit::default() }
+        Self {
+            count,
+            layout,
+            k,
+            current,
+            reached: vec![0.0; k],
+            accepted: vec![0.0; k],
+            cost: LineFit::default(),
+            kept: (1.0, 1.0),
+        }
     }
 
     /// True for [`MaskCount::Auto`].
@@ -93,9 +105,10 @@ impl MaskController {
     }
 
     /// Record a step that verified `drafts` drafts, accepted `accepted` of them, had `masks`
-    /// masks per block and took `seconds` (`None`: a step whose time says nothing about the
-    /// next ones, such as one that recorded a CUDA graph); then choose the next step's count.
-    pub fn observe(&mut self, drafts: usize, accepted: usize, masks: usize, seconds: Option<f64>) {
+    /// masks per block and `rows` rows, and took `seconds` (`None`: a step whose time says
+    /// nothing about the next ones, such as one that recorded a CUDA graph); then choose the
+    /// next step's count.
+    pub fn observe(&mut self, drafts: usize, accepted: usize, masks: usize, rows: usize, seconds: Option<f64>) {
         if self.count != MaskCount::Auto {
             return;
         }
@@ -111,7 +124,8 @@ impl MaskController {
             }
         }
         if let Some(seconds) = seconds {
-            self.cost.add(self.layout.rows(drafts, masks) as f64, seconds);
+            debug_assert!(rows <= self.layout.rows(drafts, masks));
+            self.cost.add(rows as f64, seconds);
         }
         self.current = (1..=self.k)
             .map(|m| (m, self.tokens_per_step(m) / self.seconds_per_step(m)))
@@ -131,13 +145,61 @@ impl MaskController {
         total
     }
 
-    /// The fitted cost of a steady step with `m` drafts and `m` masks (relative units).
+    /// The fitted cost of a steady step with `m` drafts and `m` masks (relative units), its
+    /// mask blocks pruned as recent steps were.
     fn seconds_per_step(&self, m: usize) -> f64 {
-        let rows = self.layout.rows(m, m) as f64;
+        let rows = match self.layout {
+            Layout::Quadratic => (m + 1) as f64 * (1.0 + m as f64 * self.kept.0 / self.kept.1),
+            Layout::Linear => self.layout.rows(m, m) as f64,
+        };
+        self.seconds_for(rows)
+    }
+
+    /// The fitted cost of a step of `rows` rows (relative units; 1 until a line is fitted).
+    fn seconds_for(&self, rows: f64) -> f64 {
         match self.cost.line() {
             Some((a, b)) => (a + b * rows).max(1e-9),
             None => 1.0,
         }
+    }
+
+    /// Which mask blocks the next quadratic step keeps, given each new draft's confidence
+    /// (its probability under the drafter given the drafts before it, in order; the next
+    /// step verifies these drafts): `None` for every block. With `auto`, once rows are
+    /// seen to cost time (the fitted line rises), the block after `j` accepted drafts is
+    /// kept when the chance that verification stops there (the product of the first `j`
+    /// confidences times the chance the next one fails) times what its drafts are worth
+    /// (the tokens a step adds beyond its verified one, at the current rate) outweighs its
+    /// rows' cost; the likeliest block is always kept. A block left out costs nothing when
+    /// verification stops elsewhere; when it stops there, the step after has no drafts to
+    /// verify. Verification is unchanged, so outputs are too.
+    pub fn blocks_to_keep(&mut self, confidence: &[f32]) -> Option<Vec<usize>> {
+        if self.count != MaskCount::Auto || self.layout != Layout::Quadratic || confidence.is_empty() {
+            return None;
+        }
+        let (_, slope) = self.cost.line()?;
+        if slope <= 0.0 {
+            return None;
+        }
+        let m = self.current;
+        let tokens = self.tokens_per_step(m);
+        // Seconds that the drafts of a block, when verification needs it, save.
+        let worth = (tokens - 1.0) * self.seconds_per_step(m) / tokens;
+        let price = slope * m as f64;
+        let mut reach = 1.0;
+        let stops: Vec<f64> = (0..=confidence.len())
+            .map(|j| {
+                let c = confidence.get(j).map_or(0.0, |&c| f64::from(c).clamp(0.0, 1.0));
+                let stop = reach * (1.0 - c);
+                reach *= c;
+                stop
+            })
+            .collect();
+        let likeliest = (0..stops.len()).fold(0, |best, j| if stops[j] > stops[best] { j } else { best });
+        let keep: Vec<usize> = (0..stops.len()).filter(|&j| j == likeliest || stops[j] * worth >= price).collect();
+        let share = keep.len() as f64 / stops.len() as f64;
+        self.kept = (self.kept.0 * DECAY + share, self.kept.1 * DECAY + 1.0);
+        (keep.len() < stops.len()).then_some(keep)
     }
 }
 
@@ -148,8 +210,8 @@ mod tests {
     #[test]
     fn fixed_counts_never_move() {
         let mut c = MaskController::new(MaskCount::Fixed(2), Layout::Quadratic, 4);
-        c.observe(2, 0, 2, Some(1.0));
-        c.observe(2, 2, 2, Some(1.0));
+        c.observe(2, 0, 2, 9, Some(1.0));
+        c.observe(2, 2, 2, 9, Some(1.0));
         assert_eq!(c.masks(), 2);
     }
 
@@ -161,7 +223,7 @@ mod tests {
         assert_eq!(c.masks(), 4);
         for _ in 0..20 {
             let m = c.masks();
-            c.observe(m, m.min(3), m, Some(0.010));
+            c.observe(m, m.min(3), m, Layout::Quadratic.rows(m, m), Some(0.010));
         }
         assert_eq!(c.masks(), 4);
     }
@@ -172,14 +234,44 @@ mod tests {
         let mut c = MaskController::new(MaskCount::Auto, Layout::Quadratic, 4);
         // Time = 1 + 0.25 per row: 25 rows cost 7.25, 4 rows 2, 9 rows 3.25.
         let time = |drafts: usize, masks: usize| 1.0 + 0.25 * Layout::Quadratic.rows(drafts, masks) as f64;
-        c.observe(0, 0, 4, Some(time(0, 4)));
+        c.observe(0, 0, 4, Layout::Quadratic.rows(0, 4), Some(time(0, 4)));
         for _ in 0..30 {
             let m = c.masks();
             // Slot 1 always accepted, later slots rarely.
             let a = if m >= 2 { 1 } else { m };
-            c.observe(m, a, m, Some(time(m, m)));
+            c.observe(m, a, m, Layout::Quadratic.rows(m, m), Some(time(m, m)));
         }
         assert!(c.masks() <= 2, "{}", c.masks());
+    }
+
+    /// Blocks verification will likely not need are left out once rows cost time; every
+    /// block is kept while they seem free, and for a fixed count.
+    #[test]
+    fn unlikely_blocks_are_left_out_when_rows_cost() {
+        let mut fixed = MaskController::new(MaskCount::Fixed(2), Layout::Quadratic, 2);
+        fixed.observe(2, 2, 2, 9, Some(1.45));
+        assert_eq!(fixed.blocks_to_keep(&[0.99, 0.99]), None);
+        let mut free = MaskController::new(MaskCount::Auto, Layout::Quadratic, 2);
+        assert_eq!(free.blocks_to_keep(&[0.99, 0.99]), None);
+        free.observe(0, 0, 2, 3, Some(0.01));
+        free.observe(2, 2, 2, 9, Some(0.01));
+        assert_eq!(free.blocks_to_keep(&[0.99, 0.99]), None);
+        // Time = 1 + 0.05 per row; drafts always accepted, so two masks a block.
+        let mut costly = MaskController::new(MaskCount::Auto, Layout::Quadratic, 2);
+        costly.observe(0, 0, 2, 3, Some(1.15));
+        for _ in 0..5 {
+            costly.observe(2, 2, 2, 9, Some(1.45));
+        }
+        assert_eq!(costly.masks(), 2);
+        // Sure drafts: verification stops after both (0.98); the other blocks' stops
+        // (0.01, 0.0099) are worth less than their two rows.
+        assert_eq!(costly.blocks_to_keep(&[0.99, 0.99]), Some(vec![2]));
+        // Unsure ones: every stop likely enough.
+        assert_eq!(costly.blocks_to_keep(&[0.5, 0.5]), None);
+        // A sure first draft and an unsure second: no block after none accepted.
+        assert_eq!(costly.blocks_to_keep(&[0.99, 0.5]), Some(vec![1, 2]));
+        // The share kept now prices a step with fewer rows than its full layout.
+        assert!(costly.seconds_per_step(2) < costly.seconds_for(9.0));
     }
 
     #[test]

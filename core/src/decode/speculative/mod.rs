@@ -13,7 +13,12 @@
 //! the ordinary causal path (a gated adapter does nothing to prompt rows), and the first
 //! step, with no drafts to verify, carries the first mask block; METHOD.md appends that
 //! block to the prefill, which would send the whole prompt through the masked-attention
-//! path. Outputs are the same; the first drafts come one forward pass later.
+//! path. Outputs are the same; the first drafts come one forward pass later. And with
+//! `--masks auto` on the CPU a quadratic step may leave out the mask blocks after the
+//! regular rows where verification will likely not stop (the drafter's confidences say
+//! where: [`MaskController::blocks_to_keep`]); when it stops there after all, the next step
+//! has no drafts, as in linear decoding after a partial acceptance. Verification is the
+//! paper's, so the outputs are too.
 
 pub mod detail;
 pub mod drafter;
@@ -23,7 +28,7 @@ pub mod masks;
 pub mod step;
 
 pub use detail::{Candidates, StepDetail};
-pub use drafter::{BF16_MIN_MASK_ROWS, DraftArithmetic, DraftOptions, Drafter, LoraForm};
+pub use drafter::{BF16_MIN_MASK_ROWS, DraftArithmetic, DraftOptions, Drafter, HostDrafts, LoraForm};
 pub use layout::{StepLayout, StepPlan};
 pub use masks::MaskController;
 pub use step::{SpecDecoder, StepResult};

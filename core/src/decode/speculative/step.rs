@@ -14,6 +14,7 @@ use super::super::{Decoding, GenerateRequest, Sampler};
 use super::detail::{StepDetail, top5};
 use super::drafter::{Drafter, Kept};
 use super::fixed::{FixedSteps, StepCall};
+use super::layout::StepLayout;
 use super::masks::MaskController;
 use crate::error::Result;
 use crate::model::{KvCache, Llama};
@@ -60,6 +61,11 @@ pub struct SpecDecoder<'a> {
     noise: Option<StdRng>,
     /// Greedy steps of fixed shapes, recorded as CUDA graphs ([`Llama::step_graphs`]).
     fixed: FixedSteps,
+    /// The mask blocks the next step keeps, when `auto` pruned some
+    /// ([`MaskController::blocks_to_keep`]); `None`: every block.
+    blocks: Option<Vec<usize>>,
+    /// Rows of the last step.
+    last_rows: usize,
 }
 
 impl<'a> SpecDecoder<'a> {
@@ -108,6 +114,8 @@ impl<'a> SpecDecoder<'a> {
                 StdRng::seed_from_u64(seed ^ 0x0A0A_0123_4567_89AB)
             }),
             fixed,
+            blocks: None,
+            last_rows: 0,
         };
         Ok((decoder, first))
     }
@@ -115,6 +123,20 @@ impl<'a> SpecDecoder<'a> {
     /// The drafts the next step will verify.
     pub fn drafts(&self) -> &[i64] {
         &self.drafts
+    }
+
+    /// Keep only the mask blocks after the regular rows `blocks` in the next step (each at
+    /// most the number of drafts it verifies), as `auto` does on its own where rows cost
+    /// time ([`MaskController::blocks_to_keep`]): for tests, which check that whatever
+    /// blocks a step keeps the output is AR's. Only greedy quadratic steps on host vectors
+    /// (the CPU, f32) without fixed shapes prune; others keep every block.
+    pub fn keep_blocks(&mut self, blocks: Vec<usize>) {
+        self.blocks = Some(blocks);
+    }
+
+    /// Rows of the last step (its pruned blocks left out).
+    pub fn last_rows(&self) -> usize {
+        self.last_rows
     }
 
     /// Rows in the cache.
@@ -152,7 +174,16 @@ impl<'a> SpecDecoder<'a> {
         let verified = self.pending;
         let masks = self.masks.masks();
         let layout = self.layout;
-        let plan = drafter.plan(model, layout, n, masks)?;
+        // Where drafts are made on host vectors (the CPU), greedy quadratic steps may leave
+        // out the mask blocks verification will likely not need (`auto` chooses them; never
+        // in fixed-shape steps).
+        let on_host = !detailed && crate::model::linear::few_row_kernel_runs(device, model.dtype().kind());
+        let prunes =
+            on_host && layout == Layout::Quadratic && self.sampler.decoding() == Decoding::Greedy && !self.fixed.on();
+        let plan = match self.blocks.take().filter(|b| prunes && b.iter().all(|&g| g <= n)) {
+            Some(blocks) => drafter.plan_of(model, StepLayout::with_blocks(layout, n, masks, blocks))?,
+            None => drafter.plan(model, layout, n, masks)?,
+        };
         let inputs = match self.inputs.take() {
             Some(t) => t,
             None => {
@@ -177,6 +208,8 @@ impl<'a> SpecDecoder<'a> {
             _ => (None, true),
         };
         let mut draft_probs = detailed.then(|| Tensor::zeros([0], (Kind::Float, device)));
+        // The new drafts' confidences, where the host chain computed them (`prunes`).
+        let mut confidence: Vec<f32> = Vec::new();
         let (a, next, new_drafts, regular_probs) = if let Some(found) = fixed {
             // Linear decoding drafts again only when every draft was accepted.
             let keep = if layout == Layout::Linear && found.accepted < n { 0 } else { masks };
@@ -192,7 +225,6 @@ impl<'a> SpecDecoder<'a> {
                 (h, logits)
             });
 
-            let on_host = !detailed && crate::model::linear::few_row_kernel_runs(device, model.dtype().kind());
             match self.sampler.decoding() {
                 // On the CPU the host is the device: read the predictions, verify and draft on
                 // plain vectors (a dozen libtorch operations fewer than the device path).
@@ -203,8 +235,11 @@ impl<'a> SpecDecoder<'a> {
                     let new_drafts = match block {
                         Some(row) => {
                             let z = h.narrow(0, plan.row(row) as i64, masks as i64);
-                            match drafter.greedy_on_host(model, &z, next)? {
-                                Some(d) => d,
+                            match drafter.greedy_on_host(model, &z, next, prunes && self.masks.is_auto())? {
+                                Some(d) => {
+                                    confidence = d.confidence;
+                                    d.ids
+                                }
                                 None => {
                                     let prev = Tensor::from_slice(&[next]);
                                     Vec::<i64>::try_from(drafter.greedy(model, &z, &prev, None))?
@@ -257,7 +292,11 @@ impl<'a> SpecDecoder<'a> {
         self.pending = next;
         let seconds = t0.elapsed().as_secs_f64();
         // A step that recorded its shape, or waited for a recording, is no measure of cost.
-        self.masks.observe(n, a, masks, steady.then_some(seconds));
+        self.last_rows = plan.layout.len();
+        self.masks.observe(n, a, masks, plan.layout.len(), steady.then_some(seconds));
+        if !confidence.is_empty() && confidence.len() == new_drafts.len() {
+            self.blocks = self.masks.blocks_to_keep(&confidence);
+        }
         drafter.remember(&self.masks, layout);
         let stats = StepStats {
             step: self.steps,
