@@ -715,6 +715,7 @@ fn pruned_blocks_keep_the_output() -> anyhow::Result<()> {
                 let r = d.step(false)?;
                 let full = Layout::Quadratic.rows(n, masks);
                 assert_eq!(d.last_rows(), full - (n + 1 - blocks.len()) * masks, "masks {masks}, blocks {blocks:?}");
+                assert_eq!(r.stats.blocks, blocks.len());
                 pruned_steps += usize::from(blocks.len() <= n);
                 if !blocks.contains(&r.accepted.len()) {
                     assert!(d.drafts().is_empty(), "no block after {} accepted, yet drafts", r.accepted.len());

@@ -77,6 +77,9 @@ struct StepLine {
     first_rejected: Option<usize>,
     emitted: usize,
     masks: usize,
+    /// Mask blocks in the step (`auto` may leave out those verification would likely not
+    /// need).
+    blocks: usize,
     /// UNO recipe: the random ids the step's mask rows read.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     noise_ids: Vec<i64>,
@@ -230,6 +233,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     first_rejected: s.first_rejected,
                     emitted: s.emitted,
                     masks: s.masks,
+                    blocks: s.blocks,
                     noise_ids: s.noise_ids.clone(),
                 })
                 .collect(),

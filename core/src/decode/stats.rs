@@ -17,6 +17,10 @@ pub struct StepStats {
     /// Masks per block in the step (the drafts it made for the next step).
     #[serde(default)]
     pub masks: usize,
+    /// Mask blocks in the step: one after every regular row (quadratic; fewer where `auto`
+    /// left out those verification would likely not need), one (linear).
+    #[serde(default)]
+    pub blocks: usize,
     /// Tokens the step emitted (accepted drafts + the next verified token; fewer at EOS or
     /// the token limit).
     pub emitted: usize,

@@ -305,6 +305,7 @@ impl<'a> SpecDecoder<'a> {
             first_rejected: (a < n).then_some(a + 1),
             emitted: a + 1,
             masks,
+            blocks: plan.layout.blocks.len(),
             seconds,
             noise_ids: noise_ids.clone(),
         };
