@@ -55,6 +55,9 @@ pub struct HostDrafts {
 /// A step plan's shape: layout, drafts, masks a block, the regular rows with a block.
 type PlanKey = (Layout, usize, usize, Vec<usize>);
 
+/// Plans a drafter keeps before it forgets the pruned ones.
+const MAX_PLANS: usize = 256;
+
 /// Choices made when preparing a drafter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DraftOptions {
@@ -310,7 +313,13 @@ impl Drafter {
             return Ok(Rc::clone(plan));
         }
         let plan = Rc::new(StepPlan::new(model, self, rows)?);
-        self.plans.borrow_mut().insert(key, Rc::clone(&plan));
+        let mut plans = self.plans.borrow_mut();
+        // Pruned layouts come in up to 2^(drafts + 1) subsets of blocks: past a few hundred
+        // plans, forget them (the full layouts stay).
+        if plans.len() >= MAX_PLANS {
+            plans.retain(|(layout, drafts, _, blocks), _| StepLayout::new(*layout, *drafts, 1).blocks == *blocks);
+        }
+        plans.insert(key, Rc::clone(&plan));
         Ok(plan)
     }
 

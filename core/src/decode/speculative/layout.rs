@@ -91,8 +91,8 @@ impl StepLayout {
     }
 }
 
-/// A step's constants on the model's device, built once per (drafts, masks) and reused by
-/// every step with that shape.
+/// A step's constants on the model's device, built once per layout (drafts, masks, blocks)
+/// and reused by every step with that shape.
 ///
 /// Rows are packed for the forward pass in one of two ways. As one sequence (`[1, T, d]`,
 /// the rows of [`StepLayout`] in order; the adapter's term is added on the mask rows, or
@@ -117,7 +117,9 @@ pub struct StepPlan {
     mask_inputs: Tensor,
     /// `[regular, masks]` int64: the packed rows of the mask block after each regular row
     /// (quadratic; linear has one row for its single block). Indexed on the device by the
-    /// accepted count, so that choosing the next block needs no host read.
+    /// accepted count, so that choosing the next block needs no host read. A pruned layout
+    /// ([`StepLayout::with_blocks`], host path only) has no rows for the blocks it left
+    /// out: theirs point elsewhere and must not be used.
     pub block_rows: Tensor,
 }
 

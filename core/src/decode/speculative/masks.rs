@@ -12,8 +12,9 @@ const DECAY: f64 = 0.9;
 ///   accepted it), which gives the tokens a step with m drafts is expected to emit,
 ///   `1 + sum over j <= m of p_1 ... p_j`;
 /// - what a step costs on this machine, as a line through the step times measured so far
-///   against the step's rows (`(m + 1)^2` quadratic, `2m + 1` linear): on a GPU extra rows
-///   are nearly free and it drafts up to k, on a CPU each row costs and it drafts less.
+///   against the step's rows (`(m + 1)^2` quadratic, fewer where recent steps left out
+///   blocks, `2m + 1` linear): on a GPU extra rows are nearly free and it drafts up to k,
+///   on a CPU each row costs and it drafts less.
 ///
 /// Until two different row counts have been timed, it assumes rows cost nothing (and so
 /// drafts k). The choice only decides how much to draft: outputs are the same whatever it
@@ -31,8 +32,8 @@ pub struct MaskController {
     accepted: Vec<f64>,
     /// Decayed sums for the least-squares line seconds = a + b * rows.
     cost: LineFit,
-    /// Decayed sums of the share of mask blocks the pruned steps kept
-    /// ([`MaskController::blocks_to_keep`]) and of their weights: (1, 1) until one is pruned.
+    /// Decayed sums of the share of mask blocks recent quadratic steps with drafts had
+    /// ([`MaskController::blocks_to_keep`] leaves some out) and of their weights.
     kept: (f64, f64),
 }
 
@@ -127,6 +128,14 @@ impl MaskController {
             debug_assert!(rows <= self.layout.rows(drafts, masks));
             self.cost.add(rows as f64, seconds);
         }
+        // The share of its blocks the step had (a step without drafts has its one block
+        // whatever is pruned; a step that kept every block, sampled decoding's for one,
+        // brings the share back up).
+        if self.layout == Layout::Quadratic && drafts > 0 && masks > 0 {
+            let blocks = rows.saturating_sub(drafts + 1) / masks;
+            let share = (blocks as f64 / (drafts + 1) as f64).min(1.0);
+            self.kept = (self.kept.0 * DECAY + share, self.kept.1 * DECAY + 1.0);
+        }
         self.current = (1..=self.k)
             .map(|m| (m, self.tokens_per_step(m) / self.seconds_per_step(m)))
             .fold((self.current, f64::NEG_INFINITY), |best, (m, rate)| if rate > best.1 { (m, rate) } else { best })
@@ -173,8 +182,9 @@ impl MaskController {
     /// rows' cost; the likeliest block is always kept. A block left out costs nothing when
     /// verification stops elsewhere; when it stops there, the step after has no drafts to
     /// verify. Verification is unchanged, so outputs are too.
-    pub fn blocks_to_keep(&mut self, confidence: &[f32]) -> Option<Vec<usize>> {
-        if self.count != MaskCount::Auto || self.layout != Layout::Quadratic || confidence.is_empty() {
+    pub fn blocks_to_keep(&self, confidence: &[f32]) -> Option<Vec<usize>> {
+        let unusable = confidence.iter().any(|c| !c.is_finite());
+        if self.count != MaskCount::Auto || self.layout != Layout::Quadratic || confidence.is_empty() || unusable {
             return None;
         }
         let (_, slope) = self.cost.line()?;
@@ -197,8 +207,6 @@ impl MaskController {
             .collect();
         let likeliest = (0..stops.len()).fold(0, |best, j| if stops[j] > stops[best] { j } else { best });
         let keep: Vec<usize> = (0..stops.len()).filter(|&j| j == likeliest || stops[j] * worth >= price).collect();
-        let share = keep.len() as f64 / stops.len() as f64;
-        self.kept = (self.kept.0 * DECAY + share, self.kept.1 * DECAY + 1.0);
         (keep.len() < stops.len()).then_some(keep)
     }
 }
@@ -270,8 +278,17 @@ mod tests {
         assert_eq!(costly.blocks_to_keep(&[0.5, 0.5]), None);
         // A sure first draft and an unsure second: no block after none accepted.
         assert_eq!(costly.blocks_to_keep(&[0.99, 0.5]), Some(vec![1, 2]));
-        // The share kept now prices a step with fewer rows than its full layout.
-        assert!(costly.seconds_per_step(2) < costly.seconds_for(9.0));
+        // A confidence that is not a number: every block.
+        assert_eq!(costly.blocks_to_keep(&[f32::NAN, 0.99]), None);
+        // A step that had one block of three prices later steps with fewer rows; steps
+        // with every block bring the price back.
+        assert!((costly.seconds_per_step(2) - costly.seconds_for(9.0)).abs() < 1e-12);
+        costly.observe(2, 2, 2, 5, Some(1.25));
+        assert!(costly.seconds_per_step(2) < costly.seconds_for(8.5));
+        for _ in 0..60 {
+            costly.observe(2, 2, 2, 9, Some(1.45));
+        }
+        assert!(costly.seconds_per_step(2) > costly.seconds_for(8.99));
     }
 
     #[test]

@@ -130,7 +130,9 @@ impl<'a> SpecDecoder<'a> {
     /// time ([`MaskController::blocks_to_keep`]): for tests, which check that whatever
     /// blocks a step keeps the output is AR's. Only greedy quadratic steps on host vectors
     /// (the CPU, f32) without fixed shapes prune; others keep every block.
-    pub fn keep_blocks(&mut self, blocks: Vec<usize>) {
+    pub fn keep_blocks(&mut self, mut blocks: Vec<usize>) {
+        blocks.sort_unstable();
+        blocks.dedup();
         self.blocks = Some(blocks);
     }
 
@@ -251,6 +253,8 @@ impl<'a> SpecDecoder<'a> {
                     Ok((a, next, new_drafts, None))
                 })?,
                 Decoding::Greedy => tch::no_grad(|| -> Result<_> {
+                    // `block_rows` has a row for every block: never a pruned plan here.
+                    debug_assert!(layout == Layout::Linear || plan.layout.blocks.len() == plan.layout.regular());
                     let predictions = logits.argmax(-1, false);
                     let (accepted, next) = verify_greedy_on_device(&inputs.narrow(0, 1, n as i64), &predictions);
                     let z = h.index_select(0, &plan.block_rows.index_select(0, &accepted).view([-1]));
