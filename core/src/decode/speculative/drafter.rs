@@ -317,7 +317,7 @@ impl Drafter {
         // Pruned layouts come in up to 2^(drafts + 1) subsets of blocks: past a few hundred
         // plans, forget them (the full layouts stay).
         if plans.len() >= MAX_PLANS {
-            plans.retain(|(layout, drafts, _, blocks), _| StepLayout::new(*layout, *drafts, 1).blocks == *blocks);
+            plans.retain(|(layout, drafts, _, blocks), _| *layout == Layout::Linear || blocks.len() == drafts + 1);
         }
         plans.insert(key, Rc::clone(&plan));
         Ok(plan)

@@ -64,8 +64,6 @@ pub struct SpecDecoder<'a> {
     /// The mask blocks the next step keeps, when `auto` pruned some
     /// ([`MaskController::blocks_to_keep`]); `None`: every block.
     blocks: Option<Vec<usize>>,
-    /// Rows of the last step.
-    last_rows: usize,
 }
 
 impl<'a> SpecDecoder<'a> {
@@ -115,7 +113,6 @@ impl<'a> SpecDecoder<'a> {
             }),
             fixed,
             blocks: None,
-            last_rows: 0,
         };
         Ok((decoder, first))
     }
@@ -134,11 +131,6 @@ impl<'a> SpecDecoder<'a> {
         blocks.sort_unstable();
         blocks.dedup();
         self.blocks = Some(blocks);
-    }
-
-    /// Rows of the last step (its pruned blocks left out).
-    pub fn last_rows(&self) -> usize {
-        self.last_rows
     }
 
     /// Rows in the cache.
@@ -296,7 +288,6 @@ impl<'a> SpecDecoder<'a> {
         self.pending = next;
         let seconds = t0.elapsed().as_secs_f64();
         // A step that recorded its shape, or waited for a recording, is no measure of cost.
-        self.last_rows = plan.layout.len();
         self.masks.observe(n, a, masks, plan.layout.len(), steady.then_some(seconds));
         if !confidence.is_empty() && confidence.len() == new_drafts.len() {
             self.blocks = self.masks.blocks_to_keep(&confidence);
