@@ -10,8 +10,8 @@ Sections (each one's failure is recorded under "errors" and the others still run
   step_cost  one speculative step over one AR step, linear and quadratic, 1/2/4/8 masks, both
              shapes (an untrained k = 8 adapter: acceptance ~0, so the ratio is the step cost),
              each form again with --cuda-graphs;
-  gemm_rows  one layer's four products at 1 to 32 rows, both shapes (does a product of a few
-             rows cost less than one of a single row: the step cost's 9-row anomaly);
+  gemm_rows  one layer's four products and its attention at 1 to 32 rows, both shapes (does a
+             call of a few rows cost less than one of a single row: the step cost's 9-row anomaly);
   train      MTP training tokens/s, ours vs the PyTorch reference (scripts/reference.py), on the
              135M shape; peak training memory vs our estimate;
   demo       the demo end to end: tokens per forward, speedup over AR, outputs identical;
@@ -305,8 +305,11 @@ class Check:
         rows, each shape's weights, as libtorch runs them for our binary too (`linear`): the
         step-cost section found a 9-row step cheaper than a 1-row AR step (the low-rank form at
         2 masks, both shapes, both GPU sessions), which only the products' kernels choosing
-        differently by row count would explain. Microseconds per call, median of 50 timed
-        rounds of 20 calls each (synchronised)."""
+        differently by row count would explain. With them, the layer's attention as each step
+        issues it over 100 cached positions (grouped heads in the kernel): one row without a
+        mask (AR's call), more rows under an additive mask (a step's), and one row under a mask
+        too, in case the unmasked call takes a slower kernel. Microseconds per call, median of
+        50 timed rounds of 20 calls each (synchronised)."""
         dims = {"smollm2-135m": (576, 1536, 9, 3, 64), "llama-3.1-8b": (4096, 14336, 32, 8, 128),
                 "tiny": (64, 172, 4, 2, 16)}
         rows = [1, 2, 3, 4, 5, 8, 9, 12, 16, 25, 32]
@@ -318,23 +321,36 @@ class Check:
             products = {"qkv": ((heads + 2 * kv) * hd, d), "o": (d, heads * hd), "gate_up": (2 * inter, d),
                         "down": (d, inter)}
             weights = {name: torch.randn(o, i, **opts) * 0.02 for name, (o, i) in products.items()}
+
+            def timed(call) -> float:
+                with torch.no_grad():
+                    for _ in range(3):
+                        call()
+                    times = []
+                    for _ in range(rounds):
+                        sync(self.dev)
+                        t0 = time.perf_counter()
+                        for _ in range(calls):
+                            call()
+                        sync(self.dev)
+                        times.append((time.perf_counter() - t0) / calls * 1e6)
+                return sorted(times)[len(times) // 2]
+
+            sdpa, past = torch.nn.functional.scaled_dot_product_attention, 100
             for m in rows:
                 row = {"shape": shape, "rows": m}
                 for name, w in weights.items():
                     x = torch.randn(1, m, w.shape[1], **opts)
-                    with torch.no_grad():
-                        for _ in range(3):
-                            torch.nn.functional.linear(x, w)
-                        times = []
-                        for _ in range(rounds):
-                            sync(self.dev)
-                            t0 = time.perf_counter()
-                            for _ in range(calls):
-                                torch.nn.functional.linear(x, w)
-                            sync(self.dev)
-                            times.append((time.perf_counter() - t0) / calls * 1e6)
-                    row[f"{name}_us"] = sorted(times)[len(times) // 2]
+                    row[f"{name}_us"] = timed(lambda: torch.nn.functional.linear(x, w))
                 row["layer_us"] = sum(row[f"{n}_us"] for n in weights)
+                q = torch.randn(1, heads, m, hd, **opts)
+                k, v = (torch.randn(1, kv, past + m, hd, **opts) for _ in range(2))
+                mask = torch.zeros(m, past + m, **opts)
+                if m == 1:
+                    row["attention_us"] = timed(lambda: sdpa(q, k, v, enable_gqa=True))
+                    row["attention_masked_us"] = timed(lambda: sdpa(q, k, v, attn_mask=mask, enable_gqa=True))
+                else:
+                    row["attention_us"] = timed(lambda: sdpa(q, k, v, attn_mask=mask, enable_gqa=True))
                 out.append(row)
             del weights
         self.result["gemm_rows"] = out
@@ -636,12 +652,16 @@ def markdown(r: dict) -> str:
                      f"{f(a.get('graphed_over_transformers'))}x | {f(100 * a['graphed_fraction_of_bound'] if 'graphed_fraction_of_bound' in a else None, 0)}% | "
                      f"{a.get('graphed_identical')} |")
     if r.get("gemm_rows"):
-        s.append("\n### One layer's four products by rows (microseconds a call)\n\n| shape | rows | q/k/v | o | gate/up "
-                 "| down | layer | / 1 row |\n|---|---|---|---|---|---|---|---|")
+        s.append("\n### One layer's four products and attention by rows (microseconds a call)\n\n| shape | rows | q/k/v "
+                 "| o | gate/up | down | products | / 1 row | attention (1 row: unmasked / masked) |"
+                 "\n|---|---|---|---|---|---|---|---|---|")
         one = {g["shape"]: g["layer_us"] for g in r["gemm_rows"] if g["rows"] == 1}
         for g in r["gemm_rows"]:
+            attention = f(g.get("attention_us"), 1)
+            if "attention_masked_us" in g:
+                attention += f" / {f(g['attention_masked_us'], 1)}"
             s.append(f"| {g['shape']} | {g['rows']} | {f(g['qkv_us'], 1)} | {f(g['o_us'], 1)} | {f(g['gate_up_us'], 1)} | "
-                     f"{f(g['down_us'], 1)} | {f(g['layer_us'], 1)} | {f(g['layer_us'] / one[g['shape']])} |")
+                     f"{f(g['down_us'], 1)} | {f(g['layer_us'], 1)} | {f(g['layer_us'] / one[g['shape']])} | {attention} |")
     if r.get("step_cost"):
         s.append("\n### Step cost (one speculative step / one AR step)\n\n| shape | adapter form | CUDA graphs | mode "
                  "| masks | ratio |\n|---|---|---|---|---|---|")

@@ -46,7 +46,7 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
             ],
         ),
         ("step_cost", &["shape", "form", "mode", "masks", "ratio"]),
-        ("gemm_rows", &["shape", "rows", "qkv_us", "o_us", "gate_up_us", "down_us", "layer_us"]),
+        ("gemm_rows", &["shape", "rows", "qkv_us", "o_us", "gate_up_us", "down_us", "layer_us", "attention_us"]),
         ("train", &["shape", "ours_tokens_per_s", "reference_tokens_per_s", "peak_bytes", "estimate_bytes"]),
         ("demo", &["masks", "tokens_per_forward", "speedup", "identical"]),
         ("parity", &["family", "dtype", "max_abs_diff", "greedy_identical", "ok"]),
