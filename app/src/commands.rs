@@ -103,7 +103,7 @@ impl WorkbenchApp {
                         self.runtime.train_log.clear();
                         self.send(request);
                     }
-                    Err(e) => self.runtime.errors.push(format!("Train: {e:#}")),
+                    Err(e) => self.runtime.errors.push(format!("Train: {}", crate::error_text(&e))),
                 }
             }
             Command::Resume(run_dir) => {
@@ -163,7 +163,7 @@ impl WorkbenchApp {
     fn send_built(&mut self, request: anyhow::Result<Request>) {
         match request {
             Ok(r) => self.send(r),
-            Err(e) => self.runtime.errors.push(format!("{e:#}")),
+            Err(e) => self.runtime.errors.push(crate::error_text(&e)),
         }
     }
 

@@ -315,6 +315,33 @@ fn stop_leaves_a_resumable_checkpoint() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A new run that fails before its first step (here: a dataset with no usable example)
+/// leaves its folder as it found it: a file already there stays, what the run wrote goes,
+/// a folder it made goes, and a retry with good data starts in the same place.
+#[test]
+fn a_run_that_fails_before_its_first_step_leaves_nothing() -> anyhow::Result<()> {
+    let m = load("llama")?;
+    let tmp = tempfile::tempdir()?;
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "")?;
+    let bad = TrainConfig { data: empty.display().to_string().parse::<DataSource>()?, ..small_config(3) };
+    // A folder the run makes, and one that holds a file of the user's.
+    let made = tmp.path().join("made");
+    let kept = tmp.path().join("kept");
+    std::fs::create_dir(&kept)?;
+    std::fs::write(kept.join("notes.txt"), "mine")?;
+    for dir in [&made, &kept] {
+        let failed = mtp_core::train::train(&m, &bad, dir, &mut (), &Control::new());
+        assert!(failed.is_err(), "a run on an empty dataset started");
+    }
+    assert!(!made.exists(), "the run's folder was left behind");
+    let left: Vec<_> = std::fs::read_dir(&kept)?.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("notes.txt")]);
+    let summary = mtp_core::train::train(&m, &small_config(3), &made, &mut (), &Control::new())?;
+    assert_eq!((summary.outcome, summary.step), (mtp_core::train::Outcome::Finished, 3));
+    Ok(())
+}
+
 #[test]
 fn adapters_round_trip_and_refuse_another_base() -> anyhow::Result<()> {
     let m = load("llama")?;

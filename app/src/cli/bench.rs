@@ -27,18 +27,18 @@ pub struct Args {
     pub prompts: Option<PathBuf>,
     /// Mask counts, comma-separated; `auto` chooses each step's count from the recent
     /// acceptance (default: the adapter's k).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     pub masks: Vec<MaskCount>,
     /// Modes, comma-separated (AR always runs as the baseline).
     #[arg(long, value_delimiter = ',', default_value = "ar,linear,quadratic")]
     pub modes: Vec<Mode>,
     /// New tokens per prompt.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::common::at_least_one)]
     pub max_new_tokens: usize,
     /// Run each generation this many times and count the fastest (for a noisy machine); the
     /// runs of a prompt go round its modes in turn, so each mode's fastest comes from the
     /// same stretch of time.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::common::at_least_one)]
     pub repeats: usize,
     /// Print one JSON object.
     #[arg(long)]
@@ -57,6 +57,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (_, loaded) = args.model.load()?;
     let drafter = args.adapter.drafter(&source, &loaded.model)?;
     let masks = if args.masks.is_empty() { vec![MaskCount::Fixed(drafter.k())] } else { args.masks.clone() };
+    for m in &masks {
+        m.check(drafter.k()).context("--masks")?;
+    }
     let config =
         BenchConfig { modes: args.modes.clone(), masks, max_new_tokens: args.max_new_tokens, repeats: args.repeats };
 
@@ -71,8 +74,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bar.set_message(what.to_owned());
         ControlFlow::Continue(())
     };
-    let report =
-        run_bench(&loaded.model, &drafter, &loaded.tokenizer, &prompts, &config, &mut progress).context("--masks")?;
+    let report = run_bench(&loaded.model, &drafter, &loaded.tokenizer, &prompts, &config, &mut progress)
+        .with_context(|| format!("benchmarking {}", prompts_path.display()))?;
     bar.finish_and_clear();
 
     if let Some(dir) = &args.out {

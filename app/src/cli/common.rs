@@ -119,3 +119,12 @@ impl AdapterArg {
         Ok(Drafter::new(model, &adapter, options)?)
     }
 }
+
+/// A count that must be at least 1 (clap value parser).
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}

@@ -34,7 +34,7 @@ pub struct Args {
     #[arg(long)]
     pub out: PathBuf,
     /// Prompts to continue.
-    #[arg(long, default_value_t = DistillConfig::default().sequences)]
+    #[arg(long, default_value_t = DistillConfig::default().sequences, value_parser = super::common::at_least_one)]
     pub sequences: usize,
     /// Tokens per prompt (text prompts; chat prompts are the questions as they are).
     #[arg(long, default_value_t = DistillConfig::default().prompt_tokens)]
@@ -43,7 +43,7 @@ pub struct Args {
     #[arg(long, default_value_t = DistillConfig::default().new_tokens)]
     pub new_tokens: usize,
     /// Prompts decoded together.
-    #[arg(long, default_value_t = DistillConfig::default().batch_size)]
+    #[arg(long, default_value_t = DistillConfig::default().batch_size, value_parser = super::common::at_least_one)]
     pub batch_size: usize,
     /// Seed of the prompt choice.
     #[arg(long, default_value_t = 0)]

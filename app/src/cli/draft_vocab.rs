@@ -36,10 +36,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "--adapter FILE",
     )?;
     let mut adapter = args.adapter.load(&source, &loaded.model)?;
+    let vocab = loaded.model.config.vocab_size;
+    // A size that is not smaller than the vocabulary would store none: refuse rather than
+    // silently drop the vocabulary the adapter has (0 is how to remove it).
+    if args.size >= vocab {
+        anyhow::bail!(
+            "--size {}: the model's vocabulary has {vocab} tokens, so a draft vocabulary must be smaller \
+             (0 removes it); {} is unchanged",
+            args.size,
+            path.display()
+        );
+    }
     let data = args.data.parse().context("--data")?;
     let (examples, report) = read_examples(&data, false)?;
     let seqs = examples.iter().map(|e| tokenize(e, &loaded.tokenizer)).collect::<Result<Vec<_>, _>>()?;
-    let vocab = loaded.model.config.vocab_size;
     adapter.draft_vocab = frequent_targets(&seqs, args.size, vocab);
     let out = args.out.unwrap_or(path);
     adapter.save(&out)?;
@@ -62,7 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
         None => {
-            eprintln!("{}: no draft vocabulary (size 0, or not smaller than the vocabulary of {vocab})", out.display())
+            eprintln!("{}: no draft vocabulary (removed: size 0)", out.display())
         }
     }
     Ok(())

@@ -55,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 // README, "Serving at scale".
                 let (dir, base, width) = (done.dir.display(), &done.config.base_model_name_or_path, done.masks + 1);
                 println!(
-                    "serve it with SGLang:\n  python -m sglang.launch_server --model-path {base} --attention-backend fa3 \\\n    \
+                    "serve it with SGLang:\n  python -m sglang.launch_server --model-path {base} --dtype bfloat16 \\\n    --attention-backend fa3 \
                      --speculative-algorithm UNO --uno-lora-path {dir} --speculative-num-steps 1 \\\n    \
                      --speculative-eagle-topk 1 --speculative-num-draft-tokens {width}"
                 );
@@ -66,7 +66,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             mtp_core::mtp::MtpAdapter::read_header(&args.adapter)?;
             let bytes = std::fs::read(&args.adapter).with_context(|| format!("reading {}", args.adapter.display()))?;
             mtp_core::fsutil::write_atomic(&args.out, &bytes)?;
-            println!("copied {} to {}", args.adapter.display(), args.out.display());
+            if args.json {
+                super::print_json(&serde_json::json!({ "file": args.out, "bytes": bytes.len() }))?;
+            } else {
+                println!("copied {} to {}", args.adapter.display(), args.out.display());
+            }
         }
     }
     Ok(())

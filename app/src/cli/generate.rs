@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     pub prompt: Option<String>,
     /// The prompt as comma-separated token ids.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     pub prompt_ids: Option<Vec<i64>>,
     /// Wrap `--prompt` as a user turn with the model's chat template.
     #[arg(long, requires = "prompt")]
@@ -32,13 +32,13 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 means greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Sample only among the k most likely tokens.
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Sample only among the most likely tokens holding this much probability.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f64>,
     /// Seed of sampled decoding.
     #[arg(long, default_value_t = 0)]
@@ -51,7 +51,7 @@ pub struct Args {
     pub mode: Mode,
     /// Mask tokens per step (1..=k of the adapter, or auto: chosen each step from the recent
     /// acceptance and the step's measured cost; default: auto).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub masks: Option<MaskCount>,
     /// Keep generating after an end-of-sequence token (benchmarks: always `--max-new-tokens`).
     #[arg(long)]
@@ -119,8 +119,8 @@ struct Report<'a> {
 
 impl Args {
     fn decoding(&self) -> anyhow::Result<Decoding> {
-        if self.temperature < 0.0 {
-            anyhow::bail!("--temperature must be >= 0 (0 = greedy), got {}", self.temperature);
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            anyhow::bail!("--temperature must be finite and >= 0 (0 = greedy), got {}", self.temperature);
         }
         Ok(if self.temperature == 0.0 {
             Decoding::Greedy
@@ -149,12 +149,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(ids)) => ids.clone(),
         (None, None) => anyhow::bail!("give --prompt or --prompt-ids"),
     };
+    if args.mode == Mode::Ar {
+        let unused: Vec<&str> = [(args.adapter.adapter.is_some(), "--adapter"), (args.masks.is_some(), "--masks")]
+            .into_iter()
+            .filter_map(|(given, flag)| given.then_some(flag))
+            .collect();
+        if !unused.is_empty() {
+            eprintln!("note: --mode ar decodes without an adapter; {} not used", unused.join(" and "));
+        }
+    }
     let drafter = match args.mode {
         Mode::Ar => None,
         mode => Some(
             args.adapter
                 .drafter(&source, &loaded.model)
-                .with_context(|| format!("--mode {mode} needs an MTP adapter"))?,
+                .with_context(|| format!("--mode {mode} (it drafts with an MTP adapter)"))?,
         ),
     };
     let masks = match (&drafter, args.masks) {
@@ -241,7 +250,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         println!("{}", stream.finish());
         eprintln!(
-            "[{} tokens, {} forwards ({:.2} tokens/forward), {:.1} tokens/s, stop: {:?}]",
+            "[{} tokens, {} forwards ({:.2} tokens/forward), {:.1} tokens/s, stop: {}]",
             out.token_ids.len(),
             out.forwards,
             out.tokens_per_forward(),

@@ -56,7 +56,15 @@ pub enum Command {
 /// Parse arguments, run, and turn any error into a message on stderr and exit code 1.
 pub fn main() -> ExitCode {
     init_tracing();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = resume_keeps_its_recipe(&matches) {
+        eprintln!("error: {}", crate::error_text(&e));
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Download(a) => download::run(a),
@@ -72,15 +80,55 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", crate::error_text(&e));
             ExitCode::FAILURE
         }
     }
 }
 
+/// `train --resume` and `pretrain --resume` continue a run with the recipe saved in its
+/// folder: only `--steps` (the new total) and how progress is shown may change. Any other
+/// option given on the command line would be silently ignored, so it is refused, by name.
+fn resume_keeps_its_recipe(matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let Some((name, sub)) = matches.subcommand() else { return Ok(()) };
+    if !matches!(name, "train" | "pretrain")
+        || sub.value_source("resume") != Some(clap::parser::ValueSource::CommandLine)
+    {
+        return Ok(());
+    }
+    let allowed = ["resume", "steps", "json"];
+    let command = <Cli as clap::CommandFactory>::command();
+    let Some(cmd) = command.find_subcommand(name) else { return Ok(()) };
+    let given: Vec<String> = cmd
+        .get_arguments()
+        .filter(|a| !allowed.contains(&a.get_id().as_str()))
+        .filter(|a| sub.value_source(a.get_id().as_str()) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|a| a.get_long().map_or_else(|| a.get_id().to_string(), |l| format!("--{l}")))
+        .collect();
+    if given.is_empty() {
+        return Ok(());
+    }
+    let dir = sub.get_one::<std::path::PathBuf>("resume").map(|d| d.display().to_string()).unwrap_or_default();
+    anyhow::bail!(
+        "{}: a resumed run keeps the recipe in {dir} (only --steps, the new total, can change); \
+         start a new run with --out to train with other settings",
+        given.join(", ")
+    )
+}
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colours only for a terminal: a log file or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
+}
+
+/// A run stopped on request (Ctrl-C) ends with status 130, as an interrupted program does,
+/// so that a script can tell it from a finished run; its checkpoint is saved by then.
+pub(crate) fn exit_if_stopped(outcome: mtp_core::train::Outcome) {
+    if outcome == mtp_core::train::Outcome::Stopped {
+        std::process::exit(130);
+    }
 }
 
 /// Print `value` as one line of JSON on stdout.

@@ -103,12 +103,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })?;
     reporter.finish();
     eprintln!(
-        "{:?} at step {} after {:.0} s: {} parameters; model folder {}",
+        "{} at step {} after {:.0} s: {} parameters; model folder {}",
         summary.outcome,
         summary.step,
         start.elapsed().as_secs_f64(),
         summary.parameters,
         summary.model_dir.display()
     );
+    super::exit_if_stopped(summary.outcome);
     Ok(())
 }

@@ -24,7 +24,9 @@ pub struct Args {
     /// A model folder, a hub repo id (owner/name[@revision]) or `demo`.
     #[arg(long, required_unless_present = "resume")]
     pub model: Option<String>,
-    /// JSONL file, text file, folder of text/source files, or builtin:arith / builtin:code.
+    /// The training set: a JSONL, JSON or Parquet file (chat messages, ShareGPT, Alpaca,
+    /// prompt/completion or text rows), a text file, a folder of text/source files, a hub
+    /// dataset (owner/name[@revision]), builtin:NAME[:COUNT], or several joined by commas.
     #[arg(long, required_unless_present = "resume")]
     pub data: Option<String>,
     /// The run folder (config.json, metrics.jsonl, checkpoints/, adapter.safetensors).
@@ -321,12 +323,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("peak memory of the run (host, resident): {}", human_bytes(peak));
     }
     eprintln!(
-        "{:?} at step {}; adapter: {}; resume with: mtp train --resume {}",
+        "{} at step {}; adapter: {}; resume with: mtp train --resume {}",
         summary.outcome,
         summary.step,
         summary.adapter.display(),
         run_dir.display()
     );
+    super::exit_if_stopped(summary.outcome);
     Ok(())
 }
 

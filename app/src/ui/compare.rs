@@ -128,7 +128,7 @@ fn lane(ui: &mut egui::Ui, rt: &Runtime, title: &str, l: &LaneState) {
         l.tokens_per_forward(),
         super::timing(rt, format!("{:.1}", l.tokens_per_second())),
         l.done.as_ref().map_or(String::new(), |d| format!(
-            " · {:?}{}",
+            " · {}{}",
             d.stop,
             if d.cuda_graph { " · CUDA graphs" } else { "" }
         ))

@@ -164,7 +164,7 @@ impl Worker {
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.handle(request, &requests)));
             match result {
                 Ok(Ok(follow)) => next = follow,
-                Ok(Err(e)) => self.emit(Event::Failed(job, format!("{e:#}"))),
+                Ok(Err(e)) => self.emit(Event::Failed(job, crate::error_text(&e))),
                 Err(panic) => self.emit(Event::Failed(job, format!("internal error: {}", panic_message(&panic)))),
             }
             self.emit(Event::Finished(job));

@@ -19,7 +19,14 @@ pub fn check_request(model: &Llama, req: &GenerateRequest, extra: usize) -> Resu
     let context = model.config.context_length();
     if needed > context {
         return Err(Error::ContextLength {
-            what: format!("a prompt of {} tokens + {} new tokens", req.prompt_ids.len(), req.max_new_tokens),
+            what: match extra {
+                0 => format!("a prompt of {} tokens + {} new tokens", req.prompt_ids.len(), req.max_new_tokens),
+                _ => format!(
+                    "a prompt of {} tokens + {} new tokens + {extra} positions for a speculative step's drafts and masks",
+                    req.prompt_ids.len(),
+                    req.max_new_tokens
+                ),
+            },
             needed,
             context,
         });

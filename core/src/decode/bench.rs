@@ -249,6 +249,9 @@ pub fn run_bench(
     config: &BenchConfig,
     progress: &mut dyn BenchProgress,
 ) -> Result<BenchReport> {
+    if config.repeats == 0 {
+        return Err(Error::Invalid("repeats must be at least 1".into()));
+    }
     for m in &config.masks {
         m.check(drafter.k())?;
     }
@@ -258,11 +261,24 @@ pub fn run_bench(
         .collect();
     let strategies: Vec<Strategy> =
         runs.iter().map(|&(mode, masks)| Strategy::new(mode, Some(drafter), masks)).collect::<Result<_>>()?;
-    let encoded: Vec<Vec<i64>> = prompts.iter().map(|p| p.encode(tokenizer)).collect::<Result<_>>()?;
-    let total = prompts.len() * runs.len() * config.repeats;
-    if config.repeats == 0 {
-        return Err(Error::Invalid("repeats must be at least 1".into()));
+    // Every prompt encoded and every request checked before anything runs: a prompt that
+    // cannot run is named, not found after the others have.
+    let named = |i: usize, p: &BenchPrompt, e: Error| Error::Invalid(format!("prompt {} ({}): {e}", i + 1, p.domain));
+    let mut encoded: Vec<Vec<i64>> = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        let ids = p.encode(tokenizer).map_err(|e| named(i, p, e))?;
+        let req = GenerateRequest {
+            prompt_ids: ids,
+            max_new_tokens: config.max_new_tokens,
+            decoding: Decoding::Greedy,
+            eos_ids: vec![],
+        };
+        for strategy in &strategies {
+            super::ar::check_request(model, &req, strategy.reach()).map_err(|e| named(i, p, e))?;
+        }
+        encoded.push(req.prompt_ids);
     }
+    let total = prompts.len() * runs.len() * config.repeats;
 
     // Warm-up: caches, allocator, thread pool.
     let warm = GenerateRequest {

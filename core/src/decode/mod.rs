@@ -110,6 +110,17 @@ pub enum StopReason {
     Cancelled,
 }
 
+impl std::fmt::Display for StopReason {
+    /// What a user reads: "end of sequence", "token limit", "stopped".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::Eos => "end of sequence",
+            StopReason::MaxTokens => "token limit",
+            StopReason::Cancelled => "stopped",
+        })
+    }
+}
+
 /// The result of one generation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateOutput {

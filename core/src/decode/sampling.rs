@@ -25,7 +25,7 @@ impl SamplingParams {
     /// Check the ranges.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(Error::Invalid(format!("temperature must be > 0, got {}", self.temperature)));
+            return Err(Error::Invalid(format!("temperature must be finite and > 0, got {}", self.temperature)));
         }
         if self.top_k == Some(0) {
             return Err(Error::Invalid("top-k must be at least 1".into()));

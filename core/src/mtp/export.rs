@@ -86,6 +86,15 @@ pub fn peft_key(name: &str) -> Option<String> {
     Some(format!("base_model.model.model.layers.{layer}.{block}.{module}.{factor}.weight"))
 }
 
+/// The base model as a serving engine or PEFT finds it: the built-in demo by its folder
+/// (no hub knows "demo"), anything else (a repo id, a folder) as the adapter recorded it.
+fn serving_name(recorded: &str) -> String {
+    match recorded.parse::<crate::ModelSource>() {
+        Ok(crate::ModelSource::Demo) => crate::source::demo_model_dir().display().to_string(),
+        _ => recorded.to_owned(),
+    }
+}
+
 /// Write the adapter in `adapter` as a PEFT LoRA folder `out` (created when missing; each
 /// file written to a temporary name and renamed). An adapter of the paper's recipe is
 /// refused with what it has that UNO cannot serve.
@@ -126,7 +135,7 @@ pub fn export_peft(adapter: &Path, out: &Path) -> Result<PeftExport> {
     let peft = PeftConfig {
         peft_type: "LORA",
         task_type: "CAUSAL_LM",
-        base_model_name_or_path: base.name,
+        base_model_name_or_path: serving_name(&base.name),
         r: config.lora.rank,
         lora_alpha: config.lora.alpha,
         target_modules: targets,
@@ -146,6 +155,15 @@ pub fn export_peft(adapter: &Path, out: &Path) -> Result<PeftExport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The demo is named by its folder in the PEFT config (what SGLang and vLLM load);
+    /// repo ids and folders stay as recorded.
+    #[test]
+    fn the_demo_base_is_named_by_its_folder() {
+        assert_eq!(serving_name("demo"), crate::source::demo_model_dir().display().to_string());
+        assert_eq!(serving_name("HuggingFaceTB/SmolLM2-135M-Instruct"), "HuggingFaceTB/SmolLM2-135M-Instruct");
+        assert_eq!(serving_name("/models/llama"), "/models/llama");
+    }
 
     #[test]
     fn our_names_map_to_peft_keys() {

@@ -11,7 +11,7 @@ use super::control::Control;
 use super::data::{self, DataReport, DataSource, Example, Tokenized};
 use super::events::TrainSink;
 use super::optim::{OptimConfig, Schedule};
-use super::trainer::{LoopConfig, LoopSettings, Objective, Outcome, PreparedData, RunDir, optimize};
+use super::trainer::{FreshRun, LoopConfig, LoopSettings, Objective, Outcome, PreparedData, RunDir, optimize};
 use crate::checkpoint::{SINGLE_FILE, save};
 use crate::device::{DType, DeviceSpec};
 use crate::error::{Error, Result, read_json};
@@ -274,10 +274,32 @@ pub fn pretrain(
     sink: &mut dyn TrainSink,
     control: &Control,
 ) -> Result<PretrainSummary> {
+    // A new run that fails before its first step leaves the folder as it found it.
+    let fresh = (!resume && !recipe_path(out).exists()).then(|| FreshRun::begin(out));
+    pretrain_run(config, out, resume, sink, control).inspect_err(|_| {
+        if let Some(fresh) = &fresh {
+            fresh.discard_if_unstarted();
+        }
+    })
+}
+
+fn pretrain_run(
+    config: &PretrainConfig,
+    out: &Path,
+    resume: bool,
+    sink: &mut dyn TrainSink,
+    control: &Control,
+) -> Result<PretrainSummary> {
     if config.data.is_empty() {
         return Err(Error::Invalid("pretraining needs at least one dataset".into()));
     }
     config.training.validate()?;
+    let (seq_len, context) = (config.training.seq_len, config.arch.max_position_embeddings);
+    if seq_len > context {
+        return Err(Error::Invalid(format!(
+            "training sequences of {seq_len} tokens are longer than the model's context of {context} positions"
+        )));
+    }
     let run = RunDir(out.to_owned());
     if !resume && recipe_path(out).exists() {
         return Err(Error::Invalid(format!(

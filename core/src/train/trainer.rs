@@ -319,6 +319,16 @@ pub enum Outcome {
     Stopped,
 }
 
+impl std::fmt::Display for Outcome {
+    /// "finished" or "stopped".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Finished => "finished",
+            Outcome::Stopped => "stopped",
+        })
+    }
+}
+
 /// The result of [`train`].
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
@@ -549,9 +559,55 @@ pub fn train(
             run_dir.display()
         )));
     }
-    std::fs::create_dir_all(run.checkpoints()).map_err(|e| Error::io(run.checkpoints(), e))?;
-    write_json_atomic(&run.config(), config)?;
-    run_loop(loaded, config, &run, false, sink, control)
+    let fresh = FreshRun::begin(run_dir);
+    let started = std::fs::create_dir_all(run.checkpoints())
+        .map_err(|e| Error::io(run.checkpoints(), e))
+        .and_then(|()| write_json_atomic(&run.config(), config))
+        .and_then(|()| run_loop(loaded, config, &run, false, sink, control));
+    started.inspect_err(|_| fresh.discard_if_unstarted())
+}
+
+/// What a new run's folder held before the run began, so that a run that fails before its
+/// first step (no usable data, a bad recipe found late) leaves nothing behind: a retry
+/// with other settings would otherwise find "a run" there, and resuming it would fail
+/// again the same way.
+pub(crate) struct FreshRun {
+    dir: PathBuf,
+    existed: bool,
+    entries: std::collections::HashSet<std::ffi::OsString>,
+}
+
+impl FreshRun {
+    /// Note what `dir` holds now.
+    pub(crate) fn begin(dir: &Path) -> Self {
+        let entries = std::fs::read_dir(dir)
+            .map(|it| it.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
+            .unwrap_or_default();
+        Self { dir: dir.to_owned(), existed: dir.exists(), entries }
+    }
+
+    /// When no step was recorded and no checkpoint written, remove what the run added
+    /// (files, and folders it made), and the folder itself if the run made it and it is
+    /// empty; a run that got further is kept for `--resume`.
+    pub(crate) fn discard_if_unstarted(&self) {
+        let run = RunDir(self.dir.clone());
+        let stepped = std::fs::metadata(run.metrics()).is_ok_and(|m| m.len() > 0);
+        if stepped || run.latest_checkpoint().is_some() {
+            return;
+        }
+        let Ok(now) = std::fs::read_dir(&self.dir) else { return };
+        for entry in now.filter_map(|e| e.ok()).filter(|e| !self.entries.contains(&e.file_name())) {
+            let path = entry.path();
+            let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            if let Err(e) = removed {
+                tracing::warn!("could not remove {} after the run failed: {e}", path.display());
+            }
+        }
+        if !self.existed {
+            // Only if empty: `remove_dir` refuses otherwise.
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
 }
 
 /// Continue the run in `run_dir` from its newest checkpoint, up to `steps` in total (or
@@ -711,6 +767,16 @@ fn run_loop(
     control: &Control,
 ) -> Result<TrainSummary> {
     let model = &loaded.model;
+    // Mask j after token i sits at position i + j: a sequence needs k positions beyond it.
+    let (seq_len, k, context) = (config.training.seq_len, config.method.k, model.config.context_length());
+    if seq_len + k > context {
+        return Err(Error::Invalid(format!(
+            "training sequences of {seq_len} tokens with {k} masks reach position {} but the model's context is \
+             {context} positions: use sequences of at most {} tokens",
+            seq_len + k - 1,
+            context.saturating_sub(k)
+        )));
+    }
     let data = prepare_data(config, loaded)?;
     let mut adapter = crate::device::seeded(config.training.seed, || {
         MtpAdapter::new(model, config.method.clone(), &loaded.source.to_string())
