@@ -272,7 +272,7 @@ fn generate_bench_and_probe_with_an_adapter() -> anyhow::Result<()> {
     let slots = probe["slots"].as_array().cloned().unwrap_or_default();
     assert_eq!(slots.len(), 3); // next token + 2 masks
     assert!(
-        slots.iter().all(|s| s["rank_base"].as_u64().is_some_and(|r| r >= 1) && s["rank_sampler"].as_u64().is_some())
+        slots.iter().all(|s| s["rank_base"].as_u64().is_some_and(|r| r >= 1) && (s["slot"] == 0) == s["rank_sampler"].is_null())
     );
     Ok(())
 }

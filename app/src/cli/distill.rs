@@ -59,6 +59,9 @@ struct Summary {
     out: PathBuf,
     sequences: usize,
     new_tokens: usize,
+    /// Of those, the tokens this run decoded (the rest came from an earlier run's partial
+    /// file); tokens per second counts these.
+    decoded_tokens: usize,
     ended_with_eos: usize,
     seconds: f64,
     tokens_per_second: f64,
@@ -103,6 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         out: args.out.clone(),
         sequences: out.len(),
         new_tokens,
+        decoded_tokens: outcome.decoded_tokens,
         ended_with_eos: out.iter().filter(|d| d.completion_ids.last().is_some_and(|t| tok.eos_ids.contains(t))).count(),
         seconds,
         // What this run decoded, not what it took from an earlier one.

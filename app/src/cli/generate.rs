@@ -160,11 +160,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let drafter = match args.mode {
         Mode::Ar => None,
-        mode => Some(
-            args.adapter
-                .drafter(&source, &loaded.model)
-                .with_context(|| format!("--mode {mode} (it drafts with an MTP adapter)"))?,
-        ),
+        mode => Some(args.adapter.drafter(&source, &loaded.model).with_context(|| match args.adapter.adapter {
+            None => format!("--mode {mode} needs an MTP adapter"),
+            Some(_) => format!("--mode {mode}"),
+        })?),
     };
     let masks = match (&drafter, args.masks) {
         (None, _) => MaskCount::Fixed(0),

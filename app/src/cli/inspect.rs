@@ -1,9 +1,10 @@
 //! `mtp inspect MODEL`.
 
+use anyhow::Context;
 use mtp_core::DType;
 use mtp_core::inspect::{ModelInfo, human_bytes};
 use mtp_core::model::ModelConfig;
-use mtp_core::mtp::LoraConfig;
+use mtp_core::mtp::{LoraConfig, MtpConfig};
 use mtp_core::source::{HubOptions, ModelSource};
 use mtp_core::train::memory::{MemoryEstimate, MemoryInputs, estimate};
 
@@ -48,6 +49,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let info = ModelInfo::from_folder(&dir)?;
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let lora = LoraConfig { rank: args.rank, ..LoraConfig::default() };
+    // The estimate is for a run `mtp train` would start: the same ranges.
+    MtpConfig { k: args.k, lora: lora.clone(), ..MtpConfig::default() }.validate().context("--k, --rank")?;
+    if args.batch_size == 0 || args.seq_len < 2 {
+        anyhow::bail!("--batch-size must be at least 1 and --seq-len at least 2");
+    }
+    let context = config.context_length();
+    if args.seq_len + args.k > context {
+        anyhow::bail!(
+            "--seq-len {} with --k {}: the masks reach position {}, beyond the model's context of {context} positions",
+            args.seq_len,
+            args.k,
+            args.seq_len + args.k - 1
+        );
+    }
     let dtype = args.dtype.unwrap_or_else(|| DType::default_for(args.device));
     let inputs = |checkpointing| MemoryInputs {
         k: args.k,
@@ -74,7 +89,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         });
         return super::print_json(&v);
     }
-    println!("model        {source} ({})", dir.display());
+    match dir.display().to_string() {
+        // A folder names itself; a repo id or `demo` shows where it lives.
+        path if path == source.to_string() => println!("model        {path}"),
+        path => println!("model        {source} ({path})"),
+    }
     println!("model_type   {}", info.model_type);
     println!("parameters   {} ({:.1} M)", info.num_parameters, info.num_parameters as f64 / 1e6);
     println!("hidden_size  {}", info.hidden_size);
@@ -84,9 +103,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("context      {}", info.context_length);
     println!("tied head    {}", info.tie_word_embeddings);
     println!("stored as    {} ({})", info.stored_dtype, human_bytes(info.stored_bytes));
-    for (dtype, bytes) in &info.weight_bytes {
-        println!("weights {dtype:<4} {}", human_bytes(*bytes));
-    }
+    let weights: Vec<String> = info.weight_bytes.iter().map(|(d, b)| format!("{} in {d}", human_bytes(*b))).collect();
+    println!("weights      {}", weights.join(", "));
     println!(
         "training     k = {}, rank {}, batch {}, {} tokens, {}{}: about {} ({} with activation checkpointing)",
         args.k,

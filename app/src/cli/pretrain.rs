@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
+
 use mtp_core::train::pretrain::{ArchConfig, DEFAULT_VOCAB_SIZE, PretrainConfig, TokenizerPlan, pretrain, read_recipe};
 use mtp_core::train::{Control, DataSource, TrainEvent};
 
@@ -65,6 +67,7 @@ impl Args {
         arch.num_kv_heads = self.kv_heads.unwrap_or(arch.num_kv_heads);
         arch.intermediate_size = self.intermediate_size.unwrap_or(arch.intermediate_size);
         arch.max_position_embeddings = self.context.unwrap_or(arch.max_position_embeddings);
+        arch.validate().context("--hidden-size, --layers, --heads, --kv-heads, --intermediate-size, --context")?;
         let data = self.data.iter().map(|d| d.parse::<DataSource>()).collect::<Result<Vec<_>, _>>()?;
         Ok(PretrainConfig {
             data,
@@ -92,7 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         None => (args.config()?, args.out.clone().unwrap_or_default(), false),
     };
-    let mut reporter = Reporter::new(args.json);
+    let mut reporter = Reporter::new(args.json).without_sampler(true);
     let mut sink = |e: &TrainEvent| reporter.event(e);
     let start = std::time::Instant::now();
     let summary = pretrain(&config, &out, resume, &mut sink, &control).map_err(|e| match e {

@@ -145,11 +145,19 @@ impl Args {
 pub(crate) struct Reporter {
     json: bool,
     bar: Option<ProgressBar>,
+    /// Whether the run trains a sampler head (its loss and accuracies are then shown).
+    sampler: bool,
 }
 
 impl Reporter {
     pub(crate) fn new(json: bool) -> Self {
-        Self { json, bar: None }
+        Self { json, bar: None, sampler: true }
+    }
+
+    /// For a run without a sampler head (UNO, the ablation, pretraining): its loss and
+    /// accuracies, always zero or empty, are left out of the lines.
+    pub(crate) fn without_sampler(self, without: bool) -> Self {
+        Self { sampler: !without, ..self }
     }
 
     pub(crate) fn event(&mut self, e: &TrainEvent) {
@@ -208,11 +216,12 @@ impl Reporter {
                 let msg = if acc.is_empty() {
                     format!("loss {:.3} lr {:.2e} {:.0} tok/s", m.losses.loss, m.lr, m.tokens_per_second)
                 } else {
+                    let sampler =
+                        if self.sampler { format!(" sampler {:.3}", m.losses.loss_sampler) } else { String::new() };
                     format!(
-                        "loss {:.3} (base {:.3} sampler {:.3} lcm {:.3}) slot acc [{}] {:.0} tok/s",
+                        "loss {:.3} (base {:.3}{sampler} lcm {:.3}) slot acc [{}] {:.0} tok/s",
                         m.losses.loss,
                         m.losses.loss_base,
-                        m.losses.loss_sampler,
                         m.losses.loss_lcm,
                         acc.join(" "),
                         m.tokens_per_second
@@ -229,13 +238,13 @@ impl Reporter {
             }
             TrainEvent::Validation(m) => {
                 let round = |v: &[f64]| v.iter().map(|a| (a * 100.0).round() / 100.0).collect::<Vec<_>>();
-                let mut line = format!(
-                    "validation at step {}: loss {:.3}, slot accuracy {:?} (sampler {:?})",
-                    m.step,
-                    m.losses.loss,
-                    round(&m.losses.slot_acc),
-                    round(&m.losses.slot_acc_sampler),
-                );
+                let mut line = format!("validation at step {}: loss {:.3}", m.step, m.losses.loss);
+                if !m.losses.slot_acc.is_empty() {
+                    line.push_str(&format!(", slot accuracy {:?}", round(&m.losses.slot_acc)));
+                    if self.sampler {
+                        line.push_str(&format!(" (sampler {:?})", round(&m.losses.slot_acc_sampler)));
+                    }
+                }
                 if let Some(e) = &m.expected_tokens_per_forward {
                     line.push_str(&format!("; tokens/forward at 1..k masks: expected {:?}", round(e)));
                 }
@@ -273,7 +282,11 @@ pub(crate) fn cancel_on_ctrl_c(control: &Control) {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let control = Control::new();
     cancel_on_ctrl_c(&control);
-    let mut reporter = Reporter::new(args.json);
+    let has_sampler = match &args.resume {
+        Some(dir) => mtp_core::train::trainer::read_config(dir)?.method.sampler,
+        None => args.config()?.method.sampler,
+    };
+    let mut reporter = Reporter::new(args.json).without_sampler(!has_sampler);
     let mut estimate = None;
     let mut sink = |e: &TrainEvent| {
         if let TrainEvent::Prepared { memory_estimate, .. } = e {

@@ -60,7 +60,11 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     });
     busy_line(ui, rt, Job::Bench);
     let Some(report) = &rt.bench else {
-        ui.label("Run the benchmark to fill the table.");
+        ui.label(if rt.job == Some(Job::Bench) {
+            "The table fills in when the benchmark ends."
+        } else {
+            "Run the benchmark to fill the table."
+        });
         return;
     };
     ui.separator();

@@ -30,7 +30,9 @@ pub fn show(ui: &mut egui::Ui, app: &WorkbenchApp, commands: &mut Vec<Command>) 
                 ui.label(format!("{}{paused}", job.name()));
                 if let Some((msg, frac)) = &rt.progress {
                     match frac {
-                        Some(f) => ui.add(egui::ProgressBar::new(*f).desired_width(160.0).text(msg.as_str())),
+                        Some(f) => ui
+                            .add(egui::ProgressBar::new(*f).desired_width(320.0).text(msg.as_str()))
+                            .on_hover_text(msg.as_str()),
                         None => ui.label(msg),
                     };
                 }

@@ -4,6 +4,7 @@
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 use mtp_core::model::Proj;
+use mtp_core::mtp::loss::LcmReduction;
 use mtp_core::mtp::{Recipe, SamplerForm};
 use mtp_core::train::trainer::Checkpointing;
 use mtp_core::train::{Packing, Schedule, StepMetrics};
@@ -124,6 +125,22 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
                  every model (5, the default, is what the demo's adapter was trained with)",
                 |ui| ui.add(egui::DragValue::new(&mut r.lcm_weight).range(0.0..=100.0).speed(0.05)),
             );
+            form_row(
+                ui,
+                "LCM reduction",
+                "How the latent-consistency loss reduces over the hidden width: mean (one weight for every \
+                 width, the default) or sum (the first reading; its weight depends on the width)",
+                |ui| {
+                    egui::ComboBox::from_id_salt("lcm-reduction")
+                        .selected_text(r.lcm_reduction.to_string())
+                        .show_ui(ui, |ui| {
+                            for c in [LcmReduction::Mean, LcmReduction::Sum] {
+                                ui.selectable_value(&mut r.lcm_reduction, c, c.to_string());
+                            }
+                        })
+                        .response
+                },
+            );
             ui.label("Targets").on_hover_text("Projections that get gated LoRA");
             ui.horizontal_wrapped(|ui| {
                 let targets = &mut r.method.lora.targets;
@@ -164,6 +181,9 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
             });
             form_row(ui, "Grad clip", "Clip the global gradient norm (0 = off)", |ui| {
                 ui.add(egui::DragValue::new(&mut o.grad_clip).range(0.0..=100.0).speed(0.05))
+            });
+            form_row(ui, "Weight decay", "Decoupled (AdamW) weight decay of the trained parameters (0 = off)", |ui| {
+                ui.add(egui::DragValue::new(&mut o.weight_decay).range(0.0..=1.0).speed(0.001))
             });
             form_row(ui, "Seed", "Seed of initialisation and data order", |ui| {
                 ui.add(egui::DragValue::new(&mut r.training.seed))

@@ -22,7 +22,9 @@ pub struct SlotRank {
     pub rank_base: usize,
     /// 1-based rank under the tuned adapter (LM head on the mask's final state).
     pub rank_tuned: usize,
-    /// 1-based rank after the sampler head, when the adapter has one.
+    /// 1-based rank after the sampler head, for the mask slots of an adapter that has one
+    /// (`None` for slot 0: decoding takes the next token from the LM head, never from the
+    /// sampler).
     pub rank_sampler: Option<usize>,
 }
 
@@ -87,8 +89,8 @@ pub fn probe(model: &Llama, adapter: &MtpAdapter, prompt_ids: &[i64], continuati
     });
     let base_logits = tch::no_grad(|| model.logits(&base).to_kind(Kind::Float));
     let tuned_logits = tch::no_grad(|| model.logits(&tuned).to_kind(Kind::Float));
-    // The sampler conditions on the true previous token: the last prompt token for slot 0,
-    // continuation[j - 1] for mask j.
+    // The sampler conditions on the true previous token: continuation[j - 1] for mask j (the
+    // pass includes slot 0, conditioned on the last prompt token, whose rank is not reported).
     let sampler_logits = adapter.sampler().map(|head| {
         let mut prev = vec![prompt_ids[p - 1]];
         prev.extend_from_slice(&continuation_ids[..k]);
@@ -106,7 +108,7 @@ pub fn probe(model: &Llama, adapter: &MtpAdapter, prompt_ids: &[i64], continuati
                 token,
                 rank_base: rank(&base_logits.get(j as i64), token),
                 rank_tuned: rank(&tuned_logits.get(j as i64), token),
-                rank_sampler: sampler_logits.as_ref().map(|s| rank(&s.get(j as i64), token)),
+                rank_sampler: sampler_logits.as_ref().filter(|_| j > 0).map(|s| rank(&s.get(j as i64), token)),
             }
         })
         .collect();

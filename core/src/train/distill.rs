@@ -125,6 +125,13 @@ pub fn distill_into(
     let mut answered = read_partial(&partial, &header)?;
     let todo: Vec<Vec<i64>> = prompts.iter().filter(|p| !answered.contains_key(*p)).cloned().collect();
     let reused = prompts.len() - todo.len();
+    if reused == 0 && !answered.is_empty() {
+        tracing::warn!(
+            "{}: its {} answers are to other prompts (chosen with another seed or prompt length); they are not used",
+            partial.display(),
+            answered.len()
+        );
+    }
     progress(reused, prompts.len());
     let mut file = if todo.is_empty() {
         None

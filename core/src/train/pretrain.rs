@@ -44,6 +44,35 @@ pub struct ArchConfig {
 }
 
 impl ArchConfig {
+    /// Check the shape before anything is written: positive sizes, key/value heads that
+    /// divide the query heads, and a width the query heads divide.
+    pub fn validate(&self) -> Result<()> {
+        let sizes = [
+            ("width", self.hidden_size),
+            ("layers", self.num_layers),
+            ("query heads", self.num_heads),
+            ("key/value heads", self.num_kv_heads),
+            ("MLP width", self.intermediate_size),
+            ("context", self.max_position_embeddings),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::Invalid(format!("the model's {name} must be at least 1")));
+        }
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return Err(Error::Invalid(format!(
+                "{} key/value heads do not divide {} query heads (each key/value head serves a whole group)",
+                self.num_kv_heads, self.num_heads
+            )));
+        }
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
+            return Err(Error::Invalid(format!(
+                "{} query heads do not divide the width of {} (each head takes an equal share)",
+                self.num_heads, self.hidden_size
+            )));
+        }
+        Ok(())
+    }
+
     /// A named size: `tiny` (tests), `demo` (the built-in model), `small`.
     pub fn preset(name: &str) -> Result<Self> {
         let (hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size) = match name {
@@ -294,6 +323,7 @@ fn pretrain_run(
         return Err(Error::Invalid("pretraining needs at least one dataset".into()));
     }
     config.training.validate()?;
+    config.arch.validate()?;
     let (seq_len, context) = (config.training.seq_len, config.arch.max_position_embeddings);
     if seq_len > context {
         return Err(Error::Invalid(format!(
