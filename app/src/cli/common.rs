@@ -38,6 +38,9 @@ impl ModelArgs {
     /// Resolve (downloading with a progress bar when needed) and load the model.
     pub fn load(&self) -> anyhow::Result<(ModelSource, LoadedModel)> {
         let source: ModelSource = self.model.parse()?;
+        if self.cuda_graphs && !self.device.is_cuda() {
+            eprintln!("note: --cuda-graphs records CUDA graphs; on {} the steps run as usual", self.device);
+        }
         let options = LoadOptions {
             device: self.device,
             dtype: self.dtype(),

@@ -223,7 +223,7 @@ impl Reporter {
                         m.losses.loss,
                         m.losses.loss_base,
                         m.losses.loss_lcm,
-                        acc.join(" "),
+                        acc.join(", "),
                         m.tokens_per_second
                     )
                 };
@@ -282,6 +282,13 @@ pub(crate) fn cancel_on_ctrl_c(control: &Control) {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let control = Control::new();
     cancel_on_ctrl_c(&control);
+    if args.resume.is_none() {
+        let recipe_has_no_sampler = args.no_sampler || args.recipe == mtp_core::mtp::Recipe::Uno;
+        let form_given = args.sampler_form != mtp_core::mtp::DEFAULT_SAMPLER_FORM;
+        if recipe_has_no_sampler && form_given {
+            eprintln!("note: this run has no sampler head (--recipe uno or --no-sampler); --sampler-form is not used");
+        }
+    }
     let has_sampler = match &args.resume {
         Some(dir) => mtp_core::train::trainer::read_config(dir)?.method.sampler,
         None => args.config()?.method.sampler,
