@@ -138,7 +138,10 @@ impl WorkbenchApp {
                 let c = &self.persisted.compare;
                 self.runtime.race = crate::state::RaceState {
                     greedy: c.greedy,
-                    lane_b: format!("{} with {} masks", c.mode, c.mask_count()),
+                    lane_b: match c.mask_count() {
+                        mtp_core::decode::MaskCount::Fixed(1) => format!("{} with 1 mask", c.mode),
+                        m => format!("{} with {m} masks", c.mode),
+                    },
                     prompt: c.prompt.clone(),
                     ..Default::default()
                 };

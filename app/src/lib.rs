@@ -27,6 +27,11 @@ pub fn error_text(e: &anyhow::Error) -> String {
     text
 }
 
+/// `n` things, in the singular for one: "1 example", "3 examples".
+pub fn counted(n: usize, one: &str, many: &str) -> String {
+    if n == 1 { format!("1 {one}") } else { format!("{n} {many}") }
+}
+
 #[cfg(test)]
 mod tests {
     /// A cause an error's message already ends with is not repeated; other causes are.

@@ -181,10 +181,10 @@ impl Reporter {
                 memory_estimate,
             } => {
                 eprintln!(
-                    "data: {} examples ({}), {} malformed rows{}; {train_sequences} training and {val_sequences} validation sequences; {trainable_parameters} trainable parameters",
-                    data.examples,
+                    "data: {} ({}), {}{}; {train_sequences} training and {val_sequences} validation sequences; {trainable_parameters} trainable parameters",
+                    crate::counted(data.examples, "example", "examples"),
                     data.format,
-                    data.malformed,
+                    crate::counted(data.malformed, "malformed row", "malformed rows"),
                     if data.malformed_rows.is_empty() {
                         String::new()
                     } else {

@@ -71,8 +71,11 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     };
     let r = &d.report;
     ui.label(format!(
-        "Format: {} · {} examples · {} files · {} malformed rows",
-        r.format, r.examples, r.files, r.malformed
+        "Format: {} · {} · {} · {}",
+        r.format,
+        crate::counted(r.examples, "example", "examples"),
+        crate::counted(r.files, "file", "files"),
+        crate::counted(r.malformed, "malformed row", "malformed rows")
     ));
     for bad in &r.malformed_rows {
         ui.colored_label(theme::ERROR, bad.to_string());

@@ -45,9 +45,9 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     ui.label(egui::RichText::new(format!("Generated: {}", view.generated)).monospace());
     let accepted: usize = rt.steps.iter().skip(1).map(|s| s.accepted + 1).sum();
     ui.label(format!(
-        "{} steps so far, {} tokens after the first: {:.2} tokens per forward",
-        rt.steps.len() - 1,
-        accepted,
+        "{} so far, {} after the first: {:.2} tokens per forward",
+        crate::counted(rt.steps.len() - 1, "step", "steps"),
+        crate::counted(accepted, "token", "tokens"),
         if rt.steps.len() > 1 { accepted as f64 / (rt.steps.len() - 1) as f64 } else { 0.0 }
     ));
     if view.step == 0 {
