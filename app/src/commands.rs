@@ -86,9 +86,17 @@ impl WorkbenchApp {
     pub fn execute(&mut self, command: Command) {
         let (p, model) = (&self.persisted, self.runtime.model.as_ref());
         match command {
-            Command::LoadModel => self.send_built(requests::load_model(p)),
+            Command::LoadModel => {
+                let in_use = model.zip(self.runtime.adapter.as_ref()).map(|(m, a)| (&m.source, a.path.as_path()));
+                self.send_built(requests::load_model(p, in_use))
+            }
             Command::LoadAdapter => self.send(requests::load_adapter(p)),
-            Command::PreviewData => self.send_built(requests::preview_data(p)),
+            Command::PreviewData => {
+                let request = requests::preview_data(p);
+                // The last preview goes: what shows next is this dataset's, or its error.
+                self.runtime.data = None;
+                self.send_built(request)
+            }
             Command::Distill => {
                 let out = self.new_distill_path();
                 let request = requests::distill(&self.persisted, model, out);
@@ -101,6 +109,8 @@ impl WorkbenchApp {
                         let total_steps = p.train.recipe.training.steps;
                         self.runtime.live = Some(Series { dir: run_dir, total_steps, ..Series::default() });
                         self.runtime.train_log.clear();
+                        // Earlier runs' banners ("... stopped at step 8") would read as this run's.
+                        self.runtime.notices.clear();
                         self.send(request);
                     }
                     Err(e) => self.runtime.errors.push(format!("Train: {}", crate::error_text(&e))),
@@ -115,6 +125,7 @@ impl WorkbenchApp {
                     }
                 }
                 self.runtime.live = Some(series);
+                self.runtime.notices.clear();
                 self.send(requests::resume(p, run_dir));
             }
             Command::Cancel => {
@@ -149,7 +160,12 @@ impl WorkbenchApp {
             }
             Command::StartStep => self.send(requests::step_start(p)),
             Command::NextStep => self.send(Request::StepNext),
-            Command::StartBench => self.send_built(requests::bench(p)),
+            Command::StartBench => {
+                let request = requests::bench(p);
+                // The table shown is this run's, never an earlier one's.
+                self.runtime.bench = None;
+                self.send_built(request)
+            }
             Command::StartProbe => self.send(requests::probe(p)),
             Command::ExportPeft(run_dir) => self.send(requests::export_peft(&run_dir)),
             Command::ScreenshotRace => self.screenshot_pending = true,
@@ -171,6 +187,12 @@ impl WorkbenchApp {
     }
 
     pub(crate) fn send(&mut self, request: Request) {
+        // A step-through session waits between clicks; any other job ends it: say so.
+        let continues_steps = matches!(request, Request::StepNext | Request::StepStart { .. });
+        if self.runtime.job == Some(crate::worker::Job::Step) && !continues_steps {
+            let job = crate::worker::job_of(&request);
+            self.runtime.notices.push(format!("the step-through session ended: {} started", job.name()));
+        }
         if let Err(e) = self.worker.send(request) {
             self.runtime.errors.push(e);
         }

@@ -14,13 +14,16 @@ use mtp_core::train::distill::DistillConfig;
 use crate::state::Persisted;
 use crate::worker::{LaneSpec, ModelSummary, Request};
 
-/// Load the model the Model form names, on its device and in its precision.
-pub fn load_model(p: &Persisted) -> anyhow::Result<Request> {
+/// Load the model the Model form names, on its device and in its precision. `in_use`: the
+/// model loaded now and the adapter loaded on it, if any: loading the same model again (in
+/// another precision, on another device) keeps that adapter rather than the demo's default.
+pub fn load_model(p: &Persisted, in_use: Option<(&ModelSource, &std::path::Path)>) -> anyhow::Result<Request> {
     let m = &p.model;
     let source: ModelSource = m.source.parse()?;
     // Graphs only where they can be recorded: the form keeps the choice for a CUDA device.
     let cuda_graphs = m.cuda_graphs && m.device.is_cuda();
-    Ok(Request::LoadModel { source, device: m.device, dtype: m.dtype, cuda_graphs })
+    let adapter = in_use.filter(|(loaded, _)| **loaded == source).map(|(_, path)| path.to_owned());
+    Ok(Request::LoadModel { source, device: m.device, dtype: m.dtype, cuda_graphs, adapter })
 }
 
 /// Load the adapter file the Model form names.
@@ -212,14 +215,23 @@ mod tests {
         p.train.recipe.training.steps = 42;
         assert!(matches!(resume(&p, "r".into()), Request::Resume { steps: Some(42), .. }));
         p.model.source = "demo".into();
-        assert!(matches!(load_model(&p)?, Request::LoadModel { source: ModelSource::Demo, cuda_graphs: false, .. }));
+        assert!(matches!(
+            load_model(&p, None)?,
+            Request::LoadModel { source: ModelSource::Demo, cuda_graphs: false, .. }
+        ));
         p.model.cuda_graphs = true;
         p.model.device = mtp_core::DeviceSpec::Cpu;
-        assert!(matches!(load_model(&p)?, Request::LoadModel { cuda_graphs: false, .. }), "not on the CPU");
+        assert!(matches!(load_model(&p, None)?, Request::LoadModel { cuda_graphs: false, .. }), "not on the CPU");
         p.model.device = mtp_core::DeviceSpec::Cuda(0);
-        assert!(matches!(load_model(&p)?, Request::LoadModel { cuda_graphs: true, .. }));
+        assert!(matches!(load_model(&p, None)?, Request::LoadModel { cuda_graphs: true, .. }));
+        // The same model loaded again keeps the adapter in use; another model does not.
+        let run = std::path::Path::new("runs/r/adapter.safetensors");
+        assert!(matches!(load_model(&p, Some((&ModelSource::Demo, run)))?,
+            Request::LoadModel { adapter: Some(a), .. } if a == run));
+        let other = ModelSource::Local { path: "/models/other".into() };
+        assert!(matches!(load_model(&p, Some((&other, run)))?, Request::LoadModel { adapter: None, .. }));
         p.model.source = "not a model or a folder".into();
-        assert!(load_model(&p).is_err());
+        assert!(load_model(&p, None).is_err());
         p.model.adapter = " a.safetensors ".into();
         assert!(
             matches!(load_adapter(&p), Request::LoadAdapter { path } if path == std::path::Path::new("a.safetensors"))

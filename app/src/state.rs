@@ -363,15 +363,26 @@ impl RaceState {
     /// Both lanes done and greedy: are the outputs identical?
     pub fn identical(&self) -> Option<bool> {
         match (&self.lanes[0].done, &self.lanes[1].done) {
+            // A stopped race compares what both lanes wrote before the stop.
+            (Some(a), Some(b)) if self.greedy && self.stopped() => {
+                let n = a.token_ids.len().min(b.token_ids.len());
+                Some(a.token_ids[..n] == b.token_ids[..n])
+            }
             (Some(a), Some(b)) if self.greedy => Some(a.token_ids == b.token_ids),
             _ => None,
         }
     }
 
-    /// Lane B's speedup over lane A in tokens per second.
+    /// Whether a lane was stopped before its end (the race's Stop).
+    pub fn stopped(&self) -> bool {
+        self.lanes.iter().any(|l| l.done.as_ref().is_some_and(|d| d.stop == mtp_core::decode::StopReason::Cancelled))
+    }
+
+    /// Lane B's speedup over lane A in tokens per second (none for a stopped race: the
+    /// lanes stopped at different points of their outputs).
     pub fn speedup(&self) -> Option<f64> {
         let (a, b) = (self.lanes[0].tokens_per_second(), self.lanes[1].tokens_per_second());
-        (a > 0.0 && b > 0.0).then(|| b / a)
+        (a > 0.0 && b > 0.0 && !self.stopped()).then(|| b / a)
     }
 }
 
@@ -424,5 +435,41 @@ impl Runtime {
     /// one: it idles between steps and any other request ends it.
     pub fn busy(&self) -> bool {
         self.job.is_some_and(|j| j != crate::worker::Job::Step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mtp_core::decode::StopReason;
+
+    use super::*;
+    use crate::worker::LaneDone;
+
+    fn lane(ids: &[i64], stop: StopReason) -> LaneState {
+        let done = LaneDone {
+            tokens: ids.len(),
+            forwards: ids.len(),
+            seconds: 1.0,
+            stop,
+            token_ids: ids.to_vec(),
+            cuda_graph: false,
+        };
+        LaneState { done: Some(done), ..LaneState::default() }
+    }
+
+    /// A stopped greedy race compares what both lanes wrote and claims no speedup; a
+    /// finished one compares whole outputs.
+    #[test]
+    fn a_stopped_race_compares_its_common_prefix() {
+        let race = |a: LaneState, b: LaneState| RaceState { lanes: [a, b], greedy: true, ..RaceState::default() };
+        let stopped = race(lane(&[1, 2, 3], StopReason::Cancelled), lane(&[1, 2, 3, 4, 5], StopReason::Eos));
+        assert!(stopped.stopped());
+        assert_eq!((stopped.identical(), stopped.speedup()), (Some(true), None));
+        let wrong = race(lane(&[1, 9], StopReason::Cancelled), lane(&[1, 2, 3], StopReason::Eos));
+        assert_eq!(wrong.identical(), Some(false));
+        let finished = race(lane(&[1, 2, 3], StopReason::Eos), lane(&[1, 2, 3, 4], StopReason::Eos));
+        assert!(!finished.stopped());
+        assert_eq!(finished.identical(), Some(false));
+        assert!(finished.speedup().is_some());
     }
 }

@@ -93,6 +93,10 @@ fn badges(ui: &mut egui::Ui, rt: &Runtime) {
     let race = &rt.race;
     ui.horizontal(|ui| {
         match race.identical() {
+            Some(true) if race.stopped() => {
+                ui.label(egui::RichText::new("identical so far (stopped)").color(theme::GOOD).strong())
+                    .on_hover_text("Stopped before the end: the tokens both lanes wrote are the same");
+            }
             Some(true) => {
                 ui.label(egui::RichText::new("outputs identical").color(theme::GOOD).strong())
                     .on_hover_text("Greedy MTP decoding reproduced AR token for token");

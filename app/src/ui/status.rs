@@ -23,7 +23,7 @@ pub fn show(ui: &mut egui::Ui, app: &WorkbenchApp, commands: &mut Vec<Command>) 
         match app.job() {
             Some(job) => {
                 // A step-through session waits for clicks between steps: nothing spins.
-                if rt.busy() {
+                if rt.busy() && !app.runtime.paused {
                     ui.spinner();
                 }
                 let paused = if app.runtime.paused { " (paused)" } else { "" };

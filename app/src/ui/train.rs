@@ -257,13 +257,18 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
 fn progress_line(ui: &mut egui::Ui, rt: &Runtime, live: &Series, training: bool) {
     let step = live.train.last().map_or(0, |m| m.step);
     let total = live.total_steps.max(1);
-    let eta = live.train.last().filter(|m| m.step > 0).map(|m| {
-        let first = live.train.first().map_or(0.0, |f| f.elapsed);
-        let done = live.train.len().max(1) as f64;
-        (m.elapsed - first).max(0.0) / done * (total.saturating_sub(step)) as f64
-    });
+    // The time a step takes, from the steps seen so far (two at least: one step says
+    // nothing about the time between steps).
+    let eta = match (live.train.first(), live.train.last()) {
+        (Some(first), Some(last)) if live.train.len() >= 2 => {
+            let per_step = (last.elapsed - first.elapsed).max(0.0) / (live.train.len() - 1) as f64;
+            Some(per_step * total.saturating_sub(step) as f64)
+        }
+        _ => None,
+    };
     ui.horizontal(|ui| {
         let label = match (training, eta) {
+            (true, _) if rt.paused => format!("step {step}/{total} · paused"),
             (true, Some(s)) => format!("step {step}/{total} · ETA {}", super::timing(rt, human_seconds(s))),
             _ => format!("step {step}/{total}"),
         };

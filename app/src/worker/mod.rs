@@ -129,7 +129,7 @@ struct Adapter {
     drafter: Drafter,
 }
 
-fn job_of(r: &Request) -> Job {
+pub(crate) fn job_of(r: &Request) -> Job {
     match r {
         Request::LoadModel { .. } => Job::LoadModel,
         Request::LoadAdapter { .. } => Job::LoadAdapter,
@@ -206,7 +206,7 @@ impl Worker {
     /// ends one is returned to be handled next.
     fn handle(&mut self, request: Request, queue: &Receiver<Request>) -> anyhow::Result<Option<Request>> {
         match request {
-            Request::LoadModel { source, device, dtype, cuda_graphs } => {
+            Request::LoadModel { source, device, dtype, cuda_graphs, adapter: keep } => {
                 let start = Instant::now();
                 self.model = None;
                 self.adapter = None;
@@ -227,15 +227,31 @@ impl Worker {
                     chat_template: loaded.tokenizer.has_chat_template(),
                     load_seconds: start.elapsed().as_secs_f64(),
                 };
-                // The demo ships an adapter: load it with the model.
+                // The adapter in use stays (the same model loaded again); else the demo's own.
                 let demo_adapter = mtp_core::source::demo_adapter();
-                let adapter = if source == mtp_core::ModelSource::Demo && demo_adapter.exists() {
-                    Some((MtpAdapter::load(&demo_adapter, &loaded.model)?, demo_adapter))
-                } else {
-                    None
+                let adapter = match keep {
+                    Some(path) => {
+                        let check =
+                            mtp_core::mtp::BaseCheck { model_name: loaded.source.to_string(), ..Default::default() };
+                        let kept = MtpAdapter::load_checked(&path, &loaded.model, &check);
+                        self.model = Some(loaded);
+                        self.emit(Event::ModelLoaded(Box::new(summary)));
+                        let kept = kept.with_context(|| {
+                            format!("the model is loaded, without the adapter in use, {}", path.display())
+                        })?;
+                        Some((kept, path))
+                    }
+                    None => {
+                        let demo = if source == mtp_core::ModelSource::Demo && demo_adapter.exists() {
+                            Some((MtpAdapter::load(&demo_adapter, &loaded.model)?, demo_adapter))
+                        } else {
+                            None
+                        };
+                        self.model = Some(loaded);
+                        self.emit(Event::ModelLoaded(Box::new(summary)));
+                        demo
+                    }
                 };
-                self.model = Some(loaded);
-                self.emit(Event::ModelLoaded(Box::new(summary)));
                 if let Some((a, path)) = adapter {
                     self.emit(Event::AdapterLoaded(AdapterSummary { path, config: a.config.clone() }));
                     self.set_adapter(a)?;
@@ -314,8 +330,12 @@ impl Worker {
                     self.emit(Event::Progress(Job::Bench, what.to_owned(), Some(done as f32 / total.max(1) as f32)));
                     if control.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
                 };
-                let report = run_bench(&loaded.model, drafter, &loaded.tokenizer, &prompts, &config, &mut progress)?;
-                self.emit(Event::Bench(Box::new(report)));
+                // Stopped on request: no table and no error (the job's end says it stopped).
+                match run_bench(&loaded.model, drafter, &loaded.tokenizer, &prompts, &config, &mut progress) {
+                    Ok(report) => self.emit(Event::Bench(Box::new(report))),
+                    Err(mtp_core::Error::Cancelled) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             Request::Probe { prompt, continuation } => {
                 let loaded = self.model()?;

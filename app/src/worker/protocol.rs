@@ -81,6 +81,9 @@ pub enum Request {
         dtype: DType,
         /// Record decoding steps as CUDA graphs (CUDA only).
         cuda_graphs: bool,
+        /// The adapter to load with it (the one in use, when the same model is loaded again,
+        /// in another precision for one); `None`: the demo's own adapter for the demo.
+        adapter: Option<PathBuf>,
     },
     /// Load an MTP adapter for the loaded model.
     LoadAdapter {

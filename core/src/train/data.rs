@@ -296,7 +296,12 @@ pub fn read_examples(source: &DataSource, strict: bool) -> Result<(Vec<Example>,
         }
     };
     if examples.is_empty() {
-        return Err(Error::Invalid(format!("dataset {source} has no usable examples")));
+        // Say why, when rows were read and refused.
+        let why = match report.malformed_rows.first() {
+            Some(first) => format!(": all {} rows malformed (first: {first})", report.malformed),
+            None => String::new(),
+        };
+        return Err(Error::Invalid(format!("dataset {source} has no usable examples{why}")));
     }
     Ok((examples, report))
 }
