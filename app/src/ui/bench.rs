@@ -36,8 +36,10 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             "New tokens per prompt",
         );
         let masks_ok = b.masks.split(',').all(|s| s.parse::<MaskCount>().is_ok());
-        let ready = !rt.busy() && rt.adapter.is_some() && masks_ok;
-        if ui.add_enabled(ready, egui::Button::new("Run benchmark")).clicked() {
+        let why = super::not_ready(rt, true)
+            .or((!masks_ok).then_some("Masks: counts separated by commas (1 to the adapter's k), or auto"));
+        let run = ui.add_enabled(why.is_none(), egui::Button::new("Run benchmark"));
+        if run.on_disabled_hover_text(why.unwrap_or_default()).clicked() {
             commands.push(Command::StartBench);
         }
         if rt.job == Some(Job::Bench) && ui.button("Stop").clicked() {

@@ -53,8 +53,9 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         );
     });
     ui.horizontal(|ui| {
-        let ready = !rt.busy() && rt.model.is_some() && rt.adapter.is_some();
-        if ui.add_enabled(ready, egui::Button::new("Race")).clicked() {
+        let why = super::not_ready(rt, true);
+        let race = ui.add_enabled(why.is_none(), egui::Button::new("Race"));
+        if race.on_disabled_hover_text(why.unwrap_or_default()).clicked() {
             commands.push(Command::StartRace);
         }
         if rt.job == Some(Job::Race) && ui.button("Stop").clicked() {

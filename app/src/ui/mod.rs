@@ -60,6 +60,20 @@ pub fn drag_usize(value: &mut usize, range: std::ops::RangeInclusive<usize>) -> 
     egui::DragValue::new(value).range(range)
 }
 
+/// Why an action that needs a model (and an adapter) cannot start now, for the hover text
+/// of its disabled button; `None` when it can.
+pub fn not_ready(rt: &Runtime, adapter: bool) -> Option<&'static str> {
+    if rt.busy() {
+        Some("Waits for the running job (the status bar shows it; Stop job ends it)")
+    } else if rt.model.is_none() {
+        Some("Load a model first (Model tab)")
+    } else if adapter && rt.adapter.is_none() {
+        Some("Load an adapter first (Model tab), or train one (Train tab)")
+    } else {
+        None
+    }
+}
+
 /// Busy indicator: a spinner and the job's progress when `busy`.
 pub fn busy_line(ui: &mut egui::Ui, rt: &Runtime, job: crate::worker::Job) {
     if rt.job == Some(job) {

@@ -19,8 +19,9 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     ui.add(egui::TextEdit::multiline(&mut p.probe.continuation).desired_rows(2).desired_width(f32::INFINITY))
         .labelled_by(label.id);
     ui.horizontal(|ui| {
-        let ready = !rt.busy() && rt.adapter.is_some();
-        if ui.add_enabled(ready, egui::Button::new("Run probe")).clicked() {
+        let why = super::not_ready(rt, true);
+        let run = ui.add_enabled(why.is_none(), egui::Button::new("Run probe"));
+        if run.on_disabled_hover_text(why.unwrap_or_default()).clicked() {
             commands.push(Command::StartProbe);
         }
         if rt.adapter.is_none() {

@@ -21,10 +21,11 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         ui.add(egui::DragValue::new(&mut p.step.masks).range(1..=k.max(1)))
             .labelled_by(label.id)
             .on_hover_text("k per step: the input has (k+1)^2 rows");
-        let ready = rt.model.is_some() && rt.adapter.is_some() && !rt.busy();
+        let why = super::not_ready(rt, true);
         if ui
-            .add_enabled(ready, egui::Button::new("Start"))
+            .add_enabled(why.is_none(), egui::Button::new("Start"))
             .on_hover_text("Prefill the prompt and one mask block")
+            .on_disabled_hover_text(why.unwrap_or_default())
             .clicked()
         {
             commands.push(Command::StartStep);

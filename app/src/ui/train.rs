@@ -498,6 +498,12 @@ fn runs(ui: &mut egui::Ui, p: &Persisted, rt: &mut Runtime, commands: &mut Vec<C
                         "Write the adapter as a PEFT LoRA folder (peft/ in the run) that SGLang's and vLLM's UNO \
                          speculative decoding load; for runs of the UNO recipe",
                     )
+                    .on_disabled_hover_text(if busy {
+                        "Waits for the running job"
+                    } else {
+                        "Only runs of the UNO recipe can be served by UNO decoding (this run's mask rows read \
+                         learned mask embeddings through a sampler head): train one with Recipe: uno"
+                    })
                     .clicked()
                 {
                     commands.push(Command::ExportPeft(r.dir.clone()));
