@@ -175,6 +175,15 @@ impl Error {
     }
 }
 
+/// An error naming the first of `counts` that is zero ("{what} must be at least 1", each
+/// name with `prefix` before it), or `Ok`.
+pub(crate) fn require_positive(counts: &[(&str, usize)], prefix: &str) -> Result<()> {
+    match counts.iter().find(|(_, v)| *v == 0) {
+        Some((name, _)) => Err(Error::Invalid(format!("{prefix}{name} must be at least 1"))),
+        None => Ok(()),
+    }
+}
+
 /// Read a whole file, naming it in the error.
 pub fn read_to_string(path: &std::path::Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::io(path, e))

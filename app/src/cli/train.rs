@@ -282,17 +282,15 @@ pub(crate) fn cancel_on_ctrl_c(control: &Control) {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let control = Control::new();
     cancel_on_ctrl_c(&control);
-    if args.resume.is_none() {
-        let recipe_has_no_sampler = args.no_sampler || args.recipe == mtp_core::mtp::Recipe::Uno;
-        let form_given = args.sampler_form != mtp_core::mtp::DEFAULT_SAMPLER_FORM;
-        if recipe_has_no_sampler && form_given {
-            eprintln!("note: this run has no sampler head (--recipe uno or --no-sampler); --sampler-form is not used");
-        }
-    }
-    let has_sampler = match &args.resume {
-        Some(dir) => mtp_core::train::trainer::read_config(dir)?.method.sampler,
-        None => args.config()?.method.sampler,
+    // The recipe, read once: the run folder's when resuming, else the command line's.
+    let config = match &args.resume {
+        Some(dir) => mtp_core::train::trainer::read_config(dir)?,
+        None => args.config()?,
     };
+    if args.resume.is_none() && !config.method.sampler && args.sampler_form != mtp_core::mtp::DEFAULT_SAMPLER_FORM {
+        eprintln!("note: this run has no sampler head (--recipe uno or --no-sampler); --sampler-form is not used");
+    }
+    let has_sampler = config.method.sampler;
     let mut reporter = Reporter::new(args.json).without_sampler(!has_sampler);
     let mut estimate = None;
     let mut sink = |e: &TrainEvent| {
@@ -304,13 +302,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Memory before the model is loaded: what the run adds is measured from here.
     let before = mtp_core::device::process_memory().map(|(now, _)| now);
     let (summary, run_dir) = if let Some(dir) = &args.resume {
-        let config = mtp_core::train::trainer::read_config(dir)?;
         super::common::fetch_data(&config.data)?;
         let loaded = load(&config)?;
         let (_, summary) = mtp_core::train::resume(&loaded, dir, args.training.steps, &mut sink, &control)?;
         (summary, dir.clone())
     } else {
-        let config = args.config()?;
         config.validate()?;
         let out = args.out.clone().context("--out is required")?;
         if out.join("config.json").exists() {
@@ -333,7 +329,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     if args.json {
         super::print_json(&serde_json::json!({ "summary": {
-            "outcome": format!("{:?}", summary.outcome).to_lowercase(),
+            "outcome": summary.outcome.to_string(),
             "step": summary.step,
             "adapter": summary.adapter,
             "peak_rss_bytes": peak,

@@ -55,9 +55,7 @@ impl ArchConfig {
             ("MLP width", self.intermediate_size),
             ("context", self.max_position_embeddings),
         ];
-        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(Error::Invalid(format!("the model's {name} must be at least 1")));
-        }
+        crate::error::require_positive(&sizes, "the model's ")?;
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::Invalid(format!(
                 "{} key/value heads do not divide {} query heads (each key/value head serves a whole group)",

@@ -101,9 +101,7 @@ impl LoopConfig {
             ("grad accumulation", self.grad_accum),
             ("checkpoint interval", self.checkpoint_every),
         ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(Error::Invalid(format!("{name} must be at least 1")));
-        }
+        crate::error::require_positive(&positive, "")?;
         if self.seq_len < 2 {
             return Err(Error::Invalid("sequence length must be at least 2".into()));
         }
