@@ -19,8 +19,20 @@ const EVENT_BUDGET: Duration = Duration::from_millis(6);
 /// eframe storage key of [`Persisted`].
 const STORAGE_KEY: &str = "mtp-workbench";
 
-/// Files chosen in native dialogs (on their own threads), with what they were chosen for.
-type PickChannel = (Sender<(Pick, PathBuf)>, Receiver<(Pick, PathBuf)>);
+/// What the window's own threads (file dialogs, exports) report back.
+#[derive(Debug)]
+pub enum Background {
+    /// A file or folder chosen in a dialog, with what it was chosen for.
+    Picked(Pick, PathBuf),
+    /// No dialog could open for this pick (it came back at once, empty).
+    NoDialog(Pick),
+    /// An export was written.
+    Saved(PathBuf),
+    /// An export failed.
+    Failed(String),
+}
+
+type BackgroundChannel = (Sender<Background>, Receiver<Background>);
 
 /// The workbench.
 pub struct WorkbenchApp {
@@ -29,7 +41,7 @@ pub struct WorkbenchApp {
     /// What this session learned from the worker.
     pub runtime: Runtime,
     pub(crate) worker: WorkerHandle,
-    pub(crate) picks: PickChannel,
+    pub(crate) background: BackgroundChannel,
     /// Devices libtorch sees (read once at start).
     pub devices: Vec<DeviceSpec>,
     pub(crate) screenshot_pending: bool,
@@ -51,7 +63,7 @@ impl WorkbenchApp {
             persisted,
             runtime: Runtime::default(),
             worker,
-            picks: unbounded(),
+            background: unbounded(),
             devices: DeviceSpec::all_available(),
             screenshot_pending: false,
         };
@@ -79,8 +91,17 @@ impl WorkbenchApp {
             let Some(event) = self.worker.try_recv() else { break };
             self.apply(event);
         }
-        while let Ok((pick, path)) = self.picks.1.try_recv() {
-            self.picked(pick, path);
+        while let Ok(report) = self.background.1.try_recv() {
+            match report {
+                Background::Picked(pick, path) => self.picked(pick, path),
+                Background::NoDialog(pick) => self.no_dialog(pick),
+                Background::Saved(path) => {
+                    let text = ui::path_text(&self.runtime, &path);
+                    self.runtime.notices.retain(|n| n != &format!("saving {text}"));
+                    self.runtime.notices.push(format!("saved {text}"));
+                }
+                Background::Failed(e) => self.runtime.errors.push(e),
+            }
         }
     }
 
@@ -103,6 +124,9 @@ impl WorkbenchApp {
                 rt.adapter = None;
             }
             Event::AdapterLoaded(a) => {
+                if let Some(m) = &rt.model {
+                    self.persisted.remember_adapter(&m.source, &a.path);
+                }
                 self.persisted.compare.masks = self.persisted.compare.masks.clamp(1, a.config.k);
                 self.persisted.step.masks = self.persisted.step.masks.clamp(1, a.config.k);
                 rt.adapter = Some(a);
@@ -227,20 +251,26 @@ impl WorkbenchApp {
         }
         let dir = self.persisted.project_dir.clone().unwrap_or_else(std::env::temp_dir);
         let path = dir.join(format!("{}-{}.png", self.persisted.tab.title().to_lowercase(), unix_seconds()));
-        self.runtime.notices.push(format!("saving {}", path.display()));
+        self.runtime.notices.push(format!("saving {}", ui::path_text(&self.runtime, &path)));
+        let report = self.background.0.clone();
         ctx.request_screenshot(move |image| {
             // Encoding takes tens of milliseconds: not on the frame.
             std::thread::spawn(move || {
                 let [w, h] = image.size;
                 let bytes: Vec<u8> = image.pixels.iter().flat_map(|c| c.to_array()).collect();
-                match image::RgbaImage::from_raw(w as u32, h as u32, bytes) {
-                    Some(img) => {
-                        if let Err(e) = img.save(&path) {
-                            tracing::error!("saving {}: {e}", path.display());
-                        }
-                    }
-                    None => tracing::error!("screenshot has the wrong size"),
-                }
+                let png = image::RgbaImage::from_raw(w as u32, h as u32, bytes)
+                    .ok_or_else(|| "the screenshot has the wrong size".to_string())
+                    .and_then(|img| {
+                        let mut png = std::io::Cursor::new(Vec::new());
+                        img.write_to(&mut png, image::ImageFormat::Png).map_err(|e| e.to_string())?;
+                        Ok(png.into_inner())
+                    });
+                let written =
+                    png.and_then(|png| mtp_core::fsutil::write_atomic(&path, &png).map_err(|e| format!("{e:#}")));
+                let _ = report.send(match written {
+                    Ok(()) => Background::Saved(path),
+                    Err(e) => Background::Failed(format!("saving the picture {}: {e}", path.display())),
+                });
             });
         });
     }

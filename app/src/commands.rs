@@ -7,11 +7,14 @@ use std::path::{Path, PathBuf};
 use mtp_core::ModelSource;
 use mtp_core::project::Project;
 
-use crate::app::{WorkbenchApp, projects_root, unix_seconds};
+use crate::app::{Background, WorkbenchApp, projects_root, unix_seconds};
 use crate::requests;
 use crate::state::Series;
 use crate::ui;
 use crate::worker::Request;
+
+/// A dialog that comes back empty sooner than this never opened.
+const NO_DIALOG: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Which file or folder a dialog is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +157,7 @@ impl WorkbenchApp {
                         m => format!("{} with {m} masks", c.mode),
                     },
                     prompt: c.prompt.clone(),
+                    adapter: self.runtime.adapter.as_ref().map(|a| a.path.clone()),
                     ..Default::default()
                 };
                 self.send(requests::race(&self.persisted));
@@ -164,9 +168,14 @@ impl WorkbenchApp {
                 let request = requests::bench(p);
                 // The table shown is this run's, never an earlier one's.
                 self.runtime.bench = None;
+                self.runtime.bench_adapter = self.runtime.adapter.as_ref().map(|a| a.path.clone());
                 self.send_built(request)
             }
-            Command::StartProbe => self.send(requests::probe(p)),
+            Command::StartProbe => {
+                let request = requests::probe(p);
+                self.runtime.probe_adapter = self.runtime.adapter.as_ref().map(|a| a.path.clone());
+                self.send(request)
+            }
             Command::ExportPeft(run_dir) => self.send(requests::export_peft(&run_dir)),
             Command::ScreenshotRace => self.screenshot_pending = true,
             Command::DismissError(i) => {
@@ -227,11 +236,22 @@ impl WorkbenchApp {
         match Project::load(&dir) {
             Ok(p) => {
                 self.persisted.model.source = p.model.to_string();
-                self.runtime.project = Some(p);
                 self.persisted.recent.retain(|r| r != &dir);
                 self.persisted.recent.insert(0, dir.clone());
                 self.persisted.recent.truncate(8);
+                // The adapter loaded now belongs to the project left: the one opened loads its own.
+                if self.persisted.project_dir.as_ref() != Some(&dir) {
+                    self.runtime.adapter = None;
+                }
                 self.persisted.project_dir = Some(dir.clone());
+                // A project whose adapters the window has not used (its runs trained by
+                // `mtp train`, or the window's settings lost) starts with its newest run's.
+                if self.persisted.remembered_adapter(&p.model).is_none()
+                    && let Some(adapter) = Project::newest_adapter(&dir)
+                {
+                    self.persisted.remember_adapter(&p.model, &adapter);
+                }
+                self.runtime.project = Some(p);
                 self.runtime.runs.clear();
                 self.runtime.overlay.clear();
                 self.execute(Command::LoadModel);
@@ -268,25 +288,57 @@ impl WorkbenchApp {
 
     /// Open a native dialog on its own thread; the choice comes back through a channel.
     fn pick(&self, pick: Pick) {
-        let tx = self.picks.0.clone();
+        let tx = self.background.0.clone();
         let default = self.persisted.project_dir.clone().unwrap_or_else(projects_root);
         std::thread::spawn(move || {
+            let opened = std::time::Instant::now();
             let d = rfd::FileDialog::new().set_directory(&default);
             let path = match pick {
                 Pick::ModelFolder | Pick::DataFolder | Pick::Project => d.pick_folder(),
                 Pick::AdapterFile => d.add_filter("adapter", &["safetensors"]).pick_file(),
-                Pick::DataFile => d.add_filter("data", &["jsonl", "txt", "md", "py"]).pick_file(),
+                Pick::DataFile => d.add_filter("data", &["jsonl", "json", "parquet", "txt", "md", "py"]).pick_file(),
                 Pick::PromptsFile => d.add_filter("prompts", &["jsonl"]).pick_file(),
                 Pick::SaveRaceJson => d.set_file_name("race.json").save_file(),
                 Pick::SaveBench => d.set_file_name("bench.csv").save_file(),
             };
-            if let Some(p) = path {
-                let _ = tx.send((pick, p));
+            let report = match path {
+                Some(p) => Some(Background::Picked(pick, p)),
+                // Nobody cancels a dialog this fast: none opened (rfd needs an XDG desktop
+                // portal or zenity, and says why only on stderr).
+                None if opened.elapsed() < NO_DIALOG => Some(Background::NoDialog(pick)),
+                None => None,
+            };
+            if let Some(r) = report {
+                let _ = tx.send(r);
             }
         });
     }
 
-    pub(crate) fn picked(&mut self, pick: Pick, path: PathBuf) {
+    /// No dialog opened: a save goes to the project folder under its default name; a file or
+    /// folder to open is typed into its field.
+    pub fn no_dialog(&mut self, pick: Pick) {
+        let why = "no file dialog could open (it needs an XDG desktop portal or zenity)";
+        let dir = self.persisted.project_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let instead = match pick {
+            Pick::SaveRaceJson | Pick::SaveBench => {
+                let name = if pick == Pick::SaveRaceJson { "race" } else { "bench" };
+                let ext = if pick == Pick::SaveRaceJson { "json" } else { "csv" };
+                let path = dir.join(format!("{name}-{}.{ext}", unix_seconds()));
+                self.runtime.notices.push(format!("{why}: saving in the project folder instead"));
+                self.picked(pick, path);
+                return;
+            }
+            Pick::ModelFolder => "type the path into the Model tab's Source field",
+            Pick::AdapterFile => "type the path into the Model tab's Adapter file field",
+            Pick::DataFile | Pick::DataFolder => "type the path into the Data tab's Dataset field",
+            Pick::PromptsFile => "type the path into the Bench tab's Prompts field",
+            Pick::Project => "open the window on the project instead: mtp-workbench PROJECT_FOLDER",
+        };
+        self.runtime.errors.push(format!("{why}: {instead}"));
+    }
+
+    /// What a dialog's choice does (tests call it as a dialog would).
+    pub fn picked(&mut self, pick: Pick, path: PathBuf) {
         let text = path.display().to_string();
         match pick {
             Pick::ModelFolder => {
@@ -320,14 +372,17 @@ impl WorkbenchApp {
         }
     }
 
-    /// Write an export on a background thread (never on the frame).
+    /// Write an export on a background thread (never on the frame); its outcome becomes a
+    /// notice or an error in the window.
     fn export(&mut self, body: String, path: &Path) {
         let path = path.to_owned();
-        self.runtime.notices.push(format!("saving {}", path.display()));
+        self.runtime.notices.push(format!("saving {}", ui::path_text(&self.runtime, &path)));
+        let report = self.background.0.clone();
         std::thread::spawn(move || {
-            if let Err(e) = mtp_core::fsutil::write_atomic(&path, body.as_bytes()) {
-                tracing::error!("export failed: {e}");
-            }
+            let _ = report.send(match mtp_core::fsutil::write_atomic(&path, body.as_bytes()) {
+                Ok(()) => Background::Saved(path),
+                Err(e) => Background::Failed(format!("saving {}: {e:#}", path.display())),
+            });
         });
     }
 }

@@ -14,15 +14,20 @@ use mtp_core::train::distill::DistillConfig;
 use crate::state::Persisted;
 use crate::worker::{LaneSpec, ModelSummary, Request};
 
-/// Load the model the Model form names, on its device and in its precision. `in_use`: the
-/// model loaded now and the adapter loaded on it, if any: loading the same model again (in
-/// another precision, on another device) keeps that adapter rather than the demo's default.
+/// Load the model the Model form names, on its device and in its precision, with the adapter
+/// last in use with it in the open project (after a restart too). `in_use`: the model loaded
+/// now and the adapter loaded on it, if any: loading the same model again (in another
+/// precision, on another device) keeps that adapter. With neither, the demo's default.
 pub fn load_model(p: &Persisted, in_use: Option<(&ModelSource, &std::path::Path)>) -> anyhow::Result<Request> {
     let m = &p.model;
     let source: ModelSource = m.source.parse()?;
     // Graphs only where they can be recorded: the form keeps the choice for a CUDA device.
     let cuda_graphs = m.cuda_graphs && m.device.is_cuda();
-    let adapter = in_use.filter(|(loaded, _)| **loaded == source).map(|(_, path)| path.to_owned());
+    let adapter = in_use
+        .filter(|(loaded, _)| **loaded == source)
+        .map(|(_, path)| path)
+        .or_else(|| p.remembered_adapter(&source))
+        .map(std::path::Path::to_owned);
     Ok(Request::LoadModel { source, device: m.device, dtype: m.dtype, cuda_graphs, adapter })
 }
 
@@ -230,6 +235,25 @@ mod tests {
             Request::LoadModel { adapter: Some(a), .. } if a == run));
         let other = ModelSource::Local { path: "/models/other".into() };
         assert!(matches!(load_model(&p, Some((&other, run)))?, Request::LoadModel { adapter: None, .. }));
+        // After a restart (nothing loaded), the adapter last in use with the model in the
+        // open project, while its file is there; another project's is not used.
+        let tmp = tempfile::tempdir()?;
+        let kept = tmp.path().join("adapter.safetensors");
+        std::fs::write(&kept, b"")?;
+        p.project_dir = Some("projects/a".into());
+        p.remember_adapter(&ModelSource::Demo, &kept);
+        p.remember_adapter(&other, run);
+        assert!(matches!(load_model(&p, None)?, Request::LoadModel { adapter: Some(a), .. } if a == kept));
+        assert!(
+            matches!(load_model(&p, Some((&ModelSource::Demo, run)))?,
+            Request::LoadModel { adapter: Some(a), .. } if a == run),
+            "the one in use first"
+        );
+        p.project_dir = Some("projects/b".into());
+        assert!(matches!(load_model(&p, None)?, Request::LoadModel { adapter: None, .. }));
+        p.project_dir = Some("projects/a".into());
+        std::fs::remove_file(&kept)?;
+        assert!(matches!(load_model(&p, None)?, Request::LoadModel { adapter: None, .. }), "a deleted file");
         p.model.source = "not a model or a folder".into();
         assert!(load_model(&p, None).is_err());
         p.model.adapter = " a.safetensors ".into();

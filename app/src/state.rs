@@ -284,6 +284,43 @@ pub struct Persisted {
     pub bench: BenchForm,
     /// Forms.
     pub probe: ProbeForm,
+    /// The adapter last in use with each model in each project, newest first.
+    pub adapters_in_use: Vec<AdapterInUse>,
+}
+
+/// The adapter last in use with a model in a project (or with no project open): a restart,
+/// or a return to the project, loads it again rather than the demo's default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterInUse {
+    /// The project folder, if one was open.
+    pub project: Option<PathBuf>,
+    /// The model's source, as the Model form writes it.
+    pub model: String,
+    /// The adapter file.
+    pub path: PathBuf,
+}
+
+impl Persisted {
+    /// Most adapters remembered.
+    const ADAPTERS_KEPT: usize = 16;
+
+    /// Remember `path` as the adapter in use with `model` in the open project.
+    pub fn remember_adapter(&mut self, model: &mtp_core::ModelSource, path: &std::path::Path) {
+        let entry = AdapterInUse { project: self.project_dir.clone(), model: model.to_string(), path: path.to_owned() };
+        self.adapters_in_use.retain(|a| a.project != entry.project || a.model != entry.model);
+        self.adapters_in_use.insert(0, entry);
+        self.adapters_in_use.truncate(Self::ADAPTERS_KEPT);
+    }
+
+    /// The adapter last in use with `model` in the open project, if its file is still there.
+    pub fn remembered_adapter(&self, model: &mtp_core::ModelSource) -> Option<&std::path::Path> {
+        let model = model.to_string();
+        self.adapters_in_use
+            .iter()
+            .find(|a| a.project == self.project_dir && a.model == model)
+            .map(|a| a.path.as_path())
+            .filter(|p| p.is_file())
+    }
 }
 
 /// The metrics of one run, as plotted.
@@ -357,6 +394,8 @@ pub struct RaceState {
     pub lane_b: String,
     /// The prompt raced.
     pub prompt: String,
+    /// The adapter lane B raced with.
+    pub adapter: Option<PathBuf>,
 }
 
 impl RaceState {
@@ -419,8 +458,12 @@ pub struct Runtime {
     pub steps: Vec<StepView>,
     /// The benchmark.
     pub bench: Option<BenchReport>,
+    /// The adapter the benchmark ran with.
+    pub bench_adapter: Option<PathBuf>,
     /// The probe and its token texts.
     pub probe: Option<(ProbeReport, Vec<String>)>,
+    /// The adapter the probe ran with.
+    pub probe_adapter: Option<PathBuf>,
     /// Drawing time of the last frames, in seconds (for the status bar).
     pub frame_times: std::collections::VecDeque<f32>,
     /// The running job is paused.

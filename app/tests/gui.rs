@@ -153,6 +153,12 @@ fn main_flow_and_snapshots() -> anyhow::Result<()> {
     assert_eq!(h.state().runtime.live.as_ref().map(|l| l.train.len()), Some(12));
     assert_eq!(h.state().runtime.runs.len(), 1);
     snapshots.add(h.try_snapshot("train"));
+    // A small window (1024 x 700) keeps the form and the charts within its width.
+    h.set_size(egui::vec2(1024.0, 700.0));
+    h.run_steps(3);
+    snapshots.add(h.try_snapshot("train-small"));
+    h.set_size(egui::vec2(1280.0, 900.0));
+    h.run_steps(3);
 
     // Compare: the A/B race, greedy: identical outputs.
     tab(&mut h, Tab::Compare);
@@ -296,6 +302,23 @@ fn bad_files_become_errors_and_the_worker_survives() -> anyhow::Result<()> {
     h.get_by_label_contains("missing.jsonl");
     h.get_by_label_contains("bad-prompts.jsonl");
     assert!(h.state().runtime.adapter.is_some());
+
+    // An export that cannot be written (its folder would be inside a file) is an error in the
+    // window, not a line on stderr; where no file dialog opens, a save goes to the project
+    // folder and a file to open is typed into its field.
+    use mtp_app::app::Pick;
+    h.state_mut().picked(Pick::SaveRaceJson, bad.join("race.json"));
+    until(&mut h, 10, "the failed export", |a| a.runtime.errors.len() == 6);
+    assert!(h.state().runtime.errors[5].contains("bad.jsonl"), "{:?}", h.state().runtime.errors);
+    h.state_mut().no_dialog(Pick::SaveRaceJson);
+    until(&mut h, 10, "the export", |a| a.runtime.notices.iter().any(|n| n.starts_with("saved race-")));
+    let saved = std::fs::read_dir(&proj)?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("race-"));
+    assert_eq!(saved.count(), 1);
+    h.state_mut().no_dialog(Pick::DataFile);
+    h.run_steps(2);
+    assert!(h.state().runtime.errors[6].contains("Dataset field"), "{:?}", h.state().runtime.errors);
     Ok(())
 }
 
@@ -323,6 +346,19 @@ fn quitting_during_training_leaves_a_resumable_checkpoint() -> anyhow::Result<()
     let (_, summary) =
         mtp_core::train::resume(&loaded, &run, Some(step + 2), &mut (), &mtp_core::train::Control::new())?;
     assert_eq!(summary.step, step + 2);
+
+    // Opened again with the window's settings lost, the project starts with its newest run's
+    // adapter; a restart with them saved loads it again.
+    let adapter = Some(run.join("adapter.safetensors"));
+    let mut h = harness(&proj, persisted());
+    settle(&mut h);
+    assert_eq!(h.state().runtime.adapter.as_ref().map(|a| a.path.clone()), adapter);
+    let saved = h.state().persisted.clone();
+    drop(h);
+    let mut h = harness(&proj, saved);
+    settle(&mut h);
+    assert_eq!(h.state().runtime.adapter.as_ref().map(|a| a.path.clone()), adapter);
+    assert!(h.state().runtime.errors.is_empty(), "{:?}", h.state().runtime.errors);
     Ok(())
 }
 

@@ -51,6 +51,17 @@ impl Project {
     pub fn runs_dir(dir: &Path) -> PathBuf {
         dir.join("runs")
     }
+
+    /// The adapter most recently written by one of the project's runs (a run writes
+    /// `adapter.safetensors` at each checkpoint and at its end), if any.
+    pub fn newest_adapter(dir: &Path) -> Option<PathBuf> {
+        let runs = std::fs::read_dir(Self::runs_dir(dir)).ok()?;
+        runs.filter_map(|e| e.ok())
+            .map(|e| crate::train::RunDir(e.path()).adapter())
+            .filter_map(|a| Some((a.metadata().ok()?.modified().ok()?, a)))
+            .max()
+            .map(|(_, a)| a)
+    }
 }
 
 #[cfg(test)]
@@ -68,6 +79,26 @@ mod tests {
         assert_eq!(Project::load(dir.path())?.model, ModelSource::Local { path: dir.path().join("m") });
         std::fs::write(dir.path().join(PROJECT_FILE), "name = 3").map_err(|e| Error::io("write", e))?;
         assert!(Project::load(dir.path()).expect_err("bad").to_string().contains("project.toml"));
+        Ok(())
+    }
+
+    #[test]
+    fn the_newest_adapter_is_the_last_one_a_run_wrote() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        assert_eq!(Project::newest_adapter(dir.path()), None, "no runs folder");
+        let runs = Project::runs_dir(dir.path());
+        let write = |run: &str, seconds: u64| -> Result<PathBuf> {
+            let path = runs.join(run).join("adapter.safetensors");
+            std::fs::create_dir_all(runs.join(run)).map_err(|e| Error::io(&runs, e))?;
+            let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+            file.set_modified(at).map_err(|e| Error::io(&path, e))?;
+            Ok(path)
+        };
+        write("old", 1_000)?;
+        let newest = write("new", 2_000)?;
+        std::fs::create_dir_all(runs.join("failed")).map_err(|e| Error::io(&runs, e))?;
+        assert_eq!(Project::newest_adapter(dir.path()), Some(newest));
         Ok(())
     }
 }

@@ -60,6 +60,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             commands.push(Command::ScreenshotRace);
         }
     });
+    super::adapter_line(ui, rt);
     busy_line(ui, rt, Job::Bench);
     let Some(report) = &rt.bench else {
         ui.label(if rt.job == Some(Job::Bench) {
@@ -70,6 +71,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         return;
     };
     ui.separator();
+    super::measured_with(ui, rt.bench_adapter.as_deref());
     if !report.divergences.is_empty() {
         for d in &report.divergences {
             ui.colored_label(
@@ -113,11 +115,18 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     });
     let mut domains: Vec<&str> = report.rows.iter().map(|r| r.domain.as_str()).collect();
     domains.dedup();
+    ui.horizontal_wrapped(|ui| {
+        ui.strong("Tokens per forward by mask count");
+        ui.weak("solid: quadratic · dashed: linear · one colour per domain");
+    });
     Plot::new("tpf-by-masks")
-        .legend(Legend::default())
+        .legend(Legend::default().text_style(egui::TextStyle::Small).follow_insertion_order(true).background_alpha(0.9))
         .height(240.0)
         .x_axis_label("masks")
         .y_axis_label("tokens per forward")
+        // Mask counts are whole numbers: no ticks between them.
+        .x_axis_formatter(|mark, _| if mark.value.fract() == 0.0 { format!("{}", mark.value) } else { String::new() })
+        .include_y(1.0)
         .show(ui, |pu| {
             for (i, d) in domains.iter().enumerate() {
                 for mode in [Mode::Quadratic, Mode::Linear] {
@@ -130,7 +139,8 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
                             MaskCount::Auto => None,
                         })
                         .collect();
-                    let line = Line::new(format!("{d} {mode}"), points).color(theme::series(i));
+                    // One legend entry per domain: its two lines share the name.
+                    let line = Line::new(d.to_string(), points).color(theme::series(i));
                     pu.line(if mode == Mode::Linear { line.style(egui_plot::LineStyle::dashed_loose()) } else { line });
                 }
             }

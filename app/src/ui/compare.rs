@@ -61,9 +61,6 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         if rt.job == Some(Job::Race) && ui.button("Stop").clicked() {
             commands.push(Command::Cancel);
         }
-        if rt.adapter.is_none() {
-            ui.weak("needs an adapter: train one or load one in the Model tab");
-        }
         let has_race = rt.race.lanes.iter().any(|l| !l.tokens.is_empty());
         if ui
             .add_enabled(has_race, egui::Button::new("Export JSON…"))
@@ -79,13 +76,18 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         {
             commands.push(Command::ScreenshotRace);
         }
+        super::adapter_line(ui, rt);
     });
     ui.separator();
     badges(ui, rt);
     legend(ui, k);
     ui.columns(2, |cols| {
         lane(&mut cols[0], rt, "Lane A: AR", &rt.race.lanes[0]);
-        let b = if rt.race.lane_b.is_empty() { "Lane B".to_string() } else { format!("Lane B: {}", rt.race.lane_b) };
+        let b = match (&rt.race.lane_b, &rt.race.adapter) {
+            (mode, _) if mode.is_empty() => "Lane B".to_string(),
+            (mode, Some(adapter)) => format!("Lane B: {mode}, adapter {}", super::adapter_name(adapter)),
+            (mode, None) => format!("Lane B: {mode}"),
+        };
         lane(&mut cols[1], rt, &b, &rt.race.lanes[1]);
     });
 }
@@ -149,7 +151,7 @@ fn lane(ui: &mut egui::Ui, rt: &Runtime, title: &str, l: &LaneState) {
                     TokenOrigin::Verified => theme::VERIFIED,
                     TokenOrigin::Draft { slot } => theme::slot(slot),
                 };
-                let text = t.text.replace('\n', "¶");
+                let text = super::token_text(&t.text);
                 let how = match t.origin {
                     TokenOrigin::Verified => "verified by the model".to_string(),
                     TokenOrigin::Draft { slot } => format!("draft from mask slot {slot}, accepted"),
@@ -161,11 +163,7 @@ fn lane(ui: &mut egui::Ui, rt: &Runtime, title: &str, l: &LaneState) {
                         break;
                     }
                     ui.label(
-                        egui::RichText::new(text.replace('\n', "¶"))
-                            .monospace()
-                            .color(theme::REJECTED)
-                            .strikethrough()
-                            .small(),
+                        egui::RichText::new(super::token_text(text)).monospace().color(theme::REJECTED).strikethrough(),
                     )
                     .on_hover_text(format!("step {step}: draft rejected here"));
                     rejected.next();
@@ -197,6 +195,7 @@ pub fn export_json(race: &RaceState) -> String {
         "lane_a": lane(&race.lanes[0]),
         "lane_b": lane(&race.lanes[1]),
         "lane_b_mode": race.lane_b,
+        "adapter": race.adapter,
         "identical": race.identical(),
         "speedup": race.speedup(),
     });

@@ -12,10 +12,11 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     ui.heading("Data");
     ui.horizontal(|ui| {
         let label = ui.label("Dataset").on_hover_text(
-            "JSONL (messages, prompt + completion, or text), a text file, a folder, or builtin:NAME[:COUNT]",
+            "JSONL or a JSON array (messages, ShareGPT, Alpaca, prompt + completion, or text), Parquet, a text \
+             file, a folder, a hub dataset owner/name[@revision], or builtin:NAME[:COUNT]",
         );
         ui.add(egui::TextEdit::singleline(&mut p.data.source).desired_width(320.0)).labelled_by(label.id);
-        if ui.button("File…").on_hover_text("A .jsonl or text file").clicked() {
+        if ui.button("File…").on_hover_text("A .jsonl, .json, .parquet or text file").clicked() {
             commands.push(Command::Pick(Pick::DataFile));
         }
         if ui.button("Folder…").on_hover_text("A folder of text or source files").clicked() {
@@ -98,7 +99,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             ui.spacing_mut().item_spacing.x = 0.0;
             for t in example {
                 let colour = if t.target { theme::RESPONSE } else { theme::PROMPT };
-                let shown = t.text.replace('\n', "¶");
+                let shown = super::token_text(&t.text);
                 ui.label(egui::RichText::new(shown).monospace().color(colour)).on_hover_text(format!("{:?}", t.text));
                 if t.masks_after {
                     mask_block(ui, k)

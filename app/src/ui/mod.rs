@@ -74,6 +74,56 @@ pub fn not_ready(rt: &Runtime, adapter: bool) -> Option<&'static str> {
     }
 }
 
+/// A token's text as drawn in a run of tokens: a newline as ¶, a tab as →, another control
+/// character by its escape, no text (a piece of a character) as ∅: an empty label in a
+/// wrapping row puts the next one back at the row's start, over the tokens before it.
+pub fn token_text(text: &str) -> String {
+    if text.is_empty() {
+        return "∅".into();
+    }
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push('¶'),
+            '\t' => out.push('→'),
+            c if c.is_control() => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// How the window names an adapter: its folder and file (`full/adapter.safetensors`: a
+/// run's adapters share the file name), whatever `hide_timings` says (run names are stable).
+pub fn adapter_name(path: &std::path::Path) -> String {
+    let part = |p: Option<&std::path::Path>| p.and_then(|p| p.file_name()).and_then(|n| n.to_str()).map(str::to_owned);
+    match (part(path.parent()), part(Some(path))) {
+        (Some(dir), Some(file)) => format!("{dir}/{file}"),
+        (None, Some(file)) => file,
+        _ => path.display().to_string(),
+    }
+}
+
+/// Next to a button that decodes with the adapter: which adapter it uses, or how to get one.
+pub fn adapter_line(ui: &mut egui::Ui, rt: &Runtime) {
+    match &rt.adapter {
+        Some(a) => {
+            ui.weak(format!("adapter {} (k = {})", adapter_name(&a.path), a.config.k))
+                .on_hover_text(a.path.display().to_string());
+        }
+        None => {
+            ui.weak("needs an adapter: train one, or load one in the Model tab");
+        }
+    }
+}
+
+/// Above a result: the adapter it was measured with, when there was one.
+pub fn measured_with(ui: &mut egui::Ui, adapter: Option<&std::path::Path>) {
+    if let Some(path) = adapter {
+        ui.weak(format!("measured with adapter {}", adapter_name(path))).on_hover_text(path.display().to_string());
+    }
+}
+
 /// Busy indicator: a spinner and the job's progress when `busy`.
 pub fn busy_line(ui: &mut egui::Ui, rt: &Runtime, job: crate::worker::Job) {
     if rt.job == Some(job) {
@@ -106,5 +156,22 @@ pub fn path_text(rt: &Runtime, path: &std::path::Path) -> String {
         path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned()
     } else {
         path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_are_drawn_without_control_characters() {
+        assert_eq!(super::token_text("a\nb\tc\u{2}d\r"), "a¶b→c\\u{2}d\\u{d}");
+        assert_eq!(super::token_text(" héllo"), " héllo");
+        assert_eq!(super::token_text(""), "∅");
+    }
+
+    #[test]
+    fn adapters_are_named_by_folder_and_file() {
+        let name = super::adapter_name(std::path::Path::new("/p/runs/full/adapter.safetensors"));
+        assert_eq!(name, "full/adapter.safetensors");
+        assert_eq!(super::adapter_name(std::path::Path::new("a.safetensors")), "a.safetensors");
     }
 }

@@ -24,13 +24,12 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         if run.on_disabled_hover_text(why.unwrap_or_default()).clicked() {
             commands.push(Command::StartProbe);
         }
-        if rt.adapter.is_none() {
-            ui.weak("needs an adapter");
-        }
+        super::adapter_line(ui, rt);
         busy_line(ui, rt, Job::Probe);
     });
     let Some((report, texts)) = &rt.probe else { return };
     ui.separator();
+    super::measured_with(ui, rt.probe_adapter.as_deref());
     egui::Grid::new("probe").striped(true).show(ui, |ui| {
         for h in ["position", "true token", "base + placeholders", "tuned", "tuned + sampler"] {
             ui.strong(h);

@@ -12,11 +12,9 @@ pub fn show(ui: &mut egui::Ui, app: &WorkbenchApp, commands: &mut Vec<Command>) 
         };
         ui.separator();
         match &rt.adapter {
-            Some(a) => ui.label(format!(
-                "adapter k={} ({})",
-                a.config.k,
-                a.path.file_name().and_then(|f| f.to_str()).unwrap_or("?")
-            )),
+            Some(a) => ui
+                .label(format!("adapter {} · k = {}", super::adapter_name(&a.path), a.config.k))
+                .on_hover_text(a.path.display().to_string()),
             None => ui.label("no adapter"),
         };
         ui.separator();

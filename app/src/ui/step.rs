@@ -34,9 +34,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         if ui.add_enabled(stepping, egui::Button::new("Next step")).on_hover_text("One forward pass").clicked() {
             commands.push(Command::NextStep);
         }
-        if rt.adapter.is_none() {
-            ui.weak("needs an adapter");
-        }
+        super::adapter_line(ui, rt);
     });
     let Some(view) = rt.steps.last() else {
         ui.label("Press Start.");
@@ -107,7 +105,7 @@ fn layout_table(ui: &mut egui::Ui, v: &StepView) {
         ui.end_row();
         for r in 0..d.inputs.len() {
             ui.label(r.to_string());
-            let text = v.input_text.get(r).cloned().unwrap_or_default().replace('\n', "¶");
+            let text = super::token_text(v.input_text.get(r).map_or("", String::as_str));
             let colour = if d.slot[r] > 0 { theme::MASK } else { theme::VERIFIED };
             ui.label(egui::RichText::new(text).monospace().color(colour));
             ui.label(format!("{} / {}", d.block[r], d.slot[r]));

@@ -304,96 +304,149 @@ fn line(
     Line::new(name, points).color(colour)
 }
 
-/// Every series shown: the live run and the overlaid ones.
+/// Every series shown: the live run and the overlaid ones, each with the run's folder name.
 fn shown_series(rt: &Runtime) -> Vec<(String, Series)> {
+    let name = |dir: &std::path::Path| dir.file_name().and_then(|n| n.to_str()).unwrap_or("run").to_owned();
     let mut out = Vec::new();
     if let Some(live) = &rt.live {
-        out.push(("live".to_string(), live.clone()));
+        out.push((name(&live.dir), live.clone()));
     }
     for dir in &rt.overlay {
+        if rt.live.as_ref().is_some_and(|l| &l.dir == dir) {
+            continue;
+        }
         if let Some(r) = rt.runs.iter().find(|r| &r.dir == dir) {
             let mut s = Series { dir: r.dir.clone(), ..Series::default() };
             for m in &r.metrics {
                 s.push(m.clone());
             }
-            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("run").to_owned();
-            out.push((name, s));
+            out.push((name(dir), s));
         }
     }
     out
 }
 
+/// One chart of the Train view: a title with what its line styles mean, a plot of `y`
+/// against the step, and a small legend in `corner` (where its curves seldom go) whose
+/// entries (one per name: a run's lines of one quantity share one) hide and show them.
+struct Chart {
+    id: &'static str,
+    title: &'static str,
+    styles: &'static str,
+    y: &'static str,
+    corner: egui_plot::Corner,
+}
+
+impl Chart {
+    fn show(&self, ui: &mut egui::Ui, width: f32, add: impl FnOnce(&mut egui_plot::PlotUi<'_>)) {
+        ui.vertical(|ui| {
+            ui.set_width(width);
+            ui.horizontal_wrapped(|ui| {
+                ui.strong(self.title);
+                if !self.styles.is_empty() {
+                    ui.weak(self.styles);
+                }
+            });
+            Plot::new(self.id)
+                .legend(
+                    Legend::default()
+                        .text_style(egui::TextStyle::Small)
+                        .position(self.corner)
+                        .follow_insertion_order(true)
+                        .background_alpha(0.9),
+                )
+                .height(190.0)
+                .width(width)
+                .x_axis_label("step")
+                .y_axis_label(self.y)
+                .allow_scroll(false)
+                .show(ui, add);
+        });
+    }
+}
+
+/// A legend entry: the quantity, after the run's name when runs are overlaid.
+fn entry(runs: usize, run: &str, what: &str) -> String {
+    if runs > 1 { format!("{run}: {what}") } else { what.to_owned() }
+}
+
 fn plots(ui: &mut egui::Ui, rt: &Runtime) {
+    use egui_plot::Corner;
     let series = shown_series(rt);
     if series.iter().all(|(_, s)| s.train.is_empty()) {
         ui.label("Curves appear here as training runs; tick runs below to overlay them.");
         return;
     }
-    let width = (ui.available_width() / 2.0 - 8.0).max(200.0);
-    let plot =
-        |id: &str| Plot::new(id.to_owned()).legend(Legend::default()).height(190.0).width(width).allow_scroll(false);
-    ui.horizontal(|ui| {
-        plot("losses").show(ui, |pu| {
-            for (i, (name, s)) in series.iter().enumerate() {
+    let n = series.len();
+    let width = (ui.available_width() / 2.0 - 12.0).max(200.0);
+    ui.horizontal_top(|ui| {
+        let losses = Chart {
+            id: "losses",
+            title: "Losses",
+            styles: "solid: training batches · dashed: validation",
+            y: "loss",
+            corner: Corner::RightTop,
+        };
+        losses.show(ui, width, |pu| {
+            for (i, (run, s)) in series.iter().enumerate() {
                 let c = |j| theme::series(i * 4 + j);
-                pu.line(line(format!("{name} total"), &s.train, |m| Some(m.losses.loss), c(0)));
-                pu.line(line(format!("{name} base"), &s.train, |m| Some(m.losses.loss_base), c(1)));
-                pu.line(line(format!("{name} sampler"), &s.train, |m| Some(m.losses.loss_sampler), c(2)));
+                let total = entry(n, run, "total");
+                pu.line(line(total.clone(), &s.train, |m| Some(m.losses.loss), c(0)));
+                pu.line(line(total, &s.val, |m| Some(m.losses.loss), c(0)).style(egui_plot::LineStyle::dashed_loose()));
+                pu.line(line(entry(n, run, "base"), &s.train, |m| Some(m.losses.loss_base), c(1)));
+                pu.line(line(entry(n, run, "sampler"), &s.train, |m| Some(m.losses.loss_sampler), c(2)));
                 // The weighted term, as it enters the total (the raw one sums over the width
                 // and would flatten the others).
                 pu.line(line(
-                    format!("{name} lcm × weight"),
+                    entry(n, run, "LCM × weight"),
                     &s.train,
                     |m| Some(m.losses.loss - m.losses.loss_base - m.losses.loss_sampler),
                     c(3),
                 ));
-                pu.line(
-                    line(format!("{name} val total"), &s.val, |m| Some(m.losses.loss), c(0))
-                        .style(egui_plot::LineStyle::dashed_loose()),
-                );
             }
         });
-        plot("slot-acc").show(ui, |pu| {
-            for (i, (name, s)) in series.iter().enumerate() {
+        let accuracy = Chart {
+            id: "slot-acc",
+            title: "Draft accuracy by mask slot",
+            styles: "solid: LM head · dotted: sampler · dashed: validation",
+            y: "accuracy",
+            corner: Corner::LeftTop,
+        };
+        accuracy.show(ui, width, |pu| {
+            for (i, (run, s)) in series.iter().enumerate() {
                 let k = s.train.last().map_or(0, |m| m.losses.slot_acc.len());
                 for j in 0..k {
-                    pu.line(line(
-                        format!("{name} slot {} (head)", j + 1),
-                        &s.train,
-                        |m| m.losses.slot_acc.get(j).copied(),
-                        theme::slot(j + 1 + i),
-                    ));
+                    let (name, colour) = (entry(n, run, &format!("slot {}", j + 1)), theme::slot(j + 1 + i));
+                    pu.line(line(name.clone(), &s.train, |m| m.losses.slot_acc.get(j).copied(), colour));
                     pu.line(
-                        line(
-                            format!("{name} slot {} (sampler)", j + 1),
-                            &s.train,
-                            |m| m.losses.slot_acc_sampler.get(j).copied(),
-                            theme::slot(j + 1 + i),
-                        )
-                        .style(egui_plot::LineStyle::dotted_dense()),
+                        line(name.clone(), &s.train, |m| m.losses.slot_acc_sampler.get(j).copied(), colour)
+                            .style(egui_plot::LineStyle::dotted_dense()),
                     );
                     pu.line(
-                        line(
-                            format!("{name} slot {} val", j + 1),
-                            &s.val,
-                            |m| m.losses.slot_acc.get(j).copied(),
-                            theme::slot(j + 1 + i),
-                        )
-                        .style(egui_plot::LineStyle::dashed_loose()),
+                        line(name, &s.val, |m| m.losses.slot_acc.get(j).copied(), colour)
+                            .style(egui_plot::LineStyle::dashed_loose()),
                     );
                 }
             }
         });
     });
-    ui.horizontal(|ui| {
-        plot("acceptance").show(ui, |pu| {
-            for (i, (name, s)) in series.iter().enumerate() {
+    ui.horizontal_top(|ui| {
+        let acceptance = Chart {
+            id: "acceptance",
+            title: "Tokens per forward",
+            styles: "lines: expected from the slot accuracies · dots: measured by decoding held-out prompts",
+            y: "tokens per forward",
+            corner: Corner::LeftTop,
+        };
+        acceptance.show(ui, width, |pu| {
+            for (i, (run, s)) in series.iter().enumerate() {
                 let k = s.val.iter().rev().find_map(|m| m.expected_tokens_per_forward.as_ref()).map_or(0, Vec::len);
                 for j in 0..k {
                     let colour = theme::slot(j + 1 + i);
                     let masks = if j == 0 { "1 mask".to_string() } else { format!("{} masks", j + 1) };
+                    let name = entry(n, run, &masks);
                     pu.line(line(
-                        format!("{name} tokens/forward, {masks} (expected)"),
+                        name.clone(),
                         &s.val,
                         |m| m.expected_tokens_per_forward.as_ref().and_then(|e| e.get(j).copied()),
                         colour,
@@ -405,39 +458,55 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
                             m.measured_tokens_per_forward.as_ref().and_then(|v| v.get(j)).map(|y| [m.step as f64, *y])
                         })
                         .collect();
-                    pu.points(
-                        egui_plot::Points::new(format!("{name} tokens/forward, {masks} (measured)"), measured)
-                            .color(colour)
-                            .radius(3.5),
-                    );
+                    pu.points(egui_plot::Points::new(name, measured).color(colour).radius(3.5));
                 }
+            }
+        });
+        let lr = Chart { id: "lr", title: "Learning rate", styles: "", y: "learning rate", corner: Corner::RightTop };
+        lr.show(ui, width, |pu| {
+            for (i, (run, s)) in series.iter().enumerate() {
+                pu.line(line(entry(n, run, "learning rate"), &s.train, |m| Some(m.lr), theme::series(i)));
             }
         });
     });
-    ui.horizontal(|ui| {
-        plot("lr").show(ui, |pu| {
-            for (i, (name, s)) in series.iter().enumerate() {
-                pu.line(line(format!("{name} lr"), &s.train, |m| Some(m.lr), theme::series(i)));
-            }
-        });
-        plot("throughput").show(ui, |pu| {
-            for (i, (name, s)) in series.iter().enumerate() {
-                if !rt.hide_timings {
+    let gpu = series.iter().any(|(_, s)| s.train.iter().any(|m| m.gpu_mem_bytes.is_some()));
+    if rt.hide_timings && !gpu {
+        return;
+    }
+    ui.horizontal_top(|ui| {
+        if !rt.hide_timings {
+            let speed = Chart {
+                id: "throughput",
+                title: "Training speed",
+                styles: "",
+                y: "tokens/s",
+                corner: Corner::RightBottom,
+            };
+            speed.show(ui, width, |pu| {
+                for (i, (run, s)) in series.iter().enumerate() {
+                    pu.line(line(entry(n, run, "tokens/s"), &s.train, |m| Some(m.tokens_per_second), theme::series(i)));
+                }
+            });
+        }
+        if gpu {
+            let memory = Chart {
+                id: "gpu-memory",
+                title: "GPU memory",
+                styles: "in use on the card (nvidia-smi, every 10 steps)",
+                y: "GiB",
+                corner: Corner::RightBottom,
+            };
+            memory.show(ui, width, |pu| {
+                for (i, (run, s)) in series.iter().enumerate() {
                     pu.line(line(
-                        format!("{name} tokens/s"),
+                        entry(n, run, "GiB"),
                         &s.train,
-                        |m| Some(m.tokens_per_second),
+                        |m| m.gpu_mem_bytes.map(|b| b as f64 / 1073741824.0),
                         theme::series(i),
                     ));
                 }
-                pu.line(line(
-                    format!("{name} GPU GiB"),
-                    &s.train,
-                    |m| m.gpu_mem_bytes.map(|b| b as f64 / 1073741824.0),
-                    theme::series(i + 3),
-                ));
-            }
-        });
+            });
+        }
     });
 }
 
