@@ -165,6 +165,14 @@ fn generate_bench_and_probe_with_an_adapter() -> anyhow::Result<()> {
             let steps = out["steps"].as_array().cloned().unwrap_or_default();
             assert_eq!(steps.len() + 1, out["forwards"].as_u64().unwrap_or(0) as usize);
             assert!(steps.iter().all(|s| s.get("accepted").is_some() && s.get("first_rejected").is_some()));
+            // Slot 1 is reached by every step with drafts; the steps' tokens and the
+            // prefill's one make the output.
+            let acceptance = &out["acceptance"];
+            let drafting = steps.iter().filter(|s| s["drafts"].as_array().is_some_and(|d| !d.is_empty())).count();
+            assert_eq!(acceptance["reached"][0].as_u64(), Some(drafting as u64), "{acceptance}");
+            let by_count = acceptance["emitted"].as_array().cloned().unwrap_or_default();
+            let emitted: u64 = by_count.iter().enumerate().map(|(n, c)| n as u64 * c.as_u64().unwrap_or(0)).sum();
+            assert_eq!(emitted + 1, ids(&out["token_ids"]).len() as u64, "{acceptance}");
         }
     }
     // Mask rows in bf16 (where the CPU has it) or exact: the output is AR's either way.

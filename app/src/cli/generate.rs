@@ -114,6 +114,9 @@ struct Report<'a> {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     repeat_seconds: Vec<f64>,
     stop_reason: mtp_core::decode::StopReason,
+    /// Per draft slot, the steps that reached it and those that accepted it; the steps by
+    /// tokens emitted (speculative modes; empty for AR).
+    acceptance: mtp_core::decode::Acceptance,
     steps: Vec<StepLine>,
 }
 
@@ -232,6 +235,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             total_seconds: median.unwrap_or(out.total_time.as_secs_f64()),
             repeat_seconds,
             stop_reason: out.stop,
+            acceptance: mtp_core::decode::Acceptance::of(&out.steps),
             steps: out
                 .steps
                 .iter()
@@ -256,6 +260,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             out.tokens_per_second(),
             out.stop
         );
+        let acceptance = mtp_core::decode::Acceptance::of(&out.steps).summary();
+        if !acceptance.is_empty() {
+            eprintln!("[drafts accepted: {acceptance}]");
+        }
         Ok(())
     }
 }

@@ -174,6 +174,40 @@ fn lane(ui: &mut egui::Ui, rt: &Runtime, title: &str, l: &LaneState) {
             }
         });
     });
+    // Below the text, so that both lanes' text starts at the same height.
+    acceptance(ui, l);
+}
+
+/// A speculative lane's acceptance: per draft slot, the share of the steps reaching it that
+/// accepted its draft (a bar in the slot's colour), and the steps by tokens emitted.
+fn acceptance(ui: &mut egui::Ui, l: &LaneState) {
+    let a = mtp_core::decode::Acceptance::of(&l.steps);
+    if a.reached.is_empty() {
+        return;
+    }
+    ui.horizontal_wrapped(|ui| {
+        ui.weak("drafts accepted").on_hover_text(
+            "Per mask slot: of the steps whose drafts before it were all accepted, the share that accepted its \
+             draft too",
+        );
+        for j in 1..=a.reached.len() {
+            if let Some(rate) = a.rate(j) {
+                let bar = egui::ProgressBar::new(rate as f32)
+                    .desired_width(88.0)
+                    .fill(theme::slot(j).gamma_multiply(0.55))
+                    .text(format!("draft {j}: {:.0}%", rate * 100.0));
+                ui.add(bar).on_hover_text(format!(
+                    "{} of the {} steps that reached it",
+                    a.accepted[j - 1],
+                    a.reached[j - 1]
+                ));
+            }
+        }
+    });
+    let by_count: Vec<String> =
+        (1..a.emitted.len()).filter(|&n| a.emitted[n] > 0).map(|n| format!("{n} × {}", a.emitted[n])).collect();
+    ui.weak(format!("tokens a step: {}", by_count.join(" · ")))
+        .on_hover_text("How many steps emitted each number of tokens (accepted drafts + the verified next token)");
 }
 
 /// The race as JSON: both lanes' text, tokens, origins, steps and totals.
@@ -198,6 +232,7 @@ pub fn export_json(race: &RaceState) -> String {
         "adapter": race.adapter,
         "identical": race.identical(),
         "speedup": race.speedup(),
+        "acceptance": mtp_core::decode::Acceptance::of(&race.lanes[1].steps),
     });
     serde_json::to_string_pretty(&v).unwrap_or_default()
 }

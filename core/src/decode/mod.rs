@@ -19,7 +19,7 @@ pub use ar::generate_ar;
 pub use generation::{Generation, generate};
 pub use sampling::{Sampler, SamplingParams};
 pub use speculative::{DraftArithmetic, DraftOptions, Drafter, LoraForm, SpecDecoder};
-pub use stats::StepStats;
+pub use stats::{Acceptance, StepStats};
 pub use strategy::{Layout, MaskCount, Mode, Speculative, Strategy};
 
 /// How the next token is chosen.

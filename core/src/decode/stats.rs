@@ -38,3 +38,91 @@ impl StepStats {
         &self.drafts[self.accepted.min(self.drafts.len())..]
     }
 }
+
+/// How a generation's drafts fared, from its steps: per draft slot, the steps that reached
+/// it (verified a draft there with every draft before it accepted) and those that accepted
+/// it; and the steps by the tokens they emitted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Acceptance {
+    /// Per draft slot, slot 1 first: steps that reached it.
+    pub reached: Vec<usize>,
+    /// Per draft slot: steps that accepted its draft.
+    pub accepted: Vec<usize>,
+    /// Steps by tokens emitted: `emitted[n]` steps emitted `n` tokens.
+    pub emitted: Vec<usize>,
+}
+
+impl Acceptance {
+    /// Count `steps` (the prefill has no stats and is not among them).
+    pub fn of(steps: &[StepStats]) -> Self {
+        let mut a = Acceptance::default();
+        for s in steps {
+            let slots = s.drafts.len();
+            if a.reached.len() < slots {
+                a.reached.resize(slots, 0);
+                a.accepted.resize(slots, 0);
+            }
+            // Slot j + 1 is reached when the j drafts before it were accepted.
+            for j in 0..slots.min(s.accepted + 1) {
+                a.reached[j] += 1;
+                a.accepted[j] += usize::from(j < s.accepted);
+            }
+            if a.emitted.len() <= s.emitted {
+                a.emitted.resize(s.emitted + 1, 0);
+            }
+            a.emitted[s.emitted] += 1;
+        }
+        a
+    }
+
+    /// The share of the steps reaching draft slot `slot` (1-based) that accepted it.
+    pub fn rate(&self, slot: usize) -> Option<f64> {
+        let i = slot.checked_sub(1)?;
+        let reached = *self.reached.get(i)?;
+        (reached > 0).then(|| self.accepted[i] as f64 / reached as f64)
+    }
+
+    /// One line: each slot's acceptance, `slot 1 72% (38/53) · slot 2 ...`; empty without
+    /// drafts.
+    pub fn summary(&self) -> String {
+        let slots = (1..=self.reached.len()).filter_map(|j| {
+            self.rate(j)
+                .map(|r| format!("slot {j} {:.0}% ({}/{})", r * 100.0, self.accepted[j - 1], self.reached[j - 1]))
+        });
+        slots.collect::<Vec<_>>().join(" · ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(drafts: usize, accepted: usize, emitted: usize) -> StepStats {
+        StepStats {
+            step: 1,
+            drafts: (0..drafts as i64).collect(),
+            accepted,
+            first_rejected: (accepted < drafts).then_some(accepted + 1),
+            masks: 3,
+            blocks: 4,
+            emitted,
+            seconds: 0.0,
+            noise_ids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn acceptance_counts_each_slot_among_the_steps_that_reached_it() {
+        // No drafts (the first step), all three accepted, the second rejected, the first
+        // rejected, one accepted of two (a step after a partial acceptance drafts fewer).
+        let steps = [step(0, 0, 1), step(3, 3, 4), step(3, 1, 2), step(3, 0, 1), step(2, 1, 2)];
+        let a = Acceptance::of(&steps);
+        assert_eq!(a.reached, vec![4, 3, 1]);
+        assert_eq!(a.accepted, vec![3, 1, 1]);
+        assert_eq!(a.emitted, vec![0, 2, 2, 0, 1]);
+        assert_eq!(a.rate(1), Some(0.75));
+        assert_eq!((a.rate(0), a.rate(4)), (None, None));
+        assert_eq!(a.summary(), "slot 1 75% (3/4) · slot 2 33% (1/3) · slot 3 100% (1/1)");
+        assert_eq!(Acceptance::of(&[]).summary(), "");
+    }
+}
