@@ -168,7 +168,6 @@ impl WorkbenchApp {
                 let request = requests::bench(p);
                 // The table shown is this run's, never an earlier one's.
                 self.runtime.bench = None;
-                self.runtime.bench_adapter = self.runtime.adapter.as_ref().map(|a| a.path.clone());
                 self.send_built(request)
             }
             Command::StartProbe => {

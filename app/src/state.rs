@@ -458,8 +458,6 @@ pub struct Runtime {
     pub steps: Vec<StepView>,
     /// The benchmark.
     pub bench: Option<BenchReport>,
-    /// The adapter the benchmark ran with.
-    pub bench_adapter: Option<PathBuf>,
     /// The probe and its token texts.
     pub probe: Option<(ProbeReport, Vec<String>)>,
     /// The adapter the probe ran with.

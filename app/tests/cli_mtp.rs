@@ -250,6 +250,10 @@ fn generate_bench_and_probe_with_an_adapter() -> anyhow::Result<()> {
     for f in ["bench.json", "bench.csv", "bench.md"] {
         assert!(out.join(f).exists(), "{f}");
     }
+    // The report names what it measured.
+    assert_eq!(report["adapter"].as_str(), Some(s(&adapter)), "{report}");
+    assert!(report["model"].as_str().is_some_and(|m| m.contains("llama")), "{report}");
+    assert!(std::fs::read_to_string(out.join("bench.md"))?.contains("adapter.safetensors"));
     std::fs::write(&prompts, "{\"prompt\": \"x\", \"domain\": \"code\"}\nnot json\n")?;
     fails_with(
         mtp(&["bench", "--model", s(&model), "--adapter", s(&adapter), "--prompts", s(&prompts)]),

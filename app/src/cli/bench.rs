@@ -76,6 +76,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let report = run_bench(&loaded.model, &drafter, &loaded.tokenizer, &prompts, &config, &mut progress)
         .with_context(|| format!("benchmarking {}", prompts_path.display()))?;
+    let report = mtp_core::decode::bench::BenchReport {
+        model: Some(source.to_string()),
+        adapter: args.adapter.path(&source).ok(),
+        ..report
+    };
     bar.finish_and_clear();
 
     if let Some(dir) = &args.out {

@@ -99,9 +99,14 @@ pub struct AdapterArg {
 }
 
 impl AdapterArg {
+    /// The adapter's file: `--adapter`, or the demo's own for the demo model.
+    pub fn path(&self, source: &ModelSource) -> anyhow::Result<PathBuf> {
+        demo_default(source, self.adapter.as_deref(), mtp_core::source::demo_adapter(), "--adapter FILE")
+    }
+
     /// Load the adapter for `model` (from `source`), checking it was made for it.
     pub fn load(&self, source: &ModelSource, model: &Llama) -> anyhow::Result<MtpAdapter> {
-        let path = demo_default(source, self.adapter.as_deref(), mtp_core::source::demo_adapter(), "--adapter FILE")?;
+        let path = self.path(source)?;
         let check = BaseCheck { model_name: source.to_string(), allow_other_weights: self.allow_other_base };
         match MtpAdapter::load_checked(&path, model, &check) {
             Err(e @ mtp_core::Error::OtherBase(_)) => {

@@ -71,7 +71,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         return;
     };
     ui.separator();
-    super::measured_with(ui, rt.bench_adapter.as_deref());
+    super::measured_with(ui, report.adapter.as_deref());
     if !report.divergences.is_empty() {
         for d in &report.divergences {
             ui.colored_label(

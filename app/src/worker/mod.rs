@@ -7,13 +7,13 @@ pub mod protocol;
 
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
-use mtp_core::decode::bench::{read_prompts, run_bench};
+use mtp_core::decode::bench::{BenchReport, read_prompts, run_bench};
 use mtp_core::decode::{
     DraftOptions, Drafter, GenerateRequest, Generation, Layout, MaskCount, SpecDecoder, Speculative, StepStats,
     Strategy, TokenEvent, TokenSink,
@@ -127,6 +127,8 @@ struct Worker {
 struct Adapter {
     adapter: MtpAdapter,
     drafter: Drafter,
+    /// Its file.
+    path: PathBuf,
 }
 
 pub(crate) fn job_of(r: &Request) -> Job {
@@ -195,10 +197,12 @@ impl Worker {
         self.adapter.as_ref().context("no MTP adapter is loaded: train one, or load one in the Model tab")
     }
 
-    /// Make `adapter` the loaded one (prepared for decoding with the loaded model).
-    fn set_adapter(&mut self, adapter: MtpAdapter) -> anyhow::Result<()> {
+    /// Make `adapter` (read from `path`) the loaded one, prepared for decoding with the loaded
+    /// model, and say so: the window learns of it only once it can decode.
+    fn set_adapter(&mut self, adapter: MtpAdapter, path: PathBuf) -> anyhow::Result<()> {
         let drafter = Drafter::new(&self.model()?.model, &adapter, DraftOptions::default())?;
-        self.adapter = Some(Adapter { adapter, drafter });
+        self.emit(Event::AdapterLoaded(AdapterSummary { path: path.clone(), config: adapter.config.clone() }));
+        self.adapter = Some(Adapter { adapter, drafter, path });
         Ok(())
     }
 
@@ -253,16 +257,14 @@ impl Worker {
                     }
                 };
                 if let Some((a, path)) = adapter {
-                    self.emit(Event::AdapterLoaded(AdapterSummary { path, config: a.config.clone() }));
-                    self.set_adapter(a)?;
+                    self.set_adapter(a, path)?;
                 }
             }
             Request::LoadAdapter { path } => {
                 let loaded = self.model()?;
                 let check = mtp_core::mtp::BaseCheck { model_name: loaded.source.to_string(), ..Default::default() };
                 let adapter = MtpAdapter::load_checked(&path, &loaded.model, &check)?;
-                self.emit(Event::AdapterLoaded(AdapterSummary { path, config: adapter.config.clone() }));
-                self.set_adapter(adapter)?;
+                self.set_adapter(adapter, path)?;
             }
             Request::PreviewData { source, strict, seq_len } => {
                 let (examples, report) = mtp_core::train::data::read_examples(&source, strict)?;
@@ -331,8 +333,13 @@ impl Worker {
                     if control.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
                 };
                 // Stopped on request: no table and no error (the job's end says it stopped).
+                let adapter = self.loaded_adapter()?.path.clone();
                 match run_bench(&loaded.model, drafter, &loaded.tokenizer, &prompts, &config, &mut progress) {
-                    Ok(report) => self.emit(Event::Bench(Box::new(report))),
+                    Ok(report) => {
+                        let report =
+                            BenchReport { model: Some(loaded.source.to_string()), adapter: Some(adapter), ..report };
+                        self.emit(Event::Bench(Box::new(report)))
+                    }
                     Err(mtp_core::Error::Cancelled) => {}
                     Err(e) => return Err(e.into()),
                 }
@@ -359,8 +366,7 @@ impl Worker {
         let path = RunDir(run_dir.to_owned()).adapter();
         if path.exists() {
             let adapter = MtpAdapter::load(&path, &self.model()?.model)?;
-            self.emit(Event::AdapterLoaded(AdapterSummary { path, config: adapter.config.clone() }));
-            self.set_adapter(adapter)?;
+            self.set_adapter(adapter, path)?;
         }
         Ok(())
     }

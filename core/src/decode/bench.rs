@@ -166,6 +166,12 @@ pub struct BenchReport {
     /// was a conversation.
     #[serde(default)]
     pub chat_template: Option<String>,
+    /// The model measured, as its source names it (filled in by the caller).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The adapter's file (filled in by the caller).
+    #[serde(default)]
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 /// Receives benchmark progress; `Break` cancels.
@@ -388,6 +394,8 @@ pub fn run_bench(
         lora_form: Some(drafter.form()),
         bf16_min_mask_rows: drafter.bf16_min_rows(),
         chat_template,
+        model: None,
+        adapter: None,
     })
 }
 
@@ -421,6 +429,13 @@ impl BenchReport {
     /// wall-clock columns, as Markdown.
     pub fn to_markdown(&self) -> String {
         let mut s = String::new();
+        if let (Some(model), Some(adapter)) = (&self.model, &self.adapter) {
+            s.push_str(&format!(
+                "\n{model} with the adapter {}, {} new tokens a prompt\n",
+                adapter.display(),
+                self.max_new_tokens
+            ));
+        }
         let masks: Vec<MaskCount> = {
             let mut m: Vec<MaskCount> = self.rows.iter().filter(|r| r.mode != Mode::Ar).map(|r| r.masks).collect();
             m.sort();
@@ -498,6 +513,8 @@ mod tests {
             lora_form: None,
             bf16_min_mask_rows: None,
             chat_template: None,
+            model: None,
+            adapter: None,
         }
         .to_markdown();
         assert_eq!(md.matches("quadratic: tokens per forward").count(), 1);
@@ -510,6 +527,8 @@ mod tests {
             lora_form: None,
             bf16_min_mask_rows: None,
             chat_template: None,
+            model: None,
+            adapter: None,
         }
         .to_csv();
         assert_eq!(csv.lines().count(), 2);
