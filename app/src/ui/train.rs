@@ -316,7 +316,8 @@ fn shown_series(rt: &Runtime) -> Vec<(String, Series)> {
             continue;
         }
         if let Some(r) = rt.runs.iter().find(|r| &r.dir == dir) {
-            let mut s = Series { dir: r.dir.clone(), ..Series::default() };
+            let total_steps = r.config.as_ref().map_or(0, |c| c.training.steps);
+            let mut s = Series { dir: r.dir.clone(), total_steps, ..Series::default() };
             for m in &r.metrics {
                 s.push(m.clone());
             }
@@ -335,10 +336,20 @@ struct Chart {
     styles: &'static str,
     y: &'static str,
     corner: egui_plot::Corner,
+    /// The lowest value the y axis always shows (0 for accuracies, 1 for tokens per forward).
+    y_from: Option<f64>,
+    /// Tick labels in scientific notation (learning rates).
+    scientific: bool,
 }
 
 impl Chart {
-    fn show(&self, ui: &mut egui::Ui, width: f32, add: impl FnOnce(&mut egui_plot::PlotUi<'_>)) {
+    const fn new(id: &'static str, title: &'static str, y: &'static str) -> Self {
+        Chart { id, title, styles: "", y, corner: egui_plot::Corner::RightTop, y_from: None, scientific: false }
+    }
+
+    /// Draw it `width` wide, its x axis from step 0 to `last_step` (the run's whole length,
+    /// so that the curves fill it as the run goes).
+    fn show(&self, ui: &mut egui::Ui, width: f32, last_step: usize, add: impl FnOnce(&mut egui_plot::PlotUi<'_>)) {
         ui.vertical(|ui| {
             ui.set_width(width);
             ui.horizontal_wrapped(|ui| {
@@ -347,20 +358,26 @@ impl Chart {
                     ui.weak(self.styles);
                 }
             });
-            Plot::new(self.id)
-                .legend(
-                    Legend::default()
-                        .text_style(egui::TextStyle::Small)
-                        .position(self.corner)
-                        .follow_insertion_order(true)
-                        .background_alpha(0.9),
-                )
-                .height(190.0)
-                .width(width)
-                .x_axis_label("step")
-                .y_axis_label(self.y)
-                .allow_scroll(false)
-                .show(ui, add);
+            let mut plot = Plot::new(self.id).include_x(0.0).include_x(last_step as f64);
+            if let Some(y) = self.y_from {
+                plot = plot.include_y(y);
+            }
+            if self.scientific {
+                plot = plot.y_axis_formatter(|mark, _| format!("{:.1e}", mark.value)).y_axis_min_width(40.0);
+            }
+            plot.legend(
+                Legend::default()
+                    .text_style(egui::TextStyle::Small)
+                    .position(self.corner)
+                    .follow_insertion_order(true)
+                    .background_alpha(0.9),
+            )
+            .height(190.0)
+            .width(width)
+            .x_axis_label("step")
+            .y_axis_label(self.y)
+            .allow_scroll(false)
+            .show(ui, add);
         });
     }
 }
@@ -379,15 +396,12 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
     }
     let n = series.len();
     let width = (ui.available_width() / 2.0 - 12.0).max(200.0);
+    let last_step =
+        series.iter().map(|(_, s)| s.total_steps.max(s.train.last().map_or(0, |m| m.step))).max().unwrap_or(0);
     ui.horizontal_top(|ui| {
-        let losses = Chart {
-            id: "losses",
-            title: "Losses",
-            styles: "solid: training batches · dashed: validation",
-            y: "loss",
-            corner: Corner::RightTop,
-        };
-        losses.show(ui, width, |pu| {
+        let losses =
+            Chart { styles: "solid: training batches · dashed: validation", ..Chart::new("losses", "Losses", "loss") };
+        losses.show(ui, width, last_step, |pu| {
             for (i, (run, s)) in series.iter().enumerate() {
                 let c = |j| theme::series(i * 4 + j);
                 let total = entry(n, run, "total");
@@ -406,13 +420,12 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
             }
         });
         let accuracy = Chart {
-            id: "slot-acc",
-            title: "Draft accuracy by mask slot",
             styles: "solid: LM head · dotted: sampler · dashed: validation",
-            y: "accuracy",
             corner: Corner::LeftTop,
+            y_from: Some(0.0),
+            ..Chart::new("slot-acc", "Draft accuracy by mask slot", "accuracy")
         };
-        accuracy.show(ui, width, |pu| {
+        accuracy.show(ui, width, last_step, |pu| {
             for (i, (run, s)) in series.iter().enumerate() {
                 let k = s.train.last().map_or(0, |m| m.losses.slot_acc.len());
                 for j in 0..k {
@@ -432,38 +445,34 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
     });
     ui.horizontal_top(|ui| {
         let acceptance = Chart {
-            id: "acceptance",
-            title: "Tokens per forward",
-            styles: "lines: expected from the slot accuracies · dots: measured by decoding held-out prompts",
-            y: "tokens per forward",
+            styles: "lines: expected from the slot accuracies · large dots: measured by decoding held-out prompts",
             corner: Corner::LeftTop,
+            y_from: Some(1.0),
+            ..Chart::new("acceptance", "Tokens per forward", "tokens per forward")
         };
-        acceptance.show(ui, width, |pu| {
+        acceptance.show(ui, width, last_step, |pu| {
             for (i, (run, s)) in series.iter().enumerate() {
                 let k = s.val.iter().rev().find_map(|m| m.expected_tokens_per_forward.as_ref()).map_or(0, Vec::len);
                 for j in 0..k {
                     let colour = theme::slot(j + 1 + i);
                     let masks = if j == 0 { "1 mask".to_string() } else { format!("{} masks", j + 1) };
                     let name = entry(n, run, &masks);
-                    pu.line(line(
-                        name.clone(),
-                        &s.val,
-                        |m| m.expected_tokens_per_forward.as_ref().and_then(|e| e.get(j).copied()),
-                        colour,
-                    ));
-                    let measured: PlotPoints = s
-                        .val
-                        .iter()
-                        .filter_map(|m| {
-                            m.measured_tokens_per_forward.as_ref().and_then(|v| v.get(j)).map(|y| [m.step as f64, *y])
-                        })
-                        .collect();
-                    pu.points(egui_plot::Points::new(name, measured).color(colour).radius(3.5));
+                    let at = |f: fn(&StepMetrics) -> Option<&Vec<f64>>| -> Vec<[f64; 2]> {
+                        s.val.iter().filter_map(|m| f(m).and_then(|v| v.get(j)).map(|y| [m.step as f64, *y])).collect()
+                    };
+                    let expected = at(|m| m.expected_tokens_per_forward.as_ref());
+                    pu.line(Line::new(name.clone(), PlotPoints::from(expected.clone())).color(colour));
+                    // Small dots too: the first validation's value is a line of one point.
+                    pu.points(
+                        egui_plot::Points::new(name.clone(), PlotPoints::from(expected)).color(colour).radius(1.5),
+                    );
+                    let measured = at(|m| m.measured_tokens_per_forward.as_ref());
+                    pu.points(egui_plot::Points::new(name, PlotPoints::from(measured)).color(colour).radius(3.5));
                 }
             }
         });
-        let lr = Chart { id: "lr", title: "Learning rate", styles: "", y: "learning rate", corner: Corner::RightTop };
-        lr.show(ui, width, |pu| {
+        let lr = Chart { y_from: Some(0.0), scientific: true, ..Chart::new("lr", "Learning rate", "learning rate") };
+        lr.show(ui, width, last_step, |pu| {
             for (i, (run, s)) in series.iter().enumerate() {
                 pu.line(line(entry(n, run, "learning rate"), &s.train, |m| Some(m.lr), theme::series(i)));
             }
@@ -476,13 +485,11 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
     ui.horizontal_top(|ui| {
         if !rt.hide_timings {
             let speed = Chart {
-                id: "throughput",
-                title: "Training speed",
-                styles: "",
-                y: "tokens/s",
                 corner: Corner::RightBottom,
+                y_from: Some(0.0),
+                ..Chart::new("throughput", "Training speed", "tokens/s")
             };
-            speed.show(ui, width, |pu| {
+            speed.show(ui, width, last_step, |pu| {
                 for (i, (run, s)) in series.iter().enumerate() {
                     pu.line(line(entry(n, run, "tokens/s"), &s.train, |m| Some(m.tokens_per_second), theme::series(i)));
                 }
@@ -490,13 +497,12 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
         }
         if gpu {
             let memory = Chart {
-                id: "gpu-memory",
-                title: "GPU memory",
                 styles: "in use on the card (nvidia-smi, every 10 steps)",
-                y: "GiB",
                 corner: Corner::RightBottom,
+                y_from: Some(0.0),
+                ..Chart::new("gpu-memory", "GPU memory", "GiB")
             };
-            memory.show(ui, width, |pu| {
+            memory.show(ui, width, last_step, |pu| {
                 for (i, (run, s)) in series.iter().enumerate() {
                     pu.line(line(
                         entry(n, run, "GiB"),
