@@ -18,6 +18,9 @@ use crate::worker::{Event, Job, WorkerHandle};
 const EVENT_BUDGET: Duration = Duration::from_millis(6);
 /// eframe storage key of [`Persisted`].
 const STORAGE_KEY: &str = "mtp-workbench";
+/// A change to [`Persisted`] (a form, the adapter in use, the project) is saved this soon
+/// after it, not only when the window closes: a killed window keeps it.
+const SAVE_AFTER: Duration = Duration::from_secs(1);
 
 /// What the window's own threads (file dialogs, exports) report back.
 #[derive(Debug)]
@@ -45,6 +48,8 @@ pub struct WorkbenchApp {
     /// Devices libtorch sees (read once at start).
     pub devices: Vec<DeviceSpec>,
     pub(crate) screenshot_pending: bool,
+    /// What was last saved, and when.
+    saved: Option<(Persisted, Instant)>,
 }
 
 impl WorkbenchApp {
@@ -66,6 +71,7 @@ impl WorkbenchApp {
             background: unbounded(),
             devices: DeviceSpec::all_available(),
             screenshot_pending: false,
+            saved: None,
         };
         if !app.devices.contains(&app.persisted.model.device) {
             app.persisted.model.device = DeviceSpec::Cpu;
@@ -165,10 +171,15 @@ impl WorkbenchApp {
                     mtp_core::train::TrainEvent::Checkpoint { .. } => rt.train_log.push(e.clone()),
                 }
             }
-            Event::TrainDone { run_dir, step, stopped } => {
+            Event::TrainDone { run_dir, step, stopped, adapter_loaded } => {
                 let what = if stopped { "stopped" } else { "finished" };
                 let name = run_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-                rt.notices.push(format!("run {name} {what} at step {step}; its adapter is loaded"));
+                let adapter = if adapter_loaded {
+                    "its adapter is loaded"
+                } else {
+                    "the adapter in use stays (Use in the Runs list loads this run's)"
+                };
+                rt.notices.push(format!("run {name} {what} at step {step}; {adapter}"));
                 self.execute(Command::RefreshRuns);
             }
             Event::Runs(runs) => rt.runs = runs,
@@ -218,7 +229,6 @@ impl WorkbenchApp {
             });
         });
         egui::CentralPanel::default().show(ui, |ui| {
-            ui::messages(ui, &self.runtime, &mut commands);
             egui::ScrollArea::vertical().auto_shrink(false).show(ui, |ui| match self.persisted.tab {
                 Tab::Model => ui::model::show(ui, &mut self.persisted, &self.runtime, &self.devices, &mut commands),
                 Tab::Data => ui::data::show(ui, &mut self.persisted, &self.runtime, &mut commands),
@@ -229,9 +239,24 @@ impl WorkbenchApp {
                 Tab::Probe => ui::probe::show(ui, &mut self.persisted, &self.runtime, &mut commands),
             });
         });
+        // Errors and notices float above the views (bottom right): a message that appears
+        // never moves the control under the pointer.
+        if !self.runtime.errors.is_empty() || !self.runtime.notices.is_empty() {
+            egui::Area::new(egui::Id::unique("messages"))
+                .anchor(egui::Align2::RIGHT_BOTTOM, egui::vec2(-12.0, -40.0))
+                .order(egui::Order::Foreground)
+                .show(ui.ctx(), |ui| {
+                    egui::Frame::popup(ui.style()).show(ui, |ui| {
+                        ui.set_max_width(620.0);
+                        ui::messages(ui, &self.runtime, &mut commands);
+                    });
+                });
+        }
         for c in commands {
             self.execute(c);
         }
+        // The same error twice in a row (a button pressed again) is shown once.
+        self.runtime.errors.dedup();
         if self.runtime.job.is_some() || self.runtime.race.lanes.iter().any(|l| l.started.is_some() && l.done.is_none())
         {
             // Live numbers (tokens/s, ETA) move with time, not only with events.
@@ -275,6 +300,23 @@ impl WorkbenchApp {
         });
     }
 
+    /// Save [`Persisted`] when it changed, at most every [`SAVE_AFTER`] (eframe's own save
+    /// comes every 30 s of frames and at a clean close; an idle window draws no frames).
+    fn save_changes(&mut self, ctx: &egui::Context, frame: &mut eframe::Frame) {
+        let last = self.saved.as_ref().map(|(p, at)| (p == &self.persisted, at.elapsed()));
+        match last {
+            Some((true, _)) => {}
+            Some((false, since)) if since < SAVE_AFTER => ctx.request_repaint_after(SAVE_AFTER - since),
+            _ => {
+                if let Some(storage) = frame.storage_mut() {
+                    eframe::set_value(storage, STORAGE_KEY, &self.persisted);
+                    storage.flush();
+                }
+                self.saved = Some((self.persisted.clone(), Instant::now()));
+            }
+        }
+    }
+
     /// The running job, if any.
     pub fn job(&self) -> Option<Job> {
         self.runtime.job
@@ -308,8 +350,9 @@ impl eframe::App for WorkbenchApp {
         self.drain_events();
     }
 
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         self.draw(ui);
+        self.save_changes(ui.ctx(), frame);
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {

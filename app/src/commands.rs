@@ -50,8 +50,16 @@ pub enum Command {
     Distill,
     /// Start training with the Train form.
     StartTraining,
-    /// Resume a run.
-    Resume(PathBuf),
+    /// Continue a run: an unfinished one to its own step count, a finished one extended to
+    /// `extend_to` steps.
+    Resume {
+        /// The run.
+        dir: PathBuf,
+        /// The new step count of a finished run.
+        extend_to: Option<usize>,
+    },
+    /// Load a run's adapter for Compare, Step, Bench and Probe.
+    UseRun(PathBuf),
     /// Stop the running job.
     Cancel,
     /// Pause or resume the running job.
@@ -119,7 +127,11 @@ impl WorkbenchApp {
                     Err(e) => self.runtime.errors.push(format!("Train: {}", crate::error_text(&e))),
                 }
             }
-            Command::Resume(run_dir) => {
+            Command::UseRun(run_dir) => {
+                self.persisted.model.adapter = mtp_core::train::RunDir(run_dir).adapter().display().to_string();
+                self.execute(Command::LoadAdapter);
+            }
+            Command::Resume { dir: run_dir, extend_to } => {
                 let prior = self.runtime.runs.iter().find(|r| r.dir == run_dir);
                 let mut series = Series { dir: run_dir.clone(), ..Series::default() };
                 if let Some(r) = prior {
@@ -129,7 +141,7 @@ impl WorkbenchApp {
                 }
                 self.runtime.live = Some(series);
                 self.runtime.notices.clear();
-                self.send(requests::resume(p, run_dir));
+                self.send(requests::resume(run_dir, extend_to));
             }
             Command::Cancel => {
                 self.worker.set_paused(false);

@@ -77,9 +77,9 @@ pub fn train(p: &Persisted, model: Option<&ModelSummary>, run_dir: PathBuf) -> a
     Ok(Request::Train { config: Box::new(config), run_dir })
 }
 
-/// Continue the run in `run_dir` up to the Train form's steps.
-pub fn resume(p: &Persisted, run_dir: PathBuf) -> Request {
-    Request::Resume { run_dir, steps: Some(p.train.recipe.training.steps) }
+/// Continue the run in `run_dir`: to its own step count, or extended to `extend_to` steps.
+pub fn resume(run_dir: PathBuf, extend_to: Option<usize>) -> Request {
+    Request::Resume { run_dir, steps: extend_to }
 }
 
 /// The race of the Compare form: AR in lane A, the chosen mode in lane B.
@@ -217,8 +217,8 @@ mod tests {
         assert!(matches!(step_start(&p), Request::StepStart { masks: 3, .. }));
         p.probe.continuation = "x".into();
         assert!(matches!(probe(&p), Request::Probe { continuation, .. } if continuation == "x"));
-        p.train.recipe.training.steps = 42;
-        assert!(matches!(resume(&p, "r".into()), Request::Resume { steps: Some(42), .. }));
+        assert!(matches!(resume("r".into(), Some(42)), Request::Resume { steps: Some(42), .. }));
+        assert!(matches!(resume("r".into(), None), Request::Resume { steps: None, .. }));
         p.model.source = "demo".into();
         assert!(matches!(
             load_model(&p, None)?,

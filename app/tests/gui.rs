@@ -384,7 +384,8 @@ fn self_distill_writes_a_dataset_and_selects_it() -> anyhow::Result<()> {
     let data = runtime.data.as_ref().expect("a preview of the distilled set");
     assert_eq!(data.report.examples, 9);
     assert_eq!(data.report.format, mtp_core::train::data::DataFormat::PromptCompletion);
-    assert!(data.examples.iter().all(|e| e.iter().any(|t| t.target) && e.iter().any(|t| !t.target)));
+    assert!(data.examples.iter().flatten().all(|e| e.iter().any(|t| t.target) && e.iter().any(|t| !t.target)));
+    assert!(data.examples.iter().all(Result::is_ok));
     h.get_by_label_contains("distilled-1.jsonl");
     // A second one does not overwrite the first.
     h.get_by_label("Self-distill").click();

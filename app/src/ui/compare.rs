@@ -151,13 +151,11 @@ fn lane(ui: &mut egui::Ui, rt: &Runtime, title: &str, l: &LaneState) {
                     TokenOrigin::Verified => theme::VERIFIED,
                     TokenOrigin::Draft { slot } => theme::slot(slot),
                 };
-                let text = super::token_text(&t.text);
                 let how = match t.origin {
                     TokenOrigin::Verified => "verified by the model".to_string(),
                     TokenOrigin::Draft { slot } => format!("draft from mask slot {slot}, accepted"),
                 };
-                ui.label(egui::RichText::new(text).monospace().color(colour))
-                    .on_hover_text(format!("step {}: {how}", t.step));
+                super::token_run(ui, &t.text, |r| r.monospace().color(colour), &format!("step {}: {how}", t.step));
                 while let Some((at, text, step)) = rejected.peek() {
                     if *at != i {
                         break;
@@ -167,9 +165,6 @@ fn lane(ui: &mut egui::Ui, rt: &Runtime, title: &str, l: &LaneState) {
                     )
                     .on_hover_text(format!("step {step}: draft rejected here"));
                     rejected.next();
-                }
-                if t.text.contains('\n') {
-                    ui.end_row();
                 }
             }
         });

@@ -95,18 +95,21 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     for (n, example) in d.examples.iter().enumerate() {
         ui.separator();
         ui.strong(format!("Example {}", n + 1));
+        let example = match example {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                ui.colored_label(theme::ERROR, format!("cannot be trained on with this model: {e}"));
+                continue;
+            }
+        };
         ui.horizontal_wrapped(|ui| {
             ui.spacing_mut().item_spacing.x = 0.0;
             for t in example {
                 let colour = if t.target { theme::RESPONSE } else { theme::PROMPT };
-                let shown = super::token_text(&t.text);
-                ui.label(egui::RichText::new(shown).monospace().color(colour)).on_hover_text(format!("{:?}", t.text));
+                super::token_run(ui, &t.text, |r| r.monospace().color(colour), &format!("{:?}", t.text));
                 if t.masks_after {
                     mask_block(ui, k)
                         .on_hover_text(format!("{k} mask tokens here in training: they learn the next {k} tokens"));
-                }
-                if t.text.contains('\n') {
-                    ui.end_row();
                 }
             }
         });

@@ -15,7 +15,7 @@ pub mod train;
 use crate::app::Command;
 use crate::state::Runtime;
 
-/// Errors (dismissable, in red) and notices above every view.
+/// Errors (dismissable, in red) and notices, drawn in a box floating over the views.
 pub fn messages(ui: &mut egui::Ui, rt: &Runtime, commands: &mut Vec<Command>) {
     for (i, e) in rt.errors.iter().enumerate() {
         ui.horizontal_wrapped(|ui| {
@@ -91,6 +91,30 @@ pub fn token_text(text: &str) -> String {
         }
     }
     out
+}
+
+/// Draw a token in a wrapping row of tokens (item spacing 0), styled by `style`, with
+/// `hover` on each piece: a newline inside it ends the row (drawn as ¶), so what follows the
+/// newline in the same token, code's indentation, starts the next row as it does in the text.
+pub fn token_run(ui: &mut egui::Ui, text: &str, style: impl Fn(egui::RichText) -> egui::RichText, hover: &str) {
+    if text.is_empty() {
+        ui.label(style(egui::RichText::new(token_text(text)))).on_hover_text(hover);
+        return;
+    }
+    let mut lines = text.split('\n').peekable();
+    while let Some(line) = lines.next() {
+        let ends_row = lines.peek().is_some();
+        let mut shown = if line.is_empty() { String::new() } else { token_text(line) };
+        if ends_row {
+            shown.push('¶');
+        }
+        if !shown.is_empty() {
+            ui.label(style(egui::RichText::new(shown))).on_hover_text(hover);
+        }
+        if ends_row {
+            ui.end_row();
+        }
+    }
 }
 
 /// How the window names an adapter: its folder and file (`full/adapter.safetensors`: a

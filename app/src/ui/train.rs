@@ -257,15 +257,7 @@ fn form(ui: &mut egui::Ui, p: &mut Persisted) {
 fn progress_line(ui: &mut egui::Ui, rt: &Runtime, live: &Series, training: bool) {
     let step = live.train.last().map_or(0, |m| m.step);
     let total = live.total_steps.max(1);
-    // The time a step takes, from the steps seen so far (two at least: one step says
-    // nothing about the time between steps).
-    let eta = match (live.train.first(), live.train.last()) {
-        (Some(first), Some(last)) if live.train.len() >= 2 => {
-            let per_step = (last.elapsed - first.elapsed).max(0.0) / (live.train.len() - 1) as f64;
-            Some(per_step * total.saturating_sub(step) as f64)
-        }
-        _ => None,
-    };
+    let eta = seconds_a_step(&live.train).map(|s| s * total.saturating_sub(step) as f64);
     ui.horizontal(|ui| {
         let label = match (training, eta) {
             (true, _) if rt.paused => format!("step {step}/{total} · paused"),
@@ -282,6 +274,24 @@ fn progress_line(ui: &mut egui::Ui, rt: &Runtime, live: &Series, training: bool)
         }
         ui.weak(super::path_text(rt, &live.dir));
     });
+}
+
+/// The time a step takes now: from the last steps (at most 20) of this session of the run,
+/// two at least (one step says nothing about the time between steps). A resumed run's
+/// records start with the earlier sessions', whose clock (`elapsed`) started at their own
+/// start: a record whose clock reads more than the next one's belongs to an earlier session.
+fn seconds_a_step(train: &[StepMetrics]) -> Option<f64> {
+    let last = train.last()?;
+    let mut first = last;
+    let mut steps = 0;
+    for m in train.iter().rev().skip(1).take(20) {
+        if m.elapsed > first.elapsed || m.step >= first.step {
+            break;
+        }
+        first = m;
+        steps += 1;
+    }
+    (steps > 0).then(|| (last.elapsed - first.elapsed).max(0.0) / (last.step - first.step) as f64)
 }
 
 fn human_seconds(s: f64) -> String {
@@ -555,16 +565,50 @@ fn runs(ui: &mut egui::Ui, p: &Persisted, rt: &mut Runtime, commands: &mut Vec<C
             ui.label(r.dir.file_name().and_then(|n| n.to_str()).unwrap_or("?"));
             let last = r.metrics.iter().rfind(|m| m.split == mtp_core::train::Split::Train);
             let total = r.config.as_ref().map_or(0, |c| c.training.steps);
-            ui.label(format!("{}/{}", last.map_or(0, |m| m.step), total));
+            let done = last.map_or(0, |m| m.step);
+            ui.label(format!("{done}/{total}"));
             ui.label(last.map_or("-".into(), |m| format!("{:.3}", m.losses.loss)));
             ui.label(final_acceptance(&r.metrics));
             ui.horizontal(|ui| {
-                if ui
-                    .add_enabled(!busy, egui::Button::new("Resume"))
-                    .on_hover_text("Continue from the last checkpoint up to the Steps above")
+                let waits = "Waits for the running job";
+                let adapter = mtp_core::train::RunDir(r.dir.clone()).adapter();
+                if rt.adapter.as_ref().is_some_and(|a| a.path == adapter) {
+                    ui.weak("in use").on_hover_text("Compare, Step, Bench and Probe decode with this run's adapter");
+                } else if ui
+                    .add_enabled(!busy, egui::Button::new("Use"))
+                    .on_hover_text("Load this run's adapter for Compare, Step, Bench and Probe")
+                    .on_disabled_hover_text(waits)
                     .clicked()
                 {
-                    commands.push(Command::Resume(r.dir.clone()));
+                    commands.push(Command::UseRun(r.dir.clone()));
+                }
+                let steps = p.train.recipe.training.steps;
+                if total > 0 && done >= total {
+                    // Finished: training it further is a choice, made with the Steps field.
+                    let can = steps > total;
+                    let label = if can { format!("Extend to {steps}") } else { "Extend".to_string() };
+                    if ui
+                        .add_enabled(!busy && can, egui::Button::new(label))
+                        .on_hover_text(format!(
+                            "Train this finished run on from step {total} to {steps} (the Steps above); its adapter is \
+                             replaced as it goes"
+                        ))
+                        .on_disabled_hover_text(if busy {
+                            waits.to_string()
+                        } else {
+                            format!("Finished at step {total}: set Steps above {total} to train it further")
+                        })
+                        .clicked()
+                    {
+                        commands.push(Command::Resume { dir: r.dir.clone(), extend_to: Some(steps) });
+                    }
+                } else if ui
+                    .add_enabled(!busy, egui::Button::new("Resume"))
+                    .on_hover_text(format!("Continue from its last checkpoint to step {total}"))
+                    .on_disabled_hover_text(waits)
+                    .clicked()
+                {
+                    commands.push(Command::Resume { dir: r.dir.clone(), extend_to: None });
                 }
                 let servable = r.config.as_ref().is_some_and(|c| c.method.recipe == Recipe::Uno);
                 if ui
@@ -598,5 +642,24 @@ fn final_acceptance(metrics: &[StepMetrics]) -> String {
         (Some(e), None) => format!("{e:.2} expected"),
         (None, Some(m)) => format!("{m:.2} measured"),
         (None, None) => "-".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mtp_core::train::StepMetrics;
+
+    /// A resumed run's ETA comes from this session's steps, not from the clock of the
+    /// sessions before it.
+    #[test]
+    fn the_time_a_step_takes_comes_from_this_session() {
+        let at = |step: usize, elapsed: f64| StepMetrics { step, elapsed, ..StepMetrics::default() };
+        let earlier: Vec<StepMetrics> = (1..=30).map(|s| at(s, 10.0 * s as f64)).collect();
+        assert_eq!(super::seconds_a_step(&earlier), Some(10.0));
+        let mut resumed = earlier;
+        resumed.extend([at(31, 2.0), at(32, 4.0), at(33, 6.0)]);
+        assert_eq!(super::seconds_a_step(&resumed), Some(2.0));
+        assert_eq!(super::seconds_a_step(&resumed[..31]), None, "one step of this session");
+        assert_eq!(super::seconds_a_step(&[]), None);
     }
 }

@@ -272,8 +272,8 @@ impl Worker {
                     Some(m) => examples
                         .iter()
                         .take(3)
-                        .map(|e| mtp_core::train::data::preview(e, &m.tokenizer, seq_len))
-                        .collect::<Result<_, _>>()?,
+                        .map(|e| mtp_core::train::data::preview(e, &m.tokenizer, seq_len).map_err(|e| e.to_string()))
+                        .collect(),
                     None => Vec::new(),
                 };
                 self.emit(Event::DataPreview(Box::new(DataPreview { report, examples: formatted })));
@@ -360,11 +360,14 @@ impl Worker {
         Ok(None)
     }
 
-    /// After a run: report it and load its adapter for Compare, Step, Bench and Probe.
+    /// After a run: report it and load its adapter for Compare, Step, Bench and Probe (a
+    /// stopped run's only when no adapter is loaded).
     fn after_training(&mut self, run_dir: &Path, step: usize, outcome: Outcome) -> anyhow::Result<()> {
-        self.emit(Event::TrainDone { run_dir: run_dir.to_owned(), step, stopped: outcome == Outcome::Stopped });
+        let stopped = outcome == Outcome::Stopped;
         let path = RunDir(run_dir.to_owned()).adapter();
-        if path.exists() {
+        let load = path.exists() && (!stopped || self.adapter.is_none());
+        self.emit(Event::TrainDone { run_dir: run_dir.to_owned(), step, stopped, adapter_loaded: load });
+        if load {
             let adapter = MtpAdapter::load(&path, &self.model()?.model)?;
             self.set_adapter(adapter, path)?;
         }

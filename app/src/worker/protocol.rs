@@ -208,8 +208,9 @@ pub struct AdapterSummary {
 pub struct DataPreview {
     /// What reading found.
     pub report: DataReport,
-    /// The first few examples as trained (empty without a loaded model).
-    pub examples: Vec<Vec<PreviewToken>>,
+    /// The first few examples as trained (empty without a loaded model), or why one cannot
+    /// be (a conversation for a model without a chat template).
+    pub examples: Vec<Result<Vec<PreviewToken>, String>>,
 }
 
 /// A run of a project.
@@ -316,6 +317,9 @@ pub enum Event {
         step: usize,
         /// True when it was stopped before the end.
         stopped: bool,
+        /// Whether its adapter was loaded: a finished run's is; a stopped run's only when no
+        /// adapter was loaded (a few steps' adapter does not replace a good one unasked).
+        adapter_loaded: bool,
     },
     /// The runs of a project.
     Runs(Vec<RunSummary>),
