@@ -205,6 +205,7 @@ impl WorkbenchApp {
             }
             Event::Bench(report) => rt.bench = Some(*report),
             Event::Probe(report, texts) => rt.probe = Some((*report, texts)),
+            Event::Notice(text) => rt.notices.push(text),
             Event::Exported { dir, tensors } => rt.notices.push(format!(
                 "wrote a PEFT LoRA ({tensors} tensors) to {}: SGLang and vLLM serve it with UNO decoding (README)",
                 ui::path_text(rt, &dir)
@@ -240,8 +241,10 @@ impl WorkbenchApp {
             });
         });
         // Errors and notices float above the views (bottom right): a message that appears
-        // never moves the control under the pointer.
-        if !self.runtime.errors.is_empty() || !self.runtime.notices.is_empty() {
+        // never moves the control under the pointer. A picture of the window is taken in a
+        // frame without them.
+        let shooting = self.screenshot_pending;
+        if !shooting && (!self.runtime.errors.is_empty() || !self.runtime.notices.is_empty()) {
             egui::Area::new(egui::Id::unique("messages"))
                 .anchor(egui::Align2::RIGHT_BOTTOM, egui::vec2(-12.0, -40.0))
                 .order(egui::Order::Foreground)
@@ -262,7 +265,12 @@ impl WorkbenchApp {
             // Live numbers (tokens/s, ETA) move with time, not only with events.
             ui.ctx().request_repaint_after(Duration::from_millis(250));
         }
-        self.handle_screenshot(ui.ctx());
+        if shooting {
+            self.handle_screenshot(ui.ctx());
+        } else if self.screenshot_pending {
+            // Asked for in this frame, whose messages were drawn: the next one is taken.
+            ui.ctx().request_repaint();
+        }
         let rt = &mut self.runtime;
         rt.frame_times.push_back(started.elapsed().as_secs_f32());
         while rt.frame_times.len() > 120 {
@@ -275,7 +283,7 @@ impl WorkbenchApp {
             return;
         }
         let dir = self.persisted.project_dir.clone().unwrap_or_else(std::env::temp_dir);
-        let path = dir.join(format!("{}-{}.png", self.persisted.tab.title().to_lowercase(), unix_seconds()));
+        let path = dir.join(format!("{}-{}.png", self.persisted.tab.title().to_lowercase(), file_stamp()));
         self.runtime.notices.push(format!("saving {}", ui::path_text(&self.runtime, &path)));
         let report = self.background.0.clone();
         ctx.request_screenshot(move |image| {
@@ -366,8 +374,10 @@ impl eframe::App for WorkbenchApp {
     }
 }
 
-pub(crate) fn unix_seconds() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+/// Now, local time, for the names of new runs and exports (`2026-12-01-010733`): they sort
+/// by time and say when.
+pub(crate) fn file_stamp() -> String {
+    chrono::Local::now().format("%Y-%m-%d-%H%M%S").to_string()
 }
 
 /// Where new projects go: `projects/` of the source tree (or `$MTP_PROJECTS`).

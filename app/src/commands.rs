@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use mtp_core::ModelSource;
 use mtp_core::project::Project;
 
-use crate::app::{Background, WorkbenchApp, projects_root, unix_seconds};
+use crate::app::{Background, WorkbenchApp, file_stamp, projects_root};
 use crate::requests;
 use crate::state::Series;
 use crate::ui;
@@ -224,7 +224,7 @@ impl WorkbenchApp {
             None => std::env::temp_dir().join("mtp-workbench-runs"),
         };
         let name = self.persisted.train.run_name.trim();
-        let name = if name.is_empty() { format!("run-{}", unix_seconds()) } else { name.to_owned() };
+        let name = if name.is_empty() { format!("run-{}", file_stamp()) } else { name.to_owned() };
         let mut dir = base.join(&name);
         let mut i = 2;
         while dir.exists() {
@@ -263,6 +263,9 @@ impl WorkbenchApp {
                     self.persisted.remember_adapter(&p.model, &adapter);
                 }
                 self.runtime.project = Some(p);
+                if std::path::Path::new(self.persisted.new_project.trim()) == dir {
+                    self.persisted.new_project.clear();
+                }
                 self.runtime.runs.clear();
                 self.runtime.overlay.clear();
                 self.execute(Command::LoadModel);
@@ -275,7 +278,9 @@ impl WorkbenchApp {
     fn new_project(&mut self) {
         let name = self.persisted.new_project.trim().to_owned();
         if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-            self.runtime.errors.push(format!("`{name}` is not a usable project name"));
+            self.runtime.errors.push(format!(
+                "`{name}` is not a usable project name: a folder name, without / or \\, not starting with a dot"
+            ));
             return;
         }
         let dir = projects_root().join(&name);
@@ -332,18 +337,21 @@ impl WorkbenchApp {
         let dir = self.persisted.project_dir.clone().unwrap_or_else(std::env::temp_dir);
         let instead = match pick {
             Pick::SaveRaceJson | Pick::SaveBench => {
-                let name = if pick == Pick::SaveRaceJson { "race" } else { "bench" };
-                let ext = if pick == Pick::SaveRaceJson { "json" } else { "csv" };
-                let path = dir.join(format!("{name}-{}.{ext}", unix_seconds()));
+                // The bench's table in each of its formats: there is no file name to choose one by.
+                let (name, formats): (&str, &[&str]) =
+                    if pick == Pick::SaveRaceJson { ("race", &["json"]) } else { ("bench", &["csv", "json", "md"]) };
                 self.runtime.notices.push(format!("{why}: saving in the project folder instead"));
-                self.picked(pick, path);
+                let stamp = file_stamp();
+                for ext in formats {
+                    self.picked(pick, dir.join(format!("{name}-{stamp}.{ext}")));
+                }
                 return;
             }
             Pick::ModelFolder => "type the path into the Model tab's Source field",
             Pick::AdapterFile => "type the path into the Model tab's Adapter file field",
             Pick::DataFile | Pick::DataFolder => "type the path into the Data tab's Dataset field",
             Pick::PromptsFile => "type the path into the Bench tab's Prompts field",
-            Pick::Project => "open the window on the project instead: mtp-workbench PROJECT_FOLDER",
+            Pick::Project => "type the project's folder into the box under Open project… and press Open",
         };
         self.runtime.errors.push(format!("{why}: {instead}"));
     }

@@ -171,3 +171,23 @@ fn prompt_longer_than_context() -> anyhow::Result<()> {
     assert!(err.to_string().contains("100000"), "{err}");
     Ok(())
 }
+
+/// The probe reads a continuation as the text does: its tokens are those that follow the
+/// prompt's in the tokens of the two joined (a continuation without a leading space is the
+/// end of the prompt's last word, not a new word); one token is too few to probe.
+#[test]
+fn probe_continuations_are_tokenized_as_they_follow_the_prompt() -> anyhow::Result<()> {
+    let loaded = load(&model_dir("llama"))?;
+    let tok = &loaded.tokenizer;
+    let (prompt, continuation) = ("def add(a, b):", "\n    return a + b");
+    let (p, c) = mtp_core::mtp::probe::encode(tok, prompt, continuation)?;
+    let joint = tok.encode(&format!("{prompt}{continuation}"))?;
+    assert_eq!([p.as_slice(), c.as_slice()].concat(), joint);
+    assert_eq!(p, tok.encode(prompt)?);
+    let (_, none) = mtp_core::mtp::probe::encode(tok, prompt, "")?;
+    assert!(none.is_empty());
+    let adapter = mtp_core::mtp::MtpAdapter::new(&loaded.model, mtp_core::mtp::MtpConfig::default(), "llama")?;
+    let err = mtp_core::mtp::probe::probe(&loaded.model, &adapter, &p, &c[..1]).expect_err("one token");
+    assert!(err.to_string().contains("at least 2 tokens"), "{err}");
+    Ok(())
+}

@@ -664,15 +664,15 @@ fn bench_repeats_go_round_the_modes() -> anyhow::Result<()> {
     assert_eq!(
         first,
         [
-            "prompt 1 (text), ar 0, run 1 of 3",
-            "prompt 1 (text), quadratic 1, run 1 of 3",
-            "prompt 1 (text), quadratic 2, run 1 of 3",
-            "prompt 1 (text), ar 0, run 2 of 3",
-            "prompt 1 (text), quadratic 1, run 2 of 3",
-            "prompt 1 (text), quadratic 2, run 2 of 3",
+            "prompt 1 of 2 (text): AR, run 1 of 3",
+            "prompt 1 of 2 (text): quadratic, 1 mask, run 1 of 3",
+            "prompt 1 of 2 (text): quadratic, 2 masks, run 1 of 3",
+            "prompt 1 of 2 (text): AR, run 2 of 3",
+            "prompt 1 of 2 (text): quadratic, 1 mask, run 2 of 3",
+            "prompt 1 of 2 (text): quadratic, 2 masks, run 2 of 3",
         ]
     );
-    assert!(seen[9].2.starts_with("prompt 2 (text), ar"), "{seen:?}");
+    assert!(seen[9].2.starts_with("prompt 2 of 2 (text): AR"), "{seen:?}");
     assert!(report.divergences.is_empty(), "{:?}", report.divergences);
     let all: Vec<_> = report.rows.iter().filter(|r| r.domain == "all").collect();
     assert_eq!(all.len(), 3);

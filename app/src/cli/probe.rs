@@ -29,8 +29,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (source, loaded) = args.model.load()?;
     let adapter = args.adapter.load(&source, &loaded.model)?;
     let tok = &loaded.tokenizer;
-    let prompt_ids = tok.encode(&args.prompt)?;
-    let continuation_ids = tok.encode_with(&args.continuation, false)?;
+    let (prompt_ids, continuation_ids) = mtp_core::mtp::probe::encode(tok, &args.prompt, &args.continuation)?;
     let report = probe(&loaded.model, &adapter, &prompt_ids, &continuation_ids)?;
     if args.json {
         return super::print_json(&report);

@@ -9,6 +9,24 @@ use crate::app::{Command, Pick};
 use crate::state::{Persisted, Runtime};
 use crate::worker::Job;
 
+/// What is wrong with the Masks field (counts separated by commas, each 1 to the adapter's
+/// `k`, or `auto`), in words; `None` when nothing is.
+fn masks_problem(text: &str, k: Option<usize>) -> Option<String> {
+    let range = k.map_or("at least 1".to_string(), |k| format!("1 to {k}"));
+    for part in text.split(',') {
+        match part.trim().parse::<MaskCount>() {
+            Err(_) => {
+                return Some(format!("Masks: \"{}\" is not a mask count (use {range}, or auto)", part.trim()));
+            }
+            Ok(MaskCount::Fixed(n)) if n == 0 || k.is_some_and(|k| n > k) => {
+                return Some(format!("Masks: {n} is out of range (use {range}, or auto)"));
+            }
+            Ok(_) => {}
+        }
+    }
+    None
+}
+
 /// Draw the Bench view.
 pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut Vec<Command>) {
     ui.heading("Benchmark");
@@ -31,13 +49,17 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         ui.checkbox(&mut b.linear, "linear");
         ui.checkbox(&mut b.quadratic, "quadratic");
         super::named(
-            ui.add(egui::DragValue::new(&mut b.max_new_tokens).range(1..=2048).prefix("tokens ")),
+            ui.add(
+                egui::DragValue::new(&mut b.max_new_tokens)
+                    .range(1..=super::max_new_tokens(rt, 2048))
+                    .prefix("tokens "),
+            ),
             egui::Role::SpinButton,
             "New tokens per prompt",
         );
-        let masks_ok = b.masks.split(',').all(|s| s.parse::<MaskCount>().is_ok());
-        let why = super::not_ready(rt, true)
-            .or((!masks_ok).then_some("Masks: counts separated by commas (1 to the adapter's k), or auto"));
+        let k = rt.adapter.as_ref().map(|a| a.config.k);
+        let problem = masks_problem(&b.masks, k);
+        let why = super::not_ready(rt, true).map(str::to_owned).or(problem.clone());
         let run = ui.add_enabled(why.is_none(), egui::Button::new("Run benchmark"));
         if run.on_disabled_hover_text(why.unwrap_or_default()).clicked() {
             commands.push(Command::StartBench);
@@ -60,6 +82,9 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             commands.push(Command::ScreenshotRace);
         }
     });
+    if let Some(problem) = masks_problem(&p.bench.masks, rt.adapter.as_ref().map(|a| a.config.k)) {
+        ui.colored_label(theme::ERROR, problem);
+    }
     super::adapter_line(ui, rt);
     busy_line(ui, rt, Job::Bench);
     let Some(report) = &rt.bench else {
@@ -97,6 +122,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             ui.label(&r.domain);
             ui.label(r.mode.name());
             ui.label(match r.masks {
+                _ if r.mode == Mode::Ar => "-".to_string(),
                 MaskCount::Auto => format!("auto ({:.2})", r.mean_masks),
                 m => m.to_string(),
             })
@@ -145,4 +171,16 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
                 }
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_masks_field_says_what_is_wrong() {
+        assert_eq!(super::masks_problem("1, 2,auto", Some(4)), None);
+        assert!(super::masks_problem("1,abc", Some(4)).is_some_and(|p| p.contains("\"abc\"") && p.contains("1 to 4")));
+        assert!(super::masks_problem("9", Some(4)).is_some_and(|p| p.contains("9 is out of range")));
+        assert!(super::masks_problem("0", None).is_some_and(|p| p.contains("at least 1")));
+        assert!(super::masks_problem("1,,2", Some(4)).is_some());
+    }
 }

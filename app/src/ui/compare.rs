@@ -45,7 +45,8 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         let temperature = egui::DragValue::new(&mut c.temperature).range(0.05..=2.0).speed(0.01).prefix("T ");
         super::named(ui.add_enabled(!c.greedy, temperature), drag, "Temperature");
         super::named(ui.add_enabled(!c.greedy, egui::DragValue::new(&mut c.seed).prefix("seed ")), drag, "Seed");
-        let max = egui::DragValue::new(&mut c.max_new_tokens).range(1..=4096).prefix("max ");
+        let most = super::max_new_tokens(rt, 4096);
+        let max = egui::DragValue::new(&mut c.max_new_tokens).range(1..=most).prefix("max ");
         super::named(ui.add(max), drag, "Most new tokens");
         ui.add_enabled(
             rt.model.as_ref().is_some_and(|m| m.chat_template),
@@ -199,9 +200,11 @@ fn acceptance(ui: &mut egui::Ui, l: &LaneState) {
             }
         }
     });
-    let by_count: Vec<String> =
-        (1..a.emitted.len()).filter(|&n| a.emitted[n] > 0).map(|n| format!("{n} × {}", a.emitted[n])).collect();
-    ui.weak(format!("tokens a step: {}", by_count.join(" · ")))
+    let by_count: Vec<String> = (1..a.emitted.len())
+        .filter(|&n| a.emitted[n] > 0)
+        .map(|n| format!("{}: {}", crate::counted(n, "token", "tokens"), a.emitted[n]))
+        .collect();
+    ui.weak(format!("steps that emitted {}", by_count.join(" · ")))
         .on_hover_text("How many steps emitted each number of tokens (accepted drafts + the verified next token)");
 }
 

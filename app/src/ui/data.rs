@@ -71,11 +71,12 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         return;
     };
     let r = &d.report;
+    // A built-in set is read from no file: no count of them.
+    let files = if r.files == 0 { String::new() } else { format!(" · {}", crate::counted(r.files, "file", "files")) };
     ui.label(format!(
-        "Format: {} · {} · {} · {}",
+        "Format: {} · {}{files} · {}",
         r.format,
         crate::counted(r.examples, "example", "examples"),
-        crate::counted(r.files, "file", "files"),
         crate::counted(r.malformed, "malformed row", "malformed rows")
     ));
     for bad in &r.malformed_rows {

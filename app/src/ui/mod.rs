@@ -60,6 +60,13 @@ pub fn drag_usize(value: &mut usize, range: std::ops::RangeInclusive<usize>) -> 
     egui::DragValue::new(value).range(range)
 }
 
+/// The most new tokens a generation of the loaded model can ask for: its context less a
+/// position for the prompt (the worker checks the prompt's real length); `fallback`
+/// without a model.
+pub fn max_new_tokens(rt: &Runtime, fallback: usize) -> usize {
+    rt.model.as_ref().map_or(fallback, |m| m.config.max_position_embeddings.saturating_sub(1).max(1))
+}
+
 /// Why an action that needs a model (and an adapter) cannot start now, for the hover text
 /// of its disabled button; `None` when it can.
 pub fn not_ready(rt: &Runtime, adapter: bool) -> Option<&'static str> {

@@ -27,9 +27,24 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         super::adapter_line(ui, rt);
         busy_line(ui, rt, Job::Probe);
     });
+    let (prompt, continuation) = (&p.probe.prompt, &p.probe.continuation);
+    if !continuation.is_empty()
+        && !continuation.starts_with(char::is_whitespace)
+        && !prompt.ends_with(char::is_whitespace)
+    {
+        ui.weak("The continuation follows the prompt directly: start it with a space if it begins a new word.");
+    }
     let Some((report, texts)) = &rt.probe else { return };
     ui.separator();
     super::measured_with(ui, rt.probe_adapter.as_deref());
+    let k = rt.adapter.as_ref().map_or(0, |a| a.config.k);
+    let probed = report.slots.len().saturating_sub(1);
+    if probed < k {
+        ui.weak(format!(
+            "The continuation has {} tokens: it covers {probed} of the adapter's {k} mask slots (one more token each).",
+            report.continuation_ids.len()
+        ));
+    }
     egui::Grid::new("probe").striped(true).show(ui, |ui| {
         for h in ["position", "true token", "base + placeholders", "tuned", "tuned + sampler"] {
             ui.strong(h);
@@ -48,19 +63,24 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             ui.end_row();
         }
     });
-    // log10(rank) per slot: lower is better; rank 1 is 0.
+    // log10(rank) per slot: lower is better; rank 1 is 0, drawn as a sliver so that the
+    // best result does not read as a missing one.
     let bars = |f: &dyn Fn(&mtp_core::mtp::probe::SlotRank) -> Option<usize>, offset: f64| -> Vec<Bar> {
         report
             .slots
             .iter()
-            .filter_map(|s| f(s).map(|r| Bar::new(s.slot as f64 + offset, (r as f64).log10()).width(0.25)))
+            .filter_map(|s| {
+                f(s).map(|r| {
+                    Bar::new(s.slot as f64 + offset, (r as f64).log10().max(0.03)).width(0.25).name(format!("rank {r}"))
+                })
+            })
             .collect()
     };
     Plot::new("probe-ranks")
         .legend(Legend::default())
         .height(220.0)
         .x_axis_label("slot (0 = next token)")
-        .y_axis_label("log10 rank")
+        .y_axis_label("log10 rank (0: rank 1, the best)")
         .show(ui, |pu| {
             pu.bar_chart(
                 BarChart::new("base + placeholders", bars(&|s| Some(s.rank_base), -0.27)).color(theme::series(1)),

@@ -9,7 +9,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     match (&rt.project, &p.project_dir) {
         (Some(project), Some(dir)) => {
             ui.strong(&project.name).on_hover_text(dir.display().to_string());
-            ui.label(format!("{} runs", rt.runs.len()));
+            ui.label(crate::counted(rt.runs.len(), "run", "runs"));
         }
         _ => {
             ui.weak("no project open");
@@ -25,9 +25,16 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             egui::Role::TextInput,
             "New project name",
         )
-        .on_hover_text("Created under projects/ with the current model");
-        if ui.add_enabled(!p.new_project.trim().is_empty(), egui::Button::new("Create")).clicked() {
-            commands.push(Command::NewProject);
+        .on_hover_text(
+            "A name: a new project under projects/ with the current model. A folder path (with /): that \
+             project opened",
+        );
+        let text = p.new_project.trim();
+        // A path opens the project there (where no file dialog can open, this is how).
+        let path = text.contains(['/', '\\']);
+        let label = if path { "Open" } else { "Create" };
+        if ui.add_enabled(!text.is_empty(), egui::Button::new(label)).clicked() {
+            commands.push(if path { Command::OpenProject(text.into()) } else { Command::NewProject });
         }
     });
     if !p.recent.is_empty() {

@@ -50,9 +50,14 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         if rt.steps.len() > 1 { accepted as f64 / (rt.steps.len() - 1) as f64 } else { 0.0 }
     ));
     if view.step == 0 {
+        let drafts = if view.next_drafts_text.is_empty() {
+            "no drafts yet: the first step only verifies, and its mask rows draft for the next".to_string()
+        } else {
+            format!("its drafts: {}", tokens(&view.next_drafts_text))
+        };
         ui.label(format!(
-            "Prefill done: first token {:?}; first drafts {:?}. Press Next step.",
-            view.next_text, view.next_drafts_text
+            "Prefill done: the first token is {}, from the prompt's last row; {drafts}. Press Next step.",
+            shown(&view.next_text)
         ));
         return;
     }
@@ -72,10 +77,10 @@ fn verdict(ui: &mut egui::Ui, v: &StepView) {
         let top = v.regular_top_text.get(g).and_then(|c| c.first()).cloned().unwrap_or_default();
         let ok = g < v.accepted;
         let text = format!(
-            "draft {} {:?} vs the model's choice after row r{g} {:?}: {}",
+            "draft {} {} vs the model's choice after row r{g} {}: {}",
             g + 1,
-            d,
-            top,
+            shown(d),
+            shown(&top),
             if ok {
                 "accepted"
             } else if g == v.accepted {
@@ -86,13 +91,24 @@ fn verdict(ui: &mut egui::Ui, v: &StepView) {
         );
         ui.colored_label(if ok { theme::slot(g + 1) } else { theme::REJECTED }, text);
     }
+    let next = if v.next_drafts_text.is_empty() { "none".to_string() } else { tokens(&v.next_drafts_text) };
     ui.label(format!(
-        "Emitted {} token(s): {} accepted draft(s) + the model's own next token {:?}. Next drafts: {:?}",
-        v.accepted + 1,
-        v.accepted,
-        v.next_text,
-        v.next_drafts_text
+        "Emitted {}: {} + the model's own next token {}. Next drafts: {next}",
+        crate::counted(v.accepted + 1, "token", "tokens"),
+        crate::counted(v.accepted, "accepted draft", "accepted drafts"),
+        shown(&v.next_text),
     ));
+}
+
+/// A token as the step view writes it: control characters escaped, spaces as ␣ (a leading
+/// space is part of the token).
+fn shown(text: &str) -> String {
+    super::token_text(text).replace(' ', "␣")
+}
+
+/// Tokens as a list.
+fn tokens(texts: &[String]) -> String {
+    texts.iter().map(|t| shown(t)).collect::<Vec<_>>().join(" ")
 }
 
 fn layout_table(ui: &mut egui::Ui, v: &StepView) {
@@ -118,10 +134,25 @@ fn layout_table(ui: &mut egui::Ui, v: &StepView) {
 fn attention_grid(ui: &mut egui::Ui, v: &StepView) {
     let Some(d) = &v.detail else { return };
     let n = d.attention.len();
-    ui.strong("Attention among the step's rows (every row also sees the whole cache)");
-    let cell = (ui.available_width().min(420.0) / n.max(1) as f32).clamp(4.0, 18.0);
-    let (rect, response) = ui.allocate_exact_size(egui::vec2(cell * n as f32, cell * n as f32), egui::Sense::hover());
-    let painter = ui.painter_at(rect);
+    ui.strong("Attention among the step's rows (row attends column; every row also sees the whole cache)");
+    // Row numbers down the left, column numbers along the top (every one where they fit,
+    // else every fifth), in a margin of the grid's own.
+    let margin = 18.0;
+    let cell = ((ui.available_width().min(420.0) - margin) / n.max(1) as f32).clamp(4.0, 18.0);
+    let side = margin + cell * n as f32;
+    let (outer, response) = ui.allocate_exact_size(egui::vec2(side, side), egui::Sense::hover());
+    let rect = egui::Rect::from_min_max(outer.min + egui::vec2(margin, margin), outer.max);
+    let painter = ui.painter_at(outer);
+    let every = if cell >= 12.0 { 1 } else { 5 };
+    let font = egui::FontId::monospace(9.0);
+    let ink = ui.visuals().weak_text_color();
+    for i in (0..n).step_by(every) {
+        let mid = (i as f32 + 0.5) * cell - 0.5;
+        let left = egui::pos2(outer.min.x + margin - 3.0, rect.min.y + mid);
+        painter.text(left, egui::Align2::RIGHT_CENTER, i.to_string(), font.clone(), ink);
+        let top = egui::pos2(rect.min.x + mid, outer.min.y + margin - 2.0);
+        painter.text(top, egui::Align2::CENTER_BOTTOM, i.to_string(), font.clone(), ink);
+    }
     for (r, row) in d.attention.iter().enumerate() {
         for (c, &on) in row.iter().enumerate() {
             let min = rect.min + egui::vec2(c as f32 * cell, r as f32 * cell);
@@ -134,7 +165,7 @@ fn attention_grid(ui: &mut egui::Ui, v: &StepView) {
             painter.rect_filled(cell_rect, 0.0, colour);
         }
     }
-    if let Some(pos) = response.hover_pos() {
+    if let Some(pos) = response.hover_pos().filter(|p| rect.contains(*p)) {
         let (c, r) = (((pos.x - rect.min.x) / cell) as usize, ((pos.y - rect.min.y) / cell) as usize);
         if r < n && c < n {
             response.on_hover_text(format!(
@@ -149,26 +180,31 @@ fn candidates(ui: &mut egui::Ui, v: &StepView) {
     let Some(d) = &v.detail else { return };
     ui.columns(2, |cols| {
         cols[0].strong("Model's top-5 after each regular row (verification)");
-        egui::Grid::new("regular-top").striped(true).show(&mut cols[0], |ui| {
-            for (g, c) in d.regular_top.iter().enumerate() {
-                ui.label(format!("r{g}"));
-                for (i, p) in c.probs.iter().enumerate() {
-                    let t = v.regular_top_text.get(g).and_then(|t| t.get(i)).cloned().unwrap_or_default();
-                    ui.label(format!("{:?} {:.2}", t, p));
+        // A narrow window scrolls the lists rather than cutting them.
+        egui::ScrollArea::horizontal().id_salt("regular-top-scroll").show(&mut cols[0], |ui| {
+            egui::Grid::new("regular-top").striped(true).show(ui, |ui| {
+                for (g, c) in d.regular_top.iter().enumerate() {
+                    ui.label(format!("r{g}"));
+                    for (i, p) in c.probs.iter().enumerate() {
+                        let t = v.regular_top_text.get(g).and_then(|t| t.get(i)).cloned().unwrap_or_default();
+                        ui.label(format!("{} {:.2}", shown(&t), p));
+                    }
+                    ui.end_row();
                 }
-                ui.end_row();
-            }
+            });
         });
         cols[1].strong("Top-5 of each mask slot after the last accepted row (the next drafts)");
-        egui::Grid::new("draft-top").striped(true).show(&mut cols[1], |ui| {
-            for (j, c) in d.draft_top.iter().enumerate() {
-                ui.colored_label(theme::slot(j + 1), format!("m{}", j + 1));
-                for (i, p) in c.probs.iter().enumerate() {
-                    let t = v.draft_top_text.get(j).and_then(|t| t.get(i)).cloned().unwrap_or_default();
-                    ui.label(format!("{:?} {:.2}", t, p));
+        egui::ScrollArea::horizontal().id_salt("draft-top-scroll").show(&mut cols[1], |ui| {
+            egui::Grid::new("draft-top").striped(true).show(ui, |ui| {
+                for (j, c) in d.draft_top.iter().enumerate() {
+                    ui.colored_label(theme::slot(j + 1), format!("m{}", j + 1));
+                    for (i, p) in c.probs.iter().enumerate() {
+                        let t = v.draft_top_text.get(j).and_then(|t| t.get(i)).cloned().unwrap_or_default();
+                        ui.label(format!("{} {:.2}", shown(&t), p));
+                    }
+                    ui.end_row();
                 }
-                ui.end_row();
-            }
+            });
         });
     });
 }

@@ -17,6 +17,9 @@ use crate::worker::Job;
 /// Draw the Train view.
 pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &mut Runtime, commands: &mut Vec<Command>) {
     ui.heading("Train an MTP adapter");
+    // What a run trains on comes from the other tabs: say which.
+    let model = rt.model.as_ref().map_or("no model loaded".to_string(), |m| super::path_text(rt, &m.dir));
+    ui.weak(format!("Model {model} · data {} (change them in the Model and Data tabs)", p.data.source));
     let training = rt.job == Some(Job::Train);
     ui.add_enabled_ui(!training, |ui| form(ui, p));
     ui.horizontal(|ui| {
@@ -406,6 +409,10 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
     }
     let n = series.len();
     let width = (ui.available_width() / 2.0 - 12.0).max(200.0);
+    // One colour per run and slot: a run's slots in the window's slot colours; with runs
+    // overlaid, each run's slots a band of the palette of its own.
+    let k_max = series.iter().filter_map(|(_, s)| s.train.last()).map(|m| m.losses.slot_acc.len()).max().unwrap_or(1);
+    let slot_colour = |run: usize, j: usize| if n == 1 { theme::slot(j + 1) } else { theme::series(run * k_max + j) };
     let last_step =
         series.iter().map(|(_, s)| s.total_steps.max(s.train.last().map_or(0, |m| m.step))).max().unwrap_or(0);
     ui.horizontal_top(|ui| {
@@ -439,7 +446,7 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
             for (i, (run, s)) in series.iter().enumerate() {
                 let k = s.train.last().map_or(0, |m| m.losses.slot_acc.len());
                 for j in 0..k {
-                    let (name, colour) = (entry(n, run, &format!("slot {}", j + 1)), theme::slot(j + 1 + i));
+                    let (name, colour) = (entry(n, run, &format!("slot {}", j + 1)), slot_colour(i, j));
                     pu.line(line(name.clone(), &s.train, |m| m.losses.slot_acc.get(j).copied(), colour));
                     pu.line(
                         line(name.clone(), &s.train, |m| m.losses.slot_acc_sampler.get(j).copied(), colour)
@@ -464,7 +471,7 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
             for (i, (run, s)) in series.iter().enumerate() {
                 let k = s.val.iter().rev().find_map(|m| m.expected_tokens_per_forward.as_ref()).map_or(0, Vec::len);
                 for j in 0..k {
-                    let colour = theme::slot(j + 1 + i);
+                    let colour = slot_colour(i, j);
                     let masks = if j == 0 { "1 mask".to_string() } else { format!("{} masks", j + 1) };
                     let name = entry(n, run, &masks);
                     let at = |f: fn(&StepMetrics) -> Option<&Vec<f64>>| -> Vec<[f64; 2]> {

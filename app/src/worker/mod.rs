@@ -287,11 +287,13 @@ impl Worker {
                 };
                 let outcome = distill_into(loaded, &source, &config, &out, &self.control, &mut progress)?;
                 if !outcome.complete {
-                    anyhow::bail!(
-                        "stopped with {} prompts answered, kept in {}: Self-distill again continues from there",
+                    self.emit(Event::Notice(format!(
+                        "self-distillation stopped with {} prompts answered, kept in {}: Self-distill again continues \
+                         from there",
                         outcome.examples.len(),
                         outcome.partial.display()
-                    );
+                    )));
+                    return Ok(None);
                 }
                 let examples = outcome.examples;
                 self.emit(Event::Distilled {
@@ -340,19 +342,17 @@ impl Worker {
                             BenchReport { model: Some(loaded.source.to_string()), adapter: Some(adapter), ..report };
                         self.emit(Event::Bench(Box::new(report)))
                     }
-                    Err(mtp_core::Error::Cancelled) => {}
+                    Err(mtp_core::Error::Cancelled) => self.emit(Event::Notice(
+                        "benchmark stopped: its table needs every generation of every mode, so none is shown".into(),
+                    )),
                     Err(e) => return Err(e.into()),
                 }
             }
             Request::Probe { prompt, continuation } => {
                 let loaded = self.model()?;
                 let tok = &loaded.tokenizer;
-                let report = probe(
-                    &loaded.model,
-                    self.adapter()?,
-                    &tok.encode(&prompt)?,
-                    &tok.encode_with(&continuation, false)?,
-                )?;
+                let (prompt_ids, continuation_ids) = mtp_core::mtp::probe::encode(tok, &prompt, &continuation)?;
+                let report = probe(&loaded.model, self.adapter()?, &prompt_ids, &continuation_ids)?;
                 let texts = report.slots.iter().map(|s| tok.decode(&[s.token], false).unwrap_or_default()).collect();
                 self.emit(Event::Probe(Box::new(report), texts));
             }

@@ -335,6 +335,8 @@ pub enum Event {
     Bench(Box<BenchReport>),
     /// A probe report with the true tokens' texts.
     Probe(Box<ProbeReport>, Vec<String>),
+    /// Something the user should know that is no error (a job stopped on request).
+    Notice(String),
     /// An adapter was exported as a PEFT LoRA folder.
     Exported {
         /// The folder.

@@ -318,7 +318,12 @@ pub fn run_bench(
                 } else {
                     String::new()
                 };
-                let what = format!("prompt {} ({}), {mode} {masks}{run}", i + 1, p.domain);
+                let how = match (mode, masks) {
+                    (Mode::Ar, _) => "AR".to_string(),
+                    (_, MaskCount::Fixed(1)) => format!("{mode}, 1 mask"),
+                    (_, m) => format!("{mode}, {m} masks"),
+                };
+                let what = format!("prompt {} of {} ({}): {how}{run}", i + 1, prompts.len(), p.domain);
                 if progress.progress(done, total, &what) == ControlFlow::Break(()) {
                     return Err(Error::Cancelled);
                 }

@@ -91,7 +91,7 @@ impl MaskCount {
     pub fn check(self, k: usize) -> Result<()> {
         match self {
             MaskCount::Fixed(m) if m == 0 || m > k => Err(Error::Invalid(format!(
-                "{m} masks is out of range: the adapter was trained with k = {k} masks (use 1..={k} or auto)"
+                "{m} masks is out of range: the adapter was trained with k = {k} masks (use 1 to {k}, or auto)"
             ))),
             _ => Ok(()),
         }

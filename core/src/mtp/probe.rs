@@ -46,6 +46,19 @@ fn rank(logits: &Tensor, token: i64) -> usize {
     logits.gt(target).sum(Kind::Int64).int64_value(&[]) as usize + 1
 }
 
+/// The prompt's ids and the continuation's as they follow the prompt in the text (a word
+/// the two share is tokenized whole, as the model would read it), or, where the text's
+/// tokens do not start with the prompt's, the continuation's on its own.
+pub fn encode(tok: &crate::tokenizer::TextTokenizer, prompt: &str, continuation: &str) -> Result<(Vec<i64>, Vec<i64>)> {
+    let prompt_ids = tok.encode(prompt)?;
+    let joint = tok.encode(&format!("{prompt}{continuation}"))?;
+    let continuation_ids = match joint.strip_prefix(prompt_ids.as_slice()) {
+        Some(rest) if !rest.is_empty() => rest.to_vec(),
+        _ => tok.encode_with(continuation, false)?,
+    };
+    Ok((prompt_ids, continuation_ids))
+}
+
 /// Run the probe. The continuation must hold at least two tokens (the next token and the
 /// one mask m_1 predicts); slots beyond the continuation or the adapter's k are left out.
 pub fn probe(model: &Llama, adapter: &MtpAdapter, prompt_ids: &[i64], continuation_ids: &[i64]) -> Result<ProbeReport> {
