@@ -77,7 +77,8 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             .collect()
     };
     Plot::new("probe-ranks")
-        .legend(Legend::default())
+        // Top left: the next token's bars are short (it is the model's own prediction).
+        .legend(Legend::default().position(egui_plot::Corner::LeftTop))
         .height(220.0)
         .x_axis_label("slot (0 = next token)")
         .y_axis_label("log10 rank (0: rank 1, the best)")

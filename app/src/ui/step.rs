@@ -100,10 +100,10 @@ fn verdict(ui: &mut egui::Ui, v: &StepView) {
     ));
 }
 
-/// A token as the step view writes it: control characters escaped, spaces as ␣ (a leading
+/// A token as the step view writes it: control characters escaped, spaces as · (a leading
 /// space is part of the token).
 fn shown(text: &str) -> String {
-    super::token_text(text).replace(' ', "␣")
+    super::token_text(text).replace(' ', "·")
 }
 
 /// Tokens as a list.

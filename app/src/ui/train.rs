@@ -349,15 +349,15 @@ struct Chart {
     styles: &'static str,
     y: &'static str,
     corner: egui_plot::Corner,
-    /// The lowest value the y axis always shows (0 for accuracies, 1 for tokens per forward).
-    y_from: Option<f64>,
+    /// Values the y axis always shows (accuracies 0 to 1, tokens per forward 1 to 2 at least).
+    y_shows: &'static [f64],
     /// Tick labels in scientific notation (learning rates).
     scientific: bool,
 }
 
 impl Chart {
     const fn new(id: &'static str, title: &'static str, y: &'static str) -> Self {
-        Chart { id, title, styles: "", y, corner: egui_plot::Corner::RightTop, y_from: None, scientific: false }
+        Chart { id, title, styles: "", y, corner: egui_plot::Corner::RightTop, y_shows: &[], scientific: false }
     }
 
     /// Draw it `width` wide, its x axis from step 0 to `last_step` (the run's whole length,
@@ -372,7 +372,7 @@ impl Chart {
                 }
             });
             let mut plot = Plot::new(self.id).include_x(0.0).include_x(last_step as f64);
-            if let Some(y) = self.y_from {
+            for &y in self.y_shows {
                 plot = plot.include_y(y);
             }
             if self.scientific {
@@ -439,7 +439,7 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
         let accuracy = Chart {
             styles: "solid: LM head · dotted: sampler · dashed: validation",
             corner: Corner::LeftTop,
-            y_from: Some(0.0),
+            y_shows: &[0.0, 1.0],
             ..Chart::new("slot-acc", "Draft accuracy by mask slot", "accuracy")
         };
         accuracy.show(ui, width, last_step, |pu| {
@@ -464,7 +464,7 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
         let acceptance = Chart {
             styles: "lines: expected from the slot accuracies · large dots: measured by decoding held-out prompts",
             corner: Corner::LeftTop,
-            y_from: Some(1.0),
+            y_shows: &[1.0, 2.0],
             ..Chart::new("acceptance", "Tokens per forward", "tokens per forward")
         };
         acceptance.show(ui, width, last_step, |pu| {
@@ -488,7 +488,7 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
                 }
             }
         });
-        let lr = Chart { y_from: Some(0.0), scientific: true, ..Chart::new("lr", "Learning rate", "learning rate") };
+        let lr = Chart { y_shows: &[0.0], scientific: true, ..Chart::new("lr", "Learning rate", "learning rate") };
         lr.show(ui, width, last_step, |pu| {
             for (i, (run, s)) in series.iter().enumerate() {
                 pu.line(line(entry(n, run, "learning rate"), &s.train, |m| Some(m.lr), theme::series(i)));
@@ -503,7 +503,7 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
         if !rt.hide_timings {
             let speed = Chart {
                 corner: Corner::RightBottom,
-                y_from: Some(0.0),
+                y_shows: &[0.0],
                 ..Chart::new("throughput", "Training speed", "tokens/s")
             };
             speed.show(ui, width, last_step, |pu| {
@@ -516,7 +516,7 @@ fn plots(ui: &mut egui::Ui, rt: &Runtime) {
             let memory = Chart {
                 styles: "in use on the card (nvidia-smi, every 10 steps)",
                 corner: Corner::RightBottom,
-                y_from: Some(0.0),
+                y_shows: &[0.0],
                 ..Chart::new("gpu-memory", "GPU memory", "GiB")
             };
             memory.show(ui, width, last_step, |pu| {
