@@ -372,6 +372,47 @@ fn ctrl_c_checkpoints_and_exits_130() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Ctrl-C during `mtp bench` prints the table of the prompts measured so far, says how many
+/// of how many, and ends with status 130.
+#[test]
+fn ctrl_c_during_a_bench_prints_what_it_measured() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let run = train_adapter(tmp.path(), "2")?;
+    let prompts = tmp.path().join("many.jsonl");
+    // Far more prompts than the few seconds before the signal measure.
+    let line = "{\"prompt\": \"def f(x):\", \"domain\": \"code\"}\n";
+    std::fs::write(&prompts, line.repeat(3000))?;
+    let model = fixture("llama");
+    let adapter = run.join("adapter.safetensors");
+    let args = [
+        "bench",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--prompts",
+        s(&prompts),
+        "--masks",
+        "2",
+        "--max-new-tokens",
+        "8",
+    ];
+    let child = Command::new(env!("CARGO_BIN_EXE_mtp"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
+    assert!(status.success());
+    let out = child.wait_with_output()?;
+    let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(stdout.contains("of 3000 prompts: the tables cover those") && stdout.contains("| code |"), "{stdout}");
+    assert!(err.contains("of 3000 prompts: the table covers those"), "{err}");
+    Ok(())
+}
+
 /// The newest checkpoint of a run folder (`checkpoints/step-NNNNNNN.safetensors`).
 fn mtp_core_latest(run: &Path) -> Option<(usize, PathBuf)> {
     std::fs::read_dir(run.join("checkpoints"))

@@ -687,6 +687,42 @@ fn bench_repeats_go_round_the_modes() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A benchmark stopped on request reports the prompts it measured in every mode (the table
+/// covers them alone and says how many of how many); stopped before the first is measured,
+/// it reports no table.
+#[test]
+fn a_stopped_bench_reports_the_prompts_it_measured() -> anyhow::Result<()> {
+    use mtp_core::decode::bench::{BenchConfig, BenchPrompt, run_bench};
+    use std::ops::ControlFlow;
+    let t = trained();
+    let prompts: Vec<BenchPrompt> = [("(a b", "code"), ("[c d e", "math"), ("(f", "code")]
+        .iter()
+        .map(|(p, d)| BenchPrompt { prompt: (*p).into(), messages: None, domain: (*d).into() })
+        .collect();
+    let config = BenchConfig {
+        modes: vec![Mode::Ar, Mode::Quadratic],
+        masks: vec![MaskCount::Fixed(2)],
+        max_new_tokens: 8,
+        repeats: 1,
+    };
+    // Two generations a prompt (AR, then 2 masks): stopped as the second prompt's second starts.
+    let mut calls = 0;
+    let mut progress = |_: usize, _: usize, _: &str| {
+        calls += 1;
+        if calls > 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    };
+    let report = run_bench(&t.loaded.model, &t.drafter, &t.loaded.tokenizer, &prompts, &config, &mut progress)?;
+    assert_eq!((report.stopped_after, report.prompts), (Some(1), 3));
+    let domains: Vec<&str> = report.rows.iter().map(|r| r.domain.as_str()).collect();
+    assert_eq!(domains, ["code", "code", "all", "all"]);
+    assert!(report.rows.iter().all(|r| r.prompts == 1 && r.identical), "{:?}", report.rows);
+    assert!(report.to_markdown().contains("Stopped after 1 of 3 prompts"));
+    let mut at_once = |_: usize, _: usize, _: &str| ControlFlow::Break(());
+    let none = run_bench(&t.loaded.model, &t.drafter, &t.loaded.tokenizer, &prompts, &config, &mut at_once);
+    assert!(matches!(none, Err(mtp_core::Error::Cancelled)), "{none:?}");
+    Ok(())
+}
+
 /// Whatever mask blocks a quadratic step keeps (`auto` leaves out those verification will
 /// likely not need), the output is AR's: every step here keeps a random subset of its
 /// blocks (the likeliest-looking ones or none of them alike); when verification stops where

@@ -68,14 +68,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} eta {eta}] {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    // Ctrl-C: the table of the prompts measured so far, then status 130.
+    let control = mtp_core::train::Control::new();
+    super::train::cancel_on_ctrl_c(&control, "the table covers the prompts measured so far");
     let mut progress = |done: usize, total: usize, what: &str| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
         bar.set_message(what.to_owned());
-        ControlFlow::Continue(())
+        if control.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
     };
-    let report = run_bench(&loaded.model, &drafter, &loaded.tokenizer, &prompts, &config, &mut progress)
-        .with_context(|| format!("benchmarking {}", prompts_path.display()))?;
+    let report = match run_bench(&loaded.model, &drafter, &loaded.tokenizer, &prompts, &config, &mut progress) {
+        Err(mtp_core::Error::Cancelled) => {
+            eprintln!("stopped before the first prompt was measured in every mode: no table");
+            std::process::exit(130);
+        }
+        other => other.with_context(|| format!("benchmarking {}", prompts_path.display()))?,
+    };
     let report = mtp_core::decode::bench::BenchReport {
         model: Some(source.to_string()),
         adapter: args.adapter.path(&source).ok(),
@@ -144,6 +152,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
         anyhow::bail!("{} greedy outputs differ from AR", report.divergences.len());
+    }
+    if let Some(n) = report.stopped_after {
+        eprintln!("stopped after {n} of {} prompts: the table covers those {n}", report.prompts);
+        std::process::exit(130);
     }
     Ok(())
 }

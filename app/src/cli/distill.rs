@@ -73,7 +73,7 @@ struct Summary {
 /// Run it.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let control = Control::new();
-    cancel_on_ctrl_c(&control);
+    cancel_on_ctrl_c(&control, "keeping the answers so far");
     let config = DistillConfig {
         sequences: args.sequences,
         prompt_tokens: args.prompt_tokens,

@@ -84,7 +84,7 @@ impl Args {
 /// Run it.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let control = Control::new();
-    cancel_on_ctrl_c(&control);
+    cancel_on_ctrl_c(&control, "saving a checkpoint");
     let (config, out, resume) = match &args.resume {
         Some(dir) => {
             let mut c = read_recipe(dir)?;

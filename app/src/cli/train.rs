@@ -267,11 +267,12 @@ impl Reporter {
     }
 }
 
-/// Cancel `control` on Ctrl-C (the run then checkpoints and exits cleanly).
-pub(crate) fn cancel_on_ctrl_c(control: &Control) {
+/// Cancel `control` on Ctrl-C (the command then ends cleanly, saying `what` it keeps); a
+/// second Ctrl-C exits at once.
+pub(crate) fn cancel_on_ctrl_c(control: &Control, what: &'static str) {
     let flag = control.cancel_flag();
     let _ = ctrlc::set_handler(move || {
-        eprintln!("\nstopping: saving a checkpoint (Ctrl-C again to abort)");
+        eprintln!("\nstopping: {what} (Ctrl-C again to abort)");
         if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
             std::process::exit(130);
         }
@@ -281,7 +282,7 @@ pub(crate) fn cancel_on_ctrl_c(control: &Control) {
 /// Run it.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let control = Control::new();
-    cancel_on_ctrl_c(&control);
+    cancel_on_ctrl_c(&control, "saving a checkpoint");
     // The recipe, read once: the run folder's when resuming, else the command line's.
     let config = match &args.resume {
         Some(dir) => mtp_core::train::trainer::read_config(dir)?,

@@ -89,7 +89,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     busy_line(ui, rt, Job::Bench);
     let Some(report) = &rt.bench else {
         ui.label(if rt.job == Some(Job::Bench) {
-            "The table fills in when the benchmark ends."
+            "The table fills in when the benchmark ends (Stop shows the prompts measured so far)."
         } else {
             "Run the benchmark to fill the table."
         });
@@ -97,6 +97,12 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     };
     ui.separator();
     super::measured_with(ui, report.adapter.as_deref());
+    if let Some(n) = report.stopped_after {
+        ui.colored_label(
+            theme::NOTICE,
+            format!("Stopped after {n} of {} prompts: the table covers those {n}.", report.prompts),
+        );
+    }
     if !report.divergences.is_empty() {
         for d in &report.divergences {
             ui.colored_label(

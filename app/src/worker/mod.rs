@@ -343,7 +343,7 @@ impl Worker {
                         self.emit(Event::Bench(Box::new(report)))
                     }
                     Err(mtp_core::Error::Cancelled) => self.emit(Event::Notice(
-                        "benchmark stopped: its table needs every generation of every mode, so none is shown".into(),
+                        "benchmark stopped before its first prompt was measured in every mode: no table".into(),
                     )),
                     Err(e) => return Err(e.into()),
                 }

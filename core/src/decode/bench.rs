@@ -172,6 +172,13 @@ pub struct BenchReport {
     /// The adapter's file (filled in by the caller).
     #[serde(default)]
     pub adapter: Option<std::path::PathBuf>,
+    /// Stopped on request: the prompts measured (the first ones, every mode of each); the
+    /// table covers them alone. Absent: every prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_after: Option<usize>,
+    /// Prompts in the benchmark.
+    #[serde(default)]
+    pub prompts: usize,
 }
 
 /// Receives benchmark progress; `Break` cancels.
@@ -300,7 +307,9 @@ pub fn run_bench(
     let mut acc: BTreeMap<(String, usize), Acc> = BTreeMap::new();
     let mut divergences = Vec::new();
     let mut done = 0;
-    for (i, (p, ids)) in prompts.iter().zip(&encoded).enumerate() {
+    // Stopped on request after this many prompts, each measured in every mode.
+    let mut stopped_after = None;
+    'prompts: for (i, (p, ids)) in prompts.iter().zip(&encoded).enumerate() {
         let req = GenerateRequest {
             prompt_ids: ids.clone(),
             max_new_tokens: config.max_new_tokens,
@@ -325,7 +334,12 @@ pub fn run_bench(
                 };
                 let what = format!("prompt {} of {} ({}): {how}{run}", i + 1, prompts.len(), p.domain);
                 if progress.progress(done, total, &what) == ControlFlow::Break(()) {
-                    return Err(Error::Cancelled);
+                    // A table of the prompts measured so far; none measured: no table.
+                    if i == 0 {
+                        return Err(Error::Cancelled);
+                    }
+                    stopped_after = Some(i);
+                    break 'prompts;
                 }
                 let out = generate(model, strategies[r], &req, &mut ())?;
                 if fastest[r].as_ref().is_none_or(|f| out.total_time < f.total_time) {
@@ -362,9 +376,12 @@ pub fn run_bench(
             }
         }
     }
-    let _ = progress.progress(done, total, "done");
+    if stopped_after.is_none() {
+        let _ = progress.progress(done, total, "done");
+    }
 
-    let mut domains: Vec<String> = prompts.iter().map(|p| p.domain.clone()).collect();
+    let measured = &prompts[..stopped_after.unwrap_or(prompts.len())];
+    let mut domains: Vec<String> = measured.iter().map(|p| p.domain.clone()).collect();
     domains.sort();
     domains.dedup();
     domains.push("all".into());
@@ -401,6 +418,8 @@ pub fn run_bench(
         chat_template,
         model: None,
         adapter: None,
+        stopped_after,
+        prompts: prompts.len(),
     })
 }
 
@@ -440,6 +459,9 @@ impl BenchReport {
                 adapter.display(),
                 self.max_new_tokens
             ));
+        }
+        if let Some(n) = self.stopped_after {
+            s.push_str(&format!("\nStopped after {n} of {} prompts: the tables cover those {n}.\n", self.prompts));
         }
         let masks: Vec<MaskCount> = {
             let mut m: Vec<MaskCount> = self.rows.iter().filter(|r| r.mode != Mode::Ar).map(|r| r.masks).collect();
@@ -520,6 +542,8 @@ mod tests {
             chat_template: None,
             model: None,
             adapter: None,
+            stopped_after: None,
+            prompts: 3,
         }
         .to_markdown();
         assert_eq!(md.matches("quadratic: tokens per forward").count(), 1);
@@ -534,6 +558,8 @@ mod tests {
             chat_template: None,
             model: None,
             adapter: None,
+            stopped_after: None,
+            prompts: 3,
         }
         .to_csv();
         assert_eq!(csv.lines().count(), 2);
