@@ -131,6 +131,8 @@ fn main_flow_and_snapshots() -> anyhow::Result<()> {
     h.state_mut().persisted.train.recipe.training.steps = 200;
     h.get_by_label("Start training").click();
     until(&mut h, 120, "training metrics", |a| a.runtime.live.as_ref().is_some_and(|l| l.train.len() >= 3));
+    // The run in progress is in the runs list (and the status bar says "training").
+    assert_eq!(h.get_all_by_label("training").count(), 2);
     h.get_by_label("Stop").click();
     h.run_steps(2);
     settle(&mut h);

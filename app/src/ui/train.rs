@@ -21,7 +21,10 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &mut Runtime, commands: &m
     let model = rt.model.as_ref().map_or("no model loaded".to_string(), |m| super::path_text(rt, &m.dir));
     ui.weak(format!("Model {model} · data {} (change them in the Model and Data tabs)", p.data.source));
     let training = rt.job == Some(Job::Train);
-    ui.add_enabled_ui(!training, |ui| form(ui, p));
+    // The recipe folds away, to watch a run's curves without scrolling.
+    egui::CollapsingHeader::new("Recipe").default_open(true).show(ui, |ui| {
+        ui.add_enabled_ui(!training, |ui| form(ui, p));
+    });
     ui.horizontal(|ui| {
         let can_start = !rt.busy() && rt.model.is_some();
         if ui
@@ -543,7 +546,10 @@ fn runs(ui: &mut egui::Ui, p: &Persisted, rt: &mut Runtime, commands: &mut Vec<C
     if p.project_dir.is_none() {
         ui.weak("Open or create a project to keep runs in it.");
     }
-    if rt.runs.is_empty() {
+    // The run training now: listed from its live records until the list is read again at
+    // its end (the worker, busy training, reads no folders meanwhile).
+    let live = rt.live.clone().filter(|l| rt.job == Some(Job::Train) && !rt.runs.iter().any(|r| r.dir == l.dir));
+    if rt.runs.is_empty() && live.is_none() {
         ui.weak("no runs yet");
         return;
     }
@@ -559,6 +565,15 @@ fn runs(ui: &mut egui::Ui, p: &Persisted, rt: &mut Runtime, commands: &mut Vec<C
         );
         ui.strong("");
         ui.end_row();
+        if let Some(l) = &live {
+            ui.label("");
+            ui.label(l.dir.file_name().and_then(|n| n.to_str()).unwrap_or("?"));
+            ui.label(format!("{}/{}", l.train.last().map_or(0, |m| m.step), l.total_steps));
+            ui.label(l.train.last().map_or("-".into(), |m| format!("{:.3}", m.losses.loss)));
+            ui.label(final_acceptance(&l.val));
+            ui.weak(if rt.paused { "paused" } else { "training" });
+            ui.end_row();
+        }
         let runs = rt.runs.clone();
         for r in &runs {
             let mut on = rt.overlay.contains(&r.dir);
