@@ -203,6 +203,9 @@ fn main_flow_and_snapshots() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no bench report: {:?}", h.state().runtime.errors))?;
     assert_eq!(report.rows.len(), 3 * 5);
     assert!(report.rows.iter().all(|r| r.identical));
+    // The paper's tables, one per mode.
+    h.get_by_label("quadratic: tokens per forward (speedup over AR)");
+    h.get_by_label("linear: tokens per forward (speedup over AR)");
     // The temporary path differs per run: show a stable one in the snapshot.
     h.state_mut().persisted.bench.prompts = "prompts.jsonl".into();
     h.run_steps(2);

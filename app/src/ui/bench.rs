@@ -119,6 +119,66 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             );
         }
     }
+    paper_tables(ui, rt, report);
+    egui::CollapsingHeader::new("Every row: tokens/s, speedup, step cost").default_open(false).show(ui, |ui| {
+        rows_table(ui, rt, report);
+    });
+    chart(ui, report);
+}
+
+/// The paper's tables, one per mode: tokens per forward by domain (rows) and mask count
+/// (columns), with the wall-clock speedup over AR after each.
+fn paper_tables(ui: &mut egui::Ui, rt: &Runtime, report: &mtp_core::decode::bench::BenchReport) {
+    let mut masks: Vec<MaskCount> = report.rows.iter().filter(|r| r.mode != Mode::Ar).map(|r| r.masks).collect();
+    masks.sort();
+    masks.dedup();
+    let mut modes: Vec<Mode> = Vec::new();
+    for m in report.rows.iter().map(|r| r.mode).filter(|m| *m != Mode::Ar) {
+        if !modes.contains(&m) {
+            modes.push(m);
+        }
+    }
+    let mut domains: Vec<&str> = report.rows.iter().map(|r| r.domain.as_str()).collect();
+    domains.dedup();
+    ui.horizontal_top(|ui| {
+        for mode in modes {
+            ui.vertical(|ui| {
+                ui.strong(format!("{mode}: tokens per forward (speedup over AR)"));
+                egui::Grid::new(("paper-table", mode.name())).striped(true).show(ui, |ui| {
+                    ui.strong("domain");
+                    for m in &masks {
+                        ui.strong(if *m == MaskCount::Fixed(1) { "1 mask".to_string() } else { format!("{m} masks") });
+                    }
+                    ui.end_row();
+                    for d in &domains {
+                        ui.label(*d);
+                        for m in &masks {
+                            match report.rows.iter().find(|r| r.domain == *d && r.mode == mode && r.masks == *m) {
+                                Some(r) => {
+                                    let speedup = super::timing(rt, format!("{:.2}×", r.speedup));
+                                    let text = format!("{:.2} ({speedup})", r.tokens_per_forward);
+                                    if r.identical {
+                                        ui.label(text);
+                                    } else {
+                                        ui.colored_label(theme::BAD, format!("{text} MISMATCH"));
+                                    }
+                                }
+                                None => {
+                                    ui.label("-");
+                                }
+                            }
+                        }
+                        ui.end_row();
+                    }
+                });
+            });
+            ui.add_space(16.0);
+        }
+    });
+}
+
+/// Every row of the report: each domain, mode and mask count with its speeds.
+fn rows_table(ui: &mut egui::Ui, rt: &Runtime, report: &mtp_core::decode::bench::BenchReport) {
     egui::Grid::new("bench-table").striped(true).show(ui, |ui| {
         for h in ["domain", "mode", "masks", "tokens/forward", "tokens/s", "speedup", "step cost vs AR", "identical"] {
             ui.strong(h);
@@ -145,6 +205,10 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             ui.end_row();
         }
     });
+}
+
+/// Tokens per forward against the mask count, a line per domain and mode.
+fn chart(ui: &mut egui::Ui, report: &mtp_core::decode::bench::BenchReport) {
     let mut domains: Vec<&str> = report.rows.iter().map(|r| r.domain.as_str()).collect();
     domains.dedup();
     ui.horizontal_wrapped(|ui| {
