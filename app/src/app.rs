@@ -16,7 +16,9 @@ use crate::worker::{Event, Job, WorkerHandle};
 
 /// Most time per frame spent draining worker events.
 const EVENT_BUDGET: Duration = Duration::from_millis(6);
-/// eframe storage key of [`Persisted`].
+/// The app's name: the window's title and its data folder's (`~/.local/share/mtpworkbench`).
+const APP_NAME: &str = "MTP Workbench";
+/// eframe storage key of [`Persisted`] in versions before [`crate::settings`].
 const STORAGE_KEY: &str = "mtp-workbench";
 /// A change to [`Persisted`] (a form, the adapter in use, the project) is saved this soon
 /// after it, not only when the window closes: a killed window keeps it.
@@ -50,6 +52,8 @@ pub struct WorkbenchApp {
     pub(crate) screenshot_pending: bool,
     /// What was last saved, and when.
     saved: Option<(Persisted, Instant)>,
+    /// Saves [`Persisted`] (none in the tests, which leave the user's settings alone).
+    pub(crate) saver: Option<crate::settings::Saver>,
 }
 
 impl WorkbenchApp {
@@ -72,6 +76,7 @@ impl WorkbenchApp {
             devices: DeviceSpec::all_available(),
             screenshot_pending: false,
             saved: None,
+            saver: None,
         };
         if !app.devices.contains(&app.persisted.model.device) {
             app.persisted.model.device = DeviceSpec::Cpu;
@@ -308,18 +313,16 @@ impl WorkbenchApp {
         });
     }
 
-    /// Save [`Persisted`] when it changed, at most every [`SAVE_AFTER`] (eframe's own save
-    /// comes every 30 s of frames and at a clean close; an idle window draws no frames).
-    fn save_changes(&mut self, ctx: &egui::Context, frame: &mut eframe::Frame) {
+    /// Save [`Persisted`] when it changed, at most every [`SAVE_AFTER`] (an idle window
+    /// draws no frames: one is asked for when a change waits).
+    fn save_changes(&mut self, ctx: &egui::Context) {
+        let Some(saver) = &self.saver else { return };
         let last = self.saved.as_ref().map(|(p, at)| (p == &self.persisted, at.elapsed()));
         match last {
             Some((true, _)) => {}
             Some((false, since)) if since < SAVE_AFTER => ctx.request_repaint_after(SAVE_AFTER - since),
             _ => {
-                if let Some(storage) = frame.storage_mut() {
-                    eframe::set_value(storage, STORAGE_KEY, &self.persisted);
-                    storage.flush();
-                }
+                saver.save(&self.persisted);
                 self.saved = Some((self.persisted.clone(), Instant::now()));
             }
         }
@@ -358,19 +361,19 @@ impl eframe::App for WorkbenchApp {
         self.drain_events();
     }
 
-    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         self.draw(ui);
-        self.save_changes(ui.ctx(), frame);
-    }
-
-    fn save(&mut self, storage: &mut dyn eframe::Storage) {
-        eframe::set_value(storage, STORAGE_KEY, &self.persisted);
+        self.save_changes(ui.ctx());
     }
 
     fn on_exit(&mut self) {
         // A training run stops at its next step and writes a checkpoint before the worker
         // is joined (WorkerHandle's drop).
         self.worker.cancel();
+        if let Some(saver) = &mut self.saver {
+            saver.save(&self.persisted);
+            saver.finish();
+        }
     }
 }
 
@@ -395,11 +398,19 @@ pub fn run(target: Option<String>) -> eframe::Result {
         ..Default::default()
     };
     eframe::run_native(
-        "MTP Workbench",
+        APP_NAME,
         options,
         Box::new(move |cc| {
-            let persisted: Persisted = cc.storage.and_then(|s| eframe::get_value(s, STORAGE_KEY)).unwrap_or_default();
-            Ok(Box::new(WorkbenchApp::new(&cc.egui_ctx, persisted, target.as_deref())))
+            let file = eframe::storage_dir(APP_NAME).map(|dir| crate::settings::path_in(&dir));
+            // Ours, else what an older version left in eframe's file.
+            let persisted: Persisted = file
+                .as_deref()
+                .and_then(crate::settings::load)
+                .or_else(|| cc.storage.and_then(|s| eframe::get_value(s, STORAGE_KEY)))
+                .unwrap_or_default();
+            let mut app = WorkbenchApp::new(&cc.egui_ctx, persisted, target.as_deref());
+            app.saver = file.map(crate::settings::Saver::spawn);
+            Ok(Box::new(app))
         }),
     )
 }

@@ -6,6 +6,7 @@ pub mod app;
 pub mod cli;
 pub mod commands;
 pub mod requests;
+pub mod settings;
 pub mod state;
 pub mod ui;
 pub mod worker;
