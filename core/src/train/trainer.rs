@@ -727,11 +727,13 @@ impl Objective for MtpObjective<'_> {
             let strategy = Strategy::new(Mode::Quadratic, Some(&drafter), MaskCount::Fixed(m))?;
             let (mut tokens, mut forwards) = (0, 0);
             for prompt in prompts {
+                // To the end of the answer, as decoding runs in use: what follows it in a
+                // packed sequence (the next example's prompt) is no target of training.
                 let req = GenerateRequest {
                     prompt_ids: prompt.clone(),
                     max_new_tokens: MEASURE_TOKENS,
                     decoding: Decoding::Greedy,
-                    eos_ids: Vec::new(),
+                    eos_ids: self.model.config.eos_token_ids.clone(),
                 };
                 let out = generate(self.model, strategy, &req, &mut ())?;
                 tokens += out.token_ids.len();
