@@ -209,7 +209,10 @@ impl WorkbenchApp {
                 rt.steps.push(*view);
             }
             Event::Bench(report) => rt.bench = Some(*report),
-            Event::Probe(report, texts) => rt.probe = Some((*report, texts)),
+            Event::Probe(report, texts, adapter) => {
+                rt.probe = Some((*report, texts));
+                rt.probe_adapter = Some(adapter);
+            }
             Event::Notice(text) => rt.notices.push(text),
             Event::Exported { dir, tensors } => rt.notices.push(format!(
                 "wrote a PEFT LoRA ({tensors} tensors) to {}: SGLang and vLLM serve it with UNO decoding (README)",

@@ -182,11 +182,7 @@ impl WorkbenchApp {
                 self.runtime.bench = None;
                 self.send_built(request)
             }
-            Command::StartProbe => {
-                let request = requests::probe(p);
-                self.runtime.probe_adapter = self.runtime.adapter.as_ref().map(|a| a.path.clone());
-                self.send(request)
-            }
+            Command::StartProbe => self.send(requests::probe(p)),
             Command::ExportPeft(run_dir) => self.send(requests::export_peft(&run_dir)),
             Command::ScreenshotRace => self.screenshot_pending = true,
             Command::DismissError(i) => {

@@ -129,17 +129,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
 /// The paper's tables, one per mode: tokens per forward by domain (rows) and mask count
 /// (columns), with the wall-clock speedup over AR after each.
 fn paper_tables(ui: &mut egui::Ui, rt: &Runtime, report: &mtp_core::decode::bench::BenchReport) {
-    let mut masks: Vec<MaskCount> = report.rows.iter().filter(|r| r.mode != Mode::Ar).map(|r| r.masks).collect();
-    masks.sort();
-    masks.dedup();
-    let mut modes: Vec<Mode> = Vec::new();
-    for m in report.rows.iter().map(|r| r.mode).filter(|m| *m != Mode::Ar) {
-        if !modes.contains(&m) {
-            modes.push(m);
-        }
-    }
-    let mut domains: Vec<&str> = report.rows.iter().map(|r| r.domain.as_str()).collect();
-    domains.dedup();
+    let mtp_core::decode::bench::PaperAxes { modes, masks, domains } = report.paper_axes();
     ui.horizontal_top(|ui| {
         for mode in modes {
             ui.vertical(|ui| {
@@ -153,7 +143,7 @@ fn paper_tables(ui: &mut egui::Ui, rt: &Runtime, report: &mtp_core::decode::benc
                     for d in &domains {
                         ui.label(*d);
                         for m in &masks {
-                            match report.rows.iter().find(|r| r.domain == *d && r.mode == mode && r.masks == *m) {
+                            match report.row(d, mode, *m) {
                                 Some(r) => {
                                     let speedup = super::timing(rt, format!("{:.2}×", r.speedup));
                                     let text = format!("{:.2} ({speedup})", r.tokens_per_forward);
@@ -209,8 +199,7 @@ fn rows_table(ui: &mut egui::Ui, rt: &Runtime, report: &mtp_core::decode::bench:
 
 /// Tokens per forward against the mask count, a line per domain and mode.
 fn chart(ui: &mut egui::Ui, report: &mtp_core::decode::bench::BenchReport) {
-    let mut domains: Vec<&str> = report.rows.iter().map(|r| r.domain.as_str()).collect();
-    domains.dedup();
+    let domains = report.paper_axes().domains;
     ui.horizontal_wrapped(|ui| {
         ui.strong("Tokens per forward by mask count");
         ui.weak("solid: quadratic · dashed: linear · one colour per domain");

@@ -334,7 +334,8 @@ impl Worker {
                     self.emit(Event::Progress(Job::Bench, what.to_owned(), Some(done as f32 / total.max(1) as f32)));
                     if control.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
                 };
-                // Stopped on request: no table and no error (the job's end says it stopped).
+                // Stopped on request: the table of the prompts measured (it says so), or, before
+                // the first was, a notice and no table; no error either way.
                 let adapter = self.loaded_adapter()?.path.clone();
                 match run_bench(&loaded.model, drafter, &loaded.tokenizer, &prompts, &config, &mut progress) {
                     Ok(report) => {
@@ -354,7 +355,8 @@ impl Worker {
                 let (prompt_ids, continuation_ids) = mtp_core::mtp::probe::encode(tok, &prompt, &continuation)?;
                 let report = probe(&loaded.model, self.adapter()?, &prompt_ids, &continuation_ids)?;
                 let texts = report.slots.iter().map(|s| tok.decode(&[s.token], false).unwrap_or_default()).collect();
-                self.emit(Event::Probe(Box::new(report), texts));
+                let adapter = self.loaded_adapter()?.path.clone();
+                self.emit(Event::Probe(Box::new(report), texts, adapter));
             }
         }
         Ok(None)

@@ -333,8 +333,8 @@ pub enum Event {
     Step(Box<StepView>),
     /// A benchmark report.
     Bench(Box<BenchReport>),
-    /// A probe report with the true tokens' texts.
-    Probe(Box<ProbeReport>, Vec<String>),
+    /// A probe report with the true tokens' texts and the adapter it probed.
+    Probe(Box<ProbeReport>, Vec<String>, PathBuf),
     /// Something the user should know that is no error (a job stopped on request).
     Notice(String),
     /// An adapter was exported as a PEFT LoRA folder.

@@ -423,7 +423,40 @@ pub fn run_bench(
     })
 }
 
+/// The axes of the paper's tables: one table per speculative mode (in the report's order),
+/// a row per domain (`all` last), a column per mask count (sorted, `auto` last).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaperAxes<'a> {
+    /// The speculative modes.
+    pub modes: Vec<Mode>,
+    /// The mask counts.
+    pub masks: Vec<MaskCount>,
+    /// The domains.
+    pub domains: Vec<&'a str>,
+}
+
 impl BenchReport {
+    /// The axes of the paper's tables ([`Self::to_markdown`], the window's Bench tab).
+    pub fn paper_axes(&self) -> PaperAxes<'_> {
+        let mut masks: Vec<MaskCount> = self.rows.iter().filter(|r| r.mode != Mode::Ar).map(|r| r.masks).collect();
+        masks.sort();
+        masks.dedup();
+        let mut modes: Vec<Mode> = Vec::new();
+        for m in self.rows.iter().map(|r| r.mode).filter(|m| *m != Mode::Ar) {
+            if !modes.contains(&m) {
+                modes.push(m);
+            }
+        }
+        let mut domains: Vec<&str> = self.rows.iter().map(|r| r.domain.as_str()).collect();
+        domains.dedup();
+        PaperAxes { modes, masks, domains }
+    }
+
+    /// The row of `domain`, `mode` and `masks`, if measured.
+    pub fn row(&self, domain: &str, mode: Mode, masks: MaskCount) -> Option<&BenchRow> {
+        self.rows.iter().find(|r| r.domain == domain && r.mode == mode && r.masks == masks)
+    }
+
     /// The table as CSV.
     pub fn to_csv(&self) -> String {
         let mut s = String::from(
@@ -463,20 +496,7 @@ impl BenchReport {
         if let Some(n) = self.stopped_after {
             s.push_str(&format!("\nStopped after {n} of {} prompts: the tables cover those {n}.\n", self.prompts));
         }
-        let masks: Vec<MaskCount> = {
-            let mut m: Vec<MaskCount> = self.rows.iter().filter(|r| r.mode != Mode::Ar).map(|r| r.masks).collect();
-            m.sort();
-            m.dedup();
-            m
-        };
-        let mut modes: Vec<Mode> = Vec::new();
-        for m in self.rows.iter().map(|r| r.mode).filter(|m| *m != Mode::Ar) {
-            if !modes.contains(&m) {
-                modes.push(m);
-            }
-        }
-        let mut domains: Vec<&str> = self.rows.iter().map(|r| r.domain.as_str()).collect();
-        domains.dedup();
+        let PaperAxes { modes, masks, domains } = self.paper_axes();
         for mode in modes {
             s.push_str(&format!("\n{mode}: tokens per forward (speedup over AR in wall-clock time)\n\n| domain |"));
             for m in &masks {
@@ -488,7 +508,7 @@ impl BenchReport {
             for d in &domains {
                 s.push_str(&format!("| {d} |"));
                 for m in &masks {
-                    match self.rows.iter().find(|r| r.domain == *d && r.mode == mode && r.masks == *m) {
+                    match self.row(d, mode, *m) {
                         Some(r) => s.push_str(&format!(
                             " {:.2} ({:.2}x){} |",
                             r.tokens_per_forward,
