@@ -667,18 +667,17 @@ def cmd_uno_check(args) -> None:
                              "--max-new-tokens", "12", "--ignore-eos", "--json"])
             noise = ours["bootstrap_noise_ids"]
             first = ours["token_ids"][0]
-            # The bootstrap block is the first step's: the prompt is in the cache, the first
-            # token is the seed; the second step verifies the drafts it made.
-            assert ours["steps"][0]["noise_ids"] == noise
-            our_drafts = ours["steps"][1]["drafts"]
-            ids = prompt + [first] + noise
-            rows, margin = uno_draft(peft_model, ids, len(prompt))
-            base_rows, _ = uno_draft(peft_model, ids, len(prompt), lora=False)
-        seed_next, drafts = rows[0], rows[1:]
+            # The bootstrap block is the prefill's: the prompt's last token is the seed, the
+            # random ids follow it; the first step verifies the drafts they made.
+            our_drafts = ours["steps"][0]["drafts"]
+            ids = prompt + noise
+            rows, margin = uno_draft(peft_model, ids, len(prompt) - 1)
+            base_rows, _ = uno_draft(peft_model, ids, len(prompt) - 1, lora=False)
+        seed_row, drafts = rows[0], rows[1:]
         checks = {
             "peft loads every key": not missing and not unexpected,
             "PEFT scale = alpha / rank": scales == {peft_config["lora_alpha"] / peft_config["r"]},
-            "seed row = our next token": seed_next == ours["token_ids"][1],
+            "seed row = our first token": seed_row == first,
             "drafts = ours": drafts == our_drafts,
             "the LoRA changes the drafts": base_rows[1:] != drafts,
         }
@@ -688,7 +687,7 @@ def cmd_uno_check(args) -> None:
               f"without LoRA {base_rows[1:]}, margin {margin:.4f})")
         fixture = {
             "family": name, "masks": UNO_MASKS, "prompt_ids": prompt, "first": first, "noise_ids": noise,
-            "seed_next": seed_next, "drafts": drafts, "base_drafts": base_rows[1:], "min_margin": margin,
+            "drafts": drafts, "base_drafts": base_rows[1:], "min_margin": margin,
             "peft": {"keys": sorted(weights), "missing": missing, "unexpected": unexpected, "config": peft_config},
             "checks": checks,
         }

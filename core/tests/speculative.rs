@@ -210,6 +210,51 @@ fn greedy_speculative_equals_greedy_ar() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Decoding drafts what training drafts: on the model's own greedy continuation, every
+/// step's drafts (up to the first wrong one, after which the chain and the training pass
+/// read different previous tokens) are those one training pass over the prompt and the
+/// continuation makes at that block, the first step's included (the prefill's block after
+/// the prompt, which training lays out too). Near-ties between the two passes' arithmetic
+/// may flip a few.
+#[test]
+fn decoding_drafts_what_a_training_pass_drafts() -> anyhow::Result<()> {
+    let t = trained();
+    let model = &t.loaded.model;
+    let (mut compared, mut differ) = (0usize, 0usize);
+    for prompt in random_prompts(&t, 16, 3)? {
+        let req = request(prompt.clone(), 24, Decoding::Greedy, vec![]);
+        let ar = generate(model, Strategy::Ar, &req, &mut ())?;
+        let ids: Vec<i64> = prompt.iter().chain(&ar.token_ids).copied().collect();
+        let last = prompt.len() - 1;
+        let trained_drafts = mtp_core::mtp::loss::training_drafts(model, &t.adapter, &ids, last)?;
+        for masks in [1, 2, 4] {
+            let out = generate(model, t.strategy(Mode::Quadratic, MaskCount::Fixed(masks))?, &req, &mut ())?;
+            assert_eq!(out.token_ids, ar.token_ids);
+            assert_eq!(out.steps[0].drafts.len(), masks, "the first step verifies the prefill's drafts");
+            // The block the step's drafts came from follows the last token before them.
+            let mut block = last;
+            for s in &out.steps {
+                let want = &trained_drafts[block];
+                for (j, &d) in s.drafts.iter().enumerate() {
+                    if want[j] < 0 {
+                        break;
+                    }
+                    compared += 1;
+                    differ += usize::from(d != want[j]);
+                    if d != ids[block + j + 2] {
+                        break;
+                    }
+                }
+                block += s.emitted;
+            }
+        }
+    }
+    println!("{differ} of {compared} drafts differ from the training pass's");
+    assert!(compared > 300, "only {compared} drafts compared");
+    assert!(differ * 50 <= compared, "{differ} of {compared} drafts differ from the training pass's");
+    Ok(())
+}
+
 /// EOS inside a step: choose as EOS a token the model emits often, so that it is often an
 /// accepted draft; both decoders must stop right after it.
 #[test]

@@ -37,7 +37,6 @@ struct UnoRecord {
     prompt_ids: Vec<i64>,
     first: i64,
     noise_ids: Vec<i64>,
-    seed_next: i64,
     drafts: Vec<i64>,
     base_drafts: Vec<i64>,
     peft: PeftRecord,
@@ -77,12 +76,11 @@ fn drafts_equal_the_reference_uno_draft_step() -> anyhow::Result<()> {
             let strategy = Strategy::new(Mode::Linear, Some(&drafter), MaskCount::Fixed(r.masks))?;
             let out = generate(&m.model, strategy, &greedy(r.prompt_ids.clone(), 12), &mut ())?;
             let what = format!("{family}, {form}");
-            // The first step: the prompt in the cache, the first token as the seed, the mask
-            // rows reading the random ids; the second step verifies the drafts it made.
-            assert_eq!(out.steps[0].noise_ids, r.noise_ids, "{what}");
+            // The prefill: the prompt, its last token the seed, then the mask rows reading the
+            // random ids; the first step verifies the drafts they made.
+            assert_eq!(out.prefill_noise_ids, r.noise_ids, "{what}");
             assert_eq!(out.token_ids[0], r.first, "{what}");
-            assert_eq!(out.token_ids[1], r.seed_next, "{what}");
-            assert_eq!(out.steps[1].drafts, r.drafts, "{what}");
+            assert_eq!(out.steps[0].drafts, r.drafts, "{what}");
         }
     }
     Ok(())
@@ -216,18 +214,19 @@ fn fixed_shape_steps_draft_as_ordinary_steps() -> anyhow::Result<()> {
     }
     assert!(steps > 50, "only {steps} steps");
     // Those steps ran the fixed-shape pass, random ids included: counted on a new drafter's
-    // decoders. In the first generation the first step (no drafts) and the first with 3
-    // drafts run the ordinary pass and the shape is recorded at its second step; the drafter
-    // keeps the cache and the recordings, so the next generation runs every step recorded.
+    // decoders. In the first generation the first step (3 drafts, from the prefill's block)
+    // runs the ordinary pass and the shape is recorded at its second step; the drafter keeps
+    // the cache and the recordings, so the next generation runs every step recorded.
     let fresh = Drafter::new(&fixed.model, &a, DraftOptions::default())?;
-    for want in [6, 8] {
+    for want in [7, 8] {
         let spec = Speculative { drafter: &fresh, layout: Layout::Quadratic, masks: MaskCount::Fixed(3) };
         let (mut decoder, _) = SpecDecoder::start(&fixed.model, spec, &greedy(vec![1, 2, 3], 24))?;
         let mut ids = 0;
         for _ in 0..8 {
             ids += decoder.step(false)?.stats.noise_ids.len();
         }
-        assert_eq!(ids, 3 + 7 * 4 * 3, "a mask block after each regular row");
+        assert_eq!(decoder.prefill_noise_ids().len(), 3, "the prefill's block");
+        assert_eq!(ids, 8 * 4 * 3, "a mask block after each regular row");
         assert_eq!(decoder.fixed_shape_steps(), want);
     }
     Ok(())

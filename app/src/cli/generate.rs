@@ -94,8 +94,8 @@ struct Report<'a> {
     lora_form: Option<LoraForm>,
     /// The fewest mask rows a step multiplied in bf16 (`--draft-arithmetic`; null: never).
     bf16_min_mask_rows: Option<usize>,
-    /// UNO recipe: the random ids the mask block after the prompt read (the first step's;
-    /// the drafts that block made are the second step's `drafts`).
+    /// UNO recipe: the random ids the mask block after the prompt read (in the prefill; the
+    /// drafts that block made are the first step's `drafts`).
     #[serde(skip_serializing_if = "Option::is_none")]
     bootstrap_noise_ids: Option<Vec<i64>>,
     device: String,
@@ -221,7 +221,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             masks,
             lora_form: drafter.as_ref().map(|d| d.form()),
             bf16_min_mask_rows: drafter.as_ref().and_then(|d| d.bf16_min_rows()),
-            bootstrap_noise_ids: out.steps.first().filter(|s| !s.noise_ids.is_empty()).map(|s| s.noise_ids.clone()),
+            bootstrap_noise_ids: (!out.prefill_noise_ids.is_empty()).then(|| out.prefill_noise_ids.clone()),
             device: args.model.device.to_string(),
             dtype: args.model.dtype().to_string(),
             cuda_graphs: out.cuda_graph,

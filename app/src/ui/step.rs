@@ -51,9 +51,9 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     ));
     if view.step == 0 {
         let drafts = if view.next_drafts_text.is_empty() {
-            "no drafts yet: the first step only verifies, and its mask rows draft for the next".to_string()
+            "no drafts".to_string()
         } else {
-            format!("its drafts: {}", tokens(&view.next_drafts_text))
+            format!("the mask block after the prompt drafts {}", tokens(&view.next_drafts_text))
         };
         ui.label(format!(
             "Prefill done: the first token is {}, from the prompt's last row; {drafts}. Press Next step.",

@@ -80,6 +80,7 @@ impl<'a> Generation<'a> {
                     }
                     Strategy::Speculative(spec) => {
                         let (d, first) = SpecDecoder::start(self.model, spec, &self.req)?;
+                        self.out.prefill_noise_ids = d.prefill_noise_ids().to_vec();
                         self.decoder = Some(Decoder::Spec(Box::new(d)));
                         first
                     }

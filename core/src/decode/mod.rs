@@ -142,6 +142,10 @@ pub struct GenerateOutput {
     /// the steps ran eagerly).
     #[serde(default)]
     pub cuda_graph: bool,
+    /// UNO recipe: the random ids the prefill's mask block read (its drafts are the first
+    /// step's); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefill_noise_ids: Vec<i64>,
 }
 
 impl GenerateOutput {
@@ -155,6 +159,7 @@ impl GenerateOutput {
             total_time: start.elapsed(),
             steps: Vec::new(),
             cuda_graph: false,
+            prefill_noise_ids: Vec::new(),
         }
     }
 

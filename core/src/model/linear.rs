@@ -207,6 +207,9 @@ impl StackedLinear {
 /// - 6 to 64 rows and a weight of 2 MiB or more: oneDNN's inner product, which reads the
 ///   plain weight in place (MKL's kernels for these column counts run at a fraction of the
 ///   CPU's arithmetic); 6 to 16 rows of a smaller weight: as for 1 to 5.
+/// - 33 to 128 rows (a prompt's prefill; to 512 for a weight of 2 MiB or more), weights with
+///   both sides 256 or more, where our kernel runs: our kernel 32 rows at a time
+///   ([`chunked_max_rows`]).
 /// - Anything else: `x.linear(W)`.
 ///
 /// `MTP_CPU_PRODUCTS=libraries` leaves our kernel out, `MTP_CPU_PRODUCTS=mkl` oneDNN too
@@ -221,6 +224,9 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let y = match route {
         // Should the kernel or oneDNN refuse after all, the library's product is the same.
         Route::Rows => super::few_rows::product(&x2, weight, bias).unwrap_or_else(|| x2.linear(weight, bias)),
+        Route::RowChunks => {
+            super::few_rows::product_in_chunks(&x2, weight, bias).unwrap_or_else(|| x2.linear(weight, bias))
+        }
         Route::OneDnn => onednn_product(&x2, weight, bias).unwrap_or_else(|_| x2.linear(weight, bias)),
         Route::WeightLeft | Route::Library => {
             let rows = x2.size()[0];
@@ -266,6 +272,15 @@ pub fn few_row_kernel_runs(device: tch::Device, kind: tch::Kind) -> bool {
 /// f32) earns back (SmolLM2-135M's q/k/v, gate/up and down; none of the demo's).
 const ONEDNN_MIN_WEIGHT: i64 = 1 << 19;
 
+/// The most rows whose products go through our kernel [`super::few_rows::MAX_ROWS`] rows
+/// at a time (a prompt's prefill), for a weight of `elements`: on the Zen 4 CPU
+/// docs/BENCHMARKS.md measured ("Prefill"), MKL's products of 33 to 128 rows took 1.1-1.6x
+/// as long for the demo's weights (0.1-0.4 M elements; 1.1x as long at 256 rows) and those
+/// of 33 to 512 rows 1.1-2x as long for SmolLM2-135M's (0.3-1.8 M elements).
+fn chunked_max_rows(elements: i64) -> i64 {
+    if elements >= ONEDNN_MIN_WEIGHT { 512 } else { 128 }
+}
+
 /// How [`linear`] computes a product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
@@ -273,6 +288,8 @@ enum Route {
     Library,
     /// Our kernel for a few rows.
     Rows,
+    /// Our kernel, [`super::few_rows::MAX_ROWS`] rows at a time.
+    RowChunks,
     /// MKL, the weight as the left operand.
     WeightLeft,
     /// oneDNN's inner product.
@@ -294,6 +311,7 @@ fn cpu_route(x: &Tensor, weight: &Tensor) -> Route {
         _ if !eligible => Route::Library,
         1..=super::few_rows::MAX_ROWS if ours => Route::Rows,
         _ if !big => Route::Library,
+        _ if ours && rows <= chunked_max_rows(out * inp) => Route::RowChunks,
         1..=5 => Route::WeightLeft,
         6..=64 if out * inp >= ONEDNN_MIN_WEIGHT && onednn_available() => Route::OneDnn,
         6..=16 => Route::WeightLeft,
@@ -414,9 +432,10 @@ mod tests {
         }
     }
 
-    /// Which route each product takes: our kernel for 1 to 32 rows where the CPU has it,
-    /// else MKL or oneDNN (only for a big weight and 6 to 64 rows, when this libtorch has
-    /// it); never anything but the library for tensors that need a gradient.
+    /// Which route each product takes: our kernel for 1 to 32 rows where the CPU has it, and
+    /// in chunks of 32 for up to a few hundred rows of a big weight, else MKL or oneDNN
+    /// (only for a big weight and 6 to 64 rows, when this libtorch has it); never anything
+    /// but the library for tensors that need a gradient.
     #[test]
     fn products_take_the_route_their_shape_calls_for() {
         let o = (Kind::Float, Device::Cpu);
@@ -431,10 +450,17 @@ mod tests {
         assert_eq!(cpu_route(&rows(5, &big), &big), few(Route::WeightLeft));
         assert_eq!(cpu_route(&rows(9, &big), &big), few(dnn));
         assert_eq!(cpu_route(&rows(32, &big), &big), few(dnn));
-        assert_eq!(cpu_route(&rows(33, &big), &big), dnn);
+        // More rows (a prefill): our kernel 32 rows at a time, up to 512 for a weight of 2 MiB
+        // or more, 128 for a smaller one.
+        let chunks = |library: Route| if ours { Route::RowChunks } else { library };
+        assert_eq!(cpu_route(&rows(33, &big), &big), chunks(dnn));
+        assert_eq!(cpu_route(&rows(65, &big), &big), chunks(Route::Library));
+        assert_eq!(cpu_route(&rows(512, &big), &big), chunks(Route::Library));
+        assert_eq!(cpu_route(&rows(513, &big), &big), Route::Library);
         assert_eq!(cpu_route(&rows(9, &small), &small), few(Route::WeightLeft));
         assert_eq!(cpu_route(&rows(25, &small), &small), few(Route::Library));
-        assert_eq!(cpu_route(&rows(65, &big), &big), Route::Library);
+        assert_eq!(cpu_route(&rows(128, &small), &small), chunks(Route::Library));
+        assert_eq!(cpu_route(&rows(129, &small), &small), Route::Library);
         let thin = Tensor::zeros([1024, 64], o);
         assert_eq!(cpu_route(&rows(9, &thin), &thin), few(Route::Library));
         assert_eq!(cpu_route(&rows(40, &thin), &thin), Route::Library);

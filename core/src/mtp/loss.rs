@@ -11,6 +11,7 @@ use tch::{Kind, Reduction, Tensor};
 
 use super::adapter::MtpAdapter;
 use super::masks::{IGNORE, MtpLayout, additive_mask};
+use crate::error::Result;
 use crate::model::attention::Pass;
 use crate::model::{AttnMask, Llama};
 
@@ -144,6 +145,42 @@ pub fn compute(model: &Llama, adapter: &MtpAdapter, batch: &MtpLayout, lcm: Lcm)
     let mask = additive_mask(&batch.attention_mask(), x.kind());
     let z = model.forward_embeds(&x, &batch.positions, AttnMask::Custom(&mask), Some(&gated), None);
     from_hidden(model, adapter, batch, &z, lcm)
+}
+
+/// The greedy drafts of one training pass over `ids` with a mask block after every
+/// position from `from` on (as training lays them out, loss from `from`): per position
+/// `i`, the drafts of slots 1..k of the block after it, slot `j` drafting the token at
+/// `i + j + 1` from the sampler fed the true token before it (the LM head without a
+/// sampler); -1 where the sequence ends first, and empty rows before `from`. Decoding the
+/// model's own greedy continuation drafts these: a step whose first `a` drafts are right
+/// drafted them as this pass did, so its acceptance is what the pass predicts (the mask
+/// rows read the mask embeddings: the paper's recipe).
+pub fn training_drafts(model: &Llama, adapter: &MtpAdapter, ids: &[i64], from: usize) -> Result<Vec<Vec<i64>>> {
+    let (n, k) = (ids.len(), adapter.config.k);
+    let loss: Vec<bool> = (0..n).map(|i| i >= from).collect();
+    let layout = super::masks::build_layout(&Tensor::from_slice(ids), &Tensor::from_slice(&loss), k as i64);
+    let batch = super::masks::collate(&[layout], model.device());
+    tch::no_grad(|| {
+        let x = adapter.embed(model, &batch.tokens, &batch.slot);
+        let gated = adapter.gated(&batch.slot, model.dtype().kind());
+        let mask = additive_mask(&batch.attention_mask(), x.kind());
+        let z = model.forward_embeds(&x, &batch.positions, AttnMask::Custom(&mask), Some(&gated), None);
+        let z = z.reshape([-1, z.size()[2]]);
+        let h = match adapter.sampler() {
+            Some(head) => head.forward(&model.embed(&batch.prev.reshape([-1])), &z).to_kind(z.kind()),
+            None => z,
+        };
+        let drafts = Vec::<i64>::try_from(model.logits(&h).argmax(-1, false))?;
+        let column = |t: &Tensor| Vec::<i64>::try_from(t.reshape([-1]));
+        let (labels, slot, block) = (column(&batch.labels)?, column(&batch.slot)?, column(&batch.block)?);
+        let mut out: Vec<Vec<i64>> = (0..n).map(|i| if i >= from { vec![-1; k] } else { Vec::new() }).collect();
+        for r in 0..drafts.len() {
+            if slot[r] > 0 && labels[r] != IGNORE {
+                out[block[r] as usize][slot[r] as usize - 1] = drafts[r];
+            }
+        }
+        Ok(out)
+    })
 }
 
 /// [`compute`] and the backward pass of `scale * total` with activation checkpointing:

@@ -402,10 +402,12 @@ impl Drafter {
         self.kept.borrow_mut().clear();
     }
 
-    /// The adapter for a prefill: nothing for a gated adapter (prompt rows are next-token
-    /// rows, which it leaves alone), every row for a plain-LoRA one.
-    pub fn prefill_gate(&self) -> Option<Gated<'_>> {
-        (!self.config.gated).then(|| Gated { delta: &self.lora, gate: Gate::All })
+    /// The adapter for a prefill of `prompt` rows followed by one mask block: the block's
+    /// rows only for a gated adapter (prompt rows are next-token rows, which it leaves
+    /// alone, bit for bit), every row for a plain-LoRA one.
+    pub fn prefill_block_gate(&self, prompt: i64) -> Gated<'_> {
+        let gate = if self.config.gated { Gate::Tail(prompt) } else { Gate::All };
+        Gated { delta: &self.lora, gate }
     }
 
     /// Logits over the draft vocabulary (or the whole head) for final hidden states `h`.

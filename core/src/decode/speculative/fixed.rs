@@ -8,8 +8,8 @@
 //! draft chain. A replay then costs one launch where the step issued several hundred
 //! operations, each a host launch (about 10 us on the GPU docs/BENCHMARKS.md measured).
 //!
-//! One recording per step shape (drafts, masks), made the second time a shape comes (the
-//! first step, with no drafts, comes once); the UNO recipe's random mask ids are one more
+//! One recording per step shape (drafts, masks), made the second time a shape comes (a
+//! shape `auto` visits once never records); the UNO recipe's random mask ids are one more
 //! input written before each run. Steps that do not fit a recording run the ordinary pass:
 //! sampled decoding, the step-through view's detailed steps, and a cache without room for
 //! the step's rows. The recordings and the cache they write to pass from one generation to

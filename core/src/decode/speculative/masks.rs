@@ -17,7 +17,8 @@ const DECAY: f64 = 0.9;
 ///   on a CPU each row costs and it drafts less.
 ///
 /// Until two different row counts have been timed, it assumes rows cost nothing (and so
-/// drafts k). The choice only decides how much to draft: outputs are the same whatever it
+/// drafts k); since every step after the prefill's k drafts has the same rows at k masks,
+/// it times one step of a single mask after the first timed step, to see what rows cost. The choice only decides how much to draft: outputs are the same whatever it
 /// chooses, but the choice depends on measured times, so tokens per forward may vary a
 /// little from run to run.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,14 +59,22 @@ impl LineFit {
         };
     }
 
+    /// `n^2` times the variance of the x seen.
+    fn var(&self) -> f64 {
+        self.xx * self.n - self.x * self.x
+    }
+
+    /// True once two different x have been seen.
+    fn spread(&self) -> bool {
+        self.var() > 1e-9 * self.n * self.n
+    }
+
     /// Intercept and slope (slope 0 when every x seen was the same, or negative).
     fn line(&self) -> Option<(f64, f64)> {
         if self.n == 0.0 {
             return None;
         }
-        let var = self.xx * self.n - self.x * self.x;
-        let slope =
-            if var > 1e-9 * self.n * self.n { ((self.xy * self.n - self.x * self.y) / var).max(0.0) } else { 0.0 };
+        let slope = if self.spread() { ((self.xy * self.n - self.x * self.y) / self.var()).max(0.0) } else { 0.0 };
         Some(((self.y - slope * self.x) / self.n, slope))
     }
 }
@@ -140,6 +149,11 @@ impl MaskController {
             .map(|m| (m, self.tokens_per_step(m) / self.seconds_per_step(m)))
             .fold((self.current, f64::NEG_INFINITY), |best, (m, rate)| if rate > best.1 { (m, rate) } else { best })
             .0;
+        // Steps of one size timed so far: every count looks as costly as another. Time one of
+        // another size (one mask; two after a step of one).
+        if self.cost.n > 0.0 && !self.cost.spread() {
+            self.current = if masks > 1 { 1 } else { self.k.min(2) };
+        }
     }
 
     /// Expected tokens of a step with `m` drafts: 1 + sum over j of p_1 ... p_j, each slot's
@@ -242,7 +256,11 @@ mod tests {
         let mut c = MaskController::new(MaskCount::Auto, Layout::Quadratic, 4);
         // Time = 1 + 0.25 per row: 25 rows cost 7.25, 4 rows 2, 9 rows 3.25.
         let time = |drafts: usize, masks: usize| 1.0 + 0.25 * Layout::Quadratic.rows(drafts, masks) as f64;
-        c.observe(0, 0, 4, Layout::Quadratic.rows(0, 4), Some(time(0, 4)));
+        // The first step verifies the prefill's 4 drafts at 4 masks; one size timed, the next
+        // step tries one mask.
+        c.observe(4, 1, 4, Layout::Quadratic.rows(4, 4), Some(time(4, 4)));
+        assert_eq!(c.masks(), 1);
+        c.observe(4, 1, 1, Layout::Quadratic.rows(4, 1), Some(time(4, 1)));
         for _ in 0..30 {
             let m = c.masks();
             // Slot 1 always accepted, later slots rarely.

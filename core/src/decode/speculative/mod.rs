@@ -9,16 +9,14 @@
 //! - [`masks`]: the mask count of each step when chosen on the fly;
 //! - [`detail`]: what the step-through view shows.
 //!
-//! Where this departs from METHOD.md's wording: the prefill runs the prompt alone through
-//! the ordinary causal path (a gated adapter does nothing to prompt rows), and the first
-//! step, with no drafts to verify, carries the first mask block; METHOD.md appends that
-//! block to the prefill, which would send the whole prompt through the masked-attention
-//! path. Outputs are the same; the first drafts come one forward pass later. And with
-//! `--masks auto` on the CPU a quadratic step may leave out the mask blocks after the
-//! regular rows where verification will likely not stop (the drafter's confidences say
-//! where: [`MaskController::blocks_to_keep`]); when it stops there after all, the next step
-//! has no drafts, as in linear decoding after a partial acceptance. Verification is the
-//! paper's, so the outputs are too.
+//! The prefill is METHOD.md's bootstrap, the prompt followed by one mask block, as one
+//! causal pass (the block follows the prompt's last token, so every row's attention is
+//! causal; a gated adapter touches the block's rows only); its drafts are the first step's.
+//! Where this departs from METHOD.md's wording: with `--masks auto` on the CPU a quadratic
+//! step may leave out the mask blocks after the regular rows where verification will likely
+//! not stop (the drafter's confidences say where: [`MaskController::blocks_to_keep`]); when
+//! it stops there after all, the next step has no drafts, as in linear decoding after a
+//! partial acceptance. Verification is the paper's, so the outputs are too.
 
 pub mod detail;
 pub mod drafter;

@@ -1,12 +1,12 @@
-//! The speculative decoder: prefill, then one forward pass per step that verifies the
-//! drafts, keeps the accepted rows in the cache and drafts again from the mask block after
-//! the last accepted token.
+//! The speculative decoder: a prefill that drafts from a mask block after the prompt, then
+//! one forward pass per step that verifies the drafts, keeps the accepted rows in the cache
+//! and drafts again from the mask block after the last accepted token.
 
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::super::ar::{check_request, decoding_cache, forward_last};
+use super::super::ar::{check_request, decoding_cache};
 use super::super::stats::StepStats;
 use super::super::strategy::{Layout, Speculative, Strategy};
 use super::super::verify::{Verdict, verify_greedy, verify_greedy_on_device, verify_sampling};
@@ -17,7 +17,7 @@ use super::fixed::{FixedSteps, StepCall};
 use super::layout::StepLayout;
 use super::masks::MaskController;
 use crate::error::Result;
-use crate::model::{KvCache, Llama};
+use crate::model::{AttnMask, KvCache, Llama};
 use crate::mtp::Recipe;
 use crate::mtp::masks::noise_ids;
 use rand::SeedableRng;
@@ -64,12 +64,14 @@ pub struct SpecDecoder<'a> {
     /// The mask blocks the next step keeps, when `auto` pruned some
     /// ([`MaskController::blocks_to_keep`]); `None`: every block.
     blocks: Option<Vec<usize>>,
+    /// UNO recipe: the random ids the prefill's mask block read.
+    prefill_noise_ids: Vec<i64>,
 }
 
 impl<'a> SpecDecoder<'a> {
-    /// Check the request and run the prefill through the ordinary causal path; returns the
-    /// decoder and the first token. The first step has no drafts to verify: its input is
-    /// the first token and one mask block, which drafts for the second.
+    /// Check the request and run the prefill: the prompt followed by one mask block after
+    /// its last token (METHOD.md section 4's bootstrap), one causal pass. Returns the
+    /// decoder and the first token; the block's drafts are what the first step verifies.
     pub fn start(model: &'a Llama, spec: Speculative<'a>, req: &GenerateRequest) -> Result<(Self, i64)> {
         spec.masks.check(spec.drafter.k())?;
         let strategy = Strategy::Speculative(spec);
@@ -82,23 +84,17 @@ impl<'a> SpecDecoder<'a> {
         let address = model as *const Llama as usize;
         let kept = spec.drafter.kept.borrow_mut().remove(&(spec.layout, spec.masks));
         let kept = kept.filter(|k| k.model == address).map(|k| (k.cache, k.fixed));
-        let (mut cache, fixed) = decoding_cache(model, kept, p + req.max_new_tokens + rows + 1);
+        let (cache, fixed) = decoding_cache(model, kept, p + req.max_new_tokens + rows + 1);
         let mut fixed = fixed.filter(|f| f.mode() == model.step_graphs()).unwrap_or_else(|| FixedSteps::new(model));
         fixed.begin();
-        let mut sampler = Sampler::new(req.decoding)?;
-        let first = tch::no_grad(|| {
-            let input = Tensor::from_slice(&req.prompt_ids).to_device(model.device()).unsqueeze(0);
-            let gate = spec.drafter.prefill_gate();
-            sampler.pick(&forward_last(model, &input, &mut cache, gate.as_ref()))
-        })?;
-        let decoder = Self {
+        let mut decoder = Self {
             model,
             drafter: spec.drafter,
             layout: spec.layout,
-            sampler,
+            sampler: Sampler::new(req.decoding)?,
             masks: spec.drafter.controller(spec.layout, spec.masks),
             cache,
-            pending: first,
+            pending: 0,
             drafts: Vec::new(),
             inputs: None,
             q: Vec::new(),
@@ -113,8 +109,71 @@ impl<'a> SpecDecoder<'a> {
             }),
             fixed,
             blocks: None,
+            prefill_noise_ids: Vec::new(),
         };
+        let first = decoder.prefill(&req.prompt_ids)?;
         Ok((decoder, first))
+    }
+
+    /// The prompt and one mask block after its last token in one pass: every row attends
+    /// causally (the block follows the last token, each mask sees what precedes it), the
+    /// adapter applies to the block only, so the prompt's rows are the ordinary prefill's.
+    /// The cache keeps the prompt's rows. Picks the first token from the last prompt row and
+    /// drafts from the block, seeded with it; returns the first token.
+    fn prefill(&mut self, prompt: &[i64]) -> Result<i64> {
+        let (model, drafter) = (self.model, self.drafter);
+        let device = model.device();
+        let masks = self.masks.masks();
+        let (p, past) = (prompt.len() as i64, self.cache.len() as i64);
+        self.prefill_noise_ids = match &mut self.noise {
+            Some(rng) => noise_ids(rng, masks, model.config.vocab_size),
+            None => Vec::new(),
+        };
+        let on_host = crate::model::linear::few_row_kernel_runs(device, model.dtype().kind());
+        let greedy = self.sampler.decoding() == Decoding::Greedy;
+        // `auto` may leave out blocks of the first step as of any other (see `step`).
+        let scored = on_host && greedy && self.layout == Layout::Quadratic && !self.fixed.on() && self.masks.is_auto();
+        let (first, drafts, q, confidence) = tch::no_grad(|| -> Result<_> {
+            let ids = Tensor::from_slice(prompt).to_device(device).unsqueeze(0);
+            let block = if self.prefill_noise_ids.is_empty() {
+                drafter.mask_embeddings().narrow(0, 0, masks as i64).unsqueeze(0)
+            } else {
+                model.embed(&Tensor::from_slice(&self.prefill_noise_ids).to_device(device).unsqueeze(0))
+            };
+            let x = Tensor::cat(&[model.embed(&ids), block], 1);
+            let positions = Tensor::arange_start(past, past + p + masks as i64, (Kind::Int64, device));
+            let gated = drafter.prefill_block_gate(p);
+            let h = model.forward_embeds(&x, &positions, AttnMask::Causal, Some(&gated), Some(&mut self.cache));
+            self.cache.truncate((past + p) as usize);
+            let h = h.squeeze_dim(0);
+            let first = self.sampler.pick(&model.logits(&h.get(p - 1)))?;
+            let z = h.narrow(0, p, masks as i64);
+            Ok(match self.sampler.decoding() {
+                Decoding::Greedy => match drafter.greedy_on_host(model, &z, first, scored)? {
+                    Some(d) => (first, d.ids, Vec::new(), d.confidence),
+                    None => {
+                        let prev = Tensor::from_slice(&[first]).to_device(device);
+                        (first, Vec::<i64>::try_from(drafter.greedy(model, &z, &prev, None))?, Vec::new(), Vec::new())
+                    }
+                },
+                Decoding::Sample(params) => {
+                    let (d, q) = drafter.sampled(model, &z, first, &params, &mut self.sampler)?;
+                    (first, d, q, Vec::new())
+                }
+            })
+        })?;
+        if scored && confidence.len() == drafts.len() {
+            self.blocks = self.masks.blocks_to_keep(&confidence);
+        }
+        self.pending = first;
+        self.drafts = drafts;
+        self.q = q;
+        Ok(first)
+    }
+
+    /// UNO recipe: the random ids the prefill's mask block read (empty for the paper's).
+    pub fn prefill_noise_ids(&self) -> &[i64] {
+        &self.prefill_noise_ids
     }
 
     /// The drafts the next step will verify.
