@@ -177,6 +177,11 @@ fn main_flow_and_snapshots() -> anyhow::Result<()> {
     tab(&mut h, Tab::Step);
     h.get_by_label("Start").click();
     until(&mut h, 60, "the prefill", |a| a.runtime.steps.len() == 1);
+    // The prefill drafts from the mask block after the prompt: its two drafts and each
+    // slot's top candidates are shown before the first step.
+    let prefill = &h.state().runtime.steps[0];
+    assert_eq!((prefill.next_drafts_text.len(), prefill.prefill_top.len()), (2, 2));
+    h.get_by_label_contains("Top-5 of each mask slot after the prompt");
     for n in 2..=3 {
         h.get_by_label("Next step").click();
         until(&mut h, 60, "a step", |a| a.runtime.steps.len() == n);

@@ -6,6 +6,7 @@ use super::theme;
 use crate::app::Command;
 use crate::state::{Persisted, Runtime};
 use crate::worker::{Job, StepView};
+use mtp_core::decode::speculative::Candidates;
 
 /// Draw the Step view.
 pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut Vec<Command>) {
@@ -59,6 +60,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             "Prefill done: the first token is {}, from the prompt's last row; {drafts}. Press Next step.",
             shown(&view.next_text)
         ));
+        slot_top(ui, view, &view.prefill_top, "Top-5 of each mask slot after the prompt (the first drafts)");
         return;
     }
     verdict(ui, view);
@@ -193,18 +195,32 @@ fn candidates(ui: &mut egui::Ui, v: &StepView) {
                 }
             });
         });
-        cols[1].strong("Top-5 of each mask slot after the last accepted row (the next drafts)");
-        egui::ScrollArea::horizontal().id_salt("draft-top-scroll").show(&mut cols[1], |ui| {
-            egui::Grid::new("draft-top").striped(true).show(ui, |ui| {
-                for (j, c) in d.draft_top.iter().enumerate() {
-                    ui.colored_label(theme::slot(j + 1), format!("m{}", j + 1));
-                    for (i, p) in c.probs.iter().enumerate() {
-                        let t = v.draft_top_text.get(j).and_then(|t| t.get(i)).cloned().unwrap_or_default();
-                        ui.label(format!("{} {:.2}", shown(&t), p));
-                    }
-                    ui.end_row();
+        slot_top(
+            &mut cols[1],
+            v,
+            &d.draft_top,
+            "Top-5 of each mask slot after the last accepted row (the next drafts)",
+        );
+    });
+}
+
+/// Each mask slot's top-5 candidates (`top`, their texts in the view's `draft_top_text`)
+/// under a heading.
+fn slot_top(ui: &mut egui::Ui, v: &StepView, top: &[Candidates], heading: &str) {
+    if top.is_empty() {
+        return;
+    }
+    ui.strong(heading);
+    egui::ScrollArea::horizontal().id_salt("draft-top-scroll").show(ui, |ui| {
+        egui::Grid::new("draft-top").striped(true).show(ui, |ui| {
+            for (j, c) in top.iter().enumerate() {
+                ui.colored_label(theme::slot(j + 1), format!("m{}", j + 1));
+                for (i, p) in c.probs.iter().enumerate() {
+                    let t = v.draft_top_text.get(j).and_then(|t| t.get(i)).cloned().unwrap_or_default();
+                    ui.label(format!("{} {:.2}", shown(&t), p));
                 }
-            });
+                ui.end_row();
+            }
         });
     });
 }

@@ -455,6 +455,7 @@ impl Worker {
         let text =
             |ids: &[i64]| -> Vec<String> { ids.iter().map(|&i| tok.decode(&[i], false).unwrap_or_default()).collect() };
         let mut generated = vec![first];
+        let prefill_top = decoder.prefill_candidates()?;
         self.emit(Event::Step(Box::new(StepView {
             step: 0,
             input_text: Vec::new(),
@@ -463,7 +464,8 @@ impl Worker {
             accepted: 0,
             next_text: text(&[first]).concat(),
             regular_top_text: Vec::new(),
-            draft_top_text: Vec::new(),
+            draft_top_text: prefill_top.iter().map(|c| text(&c.ids)).collect(),
+            prefill_top,
             next_drafts_text: text(decoder.drafts()),
             generated: tok.decode(&generated, false).unwrap_or_default(),
         })));
@@ -499,6 +501,7 @@ impl Worker {
                 regular_top_text,
                 draft_top_text,
                 next_drafts_text: text(decoder.drafts()),
+                prefill_top: Vec::new(),
                 generated: tok.decode(&generated, false).unwrap_or_default(),
                 detail,
             })));

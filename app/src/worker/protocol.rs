@@ -275,6 +275,9 @@ pub struct StepView {
     pub draft_top_text: Vec<Vec<String>>,
     /// The next drafts as text.
     pub next_drafts_text: Vec<String>,
+    /// The prefill (step 0): the top-5 of each slot of the mask block after the prompt,
+    /// which made the first drafts (texts in `draft_top_text`); empty for a step.
+    pub prefill_top: Vec<mtp_core::decode::speculative::Candidates>,
     /// The text generated so far.
     pub generated: String,
 }

@@ -113,7 +113,7 @@ mod tests {
 
     #[test]
     fn acceptance_counts_each_slot_among_the_steps_that_reached_it() {
-        // No drafts (the first step), all three accepted, the second rejected, the first
+        // No drafts (after a block was left out), all three accepted, the second rejected, the first
         // rejected, one accepted of two (a step after a partial acceptance drafts fewer).
         let steps = [step(0, 0, 1), step(3, 3, 4), step(3, 1, 2), step(3, 0, 1), step(2, 1, 2)];
         let a = Acceptance::of(&steps);

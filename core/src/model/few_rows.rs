@@ -130,10 +130,12 @@ pub fn product_in_chunks(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> 
         return None;
     }
     let y = Tensor::empty([rows, weight.size()[0]], (Kind::Float, Device::Cpu));
+    // Made contiguous once, not once a chunk.
+    let weight = weight.contiguous();
     for at in (0..rows).step_by(MAX_ROWS as usize) {
         let n = MAX_ROWS.min(rows - at);
         // Rows of a contiguous `y`: contiguous too.
-        run(&x.narrow(0, at, n), weight, bias, &y.narrow(0, at, n), false, Extras::default());
+        run(&x.narrow(0, at, n), &weight, bias, &y.narrow(0, at, n), false, Extras::default());
     }
     Some(y)
 }

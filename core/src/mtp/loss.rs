@@ -153,9 +153,15 @@ pub fn compute(model: &Llama, adapter: &MtpAdapter, batch: &MtpLayout, lcm: Lcm)
 /// `i + j + 1` from the sampler fed the true token before it (the LM head without a
 /// sampler); -1 where the sequence ends first, and empty rows before `from`. Decoding the
 /// model's own greedy continuation drafts these: a step whose first `a` drafts are right
-/// drafted them as this pass did, so its acceptance is what the pass predicts (the mask
-/// rows read the mask embeddings: the paper's recipe).
+/// drafted them as this pass did, so its acceptance is what the pass predicts. Drafts are
+/// chosen from the whole vocabulary (a drafter with a draft vocabulary chooses among
+/// fewer). The paper's recipe only: the UNO recipe's mask rows read random ids.
 pub fn training_drafts(model: &Llama, adapter: &MtpAdapter, ids: &[i64], from: usize) -> Result<Vec<Vec<i64>>> {
+    if adapter.config.recipe == super::Recipe::Uno {
+        return Err(crate::error::Error::Invalid(
+            "training drafts need the paper's recipe: the UNO recipe's mask rows read random ids".into(),
+        ));
+    }
     let (n, k) = (ids.len(), adapter.config.k);
     let loss: Vec<bool> = (0..n).map(|i| i >= from).collect();
     let layout = super::masks::build_layout(&Tensor::from_slice(ids), &Tensor::from_slice(&loss), k as i64);

@@ -18,7 +18,9 @@ const DECAY: f64 = 0.9;
 ///
 /// Until two different row counts have been timed, it assumes rows cost nothing (and so
 /// drafts k); since every step after the prefill's k drafts has the same rows at k masks,
-/// it times one step of a single mask after the first timed step, to see what rows cost. The choice only decides how much to draft: outputs are the same whatever it
+/// a timed step while it has seen one row count only (at the start, or after a long run of
+/// one count has faded the others) is followed by one of a single mask, to see what rows
+/// cost. The choice only decides how much to draft: outputs are the same whatever it
 /// chooses, but the choice depends on measured times, so tokens per forward may vary a
 /// little from run to run.
 #[derive(Debug, Clone, PartialEq)]
@@ -149,9 +151,10 @@ impl MaskController {
             .map(|m| (m, self.tokens_per_step(m) / self.seconds_per_step(m)))
             .fold((self.current, f64::NEG_INFINITY), |best, (m, rate)| if rate > best.1 { (m, rate) } else { best })
             .0;
-        // Steps of one size timed so far: every count looks as costly as another. Time one of
-        // another size (one mask; two after a step of one).
-        if self.cost.n > 0.0 && !self.cost.spread() {
+        // Steps of one size timed so far: every count looks as costly as another. After a timed
+        // step, time one of another size (one mask; two after a step of one). Untimed steps
+        // (recording a CUDA graph) never call for one, so that no shape is recorded for it.
+        if seconds.is_some() && !self.cost.spread() {
             self.current = if masks > 1 { 1 } else { self.k.min(2) };
         }
     }
@@ -261,6 +264,10 @@ mod tests {
         c.observe(4, 1, 4, Layout::Quadratic.rows(4, 4), Some(time(4, 4)));
         assert_eq!(c.masks(), 1);
         c.observe(4, 1, 1, Layout::Quadratic.rows(4, 1), Some(time(4, 1)));
+        // An untimed step (one that recorded a CUDA graph) asks for no other size.
+        let mut untimed = MaskController::new(MaskCount::Auto, Layout::Quadratic, 4);
+        untimed.observe(4, 4, 4, Layout::Quadratic.rows(4, 4), None);
+        assert_eq!(untimed.masks(), 4);
         for _ in 0..30 {
             let m = c.masks();
             // Slot 1 always accepted, later slots rarely.

@@ -11,7 +11,7 @@ use super::super::stats::StepStats;
 use super::super::strategy::{Layout, Speculative, Strategy};
 use super::super::verify::{Verdict, verify_greedy, verify_greedy_on_device, verify_sampling};
 use super::super::{Decoding, GenerateRequest, Sampler};
-use super::detail::{StepDetail, top5};
+use super::detail::{Candidates, StepDetail, top5};
 use super::drafter::{Drafter, Kept};
 use super::fixed::{FixedSteps, StepCall};
 use super::layout::StepLayout;
@@ -66,6 +66,9 @@ pub struct SpecDecoder<'a> {
     blocks: Option<Vec<usize>>,
     /// UNO recipe: the random ids the prefill's mask block read.
     prefill_noise_ids: Vec<i64>,
+    /// The final hidden states of the prefill's mask block (`[m, d]`), until the first step:
+    /// what [`SpecDecoder::prefill_candidates`] reads.
+    prefill_block: Option<Tensor>,
 }
 
 impl<'a> SpecDecoder<'a> {
@@ -110,6 +113,7 @@ impl<'a> SpecDecoder<'a> {
             fixed,
             blocks: None,
             prefill_noise_ids: Vec::new(),
+            prefill_block: None,
         };
         let first = decoder.prefill(&req.prompt_ids)?;
         Ok((decoder, first))
@@ -117,9 +121,13 @@ impl<'a> SpecDecoder<'a> {
 
     /// The prompt and one mask block after its last token in one pass: every row attends
     /// causally (the block follows the last token, each mask sees what precedes it), the
-    /// adapter applies to the block only, so the prompt's rows are the ordinary prefill's.
-    /// The cache keeps the prompt's rows. Picks the first token from the last prompt row and
-    /// drafts from the block, seeded with it; returns the first token.
+    /// adapter applies to the block only (its low-rank term, whatever form the steps run),
+    /// so the prompt's rows are the ordinary prefill's: bit for bit where a row's products do
+    /// not depend on the other rows (the CPU's kernel, up to `linear`'s chunked rows),
+    /// else to rounding (a library may multiply p + m rows otherwise than p; greedy
+    /// outputs then part only at a near-tie, as METHOD.md allows). The cache keeps the
+    /// prompt's rows. Picks the first token from the last prompt row and drafts from the
+    /// block, seeded with it; returns the first token.
     fn prefill(&mut self, prompt: &[i64]) -> Result<i64> {
         let (model, drafter) = (self.model, self.drafter);
         let device = model.device();
@@ -148,6 +156,7 @@ impl<'a> SpecDecoder<'a> {
             let h = h.squeeze_dim(0);
             let first = self.sampler.pick(&model.logits(&h.get(p - 1)))?;
             let z = h.narrow(0, p, masks as i64);
+            self.prefill_block = Some(z.shallow_clone());
             Ok(match self.sampler.decoding() {
                 Decoding::Greedy => match drafter.greedy_on_host(model, &z, first, scored)? {
                     Some(d) => (first, d.ids, Vec::new(), d.confidence),
@@ -174,6 +183,17 @@ impl<'a> SpecDecoder<'a> {
     /// UNO recipe: the random ids the prefill's mask block read (empty for the paper's).
     pub fn prefill_noise_ids(&self) -> &[i64] {
         &self.prefill_noise_ids
+    }
+
+    /// Before the first step: the top-5 of each slot of the prefill's mask block (greedy
+    /// drafting from the first token), what the step-through view shows of the first drafts;
+    /// empty after it.
+    pub fn prefill_candidates(&self) -> Result<Vec<Candidates>> {
+        let Some(z) = self.prefill_block.as_ref().filter(|_| self.steps == 0) else { return Ok(Vec::new()) };
+        let mut probs = Tensor::zeros([0], (Kind::Float, self.model.device()));
+        let prev = Tensor::from_slice(&[self.pending]).to_device(self.model.device());
+        let _drafts = self.drafter.greedy(self.model, z, &prev, Some(&mut probs));
+        top5(&probs)
     }
 
     /// The drafts the next step will verify.
@@ -219,6 +239,7 @@ impl<'a> SpecDecoder<'a> {
     pub fn step(&mut self, detailed: bool) -> Result<StepResult> {
         let t0 = Instant::now();
         self.steps += 1;
+        self.prefill_block = None;
         let (model, drafter) = (self.model, self.drafter);
         let device = model.device();
         let drafts = std::mem::take(&mut self.drafts);
