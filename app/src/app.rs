@@ -237,7 +237,7 @@ impl WorkbenchApp {
                 }
             });
         });
-        egui::CentralPanel::default().show(ui, |ui| {
+        let view = egui::CentralPanel::default().show(ui, |ui| {
             egui::ScrollArea::vertical().auto_shrink(false).show(ui, |ui| match self.persisted.tab {
                 Tab::Model => ui::model::show(ui, &mut self.persisted, &self.runtime, &self.devices, &mut commands),
                 Tab::Data => ui::data::show(ui, &mut self.persisted, &self.runtime, &mut commands),
@@ -248,8 +248,10 @@ impl WorkbenchApp {
                 Tab::Probe => ui::probe::show(ui, &mut self.persisted, &self.runtime, &mut commands),
             });
         });
+        // The view's area: what an exported picture holds (not the sidebar or the status bar).
+        let view = view.response.rect;
         // Errors and notices float above the views (bottom right): a message that appears
-        // never moves the control under the pointer. A picture of the window is taken in a
+        // never moves the control under the pointer. A picture of the view is taken in a
         // frame without them.
         let shooting = self.screenshot_pending;
         if !shooting && (!self.runtime.errors.is_empty() || !self.runtime.notices.is_empty()) {
@@ -274,7 +276,7 @@ impl WorkbenchApp {
             ui.ctx().request_repaint_after(Duration::from_millis(250));
         }
         if shooting {
-            self.handle_screenshot(ui.ctx());
+            self.handle_screenshot(ui.ctx(), view);
         } else if self.screenshot_pending {
             // Asked for in this frame, whose messages were drawn: the next one is taken.
             ui.ctx().request_repaint();
@@ -286,10 +288,12 @@ impl WorkbenchApp {
         }
     }
 
-    fn handle_screenshot(&mut self, ctx: &egui::Context) {
+    /// Save a picture of the view in `area` (points) as a PNG in the project's folder.
+    fn handle_screenshot(&mut self, ctx: &egui::Context, area: egui::Rect) {
         if !std::mem::take(&mut self.screenshot_pending) {
             return;
         }
+        let pixels_per_point = ctx.pixels_per_point();
         let dir = self.persisted.project_dir.clone().unwrap_or_else(std::env::temp_dir);
         let path = dir.join(format!("{}-{}.png", self.persisted.tab.title().to_lowercase(), file_stamp()));
         self.runtime.notices.push(format!("saving {}", ui::path_text(&self.runtime, &path)));
@@ -297,6 +301,7 @@ impl WorkbenchApp {
         ctx.request_screenshot(move |image| {
             // Encoding takes tens of milliseconds: not on the frame.
             std::thread::spawn(move || {
+                let image = image.region(&area, Some(pixels_per_point));
                 let [w, h] = image.size;
                 let bytes: Vec<u8> = image.pixels.iter().flat_map(|c| c.to_array()).collect();
                 let png = image::RgbaImage::from_raw(w as u32, h as u32, bytes)

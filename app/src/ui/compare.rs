@@ -72,7 +72,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
         }
         if ui
             .add_enabled(has_race, egui::Button::new("Export PNG"))
-            .on_hover_text("A picture of the window, saved in the project folder")
+            .on_hover_text("A picture of this view (not the sidebar or the status bar), saved in the project folder")
             .clicked()
         {
             commands.push(Command::ScreenshotRace);
