@@ -35,6 +35,8 @@ pub enum Background {
     Saved(PathBuf),
     /// An export failed.
     Failed(String),
+    /// A data preview made beside a busy worker.
+    DataPreview(Box<crate::worker::DataPreview>),
 }
 
 type BackgroundChannel = (Sender<Background>, Receiver<Background>);
@@ -112,6 +114,7 @@ impl WorkbenchApp {
                     self.runtime.notices.push(format!("saved {text}"));
                 }
                 Background::Failed(e) => self.runtime.errors.push(e),
+                Background::DataPreview(p) => self.runtime.data = Some(*p),
             }
         }
     }

@@ -106,7 +106,22 @@ impl WorkbenchApp {
                 let request = requests::preview_data(p);
                 // The last preview goes: what shows next is this dataset's, or its error.
                 self.runtime.data = None;
-                self.send_built(request)
+                match request {
+                    // A preview touches no tensor: while the worker trains or distills, a thread
+                    // of its own reads and formats the dataset.
+                    Ok(Request::PreviewData { source, strict, seq_len }) if self.runtime.busy() => {
+                        let tokenizer = self.runtime.model.as_ref().map(|m| std::sync::Arc::clone(&m.tokenizer));
+                        let report = self.background.0.clone();
+                        std::thread::spawn(move || {
+                            let preview = crate::worker::data_preview(&source, strict, seq_len, tokenizer.as_deref());
+                            let _ = report.send(match preview {
+                                Ok(p) => Background::DataPreview(Box::new(p)),
+                                Err(e) => Background::Failed(format!("Data preview: {}", crate::error_text(&e))),
+                            });
+                        });
+                    }
+                    request => self.send_built(request),
+                }
             }
             Command::Distill => {
                 let out = self.new_distill_path();

@@ -138,6 +138,7 @@ mod tests {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/llama");
         let info = mtp_core::inspect::ModelInfo::from_folder(&dir)?;
         let config = mtp_core::model::ModelConfig::from_file(&dir.join("config.json"))?;
+        let tokenizer = std::sync::Arc::new(mtp_core::TextTokenizer::from_folder(&dir, None, &[])?);
         Ok(ModelSummary {
             source: ModelSource::Local { path: dir.clone() },
             dir,
@@ -146,6 +147,7 @@ mod tests {
             device: DeviceSpec::Cpu,
             dtype: DType::F32,
             chat_template: true,
+            tokenizer,
             load_seconds: 0.0,
         })
     }

@@ -133,6 +133,14 @@ fn main_flow_and_snapshots() -> anyhow::Result<()> {
     until(&mut h, 120, "training metrics", |a| a.runtime.live.as_ref().is_some_and(|l| l.train.len() >= 3));
     // The run in progress is in the runs list (and the status bar says "training").
     assert_eq!(h.get_all_by_label("training").count(), 2);
+    // The Data view previews while the worker trains (a thread of the window's own).
+    tab(&mut h, Tab::Data);
+    h.state_mut().runtime.data = None;
+    h.get_by_label("Preview").click();
+    until(&mut h, 60, "a preview while training", |a| a.runtime.data.is_some());
+    assert!(h.state().runtime.data.as_ref().is_some_and(|d| d.report.examples == 200 && !d.examples.is_empty()));
+    assert_eq!(h.state().runtime.job, Some(mtp_app::worker::Job::Train));
+    tab(&mut h, Tab::Train);
     h.get_by_label("Stop").click();
     h.run_steps(2);
     settle(&mut h);

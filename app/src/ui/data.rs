@@ -38,7 +38,7 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     ui.horizontal(|ui| {
         ui.checkbox(&mut p.data.strict, "Strict")
             .on_hover_text("Fail on the first malformed line instead of skipping it");
-        if ui.add_enabled(!rt.busy(), egui::Button::new("Preview")).clicked() {
+        if ui.add_enabled(rt.job != Some(Job::Data), egui::Button::new("Preview")).clicked() {
             commands.push(Command::PreviewData);
         }
         busy_line(ui, rt, Job::Data);

@@ -229,6 +229,7 @@ impl Worker {
                     device,
                     dtype,
                     chat_template: loaded.tokenizer.has_chat_template(),
+                    tokenizer: std::sync::Arc::new(loaded.tokenizer.clone()),
                     load_seconds: start.elapsed().as_secs_f64(),
                 };
                 // The adapter in use stays (the same model loaded again); else the demo's own.
@@ -267,16 +268,8 @@ impl Worker {
                 self.set_adapter(adapter, path)?;
             }
             Request::PreviewData { source, strict, seq_len } => {
-                let (examples, report) = mtp_core::train::data::read_examples(&source, strict)?;
-                let formatted = match &self.model {
-                    Some(m) => examples
-                        .iter()
-                        .take(3)
-                        .map(|e| mtp_core::train::data::preview(e, &m.tokenizer, seq_len).map_err(|e| e.to_string()))
-                        .collect(),
-                    None => Vec::new(),
-                };
-                self.emit(Event::DataPreview(Box::new(DataPreview { report, examples: formatted })));
+                let preview = data_preview(&source, strict, seq_len, self.model.as_ref().map(|m| &m.tokenizer))?;
+                self.emit(Event::DataPreview(Box::new(preview)));
             }
             Request::Distill { source, config, out } => {
                 let loaded = self.model()?;
@@ -507,6 +500,27 @@ impl Worker {
             })));
         }
     }
+}
+
+/// What the Data view previews of `source`: the dataset's report and its first three
+/// examples as `tokenizer` formats them (none without a model). Reads files and tokenizes,
+/// no tensor: the window runs it on a thread of its own while the worker is busy.
+pub(crate) fn data_preview(
+    source: &mtp_core::train::DataSource,
+    strict: bool,
+    seq_len: usize,
+    tokenizer: Option<&mtp_core::TextTokenizer>,
+) -> anyhow::Result<DataPreview> {
+    let (examples, report) = mtp_core::train::data::read_examples(source, strict)?;
+    let examples = match tokenizer {
+        Some(tok) => examples
+            .iter()
+            .take(3)
+            .map(|e| mtp_core::train::data::preview(e, tok, seq_len).map_err(|e| e.to_string()))
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(DataPreview { report, examples })
 }
 
 /// Streams one race lane's tokens and steps to the UI.

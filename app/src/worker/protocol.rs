@@ -190,6 +190,8 @@ pub struct ModelSummary {
     pub dtype: DType,
     /// Whether the tokenizer has a chat template.
     pub chat_template: bool,
+    /// Its tokenizer, for work beside the worker (a data preview while a job runs).
+    pub tokenizer: std::sync::Arc<mtp_core::TextTokenizer>,
     /// Seconds the load took.
     pub load_seconds: f64,
 }
