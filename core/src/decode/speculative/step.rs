@@ -137,10 +137,8 @@ impl<'a> SpecDecoder<'a> {
             Some(rng) => noise_ids(rng, masks, model.config.vocab_size),
             None => Vec::new(),
         };
-        let on_host = crate::model::linear::few_row_kernel_runs(device, model.dtype().kind());
-        let greedy = self.sampler.decoding() == Decoding::Greedy;
-        // `auto` may leave out blocks of the first step as of any other (see `step`).
-        let scored = on_host && greedy && self.layout == Layout::Quadratic && !self.fixed.on() && self.masks.is_auto();
+        // `auto` may leave out blocks of the first step as of any other.
+        let scored = self.prunes(false) && self.masks.is_auto();
         let (first, drafts, q, confidence) = tch::no_grad(|| -> Result<_> {
             let ids = Tensor::from_slice(prompt).to_device(device).unsqueeze(0);
             let block = if self.prefill_noise_ids.is_empty() {
@@ -178,6 +176,18 @@ impl<'a> SpecDecoder<'a> {
         self.drafts = drafts;
         self.q = q;
         Ok(first)
+    }
+
+    /// Whether a step (`detailed`: for the step-through view) may leave out mask blocks:
+    /// where drafts are made on host vectors (the CPU), greedy quadratic steps may leave out
+    /// those verification will likely not need (`auto` chooses them; never in fixed-shape
+    /// steps).
+    fn prunes(&self, detailed: bool) -> bool {
+        !detailed
+            && crate::model::linear::few_row_kernel_runs(self.model.device(), self.model.dtype().kind())
+            && self.layout == Layout::Quadratic
+            && self.sampler.decoding() == Decoding::Greedy
+            && !self.fixed.on()
     }
 
     /// UNO recipe: the random ids the prefill's mask block read (empty for the paper's).
@@ -248,12 +258,8 @@ impl<'a> SpecDecoder<'a> {
         let verified = self.pending;
         let masks = self.masks.masks();
         let layout = self.layout;
-        // Where drafts are made on host vectors (the CPU), greedy quadratic steps may leave
-        // out the mask blocks verification will likely not need (`auto` chooses them; never
-        // in fixed-shape steps).
         let on_host = !detailed && crate::model::linear::few_row_kernel_runs(device, model.dtype().kind());
-        let prunes =
-            on_host && layout == Layout::Quadratic && self.sampler.decoding() == Decoding::Greedy && !self.fixed.on();
+        let prunes = self.prunes(detailed);
         let plan = match self.blocks.take().filter(|b| prunes && b.iter().all(|&g| g <= n)) {
             Some(blocks) => drafter.plan_of(model, StepLayout::with_blocks(layout, n, masks, blocks))?,
             None => drafter.plan(model, layout, n, masks)?,
