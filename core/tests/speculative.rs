@@ -585,8 +585,10 @@ fn host_chain_drafts_as_the_tensor_chain() -> anyhow::Result<()> {
 /// The fixed-shape steps that CUDA graphs record (`StepGraphs::Eager`: the same passes,
 /// the same bookkeeping, run eagerly on the CPU) decode as the ordinary steps do, step for
 /// step (accepted drafts, next token, new drafts), and as AR does: both layouts, fixed and
-/// chosen mask counts, both forms of the adapter, f32 and bf16 (where merged weights run as
-/// two halves, padding rows included).
+/// chosen mask counts, both forms of the adapter (the low-rank one with its mask rows in
+/// bf16 pairs where the CPU has them), in f32 and bf16 (products and attention
+/// through our CPU kernels, so AR's output exactly) and f16 (libtorch's kernels, where
+/// merged weights run as two halves, padding rows included).
 #[test]
 fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
     use mtp_core::decode::speculative::SpecDecoder;
@@ -596,7 +598,10 @@ fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
     let t = trained();
     let prompts = random_prompts(&t, 8, 7)?;
     let mut halves_seen = false;
-    for dtype in [mtp_core::DType::F32, mtp_core::DType::Bf16] {
+    for dtype in [mtp_core::DType::F32, mtp_core::DType::Bf16, mtp_core::DType::F16] {
+        // Our kernels keep every row apart where they run: f32 and bf16.
+        let exact =
+            dtype == mtp_core::DType::F32 || (dtype == mtp_core::DType::Bf16 && mtp_core::model::few_rows::available());
         let options = LoadOptions { dtype, ..LoadOptions::default() };
         let ordinary = LoadedModel::from_folder(model_dir, &options)?;
         let mut fixed = LoadedModel::from_folder(model_dir, &options)?;
@@ -605,9 +610,15 @@ fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
         let adapter = MtpAdapter::load(adapter_path, &ordinary.model)?;
         let (mut fixed_steps, mut draft_ties, mut runs) = (0, 0, 0);
         for form in [LoraForm::Merged, LoraForm::LowRank] {
-            let options = DraftOptions { lora: form, ..DraftOptions::default() };
+            // The low-rank form with the mask rows in bf16 where the CPU has the pairs: an
+            // f32 model's rounded, a bf16 model's as they are (few_rows::product_bf16_tail).
+            let arithmetic = if form == LoraForm::LowRank { DraftArithmetic::Bf16 } else { DraftArithmetic::Auto };
+            let options = DraftOptions { lora: form, arithmetic, ..DraftOptions::default() };
             let (d_ordinary, d_fixed) =
                 (Drafter::new(&ordinary.model, &adapter, options)?, Drafter::new(&fixed.model, &adapter, options)?);
+            if form == LoraForm::LowRank && exact {
+                assert_eq!(d_fixed.bf16_min_rows(), mtp_core::model::few_rows::bf16_available().then_some(1));
+            }
             halves_seen |= d_fixed.packs_halves();
             for (layout, masks) in [
                 (Layout::Quadratic, MaskCount::Fixed(2)),
@@ -632,7 +643,7 @@ fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
                         let out = generate(&fixed.model, Strategy::Speculative(spec(&d_fixed)), &req, &mut ())?;
                         let plain = generate(&ordinary.model, Strategy::Speculative(spec(&d_ordinary)), &req, &mut ())?;
                         assert_eq!(out.token_ids, plain.token_ids, "{what}");
-                        if dtype == mtp_core::DType::F32 {
+                        if exact {
                             assert_eq!(out.token_ids, ar.token_ids, "{what}: not AR's output");
                         }
                     }
@@ -642,10 +653,10 @@ fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
                         steps += 1;
                         let step = ra.stats.step;
                         assert_eq!((&ra.accepted, ra.next), (&rb.accepted, rb.next), "{what}, step {step}");
-                        if dtype == mtp_core::DType::Bf16 && a.drafts() != b.drafts() {
-                            // Attention through the whole cache sums in another order: in
-                            // bf16 a near-tie in the draft chain may go the other way. The
-                            // runs then differ in their drafts, not in what they emit.
+                        if !exact && a.drafts() != b.drafts() {
+                            // libtorch's attention through the whole cache sums in another
+                            // order: in f16 a near-tie in the draft chain may go the other
+                            // way. The runs then differ in their drafts, not in what they emit.
                             println!("{what}, step {step}: drafts {:?} and {:?}", a.drafts(), b.drafts());
                             draft_ties += 1;
                             break;
@@ -662,7 +673,7 @@ fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
                         assert_eq!(b.fixed_shape_steps(), steps, "{what}: steps of recorded shapes");
                     }
                     tokens.truncate(req.max_new_tokens);
-                    if dtype == mtp_core::DType::F32 && masks != MaskCount::Auto {
+                    if exact && masks != MaskCount::Auto {
                         assert_eq!(tokens, ar.token_ids, "{what}: not AR's output");
                     }
                     assert_eq!(a.fixed_shape_steps(), 0, "{what}: the ordinary model ran fixed-shape steps");

@@ -21,6 +21,10 @@
 //! choice depends on the dtype, the device, gradients, the mask's kind and the number of
 //! query rows only (at most [`MAX_ROWS`]), never on the number of keys.
 //!
+//! A bf16 model's calls come here too, widened to f32 (queries, keys, values and an additive
+//! mask; the output rounded back to bf16), so that its steps' next-token rows are AR's as
+//! well: libtorch's bf16 kernel gives no such promise.
+//!
 //! Anything else (other dtypes or devices, gradients, more rows) goes to libtorch's kernel;
 //! `MTP_CPU_ATTENTION=libtorch` sends everything there (to compare).
 
@@ -82,6 +86,12 @@ pub fn set_enabled(on: bool) {
 /// seeing keys `0..=i` (only for `s == t`). `None` when this kernel does not take the call
 /// (see the module's documentation).
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> Option<Tensor> {
+    if [q, k, v].iter().all(|x| x.kind() == Kind::BFloat16) && runs() {
+        // Widened: a bf16 value is exactly an f32 value, and the f32 kernel then decides.
+        let wide = |x: &Tensor| x.to_kind(Kind::Float);
+        let mask = mask.map(|m| if m.kind() == Kind::BFloat16 { wide(m) } else { m.shallow_clone() });
+        return attend(&wide(q), &wide(k), &wide(v), mask.as_ref(), causal, scale).map(|y| y.to_kind(Kind::BFloat16));
+    }
     let (qs, ks, vs) = (q.size(), k.size(), v.size());
     let [b, h, t, hd] = qs[..] else { return None };
     let [kb, kv, s, khd] = ks[..] else { return None };

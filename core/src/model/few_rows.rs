@@ -1,5 +1,5 @@
-//! Products of a few rows with a weight on the CPU (`x W^T`, f32, 1 to [`MAX_ROWS`] rows):
-//! the products of decoding, an AR step's one row and a speculative step's 9 or 25.
+//! Products of a few rows with a weight on the CPU (`x W^T`, f32 or bf16, 1 to [`MAX_ROWS`]
+//! rows): the products of decoding, an AR step's one row and a speculative step's 9 or 25.
 //!
 //! Measured on the CPU we run on (docs/BENCHMARKS.md, "A product kernel for a few rows"),
 //! neither of libtorch's libraries does these well: MKL and oneDNN pack the weight for
@@ -15,6 +15,11 @@
 //! lanes summed in a fixed order, the remainder added last, then the bias): a row's output
 //! does not depend on the other rows of the call. So a speculative step's next-token rows
 //! equal an AR step's outputs bit for bit, however many mask rows ride along.
+//!
+//! A bf16 model's products ([`product`] of bf16 operands) run the same tiles with the
+//! weight read as bf16, half the bytes, and widened to f32 in registers (a bf16 value is the
+//! upper half of the f32 with the same value): the rows are widened to f32 first and each
+//! output is rounded to bf16 once, at the end.
 
 // The one module that reads tensors through raw pointers and uses SIMD intrinsics: what
 // each `unsafe` relies on is stated where it is used.
@@ -81,6 +86,7 @@ pub fn bf16_available() -> bool {
             available()
                 && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512bf16")
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -93,6 +99,11 @@ pub fn bf16_available() -> bool {
 /// Whether `x W^T` (`x`: `[rows, in]`) can run here: the CPU has the instructions, both
 /// are f32 on the CPU, `x` has 1 to [`MAX_ROWS`] rows, and neither needs a gradient.
 pub fn takes(x: &Tensor, weight: &Tensor) -> bool {
+    takes_kind(x, weight, Kind::Float)
+}
+
+/// [`takes`] for operands of `kind`.
+fn takes_kind(x: &Tensor, weight: &Tensor, kind: Kind) -> bool {
     let (xs, ws) = (x.size(), weight.size());
     available()
         && xs.len() == 2
@@ -101,15 +112,27 @@ pub fn takes(x: &Tensor, weight: &Tensor) -> bool {
         && (1..=MAX_ROWS).contains(&xs[0])
         && x.device() == Device::Cpu
         && weight.device() == Device::Cpu
-        && x.kind() == Kind::Float
-        && weight.kind() == Kind::Float
+        && x.kind() == kind
+        && weight.kind() == kind
         && !x.requires_grad()
         && !weight.requires_grad()
 }
 
+/// Whether a bias fits a product with `weight`: as many values as outputs, f32 (or bf16,
+/// with a bf16 weight).
+fn bias_fits(bias: Option<&Tensor>, weight: &Tensor) -> bool {
+    bias.is_none_or(|b| {
+        (b.kind() == Kind::Float || b.kind() == weight.kind()) && b.numel() == weight.size()[0] as usize
+    })
+}
+
 /// `x W^T + b` (`x`: `[rows, in]`, `weight`: `[out, in]`, `bias`: `[out]`), or `None`
-/// when [`takes`] says no.
+/// when [`takes`] says no. bf16 operands are taken alike ([`takes`] for bf16) and give a
+/// bf16 output (see the module's documentation).
 pub fn product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tensor> {
+    if takes_kind(x, weight, Kind::BFloat16) && bias_fits(bias, weight) {
+        return Some(bf16_product(x, weight, bias, None));
+    }
     if !takes(x, weight) || bias.is_some_and(|b| b.kind() != Kind::Float || b.numel() != weight.size()[0] as usize) {
         return None;
     }
@@ -123,6 +146,9 @@ pub fn product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Ten
 /// call of [`MAX_ROWS`] rows.
 pub fn product_in_chunks(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tensor> {
     let rows = x.size().first().copied().unwrap_or(0);
+    if rows > 0 && takes_kind(&x.narrow(0, 0, rows.min(MAX_ROWS)), weight, Kind::BFloat16) && bias_fits(bias, weight) {
+        return Some(bf16_product(x, weight, bias, None));
+    }
     if rows == 0
         || !takes(&x.narrow(0, 0, rows.min(MAX_ROWS)), weight)
         || bias.is_some_and(|b| b.kind() != Kind::Float || b.numel() != weight.size()[0] as usize)
@@ -138,6 +164,87 @@ pub fn product_in_chunks(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> 
         run(&x.narrow(0, at, n), &weight, bias, &y.narrow(0, at, n), false, Extras::default());
     }
     Some(y)
+}
+
+/// `x W^T + b` of bf16 operands (any number of rows, [`MAX_ROWS`] a call; checked by the
+/// callers): the rows widened to f32, the weight read as bf16 by the f32 tiles, each
+/// output rounded to bf16 once (to nearest, ties to even, as libtorch rounds). The
+/// widening and the rounding happen here, not as libtorch operations (two more a product,
+/// each costing more than a step's rows of arithmetic). With `tail_from` (where
+/// [`bf16_available`]), the rows from it on are multiplied pair by pair in bf16 with f32
+/// sums, as [`TailTerm::bf16`] says of f32 rows, their values as they are.
+fn bf16_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, tail_from: Option<usize>) -> Tensor {
+    let (rows, inp, out) = (x.size()[0] as usize, x.size()[1] as usize, weight.size()[0] as usize);
+    let x = x.contiguous();
+    // SAFETY: a contiguous bf16 tensor of `rows x inp` values.
+    let halves = unsafe { std::slice::from_raw_parts(x.data_ptr() as *const u16, rows * inp) };
+    let wide: Vec<f32> = halves.iter().map(|&h| f32::from_bits(u32::from(h) << 16)).collect();
+    // The tail rows' bf16 values, each row zero-padded to `stride`.
+    let from = tail_from.filter(|&from| from < rows && bf16_available());
+    let stride = inp.div_ceil(32) * 32;
+    let mut tail = Vec::new();
+    if let Some(from) = from {
+        tail = vec![0u16; (rows - from) * stride];
+        for (dst, row) in tail.chunks_exact_mut(stride).zip(halves[from * inp..].chunks_exact(inp)) {
+            dst[..inp].copy_from_slice(row);
+        }
+    }
+    let bias = bias.map(|b| b.to_kind(Kind::Float).contiguous());
+    let weight = weight.contiguous();
+    let mut sums = vec![0f32; rows * out];
+    for at in (0..rows).step_by(MAX_ROWS as usize) {
+        let n = (MAX_ROWS as usize).min(rows - at);
+        // This call's first tail row, when it has any.
+        let low = from.filter(|&from| from < at + n).map(|from| {
+            let first = from.max(at);
+            Bf16Rows { x: tail[(first - from) * stride..].as_ptr(), from: first - at, stride }
+        });
+        dispatch(Job {
+            x: wide[at * inp..].as_ptr(),
+            // The bf16 values, read as `u16`s (`w16`).
+            w: weight.data_ptr() as *const f32,
+            bias: bias.as_ref().map_or(std::ptr::null(), |b| b.data_ptr() as *const f32),
+            y: sums[at * out..].as_mut_ptr(),
+            rows: n,
+            inp,
+            out,
+            accumulate: false,
+            low_rank: None,
+            bf16: low,
+            tail_weight: None,
+            w16: true,
+        });
+    }
+    let y = Tensor::empty([rows as i64, out as i64], (Kind::BFloat16, Device::Cpu));
+    // SAFETY: a new contiguous bf16 tensor of `rows x out` values.
+    let y_halves = unsafe { std::slice::from_raw_parts_mut(y.data_ptr() as *mut u16, rows * out) };
+    for (h, &v) in y_halves.iter_mut().zip(&sums) {
+        *h = round_to_bf16(v);
+    }
+    y
+}
+
+/// `x W^T + b` of bf16 operands (`x`: `[rows, in]`, any number of rows), the rows from
+/// `start` on multiplied pair by pair in bf16 with f32 sums (`vdpbf16ps`, 32 pairs an
+/// instruction; where [`bf16_available`], else as the rows before): those before `start`
+/// exactly what [`product`] gives them. For a decoding step's mask rows, whose outputs are
+/// only drafts. `None` when [`takes`] says no to bf16 operands of [`MAX_ROWS`] rows.
+pub fn product_bf16_tail(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, start: i64) -> Option<Tensor> {
+    let rows = *x.size().first()?;
+    let fits = rows > 0
+        && (0..=rows).contains(&start)
+        && takes_kind(&x.narrow(0, 0, rows.min(MAX_ROWS)), weight, Kind::BFloat16)
+        && bias_fits(bias, weight);
+    fits.then(|| bf16_product(x, weight, bias, Some(start as usize)))
+}
+
+/// `v` rounded to bf16 (to nearest, ties to even; NaN to a quiet NaN), as libtorch does.
+fn round_to_bf16(v: f32) -> u16 {
+    if v.is_nan() {
+        return 0x7fc0;
+    }
+    let bits = v.to_bits();
+    (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }
 
 /// `y += x W^T` in place (`y`: `[rows, out]`, contiguous, f32); false (and `y` untouched)
@@ -190,6 +297,7 @@ pub fn product_into(x: &[f32], weight: &Tensor, bias: Option<&[f32]>, y: &mut [f
         low_rank: None,
         bf16: None,
         tail_weight: None,
+        w16: false,
     });
     true
 }
@@ -213,6 +321,9 @@ struct Job {
     /// `(from, weight)`: the rows from `from` on multiplied by this weight (the same
     /// shape) instead (see [`product_two_weights`]).
     tail_weight: Option<(usize, *const f32)>,
+    /// The weight holds bf16 values (`w` points at `u16`s), widened to f32 as they are
+    /// read (by the `bf16` rows as they are); not with a term or a tail weight.
+    w16: bool,
 }
 
 // SAFETY: the parts of a job read its inputs and write disjoint columns of its output
@@ -292,18 +403,23 @@ impl Job {
         // number of threads.
         let unit = if self.bf16.is_some() { BF16_BLOCK } else { 4 };
         let (o0, o1) = (Self::edge(self.out, i, parts, unit), Self::edge(self.out, i + 1, parts, unit));
+        debug_assert!(
+            !self.w16 || (self.tail_weight.is_none() && self.low_rank.is_none()),
+            "a bf16 weight in a product with a tail weight or a term"
+        );
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` held when the job was made; the pointers cover `rows x inp`,
-        // `out x inp`, `out` and `rows x out` f32 values (and the term's `m x inp` and
+        // `out x inp` (bf16 with `w16`), `out` and `rows x out` f32 values (and the term's `m x inp` and
         // `r x out`, its parts within `out` columns and `m` rank columns: checked by
         // `product_with_low_rank`), alive until the job is done.
         unsafe {
             match (self.bf16, self.tail_weight) {
-                (Some(low), _) => avx512::columns(self, &low, o0, o1),
+                (Some(low), _) if self.w16 => avx512::columns::<true>(self, &low, o0, o1),
+                (Some(low), _) => avx512::columns::<false>(self, &low, o0, o1),
                 // Each block of rows with its own weight, both streamed once.
                 (None, Some((from, w))) => {
                     if from > 0 {
-                        f32_columns(&Job { rows: from, tail_weight: None, ..*self }, o0, o1);
+                        f32_columns::<false>(&Job { rows: from, tail_weight: None, ..*self }, o0, o1);
                     }
                     let tail = Job {
                         x: self.x.add(from * self.inp),
@@ -313,9 +429,10 @@ impl Job {
                         tail_weight: None,
                         ..*self
                     };
-                    f32_columns(&tail, o0, o1);
+                    f32_columns::<false>(&tail, o0, o1);
                 }
-                (None, None) => f32_columns(self, o0, o1),
+                (None, None) if self.w16 => f32_columns::<true>(self, o0, o1),
+                (None, None) => f32_columns::<false>(self, o0, o1),
             }
             let Some(lr) = self.low_rank else { return };
             let tail = self.rows - lr.start;
@@ -331,6 +448,7 @@ impl Job {
                 low_rank: None,
                 bf16: None,
                 tail_weight: None,
+                w16: false,
                 ..*self
             };
             // Rows multiplied in bf16 take their intermediate `x A^T` in bf16 too (their
@@ -343,8 +461,10 @@ impl Job {
                 let (c0, c1) = (c0.max(o0), c1.min(o1));
                 if c0 < c1 {
                     match &low {
-                        Some(low) => avx512::columns(&Job { bf16: Some(*low), ..first }, low, offset, offset + lr.r),
-                        None => f32_columns(&first, offset, offset + lr.r),
+                        Some(low) => {
+                            avx512::columns::<false>(&Job { bf16: Some(*low), ..first }, low, offset, offset + lr.r)
+                        }
+                        None => f32_columns::<false>(&first, offset, offset + lr.r),
                     }
                     let term =
                         Term { y, out: self.out, h: h.as_ptr().add(offset), m: lr.m, rows: tail, bt: lr.bt, r: lr.r };
@@ -360,20 +480,20 @@ impl Job {
 /// Output columns `o0..o1` of `job`, every row in f32: with 32 registers in passes of up
 /// to six rows (9 rows: two passes, not three; every layer's 9-row products 5-8% faster
 /// on the demo, the proxy and the SmolLM2-135M shape), else of three or four. The same
-/// outputs either way.
+/// outputs either way. `W16`: the weight is bf16 ([`Job::w16`]).
 ///
 /// # Safety
 /// [`available`] holds; the job's pointers are valid for its sizes.
 #[cfg(target_arch = "x86_64")]
-unsafe fn f32_columns(job: &Job, o0: usize, o1: usize) {
+unsafe fn f32_columns<const W16: bool>(job: &Job, o0: usize, o1: usize) {
     // At four rows and fewer (AR's one row among them) the narrow tiles' passes are as
     // few, and the wide form measured no faster (one row: 4-15% slower).
     if job.rows > 4 && wide_registers() {
         // SAFETY: AVX-512F and VL are available.
-        unsafe { avx512::columns_f32(job, o0, o1) }
+        unsafe { avx512::columns_f32::<W16>(job, o0, o1) }
     } else {
         // SAFETY: AVX2 and FMA are available (`available`).
-        unsafe { avx2::columns(job, o0, o1) }
+        unsafe { avx2::columns::<W16>(job, o0, o1) }
     }
 }
 
@@ -416,6 +536,8 @@ fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulat
         }
         Bf16Rows { x: x_bf16.as_ptr(), from, stride }
     });
+    // A bf16 weight's values are read as `u16`s through the same pointer.
+    let w16 = weight.kind() == Kind::BFloat16;
     dispatch(Job {
         x: x.data_ptr() as *const f32,
         w: weight.data_ptr() as *const f32,
@@ -428,6 +550,7 @@ fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulat
         low_rank,
         bf16,
         tail_weight,
+        w16,
     });
 }
 
@@ -652,15 +775,15 @@ pub(super) mod avx2 {
     /// # Safety
     /// AVX2 and FMA are available; the job's pointers are valid for its sizes.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn columns(job: &Job, o0: usize, o1: usize) {
+    pub(super) unsafe fn columns<const W16: bool>(job: &Job, o0: usize, o1: usize) {
         let o = if job.rows <= 8 && job.rows.div_ceil(4) < job.rows.div_ceil(3) {
-            unsafe { blocks::<3, 4>(job, o0, o1) }
+            unsafe { blocks::<3, 4, W16>(job, o0, o1) }
         } else {
-            unsafe { blocks::<4, 3>(job, o0, o1) }
+            unsafe { blocks::<4, 3, W16>(job, o0, o1) }
         };
         for o in o..o1 {
             for r in 0..job.rows {
-                unsafe { tile::<1, 1>(job, o, r, None, (0, 1)) };
+                unsafe { tile::<1, 1, W16>(job, o, r, None, (0, 1)) };
             }
         }
     }
@@ -669,11 +792,11 @@ pub(super) mod avx2 {
     /// the input rows `NR` at a time (the remainder in one narrower pass); returns where
     /// the blocks stopped.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn blocks<const NO: usize, const NR: usize>(job: &Job, o0: usize, o1: usize) -> usize {
+    unsafe fn blocks<const NO: usize, const NR: usize, const W16: bool>(job: &Job, o0: usize, o1: usize) -> usize {
         let mut o = o0;
         while o + NO <= o1 {
             let ahead = o + NO * PREFETCH_BLOCKS;
-            unsafe { block::<NO, NR>(job, o, (ahead + NO <= o1).then_some(ahead)) };
+            unsafe { block::<NO, NR, W16>(job, o, (ahead + NO <= o1).then_some(ahead)) };
             o += NO;
         }
         o
@@ -683,18 +806,18 @@ pub(super) mod avx2 {
     /// (the remainder in one narrower pass), the passes prefetching the block at `prefetch`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn block<const NO: usize, const NR: usize>(job: &Job, o: usize, prefetch: Option<usize>) {
+    unsafe fn block<const NO: usize, const NR: usize, const W16: bool>(job: &Job, o: usize, prefetch: Option<usize>) {
         let passes = job.rows.div_ceil(NR);
         let mut r = 0;
         while r + NR <= job.rows {
-            unsafe { tile::<NO, NR>(job, o, r, prefetch, (r / NR, passes)) };
+            unsafe { tile::<NO, NR, W16>(job, o, r, prefetch, (r / NR, passes)) };
             r += NR;
         }
         let pass = (r / NR, passes);
         match job.rows - r {
-            3 => unsafe { tile::<NO, 3>(job, o, r, prefetch, pass) },
-            2 => unsafe { tile::<NO, 2>(job, o, r, prefetch, pass) },
-            1 => unsafe { tile::<NO, 1>(job, o, r, prefetch, pass) },
+            3 => unsafe { tile::<NO, 3, W16>(job, o, r, prefetch, pass) },
+            2 => unsafe { tile::<NO, 2, W16>(job, o, r, prefetch, pass) },
+            1 => unsafe { tile::<NO, 1, W16>(job, o, r, prefetch, pass) },
             _ => {}
         }
     }
@@ -704,10 +827,11 @@ pub(super) mod avx2 {
 
     /// Outputs `r..r + NR` x `o..o + NO`: one accumulator of eight lanes per output. With
     /// `prefetch`, pass `pass.0` of `pass.1` also prefetches its share of the weight rows
-    /// from that one on (every 16 values, which of the passes takes them in turn).
+    /// from that one on (each cache line, which of the passes takes them in turn). `W16`:
+    /// the weight's values are bf16, widened as they are loaded ([`weights8`]).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    pub(super) unsafe fn tile<const NO: usize, const NR: usize>(
+    pub(super) unsafe fn tile<const NO: usize, const NR: usize, const W16: bool>(
         job: &Job,
         o: usize,
         r: usize,
@@ -716,16 +840,18 @@ pub(super) mod avx2 {
     ) {
         let n = job.inp;
         let whole = n / 8 * 8;
+        // Values of a 64-byte line.
+        let line = if W16 { 32 } else { 16 };
         let mut acc = [[_mm256_setzero_ps(); NR]; NO];
         let mut k = 0;
         while k < whole {
             if let Some(p) = prefetch
-                && k % 16 == 0
-                && (k / 16) % pass.1 == pass.0
+                && k % line == 0
+                && (k / line) % pass.1 == pass.0
             {
                 for i in 0..NO {
-                    // SAFETY: within the weight: row p + i < o1 <= out, column k < n.
-                    _mm_prefetch::<_MM_HINT_T1>(unsafe { job.w.add((p + i) * n + k) } as *const i8);
+                    // Within the weight: row p + i < o1 <= out, column k < n.
+                    _mm_prefetch::<_MM_HINT_T1>(weight_at::<W16>(job.w, (p + i) * n + k));
                 }
             }
             let mut xs = [_mm256_setzero_ps(); NR];
@@ -733,7 +859,7 @@ pub(super) mod avx2 {
                 *x = unsafe { _mm256_loadu_ps(job.x.add((r + j) * n + k)) };
             }
             for (i, row) in acc.iter_mut().enumerate() {
-                let w = unsafe { _mm256_loadu_ps(job.w.add((o + i) * n + k)) };
+                let w = unsafe { weights8::<W16>(job.w, (o + i) * n + k) };
                 for (a, x) in row.iter_mut().zip(&xs) {
                     *a = _mm256_fmadd_ps(w, *x, *a);
                 }
@@ -766,10 +892,10 @@ pub(super) mod avx2 {
         }
         for (i, row) in acc.iter().enumerate() {
             for (j, a) in row.iter().enumerate().skip(paired) {
-                let (wr, xr) = unsafe { (job.w.add((o + i) * n), job.x.add((r + j) * n)) };
+                let xr = unsafe { job.x.add((r + j) * n) };
                 let mut s = lanes_sum(*a);
                 for k in whole..n {
-                    s += unsafe { *wr.add(k) * *xr.add(k) };
+                    s += unsafe { weight1::<W16>(job.w, (o + i) * n + k) * *xr.add(k) };
                 }
                 if !job.bias.is_null() {
                     s += unsafe { *job.bias.add(o + i) };
@@ -784,6 +910,38 @@ pub(super) mod avx2 {
                 }
             }
         }
+    }
+
+    /// Eight weights from value `at` of the weight `w`: f32 values, or with `W16` bf16
+    /// values (`u16`s at the same pointer) widened to f32, each the bf16 bits shifted to
+    /// the upper half (exact).
+    ///
+    /// # Safety
+    /// AVX2 is available; the eight values are readable.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn weights8<const W16: bool>(w: *const f32, at: usize) -> __m256 {
+        if W16 {
+            let half = unsafe { _mm_loadu_si128((w as *const u16).add(at) as *const __m128i) };
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)))
+        } else {
+            unsafe { _mm256_loadu_ps(w.add(at)) }
+        }
+    }
+
+    /// Value `at` of the weight `w` as f32 (see [`weights8`]).
+    ///
+    /// # Safety
+    /// The value is readable.
+    #[inline]
+    unsafe fn weight1<const W16: bool>(w: *const f32, at: usize) -> f32 {
+        if W16 { f32::from_bits(u32::from(unsafe { *(w as *const u16).add(at) }) << 16) } else { unsafe { *w.add(at) } }
+    }
+
+    /// The address of value `at` of the weight `w` (see [`weights8`]), for a prefetch.
+    #[inline]
+    pub(super) fn weight_at<const W16: bool>(w: *const f32, at: usize) -> *const i8 {
+        if W16 { (w as *const u16).wrapping_add(at) as *const i8 } else { w.wrapping_add(at) as *const i8 }
     }
 
     /// The term of one part on columns `c0..c1`: `y[i, c] += sum_j h[i, j] * bt[j, c]` for
@@ -1000,8 +1158,8 @@ mod avx512 {
     /// # Safety
     /// AVX2, FMA, AVX-512F and AVX-512 BF16 are available; the job's and `low`'s pointers
     /// are valid for their sizes.
-    #[target_feature(enable = "avx2,fma,avx512f,avx512bf16,avx512vl")]
-    pub(super) unsafe fn columns(job: &Job, low: &Bf16Rows, o0: usize, o1: usize) {
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bf16,avx512vl,avx512bw")]
+    pub(super) unsafe fn columns<const W16: bool>(job: &Job, low: &Bf16Rows, o0: usize, o1: usize) {
         const NO: usize = BF16_BLOCK;
         // The bf16 rows' weight: the tail weight where the job has one (it starts where
         // the bf16 rows do: `product_two_weights`), else the job's.
@@ -1018,22 +1176,28 @@ mod avx512 {
                 let ahead = o + NO + q;
                 let prefetch = (ahead + 4 <= o1).then_some(ahead);
                 if head.rows > 0 {
-                    unsafe { block_f32(&head, o + q, prefetch) };
+                    unsafe { block_f32::<W16>(&head, o + q, prefetch) };
                 }
                 // The bf16 rows' next block, where the f32 rows' passes do not ask for it:
                 // no f32 rows, or a tail weight of its own.
                 if let Some(p) = prefetch.filter(|_| head.rows == 0 || job.tail_weight.is_some()) {
                     for i in 0..4 {
-                        for k in (0..job.inp).step_by(16) {
-                            // SAFETY: within the weight: row p + i < o1 <= out, column k < inp.
-                            _mm_prefetch::<_MM_HINT_T1>(unsafe { tail_w.add((p + i) * job.inp + k) } as *const i8);
+                        for k in (0..job.inp).step_by(if W16 { 32 } else { 16 }) {
+                            // Within the weight: row p + i < o1 <= out, column k < inp.
+                            _mm_prefetch::<_MM_HINT_T1>(avx2::weight_at::<W16>(tail_w, (p + i) * job.inp + k));
                         }
                     }
                 }
             }
             // SAFETY: weight rows o..o + NO (`inp` values each) and the buffer of
             // `stride / 2 x NO` pairs.
-            unsafe { pack(tail_w.add(o * job.inp), job.inp, low.stride, packed.as_mut_ptr()) };
+            unsafe {
+                if W16 {
+                    pack_bf16((tail_w as *const u16).add(o * job.inp), job.inp, low.stride, packed.as_mut_ptr())
+                } else {
+                    pack(tail_w.add(o * job.inp), job.inp, low.stride, packed.as_mut_ptr())
+                }
+            };
             let rows = job.rows - low.from;
             let mut r = 0;
             while r < rows {
@@ -1063,10 +1227,10 @@ mod avx512 {
         if o < o1 {
             // The last columns in f32, each block of rows through its own weight.
             match job.tail_weight {
-                None => unsafe { avx2::columns(job, o, o1) },
+                None => unsafe { avx2::columns::<W16>(job, o, o1) },
                 Some((from, w)) => {
                     if from > 0 {
-                        unsafe { avx2::columns(&Job { rows: from, tail_weight: None, ..*job }, o, o1) };
+                        unsafe { avx2::columns::<false>(&Job { rows: from, tail_weight: None, ..*job }, o, o1) };
                     }
                     // SAFETY: rows `from..rows` of `x` and `y`.
                     let tail = unsafe {
@@ -1079,7 +1243,7 @@ mod avx512 {
                             ..*job
                         }
                     };
-                    unsafe { avx2::columns(&tail, o, o1) };
+                    unsafe { avx2::columns::<false>(&tail, o, o1) };
                 }
             }
         }
@@ -1092,16 +1256,16 @@ mod avx512 {
     /// AVX2, FMA, AVX-512F and VL are available; the job's pointers are valid for its
     /// sizes.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-    pub(super) unsafe fn columns_f32(job: &Job, o0: usize, o1: usize) {
+    pub(super) unsafe fn columns_f32<const W16: bool>(job: &Job, o0: usize, o1: usize) {
         let mut o = o0;
         while o + 4 <= o1 {
             let ahead = o + 4 * avx2::PREFETCH_BLOCKS;
-            unsafe { block_f32(job, o, (ahead + 4 <= o1).then_some(ahead)) };
+            unsafe { block_f32::<W16>(job, o, (ahead + 4 <= o1).then_some(ahead)) };
             o += 4;
         }
         for o in o..o1 {
             for r in 0..job.rows {
-                unsafe { avx2::tile::<1, 1>(job, o, r, None, (0, 1)) };
+                unsafe { avx2::tile::<1, 1, W16>(job, o, r, None, (0, 1)) };
             }
         }
     }
@@ -1115,7 +1279,7 @@ mod avx512 {
     /// not change its outputs.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
     #[inline]
-    unsafe fn block_f32(job: &Job, o: usize, prefetch: Option<usize>) {
+    unsafe fn block_f32<const W16: bool>(job: &Job, o: usize, prefetch: Option<usize>) {
         let passes = job.rows.div_ceil(MAX_PASS_ROWS);
         let mut r = 0;
         for pass in 0..passes {
@@ -1124,12 +1288,12 @@ mod avx512 {
             // SAFETY: as this function's; r + n <= rows.
             unsafe {
                 match n {
-                    6 => avx2::tile::<4, 6>(job, o, r, prefetch, at),
-                    5 => avx2::tile::<4, 5>(job, o, r, prefetch, at),
-                    4 => avx2::tile::<4, 4>(job, o, r, prefetch, at),
-                    3 => avx2::tile::<4, 3>(job, o, r, prefetch, at),
-                    2 => avx2::tile::<4, 2>(job, o, r, prefetch, at),
-                    _ => avx2::tile::<4, 1>(job, o, r, prefetch, at),
+                    6 => avx2::tile::<4, 6, W16>(job, o, r, prefetch, at),
+                    5 => avx2::tile::<4, 5, W16>(job, o, r, prefetch, at),
+                    4 => avx2::tile::<4, 4, W16>(job, o, r, prefetch, at),
+                    3 => avx2::tile::<4, 3, W16>(job, o, r, prefetch, at),
+                    2 => avx2::tile::<4, 2, W16>(job, o, r, prefetch, at),
+                    _ => avx2::tile::<4, 1, W16>(job, o, r, prefetch, at),
                 }
             }
             r += n;
@@ -1170,6 +1334,30 @@ mod avx512 {
                     std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
                 }
             });
+            transpose(&mut v);
+            for (p, col) in v.iter().enumerate() {
+                // SAFETY: pair k / 2 + p < stride / 2 of the buffer.
+                unsafe { _mm512_storeu_si512(dst.add((k / 2 + p) * 16) as *mut __m512i, *col) };
+            }
+            k += 32;
+        }
+    }
+
+    /// [`pack`] of sixteen rows of bf16 values (`w`: `inp` values each, `inp` apart): the
+    /// same layout, the values as they are.
+    ///
+    /// # Safety
+    /// AVX-512F, BW and BF16 are available; as [`pack`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl")]
+    pub(super) unsafe fn pack_bf16(w: *const u16, inp: usize, stride: usize, dst: *mut u32) {
+        let mut k = 0;
+        while k < stride {
+            let left = inp.saturating_sub(k);
+            let lanes: __mmask32 = if left >= 32 { u32::MAX } else { (1u32 << left) - 1 };
+            // Row i's 32 inputs from k as sixteen pairs, then the 16 x 16 pairs transposed.
+            // SAFETY: masked loads read only values below `inp` of row i.
+            let mut v: [__m512i; 16] =
+                std::array::from_fn(|i| unsafe { _mm512_maskz_loadu_epi16(lanes, w.add(i * inp + k) as *const i16) });
             transpose(&mut v);
             for (p, col) in v.iter().enumerate() {
                 // SAFETY: pair k / 2 + p < stride / 2 of the buffer.
@@ -1543,6 +1731,124 @@ mod tests {
                 assert!(on(1).equal(&y), "{what}: one thread differs from a team of two");
             }
         }
+    }
+
+    /// bf16 operands: every row within bf16 rounding of the library's product of the same
+    /// values in f32 (widths that are not multiples of the tile, one thread and a team,
+    /// with and without a bias, in chunks past [`MAX_ROWS`]), a bf16 output, and each row
+    /// bit for bit what it gives alone, so a step's next-token rows are AR's in bf16 too.
+    #[test]
+    fn bf16_weights_match_the_library_and_keep_rows_apart() {
+        let _g = tch::no_grad_guard();
+        if !available() {
+            return;
+        }
+        tch::manual_seed(8);
+        let bf = |t: Tensor| t.to_kind(Kind::BFloat16);
+        for (out, inp) in [(7, 13), (64, 64), (320, 256), (1030, 600)] {
+            let (w, b) = (bf(Tensor::randn([out, inp], O)), bf(Tensor::randn([out], O)));
+            let x = bf(Tensor::randn([2 * MAX_ROWS + 5, inp], O));
+            let alone: Vec<Tensor> =
+                (0..x.size()[0]).map(|i| product(&x.narrow(0, i, 1), &w, Some(&b)).expect("one bf16 row")).collect();
+            for rows in [1, 2, 5, 9, 25, MAX_ROWS, MAX_ROWS + 1, 2 * MAX_ROWS + 5] {
+                let xs = x.narrow(0, 0, rows);
+                for bias in [None, Some(&b)] {
+                    let what = format!("{out}x{inp}, {rows} rows, bias {}", bias.is_some());
+                    let got = if rows <= MAX_ROWS {
+                        in_team(2, || product(&xs, &w, bias)).expect("bf16 product")
+                    } else {
+                        assert!(product(&xs, &w, bias).is_none(), "{what}: more rows than a call takes");
+                        product_in_chunks(&xs, &w, bias).expect("bf16 chunks")
+                    };
+                    assert_eq!(got.kind(), Kind::BFloat16, "{what}");
+                    let f = |t: &Tensor| t.to_kind(Kind::Float);
+                    let want = f(&xs).linear(&f(&w), bias.map(f).as_ref());
+                    let diff = relative_difference(&f(&got), &want);
+                    assert!(diff < 1e-2, "{what}: relative difference {diff}");
+                    if bias.is_some() {
+                        for (i, one) in alone.iter().enumerate().take(rows as usize) {
+                            assert!(
+                                got.narrow(0, i as i64, 1).equal(one),
+                                "{what}: row {i} differs from the row alone"
+                            );
+                        }
+                        if rows <= MAX_ROWS {
+                            let single = in_team(1, || product(&xs, &w, bias)).expect("one thread");
+                            assert!(single.equal(&got), "{what}: one thread differs from a team of two");
+                        }
+                    }
+                }
+            }
+        }
+        // Mixed dtypes go to the library.
+        let (x, w) = (Tensor::randn([4, 32], O), Tensor::randn([64, 32], O));
+        assert!(product(&bf(x.shallow_clone()), &w, None).is_none());
+        assert!(product(&x, &bf(w.shallow_clone()), None).is_none());
+    }
+
+    /// A bf16 model's mask rows in bf16 pairs: the rows before `start` bit for bit what
+    /// [`product`] gives them (so AR's), the others within bf16 rounding of the library's
+    /// product, across chunks of [`MAX_ROWS`], from one thread as from a team of two. (The
+    /// pairs' f32 sums differ from the widened tiles' in their last bits only, which the
+    /// rounding to bf16 almost always hides: the outputs cannot tell which ran.)
+    #[test]
+    fn bf16_model_tail_rows_in_pairs() {
+        let _g = tch::no_grad_guard();
+        if !bf16_available() {
+            return;
+        }
+        tch::manual_seed(10);
+        let bf = |t: Tensor| t.to_kind(Kind::BFloat16);
+        let f = |t: &Tensor| t.to_kind(Kind::Float);
+        for (out, inp) in [(1030, 600), (23, 13), (344, 64)] {
+            let (w, b) = (bf(Tensor::randn([out, inp], O)), bf(Tensor::randn([out], O)));
+            for (rows, start) in [(25, 5), (9, 3), (4, 0), (70, 40), (70, 20)] {
+                let what = format!("{out}x{inp}, {rows} rows from {start}");
+                let x = bf(Tensor::randn([rows, inp], O));
+                let y = in_team(2, || product_bf16_tail(&x, &w, Some(&b), start)).expect("bf16 tail");
+                let exact = product_in_chunks(&x, &w, Some(&b)).expect("exact");
+                assert!(y.narrow(0, 0, start).equal(&exact.narrow(0, 0, start)), "{what}: head rows changed");
+                let got = y.narrow(0, start, rows - start);
+                let want = f(&x.narrow(0, start, rows - start)).linear(&f(&w), Some(&f(&b)));
+                let diff = relative_difference(&f(&got), &want);
+                assert!(diff < 1e-2, "{what}: relative difference {diff}");
+                let single = in_team(1, || product_bf16_tail(&x, &w, Some(&b), start)).expect("one thread");
+                assert!(single.equal(&y), "{what}: one thread differs from a team of two");
+            }
+        }
+        let x = bf(Tensor::randn([4, 32], O));
+        assert!(product_bf16_tail(&x, &bf(Tensor::randn([8, 32], O)), None, 5).is_none());
+        assert!(product_bf16_tail(&f(&x), &Tensor::randn([8, 32], O), None, 2).is_none());
+    }
+
+    /// Our rounding to bf16 is libtorch's, bit for bit: random values of every magnitude,
+    /// ties (both ways), infinities, the largest values (rounding up to infinity), zeros of
+    /// both signs and subnormals.
+    #[test]
+    fn bf16_rounding_is_libtorchs() {
+        tch::manual_seed(9);
+        let mut values: Vec<f32> =
+            Vec::<f32>::try_from(Tensor::randn([4096], O) * Tensor::randn([4096], O).exp2() * 1e3)
+                .expect("values to the host");
+        values.extend([
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -(1.0 + 1.0 / 256.0),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            -f32::MAX,
+            0.0,
+            -0.0,
+            f32::MIN_POSITIVE / 3.0,
+            1e-40,
+        ]);
+        let want = Tensor::from_slice(&values).to_kind(Kind::BFloat16).view_dtype(Kind::Int16);
+        let want: Vec<i16> = Vec::<i16>::try_from(want).expect("bits to the host");
+        for (&v, &w) in values.iter().zip(&want) {
+            assert_eq!(round_to_bf16(v), w as u16, "{v:e}");
+        }
+        assert!(f32::from_bits(u32::from(round_to_bf16(f32::NAN)) << 16).is_nan());
     }
 
     /// What the kernel leaves to the libraries: too many rows, a gradient, other dtypes,

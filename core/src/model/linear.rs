@@ -210,6 +210,7 @@ impl StackedLinear {
 /// - 33 to 128 rows (a prompt's prefill; to 512 for a weight of 2 MiB or more), weights with
 ///   both sides 256 or more, where our kernel runs: our kernel 32 rows at a time
 ///   ([`chunked_max_rows`]).
+/// - bf16 operands: our kernel as for f32 (the weight read as bf16), else `x.linear(W)`.
 /// - Anything else: `x.linear(W)`.
 ///
 /// `MTP_CPU_PRODUCTS=libraries` leaves our kernel out, `MTP_CPU_PRODUCTS=mkl` oneDNN too
@@ -258,11 +259,20 @@ pub fn add_product(y: &Tensor, x: &Tensor, weight: &Tensor) {
 }
 
 /// Whether decoding's few-row products of a model on `device` in `kind` run through our
-/// kernel ([`super::few_rows`]): the CPU, f32, a CPU with the instructions, and not
-/// switched off by `MTP_CPU_PRODUCTS`.
+/// kernel ([`super::few_rows`]) in f32, and with them what reads f32 host vectors (the
+/// draft chain, verification on the host, the adapter's term in the kernel): the CPU,
+/// f32, a CPU with the instructions, and not switched off by `MTP_CPU_PRODUCTS`.
 pub fn few_row_kernel_runs(device: tch::Device, kind: tch::Kind) -> bool {
+    kind == tch::Kind::Float && few_row_products_ours(device, kind)
+}
+
+/// Whether [`linear`]'s few-row products of a model on `device` in `kind` run through our
+/// kernel: as [`few_row_kernel_runs`], for f32 or bf16. Where they do, each row's output
+/// does not depend on the other rows of a product, and a step needs no other form of its
+/// products to keep its next-token rows AR's.
+pub fn few_row_products_ours(device: tch::Device, kind: tch::Kind) -> bool {
     device == tch::Device::Cpu
-        && kind == tch::Kind::Float
+        && matches!(kind, tch::Kind::Float | tch::Kind::BFloat16)
         && products() == CpuProducts::Ours
         && super::few_rows::available()
 }
@@ -300,18 +310,21 @@ fn cpu_route(x: &Tensor, weight: &Tensor) -> Route {
     let size = x.size();
     let rows: i64 = size[..size.len().saturating_sub(1)].iter().product();
     let (out, inp) = (weight.size()[0], weight.size()[1]);
+    let bf16 = x.kind() == tch::Kind::BFloat16;
     let eligible = x.device() == tch::Device::Cpu
-        && x.kind() == tch::Kind::Float
-        && weight.kind() == tch::Kind::Float
+        && (x.kind() == tch::Kind::Float || bf16)
+        && weight.kind() == x.kind()
         && !x.requires_grad()
         && !weight.requires_grad();
     let big = out >= 256 && inp >= 256;
-    let ours = few_row_kernel_runs(x.device(), x.kind());
+    let ours = few_row_products_ours(x.device(), x.kind());
     match rows {
         _ if !eligible => Route::Library,
         1..=super::few_rows::MAX_ROWS if ours => Route::Rows,
         _ if !big => Route::Library,
         _ if ours && rows <= chunked_max_rows(out * inp) => Route::RowChunks,
+        // The libraries' forms below were measured for f32.
+        _ if bf16 => Route::Library,
         1..=5 => Route::WeightLeft,
         6..=64 if out * inp >= ONEDNN_MIN_WEIGHT && onednn_available() => Route::OneDnn,
         6..=16 => Route::WeightLeft,

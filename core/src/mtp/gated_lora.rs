@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
 
 use crate::model::few_rows;
-use crate::model::linear::{add_product, few_row_kernel_runs, linear};
+use crate::model::linear::{add_product, few_row_kernel_runs, few_row_products_ours, linear};
 use crate::model::{Gate, Llama, ModelConfig, Proj, ProjDelta, ProjGroup};
 
 /// LoRA hyper-parameters.
@@ -128,7 +128,7 @@ impl Lora {
                     let merged = match (merged, model.group_weight(layer, group)) {
                         (true, Some((w, bias))) => {
                             let adapted = (w.to_kind(Kind::Float) + a.tr().mm(&b).tr()).to_kind(kind);
-                            Some(if few_row_kernel_runs(model.device(), kind) {
+                            Some(if few_row_products_ours(model.device(), kind) {
                                 Merged::Tail { adapted: adapted.contiguous() }
                             } else {
                                 Merged::Halves { w2: Tensor::stack(&[w.to_kind(kind), adapted], 0), bias }
@@ -306,6 +306,18 @@ impl ProjDelta for PreparedLora {
         let prepared = self.group(layer, group)?;
         let (w2, bias) = match (gate, &prepared.merged) {
             (Gate::Halves, Some(Merged::Halves { w2, bias })) => (w2, bias),
+            // A bf16 model's step on the CPU: the mask rows' base products in bf16 pairs
+            // (the next-token rows exactly AR's), then the term added to them.
+            (Gate::Tail(start), _)
+                if x.size()[0] == 1
+                    && x.kind() == Kind::BFloat16
+                    && few_row_products_ours(x.device(), x.kind())
+                    && self.bf16_min_rows.is_some_and(|min| x.size()[1] - start >= min as i64) =>
+            {
+                let (w, bias) = prepared.base.as_ref()?;
+                let y = few_rows::product_bf16_tail(&x.reshape([x.size()[1], x.size()[2]]), w, bias.as_ref(), *start)?;
+                return Some(self.add_to(layer, group, x, y.unsqueeze(0), gate));
+            }
             // One sequence of a decoding step, mask rows last: base product and term (or
             // the merged weight) in one call of the CPU's few-row kernel, where it runs.
             (Gate::Tail(start), merged) if x.size()[0] == 1 && few_row_kernel_runs(x.device(), x.kind()) => {

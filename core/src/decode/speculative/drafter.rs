@@ -83,15 +83,17 @@ impl Default for DraftOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DraftArithmetic {
-    /// [`DraftArithmetic::Bf16`] for the steps with at least [`BF16_MIN_MASK_ROWS`] mask
-    /// rows, where it runs; [`DraftArithmetic::Exact`] otherwise.
+    /// [`DraftArithmetic::Bf16`] for an f32 model's steps with at least
+    /// [`BF16_MIN_MASK_ROWS`] mask rows, where it runs; [`DraftArithmetic::Exact`]
+    /// otherwise (a bf16 model's included).
     #[default]
     Auto,
     /// The model's own dtype.
     Exact,
-    /// On a CPU with AVX-512 BF16 (Zen 4, Sapphire Rapids and later) and an f32 model: the
-    /// mask rows' base products in bf16 (values rounded to bf16, products summed in f32),
-    /// twice the multiply-adds a core does in f32. Elsewhere the same as `Exact`.
+    /// On a CPU with AVX-512 BF16 (Zen 4, Sapphire Rapids and later): the mask rows' base
+    /// products in bf16 (an f32 model's values rounded to bf16, a bf16 model's as they
+    /// are; products summed in f32), twice the multiply-adds a core does in f32. Elsewhere
+    /// the same as `Exact`.
     Bf16,
 }
 
@@ -117,10 +119,15 @@ impl DraftArithmetic {
     /// The fewest mask rows a step multiplies in bf16 with `model`; `None`: never (the
     /// CPU or the model's device or dtype cannot, or `Exact`).
     pub fn bf16_min_rows(self, model: &Llama) -> Option<usize> {
-        let runs = few_rows::bf16_available()
-            && crate::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind());
+        let (device, kind) = (model.device(), model.dtype().kind());
+        let f32_model = crate::model::linear::few_row_kernel_runs(device, kind);
+        let bf16_model = kind == Kind::BFloat16 && crate::model::linear::few_row_products_ours(device, kind);
         match self {
-            _ if !runs => None,
+            _ if !few_rows::bf16_available() || !(f32_model || bf16_model) => None,
+            // A bf16 model's mask rows in pairs ([`few_rows::product_bf16_tail`]) measured
+            // slower than widened to f32 as its next-token rows are, at 2 to 72 mask rows
+            // (docs/BENCHMARKS.md, "bf16 models on the CPU").
+            DraftArithmetic::Auto if bf16_model => None,
             DraftArithmetic::Auto => Some(BF16_MIN_MASK_ROWS),
             DraftArithmetic::Bf16 => Some(1),
             DraftArithmetic::Exact => None,
@@ -138,10 +145,11 @@ named_choices!(DraftArithmetic, "draft arithmetic");
 pub enum LoraForm {
     /// [`LoraForm::Merged`] where a layer's weights are small enough that a step's time is
     /// the number of operations and the weights held once more cost little to read (on the
-    /// CPU up to 1 MiB per layer, on CUDA up to 64 MiB), else [`LoraForm::LowRank`]. On the
-    /// CPU the two measured: the launch-bound proxy (width 64, 24 layers, 0.18 MB a layer)
-    /// 1.66-1.72 AR steps a 2-mask step merged against 1.74-1.79 low-rank; the demo (2.9
-    /// MB a layer) 1.84 against 1.46-1.53 (docs/BENCHMARKS.md).
+    /// CPU up to 1 MiB per layer, on CUDA up to 64 MiB; never for a bf16 model on the CPU,
+    /// whose products our kernel runs without a second weight), else [`LoraForm::LowRank`].
+    /// On the CPU the two measured: the launch-bound proxy (width 64, 24 layers, 0.18 MB a
+    /// layer) 1.66-1.72 AR steps a 2-mask step merged against 1.74-1.79 low-rank; the demo
+    /// (2.9 MB a layer) 1.84 against 1.46-1.53 (docs/BENCHMARKS.md).
     #[default]
     Auto,
     /// Two small products per projection group on the mask rows, added in place: no
@@ -178,6 +186,14 @@ impl LoraForm {
             return LoraForm::LowRank;
         }
         match self {
+            // Where our kernel runs a bf16 model's products, only its f32 form reads merged
+            // weights ([`few_rows::product_two_weights`]): the term runs on its own.
+            LoraForm::Auto
+                if crate::model::linear::few_row_products_ours(model.device(), model.dtype().kind())
+                    && !crate::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind()) =>
+            {
+                LoraForm::LowRank
+            }
             LoraForm::Auto => {
                 let limit = if model.device().is_cuda() { 64 << 20 } else { 1 << 20 };
                 if layer_bytes(model) <= limit { LoraForm::Merged } else { LoraForm::LowRank }
@@ -287,7 +303,7 @@ impl Drafter {
                     .with_bf16_tail(options.arithmetic.bf16_min_rows(model)),
                 form,
                 halves: form == LoraForm::Merged
-                    && !crate::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind()),
+                    && !crate::model::linear::few_row_products_ours(model.device(), model.dtype().kind()),
                 arithmetic: options.arithmetic,
                 sampler: adapter.sampler().map(|s| s.prepare()),
                 vocab,
