@@ -190,11 +190,17 @@ class Check:
                 identical = ours["token_ids"] == seq[len(ids):]
                 first = next((i for i, (a, b) in enumerate(zip(ours["token_ids"], seq[len(ids):])) if a != b), None)
                 tolerance = 1e-4 if dname == "f32" else 2e-2 * max(scale, 1.0)
+                # A near-tie: transformers' top two logits there closer than the two sides'
+                # logits were measured to differ by (each top value may move by `diff`), or
+                # than 1e-2. In bf16 both round to steps of 1/32 at these scales, and the
+                # two sides' arithmetic differs (ours sums a product in f32 and rounds once;
+                # libtorch's AMX or AVX-512 kernels may not), so a 1-2 step margin can flip.
+                near_tie = first is not None and margins[first] <= max(1e-2, 2 * diff)
                 self.result["parity"].append({
                     "family": family, "dtype": dname, "max_abs_diff": diff, "logit_scale": scale,
                     "tolerance": tolerance, "greedy_identical": identical,
                     "first_difference": first, "margin_there": margins[first] if first is not None else None,
-                    "min_margin": min(margins), "ok": diff <= tolerance and (identical or margins[first] < 1e-2),
+                    "min_margin": min(margins), "ok": diff <= tolerance and (identical or near_tie),
                 })
 
     # ------------------------------------------------------------------ AR
@@ -710,7 +716,8 @@ def markdown(r: dict) -> str:
         bad = [p for p in r["parity"] if not p["ok"]]
         s.append(f"\n### Parity with transformers\n\n{len(r['parity']) - len(bad)} of {len(r['parity'])} "
                  "family/dtype pairs within tolerance (f32: 1e-4; bf16: 2% of the logit scale), greedy tokens "
-                 "identical or parting at a near-tie.")
+                 "identical or parting at a near-tie (transformers' top-2 margin there at most twice the "
+                 "largest logit difference, or 1e-2).")
         for p in bad:
             s.append(f"- {p['family']} {p['dtype']}: max |diff| {p['max_abs_diff']:.3g}, greedy identical "
                      f"{p['greedy_identical']} (margin {p['margin_there']})")
