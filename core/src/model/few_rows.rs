@@ -1762,6 +1762,9 @@ mod tests {
                     };
                     assert_eq!(got.kind(), Kind::BFloat16, "{what}");
                     let f = |t: &Tensor| t.to_kind(Kind::Float);
+                    // The f32 kernel on the widened values, rounded: the same bits.
+                    let wide = product_in_chunks(&f(&xs), &f(&w), bias.map(f).as_ref()).expect("f32 product");
+                    assert!(got.equal(&wide.to_kind(Kind::BFloat16)), "{what}: not the f32 kernel's rounded");
                     let want = f(&xs).linear(&f(&w), bias.map(f).as_ref());
                     let diff = relative_difference(&f(&got), &want);
                     assert!(diff < 1e-2, "{what}: relative difference {diff}");
