@@ -96,6 +96,29 @@ pub fn bf16_available() -> bool {
     })
 }
 
+/// Whether multiplying rows in bf16 pairs ([`TailTerm::bf16`]) pays on this CPU, for a
+/// choice made by default: it runs ([`bf16_available`]) and the CPU is an AMD one. On the
+/// Zen 4 measured, a 4-mask step of the SmolLM2-135M shape fell from 2.1-2.8 to 1.6-2.2 AR
+/// steps with its mask rows in pairs; on an Intel Xeon (AVX-512 BF16 and AMX) it rose from
+/// 2.17-2.20 to 2.46-2.56, the pairs' 512-bit instructions slower there than the f32 tiles'
+/// 256-bit ones (docs/BENCHMARKS.md, "bf16 models on the CPU").
+pub fn bf16_pairs_pay() -> bool {
+    static PAYS: OnceLock<bool> = OnceLock::new();
+    *PAYS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // The vendor string of leaf 0: EBX, EDX, ECX.
+            let leaf = std::arch::x86_64::__cpuid(0);
+            let vendor: Vec<u8> = [leaf.ebx, leaf.edx, leaf.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+            bf16_available() && vendor == b"AuthenticAMD"
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 /// Whether `x W^T` (`x`: `[rows, in]`) can run here: the CPU has the instructions, both
 /// are f32 on the CPU, `x` has 1 to [`MAX_ROWS`] rows, and neither needs a gradient.
 pub fn takes(x: &Tensor, weight: &Tensor) -> bool {

@@ -84,8 +84,9 @@ impl Default for DraftOptions {
 #[serde(rename_all = "kebab-case")]
 pub enum DraftArithmetic {
     /// [`DraftArithmetic::Bf16`] for an f32 model's steps with at least
-    /// [`BF16_MIN_MASK_ROWS`] mask rows, where it runs; [`DraftArithmetic::Exact`]
-    /// otherwise (a bf16 model's included).
+    /// [`BF16_MIN_MASK_ROWS`] mask rows, where it runs and pays
+    /// ([`few_rows::bf16_pairs_pay`]: an AMD CPU); [`DraftArithmetic::Exact`] otherwise
+    /// (a bf16 model's included).
     #[default]
     Auto,
     /// The model's own dtype.
@@ -128,6 +129,8 @@ impl DraftArithmetic {
             // slower than widened to f32 as its next-token rows are, at 2 to 72 mask rows
             // (docs/BENCHMARKS.md, "bf16 models on the CPU").
             DraftArithmetic::Auto if bf16_model => None,
+            // Where the pairs measured slower than the f32 tiles (an Intel Xeon): exact.
+            DraftArithmetic::Auto if !few_rows::bf16_pairs_pay() => None,
             DraftArithmetic::Auto => Some(BF16_MIN_MASK_ROWS),
             DraftArithmetic::Bf16 => Some(1),
             DraftArithmetic::Exact => None,
