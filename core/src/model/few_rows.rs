@@ -141,19 +141,22 @@ fn takes_kind(x: &Tensor, weight: &Tensor, kind: Kind) -> bool {
         && !weight.requires_grad()
 }
 
-/// Whether a bias fits a product with `weight`: as many values as outputs, f32 (or bf16,
-/// with a bf16 weight).
-fn bias_fits(bias: Option<&Tensor>, weight: &Tensor) -> bool {
-    bias.is_none_or(|b| {
-        (b.kind() == Kind::Float || b.kind() == weight.kind()) && b.numel() == weight.size()[0] as usize
-    })
+/// Whether [`bf16_product`] takes `x W^T + b`: bf16 operands [`takes`] would take in f32
+/// (`x` of any number of rows, judged by its first [`MAX_ROWS`]), and a bias of as many
+/// values as outputs, f32 or bf16.
+fn takes_bf16(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
+    let rows = x.size().first().copied().unwrap_or(0);
+    rows > 0
+        && takes_kind(&x.narrow(0, 0, rows.min(MAX_ROWS)), weight, Kind::BFloat16)
+        && bias
+            .is_none_or(|b| matches!(b.kind(), Kind::Float | Kind::BFloat16) && b.numel() == weight.size()[0] as usize)
 }
 
 /// `x W^T + b` (`x`: `[rows, in]`, `weight`: `[out, in]`, `bias`: `[out]`), or `None`
 /// when [`takes`] says no. bf16 operands are taken alike ([`takes`] for bf16) and give a
 /// bf16 output (see the module's documentation).
 pub fn product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tensor> {
-    if takes_kind(x, weight, Kind::BFloat16) && bias_fits(bias, weight) {
+    if x.size().first().is_some_and(|&rows| rows <= MAX_ROWS) && takes_bf16(x, weight, bias) {
         return Some(bf16_product(x, weight, bias, None));
     }
     if !takes(x, weight) || bias.is_some_and(|b| b.kind() != Kind::Float || b.numel() != weight.size()[0] as usize) {
@@ -169,7 +172,7 @@ pub fn product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Ten
 /// call of [`MAX_ROWS`] rows.
 pub fn product_in_chunks(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tensor> {
     let rows = x.size().first().copied().unwrap_or(0);
-    if rows > 0 && takes_kind(&x.narrow(0, 0, rows.min(MAX_ROWS)), weight, Kind::BFloat16) && bias_fits(bias, weight) {
+    if takes_bf16(x, weight, bias) {
         return Some(bf16_product(x, weight, bias, None));
     }
     if rows == 0
@@ -254,10 +257,7 @@ fn bf16_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, tail_from: O
 /// only drafts. `None` when [`takes`] says no to bf16 operands of [`MAX_ROWS`] rows.
 pub fn product_bf16_tail(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, start: i64) -> Option<Tensor> {
     let rows = *x.size().first()?;
-    let fits = rows > 0
-        && (0..=rows).contains(&start)
-        && takes_kind(&x.narrow(0, 0, rows.min(MAX_ROWS)), weight, Kind::BFloat16)
-        && bias_fits(bias, weight);
+    let fits = (0..=rows).contains(&start) && takes_bf16(x, weight, bias);
     fits.then(|| bf16_product(x, weight, bias, Some(start as usize)))
 }
 

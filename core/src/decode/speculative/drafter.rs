@@ -120,9 +120,8 @@ impl DraftArithmetic {
     /// The fewest mask rows a step multiplies in bf16 with `model`; `None`: never (the
     /// CPU or the model's device or dtype cannot, or `Exact`).
     pub fn bf16_min_rows(self, model: &Llama) -> Option<usize> {
-        let (device, kind) = (model.device(), model.dtype().kind());
-        let f32_model = crate::model::linear::few_row_kernel_runs(device, kind);
-        let bf16_model = kind == Kind::BFloat16 && crate::model::linear::few_row_products_ours(device, kind);
+        let f32_model = crate::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind());
+        let bf16_model = bf16_on_our_kernel(model);
         match self {
             _ if !few_rows::bf16_available() || !(f32_model || bf16_model) => None,
             // A bf16 model's mask rows in pairs ([`few_rows::product_bf16_tail`]) measured
@@ -191,12 +190,7 @@ impl LoraForm {
         match self {
             // Where our kernel runs a bf16 model's products, only its f32 form reads merged
             // weights ([`few_rows::product_two_weights`]): the term runs on its own.
-            LoraForm::Auto
-                if crate::model::linear::few_row_products_ours(model.device(), model.dtype().kind())
-                    && !crate::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind()) =>
-            {
-                LoraForm::LowRank
-            }
+            LoraForm::Auto if bf16_on_our_kernel(model) => LoraForm::LowRank,
             LoraForm::Auto => {
                 let limit = if model.device().is_cuda() { 64 << 20 } else { 1 << 20 };
                 if layer_bytes(model) <= limit { LoraForm::Merged } else { LoraForm::LowRank }
@@ -204,6 +198,12 @@ impl LoraForm {
             form => form,
         }
     }
+}
+
+/// Whether `model` is a bf16 model whose products our CPU kernel runs.
+fn bf16_on_our_kernel(model: &Llama) -> bool {
+    model.dtype().kind() == Kind::BFloat16
+        && crate::model::linear::few_row_products_ours(model.device(), model.dtype().kind())
 }
 
 /// Bytes of one decoder layer's projection weights in the model's dtype.
