@@ -11,8 +11,9 @@
 //! the threads of libtorch's own OpenMP team.
 //!
 //! Every output is the same sequence of operations whatever the number of rows and
-//! wherever its row falls in a tile (eight lanes accumulated over the input in order, the
-//! lanes summed in a fixed order, the remainder added last, then the bias): a row's output
+//! wherever its row falls in a tile (eight lanes accumulated over the input in order, or
+//! sixteen on a CPU with AVX-512 ([`sixteen_lanes`]), the lanes summed in a fixed order, the
+//! remainder added last, then the bias): a row's output
 //! does not depend on the other rows of the call. So a speculative step's next-token rows
 //! equal an AR step's outputs bit for bit, however many mask rows ride along.
 //!
@@ -76,6 +77,23 @@ fn wide_registers() -> bool {
     })
 }
 
+/// Whether the f32 tiles accumulate each output in sixteen lanes (512-bit vectors) rather
+/// than eight: where [`wide_registers`] holds, unless `MTP_CPU_LANES=8` asks for eight (to
+/// compare the two on one machine). The choice is made once a process, for every product
+/// of every row count, AR's one row among them, so a row's outputs still do not depend on
+/// the other rows of a call. Sixteen lanes halve the multiply-adds of a tile where the CPU
+/// has 512-bit multiply-add units (docs/BENCHMARKS.md, "Sixteen lanes").
+fn sixteen_lanes() -> bool {
+    #[cfg(test)]
+    if let Some(wide) = tests::LANES16.with(std::cell::Cell::get) {
+        return wide && wide_registers();
+    }
+    static WIDE: OnceLock<bool> = OnceLock::new();
+    *WIDE.get_or_init(|| {
+        wide_registers() && !matches!(std::env::var("MTP_CPU_LANES").as_deref().map(str::trim), Ok("8"))
+    })
+}
+
 /// Whether this CPU multiplies bf16 pairs with f32 sums (AVX-512 BF16: Zen 4, Sapphire
 /// Rapids and later), for [`TailTerm::bf16`].
 pub fn bf16_available() -> bool {
@@ -101,7 +119,8 @@ pub fn bf16_available() -> bool {
 /// Zen 4 measured, a 4-mask step of the SmolLM2-135M shape fell from 2.1-2.8 to 1.6-2.2 AR
 /// steps with its mask rows in pairs; on an Intel Xeon (AVX-512 BF16 and AMX) it rose from
 /// 2.17-2.20 to 2.46-2.56, the pairs' 512-bit instructions slower there than the f32 tiles'
-/// 256-bit ones (docs/BENCHMARKS.md, "bf16 models on the CPU").
+/// 256-bit ones (docs/BENCHMARKS.md, "bf16 models on the CPU"). Both measured before the f32
+/// tiles took sixteen lanes ([`sixteen_lanes`]), which made the exact form cheaper still.
 pub fn bf16_pairs_pay() -> bool {
     static PAYS: OnceLock<bool> = OnceLock::new();
     *PAYS.get_or_init(|| {
@@ -239,6 +258,7 @@ fn bf16_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, tail_from: O
             bf16: low,
             tail_weight: None,
             w16: true,
+            lanes16: sixteen_lanes(),
         });
     }
     let y = Tensor::empty([rows as i64, out as i64], (Kind::BFloat16, Device::Cpu));
@@ -321,6 +341,7 @@ pub fn product_into(x: &[f32], weight: &Tensor, bias: Option<&[f32]>, y: &mut [f
         bf16: None,
         tail_weight: None,
         w16: false,
+        lanes16: sixteen_lanes(),
     });
     true
 }
@@ -347,6 +368,9 @@ struct Job {
     /// The weight holds bf16 values (`w` points at `u16`s), widened to f32 as they are
     /// read (by the `bf16` rows as they are); not with a term or a tail weight.
     w16: bool,
+    /// Accumulate in sixteen lanes ([`sixteen_lanes`]), fixed when the job is made so that
+    /// every part, on whatever thread, runs the same sequence of operations.
+    lanes16: bool,
 }
 
 // SAFETY: the parts of a job read its inputs and write disjoint columns of its output
@@ -502,18 +526,22 @@ impl Job {
 
 /// Output columns `o0..o1` of `job`, every row in f32: with 32 registers in passes of up
 /// to six rows (9 rows: two passes, not three; every layer's 9-row products 5-8% faster
-/// on the demo, the proxy and the SmolLM2-135M shape), else of three or four. The same
-/// outputs either way. `W16`: the weight is bf16 ([`Job::w16`]).
+/// on the demo, the proxy and the SmolLM2-135M shape), else of three or four; with
+/// [`Job::lanes16`] always so, in sixteen lanes. The same outputs for any number of rows.
+/// `W16`: the weight is bf16 ([`Job::w16`]).
 ///
 /// # Safety
 /// [`available`] holds; the job's pointers are valid for its sizes.
 #[cfg(target_arch = "x86_64")]
 unsafe fn f32_columns<const W16: bool>(job: &Job, o0: usize, o1: usize) {
-    // At four rows and fewer (AR's one row among them) the narrow tiles' passes are as
-    // few, and the wide form measured no faster (one row: 4-15% slower).
-    if job.rows > 4 && wide_registers() {
+    if job.lanes16 {
+        // SAFETY: AVX-512F and VL are available (`sixteen_lanes`).
+        unsafe { avx512::columns_f32::<W16, true>(job, o0, o1) }
+    } else if job.rows > 4 && wide_registers() {
+        // At four rows and fewer (AR's one row among them) the narrow tiles' passes are as
+        // few, and the wide form measured no faster (one row: 4-15% slower).
         // SAFETY: AVX-512F and VL are available.
-        unsafe { avx512::columns_f32::<W16>(job, o0, o1) }
+        unsafe { avx512::columns_f32::<W16, false>(job, o0, o1) }
     } else {
         // SAFETY: AVX2 and FMA are available (`available`).
         unsafe { avx2::columns::<W16>(job, o0, o1) }
@@ -574,6 +602,7 @@ fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulat
         bf16,
         tail_weight,
         w16,
+        lanes16: sixteen_lanes(),
     });
 }
 
@@ -889,6 +918,26 @@ pub(super) mod avx2 {
             }
             k += 8;
         }
+        unsafe { finish::<NO, NR, W16>(job, o, r, &acc, whole) }
+    }
+
+    /// Outputs `r..r + NR` x `o..o + NO` from their eight-lane accumulators over the inputs
+    /// before `whole`: the lanes summed in a fixed order, the inputs from `whole` on added
+    /// one at a time, then the bias; stored or added to `y`. Every tile ends here, so an
+    /// output's last operations do not depend on the tile either.
+    ///
+    /// # Safety
+    /// As [`tile`]'s.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) unsafe fn finish<const NO: usize, const NR: usize, const W16: bool>(
+        job: &Job,
+        o: usize,
+        r: usize,
+        acc: &[[__m256; NR]; NO],
+        whole: usize,
+    ) {
+        let n = job.inp;
         // Four outputs of two rows at a time, when no remainder follows: their eight lane
         // sums in one tree, the additions of `lanes_sum` in its order (the same bits) in
         // 21 instructions instead of 48, and four values stored a row. A tile's sums cost
@@ -943,7 +992,7 @@ pub(super) mod avx2 {
     /// AVX2 is available; the eight values are readable.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn weights8<const W16: bool>(w: *const f32, at: usize) -> __m256 {
+    pub(super) unsafe fn weights8<const W16: bool>(w: *const f32, at: usize) -> __m256 {
         if W16 {
             let half = unsafe { _mm_loadu_si128((w as *const u16).add(at) as *const __m128i) };
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(half)))
@@ -1130,7 +1179,7 @@ pub(super) mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{BF16_BLOCK, Bf16Rows, Job, avx2};
+    use super::{BF16_BLOCK, Bf16Rows, Job, avx2, avx2::weights8};
 
     /// `row` rounded to bf16 (to nearest, ties to even) into `dst`, zero past its end.
     ///
@@ -1199,7 +1248,13 @@ mod avx512 {
                 let ahead = o + NO + q;
                 let prefetch = (ahead + 4 <= o1).then_some(ahead);
                 if head.rows > 0 {
-                    unsafe { block_f32::<W16>(&head, o + q, prefetch) };
+                    unsafe {
+                        if job.lanes16 {
+                            block_f32::<W16, true>(&head, o + q, prefetch)
+                        } else {
+                            block_f32::<W16, false>(&head, o + q, prefetch)
+                        }
+                    };
                 }
                 // The bf16 rows' next block, where the f32 rows' passes do not ask for it:
                 // no f32 rows, or a tail weight of its own.
@@ -1250,10 +1305,10 @@ mod avx512 {
         if o < o1 {
             // The last columns in f32, each block of rows through its own weight.
             match job.tail_weight {
-                None => unsafe { avx2::columns::<W16>(job, o, o1) },
+                None => unsafe { super::f32_columns::<W16>(job, o, o1) },
                 Some((from, w)) => {
                     if from > 0 {
-                        unsafe { avx2::columns::<false>(&Job { rows: from, tail_weight: None, ..*job }, o, o1) };
+                        unsafe { super::f32_columns::<false>(&Job { rows: from, tail_weight: None, ..*job }, o, o1) };
                     }
                     // SAFETY: rows `from..rows` of `x` and `y`.
                     let tail = unsafe {
@@ -1266,29 +1321,30 @@ mod avx512 {
                             ..*job
                         }
                     };
-                    unsafe { avx2::columns::<false>(&tail, o, o1) };
+                    unsafe { super::f32_columns::<false>(&tail, o, o1) };
                 }
             }
         }
     }
 
     /// [`avx2::columns`] with AVX-512's 32 registers: a block of four weight rows
-    /// multiplied by up to six input rows a pass ([`block_f32`]), the same outputs.
+    /// multiplied by up to six input rows a pass ([`block_f32`]), the same outputs. With
+    /// `L16`, every tile accumulates in sixteen lanes ([`tile16`]).
     ///
     /// # Safety
     /// AVX2, FMA, AVX-512F and VL are available; the job's pointers are valid for its
     /// sizes.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-    pub(super) unsafe fn columns_f32<const W16: bool>(job: &Job, o0: usize, o1: usize) {
+    pub(super) unsafe fn columns_f32<const W16: bool, const L16: bool>(job: &Job, o0: usize, o1: usize) {
         let mut o = o0;
         while o + 4 <= o1 {
             let ahead = o + 4 * avx2::PREFETCH_BLOCKS;
-            unsafe { block_f32::<W16>(job, o, (ahead + 4 <= o1).then_some(ahead)) };
+            unsafe { block_f32::<W16, L16>(job, o, (ahead + 4 <= o1).then_some(ahead)) };
             o += 4;
         }
         for o in o..o1 {
             for r in 0..job.rows {
-                unsafe { avx2::tile::<1, 1, W16>(job, o, r, None, (0, 1)) };
+                unsafe { pass::<1, 1, W16, L16>(job, o, r, None, (0, 1)) };
             }
         }
     }
@@ -1302,24 +1358,137 @@ mod avx512 {
     /// not change its outputs.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
     #[inline]
-    unsafe fn block_f32<const W16: bool>(job: &Job, o: usize, prefetch: Option<usize>) {
+    unsafe fn block_f32<const W16: bool, const L16: bool>(job: &Job, o: usize, prefetch: Option<usize>) {
         let passes = job.rows.div_ceil(MAX_PASS_ROWS);
         let mut r = 0;
-        for pass in 0..passes {
-            let n = (job.rows - r).div_ceil(passes - pass);
-            let at = (pass, passes);
+        for p in 0..passes {
+            let n = (job.rows - r).div_ceil(passes - p);
+            let at = (p, passes);
             // SAFETY: as this function's; r + n <= rows.
             unsafe {
                 match n {
-                    6 => avx2::tile::<4, 6, W16>(job, o, r, prefetch, at),
-                    5 => avx2::tile::<4, 5, W16>(job, o, r, prefetch, at),
-                    4 => avx2::tile::<4, 4, W16>(job, o, r, prefetch, at),
-                    3 => avx2::tile::<4, 3, W16>(job, o, r, prefetch, at),
-                    2 => avx2::tile::<4, 2, W16>(job, o, r, prefetch, at),
-                    _ => avx2::tile::<4, 1, W16>(job, o, r, prefetch, at),
+                    6 => pass::<4, 6, W16, L16>(job, o, r, prefetch, at),
+                    5 => pass::<4, 5, W16, L16>(job, o, r, prefetch, at),
+                    4 => pass::<4, 4, W16, L16>(job, o, r, prefetch, at),
+                    3 => pass::<4, 3, W16, L16>(job, o, r, prefetch, at),
+                    2 => pass::<4, 2, W16, L16>(job, o, r, prefetch, at),
+                    _ => pass::<4, 1, W16, L16>(job, o, r, prefetch, at),
                 }
             }
             r += n;
+        }
+    }
+
+    /// One tile: [`tile16`] with `L16`, else [`avx2::tile`].
+    ///
+    /// # Safety
+    /// As [`tile16`]'s.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    #[inline]
+    unsafe fn pass<const NO: usize, const NR: usize, const W16: bool, const L16: bool>(
+        job: &Job,
+        o: usize,
+        r: usize,
+        prefetch: Option<usize>,
+        at: (usize, usize),
+    ) {
+        // SAFETY: as the caller's.
+        unsafe {
+            if L16 {
+                tile16::<NO, NR, W16>(job, o, r, prefetch, at)
+            } else {
+                avx2::tile::<NO, NR, W16>(job, o, r, prefetch, at)
+            }
+        }
+    }
+
+    /// [`avx2::tile`] in sixteen lanes: one 512-bit accumulator per output over the inputs
+    /// in steps of sixteen, its two halves then added into eight lanes, which take the
+    /// inputs up to the last multiple of eight in one more step and end as every tile does
+    /// ([`avx2::finish`]). Half the multiply-adds of eight lanes, and half the chain of
+    /// dependent ones each output waits on (AR's one row: four outputs a tile, four chains).
+    /// An output's operations depend on its inputs' count only, not on the tile.
+    ///
+    /// # Safety
+    /// AVX2, FMA, AVX-512F and VL are available; the job's pointers are valid for its
+    /// sizes; `o + NO <= out`, `r + NR <= rows`.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    #[inline]
+    unsafe fn tile16<const NO: usize, const NR: usize, const W16: bool>(
+        job: &Job,
+        o: usize,
+        r: usize,
+        prefetch: Option<usize>,
+        pass: (usize, usize),
+    ) {
+        let n = job.inp;
+        let (whole16, whole) = (n / 16 * 16, n / 8 * 8);
+        // Values of a 64-byte line.
+        let line = if W16 { 32 } else { 16 };
+        let mut acc = [[_mm512_setzero_ps(); NR]; NO];
+        let mut k = 0;
+        while k < whole16 {
+            if let Some(p) = prefetch
+                && k % line == 0
+                && (k / line) % pass.1 == pass.0
+            {
+                for i in 0..NO {
+                    // Within the weight: row p + i < o1 <= out, column k < n.
+                    _mm_prefetch::<_MM_HINT_T1>(avx2::weight_at::<W16>(job.w, (p + i) * n + k));
+                }
+            }
+            let mut xs = [_mm512_setzero_ps(); NR];
+            for (j, x) in xs.iter_mut().enumerate() {
+                // SAFETY: row r + j of `x`, its values k..k + 16 <= n.
+                *x = unsafe { _mm512_loadu_ps(job.x.add((r + j) * n + k)) };
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                // SAFETY: row o + i of the weight, its values k..k + 16 <= n.
+                let w = unsafe { weights16::<W16>(job.w, (o + i) * n + k) };
+                for (a, x) in row.iter_mut().zip(&xs) {
+                    *a = _mm512_fmadd_ps(w, *x, *a);
+                }
+            }
+            k += 16;
+        }
+        // The halves added: lane l of eight holds lanes l and l + 8.
+        let mut acc8: [[__m256; NR]; NO] = std::array::from_fn(|i| {
+            std::array::from_fn(|j| {
+                let a = _mm512_castps_pd(acc[i][j]);
+                _mm256_add_ps(
+                    _mm256_castpd_ps(_mm512_castpd512_pd256(a)),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(a)),
+                )
+            })
+        });
+        if whole16 < whole {
+            for (i, row) in acc8.iter_mut().enumerate() {
+                // SAFETY: row o + i of the weight, its values whole16..whole <= n.
+                let w = unsafe { weights8::<W16>(job.w, (o + i) * n + whole16) };
+                for (j, a) in row.iter_mut().enumerate() {
+                    // SAFETY: row r + j of `x`, its values whole16..whole <= n.
+                    *a = _mm256_fmadd_ps(w, unsafe { _mm256_loadu_ps(job.x.add((r + j) * n + whole16)) }, *a);
+                }
+            }
+        }
+        // SAFETY: as this function's.
+        unsafe { avx2::finish::<NO, NR, W16>(job, o, r, &acc8, whole) }
+    }
+
+    /// Sixteen weights from value `at` of the weight `w`, as [`avx2::weights8`] reads eight.
+    ///
+    /// # Safety
+    /// AVX-512F is available; the sixteen values are readable.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn weights16<const W16: bool>(w: *const f32, at: usize) -> __m512 {
+        if W16 {
+            // SAFETY: sixteen bf16 values from `at`.
+            let half = unsafe { _mm256_loadu_si256((w as *const u16).add(at) as *const __m256i) };
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(half)))
+        } else {
+            // SAFETY: sixteen values from `at`.
+            unsafe { _mm512_loadu_ps(w.add(at)) }
         }
     }
 
@@ -1456,6 +1625,21 @@ mod avx512 {
 mod tests {
     use super::*;
 
+    thread_local! {
+        /// This thread's products in sixteen lanes (`Some(true)`), eight (`Some(false)`),
+        /// or as the process chooses (`None`): so each test can try both forms.
+        pub(super) static LANES16: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// `f` with this thread's products in sixteen lanes or eight, the setting then
+    /// restored.
+    fn with_lanes<T>(sixteen: bool, f: impl FnOnce() -> T) -> T {
+        let before = LANES16.with(|c| c.replace(Some(sixteen)));
+        let result = f();
+        LANES16.with(|c| c.set(before));
+        result
+    }
+
     const O: (Kind, Device) = (Kind::Float, Device::Cpu);
 
     /// `f` run with OpenMP teams of `team` threads, the setting then restored (it is this
@@ -1473,6 +1657,12 @@ mod tests {
     /// shared with the OpenMP team, with and without a bias, and added in place.
     #[test]
     fn matches_the_library_product() {
+        for sixteen in [false, true] {
+            with_lanes(sixteen, matches_the_library_product_in_lanes);
+        }
+    }
+
+    fn matches_the_library_product_in_lanes() {
         let _g = tch::no_grad_guard();
         tch::manual_seed(1);
         for (out, inp) in [(7, 13), (64, 64), (320, 256), (1030, 600)] {
@@ -1502,6 +1692,12 @@ mod tests {
     /// do not fit are refused with the output untouched.
     #[test]
     fn host_rows_equal_the_tensor_product() {
+        for sixteen in [false, true] {
+            with_lanes(sixteen, host_rows_equal_the_tensor_product_in_lanes);
+        }
+    }
+
+    fn host_rows_equal_the_tensor_product_in_lanes() {
         let _g = tch::no_grad_guard();
         if !available() {
             return;
@@ -1532,6 +1728,12 @@ mod tests {
     /// at any position: what keeps a speculative step's next-token rows equal to AR's.
     #[test]
     fn a_row_does_not_depend_on_the_other_rows() {
+        for sixteen in [false, true] {
+            with_lanes(sixteen, a_row_does_not_depend_on_the_other_rows_in_lanes);
+        }
+    }
+
+    fn a_row_does_not_depend_on_the_other_rows_in_lanes() {
         let _g = tch::no_grad_guard();
         if !available() {
             return;
@@ -1554,6 +1756,12 @@ mod tests {
     /// the library's product.
     #[test]
     fn chunks_keep_each_row_as_it_is_alone() {
+        for sixteen in [false, true] {
+            with_lanes(sixteen, chunks_keep_each_row_as_it_is_alone_in_lanes);
+        }
+    }
+
+    fn chunks_keep_each_row_as_it_is_alone_in_lanes() {
         let _g = tch::no_grad_guard();
         if !available() {
             return;
@@ -1581,6 +1789,12 @@ mod tests {
     /// its columns read).
     #[test]
     fn low_rank_term_applies_to_the_tail_rows_only() {
+        for sixteen in [false, true] {
+            with_lanes(sixteen, low_rank_term_applies_to_the_tail_rows_only_in_lanes);
+        }
+    }
+
+    fn low_rank_term_applies_to_the_tail_rows_only_in_lanes() {
         let _g = tch::no_grad_guard();
         tch::manual_seed(3);
         let (w, bias) = (Tensor::randn([1030, 600], O), Tensor::randn([1030], O));
@@ -1621,6 +1835,12 @@ mod tests {
     /// from one thread as from a team of two.
     #[test]
     fn bf16_tail_rows_are_close_and_head_rows_exact() {
+        for sixteen in [false, true] {
+            with_lanes(sixteen, bf16_tail_rows_are_close_and_head_rows_exact_in_lanes);
+        }
+    }
+
+    fn bf16_tail_rows_are_close_and_head_rows_exact_in_lanes() {
         let _g = tch::no_grad_guard();
         if !bf16_available() {
             return;
@@ -1698,6 +1918,12 @@ mod tests {
     /// a team of two; a tail weight of another shape is refused.
     #[test]
     fn rows_from_start_take_the_tail_weight() {
+        for sixteen in [false, true] {
+            with_lanes(sixteen, rows_from_start_take_the_tail_weight_in_lanes);
+        }
+    }
+
+    fn rows_from_start_take_the_tail_weight_in_lanes() {
         let _g = tch::no_grad_guard();
         tch::manual_seed(6);
         let (w, tail_w, bias) =
@@ -1762,6 +1988,12 @@ mod tests {
     /// bit for bit what it gives alone, so a step's next-token rows are AR's in bf16 too.
     #[test]
     fn bf16_weights_match_the_library_and_keep_rows_apart() {
+        for sixteen in [false, true] {
+            with_lanes(sixteen, bf16_weights_match_the_library_and_keep_rows_apart_in_lanes);
+        }
+    }
+
+    fn bf16_weights_match_the_library_and_keep_rows_apart_in_lanes() {
         let _g = tch::no_grad_guard();
         if !available() {
             return;
