@@ -892,20 +892,10 @@ pub(super) mod avx2 {
     ) {
         let n = job.inp;
         let whole = n / 8 * 8;
-        // Values of a 64-byte line.
-        let line = if W16 { 32 } else { 16 };
         let mut acc = [[_mm256_setzero_ps(); NR]; NO];
         let mut k = 0;
         while k < whole {
-            if let Some(p) = prefetch
-                && k % line == 0
-                && (k / line) % pass.1 == pass.0
-            {
-                for i in 0..NO {
-                    // Within the weight: row p + i < o1 <= out, column k < n.
-                    _mm_prefetch::<_MM_HINT_T1>(weight_at::<W16>(job.w, (p + i) * n + k));
-                }
-            }
+            prefetch_share::<NO, W16>(job, prefetch, k, pass);
             let mut xs = [_mm256_setzero_ps(); NR];
             for (j, x) in xs.iter_mut().enumerate() {
                 *x = unsafe { _mm256_loadu_ps(job.x.add((r + j) * n + k)) };
@@ -919,6 +909,30 @@ pub(super) mod avx2 {
             k += 8;
         }
         unsafe { finish::<NO, NR, W16>(job, o, r, &acc, whole) }
+    }
+
+    /// A pass's share of the prefetch of the `NO` weight rows from `prefetch` on, at input
+    /// `k`: where `k` starts a 64-byte line of the weight, pass `pass.0` of `pass.1` asks
+    /// for that line of each row when the line falls to it (the passes take them in turn).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) fn prefetch_share<const NO: usize, const W16: bool>(
+        job: &Job,
+        prefetch: Option<usize>,
+        k: usize,
+        pass: (usize, usize),
+    ) {
+        // Values of a 64-byte line.
+        let line = if W16 { 32 } else { 16 };
+        if let Some(p) = prefetch
+            && k.is_multiple_of(line)
+            && (k / line) % pass.1 == pass.0
+        {
+            for i in 0..NO {
+                // Within the weight: row p + i < o1 <= out, column k < inp.
+                _mm_prefetch::<_MM_HINT_T1>(weight_at::<W16>(job.w, (p + i) * job.inp + k));
+            }
+        }
     }
 
     /// Outputs `r..r + NR` x `o..o + NO` from their eight-lane accumulators over the inputs
@@ -1423,20 +1437,10 @@ mod avx512 {
     ) {
         let n = job.inp;
         let (whole16, whole) = (n / 16 * 16, n / 8 * 8);
-        // Values of a 64-byte line.
-        let line = if W16 { 32 } else { 16 };
         let mut acc = [[_mm512_setzero_ps(); NR]; NO];
         let mut k = 0;
         while k < whole16 {
-            if let Some(p) = prefetch
-                && k % line == 0
-                && (k / line) % pass.1 == pass.0
-            {
-                for i in 0..NO {
-                    // Within the weight: row p + i < o1 <= out, column k < n.
-                    _mm_prefetch::<_MM_HINT_T1>(avx2::weight_at::<W16>(job.w, (p + i) * n + k));
-                }
-            }
+            avx2::prefetch_share::<NO, W16>(job, prefetch, k, pass);
             let mut xs = [_mm512_setzero_ps(); NR];
             for (j, x) in xs.iter_mut().enumerate() {
                 // SAFETY: row r + j of `x`, its values k..k + 16 <= n.
