@@ -447,8 +447,14 @@ impl Job {
     fn run_part(&self, i: usize, parts: usize) {
         // A job with bf16 rows splits at whole blocks of its bf16 tiles, so that which
         // columns fall in a block (and so every output's value) does not depend on the
-        // number of threads.
-        let unit = if self.bf16.is_some() { BF16_BLOCK } else { 4 };
+        // number of threads; an f32 job at whole blocks of its tiles, so that no thread's
+        // columns end in a part block (a tail weight's two sub-jobs take blocks of four,
+        // or two).
+        let unit = match (self.bf16, self.tail_weight) {
+            (Some(_), _) => BF16_BLOCK,
+            (None, Some(_)) => 4,
+            (None, None) => f32_block(self.rows, self.lanes16),
+        };
         let (o0, o1) = (Self::edge(self.out, i, parts, unit), Self::edge(self.out, i + 1, parts, unit));
         debug_assert!(
             !self.w16 || (self.tail_weight.is_none() && self.low_rank.is_none()),
@@ -545,6 +551,18 @@ unsafe fn f32_columns<const W16: bool>(job: &Job, o0: usize, o1: usize) {
     } else {
         // SAFETY: AVX2 and FMA are available (`available`).
         unsafe { avx2::columns::<W16>(job, o0, o1) }
+    }
+}
+
+/// The weight rows an f32 tile of `rows` input rows takes (so, where a product is shared
+/// between threads, the multiple each thread's columns start at): four, but three for 7 to
+/// 9 rows and two for 10 to 12 in sixteen lanes, which then take every row in one pass
+/// (`avx512::one_pass`).
+fn f32_block(rows: usize, lanes16: bool) -> usize {
+    match rows {
+        7..=9 if lanes16 => 3,
+        10..=12 if lanes16 => 2,
+        _ => 4,
     }
 }
 
@@ -1351,10 +1369,25 @@ mod avx512 {
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
     pub(super) unsafe fn columns_f32<const W16: bool, const L16: bool>(job: &Job, o0: usize, o1: usize) {
         let mut o = o0;
-        while o + 4 <= o1 {
-            let ahead = o + 4 * avx2::PREFETCH_BLOCKS;
-            unsafe { block_f32::<W16, L16>(job, o, (ahead + 4 <= o1).then_some(ahead)) };
-            o += 4;
+        // SAFETY (the one-pass blocks): as this function's, the rows as matched.
+        match (L16, super::f32_block(job.rows, L16)) {
+            (true, 3) => match job.rows {
+                7 => o = unsafe { one_pass::<3, 7, W16>(job, o0, o1) },
+                8 => o = unsafe { one_pass::<3, 8, W16>(job, o0, o1) },
+                _ => o = unsafe { one_pass::<3, 9, W16>(job, o0, o1) },
+            },
+            (true, 2) => match job.rows {
+                10 => o = unsafe { one_pass::<2, 10, W16>(job, o0, o1) },
+                11 => o = unsafe { one_pass::<2, 11, W16>(job, o0, o1) },
+                _ => o = unsafe { one_pass::<2, 12, W16>(job, o0, o1) },
+            },
+            _ => {
+                while o + 4 <= o1 {
+                    let ahead = o + 4 * avx2::PREFETCH_BLOCKS;
+                    unsafe { block_f32::<W16, L16>(job, o, (ahead + 4 <= o1).then_some(ahead)) };
+                    o += 4;
+                }
+            }
         }
         for o in o..o1 {
             for r in 0..job.rows {
@@ -1391,6 +1424,31 @@ mod avx512 {
             }
             r += n;
         }
+    }
+
+    /// Blocks of `NO` weight rows from `o0` while they fit before `o1`, each multiplied by
+    /// all `NR` input rows in one pass of sixteen lanes (between 7 and 12 rows: three
+    /// weight rows for up to nine, two for up to twelve, with as many accumulators as the
+    /// four-row blocks' passes hold), each prefetching the block about eight weight rows
+    /// ahead; returns where the blocks stopped. Four-row blocks took these rows in two
+    /// passes, and the second pass's multiply-adds did not overlap the weight's reads from
+    /// memory: SmolLM2-135M's 9-row products, every layer, 25-27 ms against 31-32 from
+    /// memory on two cores, the same outputs (docs/BENCHMARKS.md, "One pass").
+    ///
+    /// # Safety
+    /// As [`tile16`]'s, for `NR == job.rows`.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    unsafe fn one_pass<const NO: usize, const NR: usize, const W16: bool>(job: &Job, o0: usize, o1: usize) -> usize {
+        debug_assert_eq!(job.rows, NR);
+        let ahead = (4 * avx2::PREFETCH_BLOCKS).div_ceil(NO) * NO;
+        let mut o = o0;
+        while o + NO <= o1 {
+            let prefetch = (o + ahead + NO <= o1).then_some(o + ahead);
+            // SAFETY: as this function's; o + NO <= o1 <= out.
+            unsafe { tile16::<NO, NR, W16>(job, o, 0, prefetch, (0, 1)) };
+            o += NO;
+        }
+        o
     }
 
     /// One tile: [`tile16`] with `L16`, else [`avx2::tile`].
@@ -1441,30 +1499,51 @@ mod avx512 {
         let mut k = 0;
         while k < whole16 {
             avx2::prefetch_share::<NO, W16>(job, prefetch, k, pass);
-            let mut xs = [_mm512_setzero_ps(); NR];
-            for (j, x) in xs.iter_mut().enumerate() {
-                // SAFETY: row r + j of `x`, its values k..k + 16 <= n.
-                *x = unsafe { _mm512_loadu_ps(job.x.add((r + j) * n + k)) };
-            }
-            for (i, row) in acc.iter_mut().enumerate() {
-                // SAFETY: row o + i of the weight, its values k..k + 16 <= n.
-                let w = unsafe { weights16::<W16>(job.w, (o + i) * n + k) };
-                for (a, x) in row.iter_mut().zip(&xs) {
-                    *a = _mm512_fmadd_ps(w, *x, *a);
+            if NR <= MAX_PASS_ROWS {
+                // The rows' inputs held, each weight vector loaded once.
+                let mut xs = [_mm512_setzero_ps(); NR];
+                for (j, x) in xs.iter_mut().enumerate() {
+                    // SAFETY: row r + j of `x`, its values k..k + 16 <= n.
+                    *x = unsafe { _mm512_loadu_ps(job.x.add((r + j) * n + k)) };
+                }
+                for (i, row) in acc.iter_mut().enumerate() {
+                    // SAFETY: row o + i of the weight, its values k..k + 16 <= n.
+                    let w = unsafe { weights16::<W16>(job.w, (o + i) * n + k) };
+                    for (a, x) in row.iter_mut().zip(&xs) {
+                        *a = _mm512_fmadd_ps(w, *x, *a);
+                    }
+                }
+            } else {
+                // More rows than registers for their inputs ([`one_pass`]): the weight
+                // vectors held, each row's inputs loaded as they are used. The same
+                // multiply-adds into each accumulator, in the same order.
+                let mut ws = [_mm512_setzero_ps(); NO];
+                for (i, w) in ws.iter_mut().enumerate() {
+                    // SAFETY: row o + i of the weight, its values k..k + 16 <= n.
+                    *w = unsafe { weights16::<W16>(job.w, (o + i) * n + k) };
+                }
+                for j in 0..NR {
+                    // SAFETY: row r + j of `x`, its values k..k + 16 <= n.
+                    let x = unsafe { _mm512_loadu_ps(job.x.add((r + j) * n + k)) };
+                    for (row, w) in acc.iter_mut().zip(&ws) {
+                        row[j] = _mm512_fmadd_ps(*w, x, row[j]);
+                    }
                 }
             }
             k += 16;
         }
         // The halves added: lane l of eight holds lanes l and l + 8.
-        let mut acc8: [[__m256; NR]; NO] = std::array::from_fn(|i| {
-            std::array::from_fn(|j| {
-                let a = _mm512_castps_pd(acc[i][j]);
-                _mm256_add_ps(
+        // (Loops, not `array::from_fn`, whose closures are not always inlined here.)
+        let mut acc8 = [[_mm256_setzero_ps(); NR]; NO];
+        for (row8, row) in acc8.iter_mut().zip(&acc) {
+            for (a8, a) in row8.iter_mut().zip(row) {
+                let a = _mm512_castps_pd(*a);
+                *a8 = _mm256_add_ps(
                     _mm256_castpd_ps(_mm512_castpd512_pd256(a)),
                     _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(a)),
-                )
-            })
-        });
+                );
+            }
+        }
         if whole16 < whole {
             for (i, row) in acc8.iter_mut().enumerate() {
                 // SAFETY: row o + i of the weight, its values whole16..whole <= n.
@@ -1672,7 +1751,7 @@ mod tests {
         for (out, inp) in [(7, 13), (64, 64), (320, 256), (1030, 600)] {
             let w = Tensor::randn([out, inp], O);
             let b = Tensor::randn([out], O);
-            for rows in [1, 2, 3, 4, 5, 9, 25, MAX_ROWS] {
+            for rows in [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 25, MAX_ROWS] {
                 let x = Tensor::randn([rows, inp], O);
                 for bias in [None, Some(&b)] {
                     let Some(got) = product(&x, &w, bias) else {
@@ -1747,7 +1826,7 @@ mod tests {
         let x = Tensor::randn([MAX_ROWS, 600], O);
         let alone: Vec<Tensor> =
             (0..MAX_ROWS).map(|i| product(&x.narrow(0, i, 1), &w, Some(&b)).expect("one row")).collect();
-        for rows in [2, 3, 4, 5, 9, 16, 25, MAX_ROWS] {
+        for rows in [2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 16, 25, MAX_ROWS] {
             let all = product(&x.narrow(0, 0, rows), &w, Some(&b)).expect("rows");
             for (i, one) in alone.iter().enumerate().take(rows as usize) {
                 assert!(all.narrow(0, i as i64, 1).equal(one), "row {i} of {rows} differs from the row alone");
@@ -2009,7 +2088,7 @@ mod tests {
             let x = bf(Tensor::randn([2 * MAX_ROWS + 5, inp], O));
             let alone: Vec<Tensor> =
                 (0..x.size()[0]).map(|i| product(&x.narrow(0, i, 1), &w, Some(&b)).expect("one bf16 row")).collect();
-            for rows in [1, 2, 5, 9, 25, MAX_ROWS, MAX_ROWS + 1, 2 * MAX_ROWS + 5] {
+            for rows in [1, 2, 5, 8, 9, 11, 25, MAX_ROWS, MAX_ROWS + 1, 2 * MAX_ROWS + 5] {
                 let xs = x.narrow(0, 0, rows);
                 for bias in [None, Some(&b)] {
                     let what = format!("{out}x{inp}, {rows} rows, bias {}", bias.is_some());
