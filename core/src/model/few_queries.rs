@@ -14,6 +14,13 @@
 //! enough. The output is written as `[b, t, heads, hd]` (what the layer's output
 //! projection reads) and returned as the usual `[b, heads, t, hd]` view.
 //!
+//! Where the products take sixteen lanes (AVX-512, `few_rows`; `MTP_CPU_LANES=8` keeps
+//! eight), so does this kernel: eight query rows a pass, sixteen keys a vector, the value
+//! columns 32 at a time. Only the softmax's sum of weights is added in another order, the
+//! same for every call of the process. SmolLM2-135M's heads, 25 rows over 100 cached
+//! positions: 56-73 us against 75-118 in eight lanes; over 500, 212-241 against 334-395
+//! (docs/BENCHMARKS.md, "Attention in sixteen lanes").
+//!
 //! Every row is computed by the same operations whatever the other rows are, whichever
 //! thread takes it, and whatever keys past its own are masked out (a masked key adds an
 //! exact zero): so a speculative step's next-token rows equal an AR step's bit for bit.
@@ -50,8 +57,12 @@ pub const MAX_ROWS: i64 = 1024;
 /// the calling thread alone: waking the second thread costs a few microseconds.
 const SPLIT_MIN_WORK: i64 = 1 << 16;
 
-/// Query rows a pass takes together.
+/// Query rows a pass takes together (eight lanes).
 const ROWS: usize = 4;
+
+/// Query rows a pass takes together in sixteen lanes (32 registers: two blocks of sixteen
+/// keys' scores for eight rows, or 32 value columns of eight rows, in 16 accumulators).
+const ROWS16: usize = 8;
 
 /// Whether this kernel takes calls at all: the CPU has AVX2 and FMA, `MTP_CPU_ATTENTION`
 /// does not say `libtorch`, and [`set_enabled`] did not switch it off.
@@ -158,6 +169,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal:
         mask: mask.as_ref().map_or(std::ptr::null(), |m| m.data_ptr() as *const u8),
         mask_kind,
         out: out.data_ptr() as *mut f32,
+        lanes16: super::few_rows::sixteen_lanes(),
     };
     let work = b * h * t * s * hd;
     #[cfg(target_arch = "x86_64")]
@@ -223,6 +235,9 @@ struct Call {
     mask: *const u8,
     mask_kind: MaskKind,
     out: *mut f32,
+    /// Scores, softmax and weighted sums in sixteen lanes (AVX-512), as the products
+    /// ([`super::few_rows`]) choose for the whole process.
+    lanes16: bool,
 }
 
 // SAFETY: the parts of a call read its inputs and write disjoint rows of its output, each
@@ -233,47 +248,116 @@ unsafe impl Sync for Call {}
 mod kernel {
     use std::arch::x86_64::*;
 
-    use super::{Call, MaskKind, ROWS};
+    use super::{Call, MaskKind, ROWS, ROWS16};
+
+    /// The values from one row to the next of the transposed keys and of the scores, for
+    /// `s` keys in blocks of `lanes`: whole blocks, and an odd number of 64-byte lines, so
+    /// that the rows a pass reads at one column fall in different sets of the L1 cache
+    /// (rows of 512 values, 2 KiB apart, all fell in two of its 64 sets: SmolLM2-135M's
+    /// one-row attention over 500 keys took 47-52 us in sixteen lanes, 28-32 with this
+    /// stride; 39-47 and 35-37 in eight).
+    pub(super) fn row_stride(s: usize, lanes: usize) -> usize {
+        ((s.div_ceil(lanes) * lanes).div_ceil(16) | 1) * 16
+    }
+
+    /// Sixteen f32 values on a 64-byte cache line.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    struct Line([f32; 16]);
+
+    /// One pass's query rows, `rows.len()` of them: [`rows_pass`] or [`rows_pass16`].
+    type PassFn = unsafe fn(&Call, &[f32], &mut [f32], usize, usize, &[(usize, usize)]);
 
     /// Part `i` of `n`: the call's units (batch entry, key/value head) are cut into passes
-    /// of up to [`ROWS`] query rows, numbered in order, and part `i` takes the `i`-th share
-    /// of them.
+    /// of up to [`ROWS`] query rows ([`ROWS16`] in sixteen lanes), numbered in order, and
+    /// part `i` takes the `i`-th share of them.
     ///
     /// # Safety
-    /// AVX2 and FMA are available; `call`'s pointers are valid for its sizes.
+    /// AVX2 and FMA are available (and AVX-512F and VL with `call.lanes16`); `call`'s
+    /// pointers are valid for its sizes.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn part(call: &Call, i: usize, n: usize) {
+        // SAFETY: as this function's.
+        unsafe {
+            if call.lanes16 { part_in::<ROWS16>(call, i, n, 16, pass16) } else { part_in::<ROWS>(call, i, n, 8, pass8) }
+        }
+    }
+
+    /// [`part`] in passes of up to `P` rows, the keys padded to a multiple of `lanes`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn part_in<const P: usize>(call: &Call, i: usize, n: usize, lanes: usize, pass: PassFn) {
         let group = call.h / call.kv;
         let queries = group * call.t;
-        let passes = queries.div_ceil(ROWS);
+        let passes = queries.div_ceil(P);
         let total = call.b * call.kv * passes;
         let (first, last) = (total * i / n, total * (i + 1) / n);
-        let width = call.s.div_ceil(8) * 8;
-        // Keys of one key/value head transposed: `hd` rows of `width` (zero padded).
-        let mut keys = vec![0f32; call.hd * width];
-        let mut scores = vec![0f32; ROWS * width];
+        let width = row_stride(call.s, lanes);
+        // Keys of one key/value head transposed: `hd` rows of `width` (zero padded); and the
+        // pass's scores. Both start on a cache line, so that no vector load of a block of
+        // keys or scores straddles two (with sixteen lanes every one would).
+        let mut key_lines = vec![Line([0.0; 16]); (call.hd * width).div_ceil(16)];
+        let mut score_lines = vec![Line([0.0; 16]); (P * width).div_ceil(16)];
+        // SAFETY: `Line`s are 16 f32 values each, without padding; the slices cover the
+        // first `hd x width` and `P x width` of them.
+        let (keys, scores) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(key_lines.as_mut_ptr() as *mut f32, call.hd * width),
+                std::slice::from_raw_parts_mut(score_lines.as_mut_ptr() as *mut f32, P * width),
+            )
+        };
         let mut loaded = None;
         for item in first..last {
-            let (unit, pass) = (item / passes, item % passes);
+            let (unit, at) = (item / passes, item % passes);
             let (e, g) = (unit / call.kv, unit % call.kv);
             if loaded != Some(unit) {
                 // SAFETY: `e < b`, `g < kv`; `keys` holds `hd x width` values.
-                unsafe { transpose_keys(call, e, g, &mut keys, width) };
+                unsafe { transpose_keys(call, e, g, keys, width) };
                 loaded = Some(unit);
             }
             // Query vector `x` of this unit: head `g * group + x / t`, row `x % t`.
-            let from = pass * ROWS;
-            let rows: [(usize, usize); ROWS] =
-                std::array::from_fn(|r| ((g * group + (from + r) / call.t).min(call.h - 1), (from + r) % call.t));
-            let (keys, scores) = (keys.as_slice(), scores.as_mut_slice());
+            let from = at * P;
+            let count = (queries - from).min(P);
+            let mut rows = [(0, 0); P];
+            for (r, row) in rows.iter_mut().enumerate().take(count) {
+                *row = (g * group + (from + r) / call.t, (from + r) % call.t);
+            }
             // SAFETY: as this function's; the rows' heads and indices are in range.
-            unsafe {
-                match queries - from {
-                    1 => rows_pass::<1>(call, keys, scores, e, g, &rows),
-                    2 => rows_pass::<2>(call, keys, scores, e, g, &rows),
-                    3 => rows_pass::<3>(call, keys, scores, e, g, &rows),
-                    _ => rows_pass::<4>(call, keys, scores, e, g, &rows),
-                }
+            unsafe { pass(call, keys, scores, e, g, &rows[..count]) };
+        }
+    }
+
+    /// [`rows_pass`] for up to [`ROWS`] rows.
+    ///
+    /// # Safety
+    /// As [`rows_pass`]'s.
+    unsafe fn pass8(call: &Call, keys: &[f32], scores: &mut [f32], e: usize, g: usize, rows: &[(usize, usize)]) {
+        // SAFETY: as this function's; `part` checked AVX2 and FMA.
+        unsafe {
+            match rows.len() {
+                1 => rows_pass::<1>(call, keys, scores, e, g, rows),
+                2 => rows_pass::<2>(call, keys, scores, e, g, rows),
+                3 => rows_pass::<3>(call, keys, scores, e, g, rows),
+                _ => rows_pass::<4>(call, keys, scores, e, g, rows),
+            }
+        }
+    }
+
+    /// [`rows_pass16`] for up to [`ROWS16`] rows.
+    ///
+    /// # Safety
+    /// As [`rows_pass16`]'s.
+    unsafe fn pass16(call: &Call, keys: &[f32], scores: &mut [f32], e: usize, g: usize, rows: &[(usize, usize)]) {
+        // SAFETY: as this function's; `call.lanes16` says AVX-512F and VL are available.
+        unsafe {
+            match rows.len() {
+                1 => rows_pass16::<1>(call, keys, scores, e, g, rows),
+                2 => rows_pass16::<2>(call, keys, scores, e, g, rows),
+                3 => rows_pass16::<3>(call, keys, scores, e, g, rows),
+                4 => rows_pass16::<4>(call, keys, scores, e, g, rows),
+                5 => rows_pass16::<5>(call, keys, scores, e, g, rows),
+                6 => rows_pass16::<6>(call, keys, scores, e, g, rows),
+                7 => rows_pass16::<7>(call, keys, scores, e, g, rows),
+                _ => rows_pass16::<8>(call, keys, scores, e, g, rows),
             }
         }
     }
@@ -345,7 +429,7 @@ mod kernel {
     ///
     /// # Safety
     /// As [`part`]; `keys` holds the head's keys transposed (`hd` rows of `width`, zero
-    /// padded), `scores` room for [`ROWS`] rows of `width`.
+    /// padded), `scores` room for `R` rows of `width`; `rows` holds at least `R`.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn rows_pass<const R: usize>(
         call: &Call,
@@ -353,10 +437,10 @@ mod kernel {
         scores: &mut [f32],
         e: usize,
         g: usize,
-        rows: &[(usize, usize); ROWS],
+        rows: &[(usize, usize)],
     ) {
         let hd = call.hd;
-        let width = call.s.div_ceil(8) * 8;
+        let width = row_stride(call.s, 8);
         // With `causal`, the keys after the pass's last row count for nothing: left out (a
         // prompt's prefill then does half the work). A row's values do not change: the keys
         // it may not attend add exact zeros.
@@ -447,6 +531,161 @@ mod kernel {
                 }
                 c0 += if wide { 16 } else { 8 };
             }
+        }
+    }
+
+    /// [`rows_pass`] in sixteen lanes: the scores of sixteen keys a vector (two blocks a
+    /// pass), the softmax sixteen scores at a time and the weighted sums of the values 32
+    /// columns at a time (16, then 8 for what is left). Every score and every weighted sum
+    /// is the same sequence of operations as in eight lanes; only the softmax's sum of
+    /// weights is added in another order (sixteen lanes, then eight, then one), the same
+    /// for every row of every call.
+    ///
+    /// # Safety
+    /// As [`rows_pass`]'s, with AVX-512F and VL available.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    unsafe fn rows_pass16<const R: usize>(
+        call: &Call,
+        keys: &[f32],
+        scores: &mut [f32],
+        e: usize,
+        g: usize,
+        rows: &[(usize, usize)],
+    ) {
+        let hd = call.hd;
+        let width = row_stride(call.s, 16);
+        // As in `rows_pass`: with `causal`, no keys after the pass's last row.
+        let s = if call.causal { call.s.min(rows[..R].iter().map(|&(_, i)| i + 1).max().unwrap_or(1)) } else { call.s };
+        let blocks = s.div_ceil(16);
+        // SAFETY (whole body): every pointer below indexes within the slices and tensors
+        // whose sizes `call` gives; loads and stores are unaligned.
+        unsafe {
+            let mut q = [std::ptr::null::<f32>(); R];
+            for (r, q) in q.iter_mut().enumerate() {
+                *q = call.q.row(e, rows[r].0, rows[r].1);
+            }
+            let scale = _mm512_set1_ps(call.scale);
+            let mut best = [_mm512_set1_ps(f32::NEG_INFINITY); R];
+            let mut blk = 0;
+            while blk < blocks {
+                let two = blk + 1 < blocks;
+                let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                for d in 0..hd {
+                    let k0 = _mm512_loadu_ps(keys.as_ptr().add(d * width + blk * 16));
+                    let k1 = if two { _mm512_loadu_ps(keys.as_ptr().add(d * width + blk * 16 + 16)) } else { k0 };
+                    for (acc, q) in acc.iter_mut().zip(&q) {
+                        let x = _mm512_set1_ps(*q.add(d));
+                        acc[0] = _mm512_fmadd_ps(x, k0, acc[0]);
+                        if two {
+                            acc[1] = _mm512_fmadd_ps(x, k1, acc[1]);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    for (half, a) in acc.iter().enumerate().take(if two { 2 } else { 1 }) {
+                        let b = blk + half;
+                        let x = masked16(call, e, rows[r].1, b, _mm512_mul_ps(*a, scale));
+                        _mm512_storeu_ps(scores.as_mut_ptr().add(r * width + b * 16), x);
+                        best[r] = _mm512_max_ps(best[r], x);
+                    }
+                }
+                blk += if two { 2 } else { 1 };
+            }
+            let mut inverse = [_mm512_setzero_ps(); R];
+            let mut empty = [false; R];
+            for r in 0..R {
+                let top = _mm512_reduce_max_ps(best[r]);
+                if top == f32::NEG_INFINITY {
+                    empty[r] = true;
+                    continue;
+                }
+                let top = _mm512_set1_ps(top);
+                let mut total = _mm512_setzero_ps();
+                let row = scores.as_mut_ptr().add(r * width);
+                for b in 0..blocks {
+                    let x = exp16(_mm512_sub_ps(_mm512_loadu_ps(row.add(b * 16)), top));
+                    total = _mm512_add_ps(total, x);
+                    _mm512_storeu_ps(row.add(b * 16), x);
+                }
+                let total = _mm512_castps_pd(total);
+                let eight = _mm256_add_ps(
+                    _mm256_castpd_ps(_mm512_castpd512_pd256(total)),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(total)),
+                );
+                inverse[r] = _mm512_set1_ps(1.0 / crate::model::few_rows::avx2::lanes_sum(eight));
+            }
+            let mut out = [std::ptr::null_mut::<f32>(); R];
+            for (r, out) in out.iter_mut().enumerate() {
+                *out = call.out.add(((e * call.t + rows[r].1) * call.h + rows[r].0) * hd);
+            }
+            let p = |r: usize, j: usize| *scores.as_ptr().add(r * width + j);
+            let mut c0 = 0;
+            while c0 + 16 <= hd {
+                // Two vectors of columns while two fit, then one.
+                let wide = c0 + 32 <= hd;
+                let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                for j in 0..s {
+                    let vj = call.v.row(e, g, j).add(c0);
+                    let v0 = _mm512_loadu_ps(vj);
+                    let v1 = if wide { _mm512_loadu_ps(vj.add(16)) } else { v0 };
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let w = _mm512_set1_ps(p(r, j));
+                        acc[0] = _mm512_fmadd_ps(w, v0, acc[0]);
+                        if wide {
+                            acc[1] = _mm512_fmadd_ps(w, v1, acc[1]);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    for (half, a) in acc[r].iter().enumerate().take(if wide { 2 } else { 1 }) {
+                        let a = if empty[r] { _mm512_setzero_ps() } else { _mm512_mul_ps(*a, inverse[r]) };
+                        _mm512_storeu_ps(out[r].add(c0 + 16 * half), a);
+                    }
+                }
+                c0 += if wide { 32 } else { 16 };
+            }
+            if c0 < hd {
+                // The last eight columns (`hd` an odd multiple of eight).
+                let mut acc = [_mm256_setzero_ps(); R];
+                for j in 0..s {
+                    let v0 = _mm256_loadu_ps(call.v.row(e, g, j).add(c0));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(_mm256_set1_ps(p(r, j)), v0, *acc);
+                    }
+                }
+                for r in 0..R {
+                    let a = if empty[r] {
+                        _mm256_setzero_ps()
+                    } else {
+                        _mm256_mul_ps(acc[r], _mm512_castps512_ps256(inverse[r]))
+                    };
+                    _mm256_storeu_ps(out[r].add(c0), a);
+                }
+            }
+        }
+    }
+
+    /// Block `b`'s sixteen scores `x` of query row `i` with the mask applied: its two
+    /// halves as [`masked`] gives them, a half wholly past the last key `-inf`.
+    ///
+    /// # Safety
+    /// As [`rows_pass16`]; `16 b < s`.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    #[inline]
+    unsafe fn masked16(call: &Call, e: usize, i: usize, b: usize, x: __m512) -> __m512 {
+        let xd = _mm512_castps_pd(x);
+        // SAFETY: block 2b starts before `s`; block 2b + 1 is masked only where it does.
+        unsafe {
+            let lo = masked(call, e, i, 2 * b, _mm256_castpd_ps(_mm512_castpd512_pd256(xd)));
+            let hi = if (2 * b + 1) * 8 < call.s {
+                masked(call, e, i, 2 * b + 1, _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(xd)))
+            } else {
+                _mm256_set1_ps(f32::NEG_INFINITY)
+            };
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+                _mm256_castps_pd(hi),
+            ))
         }
     }
 
@@ -541,6 +780,28 @@ mod kernel {
         _mm256_andnot_ps(zero, e)
     }
 
+    /// [`exp`] in sixteen lanes: the same operations lane by lane, so the same values.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    fn exp16(x: __m512) -> __m512 {
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        const INV: [f32; 8] = [1.0, 1.0, 1.0 / 2.0, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0];
+        let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(-87.0));
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut y = _mm512_set1_ps(INV[7]);
+        for &c in INV[..7].iter().rev() {
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+        }
+        let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));
+        _mm512_maskz_mov_ps(keep, _mm512_mul_ps(y, _mm512_castsi512_ps(bits)))
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
@@ -572,6 +833,31 @@ mod kernel {
             assert_eq!(&got[..4], &[0.0; 4]);
             assert_eq!(got[4], 1.0);
         }
+
+        /// In sixteen lanes, every lane's value is the eight-lane function's, bit for bit.
+        #[test]
+        fn exp16_equals_exp() {
+            if !(crate::model::few_rows::available() && std::arch::is_x86_feature_detected!("avx512f")) {
+                return;
+            }
+            let mut x = -90.0f32;
+            let mut values = vec![f32::NEG_INFINITY, -0.0, 0.0];
+            while x <= 0.0 {
+                values.push(x);
+                x += 0.0093;
+            }
+            values.resize(values.len().div_ceil(16) * 16, -1.0);
+            for block in values.chunks(16) {
+                let (mut eight, mut sixteen) = ([0f32; 16], [0f32; 16]);
+                // SAFETY: AVX2, FMA and AVX-512F checked above; 16 values each.
+                unsafe {
+                    _mm256_storeu_ps(eight.as_mut_ptr(), exp(_mm256_loadu_ps(block.as_ptr())));
+                    _mm256_storeu_ps(eight.as_mut_ptr().add(8), exp(_mm256_loadu_ps(block.as_ptr().add(8))));
+                    _mm512_storeu_ps(sixteen.as_mut_ptr(), exp16(_mm512_loadu_ps(block.as_ptr())));
+                }
+                assert_eq!(eight.map(f32::to_bits), sixteen.map(f32::to_bits), "{block:?}");
+            }
+        }
     }
 }
 
@@ -584,13 +870,20 @@ mod tests {
         Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, grouped)
     }
 
-    /// Against libtorch's kernel: grouped heads, head widths 8 to 128, 1 to 81 rows, no
-    /// mask, additive and boolean masks, causal, batches with a mask each, q/k/v as the
-    /// layer hands them over (strided views of the projection's output and of the cache);
-    /// and each row alone gives the same bits as among the others, with the keys past it
-    /// masked or absent (an AR step against a speculative step's next-token row).
+    /// Against libtorch's kernel, in eight lanes and in sixteen (where the CPU has them):
+    /// grouped heads, head widths 8 to 128, 1 to 81 rows, no mask, additive and boolean
+    /// masks, causal, batches with a mask each, q/k/v as the layer hands them over (strided
+    /// views of the projection's output and of the cache); and each row alone gives the
+    /// same bits as among the others, with the keys past it masked or absent (an AR step
+    /// against a speculative step's next-token row).
     #[test]
     fn equals_libtorch_within_rounding() {
+        for sixteen in [false, true] {
+            crate::model::few_rows::tests::with_lanes(sixteen, equals_libtorch_within_rounding_in_lanes);
+        }
+    }
+
+    fn equals_libtorch_within_rounding_in_lanes() {
         if !runs() {
             return;
         }

@@ -83,7 +83,7 @@ fn wide_registers() -> bool {
 /// of every row count, AR's one row among them, so a row's outputs still do not depend on
 /// the other rows of a call. Sixteen lanes halve the multiply-adds of a tile where the CPU
 /// has 512-bit multiply-add units (docs/BENCHMARKS.md, "Sixteen lanes").
-fn sixteen_lanes() -> bool {
+pub(super) fn sixteen_lanes() -> bool {
     #[cfg(test)]
     if let Some(wide) = tests::LANES16.with(std::cell::Cell::get) {
         return wide && wide_registers();
@@ -1705,7 +1705,7 @@ mod avx512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     thread_local! {
@@ -1716,7 +1716,7 @@ mod tests {
 
     /// `f` with this thread's products in sixteen lanes or eight, the setting then
     /// restored.
-    fn with_lanes<T>(sixteen: bool, f: impl FnOnce() -> T) -> T {
+    pub(in crate::model) fn with_lanes<T>(sixteen: bool, f: impl FnOnce() -> T) -> T {
         let before = LANES16.with(|c| c.replace(Some(sixteen)));
         let result = f();
         LANES16.with(|c| c.set(before));
