@@ -249,6 +249,7 @@ mod kernel {
     use std::arch::x86_64::*;
 
     use super::{Call, MaskKind, ROWS, ROWS16};
+    use crate::model::few_rows::{avx2::lanes_sum, avx512::halves};
 
     /// The values from one row to the next of the transposed keys and of the scores, for
     /// `s` keys in blocks of `lanes`: whole blocks, and an odd number of 64-byte lines, so
@@ -324,6 +325,22 @@ mod kernel {
             // SAFETY: as this function's; the rows' heads and indices are in range.
             unsafe { pass(call, keys, scores, e, g, &rows[..count]) };
         }
+    }
+
+    /// The keys a pass of `rows` reads: all of them, or with `causal` none after the pass's
+    /// last row (a prompt's prefill then does half the work). A row's values do not change:
+    /// the keys it may not attend add exact zeros.
+    fn keys_seen(call: &Call, rows: &[(usize, usize)]) -> usize {
+        if call.causal { call.s.min(rows.iter().map(|&(_, i)| i + 1).max().unwrap_or(1)) } else { call.s }
+    }
+
+    /// Where the output of `(head, row)` of batch entry `e` starts (`[b, t, heads, hd]`).
+    ///
+    /// # Safety
+    /// The indices are within the call's sizes.
+    unsafe fn out_row(call: &Call, e: usize, (head, row): (usize, usize)) -> *mut f32 {
+        // SAFETY: the caller keeps the indices in range.
+        unsafe { call.out.add(((e * call.t + row) * call.h + head) * call.hd) }
     }
 
     /// [`rows_pass`] for up to [`ROWS`] rows.
@@ -441,10 +458,7 @@ mod kernel {
     ) {
         let hd = call.hd;
         let width = row_stride(call.s, 8);
-        // With `causal`, the keys after the pass's last row count for nothing: left out (a
-        // prompt's prefill then does half the work). A row's values do not change: the keys
-        // it may not attend add exact zeros.
-        let s = if call.causal { call.s.min(rows[..R].iter().map(|&(_, i)| i + 1).max().unwrap_or(1)) } else { call.s };
+        let s = keys_seen(call, &rows[..R]);
         let blocks = s.div_ceil(8);
         // SAFETY (whole body): every pointer below indexes within the slices and tensors
         // whose sizes `call` gives; loads and stores are unaligned.
@@ -496,12 +510,11 @@ mod kernel {
                     total = _mm256_add_ps(total, x);
                     _mm256_storeu_ps(row.add(b * 8), x);
                 }
-                inverse[r] = _mm256_set1_ps(1.0 / crate::model::few_rows::avx2::lanes_sum(total));
+                inverse[r] = _mm256_set1_ps(1.0 / lanes_sum(total));
             }
             // The weighted sums of the values, sixteen of the head's width at a time (eight
             // for the last when the width is an odd multiple of eight).
-            let out: [*mut f32; R] =
-                std::array::from_fn(|r| call.out.add(((e * call.t + rows[r].1) * call.h + rows[r].0) * hd));
+            let out: [*mut f32; R] = std::array::from_fn(|r| out_row(call, e, rows[r]));
             let mut c0 = 0;
             while c0 < hd {
                 let wide = c0 + 16 <= hd;
@@ -554,8 +567,7 @@ mod kernel {
     ) {
         let hd = call.hd;
         let width = row_stride(call.s, 16);
-        // As in `rows_pass`: with `causal`, no keys after the pass's last row.
-        let s = if call.causal { call.s.min(rows[..R].iter().map(|&(_, i)| i + 1).max().unwrap_or(1)) } else { call.s };
+        let s = keys_seen(call, &rows[..R]);
         let blocks = s.div_ceil(16);
         // SAFETY (whole body): every pointer below indexes within the slices and tensors
         // whose sizes `call` gives; loads and stores are unaligned.
@@ -607,16 +619,12 @@ mod kernel {
                     total = _mm512_add_ps(total, x);
                     _mm512_storeu_ps(row.add(b * 16), x);
                 }
-                let total = _mm512_castps_pd(total);
-                let eight = _mm256_add_ps(
-                    _mm256_castpd_ps(_mm512_castpd512_pd256(total)),
-                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(total)),
-                );
-                inverse[r] = _mm512_set1_ps(1.0 / crate::model::few_rows::avx2::lanes_sum(eight));
+                let (lo, hi) = halves(total);
+                inverse[r] = _mm512_set1_ps(1.0 / lanes_sum(_mm256_add_ps(lo, hi)));
             }
             let mut out = [std::ptr::null_mut::<f32>(); R];
             for (r, out) in out.iter_mut().enumerate() {
-                *out = call.out.add(((e * call.t + rows[r].1) * call.h + rows[r].0) * hd);
+                *out = out_row(call, e, rows[r]);
             }
             let p = |r: usize, j: usize| *scores.as_ptr().add(r * width + j);
             let mut c0 = 0;
@@ -673,12 +681,12 @@ mod kernel {
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
     #[inline]
     unsafe fn masked16(call: &Call, e: usize, i: usize, b: usize, x: __m512) -> __m512 {
-        let xd = _mm512_castps_pd(x);
+        let (lo, hi) = halves(x);
         // SAFETY: block 2b starts before `s`; block 2b + 1 is masked only where it does.
         unsafe {
-            let lo = masked(call, e, i, 2 * b, _mm256_castpd_ps(_mm512_castpd512_pd256(xd)));
+            let lo = masked(call, e, i, 2 * b, lo);
             let hi = if (2 * b + 1) * 8 < call.s {
-                masked(call, e, i, 2 * b + 1, _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(xd)))
+                masked(call, e, i, 2 * b + 1, hi)
             } else {
                 _mm256_set1_ps(f32::NEG_INFINITY)
             };

@@ -1208,7 +1208,7 @@ pub(super) mod avx2 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{BF16_BLOCK, Bf16Rows, Job, avx2, avx2::weights8};
@@ -1368,27 +1368,24 @@ mod avx512 {
     /// sizes.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
     pub(super) unsafe fn columns_f32<const W16: bool, const L16: bool>(job: &Job, o0: usize, o1: usize) {
-        let mut o = o0;
         // SAFETY (the one-pass blocks): as this function's, the rows as matched.
-        match (L16, super::f32_block(job.rows, L16)) {
-            (true, 3) => match job.rows {
-                7 => o = unsafe { one_pass::<3, 7, W16>(job, o0, o1) },
-                8 => o = unsafe { one_pass::<3, 8, W16>(job, o0, o1) },
-                _ => o = unsafe { one_pass::<3, 9, W16>(job, o0, o1) },
-            },
-            (true, 2) => match job.rows {
-                10 => o = unsafe { one_pass::<2, 10, W16>(job, o0, o1) },
-                11 => o = unsafe { one_pass::<2, 11, W16>(job, o0, o1) },
-                _ => o = unsafe { one_pass::<2, 12, W16>(job, o0, o1) },
-            },
+        let o = match (super::f32_block(job.rows, L16), job.rows) {
+            (3, 7) => unsafe { one_pass::<3, 7, W16>(job, o0, o1) },
+            (3, 8) => unsafe { one_pass::<3, 8, W16>(job, o0, o1) },
+            (3, _) => unsafe { one_pass::<3, 9, W16>(job, o0, o1) },
+            (2, 10) => unsafe { one_pass::<2, 10, W16>(job, o0, o1) },
+            (2, 11) => unsafe { one_pass::<2, 11, W16>(job, o0, o1) },
+            (2, _) => unsafe { one_pass::<2, 12, W16>(job, o0, o1) },
             _ => {
+                let mut o = o0;
                 while o + 4 <= o1 {
                     let ahead = o + 4 * avx2::PREFETCH_BLOCKS;
                     unsafe { block_f32::<W16, L16>(job, o, (ahead + 4 <= o1).then_some(ahead)) };
                     o += 4;
                 }
+                o
             }
-        }
+        };
         for o in o..o1 {
             for r in 0..job.rows {
                 unsafe { pass::<1, 1, W16, L16>(job, o, r, None, (0, 1)) };
@@ -1537,11 +1534,8 @@ mod avx512 {
         let mut acc8 = [[_mm256_setzero_ps(); NR]; NO];
         for (row8, row) in acc8.iter_mut().zip(&acc) {
             for (a8, a) in row8.iter_mut().zip(row) {
-                let a = _mm512_castps_pd(*a);
-                *a8 = _mm256_add_ps(
-                    _mm256_castpd_ps(_mm512_castpd512_pd256(a)),
-                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(a)),
-                );
+                let (lo, hi) = halves(*a);
+                *a8 = _mm256_add_ps(lo, hi);
             }
         }
         if whole16 < whole {
@@ -1556,6 +1550,14 @@ mod avx512 {
         }
         // SAFETY: as this function's.
         unsafe { avx2::finish::<NO, NR, W16>(job, o, r, &acc8, whole) }
+    }
+
+    /// Lanes 0-7 and 8-15 of `v`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(in crate::model) fn halves(v: __m512) -> (__m256, __m256) {
+        let v = _mm512_castps_pd(v);
+        (_mm256_castpd_ps(_mm512_castpd512_pd256(v)), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(v)))
     }
 
     /// Sixteen weights from value `at` of the weight `w`, as [`avx2::weights8`] reads eight.
