@@ -9,6 +9,7 @@ mod common;
 use mtp_core::model::ProjGroup;
 use mtp_core::model::attention::{AttnMask, Pass, attend};
 use mtp_core::model::linear::linear;
+use mtp_core::model::row_ops;
 use mtp_core::{LoadOptions, LoadedModel, ModelSource};
 use tch::{Kind, Tensor};
 
@@ -56,9 +57,23 @@ fn main() -> anyhow::Result<()> {
         let cache_cell = std::cell::RefCell::new(cache);
         let pass_mask = if t == 1 { AttnMask::Causal } else { AttnMask::Custom(&mask) };
         let ops: Vec<(&str, Op)> = vec![
-            ("rms_norm", Box::new(|| drop(x.rms_norm([d], Some(&norm_w), 1e-5)))),
+            (
+                "rms_norm",
+                Box::new(|| {
+                    drop(row_ops::rms_norm(&x, &norm_w, 1e-5).unwrap_or_else(|| x.rms_norm([d], Some(&norm_w), 1e-5)))
+                }),
+            ),
+            ("rms_norm, libtorch's", Box::new(|| drop(x.rms_norm([d], Some(&norm_w), 1e-5)))),
             ("q/k/v product", Box::new(|| drop(linear(&x, &w_qkv, None)))),
             ("rotary embedding (q and k)", Box::new(|| drop(rope.apply(&qkv.narrow(2, 0, heads + kv))))),
+            (
+                "rotary embedding, libtorch's",
+                Box::new(|| {
+                    let x = qkv.narrow(2, 0, heads + kv);
+                    let swapped = x.view([1, t, heads + kv, 2, hd / 2]).flip([3]).view([1, t, heads + kv, hd]);
+                    drop(&x * &rope.cos + swapped * &rope.sin_signed)
+                }),
+            ),
             (
                 "cache append (k and v)",
                 Box::new(|| {
@@ -81,7 +96,13 @@ fn main() -> anyhow::Result<()> {
             ("o product", Box::new(|| drop(linear(&x, &w_o, None)))),
             ("residual add", Box::new(|| drop(&x + &x))),
             ("gate/up product", Box::new(|| drop(linear(&x, &w_gu, None)))),
-            ("silu(gate) * up", Box::new(|| drop(gu.narrow(-1, 0, i).silu() * gu.narrow(-1, i, i)))),
+            (
+                "silu(gate) * up",
+                Box::new(|| {
+                    drop(row_ops::swiglu(&gu, i).unwrap_or_else(|| gu.narrow(-1, 0, i).silu() * gu.narrow(-1, i, i)))
+                }),
+            ),
+            ("silu(gate) * up, libtorch's", Box::new(|| drop(gu.narrow(-1, 0, i).silu() * gu.narrow(-1, i, i)))),
             ("down product", Box::new(|| drop(linear(&act, &w_down, None)))),
             (
                 "the four products in turn",
@@ -121,7 +142,8 @@ fn main() -> anyhow::Result<()> {
             } else {
                 lines[k].1[1] = us;
             }
-            if !name.starts_with("whole") && !name.starts_with("the four") && !name.contains("as the layer") {
+            let aside = name.starts_with("whole") || name.starts_with("the four") || name.contains("as the layer");
+            if !aside && !name.ends_with("libtorch's") {
                 totals[col] += us;
             }
         }

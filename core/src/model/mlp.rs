@@ -40,7 +40,9 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor, adapter: Option<&Gated>) -> Tensor {
         let i = self.intermediate;
         let gate_up = self.gate_up_proj.project(x, adapter, self.layer, ProjGroup::GateUp);
-        let act = gate_up.narrow(-1, 0, i).silu() * gate_up.narrow(-1, i, i);
+        // A decoding pass's few f32 rows on the CPU: one loop of our own (`row_ops`).
+        let act = super::row_ops::swiglu(&gate_up, i)
+            .unwrap_or_else(|| gate_up.narrow(-1, 0, i).silu() * gate_up.narrow(-1, i, i));
         self.down_proj.project(&act, adapter, self.layer, ProjGroup::Down)
     }
 }

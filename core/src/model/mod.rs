@@ -13,6 +13,7 @@ pub mod llama;
 pub mod mlp;
 pub mod norm;
 pub mod rope;
+pub mod row_ops;
 pub mod weights;
 
 pub use attention::AttnMask;

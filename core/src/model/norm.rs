@@ -30,7 +30,9 @@ impl RmsNorm {
         // would multiply by the weight before rounding, where transformers rounds first:
         // normalise there without the weight, then scale in the activations' dtype.
         if x.kind() == Kind::Float {
-            x.rms_norm([d], Some(&self.weight), self.eps)
+            // A decoding pass's few rows on the CPU: our own loop (`row_ops`).
+            super::row_ops::rms_norm(x, &self.weight, self.eps)
+                .unwrap_or_else(|| x.rms_norm([d], Some(&self.weight), self.eps))
         } else {
             &self.weight * x.rms_norm([d], None::<Tensor>, self.eps)
         }

@@ -72,7 +72,11 @@ impl RopeTables {
     /// rotate_half(x) * sin` with `rotate_half(x) = [-x2, x1]`, written as the halves
     /// swapped (`[x2, x1]`, one flip) times the signed sin. `(-x2) * s` and `x2 * (-s)` are
     /// the same float, so the result equals transformers' bit for bit.
+    /// A decoding pass's few f32 rows on the CPU take our own loop (`row_ops`), same bits.
     pub fn apply(&self, x: &Tensor) -> Tensor {
+        if let Some(y) = super::row_ops::rope(x, &self.cos, &self.sin_signed) {
+            return y;
+        }
         let size = x.size();
         let (d, half) = (size[3], size[3] / 2);
         let swapped = x.view([size[0], size[1], size[2], 2, half]).flip([3]).view([size[0], size[1], size[2], d]);

@@ -1,0 +1,339 @@
+//! The element-wise operations of decoding on the CPU in our own loops: RMSNorm, the rotary
+//! embedding and SwiGLU's activation, for f32 passes of up to [`MAX_ROWS`] rows (an AR
+//! step's one row, a speculative step's 25).
+//!
+//! libtorch spends a few microseconds on any operation (dispatch, a `TensorIterator`, an
+//! output allocated), and at a step's sizes more per row than the arithmetic needs: on a
+//! width-64 model (`layer_ops`, Zen 3) its RMSNorm took 15 us for one row and 26 for 25,
+//! rotating q and k 10 and 18, `silu(gate) * up` 5 and 14, where each is well under a
+//! microsecond of arithmetic. A small model's step is made of such operations, so this is
+//! where a 25-row step lost most against an AR step. Each loop here is one pass over its
+//! rows, with the vector instructions the compiler gives plain loops under AVX2.
+//!
+//! Every output row is computed alone, in the same order whatever the number of rows, so a
+//! step's next-token rows still equal an AR step's bit for bit. The rotation equals
+//! libtorch's (and transformers') bit for bit: two products and a sum, each rounded. RMSNorm
+//! sums its squares in eight lanes rather than libtorch's order, and SwiGLU's exponential is
+//! a polynomial of its own, so both differ from libtorch's by a rounding or two (tested
+//! below); passes of more rows (a prefill), other dtypes, devices and anything that needs a
+//! gradient keep libtorch's operations.
+
+// Reads and writes tensors through raw pointers after checking their kind, device, sizes
+// and strides; what each `unsafe` relies on is stated where it is used.
+#![allow(unsafe_code)]
+
+use tch::{Device, Kind, Tensor};
+
+/// The most rows (all dimensions but the last) these loops take. Longer passes are
+/// prefills, where libtorch's operations share the work between threads.
+pub const MAX_ROWS: i64 = 256;
+
+/// Whether `t` can be read here: f32 on the CPU, no gradient, on a CPU with AVX2 and FMA.
+fn takes(t: &Tensor) -> bool {
+    super::few_rows::available() && t.device() == Device::Cpu && t.kind() == Kind::Float && !t.requires_grad()
+}
+
+/// The `[rows, width]` a contiguous `x` of at most [`MAX_ROWS`] rows is, or `None`.
+fn rows_of(x: &Tensor) -> Option<(usize, usize)> {
+    let width = *x.size().last()?;
+    let rows = if width > 0 { x.numel() as i64 / width } else { 0 };
+    (takes(x) && x.is_contiguous() && width > 0 && (1..=MAX_ROWS).contains(&rows))
+        .then_some((rows as usize, width as usize))
+}
+
+/// `x` (`rows * width` values) as a slice.
+///
+/// # Safety
+/// `x` is a contiguous f32 tensor on the CPU of `len` values, not written while the slice
+/// lives.
+unsafe fn values(x: &Tensor, len: usize) -> &[f32] {
+    unsafe { std::slice::from_raw_parts(x.data_ptr() as *const f32, len) }
+}
+
+/// A new contiguous f32 tensor of `size`, its values written by `fill`.
+fn output(size: &[i64], fill: impl FnOnce(&mut [f32])) -> Tensor {
+    let y = Tensor::empty(size, (Kind::Float, Device::Cpu));
+    let len = size.iter().product::<i64>() as usize;
+    // SAFETY: `y` was just allocated with `len` f32 values and nothing else refers to it
+    // while `fill` writes them.
+    fill(unsafe { std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, len) });
+    y
+}
+
+/// RMSNorm of each row of `x` (`[..., d]`) scaled by `weight` (`[d]`): `x * (1 / sqrt(mean(x
+/// * x) + eps)) * weight`, the products rounded in that order as libtorch's f32 `rms_norm`
+/// rounds them. `None` when the loops do not take `x` (see the module's documentation).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Option<Tensor> {
+    let (rows, d) = rows_of(x)?;
+    if !takes(weight) || !weight.is_contiguous() || weight.numel() != d {
+        return None;
+    }
+    // SAFETY: `rows_of` and the checks above: both are contiguous f32 on the CPU, of these
+    // lengths.
+    let (xs, ws) = unsafe { (values(x, rows * d), values(weight, d)) };
+    // SAFETY: `available()` (in `takes`) checked AVX2 and FMA.
+    Some(output(&x.size(), |out| unsafe { kernels::rms_norm(xs, ws, out, d, eps as f32) }))
+}
+
+/// `silu(gate) * up` of each row of `gate_up` (`[..., 2 i]`, gate then up), `[..., i]`:
+/// `gate / (1 + exp(-gate)) * up`, libtorch's formula with an exponential of our own.
+/// `None` when the loops do not take `gate_up`.
+pub fn swiglu(gate_up: &Tensor, i: i64) -> Option<Tensor> {
+    let (rows, width) = rows_of(gate_up)?;
+    if i <= 0 || width != 2 * i as usize {
+        return None;
+    }
+    let mut size = gate_up.size();
+    *size.last_mut()? = i;
+    // SAFETY: `rows_of`: contiguous f32 on the CPU of `rows * width` values.
+    let xs = unsafe { values(gate_up, rows * width) };
+    // SAFETY: `available()` checked AVX2 and FMA.
+    Some(output(&size, |out| unsafe { kernels::swiglu(xs, out, i as usize) }))
+}
+
+/// `x * cos + [x2, x1] * sin_signed` for `x` `[b, t, heads, hd]` (a view whose heads of a
+/// token are contiguous, such as q and k narrowed from the q/k/v projection) and tables
+/// `[1 or b, t, 1, hd]` (see [`super::rope::RopeTables`]), as a new contiguous tensor; the
+/// same floats as libtorch's operations give. `None` when the loops do not take them.
+pub fn rope(x: &Tensor, cos: &Tensor, sin_signed: &Tensor) -> Option<Tensor> {
+    let (size, stride) = (x.size(), x.stride());
+    let &[b, t, heads, hd] = size.as_slice() else { return None };
+    let table_size = cos.size();
+    let table_ok = |s: &Tensor| takes(s) && s.is_contiguous() && s.size() == table_size;
+    let tables_b = table_size.first().copied().unwrap_or(0);
+    if !takes(x)
+        || stride[3] != 1
+        || stride[2] != hd
+        || hd % 2 != 0
+        || hd == 0
+        || !(1..=MAX_ROWS).contains(&(b * t))
+        || table_size != [tables_b, t, 1, hd]
+        || !(tables_b == 1 || tables_b == b)
+        || !table_ok(cos)
+        || !table_ok(sin_signed)
+    {
+        return None;
+    }
+    let (t, row, hd) = (t as usize, (heads * hd) as usize, hd as usize);
+    let tables = tables_b as usize * t * hd;
+    // SAFETY: contiguous f32 tables on the CPU of `tables` values, checked above.
+    let (c, s) = unsafe { (values(cos, tables), values(sin_signed, tables)) };
+    let base = x.data_ptr() as *const f32;
+    let rotate_all = |out: &mut [f32]| {
+        for bi in 0..b as usize {
+            for ti in 0..t {
+                let at = if tables_b == 1 { ti } else { bi * t + ti } * hd;
+                let dst = &mut out[(bi * t + ti) * row..][..row];
+                // SAFETY: the token's heads are `row` contiguous values (`stride[2] == hd`,
+                // `stride[3] == 1`) at the view's offsets, within its storage.
+                let src = unsafe {
+                    std::slice::from_raw_parts(
+                        base.offset(bi as isize * stride[0] as isize + ti as isize * stride[1] as isize),
+                        row,
+                    )
+                };
+                // SAFETY: `available()` checked AVX2 and FMA.
+                unsafe { kernels::rotate(src, &c[at..at + hd], &s[at..at + hd], dst, hd) };
+            }
+        }
+    };
+    Some(output(&size, rotate_all))
+}
+
+/// The loops, compiled for AVX2 and FMA. Rust never fuses a product and a sum into one
+/// multiply-add by itself, so each operation rounds as written.
+mod kernels {
+    /// See [`super::rms_norm`]. The squares of a row are summed in eight lanes, `j % 8`,
+    /// in order; the lanes in a fixed tree; the remainder after.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rms_norm(x: &[f32], w: &[f32], y: &mut [f32], d: usize, eps: f32) {
+        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            let mut lanes = [0f32; 8];
+            let mut chunks = xr.chunks_exact(8);
+            for c in &mut chunks {
+                for j in 0..8 {
+                    lanes[j] += c[j] * c[j];
+                }
+            }
+            let [a0, a1, a2, a3, a4, a5, a6, a7] = lanes;
+            let mut sum = ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7));
+            for &v in chunks.remainder() {
+                sum += v * v;
+            }
+            let inv = 1.0 / (sum / d as f32 + eps).sqrt();
+            for ((o, &v), &s) in yr.iter_mut().zip(xr).zip(w) {
+                *o = (v * inv) * s;
+            }
+        }
+    }
+
+    /// See [`super::swiglu`].
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn swiglu(x: &[f32], y: &mut [f32], i: usize) {
+        for (gu, o) in x.chunks_exact(2 * i).zip(y.chunks_exact_mut(i)) {
+            let (gate, up) = gu.split_at(i);
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *o = g / (1.0 + exp(-g)) * u;
+            }
+        }
+    }
+
+    /// One token's heads rotated: `row` holds heads of `hd` values; `c`, `s` are `hd`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rotate(row: &[f32], c: &[f32], s: &[f32], y: &mut [f32], hd: usize) {
+        let half = hd / 2;
+        let ((c1, c2), (s1, s2)) = (c.split_at(half), s.split_at(half));
+        // Each half: itself times its cos plus the other half times its signed sin.
+        let half_turn = |o: &mut [f32], own: &[f32], other: &[f32], c: &[f32], s: &[f32]| {
+            for ((o, (&a, &b)), (&c, &s)) in o.iter_mut().zip(own.iter().zip(other)).zip(c.iter().zip(s)) {
+                *o = a * c + b * s;
+            }
+        };
+        for (head, out) in row.chunks_exact(hd).zip(y.chunks_exact_mut(hd)) {
+            let (x1, x2) = head.split_at(half);
+            let (o1, o2) = out.split_at_mut(half);
+            half_turn(o1, x1, x2, c1, s1);
+            half_turn(o2, x2, x1, c2, s2);
+        }
+    }
+
+    /// `e^x` for f32, within two units in the last place over the range where it is a
+    /// normal float (inputs outside it are clamped to its ends): `x = n ln 2 + r` with `n`
+    /// the nearest integer, `e^r` by the minimax polynomial of the Cephes library's `expf`,
+    /// scaled by `2^n` built from its bits. Branch-free, so that loops over it vectorize.
+    #[inline(always)]
+    pub(super) fn exp(x: f32) -> f32 {
+        // Rounding to the nearest integer by adding and subtracting 1.5 * 2^23.
+        const ROUND: f32 = 12_582_912.0;
+        let x = x.clamp(-87.3, 88.3);
+        let shifted = x * std::f32::consts::LOG2_E + ROUND;
+        let n = shifted - ROUND;
+        // ln 2 in two parts: the first exact in few bits, so `n * LN2_HI` is exact.
+        let r = (x - n * 0.693_359_4) - n * -2.121_944_4e-4;
+        let p = 1.987_569_1e-4;
+        let p = p * r + 1.398_199_9e-3;
+        let p = p * r + 8.333_452e-3;
+        let p = p * r + 4.166_579_6e-2;
+        let p = p * r + 1.666_666_5e-1;
+        let p = p * r + 0.5;
+        let e_r = p * (r * r) + r + 1.0;
+        // The integer sits in the low mantissa bits of `shifted`, offset by 2^22.
+        let n_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
+        e_r * f32::from_bits(((n_int + 127) << 23) as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+        ((a - b).abs() / (b.abs() + 1e-30)).max().double_value(&[])
+    }
+
+    /// The polynomial exponential stays within two units in the last place of the exact one
+    /// (f64) from where `e^x` stops being a normal float to where it overflows.
+    #[test]
+    fn exp_is_within_two_ulps() {
+        if !super::super::few_rows::available() {
+            return;
+        }
+        let mut worst = 0f64;
+        for k in -87_000..=88_000 {
+            let x = k as f32 * 1e-3 + 1.7e-4;
+            let exact = (x as f64).exp();
+            let ulp = f64::from(f32::from_bits((exact as f32).to_bits() + 1) - exact as f32);
+            worst = worst.max((f64::from(kernels::exp(x)) - exact).abs() / ulp);
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(kernels::exp(0.0), 1.0);
+        assert!(kernels::exp(-1000.0) > 0.0 && kernels::exp(-1000.0) < 1.5e-38);
+        assert!(kernels::exp(1000.0).is_finite());
+    }
+
+    /// RMSNorm within a rounding or two of libtorch's (widths with and without a
+    /// remainder after the eight lanes), and each row the same bits alone as among others.
+    #[test]
+    fn rms_norm_matches_libtorch_and_rows_are_independent() {
+        if !super::super::few_rows::available() {
+            return;
+        }
+        tch::manual_seed(5);
+        for d in [64i64, 67, 576] {
+            let x = Tensor::randn([3, 25, d], (Kind::Float, Device::Cpu)) * 3.0;
+            let w = Tensor::randn([d], (Kind::Float, Device::Cpu));
+            let ours = rms_norm(&x, &w, 1e-5).expect("taken");
+            let theirs = x.rms_norm([d], Some(&w), 1e-5);
+            let diff = (&ours - &theirs).abs().max().double_value(&[]);
+            let scale = theirs.abs().max().double_value(&[]);
+            assert!(diff <= 4.0 * f64::from(f32::EPSILON) * scale, "d {d}: {diff} of {scale}");
+            let alone = rms_norm(&x.narrow(0, 1, 1).narrow(1, 7, 1).contiguous(), &w, 1e-5).expect("taken");
+            assert!(alone.equal(&ours.narrow(0, 1, 1).narrow(1, 7, 1)), "d {d}");
+        }
+    }
+
+    /// `silu(gate) * up` within a few roundings of libtorch's over values from -100 to
+    /// 100 (zeros included), each row the same bits alone.
+    #[test]
+    fn swiglu_matches_libtorch_and_rows_are_independent() {
+        if !super::super::few_rows::available() {
+            return;
+        }
+        tch::manual_seed(6);
+        let i = 172;
+        let gate_up = Tensor::randn([1, 25, 2 * i], (Kind::Float, Device::Cpu)) * 4.0;
+        gate_up.narrow(1, 0, 1).narrow(2, 0, i).copy_(&Tensor::linspace(-100.0, 100.0, i, (Kind::Float, Device::Cpu)));
+        let _ = gate_up.narrow(1, 1, 1).narrow(2, 0, 8).fill_(0.0);
+        let ours = swiglu(&gate_up, i).expect("taken");
+        let theirs = gate_up.narrow(-1, 0, i).silu() * gate_up.narrow(-1, i, i);
+        let nonzero = theirs.abs().gt(1e-30);
+        let rel = max_rel(&ours.masked_select(&nonzero), &theirs.masked_select(&nonzero));
+        assert!(rel <= 4.0 * f64::from(f32::EPSILON), "{rel}");
+        assert!(ours.masked_select(&nonzero.logical_not()).abs().max().double_value(&[]) < 1e-30);
+        let alone = swiglu(&gate_up.narrow(1, 9, 1).contiguous(), i).expect("taken");
+        assert!(alone.equal(&ours.narrow(1, 9, 1)));
+    }
+
+    /// The rotation of q and k narrowed from a q/k/v projection equals libtorch's
+    /// operations bit for bit, with tables for one sequence or for each of two.
+    #[test]
+    fn rope_equals_libtorch_bit_for_bit() {
+        if !super::super::few_rows::available() {
+            return;
+        }
+        tch::manual_seed(7);
+        let (b, t, h, kv, hd) = (2i64, 25, 4, 2, 16);
+        let qkv = Tensor::randn([b, t, h + 2 * kv, hd], (Kind::Float, Device::Cpu));
+        let x = qkv.narrow(2, 0, h + kv);
+        for tables_b in [1, b] {
+            let cos = Tensor::randn([tables_b, t, 1, hd], (Kind::Float, Device::Cpu));
+            let sin = Tensor::randn([tables_b, t, 1, hd], (Kind::Float, Device::Cpu));
+            let swapped = x.reshape([b, t, h + kv, 2, hd / 2]).flip([3]).reshape([b, t, h + kv, hd]);
+            let theirs = &x * &cos + swapped * &sin;
+            let ours = rope(&x, &cos, &sin).expect("taken");
+            assert!(ours.equal(&theirs), "tables for {tables_b} sequences");
+        }
+    }
+
+    /// What the loops leave to libtorch: a gradient, another dtype, a strided RMSNorm
+    /// input, a prefill's rows.
+    #[test]
+    fn leaves_what_it_does_not_take() {
+        let w = Tensor::ones([64], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([2, 64], (Kind::Float, Device::Cpu));
+        assert!(rms_norm(&x.copy().set_requires_grad(true), &w, 1e-5).is_none());
+        assert!(rms_norm(&x.to_kind(Kind::BFloat16), &w, 1e-5).is_none());
+        assert!(rms_norm(&Tensor::randn([64, 2], (Kind::Float, Device::Cpu)).t_(), &w, 1e-5).is_none());
+        assert!(rms_norm(&Tensor::randn([MAX_ROWS + 1, 64], (Kind::Float, Device::Cpu)), &w, 1e-5).is_none());
+        assert!(swiglu(&x, 31).is_none());
+    }
+}
