@@ -9,7 +9,8 @@ mod common;
 use mtp_core::model::ProjGroup;
 use mtp_core::model::attention::{AttnMask, Pass, attend};
 use mtp_core::model::linear::linear;
-use mtp_core::model::row_ops;
+use mtp_core::model::mlp;
+use mtp_core::model::norm::RmsNorm;
 use mtp_core::{LoadOptions, LoadedModel, ModelSource};
 use tch::{Kind, Tensor};
 
@@ -31,7 +32,7 @@ fn main() -> anyhow::Result<()> {
     let weight = |g| model.group_weight(0, g).map(|(w, _)| w).ok_or_else(|| anyhow::anyhow!("layer 0"));
     let (w_qkv, w_o, w_gu, w_down) =
         (weight(ProjGroup::Qkv)?, weight(ProjGroup::O)?, weight(ProjGroup::GateUp)?, weight(ProjGroup::Down)?);
-    let norm_w = Tensor::ones([d], o);
+    let norm = RmsNorm::new(Tensor::ones([d], o), 1e-5);
     let layer = &model.layers()[0];
 
     println!("{:<36} {:>10} {:>10}", "operation (us per call)", "1 row", format!("{rows} rows"));
@@ -59,23 +60,11 @@ fn main() -> anyhow::Result<()> {
         let cache_cell = std::cell::RefCell::new(cache);
         let pass_mask = if t == 1 { AttnMask::Causal } else { AttnMask::Custom(&mask) };
         let ops: Vec<(&str, Op)> = vec![
-            (
-                "rms_norm",
-                Box::new(|| {
-                    drop(row_ops::rms_norm(&x, &norm_w, 1e-5).unwrap_or_else(|| x.rms_norm([d], Some(&norm_w), 1e-5)))
-                }),
-            ),
-            ("rms_norm, libtorch's", Box::new(|| drop(x.rms_norm([d], Some(&norm_w), 1e-5)))),
+            ("rms_norm", Box::new(|| drop(norm.forward(&x)))),
+            ("rms_norm, libtorch's", Box::new(|| drop(norm.forward_tensor_ops(&x)))),
             ("q/k/v product", Box::new(|| drop(linear(&x, &w_qkv, None)))),
             ("rotary embedding (q and k)", Box::new(|| drop(rope.apply(&qkv.narrow(2, 0, heads + kv))))),
-            (
-                "rotary embedding, libtorch's",
-                Box::new(|| {
-                    let x = qkv.narrow(2, 0, heads + kv);
-                    let swapped = x.view([1, t, heads + kv, 2, hd / 2]).flip([3]).view([1, t, heads + kv, hd]);
-                    drop(&x * &rope.cos + swapped * &rope.sin_signed)
-                }),
-            ),
+            ("rotary embedding, libtorch's", Box::new(|| drop(rope.apply_tensor_ops(&qkv.narrow(2, 0, heads + kv))))),
             (
                 "cache append (k and v)",
                 Box::new(|| {
@@ -98,13 +87,8 @@ fn main() -> anyhow::Result<()> {
             ("o product", Box::new(|| drop(linear(&x, &w_o, None)))),
             ("residual add", Box::new(|| drop(&x + &x))),
             ("gate/up product", Box::new(|| drop(linear(&x, &w_gu, None)))),
-            (
-                "silu(gate) * up",
-                Box::new(|| {
-                    drop(row_ops::swiglu(&gu, i).unwrap_or_else(|| gu.narrow(-1, 0, i).silu() * gu.narrow(-1, i, i)))
-                }),
-            ),
-            ("silu(gate) * up, libtorch's", Box::new(|| drop(gu.narrow(-1, 0, i).silu() * gu.narrow(-1, i, i)))),
+            ("silu(gate) * up", Box::new(|| drop(mlp::swiglu(&gu, i)))),
+            ("silu(gate) * up, libtorch's", Box::new(|| drop(mlp::swiglu_tensor_ops(&gu, i)))),
             ("down product", Box::new(|| drop(linear(&act, &w_down, None)))),
             (
                 "the four products in turn",

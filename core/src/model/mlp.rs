@@ -40,9 +40,18 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor, adapter: Option<&Gated>) -> Tensor {
         let i = self.intermediate;
         let gate_up = self.gate_up_proj.project(x, adapter, self.layer, ProjGroup::GateUp);
-        // A decoding pass's few f32 rows on the CPU: one loop of our own (`row_ops`).
-        let act = super::row_ops::swiglu(&gate_up, i)
-            .unwrap_or_else(|| gate_up.narrow(-1, 0, i).silu() * gate_up.narrow(-1, i, i));
-        self.down_proj.project(&act, adapter, self.layer, ProjGroup::Down)
+        self.down_proj.project(&swiglu(&gate_up, i), adapter, self.layer, ProjGroup::Down)
     }
+}
+
+/// `silu(gate) * up` of `gate_up` (`[..., 2 i]`, gate then up) -> `[..., i]`: a decoding
+/// pass's few f32 rows on the CPU in one loop of our own (`row_ops`), else
+/// [`swiglu_tensor_ops`].
+pub fn swiglu(gate_up: &Tensor, i: i64) -> Tensor {
+    super::row_ops::swiglu(gate_up, i).unwrap_or_else(|| swiglu_tensor_ops(gate_up, i))
+}
+
+/// [`swiglu`] in libtorch's operations, whatever the pass.
+pub fn swiglu_tensor_ops(gate_up: &Tensor, i: i64) -> Tensor {
+    gate_up.narrow(-1, 0, i).silu() * gate_up.narrow(-1, i, i)
 }

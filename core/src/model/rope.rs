@@ -74,9 +74,11 @@ impl RopeTables {
     /// the same float, so the result equals transformers' bit for bit.
     /// A decoding pass's few f32 rows on the CPU take our own loop (`row_ops`), same bits.
     pub fn apply(&self, x: &Tensor) -> Tensor {
-        if let Some(y) = super::row_ops::rope(x, &self.cos, &self.sin_signed) {
-            return y;
-        }
+        super::row_ops::rope(x, &self.cos, &self.sin_signed).unwrap_or_else(|| self.apply_tensor_ops(x))
+    }
+
+    /// [`RopeTables::apply`] in libtorch's operations, whatever the pass.
+    pub fn apply_tensor_ops(&self, x: &Tensor) -> Tensor {
         let size = x.size();
         let (d, half) = (size[3], size[3] / 2);
         let swapped = x.view([size[0], size[1], size[2], 2, half]).flip([3]).view([size[0], size[1], size[2], d]);

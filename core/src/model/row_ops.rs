@@ -272,7 +272,7 @@ mod tests {
             let x = Tensor::randn([3, 25, d], (Kind::Float, Device::Cpu)) * 3.0;
             let w = Tensor::randn([d], (Kind::Float, Device::Cpu));
             let ours = rms_norm(&x, &w, 1e-5).expect("taken");
-            let theirs = x.rms_norm([d], Some(&w), 1e-5);
+            let theirs = super::super::norm::RmsNorm::new(w.shallow_clone(), 1e-5).forward_tensor_ops(&x);
             let diff = (&ours - &theirs).abs().max().double_value(&[]);
             let scale = theirs.abs().max().double_value(&[]);
             assert!(diff <= 4.0 * f64::from(f32::EPSILON) * scale, "d {d}: {diff} of {scale}");
@@ -294,7 +294,7 @@ mod tests {
         gate_up.narrow(1, 0, 1).narrow(2, 0, i).copy_(&Tensor::linspace(-100.0, 100.0, i, (Kind::Float, Device::Cpu)));
         let _ = gate_up.narrow(1, 1, 1).narrow(2, 0, 8).fill_(0.0);
         let ours = swiglu(&gate_up, i).expect("taken");
-        let theirs = gate_up.narrow(-1, 0, i).silu() * gate_up.narrow(-1, i, i);
+        let theirs = super::super::mlp::swiglu_tensor_ops(&gate_up, i);
         let nonzero = theirs.abs().gt(1e-30);
         let rel = max_rel(&ours.masked_select(&nonzero), &theirs.masked_select(&nonzero));
         assert!(rel <= 4.0 * f64::from(f32::EPSILON), "{rel}");
@@ -315,11 +315,12 @@ mod tests {
         let qkv = Tensor::randn([b, t, h + 2 * kv, hd], (Kind::Float, Device::Cpu));
         let x = qkv.narrow(2, 0, h + kv);
         for tables_b in [1, b] {
-            let cos = Tensor::randn([tables_b, t, 1, hd], (Kind::Float, Device::Cpu));
-            let sin = Tensor::randn([tables_b, t, 1, hd], (Kind::Float, Device::Cpu));
-            let swapped = x.reshape([b, t, h + kv, 2, hd / 2]).flip([3]).reshape([b, t, h + kv, hd]);
-            let theirs = &x * &cos + swapped * &sin;
-            let ours = rope(&x, &cos, &sin).expect("taken");
+            let tables = super::super::rope::RopeTables {
+                cos: Tensor::randn([tables_b, t, 1, hd], (Kind::Float, Device::Cpu)),
+                sin_signed: Tensor::randn([tables_b, t, 1, hd], (Kind::Float, Device::Cpu)),
+            };
+            let theirs = tables.apply_tensor_ops(&x);
+            let ours = rope(&x, &tables.cos, &tables.sin_signed).expect("taken");
             assert!(ours.equal(&theirs), "tables for {tables_b} sequences");
         }
     }
