@@ -164,6 +164,10 @@ fn takes_kind(x: &Tensor, weight: &Tensor, kind: Kind) -> bool {
 /// (`x` of any number of rows, judged by its first [`MAX_ROWS`]), and a bias of as many
 /// values as outputs, f32 or bf16.
 fn takes_bf16(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
+    // The kind first: an f32 product (most calls) then costs no narrowed view of `x`.
+    if x.kind() != Kind::BFloat16 {
+        return false;
+    }
     let rows = x.size().first().copied().unwrap_or(0);
     rows > 0
         && takes_kind(&x.narrow(0, 0, rows.min(MAX_ROWS)), weight, Kind::BFloat16)
