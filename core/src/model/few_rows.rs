@@ -141,21 +141,24 @@ pub fn bf16_pairs_pay() -> bool {
 /// Whether `x W^T` (`x`: `[rows, in]`) can run here: the CPU has the instructions, both
 /// are f32 on the CPU, `x` has 1 to [`MAX_ROWS`] rows, and neither needs a gradient.
 pub fn takes(x: &Tensor, weight: &Tensor) -> bool {
-    takes_kind(x, weight, Kind::Float)
+    takes_kind(x, weight, Kind::Float, false)
 }
 
-/// [`takes`] for operands of `kind`.
-fn takes_kind(x: &Tensor, weight: &Tensor, kind: Kind) -> bool {
+/// [`takes`] for operands of `kind`; with `any_rows`, `x` may have more than [`MAX_ROWS`]
+/// rows (a product in chunks). The kind is checked first: most calls are f32 ones, and the
+/// checks that read sizes cost more.
+fn takes_kind(x: &Tensor, weight: &Tensor, kind: Kind, any_rows: bool) -> bool {
+    if !available() || x.kind() != kind || weight.kind() != kind {
+        return false;
+    }
     let (xs, ws) = (x.size(), weight.size());
-    available()
-        && xs.len() == 2
+    xs.len() == 2
         && ws.len() == 2
         && xs[1] == ws[1]
-        && (1..=MAX_ROWS).contains(&xs[0])
+        && xs[0] >= 1
+        && (any_rows || xs[0] <= MAX_ROWS)
         && x.device() == Device::Cpu
         && weight.device() == Device::Cpu
-        && x.kind() == kind
-        && weight.kind() == kind
         && !x.requires_grad()
         && !weight.requires_grad()
 }
@@ -164,13 +167,7 @@ fn takes_kind(x: &Tensor, weight: &Tensor, kind: Kind) -> bool {
 /// (`x` of any number of rows, judged by its first [`MAX_ROWS`]), and a bias of as many
 /// values as outputs, f32 or bf16.
 fn takes_bf16(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
-    // The kind first: an f32 product (most calls) then costs no narrowed view of `x`.
-    if x.kind() != Kind::BFloat16 {
-        return false;
-    }
-    let rows = x.size().first().copied().unwrap_or(0);
-    rows > 0
-        && takes_kind(&x.narrow(0, 0, rows.min(MAX_ROWS)), weight, Kind::BFloat16)
+    takes_kind(x, weight, Kind::BFloat16, true)
         && bias
             .is_none_or(|b| matches!(b.kind(), Kind::Float | Kind::BFloat16) && b.numel() == weight.size()[0] as usize)
 }
@@ -198,8 +195,7 @@ pub fn product_in_chunks(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> 
     if takes_bf16(x, weight, bias) {
         return Some(bf16_product(x, weight, bias, None));
     }
-    if rows == 0
-        || !takes(&x.narrow(0, 0, rows.min(MAX_ROWS)), weight)
+    if !takes_kind(x, weight, Kind::Float, true)
         || bias.is_some_and(|b| b.kind() != Kind::Float || b.numel() != weight.size()[0] as usize)
     {
         return None;
