@@ -122,7 +122,8 @@ fn main() -> anyhow::Result<()> {
     // adapter or the low-rank step, 2,000 times, then the mean time of one.
     if let Ok(only) = std::env::var("STEP_PROFILE_ONLY") {
         let t = std::time::Instant::now();
-        for _ in 0..2000 {
+        let calls: u32 = std::env::var("STEP_PROFILE_CALLS").ok().and_then(|c| c.parse().ok()).unwrap_or(2000);
+        for _ in 0..calls {
             match only.as_str() {
                 "ar" => ar(model, c1),
                 "base" => drop(step(&low_rank, &plan_lr, c3, false)),
@@ -131,7 +132,7 @@ fn main() -> anyhow::Result<()> {
                 _ => drop(step(&low_rank, &plan_lr, c3, true)),
             }
         }
-        println!("{only}: {:?} a call", t.elapsed() / 2000);
+        println!("{only}: {:?} a call", t.elapsed() / calls);
         return Ok(());
     }
     let drafts: Vec<i64> = vec![5; n as usize - 1];

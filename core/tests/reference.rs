@@ -17,6 +17,42 @@ fn load(family: &str) -> anyhow::Result<LoadedModel> {
     Ok(LoadedModel::load(&ModelSource::Local { path: model_dir(family) }, &options, &mut ())?)
 }
 
+/// A folder's weights are loaded into one buffer on huge pages (model/huge_pages.rs): the
+/// same logits, bit for bit, as the weights where loading first put them.
+#[test]
+fn weights_in_one_buffer_give_the_same_logits() -> anyhow::Result<()> {
+    use mtp_core::model::{ModelConfig, ProjGroup};
+    let _g = tch::no_grad_guard();
+    for family in FAMILIES {
+        let dir = model_dir(family);
+        let packed = mtp_core::Llama::from_folder(&dir, DType::F32, Device::Cpu)?;
+        let checkpoint = mtp_core::checkpoint::Checkpoint::open(&dir)?;
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let plain = mtp_core::Llama::from_checkpoint(config, &checkpoint, DType::F32, Device::Cpu)?;
+        let ids = Tensor::from_slice(&[1i64, 5, 9, 2, 7, 3]).unsqueeze(0);
+        assert!(packed.forward(&ids, None).equal(&plain.forward(&ids, None)), "{family}");
+        // The embedding first, then (untied) the head and every layer's projections, each
+        // on a 64-byte boundary: one span of their bytes and that padding.
+        let tied = packed.config.tie_word_embeddings;
+        assert_eq!(packed.lm_head.data_ptr() == packed.embed_tokens.data_ptr(), tied, "{family}");
+        let mut weights = vec![packed.embed_tokens.shallow_clone()];
+        if !tied {
+            weights.push(packed.lm_head.shallow_clone());
+        }
+        weights.extend(
+            (0..packed.layers().len())
+                .flat_map(|l| ProjGroup::ALL.map(move |g| (l, g)))
+                .filter_map(|(l, g)| packed.group_weight(l, g).map(|(w, _)| w)),
+        );
+        let start = packed.embed_tokens.data_ptr() as usize;
+        let bytes: usize = weights.iter().map(|w| w.numel() * 4).sum();
+        let end = weights.iter().map(|w| w.data_ptr() as usize + w.numel() * 4).max().unwrap_or(start);
+        assert!(weights.iter().all(|w| w.data_ptr() as usize >= start), "{family}");
+        assert!(end - start <= bytes + 64 * weights.len(), "{family}: {} bytes span {}", bytes, end - start);
+    }
+    Ok(())
+}
+
 #[test]
 fn logits_match_transformers() -> anyhow::Result<()> {
     for family in FAMILIES {

@@ -61,6 +61,11 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// The stacked weights of its projections (q/k/v, o).
+    pub(crate) fn weights_mut(&mut self) -> Vec<&mut Tensor> {
+        [&mut self.qkv_proj, &mut self.o_proj].into_iter().filter_map(StackedLinear::stacked_weight_mut).collect()
+    }
+
     /// Load layer `layer`'s attention from `w` (= `model.layers.N.self_attn`).
     pub fn load(w: &Weights, c: &ModelConfig, layer: usize) -> Result<Self> {
         let d = c.hidden_size;

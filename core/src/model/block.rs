@@ -31,6 +31,13 @@ impl DecoderLayer {
         })
     }
 
+    /// The stacked weights of its projections.
+    pub(crate) fn weights_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut weights = self.self_attn.weights_mut();
+        weights.extend(self.mlp.weights_mut());
+        weights
+    }
+
     /// # Shapes
     /// `x`: `[b, t, d]` -> `[b, t, d]`.
     pub fn forward(&self, x: &Tensor, pass: &Pass, cache: Option<&mut KvCache>) -> Tensor {

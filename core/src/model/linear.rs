@@ -180,6 +180,14 @@ impl StackedLinear {
         a.delta.add_to(layer, group, x, self.forward(x), &a.gate)
     }
 
+    /// The stacked weight, where the parts are not separate trainable tensors.
+    pub(crate) fn stacked_weight_mut(&mut self) -> Option<&mut Tensor> {
+        match &mut self.weights {
+            Stacking::Stacked(l) => Some(&mut l.weight),
+            Stacking::Separate(_) => None,
+        }
+    }
+
     /// The stacked weight (`[sum(out), in]`) and bias of the group, as one product uses
     /// them (copies when the parts are separate trainable tensors).
     pub fn weight_and_bias(&self) -> (Tensor, Option<Tensor>) {

@@ -81,7 +81,13 @@ impl Llama {
     pub fn from_folder(dir: &Path, dtype: DType, device: Device) -> Result<Self> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let checkpoint = Checkpoint::open(dir)?;
-        Self::from_checkpoint(config, &checkpoint, dtype, device)
+        let mut model = Self::from_checkpoint(config, &checkpoint, dtype, device)?;
+        // With the checkpoint's files unmapped: the copy then adds nothing to the peak.
+        drop(checkpoint);
+        if device == Device::Cpu && super::huge_pages::enabled() {
+            model.pack_weights();
+        }
+        Ok(model)
     }
 
     /// Load from an opened checkpoint.
@@ -90,6 +96,23 @@ impl Llama {
         let model = tch::no_grad(|| Self::load(config.clone(), &source, dtype, device))?;
         source.finish(|n| ignorable(&config, n))?;
         Ok(model)
+    }
+
+    /// Move the weights decoding reads (the embedding, every layer's projections, an untied
+    /// head) into one buffer on huge pages ([`super::huge_pages`]). Checkpoint weights only:
+    /// they are never trained (pretraining's are leaves of their own, left as they are).
+    fn pack_weights(&mut self) {
+        let tied = self.lm_head.data_ptr() == self.embed_tokens.data_ptr();
+        let mut weights: Vec<&mut Tensor> = vec![&mut self.embed_tokens];
+        if !tied {
+            weights.push(&mut self.lm_head);
+        }
+        weights.extend(self.layers.iter_mut().flat_map(DecoderLayer::weights_mut));
+        let bytes = super::huge_pages::pack(weights);
+        if tied {
+            self.lm_head = self.embed_tokens.shallow_clone();
+        }
+        tracing::debug!("{bytes} bytes of weights in one buffer on huge pages");
     }
 
     /// The tensors the model needs, checked against `checkpoint`'s headers when given

@@ -18,6 +18,14 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// The stacked weights of its projections (gate/up, down).
+    pub(crate) fn weights_mut(&mut self) -> Vec<&mut Tensor> {
+        [&mut self.gate_up_proj, &mut self.down_proj]
+            .into_iter()
+            .filter_map(StackedLinear::stacked_weight_mut)
+            .collect()
+    }
+
     /// Load layer `layer`'s MLP from `w` (= `model.layers.N.mlp`).
     pub fn load(w: &Weights, c: &ModelConfig, layer: usize) -> Result<Self> {
         let (d, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);

@@ -7,6 +7,7 @@ pub mod config;
 pub mod cuda_graph;
 pub mod few_queries;
 pub mod few_rows;
+pub mod huge_pages;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
