@@ -4,7 +4,8 @@
 //! `cargo run --release -p mtp-core --example step_profile [MASKS] [MODEL_DIR ADAPTER]`
 //! With `STEP_PROFILE_ONLY=ar`, `=base` (the step without its adapter), `=bf16` (the step
 //! with its mask rows in bf16), `=merged` (its adapter's weights merged) or `=step`: only
-//! that part, 2,000 times in a loop, for `perf record`. `STEP_PROFILE_STAT=min`: the
+//! that part, 2,000 times in a loop (`STEP_PROFILE_CALLS=N`: N times, for a model whose step
+//! takes tens of milliseconds), for `perf record`. `STEP_PROFILE_STAT=min`: the
 //! fastest round of each part instead of the median.
 use std::time::Instant;
 

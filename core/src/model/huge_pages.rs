@@ -2,10 +2,11 @@
 //! (transparent huge pages in `madvise` or `always` mode, the default of most Linux
 //! distributions). Decoding reads every weight once a token: with 4 KB pages that is a
 //! TLB miss and a restart of the hardware prefetcher's stream every 4 KB. On a Zen 3 the
-//! SmolLM2-135M shape's layer products read from memory took 8% less at one row (AR) and
-//! 3-5% less at 25 rows with the weights so (docs/BENCHMARKS.md); libtorch's allocator
-//! only asks for huge pages when `THP_MEM_ALLOC_ENABLE` is set, and then only for the 2 MB
-//! ranges that happen to fall inside each tensor (about half of this model's weights).
+//! SmolLM2-135M shape's forward passes of 1, 9 and 25 tokens took 1-6% less so (first
+//! quartiles and medians; its layer products on explicit huge pages 5-6% less, fastest
+//! rounds; docs/BENCHMARKS.md). libtorch's allocator only asks for huge pages when
+//! `THP_MEM_ALLOC_ENABLE` is set, and then only for the 2 MB ranges that happen to fall
+//! inside each tensor (295 of that model's 540 MB).
 
 // The one `madvise` call: what it relies on is stated where it is used.
 #![allow(unsafe_code)]
