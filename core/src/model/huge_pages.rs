@@ -63,16 +63,7 @@ fn pack_kind(tensors: Vec<&mut Tensor>, kind: Kind) -> usize {
     let address = buffer.data_ptr() as usize;
     let first = (address.div_ceil(HUGE_PAGE) * HUGE_PAGE - address) / size;
     let bytes = total * size;
-    // SAFETY: the range lies within `buffer`'s allocation (`first + total` elements of its
-    // `total + slack`), which is alive and not yet written: madvise only records the advice
-    // for the pages it covers (their values are untouched; none exist yet). A kernel
-    // without transparent huge pages refuses it (EINVAL), which changes nothing.
-    let advised = unsafe {
-        libc::madvise((address + first * size) as *mut libc::c_void, bytes.div_ceil(4096) * 4096, libc::MADV_HUGEPAGE)
-    };
-    if advised != 0 {
-        tracing::debug!("huge pages refused for {bytes} bytes of weights: {}", std::io::Error::last_os_error());
-    }
+    advise_huge_pages(address + first * size, bytes);
     let moved = tensors.iter().map(|t| t.numel() * size).sum();
     tch::no_grad(|| {
         for (t, at) in tensors.into_iter().zip(offsets) {
@@ -85,6 +76,25 @@ fn pack_kind(tensors: Vec<&mut Tensor>, kind: Kind) -> usize {
         }
     });
     moved
+}
+
+/// Ask the kernel to back the pages of `bytes` bytes from `start` (2 MB-aligned, within a
+/// live allocation not yet written) with huge pages: advice only, refused (EINVAL) by a
+/// kernel without transparent huge pages, which changes nothing.
+fn advise_huge_pages(start: usize, bytes: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        // Whole 4 KB pages only, all within the allocation.
+        let length = bytes / 4096 * 4096;
+        // SAFETY: the range lies within the caller's allocation (see above), which outlives
+        // the call; madvise records advice for its pages and changes no value.
+        let advised = unsafe { libc::madvise(start as *mut libc::c_void, length, libc::MADV_HUGEPAGE) };
+        if advised != 0 {
+            tracing::debug!("huge pages refused for {bytes} bytes of weights: {}", std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (start, bytes);
 }
 
 /// Return the heap's free pages to the system (glibc keeps freed memory below 32 MB a
