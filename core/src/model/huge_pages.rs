@@ -11,6 +11,8 @@
 // The one `madvise` call: what it relies on is stated where it is used.
 #![allow(unsafe_code)]
 
+use std::sync::RwLock;
+
 use tch::{Device, Kind, Tensor};
 
 /// Bytes of a huge page (x86-64 and most arm64 kernels).
@@ -19,6 +21,34 @@ const HUGE_PAGE: usize = 2 << 20;
 /// Where each tensor starts: a multiple of 64 bytes (a cache line, and the alignment
 /// libtorch gives its own buffers).
 const ALIGN: usize = 64;
+
+/// The spans of the buffers [`pack`] filled with more bytes than the last-level cache holds:
+/// weights each decoding step reads from memory, not from a cache.
+static FROM_MEMORY: RwLock<Vec<std::ops::Range<usize>>> = RwLock::new(Vec::new());
+
+/// Whether `address` lies in a buffer of weights too big for the last-level cache (a hint
+/// for the few-row kernel's prefetching; a buffer freed since may still count, which costs
+/// nothing but the hint).
+pub fn read_from_memory(address: usize) -> bool {
+    FROM_MEMORY.read().is_ok_and(|spans| spans.iter().any(|s| s.contains(&address)))
+}
+
+/// Bytes of a core's last-level cache (`/sys`; 32 MB where it does not say).
+fn last_level_cache() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        let text = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size").unwrap_or_default();
+        let text = text.trim();
+        let (digits, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+        let scale = match unit {
+            "K" => 1 << 10,
+            "M" => 1 << 20,
+            "" => 1,
+            _ => 0,
+        };
+        digits.parse::<usize>().ok().map(|d| d * scale).filter(|&b| b > 0).unwrap_or(32 << 20)
+    })
+}
 
 /// Whether [`pack`] runs: unless `MTP_HUGE_PAGES=0` (to compare, or to keep each weight in
 /// a buffer of its own).
@@ -64,6 +94,11 @@ fn pack_kind(tensors: Vec<&mut Tensor>, kind: Kind) -> usize {
     let first = (address.div_ceil(HUGE_PAGE) * HUGE_PAGE - address) / size;
     let bytes = total * size;
     advise_huge_pages(address + first * size, bytes);
+    if bytes > last_level_cache()
+        && let Ok(mut spans) = FROM_MEMORY.write()
+    {
+        spans.push(address..address + (total + slack) * size);
+    }
     let moved = tensors.iter().map(|t| t.numel() * size).sum();
     tch::no_grad(|| {
         for (t, at) in tensors.into_iter().zip(offsets) {
@@ -131,6 +166,20 @@ mod tests {
         assert_eq!(at(&copies[0]) % HUGE_PAGE, 0);
         assert_eq!(at(&copies[1]), at(&copies[0]) + (300 * 7 * 4usize).div_ceil(ALIGN) * ALIGN);
         assert!(at(&copies[2]) > at(&copies[1]));
+    }
+
+    #[test]
+    fn only_buffers_bigger_than_the_cache_read_from_memory() {
+        let o = (Kind::Float, Device::Cpu);
+        let mut small = Tensor::randn([64, 64], o);
+        pack(vec![&mut small]);
+        assert!(!read_from_memory(small.data_ptr() as usize));
+        let values = last_level_cache() / 4 + 1024;
+        let mut big = Tensor::zeros([values as i64], o);
+        pack(vec![&mut big]);
+        assert!(read_from_memory(big.data_ptr() as usize));
+        assert!(read_from_memory(big.data_ptr() as usize + values * 4 - 4));
+        assert!(!read_from_memory(small.data_ptr() as usize));
     }
 
     #[test]
