@@ -912,10 +912,10 @@ pub(super) mod avx2 {
     /// from memory, the first pass asks for the whole block ahead: its reads start a pass or
     /// two earlier, what a block of few passes lacks (its arithmetic is shorter than its
     /// read). Every layer's products of the SmolLM2-135M shape, in one process against the
-    /// requests spread over the passes: 9 rows 9-17% faster, 6 rows 4-18%, 13 and 16 rows
-    /// 2-10% (docs/BENCHMARKS.md). At 25 rows (nine passes) spreading measured faster, and
-    /// so it did for weights read from a cache (the demo's 9 and 16 rows 5-12% slower
-    /// front-loaded).
+    /// requests spread over the passes, medians of four or five runs on a Zen 3: 9 rows
+    /// 10-17% faster, 6 rows 5-16%, 13 and 16 rows 0-8% (docs/BENCHMARKS.md). At 19 and 25
+    /// rows spreading measured as fast or faster, and so it did for weights read from a
+    /// cache (the demo's 9 to 16 rows 5-12% slower front-loaded).
     pub(super) const FRONT_LOADED_PASSES: usize = 6;
 
     /// Outputs `r..r + NR` x `o..o + NO`: one accumulator of eight lanes per output. With
