@@ -8,7 +8,7 @@
 //! `THP_MEM_ALLOC_ENABLE` is set, and then only for the 2 MB ranges that happen to fall
 //! inside each tensor (295 of that model's 540 MB).
 
-// The one `madvise` call: what it relies on is stated where it is used.
+// The `madvise` and `malloc_trim` calls: what each relies on is stated where it is used.
 #![allow(unsafe_code)]
 
 use std::sync::RwLock;
@@ -27,8 +27,8 @@ const ALIGN: usize = 64;
 static FROM_MEMORY: RwLock<Vec<std::ops::Range<usize>>> = RwLock::new(Vec::new());
 
 /// Whether `address` lies in a buffer of weights too big for the last-level cache (a hint
-/// for the few-row kernel's prefetching; a buffer freed since may still count, which costs
-/// nothing but the hint).
+/// for the few-row kernel's prefetching; a buffer freed since counts until another packed
+/// buffer takes its place, which costs nothing but the hint).
 pub fn read_from_memory(address: usize) -> bool {
     FROM_MEMORY.read().is_ok_and(|spans| spans.iter().any(|s| s.contains(&address)))
 }
@@ -94,10 +94,13 @@ fn pack_kind(tensors: Vec<&mut Tensor>, kind: Kind) -> usize {
     let first = (address.div_ceil(HUGE_PAGE) * HUGE_PAGE - address) / size;
     let bytes = total * size;
     advise_huge_pages(address + first * size, bytes);
-    if bytes > last_level_cache()
-        && let Ok(mut spans) = FROM_MEMORY.write()
-    {
-        spans.push(address..address + (total + slack) * size);
+    if let Ok(mut spans) = FROM_MEMORY.write() {
+        // A span overlapping this buffer belonged to one freed since (a model loaded before).
+        let span = address..address + (total + slack) * size;
+        spans.retain(|s| s.end <= span.start || span.end <= s.start);
+        if bytes > last_level_cache() {
+            spans.push(span);
+        }
     }
     let moved = tensors.iter().map(|t| t.numel() * size).sum();
     tch::no_grad(|| {

@@ -102,7 +102,7 @@ impl Llama {
     /// head) into one buffer on huge pages ([`super::huge_pages`]). Checkpoint weights only:
     /// they are never trained (pretraining's are leaves of their own, left as they are).
     fn pack_weights(&mut self) {
-        let tied = self.lm_head.data_ptr() == self.embed_tokens.data_ptr();
+        let tied = self.config.tie_word_embeddings;
         let mut weights: Vec<&mut Tensor> = vec![&mut self.embed_tokens];
         if !tied {
             weights.push(&mut self.lm_head);
