@@ -91,11 +91,11 @@ fn main() -> anyhow::Result<()> {
     let inputs = Tensor::full([n], 5, (Kind::Int64, tch::Device::Cpu));
     let tok = Tensor::from_slice(&[5i64]).unsqueeze(0);
 
-    let mut caches: Vec<KvCache> = (0..9).map(|_| new_cache()).collect();
+    let mut caches: Vec<KvCache> = (0..10).map(|_| new_cache()).collect();
     let mut it = caches.iter_mut();
     let mut next = || it.next().ok_or_else(|| anyhow::anyhow!("caches"));
     let (c1, c2, c3, c4, c5, c6) = (next()?, next()?, next()?, next()?, next()?, next()?);
-    let (c7, c8, c9) = (next()?, next()?, next()?);
+    let (c7, c8, c9, c10) = (next()?, next()?, next()?, next()?);
     let ar = |model: &Llama, cache: &mut KvCache| {
         let h = model.forward_embeds(
             &model.embed(&tok),
@@ -187,6 +187,13 @@ fn main() -> anyhow::Result<()> {
     r.add("step forward, merged, mask rows in bf16", || {
         let _ = step(&merged_bf16, &plan_mb, c9, true);
     });
+    // Merged weights with the mask rows in the dot form, where panels would take them
+    // (`model::panels`).
+    r.add("step forward, merged, mask rows without panels", || {
+        mtp_core::model::panels::set_enabled(false);
+        drop(step(&merged, &plan_mg, c10, true));
+        mtp_core::model::panels::set_enabled(true);
+    });
     let results = r.run(15, 20);
     for (label, us) in &results {
         println!("{label:<45} {us:>10.1} us");
@@ -205,6 +212,7 @@ fn main() -> anyhow::Result<()> {
         (get(3) + rest) / ar_us,
         (get(11) + rest) / ar_us,
     );
+    println!("merged without panels: step / AR step {:.2}", (get(12) + rest) / ar_us);
     println!(
         "{} masks, {} rows (merged: {}); step / AR step: low-rank {:.2}{bf16}, merged {:.2} (no adapter {:.2}; verify + draft {:.2}); auto = {auto}",
         masks,

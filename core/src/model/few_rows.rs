@@ -260,6 +260,7 @@ fn bf16_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, tail_from: O
             w16: true,
             lanes16: sixteen_lanes(),
             from_memory: false,
+            tail_panels: std::ptr::null(),
         });
     }
     let y = Tensor::empty([rows as i64, out as i64], (Kind::BFloat16, Device::Cpu));
@@ -344,6 +345,7 @@ pub fn product_into(x: &[f32], weight: &Tensor, bias: Option<&[f32]>, y: &mut [f
         w16: false,
         lanes16: sixteen_lanes(),
         from_memory: false,
+        tail_panels: std::ptr::null(),
     });
     true
 }
@@ -377,6 +379,9 @@ struct Job {
     /// set by [`dispatch`]): the first pass over a block of few passes prefetches all of the
     /// block ahead ([`avx2::FRONT_LOADED_PASSES`]).
     from_memory: bool,
+    /// The tail weight as panels ([`super::panels`]; null: none): its rows read them, in
+    /// f32, instead of the tail weight's dot form.
+    tail_panels: *const f32,
 }
 
 // SAFETY: the parts of a job read its inputs and write disjoint columns of its output
@@ -458,6 +463,8 @@ impl Job {
         // or two).
         let unit = match (self.bf16, self.tail_weight) {
             (Some(_), _) => BF16_BLOCK,
+            // Whole panels for the tail rows (a multiple of the head rows' four).
+            (None, Some(_)) if !self.tail_panels.is_null() => super::panels::WIDTH,
             (None, Some(_)) => 4,
             (None, None) => f32_block(self.rows, self.lanes16),
         };
@@ -488,7 +495,20 @@ impl Job {
                         tail_weight: None,
                         ..*self
                     };
-                    f32_columns::<false>(&tail, o0, o1);
+                    if tail.rows > 0 && !self.tail_panels.is_null() {
+                        let panels = super::panels::Job {
+                            x: tail.x,
+                            panels: self.tail_panels,
+                            bias: self.bias,
+                            y: tail.y,
+                            rows: tail.rows,
+                            inp: self.inp,
+                            out: self.out,
+                        };
+                        super::panels::columns(&panels, o0, o1);
+                    } else {
+                        f32_columns::<false>(&tail, o0, o1);
+                    }
                 }
                 (None, None) if self.w16 => f32_columns::<true>(self, o0, o1),
                 (None, None) => f32_columns::<false>(self, o0, o1),
@@ -582,11 +602,13 @@ struct Extras {
     bf16_from: Option<usize>,
     /// The rows from `.0` on multiplied by the weight at `.1`.
     tail_weight: Option<(usize, *const f32)>,
+    /// That weight's panels, which its rows then read instead.
+    tail_panels: Option<*const f32>,
 }
 
 /// `y (+)= x W^T + b`, and what `extras` asks for.
 fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulate: bool, extras: Extras) {
-    let Extras { low_rank, bf16_from, tail_weight } = extras;
+    let Extras { low_rank, bf16_from, tail_weight, tail_panels } = extras;
     // Contiguous copies only where the caller's tensors are not (kept alive below).
     let x = x.contiguous();
     let weight = weight.contiguous();
@@ -628,6 +650,7 @@ fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulat
         w16,
         lanes16: sixteen_lanes(),
         from_memory: false,
+        tail_panels: tail_panels.unwrap_or(std::ptr::null()),
     });
 }
 
@@ -709,7 +732,7 @@ pub fn product_with_low_rank(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
         parts: spans,
         n: parts.len(),
     };
-    let extras = Extras { low_rank: Some(low_rank), bf16_from: bf16.then_some(start as usize), tail_weight: None };
+    let extras = Extras { low_rank: Some(low_rank), bf16_from: bf16.then_some(start as usize), ..Extras::default() };
     run(x, weight, bias, &y, false, extras);
     Some(y)
 }
@@ -721,12 +744,16 @@ pub fn product_with_low_rank(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
 /// into the base weights (`W + s B A`): no term to compute, the merged weights held once
 /// more, what a model small enough for its weights to stay in cache affords. With `bf16`
 /// (where [`bf16_available`]), the rows from `start` on are multiplied in bf16 as
-/// [`TailTerm::bf16`] says (before, the merged form ignored `--draft-arithmetic`). `None`
-/// when [`takes`] says no to either weight or `start` is out of range.
+/// [`TailTerm::bf16`] says (before, the merged form ignored `--draft-arithmetic`). With
+/// `tail_panels` (the tail weight's, [`super::panels`]), the rows from `start` on read them
+/// instead, in f32 (`bf16` then does not apply): no lanes to sum for a weight of short rows.
+/// `None` when [`takes`] says no to either weight, `start` is out of range or the panels
+/// are another weight's shape.
 pub fn product_two_weights(
     x: &Tensor,
     weight: &Tensor,
     tail_weight: &Tensor,
+    tail_panels: Option<&super::panels::Panels>,
     bias: Option<&Tensor>,
     start: i64,
     bf16: bool,
@@ -737,14 +764,17 @@ pub fn product_two_weights(
         && tail_weight.is_contiguous()
         && takes(x, weight)
         && takes(x, tail_weight)
+        && tail_panels.is_none_or(|p| p.fit(weight.size()[0] as usize, weight.size()[1] as usize))
         && !bias.is_some_and(|b| b.kind() != Kind::Float || b.numel() != weight.size()[0] as usize);
     if !fits {
         return None;
     }
     let y = Tensor::empty([rows, weight.size()[0]], (Kind::Float, Device::Cpu));
     let tail = (start as usize, tail_weight.data_ptr() as *const f32);
-    let bf16_from = bf16.then_some(start as usize);
-    run(x, weight, bias, &y, false, Extras { tail_weight: Some(tail), bf16_from, ..Extras::default() });
+    let tail_panels = tail_panels.filter(|_| super::panels::enabled()).map(super::panels::Panels::ptr);
+    let bf16_from = bf16.then_some(start as usize).filter(|_| tail_panels.is_none());
+    let extras = Extras { tail_weight: Some(tail), bf16_from, tail_panels, ..Extras::default() };
+    run(x, weight, bias, &y, false, extras);
     Some(y)
 }
 
@@ -2038,7 +2068,8 @@ pub(super) mod tests {
             (Tensor::randn([1030, 600], O), Tensor::randn([1030, 600], O), Tensor::randn([1030], O));
         for (rows, start) in [(9, 3), (25, 5), (4, 0), (2, 1)] {
             let x = Tensor::randn([rows, 600], O);
-            let on = |team: i32| in_team(team, || product_two_weights(&x, &w, &tail_w, Some(&bias), start, false));
+            let on =
+                |team: i32| in_team(team, || product_two_weights(&x, &w, &tail_w, None, Some(&bias), start, false));
             let Some(y) = on(2) else {
                 assert!(!available());
                 return;
@@ -2050,7 +2081,49 @@ pub(super) mod tests {
             assert!(on(1).expect("one thread").equal(&y), "{rows} rows from {start}: one thread differs");
         }
         let other = Tensor::randn([1029, 600], O);
-        assert!(product_two_weights(&Tensor::randn([4, 600], O), &w, &other, None, 2, false).is_none());
+        assert!(product_two_weights(&Tensor::randn([4, 600], O), &w, &other, None, None, 2, false).is_none());
+    }
+
+    /// Two weights, the tail one read as panels ([`super::super::panels`]): the head rows
+    /// bit for bit [`product`]'s of the base weight (the dot form, as AR's), the tail rows
+    /// the library's product of the tail weight to f32 rounding and each the same bits alone
+    /// as among the others, on one thread and on a team of two, with and without a bias,
+    /// widths that are not multiples of sixteen; panels of another shape are refused.
+    #[test]
+    fn tail_rows_read_the_tail_weights_panels() {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(8);
+        for (out, inp) in [(344, 64), (64, 172), (23, 13), (512, 256)] {
+            let (w, tail_w, b) = (Tensor::randn([out, inp], O), Tensor::randn([out, inp], O), Tensor::randn([out], O));
+            let Some(panels) = super::super::panels::Panels::of(&tail_w) else {
+                assert!(!super::super::panels::available());
+                return;
+            };
+            for (rows, start) in [(25, 5), (9, 3), (4, 1), (7, 0)] {
+                let x = Tensor::randn([rows, inp], O);
+                for bias in [None, Some(&b)] {
+                    let what = format!("{out}x{inp}, {rows} rows from {start}, bias {}", bias.is_some());
+                    let two = |x: &Tensor, start: i64, team: i32| {
+                        in_team(team, || product_two_weights(x, &w, &tail_w, Some(&panels), bias, start, true))
+                            .expect("panels taken")
+                    };
+                    let y = two(&x, start, 2);
+                    let head = product(&x, &w, bias).expect("base product");
+                    assert!(y.narrow(0, 0, start).equal(&head.narrow(0, 0, start)), "{what}: head rows changed");
+                    let xt = x.narrow(0, start, rows - start);
+                    let want = xt.linear(&tail_w, bias);
+                    let diff = relative_difference(&y.narrow(0, start, rows - start), &want);
+                    assert!(diff < 1e-4, "{what}: relative difference {diff}");
+                    let last = x.narrow(0, rows - 1, 1);
+                    let alone = two(&Tensor::cat(&[&last, &last], 0), 1, 1);
+                    assert!(alone.narrow(0, 1, 1).equal(&y.narrow(0, rows - 1, 1)), "{what}: a row alone differs");
+                    assert!(two(&x, start, 1).equal(&y), "{what}: one thread differs from a team of two");
+                }
+            }
+            let wrong = super::super::panels::Panels::of(&tail_w.narrow(0, 0, out - 1)).expect("panels");
+            let x = Tensor::randn([4, inp], O);
+            assert!(product_two_weights(&x, &w, &tail_w, Some(&wrong), None, 2, false).is_none());
+        }
     }
 
     /// Two weights with the tail rows in bf16: the head rows exactly the base weight's
@@ -2069,7 +2142,8 @@ pub(super) mod tests {
             for (rows, start) in [(25, 5), (9, 3), (4, 0)] {
                 let x = Tensor::randn([rows, inp], O);
                 let on = |team: i32| {
-                    in_team(team, || product_two_weights(&x, &w, &tail_w, Some(&bias), start, true)).expect("bf16 tail")
+                    in_team(team, || product_two_weights(&x, &w, &tail_w, None, Some(&bias), start, true))
+                        .expect("bf16 tail")
                 };
                 let y = on(2);
                 let what = format!("{out}x{inp}, {rows} rows from {start}");

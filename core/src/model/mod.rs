@@ -13,6 +13,7 @@ pub mod linear;
 pub mod llama;
 pub mod mlp;
 pub mod norm;
+pub mod panels;
 pub mod rope;
 pub mod row_ops;
 pub mod weights;

@@ -10,6 +10,7 @@ use tch::{Kind, Tensor, nn};
 
 use crate::model::few_rows;
 use crate::model::linear::{add_product, few_row_kernel_runs, few_row_products_ours, linear};
+use crate::model::panels::Panels;
 use crate::model::{Gate, Llama, ModelConfig, Proj, ProjDelta, ProjGroup};
 
 /// LoRA hyper-parameters.
@@ -129,7 +130,10 @@ impl Lora {
                         (true, Some((w, bias))) => {
                             let adapted = (w.to_kind(Kind::Float) + a.tr().mm(&b).tr()).to_kind(kind);
                             Some(if few_row_products_ours(model.device(), kind) {
-                                Merged::Tail { adapted: adapted.contiguous() }
+                                let adapted = adapted.contiguous();
+                                // The mask rows' weight as panels where its rows are short.
+                                let panels = Panels::of(&adapted);
+                                Merged::Tail { adapted, panels }
                             } else {
                                 Merged::Halves { w2: Tensor::stack(&[w.to_kind(kind), adapted], 0), bias }
                             })
@@ -260,16 +264,20 @@ enum Merged {
     Tail {
         /// `[out, in]`.
         adapted: Tensor,
+        /// `adapted` as panels, where its rows are short enough ([`Panels::of`]): the
+        /// mask rows read them when they are multiplied in f32.
+        panels: Option<Panels>,
     },
 }
 
 impl Merged {
+    /// Bytes held: the merged weights, and their panels where they have them.
     fn bytes(&self) -> usize {
-        let t = match self {
-            Merged::Halves { w2, .. } => w2,
-            Merged::Tail { adapted } => adapted,
+        let (t, panels) = match self {
+            Merged::Halves { w2, .. } => (w2, None),
+            Merged::Tail { adapted, panels } => (adapted, panels.as_ref()),
         };
-        t.numel() * t.kind().elt_size_in_bytes()
+        t.numel() * t.kind().elt_size_in_bytes() + panels.map_or(0, Panels::bytes)
     }
 }
 
@@ -325,8 +333,9 @@ impl ProjDelta for PreparedLora {
                 let x = x.reshape([x.size()[1], x.size()[2]]);
                 let tail = (x.size()[0] - start).max(0) as usize;
                 let bf16 = self.bf16_min_rows.is_some_and(|min| tail >= min);
-                if let Some(Merged::Tail { adapted }) = merged {
-                    let y = few_rows::product_two_weights(&x, w, adapted, bias.as_ref(), *start, bf16)?;
+                if let Some(Merged::Tail { adapted, panels }) = merged {
+                    let panels = panels.as_ref().filter(|_| !bf16);
+                    let y = few_rows::product_two_weights(&x, w, adapted, panels, bias.as_ref(), *start, bf16)?;
                     return Some(y.unsqueeze(0));
                 }
                 let term = few_rows::TailTerm {
