@@ -744,9 +744,9 @@ pub fn product_with_low_rank(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
 /// into the base weights (`W + s B A`): no term to compute, the merged weights held once
 /// more, what a model small enough for its weights to stay in cache affords. With `bf16`
 /// (where [`bf16_available`]), the rows from `start` on are multiplied in bf16 as
-/// [`TailTerm::bf16`] says (before, the merged form ignored `--draft-arithmetic`). With
+/// [`TailTerm::bf16`] says (before, the merged form ignored `--draft-arithmetic`); else, with
 /// `tail_panels` (the tail weight's, [`super::panels`]), the rows from `start` on read them
-/// instead, in f32 (`bf16` then does not apply): no lanes to sum for a weight of short rows.
+/// instead, in f32: no lanes to sum for a weight of short rows.
 /// `None` when [`takes`] says no to either weight, `start` is out of range or the panels
 /// are another weight's shape.
 pub fn product_two_weights(
@@ -771,8 +771,8 @@ pub fn product_two_weights(
     }
     let y = Tensor::empty([rows, weight.size()[0]], (Kind::Float, Device::Cpu));
     let tail = (start as usize, tail_weight.data_ptr() as *const f32);
-    let tail_panels = tail_panels.filter(|_| super::panels::enabled()).map(super::panels::Panels::ptr);
-    let bf16_from = bf16.then_some(start as usize).filter(|_| tail_panels.is_none());
+    let tail_panels = tail_panels.filter(|_| !bf16 && super::panels::enabled()).map(super::panels::Panels::ptr);
+    let bf16_from = bf16.then_some(start as usize);
     let extras = Extras { tail_weight: Some(tail), bf16_from, tail_panels, ..Extras::default() };
     run(x, weight, bias, &y, false, extras);
     Some(y)
@@ -2104,7 +2104,7 @@ pub(super) mod tests {
                 for bias in [None, Some(&b)] {
                     let what = format!("{out}x{inp}, {rows} rows from {start}, bias {}", bias.is_some());
                     let two = |x: &Tensor, start: i64, team: i32| {
-                        in_team(team, || product_two_weights(x, &w, &tail_w, Some(&panels), bias, start, true))
+                        in_team(team, || product_two_weights(x, &w, &tail_w, Some(&panels), bias, start, false))
                             .expect("panels taken")
                     };
                     let y = two(&x, start, 2);
@@ -2118,6 +2118,9 @@ pub(super) mod tests {
                     let alone = two(&Tensor::cat(&[&last, &last], 0), 1, 1);
                     assert!(alone.narrow(0, 1, 1).equal(&y.narrow(0, rows - 1, 1)), "{what}: a row alone differs");
                     assert!(two(&x, start, 1).equal(&y), "{what}: one thread differs from a team of two");
+                    // Rows asked in bf16 take the pairs, not the panels.
+                    let pairs = |p| product_two_weights(&x, &w, &tail_w, p, bias, start, true).expect("bf16 tail");
+                    assert!(pairs(Some(&panels)).equal(&pairs(None)), "{what}: bf16 rows read the panels");
                 }
             }
             let wrong = super::super::panels::Panels::of(&tail_w.narrow(0, 0, out - 1)).expect("panels");

@@ -131,44 +131,46 @@ pub(super) unsafe fn columns(job: &Job, o0: usize, o1: usize) {
     let mut p = p0;
     while p < p1 {
         let n = (p1 - p).min(GROUP);
-        // The first pass over a group asks for the next group, a cache line a panel an input.
-        let ahead = (p + GROUP < p1).then_some(p + GROUP);
+        // The first pass over a group asks for the next one, when as many panels follow.
+        let ahead = (p + 2 * n <= p1).then_some(p + n);
         let mut r = 0;
         for pass in 0..passes {
             let nr = (job.rows - r).div_ceil(passes - pass);
             let prefetch = ahead.filter(|_| pass == 0);
-            // SAFETY: as this function's; panels p..p + n < p1, rows r..r + nr <= rows.
+            // SAFETY: as this function's; panels p..p + n <= p1 (and the prefetched ones
+            // before p1), rows r..r + nr <= rows.
             unsafe {
-                match (n, nr) {
-                    (4, 6) => tile::<4, 6>(job, p, r, prefetch),
-                    (4, 5) => tile::<4, 5>(job, p, r, prefetch),
-                    (4, 4) => tile::<4, 4>(job, p, r, prefetch),
-                    (4, 3) => tile::<4, 3>(job, p, r, prefetch),
-                    (4, 2) => tile::<4, 2>(job, p, r, prefetch),
-                    (4, _) => tile::<4, 1>(job, p, r, prefetch),
-                    (3, 6) => tile::<3, 6>(job, p, r, prefetch),
-                    (3, 5) => tile::<3, 5>(job, p, r, prefetch),
-                    (3, 4) => tile::<3, 4>(job, p, r, prefetch),
-                    (3, 3) => tile::<3, 3>(job, p, r, prefetch),
-                    (3, 2) => tile::<3, 2>(job, p, r, prefetch),
-                    (3, _) => tile::<3, 1>(job, p, r, prefetch),
-                    (2, 6) => tile::<2, 6>(job, p, r, prefetch),
-                    (2, 5) => tile::<2, 5>(job, p, r, prefetch),
-                    (2, 4) => tile::<2, 4>(job, p, r, prefetch),
-                    (2, 3) => tile::<2, 3>(job, p, r, prefetch),
-                    (2, 2) => tile::<2, 2>(job, p, r, prefetch),
-                    (2, _) => tile::<2, 1>(job, p, r, prefetch),
-                    (_, 6) => tile::<1, 6>(job, p, r, prefetch),
-                    (_, 5) => tile::<1, 5>(job, p, r, prefetch),
-                    (_, 4) => tile::<1, 4>(job, p, r, prefetch),
-                    (_, 3) => tile::<1, 3>(job, p, r, prefetch),
-                    (_, 2) => tile::<1, 2>(job, p, r, prefetch),
-                    (_, _) => tile::<1, 1>(job, p, r, prefetch),
+                match n {
+                    4 => pass_rows::<4>(job, p, r, nr, prefetch),
+                    3 => pass_rows::<3>(job, p, r, nr, prefetch),
+                    2 => pass_rows::<2>(job, p, r, nr, prefetch),
+                    _ => pass_rows::<1>(job, p, r, nr, prefetch),
                 }
             }
             r += nr;
         }
         p += n;
+    }
+}
+
+/// Panels `p..p + NP` times rows `r..r + nr` (`nr` at most [`PASS_ROWS`]).
+///
+/// # Safety
+/// As [`tile`]'s.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pass_rows<const NP: usize>(job: &Job, p: usize, r: usize, nr: usize, prefetch: Option<usize>) {
+    // SAFETY: as this function's.
+    unsafe {
+        match nr {
+            6 => tile::<NP, 6>(job, p, r, prefetch),
+            5 => tile::<NP, 5>(job, p, r, prefetch),
+            4 => tile::<NP, 4>(job, p, r, prefetch),
+            3 => tile::<NP, 3>(job, p, r, prefetch),
+            2 => tile::<NP, 2>(job, p, r, prefetch),
+            _ => tile::<NP, 1>(job, p, r, prefetch),
+        }
     }
 }
 

@@ -334,7 +334,7 @@ impl ProjDelta for PreparedLora {
                 let tail = (x.size()[0] - start).max(0) as usize;
                 let bf16 = self.bf16_min_rows.is_some_and(|min| tail >= min);
                 if let Some(Merged::Tail { adapted, panels }) = merged {
-                    let panels = panels.as_ref().filter(|_| !bf16);
+                    let panels = panels.as_ref();
                     let y = few_rows::product_two_weights(&x, w, adapted, panels, bias.as_ref(), *start, bf16)?;
                     return Some(y.unsqueeze(0));
                 }
