@@ -3,7 +3,7 @@
 //! launch-bound proxy's 4 / 2 of 16, the demo's 8 / 4 of 32), 1 to 128 query rows over 0,
 //! 100 and 500 cached positions (causal prefill when none, else an additive mask); mean
 //! microseconds a call, two turns each.
-//! `cargo run --release -p mtp-core --example attention_kernels`
+//! `cargo run --release -p mtp-core --example attention_kernels [ROWS,..] [CACHED,..]`
 use mtp_core::model::attention::attend;
 use tch::{Kind, Tensor};
 
@@ -15,7 +15,11 @@ fn main() {
             .nth(1)
             .map_or(vec![1i64, 9, 25, 64, 128], |a| a.split(',').filter_map(|x| x.parse().ok()).collect())
         {
-            for past in [0i64, 100, 500] {
+            // Second argument: the cached positions, comma-separated (default 0,100,500).
+            let pasts: Vec<i64> = std::env::args()
+                .nth(2)
+                .map_or(vec![0, 100, 500], |a| a.split(',').filter_map(|x| x.parse().ok()).collect());
+            for past in pasts {
                 if past == 0 && t == 1 {
                     continue;
                 }

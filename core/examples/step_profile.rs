@@ -6,7 +6,8 @@
 //! with its mask rows in bf16), `=merged` (its adapter's weights merged) or `=step`: only
 //! that part, 2,000 times in a loop (`STEP_PROFILE_CALLS=N`: N times, for a model whose step
 //! takes tens of milliseconds), for `perf record`. `STEP_PROFILE_STAT=min`: the
-//! fastest round of each part instead of the median.
+//! fastest round of each part instead of the median. `STEP_PROFILE_PAST=N`: the cached
+//! positions every step attends to (default 100).
 use std::time::Instant;
 
 use mtp_core::decode::speculative::{StepLayout, StepPlan};
@@ -77,10 +78,13 @@ fn main() -> anyhow::Result<()> {
     let merged_bf16 = drafter(LoraForm::Merged, DraftArithmetic::Bf16)?;
     let auto = LoraForm::Auto.resolve(model, adapter.config.gated);
     let _g = tch::no_grad_guard();
-    let past = 100usize;
-    let prompt = Tensor::arange(past as i64, (Kind::Int64, tch::Device::Cpu)).unsqueeze(0);
+    // `STEP_PROFILE_PAST=N`: the cached positions each step attends to (default 100).
+    let past: usize = std::env::var("STEP_PROFILE_PAST").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
+    let prompt = Tensor::arange(past as i64, (Kind::Int64, tch::Device::Cpu))
+        .remainder(model.config.vocab_size as i64)
+        .unsqueeze(0);
     let new_cache = || -> KvCache {
-        let mut cache = model.new_cache(400);
+        let mut cache = model.new_cache(past + 300);
         let _ = model.forward(&prompt, Some(&mut cache));
         cache
     };
