@@ -2011,42 +2011,58 @@ pub(super) mod tests {
         }
     }
 
-    /// A group's term part by part (q, k, v with k not adapted): each part's columns take
-    /// its own slice of the intermediate and the other columns none, bit for bit what the
-    /// same term gives through a block-diagonal `B` with its zero blocks read (as before
-    /// the parts), and the library's product to f32 rounding.
+    /// A group's term part by part (q, k, v with k not adapted, the parts' edges inside
+    /// blocks of sixteen columns and the last block short): each part's columns take its
+    /// own slice of the intermediate and the other columns none, bit for bit what the same
+    /// term gives through a block-diagonal `B` with its zero blocks read (as before the
+    /// parts), from one thread and a team of two, and the library's product to f32
+    /// rounding; likewise with the term's rows in bf16 (their tiles add the term in
+    /// registers, the last columns' pass after them), to bf16 rounding.
     #[test]
     fn term_parts_equal_the_block_diagonal_term() {
         let _g = tch::no_grad_guard();
         tch::manual_seed(4);
-        let (out, inp, r) = (640, 200, 8);
+        // Rank 16: each slice of the intermediate one block of the bf16 rows' tiles.
+        let (out, inp, r) = (637, 200, 16);
+        let (q, k) = (376, 128);
+        let v = out - q - k;
         let w = Tensor::randn([out, inp], O);
         let a = Tensor::randn([2 * r, inp], O);
-        // q: columns 0..384 from slice 0; k: 384..512 none; v: 512..640 from slice r.
-        let (bq, bv) = (Tensor::randn([r, 384], O), Tensor::randn([r, 128], O));
+        // q: columns 0..376 from slice 0; k: 376..504 none; v: 504..637 from slice r.
+        let (bq, bv) = (Tensor::randn([r, q], O), Tensor::randn([r, v], O));
         let compact = Tensor::zeros([r, out], O);
-        compact.narrow(1, 0, 384).copy_(&bq);
-        compact.narrow(1, 512, 128).copy_(&bv);
+        compact.narrow(1, 0, q).copy_(&bq);
+        compact.narrow(1, q + k, v).copy_(&bv);
         let block = Tensor::zeros([2 * r, out], O);
-        block.narrow(0, 0, r).narrow(1, 0, 384).copy_(&bq);
-        block.narrow(0, r, r).narrow(1, 512, 128).copy_(&bv);
-        let parts = [TermPart { cols: 0..384, rank_offset: 0 }, TermPart { cols: 512..640, rank_offset: r as usize }];
-        for (rows, start) in [(4, 2), (25, 5)] {
-            let x = Tensor::randn([rows, inp], O);
-            let term = |bt, parts| TailTerm { a: &a, bt, parts, start, bf16: false };
-            let Some(got) = product_with_low_rank(&x, &w, None, &term(&compact, &parts)) else {
-                assert!(!available());
-                return;
-            };
-            let dense = [TermPart { cols: 0..out as usize, rank_offset: 0 }];
-            let want = product_with_low_rank(&x, &w, None, &term(&block, &dense)).expect("dense term");
-            assert!(got.equal(&want), "{rows} rows: the parts differ from the block-diagonal term");
-            let xt = x.narrow(0, start, rows - start);
-            let library = xt.linear::<Tensor>(&w, None) + xt.linear::<Tensor>(&a, None).mm(&block);
-            let diff = (got.narrow(0, start, rows - start) - library).abs().max().double_value(&[]);
-            assert!(diff < 1e-2, "{rows} rows: max difference {diff}");
+        block.narrow(0, 0, r).narrow(1, 0, q).copy_(&bq);
+        block.narrow(0, r, r).narrow(1, q + k, v).copy_(&bv);
+        let (q, k) = (q as usize, k as usize);
+        let parts =
+            [TermPart { cols: 0..q, rank_offset: 0 }, TermPart { cols: q + k..out as usize, rank_offset: r as usize }];
+        for bf16 in [false, true] {
+            if bf16 && !bf16_available() {
+                continue;
+            }
+            for (rows, start) in [(4, 2), (25, 5)] {
+                let x = Tensor::randn([rows, inp], O);
+                let term = |bt, parts| TailTerm { a: &a, bt, parts, start, bf16 };
+                let Some(got) = in_team(2, || product_with_low_rank(&x, &w, None, &term(&compact, &parts))) else {
+                    assert!(!available());
+                    return;
+                };
+                let what = format!("{rows} rows, bf16 {bf16}");
+                let dense = [TermPart { cols: 0..out as usize, rank_offset: 0 }];
+                let want = product_with_low_rank(&x, &w, None, &term(&block, &dense)).expect("dense term");
+                assert!(got.equal(&want), "{what}: the parts differ from the block-diagonal term");
+                let alone = in_team(1, || product_with_low_rank(&x, &w, None, &term(&compact, &parts)));
+                assert!(alone.expect("one thread").equal(&got), "{what}: one thread differs from a team of two");
+                let xt = x.narrow(0, start, rows - start);
+                let library = xt.linear::<Tensor>(&w, None) + xt.linear::<Tensor>(&a, None).mm(&block);
+                let diff = relative_difference(&got.narrow(0, start, rows - start), &library);
+                assert!(diff < if bf16 { 1e-2 } else { 1e-5 }, "{what}: relative difference {diff}");
+            }
         }
-        let overlapping = [TermPart { cols: 0..400, rank_offset: 0 }, TermPart { cols: 384..640, rank_offset: 0 }];
+        let overlapping = [TermPart { cols: 0..400, rank_offset: 0 }, TermPart { cols: 384..637, rank_offset: 0 }];
         let term = TailTerm { a: &a, bt: &compact, parts: &overlapping, start: 2, bf16: false };
         assert!(product_with_low_rank(&Tensor::randn([4, inp], O), &w, None, &term).is_none());
     }

@@ -8,7 +8,8 @@
 //! rotating q and k 10 and 18, `silu(gate) * up` 5 and 14, where each is well under a
 //! microsecond of arithmetic. A small model's step is made of such operations, so this is
 //! where a 25-row step lost most against an AR step. Each loop here is one pass over its
-//! rows, with the vector instructions the compiler gives plain loops under AVX2.
+//! rows, with the vector instructions the compiler gives plain loops under AVX2; SwiGLU's
+//! rows are shared between the OpenMP team's threads when a step has many.
 //!
 //! Every output row is computed alone, in the same order whatever the number of rows, so a
 //! step's next-token rows still equal an AR step's bit for bit. The rotation equals
@@ -87,8 +88,40 @@ pub fn swiglu(gate_up: &Tensor, i: i64) -> Option<Tensor> {
     *size.last_mut()? = i;
     // SAFETY: `rows_of`: contiguous f32 on the CPU of `rows * width` values.
     let xs = unsafe { values(gate_up, rows * width) };
-    // SAFETY: `available()` checked AVX2 and FMA.
-    Some(output(&size, |out| unsafe { kernels::swiglu(xs, out, i as usize) }))
+    let i = i as usize;
+    Some(output(&size, |out| {
+        // Rows shared out between the threads of libtorch's OpenMP team for a step's many
+        // rows: each output is computed alone, so the same values whoever computes it.
+        let y = SharedOut(out.as_mut_ptr());
+        super::few_rows::in_parts(rows * i >= SWIGLU_SPLIT_MIN, &|part, parts| {
+            let (r0, r1) = (rows * part / parts, rows * (part + 1) / parts);
+            // SAFETY: the parts take disjoint rows r0..r1 of the output (`rows x i` values,
+            // alive until `in_parts` returns) and read the same rows of `xs`.
+            let out = unsafe { std::slice::from_raw_parts_mut(y.at(r0 * i), (r1 - r0) * i) };
+            // SAFETY: `available()` checked AVX2 and FMA.
+            unsafe { kernels::swiglu(&xs[r0 * width..r1 * width], out, i) };
+        });
+    }))
+}
+
+/// The fewest outputs for which [`swiglu`] shares its rows between threads. On the Zen 4
+/// of docs/BENCHMARKS.md (one thread against a team of two in turns in one process,
+/// medians): the demo's 25 rows of 704 took 14-18 us against 10-13, 9 of them 5-7 against
+/// 4-6.5; SmolLM2-135M's 25 rows of 1,536 32-40 against 20-23; the proxy's 25 of 172 4-6
+/// against 4-4.5. An AR step's one row stays on the calling thread.
+const SWIGLU_SPLIT_MIN: usize = 4096;
+
+/// An output buffer the parts of a parallel loop write disjoint ranges of.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: the parts write disjoint ranges (see where it is used) while the buffer lives.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn at(&self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
 }
 
 /// `x * cos + [x2, x1] * sin_signed` for `x` `[b, t, heads, hd]` (a view whose heads of a
@@ -282,25 +315,36 @@ mod tests {
     }
 
     /// `silu(gate) * up` within a few roundings of libtorch's over values from -100 to
-    /// 100 (zeros included), each row the same bits alone.
+    /// 100 (zeros included), each row the same bits alone, and the same bits from one
+    /// thread as from a team of two (a width whose 25 rows are shared out, and one whose
+    /// are not).
     #[test]
     fn swiglu_matches_libtorch_and_rows_are_independent() {
         if !super::super::few_rows::available() {
             return;
         }
         tch::manual_seed(6);
-        let i = 172;
-        let gate_up = Tensor::randn([1, 25, 2 * i], (Kind::Float, Device::Cpu)) * 4.0;
-        gate_up.narrow(1, 0, 1).narrow(2, 0, i).copy_(&Tensor::linspace(-100.0, 100.0, i, (Kind::Float, Device::Cpu)));
-        let _ = gate_up.narrow(1, 1, 1).narrow(2, 0, 8).fill_(0.0);
-        let ours = swiglu(&gate_up, i).expect("taken");
-        let theirs = super::super::mlp::swiglu_tensor_ops(&gate_up, i);
-        let nonzero = theirs.abs().gt(1e-30);
-        let rel = max_rel(&ours.masked_select(&nonzero), &theirs.masked_select(&nonzero));
-        assert!(rel <= 4.0 * f64::from(f32::EPSILON), "{rel}");
-        assert!(ours.masked_select(&nonzero.logical_not()).abs().max().double_value(&[]) < 1e-30);
-        let alone = swiglu(&gate_up.narrow(1, 9, 1).contiguous(), i).expect("taken");
-        assert!(alone.equal(&ours.narrow(1, 9, 1)));
+        for i in [172, 704] {
+            let gate_up = Tensor::randn([1, 25, 2 * i], (Kind::Float, Device::Cpu)) * 4.0;
+            let ramp = Tensor::linspace(-100.0, 100.0, i, (Kind::Float, Device::Cpu));
+            gate_up.narrow(1, 0, 1).narrow(2, 0, i).copy_(&ramp);
+            let _ = gate_up.narrow(1, 1, 1).narrow(2, 0, 8).fill_(0.0);
+            let ours = swiglu(&gate_up, i).expect("taken");
+            let theirs = super::super::mlp::swiglu_tensor_ops(&gate_up, i);
+            let nonzero = theirs.abs().gt(1e-30);
+            let rel = max_rel(&ours.masked_select(&nonzero), &theirs.masked_select(&nonzero));
+            assert!(rel <= 4.0 * f64::from(f32::EPSILON), "width {i}: {rel}");
+            assert!(ours.masked_select(&nonzero.logical_not()).abs().max().double_value(&[]) < 1e-30);
+            let alone = swiglu(&gate_up.narrow(1, 9, 1).contiguous(), i).expect("taken");
+            assert!(alone.equal(&ours.narrow(1, 9, 1)), "width {i}: a row alone differs");
+            let threads = tch::get_num_threads();
+            for team in [1, 2] {
+                tch::set_num_threads(team);
+                let again = swiglu(&gate_up, i).expect("taken");
+                tch::set_num_threads(threads);
+                assert!(again.equal(&ours), "width {i}: a team of {team} differs");
+            }
+        }
     }
 
     /// The rotation of q and k narrowed from a q/k/v projection equals libtorch's
