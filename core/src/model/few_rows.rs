@@ -2016,8 +2016,8 @@ pub(super) mod tests {
     /// own slice of the intermediate and the other columns none, bit for bit what the same
     /// term gives through a block-diagonal `B` with its zero blocks read (as before the
     /// parts), from one thread and a team of two, and the library's product to f32
-    /// rounding; likewise with the term's rows in bf16 (their tiles add the term in
-    /// registers, the last columns' pass after them), to bf16 rounding.
+    /// rounding; likewise with the term's rows in bf16 (their base products in pairs, the
+    /// term's pass after them), to bf16 rounding.
     #[test]
     fn term_parts_equal_the_block_diagonal_term() {
         let _g = tch::no_grad_guard();
