@@ -175,8 +175,9 @@ fn generate_bench_and_probe_with_an_adapter() -> anyhow::Result<()> {
             assert_eq!(emitted + 1, ids(&out["token_ids"]).len() as u64, "{acceptance}");
         }
     }
-    // Mask rows in bf16 (where the CPU has it) or exact: the output is AR's either way.
-    for (arithmetic, min_rows) in [("bf16", Some(1)), ("exact", None)] {
+    // Mask rows in int8 or bf16 (where the CPU has them) or exact: the output is AR's
+    // either way.
+    for (arithmetic, min_rows) in [("int8", Some(1)), ("bf16", Some(1)), ("exact", None)] {
         let mut args = base.to_vec();
         args.extend([
             "--adapter",
@@ -190,7 +191,8 @@ fn generate_bench_and_probe_with_an_adapter() -> anyhow::Result<()> {
         ]);
         let out: Value = serde_json::from_str(&ok(mtp(&args))?)?;
         assert_eq!(ids(&out["token_ids"]), ids(&ar["token_ids"]), "mask rows {arithmetic}");
-        let got = out["bf16_min_mask_rows"].as_u64();
+        let key = if arithmetic == "int8" { "int8_min_mask_rows" } else { "bf16_min_mask_rows" };
+        let got = out[key].as_u64();
         assert!(got.is_none() || got == min_rows, "mask rows {arithmetic}: {out}");
     }
     // Without --masks each step chooses its own count (auto), and the output is still AR's.

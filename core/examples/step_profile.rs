@@ -3,7 +3,8 @@
 //! and the median of each counts (the machine is shared and noisy).
 //! `cargo run --release -p mtp-core --example step_profile [MASKS] [MODEL_DIR ADAPTER]`
 //! With `STEP_PROFILE_ONLY=ar`, `=base` (the step without its adapter), `=bf16` (the step
-//! with its mask rows in bf16), `=merged` (its adapter's weights merged) or `=step`: only
+//! with its mask rows in bf16), `=int8` (the low-rank step with its mask rows in int8),
+//! `=merged` (its adapter's weights merged) or `=step`: only
 //! that part, 2,000 times in a loop (`STEP_PROFILE_CALLS=N`: N times, for a model whose step
 //! takes tens of milliseconds), for `perf record`. `STEP_PROFILE_STAT=min`: the
 //! fastest round of each part instead of the median. `STEP_PROFILE_PAST=N`: the cached
@@ -76,6 +77,8 @@ fn main() -> anyhow::Result<()> {
         (drafter(LoraForm::LowRank, DraftArithmetic::Exact)?, drafter(LoraForm::Merged, DraftArithmetic::Exact)?);
     let low_rank_bf16 = drafter(LoraForm::LowRank, DraftArithmetic::Bf16)?;
     let merged_bf16 = drafter(LoraForm::Merged, DraftArithmetic::Bf16)?;
+    let (low_rank_int8, merged_int8) =
+        (drafter(LoraForm::LowRank, DraftArithmetic::Int8)?, drafter(LoraForm::Merged, DraftArithmetic::Int8)?);
     let auto = LoraForm::Auto.resolve(model, adapter.config.gated);
     let _g = tch::no_grad_guard();
     // `STEP_PROFILE_PAST=N`: the cached positions each step attends to (default 100).
@@ -91,15 +94,17 @@ fn main() -> anyhow::Result<()> {
     let plan = |d: &Drafter| StepPlan::new(model, d, StepLayout::new(Layout::Quadratic, masks, masks));
     let (plan_lr, plan_mg, plan_bf) = (plan(&low_rank)?, plan(&merged)?, plan(&low_rank_bf16)?);
     let plan_mb = plan(&merged_bf16)?;
+    let (plan_li, plan_mi) = (plan(&low_rank_int8)?, plan(&merged_int8)?);
     let n = masks as i64 + 1;
     let inputs = Tensor::full([n], 5, (Kind::Int64, tch::Device::Cpu));
     let tok = Tensor::from_slice(&[5i64]).unsqueeze(0);
 
-    let mut caches: Vec<KvCache> = (0..10).map(|_| new_cache()).collect();
+    let mut caches: Vec<KvCache> = (0..12).map(|_| new_cache()).collect();
     let mut it = caches.iter_mut();
     let mut next = || it.next().ok_or_else(|| anyhow::anyhow!("caches"));
     let (c1, c2, c3, c4, c5, c6) = (next()?, next()?, next()?, next()?, next()?, next()?);
     let (c7, c8, c9, c10) = (next()?, next()?, next()?, next()?);
+    let (c11, c12) = (next()?, next()?);
     let ar = |model: &Llama, cache: &mut KvCache| {
         let h = model.forward_embeds(
             &model.embed(&tok),
@@ -133,6 +138,7 @@ fn main() -> anyhow::Result<()> {
                 "ar" => ar(model, c1),
                 "base" => drop(step(&low_rank, &plan_lr, c3, false)),
                 "bf16" => drop(step(&low_rank_bf16, &plan_bf, c3, true)),
+                "int8" => drop(step(&low_rank_int8, &plan_li, c3, true)),
                 "merged" => drop(step(&merged, &plan_mg, c3, true)),
                 _ => drop(step(&low_rank, &plan_lr, c3, true)),
             }
@@ -198,6 +204,12 @@ fn main() -> anyhow::Result<()> {
         drop(step(&merged, &plan_mg, c10, true));
         mtp_core::model::panels::set_enabled(true);
     });
+    r.add("step forward, low-rank, mask rows in int8", || {
+        let _ = step(&low_rank_int8, &plan_li, c11, true);
+    });
+    r.add("step forward, merged, mask rows in int8", || {
+        let _ = step(&merged_int8, &plan_mi, c12, true);
+    });
     let results = r.run(15, 20);
     for (label, us) in &results {
         println!("{label:<45} {us:>10.1} us");
@@ -217,6 +229,13 @@ fn main() -> anyhow::Result<()> {
         (get(11) + rest) / ar_us,
     );
     println!("merged without panels: step / AR step {:.2}", (get(12) + rest) / ar_us);
+    if low_rank_int8.int8_min_rows().is_some() {
+        println!(
+            "mask rows in int8: step / AR step low-rank {:.2}, merged {:.2}",
+            (get(13) + rest) / ar_us,
+            (get(14) + rest) / ar_us
+        );
+    }
     println!(
         "{} masks, {} rows (merged: {}); step / AR step: low-rank {:.2}{bf16}, merged {:.2} (no adapter {:.2}; verify + draft {:.2}); auto = {auto}",
         masks,

@@ -214,8 +214,8 @@ fn greedy_speculative_equals_greedy_ar() -> anyhow::Result<()> {
 /// step's drafts (up to the first wrong one, after which the chain and the training pass
 /// read different previous tokens) are those one training pass over the prompt and the
 /// continuation makes at that block, the first step's included (the prefill's block after
-/// the prompt, which training lays out too). Near-ties between the two passes' arithmetic
-/// may flip a few.
+/// the prompt, which training lays out too). The mask rows exact (in int8 or bf16 their
+/// rounding flips more); near-ties between the two passes' arithmetic may flip a few.
 #[test]
 fn decoding_drafts_what_a_training_pass_drafts() -> anyhow::Result<()> {
     let t = trained();
@@ -228,7 +228,8 @@ fn decoding_drafts_what_a_training_pass_drafts() -> anyhow::Result<()> {
         let last = prompt.len() - 1;
         let trained_drafts = mtp_core::mtp::loss::training_drafts(model, &t.adapter, &ids, last)?;
         for masks in [1, 2, 4] {
-            let out = generate(model, t.strategy(Mode::Quadratic, MaskCount::Fixed(masks))?, &req, &mut ())?;
+            let strategy = Strategy::new(Mode::Quadratic, Some(&t.low_rank), MaskCount::Fixed(masks))?;
+            let out = generate(model, strategy, &req, &mut ())?;
             assert_eq!(out.token_ids, ar.token_ids);
             assert_eq!(out.steps[0].drafts.len(), masks, "the first step verifies the prefill's drafts");
             // The block the step's drafts came from follows the last token before them.
@@ -544,6 +545,24 @@ fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
         if t.bf16.bf16_min_rows().is_some() {
             assert!(relative > 1e-6, "{what}: the training path's to f32 rounding: bf16 did not run");
         }
+        // Mask rows in int8 (each form): the regular rows the base model's bit for bit, the
+        // mask rows the training path's to int8 rounding.
+        for form in [LoraForm::LowRank, LoraForm::Merged] {
+            let options = DraftOptions { lora: form, arithmetic: DraftArithmetic::Int8, ..DraftOptions::default() };
+            let int8 = Drafter::new(model, &t.adapter, options)?;
+            let plan = StepPlan::new(model, &int8, StepLayout::new(layout, drafts, masks))?;
+            let h = tch::no_grad(|| plan.forward(model, &int8.step_gate(&plan), &inputs, None, 0, None));
+            let what = format!("{layout:?}, {drafts} drafts, {masks} masks, {form}, mask rows in int8");
+            assert!(h.narrow(0, 0, reg).equal(&base.narrow(0, 0, reg)), "{what}: not the base model's rows");
+            let order: Vec<i64> = (0..rows as usize).map(|u| plan.row(u) as i64).collect();
+            let logical = h.index_select(0, &Tensor::from_slice(&order));
+            let relative = diff(&logical, &training) / training.abs().max().double_value(&[]);
+            println!("{what}: largest difference from training {relative:.2e} of the largest value");
+            assert!(relative < 5e-2, "{what}: differs from training: {relative}");
+            if int8.int8_min_rows().is_some() {
+                assert!(relative > 1e-6, "{what}: the training path's to f32 rounding: int8 did not run");
+            }
+        }
     }
     Ok(())
 }
@@ -609,15 +628,24 @@ fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
         assert_eq!(fixed.model.step_graphs(), StepGraphs::Eager);
         let adapter = MtpAdapter::load(adapter_path, &ordinary.model)?;
         let (mut fixed_steps, mut draft_ties, mut runs) = (0, 0, 0);
-        for form in [LoraForm::Merged, LoraForm::LowRank] {
-            // The low-rank form with the mask rows in bf16 where the CPU has the pairs: an
-            // f32 model's rounded, a bf16 model's as they are (few_rows::product_bf16_tail).
-            let arithmetic = if form == LoraForm::LowRank { DraftArithmetic::Bf16 } else { DraftArithmetic::Auto };
+        // The low-rank form with the mask rows in bf16 where the CPU has the pairs (an f32
+        // model's rounded, a bf16 model's as they are: few_rows::product_bf16_tail), and in
+        // int8 where it has VNNI (an f32 model's; others as bf16).
+        let setups = [
+            (LoraForm::Merged, DraftArithmetic::Auto),
+            (LoraForm::LowRank, DraftArithmetic::Bf16),
+            (LoraForm::LowRank, DraftArithmetic::Int8),
+        ];
+        for (form, arithmetic) in setups {
             let options = DraftOptions { lora: form, arithmetic, ..DraftOptions::default() };
             let (d_ordinary, d_fixed) =
                 (Drafter::new(&ordinary.model, &adapter, options)?, Drafter::new(&fixed.model, &adapter, options)?);
             if form == LoraForm::LowRank && exact {
                 assert_eq!(d_fixed.bf16_min_rows(), mtp_core::model::few_rows::bf16_available().then_some(1));
+                let int8 = arithmetic == DraftArithmetic::Int8
+                    && dtype == mtp_core::DType::F32
+                    && mtp_core::model::int8::available();
+                assert_eq!(d_fixed.int8_min_rows(), int8.then_some(1), "{dtype:?}, {arithmetic}");
             }
             halves_seen |= d_fixed.packs_halves();
             for (layout, masks) in [
@@ -628,7 +656,7 @@ fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
             ] {
                 for (index, prompt) in prompts.iter().enumerate() {
                     let req = request(prompt.clone(), 28, Decoding::Greedy, vec![]);
-                    let what = format!("{dtype:?}, {form}, {layout:?}, {masks} masks, prompt {prompt:?}");
+                    let what = format!("{dtype:?}, {form}, {arithmetic}, {layout:?}, {masks} masks, prompt {prompt:?}");
                     let ar = generate(&ordinary.model, Strategy::Ar, &req, &mut ())?;
                     let ar_fixed = generate(&fixed.model, Strategy::Ar, &req, &mut ())?;
                     assert_eq!(ar_fixed.token_ids, ar.token_ids, "AR, {what}");

@@ -111,9 +111,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .draft_vocab_size()
                 .map_or("the whole vocabulary".into(), |n| format!("a draft vocabulary of {n} tokens")),
             drafter.form(),
-            drafter
-                .bf16_min_rows()
-                .map_or("mask rows exact".into(), |n| format!("mask rows in bf16 in steps of {n} or more")),
+            match (drafter.int8_min_rows(), drafter.bf16_min_rows()) {
+                (Some(n), _) => format!("mask rows in int8 in steps of {n} or more"),
+                (None, Some(n)) => format!("mask rows in bf16 in steps of {n} or more"),
+                (None, None) => "mask rows exact".into(),
+            },
         );
         if let Some(template) = &report.chat_template {
             println!("conversation prompts encoded with the chat template of {template}");

@@ -94,6 +94,8 @@ struct Report<'a> {
     lora_form: Option<LoraForm>,
     /// The fewest mask rows a step multiplied in bf16 (`--draft-arithmetic`; null: never).
     bf16_min_mask_rows: Option<usize>,
+    /// The fewest mask rows a step multiplied in int8 (null: never; before bf16).
+    int8_min_mask_rows: Option<usize>,
     /// UNO recipe: the random ids the mask block after the prompt read (in the prefill; the
     /// drafts that block made are the first step's `drafts`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -221,6 +223,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             masks,
             lora_form: drafter.as_ref().map(|d| d.form()),
             bf16_min_mask_rows: drafter.as_ref().and_then(|d| d.bf16_min_rows()),
+            int8_min_mask_rows: drafter.as_ref().and_then(|d| d.int8_min_rows()),
             bootstrap_noise_ids: (!out.prefill_noise_ids.is_empty()).then(|| out.prefill_noise_ids.clone()),
             device: args.model.device.to_string(),
             dtype: args.model.dtype().to_string(),

@@ -162,6 +162,10 @@ pub struct BenchReport {
     /// never).
     #[serde(default)]
     pub bf16_min_mask_rows: Option<usize>,
+    /// The fewest mask rows a step multiplied in int8 (absent: never; takes precedence
+    /// over bf16).
+    #[serde(default)]
+    pub int8_min_mask_rows: Option<usize>,
     /// The chat template that encoded the conversation prompts (its file), when any prompt
     /// was a conversation.
     #[serde(default)]
@@ -415,6 +419,7 @@ pub fn run_bench(
         max_new_tokens: config.max_new_tokens,
         lora_form: Some(drafter.form()),
         bf16_min_mask_rows: drafter.bf16_min_rows(),
+        int8_min_mask_rows: drafter.int8_min_rows(),
         chat_template,
         model: None,
         adapter: None,
@@ -559,6 +564,7 @@ mod tests {
             max_new_tokens: 8,
             lora_form: None,
             bf16_min_mask_rows: None,
+            int8_min_mask_rows: None,
             chat_template: None,
             model: None,
             adapter: None,
@@ -575,6 +581,7 @@ mod tests {
             max_new_tokens: 8,
             lora_form: None,
             bf16_min_mask_rows: None,
+            int8_min_mask_rows: None,
             chat_template: None,
             model: None,
             adapter: None,

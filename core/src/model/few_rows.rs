@@ -580,6 +580,48 @@ unsafe fn f32_columns<const W16: bool>(job: &Job, o0: usize, o1: usize) {
     }
 }
 
+/// Output columns `o0..o1` of `y = x W^T + b` for `(rows, inp, out)` (`bias` may be
+/// null), on this thread: exactly the values [`product`] gives them (with `lanes16` as
+/// [`sixteen_lanes`] says in the thread that made the call's plan), for a kernel of another
+/// module that runs a step's next-token rows beside its own ([`super::int8`]). `o0` should
+/// be a multiple of four, as [`product`]'s parts are, for speed.
+///
+/// # Safety
+/// [`available`] holds; `x`, `w`, `bias` and `y` are valid for `rows x inp`, `out x inp`,
+/// `out` and `rows x out` f32 values (row-major), `o0 <= o1 <= out`; no other thread
+/// writes these columns of `y` meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn exact_columns(
+    x: *const f32,
+    w: *const f32,
+    bias: *const f32,
+    y: *mut f32,
+    (rows, inp, out): (usize, usize, usize),
+    (o0, o1): (usize, usize),
+    lanes16: bool,
+) {
+    let job = Job {
+        x,
+        w,
+        bias,
+        y,
+        rows,
+        inp,
+        out,
+        accumulate: false,
+        low_rank: None,
+        bf16: None,
+        tail_weight: None,
+        w16: false,
+        lanes16,
+        from_memory: super::huge_pages::read_from_memory(w as usize),
+        tail_panels: std::ptr::null(),
+    };
+    // SAFETY: as this function's.
+    unsafe { f32_columns::<false>(&job, o0, o1) }
+}
+
 /// The weight rows an f32 tile of `rows` input rows takes (so, where a product is shared
 /// between threads, the multiple each thread's columns start at): four, but three for 7 to
 /// 9 rows and two for 10 to 12 in sixteen lanes, which then take every row in one pass
@@ -1782,7 +1824,7 @@ pub(super) mod tests {
 
     /// `f` run with OpenMP teams of `team` threads, the setting then restored (it is this
     /// thread's own: other tests keep theirs).
-    fn in_team<T>(team: i32, f: impl FnOnce() -> T) -> T {
+    pub(in crate::model) fn in_team<T>(team: i32, f: impl FnOnce() -> T) -> T {
         let threads = tch::get_num_threads();
         tch::set_num_threads(team);
         let result = f();

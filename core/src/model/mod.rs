@@ -8,6 +8,7 @@ pub mod cuda_graph;
 pub mod few_queries;
 pub mod few_rows;
 pub mod huge_pages;
+pub mod int8;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;

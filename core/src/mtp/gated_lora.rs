@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
 
 use crate::model::few_rows;
+use crate::model::int8::{self, Int8Panels};
 use crate::model::linear::{add_product, few_row_kernel_runs, few_row_products_ours, linear};
 use crate::model::panels::Panels;
 use crate::model::{Gate, Llama, ModelConfig, Proj, ProjDelta, ProjGroup};
@@ -152,10 +153,10 @@ impl Lora {
                     }
                     let (a, b) = (a.to_kind(kind).contiguous(), b.tr().contiguous().to_kind(kind));
                     let base = model.group_weight(layer, group);
-                    groups.push(Some(PreparedGroup { a, b, bt, term_parts, merged, base }));
+                    groups.push(Some(PreparedGroup { a, b, bt, term_parts, merged, base, int8: None }));
                 }
             }
-            PreparedLora { groups, bf16_min_rows: None }
+            PreparedLora { groups, bf16_min_rows: None, int8_min_rows: None }
         })
     }
 }
@@ -229,6 +230,9 @@ pub struct PreparedLora {
     /// The fewest rows of a [`Gate::Tail`] whose base products run in bf16 on the CPU's
     /// few-row kernel (`None`: never).
     bf16_min_rows: Option<usize>,
+    /// The fewest rows of a [`Gate::Tail`] multiplied in int8 ([`int8::product_tail`],
+    /// through each group's [`PreparedGroup::int8`]; `None`: never).
+    int8_min_rows: Option<usize>,
 }
 
 /// One adapted projection group, prepared.
@@ -246,6 +250,9 @@ struct PreparedGroup {
     /// The group's base weight and bias (shared with the model, not copied), for
     /// [`few_rows::product_with_low_rank`].
     base: Option<(Tensor, Option<Tensor>)>,
+    /// The merged weight `W + s B A` quantized to int8, for the [`Gate::Tail`] rows
+    /// ([`PreparedLora::with_int8_tail`]).
+    int8: Option<Int8Panels>,
 }
 
 /// A group's weight with the adapter's delta merged in (`W + scale * B A`).
@@ -298,6 +305,39 @@ impl PreparedLora {
         self.bf16_min_rows
     }
 
+    /// Multiply the rows of a [`Gate::Tail`] in int8 when there are at least `min_rows` of
+    /// them ([`int8::product_tail`]; before bf16): each adapted group's merged weight
+    /// `W + s B A` (whatever the form: no term to add) is quantized to int8 panels here, a
+    /// quarter of its f32 bytes. `None`, or where the int8 tiles do not run: never.
+    pub fn with_int8_tail(mut self, min_rows: Option<usize>) -> Self {
+        let min_rows = min_rows.filter(|_| int8::available());
+        self.int8_min_rows = min_rows;
+        for group in self.groups.iter_mut().flatten() {
+            group.int8 = min_rows.and_then(|_| {
+                let merged = match &group.merged {
+                    Some(Merged::Tail { adapted, .. }) => adapted.shallow_clone(),
+                    Some(Merged::Halves { .. }) => return None,
+                    None => {
+                        let (w, _) = group.base.as_ref()?;
+                        tch::no_grad(|| w + group.b.mm(&group.a))
+                    }
+                };
+                Int8Panels::of(&merged)
+            });
+        }
+        self
+    }
+
+    /// The fewest tail rows multiplied in int8 (`None`: never).
+    pub fn int8_min_rows(&self) -> Option<usize> {
+        self.int8_min_rows
+    }
+
+    /// Bytes of the int8 panels.
+    pub fn int8_bytes(&self) -> usize {
+        self.groups.iter().flatten().filter_map(|g| g.int8.as_ref()).map(Int8Panels::bytes).sum()
+    }
+
     /// True when the groups carry merged weights for [`Gate::Halves`] steps.
     pub fn is_merged(&self) -> bool {
         self.groups.iter().flatten().any(|g| g.merged.is_some())
@@ -332,6 +372,14 @@ impl ProjDelta for PreparedLora {
                 let (w, bias) = prepared.base.as_ref()?;
                 let x = x.reshape([x.size()[1], x.size()[2]]);
                 let tail = (x.size()[0] - start).max(0) as usize;
+                // The mask rows in int8 where they were asked for and run (the merged
+                // weight's panels: the term is in them).
+                if let Some(panels) =
+                    prepared.int8.as_ref().filter(|_| self.int8_min_rows.is_some_and(|min| tail >= min))
+                    && let Some(y) = int8::product_tail(&x, w, bias.as_ref(), panels, *start)
+                {
+                    return Some(y.unsqueeze(0));
+                }
                 let bf16 = self.bf16_min_rows.is_some_and(|min| tail >= min);
                 if let Some(Merged::Tail { adapted, panels }) = merged {
                     let panels = panels.as_ref();

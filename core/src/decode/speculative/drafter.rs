@@ -83,7 +83,8 @@ impl Default for DraftOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DraftArithmetic {
-    /// [`DraftArithmetic::Bf16`] for an f32 model's steps with at least
+    /// [`DraftArithmetic::Int8`] for an f32 model's steps where it runs (AVX-512 VNNI);
+    /// else [`DraftArithmetic::Bf16`] for an f32 model's steps with at least
     /// [`BF16_MIN_MASK_ROWS`] mask rows, where it runs and pays
     /// ([`few_rows::bf16_pairs_pay`]: an AMD CPU); [`DraftArithmetic::Exact`] otherwise
     /// (a bf16 model's included).
@@ -96,6 +97,12 @@ pub enum DraftArithmetic {
     /// are; products summed in f32), twice the multiply-adds a core does in f32. Elsewhere
     /// the same as `Exact`.
     Bf16,
+    /// On a CPU with AVX-512 VNNI (Zen 4, Ice Lake and later), an f32 model: the mask
+    /// rows' base products in int8 (each adapted group's weight quantized per output row
+    /// when the drafter is prepared, a quarter of its f32 bytes held once more; the rows
+    /// quantized per row as they come; sums in int32, the adapter's term in f32), four
+    /// times the multiply-adds a core does in f32. Elsewhere the same as `Bf16`.
+    Int8,
 }
 
 /// The fewest mask rows for which `auto` multiplies them in bf16: a step whose products
@@ -106,7 +113,8 @@ pub const BF16_MIN_MASK_ROWS: usize = 12;
 
 impl DraftArithmetic {
     /// Every choice, as named on the command line.
-    pub const ALL: [DraftArithmetic; 3] = [DraftArithmetic::Auto, DraftArithmetic::Exact, DraftArithmetic::Bf16];
+    pub const ALL: [DraftArithmetic; 4] =
+        [DraftArithmetic::Auto, DraftArithmetic::Exact, DraftArithmetic::Bf16, DraftArithmetic::Int8];
 
     /// The name users type.
     pub fn name(self) -> &'static str {
@@ -114,6 +122,7 @@ impl DraftArithmetic {
             DraftArithmetic::Auto => "auto",
             DraftArithmetic::Exact => "exact",
             DraftArithmetic::Bf16 => "bf16",
+            DraftArithmetic::Int8 => "int8",
         }
     }
 
@@ -131,8 +140,21 @@ impl DraftArithmetic {
             // Where the pairs measured slower than the f32 tiles (an Intel Xeon): exact.
             DraftArithmetic::Auto if !few_rows::bf16_pairs_pay() => None,
             DraftArithmetic::Auto => Some(BF16_MIN_MASK_ROWS),
-            DraftArithmetic::Bf16 => Some(1),
+            DraftArithmetic::Bf16 | DraftArithmetic::Int8 => Some(1),
             DraftArithmetic::Exact => None,
+        }
+    }
+
+    /// The fewest mask rows a step multiplies in int8 with `model`; `None`: never (the CPU
+    /// has no VNNI, the model is not f32 on the CPU's few-row kernel, or not `Int8`).
+    pub fn int8_min_rows(self, model: &Llama) -> Option<usize> {
+        let f32_model = crate::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind());
+        match self {
+            // Every mask row: on the demo, the proxy and the SmolLM2-135M shape a step of 1,
+            // 2 or 4 masks cost the same or less with its mask rows in int8 (one process,
+            // the forms in turns; docs/BENCHMARKS.md, "Mask rows in int8").
+            DraftArithmetic::Int8 | DraftArithmetic::Auto if f32_model && crate::model::int8::available() => Some(1),
+            _ => None,
         }
     }
 }
@@ -303,7 +325,8 @@ impl Drafter {
                 mask_embeddings: adapter.mask_embeddings.detach().to_kind(kind),
                 lora: adapter
                     .prepared_lora(model, form == LoraForm::Merged)
-                    .with_bf16_tail(options.arithmetic.bf16_min_rows(model)),
+                    .with_bf16_tail(options.arithmetic.bf16_min_rows(model))
+                    .with_int8_tail(options.arithmetic.int8_min_rows(model)),
                 form,
                 halves: form == LoraForm::Merged
                     && !crate::model::linear::few_row_products_ours(model.device(), model.dtype().kind()),
@@ -357,15 +380,20 @@ impl Drafter {
         self.lora.bf16_min_rows()
     }
 
+    /// The fewest mask rows a step multiplies in int8 (`None`: never).
+    pub fn int8_min_rows(&self) -> Option<usize> {
+        self.lora.int8_min_rows()
+    }
+
     /// True when steps pack their rows as two halves (merged weights in a batched
     /// product; where the CPU's few-row kernel runs, merged weights take one sequence).
     pub fn packs_halves(&self) -> bool {
         self.halves
     }
 
-    /// Bytes the drafter holds beyond the adapter itself (merged weights).
+    /// Bytes the drafter holds beyond the adapter itself (merged weights, int8 panels).
     pub fn extra_bytes(&self) -> usize {
-        self.lora.merged_bytes()
+        self.lora.merged_bytes() + self.lora.int8_bytes()
     }
 
     /// A mask controller for a generation with `count` masks: for `auto`, the last one

@@ -1,0 +1,447 @@
+//! A decoding step's mask rows multiplied in int8 on the CPU (AVX-512 VNNI: Zen 4, Ice
+//! Lake and later): `vpdpbusd` adds 64 products of bytes an instruction, twice what
+//! `vdpbf16ps` does with bf16 pairs and four times an f32 multiply-add.
+//!
+//! The weight the mask rows read (the adapter's merged weight `W + s B A`, so no term is
+//! left to add) is held once more, quantized when the drafter is prepared: each output row
+//! scaled by its largest magnitude to `[-127, 127]`, laid out as panels of sixteen outputs
+//! by groups of four inputs (`[ceil(out / 16), ceil(in / 4), 16, 4]` bytes, a quarter of the
+//! f32 weight), so that one 512-bit load is a group's weights for sixteen outputs, one output
+//! a lane, and nothing is transposed or summed across lanes at run time (the bf16 pairs of
+//! [`super::few_rows`] transpose each block of the weight as they go, about a third of their
+//! time). Each mask row is quantized per call the same way, shifted by 128 to the unsigned
+//! bytes `vpdpbusd` takes; the shift comes off each output as `128 x` its weight row's
+//! sum, computed with the panels. An output is then `(acc - 128 sum) x scale_w x scale_x`,
+//! plus the bias.
+//!
+//! The next-token rows of the same call go through the f32 kernel
+//! ([`super::few_rows::exact_columns`]), AR's products, so they stay AR's outputs bit for
+//! bit; the mask rows' outputs are drafts only. On the demo the int8 rows drafted the same
+//! tokens per forward as f32 (docs/BENCHMARKS.md, "Mask rows in int8").
+
+// Raw pointers and SIMD intrinsics, as in `few_rows`: what each `unsafe` relies on is
+// stated where it is used.
+#![allow(unsafe_code)]
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tch::{Device, Kind, Tensor};
+
+use super::few_rows::{self, MAX_ROWS};
+
+/// Outputs a panel holds (one lane each of a 512-bit vector).
+const WIDTH: usize = 16;
+
+/// Inputs a group holds (the four bytes `vpdpbusd` sums into a lane).
+const GROUP: usize = 4;
+
+/// Mask rows a tile holds: eight accumulators, the panel's vector and the broadcast rows.
+const TILE_ROWS: usize = 8;
+
+/// The fewest multiply-adds (rows x weight elements) for which a product shares its columns
+/// between threads (as [`few_rows`] does for its own).
+const SPLIT_MIN_WORK: usize = 1 << 16;
+
+/// Whether this CPU runs the int8 tiles: AVX-512F, BW and VNNI, with the few-row kernel.
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            few_rows::available()
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+static DISABLED: AtomicBool = AtomicBool::new(false);
+
+/// Let products use the int8 panels they are given (`true`, the default) or return `None`
+/// so that the caller runs its other form: the examples time the two in turns in one
+/// process. Only mask rows are int8, so either way a step's next-token rows are AR's.
+pub fn set_enabled(on: bool) {
+    DISABLED.store(!on, Ordering::Relaxed);
+}
+
+/// [`set_enabled`]'s state.
+pub fn enabled() -> bool {
+    !DISABLED.load(Ordering::Relaxed)
+}
+
+/// A weight quantized to int8 per output row, as panels (see the module's documentation).
+#[derive(Debug)]
+pub struct Int8Panels {
+    data: Vec<i8>,
+    /// Per output (padded to whole panels with zeros): the row's scale.
+    scale: Vec<f32>,
+    /// Per output: 128 times the sum of the row's quantized values.
+    shift: Vec<i32>,
+    out: usize,
+    inp: usize,
+}
+
+impl Int8Panels {
+    /// The panels of `weight` (`[out, in]`, f32 on the CPU, no gradient) where the tiles run
+    /// ([`available`]); else `None`.
+    pub fn of(weight: &Tensor) -> Option<Int8Panels> {
+        let size = weight.size();
+        let [out, inp] = size[..] else { return None };
+        let fits = out >= 1
+            && inp >= 1
+            && weight.kind() == Kind::Float
+            && weight.device() == Device::Cpu
+            && !weight.requires_grad()
+            && available();
+        if !fits {
+            return None;
+        }
+        let (out, inp) = (out as usize, inp as usize);
+        let values = Vec::<f32>::try_from(tch::no_grad(|| weight.contiguous().view([-1]))).ok()?;
+        let (panels, groups) = (out.div_ceil(WIDTH), inp.div_ceil(GROUP));
+        let mut data = vec![0i8; panels * groups * WIDTH * GROUP];
+        let mut scale = vec![0f32; panels * WIDTH];
+        let mut shift = vec![0i32; panels * WIDTH];
+        for (o, row) in values.chunks_exact(inp).enumerate() {
+            let (s, inv) = scale_of(row);
+            scale[o] = s;
+            let (p, lane) = (o / WIDTH, o % WIDTH);
+            let mut sum = 0i32;
+            for (k, &v) in row.iter().enumerate() {
+                let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                sum += i32::from(q);
+                data[((p * groups + k / GROUP) * WIDTH + lane) * GROUP + k % GROUP] = q;
+            }
+            shift[o] = 128 * sum;
+        }
+        Some(Int8Panels { data, scale, shift, out, inp })
+    }
+
+    /// Whether these are the panels of a weight of `out` x `inp`.
+    pub fn fit(&self, out: usize, inp: usize) -> bool {
+        self.out == out && self.inp == inp
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() + 8 * self.scale.len()
+    }
+}
+
+/// A row's scale (its largest magnitude over 127; 1 for a row of zeros) and its inverse.
+fn scale_of(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if max > 0.0 && max.is_finite() { (max / 127.0, 127.0 / max) } else { (1.0, 1.0) }
+}
+
+/// `x W^T + b` (`x`: `[rows, in]`, f32 on the CPU, at most [`MAX_ROWS`] rows, `weight`
+/// `[out, in]`) with the rows from `start` on multiplied in int8 by the weight `panels` hold
+/// (the same shape: the merged weight, for a step's mask rows), the rows before `start`
+/// exactly what [`few_rows::product`] gives them. `None` where [`set_enabled`] turned it
+/// off, or when the operands do not fit.
+pub fn product_tail(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    panels: &Int8Panels,
+    start: i64,
+) -> Option<Tensor> {
+    let size = x.size();
+    let [rows, inp] = size[..] else { return None };
+    let out = weight.size()[0];
+    let fits = enabled()
+        && (1..=MAX_ROWS).contains(&rows)
+        && (0..rows).contains(&start)
+        && panels.fit(out as usize, inp as usize)
+        && few_rows::takes(x, weight)
+        && bias.is_none_or(|b| b.kind() == Kind::Float && b.device() == Device::Cpu && b.numel() == out as usize);
+    if !fits {
+        return None;
+    }
+    let x = x.contiguous();
+    let weight = weight.contiguous();
+    let bias = bias.map(Tensor::contiguous);
+    let (rows, inp, out, start) = (rows as usize, inp as usize, out as usize, start as usize);
+    let y = Tensor::empty([rows as i64, out as i64], (Kind::Float, Device::Cpu));
+    // SAFETY: `x` is contiguous f32 with `rows x inp` values, alive to the end.
+    let xs = unsafe { std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * inp) };
+    let (mut xq, mut sx) = (Vec::new(), Vec::new());
+    quantize_rows(&xs[start * inp..], inp, &mut xq, &mut sx);
+    let job = Job {
+        x: Ptr(x.data_ptr() as *mut f32),
+        w: Ptr(weight.data_ptr() as *mut f32),
+        bias: Ptr(bias.as_ref().map_or(std::ptr::null_mut(), |b| b.data_ptr() as *mut f32)),
+        y: Ptr(y.data_ptr() as *mut f32),
+        start,
+        inp,
+        out,
+        panels,
+        xq: &xq,
+        sx: &sx,
+        lanes16: few_rows::sixteen_lanes(),
+    };
+    few_rows::in_parts(rows * out * inp >= SPLIT_MIN_WORK && out > WIDTH, &|i, n| {
+        let edge = |i: usize| if i >= n { out } else { (out.div_ceil(WIDTH) * i / n) * WIDTH };
+        let (o0, o1) = (edge(i).min(out), edge(i + 1).min(out));
+        if o0 < o1 {
+            job.columns(o0, o1, rows - start);
+        }
+    });
+    Some(y)
+}
+
+/// A raw pointer the parts of a product share (each writes its own columns).
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+
+// SAFETY: the parts read the inputs and write disjoint columns of the output while the
+// caller keeps the tensors alive (`product_tail` returns after every part).
+unsafe impl Sync for Ptr {}
+
+/// One product's operands.
+struct Job<'a> {
+    x: Ptr,
+    w: Ptr,
+    bias: Ptr,
+    y: Ptr,
+    start: usize,
+    inp: usize,
+    out: usize,
+    panels: &'a Int8Panels,
+    /// The mask rows quantized (`tail x groups x 4` bytes) and their scales.
+    xq: &'a [u8],
+    sx: &'a [f32],
+    /// The f32 rows' form ([`few_rows::sixteen_lanes`]), fixed when the job is made so
+    /// that every part, on whatever thread, computes them as AR does.
+    lanes16: bool,
+}
+
+// SAFETY: as `Ptr`'s.
+unsafe impl Sync for Job<'_> {}
+
+impl Job<'_> {
+    /// Output columns `o0..o1` (`o0` a multiple of [`WIDTH`]; `o1` one too, or `out`) of
+    /// every row: the next-token rows in f32, then the mask rows in int8.
+    fn columns(&self, o0: usize, o1: usize, tail: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if self.start > 0 {
+            // SAFETY: the pointers cover `start x inp`, `out x inp`, `out` and `start x out`
+            // values; columns o0..o1 lie within `out`.
+            unsafe {
+                few_rows::exact_columns(
+                    self.x.0,
+                    self.w.0,
+                    self.bias.0,
+                    self.y.0,
+                    (self.start, self.inp, self.out),
+                    (o0, o1),
+                    self.lanes16,
+                )
+            };
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut r = 0;
+            while r < tail {
+                let n = (tail - r).min(TILE_ROWS);
+                let mut o = o0;
+                while o < o1 {
+                    let lanes = (o1 - o).min(WIDTH);
+                    // SAFETY: `available()` held when the panels were made (they exist);
+                    // rows r..r + n of the tail, panel o / 16, `lanes` outputs from o.
+                    unsafe {
+                        match n {
+                            8 => avx512::tile::<8>(self, r, o, lanes),
+                            7 => avx512::tile::<7>(self, r, o, lanes),
+                            6 => avx512::tile::<6>(self, r, o, lanes),
+                            5 => avx512::tile::<5>(self, r, o, lanes),
+                            4 => avx512::tile::<4>(self, r, o, lanes),
+                            3 => avx512::tile::<3>(self, r, o, lanes),
+                            2 => avx512::tile::<2>(self, r, o, lanes),
+                            _ => avx512::tile::<1>(self, r, o, lanes),
+                        }
+                    }
+                    o += WIDTH;
+                }
+                r += n;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (o0, o1, tail);
+    }
+}
+
+/// Rows of `inp` values each, quantized per row to unsigned bytes (`round(x / scale) + 128`,
+/// each row padded with 128, the zero, to whole groups of four), and their scales.
+fn quantize_rows(x: &[f32], inp: usize, xq: &mut Vec<u8>, sx: &mut Vec<f32>) {
+    let stride = inp.div_ceil(GROUP) * GROUP;
+    xq.clear();
+    xq.resize(x.len() / inp * stride, 128);
+    sx.clear();
+    for (row, dst) in x.chunks_exact(inp).zip(xq.chunks_exact_mut(stride)) {
+        let (s, inv) = scale_of(row);
+        sx.push(s);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available()` holds wherever panels exist, the only callers' precondition.
+        unsafe {
+            avx512::quantize(row, inv, dst)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        for (d, &v) in dst.iter_mut().zip(row) {
+            *d = ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i32 + 128) as u8;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{GROUP, Job, WIDTH};
+
+    /// `row` times `inv`, rounded to nearest (ties to even), clamped to `[-127, 127]`, plus
+    /// 128, into `dst` (at least `row.len()` bytes).
+    ///
+    /// # Safety
+    /// AVX-512F and BW are available.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantize(row: &[f32], inv: f32, dst: &mut [u8]) {
+        let scale = _mm512_set1_ps(inv);
+        let (lo, hi, shift) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127), _mm512_set1_epi32(128));
+        for (k, chunk) in row.chunks(WIDTH).enumerate() {
+            let mask: __mmask16 = if chunk.len() == WIDTH { 0xffff } else { ((1u32 << chunk.len()) - 1) as __mmask16 };
+            // SAFETY: masked lanes only read and write the chunk's values.
+            unsafe {
+                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, chunk.as_ptr()), scale);
+                let q = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                let q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), shift);
+                _mm512_mask_cvtepi32_storeu_epi8(dst.as_mut_ptr().add(k * WIDTH) as *mut i8, mask, q);
+            }
+        }
+    }
+
+    /// Mask rows `r..r + NR` of the tail at outputs `o..o + lanes` (`o` a multiple of 16):
+    /// per group of four inputs, the panel's vector and each row's four bytes broadcast,
+    /// `vpdpbusd` into the row's sixteen sums; then each sum less the shift, times the two
+    /// scales, plus the bias.
+    ///
+    /// # Safety
+    /// AVX-512F, BW and VNNI are available; the job's pointers are valid for its sizes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile<const NR: usize>(job: &Job, r: usize, o: usize, lanes: usize) {
+        let p = job.panels;
+        let groups = p.inp.div_ceil(GROUP);
+        let stride = groups * GROUP;
+        let mut acc = [_mm512_setzero_si512(); NR];
+        // SAFETY: panel o / 16 holds `groups x 64` bytes.
+        let panel = unsafe { p.data.as_ptr().add(o / WIDTH * groups * WIDTH * GROUP) };
+        let xq = job.xq.as_ptr();
+        for g in 0..groups {
+            // SAFETY: group g of the panel; row r + j's four bytes of group g (`tail x stride`).
+            unsafe {
+                let w = _mm512_loadu_si512(panel.add(g * WIDTH * GROUP) as *const __m512i);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let four = (xq.add((r + j) * stride + g * GROUP) as *const i32).read_unaligned();
+                    *a = _mm512_dpbusd_epi32(*a, _mm512_set1_epi32(four), w);
+                }
+            }
+        }
+        let mask: __mmask16 = if lanes == WIDTH { 0xffff } else { ((1u32 << lanes) - 1) as __mmask16 };
+        // SAFETY: the panels' scales and shifts are padded to whole panels; the bias has
+        // `out` values, of which the mask's lanes from o.
+        let (sw, shift, bias) = unsafe {
+            (
+                _mm512_loadu_ps(p.scale.as_ptr().add(o)),
+                _mm512_loadu_si512(p.shift.as_ptr().add(o) as *const __m512i),
+                (!job.bias.0.is_null()).then(|| _mm512_maskz_loadu_ps(mask, job.bias.0.add(o))),
+            )
+        };
+        for (j, a) in acc.iter().enumerate() {
+            let row = r + j;
+            let mut v = _mm512_mul_ps(
+                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(*a, shift)), sw),
+                _mm512_set1_ps(job.sx[row]),
+            );
+            if let Some(b) = bias {
+                v = _mm512_add_ps(v, b);
+            }
+            // SAFETY: row start + row of `y`, the mask's lanes from o within `out`.
+            unsafe { _mm512_mask_storeu_ps(job.y.0.add((job.start + row) * job.out + o), mask, v) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relative(got: &Tensor, want: &Tensor) -> f64 {
+        f64::try_from((got - want).norm() / want.norm()).expect("a norm")
+    }
+
+    /// The rows before `start` are `few_rows::product`'s bit for bit (one thread or two,
+    /// widths that end inside a panel or a group of four); the rows from `start` on are the
+    /// f32 product to int8's rounding.
+    #[test]
+    fn head_rows_exact_and_tail_rows_close() {
+        if !available() {
+            return;
+        }
+        let o = (Kind::Float, Device::Cpu);
+        let _g = tch::no_grad_guard();
+        for (out, inp, rows, start) in [(1408, 256, 25, 5), (172, 64, 9, 3), (40, 171, 7, 1), (256, 704, 4, 3)] {
+            let w = Tensor::randn([out, inp], o) * 0.05;
+            let bias = Tensor::randn([out], o);
+            let x = Tensor::randn([rows, inp], o);
+            let panels = Int8Panels::of(&w).expect("panels");
+            for threads in [1, 2] {
+                let y = few_rows::tests::in_team(threads, || product_tail(&x, &w, Some(&bias), &panels, start))
+                    .expect("a product");
+                let head = few_rows::product(&x.narrow(0, 0, start), &w, Some(&bias)).expect("a product");
+                assert!(y.narrow(0, 0, start).equal(&head), "{out}x{inp}: head rows differ ({threads} threads)");
+                let want = x.narrow(0, start, rows - start).matmul(&w.tr()) + &bias;
+                let err = relative(&y.narrow(0, start, rows - start), &want);
+                assert!(err < 2e-2, "{out}x{inp}: tail rows {err:.2e} from f32");
+                assert!(err > 0.0, "{out}x{inp}: tail rows not quantized");
+            }
+        }
+    }
+
+    /// A row's int8 outputs do not depend on the other rows of the call, nor on the thread.
+    #[test]
+    fn tail_rows_do_not_depend_on_the_others() {
+        if !available() {
+            return;
+        }
+        let o = (Kind::Float, Device::Cpu);
+        let _g = tch::no_grad_guard();
+        let w = Tensor::randn([300, 96], o);
+        let panels = Int8Panels::of(&w).expect("panels");
+        let x = Tensor::randn([12, 96], o);
+        let all = product_tail(&x, &w, None, &panels, 2).expect("a product");
+        let some = product_tail(&x.narrow(0, 0, 5), &w, None, &panels, 2).expect("a product");
+        assert!(all.narrow(0, 0, 5).equal(&some));
+    }
+
+    /// Operands that do not fit are declined (the caller runs its other form).
+    #[test]
+    fn declines_what_does_not_fit() {
+        if !available() {
+            return;
+        }
+        let o = (Kind::Float, Device::Cpu);
+        let w = Tensor::randn([32, 16], o);
+        let panels = Int8Panels::of(&w).expect("panels");
+        let x = Tensor::randn([4, 16], o);
+        assert!(product_tail(&x, &w, None, &panels, 4).is_none(), "no tail rows");
+        assert!(product_tail(&x, &Tensor::randn([32, 8], o), None, &panels, 1).is_none(), "another weight");
+        assert!(product_tail(&Tensor::randn([40, 16], o), &w, None, &panels, 1).is_none(), "too many rows");
+        assert!(product_tail(&x, &w, None, &panels, 1).is_some());
+    }
+}
