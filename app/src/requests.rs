@@ -28,12 +28,19 @@ pub fn load_model(p: &Persisted, in_use: Option<(&ModelSource, &std::path::Path)
         .map(|(_, path)| path)
         .or_else(|| p.remembered_adapter(&source))
         .map(std::path::Path::to_owned);
-    Ok(Request::LoadModel { source, device: m.device, dtype: m.dtype, cuda_graphs, adapter })
+    Ok(Request::LoadModel {
+        source,
+        device: m.device,
+        dtype: m.dtype,
+        cuda_graphs,
+        arithmetic: m.draft_arithmetic,
+        adapter,
+    })
 }
 
 /// Load the adapter file the Model form names.
 pub fn load_adapter(p: &Persisted) -> Request {
-    Request::LoadAdapter { path: PathBuf::from(p.model.adapter.trim()) }
+    Request::LoadAdapter { path: PathBuf::from(p.model.adapter.trim()), arithmetic: p.model.draft_arithmetic }
 }
 
 /// Preview the Data form's dataset, cut at the Train form's sequence length.
@@ -260,7 +267,7 @@ mod tests {
         assert!(load_model(&p, None).is_err());
         p.model.adapter = " a.safetensors ".into();
         assert!(
-            matches!(load_adapter(&p), Request::LoadAdapter { path } if path == std::path::Path::new("a.safetensors"))
+            matches!(load_adapter(&p), Request::LoadAdapter { path, .. } if path == std::path::Path::new("a.safetensors"))
         );
         p.data.source = "builtin:code:5".into();
         assert!(matches!(preview_data(&p)?, Request::PreviewData { .. }));

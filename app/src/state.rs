@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use mtp_core::decode::bench::BenchReport;
-use mtp_core::decode::{MaskCount, Mode, StepStats};
+use mtp_core::decode::{DraftArithmetic, MaskCount, Mode, StepStats};
 use mtp_core::mtp::probe::ProbeReport;
 use mtp_core::project::Project;
 use mtp_core::train::TrainConfig;
@@ -65,6 +65,9 @@ pub struct ModelForm {
     pub dtype: DType,
     /// Record decoding steps as CUDA graphs (CUDA only; `--cuda-graphs`).
     pub cuda_graphs: bool,
+    /// The arithmetic of a speculative step's mask rows (`--draft-arithmetic`; applies when
+    /// a model or an adapter is loaded next).
+    pub draft_arithmetic: DraftArithmetic,
     /// Adapter file to load.
     pub adapter: String,
 }
@@ -77,6 +80,7 @@ impl Default for ModelForm {
             device,
             dtype: DType::default_for(device),
             cuda_graphs: false,
+            draft_arithmetic: DraftArithmetic::Auto,
             adapter: String::new(),
         }
     }

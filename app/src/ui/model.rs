@@ -2,6 +2,7 @@
 //! device and a precision; see its summary and the training memory estimate.
 
 use mtp_core::DType;
+use mtp_core::decode::DraftArithmetic;
 use mtp_core::inspect::human_bytes;
 use mtp_core::train::memory::{MemoryInputs, estimate};
 
@@ -64,6 +65,19 @@ pub fn show(
                    with one launch (CUDA only; applies at the next load)";
         form_row(ui, "CUDA graphs", tip, |ui| {
             ui.add_enabled(cuda, egui::Checkbox::new(&mut p.model.cuda_graphs, "Replay decoding steps"))
+        });
+        let tip = "How a speculative step multiplies its mask rows, whose outputs are only drafts (greedy output is \
+                   the same either way): auto (int8 where the CPU has AVX-512 VNNI, else bf16 for many mask rows on \
+                   AMD), exact (the model's dtype), bf16 or int8 (CPU only); applies at the next load";
+        form_row(ui, "Draft arithmetic", tip, |ui| {
+            egui::ComboBox::from_id_salt("draft-arithmetic")
+                .selected_text(p.model.draft_arithmetic.to_string())
+                .show_ui(ui, |ui| {
+                    for a in DraftArithmetic::ALL {
+                        ui.selectable_value(&mut p.model.draft_arithmetic, a, a.to_string());
+                    }
+                })
+                .response
         });
     });
     ui.horizontal(|ui| {

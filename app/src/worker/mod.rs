@@ -15,8 +15,8 @@ use anyhow::Context;
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use mtp_core::decode::bench::{BenchReport, read_prompts, run_bench};
 use mtp_core::decode::{
-    DraftOptions, Drafter, GenerateRequest, Generation, Layout, MaskCount, SpecDecoder, Speculative, StepStats,
-    Strategy, TokenEvent, TokenSink,
+    DraftArithmetic, DraftOptions, Drafter, GenerateRequest, Generation, Layout, MaskCount, SpecDecoder, Speculative,
+    StepStats, Strategy, TokenEvent, TokenSink,
 };
 use mtp_core::inspect::ModelInfo;
 use mtp_core::mtp::MtpAdapter;
@@ -57,8 +57,15 @@ impl WorkerHandle {
         let thread = std::thread::Builder::new()
             .name("mtp-worker".into())
             .spawn(move || {
-                Worker { events: ev_tx, wake: Box::new(wake), control: worker_control, model: None, adapter: None }
-                    .run(req_rx)
+                Worker {
+                    events: ev_tx,
+                    wake: Box::new(wake),
+                    control: worker_control,
+                    model: None,
+                    adapter: None,
+                    arithmetic: DraftArithmetic::Auto,
+                }
+                .run(req_rx)
             })
             .ok();
         Self { requests: Some(req_tx), events: ev_rx, control, thread }
@@ -121,6 +128,8 @@ struct Worker {
     control: Control,
     model: Option<LoadedModel>,
     adapter: Option<Adapter>,
+    /// The arithmetic of the mask rows of the adapters it prepares (the last load's).
+    arithmetic: DraftArithmetic,
 }
 
 /// The loaded adapter and the same adapter prepared for decoding.
@@ -200,7 +209,8 @@ impl Worker {
     /// Make `adapter` (read from `path`) the loaded one, prepared for decoding with the loaded
     /// model, and say so: the window learns of it only once it can decode.
     fn set_adapter(&mut self, adapter: MtpAdapter, path: PathBuf) -> anyhow::Result<()> {
-        let drafter = Drafter::new(&self.model()?.model, &adapter, DraftOptions::default())?;
+        let options = DraftOptions { arithmetic: self.arithmetic, ..DraftOptions::default() };
+        let drafter = Drafter::new(&self.model()?.model, &adapter, options)?;
         self.emit(Event::AdapterLoaded(AdapterSummary { path: path.clone(), config: adapter.config.clone() }));
         self.adapter = Some(Adapter { adapter, drafter, path });
         Ok(())
@@ -210,8 +220,9 @@ impl Worker {
     /// ends one is returned to be handled next.
     fn handle(&mut self, request: Request, queue: &Receiver<Request>) -> anyhow::Result<Option<Request>> {
         match request {
-            Request::LoadModel { source, device, dtype, cuda_graphs, adapter: keep } => {
+            Request::LoadModel { source, device, dtype, cuda_graphs, arithmetic, adapter: keep } => {
                 let start = Instant::now();
+                self.arithmetic = arithmetic;
                 self.model = None;
                 self.adapter = None;
                 let options = LoadOptions { device, dtype, hub: HubOptions::from_env(), cuda_graphs };
@@ -261,7 +272,8 @@ impl Worker {
                     self.set_adapter(a, path)?;
                 }
             }
-            Request::LoadAdapter { path } => {
+            Request::LoadAdapter { path, arithmetic } => {
+                self.arithmetic = arithmetic;
                 let loaded = self.model()?;
                 let check = mtp_core::mtp::BaseCheck { model_name: loaded.source.to_string(), ..Default::default() };
                 let adapter = MtpAdapter::load_checked(&path, &loaded.model, &check)?;

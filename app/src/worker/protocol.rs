@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use mtp_core::decode::bench::{BenchConfig, BenchReport};
 use mtp_core::decode::speculative::StepDetail;
-use mtp_core::decode::{Decoding, MaskCount, Mode, StepStats, StopReason, TokenOrigin};
+use mtp_core::decode::{Decoding, DraftArithmetic, MaskCount, Mode, StepStats, StopReason, TokenOrigin};
 use mtp_core::inspect::ModelInfo;
 use mtp_core::mtp::MtpConfig;
 use mtp_core::mtp::probe::ProbeReport;
@@ -81,6 +81,8 @@ pub enum Request {
         dtype: DType,
         /// Record decoding steps as CUDA graphs (CUDA only).
         cuda_graphs: bool,
+        /// The arithmetic of the mask rows of the adapters loaded from now on.
+        arithmetic: DraftArithmetic,
         /// The adapter to load with it (the one in use, when the same model is loaded again,
         /// in another precision for one); `None`: the demo's own adapter for the demo.
         adapter: Option<PathBuf>,
@@ -89,6 +91,8 @@ pub enum Request {
     LoadAdapter {
         /// `adapter.safetensors`.
         path: PathBuf,
+        /// The arithmetic of its mask rows (and of the adapters loaded after it).
+        arithmetic: DraftArithmetic,
     },
     /// Read a dataset and format a few examples exactly as trained.
     PreviewData {
