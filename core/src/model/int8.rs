@@ -386,8 +386,9 @@ mod tests {
     }
 
     /// The rows before `start` are `few_rows::product`'s bit for bit (one thread or two,
-    /// widths that end inside a panel or a group of four); the rows from `start` on are the
-    /// f32 product to int8's rounding.
+    /// widths that end inside a panel or a group of four, 9 head rows, whose f32 tiles take
+    /// three weight rows while the parts here split at sixteen); the rows from `start` on
+    /// are the f32 product to int8's rounding.
     #[test]
     fn head_rows_exact_and_tail_rows_close() {
         if !available() {
@@ -395,7 +396,9 @@ mod tests {
         }
         let o = (Kind::Float, Device::Cpu);
         let _g = tch::no_grad_guard();
-        for (out, inp, rows, start) in [(1408, 256, 25, 5), (172, 64, 9, 3), (40, 171, 7, 1), (256, 704, 4, 3)] {
+        for (out, inp, rows, start) in
+            [(1408, 256, 25, 5), (172, 64, 9, 3), (40, 171, 7, 1), (256, 704, 4, 3), (300, 96, 20, 9)]
+        {
             let w = Tensor::randn([out, inp], o) * 0.05;
             let bias = Tensor::randn([out], o);
             let x = Tensor::randn([rows, inp], o);
