@@ -330,23 +330,15 @@ pub fn product_into(x: &[f32], weight: &Tensor, bias: Option<&[f32]>, y: &mut [f
     if !fits {
         return false;
     }
-    dispatch(Job {
-        x: x.as_ptr(),
-        w: weight.data_ptr() as *const f32,
-        bias: bias.map_or(std::ptr::null(), <[f32]>::as_ptr),
-        y: y.as_mut_ptr(),
-        rows,
-        inp,
-        out,
-        accumulate: false,
-        low_rank: None,
-        bf16: None,
-        tail_weight: None,
-        w16: false,
-        lanes16: sixteen_lanes(),
-        from_memory: false,
-        tail_panels: std::ptr::null(),
-    });
+    let bias = bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
+    dispatch(Job::plain(
+        x.as_ptr(),
+        weight.data_ptr() as *const f32,
+        bias,
+        y.as_mut_ptr(),
+        (rows, inp, out),
+        sixteen_lanes(),
+    ));
     true
 }
 
@@ -444,6 +436,34 @@ struct Term {
 }
 
 impl Job {
+    /// `y = x W^T + b` of f32 operands (`bias` may be null) and nothing more.
+    fn plain(
+        x: *const f32,
+        w: *const f32,
+        bias: *const f32,
+        y: *mut f32,
+        (rows, inp, out): (usize, usize, usize),
+        lanes16: bool,
+    ) -> Job {
+        Job {
+            x,
+            w,
+            bias,
+            y,
+            rows,
+            inp,
+            out,
+            accumulate: false,
+            low_rank: None,
+            bf16: None,
+            tail_weight: None,
+            w16: false,
+            lanes16,
+            from_memory: false,
+            tail_panels: std::ptr::null(),
+        }
+    }
+
     /// Columns `[edge(i), edge(i + 1))` of `n` of `parts`: multiples of `unit` but for the
     /// last part's end, so parts write disjoint columns.
     fn edge(n: usize, i: usize, parts: usize, unit: usize) -> usize {
@@ -602,21 +622,8 @@ pub(super) unsafe fn exact_columns(
     lanes16: bool,
 ) {
     let job = Job {
-        x,
-        w,
-        bias,
-        y,
-        rows,
-        inp,
-        out,
-        accumulate: false,
-        low_rank: None,
-        bf16: None,
-        tail_weight: None,
-        w16: false,
-        lanes16,
         from_memory: super::huge_pages::read_from_memory(w as usize),
-        tail_panels: std::ptr::null(),
+        ..Job::plain(x, w, bias, y, (rows, inp, out), lanes16)
     };
     // SAFETY: as this function's.
     unsafe { f32_columns::<false>(&job, o0, o1) }

@@ -24,7 +24,6 @@
 #![allow(unsafe_code)]
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::{Device, Kind, Tensor};
 
@@ -61,20 +60,6 @@ pub fn available() -> bool {
     })
 }
 
-static DISABLED: AtomicBool = AtomicBool::new(false);
-
-/// Let products use the int8 panels they are given (`true`, the default) or return `None`
-/// so that the caller runs its other form: the examples time the two in turns in one
-/// process. Only mask rows are int8, so either way a step's next-token rows are AR's.
-pub fn set_enabled(on: bool) {
-    DISABLED.store(!on, Ordering::Relaxed);
-}
-
-/// [`set_enabled`]'s state.
-pub fn enabled() -> bool {
-    !DISABLED.load(Ordering::Relaxed)
-}
-
 /// A weight quantized to int8 per output row, as panels (see the module's documentation).
 #[derive(Debug)]
 pub struct Int8Panels {
@@ -102,24 +87,24 @@ impl Int8Panels {
         if !fits {
             return None;
         }
+        let (panels, groups) = ((out as usize).div_ceil(WIDTH) as i64, (inp as usize).div_ceil(GROUP) as i64);
+        let (data, scale, shift) = tch::no_grad(|| {
+            // Each row scaled by its largest magnitude (a row of zeros, or one that is not
+            // finite, by 1), rounded to nearest (ties to even), padded with zeros to whole
+            // panels and groups, then laid out [panel, group, output, input].
+            let max = weight.abs().amax([1i64].as_slice(), true);
+            let usable = max.gt(0.0).logical_and(&max.isfinite());
+            let max = max.where_self(&usable, &max.ones_like().g_mul_scalar(127.0));
+            let q = (weight * (max.reciprocal() * 127.0)).round().clamp(-127.0, 127.0);
+            let q = q.constant_pad_nd([0, groups * GROUP as i64 - inp, 0, panels * WIDTH as i64 - out]);
+            let shift = q.sum_dim_intlist([1i64].as_slice(), false, Kind::Float).to_kind(Kind::Int) * 128;
+            let data = q.to_kind(Kind::Int8).view([panels, WIDTH as i64, groups, GROUP as i64]).permute([0, 2, 1, 3]);
+            let scale = (max / 127.0).view([-1]).constant_pad_nd([0, panels * WIDTH as i64 - out]);
+            (data.contiguous().view([-1]), scale, shift)
+        });
+        let (data, scale, shift) =
+            (Vec::<i8>::try_from(data).ok()?, Vec::<f32>::try_from(scale).ok()?, Vec::<i32>::try_from(shift).ok()?);
         let (out, inp) = (out as usize, inp as usize);
-        let values = Vec::<f32>::try_from(tch::no_grad(|| weight.contiguous().view([-1]))).ok()?;
-        let (panels, groups) = (out.div_ceil(WIDTH), inp.div_ceil(GROUP));
-        let mut data = vec![0i8; panels * groups * WIDTH * GROUP];
-        let mut scale = vec![0f32; panels * WIDTH];
-        let mut shift = vec![0i32; panels * WIDTH];
-        for (o, row) in values.chunks_exact(inp).enumerate() {
-            let (s, inv) = scale_of(row);
-            scale[o] = s;
-            let (p, lane) = (o / WIDTH, o % WIDTH);
-            let mut sum = 0i32;
-            for (k, &v) in row.iter().enumerate() {
-                let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
-                sum += i32::from(q);
-                data[((p * groups + k / GROUP) * WIDTH + lane) * GROUP + k % GROUP] = q;
-            }
-            shift[o] = 128 * sum;
-        }
         Some(Int8Panels { data, scale, shift, out, inp })
     }
 
@@ -143,8 +128,7 @@ fn scale_of(row: &[f32]) -> (f32, f32) {
 /// `x W^T + b` (`x`: `[rows, in]`, f32 on the CPU, at most [`MAX_ROWS`] rows, `weight`
 /// `[out, in]`) with the rows from `start` on multiplied in int8 by the weight `panels` hold
 /// (the same shape: the merged weight, for a step's mask rows), the rows before `start`
-/// exactly what [`few_rows::product`] gives them. `None` where [`set_enabled`] turned it
-/// off, or when the operands do not fit.
+/// exactly what [`few_rows::product`] gives them. `None` when the operands do not fit.
 pub fn product_tail(
     x: &Tensor,
     weight: &Tensor,
@@ -155,8 +139,7 @@ pub fn product_tail(
     let size = x.size();
     let [rows, inp] = size[..] else { return None };
     let out = weight.size()[0];
-    let fits = enabled()
-        && (1..=MAX_ROWS).contains(&rows)
+    let fits = (1..=MAX_ROWS).contains(&rows)
         && (0..rows).contains(&start)
         && panels.fit(out as usize, inp as usize)
         && few_rows::takes(x, weight)
