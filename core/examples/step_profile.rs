@@ -1,6 +1,9 @@
 //! Where the time of one speculative step goes, against one AR step (default: the demo),
-//! for each form of the adapter's term. The parts are timed in turns, round after round,
-//! and the median of each counts (the machine is shared and noisy).
+//! for each form of the adapter's term and arithmetic of its mask rows (the draft chain
+//! with its head in int8 too). The parts are timed in turns, round after round, and the
+//! median of each counts (the machine is shared and noisy); last, the whole int8 step
+//! (forward, verification, chain) as the decoding loop runs it, its parts sharing the
+//! caches, against the sum of its parts each run alone.
 //! `cargo run --release -p mtp-core --example step_profile [MASKS] [MODEL_DIR ADAPTER]`
 //! With `STEP_PROFILE_ONLY=ar`, `=base` (the step without its adapter), `=bf16` (the step
 //! with its mask rows in bf16), `=int8` (the low-rank step with its mask rows in int8),
@@ -99,12 +102,12 @@ fn main() -> anyhow::Result<()> {
     let inputs = Tensor::full([n], 5, (Kind::Int64, tch::Device::Cpu));
     let tok = Tensor::from_slice(&[5i64]).unsqueeze(0);
 
-    let mut caches: Vec<KvCache> = (0..12).map(|_| new_cache()).collect();
+    let mut caches: Vec<KvCache> = (0..13).map(|_| new_cache()).collect();
     let mut it = caches.iter_mut();
     let mut next = || it.next().ok_or_else(|| anyhow::anyhow!("caches"));
     let (c1, c2, c3, c4, c5, c6) = (next()?, next()?, next()?, next()?, next()?, next()?);
     let (c7, c8, c9, c10) = (next()?, next()?, next()?, next()?);
-    let (c11, c12) = (next()?, next()?);
+    let (c11, c12, c13) = (next()?, next()?, next()?);
     let ar = |model: &Llama, cache: &mut KvCache| {
         let h = model.forward_embeds(
             &model.embed(&tok),
@@ -210,6 +213,23 @@ fn main() -> anyhow::Result<()> {
     r.add("step forward, merged, mask rows in int8", || {
         let _ = step(&merged_int8, &plan_mi, c12, true);
     });
+    r.add("draft chain, int8 head", || {
+        if !on_host || low_rank_int8.greedy_on_host(model, &z, 5, false).ok().flatten().is_none() {
+            let _ = low_rank_int8.greedy(model, &z, &prev, None);
+        }
+    });
+    // The whole greedy step as the decoding loop runs it (forward, verification, the chain),
+    // so that its parts share the caches as they do there.
+    r.add("whole step, int8 (forward + verify + chain)", || {
+        let h = step(&low_rank_int8, &plan_li, c13, true);
+        let pred = model.logits(&h.narrow(0, 0, n)).argmax(-1, false);
+        if on_host {
+            let pred = Vec::<i64>::try_from(pred).unwrap_or_default();
+            let v = mtp_core::decode::verify::verify_greedy(&drafts, &pred);
+            let z = h.narrow(0, n + (v.accepted as i64) * masks as i64, masks as i64);
+            let _ = low_rank_int8.greedy_on_host(model, &z, 5, false);
+        }
+    });
     let results = r.run(15, 20);
     for (label, us) in &results {
         println!("{label:<45} {us:>10.1} us");
@@ -230,10 +250,16 @@ fn main() -> anyhow::Result<()> {
     );
     println!("merged without panels: step / AR step {:.2}", (get(12) + rest) / ar_us);
     if low_rank_int8.int8_min_rows().is_some() {
+        // Verification, then the chain as the int8 drafter runs it.
+        let rest_int8 = get(4) + if low_rank_int8.int8_head() { get(15) } else { get(5) };
         println!(
-            "mask rows in int8: step / AR step low-rank {:.2}, merged {:.2}",
+            "mask rows in int8: step / AR step low-rank {:.2}, merged {:.2}; with the chain's head in int8 {:.2}, {:.2}; \
+             the low-rank step whole {:.2}",
             (get(13) + rest) / ar_us,
-            (get(14) + rest) / ar_us
+            (get(14) + rest) / ar_us,
+            (get(13) + rest_int8) / ar_us,
+            (get(14) + rest_int8) / ar_us,
+            get(16) / ar_us,
         );
     }
     println!(

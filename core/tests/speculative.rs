@@ -570,10 +570,11 @@ fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
 /// The CPU's draft chain on host vectors ([`Drafter::greedy_on_host`]) drafts what the chain
 /// of tensor operations ([`Drafter::greedy`]) drafts, with the whole vocabulary and with a
 /// draft vocabulary, from the final hidden states of real text (each window of 8 rows taken
-/// as a mask block, the token before it as the verified one).
+/// as a mask block, the token before it as the verified one). With its head in int8 (the
+/// default where the CPU has VNNI) it drafts nearly the same tokens.
 #[test]
 fn host_chain_drafts_as_the_tensor_chain() -> anyhow::Result<()> {
-    let t = trained();
+    let mut t = trained();
     let model = &t.loaded.model;
     if !mtp_core::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind()) {
         return Ok(()); // the host chain runs only where the few-row kernel does
@@ -585,19 +586,36 @@ fn host_chain_drafts_as_the_tensor_chain() -> anyhow::Result<()> {
     let embeds = model.embed(&tokens.unsqueeze(0));
     let h = model.forward_embeds(&embeds, &positions, mtp_core::model::AttnMask::Causal, None, None).squeeze_dim(0);
     let k = t.drafter.k();
-    let mut compared = 0;
-    for drafter in [&t.drafter, &t.small_vocab] {
+    let exact = DraftOptions { arithmetic: DraftArithmetic::Exact, ..DraftOptions::default() };
+    let whole = Drafter::new(model, &t.adapter, exact)?;
+    t.adapter.draft_vocab = Some(frequent_tokens(&t.loaded, 64));
+    let small = Drafter::new(model, &t.adapter, exact)?;
+    let int8 = mtp_core::model::int8::available();
+    let (mut compared, mut same, mut drafts) = (0, 0, 0);
+    for (drafter, default) in [(&whole, &t.drafter), (&small, &t.small_vocab)] {
+        assert!(!drafter.int8_head());
+        assert_eq!(default.int8_head(), int8, "the default arithmetic's chain");
         for start in 1..ids.len() - k {
             let z = h.narrow(0, start as i64, k as i64);
             let prev = ids[start - 1];
-            let on_host =
-                drafter.greedy_on_host(model, &z, prev, false)?.expect("the host chain runs with the kernel").ids;
+            let host = |d: &Drafter| -> anyhow::Result<Vec<i64>> {
+                Ok(d.greedy_on_host(model, &z, prev, false)?.expect("the host chain runs with the kernel").ids)
+            };
+            let on_host = host(drafter)?;
             let tensors = Vec::<i64>::try_from(drafter.greedy(model, &z, &Tensor::from_slice(&[prev]), None))?;
             assert_eq!(on_host, tensors, "window at {start}");
             compared += 1;
+            // The int8 head's chain: the same drafts up to its first near-tie (each later
+            // draft follows from the one before it).
+            let reduced = host(default)?;
+            same += on_host.iter().zip(&reduced).take_while(|(a, b)| a == b).count();
+            drafts += on_host.len();
         }
     }
     assert!(compared >= 20, "only {compared} windows");
+    let agree = same as f64 / drafts as f64;
+    println!("int8 head: {same} of {drafts} drafts the exact chain's before any difference");
+    assert!(agree >= 0.9, "the int8 head's chain agrees on {agree:.3} of the drafts");
     Ok(())
 }
 
@@ -675,18 +693,23 @@ fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
                             assert_eq!(out.token_ids, ar.token_ids, "{what}: not AR's output");
                         }
                     }
-                    let mut steps = 0;
+                    let (mut steps, mut diverged) = (0, false);
                     while masks != MaskCount::Auto && tokens.len() < req.max_new_tokens && b.has_room() {
                         let (ra, rb) = (a.step(false)?, b.step(false)?);
                         steps += 1;
                         let step = ra.stats.step;
                         assert_eq!((&ra.accepted, ra.next), (&rb.accepted, rb.next), "{what}, step {step}");
-                        if !exact && a.drafts() != b.drafts() {
+                        if (!exact || d_ordinary.int8_head()) && a.drafts() != b.drafts() {
                             // libtorch's attention through the whole cache sums in another
                             // order: in f16 a near-tie in the draft chain may go the other
-                            // way. The runs then differ in their drafts, not in what they emit.
+                            // way; and the ordinary steps' chain on host vectors reads the
+                            // head in int8 where the fixed-shape steps' tensor chain reads it
+                            // in f32. The runs then differ in their drafts, not in what they emit.
                             println!("{what}, step {step}: drafts {:?} and {:?}", a.drafts(), b.drafts());
-                            draft_ties += 1;
+                            // Bounded below for f16; the int8 head's agreement is pinned by
+                            // `host_chain_drafts_as_the_tensor_chain`.
+                            draft_ties += usize::from(!exact);
+                            diverged = true;
                             break;
                         }
                         assert_eq!(a.drafts(), b.drafts(), "{what}, step {step}: new drafts");
@@ -701,7 +724,7 @@ fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
                         assert_eq!(b.fixed_shape_steps(), steps, "{what}: steps of recorded shapes");
                     }
                     tokens.truncate(req.max_new_tokens);
-                    if exact && masks != MaskCount::Auto {
+                    if exact && masks != MaskCount::Auto && !diverged {
                         assert_eq!(tokens, ar.token_ids, "{what}: not AR's output");
                     }
                     assert_eq!(a.fixed_shape_steps(), 0, "{what}: the ordinary model ran fixed-shape steps");

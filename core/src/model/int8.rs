@@ -169,14 +169,36 @@ pub fn product_tail(
         sx: &sx,
         lanes16: few_rows::sixteen_lanes(),
     };
-    few_rows::in_parts(rows * out * inp >= SPLIT_MIN_WORK && out > WIDTH, &|i, n| {
-        let edge = |i: usize| if i >= n { out } else { (out.div_ceil(WIDTH) * i / n) * WIDTH };
-        let (o0, o1) = (edge(i).min(out), edge(i + 1).min(out));
-        if o0 < o1 {
-            job.columns(o0, o1, rows - start);
-        }
-    });
+    job.run(rows);
     Some(y)
+}
+
+/// `x W^T` for host rows `x` (`rows x in` values) with every row multiplied in int8 by the
+/// weight `panels` hold, into `y` (`rows x out`): [`product_tail`]'s mask rows, for a draft
+/// chain's head on host vectors. False (nothing written) when the sizes do not fit.
+pub fn product_into(x: &[f32], panels: &Int8Panels, y: &mut [f32]) -> bool {
+    let (inp, out) = (panels.inp, panels.out);
+    let rows = x.len().checked_div(inp).unwrap_or(0);
+    if rows == 0 || x.len() != rows * inp || y.len() != rows * out {
+        return false;
+    }
+    let (mut xq, mut sx) = (Vec::new(), Vec::new());
+    quantize_rows(x, inp, &mut xq, &mut sx);
+    let job = Job {
+        x: Ptr(std::ptr::null_mut()),
+        w: Ptr(std::ptr::null_mut()),
+        bias: Ptr(std::ptr::null_mut()),
+        y: Ptr(y.as_mut_ptr()),
+        start: 0,
+        inp,
+        out,
+        panels,
+        xq: &xq,
+        sx: &sx,
+        lanes16: few_rows::sixteen_lanes(),
+    };
+    job.run(rows);
+    true
 }
 
 /// A raw pointer the parts of a product share (each writes its own columns).
@@ -209,6 +231,19 @@ struct Job<'a> {
 unsafe impl Sync for Job<'_> {}
 
 impl Job<'_> {
+    /// Every output column of the job's `rows` rows, shared between the threads' parts
+    /// when the product is big enough.
+    fn run(&self, rows: usize) {
+        let out = self.out;
+        few_rows::in_parts(rows * out * self.inp >= SPLIT_MIN_WORK && out > WIDTH, &|i, n| {
+            let edge = |i: usize| if i >= n { out } else { (out.div_ceil(WIDTH) * i / n) * WIDTH };
+            let (o0, o1) = (edge(i).min(out), edge(i + 1).min(out));
+            if o0 < o1 {
+                self.columns(o0, o1, rows - self.start);
+            }
+        });
+    }
+
     /// Output columns `o0..o1` (`o0` a multiple of [`WIDTH`]; `o1` one too, or `out`) of
     /// every row: the next-token rows in f32, then the mask rows in int8.
     fn columns(&self, o0: usize, o1: usize, tail: usize) {
@@ -413,6 +448,31 @@ mod tests {
         let all = product_tail(&x, &w, None, &panels, 2).expect("a product");
         let some = product_tail(&x.narrow(0, 0, 5), &w, None, &panels, 2).expect("a product");
         assert!(all.narrow(0, 0, 5).equal(&some));
+    }
+
+    /// Host rows multiplied by `product_into` are `product_tail`'s rows from 0, bit for bit,
+    /// one thread or two.
+    #[test]
+    fn host_rows_equal_tail_rows() {
+        if !available() {
+            return;
+        }
+        let o = (Kind::Float, Device::Cpu);
+        let _g = tch::no_grad_guard();
+        for (out, inp, rows) in [(4096, 256, 1), (4096, 256, 4), (300, 96, 3), (40, 171, 2)] {
+            let w = Tensor::randn([out, inp], o) * 0.05;
+            let panels = Int8Panels::of(&w).expect("panels");
+            let x = Tensor::randn([rows, inp], o);
+            let want = product_tail(&x, &w, None, &panels, 0).expect("a product");
+            let xs = Vec::<f32>::try_from(x.view([-1])).expect("host rows");
+            for threads in [1, 2] {
+                let mut y = vec![0f32; (rows * out) as usize];
+                assert!(few_rows::tests::in_team(threads, || product_into(&xs, &panels, &mut y)));
+                let want = Vec::<f32>::try_from(want.view([-1])).expect("host rows");
+                assert_eq!(y, want, "{out}x{inp}, {rows} rows, {threads} threads");
+            }
+            assert!(!product_into(&xs[1..], &panels, &mut vec![0f32; (rows * out) as usize]), "a partial row");
+        }
     }
 
     /// Operands that do not fit are declined (the caller runs its other form).

@@ -17,6 +17,7 @@ use super::fixed::FixedSteps;
 use super::layout::{StepLayout, StepPlan};
 use super::masks::MaskController;
 use crate::error::{Error, Result};
+use crate::model::int8::Int8Panels;
 use crate::model::{Gate, Gated, KvCache, Llama, few_rows};
 use crate::mtp::gated_lora::PreparedLora;
 use crate::mtp::sampler::PreparedSampler;
@@ -101,7 +102,8 @@ pub enum DraftArithmetic {
     /// rows' base products in int8 (each adapted group's weight quantized per output row
     /// when the drafter is prepared, a quarter of its f32 bytes held once more; the rows
     /// quantized per row as they come; sums in int32, the adapter's term in f32), four
-    /// times the multiply-adds a core does in f32. Elsewhere the same as `Bf16`.
+    /// times the multiply-adds a core does in f32; the draft chain's head too (on host
+    /// vectors, [`Drafter::greedy_on_host`]). Elsewhere the same as `Bf16`.
     Int8,
 }
 
@@ -268,6 +270,10 @@ pub struct Drafter {
     /// are chosen from, multiplied like a projection ([`crate::model::linear::linear`]:
     /// on the CPU our few-row kernel, which streams the rows once).
     head: Tensor,
+    /// `head` quantized to int8 panels where the mask rows are multiplied in int8: the
+    /// draft chain on host vectors reads it (a quarter of the bytes, four times the
+    /// multiply-adds an instruction) in place of `head`.
+    head_int8: Option<Int8Panels>,
     /// Step constants by shape, built on first use and shared by every generation.
     plans: RefCell<HashMap<PlanKey, Rc<StepPlan>>>,
     /// What the last generation's `auto` mask controller learned (per layout), so that the
@@ -320,13 +326,16 @@ impl Drafter {
                 None => model.lm_head.shallow_clone(),
             };
             let form = options.lora.resolve(model, adapter.config.gated);
+            let int8_rows = options.arithmetic.int8_min_rows(model);
+            // The chain drafts one token at a time: a row of mask rows' arithmetic.
+            let head_int8 = int8_rows.filter(|_| crate::model::int8::available()).and_then(|_| Int8Panels::of(&head));
             Ok(Self {
                 config: adapter.config.clone(),
                 mask_embeddings: adapter.mask_embeddings.detach().to_kind(kind),
                 lora: adapter
                     .prepared_lora(model, form == LoraForm::Merged)
                     .with_bf16_tail(options.arithmetic.bf16_min_rows(model))
-                    .with_int8_tail(options.arithmetic.int8_min_rows(model)),
+                    .with_int8_tail(int8_rows),
                 form,
                 halves: form == LoraForm::Merged
                     && !crate::model::linear::few_row_products_ours(model.device(), model.dtype().kind()),
@@ -335,6 +344,7 @@ impl Drafter {
                 vocab,
                 vocab_ids,
                 head,
+                head_int8,
                 plans: RefCell::default(),
                 controllers: RefCell::default(),
                 kept: RefCell::default(),
@@ -393,7 +403,22 @@ impl Drafter {
 
     /// Bytes the drafter holds beyond the adapter itself (merged weights, int8 panels).
     pub fn extra_bytes(&self) -> usize {
-        self.lora.merged_bytes() + self.lora.int8_bytes()
+        self.lora.merged_bytes() + self.lora.int8_bytes() + self.head_int8.as_ref().map_or(0, Int8Panels::bytes)
+    }
+
+    /// True when the draft chain on host vectors multiplies by the head in int8.
+    pub fn int8_head(&self) -> bool {
+        self.head_int8.is_some()
+    }
+
+    /// The chain's logits of host rows `x` (`rows x d`) into `logits` (`rows x N`): by the
+    /// int8 head where there is one, else by the f32 head's few-row kernel. False when
+    /// neither takes them.
+    fn head_into(&self, x: &[f32], logits: &mut [f32]) -> bool {
+        match &self.head_int8 {
+            Some(panels) => crate::model::int8::product_into(x, panels, logits),
+            None => few_rows::product_into(x, &self.head, None, logits),
+        }
     }
 
     /// A mask controller for a generation with `count` masks: for `auto`, the last one
@@ -518,8 +543,12 @@ impl Drafter {
     /// embedding row (a demo draft took about 120 us as a dozen operations). Returns the
     /// drafts, or `None` where the kernel does not run (the caller then drafts with
     /// [`Drafter::greedy`]); the drafts are those of [`Drafter::greedy`] but where two
-    /// tokens' logits tie to within the last bits (the two sum in different orders). With
-    /// `scored`, also each draft's confidence ([`HostDrafts::confidence`]).
+    /// tokens' logits tie to within the last bits (the two sum in different orders). Where
+    /// the mask rows are multiplied in int8 ([`DraftArithmetic::Int8`], and `auto` where it
+    /// runs) the chain's head is too ([`Drafter::int8_head`]: a quarter of the bytes, the
+    /// demo's 4-draft chain 119 -> 87 us), and the drafts may then differ in near-ties
+    /// (docs/BENCHMARKS.md, "The draft chain's head in int8"). With `scored`, also each
+    /// draft's confidence ([`HostDrafts::confidence`]).
     ///
     /// # Shapes
     /// `z`: `[m, d]` final hidden states of the masks.
@@ -541,7 +570,7 @@ impl Drafter {
         };
         let Some(head) = &self.sampler else {
             let mut logits = vec![0f32; m * n];
-            if !few_rows::product_into(&z_rows, &self.head, None, &mut logits) {
+            if !self.head_into(&z_rows, &mut logits) {
                 return Ok(None);
             }
             let ids = logits.chunks(n).map(&mut pick).collect();
@@ -557,7 +586,7 @@ impl Drafter {
             model.embed_tokens.get(prev).f_copy_data(&mut e, d)?;
             let rows = j * d..(j + 1) * d;
             if !head.host_state(&part[rows.clone()], &z_rows[rows], &e, &mut state)
-                || !few_rows::product_into(&state, &self.head, None, &mut logits)
+                || !self.head_into(&state, &mut logits)
             {
                 return Ok(None);
             }
