@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use common::*;
 use mtp_core::checkpoint::SafetensorsFile;
 use mtp_core::decode::{
-    Decoding, DraftOptions, Drafter, GenerateRequest, Layout, LoraForm, MaskCount, Mode, SamplingParams, SpecDecoder,
-    Speculative, Strategy, generate,
+    Decoding, DraftArithmetic, DraftOptions, Drafter, GenerateRequest, Layout, LoraForm, MaskCount, Mode,
+    SamplingParams, SpecDecoder, Speculative, Strategy, generate,
 };
 use mtp_core::mtp::export::{PEFT_CONFIG, PEFT_WEIGHTS, export_peft, peft_key};
 use mtp_core::mtp::{MtpAdapter, MtpConfig, Recipe};
@@ -72,7 +72,10 @@ fn drafts_equal_the_reference_uno_draft_step() -> anyhow::Result<()> {
         let (m, a) = load(family)?;
         assert_eq!((a.config.recipe, a.config.sampler, a.config.k), (Recipe::Uno, false, r.masks), "{family}");
         for form in [LoraForm::Merged, LoraForm::LowRank] {
-            let drafter = Drafter::new(&m.model, &a, DraftOptions { lora: form, ..DraftOptions::default() })?;
+            // Exact mask rows and chain: int8 ones (`auto` where the CPU has VNNI) may draft
+            // otherwise in this random model's near-ties.
+            let options = DraftOptions { lora: form, arithmetic: DraftArithmetic::Exact, ..DraftOptions::default() };
+            let drafter = Drafter::new(&m.model, &a, options)?;
             let strategy = Strategy::new(Mode::Linear, Some(&drafter), MaskCount::Fixed(r.masks))?;
             let out = generate(&m.model, strategy, &greedy(r.prompt_ids.clone(), 12), &mut ())?;
             let what = format!("{family}, {form}");
@@ -190,10 +193,11 @@ fn fixed_shape_steps_draft_as_ordinary_steps() -> anyhow::Result<()> {
         LoadedModel::load(&ModelSource::Local { path: model_dir("llama") }, &LoadOptions::default(), &mut ())?;
     fixed.model.set_step_graphs(mtp_core::model::StepGraphs::Eager);
     let vocab = m.model.config.vocab_size as i64;
-    let (plain, graphed) = (
-        Drafter::new(&m.model, &a, DraftOptions::default())?,
-        Drafter::new(&fixed.model, &a, DraftOptions::default())?,
-    );
+    // Exact arithmetic: the ordinary steps' chain runs on host vectors, with its head in
+    // int8 by default where the CPU has VNNI, the fixed-shape steps' as tensor operations
+    // in f32, so that their drafts could part in near-ties.
+    let exact = DraftOptions { arithmetic: DraftArithmetic::Exact, ..DraftOptions::default() };
+    let (plain, graphed) = (Drafter::new(&m.model, &a, exact)?, Drafter::new(&fixed.model, &a, exact)?);
     let key = |o: &mtp_core::decode::GenerateOutput| {
         o.steps.iter().map(|s| (s.drafts.clone(), s.accepted, s.noise_ids.clone())).collect::<Vec<_>>()
     };
