@@ -112,6 +112,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .map_or("the whole vocabulary".into(), |n| format!("a draft vocabulary of {n} tokens")),
             drafter.form(),
             match (drafter.int8_min_rows(), drafter.bf16_min_rows()) {
+                (Some(n), _) if drafter.int8_head() => {
+                    format!("mask rows in int8 in steps of {n} or more, the draft chain's head too")
+                }
                 (Some(n), _) => format!("mask rows in int8 in steps of {n} or more"),
                 (None, Some(n)) => format!("mask rows in bf16 in steps of {n} or more"),
                 (None, None) => "mask rows exact".into(),
