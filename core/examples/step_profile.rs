@@ -3,7 +3,7 @@
 //! with its head in int8 too). The parts are timed in turns, round after round, and the
 //! median of each counts (the machine is shared and noisy); last, the whole int8 step
 //! (forward, verification, chain) as the decoding loop runs it, its parts sharing the
-//! caches, against the sum of its parts each run alone.
+//! caches, against the sum of its parts each run alone, and with its chain's head in f32.
 //! `cargo run --release -p mtp-core --example step_profile [MASKS] [MODEL_DIR ADAPTER]`
 //! With `STEP_PROFILE_ONLY=ar`, `=base` (the step without its adapter), `=bf16` (the step
 //! with its mask rows in bf16), `=int8` (the low-rank step with its mask rows in int8),
@@ -102,12 +102,12 @@ fn main() -> anyhow::Result<()> {
     let inputs = Tensor::full([n], 5, (Kind::Int64, tch::Device::Cpu));
     let tok = Tensor::from_slice(&[5i64]).unsqueeze(0);
 
-    let mut caches: Vec<KvCache> = (0..13).map(|_| new_cache()).collect();
+    let mut caches: Vec<KvCache> = (0..14).map(|_| new_cache()).collect();
     let mut it = caches.iter_mut();
     let mut next = || it.next().ok_or_else(|| anyhow::anyhow!("caches"));
     let (c1, c2, c3, c4, c5, c6) = (next()?, next()?, next()?, next()?, next()?, next()?);
     let (c7, c8, c9, c10) = (next()?, next()?, next()?, next()?);
-    let (c11, c12, c13) = (next()?, next()?, next()?);
+    let (c11, c12, c13, c14) = (next()?, next()?, next()?, next()?);
     let ar = |model: &Llama, cache: &mut KvCache| {
         let h = model.forward_embeds(
             &model.embed(&tok),
@@ -230,6 +230,18 @@ fn main() -> anyhow::Result<()> {
             let _ = low_rank_int8.greedy_on_host(model, &z, 5, false);
         }
     });
+    // The same with the exact drafter's chain (its head in f32), to weigh the int8 head
+    // where the parts share the caches.
+    r.add("whole step, int8 rows, f32 chain", || {
+        let h = step(&low_rank_int8, &plan_li, c14, true);
+        let pred = model.logits(&h.narrow(0, 0, n)).argmax(-1, false);
+        if on_host {
+            let pred = Vec::<i64>::try_from(pred).unwrap_or_default();
+            let v = mtp_core::decode::verify::verify_greedy(&drafts, &pred);
+            let z = h.narrow(0, n + (v.accepted as i64) * masks as i64, masks as i64);
+            let _ = low_rank.greedy_on_host(model, &z, 5, false);
+        }
+    });
     let results = r.run(15, 20);
     for (label, us) in &results {
         println!("{label:<45} {us:>10.1} us");
@@ -261,6 +273,7 @@ fn main() -> anyhow::Result<()> {
             (get(14) + rest_int8) / ar_us,
             get(16) / ar_us,
         );
+        println!("the whole step with the chain's head in f32 {:.2}", get(17) / ar_us);
     }
     println!(
         "{} masks, {} rows (merged: {}); step / AR step: low-rank {:.2}{bf16}, merged {:.2} (no adapter {:.2}; verify + draft {:.2}); auto = {auto}",
