@@ -194,6 +194,9 @@ fn generate_bench_and_probe_with_an_adapter() -> anyhow::Result<()> {
         let key = if arithmetic == "int8" { "int8_min_mask_rows" } else { "bf16_min_mask_rows" };
         let got = out[key].as_u64();
         assert!(got.is_none() || got == min_rows, "mask rows {arithmetic}: {out}");
+        // The chain's head in int8 exactly where the mask rows are.
+        let int8_rows = out["int8_min_mask_rows"].as_u64().is_some();
+        assert_eq!(out["int8_draft_head"].as_bool(), Some(int8_rows), "mask rows {arithmetic}: {out}");
     }
     // Without --masks each step chooses its own count (auto), and the output is still AR's.
     let mut args = base.to_vec();

@@ -96,6 +96,8 @@ struct Report<'a> {
     bf16_min_mask_rows: Option<usize>,
     /// The fewest mask rows a step multiplied in int8 (null: never; before bf16).
     int8_min_mask_rows: Option<usize>,
+    /// True when the draft chain read its head in int8 (with int8 mask rows).
+    int8_draft_head: bool,
     /// UNO recipe: the random ids the mask block after the prompt read (in the prefill; the
     /// drafts that block made are the first step's `drafts`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -224,6 +226,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             lora_form: drafter.as_ref().map(|d| d.form()),
             bf16_min_mask_rows: drafter.as_ref().and_then(|d| d.bf16_min_rows()),
             int8_min_mask_rows: drafter.as_ref().and_then(|d| d.int8_min_rows()),
+            int8_draft_head: drafter.as_ref().is_some_and(|d| d.int8_head()),
             bootstrap_noise_ids: (!out.prefill_noise_ids.is_empty()).then(|| out.prefill_noise_ids.clone()),
             device: args.model.device.to_string(),
             dtype: args.model.dtype().to_string(),

@@ -166,6 +166,9 @@ pub struct BenchReport {
     /// over bf16).
     #[serde(default)]
     pub int8_min_mask_rows: Option<usize>,
+    /// True when the draft chain read its head in int8 (with int8 mask rows).
+    #[serde(default)]
+    pub int8_draft_head: bool,
     /// The chat template that encoded the conversation prompts (its file), when any prompt
     /// was a conversation.
     #[serde(default)]
@@ -420,6 +423,7 @@ pub fn run_bench(
         lora_form: Some(drafter.form()),
         bf16_min_mask_rows: drafter.bf16_min_rows(),
         int8_min_mask_rows: drafter.int8_min_rows(),
+        int8_draft_head: drafter.int8_head(),
         chat_template,
         model: None,
         adapter: None,
@@ -565,6 +569,7 @@ mod tests {
             lora_form: None,
             bf16_min_mask_rows: None,
             int8_min_mask_rows: None,
+            int8_draft_head: false,
             chat_template: None,
             model: None,
             adapter: None,
@@ -582,6 +587,7 @@ mod tests {
             lora_form: None,
             bf16_min_mask_rows: None,
             int8_min_mask_rows: None,
+            int8_draft_head: false,
             chat_template: None,
             model: None,
             adapter: None,
