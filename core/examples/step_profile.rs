@@ -218,30 +218,22 @@ fn main() -> anyhow::Result<()> {
             let _ = low_rank_int8.greedy(model, &z, &prev, None);
         }
     });
-    // The whole greedy step as the decoding loop runs it (forward, verification, the chain),
-    // so that its parts share the caches as they do there.
-    r.add("whole step, int8 (forward + verify + chain)", || {
-        let h = step(&low_rank_int8, &plan_li, c13, true);
+    // The whole greedy int8 step as the decoding loop runs it (forward, verification, the
+    // chain of `chain`), so that its parts share the caches as they do there.
+    let whole = |chain: &Drafter, cache: &mut KvCache| {
+        let h = step(&low_rank_int8, &plan_li, cache, true);
         let pred = model.logits(&h.narrow(0, 0, n)).argmax(-1, false);
         if on_host {
             let pred = Vec::<i64>::try_from(pred).unwrap_or_default();
             let v = mtp_core::decode::verify::verify_greedy(&drafts, &pred);
             let z = h.narrow(0, n + (v.accepted as i64) * masks as i64, masks as i64);
-            let _ = low_rank_int8.greedy_on_host(model, &z, 5, false);
+            let _ = chain.greedy_on_host(model, &z, 5, false);
         }
-    });
+    };
+    r.add("whole step, int8 (forward + verify + chain)", || whole(&low_rank_int8, c13));
     // The same with the exact drafter's chain (its head in f32), to weigh the int8 head
     // where the parts share the caches.
-    r.add("whole step, int8 rows, f32 chain", || {
-        let h = step(&low_rank_int8, &plan_li, c14, true);
-        let pred = model.logits(&h.narrow(0, 0, n)).argmax(-1, false);
-        if on_host {
-            let pred = Vec::<i64>::try_from(pred).unwrap_or_default();
-            let v = mtp_core::decode::verify::verify_greedy(&drafts, &pred);
-            let z = h.narrow(0, n + (v.accepted as i64) * masks as i64, masks as i64);
-            let _ = low_rank.greedy_on_host(model, &z, 5, false);
-        }
-    });
+    r.add("whole step, int8 rows, f32 chain", || whole(&low_rank, c14));
     let results = r.run(15, 20);
     for (label, us) in &results {
         println!("{label:<45} {us:>10.1} us");

@@ -154,22 +154,9 @@ pub fn product_tail(
     let y = Tensor::empty([rows as i64, out as i64], (Kind::Float, Device::Cpu));
     // SAFETY: `x` is contiguous f32 with `rows x inp` values, alive to the end.
     let xs = unsafe { std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * inp) };
-    let (mut xq, mut sx) = (Vec::new(), Vec::new());
-    quantize_rows(&xs[start * inp..], inp, &mut xq, &mut sx);
-    let job = Job {
-        x: Ptr(x.data_ptr() as *mut f32),
-        w: Ptr(weight.data_ptr() as *mut f32),
-        bias: Ptr(bias.as_ref().map_or(std::ptr::null_mut(), |b| b.data_ptr() as *mut f32)),
-        y: Ptr(y.data_ptr() as *mut f32),
-        start,
-        inp,
-        out,
-        panels,
-        xq: &xq,
-        sx: &sx,
-        lanes16: few_rows::sixteen_lanes(),
-    };
-    job.run(rows);
+    let exact = [x.data_ptr(), weight.data_ptr(), bias.as_ref().map_or(std::ptr::null_mut(), |b| b.data_ptr())]
+        .map(|p| Ptr(p as *mut f32));
+    multiply(panels, &xs[start * inp..], exact, Ptr(y.data_ptr() as *mut f32), start);
     Some(y)
 }
 
@@ -182,23 +169,32 @@ pub fn product_into(x: &[f32], panels: &Int8Panels, y: &mut [f32]) -> bool {
     if rows == 0 || x.len() != rows * inp || y.len() != rows * out {
         return false;
     }
+    multiply(panels, x, [Ptr(std::ptr::null_mut()); 3], Ptr(y.as_mut_ptr()), 0);
+    true
+}
+
+/// The rows before `start` in f32 from `exact` (`x`, the weight, the bias: pointers the
+/// f32 kernel reads; unused without such rows), then the `tail` rows quantized and
+/// multiplied in int8 by `panels`, into `y` (`(start + tail rows) x out`).
+fn multiply(panels: &Int8Panels, tail: &[f32], exact: [Ptr; 3], y: Ptr, start: usize) {
+    let inp = panels.inp;
     let (mut xq, mut sx) = (Vec::new(), Vec::new());
-    quantize_rows(x, inp, &mut xq, &mut sx);
+    quantize_rows(tail, inp, &mut xq, &mut sx);
+    let [x, w, bias] = exact;
     let job = Job {
-        x: Ptr(std::ptr::null_mut()),
-        w: Ptr(std::ptr::null_mut()),
-        bias: Ptr(std::ptr::null_mut()),
-        y: Ptr(y.as_mut_ptr()),
-        start: 0,
+        x,
+        w,
+        bias,
+        y,
+        start,
         inp,
-        out,
+        out: panels.out,
         panels,
         xq: &xq,
         sx: &sx,
         lanes16: few_rows::sixteen_lanes(),
     };
-    job.run(rows);
-    true
+    job.run(start + tail.len() / inp);
 }
 
 /// A raw pointer the parts of a product share (each writes its own columns).
