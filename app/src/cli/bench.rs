@@ -113,7 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             drafter.form(),
             match (drafter.int8_min_rows(), drafter.bf16_min_rows()) {
                 (Some(n), _) if drafter.int8_head() => {
-                    format!("mask rows in int8 in steps of {n} or more, the draft chain's head too")
+                    format!("mask rows in int8 in steps of {n} or more, the draft chain's head and sampler too")
                 }
                 (Some(n), _) => format!("mask rows in int8 in steps of {n} or more"),
                 (None, Some(n)) => format!("mask rows in bf16 in steps of {n} or more"),

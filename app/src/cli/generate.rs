@@ -96,7 +96,8 @@ struct Report<'a> {
     bf16_min_mask_rows: Option<usize>,
     /// The fewest mask rows a step multiplied in int8 (null: never; before bf16).
     int8_min_mask_rows: Option<usize>,
-    /// True when the draft chain read its head in int8 (with int8 mask rows).
+    /// True when the draft chain read its head (and its sampler's weights) in int8 (with
+    /// int8 mask rows).
     int8_draft_head: bool,
     /// UNO recipe: the random ids the mask block after the prompt read (in the prefill; the
     /// drafts that block made are the first step's `drafts`).

@@ -166,7 +166,8 @@ pub struct BenchReport {
     /// over bf16).
     #[serde(default)]
     pub int8_min_mask_rows: Option<usize>,
-    /// True when the draft chain read its head in int8 (with int8 mask rows).
+    /// True when the draft chain read its head (and its sampler's weights) in int8 (with
+    /// int8 mask rows).
     #[serde(default)]
     pub int8_draft_head: bool,
     /// The chat template that encoded the conversation prompts (its file), when any prompt

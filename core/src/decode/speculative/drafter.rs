@@ -102,8 +102,9 @@ pub enum DraftArithmetic {
     /// rows' base products in int8 (each adapted group's weight quantized per output row
     /// when the drafter is prepared, a quarter of its f32 bytes held once more; the rows
     /// quantized per row as they come; sums in int32, the adapter's term in f32), four
-    /// times the multiply-adds a core does in f32; the draft chain's head too (on host
-    /// vectors, [`Drafter::greedy_on_host`]). Elsewhere the same as `Bf16`.
+    /// times the multiply-adds a core does in f32; the draft chain's head and its sampler's
+    /// products too (on host vectors, [`Drafter::greedy_on_host`]). Elsewhere the same as
+    /// `Bf16`.
     Int8,
 }
 
@@ -340,7 +341,16 @@ impl Drafter {
                 halves: form == LoraForm::Merged
                     && !crate::model::linear::few_row_products_ours(model.device(), model.dtype().kind()),
                 arithmetic: options.arithmetic,
-                sampler: adapter.sampler().map(|s| s.prepare()),
+                // The chain's first product for each previous token, computed once for the
+                // tokens drafts come from (the draft vocabulary, else a small vocabulary).
+                sampler: adapter.sampler().map(|s| {
+                    let prepared = s.prepare().with_int8(head_int8.is_some());
+                    if crate::model::linear::few_row_kernel_runs(device, kind) {
+                        prepared.with_prev_table(&model.embed_tokens, vocab_ids.as_deref())
+                    } else {
+                        prepared
+                    }
+                }),
                 vocab,
                 vocab_ids,
                 head,
@@ -403,10 +413,14 @@ impl Drafter {
 
     /// Bytes the drafter holds beyond the adapter itself (merged weights, int8 panels).
     pub fn extra_bytes(&self) -> usize {
-        self.lora.merged_bytes() + self.lora.int8_bytes() + self.head_int8.as_ref().map_or(0, Int8Panels::bytes)
+        self.lora.merged_bytes()
+            + self.lora.int8_bytes()
+            + self.head_int8.as_ref().map_or(0, Int8Panels::bytes)
+            + self.sampler.as_ref().map_or(0, |s| s.prev_table_bytes() + s.int8_bytes())
     }
 
-    /// True when the draft chain on host vectors multiplies by the head in int8.
+    /// True when the draft chain on host vectors multiplies by the head in int8 (and by the
+    /// sampler's weights, where the adapter has a sampler).
     pub fn int8_head(&self) -> bool {
         self.head_int8.is_some()
     }
@@ -545,9 +559,12 @@ impl Drafter {
     /// [`Drafter::greedy`]); the drafts are those of [`Drafter::greedy`] but where two
     /// tokens' logits tie to within the last bits (the two sum in different orders). Where
     /// the mask rows are multiplied in int8 ([`DraftArithmetic::Int8`], and `auto` where it
-    /// runs) the chain's head is too ([`Drafter::int8_head`]: a quarter of the bytes, the
-    /// demo's 4-draft chain 119 -> 87 us), and the drafts may then differ in near-ties
-    /// (docs/BENCHMARKS.md, "The draft chain's head in int8"). With `scored`, also each
+    /// runs) the chain's head is too, and the sampler's products after its first layer's
+    /// `E(prev)` half ([`Drafter::int8_head`]: a quarter of the bytes, the demo's 4-draft
+    /// chain 119 -> 87 us with the head alone), and the drafts may then differ in near-ties
+    /// (docs/BENCHMARKS.md, "The draft chain's head in int8"). That half is a row of a table
+    /// made when the drafter is prepared, for the tokens drafts come from
+    /// ([`PreparedSampler::with_prev_table`]), in any arithmetic. With `scored`, also each
     /// draft's confidence ([`HostDrafts::confidence`]).
     ///
     /// # Shapes
@@ -583,9 +600,9 @@ impl Drafter {
         let (mut e, mut state, mut logits) = (vec![0f32; d], vec![0f32; d], vec![0f32; n]);
         let (mut prev, mut ids) = (prev, Vec::with_capacity(m));
         for j in 0..m {
-            model.embed_tokens.get(prev).f_copy_data(&mut e, d)?;
             let rows = j * d..(j + 1) * d;
-            if !head.host_state(&part[rows.clone()], &z_rows[rows], &e, &mut state)
+            if !head.host_prev(prev, &model.embed_tokens, &mut e)?
+                || !head.host_state(&part[rows.clone()], &z_rows[rows], &e, &mut state)
                 || !self.head_into(&state, &mut logits)
             {
                 return Ok(None);
