@@ -92,7 +92,10 @@ impl Sampler {
     /// The next token from one row of logits (`[vocab]`).
     pub fn pick(&mut self, logits: &Tensor) -> Result<i64> {
         match self.decoding {
-            Decoding::Greedy => Ok(logits.f_argmax(-1, false)?.f_int64_value(&[])?),
+            Decoding::Greedy => super::verify::greedy_tokens(logits)?
+                .first()
+                .copied()
+                .ok_or_else(|| Error::Invalid("no logits to choose a token from".into())),
             Decoding::Sample(p) => {
                 let probs = p.distribution(logits);
                 self.draw(&probs)

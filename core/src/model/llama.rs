@@ -182,7 +182,16 @@ impl Llama {
     /// # Shapes
     /// `ids`: `[b, t]` int64 -> `[b, t, d]`.
     pub fn embed(&self, ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
+        // A decoding pass's few ids on the CPU: the rows copied in a loop of our own.
+        super::row_ops::gather_rows(&self.embed_tokens, ids, None)
+            .unwrap_or_else(|| Tensor::embedding(&self.embed_tokens, ids, -1, false, false))
+    }
+
+    /// The embeddings of `ids` (`[t]` int64) followed by the rows of `tail` (`[1, m, d]`),
+    /// `[1, t + m, d]`: a speculative step's tokens and its mask rows' inputs.
+    pub fn embed_then(&self, ids: &Tensor, tail: &Tensor) -> Tensor {
+        super::row_ops::gather_rows(&self.embed_tokens, ids, Some(tail))
+            .unwrap_or_else(|| Tensor::cat(&[self.embed(&ids.unsqueeze(0)), tail.shallow_clone()], 1))
     }
 
     /// Run the decoder on embeddings `x` and return the final hidden states (after the

@@ -10,7 +10,7 @@
 //! cache keeps after verification (`r_0..r_a`) are a prefix, dropped by a truncation, and
 //! the rows the adapter applies to are a suffix ([`crate::model::Gate::Tail`]).
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::super::strategy::Layout;
 use super::drafter::Drafter;
@@ -110,6 +110,8 @@ pub struct StepPlan {
     half: Option<i64>,
     /// Position offsets from the cache length, int64: `[T]`, or `[2, R]` for two halves.
     offsets: Tensor,
+    /// The same offsets in host memory, packed order.
+    offsets_host: Vec<i64>,
     /// `[P, P]` in the model's dtype (`P` packed rows): the attention among the step's rows,
     /// additive (0 to attend, -inf not). Padded on the left with zeros for the cache.
     own_mask: Tensor,
@@ -147,7 +149,8 @@ impl StepPlan {
                 }
             }
             let own_mask = additive_mask(&Tensor::from_slice(&packed_allowed).view([p, p]), kind).to_device(device);
-            let offsets = Tensor::from_slice(&offsets).to_device(device);
+            let offsets_host = offsets;
+            let offsets = Tensor::from_slice(&offsets_host).to_device(device);
             let mask_slots: Vec<i64> = layout.slot[layout.regular()..].iter().map(|s| s - 1).collect();
             let mask_inputs = drafter
                 .mask_embeddings()
@@ -164,7 +167,7 @@ impl StepPlan {
             let block_rows: Vec<i64> =
                 starts.iter().flat_map(|s| (0..m).map(move |j| pack(half, regular, s + j))).collect();
             let block_rows = Tensor::from_slice(&block_rows).view([regular, m]).to_device(device);
-            Ok(Self { offsets, own_mask, mask_inputs, block_rows, half, layout })
+            Ok(Self { offsets, offsets_host, own_mask, mask_inputs, block_rows, half, layout })
         })
     }
 
@@ -211,7 +214,13 @@ impl StepPlan {
         cache: Option<&mut KvCache>,
     ) -> Tensor {
         let x = self.packed_inputs(model, inputs, noise);
-        let positions = &self.offsets + past as i64;
+        let positions = match (self.half, self.offsets.device()) {
+            // On the CPU, made from the host's copy: one allocation rather than an operation.
+            (None, Device::Cpu) => {
+                Tensor::from_slice(&self.offsets_host.iter().map(|o| o + past as i64).collect::<Vec<_>>())
+            }
+            _ => &self.offsets + past as i64,
+        };
         let mask = self.own_mask.constant_pad_nd([past as i64, 0]);
         let h = model.forward_embeds(&x, &positions, AttnMask::Custom(&mask), Some(gated), cache);
         h.reshape([-1, h.size()[2]])
@@ -250,6 +259,9 @@ impl StepPlan {
     /// The packed rows' inputs: the regular rows' token embeddings and the mask rows'
     /// (the mask embeddings, or those of the `noise` ids), `[1, T, d]` or `[2, R, d]`.
     fn packed_inputs(&self, model: &Llama, inputs: &Tensor, noise: Option<&Tensor>) -> Tensor {
+        if let (None, None) = (noise, self.half) {
+            return model.embed_then(inputs, &self.mask_inputs);
+        }
         let x = model.embed(&inputs.unsqueeze(0)); // [1, regular, d]
         let masks = match (noise, self.half) {
             (None, _) => self.mask_inputs.shallow_clone(),

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use super::super::ar::{check_request, decoding_cache};
 use super::super::stats::StepStats;
 use super::super::strategy::{Layout, Speculative, Strategy};
-use super::super::verify::{Verdict, verify_greedy, verify_greedy_on_device, verify_sampling};
+use super::super::verify::{Verdict, greedy_tokens, verify_greedy, verify_greedy_on_device, verify_sampling};
 use super::super::{Decoding, GenerateRequest, Sampler};
 use super::detail::{Candidates, StepDetail, top5};
 use super::drafter::{Drafter, Kept};
@@ -309,7 +309,7 @@ impl<'a> SpecDecoder<'a> {
                 // On the CPU the host is the device: read the predictions, verify and draft on
                 // plain vectors (a dozen libtorch operations fewer than the device path).
                 Decoding::Greedy if on_host => tch::no_grad(|| -> Result<_> {
-                    let predictions = Vec::<i64>::try_from(logits.argmax(-1, false))?;
+                    let predictions = greedy_tokens(&logits)?;
                     let Verdict { accepted: a, next } = verify_greedy(&drafts, &predictions);
                     let block = plan.layout.mask_block(a).filter(|_| !(layout == Layout::Linear && a < n));
                     let new_drafts = match block {
