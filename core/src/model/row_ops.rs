@@ -150,12 +150,15 @@ pub fn gather_rows(table: &Tensor, ids: &Tensor, tail: Option<&Tensor>) -> Optio
     }
     let d = d as usize;
     // SAFETY: contiguous f32 on the CPU, checked above (`takes`): `vocab x d` and `tail_rows
-    // x d` values.
-    let (rows, tail) = unsafe { (values(table, vocab as usize * d), tail.map(|t| values(t, tail_rows * d))) };
+    // x d` values (an empty tail is not read: its data pointer may be null).
+    let (rows, tail_values) = unsafe {
+        (values(table, vocab as usize * d), tail.filter(|_| tail_rows > 0).map(|t| values(t, tail_rows * d)))
+    };
     let size: Vec<i64> = match tail {
         Some(_) => vec![1, (n + tail_rows) as i64, d as i64],
         None => ids.size().into_iter().chain([d as i64]).collect(),
     };
+    let tail = tail_values;
     Some(output(&size, |out| {
         for (dst, &i) in out.chunks_exact_mut(d).zip(ids_host) {
             dst.copy_from_slice(&rows[i as usize * d..][..d]);
@@ -453,5 +456,9 @@ mod tests {
         assert!(gather_rows(&table.copy().set_requires_grad(true), &ids, None).is_none());
         assert!(gather_rows(&table.to_kind(Kind::BFloat16), &ids, None).is_none());
         assert!(gather_rows(&table, &ids, Some(&Tensor::randn([1, 4, 23], o))).is_none());
+        // A step without mask rows: an empty tail.
+        let got = gather_rows(&table, &ids, Some(&Tensor::zeros([1, 0, 24], o))).expect("taken");
+        assert_eq!(got.size(), [1, 5, 24]);
+        assert_eq!(bits(&got), bits(&Tensor::embedding(&table, &ids, -1, false, false)));
     }
 }
