@@ -221,7 +221,8 @@ impl StepPlan {
             }
             _ => &self.offsets + past as i64,
         };
-        let mask = self.own_mask.constant_pad_nd([past as i64, 0]);
+        let mask = crate::model::row_ops::pad_left(&self.own_mask, past)
+            .unwrap_or_else(|| self.own_mask.constant_pad_nd([past as i64, 0]));
         let h = model.forward_embeds(&x, &positions, AttnMask::Custom(&mask), Some(gated), cache);
         h.reshape([-1, h.size()[2]])
     }
