@@ -38,8 +38,9 @@ pub fn greedy_tokens(logits: &Tensor) -> crate::error::Result<Vec<i64>> {
     Ok(Vec::<i64>::try_from(logits.argmax(-1, false).reshape([-1]))?)
 }
 
-/// The index of the largest of `row`: the first of equal ones, the first NaN if any.
-fn first_largest(row: &[f32]) -> usize {
+/// The index of the largest of `row`: the first of equal ones, the first NaN if any (what
+/// libtorch's `argmax` picks); 0 for an empty row.
+pub(crate) fn first_largest(row: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
         let top = row[best];

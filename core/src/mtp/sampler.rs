@@ -422,6 +422,17 @@ mod tests {
     use super::*;
     use tch::{Device, nn::VarStore};
 
+    /// A head of `form` and width `d` in `vs`; the residual form's `W_o` random rather than
+    /// zero, so that it counts in what a test compares.
+    fn head_with_random_out(vs: &VarStore, d: usize, form: SamplerForm) -> SamplerHead {
+        let head = SamplerHead::new(&vs.root(), d, form);
+        if let Some(out) = &head.out {
+            let mut ws = out.ws.shallow_clone();
+            ws.copy_(&(Tensor::randn([d as i64, d as i64], (Kind::Float, Device::Cpu)) * 0.1));
+        }
+        head
+    }
+
     /// The chain's state computed on host vectors equals the tensor operations' to f32
     /// rounding, for both forms (the residual one with a non-zero `W_o`), a block's first
     /// and last draft.
@@ -432,11 +443,7 @@ mod tests {
         let d = 96;
         for form in SamplerForm::ALL {
             let vs = VarStore::new(Device::Cpu);
-            let head = SamplerHead::new(&vs.root(), d, form);
-            if let Some(out) = &head.out {
-                let mut ws = out.ws.shallow_clone();
-                ws.copy_(&(Tensor::randn([d as i64, d as i64], (Kind::Float, Device::Cpu)) * 0.1));
-            }
+            let head = head_with_random_out(&vs, d, form);
             let prepared = head.prepare();
             let (m, o) = (3, (Kind::Float, Device::Cpu));
             // A vocabulary of 40 tokens; the previous token is token 7.
@@ -478,11 +485,7 @@ mod tests {
         let o = (Kind::Float, Device::Cpu);
         for form in SamplerForm::ALL {
             let vs = VarStore::new(Device::Cpu);
-            let head = SamplerHead::new(&vs.root(), d, form);
-            if let Some(out) = &head.out {
-                let mut ws = out.ws.shallow_clone();
-                ws.copy_(&(Tensor::randn([d as i64, d as i64], o) * 0.1));
-            }
+            let head = head_with_random_out(&vs, d, form);
             let (exact, quantized) = (head.prepare(), head.prepare().with_int8(true));
             assert_eq!(quantized.int8(), int8::available());
             if !quantized.int8() {

@@ -13,6 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::super::sampling::{Sampler, SamplingParams};
 use super::super::strategy::{Layout, MaskCount};
+use super::super::verify::first_largest;
 use super::fixed::FixedSteps;
 use super::layout::{StepLayout, StepPlan};
 use super::masks::MaskController;
@@ -22,17 +23,6 @@ use crate::model::{Gate, Gated, KvCache, Llama, few_rows};
 use crate::mtp::gated_lora::PreparedLora;
 use crate::mtp::sampler::PreparedSampler;
 use crate::mtp::{MtpAdapter, MtpConfig};
-
-/// The index of the largest value, the first of equal ones (as `argmax` picks); 0 for none.
-fn argmax(values: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
-        }
-    }
-    best
-}
 
 /// The softmax probability of `logits[top]`, the largest: one over the sum of
 /// `exp(l - l[top])`.
@@ -579,7 +569,7 @@ impl Drafter {
         let n = self.head.size()[0] as usize;
         let mut confidence = Vec::with_capacity(if scored { m } else { 0 });
         let mut pick = |logits: &[f32]| -> i64 {
-            let i = argmax(logits);
+            let i = first_largest(logits);
             if scored {
                 confidence.push(top_probability(logits, i));
             }
