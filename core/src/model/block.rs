@@ -41,9 +41,9 @@ impl DecoderLayer {
     /// # Shapes
     /// `x`: `[b, t, d]` -> `[b, t, d]`.
     pub fn forward(&self, x: &Tensor, pass: &Pass, cache: Option<&mut KvCache>) -> Tensor {
-        let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), pass, cache);
+        let h = residual(x, &self.self_attn.forward(&self.input_layernorm.forward(x), pass, cache));
         let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h), pass.adapter);
-        h + m
+        residual(&h, &m)
     }
 
     /// The stacked projections of `group`.
@@ -53,4 +53,10 @@ impl DecoderLayer {
             ProjGroup::GateUp | ProjGroup::Down => self.mlp.group(group),
         }
     }
+}
+
+/// `x + y`: a decoding pass's few f32 rows on the CPU in our own loop (`row_ops`), else
+/// libtorch's addition.
+fn residual(x: &Tensor, y: &Tensor) -> Tensor {
+    super::row_ops::add(x, y).unwrap_or_else(|| x + y)
 }

@@ -80,8 +80,11 @@ impl KvCache {
         let need = self.len + t;
         self.reserve(k, need);
         let Some((kl, vl)) = self.layers.get(layer) else { return (k.shallow_clone(), v.shallow_clone()) };
-        kl.narrow(2, self.len, t).copy_(k);
-        vl.narrow(2, self.len, t).copy_(v);
+        // On the CPU a loop of row copies, else libtorch's.
+        if !(super::row_ops::write_rows(kl, k, self.len) && super::row_ops::write_rows(vl, v, self.len)) {
+            kl.narrow(2, self.len, t).copy_(k);
+            vl.narrow(2, self.len, t).copy_(v);
+        }
         (kl.narrow(2, 0, need), vl.narrow(2, 0, need))
     }
 
