@@ -106,20 +106,74 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal:
     let (qs, ks, vs) = (q.size(), k.size(), v.size());
     let [b, h, t, hd] = qs[..] else { return None };
     let [kb, kv, s, khd] = ks[..] else { return None };
-    let shapes = vs == ks
-        && kb == b
-        && khd == hd
-        && b >= 1
+    let shapes = vs == ks && kb == b && khd == hd && b >= 1 && h >= 1 && t >= 1 && s >= 1 && hd >= 1;
+    let tensors = [q, k, v]
+        .iter()
+        .all(|x| x.device() == Device::Cpu && x.kind() == Kind::Float && !x.requires_grad() && x.stride()[3] == 1);
+    if !(shapes && tensors) {
+        return None;
+    }
+    let view = |x: &Tensor| {
+        let st = x.stride();
+        View { ptr: x.data_ptr() as *const f32, strides: [st[0] as isize, st[1] as isize, st[2] as isize] }
+    };
+    let dims = Dims { b: b as usize, h: h as usize, kv: kv as usize, t: t as usize, s: s as usize, hd: hd as usize };
+    let out = attend_views(dims, [view(q), view(k), view(v)], mask, causal, scale, &[b, t, h, hd])?;
+    Some(out.transpose(1, 2))
+}
+
+/// A call's sizes: batch entries, query heads, key/value heads, query rows, keys, head width.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub h: usize,
+    pub kv: usize,
+    pub t: usize,
+    pub s: usize,
+    pub hd: usize,
+}
+
+/// [`attend`] over queries, keys and values read through `[q, k, v]` (f32 on the CPU, each a
+/// `[b, heads, rows, hd]` reading of its data with a last stride of 1, alive until this
+/// returns): the output in a new tensor of `out_size` holding `[b, t, h, hd]` (for example
+/// `[b, t, h * hd]`, what the layer's output projection reads). A decoding pass's attention
+/// reads its queries from the rotated projection and its keys and values from the cache
+/// buffers this way, without a view of each. `None` (nothing computed) when this kernel does
+/// not take the call: the sizes or the mask (see [`attend`]).
+pub(crate) fn attend_views(
+    dims: Dims,
+    qkv: [View; 3],
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f64,
+    out_size: &[i64],
+) -> Option<Tensor> {
+    let Dims { b, h, kv, t, s, hd } = dims;
+    let shapes = b >= 1
         && kv > 0
         && h % kv == 0
         && hd % 8 == 0
         && hd <= 512
-        && (1..=MAX_ROWS).contains(&t)
+        && (1..=MAX_ROWS as usize).contains(&t)
         && s >= 1
-        && (!causal || (s == t && mask.is_none()));
-    let tensors = [q, k, v]
-        .iter()
-        .all(|x| x.device() == Device::Cpu && x.kind() == Kind::Float && !x.requires_grad() && x.stride()[3] == 1);
+        && (!causal || (s == t && mask.is_none()))
+        && out_size.iter().product::<i64>() as usize == b * t * h * hd;
+    if !shapes {
+        return None;
+    }
+    run(dims, qkv, mask, causal, scale, out_size)
+}
+
+/// The kernel on checked sizes and views, when it runs and takes the mask.
+fn run(
+    dims: Dims,
+    [q, k, v]: [View; 3],
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f64,
+    out_size: &[i64],
+) -> Option<Tensor> {
+    let Dims { b, h, kv, t, s, hd } = dims;
     let mask_kind = match mask {
         None => Some(MaskKind::None),
         Some(m) if m.device() != Device::Cpu || m.requires_grad() => None,
@@ -133,7 +187,8 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal:
             }
             let mut dims = [1i64; 4];
             dims[4 - size.len()..].copy_from_slice(&size);
-            if dims[1] != 1 || dims[2] != t || dims[3] != s || (dims[0] != 1 && dims[0] != b) {
+            let b = b as i64;
+            if dims[1] != 1 || dims[2] != t as i64 || dims[3] != s as i64 || (dims[0] != 1 && dims[0] != b) {
                 return None;
             }
             let per_batch = dims[0] == b && b > 1;
@@ -145,44 +200,39 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal:
         }
     };
     let mask_kind = mask_kind?;
-    if !(runs() && shapes && tensors) {
+    if !runs() {
         return None;
     }
     let mask = mask.map(Tensor::contiguous);
-    let out = Tensor::empty([b, t, h, hd], (Kind::Float, Device::Cpu));
-    let view = |x: &Tensor| {
-        let st = x.stride();
-        View { ptr: x.data_ptr() as *const f32, strides: [st[0] as isize, st[1] as isize, st[2] as isize] }
-    };
+    let out = Tensor::empty(out_size, (Kind::Float, Device::Cpu));
     let call = Call {
-        b: b as usize,
-        h: h as usize,
-        kv: kv as usize,
-        t: t as usize,
-        s: s as usize,
-        hd: hd as usize,
+        b,
+        h,
+        kv,
+        t,
+        s,
+        hd,
         scale: scale as f32,
         causal,
-        q: view(q),
-        k: view(k),
-        v: view(v),
+        q,
+        k,
+        v,
         mask: mask.as_ref().map_or(std::ptr::null(), |m| m.data_ptr() as *const u8),
         mask_kind,
         out: out.data_ptr() as *mut f32,
         lanes16: super::few_rows::sixteen_lanes(),
     };
-    let work = b * h * t * s * hd;
+    let work = (b * h * t * s * hd) as i64;
     #[cfg(target_arch = "x86_64")]
     super::few_rows::in_parts(work >= SPLIT_MIN_WORK, &|i, n| {
-        // SAFETY: `runs()` checked AVX2 and FMA; every pointer in `call` is the data of a
-        // live tensor of the sizes and strides it states (checked above; `mask` and `out`
-        // contiguous), kept alive until `in_parts` returns; the parts write disjoint rows
-        // of `out`.
+        // SAFETY: `runs()` checked AVX2 and FMA; every pointer in `call` reads data of the
+        // sizes and strides it states (the caller's views; `mask` and `out` contiguous),
+        // kept alive until `in_parts` returns; the parts write disjoint rows of `out`.
         unsafe { kernel::part(&call, i, n) }
     });
     #[cfg(not(target_arch = "x86_64"))]
     return None;
-    Some(out.transpose(1, 2))
+    Some(out)
 }
 
 /// What the mask holds.
@@ -202,9 +252,11 @@ enum MaskKind {
 /// A `[batch, heads, rows, hd]` reading of a tensor's data (element strides of the first
 /// three; the last is 1).
 #[derive(Clone, Copy)]
-struct View {
-    ptr: *const f32,
-    strides: [isize; 3],
+pub(crate) struct View {
+    /// Where element `[0, 0, 0, 0]` is.
+    pub ptr: *const f32,
+    /// Elements from one batch entry, head and row to the next.
+    pub strides: [isize; 3],
 }
 
 impl View {

@@ -2,7 +2,9 @@
 //! committed length shared by all layers. Speculative decoding lays out the rows it keeps
 //! first, so dropping the others is a truncation.
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+
+use super::row_ops::{Rows, write_rows_from};
 
 /// Keys and values of every layer for the tokens seen so far, in two preallocated buffers
 /// (keys, values) shared by all layers.
@@ -47,13 +49,17 @@ impl KvCache {
 
     /// Make room for `need` rows (allocating on first use, doubling when full).
     fn reserve(&mut self, like: &Tensor, need: i64) {
+        let size = like.size();
+        self.reserve_for([size[0], size[1], size[3]], (like.kind(), like.device()), need);
+    }
+
+    /// [`KvCache::reserve`] for rows of `[b, h_kv, head_dim]` and `opts`.
+    fn reserve_for(&mut self, [b, h, d]: [i64; 3], opts: (Kind, Device), need: i64) {
         let capacity = self.buffers.as_ref().map_or(0, |(k, _)| k.size()[3]);
         if capacity >= need {
             return;
         }
-        let (b, h, d) = (like.size()[0], like.size()[1], like.size()[3]);
         let new_cap = need.max(self.capacity_hint).max(capacity * 2);
-        let opts = (like.kind(), like.device());
         let k = Tensor::zeros([self.num_layers, b, h, new_cap, d], opts);
         let v = Tensor::zeros([self.num_layers, b, h, new_cap, d], opts);
         if let Some((old_k, old_v)) = self.buffers.take() {
@@ -86,6 +92,23 @@ impl KvCache {
             vl.narrow(2, self.len, t).copy_(v);
         }
         (kl.narrow(2, 0, need), vl.narrow(2, 0, need))
+    }
+
+    /// [`KvCache::append`] of keys and values read in place (a CPU pass's, from its q/k/v
+    /// projection, without a view of each): returns the layer's buffers (`[b, h_kv,
+    /// capacity, head_dim]` each) and how many of their rows now count for attention. `None`,
+    /// and nothing written, where [`write_rows_from`] does not take them.
+    pub(crate) fn append_rows(&mut self, layer: usize, k: Rows, v: Rows) -> Option<(&Tensor, &Tensor, i64)> {
+        let [b, h, t, d] = k.size;
+        if v.size != k.size || v.kind != k.kind {
+            return None;
+        }
+        let need = self.len + t;
+        self.reserve_for([b, h, d], (k.kind, Device::Cpu), need);
+        let (kl, vl) = self.layers.get(layer)?;
+        // The two buffers have one shape and dtype, so the second write is taken if the
+        // first is.
+        (write_rows_from(kl, k, self.len) && write_rows_from(vl, v, self.len)).then_some((kl, vl, need))
     }
 
     /// Rows the buffers hold before they must grow (0 before the first append).

@@ -209,28 +209,53 @@ pub fn add(a: &Tensor, b: &Tensor) -> Option<Tensor> {
 /// `copy_`s took 7.6 us a layer in the proxy's AR steps). False, and nothing written, unless
 /// both are on the CPU in the same dtype without gradients.
 pub fn write_rows(dst: &Tensor, src: &Tensor, at: i64) -> bool {
-    let (ss, ds) = (src.size(), dst.size());
-    let (&[b, h, t, d], &[db, dh, n, dd]) = (&ss[..], &ds[..]) else { return false };
-    let kind = src.kind();
+    let (size, st) = (src.size(), src.stride());
+    let (&[b, h, t, d], &[s0, s1, s2, 1]) = (size.as_slice(), st.as_slice()) else { return false };
+    if src.requires_grad() || src.device() != Device::Cpu {
+        return false;
+    }
+    let rows = Rows { ptr: src.data_ptr() as *const u8, size: [b, h, t, d], strides: [s0, s1, s2], kind: src.kind() };
+    write_rows_from(dst, rows, at)
+}
+
+/// `[b, h, t, d]` values of `kind` on the CPU read from `ptr` with element strides `strides`
+/// for the first three dimensions (the last is 1): a tensor's data or part of it.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows {
+    /// Where element `[0, 0, 0, 0]` is.
+    pub ptr: *const u8,
+    /// `[b, h, t, d]`.
+    pub size: [i64; 4],
+    /// Elements from one batch entry, head and row to the next.
+    pub strides: [i64; 3],
+    /// Their dtype.
+    pub kind: Kind,
+}
+
+/// [`write_rows`] from `src` (values the caller keeps alive and unwritten meanwhile, on the
+/// CPU, never overlapping `dst`).
+pub fn write_rows_from(dst: &Tensor, src: Rows, at: i64) -> bool {
+    let Rows { size: [b, h, t, d], strides: [s0, s1, s2], kind, .. } = src;
+    let ds = dst.size();
+    let &[db, dh, n, dd] = ds.as_slice() else { return false };
     let same = (db, dh, dd) == (b, h, d) && at >= 0 && at + t <= n && b * h * t * d > 0;
-    let placed = [src, dst].iter().all(|x| x.device() == Device::Cpu && !x.requires_grad() && x.kind() == kind);
-    let st = src.stride();
-    if !(same && placed && st[3] == 1 && dst.is_contiguous()) {
+    let placed = dst.device() == Device::Cpu && !dst.requires_grad() && dst.kind() == kind;
+    if !(same && placed && dst.is_contiguous()) {
         return false;
     }
     let elt = kind.elt_size_in_bytes();
-    let (src_ptr, dst_ptr) = (src.data_ptr() as *const u8, dst.data_ptr() as *mut u8);
+    let dst_ptr = dst.data_ptr() as *mut u8;
     let row_bytes = d as usize * elt;
     for e in 0..b {
         for head in 0..h {
             for r in 0..t {
-                let from = (e * st[0] + head * st[1] + r * st[2]) as isize * elt as isize;
+                let from = (e * s0 + head * s1 + r * s2) as isize * elt as isize;
                 let to = (((e * h + head) * n + at + r) * d) as usize * elt;
-                // SAFETY: both are CPU tensors of the sizes and strides read above (`from`
-                // indexes an element of `src` and the row's `d` values follow at stride 1;
-                // `to` a row of `dst` within its `b x h x n x d` values); a cache buffer and a
-                // pass's new keys never overlap.
-                unsafe { std::ptr::copy_nonoverlapping(src_ptr.offset(from), dst_ptr.add(to), row_bytes) };
+                // SAFETY: `src` holds the values its sizes and strides give (`from` indexes an
+                // element of it and the row's `d` values follow at stride 1); `to` a row of
+                // `dst` within its `b x h x n x d` values; the two never overlap (a cache
+                // buffer and a pass's new keys).
+                unsafe { std::ptr::copy_nonoverlapping(src.ptr.offset(from), dst_ptr.add(to), row_bytes) };
             }
         }
     }
@@ -262,13 +287,37 @@ pub fn pad_left(x: &Tensor, left: usize) -> Option<Tensor> {
 pub fn rope(x: &Tensor, cos: &Tensor, sin_signed: &Tensor) -> Option<Tensor> {
     let (size, stride) = (x.size(), x.stride());
     let &[b, t, heads, hd] = size.as_slice() else { return None };
+    if !takes(x) || stride[3] != 1 || stride[2] != hd {
+        return None;
+    }
+    rotate_heads(x, [b, t, heads, hd], [stride[0], stride[1]], cos, sin_signed)
+}
+
+/// [`rope`] of the first `heads` heads of width `hd` of each row of `x` (`[b, t, width]`,
+/// contiguous, `width >= heads * hd`): a decoding pass's queries and keys rotated straight
+/// from its q/k/v projection, without a view of them. `None` when the loops do not take it.
+pub fn rope_leading(x: &Tensor, heads: i64, hd: i64, cos: &Tensor, sin_signed: &Tensor) -> Option<Tensor> {
+    let size = x.size();
+    let &[b, t, width] = size.as_slice() else { return None };
+    if !takes(x) || !x.is_contiguous() || heads < 1 || heads * hd > width {
+        return None;
+    }
+    rotate_heads(x, [b, t, heads, hd], [t * width, width], cos, sin_signed)
+}
+
+/// The rotation of `[b, t, heads, hd]` read from `x`'s data with batch and row strides
+/// `stride` (each token's heads contiguous), into a new contiguous tensor.
+fn rotate_heads(
+    x: &Tensor,
+    [b, t, heads, hd]: [i64; 4],
+    stride: [i64; 2],
+    cos: &Tensor,
+    sin_signed: &Tensor,
+) -> Option<Tensor> {
     let table_size = cos.size();
     let table_ok = |s: &Tensor| takes(s) && s.is_contiguous() && s.size() == table_size;
     let tables_b = table_size.first().copied().unwrap_or(0);
-    if !takes(x)
-        || stride[3] != 1
-        || stride[2] != hd
-        || hd % 2 != 0
+    if hd % 2 != 0
         || hd == 0
         || !(1..=MAX_ROWS).contains(&(b * t))
         || table_size != [tables_b, t, 1, hd]
@@ -288,8 +337,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin_signed: &Tensor) -> Option<Tensor> {
             for ti in 0..t {
                 let at = if tables_b == 1 { ti } else { bi * t + ti } * hd;
                 let dst = &mut out[(bi * t + ti) * row..][..row];
-                // SAFETY: the token's heads are `row` contiguous values (`stride[2] == hd`,
-                // `stride[3] == 1`) at the view's offsets, within its storage.
+                // SAFETY: the token's heads are `row` contiguous values at the offsets the
+                // caller's strides give, within `x`'s storage.
                 let src = unsafe {
                     std::slice::from_raw_parts(
                         base.offset(bi as isize * stride[0] as isize + ti as isize * stride[1] as isize),
@@ -301,7 +350,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin_signed: &Tensor) -> Option<Tensor> {
             }
         }
     };
-    Some(output(&size, rotate_all))
+    Some(output(&[b, t as i64, heads, hd as i64], rotate_all))
 }
 
 /// The loops, compiled for AVX2 and FMA. Rust never fuses a product and a sum into one
