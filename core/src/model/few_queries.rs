@@ -161,19 +161,7 @@ pub(crate) fn attend_views(
     if !shapes {
         return None;
     }
-    run(dims, qkv, mask, causal, scale, out_size)
-}
-
-/// The kernel on checked sizes and views, when it runs and takes the mask.
-fn run(
-    dims: Dims,
-    [q, k, v]: [View; 3],
-    mask: Option<&Tensor>,
-    causal: bool,
-    scale: f64,
-    out_size: &[i64],
-) -> Option<Tensor> {
-    let Dims { b, h, kv, t, s, hd } = dims;
+    let [q, k, v] = qkv;
     let mask_kind = match mask {
         None => Some(MaskKind::None),
         Some(m) if m.device() != Device::Cpu || m.requires_grad() => None,
