@@ -95,8 +95,10 @@ pub struct AdapterArg {
     /// greedy output, are the same either way): exact (the model's dtype), bf16 (on a CPU
     /// with AVX-512 BF16, twice the multiply-adds of the f32 tiles), int8 (on a CPU with
     /// AVX-512 VNNI, an f32 model: the merged weights quantized once more, a quarter of their
-    /// bytes, four times the multiply-adds; the draft chain's head and sampler too), or auto (int8 where it runs; else bf16 for an
-    /// f32 model's steps of at least 12 mask rows on an AMD CPU, where it measured faster).
+    /// bytes, four times the multiply-adds; the draft chain's head and sampler too), or auto
+    /// (int8 where it runs, for a model whose weights exceed 64 MiB only in steps of at least
+    /// 12 mask rows; else bf16 for an f32 model's steps of at least 12 mask rows on an AMD
+    /// CPU, where it measured faster).
     #[arg(long, default_value = "auto")]
     pub draft_arithmetic: DraftArithmetic,
 }

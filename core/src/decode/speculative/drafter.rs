@@ -74,7 +74,9 @@ impl Default for DraftOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DraftArithmetic {
-    /// [`DraftArithmetic::Int8`] for an f32 model's steps where it runs (AVX-512 VNNI);
+    /// [`DraftArithmetic::Int8`] for an f32 model's steps where it runs (AVX-512 VNNI):
+    /// every mask row, or from [`BF16_MIN_MASK_ROWS`] of them for a model whose weights are
+    /// read from memory ([`auto_int8_min_rows`]);
     /// else [`DraftArithmetic::Bf16`] for an f32 model's steps with at least
     /// [`BF16_MIN_MASK_ROWS`] mask rows, where it runs and pays
     /// ([`few_rows::bf16_pairs_pay`]: an AMD CPU); [`DraftArithmetic::Exact`] otherwise
@@ -143,16 +145,36 @@ impl DraftArithmetic {
     pub fn int8_min_rows(self, model: &Llama) -> Option<usize> {
         let f32_model = crate::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind());
         match self {
-            // Every mask row: on the demo, the proxy and the SmolLM2-135M shape a step of 1,
-            // 2 or 4 masks cost the same or less with its mask rows in int8 (one process,
-            // the forms in turns; docs/BENCHMARKS.md, "Mask rows in int8").
-            DraftArithmetic::Int8 | DraftArithmetic::Auto if f32_model && crate::model::int8::available() => Some(1),
+            DraftArithmetic::Int8 if f32_model && crate::model::int8::available() => Some(1),
+            DraftArithmetic::Auto if f32_model && crate::model::int8::available() => {
+                Some(auto_int8_min_rows(layer_bytes(model) * model.config.num_layers))
+            }
             _ => None,
         }
     }
 }
 
 named_choices!(DraftArithmetic, "draft arithmetic");
+
+/// The f32 projection weights (all layers) above which a step reads them from memory rather
+/// than from a cache: beyond the last-level cache of every CPU measured (32 MiB on the
+/// EPYCs of docs/BENCHMARKS.md; the demo holds 18 MB, the proxy 4.3 MB, SmolLM2-135M 425 MB).
+pub const FROM_MEMORY_BYTES: usize = 64 << 20;
+
+/// The fewest mask rows `auto` multiplies in int8 for a model of `projection_bytes` (f32,
+/// all layers). Where the weights come from a cache (the demo, the proxy), every mask row:
+/// a step of 1, 2 or 4 masks cost the same or less with them in int8 (Zen 4, one process,
+/// the forms in turns; docs/BENCHMARKS.md, "Mask rows in int8"). Where they are read from
+/// memory, the int8 copy is a quarter of their bytes read once more, which pays only once
+/// the f32 rows' arithmetic outweighs the read: from [`BF16_MIN_MASK_ROWS`] (a 3- or
+/// 4-mask quadratic step's 12 or 20 mask rows; a linear step's, one a mask, stay f32 up
+/// to 11 masks). SmolLM2-135M's shape on an Emerald Rapids Xeon (`step_profile`, the
+/// arithmetics in turns, fastest rounds): 1 / 2 / 4 masks 1.09 / 1.30 / 1.87 AR steps
+/// exact against 1.23 / 1.49 / 1.73 in int8; on the Zen 4, 1.19 / 1.42 against 1.19 /
+/// 1.30 at 1 / 2 masks (docs/BENCHMARKS.md, fortieth session).
+pub fn auto_int8_min_rows(projection_bytes: usize) -> usize {
+    if projection_bytes > FROM_MEMORY_BYTES { BF16_MIN_MASK_ROWS } else { 1 }
+}
 
 /// How a decoding step applies the adapter's term to the mask rows. Either way the
 /// next-token rows are untouched (the base model's, bit for bit) and greedy output is
@@ -650,5 +672,25 @@ impl Drafter {
                 full.index_copy(1, ids, rows)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `auto` takes every mask row in int8 for weights a cache holds, and only 3- or 4-mask
+    /// steps' rows for weights read from memory.
+    #[test]
+    fn auto_int8_rows_follow_where_the_weights_are_read_from() {
+        // The demo (6 layers of 2.9 MB) and the proxy (24 of 0.18 MB): every mask row.
+        assert_eq!(auto_int8_min_rows(6 * 737_280 * 4), 1);
+        assert_eq!(auto_int8_min_rows(24 * 45_312 * 4), 1);
+        assert_eq!(auto_int8_min_rows(FROM_MEMORY_BYTES), 1);
+        // SmolLM2-135M (30 layers of 3.54 M parameters): from a 3-mask quadratic step's
+        // 3 x 4 = 12 mask rows; a 2-mask step's 2 x 3 = 6 stay f32.
+        assert_eq!(auto_int8_min_rows(30 * 3_538_944 * 4), BF16_MIN_MASK_ROWS);
+        const { assert!(BF16_MIN_MASK_ROWS > 2 * 3 && BF16_MIN_MASK_ROWS <= 3 * 4) };
+        assert_eq!(auto_int8_min_rows(FROM_MEMORY_BYTES + 1), BF16_MIN_MASK_ROWS);
     }
 }
