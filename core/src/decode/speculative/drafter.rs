@@ -100,7 +100,8 @@ pub enum DraftArithmetic {
     Int8,
 }
 
-/// The fewest mask rows for which `auto` multiplies them in bf16: a step whose products
+/// The fewest mask rows for which `auto` multiplies them in bf16 (and in int8, for a model
+/// whose weights are read from memory: [`auto_int8_min_rows`]): a step whose products
 /// are bound by arithmetic (a 3- or 4-mask quadratic step, 12 or 20 mask rows). With fewer,
 /// the products wait on reading the weights (SmolLM2-135M's 9-row products took as long
 /// with the mask rows in bf16, docs/BENCHMARKS.md).
