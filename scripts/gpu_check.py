@@ -9,9 +9,12 @@ Sections (each one's failure is recorded under "errors" and the others still run
              measured in the same run (a device copy);
   step_cost  one speculative step over one AR step, linear and quadratic, 1/2/4/8 masks, both
              shapes (an untrained k = 8 adapter: acceptance ~0, so the ratio is the step cost),
-             each form again with --cuda-graphs;
+             each form eagerly (--no-cuda-graphs) and replayed from CUDA graphs (the default);
   gemm_rows  one layer's four products and its attention at 1 to 32 rows, both shapes (does a
              call of a few rows cost less than one of a single row: the step cost's 9-row anomaly);
+  kernels    (only when asked) every GPU kernel of an AR step and a 4-mask quadratic step on the
+             8B shape, replayed from CUDA graphs, counted and timed by Nsight Compute (ncu),
+             against each step's wall time;
   train      MTP training tokens/s, ours vs the PyTorch reference (scripts/reference.py), on the
              135M shape; peak training memory vs our estimate;
   demo       the demo end to end: tokens per forward, speedup over AR, outputs identical;
@@ -237,7 +240,7 @@ class Check:
             generate = ["generate", "--model", folder, "--prompt-ids", ",".join(map(str, prompt)),
                         "--max-new-tokens", str(new), "--ignore-eos", "--device", self.args.device,
                         "--dtype", self.dtype_name(), "--repeats", "3"]
-            ours = self.mtp_json(generate)
+            ours = self.mtp_json([*generate, "--no-cuda-graphs"])
             # The same with each step replayed from a CUDA graph (one launch a step; each run
             # records its graph, and that time counts). The same tokens, or parting at a bf16
             # near-tie (the graphed pass attends over the whole cache under a mask). A
@@ -296,7 +299,8 @@ class Check:
                 report = self.bench_json(["--model", folder, "--adapter", adapter, "--prompts", prompts,
                                           "--masks", masks, "--modes", "ar,linear,quadratic", "--max-new-tokens",
                                           tokens, "--device", self.args.device, "--dtype", self.dtype_name(),
-                                          "--lora-form", form, *(["--cuda-graphs"] if graphs else [])])
+                                          "--lora-form", form,
+                                          "--cuda-graphs" if graphs else "--no-cuda-graphs"])
                 self.result.setdefault("step_cost_divergences", []).extend(report.get("divergences", []))
                 for r in report["rows"]:
                     if r["domain"] == "all" and r["mode"] != "ar":
@@ -360,6 +364,59 @@ class Check:
                 out.append(row)
             del weights
         self.result["gemm_rows"] = out
+
+    # ------------------------------------------------------------------ kernels of a step
+    def kernels(self) -> None:
+        """Every GPU kernel of one decoding step, by name, counted and timed by Nsight Compute
+        (`ncu`, one metric: each kernel's duration; the kernels inside CUDA graphs profiled
+        node by node): an AR step and a 4-mask quadratic step (acceptance ~0: one token a
+        step) of the largest shape, replayed from CUDA graphs as by default. A step's kernels
+        are the difference between generations of N and 2N tokens, over N, so the prefill,
+        the recordings and the start cancel out. Against each step's wall time from an
+        ordinary run: what the GPU computes, what it waits for, and which kernels a step adds
+        to AR's (why the 8B step costs more than 1.3 AR steps, and AR less than 70% of the
+        bandwidth bound). Where ncu is missing or cannot profile, the section says why."""
+        ncu = shutil.which("ncu") or next(iter(sorted(Path("/opt/nvidia").glob("nsight-compute/*/ncu"))), None)
+        if self.dev == "cuda" and ncu is None:
+            raise RuntimeError("ncu (Nsight Compute) not found")
+        shape = self.shapes[-1]
+        folder = self.model_folder(shape)
+        adapter = self.adapter_for(folder, 8 if not self.args.tiny else 2)
+        n = 4
+        prompt = ",".join(map(str, range(3, 19)))
+        masks = 2 if self.args.tiny else 4
+        modes = {"ar": ["--mode", "ar"], f"quadratic-{masks}": ["--adapter", adapter, "--mode", "quadratic", "--masks", masks]}
+        out = {"shape": shape, "tokens": [n, 2 * n], "modes": {}}
+        for mode, extra in modes.items():
+            generate = ["generate", "--model", folder, "--prompt-ids", prompt, "--ignore-eos", "--device",
+                        self.args.device, "--dtype", self.dtype_name(), *extra]
+            # The step's wall time, unprofiled: the slope between the two lengths.
+            wall = {t: self.mtp_json([*generate, "--max-new-tokens", t, "--repeats", 3])["total_seconds"]
+                    for t in (n, 2 * n)}
+            row = {"step_wall_us": (wall[2 * n] - wall[n]) / n * 1e6}
+            if self.dev == "cuda":
+                per = {}
+                for t in (n, 2 * n):
+                    log_file = self.tmp / f"ncu-{mode}-{t}.csv"
+                    # Clocks and caches as the program leaves them (ncu would lock the one and
+                    # flush the other before each kernel).
+                    run([ncu, "--clock-control", "none", "--cache-control", "none", "--graph-profiling", "node",
+                         "--metrics", "gpu__time_duration.sum", "--csv", "--log-file", log_file,
+                         self.mtp, *generate, "--max-new-tokens", t, "--json"], timeout=150)
+                    per[t] = ncu_kernels(log_file.read_text())
+                names = set(per[n]) | set(per[2 * n])
+                step = {name: {"count": (per[2 * n].get(name, (0, 0))[0] - per[n].get(name, (0, 0))[0]) / n,
+                               "us": (per[2 * n].get(name, (0, 0))[1] - per[n].get(name, (0, 0))[1]) / n / 1e3}
+                        for name in names}
+                step = {k: v for k, v in step.items() if v["count"] > 0 or v["us"] > 0}
+                row.update(kernels_per_step=sum(v["count"] for v in step.values()),
+                           gpu_us_per_step=sum(v["us"] for v in step.values()),
+                           by_kernel=dict(sorted(step.items(), key=lambda kv: -kv[1]["us"])))
+            out["modes"][mode] = row
+        if self.dev != "cuda":
+            # No GPU: the parser read on a sample of ncu's table (so that it cannot rot).
+            out["sample_parsed"] = {k: list(v) for k, v in ncu_kernels(NCU_SAMPLE).items()}
+        self.result["kernels"] = out
 
     # ------------------------------------------------------------------ training
     def gpu_used(self) -> int | None:
@@ -637,6 +694,58 @@ def bench_rows(report: dict) -> list[dict]:
             for r in report["rows"] if r["mode"] != "ar"]
 
 
+def ncu_kernels(text: str) -> dict[str, tuple[int, float]]:
+    """Count and total duration (ns) of each kernel, by its function's name, in `ncu --csv`'s
+    output of one metric (gpu__time_duration.sum); lines before the table (the profiled
+    program's, ncu's own) are skipped."""
+    import csv
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"') and "Kernel Name" in line), None)
+    if start is None:
+        raise RuntimeError(f"no ncu table in its output: {text[-1500:]}")
+    scale = {"ns": 1, "nsecond": 1, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6, "s": 1e9, "second": 1e9}
+    totals: dict[str, tuple[int, float]] = {}
+    for row in csv.DictReader(lines[start:]):
+        if row.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        ns = float(row["Metric Value"].replace(",", "")) * scale[row["Metric Unit"]]
+        name = kernel_function(row["Kernel Name"])
+        count, total = totals.get(name, (0, 0.0))
+        totals[name] = (count + 1, total + ns)
+    return totals
+
+
+def kernel_function(name: str) -> str:
+    """A demangled kernel's name without its return type and parameter list, cut to 100
+    characters (`void at::native::f<Add<float>>(int, float*)` -> `at::native::f<Add<float>>`);
+    template arguments kept, which tell the elementwise kernels apart."""
+    name = name.strip()
+    if name.endswith(")"):
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                name = name[:i]
+                break
+    if name.startswith("void "):
+        name = name[5:]
+    return name[:100]
+
+
+NCU_SAMPLE = (
+    '==PROF== Connected to process 1 (/tmp/mtp)\n'
+    '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",'
+    '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"\n'
+    '"0","1","mtp","127.0.0.1","void at::native::vectorized_elementwise_kernel<4, at::native::AddFunctor<float>>'
+    '(int, T2, T3)","1","7","(128, 1, 1)","(1, 1, 1)","0","9.0","Command line profiler metrics",'
+    '"gpu__time_duration.sum","nsecond","2,336"\n'
+    '"1","1","mtp","127.0.0.1","nvjet_tst_64x8_64x16_4x1_v_bz_TNT","1","7","(384, 1, 1)","(64, 1, 1)","0","9.0",'
+    '"Command line profiler metrics","gpu__time_duration.sum","usecond","11.52"\n'
+    '"2","1","mtp","127.0.0.1","void at::native::vectorized_elementwise_kernel<4, at::native::MulFunctor<float>>'
+    '(int, T2, T3)","1","7","(128, 1, 1)","(1, 1, 1)","0","9.0","Command line profiler metrics",'
+    '"gpu__time_duration.sum","nsecond","1,664"\n')
+
+
 def sysconfig_stdlib() -> str:
     import sysconfig
     return sysconfig.get_paths()["stdlib"]
@@ -668,6 +777,15 @@ def markdown(r: dict) -> str:
                 attention += f" / {f(g['attention_masked_us'], 1)}"
             s.append(f"| {g['shape']} | {g['rows']} | {f(g['qkv_us'], 1)} | {f(g['o_us'], 1)} | {f(g['gate_up_us'], 1)} | "
                      f"{f(g['down_us'], 1)} | {f(g['layer_us'], 1)} | {f(g['layer_us'] / one[g['shape']])} | {attention} |")
+    if r.get("kernels"):
+        k = r["kernels"]
+        s.append(f"\n### The kernels of one step ({k['shape']}, CUDA graphs; Nsight Compute, generations of "
+                 f"{k['tokens'][0]} and {k['tokens'][1]} tokens differenced)\n\n| step | wall (us) | kernels | GPU busy (us) "
+                 "| largest kernels (us: count) |\n|---|---|---|---|---|")
+        for mode, m in k["modes"].items():
+            top = "; ".join(f"{name[:40]} {v['us']:.0f}: {v['count']:.0f}" for name, v in list(m.get("by_kernel", {}).items())[:8])
+            s.append(f"| {mode} | {f(m['step_wall_us'], 0)} | {f(m.get('kernels_per_step'), 0)} | "
+                     f"{f(m.get('gpu_us_per_step'), 0)} | {top} |")
     if r.get("step_cost"):
         s.append("\n### Step cost (one speculative step / one AR step)\n\n| shape | adapter form | CUDA graphs | mode "
                  "| masks | ratio |\n|---|---|---|---|---|---|")

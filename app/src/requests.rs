@@ -238,6 +238,8 @@ mod tests {
         assert!(matches!(load_model(&p, None)?, Request::LoadModel { cuda_graphs: false, .. }), "not on the CPU");
         p.model.device = mtp_core::DeviceSpec::Cuda(0);
         assert!(matches!(load_model(&p, None)?, Request::LoadModel { cuda_graphs: true, .. }));
+        p.model.cuda_graphs = false;
+        assert!(matches!(load_model(&p, None)?, Request::LoadModel { cuda_graphs: false, .. }), "switched off");
         // The same model loaded again keeps the adapter in use; another model does not.
         let run = std::path::Path::new("runs/r/adapter.safetensors");
         assert!(matches!(load_model(&p, Some((&ModelSource::Demo, run)))?,

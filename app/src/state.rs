@@ -63,7 +63,10 @@ pub struct ModelForm {
     pub device: DeviceSpec,
     /// Precision.
     pub dtype: DType,
-    /// Record decoding steps as CUDA graphs (CUDA only; `--cuda-graphs`).
+    /// Record decoding steps as CUDA graphs (CUDA only; on by default, `--no-cuda-graphs`
+    /// off). Saved under a new name: projects saved while graphs were off by default, which
+    /// wrote `cuda_graphs: false` whether or not anyone chose it, take the new default.
+    #[serde(rename = "replay_cuda_graphs")]
     pub cuda_graphs: bool,
     /// The arithmetic of a speculative step's mask rows (`--draft-arithmetic`; applies when
     /// a model or an adapter is loaded next).
@@ -79,7 +82,7 @@ impl Default for ModelForm {
             source: "demo".into(),
             device,
             dtype: DType::default_for(device),
-            cuda_graphs: false,
+            cuda_graphs: true,
             draft_arithmetic: DraftArithmetic::Auto,
             adapter: String::new(),
         }
@@ -516,5 +519,18 @@ mod tests {
         assert!(!finished.stopped());
         assert_eq!(finished.identical(), Some(false));
         assert!(finished.speedup().is_some());
+    }
+
+    /// CUDA graphs are on by default, also in a project saved while they were off by default
+    /// (its `cuda_graphs: false` was the old default, not a choice); a choice saved since stays.
+    #[test]
+    fn cuda_graphs_default_on_in_old_and_new_projects() -> anyhow::Result<()> {
+        assert!(ModelForm::default().cuda_graphs);
+        let old: ModelForm = serde_json::from_str(r#"{"source": "demo", "cuda_graphs": false}"#)?;
+        assert!(old.cuda_graphs);
+        let off = ModelForm { cuda_graphs: false, ..ModelForm::default() };
+        let saved: ModelForm = serde_json::from_str(&serde_json::to_string(&off)?)?;
+        assert!(!saved.cuda_graphs);
+        Ok(())
     }
 }

@@ -20,7 +20,7 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     )?;
     let done = Command::new(root.join("scripts/gpu-check"))
         .args(["--tiny", "--device", "cpu", "--mtp", env!("CARGO_BIN_EXE_mtp")])
-        .args(["--sections", "parity,ar,step_cost,gemm_rows,train,demo,demo_train,smollm2_train", "--out"])
+        .args(["--sections", "parity,ar,step_cost,gemm_rows,kernels,train,demo,demo_train,smollm2_train", "--out"])
         .arg(out.path())
         // A model folder stands in for the GGUF parts that scripts/gpu-pack makes.
         .arg("--smollm2")
@@ -79,6 +79,15 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
         assert!(rows.as_ref().is_some_and(|r| !r.is_empty()), "no {form} with --cuda-graphs");
         assert!(rows.is_some_and(|r| r.iter().all(|r| r["identical"] == true && r["graphed"] == false)), "{form}");
     }
+    // The kernels section: each step's wall time from the two lengths; without a GPU (no
+    // ncu), its parser read on a sample of ncu's table: three kernels, each named apart.
+    let kernels = &report["kernels"];
+    for mode in ["ar", "quadratic-2"] {
+        assert!(kernels["modes"][mode]["step_wall_us"].as_f64().is_some_and(|us| us > 0.0), "{kernels}");
+    }
+    let sample = kernels["sample_parsed"].as_object().ok_or_else(|| anyhow::anyhow!("no sample: {kernels}"))?;
+    assert_eq!(sample.len(), 3, "{kernels}");
+    assert_eq!(sample["nvjet_tst_64x8_64x16_4x1_v_bz_TNT"], serde_json::json!([1, 11520.0]), "{kernels}");
     // The demo's recipe trained on the device: timed, raced, its adapter kept.
     let trained = &report["demo_train"];
     assert!(trained["train_seconds"].as_f64().is_some_and(|s| s > 0.0), "{trained}");

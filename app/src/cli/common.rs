@@ -23,11 +23,15 @@ pub struct ModelArgs {
     /// memory and decodes faster, its greedy speculative output AR's as in f32).
     #[arg(long)]
     pub dtype: Option<DType>,
-    /// Record decoding steps as CUDA graphs and replay each with one launch (CUDA only): AR
-    /// steps, and greedy speculative steps (one recording per step shape). A step then
-    /// costs the GPU's work, not one launch per operation.
+    /// Record decoding steps as CUDA graphs and replay each with one launch: the default on a
+    /// CUDA device (AR steps, and greedy speculative steps, one recording per step shape; a
+    /// step then costs the GPU's work, not one launch per operation). Kept for scripts that
+    /// name it.
     #[arg(long)]
     pub cuda_graphs: bool,
+    /// Run every decoding step eagerly on CUDA, one launch per operation (no CUDA graphs).
+    #[arg(long, conflicts_with = "cuda_graphs")]
+    pub no_cuda_graphs: bool,
 }
 
 impl ModelArgs {
@@ -45,7 +49,7 @@ impl ModelArgs {
         let options = LoadOptions {
             device: self.device,
             dtype: self.dtype(),
-            cuda_graphs: self.cuda_graphs,
+            cuda_graphs: !self.no_cuda_graphs,
             ..LoadOptions::default()
         };
         let loaded = LoadedModel::load(&source, &options, &mut DownloadBar::new())

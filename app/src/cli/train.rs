@@ -351,7 +351,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn load(config: &TrainConfig) -> anyhow::Result<LoadedModel> {
-    let options = LoadOptions { device: config.training.device, dtype: config.dtype, ..LoadOptions::default() };
+    // Training's measured tokens per forward decode a few prompts once per mask count: a
+    // recording per step shape would cost more than it saves, and keep memory while training.
+    let options = LoadOptions {
+        device: config.training.device,
+        dtype: config.dtype,
+        cuda_graphs: false,
+        ..LoadOptions::default()
+    };
     LoadedModel::load(&config.model, &options, &mut DownloadBar::new())
         .with_context(|| format!("loading model `{}`", config.model))
 }

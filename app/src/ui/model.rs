@@ -62,7 +62,8 @@ pub fn show(
         });
         let cuda = p.model.device.is_cuda();
         let tip = "Record each decoding step (AR, and greedy speculative steps) as a CUDA graph and replay it \
-                   with one launch (CUDA only; applies at the next load)";
+                   with one launch rather than one launch per operation (CUDA only; on by default; applies at \
+                   the next load)";
         form_row(ui, "CUDA graphs", tip, |ui| {
             ui.add_enabled(cuda, egui::Checkbox::new(&mut p.model.cuda_graphs, "Replay decoding steps"))
         });
