@@ -79,11 +79,12 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
         assert!(rows.as_ref().is_some_and(|r| !r.is_empty()), "no {form} with --cuda-graphs");
         assert!(rows.is_some_and(|r| r.iter().all(|r| r["identical"] == true && r["graphed"] == false)), "{form}");
     }
-    // The kernels section: each step's wall time from the two lengths; without a GPU (no
-    // ncu), its parser read on a sample of ncu's table: three kernels, each named apart.
+    // The kernels section: each step's wall time from the two lengths (a difference of two
+    // short timings, whose sign the noise of a shared CPU may flip); without a GPU (no ncu),
+    // its parser read on a sample of ncu's table: three kernels, each named apart.
     let kernels = &report["kernels"];
     for mode in ["ar", "quadratic-2"] {
-        assert!(kernels["modes"][mode]["step_wall_us"].as_f64().is_some_and(|us| us > 0.0), "{kernels}");
+        assert!(kernels["modes"][mode]["step_wall_us"].as_f64().is_some_and(f64::is_finite), "{kernels}");
     }
     let sample = kernels["sample_parsed"].as_object().ok_or_else(|| anyhow::anyhow!("no sample: {kernels}"))?;
     assert_eq!(sample.len(), 3, "{kernels}");

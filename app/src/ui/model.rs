@@ -65,7 +65,10 @@ pub fn show(
                    with one launch rather than one launch per operation (CUDA only; on by default; applies at \
                    the next load)";
         form_row(ui, "CUDA graphs", tip, |ui| {
-            ui.add_enabled(cuda, egui::Checkbox::new(&mut p.model.cuda_graphs, "Replay decoding steps"))
+            // Off and disabled on the CPU, where nothing is recorded; the choice is kept for CUDA.
+            let mut off = false;
+            let value = if cuda { &mut p.model.cuda_graphs } else { &mut off };
+            ui.add_enabled(cuda, egui::Checkbox::new(value, "Replay decoding steps"))
         });
         let tip = "How a speculative step multiplies its mask rows, whose outputs are only drafts (greedy output is \
                    the same either way): auto (int8 where the CPU has AVX-512 VNNI, for a model over 64 MiB only \
