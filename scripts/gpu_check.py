@@ -391,7 +391,7 @@ class Check:
             generate = ["generate", "--model", folder, "--prompt-ids", prompt, "--ignore-eos", "--device",
                         self.args.device, "--dtype", self.dtype_name(), *extra]
             # The step's wall time, unprofiled: the slope between the two lengths.
-            wall = {t: self.mtp_json([*generate, "--max-new-tokens", t, "--repeats", 3])["total_seconds"]
+            wall = {t: self.mtp_json([*generate, "--max-new-tokens", t, "--repeats", 2])["total_seconds"]
                     for t in (n, 2 * n)}
             row = {"step_wall_us": (wall[2 * n] - wall[n]) / n * 1e6}
             if self.dev == "cuda":
@@ -402,7 +402,7 @@ class Check:
                     # flush the other before each kernel).
                     run([ncu, "--clock-control", "none", "--cache-control", "none", "--graph-profiling", "node",
                          "--metrics", "gpu__time_duration.sum", "--csv", "--log-file", log_file,
-                         self.mtp, *generate, "--max-new-tokens", t, "--json"], timeout=150)
+                         self.mtp, *generate, "--max-new-tokens", t, "--json"], timeout=90)
                     per[t] = ncu_kernels(log_file.read_text())
                 names = set(per[n]) | set(per[2 * n])
                 step = {name: {"count": (per[2 * n].get(name, (0, 0))[0] - per[n].get(name, (0, 0))[0]) / n,
