@@ -405,13 +405,13 @@ class Check:
                     done = run([ncu, "--clock-control", "none", "--cache-control", "none", "--graph-profiling",
                                 "node", "--metrics", "gpu__time_duration.sum", "--csv", "--log-file", log_file,
                                 self.mtp, *generate, "--max-new-tokens", t, "--json"], timeout=90)
-                    # The table is in the log file (or, should this ncu print it there, on stdout).
+                    # The table is in the log file (or on stdout, should this ncu print it there).
                     table = log_file.read_text() if log_file.exists() else ""
-                    per[t] = ncu_kernels(table + "\n" + done.stdout if '"Kernel Name"' not in table else table)
-                names = set(per[n]) | set(per[2 * n])
-                step = {name: {"count": (per[2 * n].get(name, (0, 0))[0] - per[n].get(name, (0, 0))[0]) / n,
-                               "us": (per[2 * n].get(name, (0, 0))[1] - per[n].get(name, (0, 0))[1]) / n / 1e3}
-                        for name in names}
+                    per[t] = ncu_kernels(table + "\n" + done.stdout)
+                short, long = per[n], per[2 * n]
+                step = {name: {"count": (long.get(name, (0, 0))[0] - short.get(name, (0, 0))[0]) / n,
+                               "us": (long.get(name, (0, 0))[1] - short.get(name, (0, 0))[1]) / n / 1e3}
+                        for name in set(short) | set(long)}
                 step = {k: v for k, v in step.items() if v["count"] > 0 or v["us"] > 0}
                 row.update(kernels_per_step=sum(v["count"] for v in step.values()),
                            gpu_us_per_step=sum(v["us"] for v in step.values()),
@@ -786,7 +786,9 @@ def markdown(r: dict) -> str:
                  f"{k['tokens'][0]} and {k['tokens'][1]} tokens differenced)\n\n| step | wall (us) | kernels | GPU busy (us) "
                  "| largest kernels (us: count) |\n|---|---|---|---|---|")
         for mode, m in k["modes"].items():
-            top = "; ".join(f"{name[:40]} {v['us']:.0f}: {v['count']:.0f}" for name, v in list(m.get("by_kernel", {}).items())[:8])
+            # Names without libtorch's namespace, so that the elementwise kernels' functors show.
+            top = "; ".join(f"{name.replace('at::native::', '')[:60]} {v['us']:.0f}: {v['count']:.0f}"
+                            for name, v in list(m.get("by_kernel", {}).items())[:8])
             s.append(f"| {mode} | {f(m['step_wall_us'], 0)} | {f(m.get('kernels_per_step'), 0)} | "
                      f"{f(m.get('gpu_us_per_step'), 0)} | {top} |")
     if r.get("step_cost"):
