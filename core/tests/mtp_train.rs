@@ -437,3 +437,40 @@ fn losses_are_finite_and_slot_accuracy_is_per_slot() -> anyhow::Result<()> {
     let _ = DType::F32;
     Ok(())
 }
+
+/// The heads' cross-entropy made a chunk of rows at a time (training never holds the
+/// `[rows, vocab]` logits) equals libtorch's over all the logits at once: the mean loss,
+/// each row's top-1 against its label, and the gradient that reaches the hidden states,
+/// with chunks of 5 rows, one row, and all of them.
+#[test]
+fn chunked_head_loss_equals_the_whole_logits_cross_entropy() -> anyhow::Result<()> {
+    let m = load("llama")?;
+    let (vocab, d) = (m.model.config.vocab_size as i64, m.model.config.hidden_size as i64);
+    tch::manual_seed(11);
+    let h0 = Tensor::randn([37, d], (Kind::Float, Device::Cpu));
+    let labels = Tensor::randint(vocab, [37], (Kind::Int64, Device::Cpu));
+    let whole = {
+        let h = h0.copy().set_requires_grad(true);
+        let logits = m.model.logits(&h);
+        let loss = logits.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::Mean, -100, 0.0);
+        let top = logits.argmax(-1, false).eq_tensor(&labels);
+        (&loss * 3.0).backward();
+        (loss.double_value(&[]), top, h.grad())
+    };
+    for rows in [5, 1, 37] {
+        let h = h0.copy().set_requires_grad(true);
+        let (loss, top) = loss::head_cross_entropy(&m.model, &h, &labels, rows * vocab);
+        (&loss * 3.0).backward();
+        let value = loss.double_value(&[]);
+        assert!((value - whole.0).abs() <= 1e-6 * whole.0.abs(), "{rows} rows: {value} against {}", whole.0);
+        assert!(top.equal(&whole.1), "{rows} rows: top-1s differ");
+        let diff = (h.grad() - &whole.2).abs().max().double_value(&[]);
+        let scale = whole.2.abs().max().double_value(&[]);
+        assert!(diff <= 1e-5 * scale, "{rows} rows: gradient differs by {diff} at scale {scale}");
+    }
+    // Without a gradient (validation): the same value, nothing attached.
+    let (loss, _) = tch::no_grad(|| loss::head_cross_entropy(&m.model, &h0, &labels, 5 * vocab));
+    assert!(!loss.requires_grad());
+    assert!((loss.double_value(&[]) - whole.0).abs() <= 1e-6 * whole.0.abs());
+    Ok(())
+}

@@ -69,7 +69,9 @@ pub(crate) struct GraphedStep {
     buffers: u64,
 }
 
-/// The recorded pass: the logits of `token` at `position`, `[vocab]`.
+/// The recorded pass: the logits of `token` at `position`, `[vocab]`. Never inlined: the
+/// `step_ops` example counts the operations inside it.
+#[inline(never)]
 fn in_place_logits(model: &Llama, token: &Tensor, position: &Tensor, cache: &mut KvCache) -> Tensor {
     tch::no_grad(|| model.logits(&model.forward_in_place(token, position, cache)).view([-1]))
 }

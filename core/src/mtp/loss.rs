@@ -7,7 +7,7 @@
 //!   toward its (detached) final hidden state: mean over those masks of the squared
 //!   distance summed over d, averaged over t.
 
-use tch::{Kind, Reduction, Tensor};
+use tch::{Kind, Tensor};
 
 use super::adapter::MtpAdapter;
 use super::masks::{IGNORE, MtpLayout, additive_mask};
@@ -88,12 +88,60 @@ fn rows_where(cond: &Tensor) -> Tensor {
     cond.nonzero().view([-1])
 }
 
-/// Mean cross-entropy of `logits` (`[n, V]`) against `labels` (`[n]`), 0 when `n` is 0.
-fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
-    if labels.size()[0] == 0 {
-        return Tensor::zeros([], (Kind::Float, logits.device()));
+/// The f32 logits one chunk of [`head_cross_entropy`] holds (elements): 128 MiB, 682 rows
+/// of a 49,152-token vocabulary (SmolLM2), 261 of Llama 3's 128,256.
+pub const CHUNK_LOGITS: i64 = 1 << 25;
+
+/// The mean cross-entropy of the LM head's logits of `h` (`[n, d]`, final hidden states or
+/// the sampler's outputs) against `labels` (`[n]`, every one a token id), and each row's
+/// top-1 against its label (`[n]` bool), without ever holding the `[n, vocab]` logits:
+/// they are made a chunk of rows at a time, and where `h` needs a gradient each chunk's
+/// gradient with respect to `h` (`(softmax - onehot) W / n`, what the backward pass of
+/// the logits would compute) is made with them. The loss then carries it through a term
+/// whose value is zero and whose gradient is that: `(h * g).sum() - (h * g).sum().detach()`.
+/// The head's weight is frozen, so nothing else needs the logits. Training kept four f32
+/// copies of every labelled row's logits (logits, log-probabilities, their two gradients:
+/// 3.6 GB of SmolLM2-135M's 5.9 at k = 4, 256 x 2; 29 GB at 128 x 32); here one chunk's,
+/// of at most `chunk_logits` elements (training: [`CHUNK_LOGITS`]).
+pub fn head_cross_entropy(model: &Llama, h: &Tensor, labels: &Tensor, chunk_logits: i64) -> (Tensor, Tensor) {
+    let (n, device) = (h.size()[0], h.device());
+    if n == 0 {
+        return (Tensor::zeros([], (Kind::Float, device)), Tensor::zeros([0], (Kind::Bool, device)));
     }
-    logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(labels, None, Reduction::Mean, IGNORE, 0.0)
+    let vocab = model.lm_head.size()[0];
+    let rows = (chunk_logits / vocab.max(1)).max(1);
+    let grad = h.requires_grad();
+    let detached = h.detach();
+    let (mut total, mut correct, mut grads) = (Vec::new(), Vec::new(), Vec::new());
+    tch::no_grad(|| {
+        let mut start = 0;
+        while start < n {
+            let len = rows.min(n - start);
+            let labels = labels.narrow(0, start, len);
+            let logits = model.logits(&detached.narrow(0, start, len)).to_kind(Kind::Float);
+            let lse = logits.logsumexp([-1i64], true);
+            let picked = logits.gather(1, &labels.unsqueeze(1), false);
+            total.push((&lse - picked).sum(Kind::Float));
+            correct.push(logits.argmax(-1, false).eq_tensor(&labels));
+            if grad {
+                // softmax - onehot, over n (the mean), in the activations' dtype as the
+                // product's backward pass would take it.
+                let mut g = (logits - lse).exp_();
+                let _ = g.scatter_add_(1, &labels.unsqueeze(1), &Tensor::full([len, 1], -1.0, (Kind::Float, device)));
+                let g = (g / n as f64).to_kind(h.kind());
+                grads.push(g.mm(&model.lm_head));
+            }
+            start += len;
+        }
+    });
+    let mean = Tensor::stack(&total, 0).sum(Kind::Float) / n as f64;
+    let correct = Tensor::cat(&correct, 0);
+    if !grad {
+        return (mean, correct);
+    }
+    let g = Tensor::cat(&grads, 0);
+    let carrier = (h * g).sum(Kind::Float);
+    (mean + (&carrier - carrier.detach()), correct)
 }
 
 /// How `L_lcm` reduces the squared distance over the hidden width (METHOD.md section 3).
@@ -222,11 +270,17 @@ pub fn backward_checkpointed(
         (&losses.total * scale).backward();
         let mut grad = top.grad();
         for (i, layer) in layers.iter().enumerate().rev() {
-            // The first layer's input carries the mask embeddings' graph when they train.
-            let input = if i == 0 { x.shallow_clone() } else { inputs[i].set_requires_grad(true) };
+            // Each layer's input is let go once its gradient is taken (its own and that
+            // gradient would otherwise stay until every layer is done).
+            let saved = inputs.pop();
             if !grad.defined() {
                 break;
             }
+            // The first layer's input carries the mask embeddings' graph when they train.
+            let input = match saved {
+                Some(h) if i > 0 => h.set_requires_grad(true),
+                _ => x.shallow_clone(),
+            };
             let out = layer.forward(&input, &pass, None);
             (out * &grad).sum(Kind::Float).backward();
             if i > 0 {
@@ -254,11 +308,10 @@ pub fn from_hidden(model: &Llama, adapter: &MtpAdapter, batch: &MtpLayout, z: &T
     let m_rows = rows_where(&valid.logical_and(&slot.gt(0)));
     let m_labels = labels.index_select(0, &m_rows);
     let m_slot0 = slot.index_select(0, &m_rows) - 1;
-    let base_logits = model.logits(&zf.index_select(0, &m_rows));
-    let base = cross_entropy(&base_logits, &m_labels);
+    let (base, base_correct) = head_cross_entropy(model, &zf.index_select(0, &m_rows), &m_labels, CHUNK_LOGITS);
     let per_slot =
         |values: &Tensor, slots: &Tensor| Tensor::zeros([k], f32s).index_add(0, slots, &values.to_kind(Kind::Float));
-    let slot_correct = per_slot(&base_logits.argmax(-1, false).eq_tensor(&m_labels), &m_slot0);
+    let slot_correct = per_slot(&base_correct, &m_slot0);
     let slot_count = per_slot(&Tensor::ones_like(&m_labels), &m_slot0);
 
     // L_sampler on every labelled row, conditioned on the true previous token.
@@ -268,11 +321,10 @@ pub fn from_hidden(model: &Llama, adapter: &MtpAdapter, batch: &MtpLayout, z: &T
             let v_labels = labels.index_select(0, &v_rows);
             let prev = batch.prev.reshape([rows]).index_select(0, &v_rows);
             let h = head.forward(&model.embed(&prev), &zf.index_select(0, &v_rows));
-            let logits = model.logits(&h.to_kind(kind));
+            let (loss, correct) = head_cross_entropy(model, &h.to_kind(kind), &v_labels, CHUNK_LOGITS);
             let v_slot = slot.index_select(0, &v_rows);
-            let on_mask = v_slot.gt(0);
-            let correct = logits.argmax(-1, false).eq_tensor(&v_labels).logical_and(&on_mask);
-            (cross_entropy(&logits, &v_labels), per_slot(&correct, &(v_slot - 1).clamp_min(0)))
+            let correct = correct.logical_and(&v_slot.gt(0));
+            (loss, per_slot(&correct, &(v_slot - 1).clamp_min(0)))
         }
         None => (Tensor::zeros([], f32s), Tensor::zeros([k], f32s)),
     };

@@ -1,10 +1,10 @@
 //! An estimate of the memory MTP training needs, shown before anything starts: frozen
 //! weights, trainable parameters with gradients and AdamW state, activations kept for the
-//! backward pass, the logits of the two heads, and the framework's own memory. Each term
-//! counts the tensors our implementation keeps; the two constants that are not read off the
-//! code (the copies of the logits alive at the peak, the runtime's own memory) were
-//! measured, and the whole estimate is checked against measured peaks
-//! (`scripts/bench_memory.sh`, docs/BENCHMARKS.md).
+//! backward pass, the logits of the two heads (a chunk of rows at a time), and the
+//! framework's own memory. Each term counts the tensors our implementation keeps; the one
+//! constant not read off the code (the runtime's own memory) was measured, and the whole
+//! estimate is checked against measured peaks (`scripts/bench_memory.sh`,
+//! docs/BENCHMARKS.md).
 
 use serde::{Deserialize, Serialize};
 
@@ -22,9 +22,11 @@ pub struct MemoryEstimate {
     pub trainable: u64,
     /// Activations saved for the backward pass.
     pub activations: u64,
-    /// LM-head and sampler logits with their gradients.
+    /// One chunk of the heads' logits while their cross-entropy runs, and the gradients it
+    /// leaves for the backward pass.
     pub logits: u64,
-    /// The framework's own memory (thread pools, kernels' buffers).
+    /// The framework's own memory (thread pools, kernels' buffers) and, on the CPU, what its
+    /// allocator keeps of the memory the backward pass frees.
     #[serde(default)]
     pub runtime: u64,
 }
@@ -57,15 +59,23 @@ pub struct MemoryInputs<'a> {
     pub device: DeviceSpec,
 }
 
-/// Copies of the f32 logits alive at the peak, per labelled row and head: the logits, the
-/// log-probabilities cross-entropy keeps, and the two gradients the backward pass makes of
-/// them. Measured (4.1 and 3.7 on the demo and the SmolLM2-135M shape).
-const LOGITS_COPIES: u64 = 4;
+/// Copies of one chunk of f32 logits alive at once while the heads' cross-entropy runs
+/// ([`crate::mtp::loss::head_cross_entropy`]: the logits, then softmax - onehot and its
+/// share of the mean); the whole `[rows, vocab]` logits never exist.
+const CHUNK_COPIES: u64 = 3;
 
 /// Host memory the framework takes once it runs (thread pools, kernel workspaces), measured
 /// on the CPU. On CUDA the context (about 500 MB) is outside any process measurement of
 /// allocated memory and is not counted.
 const RUNTIME_BYTES: u64 = 64 << 20;
+
+/// On the CPU, the share of the layers' activations that the process keeps on top of what
+/// is alive: the C allocator returns the blocks each layer's backward pass frees to its
+/// heap, not to the system, and the next layer's requests fit them only in part (the heap
+/// grows through the first step's backward pass, then stays). Measured: a third of the
+/// layers' activations, with and without checkpointing, on the demo and the SmolLM2-135M
+/// shape (`scripts/bench_memory.sh`, docs/BENCHMARKS.md).
+const CPU_RETAINED: f64 = 0.3;
 
 /// Estimate training memory for a model described by `info` and its config.
 pub fn estimate(info: &ModelInfo, config: &crate::model::ModelConfig, x: &MemoryInputs) -> MemoryEstimate {
@@ -112,12 +122,16 @@ pub fn estimate(info: &ModelInfo, config: &crate::model::ModelConfig, x: &Memory
             layers * layer
         };
 
-    // Base logits on mask rows and sampler logits on all labelled rows, f32.
+    // Base logits on mask rows and sampler logits on all labelled rows: one chunk of f32
+    // logits at a time, and each head's gradient with respect to its rows' hidden states
+    // (`[rows, d]`), kept for the backward pass.
     let vocab = info.vocab_size as u64;
     let mask_rows = (x.seq_len * x.k * x.batch_size) as u64;
     let sampler_rows = if x.sampler { rows } else { 0 };
-    let logits = (mask_rows + sampler_rows) * vocab * 4 * LOGITS_COPIES;
-    MemoryEstimate { weights, trainable, activations, logits, runtime: if cuda { 0 } else { RUNTIME_BYTES } }
+    let chunk_rows = (crate::mtp::loss::CHUNK_LOGITS as u64 / vocab.max(1)).max(1).min(mask_rows.max(sampler_rows));
+    let logits = chunk_rows * vocab * 4 * CHUNK_COPIES + (mask_rows + sampler_rows) * d * act;
+    let runtime = if cuda { 0 } else { RUNTIME_BYTES + (CPU_RETAINED * (layers * layer) as f64) as u64 };
+    MemoryEstimate { weights, trainable, activations, logits, runtime }
 }
 
 #[cfg(test)]

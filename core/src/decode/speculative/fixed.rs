@@ -69,7 +69,9 @@ struct ShapeStep {
 }
 
 /// The step's work on the device: verify the drafts, choose the mask block after the last
-/// accepted row, draft from it. Returns `[accepted, next, drafts..]` (int64).
+/// accepted row, draft from it. Returns `[accepted, next, drafts..]` (int64). Never inlined:
+/// the `step_ops` example counts the operations inside it.
+#[inline(never)]
 fn verify_and_draft(
     model: &Llama,
     drafter: &Drafter,
