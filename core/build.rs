@@ -1,5 +1,6 @@
-//! Link facts for libtorch (see scripts/link_libtorch.rs), and the CUDA-graph shim
-//! (csrc/cuda_graph.cpp) where libtorch's CUDA headers and the CUDA runtime's are found.
+//! Link facts for libtorch (see scripts/link_libtorch.rs), and the CUDA-graph and profiler
+//! shims (csrc/cuda_graph.cpp, csrc/profiler.cpp) where libtorch's CUDA headers and the CUDA
+//! runtime's are found.
 
 include!("../scripts/link_libtorch.rs");
 
@@ -9,6 +10,7 @@ fn main() {
     link_libtorch();
     println!("cargo::rustc-check-cfg=cfg(mtp_cuda_graphs)");
     println!("cargo:rerun-if-changed=csrc/cuda_graph.cpp");
+    println!("cargo:rerun-if-changed=csrc/profiler.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let Some(lib) = torch_lib() else { return };
     // Headers installed later (scripts/setup.sh) bring the shim in on the next build.
@@ -44,6 +46,7 @@ fn main() {
         ))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/cuda_graph.cpp")
+        .file("csrc/profiler.cpp")
         .compile("mtp_cuda_graph");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-search=native={}", cuda.join("lib").display());

@@ -12,9 +12,9 @@ Sections (each one's failure is recorded under "errors" and the others still run
              each form eagerly (--no-cuda-graphs) and replayed from CUDA graphs (the default);
   gemm_rows  one layer's four products and its attention at 1 to 32 rows, both shapes (does a
              call of a few rows cost less than one of a single row: the step cost's 9-row anomaly);
-  kernels    (only when asked) every GPU kernel of an AR step and a 4-mask quadratic step on the
-             8B shape, replayed from CUDA graphs, counted and timed by Nsight Compute (ncu),
-             against each step's wall time;
+  kernels    (only when asked) every GPU kernel of an AR step and a 4-mask quadratic step, both
+             shapes, replayed from CUDA graphs, counted and timed by libtorch's profiler (CUPTI;
+             Nsight Compute where the trace holds none), against each step's wall time;
   train      MTP training tokens/s, ours vs the PyTorch reference (scripts/reference.py), on the
              135M shape; peak training memory vs our estimate;
   demo       the demo end to end: tokens per forward, speedup over AR, outputs identical;
@@ -367,59 +367,67 @@ class Check:
 
     # ------------------------------------------------------------------ kernels of a step
     def kernels(self) -> None:
-        """Every GPU kernel of one decoding step, by name, counted and timed by Nsight Compute
-        (`ncu`, one metric: each kernel's duration; the kernels inside CUDA graphs profiled
-        node by node): an AR step and a 4-mask quadratic step (acceptance ~0: one token a
-        step) of the largest shape, replayed from CUDA graphs as by default. A step's kernels
-        are the difference between generations of N and 2N tokens, over N, so the prefill,
-        the recordings and the start cancel out. Against each step's wall time from an
+        """Every GPU kernel of one decoding step, by name, counted and timed: an AR step and a
+        4-mask quadratic step (acceptance ~0: one token a step) of each shape, replayed from
+        CUDA graphs as by default. libtorch's profiler records them as they run (`mtp generate
+        --profile-trace`: CUPTI on a GPU, graph replays included; on the CPU its operations
+        stand in), over a repeat of the generation after a first, unrecorded one (which makes
+        the recordings). A step's kernels are the difference between generations of N and 2N
+        tokens, over N, so the prefill cancels out. Against each step's wall time from an
         ordinary run: what the GPU computes, what it waits for, and which kernels a step adds
         to AR's (why the 8B step costs more than 1.3 AR steps, and AR less than 70% of the
-        bandwidth bound). Where ncu is missing or cannot profile, the section says why."""
-        ncu = shutil.which("ncu") or next(iter(sorted(Path("/opt/nvidia").glob("nsight-compute/*/ncu"))), None)
-        if self.dev == "cuda" and ncu is None:
-            raise RuntimeError("ncu (Nsight Compute) not found")
-        shape = self.shapes[-1]
-        folder = self.model_folder(shape)
-        adapter = self.adapter_for(folder, 8 if not self.args.tiny else 2)
+        bandwidth bound). Where the trace holds no kernel on a GPU, Nsight Compute
+        (`ncu --graph-profiling node`, each run stopped at 90 s) counts them instead."""
         n = 4
         prompt = ",".join(map(str, range(3, 19)))
         masks = 2 if self.args.tiny else 4
-        modes = {"ar": ["--mode", "ar"], f"quadratic-{masks}": ["--adapter", adapter, "--mode", "quadratic", "--masks", masks]}
-        out = {"shape": shape, "tokens": [n, 2 * n], "modes": {}}
+        out = {"tokens": [n, 2 * n], "shapes": {}}
         # In the report from the start: a run cut short keeps the modes measured before it.
         self.result["kernels"] = out
-        for mode, extra in modes.items():
-            generate = ["generate", "--model", folder, "--prompt-ids", prompt, "--ignore-eos", "--device",
-                        self.args.device, "--dtype", self.dtype_name(), *extra]
-            # The step's wall time, unprofiled: the slope between the two lengths.
-            wall = {t: self.mtp_json([*generate, "--max-new-tokens", t, "--repeats", 2])["total_seconds"]
-                    for t in (n, 2 * n)}
-            row = {"step_wall_us": (wall[2 * n] - wall[n]) / n * 1e6}
-            if self.dev == "cuda":
+        for shape in self.shapes:
+            folder = self.model_folder(shape)
+            adapter = self.adapter_for(folder, 8 if not self.args.tiny else 2)
+            modes = {"ar": ["--mode", "ar"],
+                     f"quadratic-{masks}": ["--adapter", adapter, "--mode", "quadratic", "--masks", masks]}
+            rows = out["shapes"].setdefault(shape, {})
+            for mode, extra in modes.items():
+                generate = ["generate", "--model", folder, "--prompt-ids", prompt, "--ignore-eos", "--device",
+                            self.args.device, "--dtype", self.dtype_name(), *extra]
+                # The step's wall time, unprofiled: the slope between the two lengths.
+                wall = {t: self.mtp_json([*generate, "--max-new-tokens", t, "--repeats", 2])["total_seconds"]
+                        for t in (n, 2 * n)}
+                row = {"step_wall_us": (wall[2 * n] - wall[n]) / n * 1e6}
+                rows[mode] = row
+                category = "kernel" if self.dev == "cuda" else "cpu_op"
                 per = {}
                 for t in (n, 2 * n):
-                    log_file = self.tmp / f"ncu-{mode}-{t}.csv"
-                    # Clocks and caches as the program leaves them (ncu would lock the one and
-                    # flush the other before each kernel).
-                    done = run([ncu, "--clock-control", "none", "--cache-control", "none", "--graph-profiling",
-                                "node", "--metrics", "gpu__time_duration.sum", "--csv", "--log-file", log_file,
-                                self.mtp, *generate, "--max-new-tokens", t, "--json"], timeout=90)
-                    # The table is in the log file (or on stdout, should this ncu print it there).
-                    table = log_file.read_text() if log_file.exists() else ""
-                    per[t] = ncu_kernels(table + "\n" + done.stdout)
-                short, long = per[n], per[2 * n]
-                step = {name: {"count": (long.get(name, (0, 0))[0] - short.get(name, (0, 0))[0]) / n,
-                               "us": (long.get(name, (0, 0))[1] - short.get(name, (0, 0))[1]) / n / 1e3}
-                        for name in set(short) | set(long)}
-                step = {k: v for k, v in step.items() if v["count"] > 0 or v["us"] > 0}
-                row.update(kernels_per_step=sum(v["count"] for v in step.values()),
-                           gpu_us_per_step=sum(v["us"] for v in step.values()),
-                           by_kernel=dict(sorted(step.items(), key=lambda kv: -kv[1]["us"])))
-            out["modes"][mode] = row
+                    path = self.tmp / f"trace-{shape}-{mode}-{t}.json"
+                    self.mtp_json([*generate, "--max-new-tokens", t, "--repeats", 1, "--profile-trace", path])
+                    per[t] = trace_events(json.loads(path.read_text()), category)
+                row.update(per_step(per[n], per[2 * n], n), source=f"profiler ({category})")
+                if self.dev == "cuda" and not per[2 * n]:
+                    row.update(self.ncu_step(generate, n, shape, mode), source="ncu")
         if self.dev != "cuda":
-            # No GPU: the parser read on a sample of ncu's table (so that it cannot rot).
+            # No GPU: the ncu parser read on a sample of its table (so that it cannot rot).
             out["sample_parsed"] = {k: list(v) for k, v in ncu_kernels(NCU_SAMPLE).items()}
+
+    def ncu_step(self, generate: list, n: int, shape: str, mode: str) -> dict:
+        """One step's kernels by Nsight Compute (the fallback of `kernels`)."""
+        ncu = shutil.which("ncu") or next(iter(sorted(Path("/opt/nvidia").glob("nsight-compute/*/ncu"))), None)
+        if ncu is None:
+            raise RuntimeError("the profiler's trace holds no kernel, and ncu (Nsight Compute) is not found")
+        per = {}
+        for t in (n, 2 * n):
+            log_file = self.tmp / f"ncu-{shape}-{mode}-{t}.csv"
+            # Clocks and caches as the program leaves them (ncu would lock the one and flush
+            # the other before each kernel).
+            done = run([ncu, "--clock-control", "none", "--cache-control", "none", "--graph-profiling", "node",
+                        "--metrics", "gpu__time_duration.sum", "--csv", "--log-file", log_file,
+                        self.mtp, *generate, "--max-new-tokens", t, "--json"], timeout=90)
+            # The table is in the log file (or on stdout, should this ncu print it there).
+            table = log_file.read_text() if log_file.exists() else ""
+            per[t] = ncu_kernels(table + "\n" + done.stdout)
+        return per_step(per[n], per[2 * n], n)
 
     # ------------------------------------------------------------------ training
     def gpu_used(self) -> int | None:
@@ -697,6 +705,31 @@ def bench_rows(report: dict) -> list[dict]:
             for r in report["rows"] if r["mode"] != "ar"]
 
 
+def trace_events(trace: dict, category: str) -> dict[str, tuple[int, float]]:
+    """Count and total duration (ns) of each event of `category` (`kernel`: a GPU kernel;
+    `cpu_op`: a libtorch operation) in a Chrome trace of libtorch's profiler, by name."""
+    totals: dict[str, tuple[int, float]] = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("cat") != category or e.get("ph") != "X":
+            continue
+        name = kernel_function(e.get("name", "?"))
+        count, total = totals.get(name, (0, 0.0))
+        totals[name] = (count + 1, total + float(e.get("dur", 0.0)) * 1e3)
+    return totals
+
+
+def per_step(short: dict, long: dict, n: int) -> dict:
+    """One step's kernels: the difference between a generation of 2n tokens and one of n,
+    over n (count and microseconds by name), with their sums."""
+    step = {name: {"count": (long.get(name, (0, 0))[0] - short.get(name, (0, 0))[0]) / n,
+                   "us": (long.get(name, (0, 0))[1] - short.get(name, (0, 0))[1]) / n / 1e3}
+            for name in set(short) | set(long)}
+    step = {k: v for k, v in step.items() if v["count"] > 0 or v["us"] > 0}
+    return {"kernels_per_step": sum(v["count"] for v in step.values()),
+            "gpu_us_per_step": sum(v["us"] for v in step.values()),
+            "by_kernel": dict(sorted(step.items(), key=lambda kv: -kv[1]["us"]))}
+
+
 def ncu_kernels(text: str) -> dict[str, tuple[int, float]]:
     """Count and total duration (ns) of each kernel, by its function's name, in `ncu --csv`'s
     output of one metric (gpu__time_duration.sum); lines before the table (the profiled
@@ -782,15 +815,16 @@ def markdown(r: dict) -> str:
                      f"{f(g['down_us'], 1)} | {f(g['layer_us'], 1)} | {f(g['layer_us'] / one[g['shape']])} | {attention} |")
     if r.get("kernels"):
         k = r["kernels"]
-        s.append(f"\n### The kernels of one step ({k['shape']}, CUDA graphs; Nsight Compute, generations of "
-                 f"{k['tokens'][0]} and {k['tokens'][1]} tokens differenced)\n\n| step | wall (us) | kernels | GPU busy (us) "
-                 "| largest kernels (us: count) |\n|---|---|---|---|---|")
-        for mode, m in k["modes"].items():
-            # Names without libtorch's namespace, so that the elementwise kernels' functors show.
-            top = "; ".join(f"{name.replace('at::native::', '')[:60]} {v['us']:.0f}: {v['count']:.0f}"
-                            for name, v in list(m.get("by_kernel", {}).items())[:8])
-            s.append(f"| {mode} | {f(m['step_wall_us'], 0)} | {f(m.get('kernels_per_step'), 0)} | "
-                     f"{f(m.get('gpu_us_per_step'), 0)} | {top} |")
+        s.append(f"\n### The kernels of one step (CUDA graphs; generations of {k['tokens'][0]} and {k['tokens'][1]} "
+                 "tokens differenced)\n\n| shape | step | measured by | wall (us) | kernels | GPU busy (us) "
+                 "| largest kernels (us: count) |\n|---|---|---|---|---|---|---|")
+        for shape, modes in k.get("shapes", {}).items():
+            for mode, m in modes.items():
+                # Names without libtorch's namespace, so that the elementwise kernels' functors show.
+                top = "; ".join(f"{name.replace('at::native::', '')[:60]} {v['us']:.0f}: {v['count']:.0f}"
+                                for name, v in list(m.get("by_kernel", {}).items())[:8])
+                s.append(f"| {shape} | {mode} | {m.get('source', '')} | {f(m['step_wall_us'], 0)} | "
+                         f"{f(m.get('kernels_per_step'), 0)} | {f(m.get('gpu_us_per_step'), 0)} | {top} |")
     if r.get("step_cost"):
         s.append("\n### Step cost (one speculative step / one AR step)\n\n| shape | adapter form | CUDA graphs | mode "
                  "| masks | ratio |\n|---|---|---|---|---|---|")

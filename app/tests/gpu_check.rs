@@ -80,12 +80,19 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
         assert!(rows.is_some_and(|r| r.iter().all(|r| r["identical"] == true && r["graphed"] == false)), "{form}");
     }
     // The kernels section: each step's wall time from the two lengths (a difference of two
-    // short timings, whose sign the noise of a shared CPU may flip); without a GPU (no ncu),
-    // its parser read on a sample of ncu's table: three kernels, each named apart.
+    // short timings, whose sign the noise of a shared CPU may flip), and its operations from
+    // libtorch's profiler (`mtp generate --profile-trace`; on the CPU its operations stand in
+    // for the kernels): a speculative step issues more than an AR step; without a GPU (no
+    // ncu), the ncu parser read on a sample of its table: three kernels, each named apart.
     let kernels = &report["kernels"];
+    let steps = &kernels["shapes"]["tiny"];
     for mode in ["ar", "quadratic-2"] {
-        assert!(kernels["modes"][mode]["step_wall_us"].as_f64().is_some_and(f64::is_finite), "{kernels}");
+        assert!(steps[mode]["step_wall_us"].as_f64().is_some_and(f64::is_finite), "{kernels}");
+        assert_eq!(steps[mode]["source"], "profiler (cpu_op)", "{kernels}");
     }
+    let ops = |mode: &str| steps[mode]["kernels_per_step"].as_f64().unwrap_or(0.0);
+    assert!(ops("ar") >= 10.0 && ops("quadratic-2") > ops("ar"), "{kernels}");
+    assert!(steps["ar"]["by_kernel"].as_object().is_some_and(|k| k.contains_key("aten::empty")), "{kernels}");
     let sample = kernels["sample_parsed"].as_object().ok_or_else(|| anyhow::anyhow!("no sample: {kernels}"))?;
     assert_eq!(sample.len(), 3, "{kernels}");
     assert_eq!(sample["nvjet_tst_64x8_64x16_4x1_v_bz_TNT"], serde_json::json!([1, 11520.0]), "{kernels}");

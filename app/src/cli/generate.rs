@@ -60,6 +60,11 @@ pub struct Args {
     /// comparisons with the reference implementation.
     #[arg(long)]
     pub dump_logits: Option<std::path::PathBuf>,
+    /// Record libtorch's profiler over the generation (over the repeats alone when there
+    /// are some): every operation and, on a GPU, every kernel, CUDA graph replays
+    /// included; written to this file as a Chrome trace (as `torch.profiler` writes it).
+    #[arg(long)]
+    pub profile_trace: Option<std::path::PathBuf>,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -207,11 +212,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         ControlFlow::Continue(())
     };
+    let device = loaded.model.device();
+    let trace = |when: bool| -> anyhow::Result<Option<mtp_core::model::trace::Trace>> {
+        Ok(match (&args.profile_trace, when) {
+            (Some(_), true) => Some(mtp_core::model::trace::Trace::start(device)?),
+            _ => None,
+        })
+    };
+    let mut recording = trace(args.repeats == 0)?;
     let mut out = generate(&loaded.model, strategy, &req, &mut sink)?;
+    if recording.is_none() {
+        recording = trace(true)?;
+    }
     let mut repeat_seconds = Vec::with_capacity(args.repeats);
     for _ in 0..args.repeats {
         out = generate(&loaded.model, strategy, &req, &mut ())?;
         repeat_seconds.push(out.total_time.as_secs_f64());
+    }
+    if let (Some(recording), Some(path)) = (recording, &args.profile_trace) {
+        recording.finish(path).with_context(|| format!("writing the profiler's trace to {}", path.display()))?;
     }
     let median = {
         let mut s = repeat_seconds.clone();

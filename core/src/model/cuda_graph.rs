@@ -71,14 +71,14 @@ pub struct CudaGraph {
 unsafe impl Send for CudaGraph {}
 
 /// The error for a failed shim call, from the message it left in `buf`.
-fn failure(what: &str, buf: &[c_char; 1024]) -> Error {
+pub(crate) fn failure(what: &str, buf: &[c_char; 1024]) -> Error {
     // SAFETY: the buffer is zeroed, and the shim writes a NUL-terminated message into it.
     let msg = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
-    Error::Invalid(format!("CUDA graph {what}: {}", if msg.is_empty() { "not in this build" } else { &msg }))
+    Error::Invalid(format!("{what}: {}", if msg.is_empty() { "not in this build" } else { &msg }))
 }
 
 /// Calls one shim function with an error buffer; its message on failure.
-fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
+pub(crate) fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
     let mut buf = [0 as c_char; 1024];
     if f(buf.as_mut_ptr(), buf.len()) == 0 { Ok(()) } else { Err(failure(what, &buf)) }
 }
@@ -99,18 +99,18 @@ impl CudaGraph {
         // SAFETY: the shim returns an owned graph or null (with a message in the buffer).
         let ptr = unsafe { mtp_graph_new(index as c_int, buf.as_mut_ptr(), buf.len()) };
         if ptr.is_null() {
-            return Err(failure("creation", &buf));
+            return Err(failure("CUDA graph creation", &buf));
         }
         let graph = Self { ptr };
         tch::Cuda::synchronize(index as i64);
         // SAFETY: `ptr` is the live graph made above (here and below).
-        call("stream", |e, n| unsafe { mtp_graph_enter(graph.ptr, e, n) })?;
+        call("CUDA graph stream", |e, n| unsafe { mtp_graph_enter(graph.ptr, e, n) })?;
         let recorded = (|| -> Result<T> {
             for _ in 0..warmups {
                 drop(record());
             }
             tch::Cuda::synchronize(index as i64);
-            call("capture", |e, n| unsafe { mtp_graph_capture_begin(graph.ptr, e, n) })?;
+            call("CUDA graph capture", |e, n| unsafe { mtp_graph_capture_begin(graph.ptr, e, n) })?;
             // tch panics on libtorch's errors (an operation not allowed while recording, say):
             // the recording is then ended, so that the stream and the allocator are usable.
             let out = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut record)) {
@@ -125,10 +125,10 @@ impl CudaGraph {
                     return Err(Error::Invalid(format!("CUDA graph recording: {msg}")));
                 }
             };
-            call("capture", |e, n| unsafe { mtp_graph_capture_end(graph.ptr, e, n) })?;
+            call("CUDA graph capture", |e, n| unsafe { mtp_graph_capture_end(graph.ptr, e, n) })?;
             Ok(out)
         })();
-        let left = call("stream", |e, n| unsafe { mtp_graph_leave(graph.ptr, e, n) });
+        let left = call("CUDA graph stream", |e, n| unsafe { mtp_graph_leave(graph.ptr, e, n) });
         let out = recorded?;
         left?;
         tch::Cuda::synchronize(index as i64);
@@ -138,7 +138,7 @@ impl CudaGraph {
     /// Run the recorded kernels again, on the current stream.
     pub fn replay(&self) -> Result<()> {
         // SAFETY: `ptr` is this graph, alive until drop.
-        call("replay", |e, n| unsafe { mtp_graph_replay(self.ptr, e, n) })
+        call("CUDA graph replay", |e, n| unsafe { mtp_graph_replay(self.ptr, e, n) })
     }
 }
 
