@@ -7,8 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstring>
-#include <exception>
+#include "guarded.h"
+
 #include <optional>
 #include <string>
 
@@ -21,28 +21,9 @@ struct Graph {
   explicit Graph(int device) : stream(c10::cuda::getStreamFromPool(false, static_cast<c10::DeviceIndex>(device))) {}
 };
 
-// Runs `f`; a C++ exception becomes its message in `err` (of `len` bytes) and -1.
-template <typename F>
-int guarded(char* err, size_t len, F f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    if (err != nullptr && len > 0) {
-      std::strncpy(err, e.what(), len - 1);
-      err[len - 1] = '\0';
-    }
-    return -1;
-  } catch (...) {
-    if (err != nullptr && len > 0) {
-      std::strncpy(err, "an exception that is not a std::exception", len - 1);
-      err[len - 1] = '\0';
-    }
-    return -1;
-  }
-}
-
 }  // namespace
+
+using mtp_shim::guarded;
 
 extern "C" {
 

@@ -5,36 +5,13 @@
 // kernels), this records them as they run. Built by core/build.rs with the CUDA-graph shim.
 #include <torch/csrc/autograd/profiler_kineto.h>
 
-#include <cstring>
-#include <exception>
+#include "guarded.h"
+
 #include <set>
 #include <stdexcept>
 #include <string>
 
-namespace {
-
-// Runs `f`; a C++ exception becomes its message in `err` (of `len` bytes) and -1.
-template <typename F>
-int guarded(char* err, size_t len, F f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    if (err != nullptr && len > 0) {
-      std::strncpy(err, e.what(), len - 1);
-      err[len - 1] = '\0';
-    }
-    return -1;
-  } catch (...) {
-    if (err != nullptr && len > 0) {
-      std::strncpy(err, "an exception that is not a std::exception", len - 1);
-      err[len - 1] = '\0';
-    }
-    return -1;
-  }
-}
-
-}  // namespace
+using mtp_shim::guarded;
 
 extern "C" {
 
