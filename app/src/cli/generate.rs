@@ -213,16 +213,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ControlFlow::Continue(())
     };
     let device = loaded.model.device();
-    let trace = |when: bool| -> anyhow::Result<Option<mtp_core::model::trace::Trace>> {
-        Ok(match (&args.profile_trace, when) {
-            (Some(_), true) => Some(mtp_core::model::trace::Trace::start(device)?),
-            _ => None,
-        })
-    };
-    let mut recording = trace(args.repeats == 0)?;
+    let start = || args.profile_trace.as_ref().map(|_| mtp_core::model::trace::Trace::start(device)).transpose();
+    // The first generation is recorded only when it is the only one.
+    let mut recording = if args.repeats == 0 { start()? } else { None };
     let mut out = generate(&loaded.model, strategy, &req, &mut sink)?;
-    if recording.is_none() {
-        recording = trace(true)?;
+    if args.repeats > 0 {
+        recording = start()?;
     }
     let mut repeat_seconds = Vec::with_capacity(args.repeats);
     for _ in 0..args.repeats {

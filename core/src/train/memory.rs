@@ -1,10 +1,10 @@
 //! An estimate of the memory MTP training needs, shown before anything starts: frozen
 //! weights, trainable parameters with gradients and AdamW state, activations kept for the
 //! backward pass, the logits of the two heads (a chunk of rows at a time), and the
-//! framework's own memory. Each term counts the tensors our implementation keeps; the one
-//! constant not read off the code (the runtime's own memory) was measured, and the whole
-//! estimate is checked against measured peaks (`scripts/bench_memory.sh`,
-//! docs/BENCHMARKS.md).
+//! framework's own memory. Each term counts the tensors our implementation keeps; the two
+//! constants not read off the code (the runtime's own memory, the share of the activations
+//! the CPU's allocator keeps) were measured, and the whole estimate is checked against
+//! measured peaks (`scripts/bench_memory.sh`, docs/BENCHMARKS.md).
 
 use serde::{Deserialize, Serialize};
 
