@@ -1,6 +1,6 @@
 //! Where the time of one speculative step goes, against one AR step (default: the demo),
 //! for each form of the adapter's term and arithmetic of its mask rows (the draft chain
-//! with its head in int8 too). The parts are timed in turns, round after round, and the
+//! with its head in int8 too; with and without AMX tiles where they run). The parts are timed in turns, round after round, and the
 //! median of each counts (the machine is shared and noisy); last, the whole int8 step
 //! (forward, verification, chain) as the decoding loop runs it, its parts sharing the
 //! caches, against the sum of its parts each run alone, and with its chain's head in f32.
@@ -102,12 +102,12 @@ fn main() -> anyhow::Result<()> {
     let inputs = Tensor::full([n], 5, (Kind::Int64, tch::Device::Cpu));
     let tok = Tensor::from_slice(&[5i64]).unsqueeze(0);
 
-    let mut caches: Vec<KvCache> = (0..14).map(|_| new_cache()).collect();
+    let mut caches: Vec<KvCache> = (0..15).map(|_| new_cache()).collect();
     let mut it = caches.iter_mut();
     let mut next = || it.next().ok_or_else(|| anyhow::anyhow!("caches"));
     let (c1, c2, c3, c4, c5, c6) = (next()?, next()?, next()?, next()?, next()?, next()?);
     let (c7, c8, c9, c10) = (next()?, next()?, next()?, next()?);
-    let (c11, c12, c13, c14) = (next()?, next()?, next()?, next()?);
+    let (c11, c12, c13, c14, c15) = (next()?, next()?, next()?, next()?, next()?);
     let ar = |model: &Llama, cache: &mut KvCache| {
         let h = model.forward_embeds(
             &model.embed(&tok),
@@ -234,6 +234,12 @@ fn main() -> anyhow::Result<()> {
     // The same with the exact drafter's chain (its head in f32), to weigh the int8 head
     // where the parts share the caches.
     r.add("whole step, int8 rows, f32 chain", || whole(&low_rank, c14));
+    // The whole int8 step with its mask rows through `vpdpbusd` where AMX tiles would run.
+    r.add("whole step, int8, no AMX tiles", || {
+        mtp_core::model::int8::use_amx(false);
+        whole(&low_rank_int8, c15);
+        mtp_core::model::int8::use_amx(true);
+    });
     let results = r.run(15, 20);
     for (label, us) in &results {
         println!("{label:<45} {us:>10.1} us");
@@ -266,6 +272,9 @@ fn main() -> anyhow::Result<()> {
             get(16) / ar_us,
         );
         println!("the whole step with the chain's head in f32 {:.2}", get(17) / ar_us);
+        if mtp_core::model::int8::amx_available() {
+            println!("the whole step without AMX tiles {:.2} (with: {:.2})", get(18) / ar_us, get(16) / ar_us);
+        }
     }
     println!(
         "{} masks, {} rows (merged: {}); step / AR step: low-rank {:.2}{bf16}, merged {:.2} (no adapter {:.2}; verify + draft {:.2}); auto = {auto}",

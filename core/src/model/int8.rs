@@ -14,6 +14,9 @@
 //! sum, computed with the panels. An output is then `(acc - 128 sum) x scale_w x scale_x`,
 //! plus the bias.
 //!
+//! Where the CPU has AMX (Sapphire Rapids and later) and the weight is large enough, the mask
+//! rows go through its tiles instead ([`amx`]): the same integer sums, so the same outputs.
+//!
 //! The next-token rows of the same call go through the f32 kernel
 //! ([`super::few_rows::exact_columns`]), AR's products, so they stay AR's outputs bit for
 //! bit; the mask rows' outputs are drafts only. On the demo the int8 rows drafted the same
@@ -37,6 +40,24 @@ const GROUP: usize = 4;
 
 /// Mask rows a tile holds: eight accumulators, the panel's vector and the broadcast rows.
 const TILE_ROWS: usize = 8;
+
+/// Mask rows an AMX tile holds; the quantized rows are padded to whole tiles.
+const AMX_ROWS: usize = 16;
+
+/// The fewest mask rows multiplied in AMX tiles where they run ([`amx::available`]); fewer
+/// go through `vpdpbusd`, whose cost grows with the rows where a tile's does not.
+const AMX_MIN_ROWS: usize = 4;
+
+/// The fewest weight elements (`out x in`, 2 MiB of f32) whose mask rows go through AMX
+/// tiles. Called alone, the tiles were faster for every shape measured but the smallest
+/// (`examples/int8_tiles.rs` on a Sapphire Rapids-class Xeon, two threads: the demo's
+/// 1408 x 256 gate/up, 25 rows from 5, 35 us a call against 46 with `vpdpbusd`;
+/// SmolLM2-135M's 1728 x 576, 136 against 154; the proxy's 344 x 64, 8.1 against 7.3), but
+/// the demo's steps with every weight in tiles measured slower in `mtp bench` (2-mask step
+/// 1.54-1.57 AR steps against 1.46-1.47, twice in turns), so only weights that large
+/// (SmolLM2-135M's q/k/v, gate/up and down; none of the demo's): its 4-mask step 2.05-2.06
+/// -> 1.80-1.85 AR steps (docs/BENCHMARKS.md, forty-third session).
+const AMX_MIN_WEIGHT: usize = 1 << 19;
 
 /// The fewest multiply-adds (rows x weight elements) for which a product shares its columns
 /// between threads (as [`few_rows`] does for its own).
@@ -199,6 +220,7 @@ fn multiply(panels: &Int8Panels, tail: &[f32], exact: [Ptr; 3], y: Ptr, start: u
         xq: &xq,
         sx: &sx,
         lanes16: few_rows::sixteen_lanes(),
+        amx: amx_asked() && amx_available(),
     };
     job.run(start + tail.len() / inp);
 }
@@ -227,6 +249,9 @@ struct Job<'a> {
     /// The f32 rows' form ([`few_rows::sixteen_lanes`]), fixed when the job is made so
     /// that every part, on whatever thread, computes them as AR does.
     lanes16: bool,
+    /// Whether the mask rows go through AMX tiles ([`amx_asked`] on the calling thread
+    /// and the tiles run), fixed when the job is made.
+    amx: bool,
 }
 
 // SAFETY: as `Ptr`'s.
@@ -267,6 +292,13 @@ impl Job<'_> {
             };
         }
         #[cfg(target_arch = "x86_64")]
+        if self.amx && tail >= AMX_MIN_ROWS && self.out * self.inp >= AMX_MIN_WEIGHT {
+            // SAFETY: `amx` holds only where the tiles run (the process may use them); the
+            // quantized rows are padded to whole tiles; columns o0..o1 lie within `out`.
+            unsafe { amx::tail(self, o0, o1, tail) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
         {
             let mut r = 0;
             while r < tail {
@@ -299,11 +331,13 @@ impl Job<'_> {
 }
 
 /// Rows of `inp` values each, quantized per row to unsigned bytes (`round(x / scale) + 128`,
-/// each row padded with 128, the zero, to whole groups of four), and their scales.
+/// each row padded with 128, the zero, to whole groups of four, and rows of 128 added to
+/// whole [`AMX_ROWS`]), and their scales.
 fn quantize_rows(x: &[f32], inp: usize, xq: &mut Vec<u8>, sx: &mut Vec<f32>) {
     let stride = inp.div_ceil(GROUP) * GROUP;
     xq.clear();
-    xq.resize(x.len() / inp * stride, 128);
+    // Whole tiles of rows: an AMX tile loads sixteen (the padding's outputs are not kept).
+    xq.resize((x.len() / inp).div_ceil(AMX_ROWS) * AMX_ROWS * stride, 128);
     sx.clear();
     for (row, dst) in x.chunks_exact(inp).zip(xq.chunks_exact_mut(stride)) {
         let (s, inv) = scale_of(row);
@@ -373,29 +407,274 @@ mod avx512 {
                 }
             }
         }
-        let mask: __mmask16 = if lanes == WIDTH { 0xffff } else { ((1u32 << lanes) - 1) as __mmask16 };
-        // SAFETY: the panels' scales and shifts are padded to whole panels; the bias has
-        // `out` values, of which the mask's lanes from o.
-        let (sw, shift, bias) = unsafe {
-            (
-                _mm512_loadu_ps(p.scale.as_ptr().add(o)),
-                _mm512_loadu_si512(p.shift.as_ptr().add(o) as *const __m512i),
-                (!job.bias.0.is_null()).then(|| _mm512_maskz_loadu_ps(mask, job.bias.0.add(o))),
-            )
-        };
-        for (j, a) in acc.iter().enumerate() {
-            let row = r + j;
+        // SAFETY: outputs o..o + lanes of the job, its tail rows r..r + NR.
+        unsafe {
+            let outputs = Outputs::at(job, o, lanes);
+            for (j, a) in acc.iter().enumerate() {
+                outputs.store(job, r + j, *a);
+            }
+        }
+    }
+
+    /// What turns a tail row's sixteen sums at outputs `o..o + lanes` into its outputs:
+    /// the panels' scales and shifts there, and the bias.
+    pub(super) struct Outputs {
+        mask: __mmask16,
+        o: usize,
+        sw: __m512,
+        shift: __m512i,
+        bias: Option<__m512>,
+    }
+
+    impl Outputs {
+        /// # Safety
+        /// AVX-512F is available; `o` is a multiple of 16 within the job's `out`, `lanes`
+        /// at most 16 and at most `out - o`.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn at(job: &Job, o: usize, lanes: usize) -> Outputs {
+            let p = job.panels;
+            let mask: __mmask16 = if lanes == WIDTH { 0xffff } else { ((1u32 << lanes) - 1) as __mmask16 };
+            // SAFETY: the panels' scales and shifts are padded to whole panels; the bias has
+            // `out` values, of which the mask's lanes from o.
+            unsafe {
+                Outputs {
+                    mask,
+                    o,
+                    sw: _mm512_loadu_ps(p.scale.as_ptr().add(o)),
+                    shift: _mm512_loadu_si512(p.shift.as_ptr().add(o) as *const __m512i),
+                    bias: (!job.bias.0.is_null()).then(|| _mm512_maskz_loadu_ps(mask, job.bias.0.add(o))),
+                }
+            }
+        }
+
+        /// Tail row `row`'s sums `acc`, less the shift, times the two scales, plus the bias,
+        /// into its outputs.
+        ///
+        /// # Safety
+        /// As [`Outputs::at`]; `row` is one of the job's tail rows.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn store(&self, job: &Job, row: usize, acc: __m512i) {
             let mut v = _mm512_mul_ps(
-                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(*a, shift)), sw),
+                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, self.shift)), self.sw),
                 _mm512_set1_ps(job.sx[row]),
             );
-            if let Some(b) = bias {
+            if let Some(b) = self.bias {
                 v = _mm512_add_ps(v, b);
             }
             // SAFETY: row start + row of `y`, the mask's lanes from o within `out`.
-            unsafe { _mm512_mask_storeu_ps(job.y.0.add((job.start + row) * job.out + o), mask, v) };
+            unsafe { _mm512_mask_storeu_ps(job.y.0.add((job.start + row) * job.out + self.o), self.mask, v) };
         }
     }
+}
+
+thread_local! {
+    /// Whether this thread's int8 products may use AMX tiles (where they run).
+    static AMX: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Let this thread's int8 products put their mask rows through AMX tiles where the CPU and
+/// the OS run them (`true`, the default) or always through `vpdpbusd` (the tests and
+/// `step_profile` compare the two: the same sums, so the same outputs bit for bit).
+pub fn use_amx(on: bool) {
+    AMX.with(|c| c.set(on));
+}
+
+fn amx_asked() -> bool {
+    AMX.with(std::cell::Cell::get)
+}
+
+/// Whether the mask rows can go through AMX tiles here ([`amx::available`]).
+pub fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Intel's AMX tiles for the mask rows (Sapphire Rapids and later): one `tdpbusd` adds
+/// the products of a tile of sixteen rows by 64 bytes and one of sixteen groups of four
+/// bytes by sixteen outputs, 16,384 multiply-adds, where a `vpdpbusd` adds 64. The panels'
+/// layout ([`Int8Panels`]: a panel's groups of four inputs by sixteen outputs, 64 bytes a
+/// group) is the layout the second tile is loaded from, sixteen groups at a time; the
+/// quantized rows the first, 64 bytes of sixteen rows at a time. The sums are integers, so
+/// they are `vpdpbusd`'s exactly, and the same code turns them into outputs.
+///
+/// Rust's AMX intrinsics and target features are unstable: the instructions are written as
+/// inline assembly (which the assembler takes without a target feature), and only run where
+/// [`available`] found them and asked Linux for the tile state.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    use super::avx512::Outputs;
+    use super::{AMX_ROWS, GROUP, Job, WIDTH};
+
+    /// Panels a pass accumulates at once: tiles 0-3 (tile 4 and 5 hold the rows' bytes, a
+    /// whole block of sixteen groups and the last, shorter one; 6 and 7 a panel's).
+    const PANELS: usize = 4;
+
+    /// Whether the CPU has AMX (tiles and int8) and AVX-512 for the outputs, and Linux gave
+    /// this process the tiles' state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`, asked
+    /// once; without it the first tile instruction would kill the process).
+    /// `MTP_CPU_AMX=off` leaves the tiles out (to compare).
+    pub(super) fn available() -> bool {
+        static AVAILABLE: OnceLock<bool> = OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            let off = std::env::var("MTP_CPU_AMX").is_ok_and(|v| v.eq_ignore_ascii_case("off"));
+            if off || !super::available() {
+                return false;
+            }
+            // CPUID leaf 7 exists on every CPU with AVX-512 (checked above).
+            let leaf7 = __cpuid_count(7, 0);
+            let (tile, int8) = (leaf7.edx & (1 << 24) != 0, leaf7.edx & (1 << 25) != 0);
+            tile && int8 && request_tile_state()
+        })
+    }
+
+    #[cfg(target_os = "linux")]
+    fn request_tile_state() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a system call with integer arguments; it changes only which register state
+        // the kernel saves for this process.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn request_tile_state() -> bool {
+        false
+    }
+
+    /// `ldtilecfg`'s 64 bytes: palette 1, then each tile's bytes a row and rows.
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// Bytes between a panel's groups of four inputs as a tile loads them (sixteen outputs).
+    const PANEL_ROW: isize = (WIDTH * GROUP) as isize;
+
+    /// Bytes between the rows of [`Sums`]' tiles (sixteen sums).
+    const SUMS_ROW: isize = (WIDTH * 4) as isize;
+
+    /// `tileloadd` of tile `tile` (named in the instruction) from rows `stride` bytes apart
+    /// from `ptr`.
+    macro_rules! load {
+        ($tile:literal, $ptr:expr, $stride:expr) => {
+            asm!(
+                concat!("tileloadd ", $tile, ", [{0} + {1}*1]"),
+                in(reg) $ptr,
+                in(reg) $stride,
+                options(nostack, readonly),
+            )
+        };
+    }
+
+    /// `tdpbusd` into tile `acc` (0-3) from tiles `a` and `b`, named in the instruction.
+    macro_rules! dpbusd {
+        ($acc:expr, $a:literal, $b:literal) => {
+            match $acc {
+                0 => asm!(concat!("tdpbusd tmm0, ", $a, ", ", $b), options(nostack)),
+                1 => asm!(concat!("tdpbusd tmm1, ", $a, ", ", $b), options(nostack)),
+                2 => asm!(concat!("tdpbusd tmm2, ", $a, ", ", $b), options(nostack)),
+                _ => asm!(concat!("tdpbusd tmm3, ", $a, ", ", $b), options(nostack)),
+            }
+        };
+    }
+
+    /// The job's tail rows at outputs `o0..o1` (`o0` a multiple of 16; `o1` one too, or
+    /// `out`): for each block of sixteen rows and four panels, the sums of every group in
+    /// tiles 0-3, stored, then each row's outputs as [`super::avx512::tile`] makes them.
+    ///
+    /// # Safety
+    /// [`available`] is true; the job's quantized rows are padded to whole [`AMX_ROWS`]
+    /// (`quantize_rows`); its pointers are valid for its sizes.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tail(job: &Job, o0: usize, o1: usize, tail: usize) {
+        let p = job.panels;
+        let groups = p.inp.div_ceil(GROUP);
+        let stride = groups * GROUP;
+        let (blocks, rest) = (groups / AMX_ROWS, groups % AMX_ROWS);
+        let panel_bytes = groups * WIDTH * GROUP;
+        let mut config = Config { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
+        for t in [0, 1, 2, 3, 4, 6] {
+            config.rows[t] = AMX_ROWS as u8;
+            config.colsb[t] = (WIDTH * GROUP) as u16;
+        }
+        if rest > 0 {
+            (config.rows[5], config.colsb[5]) = (AMX_ROWS as u8, (rest * GROUP) as u16);
+            (config.rows[7], config.colsb[7]) = (rest as u8, (WIDTH * GROUP) as u16);
+        }
+        let mut sums = Sums([[0; WIDTH * AMX_ROWS]; PANELS]);
+        let row_bytes = stride as isize;
+        // SAFETY (the block): tile loads read sixteen rows of the padded quantized rows
+        // (`stride` bytes apart, within the row) and up to sixteen groups of a panel within
+        // its `panel_bytes`; stores write `sums`; the tiles are released before returning.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly));
+            for r in (0..tail).step_by(AMX_ROWS) {
+                let rows = job.xq.as_ptr().add(r * stride);
+                let mut o = o0;
+                while o < o1 {
+                    let panels = (o1 - o).div_ceil(WIDTH).min(PANELS);
+                    let first = p.data.as_ptr().add(o / WIDTH * panel_bytes);
+                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                    for block in 0..blocks {
+                        let x = rows.add(block * AMX_ROWS * GROUP);
+                        load!("tmm4", x, row_bytes);
+                        for j in 0..panels {
+                            load!("tmm6", first.add(j * panel_bytes + block * AMX_ROWS * WIDTH * GROUP), PANEL_ROW);
+                            dpbusd!(j, "tmm4", "tmm6");
+                        }
+                    }
+                    if rest > 0 {
+                        let x = rows.add(blocks * AMX_ROWS * GROUP);
+                        load!("tmm5", x, row_bytes);
+                        for j in 0..panels {
+                            load!("tmm7", first.add(j * panel_bytes + blocks * AMX_ROWS * WIDTH * GROUP), PANEL_ROW);
+                            dpbusd!(j, "tmm5", "tmm7");
+                        }
+                    }
+                    let s = sums.0.as_mut_ptr();
+                    asm!(
+                        "tilestored [{0} + {4}*1], tmm0",
+                        "tilestored [{1} + {4}*1], tmm1",
+                        "tilestored [{2} + {4}*1], tmm2",
+                        "tilestored [{3} + {4}*1], tmm3",
+                        in(reg) s, in(reg) s.add(1), in(reg) s.add(2), in(reg) s.add(3), in(reg) SUMS_ROW,
+                        options(nostack),
+                    );
+                    for (j, panel) in sums.0.iter().enumerate().take(panels) {
+                        let oj = o + j * WIDTH;
+                        let outputs = Outputs::at(job, oj, (o1 - oj).min(WIDTH));
+                        for (i, row) in (r..tail.min(r + AMX_ROWS)).enumerate() {
+                            outputs.store(
+                                job,
+                                row,
+                                _mm512_loadu_si512(panel.as_ptr().add(i * WIDTH) as *const __m512i),
+                            );
+                        }
+                    }
+                    o += PANELS * WIDTH;
+                }
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+
+    /// Tiles 0-3 stored: sixteen rows of sixteen sums each.
+    #[repr(C, align(64))]
+    struct Sums([[i32; WIDTH * AMX_ROWS]; PANELS]);
 }
 
 #[cfg(test)]
@@ -433,6 +712,46 @@ mod tests {
                 let err = relative(&y.narrow(0, start, rows - start), &want);
                 assert!(err < 2e-2, "{out}x{inp}: tail rows {err:.2e} from f32");
                 assert!(err > 0.0, "{out}x{inp}: tail rows not quantized");
+            }
+        }
+    }
+
+    /// Mask rows through AMX tiles are the `vpdpbusd` tiles' outputs bit for bit (integer
+    /// sums, the same conversion): weights whose inputs end inside a block of sixteen
+    /// groups or a group of four, outputs inside a panel or a pass of four panels, 4 to 32 mask
+    /// rows (whole tiles and padded ones), after next-token rows or alone, one thread or
+    /// two. Where the tiles do not run, both sides take `vpdpbusd` and the check says
+    /// nothing about AMX ([`amx_available`]; the Sapphire Rapids machines do run it).
+    #[test]
+    fn amx_tiles_equal_vnni_tiles() {
+        if !available() {
+            return;
+        }
+        let o = (Kind::Float, Device::Cpu);
+        let _g = tch::no_grad_guard();
+        for (out, inp, rows, start) in [
+            (3000, 180, 25, 5),
+            (1100, 500, 9, 1),
+            (1408, 384, 20, 0),
+            (530, 1001, 6, 2),
+            (2050, 256, 32, 0),
+            (2100, 260, 4, 0),
+            (576, 1536, 21, 1),
+        ] {
+            assert!(out * inp >= AMX_MIN_WEIGHT as i64, "{out}x{inp} is below the tiles' threshold");
+            let w = Tensor::randn([out, inp], o) * 0.05;
+            let bias = Tensor::randn([out], o);
+            let x = Tensor::randn([rows, inp], o);
+            let panels = Int8Panels::of(&w).expect("panels");
+            for threads in [1, 2] {
+                let run = |amx: bool| {
+                    use_amx(amx);
+                    let y = few_rows::tests::in_team(threads, || product_tail(&x, &w, Some(&bias), &panels, start));
+                    use_amx(true);
+                    y.expect("a product")
+                };
+                let (tiles, vnni) = (run(true), run(false));
+                assert!(tiles.equal(&vnni), "{out}x{inp}, {rows} rows from {start}, {threads} threads");
             }
         }
     }

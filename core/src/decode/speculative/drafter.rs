@@ -95,8 +95,9 @@ pub enum DraftArithmetic {
     /// when the drafter is prepared, a quarter of its f32 bytes held once more; the rows
     /// quantized per row as they come; sums in int32, the adapter's term in f32), four
     /// times the multiply-adds a core does in f32; the draft chain's head and its sampler's
-    /// products too (on host vectors, [`Drafter::greedy_on_host`]). Elsewhere the same as
-    /// `Bf16`.
+    /// products too (on host vectors, [`Drafter::greedy_on_host`]). With AMX (Sapphire
+    /// Rapids and later) a step's mask rows of large weights go through its tiles, the same
+    /// sums. Elsewhere the same as `Bf16`.
     Int8,
 }
 
