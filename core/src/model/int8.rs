@@ -55,8 +55,8 @@ const AMX_MIN_ROWS: usize = 4;
 /// SmolLM2-135M's 1728 x 576, 136 against 154; the proxy's 344 x 64, 8.1 against 7.3), but
 /// the demo's steps with every weight in tiles measured slower in `mtp bench` (2-mask step
 /// 1.54-1.57 AR steps against 1.46-1.47, twice in turns), so only weights that large
-/// (SmolLM2-135M's q/k/v, gate/up and down; none of the demo's): its 4-mask step 2.05-2.06
-/// -> 1.80-1.85 AR steps (docs/BENCHMARKS.md, forty-third session).
+/// (SmolLM2-135M's q/k/v, gate/up and down; none of the demo's): its 4-mask step 2.04-2.06
+/// -> 1.74-1.85 AR steps (docs/BENCHMARKS.md, forty-third session).
 const AMX_MIN_WEIGHT: usize = 1 << 19;
 
 /// The fewest multiply-adds (rows x weight elements) for which a product shares its columns
@@ -606,23 +606,29 @@ mod amx {
         let stride = groups * GROUP;
         let (blocks, rest) = (groups / AMX_ROWS, groups % AMX_ROWS);
         let panel_bytes = groups * WIDTH * GROUP;
-        let mut config = Config { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
-        for t in [0, 1, 2, 3, 4, 6] {
-            config.rows[t] = AMX_ROWS as u8;
-            config.colsb[t] = (WIDTH * GROUP) as u16;
-        }
-        if rest > 0 {
-            (config.rows[5], config.colsb[5]) = (AMX_ROWS as u8, (rest * GROUP) as u16);
-            (config.rows[7], config.colsb[7]) = (rest as u8, (WIDTH * GROUP) as u16);
-        }
+        // Tiles 0-3 (sums) and 4-5 (rows) hold as many rows as the block has (a tile's cost
+        // follows its rows: a 4-mask step's 20 mask rows are a block of 16 and one of 4).
+        let config = |block_rows: usize| {
+            let mut config = Config { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
+            for t in [0, 1, 2, 3, 4, 6] {
+                config.rows[t] = if t == 6 { AMX_ROWS } else { block_rows } as u8;
+                config.colsb[t] = (WIDTH * GROUP) as u16;
+            }
+            if rest > 0 {
+                (config.rows[5], config.colsb[5]) = (block_rows as u8, (rest * GROUP) as u16);
+                (config.rows[7], config.colsb[7]) = (rest as u8, (WIDTH * GROUP) as u16);
+            }
+            config
+        };
         let mut sums = Sums([[0; WIDTH * AMX_ROWS]; PANELS]);
         let row_bytes = stride as isize;
-        // SAFETY (the block): tile loads read sixteen rows of the padded quantized rows
+        // SAFETY (the block): tile loads read up to sixteen rows of the quantized rows
         // (`stride` bytes apart, within the row) and up to sixteen groups of a panel within
         // its `panel_bytes`; stores write `sums`; the tiles are released before returning.
         unsafe {
-            asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly));
             for r in (0..tail).step_by(AMX_ROWS) {
+                let block_rows = (tail - r).min(AMX_ROWS);
+                asm!("ldtilecfg [{}]", in(reg) &config(block_rows), options(nostack, readonly));
                 let rows = job.xq.as_ptr().add(r * stride);
                 let mut o = o0;
                 while o < o1 {
@@ -657,7 +663,7 @@ mod amx {
                     for (j, panel) in sums.0.iter().enumerate().take(panels) {
                         let oj = o + j * WIDTH;
                         let outputs = Outputs::at(job, oj, (o1 - oj).min(WIDTH));
-                        for (i, row) in (r..tail.min(r + AMX_ROWS)).enumerate() {
+                        for (i, row) in (r..r + block_rows).enumerate() {
                             outputs.store(
                                 job,
                                 row,
