@@ -1,9 +1,9 @@
 //! The int8 product of a decoding step's mask rows (`model::int8::product_tail`) with its
 //! mask rows through AMX tiles against `vpdpbusd`, in turns in one process: the proxy's,
-//! the demo's and SmolLM2-135M's layer shapes, a 4-mask quadratic step's 25 rows (5 next-token rows
-//! in f32) and the mask rows alone (20, 16, 5), one thread and two; the fastest of 50
-//! rounds of 100 calls, microseconds a call. Where the tiles do not run, both columns are
-//! `vpdpbusd`'s.
+//! the demo's and SmolLM2-135M's layer shapes, a 4-mask quadratic step's 25 rows (5
+//! next-token rows in f32) and the mask rows alone (20, 16, 5), one thread and two; the
+//! fastest of 50 rounds of 100 calls, microseconds a call. Where the tiles do not run, both
+//! columns are `vpdpbusd`'s.
 //! `cargo run --release -p mtp-core --example int8_tiles`
 use std::time::Instant;
 

@@ -1,7 +1,8 @@
 //! Where the time of one speculative step goes, against one AR step (default: the demo),
 //! for each form of the adapter's term and arithmetic of its mask rows (the draft chain
-//! with its head in int8 too; with and without AMX tiles where they run). The parts are timed in turns, round after round, and the
-//! median of each counts (the machine is shared and noisy); last, the whole int8 step
+//! with its head in int8 too; with and without AMX tiles where they run). The parts are
+//! timed in turns, round after round, and the median of each counts (the machine is shared
+//! and noisy); last, the whole int8 step
 //! (forward, verification, chain) as the decoding loop runs it, its parts sharing the
 //! caches, against the sum of its parts each run alone, and with its chain's head in f32.
 //! `cargo run --release -p mtp-core --example step_profile [MASKS] [MODEL_DIR ADAPTER]`

@@ -41,7 +41,7 @@ const GROUP: usize = 4;
 /// Mask rows a tile holds: eight accumulators, the panel's vector and the broadcast rows.
 const TILE_ROWS: usize = 8;
 
-/// Mask rows an AMX tile holds; the quantized rows are padded to whole tiles.
+/// Mask rows an AMX tile holds at most.
 const AMX_ROWS: usize = 16;
 
 /// The fewest mask rows multiplied in AMX tiles where they run ([`amx::available`]); fewer
@@ -293,8 +293,8 @@ impl Job<'_> {
         }
         #[cfg(target_arch = "x86_64")]
         if self.amx && tail >= AMX_MIN_ROWS && self.out * self.inp >= AMX_MIN_WEIGHT {
-            // SAFETY: `amx` holds only where the tiles run (the process may use them); the
-            // quantized rows are padded to whole tiles; columns o0..o1 lie within `out`.
+            // SAFETY: `amx` holds only where the tiles run (the process may use them);
+            // columns o0..o1 lie within `out`.
             unsafe { amx::tail(self, o0, o1, tail) };
             return;
         }
@@ -331,13 +331,11 @@ impl Job<'_> {
 }
 
 /// Rows of `inp` values each, quantized per row to unsigned bytes (`round(x / scale) + 128`,
-/// each row padded with 128, the zero, to whole groups of four, and rows of 128 added to
-/// whole [`AMX_ROWS`]), and their scales.
+/// each row padded with 128, the zero, to whole groups of four), and their scales.
 fn quantize_rows(x: &[f32], inp: usize, xq: &mut Vec<u8>, sx: &mut Vec<f32>) {
     let stride = inp.div_ceil(GROUP) * GROUP;
     xq.clear();
-    // Whole tiles of rows: an AMX tile loads sixteen (the padding's outputs are not kept).
-    xq.resize((x.len() / inp).div_ceil(AMX_ROWS) * AMX_ROWS * stride, 128);
+    xq.resize(x.len() / inp * stride, 128);
     sx.clear();
     for (row, dst) in x.chunks_exact(inp).zip(xq.chunks_exact_mut(stride)) {
         let (s, inv) = scale_of(row);
@@ -597,8 +595,7 @@ mod amx {
     /// tiles 0-3, stored, then each row's outputs as [`super::avx512::tile`] makes them.
     ///
     /// # Safety
-    /// [`available`] is true; the job's quantized rows are padded to whole [`AMX_ROWS`]
-    /// (`quantize_rows`); its pointers are valid for its sizes.
+    /// [`available`] is true; the job's pointers are valid for its sizes.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tail(job: &Job, o0: usize, o1: usize, tail: usize) {
         let p = job.panels;
@@ -610,10 +607,10 @@ mod amx {
         // follows its rows: a 4-mask step's 20 mask rows are a block of 16 and one of 4).
         let config = |block_rows: usize| {
             let mut config = Config { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
-            for t in [0, 1, 2, 3, 4, 6] {
-                config.rows[t] = if t == 6 { AMX_ROWS } else { block_rows } as u8;
-                config.colsb[t] = (WIDTH * GROUP) as u16;
+            for t in [0, 1, 2, 3, 4] {
+                (config.rows[t], config.colsb[t]) = (block_rows as u8, (WIDTH * GROUP) as u16);
             }
+            (config.rows[6], config.colsb[6]) = (AMX_ROWS as u8, (WIDTH * GROUP) as u16);
             if rest > 0 {
                 (config.rows[5], config.colsb[5]) = (block_rows as u8, (rest * GROUP) as u16);
                 (config.rows[7], config.colsb[7]) = (rest as u8, (WIDTH * GROUP) as u16);
@@ -622,7 +619,7 @@ mod amx {
         };
         let mut sums = Sums([[0; WIDTH * AMX_ROWS]; PANELS]);
         let row_bytes = stride as isize;
-        // SAFETY (the block): tile loads read up to sixteen rows of the quantized rows
+        // SAFETY (the block): tile loads read the block's rows of the quantized rows
         // (`stride` bytes apart, within the row) and up to sixteen groups of a panel within
         // its `panel_bytes`; stores write `sums`; the tiles are released before returning.
         unsafe {
@@ -725,7 +722,7 @@ mod tests {
     /// Mask rows through AMX tiles are the `vpdpbusd` tiles' outputs bit for bit (integer
     /// sums, the same conversion): weights whose inputs end inside a block of sixteen
     /// groups or a group of four, outputs inside a panel or a pass of four panels, 4 to 32 mask
-    /// rows (whole tiles and padded ones), after next-token rows or alone, one thread or
+    /// rows (whole tiles and shorter blocks), after next-token rows or alone, one thread or
     /// two. Where the tiles do not run, both sides take `vpdpbusd` and the check says
     /// nothing about AMX ([`amx_available`]; the Sapphire Rapids machines do run it).
     #[test]
