@@ -8,6 +8,7 @@
 //! `cargo run --release -p mtp-core --example step_profile [MASKS] [MODEL_DIR ADAPTER]`
 //! With `STEP_PROFILE_ONLY=ar`, `=base` (the step without its adapter), `=bf16` (the step
 //! with its mask rows in bf16), `=int8` (the low-rank step with its mask rows in int8),
+//! `=merged-int8` (the merged step with its mask rows in int8, what `auto` runs on a small model),
 //! `=merged` (its adapter's weights merged) or `=step`: only
 //! that part, 2,000 times in a loop (`STEP_PROFILE_CALLS=N`: N times, for a model whose step
 //! takes tens of milliseconds), for `perf record`. `STEP_PROFILE_STAT=min`: the
@@ -144,6 +145,7 @@ fn main() -> anyhow::Result<()> {
                 "bf16" => drop(step(&low_rank_bf16, &plan_bf, c3, true)),
                 "int8" => drop(step(&low_rank_int8, &plan_li, c3, true)),
                 "merged" => drop(step(&merged, &plan_mg, c3, true)),
+                "merged-int8" => drop(step(&merged_int8, &plan_mi, c3, true)),
                 _ => drop(step(&low_rank, &plan_lr, c3, true)),
             }
         }
