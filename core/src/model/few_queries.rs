@@ -53,9 +53,12 @@ use tch::{Device, Kind, Tensor};
 /// re-read the values too often.
 pub const MAX_ROWS: i64 = 1024;
 
-/// Calls of fewer multiply-adds than this (batch x heads x rows x keys x head width) run on
-/// the calling thread alone: waking the second thread costs a few microseconds.
-const SPLIT_MIN_WORK: i64 = 1 << 16;
+/// How many f32 multiply-adds of the few-row kernel one unit of a call's work (batch x
+/// heads x rows x keys x head width: a score's and a weighted value's multiply-add, a share
+/// of the softmax) counts as when [`super::few_rows::worth_sharing`] weighs the call: the
+/// proxy's 25 rows over 125 keys (200k units) took 20 us on one thread (forty-sixth
+/// session, `layer_ops`), where the products run 32 multiply-adds a nanosecond.
+const UNIT_AS_F32_MACS: f64 = 3.2;
 
 /// Query rows a pass takes together (eight lanes).
 const ROWS: usize = 4;
@@ -210,9 +213,13 @@ pub(crate) fn attend_views(
         out: out.data_ptr() as *mut f32,
         lanes16: super::few_rows::sixteen_lanes(),
     };
-    let work = (b * h * t * s * hd) as i64;
+    // The keys and values read, and the arithmetic.
+    let work = super::few_rows::Work {
+        bytes: b * kv * s * hd * 2 * std::mem::size_of::<f32>(),
+        f32_macs: (b * h * t * s * hd) as f64 * UNIT_AS_F32_MACS,
+    };
     #[cfg(target_arch = "x86_64")]
-    super::few_rows::in_parts(work >= SPLIT_MIN_WORK, &|i, n| {
+    super::few_rows::in_parts(super::few_rows::worth_sharing(work), &|i, n| {
         // SAFETY: `runs()` checked AVX2 and FMA; every pointer in `call` reads data of the
         // sizes and strides it states (the caller's views; `mask` and `out` contiguous),
         // kept alive until `in_parts` returns; the parts write disjoint rows of `out`.

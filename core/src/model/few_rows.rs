@@ -34,12 +34,59 @@ use tch::{Device, Kind, Tensor};
 /// few hundred rows this kernel still beats MKL's, see `linear::chunked_max_rows`).
 pub const MAX_ROWS: i64 = 32;
 
-/// Products of fewer multiply-adds than this (rows x weight elements) run on the calling
-/// thread alone: sharing a product with the OpenMP team costs a few microseconds. A weight
-/// of 64K elements at one row; at a step's 25 rows, one of 2,600 (a width-64 model's
-/// projections, whose 25-row products on one thread took 45 us a layer against 11 at one
-/// row).
-const SPLIT_MIN_WORK: usize = 1 << 16;
+/// What a call is estimated to cost on one thread, for [`worth_sharing`]: the bytes it
+/// reads from beyond the core's own caches (its weight) and its arithmetic, counted in f32
+/// multiply-adds of this kernel (an int8 or bf16 kernel's counted at its own rate, see the
+/// callers).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct Work {
+    pub bytes: usize,
+    pub f32_macs: f64,
+}
+
+/// Bytes a core reads a nanosecond, and this kernel's f32 multiply-adds a nanosecond at a
+/// few rows: on the AMX Xeon of docs/BENCHMARKS.md (forty-sixth session, `layer_ops`, one
+/// thread), the demo's one-row gate/up product (1.4 MB of weight) took 45 us, the proxy's
+/// 9- and 25-row gate/up (198k and 550k multiply-adds) 8.7 and 22 us.
+const BYTES_PER_NS: f64 = 32.0;
+const F32_MACS_PER_NS: f64 = 32.0;
+
+/// Calls estimated to take less than this on one thread run on the calling thread alone:
+/// handing half of a call to the second thread of the OpenMP team costs about 3.5 us there
+/// and more in the caches (the proxy's 9-row gate/up product, 8.7 us alone, took 7.7
+/// shared, but the layer around it 45 us against 39 with nothing shared). The rule until
+/// the forty-sixth session counted multiply-adds alone (65,536, whatever their kind), so
+/// that a step's 9- and 25-row calls of a thin model were shared where AR's were not. On
+/// the AMX Xeon (`mtp bench`, the proxy's untrained adapter, three rounds in turns), the
+/// proxy's steps cost 1.55-1.58 / 2.37-2.49 AR steps at 2 / 4 masks with that rule,
+/// 1.42-1.46 / 2.27-2.32 from 10 us, 1.34-1.48 / 1.98-2.20 from 20, 1.45-1.47 / 2.14-2.18
+/// from 40, and 1.44-1.50 / 2.13-2.24 on one thread; the demo's were the same with each,
+/// its AR's one-row products shared (docs/BENCHMARKS.md, forty-sixth session).
+/// `MTP_SHARE_MIN_US` sets another value (microseconds; 0: share whatever the size).
+const SHARE_MIN_NS: f64 = 20_000.0;
+
+/// [`SHARE_MIN_NS`], or `MTP_SHARE_MIN_US` where set (read once).
+fn share_min_ns() -> f64 {
+    static MIN: OnceLock<f64> = OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("MTP_SHARE_MIN_US")
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|us| us.is_finite() && *us >= 0.0)
+            .map_or(SHARE_MIN_NS, |us| us * 1000.0)
+    })
+}
+
+/// Whether a call of `work` is worth sharing between threads ([`in_parts`]): its estimated
+/// time on one thread is at least [`SHARE_MIN_NS`]. Which thread computes a row or column
+/// never changes its value, so this decides speed only.
+pub(super) fn worth_sharing(work: Work) -> bool {
+    #[cfg(test)]
+    if tests::SHARE_ALL.with(std::cell::Cell::get) {
+        return true;
+    }
+    work.bytes as f64 / BYTES_PER_NS + work.f32_macs / F32_MACS_PER_NS >= share_min_ns()
+}
 
 /// Weight rows a bf16 block multiplies at once: one output a lane of a 512-bit vector.
 const BF16_BLOCK: usize = 16;
@@ -436,6 +483,19 @@ struct Term {
 }
 
 impl Job {
+    /// What the job costs one thread ([`worth_sharing`]): its weights read (a tail
+    /// weight's too), the f32 rows' multiply-adds, bf16 rows' at half (a bf16 pair
+    /// instruction does twice an f32 one's), and a low-rank term's.
+    fn work(&self) -> Work {
+        let elements = self.out * self.inp;
+        let bytes = elements * if self.w16 { 2 } else { 4 } * if self.tail_weight.is_some() { 2 } else { 1 };
+        let bf16_rows = self.bf16.map_or(0, |b| self.rows.saturating_sub(b.from));
+        let term =
+            self.low_rank.map_or(0, |lr| (self.rows - lr.start.min(self.rows)) * (lr.m * self.inp + lr.r * self.out));
+        let f32_macs = ((self.rows - bf16_rows) * elements + term) as f64 + (bf16_rows * elements) as f64 / 2.0;
+        Work { bytes, f32_macs }
+    }
+
     /// `y = x W^T + b` of f32 operands (`bias` may be null) and nothing more.
     fn plain(
         x: *const f32,
@@ -708,9 +768,7 @@ fn dispatch(job: Job) {
     let job = Job { from_memory: super::huge_pages::read_from_memory(job.w as usize), ..job };
     let threads = tch::get_num_threads().max(1) as usize;
     match openmp() {
-        Some(omp) if threads > 1 && job.rows * job.out * job.inp >= SPLIT_MIN_WORK && job.out >= 8 => {
-            omp.run(&job, threads)
-        }
+        Some(omp) if threads > 1 && job.out >= 8 && worth_sharing(job.work()) => omp.run(&job, threads),
         _ => job.run_part(0, 1),
     }
 }
@@ -1829,14 +1887,39 @@ pub(super) mod tests {
 
     const O: (Kind, Device) = (Kind::Float, Device::Cpu);
 
+    thread_local! {
+        /// Every call of this thread shared with its team whatever its size ([`in_team`]).
+        pub(super) static SHARE_ALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
     /// `f` run with OpenMP teams of `team` threads, the setting then restored (it is this
-    /// thread's own: other tests keep theirs).
+    /// thread's own: other tests keep theirs). With more than one thread, every call is
+    /// shared with the team however small ([`worth_sharing`] says yes), so that a test's
+    /// small shapes compare a shared call with one on a single thread.
     pub(in crate::model) fn in_team<T>(team: i32, f: impl FnOnce() -> T) -> T {
         let threads = tch::get_num_threads();
         tch::set_num_threads(team);
+        let before = SHARE_ALL.with(|c| c.replace(team > 1));
         let result = f();
+        SHARE_ALL.with(|c| c.set(before));
         tch::set_num_threads(threads);
         result
+    }
+
+    /// Sharing decides speed only: the estimate grows with each part of a call's work, and
+    /// a width-64 model's 9-row products stay on one thread where SmolLM2-135M's one-row
+    /// products are shared.
+    #[test]
+    fn shares_calls_by_their_estimated_time() {
+        let f32_product =
+            |rows: usize, out: usize, inp: usize| Work { bytes: out * inp * 4, f32_macs: (rows * out * inp) as f64 };
+        let small = f32_product(9, 344, 64);
+        assert!(!worth_sharing(small), "the proxy's 9-row gate/up");
+        assert!(worth_sharing(f32_product(1, 3072, 576)), "SmolLM2-135M's one-row gate/up");
+        assert!(!worth_sharing(Work::default()));
+        let more_rows = Work { f32_macs: small.f32_macs * 100.0, ..small };
+        let more_bytes = Work { bytes: small.bytes * 100, ..small };
+        assert!(worth_sharing(more_rows) && worth_sharing(more_bytes));
     }
 
     /// The kernel's product equals libtorch's to f32 rounding: widths that are not

@@ -59,15 +59,11 @@ const AMX_MIN_ROWS: usize = 4;
 /// -> 1.74-1.85 AR steps (docs/BENCHMARKS.md, forty-third session).
 const AMX_MIN_WEIGHT: usize = 1 << 19;
 
-/// The fewest multiply-adds (rows x weight elements) for which a product shares its columns
-/// between threads (as [`few_rows`] does for its own).
-const SPLIT_MIN_WORK: usize = 1 << 16;
-
-/// The same for a product of int8 rows only (a draft chain's rows on host vectors): twice
-/// as many, since an int8 instruction does four times the multiply-adds of an f32 one (the
-/// demo chain's 256 x 256 products of one row took 3.3-3.5 us a call shared between two
-/// threads, most of it the sharing).
-const INT8_ONLY_SPLIT_MIN_WORK: usize = 1 << 17;
+/// How many int8 multiply-adds count as one f32 multiply-add of the few-row kernel when
+/// [`few_rows::worth_sharing`] weighs a product: an int8 instruction does four times the
+/// multiply-adds of an f32 one (the demo chain's 256 x 256 products of one row took 3.3-3.5
+/// us a call shared between two threads, most of it the sharing).
+const INT8_MACS_PER_F32: f64 = 4.0;
 
 /// Whether this CPU runs the int8 tiles: AVX-512F, BW and VNNI, with the few-row kernel.
 pub fn available() -> bool {
@@ -262,8 +258,13 @@ impl Job<'_> {
     /// when the product is big enough.
     fn run(&self, rows: usize) {
         let out = self.out;
-        let min = if self.start == 0 { INT8_ONLY_SPLIT_MIN_WORK } else { SPLIT_MIN_WORK };
-        few_rows::in_parts(rows * out * self.inp >= min && out > WIDTH, &|i, n| {
+        // The next-token rows read the f32 weight, the mask rows its int8 panels.
+        let elements = out * self.inp;
+        let work = few_rows::Work {
+            bytes: elements * if self.start > 0 { 5 } else { 1 },
+            f32_macs: (self.start * elements) as f64 + (rows - self.start) as f64 * elements as f64 / INT8_MACS_PER_F32,
+        };
+        few_rows::in_parts(out > WIDTH && few_rows::worth_sharing(work), &|i, n| {
             let edge = |i: usize| if i >= n { out } else { (out.div_ceil(WIDTH) * i / n) * WIDTH };
             let (o0, o1) = (edge(i).min(out), edge(i + 1).min(out));
             if o0 < o1 {

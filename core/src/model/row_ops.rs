@@ -94,7 +94,8 @@ pub fn swiglu(gate_up: &Tensor, i: i64) -> Option<Tensor> {
         // Rows shared out between the threads of libtorch's OpenMP team for a step's many
         // rows: each output is computed alone, so the same values whoever computes it.
         let y = SharedOut(out.as_mut_ptr());
-        super::few_rows::in_parts(rows * i >= SWIGLU_SPLIT_MIN, &|part, parts| {
+        let work = super::few_rows::Work { bytes: 0, f32_macs: (rows * i) as f64 * SWIGLU_OUTPUT_AS_F32_MACS };
+        super::few_rows::in_parts(super::few_rows::worth_sharing(work), &|part, parts| {
             let (r0, r1) = (rows * part / parts, rows * (part + 1) / parts);
             // SAFETY: the parts take disjoint rows r0..r1 of the output (`rows x i` values,
             // alive until `in_parts` returns) and read the same rows of `xs`.
@@ -117,12 +118,15 @@ pub fn silu_in_place(x: &mut [f32]) -> bool {
     true
 }
 
-/// The fewest outputs for which [`swiglu`] shares its rows between threads. On the Zen 4
-/// of docs/BENCHMARKS.md (one thread against a team of two in turns in one process,
-/// medians): the demo's 25 rows of 704 took 14-18 us against 10-13, 9 of them 5-7 against
-/// 4-6.5; SmolLM2-135M's 25 rows of 1,536 32-40 against 20-23; the proxy's 25 of 172 4-6
-/// against 4-4.5. An AR step's one row stays on the calling thread.
-const SWIGLU_SPLIT_MIN: usize = 4096;
+/// How many f32 multiply-adds of the few-row kernel one output of [`swiglu`] counts as
+/// when [`super::few_rows::worth_sharing`] decides whether to share its rows between
+/// threads: the proxy's 25 rows of 172 took 3.7 us on one thread (AMX Xeon, forty-sixth
+/// session), where the products run 32 multiply-adds a nanosecond. On the Zen 4 of
+/// docs/BENCHMARKS.md (one thread against a team of two in turns in one process, medians):
+/// the demo's 25 rows of 704 took 14-18 us against 10-13, 9 of them 5-7 against 4-6.5;
+/// SmolLM2-135M's 25 rows of 1,536 32-40 against 20-23; the proxy's 25 of 172 4-6 against
+/// 4-4.5. An AR step's one row stays on the calling thread.
+const SWIGLU_OUTPUT_AS_F32_MACS: f64 = 28.0;
 
 /// An output buffer the parts of a parallel loop write disjoint ranges of.
 #[derive(Clone, Copy)]
@@ -528,11 +532,8 @@ mod tests {
             assert!(ours.masked_select(&nonzero.logical_not()).abs().max().double_value(&[]) < 1e-30);
             let alone = swiglu(&gate_up.narrow(1, 9, 1).contiguous(), i).expect("taken");
             assert!(alone.equal(&ours.narrow(1, 9, 1)), "width {i}: a row alone differs");
-            let threads = tch::get_num_threads();
             for team in [1, 2] {
-                tch::set_num_threads(team);
-                let again = swiglu(&gate_up, i).expect("taken");
-                tch::set_num_threads(threads);
+                let again = super::super::few_rows::tests::in_team(team, || swiglu(&gate_up, i)).expect("taken");
                 assert!(again.equal(&ours), "width {i}: a team of {team} differs");
             }
         }
