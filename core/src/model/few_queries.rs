@@ -728,6 +728,27 @@ mod kernel {
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
     #[inline]
     unsafe fn masked16(call: &Call, e: usize, i: usize, b: usize, x: __m512) -> __m512 {
+        if !call.causal && (b + 1) * 16 <= call.s {
+            // A whole block of keys: the same values as the two halves give, in one go (a
+            // step's rows mask every block of the cache this way).
+            let (s, t) = (call.s, call.t);
+            let at = |per_batch: bool| (if per_batch { e * t * s } else { 0 }) + i * s + b * 16;
+            // SAFETY: the mask holds `t x s` values (or `b x t x s`), one byte a key for a
+            // boolean mask, four for an additive one; keys 16 b..16 b + 16 lie below `s`.
+            unsafe {
+                return match call.mask_kind {
+                    MaskKind::None => x,
+                    MaskKind::Additive { per_batch } => {
+                        _mm512_add_ps(x, _mm512_loadu_ps((call.mask as *const f32).add(at(per_batch))))
+                    }
+                    MaskKind::Allowed { per_batch } => {
+                        let bytes = _mm_loadu_si128(call.mask.add(at(per_batch)) as *const __m128i);
+                        let no = _mm512_cmpeq_epi32_mask(_mm512_cvtepu8_epi32(bytes), _mm512_setzero_si512());
+                        _mm512_mask_mov_ps(x, no, _mm512_set1_ps(f32::NEG_INFINITY))
+                    }
+                };
+            }
+        }
         let (lo, hi) = halves(x);
         // SAFETY: block 2b starts before `s`; block 2b + 1 is masked only where it does.
         unsafe {

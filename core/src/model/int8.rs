@@ -142,10 +142,20 @@ impl Int8Panels {
     }
 }
 
-/// A row's scale (its largest magnitude over 127; 1 for a row of zeros) and its inverse.
-fn scale_of(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+/// A row's scale (its largest magnitude over 127; 1 for a row of zeros) and its inverse,
+/// from its largest magnitude `max` (NaN values left out).
+fn scale_of(max: f32) -> (f32, f32) {
     if max > 0.0 && max.is_finite() { (max / 127.0, 127.0 / max) } else { (1.0, 1.0) }
+}
+
+/// The largest magnitude of `row`'s values, NaN values left out (0 for none).
+fn largest_magnitude(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: `available()` checked AVX-512F.
+        return unsafe { avx512::largest_magnitude(row) };
+    }
+    row.iter().fold(0f32, |m, v| m.max(v.abs()))
 }
 
 /// `x W^T + b` (`x`: `[rows, in]`, f32 on the CPU, at most [`MAX_ROWS`] rows, `weight`
@@ -201,7 +211,9 @@ pub fn product_into(x: &[f32], panels: &Int8Panels, y: &mut [f32]) -> bool {
 /// multiplied in int8 by `panels`, into `y` (`(start + tail rows) x out`).
 fn multiply(panels: &Int8Panels, tail: &[f32], exact: [Ptr; 3], y: Ptr, start: usize) {
     let inp = panels.inp;
-    let (mut xq, mut sx) = (Vec::new(), Vec::new());
+    // The quantized rows in this thread's buffers, taken for the call and given back after
+    // (a step makes four products a layer: no allocation for each).
+    let (mut xq, mut sx) = SCRATCH.take();
     quantize_rows(tail, inp, &mut xq, &mut sx);
     let [x, w, bias] = exact;
     let job = Job {
@@ -219,6 +231,12 @@ fn multiply(panels: &Int8Panels, tail: &[f32], exact: [Ptr; 3], y: Ptr, start: u
         amx: amx_asked() && amx_available(),
     };
     job.run(start + tail.len() / inp);
+    SCRATCH.set((xq, sx));
+}
+
+thread_local! {
+    /// [`multiply`]'s quantized rows and their scales, kept between calls.
+    static SCRATCH: std::cell::Cell<(Vec<u8>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// A raw pointer the parts of a product share (each writes its own columns).
@@ -338,8 +356,9 @@ fn quantize_rows(x: &[f32], inp: usize, xq: &mut Vec<u8>, sx: &mut Vec<f32>) {
     xq.clear();
     xq.resize(x.len() / inp * stride, 128);
     sx.clear();
+    sx.reserve(x.len() / inp);
     for (row, dst) in x.chunks_exact(inp).zip(xq.chunks_exact_mut(stride)) {
-        let (s, inv) = scale_of(row);
+        let (s, inv) = scale_of(largest_magnitude(row));
         sx.push(s);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` holds wherever panels exist, the only callers' precondition.
@@ -358,6 +377,24 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{GROUP, Job, WIDTH};
+
+    /// The largest magnitude of `row`'s values, NaN values left out (0 for none): the
+    /// same value as the scalar fold, sixteen lanes at a time.
+    ///
+    /// # Safety
+    /// AVX-512F is available.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn largest_magnitude(row: &[f32]) -> f32 {
+        let mut best = _mm512_setzero_ps();
+        for chunk in row.chunks(WIDTH) {
+            let mask: __mmask16 = if chunk.len() == WIDTH { 0xffff } else { ((1u32 << chunk.len()) - 1) as __mmask16 };
+            // SAFETY: masked lanes only read the chunk's values (the others are 0).
+            let v = _mm512_abs_ps(unsafe { _mm512_maskz_loadu_ps(mask, chunk.as_ptr()) });
+            // Where `v` is NaN, `max` returns its second operand: the best so far.
+            best = _mm512_max_ps(v, best);
+        }
+        _mm512_reduce_max_ps(best)
+    }
 
     /// `row` times `inv`, rounded to nearest (ties to even), clamped to `[-127, 127]`, plus
     /// 128, into `dst` (at least `row.len()` bytes).
@@ -687,6 +724,28 @@ mod tests {
 
     fn relative(got: &Tensor, want: &Tensor) -> f64 {
         f64::try_from((got - want).norm() / want.norm()).expect("a norm")
+    }
+
+    /// A row's largest magnitude in sixteen lanes is the scalar fold's, NaN values left out
+    /// and infinities kept, for lengths that end inside a vector; a row of zeros or NaN
+    /// values gives 0, and its scale is 1.
+    #[test]
+    fn largest_magnitude_is_the_scalar_folds() {
+        let fold = |row: &[f32]| row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for len in [1usize, 7, 16, 17, 64, 172] {
+            let mut row: Vec<f32> = (0..len).map(|j| ((j * 37 % 23) as f32 - 11.0) * 0.37).collect();
+            assert_eq!(largest_magnitude(&row), fold(&row), "{len} values");
+            row[len / 2] = f32::NAN;
+            assert_eq!(largest_magnitude(&row), fold(&row), "{len} values, one NaN");
+            row[len - 1] = -1e30;
+            assert_eq!(largest_magnitude(&row), 1e30, "{len} values, one large");
+            row[0] = f32::NEG_INFINITY;
+            assert_eq!(largest_magnitude(&row), f32::INFINITY, "{len} values, one infinite");
+            assert_eq!(scale_of(largest_magnitude(&row)), (1.0, 1.0));
+        }
+        assert_eq!(largest_magnitude(&[0.0; 20]), 0.0);
+        assert_eq!(largest_magnitude(&[f32::NAN; 20]), 0.0);
+        assert_eq!(scale_of(0.0), (1.0, 1.0));
     }
 
     /// The rows before `start` are `few_rows::product`'s bit for bit (one thread or two,

@@ -387,12 +387,39 @@ mod kernels {
         }
     }
 
-    /// See [`super::swiglu`].
+    /// See [`super::swiglu`]: in 512-bit vectors where the products take sixteen lanes
+    /// ([`crate::model::few_rows`]); each output is computed alone, so the same bits in
+    /// either width.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available.
+    pub(super) unsafe fn swiglu(x: &[f32], y: &mut [f32], i: usize) {
+        // SAFETY: AVX2 and FMA as this function's; AVX-512F and VL where the products take
+        // sixteen lanes.
+        unsafe { if crate::model::few_rows::sixteen_lanes() { swiglu16(x, y, i) } else { swiglu8(x, y, i) } }
+    }
+
+    /// [`swiglu`] in 256-bit vectors.
     ///
     /// # Safety
     /// AVX2 and FMA are available.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn swiglu(x: &[f32], y: &mut [f32], i: usize) {
+    unsafe fn swiglu8(x: &[f32], y: &mut [f32], i: usize) {
+        swiglu_rows(x, y, i)
+    }
+
+    /// [`swiglu`] in 512-bit vectors.
+    ///
+    /// # Safety
+    /// AVX2, FMA, AVX-512F and VL are available.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    unsafe fn swiglu16(x: &[f32], y: &mut [f32], i: usize) {
+        swiglu_rows(x, y, i)
+    }
+
+    /// [`swiglu`]'s loop, compiled into each width's function.
+    #[inline(always)]
+    fn swiglu_rows(x: &[f32], y: &mut [f32], i: usize) {
         for (gu, o) in x.chunks_exact(2 * i).zip(y.chunks_exact_mut(i)) {
             let (gate, up) = gu.split_at(i);
             for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
