@@ -720,6 +720,12 @@ mod kernel {
         }
     }
 
+    /// Where the mask's value for key `key` of query row `i` (batch entry `e`) is, in values
+    /// from its start: a `[t, s]` mask shared by the batch, or one a batch entry.
+    fn mask_at(call: &Call, e: usize, i: usize, key: usize, per_batch: bool) -> usize {
+        (if per_batch { e * call.t * call.s } else { 0 }) + i * call.s + key
+    }
+
     /// Block `b`'s sixteen scores `x` of query row `i` with the mask applied: its two
     /// halves as [`masked`] gives them, a half wholly past the last key `-inf`.
     ///
@@ -731,8 +737,7 @@ mod kernel {
         if !call.causal && (b + 1) * 16 <= call.s {
             // A whole block of keys: the same values as the two halves give, in one go (a
             // step's rows mask every block of the cache this way).
-            let (s, t) = (call.s, call.t);
-            let at = |per_batch: bool| (if per_batch { e * t * s } else { 0 }) + i * s + b * 16;
+            let at = |per_batch: bool| mask_at(call, e, i, b * 16, per_batch);
             // SAFETY: the mask holds `t x s` values (or `b x t x s`), one byte a key for a
             // boolean mask, four for an additive one; keys 16 b..16 b + 16 lie below `s`.
             unsafe {
@@ -773,14 +778,14 @@ mod kernel {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn masked(call: &Call, e: usize, i: usize, b: usize, x: __m256) -> __m256 {
-        let (s, t) = (call.s, call.t);
+        let s = call.s;
         let first = b * 8;
         let valid = (s - first).min(8);
         let minus = _mm256_set1_ps(f32::NEG_INFINITY);
         // SAFETY: the mask holds `t x s` values (or `b x t x s`), one byte a key for a
         // boolean mask, four for an additive one; only keys below `s` are read.
         unsafe {
-            let row = |per_batch: bool| (if per_batch { e * t * s } else { 0 }) + i * s + first;
+            let row = |per_batch: bool| mask_at(call, e, i, first, per_batch);
             let mut x = match call.mask_kind {
                 MaskKind::None => x,
                 MaskKind::Additive { per_batch } => {
