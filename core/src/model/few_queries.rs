@@ -342,9 +342,16 @@ mod kernel {
         let width = row_stride(call.s, lanes);
         // Keys of one key/value head transposed: `hd` rows of `width` (zero padded); and the
         // pass's scores. Both start on a cache line, so that no vector load of a block of
-        // keys or scores straddles two (with sixteen lanes every one would).
-        let mut key_lines = vec![Line([0.0; 16]); (call.hd * width).div_ceil(16)];
-        let mut score_lines = vec![Line([0.0; 16]); (P * width).div_ceil(16)];
+        // keys or scores straddles two (with sixteen lanes every one would). They are this
+        // thread's buffers, taken for the call and given back after: a step's attention
+        // runs once a layer, and a new pair each call (12 kB for the proxy's 25 rows) cost
+        // glibc's allocator more than the copies (docs/BENCHMARKS.md, forty-eighth session).
+        let (mut key_lines, mut score_lines) = SCRATCH.take();
+        for (lines, values) in [(&mut key_lines, call.hd * width), (&mut score_lines, P * width)] {
+            if lines.len() < values.div_ceil(16) {
+                lines.resize(values.div_ceil(16), Line([0.0; 16]));
+            }
+        }
         // SAFETY: `Line`s are 16 f32 values each, without padding; the slices cover the
         // first `hd x width` and `P x width` of them.
         let (keys, scores) = unsafe {
@@ -372,6 +379,12 @@ mod kernel {
             // SAFETY: as this function's; the rows' heads and indices are in range.
             unsafe { pass(call, keys, scores, e, g, &rows[..count]) };
         }
+        SCRATCH.set((key_lines, score_lines));
+    }
+
+    thread_local! {
+        /// [`part_in`]'s transposed keys and scores, kept between calls.
+        static SCRATCH: std::cell::Cell<(Vec<Line>, Vec<Line>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
     }
 
     /// The keys a pass of `rows` reads: all of them, or with `causal` none after the pass's
@@ -484,6 +497,11 @@ mod kernel {
                 for d in 0..hd {
                     *dst.add(d * width + j) = *row.add(d);
                 }
+            }
+            // The padding: the buffer is reused, and a padding key's score is masked anyway,
+            // but a zero there can be neither a NaN nor slow.
+            for d in 0..hd {
+                std::ptr::write_bytes(dst.add(d * width + s), 0, width - s);
             }
         }
     }
@@ -1023,6 +1041,44 @@ mod tests {
             }
         }
         assert_eq!(compared, 5 * (9 * 4 + 3));
+    }
+
+    /// A thread keeps its buffers between calls: a call gives the same bits on a thread that
+    /// has just attended more keys, some of them infinite or NaN, as on a new thread, in
+    /// eight lanes and in sixteen.
+    #[test]
+    fn earlier_calls_leave_no_trace() {
+        for sixteen in [false, true] {
+            crate::model::few_rows::tests::with_lanes(sixteen, earlier_calls_leave_no_trace_in_lanes);
+        }
+    }
+
+    fn earlier_calls_leave_no_trace_in_lanes() {
+        if !runs() {
+            return;
+        }
+        tch::manual_seed(9);
+        let o = (Kind::Float, Device::Cpu);
+        let (q, k, v) =
+            (Tensor::randn([1, 4, 25, 16], o), Tensor::randn([1, 2, 101, 16], o), Tensor::randn([1, 2, 101, 16], o));
+        let mask = Tensor::rand([25, 101], o).gt(0.2);
+        let call = || attend(&q, &k, &v, Some(&mask), false, 0.25).expect("taken");
+        let lanes = crate::model::few_rows::sixteen_lanes();
+        let inputs = (q.copy(), k.copy(), v.copy(), mask.copy());
+        let fresh = std::thread::spawn(move || {
+            let (q, k, v, mask) = inputs;
+            let call = || attend(&q, &k, &v, Some(&mask), false, 0.25).expect("taken");
+            crate::model::few_rows::tests::with_lanes(lanes, call)
+        })
+        .join()
+        .expect("a new thread");
+        // A bigger call first, its keys past 101 infinite and NaN.
+        let big_k = Tensor::randn([1, 2, 300, 16], o);
+        let _ = big_k.narrow(2, 101, 100).fill_(f64::INFINITY);
+        let _ = big_k.narrow(2, 201, 99).fill_(f64::NAN);
+        let big_q = Tensor::randn([1, 4, 40, 16], o);
+        let _ = attend(&big_q, &big_k, &big_k, None, false, 0.25).expect("taken");
+        assert!(call().equal(&fresh), "sixteen lanes: {lanes}");
     }
 
     /// What it leaves to libtorch: gradients, too many rows, widths not a multiple of 8,
