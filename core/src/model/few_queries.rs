@@ -343,9 +343,9 @@ mod kernel {
         // Keys of one key/value head transposed: `hd` rows of `width` (zero padded); and the
         // pass's scores. Both start on a cache line, so that no vector load of a block of
         // keys or scores straddles two (with sixteen lanes every one would). They are this
-        // thread's buffers, taken for the call and given back after: a step's attention
-        // runs once a layer, and a new pair each call (12 kB for the proxy's 25 rows) cost
-        // glibc's allocator more than the copies (docs/BENCHMARKS.md, forty-eighth session).
+        // thread's buffers, taken for the call and given back after: a new zeroed pair each
+        // call, once a layer (12 kB for the proxy's 25 rows), cost about 30 us of glibc's
+        // allocator a step (docs/BENCHMARKS.md, forty-eighth session).
         let (mut key_lines, mut score_lines) = SCRATCH.take();
         for (lines, values) in [(&mut key_lines, call.hd * width), (&mut score_lines, P * width)] {
             if lines.len() < values.div_ceil(16) {
@@ -1059,26 +1059,23 @@ mod tests {
         }
         tch::manual_seed(9);
         let o = (Kind::Float, Device::Cpu);
-        let (q, k, v) =
-            (Tensor::randn([1, 4, 25, 16], o), Tensor::randn([1, 2, 101, 16], o), Tensor::randn([1, 2, 101, 16], o));
+        // Queries, keys, values and a boolean mask: 25 rows over 101 keys.
+        let inputs = [[1, 4, 25, 16], [1, 2, 101, 16], [1, 2, 101, 16]].map(|size| Tensor::randn(size, o));
         let mask = Tensor::rand([25, 101], o).gt(0.2);
-        let call = || attend(&q, &k, &v, Some(&mask), false, 0.25).expect("taken");
+        let call = |[q, k, v]: &[Tensor; 3], mask: &Tensor| attend(q, k, v, Some(mask), false, 0.25).expect("taken");
         let lanes = crate::model::few_rows::sixteen_lanes();
-        let inputs = (q.copy(), k.copy(), v.copy(), mask.copy());
-        let fresh = std::thread::spawn(move || {
-            let (q, k, v, mask) = inputs;
-            let call = || attend(&q, &k, &v, Some(&mask), false, 0.25).expect("taken");
-            crate::model::few_rows::tests::with_lanes(lanes, call)
-        })
-        .join()
-        .expect("a new thread");
+        let (copies, mask_copy) = (inputs.each_ref().map(Tensor::copy), mask.copy());
+        let fresh =
+            std::thread::spawn(move || crate::model::few_rows::tests::with_lanes(lanes, || call(&copies, &mask_copy)))
+                .join()
+                .expect("a new thread");
         // A bigger call first, its keys past 101 infinite and NaN.
         let big_k = Tensor::randn([1, 2, 300, 16], o);
         let _ = big_k.narrow(2, 101, 100).fill_(f64::INFINITY);
         let _ = big_k.narrow(2, 201, 99).fill_(f64::NAN);
         let big_q = Tensor::randn([1, 4, 40, 16], o);
         let _ = attend(&big_q, &big_k, &big_k, None, false, 0.25).expect("taken");
-        assert!(call().equal(&fresh), "sixteen lanes: {lanes}");
+        assert!(call(&inputs, &mask).equal(&fresh), "sixteen lanes: {lanes}");
     }
 
     /// What it leaves to libtorch: gradients, too many rows, widths not a multiple of 8,
