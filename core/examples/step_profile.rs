@@ -8,7 +8,8 @@
 //! `cargo run --release -p mtp-core --example step_profile [MASKS] [MODEL_DIR ADAPTER]`
 //! With `STEP_PROFILE_ONLY=ar`, `=base` (the step without its adapter), `=bf16` (the step
 //! with its mask rows in bf16), `=int8` (the low-rank step with its mask rows in int8),
-//! `=merged-int8` (the merged step with its mask rows in int8, what `auto` runs on a small model),
+//! `=merged-int8` (the merged step with its mask rows in int8, what `auto` runs on a small model;
+//! `=merged-int8-one` the same with its rows on one thread, `model::row_split` off),
 //! `=merged` (its adapter's weights merged) or `=step`: only
 //! that part, 2,000 times in a loop (`STEP_PROFILE_CALLS=N`: N times, for a model whose step
 //! takes tens of milliseconds), for `perf record`. `STEP_PROFILE_STAT=min`: the
@@ -104,12 +105,13 @@ fn main() -> anyhow::Result<()> {
     let inputs = Tensor::full([n], 5, (Kind::Int64, tch::Device::Cpu));
     let tok = Tensor::from_slice(&[5i64]).unsqueeze(0);
 
-    let mut caches: Vec<KvCache> = (0..15).map(|_| new_cache()).collect();
+    let mut caches: Vec<KvCache> = (0..17).map(|_| new_cache()).collect();
     let mut it = caches.iter_mut();
     let mut next = || it.next().ok_or_else(|| anyhow::anyhow!("caches"));
     let (c1, c2, c3, c4, c5, c6) = (next()?, next()?, next()?, next()?, next()?, next()?);
     let (c7, c8, c9, c10) = (next()?, next()?, next()?, next()?);
     let (c11, c12, c13, c14, c15) = (next()?, next()?, next()?, next()?, next()?);
+    let (c16, c17) = (next()?, next()?);
     let ar = |model: &Llama, cache: &mut KvCache| {
         let h = model.forward_embeds(
             &model.embed(&tok),
@@ -146,6 +148,10 @@ fn main() -> anyhow::Result<()> {
                 "int8" => drop(step(&low_rank_int8, &plan_li, c3, true)),
                 "merged" => drop(step(&merged, &plan_mg, c3, true)),
                 "merged-int8" => drop(step(&merged_int8, &plan_mi, c3, true)),
+                "merged-int8-one" => {
+                    mtp_core::model::row_split::split_rows(false);
+                    drop(step(&merged_int8, &plan_mi, c3, true))
+                }
                 _ => drop(step(&low_rank, &plan_lr, c3, true)),
             }
         }
@@ -243,6 +249,16 @@ fn main() -> anyhow::Result<()> {
         whole(&low_rank_int8, c15);
         mtp_core::model::int8::use_amx(true);
     });
+    // The same two with the step's rows on one thread (`model::row_split` off).
+    let one_thread = |f: &mut dyn FnMut()| {
+        mtp_core::model::row_split::split_rows(false);
+        f();
+        mtp_core::model::row_split::split_rows(true);
+    };
+    r.add("step forward, merged int8, rows on one thread", || {
+        one_thread(&mut || drop(step(&merged_int8, &plan_mi, c16, true)));
+    });
+    r.add("whole step, int8, rows on one thread", || one_thread(&mut || whole(&low_rank_int8, c17)));
     let results = r.run(15, 20);
     for (label, us) in &results {
         println!("{label:<45} {us:>10.1} us");
@@ -275,6 +291,14 @@ fn main() -> anyhow::Result<()> {
             get(16) / ar_us,
         );
         println!("the whole step with the chain's head in f32 {:.2}", get(17) / ar_us);
+        println!(
+            "rows shared out between threads: the merged int8 step's forward {:.1} us (one thread {:.1}), \
+             the low-rank int8 step whole {:.2} AR steps (one thread {:.2})",
+            get(14),
+            get(19),
+            get(16) / ar_us,
+            get(20) / ar_us,
+        );
         if mtp_core::model::int8::amx_available() {
             println!("the whole step without AMX tiles {:.2} (with: {:.2})", get(18) / ar_us, get(16) / ar_us);
         }

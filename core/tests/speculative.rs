@@ -562,6 +562,69 @@ fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A step's rows shared out between two threads through every layer
+/// (`mtp_core::model::row_split`) give the same bits as on one thread: every row of the step,
+/// the cache rows it wrote (read by the AR step after it), with each form and arithmetic of
+/// the mask rows, quadratic and linear; and the split is taken where the process has two
+/// threads.
+#[test]
+fn rows_shared_between_threads_give_the_same_bits() -> anyhow::Result<()> {
+    use mtp_core::decode::Layout;
+    use mtp_core::decode::speculative::{StepLayout, StepPlan};
+    use mtp_core::model::row_split::split_rows;
+    let t = trained();
+    let model = &t.loaded.model;
+    let prompt = Tensor::from_slice(&t.loaded.tokenizer.encode("def add(a, b):\n    return a")?).unsqueeze(0);
+    let options = |lora, arithmetic| DraftOptions { lora, arithmetic, ..DraftOptions::default() };
+    let drafters = [
+        ("merged, exact", Drafter::new(model, &t.adapter, options(LoraForm::Merged, DraftArithmetic::Exact))?),
+        ("merged, int8", Drafter::new(model, &t.adapter, options(LoraForm::Merged, DraftArithmetic::Int8))?),
+        ("low-rank, int8", Drafter::new(model, &t.adapter, options(LoraForm::LowRank, DraftArithmetic::Int8))?),
+        ("auto", Drafter::new(model, &t.adapter, DraftOptions::default())?),
+    ];
+    let drafters = drafters
+        .iter()
+        .map(|(what, d)| (*what, d))
+        .chain([("low-rank, exact", &t.low_rank), ("low-rank, bf16", &t.bf16)]);
+    let mut shared = 0;
+    for (what, drafter) in drafters {
+        for (layout, drafts, masks) in [(Layout::Quadratic, 4, 4), (Layout::Quadratic, 2, 2), (Layout::Linear, 3, 3)] {
+            let plan = StepPlan::new(model, drafter, StepLayout::new(layout, drafts, masks))?;
+            let inputs = prompt.get(0).narrow(0, 0, drafts as i64 + 1);
+            let run = |split: bool| {
+                let before = split_rows(split);
+                let mut cache = model.new_cache(8);
+                let out = tch::no_grad(|| {
+                    let _ = model.forward(&prompt, Some(&mut cache));
+                    let past = cache.len();
+                    let h = plan.forward(model, &drafter.step_gate(&plan), &inputs, None, past, Some(&mut cache));
+                    let next = model.forward(&Tensor::from_slice(&[5i64]).unsqueeze(0), Some(&mut cache));
+                    (h, next)
+                });
+                (out, split_rows(true) - before)
+            };
+            let ((one_h, one_next), none) = run(false);
+            let case = format!("{what}, {layout:?}, {drafts} drafts, {masks} masks");
+            assert_eq!(none, 0, "{case}: shared out while switched off");
+            // A step gives up sharing where the other thread does not get a core in time
+            // (tests running side by side): then it runs on one thread, and is tried again.
+            for _ in 0..100 {
+                let ((two_h, two_next), taken) = run(true);
+                assert!(two_h.equal(&one_h), "{case}: the step's rows differ");
+                assert!(two_next.equal(&one_next), "{case}: the cache rows the step wrote differ");
+                if taken > 0 {
+                    shared += 1;
+                    break;
+                }
+            }
+        }
+    }
+    if tch::get_num_threads() > 1 {
+        assert_eq!(shared, 18, "steps shared out");
+    }
+    Ok(())
+}
+
 /// The CPU's draft chain on host vectors ([`Drafter::greedy_on_host`]) drafts what the chain
 /// of tensor operations ([`Drafter::greedy`]) drafts, with the whole vocabulary and with a
 /// draft vocabulary, from the final hidden states of real text (each window of 8 rows taken

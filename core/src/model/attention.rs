@@ -8,6 +8,7 @@ use super::kv_cache::KvCache;
 use super::linear::{Gated, ProjGroup, StackedLinear};
 use super::norm::RmsNorm;
 use super::rope::RopeTables;
+use super::row_split::RowPart;
 use super::weights::Weights;
 use crate::error::Result;
 
@@ -166,9 +167,45 @@ impl Attention {
         pass: &Pass,
         cache: Option<&'c mut KvCache>,
     ) -> std::result::Result<Tensor, Option<&'c mut KvCache>> {
-        use super::few_queries::{Dims, View, attend_views};
-        use super::row_ops::{Rows, rope_leading};
         let Some(cache) = cache else { return Err(None) };
+        let Some(rotated) = self.rotate_in_place(qkv, pass) else { return Err(Some(cache)) };
+        let Some((k_buf, v_buf, s)) = cache.append_rows(self.layer, rotated.keys(), rotated.values()) else {
+            return Err(Some(cache));
+        };
+        // A mask this kernel does not take leaves the rows written: the general path writes
+        // the same rows at the same positions again.
+        rotated.attend(k_buf, v_buf, s).ok_or(Some(cache))
+    }
+
+    /// [`Attention::forward`] for one thread's share of a pass's rows
+    /// ([`super::row_split`]): its keys and values written at their cache rows, then, once
+    /// every thread has written its own ([`RowPart::meet`]), its queries attend to all of
+    /// them. `pass` describes this share's rows (their rotation, their rows of the mask).
+    /// `None` (the pass is then run again whole) where the in-place path does not apply.
+    pub(super) fn forward_part(&self, x: &Tensor, pass: &Pass, cache: &KvCache, part: &RowPart) -> Option<Tensor> {
+        let a = pass.adapter;
+        let qkv = self.qkv_proj.project(x, a, self.layer, ProjGroup::Qkv);
+        let rotated = self.rotate_in_place(&qkv, pass);
+        let buffers = rotated.as_ref().and_then(|r| cache.write_rows(self.layer, r.keys(), r.values(), part.at));
+        if buffers.is_none() {
+            part.fail();
+        }
+        // Every thread meets here once a layer, whether its rows were written or not.
+        if !part.meet() {
+            return None;
+        }
+        let (rotated, (k_buf, v_buf)) = (rotated?, buffers?);
+        let Some(y) = rotated.attend(k_buf, v_buf, part.keys) else {
+            part.fail();
+            return None;
+        };
+        Some(self.o_proj.project(&y, a, self.layer, ProjGroup::O))
+    }
+
+    /// A pass's queries and keys rotated from `qkv` where the in-place path applies (see
+    /// [`Attention::attend_in_place`]).
+    fn rotate_in_place<'p>(&'p self, qkv: &'p Tensor, pass: &Pass<'p>) -> Option<Rotated<'p>> {
+        use super::row_ops::rope_leading;
         let size = qkv.size();
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let width = (h + 2 * kv) * hd;
@@ -180,51 +217,87 @@ impl Attention {
                 AttnMask::Causal => None,
             },
         ) else {
-            return Err(Some(cache));
+            return None;
         };
         let plain = self.q_norm.is_none() && self.k_norm.is_none() && !pass.joins_halves() && pass.write_at.is_none();
         if !(plain && w == width && super::few_queries::runs() && IN_PLACE.with(|c| c.get().0)) {
-            return Err(Some(cache));
+            return None;
         }
-        let Some(qk) = rope_leading(qkv, h + kv, hd, &pass.rope.cos, &pass.rope.sin_signed) else {
-            return Err(Some(cache));
-        };
-        // `qk` is `[b, t, h + kv, hd]` contiguous, `qkv` `[b, t, h + 2 kv, hd]`.
-        let qk_row = (h + kv) * hd;
-        let (qk_ptr, qkv_ptr) = (qk.data_ptr() as *const f32, qkv.data_ptr() as *const f32);
-        let rows = |ptr: *const f32, row: i64| Rows {
+        let qk = rope_leading(qkv, h + kv, hd, &pass.rope.cos, &pass.rope.sin_signed)?;
+        Some(Rotated { attention: self, qkv, qk, mask, b, t })
+    }
+}
+
+/// A pass's queries and keys rotated ([`Attention::rotate_in_place`]), read in place with
+/// its values.
+struct Rotated<'a> {
+    attention: &'a Attention,
+    /// `[b, t, (h + 2 kv) hd]`, the values read from it.
+    qkv: &'a Tensor,
+    /// `[b, t, h + kv, hd]` contiguous: the rotated queries, then keys.
+    qk: Tensor,
+    mask: Option<&'a Tensor>,
+    b: i64,
+    t: i64,
+}
+
+impl Rotated<'_> {
+    /// `[b, kv, t, hd]` rows of `ptr` whose tokens are `row` values apart.
+    fn rows(&self, ptr: *const f32, row: i64) -> super::row_ops::Rows {
+        let (b, t, kv, hd) = (self.b, self.t, self.attention.num_kv_heads, self.attention.head_dim);
+        super::row_ops::Rows {
             ptr: ptr as *const u8,
             size: [b, kv, t, hd],
             strides: [t * row, hd, row],
             kind: tch::Kind::Float,
-        };
-        // The keys are heads h.. of `qk`'s h + kv, the values heads h + kv.. of `qkv`'s.
-        let k_rows = rows(qk_ptr.wrapping_add((h * hd) as usize), qk_row);
-        let v_rows = rows(qkv_ptr.wrapping_add(((h + kv) * hd) as usize), width);
-        let Some((k_buf, v_buf, s)) = cache.append_rows(self.layer, k_rows, v_rows) else {
-            return Err(Some(cache));
-        };
-        // The buffers are `[b, kv, capacity, hd]`, contiguous.
+        }
+    }
+
+    /// The keys: heads `h..` of `qk`'s `h + kv`.
+    fn keys(&self) -> super::row_ops::Rows {
+        let (h, kv, hd) = (self.attention.num_heads, self.attention.num_kv_heads, self.attention.head_dim);
+        self.rows((self.qk.data_ptr() as *const f32).wrapping_add((h * hd) as usize), (h + kv) * hd)
+    }
+
+    /// The values: heads `h + kv..` of `qkv`'s `h + 2 kv`.
+    fn values(&self) -> super::row_ops::Rows {
+        let (h, kv, hd) = (self.attention.num_heads, self.attention.num_kv_heads, self.attention.head_dim);
+        self.rows((self.qkv.data_ptr() as *const f32).wrapping_add(((h + kv) * hd) as usize), (h + 2 * kv) * hd)
+    }
+
+    /// The queries' attention over the first `s` rows of the cache buffers `k_buf`, `v_buf`
+    /// (`[b, kv, capacity, hd]`, contiguous, this pass's rows written) under the pass's
+    /// mask, `[b, t, h hd]`; `None` where the kernel does not take the mask.
+    fn attend(&self, k_buf: &Tensor, v_buf: &Tensor, s: i64) -> Option<Tensor> {
+        use super::few_queries::{Dims, View, attend_views};
+        let Attention { num_heads: h, num_kv_heads: kv, head_dim: hd, scale, .. } = *self.attention;
+        let (b, t) = (self.b, self.t);
         let capacity = k_buf.size()[2];
         let buffer = |x: &Tensor| View {
             ptr: x.data_ptr() as *const f32,
             strides: [(kv * capacity * hd) as isize, (capacity * hd) as isize, hd as isize],
         };
-        let (k, v) = (buffer(k_buf), buffer(v_buf));
-        let q = View { ptr: qk_ptr, strides: [(t * qk_row) as isize, hd as isize, qk_row as isize] };
+        let qk_row = (h + kv) * hd;
+        let q = View {
+            ptr: self.qk.data_ptr() as *const f32,
+            strides: [(t * qk_row) as isize, hd as isize, qk_row as isize],
+        };
         let dims =
             Dims { b: b as usize, h: h as usize, kv: kv as usize, t: t as usize, s: s as usize, hd: hd as usize };
-        // A mask this kernel does not take leaves the rows written: the general path writes
-        // the same rows at the same positions again.
-        let y = attend_views(dims, [q, k, v], mask, false, self.scale, &[b, t, h * hd]).ok_or(Some(cache))?;
+        let y = attend_views(dims, [q, buffer(k_buf), buffer(v_buf)], self.mask, false, scale, &[b, t, h * hd])?;
         IN_PLACE.with(|c| c.set((true, c.get().1 + 1)));
-        Ok(y)
+        Some(y)
     }
 }
 
 thread_local! {
     /// Whether this thread's passes may read attention in place, and how many layers' did.
     static IN_PLACE: std::cell::Cell<(bool, u64)> = const { std::cell::Cell::new((true, 0)) };
+}
+
+/// Whether this thread's passes may read their attention in place ([`read_in_place`]).
+pub(super) fn reads_in_place() -> bool {
+    IN_PLACE.with(|c| c.get().0)
 }
 
 /// Let this thread's forward passes read their attention in place where they can (`true`,

@@ -8,6 +8,7 @@ use super::kv_cache::KvCache;
 use super::linear::{ProjGroup, StackedLinear};
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
+use super::row_split::RowPart;
 use super::weights::Weights;
 use crate::error::Result;
 
@@ -44,6 +45,15 @@ impl DecoderLayer {
         let h = residual(x, &self.self_attn.forward(&self.input_layernorm.forward(x), pass, cache));
         let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h), pass.adapter);
         residual(&h, &m)
+    }
+
+    /// [`DecoderLayer::forward`] for one thread's share of a pass's rows
+    /// ([`super::row_split`]): `x` holds them, `pass` describes them. `None` where the
+    /// attention's in-place path does not apply.
+    pub(super) fn forward_part(&self, x: &Tensor, pass: &Pass, cache: &KvCache, part: &RowPart) -> Option<Tensor> {
+        let h = residual(x, &self.self_attn.forward_part(&self.input_layernorm.forward(x), pass, cache, part)?);
+        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h), pass.adapter);
+        Some(residual(&h, &m))
     }
 
     /// The stacked projections of `group`.

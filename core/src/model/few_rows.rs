@@ -768,7 +768,7 @@ fn dispatch(job: Job) {
     let job = Job { from_memory: super::huge_pages::read_from_memory(job.w as usize), ..job };
     let threads = tch::get_num_threads().max(1) as usize;
     match openmp() {
-        Some(omp) if threads > 1 && job.out >= 8 && worth_sharing(job.work()) => omp.run(&job, threads),
+        Some(omp) if threads > 1 && job.out >= 8 && !is_alone() && worth_sharing(job.work()) => omp.run(&job, threads),
         _ => job.run_part(0, 1),
     }
 }
@@ -957,13 +957,52 @@ impl OpenMp {
 }
 
 /// `part(i, n)` for every part `i` of `n`: on the threads of libtorch's OpenMP team when
-/// `share` and the team has more than one thread, else `part(0, 1)` on this thread.
+/// `share` and the team has more than one thread (and this thread is not one of a team
+/// already, see [`alone`]), else `part(0, 1)` on this thread.
 pub(super) fn in_parts(share: bool, part: &(dyn Fn(usize, usize) + Sync)) {
     let threads = tch::get_num_threads().max(1) as usize;
     match openmp() {
-        Some(omp) if share && threads > 1 => omp.team(threads, part),
+        Some(omp) if share && threads > 1 && !is_alone() => omp.team(threads, part),
         _ => part(0, 1),
     }
+}
+
+/// `part(i, n)` on every thread `i` of an OpenMP team of at most `threads` (the calling
+/// thread is part 0; the runtime may give fewer, `n` says how many); false, and nothing run,
+/// where there is no OpenMP runtime.
+pub(super) fn in_team(threads: usize, part: &(dyn Fn(usize, usize) + Sync)) -> bool {
+    match openmp() {
+        Some(omp) => {
+            omp.team(threads.max(1), part);
+            true
+        }
+        None => false,
+    }
+}
+
+thread_local! {
+    /// Set while this thread runs its share of a team's work ([`alone`]).
+    static ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `f` with every product and attention of this thread on this thread alone: for a thread
+/// that already runs its share of a team's work (a nested team would only add the cost of
+/// starting one).
+pub(super) fn alone<T>(f: impl FnOnce() -> T) -> T {
+    /// Puts the setting back however `f` ends (a panic caught further up included).
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ALONE.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(ALONE.with(|c| c.replace(true)));
+    f()
+}
+
+/// Whether this thread runs inside [`alone`].
+pub(super) fn is_alone() -> bool {
+    ALONE.with(std::cell::Cell::get)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1874,6 +1913,16 @@ pub(super) mod tests {
         /// This thread's products in sixteen lanes (`Some(true)`), eight (`Some(false)`),
         /// or as the process chooses (`None`): so each test can try both forms.
         pub(super) static LANES16: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// This thread's [`LANES16`].
+    pub(in crate::model) fn lanes_here() -> Option<bool> {
+        LANES16.with(std::cell::Cell::get)
+    }
+
+    /// Set this thread's [`LANES16`]; returns what it was.
+    pub(in crate::model) fn set_lanes(lanes: Option<bool>) -> Option<bool> {
+        LANES16.with(|c| c.replace(lanes))
     }
 
     /// `f` with this thread's products in sixteen lanes or eight, the setting then

@@ -515,7 +515,8 @@ pub fn use_amx(on: bool) {
     AMX.with(|c| c.set(on));
 }
 
-fn amx_asked() -> bool {
+/// Whether this thread's int8 products may use AMX tiles ([`use_amx`]).
+pub(super) fn amx_asked() -> bool {
     AMX.with(std::cell::Cell::get)
 }
 

@@ -111,6 +111,26 @@ impl KvCache {
         (write_rows_from(kl, k, self.len) && write_rows_from(vl, v, self.len)).then_some((kl, vl, need))
     }
 
+    /// Make room for `t` rows after the committed ones, of `[b, h_kv, head_dim]` in `kind`
+    /// on the CPU: for passes that write their rows with [`KvCache::write_rows`].
+    pub(crate) fn reserve_rows(&mut self, shape: [i64; 3], kind: Kind, t: i64) {
+        self.reserve_for(shape, (kind, Device::Cpu), self.len + t);
+    }
+
+    /// Write keys and values read in place at the buffers' rows from `at` (which must not
+    /// be committed rows: `at >= len`), with room already made ([`KvCache::reserve_rows`]),
+    /// and return the layer's buffers; nothing is committed. Through a shared reference,
+    /// so that the threads sharing a pass's rows ([`super::row_split`]) each write their
+    /// own rows of a layer at once. `None`, and nothing written, where [`write_rows_from`]
+    /// does not take them or `at` is a committed row.
+    pub(crate) fn write_rows(&self, layer: usize, k: Rows, v: Rows, at: i64) -> Option<(&Tensor, &Tensor)> {
+        if v.size != k.size || v.kind != k.kind || at < self.len {
+            return None;
+        }
+        let (kl, vl) = self.layers.get(layer)?;
+        (write_rows_from(kl, k, at) && write_rows_from(vl, v, at)).then_some((kl, vl))
+    }
+
     /// Rows the buffers hold before they must grow (0 before the first append).
     pub fn capacity(&self) -> usize {
         self.buffers.as_ref().map_or(0, |(k, _)| k.size()[3] as usize)

@@ -414,6 +414,22 @@ pub trait ProjDelta {
     fn product(&self, _layer: usize, _group: ProjGroup, _x: &Tensor, _gate: &Gate) -> Option<Tensor> {
         None
     }
+
+    /// True when a [`Gate::Tail`] pass's rows may be shared out between threads
+    /// ([`super::row_split`]): each row's output is computed the same way whichever other
+    /// rows share its call, however many of them the term applies to, and the adapter may be
+    /// called from several threads at once (it reads what it holds and writes only its
+    /// outputs).
+    fn rows_apart(&self) -> bool {
+        false
+    }
+
+    /// What a [`Gate::Tail`] row's products cost relative to a row without the term's
+    /// (their arithmetic's rate: int8 about four times f32's), for weighing the threads'
+    /// shares of a pass's rows.
+    fn tail_row_cost(&self) -> f64 {
+        1.0
+    }
 }
 
 /// An adapter and the rows its term applies to.

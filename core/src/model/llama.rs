@@ -212,6 +212,13 @@ impl Llama {
     ) -> Tensor {
         let rope = self.rope_tables(positions, x.kind());
         let pass = Pass { rope: &rope, mask, adapter, write_at: None };
+        // A step's rows shared out between two threads through every layer, where it applies.
+        if let Some(cache) = cache.as_deref_mut()
+            && let Some(h) = super::row_split::forward(&self.layers, &self.config, x, &pass, cache)
+        {
+            cache.commit(x.size()[1] as usize);
+            return self.final_norm(&h);
+        }
         let mut h = x.shallow_clone();
         for layer in &self.layers {
             h = layer.forward(&h, &pass, cache.as_deref_mut());

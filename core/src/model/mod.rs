@@ -17,6 +17,7 @@ pub mod norm;
 pub mod panels;
 pub mod rope;
 pub mod row_ops;
+pub mod row_split;
 pub mod trace;
 pub mod weights;
 

@@ -406,6 +406,29 @@ impl ProjDelta for PreparedLora {
         })
     }
 
+    /// Which form a tail row takes (int8, bf16 or f32) depends on how many tail rows share
+    /// its call only through the thresholds: rows may go apart where every mask row takes
+    /// int8 (the groups all have their panels), or bf16 is not counted (never, or from one
+    /// row). Every form computes a row from that row alone.
+    fn rows_apart(&self) -> bool {
+        let every_int8 =
+            self.int8_min_rows.is_some_and(|min| min <= 1) && self.groups.iter().flatten().all(|g| g.int8.is_some());
+        every_int8 || self.bf16_min_rows.is_none_or(|min| min <= 1) && self.int8_min_rows.is_none_or(|min| min <= 1)
+    }
+
+    /// int8's `vpdpbusd` does four times the multiply-adds of an f32 FMA an instruction, a
+    /// bf16 pair two (the rates measured on the Zen 4 of docs/BENCHMARKS.md: 219 and 52 a
+    /// nanosecond for int8 and f32).
+    fn tail_row_cost(&self) -> f64 {
+        if self.int8_min_rows.is_some() && self.groups.iter().flatten().any(|g| g.int8.is_some()) {
+            0.25
+        } else if self.bf16_min_rows.is_some() {
+            0.5
+        } else {
+            1.0
+        }
+    }
+
     fn add_to(&self, layer: usize, group: ProjGroup, x: &Tensor, y: Tensor, gate: &Gate) -> Tensor {
         let Some(PreparedGroup { a, b: b_scaled, merged, .. }) = self.group(layer, group) else { return y };
         let (b, t) = (x.size()[0], x.size()[1]);
