@@ -267,7 +267,6 @@ pub(super) fn forward(
         _ => (t, 1.0),
     };
     let qualifies = wanted(config, untermed, t - untermed, tail_cost)
-        && backoff_go_ahead()
         && (MIN_ROWS..=super::few_rows::MAX_ROWS).contains(&t)
         && x.device() == Device::Cpu
         && x.kind() == Kind::Float
@@ -277,7 +276,9 @@ pub(super) fn forward(
         && adapter_apart
         && super::attention::reads_in_place()
         && !super::few_rows::is_alone()
-        && tch::get_num_threads() > 1;
+        && tch::get_num_threads() > 1
+        // Last: only a pass that would share uses up one of those to put off.
+        && backoff_go_ahead();
     if !qualifies {
         return None;
     }
@@ -306,11 +307,7 @@ pub(super) fn forward(
         lanes16: super::few_rows::tests::lanes_here(),
     };
     let began = std::time::Instant::now();
-    let team = AtomicUsize::new(1);
     let ran = super::few_rows::in_team(2, &|i, n| {
-        if i == 0 {
-            team.store(n, Ordering::Relaxed);
-        }
         if i == 0 {
             meeting.threads.store(n, Ordering::Relaxed);
         }
@@ -334,7 +331,7 @@ pub(super) fn forward(
         backoff_record(true);
     }
     let done = ran && !meeting.failed.load(Ordering::Acquire);
-    if done && team.load(Ordering::Relaxed) == 2 {
+    if done && meeting.threads.load(Ordering::Relaxed) == 2 {
         let [first, second] = meeting.waited.each_ref().map(|w| w.load(Ordering::Relaxed) as i64);
         let took = began.elapsed().as_nanos() as i64;
         balance.learn(second - first, took / t);
@@ -378,6 +375,10 @@ fn row_products(config: &ModelConfig) -> usize {
 /// Thread `i` of `n`'s share of the pass: its rows through every layer, written into
 /// `out`; stops (the meeting failed) where a layer's in-place path does not apply.
 fn run_share(shared: &Shared, meeting: &Meeting, i: usize, n: usize) {
+    // A thread that starts after the others gave up on it has nothing to do.
+    if meeting.failed.load(Ordering::Acquire) {
+        return;
+    }
     let (start, rows) = match (n, i) {
         (2, 0) => (0, shared.split),
         (2, _) => (shared.split, shared.t - shared.split),
