@@ -249,11 +249,12 @@ pub fn product_in_chunks(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> 
     }
     let y = Tensor::empty([rows, weight.size()[0]], (Kind::Float, Device::Cpu));
     // Made contiguous once, not once a chunk.
-    let weight = weight.contiguous();
+    let mut copy = None;
+    let weight = contiguous(weight, &mut copy);
     for at in (0..rows).step_by(MAX_ROWS as usize) {
         let n = MAX_ROWS.min(rows - at);
         // Rows of a contiguous `y`: contiguous too.
-        run(&x.narrow(0, at, n), &weight, bias, &y.narrow(0, at, n), false, Extras::default());
+        run(&x.narrow(0, at, n), weight, bias, &y.narrow(0, at, n), false, Extras::default());
     }
     Some(y)
 }
@@ -715,13 +716,23 @@ struct Extras {
     tail_panels: Option<*const f32>,
 }
 
+/// `t` itself where it is contiguous, else a contiguous copy kept in `slot`. Not
+/// `t.contiguous()`, which gives a new handle even then: a handle counts a reference on the
+/// tensor, an atomic operation on its memory, and the threads that share a step's rows
+/// ([`super::row_split`]) would contend for a weight's count in every product of every
+/// layer.
+pub(super) fn contiguous<'a>(t: &'a Tensor, slot: &'a mut Option<Tensor>) -> &'a Tensor {
+    if t.is_contiguous() { t } else { slot.insert(t.contiguous()) }
+}
+
 /// `y (+)= x W^T + b`, and what `extras` asks for.
 fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulate: bool, extras: Extras) {
     let Extras { low_rank, bf16_from, tail_weight, tail_panels } = extras;
     // Contiguous copies only where the caller's tensors are not (kept alive below).
     let x = x.contiguous();
-    let weight = weight.contiguous();
-    let bias = bias.map(Tensor::contiguous);
+    let (mut weight_copy, mut bias_copy) = (None, None);
+    let weight = contiguous(weight, &mut weight_copy);
+    let bias = bias.map(|b| contiguous(b, &mut bias_copy));
     let (rows, inp) = (x.size()[0] as usize, x.size()[1] as usize);
     let stride = inp.div_ceil(32) * 32;
     let mut x_bf16 = Vec::new();

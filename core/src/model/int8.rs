@@ -181,8 +181,9 @@ pub fn product_tail(
         return None;
     }
     let x = x.contiguous();
-    let weight = weight.contiguous();
-    let bias = bias.map(Tensor::contiguous);
+    let (mut weight_copy, mut bias_copy) = (None, None);
+    let weight = few_rows::contiguous(weight, &mut weight_copy);
+    let bias = bias.map(|b| few_rows::contiguous(b, &mut bias_copy));
     let (rows, inp, out, start) = (rows as usize, inp as usize, out as usize, start as usize);
     let y = Tensor::empty([rows as i64, out as i64], (Kind::Float, Device::Cpu));
     // SAFETY: `x` is contiguous f32 with `rows x inp` values, alive to the end.
