@@ -217,9 +217,8 @@ struct Shared<'a> {
     pass: &'a Pass<'a>,
     mask: &'a Tensor,
     cache: &'a KvCache,
-    /// The rows' weights for the shares ([`shares`]).
-    weights: Vec<f64>,
-    /// With two threads: the first's rows, `0..split` ([`Balance`]).
+    /// With two threads: the first's rows, `0..split` ([`Balance`]; never empty, nor are the
+    /// second's).
     split: i64,
     /// `[1, t, d]`, contiguous: each thread writes its rows.
     out: *mut f32,
@@ -257,14 +256,12 @@ pub(super) fn forward(
     let size = x.size();
     let &[1, t, d] = size.as_slice() else { return None };
     let AttnMask::Custom(mask) = pass.mask else { return None };
-    let adapter_apart = match pass.adapter {
-        None => true,
-        Some(Gated { delta, gate: Gate::Tail(_) }) => delta.rows_apart(),
-        Some(_) => false,
-    };
-    let (untermed, tail_cost) = match pass.adapter {
-        Some(Gated { delta, gate: Gate::Tail(start) }) => (*start, delta.tail_row_cost()),
-        _ => (t, 1.0),
+    // Rows without the adapter's term (the first), what a tail row's products cost, and
+    // whether the adapter lets the rows go apart.
+    let (untermed, tail_cost, adapter_apart) = match pass.adapter {
+        None => (t, 1.0, true),
+        Some(Gated { delta, gate: Gate::Tail(start) }) => (*start, delta.tail_row_cost(), delta.rows_apart()),
+        Some(_) => (t, 1.0, false),
     };
     let qualifies = wanted(config, untermed, t - untermed, tail_cost)
         && (MIN_ROWS..=super::few_rows::MAX_ROWS).contains(&t)
@@ -285,7 +282,6 @@ pub(super) fn forward(
     let x = x.contiguous();
     let past = cache.len() as i64;
     cache.reserve_rows([1, config.num_kv_heads as i64, config.head_dim as i64], Kind::Float, t);
-    let weights = row_weights(config, t, untermed, tail_cost, past + t);
     let balance = &BALANCE[t as usize];
     let out = Tensor::empty([1, t, d], (Kind::Float, Device::Cpu));
     let meeting = Meeting::new();
@@ -296,8 +292,7 @@ pub(super) fn forward(
         pass,
         mask,
         cache,
-        split: balance.split(&weights, t),
-        weights,
+        split: balance.split(&row_weights(config, t, untermed, tail_cost, past + t), t),
         out: out.data_ptr() as *mut f32,
         d: d as usize,
         past,
@@ -379,20 +374,12 @@ fn run_share(shared: &Shared, meeting: &Meeting, i: usize, n: usize) {
     if meeting.failed.load(Ordering::Acquire) {
         return;
     }
+    // The team was asked for two threads; a runtime that gives one leaves it every row.
     let (start, rows) = match (n, i) {
         (2, 0) => (0, shared.split),
         (2, _) => (shared.split, shared.t - shared.split),
-        _ => shares(&shared.weights, n)[i],
+        _ => (0, shared.t),
     };
-    if rows == 0 {
-        // An empty share still meets the others once a layer.
-        for _ in shared.layers {
-            if !meeting.meet(i) {
-                return;
-            }
-        }
-        return;
-    }
     let _grad = tch::no_grad_guard();
     let amx = super::int8::amx_asked();
     super::int8::use_amx(shared.amx);
