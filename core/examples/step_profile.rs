@@ -105,13 +105,13 @@ fn main() -> anyhow::Result<()> {
     let inputs = Tensor::full([n], 5, (Kind::Int64, tch::Device::Cpu));
     let tok = Tensor::from_slice(&[5i64]).unsqueeze(0);
 
-    let mut caches: Vec<KvCache> = (0..17).map(|_| new_cache()).collect();
+    let mut caches: Vec<KvCache> = (0..18).map(|_| new_cache()).collect();
     let mut it = caches.iter_mut();
     let mut next = || it.next().ok_or_else(|| anyhow::anyhow!("caches"));
     let (c1, c2, c3, c4, c5, c6) = (next()?, next()?, next()?, next()?, next()?, next()?);
     let (c7, c8, c9, c10) = (next()?, next()?, next()?, next()?);
     let (c11, c12, c13, c14, c15) = (next()?, next()?, next()?, next()?, next()?);
-    let (c16, c17) = (next()?, next()?);
+    let (c16, c17, c18) = (next()?, next()?, next()?);
     let ar = |model: &Llama, cache: &mut KvCache| {
         let h = model.forward_embeds(
             &model.embed(&tok),
@@ -259,6 +259,14 @@ fn main() -> anyhow::Result<()> {
         one_thread(&mut || drop(step(&merged_int8, &plan_mi, c16, true)));
     });
     r.add("whole step, int8, rows on one thread", || one_thread(&mut || whole(&low_rank_int8, c17)));
+    // The threads that share the rows meeting both ways once a layer, where the one-way
+    // meeting would apply.
+    r.add("whole step, int8, threads meeting both ways", || {
+        mtp_core::model::row_split::one_way_meetings(false);
+        whole(&low_rank_int8, c18);
+        mtp_core::model::row_split::one_way_meetings(true);
+    });
+
     let results = r.run(15, 20);
     for (label, us) in &results {
         println!("{label:<45} {us:>10.1} us");

@@ -565,13 +565,13 @@ fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
 /// A step's rows shared out between two threads through every layer
 /// (`mtp_core::model::row_split`) give the same bits as on one thread: every row of the step,
 /// the cache rows it wrote (read by the AR step after it), with each form and arithmetic of
-/// the mask rows, quadratic and linear; and the split is taken where the process has two
-/// threads.
+/// the mask rows, quadratic and linear, the threads meeting one way and both ways; and the
+/// split is taken where the process has two threads.
 #[test]
 fn rows_shared_between_threads_give_the_same_bits() -> anyhow::Result<()> {
     use mtp_core::decode::Layout;
     use mtp_core::decode::speculative::{StepLayout, StepPlan};
-    use mtp_core::model::row_split::split_rows;
+    use mtp_core::model::row_split::{one_way_meetings, split_rows};
     let t = trained();
     let model = &t.loaded.model;
     let prompt = Tensor::from_slice(&t.loaded.tokenizer.encode("def add(a, b):\n    return a")?).unsqueeze(0);
@@ -606,21 +606,35 @@ fn rows_shared_between_threads_give_the_same_bits() -> anyhow::Result<()> {
             let ((one_h, one_next), none) = run(false);
             let case = format!("{what}, {layout:?}, {drafts} drafts, {masks} masks");
             assert_eq!(none, 0, "{case}: shared out while switched off");
-            // A step gives up sharing where the other thread does not get a core in time
-            // (tests running side by side): then it runs on one thread, and is tried again.
-            for _ in 0..100 {
-                let ((two_h, two_next), taken) = run(true);
-                assert!(two_h.equal(&one_h), "{case}: the step's rows differ");
-                assert!(two_next.equal(&one_next), "{case}: the cache rows the step wrote differ");
-                if taken > 0 {
-                    shared += 1;
-                    break;
+            // The threads meeting one way (the layouts' first rows, the next-token rows, see
+            // no later row) and both ways once a layer.
+            for one_way in [true, false] {
+                let before = one_way_meetings(one_way);
+                let mut took = false;
+                // A step gives up sharing where the other thread does not get a core in time
+                // (tests running side by side): then it runs on one thread, and is tried again.
+                for _ in 0..100 {
+                    let ((two_h, two_next), taken) = run(true);
+                    assert!(two_h.equal(&one_h), "{case}, one way {one_way}: the step's rows differ");
+                    assert!(
+                        two_next.equal(&one_next),
+                        "{case}, one way {one_way}: the cache rows the step wrote differ"
+                    );
+                    if taken > 0 {
+                        shared += 1;
+                        took = true;
+                        break;
+                    }
+                }
+                let met_one_way = one_way_meetings(true) - before;
+                if took {
+                    assert_eq!(met_one_way > 0, one_way, "{case}: passes that met one way");
                 }
             }
         }
     }
     if tch::get_num_threads() > 1 {
-        assert_eq!(shared, 18, "steps shared out");
+        assert_eq!(shared, 36, "steps shared out");
     }
     Ok(())
 }

@@ -13,6 +13,11 @@
 //! rows' arithmetic, the mask rows' above all, is split between the cores. AR's one row
 //! stays on one thread.
 //!
+//! Where the first share's rows attend to none of the second's (a step's next-token rows come
+//! first, and each row sees only rows before it), the meeting is one way: the first thread
+//! goes on at once, and the second waits only for the first's keys and values of the layer
+//! ([`Meeting::one_way`]).
+//!
 //! The shares start from an estimate of each row's arithmetic and move by a row at a time
 //! towards the thread that waits ([`Balance`]); a pass whose threads mostly wait (another
 //! program holds a core) puts the sharing off for a while ([`Backoff`]).
@@ -120,22 +125,48 @@ pub fn split_rows(on: bool) -> u64 {
     })
 }
 
+thread_local! {
+    /// Whether this thread's shared passes meet one way where their mask allows
+    /// ([`Meeting::one_way`]), and how many did.
+    static ONE_WAY: std::cell::Cell<(bool, u64)> = const { std::cell::Cell::new((true, 0)) };
+}
+
+/// Let this thread's shared passes meet one way where the first share's rows attend to none
+/// of the second's (`true`, the default; [`Meeting::one_way`]) or always meet both ways once
+/// a layer (the tests compare the outputs of the two, the examples time them in turns);
+/// returns how many passes of this thread met one way so far.
+pub fn one_way_meetings(on: bool) -> u64 {
+    ONE_WAY.with(|c| {
+        let (_, count) = c.get();
+        c.set((on, count));
+        count
+    })
+}
+
 /// One thread's share of a pass's rows, as its layers see it.
 pub(super) struct RowPart<'a> {
     /// The cache row its first row is written at.
     pub at: i64,
-    /// The cache rows attention reads: the committed ones and every row of the pass.
+    /// The cache rows attention reads: the committed ones and every row of the pass (with
+    /// [`Meeting::one_way`], the first share's only up to its last row).
     pub keys: i64,
     meeting: &'a Meeting,
     /// Which thread of the team takes it.
     thread: usize,
+    /// The layers whose meeting this thread has passed.
+    layers: std::cell::Cell<usize>,
 }
 
 impl RowPart<'_> {
-    /// Wait until every thread has reached this point of its layer; false when one of them
+    /// Wait until the rows this thread's attention reads have been written by every thread
+    /// (each thread calls this once a layer, after writing its own): every thread reaching
+    /// this point of its layer, or with [`Meeting::one_way`], the first share going on at
+    /// once and the second waiting for the first's rows of this layer. False when a thread
     /// failed (then every thread stops, and the pass runs again on one thread).
     pub fn meet(&self) -> bool {
-        self.meeting.meet(self.thread)
+        let layer = self.layers.get() + 1;
+        self.layers.set(layer);
+        self.meeting.meet(self.thread, layer)
     }
 
     /// Say that this thread cannot go on (its layer's in-place path did not apply).
@@ -157,10 +188,25 @@ struct Meeting {
     waited: [AtomicU64; 2],
     /// Set when a thread stopped waiting after [`WAIT_LIMIT`].
     gave_up: AtomicBool,
+    /// The first share's rows attend to no row of the second's (a step's layouts put the
+    /// next-token rows first, and each row sees only rows before it): the first thread never
+    /// waits, and the second waits only for the first's keys and values of each layer
+    /// (`written`). A meeting of both once a layer made each wait for the other's
+    /// slowest moments, layer after layer: on the proxy's 4-mask steps the two threads
+    /// waited 85 and 103 us a step at the meetings (`perf record` of `mtp bench`, fiftieth
+    /// session); one way, the first waits only for the second at the end (35 us more
+    /// there), the second 24 us less.
+    one_way: bool,
+    /// With `one_way`: the layers whose rows the first thread has written.
+    written: AtomicUsize,
+    /// When the first two threads finished their shares, in nanoseconds from the pass's
+    /// start: with `one_way` the first thread never waits at a meeting, so its share being
+    /// too light shows only here.
+    finished: [AtomicU64; 2],
 }
 
 impl Meeting {
-    fn new() -> Self {
+    fn new(one_way: bool) -> Self {
         Self {
             threads: AtomicUsize::new(1),
             arrived: AtomicUsize::new(0),
@@ -168,43 +214,61 @@ impl Meeting {
             failed: AtomicBool::new(false),
             waited: [AtomicU64::new(0), AtomicU64::new(0)],
             gave_up: AtomicBool::new(false),
+            one_way,
+            written: AtomicUsize::new(0),
+            finished: [AtomicU64::new(0), AtomicU64::new(0)],
         }
     }
 
-    /// Thread `thread`'s wait for the others (see [`RowPart::meet`]).
-    fn meet(&self, thread: usize) -> bool {
+    /// Thread `thread`'s wait at its `layer`th meeting (see [`RowPart::meet`]).
+    fn meet(&self, thread: usize, layer: usize) -> bool {
         if self.failed.load(Ordering::Acquire) {
             return false;
+        }
+        if self.one_way && self.threads.load(Ordering::Relaxed) == 2 {
+            if thread == 0 {
+                // Its rows written (the store orders them before the other thread's reads).
+                self.written.store(layer, Ordering::Release);
+                return !self.failed.load(Ordering::Acquire);
+            }
+            return self.wait(thread, || self.written.load(Ordering::Acquire) >= layer);
         }
         let generation = self.generation.load(Ordering::Acquire);
         if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads.load(Ordering::Relaxed) {
             self.arrived.store(0, Ordering::Relaxed);
             self.generation.fetch_add(1, Ordering::Release);
+            !self.failed.load(Ordering::Acquire)
         } else {
-            let since = std::time::Instant::now();
-            let mut spins = 0u32;
-            while self.generation.load(Ordering::Acquire) == generation {
-                if self.failed.load(Ordering::Acquire) {
-                    return false;
-                }
-                // Where the threads outnumber the cores (tests running side by side), the
-                // thread waited for may need this one's core.
-                spins += 1;
-                if spins < SPINS_BEFORE_YIELDING {
-                    std::hint::spin_loop();
-                } else if since.elapsed() < WAIT_LIMIT {
-                    std::thread::yield_now();
-                } else {
-                    // The other thread has not had a core for a while: every thread stops at
-                    // its next meeting, and the pass runs again on one thread.
-                    self.gave_up.store(true, Ordering::Relaxed);
-                    self.failed.store(true, Ordering::Release);
-                    return false;
-                }
+            self.wait(thread, || self.generation.load(Ordering::Acquire) != generation)
+        }
+    }
+
+    /// Spin until `done()`, the time counted as `thread`'s wait; false when a thread
+    /// failed, or this one waited past [`WAIT_LIMIT`] (then it fails the pass).
+    fn wait(&self, thread: usize, done: impl Fn() -> bool) -> bool {
+        let since = std::time::Instant::now();
+        let mut spins = 0u32;
+        while !done() {
+            if self.failed.load(Ordering::Acquire) {
+                return false;
             }
-            if let Some(waited) = self.waited.get(thread) {
-                waited.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            // Where the threads outnumber the cores (tests running side by side), the
+            // thread waited for may need this one's core.
+            spins += 1;
+            if spins < SPINS_BEFORE_YIELDING {
+                std::hint::spin_loop();
+            } else if since.elapsed() < WAIT_LIMIT {
+                std::thread::yield_now();
+            } else {
+                // The other thread has not had a core for a while: every thread stops at
+                // its next meeting, and the pass runs again on one thread.
+                self.gave_up.store(true, Ordering::Relaxed);
+                self.failed.store(true, Ordering::Release);
+                return false;
             }
+        }
+        if let Some(waited) = self.waited.get(thread) {
+            waited.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
         !self.failed.load(Ordering::Acquire)
     }
@@ -225,6 +289,8 @@ struct Shared<'a> {
     d: usize,
     past: i64,
     t: i64,
+    /// When the pass started.
+    began: std::time::Instant,
     /// This thread's settings that the other threads take for the pass.
     amx: bool,
     #[cfg(test)]
@@ -284,24 +350,26 @@ pub(super) fn forward(
     cache.reserve_rows([1, config.num_kv_heads as i64, config.head_dim as i64], Kind::Float, t);
     let balance = &BALANCE[t as usize];
     let out = Tensor::empty([1, t, d], (Kind::Float, Device::Cpu));
-    let meeting = Meeting::new();
+    let split = balance.split(&row_weights(config, t, untermed, tail_cost, past + t), t);
+    let meeting = Meeting::new(ONE_WAY.with(|c| c.get().0) && sees_only_earlier(mask, past, split));
     let panic = std::sync::Mutex::new(None);
+    let began = std::time::Instant::now();
     let shared = Shared {
         layers,
         x: &x,
         pass,
         mask,
         cache,
-        split: balance.split(&row_weights(config, t, untermed, tail_cost, past + t), t),
+        split,
         out: out.data_ptr() as *mut f32,
         d: d as usize,
         past,
         t,
+        began,
         amx: super::int8::amx_asked(),
         #[cfg(test)]
         lanes16: super::few_rows::tests::lanes_here(),
     };
-    let began = std::time::Instant::now();
     let ran = super::few_rows::in_team(2, &|i, n| {
         if i == 0 {
             meeting.threads.store(n, Ordering::Relaxed);
@@ -327,7 +395,13 @@ pub(super) fn forward(
     }
     let done = ran && !meeting.failed.load(Ordering::Acquire);
     if done && meeting.threads.load(Ordering::Relaxed) == 2 {
-        let [first, second] = meeting.waited.each_ref().map(|w| w.load(Ordering::Relaxed) as i64);
+        let [mut first, mut second] = meeting.waited.each_ref().map(|w| w.load(Ordering::Relaxed) as i64);
+        if meeting.one_way {
+            // The thread that finished first waited at the end for the other.
+            let [end0, end1] = meeting.finished.each_ref().map(|w| w.load(Ordering::Relaxed) as i64);
+            first += (end1 - end0).max(0);
+            second += (end0 - end1).max(0);
+        }
         let took = began.elapsed().as_nanos() as i64;
         balance.learn(second - first, took / t);
         // More than half the two threads' time spent waiting: the other thread did not get
@@ -336,8 +410,47 @@ pub(super) fn forward(
     }
     if done {
         ALLOWED.with(|c| c.set((c.get().0, c.get().1 + 1)));
+        if meeting.one_way {
+            ONE_WAY.with(|c| c.set((c.get().0, c.get().1 + 1)));
+        }
     }
     done.then_some(out)
+}
+
+/// Whether the first `split` rows of a pass under `mask` (`[.., t, past + t]`, additive or
+/// boolean) attend to none of the rows after them: every value of those rows' keys from
+/// `past + split` on is `-inf` (or `false`). Then the first share's attention over the keys
+/// up to its last row gives the same bits as over all of them (a key it may not attend to
+/// adds exact zeros), and it need not wait for the second share's keys. Anything else
+/// (another layout of the mask, a finite value) says no.
+fn sees_only_earlier(mask: &Tensor, past: i64, split: i64) -> bool {
+    let size = mask.size();
+    let [.., t, s] = size.as_slice() else { return false };
+    let (t, s) = (*t, *s);
+    let fits = size.iter().rev().skip(2).all(|&n| n == 1)
+        && s == past + t
+        && (1..t).contains(&split)
+        && mask.device() == Device::Cpu
+        && mask.is_contiguous();
+    if !fits {
+        return false;
+    }
+    let (first, count) = ((past + split) as usize, (t - split) as usize);
+    let rows = (0..split as usize).map(|r| r * s as usize + first);
+    match mask.kind() {
+        Kind::Float => {
+            // SAFETY: a contiguous CPU tensor of `t x s` f32 values; each row's values from
+            // `first` on, `count` of them, lie within it.
+            let data = unsafe { std::slice::from_raw_parts(mask.data_ptr() as *const f32, (t * s) as usize) };
+            rows.into_iter().all(|at| data[at..at + count].iter().all(|&v| v == f32::NEG_INFINITY))
+        }
+        Kind::Bool => {
+            // SAFETY: as above, one byte a value.
+            let data = unsafe { std::slice::from_raw_parts(mask.data_ptr() as *const u8, (t * s) as usize) };
+            rows.into_iter().all(|at| data[at..at + count].iter().all(|&v| v == 0))
+        }
+        _ => false,
+    }
 }
 
 /// Whether this thread shares out a pass of `config`'s model with `untermed` rows without
@@ -386,6 +499,9 @@ fn run_share(shared: &Shared, meeting: &Meeting, i: usize, n: usize) {
     #[cfg(test)]
     let lanes16 = super::few_rows::tests::set_lanes(shared.lanes16);
     super::few_rows::alone(|| share_through_layers(shared, meeting, i, start, rows));
+    if let Some(end) = meeting.finished.get(i) {
+        end.store(shared.began.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
     super::int8::use_amx(amx);
     #[cfg(test)]
     super::few_rows::tests::set_lanes(lanes16);
@@ -398,7 +514,11 @@ fn share_through_layers(shared: &Shared, meeting: &Meeting, thread: usize, start
         cos: pass.rope.cos.narrow(1, start, rows),
         sin_signed: pass.rope.sin_signed.narrow(1, start, rows),
     };
+    // The first share of a one-way pass reads only the keys up to its last row (the rest,
+    // which it may not attend to, the other thread may be writing).
+    let keys = if meeting.one_way && thread == 0 { shared.past + rows } else { shared.past + shared.t };
     let mask = shared.mask.narrow(-2, start, rows);
+    let mask = if keys < shared.past + shared.t { mask.narrow(-1, 0, keys).contiguous() } else { mask };
     // The adapter's term on this share's tail rows; a share without any runs as the base
     // model does.
     let gated = match pass.adapter {
@@ -408,7 +528,7 @@ fn share_through_layers(shared: &Shared, meeting: &Meeting, thread: usize, start
         _ => None,
     };
     let part_pass = Pass { rope: &rope, mask: AttnMask::Custom(&mask), adapter: gated.as_ref(), write_at: None };
-    let part = RowPart { at: shared.past + start, keys: shared.past + shared.t, meeting, thread };
+    let part = RowPart { at: shared.past + start, keys, meeting, thread, layers: std::cell::Cell::new(0) };
     let mut h = shared.x.narrow(1, start, rows);
     for layer in shared.layers {
         match layer.forward_part(&h, &part_pass, shared.cache, &part) {
@@ -611,6 +731,66 @@ mod tests {
         b.record(false);
         b.record(true);
         assert_eq!(skipped(&mut b), 8);
+    }
+
+    /// A mask whose first rows see none of the later rows' keys says so, additive or
+    /// boolean; one such row that sees a later key, a finite value in place of `-inf`, or a
+    /// split at the edge says no.
+    #[test]
+    fn one_way_where_the_first_rows_see_only_earlier_keys() {
+        let (past, t) = (3i64, 5i64);
+        // Row r sees the cached keys and the pass's rows up to its own.
+        let allowed = Tensor::ones([t, past + t], (Kind::Bool, Device::Cpu)).tril_(past);
+        let additive = Tensor::zeros([t, past + t], (Kind::Float, Device::Cpu))
+            .masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)
+            .view([1, 1, t, past + t]);
+        for split in 1..t {
+            assert!(sees_only_earlier(&allowed, past, split), "boolean, split {split}");
+            assert!(sees_only_earlier(&additive, past, split), "additive, split {split}");
+        }
+        assert!(!sees_only_earlier(&allowed, past, 0) && !sees_only_earlier(&allowed, past, t));
+        // Row 1 sees row 3's key: a split after row 1 (or 2) is one way no longer.
+        let later = allowed.copy();
+        let _ = later.get(1).get(past + 3).fill_(1);
+        assert!(sees_only_earlier(&later, past, 1) && sees_only_earlier(&later, past, 4));
+        assert!(!sees_only_earlier(&later, past, 2) && !sees_only_earlier(&later, past, 3));
+        let finite = additive.copy();
+        let _ = finite.get(0).get(0).get(0).get(past + 4).fill_(-1e30);
+        assert!(!sees_only_earlier(&finite, past, 1));
+        assert!(!sees_only_earlier(&allowed.to_kind(Kind::Int8), past, 1), "another kind");
+        assert!(!sees_only_earlier(&allowed, past + 1, 1), "keys that are not the cache's and the pass's");
+    }
+
+    /// One way, the second thread's wait ends only once the first has written its rows of
+    /// that layer (and sees them), layer after layer; the first never waits.
+    #[test]
+    fn one_way_meetings_order_the_first_threads_writes() {
+        let meeting = Meeting::new(true);
+        meeting.threads.store(2, Ordering::Relaxed);
+        let layers = 200;
+        let rows: Vec<AtomicUsize> = (0..layers).map(|_| AtomicUsize::new(0)).collect();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for (layer, row) in rows.iter().enumerate() {
+                    row.store(layer + 1, Ordering::Relaxed);
+                    assert!(meeting.meet(0, layer + 1));
+                }
+            });
+            s.spawn(|| {
+                for (layer, row) in rows.iter().enumerate() {
+                    assert!(meeting.meet(1, layer + 1));
+                    assert_eq!(row.load(Ordering::Relaxed), layer + 1, "layer {layer} read before it was written");
+                }
+            });
+        });
+        assert_eq!(meeting.waited[0].load(Ordering::Relaxed), 0, "the first thread waited");
+        // A thread that fails releases the other.
+        let failing = Meeting::new(true);
+        failing.threads.store(2, Ordering::Relaxed);
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(!failing.meet(1, 1)));
+            s.spawn(|| failing.failed.store(true, Ordering::Release));
+        });
     }
 
     /// The shares cover the rows in order, once each, with weights near each other.
