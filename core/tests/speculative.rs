@@ -571,7 +571,7 @@ fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
 fn rows_shared_between_threads_give_the_same_bits() -> anyhow::Result<()> {
     use mtp_core::decode::Layout;
     use mtp_core::decode::speculative::{StepLayout, StepPlan};
-    use mtp_core::model::row_split::{one_way_meetings, split_rows};
+    use mtp_core::model::row_split::{head_on_first_rows, one_way_meetings, split_rows};
     let t = trained();
     let model = &t.loaded.model;
     let prompt = Tensor::from_slice(&t.loaded.tokenizer.encode("def add(a, b):\n    return a")?).unsqueeze(0);
@@ -587,6 +587,7 @@ fn rows_shared_between_threads_give_the_same_bits() -> anyhow::Result<()> {
         .map(|(what, d)| (*what, d))
         .chain([("low-rank, exact", &t.low_rank), ("low-rank, bf16", &t.bf16)]);
     let mut shared = 0;
+    let early_logits = std::cell::Cell::new(0);
     for (what, drafter) in drafters {
         for (layout, drafts, masks) in [(Layout::Quadratic, 4, 4), (Layout::Quadratic, 2, 2), (Layout::Linear, 3, 3)] {
             let plan = StepPlan::new(model, drafter, StepLayout::new(layout, drafts, masks))?;
@@ -597,7 +598,14 @@ fn rows_shared_between_threads_give_the_same_bits() -> anyhow::Result<()> {
                 let out = tch::no_grad(|| {
                     let _ = model.forward(&prompt, Some(&mut cache));
                     let past = cache.len();
-                    let h = plan.forward(model, &drafter.step_gate(&plan), &inputs, None, past, Some(&mut cache));
+                    let (h, early) = head_on_first_rows(&model.lm_head, drafts as i64 + 1, || {
+                        plan.forward(model, &drafter.step_gate(&plan), &inputs, None, past, Some(&mut cache))
+                    });
+                    // The next-token rows' logits from the first thread, where it took them.
+                    if let Some(logits) = early {
+                        assert!(logits.equal(&model.logits(&h.narrow(0, 0, drafts as i64 + 1))), "early logits");
+                        early_logits.set(early_logits.get() + 1);
+                    }
                     let next = model.forward(&Tensor::from_slice(&[5i64]).unsqueeze(0), Some(&mut cache));
                     (h, next)
                 });
@@ -635,6 +643,7 @@ fn rows_shared_between_threads_give_the_same_bits() -> anyhow::Result<()> {
     }
     if tch::get_num_threads() > 1 {
         assert_eq!(shared, 36, "steps shared out");
+        assert!(early_logits.get() > 0, "no step's first thread took the logits");
     }
     Ok(())
 }

@@ -214,10 +214,11 @@ impl Llama {
         let pass = Pass { rope: &rope, mask, adapter, write_at: None };
         // A step's rows shared out between two threads through every layer, where it applies.
         if let Some(cache) = cache.as_deref_mut()
-            && let Some(h) = super::row_split::forward(&self.layers, &self.config, x, &pass, cache)
+            && let Some(h) = super::row_split::forward(&self.layers, &self.norm, &self.config, x, &pass, cache)
         {
+            // Each thread's rows already through the final norm.
             cache.commit(x.size()[1] as usize);
-            return self.final_norm(&h);
+            return h;
         }
         let mut h = x.shallow_clone();
         for layer in &self.layers {

@@ -16,7 +16,9 @@
 //! Where the first share's rows attend to none of the second's (a step's next-token rows come
 //! first, and each row sees only rows before it), the meeting is one way: the first thread
 //! goes on at once, and the second waits only for the first's keys and values of the layer
-//! ([`Meeting::one_way`]).
+//! ([`Meeting::one_way`]). Each thread takes its rows through the final norm too, and the
+//! first, which finishes before the other, can take the next-token rows' logits meanwhile
+//! ([`head_on_first_rows`]).
 //!
 //! The shares start from an estimate of each row's arithmetic and move by a row at a time
 //! towards the thread that waits ([`Balance`]); a pass whose threads mostly wait (another
@@ -39,6 +41,7 @@ use super::block::DecoderLayer;
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::{Gate, Gated};
+use super::norm::RmsNorm;
 use super::rope::RopeTables;
 
 /// The fewest rows a pass shares out. A 1-mask quadratic step's 4 rows on the proxy
@@ -143,6 +146,41 @@ pub fn one_way_meetings(on: bool) -> u64 {
     })
 }
 
+/// What [`head_on_first_rows`] asks of this thread's next shared pass, and what it gave.
+#[derive(Default)]
+struct EarlyHead {
+    /// The head and how many first rows.
+    asked: Option<(Tensor, i64)>,
+    /// Their logits, where the pass took them.
+    logits: Option<Tensor>,
+}
+
+thread_local! {
+    static EARLY_HEAD: std::cell::RefCell<EarlyHead> =
+        const { std::cell::RefCell::new(EarlyHead { asked: None, logits: None }) };
+}
+
+/// `f()`, a decoding pass of this thread, and where the pass's rows were shared out between
+/// threads with its first `rows` rows in the first share, those rows' final hidden states
+/// times `head` (`[vocab, d]`), multiplied by the first thread once its rows are through
+/// the layers, while the other thread finishes its own: bit for bit what
+/// [`super::linear::linear`] gives for them after the pass (a step's verification, its
+/// next-token rows' logits). `None` where the pass did not give them.
+pub fn head_on_first_rows<T>(head: &Tensor, rows: i64, f: impl FnOnce() -> T) -> (T, Option<Tensor>) {
+    /// Clears the request however `f` ends.
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            EARLY_HEAD.with(|c| *c.borrow_mut() = EarlyHead::default());
+        }
+    }
+    EARLY_HEAD.with(|c| *c.borrow_mut() = EarlyHead { asked: Some((head.shallow_clone(), rows)), logits: None });
+    let _clear = Clear;
+    let out = f();
+    let logits = EARLY_HEAD.with(|c| c.borrow_mut().logits.take());
+    (out, logits)
+}
+
 /// One thread's share of a pass's rows, as its layers see it.
 pub(super) struct RowPart<'a> {
     /// The cache row its first row is written at.
@@ -193,9 +231,9 @@ struct Meeting {
     /// waits, and the second waits only for the first's keys and values of each layer
     /// (`written`). A meeting of both once a layer made each wait for the other's
     /// slowest moments, layer after layer: on the proxy's 4-mask steps the two threads
-    /// waited 85 and 103 us a step at the meetings (`perf record` of `mtp bench`, fiftieth
-    /// session); one way, the first waits only for the second at the end (35 us more
-    /// there), the second 24 us less.
+    /// waited 78 and 68 us a step at the meetings (`perf record` of `mtp bench`, fiftieth
+    /// session); one way, the first only for the second at the end (35 us more there than
+    /// before), the second 44 us.
     one_way: bool,
     /// With `one_way`: the layers whose rows the first thread has written.
     written: AtomicUsize,
@@ -277,6 +315,11 @@ impl Meeting {
 /// The pass's tensors and the model's layers, read by every thread of the team.
 struct Shared<'a> {
     layers: &'a [DecoderLayer],
+    /// The model's final norm, each thread's rows through it at the end.
+    norm: &'a RmsNorm,
+    /// [`head_on_first_rows`]'s head and rows, for the first thread; its logits.
+    head: Option<(&'a Tensor, i64)>,
+    logits: std::sync::Mutex<Option<Tensor>>,
     x: &'a Tensor,
     pass: &'a Pass<'a>,
     mask: &'a Tensor,
@@ -307,13 +350,14 @@ struct Shared<'a> {
 // order the writes before the reads).
 unsafe impl Sync for Shared<'_> {}
 
-/// The final hidden states of `x` (`[1, t, d]`) through `layers` with its rows shared out
+/// The final hidden states of `x` (`[1, t, d]`) through `layers` and the final `norm` with its rows shared out
 /// between two threads, its keys and values written after the cache's committed rows (not
 /// committed); `None`, and the cache's committed rows untouched, where the pass does not
 /// qualify or a layer's in-place path does not apply (the caller then runs it on one
 /// thread, writing the same rows again).
 pub(super) fn forward(
     layers: &[DecoderLayer],
+    norm: &RmsNorm,
     config: &ModelConfig,
     x: &Tensor,
     pass: &Pass,
@@ -354,8 +398,12 @@ pub(super) fn forward(
     let meeting = Meeting::new(ONE_WAY.with(|c| c.get().0) && sees_only_earlier(mask, past, split));
     let panic = std::sync::Mutex::new(None);
     let began = std::time::Instant::now();
+    let request = EARLY_HEAD.with(|c| c.borrow().asked.as_ref().map(|(head, rows)| (head.shallow_clone(), *rows)));
     let shared = Shared {
         layers,
+        norm,
+        head: request.as_ref().map(|(head, rows)| (head, *rows)),
+        logits: std::sync::Mutex::new(None),
         x: &x,
         pass,
         mask,
@@ -409,6 +457,9 @@ pub(super) fn forward(
         backoff_record(first + second > took);
     }
     if done {
+        if let Some(logits) = shared.logits.lock().ok().and_then(|mut l| l.take()) {
+            EARLY_HEAD.with(|c| c.borrow_mut().logits = Some(logits));
+        }
         ALLOWED.with(|c| c.set((c.get().0, c.get().1 + 1)));
         if meeting.one_way {
             ONE_WAY.with(|c| c.set((c.get().0, c.get().1 + 1)));
@@ -536,7 +587,15 @@ fn share_through_layers(shared: &Shared, meeting: &Meeting, thread: usize, start
             None => return,
         }
     }
-    let h = h.contiguous();
+    let h = shared.norm.forward(&h).contiguous();
+    // The first thread's first rows through the head asked for, while the other thread may
+    // still be on its layers (the first waits for it at the end).
+    if let Some((head, n)) = shared.head.filter(|&(_, n)| thread == 0 && start == 0 && (1..=rows).contains(&n)) {
+        let logits = super::linear::linear(&h.narrow(1, 0, n).view([n, shared.d as i64]), head, None);
+        if let Ok(mut slot) = shared.logits.lock() {
+            *slot = Some(logits);
+        }
+    }
     let count = rows as usize * shared.d;
     // SAFETY: `h` is `[1, rows, d]` contiguous f32; `out` holds `t x d` values, of which
     // rows `start..start + rows` are this thread's alone.

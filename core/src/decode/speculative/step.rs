@@ -300,8 +300,12 @@ impl<'a> SpecDecoder<'a> {
         } else {
             let (h, logits) = tch::no_grad(|| {
                 let gated = drafter.step_gate(&plan);
-                let h = plan.forward(model, &gated, &inputs, noise.as_ref(), past, Some(&mut self.cache));
-                let logits = model.logits(&h.narrow(0, 0, regular));
+                // Where the step's rows are shared out between threads, the first thread takes
+                // the next-token rows' logits while the other finishes its rows.
+                let (h, early) = crate::model::row_split::head_on_first_rows(&model.lm_head, regular, || {
+                    plan.forward(model, &gated, &inputs, noise.as_ref(), past, Some(&mut self.cache))
+                });
+                let logits = early.unwrap_or_else(|| model.logits(&h.narrow(0, 0, regular)));
                 (h, logits)
             });
 
