@@ -266,7 +266,6 @@ fn main() -> anyhow::Result<()> {
         whole(&low_rank_int8, c18);
         mtp_core::model::row_split::one_way_meetings(true);
     });
-
     let results = r.run(15, 20);
     for (label, us) in &results {
         println!("{label:<45} {us:>10.1} us");

@@ -318,7 +318,7 @@ struct Shared<'a> {
     /// The model's final norm, each thread's rows through it at the end.
     norm: &'a RmsNorm,
     /// [`head_on_first_rows`]'s head and rows, for the first thread; its logits.
-    head: Option<(&'a Tensor, i64)>,
+    head: Option<(Tensor, i64)>,
     logits: std::sync::Mutex<Option<Tensor>>,
     x: &'a Tensor,
     pass: &'a Pass<'a>,
@@ -398,11 +398,10 @@ pub(super) fn forward(
     let meeting = Meeting::new(ONE_WAY.with(|c| c.get().0) && sees_only_earlier(mask, past, split));
     let panic = std::sync::Mutex::new(None);
     let began = std::time::Instant::now();
-    let request = EARLY_HEAD.with(|c| c.borrow().asked.as_ref().map(|(head, rows)| (head.shallow_clone(), *rows)));
     let shared = Shared {
         layers,
         norm,
-        head: request.as_ref().map(|(head, rows)| (head, *rows)),
+        head: EARLY_HEAD.with(|c| c.borrow().asked.as_ref().map(|(head, rows)| (head.shallow_clone(), *rows))),
         logits: std::sync::Mutex::new(None),
         x: &x,
         pass,
@@ -590,7 +589,10 @@ fn share_through_layers(shared: &Shared, meeting: &Meeting, thread: usize, start
     let h = shared.norm.forward(&h).contiguous();
     // The first thread's first rows through the head asked for, while the other thread may
     // still be on its layers (the first waits for it at the end).
-    if let Some((head, n)) = shared.head.filter(|&(_, n)| thread == 0 && start == 0 && (1..=rows).contains(&n)) {
+    if let Some((head, n)) =
+        shared.head.as_ref().filter(|&&(_, n)| thread == 0 && start == 0 && (1..=rows).contains(&n))
+    {
+        let n = *n;
         let logits = super::linear::linear(&h.narrow(1, 0, n).view([n, shared.d as i64]), head, None);
         if let Ok(mut slot) = shared.logits.lock() {
             *slot = Some(logits);
