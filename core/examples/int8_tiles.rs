@@ -3,7 +3,7 @@
 //! the demo's and SmolLM2-135M's layer shapes, a 4-mask quadratic step's 25 rows (5
 //! next-token rows in f32) and the mask rows alone (20, 16, 5), one thread and two; the
 //! fastest of 50 rounds of 100 calls, microseconds a call. Where the tiles do not run, both
-//! columns are `vpdpbusd`'s.
+//! columns are `vpdpbusd`'s, or without AVX-512 VNNI AVX2's `vpmaddubsw`.
 //! `cargo run --release -p mtp-core --example int8_tiles`
 use std::time::Instant;
 
@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
     let o = (Kind::Float, Device::Cpu);
     let _g = tch::no_grad_guard();
     if !int8::available() {
-        anyhow::bail!("this CPU does not run the int8 tiles (AVX-512 VNNI)");
+        anyhow::bail!("this CPU does not run the int8 tiles (AVX2 and FMA)");
     }
     println!("AMX tiles run here: {}", int8::amx_available());
     println!("{:>7} {:>11} {:>5} {:>6} {:>9} {:>9}", "threads", "weight", "rows", "start", "AMX us", "VNNI us");

@@ -98,11 +98,10 @@ pub struct AdapterArg {
     /// The arithmetic of a step's mask rows (drafts only: the next-token rows, and so
     /// greedy output, are the same either way): exact (the model's dtype), bf16 (on a CPU
     /// with AVX-512 BF16, twice the multiply-adds of the f32 tiles), int8 (on a CPU with
-    /// AVX-512 VNNI, an f32 model: the merged weights quantized once more, a quarter of their
-    /// bytes, four times the multiply-adds; the draft chain's head and sampler too), or auto
-    /// (int8 where it runs, for a model whose weights exceed 64 MiB only in steps of at least
-    /// 12 mask rows; else bf16 for an f32 model's steps of at least 12 mask rows on an AMD
-    /// CPU, where it measured faster).
+    /// AVX2, an f32 model: the merged weights quantized once more, a quarter of their bytes,
+    /// four times the multiply-adds with AVX-512 VNNI, about 1.7 times with AVX2 alone; the
+    /// draft chain's head and sampler too), or auto (int8 where it runs, for a model whose
+    /// weights exceed 64 MiB only in steps of at least 6 mask rows, 12 with AMX tiles).
     #[arg(long, default_value = "auto")]
     pub draft_arithmetic: DraftArithmetic,
 }

@@ -71,8 +71,8 @@ pub fn show(
             ui.add_enabled(cuda, egui::Checkbox::new(value, "Replay decoding steps"))
         });
         let tip = "How a speculative step multiplies its mask rows, whose outputs are only drafts (greedy output is \
-                   the same either way): auto (int8 where the CPU has AVX-512 VNNI, for a model over 64 MiB only \
-                   in steps of 12 or more mask rows; else bf16 for many mask rows on AMD), exact (the model's dtype), \
+                   the same either way): auto (int8 on a CPU with AVX2, for a model over 64 MiB only in steps of \
+                   6 or more mask rows, 12 with AMX), exact (the model's dtype), \
                    bf16 or int8 (CPU only; the draft chain's head and sampler in int8 too); applies at the next load";
         form_row(ui, "Draft arithmetic", tip, |ui| {
             egui::ComboBox::from_id_salt("draft-arithmetic")

@@ -34,7 +34,7 @@ pub fn read_from_memory(address: usize) -> bool {
 }
 
 /// Bytes of a core's last-level cache (`/sys`; 32 MB where it does not say).
-fn last_level_cache() -> usize {
+pub(super) fn last_level_cache() -> usize {
     static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *BYTES.get_or_init(|| {
         let text = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size").unwrap_or_default();

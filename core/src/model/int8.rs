@@ -1,6 +1,7 @@
 //! A decoding step's mask rows multiplied in int8 on the CPU (AVX-512 VNNI: Zen 4, Ice
-//! Lake and later): `vpdpbusd` adds 64 products of bytes an instruction, twice what
-//! `vdpbf16ps` does with bf16 pairs and four times an f32 multiply-add.
+//! Lake and later; AVX2 elsewhere, below): `vpdpbusd` adds 64 products of bytes an
+//! instruction, twice what `vdpbf16ps` does with bf16 pairs and four times an f32
+//! multiply-add.
 //!
 //! The weight the mask rows read (the adapter's merged weight `W + s B A`, so no term is
 //! left to add) is held once more, quantized when the drafter is prepared: each output row
@@ -16,6 +17,15 @@
 //!
 //! Where the CPU has AMX (Sapphire Rapids and later) and the weight is large enough, the mask
 //! rows go through its tiles instead ([`amx`]): the same integer sums, so the same outputs.
+//!
+//! Where it has AVX2 but not AVX-512 VNNI (Zen 3, Haswell to Skylake), the same panels go
+//! through `vpmaddubsw` ([`avx2`]): the rows are quantized to the same values, kept signed,
+//! and each byte pair multiplied as `|x| x (w with x's sign)`, whose pair sums (at most
+//! 2 x 127 x 127) never saturate sixteen bits; `vpmaddwd` by ones then adds the pairs into
+//! eight int32 sums. The sums are `vpdpbusd`'s less its shift exactly, so the outputs are
+//! the same bits on either CPU. On a Zen 3 a core ran these tiles at about 56 multiply-adds
+//! a nanosecond (SmolLM2-135M's 1728 x 576 weight, 20 rows, `int8_tiles`; a loop of the same
+//! instructions alone about 60), the f32 tiles at about 33 (the demo's gate/up, 25 rows).
 //!
 //! The next-token rows of the same call go through the f32 kernel
 //! ([`super::few_rows::exact_columns`]), AR's products, so they stay AR's outputs bit for
@@ -41,6 +51,10 @@ const GROUP: usize = 4;
 /// Mask rows a tile holds: eight accumulators, the panel's vector and the broadcast rows.
 const TILE_ROWS: usize = 8;
 
+/// Mask rows an AVX2 tile holds: two accumulators each (sixteen outputs in two vectors),
+/// the panel's two vectors, the ones and a row's temporaries in sixteen registers.
+const AVX2_TILE_ROWS: usize = 4;
+
 /// Mask rows an AMX tile holds at most.
 const AMX_ROWS: usize = 16;
 
@@ -61,20 +75,32 @@ const AMX_MIN_WEIGHT: usize = 1 << 19;
 
 /// How many int8 multiply-adds count as one f32 multiply-add of the few-row kernel when
 /// [`few_rows::worth_sharing`] weighs a product: an int8 instruction does four times the
-/// multiply-adds of an f32 one (the demo chain's 256 x 256 products of one row took 3.3-3.5
-/// us a call shared between two threads, most of it the sharing).
-const INT8_MACS_PER_F32: f64 = 4.0;
+/// multiply-adds of an f32 one with VNNI (the demo chain's 256 x 256 products of one row
+/// took 3.3-3.5 us a call shared between two threads, most of it the sharing), and
+/// `vpmaddubsw` with `vpmaddwd` twice ([`avx2`]).
+fn int8_macs_per_f32() -> f64 {
+    if vnni() { 4.0 } else { 2.0 }
+}
 
-/// Whether this CPU runs the int8 tiles: AVX-512F, BW and VNNI, with the few-row kernel.
+/// Whether this CPU runs the int8 tiles: the few-row kernel (AVX2 and FMA), with AVX-512F,
+/// BW and VNNI for `vpdpbusd` ([`vnni`]) or without them for `vpmaddubsw` ([`avx2`]).
 pub fn available() -> bool {
+    few_rows::available()
+}
+
+/// Whether the tiles take `vpdpbusd` (AVX-512F, BW and VNNI) rather than AVX2's
+/// `vpmaddubsw`. `MTP_CPU_INT8=avx2` asks for AVX2's even where VNNI runs (the same
+/// outputs: to compare the two on one machine).
+pub fn vnni() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            few_rows::available()
+            available()
                 && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
+                && !matches!(std::env::var("MTP_CPU_INT8").as_deref().map(str::trim), Ok("avx2"))
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -151,9 +177,12 @@ fn scale_of(max: f32) -> (f32, f32) {
 /// The largest magnitude of `row`'s values, NaN values left out (0 for none).
 fn largest_magnitude(row: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: `available()` checked AVX-512F.
+    if vnni() {
+        // SAFETY: `vnni()` checked AVX-512F.
         return unsafe { avx512::largest_magnitude(row) };
+    } else if available() {
+        // SAFETY: `available()` checked AVX2.
+        return unsafe { avx2::largest_magnitude(row) };
     }
     row.iter().fold(0f32, |m, v| m.max(v.abs()))
 }
@@ -230,6 +259,7 @@ fn multiply(panels: &Int8Panels, tail: &[f32], exact: [Ptr; 3], y: Ptr, start: u
         sx: &sx,
         lanes16: few_rows::sixteen_lanes(),
         amx: amx_asked() && amx_available(),
+        ahead: start > 0 && ahead_asked() && super::huge_pages::read_from_memory(w.0 as usize),
     };
     job.run(start + tail.len() / inp);
     SCRATCH.set((xq, sx));
@@ -267,6 +297,9 @@ struct Job<'a> {
     /// Whether the mask rows go through AMX tiles ([`amx_asked`] on the calling thread
     /// and the tiles run), fixed when the job is made.
     amx: bool,
+    /// Whether the columns go in chunks ([`Job::columns`]): next-token rows there, the
+    /// weight read from memory, and [`ahead_asked`] on the calling thread.
+    ahead: bool,
 }
 
 // SAFETY: as `Ptr`'s.
@@ -281,7 +314,8 @@ impl Job<'_> {
         let elements = out * self.inp;
         let work = few_rows::Work {
             bytes: elements * if self.start > 0 { 5 } else { 1 },
-            f32_macs: (self.start * elements) as f64 + (rows - self.start) as f64 * elements as f64 / INT8_MACS_PER_F32,
+            f32_macs: (self.start * elements) as f64
+                + (rows - self.start) as f64 * elements as f64 / int8_macs_per_f32(),
         };
         few_rows::in_parts(out > WIDTH && few_rows::worth_sharing(work), &|i, n| {
             let edge = |i: usize| if i >= n { out } else { (out.div_ceil(WIDTH) * i / n) * WIDTH };
@@ -293,51 +327,114 @@ impl Job<'_> {
     }
 
     /// Output columns `o0..o1` (`o0` a multiple of [`WIDTH`]; `o1` one too, or `out`) of
-    /// every row: the next-token rows in f32, then the mask rows in int8.
+    /// every row: the next-token rows in f32, then the mask rows in int8. Where the f32
+    /// weight is read from memory ([`super::huge_pages::read_from_memory`]) and both kinds of
+    /// rows are there, [`AHEAD_CHUNK`] columns at a time, the mask rows of each chunk asking
+    /// for the next chunk's weight and panels as they go ([`Ahead`]).
     fn columns(&self, o0: usize, o1: usize, tail: usize) {
         #[cfg(target_arch = "x86_64")]
-        if self.start > 0 {
-            // SAFETY: the pointers cover `start x inp`, `out x inp`, `out` and `start x out`
-            // values; columns o0..o1 lie within `out`.
-            unsafe {
-                few_rows::exact_columns(
-                    self.x.0,
-                    self.w.0,
-                    self.bias.0,
-                    self.y.0,
-                    (self.start, self.inp, self.out),
-                    (o0, o1),
-                    self.lanes16,
-                )
-            };
+        {
+            let amx = self.amx && tail >= AMX_MIN_ROWS && self.out * self.inp >= AMX_MIN_WEIGHT;
+            if self.ahead && !amx {
+                let mut c = o0;
+                while c < o1 {
+                    let c1 = (c + AHEAD_CHUNK).min(o1);
+                    // SAFETY: as below, for columns c..c1 within o0..o1.
+                    unsafe { self.exact_columns(c, c1) };
+                    let mut ahead = self.ahead(c1, (c1 + AHEAD_CHUNK).min(o1), c1 - c, tail);
+                    self.tail_columns(c, c1, tail, &mut ahead);
+                    c = c1;
+                }
+                return;
+            }
+            if self.start > 0 {
+                // SAFETY: the pointers cover `start x inp`, `out x inp`, `out` and `start x
+                // out` values; columns o0..o1 lie within `out`.
+                unsafe { self.exact_columns(o0, o1) };
+            }
+            if amx {
+                // SAFETY: `amx` holds only where the tiles run (the process may use them);
+                // columns o0..o1 lie within `out`.
+                unsafe { amx::tail(self, o0, o1, tail) };
+                return;
+            }
         }
-        #[cfg(target_arch = "x86_64")]
-        if self.amx && tail >= AMX_MIN_ROWS && self.out * self.inp >= AMX_MIN_WEIGHT {
-            // SAFETY: `amx` holds only where the tiles run (the process may use them);
-            // columns o0..o1 lie within `out`.
-            unsafe { amx::tail(self, o0, o1, tail) };
-            return;
+        self.tail_columns(o0, o1, tail, &mut { Ahead::NONE });
+    }
+
+    /// The next-token rows' outputs at columns `o0..o1`, in f32 as AR computes them.
+    ///
+    /// # Safety
+    /// The job's pointers cover `start x inp`, `out x inp`, `out` and `start x out` values;
+    /// `o0 <= o1 <= out`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn exact_columns(&self, o0: usize, o1: usize) {
+        // SAFETY: as this function's.
+        unsafe {
+            few_rows::exact_columns(
+                self.x.0,
+                self.w.0,
+                self.bias.0,
+                self.y.0,
+                (self.start, self.inp, self.out),
+                (o0, o1),
+                self.lanes16,
+            )
+        };
+    }
+
+    /// What the mask rows' tiles of `chunk` columns ask for ahead: the f32 weight's rows
+    /// `n0..n1` and their panels, spread evenly over the tiles' groups of four inputs.
+    fn ahead(&self, n0: usize, n1: usize, chunk: usize, tail: usize) -> Ahead {
+        if n0 >= n1 {
+            return Ahead::NONE;
         }
+        let p = self.panels;
+        let groups = p.inp.div_ceil(GROUP);
+        let weight = self.w.0 as usize;
+        let f32_rows = (weight + n0 * self.inp * 4, weight + n1 * self.inp * 4);
+        let panel = |o: usize| p.data.as_ptr() as usize + o / WIDTH * groups * WIDTH * GROUP;
+        let panels = (panel(n0), panel(n1.div_ceil(WIDTH) * WIDTH));
+        let lines = (f32_rows.1 - f32_rows.0 + panels.1 - panels.0).div_ceil(64);
+        let steps = tail.div_ceil(self.tile_rows()) * chunk.div_ceil(WIDTH) * groups;
+        Ahead { at: f32_rows.0 & !63, end: f32_rows.1, then: panels, per: lines.div_ceil(steps.max(1)) }
+    }
+
+    /// Mask rows a tile takes.
+    fn tile_rows(&self) -> usize {
+        if vnni() { TILE_ROWS } else { AVX2_TILE_ROWS }
+    }
+
+    /// The mask rows' outputs at columns `o0..o1`, in int8 tiles, each group of inputs of
+    /// each tile taking its share of `ahead`.
+    fn tail_columns(&self, o0: usize, o1: usize, tail: usize, ahead: &mut Ahead) {
         #[cfg(target_arch = "x86_64")]
         {
+            let vnni = vnni();
+            let tile_rows = self.tile_rows();
             let mut r = 0;
             while r < tail {
-                let n = (tail - r).min(TILE_ROWS);
+                let n = (tail - r).min(tile_rows);
                 let mut o = o0;
                 while o < o1 {
                     let lanes = (o1 - o).min(WIDTH);
-                    // SAFETY: `available()` held when the panels were made (they exist);
-                    // rows r..r + n of the tail, panel o / 16, `lanes` outputs from o.
+                    // SAFETY: `available()` held when the panels were made (they exist), and
+                    // `vnni()` where the AVX-512 tiles run; rows r..r + n of the tail, panel
+                    // o / 16, `lanes` outputs from o.
                     unsafe {
-                        match n {
-                            8 => avx512::tile::<8>(self, r, o, lanes),
-                            7 => avx512::tile::<7>(self, r, o, lanes),
-                            6 => avx512::tile::<6>(self, r, o, lanes),
-                            5 => avx512::tile::<5>(self, r, o, lanes),
-                            4 => avx512::tile::<4>(self, r, o, lanes),
-                            3 => avx512::tile::<3>(self, r, o, lanes),
-                            2 => avx512::tile::<2>(self, r, o, lanes),
-                            _ => avx512::tile::<1>(self, r, o, lanes),
+                        match (vnni, n) {
+                            (true, 8) => avx512::tile::<8>(self, r, o, lanes, ahead),
+                            (true, 7) => avx512::tile::<7>(self, r, o, lanes, ahead),
+                            (true, 6) => avx512::tile::<6>(self, r, o, lanes, ahead),
+                            (true, 5) => avx512::tile::<5>(self, r, o, lanes, ahead),
+                            (true, 4) => avx512::tile::<4>(self, r, o, lanes, ahead),
+                            (true, 3) => avx512::tile::<3>(self, r, o, lanes, ahead),
+                            (true, 2) => avx512::tile::<2>(self, r, o, lanes, ahead),
+                            (true, _) => avx512::tile::<1>(self, r, o, lanes, ahead),
+                            (false, 4) => avx2::tile::<4>(self, r, o, lanes, ahead),
+                            (false, 3) => avx2::tile::<3>(self, r, o, lanes, ahead),
+                            (false, 2) => avx2::tile::<2>(self, r, o, lanes, ahead),
+                            (false, _) => avx2::tile::<1>(self, r, o, lanes, ahead),
                         }
                     }
                     o += WIDTH;
@@ -346,25 +443,100 @@ impl Job<'_> {
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (o0, o1, tail);
+        let _ = (o0, o1, tail, ahead);
     }
 }
 
-/// Rows of `inp` values each, quantized per row to unsigned bytes (`round(x / scale) + 128`,
-/// each row padded with 128, the zero, to whole groups of four), and their scales.
+/// Output columns a chunk of a product takes where its weight is read from memory
+/// ([`Job::columns`]): the next-token rows' f32 products of a chunk, which wait on reading
+/// its weight, then its mask rows' int8 tiles, which wait on arithmetic and meanwhile ask for
+/// the next chunk's weight, so that the read and the arithmetic overlap where they came one
+/// after the other (a multiple of sixteen, the panels' width, and of the f32 tiles' blocks of
+/// two, three and four outputs; its weight rows, 110 KB of SmolLM2-135M's with their
+/// panels 28 KB more, fit the 512 KB L2 of a Zen 3 core twice). SmolLM2-135M's shape on a
+/// Zen 3 (`mtp bench --draft-arithmetic int8`, in turns, four rounds): the 4-mask step
+/// 2.49-2.72 AR steps without the chunks, 2.23-2.39 with them (exact 2.86-2.93); chunks of
+/// 24, 96 and 192 columns measured slower than 48; the demo's weights, read from L3,
+/// measured no faster chunked (docs/BENCHMARKS.md, fifty-first session).
+const AHEAD_CHUNK: usize = 48;
+
+thread_local! {
+    /// Whether this thread's int8 products chunk their columns ([`use_ahead`]); `None`:
+    /// as `MTP_INT8_AHEAD` says.
+    static AHEAD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Let this thread's int8 products whose weight is read from memory take their columns in
+/// chunks, the mask rows asking for the next chunk ([`AHEAD_CHUNK`]: `true`, the default
+/// unless `MTP_INT8_AHEAD=off`), or every f32 column first, then every int8 one (`false`).
+/// The same operations on every output either way, so the same outputs bit for bit.
+pub fn use_ahead(on: bool) {
+    AHEAD.with(|c| c.set(Some(on)));
+}
+
+/// Whether this thread's int8 products chunk their columns ([`use_ahead`]).
+fn ahead_asked() -> bool {
+    static DEFAULT: OnceLock<bool> = OnceLock::new();
+    AHEAD.with(std::cell::Cell::get).unwrap_or_else(|| {
+        *DEFAULT.get_or_init(|| !matches!(std::env::var("MTP_INT8_AHEAD").as_deref().map(str::trim), Ok("off" | "0")))
+    })
+}
+
+/// Cache lines a tile's groups of four inputs ask into L2 as they go, `per` at each group:
+/// the span `at..end`, then the span `then`.
+#[derive(Clone, Copy)]
+struct Ahead {
+    at: usize,
+    end: usize,
+    then: (usize, usize),
+    per: usize,
+}
+
+impl Ahead {
+    /// Nothing to ask for.
+    const NONE: Ahead = Ahead { at: 0, end: 0, then: (0, 0), per: 0 };
+
+    /// This group's share: the next `per` lines.
+    #[inline]
+    fn step(&mut self) {
+        for _ in 0..self.per {
+            if self.at >= self.end {
+                if self.then.0 >= self.then.1 {
+                    self.per = 0;
+                    return;
+                }
+                (self.at, self.end) = (self.then.0 & !63, self.then.1);
+                self.then = (0, 0);
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: SSE is part of x86_64; a prefetch reads nothing the program sees,
+            // whatever the address.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(self.at as *const i8)
+            };
+            self.at += 64;
+        }
+    }
+}
+
+/// Rows of `inp` values each, quantized per row to bytes (`round(x / scale)`, each row
+/// padded with zeros to whole groups of four), and their scales: for `vpdpbusd`
+/// ([`vnni`]) unsigned, shifted by 128; for AVX2's tiles signed, as they are.
 fn quantize_rows(x: &[f32], inp: usize, xq: &mut Vec<u8>, sx: &mut Vec<f32>) {
     let stride = inp.div_ceil(GROUP) * GROUP;
+    let vnni = vnni();
     xq.clear();
-    xq.resize(x.len() / inp * stride, 128);
+    xq.resize(x.len() / inp * stride, if vnni { 128 } else { 0 });
     sx.clear();
     sx.reserve(x.len() / inp);
     for (row, dst) in x.chunks_exact(inp).zip(xq.chunks_exact_mut(stride)) {
         let (s, inv) = scale_of(largest_magnitude(row));
         sx.push(s);
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `available()` holds wherever panels exist, the only callers' precondition.
+        // SAFETY: `available()` holds wherever panels exist, the only callers'
+        // precondition, and `vnni()` where the AVX-512 form runs.
         unsafe {
-            avx512::quantize(row, inv, dst)
+            if vnni { avx512::quantize(row, inv, dst) } else { avx2::quantize(row, inv, dst) }
         };
         #[cfg(not(target_arch = "x86_64"))]
         for (d, &v) in dst.iter_mut().zip(row) {
@@ -377,7 +549,7 @@ fn quantize_rows(x: &[f32], inp: usize, xq: &mut Vec<u8>, sx: &mut Vec<f32>) {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{GROUP, Job, WIDTH};
+    use super::{Ahead, GROUP, Job, WIDTH};
 
     /// The largest magnitude of `row`'s values, NaN values left out (0 for none): the
     /// same value as the scalar fold, sixteen lanes at a time.
@@ -426,7 +598,7 @@ mod avx512 {
     /// # Safety
     /// AVX-512F, BW and VNNI are available; the job's pointers are valid for its sizes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn tile<const NR: usize>(job: &Job, r: usize, o: usize, lanes: usize) {
+    pub(super) unsafe fn tile<const NR: usize>(job: &Job, r: usize, o: usize, lanes: usize, ahead: &mut Ahead) {
         let p = job.panels;
         let groups = p.inp.div_ceil(GROUP);
         let stride = groups * GROUP;
@@ -435,6 +607,7 @@ mod avx512 {
         let panel = unsafe { p.data.as_ptr().add(o / WIDTH * groups * WIDTH * GROUP) };
         let xq = job.xq.as_ptr();
         for g in 0..groups {
+            ahead.step();
             // SAFETY: group g of the panel; row r + j's four bytes of group g (`tail x stride`).
             unsafe {
                 let w = _mm512_loadu_si512(panel.add(g * WIDTH * GROUP) as *const __m512i);
@@ -504,6 +677,145 @@ mod avx512 {
     }
 }
 
+/// The tiles for CPUs with AVX2 and no AVX-512 VNNI (see the module's documentation): the
+/// same panels, eight outputs a 256-bit vector, the rows quantized to signed bytes.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Ahead, GROUP, Job, WIDTH};
+
+    /// Lanes of a 256-bit vector of f32 or int32.
+    const LANES: usize = 8;
+
+    /// The lanes of a vector of eight that a chunk of `len` (1 to 8) values fills: -1 in
+    /// each of the first `len`, 0 after (for `maskload` and `maskstore`).
+    ///
+    /// # Safety
+    /// AVX2 is available.
+    #[target_feature(enable = "avx2")]
+    unsafe fn first_lanes(len: usize) -> __m256i {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(len as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
+    /// The largest magnitude of `row`'s values, NaN values left out (0 for none): the
+    /// same value as the scalar fold, eight lanes at a time.
+    ///
+    /// # Safety
+    /// AVX2 is available.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn largest_magnitude(row: &[f32]) -> f32 {
+        let sign = _mm256_set1_ps(-0.0);
+        let mut best = _mm256_setzero_ps();
+        for chunk in row.chunks(LANES) {
+            // SAFETY: masked lanes only read the chunk's values (the others are 0).
+            let v = _mm256_andnot_ps(sign, unsafe { _mm256_maskload_ps(chunk.as_ptr(), first_lanes(chunk.len())) });
+            // Where `v` is NaN, `max` returns its second operand: the best so far.
+            best = _mm256_max_ps(v, best);
+        }
+        let mut lanes = [0f32; LANES];
+        // SAFETY: eight values into eight.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), best) };
+        lanes.into_iter().fold(0f32, f32::max)
+    }
+
+    /// `row` times `inv`, rounded to nearest (ties to even), clamped to `[-127, 127]`, as
+    /// signed bytes into `dst` (at least `row.len()` bytes): the values [`super::avx512`]
+    /// quantizes to (an out-of-range value, such as an infinity, to -127 as there), less
+    /// its shift.
+    ///
+    /// # Safety
+    /// AVX2 is available.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize(row: &[f32], inv: f32, dst: &mut [u8]) {
+        let scale = _mm256_set1_ps(inv);
+        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+        for (k, chunk) in row.chunks(LANES).enumerate() {
+            // SAFETY: masked lanes only read the chunk's values; the bytes written below lie
+            // within the chunk's place in `dst`.
+            unsafe {
+                let v = _mm256_mul_ps(_mm256_maskload_ps(chunk.as_ptr(), first_lanes(chunk.len())), scale);
+                // Rounded by MXCSR's mode, to nearest (Rust never changes it); out of range
+                // gives i32::MIN, as AVX-512's conversion does.
+                let q = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), lo), hi);
+                // Eight int32 to eight bytes: each 128-bit half's four values in its first
+                // four bytes.
+                let words = _mm256_packs_epi32(q, q);
+                let bytes = _mm256_packs_epi16(words, words);
+                let four = [
+                    _mm_cvtsi128_si32(_mm256_castsi256_si128(bytes)),
+                    _mm_cvtsi128_si32(_mm256_extracti128_si256::<1>(bytes)),
+                ];
+                let eight: [u8; 8] = std::mem::transmute(four);
+                dst[k * LANES..k * LANES + chunk.len()].copy_from_slice(&eight[..chunk.len()]);
+            }
+        }
+    }
+
+    /// Mask rows `r..r + NR` of the tail at outputs `o..o + lanes` (`o` a multiple of 16):
+    /// per group of four inputs, the panel's two vectors (eight outputs each) and each
+    /// row's four bytes broadcast; `vpmaddubsw` of the bytes' magnitudes by the weights
+    /// with the bytes' signs (pairs of products in sixteen bits, at most 2 x 127 x 127),
+    /// `vpmaddwd` by ones into eight int32 sums; then each sum times the two scales, plus
+    /// the bias.
+    ///
+    /// # Safety
+    /// AVX2 is available; the job's pointers are valid for its sizes, its rows quantized by
+    /// [`quantize`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile<const NR: usize>(job: &Job, r: usize, o: usize, lanes: usize, ahead: &mut Ahead) {
+        let p = job.panels;
+        let groups = p.inp.div_ceil(GROUP);
+        let stride = groups * GROUP;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); 2]; NR];
+        // SAFETY: panel o / 16 holds `groups x 64` bytes.
+        let panel = unsafe { p.data.as_ptr().add(o / WIDTH * groups * WIDTH * GROUP) };
+        let xq = job.xq.as_ptr();
+        for g in 0..groups {
+            ahead.step();
+            // SAFETY: group g of the panel (two vectors of 32 bytes); row r + j's four bytes
+            // of group g (`tail x stride`).
+            unsafe {
+                let w = panel.add(g * WIDTH * GROUP);
+                let w = [_mm256_loadu_si256(w as *const __m256i), _mm256_loadu_si256(w.add(32) as *const __m256i)];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let x = _mm256_set1_epi32((xq.add((r + j) * stride + g * GROUP) as *const i32).read_unaligned());
+                    let magnitude = _mm256_abs_epi8(x);
+                    for (half, a) in a.iter_mut().enumerate() {
+                        let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w[half], x));
+                        *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+        }
+        let (sw, bias) = (p.scale.as_ptr(), job.bias.0);
+        for (j, a) in acc.iter().enumerate() {
+            for (half, a) in a.iter().enumerate() {
+                let o = o + half * LANES;
+                let n = lanes.saturating_sub(half * LANES).min(LANES);
+                if n == 0 {
+                    continue;
+                }
+                // SAFETY: the panels' scales are padded to whole panels; the bias and the row
+                // of `y` are read and written only in the first `n` lanes from o, within
+                // `out`.
+                unsafe {
+                    let mask = first_lanes(n);
+                    let mut v = _mm256_mul_ps(
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(*a), _mm256_loadu_ps(sw.add(o))),
+                        _mm256_set1_ps(job.sx[r + j]),
+                    );
+                    if !bias.is_null() {
+                        v = _mm256_add_ps(v, _mm256_maskload_ps(bias.add(o), mask));
+                    }
+                    _mm256_maskstore_ps(job.y.0.add((job.start + r + j) * job.out + o), mask, v);
+                }
+            }
+        }
+    }
+}
+
 thread_local! {
     /// Whether this thread's int8 products may use AMX tiles (where they run).
     static AMX: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
@@ -565,7 +877,7 @@ mod amx {
         static AVAILABLE: OnceLock<bool> = OnceLock::new();
         *AVAILABLE.get_or_init(|| {
             let off = std::env::var("MTP_CPU_AMX").is_ok_and(|v| v.eq_ignore_ascii_case("off"));
-            if off || !super::available() {
+            if off || !super::vnni() {
                 return false;
             }
             // CPUID leaf 7 exists on every CPU with AVX-512 (checked above).
@@ -817,6 +1129,77 @@ mod tests {
                 };
                 let (tiles, vnni) = (run(true), run(false));
                 assert!(tiles.equal(&vnni), "{out}x{inp}, {rows} rows from {start}, {threads} threads");
+            }
+        }
+    }
+
+    /// The mask rows' outputs are the integer sums of the quantized rows and panels, times
+    /// the two scales, plus the bias, bit for bit, whichever tiles run here (`vpdpbusd`,
+    /// AMX or AVX2's `vpmaddubsw`: so they agree with each other): rows quantized as the
+    /// scalar formula says, weights read back from the panels; widths that end inside a
+    /// group of four, a vector of eight and a panel, one thread or two, rows of large
+    /// values (every byte pair at 127 x 127 and -127 x 127, the sums AVX2's sixteen bits
+    /// must hold); the next-token rows [`few_rows::product`]'s; the same with the weight
+    /// read from memory, its columns taken in chunks or not ([`use_ahead`]).
+    #[test]
+    fn tail_rows_are_the_integer_sums() {
+        if !available() {
+            return;
+        }
+        let o = (Kind::Float, Device::Cpu);
+        let _g = tch::no_grad_guard();
+        for (out, inp, rows, start) in [(300, 96, 12, 2), (40, 171, 7, 0), (1408, 256, 25, 5), (21, 13, 3, 1)] {
+            let w = Tensor::randn([out, inp], o) * 0.05;
+            // The first weight row and the first tail row all at their largest magnitude.
+            let _ = w.get(0).fill_(0.7);
+            let bias = Tensor::randn([out], o);
+            let x = Tensor::randn([rows, inp], o);
+            let _ = x.get(start).fill_(-3.0);
+            let panels = Int8Panels::of(&w).expect("panels");
+            let (out, inp, rows, start) = (out as usize, inp as usize, rows as usize, start as usize);
+            let groups = inp.div_ceil(GROUP);
+            let xs = Vec::<f32>::try_from(x.view([-1])).expect("host rows");
+            let bs = Vec::<f32>::try_from(&bias).expect("host bias");
+            let mut want = vec![0f32; (rows - start) * out];
+            for (t, row) in xs.chunks_exact(inp).skip(start).enumerate() {
+                let (s, inv) = scale_of(row.iter().fold(0f32, |m, v| m.max(v.abs())));
+                let q: Vec<i32> = row.iter().map(|v| (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32).collect();
+                for c in 0..out {
+                    let weight = |i: usize| {
+                        panels.data[c / WIDTH * groups * WIDTH * GROUP
+                            + i / GROUP * WIDTH * GROUP
+                            + c % WIDTH * GROUP
+                            + i % GROUP]
+                    };
+                    let acc: i32 = q.iter().enumerate().map(|(i, &v)| v * i32::from(weight(i))).sum();
+                    want[t * out + c] = acc as f32 * panels.scale[c] * s + bs[c];
+                }
+            }
+            // The weight as made, then read from memory (in a buffer bigger than the
+            // last-level cache), its columns in chunks and not.
+            let head = few_rows::product(&x.narrow(0, 0, start as i64), &w, Some(&bias));
+            let mut w = w;
+            for (from_memory, ahead) in [(false, true), (true, false), (true, true)] {
+                if from_memory && !super::super::huge_pages::read_from_memory(w.data_ptr() as usize) {
+                    let mut filler = Tensor::zeros([(super::super::huge_pages::last_level_cache() / 4) as i64], o);
+                    super::super::huge_pages::pack(vec![&mut w, &mut filler]);
+                    assert!(super::super::huge_pages::read_from_memory(w.data_ptr() as usize));
+                }
+                for threads in [1, 2] {
+                    let y = few_rows::tests::in_team(threads, || {
+                        use_ahead(ahead);
+                        product_tail(&x, &w, Some(&bias), &panels, start as i64)
+                    })
+                    .expect("a product");
+                    let got = Vec::<f32>::try_from(y.narrow(0, start as i64, (rows - start) as i64).reshape([-1]))
+                        .expect("host rows");
+                    let case =
+                        format!("{out}x{inp}, {rows} rows from {start}, {threads} threads, {from_memory} {ahead}");
+                    assert_eq!(got, want, "{case}");
+                    if let Some(head) = &head {
+                        assert!(y.narrow(0, 0, start as i64).equal(head), "{case}");
+                    }
+                }
             }
         }
     }

@@ -74,9 +74,10 @@ impl Default for DraftOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DraftArithmetic {
-    /// [`DraftArithmetic::Int8`] for an f32 model's steps where it runs (AVX-512 VNNI):
-    /// every mask row, or from [`BF16_MIN_MASK_ROWS`] of them for a model whose weights are
-    /// read from memory ([`auto_int8_min_rows`]);
+    /// [`DraftArithmetic::Int8`] for an f32 model's steps where it runs (AVX2 and FMA):
+    /// every mask row, or from [`AHEAD_MIN_MASK_ROWS`] of them for a model whose weights
+    /// are read from memory ([`BF16_MIN_MASK_ROWS`] through AMX tiles,
+    /// [`auto_int8_min_rows`]);
     /// else [`DraftArithmetic::Bf16`] for an f32 model's steps with at least
     /// [`BF16_MIN_MASK_ROWS`] mask rows, where it runs and pays
     /// ([`few_rows::bf16_pairs_pay`]: an AMD CPU); [`DraftArithmetic::Exact`] otherwise
@@ -90,11 +91,12 @@ pub enum DraftArithmetic {
     /// are; products summed in f32), twice the multiply-adds a core does in f32. Elsewhere
     /// the same as `Exact`.
     Bf16,
-    /// On a CPU with AVX-512 VNNI (Zen 4, Ice Lake and later), an f32 model: the mask
-    /// rows' base products in int8 (each adapted group's weight quantized per output row
-    /// when the drafter is prepared, a quarter of its f32 bytes held once more; the rows
-    /// quantized per row as they come; sums in int32, the adapter's term in f32), four
-    /// times the multiply-adds a core does in f32; the draft chain's head and its sampler's
+    /// On a CPU with AVX2 and FMA, an f32 model: the mask rows' base products in int8
+    /// (each adapted group's weight quantized per output row when the drafter is prepared,
+    /// a quarter of its f32 bytes held once more; the rows quantized per row as they come;
+    /// sums in int32, the adapter's term in f32), four times the multiply-adds a core does
+    /// in f32 with AVX-512 VNNI (Zen 4, Ice Lake and later), about 1.7 times with AVX2's
+    /// `vpmaddubsw` (Zen 3, fifty-first session); the draft chain's head and its sampler's
     /// products too (on host vectors, [`Drafter::greedy_on_host`]). With AMX (Sapphire
     /// Rapids and later) a step's mask rows of large weights go through its tiles, the same
     /// sums. Elsewhere the same as `Bf16`.
@@ -143,13 +145,14 @@ impl DraftArithmetic {
     }
 
     /// The fewest mask rows a step multiplies in int8 with `model`; `None`: never (the CPU
-    /// has no VNNI, the model is not f32 on the CPU's few-row kernel, or not `Int8`).
+    /// has no AVX2, the model is not f32 on the CPU's few-row kernel, or not `Int8`).
     pub fn int8_min_rows(self, model: &Llama) -> Option<usize> {
         let f32_model = crate::model::linear::few_row_kernel_runs(model.device(), model.dtype().kind());
         match self {
             DraftArithmetic::Int8 if f32_model && crate::model::int8::available() => Some(1),
             DraftArithmetic::Auto if f32_model && crate::model::int8::available() => {
-                Some(auto_int8_min_rows(layer_bytes(model) * model.config.num_layers))
+                let amx = crate::model::int8::amx_available();
+                Some(auto_int8_min_rows(layer_bytes(model) * model.config.num_layers, amx))
             }
             _ => None,
         }
@@ -164,19 +167,34 @@ named_choices!(DraftArithmetic, "draft arithmetic");
 pub const FROM_MEMORY_BYTES: usize = 64 << 20;
 
 /// The fewest mask rows `auto` multiplies in int8 for a model of `projection_bytes` (f32,
-/// all layers). Where the weights come from a cache (the demo, the proxy), every mask row:
-/// a step of 1, 2 or 4 masks cost the same or less with them in int8 (Zen 4, one process,
-/// the forms in turns; docs/BENCHMARKS.md, "Mask rows in int8"). Where they are read from
-/// memory, the int8 copy is a quarter of their bytes read once more, which pays only once
-/// the f32 rows' arithmetic outweighs the read: from [`BF16_MIN_MASK_ROWS`] (a 3- or
-/// 4-mask quadratic step's 12 or 20 mask rows; a linear step's, one a mask, stay f32 up
-/// to 11 masks). SmolLM2-135M's shape on an Emerald Rapids Xeon (`step_profile`, the
-/// arithmetics in turns, fastest rounds): 1 / 2 / 4 masks 1.09 / 1.30 / 1.87 AR steps
-/// exact against 1.23 / 1.49 / 1.73 in int8; on the Zen 4, 1.19 / 1.42 against 1.19 /
-/// 1.30 at 1 / 2 masks (docs/BENCHMARKS.md, fortieth session).
-pub fn auto_int8_min_rows(projection_bytes: usize) -> usize {
-    if projection_bytes > FROM_MEMORY_BYTES { BF16_MIN_MASK_ROWS } else { 1 }
+/// all layers), with `amx` where the mask rows go through AMX tiles
+/// ([`crate::model::int8::amx_available`]). Where the weights come from a cache (the demo,
+/// the proxy), every mask row: a step of 1, 2 or 4 masks cost the same or less with them in
+/// int8 (Zen 4, one process, the forms in turns; docs/BENCHMARKS.md, "Mask rows in int8").
+/// Where they are read from memory, the int8 copy is a quarter of their bytes read once
+/// more. Through AMX tiles, whose products run apart from the f32 rows' read, that paid
+/// only once the f32 rows' arithmetic outweighed it: from [`BF16_MIN_MASK_ROWS`] (a 3- or
+/// 4-mask quadratic step's 12 or 20 mask rows). SmolLM2-135M's shape on an Emerald Rapids
+/// Xeon (`step_profile`, the arithmetics in turns, fastest rounds): 1 / 2 / 4 masks 1.09 /
+/// 1.30 / 1.87 AR steps exact against 1.23 / 1.49 / 1.73 in int8 (docs/BENCHMARKS.md,
+/// fortieth session). Elsewhere the tiles take a product's columns in chunks whose int8
+/// arithmetic overlaps the next chunk's read (`model::int8`'s `AHEAD_CHUNK`), and int8
+/// paid from [`AHEAD_MIN_MASK_ROWS`]: on a Zen 3 (`mtp bench`, in turns, fifty-first
+/// session) 1 / 2 / 4 masks 1.15-1.25 / 1.71-1.75 / 2.86-2.93 AR steps exact against
+/// 1.31-1.37 / 1.47-1.58 / 2.23-2.39 in int8; on a Zen 4 before the chunks, 2 masks 1.42
+/// exact against 1.30 (fortieth session).
+pub fn auto_int8_min_rows(projection_bytes: usize, amx: bool) -> usize {
+    match projection_bytes > FROM_MEMORY_BYTES {
+        false => 1,
+        true if amx => BF16_MIN_MASK_ROWS,
+        true => AHEAD_MIN_MASK_ROWS,
+    }
 }
+
+/// The fewest mask rows `auto` multiplies in int8 for a model whose weights are read from
+/// memory, where the tiles overlap the read ([`auto_int8_min_rows`]): a 2-mask quadratic
+/// step's 6 (a 1-mask step's 2 stay f32, whose arithmetic is too short to hide a read).
+pub const AHEAD_MIN_MASK_ROWS: usize = 6;
 
 /// How a decoding step applies the adapter's term to the mask rows. Either way the
 /// next-token rows are untouched (the base model's, bit for bit) and greedy output is
@@ -681,18 +699,25 @@ impl Drafter {
 mod tests {
     use super::*;
 
-    /// `auto` takes every mask row in int8 for weights a cache holds, and only 3- or 4-mask
-    /// steps' rows for weights read from memory.
+    /// `auto` takes every mask row in int8 for weights a cache holds; for weights read from
+    /// memory, 2-mask steps' rows and more, or through AMX tiles 3- or 4-mask steps' only.
     #[test]
     fn auto_int8_rows_follow_where_the_weights_are_read_from() {
-        // The demo (6 layers of 2.9 MB) and the proxy (24 of 0.18 MB): every mask row.
-        assert_eq!(auto_int8_min_rows(6 * 737_280 * 4), 1);
-        assert_eq!(auto_int8_min_rows(24 * 45_312 * 4), 1);
-        assert_eq!(auto_int8_min_rows(FROM_MEMORY_BYTES), 1);
-        // SmolLM2-135M (30 layers of 3.54 M parameters): from a 3-mask quadratic step's
-        // 3 x 4 = 12 mask rows; a 2-mask step's 2 x 3 = 6 stay f32.
-        assert_eq!(auto_int8_min_rows(30 * 3_538_944 * 4), BF16_MIN_MASK_ROWS);
+        for amx in [false, true] {
+            // The demo (6 layers of 2.9 MB) and the proxy (24 of 0.18 MB): every mask row.
+            assert_eq!(auto_int8_min_rows(6 * 737_280 * 4, amx), 1);
+            assert_eq!(auto_int8_min_rows(24 * 45_312 * 4, amx), 1);
+            assert_eq!(auto_int8_min_rows(FROM_MEMORY_BYTES, amx), 1);
+        }
+        // SmolLM2-135M (30 layers of 3.54 M parameters): from a 2-mask quadratic step's 2 x
+        // 3 = 6 mask rows, a 1-mask step's 2 staying f32; through AMX tiles from a 3-mask
+        // step's 3 x 4 = 12, a 2-mask step's 6 staying f32.
+        let smollm2 = 30 * 3_538_944 * 4;
+        assert_eq!(auto_int8_min_rows(smollm2, false), AHEAD_MIN_MASK_ROWS);
+        const { assert!(AHEAD_MIN_MASK_ROWS > 2 && AHEAD_MIN_MASK_ROWS <= 2 * 3) };
+        assert_eq!(auto_int8_min_rows(smollm2, true), BF16_MIN_MASK_ROWS);
         const { assert!(BF16_MIN_MASK_ROWS > 2 * 3 && BF16_MIN_MASK_ROWS <= 3 * 4) };
-        assert_eq!(auto_int8_min_rows(FROM_MEMORY_BYTES + 1), BF16_MIN_MASK_ROWS);
+        assert_eq!(auto_int8_min_rows(FROM_MEMORY_BYTES + 1, true), BF16_MIN_MASK_ROWS);
+        assert_eq!(auto_int8_min_rows(FROM_MEMORY_BYTES + 1, false), AHEAD_MIN_MASK_ROWS);
     }
 }

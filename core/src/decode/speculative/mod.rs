@@ -26,7 +26,9 @@ pub mod masks;
 pub mod step;
 
 pub use detail::{Candidates, StepDetail};
-pub use drafter::{BF16_MIN_MASK_ROWS, DraftArithmetic, DraftOptions, Drafter, HostDrafts, LoraForm};
+pub use drafter::{
+    AHEAD_MIN_MASK_ROWS, BF16_MIN_MASK_ROWS, DraftArithmetic, DraftOptions, Drafter, HostDrafts, LoraForm,
+};
 pub use layout::{StepLayout, StepPlan};
 pub use masks::MaskController;
 pub use step::{SpecDecoder, StepResult};
