@@ -78,7 +78,7 @@ const AMX_MIN_WEIGHT: usize = 1 << 19;
 /// multiply-adds of an f32 one with VNNI (the demo chain's 256 x 256 products of one row
 /// took 3.3-3.5 us a call shared between two threads, most of it the sharing), and
 /// `vpmaddubsw` with `vpmaddwd` twice ([`avx2`]).
-fn int8_macs_per_f32() -> f64 {
+pub fn int8_macs_per_f32() -> f64 {
     if vnni() { 4.0 } else { 2.0 }
 }
 

@@ -418,10 +418,11 @@ impl ProjDelta for PreparedLora {
 
     /// int8's `vpdpbusd` does four times the multiply-adds of an f32 FMA an instruction, a
     /// bf16 pair two (the rates measured on the Zen 4 of docs/BENCHMARKS.md: 219 and 52 a
-    /// nanosecond for int8 and f32).
+    /// nanosecond for int8 and f32); AVX2's `vpmaddubsw` with `vpmaddwd` twice
+    /// ([`int8::int8_macs_per_f32`]).
     fn tail_row_cost(&self) -> f64 {
         if self.int8_min_rows.is_some() && self.groups.iter().flatten().any(|g| g.int8.is_some()) {
-            0.25
+            1.0 / int8::int8_macs_per_f32()
         } else if self.bf16_min_rows.is_some() {
             0.5
         } else {
