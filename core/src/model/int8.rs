@@ -162,6 +162,12 @@ impl Int8Panels {
         self.out == out && self.inp == inp
     }
 
+    /// Where the panel that holds output `o` starts in `data` (`ceil(in / 4)` groups of 64
+    /// bytes a panel).
+    fn panel_offset(&self, o: usize) -> usize {
+        o / WIDTH * self.inp.div_ceil(GROUP) * WIDTH * GROUP
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.data.len() + 8 * self.scale.len()
@@ -393,7 +399,7 @@ impl Job<'_> {
         let groups = p.inp.div_ceil(GROUP);
         let weight = self.w.0 as usize;
         let f32_rows = (weight + n0 * self.inp * 4, weight + n1 * self.inp * 4);
-        let panel = |o: usize| p.data.as_ptr() as usize + o / WIDTH * groups * WIDTH * GROUP;
+        let panel = |o: usize| p.data.as_ptr() as usize + p.panel_offset(o);
         let panels = (panel(n0), panel(n1.div_ceil(WIDTH) * WIDTH));
         let lines = (f32_rows.1 - f32_rows.0 + panels.1 - panels.0).div_ceil(64);
         let steps = tail.div_ceil(self.tile_rows()) * chunk.div_ceil(WIDTH) * groups;
@@ -604,7 +610,7 @@ mod avx512 {
         let stride = groups * GROUP;
         let mut acc = [_mm512_setzero_si512(); NR];
         // SAFETY: panel o / 16 holds `groups x 64` bytes.
-        let panel = unsafe { p.data.as_ptr().add(o / WIDTH * groups * WIDTH * GROUP) };
+        let panel = unsafe { p.data.as_ptr().add(p.panel_offset(o)) };
         let xq = job.xq.as_ptr();
         for g in 0..groups {
             ahead.step();
@@ -770,7 +776,7 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_si256(); 2]; NR];
         // SAFETY: panel o / 16 holds `groups x 64` bytes.
-        let panel = unsafe { p.data.as_ptr().add(o / WIDTH * groups * WIDTH * GROUP) };
+        let panel = unsafe { p.data.as_ptr().add(p.panel_offset(o)) };
         let xq = job.xq.as_ptr();
         for g in 0..groups {
             ahead.step();
@@ -982,7 +988,7 @@ mod amx {
                 let mut o = o0;
                 while o < o1 {
                     let panels = (o1 - o).div_ceil(WIDTH).min(PANELS);
-                    let first = p.data.as_ptr().add(o / WIDTH * panel_bytes);
+                    let first = p.data.as_ptr().add(p.panel_offset(o));
                     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
                     for block in 0..blocks {
                         let x = rows.add(block * AMX_ROWS * GROUP);
