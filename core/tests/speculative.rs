@@ -551,12 +551,15 @@ fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
         // In bf16, to bf16 rounding.
         let what = format!("{layout:?}, {drafts} drafts, {masks} masks, mask rows in bf16");
         reduced(&t.bf16, what, 2e-2, t.bf16.bf16_min_rows().is_some())?;
-        // In int8 (each form), to int8 rounding.
+        // In int8 (each form), to int8 rounding: weights of 127 levels, or 32 where AVX2's
+        // pair tiles take this small model's short panels (a rounding four times coarser;
+        // 5.5e-2 measured on a Zen 3).
+        let short = mtp_core::decode::speculative::int8_short_panels(model) && !mtp_core::model::int8::vnni();
         for form in [LoraForm::LowRank, LoraForm::Merged] {
             let options = DraftOptions { lora: form, arithmetic: DraftArithmetic::Int8, ..DraftOptions::default() };
             let int8 = Drafter::new(model, &t.adapter, options)?;
             let what = format!("{layout:?}, {drafts} drafts, {masks} masks, {form}, mask rows in int8");
-            reduced(&int8, what, 5e-2, int8.int8_min_rows().is_some())?;
+            reduced(&int8, what, if short { 0.1 } else { 5e-2 }, int8.int8_min_rows().is_some())?;
         }
     }
     Ok(())

@@ -99,7 +99,8 @@ pub struct AdapterArg {
     /// greedy output, are the same either way): exact (the model's dtype), bf16 (on a CPU
     /// with AVX-512 BF16, twice the multiply-adds of the f32 tiles), int8 (on a CPU with
     /// AVX2, an f32 model: the merged weights quantized once more, a quarter of their bytes,
-    /// four times the multiply-adds with AVX-512 VNNI, about 1.7 times with AVX2 alone; the
+    /// four times the multiply-adds with AVX-512 VNNI, about 1.7 times with AVX2 alone, 2.8
+    /// for a model within 64 MiB, whose weights it holds at 32 levels; the
     /// draft chain's head and sampler too), or auto (int8 where it runs, for a model whose
     /// weights exceed 64 MiB only in steps of at least 6 mask rows, 12 with AMX tiles).
     #[arg(long, default_value = "auto")]

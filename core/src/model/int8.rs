@@ -5,27 +5,33 @@
 //!
 //! The weight the mask rows read (the adapter's merged weight `W + s B A`, so no term is
 //! left to add) is held once more, quantized when the drafter is prepared: each output row
-//! scaled by its largest magnitude to `[-127, 127]`, laid out as panels of sixteen outputs
-//! by groups of four inputs (`[ceil(out / 16), ceil(in / 4), 16, 4]` bytes, a quarter of the
-//! f32 weight), so that one 512-bit load is a group's weights for sixteen outputs, one output
-//! a lane, and nothing is transposed or summed across lanes at run time (the bf16 pairs of
-//! [`super::few_rows`] transpose each block of the weight as they go, about a third of their
-//! time). Each mask row is quantized per call the same way, shifted by 128 to the unsigned
-//! bytes `vpdpbusd` takes; the shift comes off each output as `128 x` its weight row's
+//! scaled by its largest magnitude to `[-127, 127]` (or `[-32, 32]` for AVX2, below), laid
+//! out as panels of sixteen outputs by groups of four inputs (`[ceil(out / 16), ceil(in /
+//! 4), 16, 4]` bytes, a quarter of the f32 weight), so that one 512-bit load is a group's
+//! weights for sixteen outputs, one output a lane, and nothing is transposed or summed
+//! across lanes at run time (the bf16 pairs of [`super::few_rows`] transpose each block of
+//! the weight as they go, about a third of their time). Each mask row is quantized per call
+//! the same way, shifted by 128 to the unsigned bytes `vpdpbusd` takes; the shift comes off each output as `128 x` its weight row's
 //! sum, computed with the panels. An output is then `(acc - 128 sum) x scale_w x scale_x`,
 //! plus the bias.
 //!
 //! Where the CPU has AMX (Sapphire Rapids and later) and the weight is large enough, the mask
 //! rows go through its tiles instead ([`amx`]): the same integer sums, so the same outputs.
 //!
-//! Where it has AVX2 but not AVX-512 VNNI (Zen 3, Haswell to Skylake), the same panels go
-//! through `vpmaddubsw` ([`avx2`]): the rows are quantized to the same values, kept signed,
-//! and each byte pair multiplied as `|x| x (w with x's sign)`, whose pair sums (at most
-//! 2 x 127 x 127) never saturate sixteen bits; `vpmaddwd` by ones then adds the pairs into
-//! eight int32 sums. The sums are `vpdpbusd`'s less its shift exactly, so the outputs are
-//! the same bits on either CPU. On a Zen 3 a core ran these tiles at about 56 multiply-adds
-//! a nanosecond (SmolLM2-135M's 1728 x 576 weight, 20 rows, `int8_tiles`; a loop of the same
-//! instructions alone about 60), the f32 tiles at about 33 (the demo's gate/up, 25 rows).
+//! Where it has AVX2 but not AVX-512 VNNI (Zen 3, Haswell to Skylake), the panels go
+//! through `vpmaddubsw` ([`avx2`]), which multiplies unsigned bytes by signed ones and adds
+//! each pair of products in sixteen bits, with saturation; a `vpmaddwd` by ones then widens
+//! the pairs to eight int32 sums. Two forms keep the sums exact:
+//! - panels of 127 levels: the rows' bytes signed, each pair taken as `|x|` times the
+//!   weight with x's sign (at most `2 x 127 x 127`), each group widened alone: about 56
+//!   multiply-adds a nanosecond on a Zen 3 core (SmolLM2-135M's 1728 x 576 weight, 20 rows,
+//!   `int8_tiles`), the f32 tiles about 31;
+//! - short panels ([`SHORT_LEVELS`], values in `[-32, 32]`): the rows' bytes shifted as for
+//!   `vpdpbusd`, and two groups' pairs added in sixteen bits before one widening (at most
+//!   `2 x 2 x 255 x 32 = 32,640`, under 32,767), since widening costs a multiply as dear as
+//!   the products': about 87 a nanosecond. The drafter takes them for models whose weights
+//!   fit a cache, whose steps wait on arithmetic
+//!   ([`crate::decode::speculative::int8_short_panels`], with what they cost in drafts).
 //!
 //! The next-token rows of the same call go through the f32 kernel
 //! ([`super::few_rows::exact_columns`]), AR's products, so they stay AR's outputs bit for
@@ -51,9 +57,28 @@ const GROUP: usize = 4;
 /// Mask rows a tile holds: eight accumulators, the panel's vector and the broadcast rows.
 const TILE_ROWS: usize = 8;
 
-/// Mask rows an AVX2 tile holds: two accumulators each (sixteen outputs in two vectors),
-/// the panel's two vectors, the ones and a row's temporaries in sixteen registers.
-const AVX2_TILE_ROWS: usize = 4;
+/// Mask rows an AVX2 tile holds at most: two accumulators each (sixteen outputs in two
+/// vectors), with the ones, two groups' broadcast bytes and their pairs, in sixteen
+/// registers (the panel's vectors are read from L1 by the multiplies). A product's mask rows
+/// are shared out evenly between its tiles: a 4-mask step's 20 as four tiles of five, a
+/// 2-mask step's 6 as one (SmolLM2-135M's 1728 x 576 weight on a Zen 3, one thread,
+/// `int8_tiles`: 20 rows 244-255 us a call so against 257-264 in tiles of at most three).
+const AVX2_TILE_ROWS: usize = 6;
+
+/// Mask rows an AVX2 tile of 127-level panels holds: two accumulators each, the panel's
+/// two vectors, the ones and a row's temporaries in sixteen registers.
+const AVX2_SIGNED_TILE_ROWS: usize = 4;
+
+/// The tiles a product's mask rows go through on the vector units.
+#[derive(Clone, Copy)]
+enum Form {
+    /// AVX-512 VNNI's `vpdpbusd`.
+    Vnni,
+    /// AVX2's `vpmaddubsw` of 127-level panels, each group widened alone ([`avx2`]).
+    Signed,
+    /// AVX2's `vpmaddubsw` of short panels, two groups' pairs added before widening.
+    Pairs,
+}
 
 /// Mask rows an AMX tile holds at most.
 const AMX_ROWS: usize = 16;
@@ -72,15 +97,6 @@ const AMX_MIN_ROWS: usize = 4;
 /// (SmolLM2-135M's q/k/v, gate/up and down; none of the demo's): its 4-mask step 2.04-2.06
 /// -> 1.74-1.85 AR steps (docs/BENCHMARKS.md, forty-third session).
 const AMX_MIN_WEIGHT: usize = 1 << 19;
-
-/// How many int8 multiply-adds count as one f32 multiply-add of the few-row kernel when
-/// [`few_rows::worth_sharing`] weighs a product: an int8 instruction does four times the
-/// multiply-adds of an f32 one with VNNI (the demo chain's 256 x 256 products of one row
-/// took 3.3-3.5 us a call shared between two threads, most of it the sharing), and
-/// `vpmaddubsw` with `vpmaddwd` twice ([`avx2`]).
-pub fn int8_macs_per_f32() -> f64 {
-    if vnni() { 4.0 } else { 2.0 }
-}
 
 /// Whether this CPU runs the int8 tiles: the few-row kernel (AVX2 and FMA), with AVX-512F,
 /// BW and VNNI for `vpdpbusd` ([`vnni`]) or without them for `vpmaddubsw` ([`avx2`]).
@@ -109,6 +125,13 @@ pub fn vnni() -> bool {
     })
 }
 
+/// The largest magnitude of a weight's quantized values in short panels
+/// ([`Int8Panels::of`]), for AVX2's tiles that add two groups' products in sixteen bits: a
+/// group's pair of products is at most `2 x 255 x 32` (a shifted row byte by a weight
+/// byte), two groups' `32,640`, under sixteen bits' 32,767 (see the module's
+/// documentation).
+pub const SHORT_LEVELS: i32 = 32;
+
 /// A weight quantized to int8 per output row, as panels (see the module's documentation).
 #[derive(Debug)]
 pub struct Int8Panels {
@@ -119,12 +142,15 @@ pub struct Int8Panels {
     shift: Vec<i32>,
     out: usize,
     inp: usize,
+    /// The largest magnitude of the quantized values: 127, or [`SHORT_LEVELS`].
+    levels: i32,
 }
 
 impl Int8Panels {
     /// The panels of `weight` (`[out, in]`, f32 on the CPU, no gradient) where the tiles run
-    /// ([`available`]); else `None`.
-    pub fn of(weight: &Tensor) -> Option<Int8Panels> {
+    /// ([`available`]), its values in `[-127, 127]`, or with `short` in `[-32, 32]` where
+    /// that makes the tiles faster (AVX2 without VNNI: [`SHORT_LEVELS`]); else `None`.
+    pub fn of(weight: &Tensor, short: bool) -> Option<Int8Panels> {
         let size = weight.size();
         let [out, inp] = size[..] else { return None };
         let fits = out >= 1
@@ -137,24 +163,32 @@ impl Int8Panels {
             return None;
         }
         let (panels, groups) = ((out as usize).div_ceil(WIDTH) as i64, (inp as usize).div_ceil(GROUP) as i64);
+        let levels = if short && !vnni() { SHORT_LEVELS } else { 127 };
         let (data, scale, shift) = tch::no_grad(|| {
             // Each row scaled by its largest magnitude (a row of zeros, or one that is not
             // finite, by 1), rounded to nearest (ties to even), padded with zeros to whole
             // panels and groups, then laid out [panel, group, output, input].
             let max = weight.abs().amax([1i64].as_slice(), true);
             let usable = max.gt(0.0).logical_and(&max.isfinite());
-            let max = max.where_self(&usable, &max.ones_like().g_mul_scalar(127.0));
-            let q = (weight * (max.reciprocal() * 127.0)).round().clamp(-127.0, 127.0);
+            let levels = f64::from(levels);
+            let max = max.where_self(&usable, &max.ones_like().g_mul_scalar(levels));
+            let q = (weight * (max.reciprocal() * levels)).round().clamp(-levels, levels);
             let q = q.constant_pad_nd([0, groups * GROUP as i64 - inp, 0, panels * WIDTH as i64 - out]);
             let shift = q.sum_dim_intlist([1i64].as_slice(), false, Kind::Float).to_kind(Kind::Int) * 128;
             let data = q.to_kind(Kind::Int8).view([panels, WIDTH as i64, groups, GROUP as i64]).permute([0, 2, 1, 3]);
-            let scale = (max / 127.0).view([-1]).constant_pad_nd([0, panels * WIDTH as i64 - out]);
+            let scale = (max / levels).view([-1]).constant_pad_nd([0, panels * WIDTH as i64 - out]);
             (data.contiguous().view([-1]), scale, shift)
         });
         let (data, scale, shift) =
             (Vec::<i8>::try_from(data).ok()?, Vec::<f32>::try_from(scale).ok()?, Vec::<i32>::try_from(shift).ok()?);
         let (out, inp) = (out as usize, inp as usize);
-        Some(Int8Panels { data, scale, shift, out, inp })
+        Some(Int8Panels { data, scale, shift, out, inp, levels })
+    }
+
+    /// The largest magnitude of the quantized values: 127, or [`SHORT_LEVELS`] for AVX2's
+    /// faster tiles.
+    pub fn levels(&self) -> i32 {
+        self.levels
     }
 
     /// Whether these are the panels of a weight of `out` x `inp`.
@@ -166,6 +200,24 @@ impl Int8Panels {
     /// bytes a panel).
     fn panel_offset(&self, o: usize) -> usize {
         o / WIDTH * self.inp.div_ceil(GROUP) * WIDTH * GROUP
+    }
+
+    /// How many int8 multiply-adds with these panels count as one f32 multiply-add of the
+    /// few-row kernel when [`few_rows::worth_sharing`] weighs a product and
+    /// `model::row_split` first shares a step's rows: an int8 instruction does four times
+    /// the multiply-adds of an f32 one with VNNI (the demo chain's 256 x 256 products of
+    /// one row took 3.3-3.5 us a call shared between two threads, most of it the sharing).
+    /// AVX2's tiles of SmolLM2-135M's 1728 x 576 weight ran at about 56 multiply-adds a
+    /// nanosecond on a Zen 3 with 127-level panels, 87 with short ones, the f32 tiles at
+    /// about 31 (`int8_tiles`, one thread); 127-level panels count 2 (the split then
+    /// follows what the threads measure: the proxy's steps measured the same at 2 and 4,
+    /// docs/BENCHMARKS.md, fifty-first session).
+    pub fn macs_per_f32(&self) -> f64 {
+        match (vnni(), self.levels == SHORT_LEVELS) {
+            (true, _) => 4.0,
+            (false, false) => 2.0,
+            (false, true) => 2.8,
+        }
     }
 
     /// Bytes held.
@@ -250,7 +302,10 @@ fn multiply(panels: &Int8Panels, tail: &[f32], exact: [Ptr; 3], y: Ptr, start: u
     // The quantized rows in this thread's buffers, taken for the call and given back after
     // (a step makes four products a layer: no allocation for each).
     let (mut xq, mut sx) = SCRATCH.take();
-    quantize_rows(tail, inp, &mut xq, &mut sx);
+    // AVX2's tiles of 127-level panels take the rows' bytes signed; every other form
+    // shifted by 128.
+    let signed = !vnni() && panels.levels != SHORT_LEVELS;
+    quantize_rows(tail, inp, !signed, &mut xq, &mut sx);
     let [x, w, bias] = exact;
     let job = Job {
         x,
@@ -321,7 +376,7 @@ impl Job<'_> {
         let work = few_rows::Work {
             bytes: elements * if self.start > 0 { 5 } else { 1 },
             f32_macs: (self.start * elements) as f64
-                + (rows - self.start) as f64 * elements as f64 / int8_macs_per_f32(),
+                + (rows - self.start) as f64 * elements as f64 / self.panels.macs_per_f32(),
         };
         few_rows::in_parts(out > WIDTH && few_rows::worth_sharing(work), &|i, n| {
             let edge = |i: usize| if i >= n { out } else { (out.div_ceil(WIDTH) * i / n) * WIDTH };
@@ -406,9 +461,22 @@ impl Job<'_> {
         Ahead { at: f32_rows.0 & !63, end: f32_rows.1, then: panels, per: lines.div_ceil(steps.max(1)) }
     }
 
-    /// Mask rows a tile takes.
+    /// Mask rows a tile takes at most.
     fn tile_rows(&self) -> usize {
-        if vnni() { TILE_ROWS } else { AVX2_TILE_ROWS }
+        match self.form() {
+            Form::Vnni => TILE_ROWS,
+            Form::Signed => AVX2_SIGNED_TILE_ROWS,
+            Form::Pairs => AVX2_TILE_ROWS,
+        }
+    }
+
+    /// The tiles the mask rows go through.
+    fn form(&self) -> Form {
+        match (vnni(), self.panels.levels == SHORT_LEVELS) {
+            (true, _) => Form::Vnni,
+            (false, false) => Form::Signed,
+            (false, true) => Form::Pairs,
+        }
     }
 
     /// The mask rows' outputs at columns `o0..o1`, in int8 tiles, each group of inputs of
@@ -416,11 +484,16 @@ impl Job<'_> {
     fn tail_columns(&self, o0: usize, o1: usize, tail: usize, ahead: &mut Ahead) {
         #[cfg(target_arch = "x86_64")]
         {
-            let vnni = vnni();
-            let tile_rows = self.tile_rows();
+            let (form, tile_rows) = (self.form(), self.tile_rows());
+            // AVX2's pair tiles share the rows out evenly (20 rows as four tiles of five, 6
+            // as one of six); the others take as many as they hold at a time.
+            let tiles = tail.div_ceil(tile_rows);
             let mut r = 0;
-            while r < tail {
-                let n = (tail - r).min(tile_rows);
+            for t in 0..tiles {
+                let n = match form {
+                    Form::Pairs => (tail - r).div_ceil(tiles - t),
+                    _ => (tail - r).min(tile_rows),
+                };
                 let mut o = o0;
                 while o < o1 {
                     let lanes = (o1 - o).min(WIDTH);
@@ -428,19 +501,25 @@ impl Job<'_> {
                     // `vnni()` where the AVX-512 tiles run; rows r..r + n of the tail, panel
                     // o / 16, `lanes` outputs from o.
                     unsafe {
-                        match (vnni, n) {
-                            (true, 8) => avx512::tile::<8>(self, r, o, lanes, ahead),
-                            (true, 7) => avx512::tile::<7>(self, r, o, lanes, ahead),
-                            (true, 6) => avx512::tile::<6>(self, r, o, lanes, ahead),
-                            (true, 5) => avx512::tile::<5>(self, r, o, lanes, ahead),
-                            (true, 4) => avx512::tile::<4>(self, r, o, lanes, ahead),
-                            (true, 3) => avx512::tile::<3>(self, r, o, lanes, ahead),
-                            (true, 2) => avx512::tile::<2>(self, r, o, lanes, ahead),
-                            (true, _) => avx512::tile::<1>(self, r, o, lanes, ahead),
-                            (false, 4) => avx2::tile::<4>(self, r, o, lanes, ahead),
-                            (false, 3) => avx2::tile::<3>(self, r, o, lanes, ahead),
-                            (false, 2) => avx2::tile::<2>(self, r, o, lanes, ahead),
-                            (false, _) => avx2::tile::<1>(self, r, o, lanes, ahead),
+                        match (form, n) {
+                            (Form::Vnni, 8) => avx512::tile::<8>(self, r, o, lanes, ahead),
+                            (Form::Vnni, 7) => avx512::tile::<7>(self, r, o, lanes, ahead),
+                            (Form::Vnni, 6) => avx512::tile::<6>(self, r, o, lanes, ahead),
+                            (Form::Vnni, 5) => avx512::tile::<5>(self, r, o, lanes, ahead),
+                            (Form::Vnni, 4) => avx512::tile::<4>(self, r, o, lanes, ahead),
+                            (Form::Vnni, 3) => avx512::tile::<3>(self, r, o, lanes, ahead),
+                            (Form::Vnni, 2) => avx512::tile::<2>(self, r, o, lanes, ahead),
+                            (Form::Vnni, _) => avx512::tile::<1>(self, r, o, lanes, ahead),
+                            (Form::Signed, 4) => avx2::tile_signed::<4>(self, r, o, lanes, ahead),
+                            (Form::Signed, 3) => avx2::tile_signed::<3>(self, r, o, lanes, ahead),
+                            (Form::Signed, 2) => avx2::tile_signed::<2>(self, r, o, lanes, ahead),
+                            (Form::Signed, _) => avx2::tile_signed::<1>(self, r, o, lanes, ahead),
+                            (Form::Pairs, 6) => avx2::tile_pairs::<6>(self, r, o, lanes, ahead),
+                            (Form::Pairs, 5) => avx2::tile_pairs::<5>(self, r, o, lanes, ahead),
+                            (Form::Pairs, 4) => avx2::tile_pairs::<4>(self, r, o, lanes, ahead),
+                            (Form::Pairs, 3) => avx2::tile_pairs::<3>(self, r, o, lanes, ahead),
+                            (Form::Pairs, 2) => avx2::tile_pairs::<2>(self, r, o, lanes, ahead),
+                            (Form::Pairs, _) => avx2::tile_pairs::<1>(self, r, o, lanes, ahead),
                         }
                     }
                     o += WIDTH;
@@ -525,14 +604,15 @@ impl Ahead {
     }
 }
 
-/// Rows of `inp` values each, quantized per row to bytes (`round(x / scale)`, each row
-/// padded with zeros to whole groups of four), and their scales: for `vpdpbusd`
-/// ([`vnni`]) unsigned, shifted by 128; for AVX2's tiles signed, as they are.
-fn quantize_rows(x: &[f32], inp: usize, xq: &mut Vec<u8>, sx: &mut Vec<f32>) {
+/// Rows of `inp` values each, quantized per row to bytes (`round(x / scale)` in `[-127,
+/// 127]`, each row padded with zeros to whole groups of four), and their scales: `shifted`
+/// by 128 to the unsigned bytes `vpdpbusd` and AVX2's pair tiles take, or signed for AVX2's
+/// tiles of 127-level panels.
+fn quantize_rows(x: &[f32], inp: usize, shifted: bool, xq: &mut Vec<u8>, sx: &mut Vec<f32>) {
     let stride = inp.div_ceil(GROUP) * GROUP;
     let vnni = vnni();
     xq.clear();
-    xq.resize(x.len() / inp * stride, if vnni { 128 } else { 0 });
+    xq.resize(x.len() / inp * stride, if shifted { 128 } else { 0 });
     sx.clear();
     sx.reserve(x.len() / inp);
     for (row, dst) in x.chunks_exact(inp).zip(xq.chunks_exact_mut(stride)) {
@@ -542,11 +622,11 @@ fn quantize_rows(x: &[f32], inp: usize, xq: &mut Vec<u8>, sx: &mut Vec<f32>) {
         // SAFETY: `available()` holds wherever panels exist, the only callers'
         // precondition, and `vnni()` where the AVX-512 form runs.
         unsafe {
-            if vnni { avx512::quantize(row, inv, dst) } else { avx2::quantize(row, inv, dst) }
+            if vnni { avx512::quantize(row, inv, dst) } else { avx2::quantize(row, inv, shifted, dst) }
         };
         #[cfg(not(target_arch = "x86_64"))]
         for (d, &v) in dst.iter_mut().zip(row) {
-            *d = ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i32 + 128) as u8;
+            *d = ((v * inv).round_ties_even().clamp(-127.0, 127.0) as i32 + if shifted { 128 } else { 0 }) as u8;
         }
     }
 }
@@ -725,16 +805,17 @@ mod avx2 {
         lanes.into_iter().fold(0f32, f32::max)
     }
 
-    /// `row` times `inv`, rounded to nearest (ties to even), clamped to `[-127, 127]`, as
-    /// signed bytes into `dst` (at least `row.len()` bytes): the values [`super::avx512`]
-    /// quantizes to (an out-of-range value, such as an infinity, to -127 as there), less
-    /// its shift.
+    /// `row` times `inv`, rounded to nearest (ties to even), clamped to `[-127, 127]`, plus
+    /// 128 where `shifted` (signed bytes else), into `dst` (at least `row.len()` bytes): the
+    /// values [`super::avx512`] quantizes to (an out-of-range value, such as an infinity, to
+    /// -127 as there).
     ///
     /// # Safety
     /// AVX2 is available.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn quantize(row: &[f32], inv: f32, dst: &mut [u8]) {
+    pub(super) unsafe fn quantize(row: &[f32], inv: f32, shifted: bool, dst: &mut [u8]) {
         let scale = _mm256_set1_ps(inv);
+        let flip = _mm256_set1_epi8(if shifted { -128 } else { 0 });
         let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
         for (k, chunk) in row.chunks(LANES).enumerate() {
             // SAFETY: masked lanes only read the chunk's values; the bytes written below lie
@@ -744,10 +825,10 @@ mod avx2 {
                 // Rounded by MXCSR's mode, to nearest (Rust never changes it); out of range
                 // gives i32::MIN, as AVX-512's conversion does.
                 let q = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), lo), hi);
-                // Eight int32 to eight bytes: each 128-bit half's four values in its first
-                // four bytes.
+                // Eight int32 to eight signed bytes (each 128-bit half's four values in its
+                // first four bytes), then plus 128 if shifted: a signed byte's top bit flipped.
                 let words = _mm256_packs_epi32(q, q);
-                let bytes = _mm256_packs_epi16(words, words);
+                let bytes = _mm256_xor_si256(_mm256_packs_epi16(words, words), flip);
                 let four = [
                     _mm_cvtsi128_si32(_mm256_castsi256_si128(bytes)),
                     _mm_cvtsi128_si32(_mm256_extracti128_si256::<1>(bytes)),
@@ -758,18 +839,18 @@ mod avx2 {
         }
     }
 
-    /// Mask rows `r..r + NR` of the tail at outputs `o..o + lanes` (`o` a multiple of 16):
-    /// per group of four inputs, the panel's two vectors (eight outputs each) and each
-    /// row's four bytes broadcast; `vpmaddubsw` of the bytes' magnitudes by the weights
-    /// with the bytes' signs (pairs of products in sixteen bits, at most 2 x 127 x 127),
-    /// `vpmaddwd` by ones into eight int32 sums; then each sum times the two scales, plus
-    /// the bias.
+    /// Mask rows `r..r + NR` of the tail at outputs `o..o + lanes` (`o` a multiple of 16)
+    /// with panels of 127 levels: per group of four inputs, the panel's two vectors (eight
+    /// outputs each) and each row's four bytes broadcast (signed: `quantize`'s unshifted);
+    /// `vpmaddubsw` of the bytes' magnitudes by the weights with the bytes' signs (pairs of
+    /// products in sixteen bits, at most 2 x 127 x 127), `vpmaddwd` by ones into eight int32
+    /// sums; then each sum times the two scales, plus the bias (the sums have no shift).
     ///
     /// # Safety
     /// AVX2 is available; the job's pointers are valid for its sizes, its rows quantized by
     /// [`quantize`].
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile<const NR: usize>(job: &Job, r: usize, o: usize, lanes: usize, ahead: &mut Ahead) {
+    pub(super) unsafe fn tile_signed<const NR: usize>(job: &Job, r: usize, o: usize, lanes: usize, ahead: &mut Ahead) {
         let p = job.panels;
         let groups = p.inp.div_ceil(GROUP);
         let stride = groups * GROUP;
@@ -795,7 +876,90 @@ mod avx2 {
                 }
             }
         }
-        let (sw, bias) = (p.scale.as_ptr(), job.bias.0);
+        // SAFETY: as `store`'s; the sums are unshifted.
+        unsafe { store::<NR>(job, r, o, lanes, &acc, false) };
+    }
+
+    /// Mask rows `r..r + NR` of the tail at outputs `o..o + lanes` (`o` a multiple of 16):
+    /// two groups of four inputs at a time, the panel's four vectors (eight outputs each)
+    /// and each row's two groups of four bytes broadcast; `vpmaddubsw` of the row's bytes by
+    /// the weights (pairs of products in sixteen bits), the two groups' pairs added (at most
+    /// `2 x 2 x 255 x 32`, under 32,767: [`super::SHORT_LEVELS`]), `vpmaddwd` by ones
+    /// into eight int32 sums; then each sum less the shift, times the two scales, plus the
+    /// bias.
+    ///
+    /// # Safety
+    /// AVX2 is available; the job's pointers are valid for its sizes, its rows quantized by
+    /// [`quantize`], its panels made with [`super::SHORT_LEVELS`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_pairs<const NR: usize>(job: &Job, r: usize, o: usize, lanes: usize, ahead: &mut Ahead) {
+        let p = job.panels;
+        let groups = p.inp.div_ceil(GROUP);
+        let stride = groups * GROUP;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); 2]; NR];
+        // SAFETY: panel o / 16 holds `groups x 64` bytes.
+        let panel = unsafe { p.data.as_ptr().add(p.panel_offset(o)) };
+        let xq = job.xq.as_ptr();
+        // Row r + j's four bytes of group g, broadcast (`tail x stride` bytes).
+        let row = |j: usize, g: usize| {
+            // SAFETY: the caller's: g < groups, r + j a tail row.
+            _mm256_set1_epi32(unsafe { (xq.add((r + j) * stride + g * GROUP) as *const i32).read_unaligned() })
+        };
+        // Group g's weights for the panel's outputs 0-7 and 8-15.
+        let weights = |g: usize| {
+            // SAFETY: group g < groups of the panel, 64 bytes.
+            unsafe {
+                let w = panel.add(g * WIDTH * GROUP);
+                [_mm256_loadu_si256(w as *const __m256i), _mm256_loadu_si256(w.add(32) as *const __m256i)]
+            }
+        };
+        let mut g = 0;
+        while g + 1 < groups {
+            ahead.step();
+            ahead.step();
+            let (w, v) = (weights(g), weights(g + 1));
+            for (j, a) in acc.iter_mut().enumerate() {
+                let (x, y) = (row(j, g), row(j, g + 1));
+                for (half, a) in a.iter_mut().enumerate() {
+                    let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(x, w[half]), _mm256_maddubs_epi16(y, v[half]));
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            g += 2;
+        }
+        if g < groups {
+            ahead.step();
+            let w = weights(g);
+            for (j, a) in acc.iter_mut().enumerate() {
+                let x = row(j, g);
+                for (half, a) in a.iter_mut().enumerate() {
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w[half]), ones));
+                }
+            }
+        }
+        // SAFETY: as `store`'s; the sums are shifted.
+        unsafe { store::<NR>(job, r, o, lanes, &acc, true) };
+    }
+
+    /// Rows `r..r + NR` of the tail at outputs `o..o + lanes`: each row's sums `acc` (eight
+    /// outputs a vector), less the panels' shift where `shifted`, times the two scales, plus
+    /// the bias.
+    ///
+    /// # Safety
+    /// AVX2 is available; `o` is a multiple of 16 within the job's `out`, `lanes` at most
+    /// 16 and at most `out - o`; rows r..r + NR are the job's tail rows.
+    #[target_feature(enable = "avx2")]
+    unsafe fn store<const NR: usize>(
+        job: &Job,
+        r: usize,
+        o: usize,
+        lanes: usize,
+        acc: &[[__m256i; 2]; NR],
+        shifted: bool,
+    ) {
+        let p = job.panels;
+        let (sw, shift, bias) = (p.scale.as_ptr(), p.shift.as_ptr(), job.bias.0);
         for (j, a) in acc.iter().enumerate() {
             for (half, a) in a.iter().enumerate() {
                 let o = o + half * LANES;
@@ -803,13 +967,18 @@ mod avx2 {
                 if n == 0 {
                     continue;
                 }
-                // SAFETY: the panels' scales are padded to whole panels; the bias and the row
-                // of `y` are read and written only in the first `n` lanes from o, within
-                // `out`.
+                // SAFETY: the panels' scales and shifts are padded to whole panels; the bias
+                // and the row of `y` are read and written only in the first `n` lanes from
+                // o, within `out`.
                 unsafe {
                     let mask = first_lanes(n);
+                    let sums = if shifted {
+                        _mm256_sub_epi32(*a, _mm256_loadu_si256(shift.add(o) as *const __m256i))
+                    } else {
+                        *a
+                    };
                     let mut v = _mm256_mul_ps(
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(*a), _mm256_loadu_ps(sw.add(o))),
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_loadu_ps(sw.add(o))),
                         _mm256_set1_ps(job.sx[r + j]),
                     );
                     if !bias.is_null() {
@@ -1085,15 +1254,20 @@ mod tests {
             let w = Tensor::randn([out, inp], o) * 0.05;
             let bias = Tensor::randn([out], o);
             let x = Tensor::randn([rows, inp], o);
-            let panels = Int8Panels::of(&w).expect("panels");
-            for threads in [1, 2] {
+            for (short, threads) in [(false, 1), (false, 2), (true, 1), (true, 2)] {
+                let panels = Int8Panels::of(&w, short).expect("panels");
                 let y = few_rows::tests::in_team(threads, || product_tail(&x, &w, Some(&bias), &panels, start))
                     .expect("a product");
                 let head = few_rows::product(&x.narrow(0, 0, start), &w, Some(&bias)).expect("a product");
                 assert!(y.narrow(0, 0, start).equal(&head), "{out}x{inp}: head rows differ ({threads} threads)");
                 let want = x.narrow(0, start, rows - start).matmul(&w.tr()) + &bias;
                 let err = relative(&y.narrow(0, start, rows - start), &want);
-                assert!(err < 2e-2, "{out}x{inp}: tail rows {err:.2e} from f32");
+                // A weight value's rounding is at most half a step of its row's largest
+                // magnitude over 127 or 32 (short panels where AVX2's pair tiles run): about
+                // 1% and 4% of these rows' products.
+                let bound = if panels.levels() == SHORT_LEVELS { 6e-2 } else { 2e-2 };
+                assert_eq!(panels.levels() == SHORT_LEVELS, short && !vnni());
+                assert!(err < bound, "{out}x{inp}: tail rows {err:.2e} from f32");
                 assert!(err > 0.0, "{out}x{inp}: tail rows not quantized");
             }
         }
@@ -1125,7 +1299,7 @@ mod tests {
             let w = Tensor::randn([out, inp], o) * 0.05;
             let bias = Tensor::randn([out], o);
             let x = Tensor::randn([rows, inp], o);
-            let panels = Int8Panels::of(&w).expect("panels");
+            let panels = Int8Panels::of(&w, false).expect("panels");
             for threads in [1, 2] {
                 let run = |amx: bool| {
                     use_amx(amx);
@@ -1144,8 +1318,8 @@ mod tests {
     /// AMX or AVX2's `vpmaddubsw`: so they agree with each other): rows quantized as the
     /// scalar formula says, weights read back from the panels; widths that end inside a
     /// group of four, a vector of eight and a panel, one thread or two, rows of large
-    /// values (every byte pair at 127 x 127 and -127 x 127, the sums AVX2's sixteen bits
-    /// must hold); the next-token rows [`few_rows::product`]'s; the same with the weight
+    /// values (every byte pair at the largest magnitudes, both signs, the sums AVX2's
+    /// sixteen bits must hold); the next-token rows [`few_rows::product`]'s; the same with the weight
     /// read from memory, its columns taken in chunks or not ([`use_ahead`]).
     #[test]
     fn tail_rows_are_the_integer_sums() {
@@ -1154,14 +1328,19 @@ mod tests {
         }
         let o = (Kind::Float, Device::Cpu);
         let _g = tch::no_grad_guard();
-        for (out, inp, rows, start) in [(300, 96, 12, 2), (40, 171, 7, 0), (1408, 256, 25, 5), (21, 13, 3, 1)] {
+        let cases = [(300, 96, 12, 2), (40, 171, 7, 0), (1408, 256, 25, 5), (21, 13, 3, 1)];
+        for ((out, inp, rows, start), short) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
             let w = Tensor::randn([out, inp], o) * 0.05;
-            // The first weight row and the first tail row all at their largest magnitude.
+            // The first two weight rows and the first tail row all at their largest
+            // magnitude, of either sign: AVX2's sixteen-bit sums at their bound
+            // (255 x 32 for each product).
             let _ = w.get(0).fill_(0.7);
+            let _ = w.get(1).fill_(-0.7);
             let bias = Tensor::randn([out], o);
             let x = Tensor::randn([rows, inp], o);
-            let _ = x.get(start).fill_(-3.0);
-            let panels = Int8Panels::of(&w).expect("panels");
+            let _ = x.get(start).fill_(3.0);
+            let _ = x.get(start + 1).fill_(-3.0);
+            let panels = Int8Panels::of(&w, short).expect("panels");
             let (out, inp, rows, start) = (out as usize, inp as usize, rows as usize, start as usize);
             let groups = inp.div_ceil(GROUP);
             let xs = Vec::<f32>::try_from(x.view([-1])).expect("host rows");
@@ -1199,8 +1378,11 @@ mod tests {
                     .expect("a product");
                     let got = Vec::<f32>::try_from(y.narrow(0, start as i64, (rows - start) as i64).reshape([-1]))
                         .expect("host rows");
-                    let case =
-                        format!("{out}x{inp}, {rows} rows from {start}, {threads} threads, {from_memory} {ahead}");
+                    let case = format!(
+                        "{out}x{inp}, {rows} rows from {start}, {threads} threads, {from_memory} {ahead}, \
+                         {} levels",
+                        panels.levels()
+                    );
                     assert_eq!(got, want, "{case}");
                     if let Some(head) = &head {
                         assert!(y.narrow(0, 0, start as i64).equal(head), "{case}");
@@ -1219,11 +1401,13 @@ mod tests {
         let o = (Kind::Float, Device::Cpu);
         let _g = tch::no_grad_guard();
         let w = Tensor::randn([300, 96], o);
-        let panels = Int8Panels::of(&w).expect("panels");
-        let x = Tensor::randn([12, 96], o);
-        let all = product_tail(&x, &w, None, &panels, 2).expect("a product");
-        let some = product_tail(&x.narrow(0, 0, 5), &w, None, &panels, 2).expect("a product");
-        assert!(all.narrow(0, 0, 5).equal(&some));
+        for short in [false, true] {
+            let panels = Int8Panels::of(&w, short).expect("panels");
+            let x = Tensor::randn([12, 96], o);
+            let all = product_tail(&x, &w, None, &panels, 2).expect("a product");
+            let some = product_tail(&x.narrow(0, 0, 5), &w, None, &panels, 2).expect("a product");
+            assert!(all.narrow(0, 0, 5).equal(&some), "{} levels", panels.levels());
+        }
     }
 
     /// Host rows multiplied by `product_into` are `product_tail`'s rows from 0, bit for bit,
@@ -1235,9 +1419,10 @@ mod tests {
         }
         let o = (Kind::Float, Device::Cpu);
         let _g = tch::no_grad_guard();
-        for (out, inp, rows) in [(4096, 256, 1), (4096, 256, 4), (300, 96, 3), (40, 171, 2)] {
+        let cases = [(4096, 256, 1), (4096, 256, 4), (300, 96, 3), (40, 171, 2)];
+        for ((out, inp, rows), short) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
             let w = Tensor::randn([out, inp], o) * 0.05;
-            let panels = Int8Panels::of(&w).expect("panels");
+            let panels = Int8Panels::of(&w, short).expect("panels");
             let x = Tensor::randn([rows, inp], o);
             let want = product_tail(&x, &w, None, &panels, 0).expect("a product");
             let xs = Vec::<f32>::try_from(x.view([-1])).expect("host rows");
@@ -1259,7 +1444,7 @@ mod tests {
         }
         let o = (Kind::Float, Device::Cpu);
         let w = Tensor::randn([32, 16], o);
-        let panels = Int8Panels::of(&w).expect("panels");
+        let panels = Int8Panels::of(&w, false).expect("panels");
         let x = Tensor::randn([4, 16], o);
         assert!(product_tail(&x, &w, None, &panels, 4).is_none(), "no tail rows");
         assert!(product_tail(&x, &Tensor::randn([32, 8], o), None, &panels, 1).is_none(), "another weight");

@@ -308,8 +308,9 @@ impl PreparedLora {
     /// Multiply the rows of a [`Gate::Tail`] in int8 when there are at least `min_rows` of
     /// them ([`int8::product_tail`]; before bf16): each adapted group's merged weight
     /// `W + s B A` (whatever the form: no term to add) is quantized to int8 panels here, a
-    /// quarter of its f32 bytes. `None`, or where the int8 tiles do not run: never.
-    pub fn with_int8_tail(mut self, min_rows: Option<usize>) -> Self {
+    /// quarter of its f32 bytes (`short`: in `[-32, 32]`, [`Int8Panels::of`]). `None`, or
+    /// where the int8 tiles do not run: never.
+    pub fn with_int8_tail(mut self, min_rows: Option<usize>, short: bool) -> Self {
         let min_rows = min_rows.filter(|_| int8::available());
         self.int8_min_rows = min_rows;
         for group in self.groups.iter_mut().flatten() {
@@ -322,7 +323,7 @@ impl PreparedLora {
                         tch::no_grad(|| w + group.b.mm(&group.a))
                     }
                 };
-                Int8Panels::of(&merged)
+                Int8Panels::of(&merged, short)
             });
         }
         self
@@ -418,11 +419,11 @@ impl ProjDelta for PreparedLora {
 
     /// int8's `vpdpbusd` does four times the multiply-adds of an f32 FMA an instruction, a
     /// bf16 pair two (the rates measured on the Zen 4 of docs/BENCHMARKS.md: 219 and 52 a
-    /// nanosecond for int8 and f32); AVX2's `vpmaddubsw` with `vpmaddwd` twice
-    /// ([`int8::int8_macs_per_f32`]).
+    /// nanosecond for int8 and f32); AVX2's tiles two or 2.8 ([`Int8Panels::macs_per_f32`]).
     fn tail_row_cost(&self) -> f64 {
-        if self.int8_min_rows.is_some() && self.groups.iter().flatten().any(|g| g.int8.is_some()) {
-            1.0 / int8::int8_macs_per_f32()
+        let panels = self.groups.iter().flatten().find_map(|g| g.int8.as_ref());
+        if let Some(panels) = panels.filter(|_| self.int8_min_rows.is_some()) {
+            1.0 / panels.macs_per_f32()
         } else if self.bf16_min_rows.is_some() {
             0.5
         } else {

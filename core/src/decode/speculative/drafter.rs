@@ -191,6 +191,22 @@ pub fn auto_int8_min_rows(projection_bytes: usize, amx: bool) -> usize {
     }
 }
 
+/// Whether a drafter's int8 panels for `model` are short ([`Int8Panels::of`]: values in
+/// `[-32, 32]`, for AVX2's faster tiles; VNNI's ignore it): where its weights come from a
+/// cache, so that a step's mask rows wait on arithmetic. The demo's whole 4-mask int8 step
+/// on a Zen 3 (`step_profile 4`, fastest rounds, three pairs of runs in turns) 3,027 /
+/// 2,666 / 2,357 us with 127 levels against 2,799 / 2,423 / 2,132 short, for 2.63 -> 2.60
+/// tokens per forward (2.62 exact). Where they are read from memory, the tiles overlap the
+/// read and their speed bought nothing (SmolLM2-135M's shape, `mtp bench`, 4-mask step
+/// 2.13-2.25 AR steps either way, three rounds), while the coarser weights cost real models drafts:
+/// SmolLM2-135M-Instruct with every projection's rows in int8 agreed with f32 on 99.5% of
+/// its confident next tokens (top probability over 0.5, 1,536 tokens of README, Python and
+/// METHOD.md text) at 127 levels and 97.9% at 32 (docs/BENCHMARKS.md, fifty-second
+/// session).
+pub fn int8_short_panels(model: &Llama) -> bool {
+    layer_bytes(model) * model.config.num_layers <= FROM_MEMORY_BYTES
+}
+
 /// The fewest mask rows `auto` multiplies in int8 for a model whose weights are read from
 /// memory, where the tiles overlap the read ([`auto_int8_min_rows`]): a 2-mask quadratic
 /// step's 6 (a 1-mask step's 2 stay f32, whose arithmetic is too short to hide a read).
@@ -360,15 +376,17 @@ impl Drafter {
             };
             let form = options.lora.resolve(model, adapter.config.gated);
             let int8_rows = options.arithmetic.int8_min_rows(model);
+            let short = int8_short_panels(model);
             // The chain drafts one token at a time: a row of mask rows' arithmetic.
-            let head_int8 = int8_rows.filter(|_| crate::model::int8::available()).and_then(|_| Int8Panels::of(&head));
+            let head_int8 =
+                int8_rows.filter(|_| crate::model::int8::available()).and_then(|_| Int8Panels::of(&head, short));
             Ok(Self {
                 config: adapter.config.clone(),
                 mask_embeddings: adapter.mask_embeddings.detach().to_kind(kind),
                 lora: adapter
                     .prepared_lora(model, form == LoraForm::Merged)
                     .with_bf16_tail(options.arithmetic.bf16_min_rows(model))
-                    .with_int8_tail(int8_rows),
+                    .with_int8_tail(int8_rows, short),
                 form,
                 halves: form == LoraForm::Merged
                     && !crate::model::linear::few_row_products_ours(model.device(), model.dtype().kind()),
@@ -376,7 +394,7 @@ impl Drafter {
                 // The chain's first product for each previous token, computed once for the
                 // tokens drafts come from (the draft vocabulary, else a small vocabulary).
                 sampler: adapter.sampler().map(|s| {
-                    let prepared = s.prepare().with_int8(head_int8.is_some());
+                    let prepared = s.prepare().with_int8(head_int8.is_some(), short);
                     if crate::model::linear::few_row_kernel_runs(device, kind) {
                         prepared.with_prev_table(&model.embed_tokens, vocab_ids.as_deref())
                     } else {

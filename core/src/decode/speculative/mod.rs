@@ -28,6 +28,7 @@ pub mod step;
 pub use detail::{Candidates, StepDetail};
 pub use drafter::{
     AHEAD_MIN_MASK_ROWS, BF16_MIN_MASK_ROWS, DraftArithmetic, DraftOptions, Drafter, HostDrafts, LoraForm,
+    int8_short_panels,
 };
 pub use layout::{StepLayout, StepPlan};
 pub use masks::MaskController;
