@@ -11,9 +11,9 @@
 //! weights for sixteen outputs, one output a lane, and nothing is transposed or summed
 //! across lanes at run time (the bf16 pairs of [`super::few_rows`] transpose each block of
 //! the weight as they go, about a third of their time). Each mask row is quantized per call
-//! the same way, shifted by 128 to the unsigned bytes `vpdpbusd` takes; the shift comes off each output as `128 x` its weight row's
-//! sum, computed with the panels. An output is then `(acc - 128 sum) x scale_w x scale_x`,
-//! plus the bias.
+//! the same way, shifted by 128 to the unsigned bytes `vpdpbusd` takes; the shift comes off
+//! each output as `128 x` its weight row's sum, computed with the panels. An output is then
+//! `(acc - 128 sum) x scale_w x scale_x`, plus the bias.
 //!
 //! Where the CPU has AMX (Sapphire Rapids and later) and the weight is large enough, the mask
 //! rows go through its tiles instead ([`amx`]): the same integer sums, so the same outputs.
@@ -57,13 +57,13 @@ const GROUP: usize = 4;
 /// Mask rows a tile holds: eight accumulators, the panel's vector and the broadcast rows.
 const TILE_ROWS: usize = 8;
 
-/// Mask rows an AVX2 tile holds at most: two accumulators each (sixteen outputs in two
-/// vectors), with the ones, two groups' broadcast bytes and their pairs, in sixteen
-/// registers (the panel's vectors are read from L1 by the multiplies). A product's mask rows
-/// are shared out evenly between its tiles: a 4-mask step's 20 as four tiles of five, a
-/// 2-mask step's 6 as one (SmolLM2-135M's 1728 x 576 weight on a Zen 3, one thread,
+/// Mask rows an AVX2 tile of short panels holds at most: two accumulators each (sixteen
+/// outputs in two vectors), with the ones, two groups' broadcast bytes and their pairs, in
+/// sixteen registers (the panel's vectors are read from L1 by the multiplies). A product's
+/// mask rows are shared out evenly between its tiles: a 4-mask step's 20 as four tiles of
+/// five, a 2-mask step's 6 as one (SmolLM2-135M's 1728 x 576 weight on a Zen 3, one thread,
 /// `int8_tiles`: 20 rows 244-255 us a call so against 257-264 in tiles of at most three).
-const AVX2_TILE_ROWS: usize = 6;
+const AVX2_PAIR_TILE_ROWS: usize = 6;
 
 /// Mask rows an AVX2 tile of 127-level panels holds: two accumulators each, the panel's
 /// two vectors, the ones and a row's temporaries in sixteen registers.
@@ -213,10 +213,19 @@ impl Int8Panels {
     /// follows what the threads measure: the proxy's steps measured the same at 2 and 4,
     /// docs/BENCHMARKS.md, fifty-first session).
     pub fn macs_per_f32(&self) -> f64 {
+        match self.form() {
+            Form::Vnni => 4.0,
+            Form::Signed => 2.0,
+            Form::Pairs => 2.8,
+        }
+    }
+
+    /// The tiles these panels' products go through on the vector units.
+    fn form(&self) -> Form {
         match (vnni(), self.levels == SHORT_LEVELS) {
-            (true, _) => 4.0,
-            (false, false) => 2.0,
-            (false, true) => 2.8,
+            (true, _) => Form::Vnni,
+            (false, false) => Form::Signed,
+            (false, true) => Form::Pairs,
         }
     }
 
@@ -302,10 +311,10 @@ fn multiply(panels: &Int8Panels, tail: &[f32], exact: [Ptr; 3], y: Ptr, start: u
     // The quantized rows in this thread's buffers, taken for the call and given back after
     // (a step makes four products a layer: no allocation for each).
     let (mut xq, mut sx) = SCRATCH.take();
-    // AVX2's tiles of 127-level panels take the rows' bytes signed; every other form
-    // shifted by 128.
-    let signed = !vnni() && panels.levels != SHORT_LEVELS;
-    quantize_rows(tail, inp, !signed, &mut xq, &mut sx);
+    // AVX2's tiles of 127-level panels take the rows' bytes signed; the others shifted by
+    // 128.
+    let shifted = !matches!(panels.form(), Form::Signed);
+    quantize_rows(tail, inp, shifted, &mut xq, &mut sx);
     let [x, w, bias] = exact;
     let job = Job {
         x,
@@ -463,19 +472,10 @@ impl Job<'_> {
 
     /// Mask rows a tile takes at most.
     fn tile_rows(&self) -> usize {
-        match self.form() {
+        match self.panels.form() {
             Form::Vnni => TILE_ROWS,
             Form::Signed => AVX2_SIGNED_TILE_ROWS,
-            Form::Pairs => AVX2_TILE_ROWS,
-        }
-    }
-
-    /// The tiles the mask rows go through.
-    fn form(&self) -> Form {
-        match (vnni(), self.panels.levels == SHORT_LEVELS) {
-            (true, _) => Form::Vnni,
-            (false, false) => Form::Signed,
-            (false, true) => Form::Pairs,
+            Form::Pairs => AVX2_PAIR_TILE_ROWS,
         }
     }
 
@@ -484,7 +484,7 @@ impl Job<'_> {
     fn tail_columns(&self, o0: usize, o1: usize, tail: usize, ahead: &mut Ahead) {
         #[cfg(target_arch = "x86_64")]
         {
-            let (form, tile_rows) = (self.form(), self.tile_rows());
+            let (form, tile_rows) = (self.panels.form(), self.tile_rows());
             // AVX2's pair tiles share the rows out evenly (20 rows as four tiles of five, 6
             // as one of six); the others take as many as they hold at a time.
             let tiles = tail.div_ceil(tile_rows);
@@ -1319,8 +1319,9 @@ mod tests {
     /// scalar formula says, weights read back from the panels; widths that end inside a
     /// group of four, a vector of eight and a panel, one thread or two, rows of large
     /// values (every byte pair at the largest magnitudes, both signs, the sums AVX2's
-    /// sixteen bits must hold); the next-token rows [`few_rows::product`]'s; the same with the weight
-    /// read from memory, its columns taken in chunks or not ([`use_ahead`]).
+    /// sixteen bits must hold); the next-token rows [`few_rows::product`]'s; the same with
+    /// the weight read from memory, its columns taken in chunks or not ([`use_ahead`]); with
+    /// panels of 127 levels and short ones.
     #[test]
     fn tail_rows_are_the_integer_sums() {
         if !available() {
