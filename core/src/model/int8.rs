@@ -851,28 +851,20 @@ mod avx2 {
     /// [`quantize`].
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile_signed<const NR: usize>(job: &Job, r: usize, o: usize, lanes: usize, ahead: &mut Ahead) {
-        let p = job.panels;
-        let groups = p.inp.div_ceil(GROUP);
-        let stride = groups * GROUP;
+        let at = Operands::of(job, r, o);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_si256(); 2]; NR];
-        // SAFETY: panel o / 16 holds `groups x 64` bytes.
-        let panel = unsafe { p.data.as_ptr().add(p.panel_offset(o)) };
-        let xq = job.xq.as_ptr();
-        for g in 0..groups {
+        for g in 0..at.groups {
             ahead.step();
-            // SAFETY: group g of the panel (two vectors of 32 bytes); row r + j's four bytes
-            // of group g (`tail x stride`).
-            unsafe {
-                let w = panel.add(g * WIDTH * GROUP);
-                let w = [_mm256_loadu_si256(w as *const __m256i), _mm256_loadu_si256(w.add(32) as *const __m256i)];
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let x = _mm256_set1_epi32((xq.add((r + j) * stride + g * GROUP) as *const i32).read_unaligned());
-                    let magnitude = _mm256_abs_epi8(x);
-                    for (half, a) in a.iter_mut().enumerate() {
-                        let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w[half], x));
-                        *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
-                    }
+            // SAFETY: g < groups; rows r + j are the caller's tail rows.
+            let w = unsafe { at.weights(g) };
+            for (j, a) in acc.iter_mut().enumerate() {
+                // SAFETY: as above.
+                let x = unsafe { at.row(j, g) };
+                let magnitude = _mm256_abs_epi8(x);
+                for (half, a) in a.iter_mut().enumerate() {
+                    let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w[half], x));
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
                 }
             }
         }
@@ -893,34 +885,18 @@ mod avx2 {
     /// [`quantize`], its panels made with [`super::SHORT_LEVELS`].
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile_pairs<const NR: usize>(job: &Job, r: usize, o: usize, lanes: usize, ahead: &mut Ahead) {
-        let p = job.panels;
-        let groups = p.inp.div_ceil(GROUP);
-        let stride = groups * GROUP;
+        let at = Operands::of(job, r, o);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_si256(); 2]; NR];
-        // SAFETY: panel o / 16 holds `groups x 64` bytes.
-        let panel = unsafe { p.data.as_ptr().add(p.panel_offset(o)) };
-        let xq = job.xq.as_ptr();
-        // Row r + j's four bytes of group g, broadcast (`tail x stride` bytes).
-        let row = |j: usize, g: usize| {
-            // SAFETY: the caller's: g < groups, r + j a tail row.
-            _mm256_set1_epi32(unsafe { (xq.add((r + j) * stride + g * GROUP) as *const i32).read_unaligned() })
-        };
-        // Group g's weights for the panel's outputs 0-7 and 8-15.
-        let weights = |g: usize| {
-            // SAFETY: group g < groups of the panel, 64 bytes.
-            unsafe {
-                let w = panel.add(g * WIDTH * GROUP);
-                [_mm256_loadu_si256(w as *const __m256i), _mm256_loadu_si256(w.add(32) as *const __m256i)]
-            }
-        };
         let mut g = 0;
-        while g + 1 < groups {
+        while g + 1 < at.groups {
             ahead.step();
             ahead.step();
-            let (w, v) = (weights(g), weights(g + 1));
+            // SAFETY: g + 1 < groups; rows r + j are the caller's tail rows.
+            let (w, v) = unsafe { (at.weights(g), at.weights(g + 1)) };
             for (j, a) in acc.iter_mut().enumerate() {
-                let (x, y) = (row(j, g), row(j, g + 1));
+                // SAFETY: as above.
+                let (x, y) = unsafe { (at.row(j, g), at.row(j, g + 1)) };
                 for (half, a) in a.iter_mut().enumerate() {
                     let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(x, w[half]), _mm256_maddubs_epi16(y, v[half]));
                     *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
@@ -928,11 +904,13 @@ mod avx2 {
             }
             g += 2;
         }
-        if g < groups {
+        if g < at.groups {
             ahead.step();
-            let w = weights(g);
+            // SAFETY: as above, g < groups.
+            let w = unsafe { at.weights(g) };
             for (j, a) in acc.iter_mut().enumerate() {
-                let x = row(j, g);
+                // SAFETY: as above.
+                let x = unsafe { at.row(j, g) };
                 for (half, a) in a.iter_mut().enumerate() {
                     *a = _mm256_add_epi32(*a, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w[half]), ones));
                 }
@@ -940,6 +918,55 @@ mod avx2 {
         }
         // SAFETY: as `store`'s; the sums are shifted.
         unsafe { store::<NR>(job, r, o, lanes, &acc, true) };
+    }
+
+    /// Where a tile of mask rows from `r` at the panel of outputs `o` reads its operands.
+    struct Operands {
+        panel: *const i8,
+        xq: *const u8,
+        stride: usize,
+        groups: usize,
+    }
+
+    impl Operands {
+        fn of(job: &Job, r: usize, o: usize) -> Operands {
+            let p = job.panels;
+            let groups = p.inp.div_ceil(GROUP);
+            let stride = groups * GROUP;
+            // Panel o / 16 holds `groups x 64` bytes; row r's bytes start at `r x stride`
+            // (`tail x stride`): pointers into both (the arithmetic alone, no read).
+            Operands {
+                panel: p.data.as_ptr().wrapping_add(p.panel_offset(o)),
+                xq: job.xq.as_ptr().wrapping_add(r * stride),
+                stride,
+                groups,
+            }
+        }
+
+        /// Group `g`'s weights for the panel's outputs 0-7 and 8-15.
+        ///
+        /// # Safety
+        /// AVX2 is available; `g < groups`.
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        unsafe fn weights(&self, g: usize) -> [__m256i; 2] {
+            // SAFETY: group g of the panel, 64 bytes.
+            unsafe {
+                let w = self.panel.add(g * WIDTH * GROUP);
+                [_mm256_loadu_si256(w as *const __m256i), _mm256_loadu_si256(w.add(32) as *const __m256i)]
+            }
+        }
+
+        /// The tile's row `j`'s four bytes of group `g`, broadcast to every lane.
+        ///
+        /// # Safety
+        /// AVX2 is available; `g < groups` and row r + j is a tail row.
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        unsafe fn row(&self, j: usize, g: usize) -> __m256i {
+            // SAFETY: four bytes of row r + j's `stride`.
+            _mm256_set1_epi32(unsafe { (self.xq.add(j * self.stride + g * GROUP) as *const i32).read_unaligned() })
+        }
     }
 
     /// Rows `r..r + NR` of the tail at outputs `o..o + lanes`: each row's sums `acc` (eight
