@@ -6,10 +6,10 @@
 //! 16) over about 100 cached positions, 7-13 us at one query row, 17-30 at nine and 29-46
 //! at 25, against a few microseconds of multiply-adds. Here, per key/value head, its keys
 //! are transposed once into a scratch buffer; then the query rows of its query heads go
-//! four at a time: their scores eight keys at a time (two blocks of keys a pass, so that
-//! eight chains of multiply-adds run side by side and each key vector loaded serves four
-//! rows), each row's softmax with a vectorised exp, and the weighted sum of the values (each
-//! value vector loaded once for the four rows). The key/value heads (and the rows within
+//! six at a time ([`ROWS`]): their scores eight keys at a time (two blocks of keys a pass,
+//! so that twelve chains of multiply-adds run side by side and each key vector loaded serves
+//! six rows), each row's softmax with a vectorised exp, and the weighted sum of the values
+//! (each value vector loaded once for the six rows). The key/value heads (and the rows within
 //! them) are shared out between the threads of libtorch's OpenMP team when the call is big
 //! enough. The output is written as `[b, t, heads, hd]` (what the layer's output
 //! projection reads) and returned as the usual `[b, heads, t, hd]` view.
@@ -60,8 +60,16 @@ pub const MAX_ROWS: i64 = 1024;
 /// session, `layer_ops`), where the products run 32 multiply-adds a nanosecond.
 const UNIT_AS_F32_MACS: f64 = 3.2;
 
-/// Query rows a pass takes together (eight lanes).
-const ROWS: usize = 4;
+/// Query rows a pass takes together in eight lanes: twelve accumulators (two blocks of eight
+/// keys' scores for six rows, or sixteen value columns of six rows), the two vectors of
+/// keys or values and a broadcast in sixteen registers; each vector loaded serves six rows,
+/// and twelve chains of multiply-adds run side by side where eight waited on the latency of
+/// the one before. On a Zen 3 (one process, the fastest of 60 rounds of 100 calls, in turns)
+/// the demo's heads over 125 keys: 25 rows 61-62 us against 63-64 with four rows a pass on one
+/// thread, 41-45 against 50-53 on two; 9 rows 22 against 24, 17-18 against 19-20;
+/// SmolLM2-135M's 25 rows 67-80 against 81-90 on two threads (docs/BENCHMARKS.md, fifty-fourth
+/// session).
+const ROWS: usize = 6;
 
 /// Query rows a pass takes together in sixteen lanes (32 registers: two blocks of sixteen
 /// keys' scores for eight rows, or 32 value columns of eight rows, in 16 accumulators).
@@ -414,7 +422,9 @@ mod kernel {
                 1 => rows_pass::<1>(call, keys, scores, e, g, rows),
                 2 => rows_pass::<2>(call, keys, scores, e, g, rows),
                 3 => rows_pass::<3>(call, keys, scores, e, g, rows),
-                _ => rows_pass::<4>(call, keys, scores, e, g, rows),
+                4 => rows_pass::<4>(call, keys, scores, e, g, rows),
+                5 => rows_pass::<5>(call, keys, scores, e, g, rows),
+                _ => rows_pass::<6>(call, keys, scores, e, g, rows),
             }
         }
     }

@@ -889,6 +889,13 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_si256(); 2]; NR];
         let mut g = 0;
+        // With nothing to ask for ahead, four and five rows' pairs of groups in assembly
+        // ([`pairs`]); the loop below takes the rest (the last group of an odd count).
+        // SAFETY: AVX2 is available; the panel holds `groups` groups, and rows r..r + NR
+        // of the tail as many groups' bytes each.
+        if ahead.per == 0 && at.groups >= 2 && unsafe { pairs::<NR>(&at, at.groups / 2, &mut acc) } {
+            g = at.groups / 2 * 2;
+        }
         while g + 1 < at.groups {
             ahead.step();
             ahead.step();
@@ -918,6 +925,107 @@ mod avx2 {
         }
         // SAFETY: as `store`'s; the sums are shifted.
         unsafe { store::<NR>(job, r, o, lanes, &acc, true) };
+    }
+
+    /// One row's two groups in [`pairs`]' loop: the row's bytes of each group broadcast
+    /// (from `[$at]` and `[$at + 4]`), each half's two `vpmaddubsw` with the panel's
+    /// vectors read from L1 (`{w}`: the pair of groups), their pairs added, widened by the
+    /// ones (in `ymm11`), into the row's two accumulators.
+    #[rustfmt::skip]
+    macro_rules! pair_row {
+        ($at:literal, $acc0:literal, $acc1:literal) => {
+            concat!(
+                "vpbroadcastd ymm12, dword ptr [", $at, "]\n",
+                "vpbroadcastd ymm13, dword ptr [", $at, " + 4]\n",
+                "vpmaddubsw ymm14, ymm12, ymmword ptr [{w}]\n",
+                "vpmaddubsw ymm15, ymm13, ymmword ptr [{w} + 64]\n",
+                "vpaddw ymm14, ymm14, ymm15\n",
+                "vpmaddwd ymm14, ymm14, ymm11\n",
+                "vpaddd ", $acc0, ", ", $acc0, ", ymm14\n",
+                "vpmaddubsw ymm14, ymm12, ymmword ptr [{w} + 32]\n",
+                "vpmaddubsw ymm15, ymm13, ymmword ptr [{w} + 96]\n",
+                "vpaddw ymm14, ymm14, ymm15\n",
+                "vpmaddwd ymm14, ymm14, ymm11\n",
+                "vpaddd ", $acc1, ", ", $acc1, ", ymm14\n",
+            )
+        };
+    }
+
+    /// [`tile_pairs`]' loop over the first `iterations` pairs of groups of four or five rows
+    /// (`NR`), in assembly, into `acc` (zeroed first); false, and nothing done, for other
+    /// row counts. Written with intrinsics, the compiler keeps the panel's four vectors of a
+    /// pair of groups in registers and so spills accumulators of five rows to the stack (a
+    /// load and a store each a pass, besides the multiplies); here the ten accumulators, the
+    /// ones, the rows' bytes and two temporaries hold the sixteen registers and the
+    /// multiplies read the panel from L1. The same instructions on the same values as that
+    /// loop, so the same sums. On a Zen 3 (one thread, fastest of 50 rounds in turns in one
+    /// process) the demo's 25-row products from 5 took 4-20% less: gate/up 152-159 us
+    /// against 163-165, q/k/v 53-55 against 62-63; six rows (a 2-mask step's) measured no
+    /// faster so, nor in tiles of three with the panel in registers (docs/BENCHMARKS.md,
+    /// fifty-fourth session).
+    ///
+    /// # Safety
+    /// AVX2 is available; `at`'s panel holds `2 x iterations` groups (`iterations >= 1`)
+    /// and its rows `0..NR` as many groups' bytes each.
+    #[target_feature(enable = "avx2")]
+    unsafe fn pairs<const NR: usize>(at: &Operands, iterations: usize, acc: &mut [[__m256i; 2]; NR]) -> bool {
+        static ONES: [i16; 16] = [1; 16];
+        let (w, x, stride) = (at.panel, at.xq, at.stride);
+        // Rows 3 and 4 are addressed from here (an address takes twice the stride at most).
+        let x3 = x.wrapping_add(3 * stride);
+        let out = acc.as_mut_ptr() as *mut __m256i;
+        // The ones loaded and the accumulators zeroed; the loop, the rows' bytes moving 8 a
+        // pass and the panel 128; the accumulators stored, vector `i` at `32 i`.
+        macro_rules! tile {
+            ($($row:expr),+; $(($reg:literal, $at:literal)),+) => {
+                // SAFETY: the function's: every address read lies in the panel's first
+                // `2 x iterations` groups or the rows' bytes of as many groups, and `out`
+                // holds `2 x NR` vectors.
+                unsafe {
+                    std::arch::asm!(
+                        "vmovdqu ymm11, ymmword ptr [{ones}]",
+                        $(concat!("vpxor ", $reg, ", ", $reg, ", ", $reg),)+
+                        "2:",
+                        $($row,)+
+                        "add {x}, 8",
+                        "add {x3}, 8",
+                        "add {w}, 128",
+                        "dec {n}",
+                        "jnz 2b",
+                        $(concat!("vmovdqu ymmword ptr [{out} + ", $at, "], ", $reg),)+
+                        w = inout(reg) w => _,
+                        x = inout(reg) x => _,
+                        x3 = inout(reg) x3 => _,
+                        n = inout(reg) iterations => _,
+                        s = in(reg) stride,
+                        ones = in(reg) ONES.as_ptr(),
+                        out = in(reg) out,
+                        out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _,
+                        out("ymm4") _, out("ymm5") _, out("ymm6") _, out("ymm7") _,
+                        out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+                        out("ymm12") _, out("ymm13") _, out("ymm14") _, out("ymm15") _,
+                        options(nostack),
+                    )
+                }
+            };
+        }
+        match NR {
+            4 => tile!(
+                pair_row!("{x}", "ymm0", "ymm1"), pair_row!("{x} + {s}", "ymm2", "ymm3"),
+                pair_row!("{x} + 2*{s}", "ymm4", "ymm5"), pair_row!("{x3}", "ymm6", "ymm7");
+                ("ymm0", "0"), ("ymm1", "32"), ("ymm2", "64"), ("ymm3", "96"),
+                ("ymm4", "128"), ("ymm5", "160"), ("ymm6", "192"), ("ymm7", "224")
+            ),
+            5 => tile!(
+                pair_row!("{x}", "ymm0", "ymm1"), pair_row!("{x} + {s}", "ymm2", "ymm3"),
+                pair_row!("{x} + 2*{s}", "ymm4", "ymm5"), pair_row!("{x3}", "ymm6", "ymm7"),
+                pair_row!("{x3} + {s}", "ymm8", "ymm9");
+                ("ymm0", "0"), ("ymm1", "32"), ("ymm2", "64"), ("ymm3", "96"), ("ymm4", "128"),
+                ("ymm5", "160"), ("ymm6", "192"), ("ymm7", "224"), ("ymm8", "256"), ("ymm9", "288")
+            ),
+            _ => return false,
+        }
+        true
     }
 
     /// Where a tile of mask rows from `r` at the panel of outputs `o` reads its operands.
@@ -1348,7 +1456,8 @@ mod tests {
     /// values (every byte pair at the largest magnitudes, both signs, the sums AVX2's
     /// sixteen bits must hold); the next-token rows [`few_rows::product`]'s; the same with
     /// the weight read from memory, its columns taken in chunks or not ([`use_ahead`]); with
-    /// panels of 127 levels and short ones.
+    /// panels of 127 levels and short ones; tiles of two to six rows over even and odd
+    /// counts of groups (AVX2's loop of four and five rows in assembly, and its last group).
     #[test]
     fn tail_rows_are_the_integer_sums() {
         if !available() {
@@ -1356,7 +1465,8 @@ mod tests {
         }
         let o = (Kind::Float, Device::Cpu);
         let _g = tch::no_grad_guard();
-        let cases = [(300, 96, 12, 2), (40, 171, 7, 0), (1408, 256, 25, 5), (21, 13, 3, 1)];
+        let cases =
+            [(300, 96, 12, 2), (40, 171, 7, 0), (1408, 256, 25, 5), (21, 13, 3, 1), (48, 20, 10, 0), (40, 64, 8, 0)];
         for ((out, inp, rows, start), short) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
             let w = Tensor::randn([out, inp], o) * 0.05;
             // The first two weight rows and the first tail row all at their largest

@@ -125,8 +125,12 @@ pub fn silu_in_place(x: &mut [f32]) -> bool {
 /// docs/BENCHMARKS.md (one thread against a team of two in turns in one process, medians):
 /// the demo's 25 rows of 704 took 14-18 us against 10-13, 9 of them 5-7 against 4-6.5;
 /// SmolLM2-135M's 25 rows of 1,536 32-40 against 20-23; the proxy's 25 of 172 4-6 against
-/// 4-4.5. An AR step's one row stays on the calling thread.
-const SWIGLU_OUTPUT_AS_F32_MACS: f64 = 28.0;
+/// 4-4.5. On the Zen 3 of the fifty-fourth session (`layer_ops`, three runs in turns with
+/// `MTP_SHARE_MIN_US` at 10 and the default 20) the demo's 25 rows took 17-21 us alone and
+/// 10-13 shared, where 28 put them at 15 us, under the line: with 40, 22 us, shared; its 9
+/// rows (8 us) and the proxy's 25 (5 us) stay on one thread. An AR step's one row stays on
+/// the calling thread.
+const SWIGLU_OUTPUT_AS_F32_MACS: f64 = 40.0;
 
 /// An output buffer the parts of a parallel loop write disjoint ranges of.
 #[derive(Clone, Copy)]
