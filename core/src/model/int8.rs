@@ -58,11 +58,13 @@ const GROUP: usize = 4;
 const TILE_ROWS: usize = 8;
 
 /// Mask rows an AVX2 tile of short panels holds at most: two accumulators each (sixteen
-/// outputs in two vectors), with the ones, two groups' broadcast bytes and their pairs, in
-/// sixteen registers (the panel's vectors are read from L1 by the multiplies). A product's
-/// mask rows are shared out evenly between its tiles: a 4-mask step's 20 as four tiles of
-/// five, a 2-mask step's 6 as one (SmolLM2-135M's 1728 x 576 weight on a Zen 3, one thread,
-/// `int8_tiles`: 20 rows 244-255 us a call so against 257-264 in tiles of at most three).
+/// outputs in two vectors). Four and five rows, with the ones, two groups' broadcast bytes
+/// and two temporaries, fit the sixteen registers, the panel's vectors read from L1 by the
+/// multiplies (`avx2::pairs`); six spill in the compiled loop, yet measured as fast as two
+/// tiles of three (fifty-fourth session). A product's mask rows are shared out evenly
+/// between its tiles: a 4-mask step's 20 as four tiles of five, a 2-mask step's 6 as one
+/// (SmolLM2-135M's 1728 x 576 weight on a Zen 3, one thread, `int8_tiles`: 20 rows 244-255
+/// us a call so against 257-264 in tiles of at most three).
 const AVX2_PAIR_TILE_ROWS: usize = 6;
 
 /// Mask rows an AVX2 tile of 127-level panels holds: two accumulators each, the panel's
