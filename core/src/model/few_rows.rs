@@ -1023,9 +1023,17 @@ pub(super) mod avx2 {
     use super::{Job, Term};
 
     /// Output columns `o0..o1` of the job: blocks of four weight rows multiplied by the
-    /// input rows three at a time, or for 4, 7 and 8 rows blocks of three by four at a time
-    /// (fewer passes over each block: a 1-mask step's 4 rows in one; for 25 rows the same
-    /// tile measured a third slower, 103 ms a step against 79), then single columns. The
+    /// input rows three at a time (the last pass one or two), or for 4, 7 and 8 rows blocks
+    /// of two weight rows by four input rows (one or two passes), then single columns.
+    /// Until the fifty-fifth session those took blocks of three by four, whose twelve
+    /// accumulators and four rows need all sixteen registers: the compiled loop moved
+    /// accumulators through the other registers and the stack at every step. On a Zen 3
+    /// (`layer_ops`, the builds in turns; docs/BENCHMARKS.md, fifty-fifth session), 4 rows
+    /// against one row of every layer's products of the demo took 1.69-1.83 times as long
+    /// so, 1.28-1.29 in blocks of two (1.23-1.28 in passes of three and one, slower where
+    /// the weight comes from memory: SmolLM2-135M's shape 1.14-1.16, against 1.02-1.10 in
+    /// blocks of three by four and 1.05-1.10 in blocks of two); 8 rows 2.0-2.2 -> 1.8-2.0
+    /// on the demo, 1.8 -> 1.4 on SmolLM2-135M. The
     /// passes over a block also ask for the block [`PREFETCH_BLOCKS`] ahead, spread over
     /// them, so that reading the weight from memory or L3 overlaps the arithmetic of the
     /// later passes (9 rows of SmolLM2-135M's layers: 29 ms -> 26 on a Zen 3; 25 rows on a
@@ -1041,8 +1049,8 @@ pub(super) mod avx2 {
     /// AVX2 and FMA are available; the job's pointers are valid for its sizes.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn columns<const W16: bool>(job: &Job, o0: usize, o1: usize) {
-        let o = if job.rows <= 8 && job.rows.div_ceil(4) < job.rows.div_ceil(3) {
-            unsafe { blocks::<3, 4, W16>(job, o0, o1) }
+        let o = if matches!(job.rows, 4 | 7 | 8) {
+            unsafe { blocks::<2, 4, W16>(job, o0, o1) }
         } else {
             unsafe { blocks::<4, 3, W16>(job, o0, o1) }
         };
@@ -1122,8 +1130,9 @@ pub(super) mod avx2 {
         let whole = n / 8 * 8;
         let mut acc = [[_mm256_setzero_ps(); NR]; NO];
         let mut k = 0;
+        let mut turns = LineTurns::new(pass);
         while k < whole {
-            prefetch_share::<NO, W16>(job, prefetch, k, pass);
+            prefetch_share::<NO, W16>(job, prefetch, k, &mut turns);
             let mut xs = [_mm256_setzero_ps(); NR];
             for (j, x) in xs.iter_mut().enumerate() {
                 *x = unsafe { _mm256_loadu_ps(job.x.add((r + j) * n + k)) };
@@ -1139,22 +1148,57 @@ pub(super) mod avx2 {
         unsafe { finish::<NO, NR, W16>(job, o, r, &acc, whole) }
     }
 
+    /// A pass's share of the prefetch of a block of weight rows: the 64-byte lines of the
+    /// rows go to the block's passes in turn, line `l` to pass `l % passes`. The turn is
+    /// counted as the lines go by, where the remainder had been computed at every line: a
+    /// `div` instruction in the tile's loop (every layer's products of the demo's and the
+    /// proxy's shapes 1-3% faster without it in one process on a Zen 3; whole steps within
+    /// the noise).
+    pub(super) struct LineTurns {
+        /// The pass the next line falls to.
+        next: usize,
+        /// This pass, of how many.
+        pass: (usize, usize),
+    }
+
+    impl LineTurns {
+        /// Pass `pass.0` of `pass.1`, before the first line.
+        #[inline]
+        pub(super) fn new(pass: (usize, usize)) -> Self {
+            Self { next: 0, pass }
+        }
+
+        /// At input `k` (the tile's loop, in steps of a vector): true where `k` starts a
+        /// line of `line` values that falls to this pass. Called at every step, in order.
+        #[inline]
+        pub(super) fn mine(&mut self, k: usize, line: usize) -> bool {
+            if !k.is_multiple_of(line) {
+                return false;
+            }
+            let mine = self.next == self.pass.0;
+            self.next += 1;
+            if self.next >= self.pass.1 {
+                self.next = 0;
+            }
+            mine
+        }
+    }
+
     /// A pass's share of the prefetch of the `NO` weight rows from `prefetch` on, at input
-    /// `k`: where `k` starts a 64-byte line of the weight, pass `pass.0` of `pass.1` asks
-    /// for that line of each row when the line falls to it (the passes take them in turn).
+    /// `k`: where `k` starts a 64-byte line of the weight, this pass asks for that line of
+    /// each row when the line falls to it ([`LineTurns`]).
     #[target_feature(enable = "avx2")]
     #[inline]
     pub(super) fn prefetch_share<const NO: usize, const W16: bool>(
         job: &Job,
         prefetch: Option<usize>,
         k: usize,
-        pass: (usize, usize),
+        turns: &mut LineTurns,
     ) {
         // Values of a 64-byte line.
         let line = if W16 { 32 } else { 16 };
         if let Some(p) = prefetch
-            && k.is_multiple_of(line)
-            && (k / line) % pass.1 == pass.0
+            && turns.mine(k, line)
         {
             for i in 0..NO {
                 // Within the weight: row p + i < o1 <= out, column k < inp.
@@ -1706,8 +1750,9 @@ pub(super) mod avx512 {
         let (whole16, whole) = (n / 16 * 16, n / 8 * 8);
         let mut acc = [[_mm512_setzero_ps(); NR]; NO];
         let mut k = 0;
+        let mut turns = avx2::LineTurns::new(pass);
         while k < whole16 {
-            avx2::prefetch_share::<NO, W16>(job, prefetch, k, pass);
+            avx2::prefetch_share::<NO, W16>(job, prefetch, k, &mut turns);
             if NR <= MAX_PASS_ROWS {
                 // The rows' inputs held, each weight vector loaded once.
                 let mut xs = [_mm512_setzero_ps(); NR];
@@ -2119,6 +2164,26 @@ pub(super) mod tests {
         let more_rows = Work { f32_macs: small.f32_macs * 100.0, ..small };
         let more_bytes = Work { bytes: small.bytes * 100, ..small };
         assert!(worth_sharing(more_rows) && worth_sharing(more_bytes));
+    }
+
+    /// A pass's prefetch turns, counted line by line, fall on the lines the remainder gives
+    /// (line `l` to pass `l % passes`), for the tiles' steps of eight and sixteen values and
+    /// lines of sixteen f32 or thirty-two bf16 values.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn prefetch_turns_follow_the_lines() {
+        for (step, line) in [(8, 16), (8, 32), (16, 16), (16, 32)] {
+            for passes in 1..=9 {
+                for pass in 0..passes {
+                    let mut turns = avx2::LineTurns::new((pass, passes));
+                    let mine: Vec<usize> = (0..1024).step_by(step).filter(|&k| turns.mine(k, line)).collect();
+                    let expected: Vec<usize> =
+                        (0..1024).step_by(step).filter(|&k| k % line == 0 && (k / line) % passes == pass).collect();
+                    assert_eq!(mine, expected, "steps of {step}, lines of {line}, pass {pass} of {passes}");
+                    assert!(!mine.is_empty());
+                }
+            }
+        }
     }
 
     /// The kernel's product equals libtorch's to f32 rounding: widths that are not
