@@ -191,6 +191,33 @@ pub fn takes(x: &Tensor, weight: &Tensor) -> bool {
     takes_kind(x, weight, Kind::Float, false)
 }
 
+/// [`takes`] for `x` of `[rows, in]` or `[1, rows, in]` (a decoding pass's one sequence as
+/// a layer holds it, read in place with no view made): `x`'s rows and width, `None` where
+/// [`takes`] would not take it as `[rows, in]`.
+pub fn takes_rows(x: &Tensor, weight: &Tensor) -> Option<(i64, i64)> {
+    if !available() || x.kind() != Kind::Float || weight.kind() != Kind::Float {
+        return None;
+    }
+    let (xs, ws) = (x.size(), weight.size());
+    let (&[rows, inp], &[_, w_in]) = (
+        match xs[..] {
+            [_, _] => &xs[..],
+            [1, _, _] => &xs[1..],
+            _ => return None,
+        },
+        &ws[..],
+    ) else {
+        return None;
+    };
+    (inp == w_in
+        && (1..=MAX_ROWS).contains(&rows)
+        && x.device() == Device::Cpu
+        && weight.device() == Device::Cpu
+        && !x.requires_grad()
+        && !weight.requires_grad())
+    .then_some((rows, inp))
+}
+
 /// [`takes`] for operands of `kind`; with `any_rows`, `x` may have more than [`MAX_ROWS`]
 /// rows (a product in chunks). The kind is checked first: most calls are f32 ones, and the
 /// checks that read sizes cost more.
@@ -725,7 +752,16 @@ pub(super) fn contiguous<'a>(t: &'a Tensor, slot: &'a mut Option<Tensor>) -> &'a
     if t.is_contiguous() { t } else { slot.insert(t.contiguous()) }
 }
 
-/// `y (+)= x W^T + b`, and what `extras` asks for.
+/// A new `[rows, out]` for `x` of `[rows, in]`, `[1, rows, out]` for `[1, rows, in]`
+/// ([`takes_rows`]).
+fn output_like(x: &Tensor, rows: i64, out: i64) -> Tensor {
+    match x.dim() {
+        2 => Tensor::empty([rows, out], (Kind::Float, Device::Cpu)),
+        _ => Tensor::empty([1, rows, out], (Kind::Float, Device::Cpu)),
+    }
+}
+
+/// `y (+)= x W^T + b` (`x`: `[rows, in]` or `[1, rows, in]`), and what `extras` asks for.
 fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulate: bool, extras: Extras) {
     let Extras { low_rank, bf16_from, tail_weight, tail_panels } = extras;
     // Contiguous copies only where the caller's tensors are not (kept alive below).
@@ -733,7 +769,11 @@ fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulat
     let (mut weight_copy, mut bias_copy) = (None, None);
     let weight = contiguous(weight, &mut weight_copy);
     let bias = bias.map(|b| contiguous(b, &mut bias_copy));
-    let (rows, inp) = (x.size()[0] as usize, x.size()[1] as usize);
+    let size = x.size();
+    let (rows, inp) = match size[..] {
+        [.., rows, inp] => (rows as usize, inp as usize),
+        _ => (0, 0),
+    };
     let stride = inp.div_ceil(32) * 32;
     let mut x_bf16 = Vec::new();
     let bf16 = bf16_from.filter(|&from| from < rows && bf16_available()).map(|from| {
@@ -815,7 +855,9 @@ pub struct TailTerm<'a> {
 /// parts do not fit (more than [`MAX_TERM_PARTS`], out of order or out of range).
 pub fn product_with_low_rank(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, term: &TailTerm) -> Option<Tensor> {
     let TailTerm { a, bt, parts, start, bf16 } = *term;
-    let (rows, out, m) = (x.size().first().copied()?, weight.size()[0], a.size()[0]);
+    let (rows, inp) = takes_rows(x, weight)?;
+    let (out, a_size) = (weight.size()[0], a.size());
+    let &[m, a_in] = &a_size[..] else { return None };
     let r = *bt.size().first()?;
     let ordered = parts.windows(2).all(|w| w[0].cols.end <= w[1].cols.start);
     let parts_fit = parts.len() <= MAX_TERM_PARTS
@@ -828,15 +870,17 @@ pub fn product_with_low_rank(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
         && bt.size() == [r, out]
         && bt.kind() == Kind::Float
         && bt.device() == Device::Cpu
-        && takes(&x.narrow(0, start, rows - start), a)
-        && takes(x, weight)
+        && a_in == inp
+        && a.kind() == Kind::Float
+        && a.device() == Device::Cpu
+        && !a.requires_grad()
         && !bias.is_some_and(|b| b.kind() != Kind::Float || b.numel() != out as usize);
     if !fits {
         return None;
     }
     // Contiguous copies only where the caller's tensors are not (kept alive below).
     let (a, bt) = (a.contiguous(), bt.contiguous());
-    let y = Tensor::empty([rows, out], (Kind::Float, Device::Cpu));
+    let y = output_like(x, rows, out);
     let mut spans = [(0, 0, 0); MAX_TERM_PARTS];
     for (span, p) in spans.iter_mut().zip(parts) {
         *span = (p.cols.start, p.cols.end, p.rank_offset);
@@ -876,18 +920,18 @@ pub fn product_two_weights(
     start: i64,
     bf16: bool,
 ) -> Option<Tensor> {
-    let rows = *x.size().first()?;
+    let (rows, _) = takes_rows(x, weight)?;
+    let (out, inp) = weight.size2().ok()?;
     let fits = (0..rows).contains(&start)
-        && tail_weight.size() == weight.size()
+        && tail_weight.size() == [out, inp]
         && tail_weight.is_contiguous()
-        && takes(x, weight)
-        && takes(x, tail_weight)
-        && tail_panels.is_none_or(|p| p.fit(weight.size()[0] as usize, weight.size()[1] as usize))
-        && !bias.is_some_and(|b| b.kind() != Kind::Float || b.numel() != weight.size()[0] as usize);
+        && takes_rows(x, tail_weight).is_some()
+        && tail_panels.is_none_or(|p| p.fit(out as usize, inp as usize))
+        && !bias.is_some_and(|b| b.kind() != Kind::Float || b.numel() != out as usize);
     if !fits {
         return None;
     }
-    let y = Tensor::empty([rows, weight.size()[0]], (Kind::Float, Device::Cpu));
+    let y = output_like(x, rows, out);
     let tail = (start as usize, tail_weight.data_ptr() as *const f32);
     let tail_panels = tail_panels.filter(|_| !bf16 && super::panels::enabled()).map(super::panels::Panels::ptr);
     let bf16_from = bf16.then_some(start as usize);
@@ -2526,6 +2570,11 @@ pub(super) mod tests {
                 assert!(got.equal(&want), "{what}: the parts differ from the block-diagonal term");
                 let alone = in_team(1, || product_with_low_rank(&x, &w, None, &term(&compact, &parts)));
                 assert!(alone.expect("one thread").equal(&got), "{what}: one thread differs from a team of two");
+                // One sequence's rows as a layer holds them, `[1, rows, in]`: `[1, rows, out]`.
+                let seq = in_team(2, || product_with_low_rank(&x.unsqueeze(0), &w, None, &term(&compact, &parts)));
+                let seq = seq.expect("a sequence");
+                assert_eq!(seq.size(), [1, rows, out], "{what}");
+                assert!(seq.squeeze_dim(0).equal(&got), "{what}: a sequence differs from its rows");
                 let xt = x.narrow(0, start, rows - start);
                 let library = xt.linear::<Tensor>(&w, None) + xt.linear::<Tensor>(&a, None).mm(&block);
                 let diff = relative_difference(&got.narrow(0, start, rows - start), &library);
@@ -2565,7 +2614,13 @@ pub(super) mod tests {
             assert!(y.narrow(0, 0, start).equal(&head.narrow(0, 0, start)), "{rows} rows from {start}: head rows");
             assert!(y.narrow(0, start, rows - start).equal(&tail), "{rows} rows from {start}: tail rows");
             assert!(on(1).expect("one thread").equal(&y), "{rows} rows from {start}: one thread differs");
+            let seq = product_two_weights(&x.unsqueeze(0), &w, &tail_w, None, Some(&bias), start, false);
+            let seq = seq.expect("a sequence");
+            assert_eq!(seq.size(), [1, rows, 1030]);
+            assert!(seq.squeeze_dim(0).equal(&y), "{rows} rows from {start}: a sequence differs from its rows");
         }
+        let two = Tensor::randn([2, 4, 600], O);
+        assert!(product_two_weights(&two, &w, &tail_w, None, None, 2, false).is_none(), "two sequences");
         let other = Tensor::randn([1029, 600], O);
         assert!(product_two_weights(&Tensor::randn([4, 600], O), &w, &other, None, None, 2, false).is_none());
     }

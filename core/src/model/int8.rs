@@ -46,7 +46,7 @@ use std::sync::OnceLock;
 
 use tch::{Device, Kind, Tensor};
 
-use super::few_rows::{self, MAX_ROWS};
+use super::few_rows;
 
 /// Outputs a panel holds (one lane each of a 512-bit vector).
 const WIDTH: usize = 16;
@@ -256,10 +256,11 @@ fn largest_magnitude(row: &[f32]) -> f32 {
     row.iter().fold(0f32, |m, v| m.max(v.abs()))
 }
 
-/// `x W^T + b` (`x`: `[rows, in]`, f32 on the CPU, at most [`MAX_ROWS`] rows, `weight`
-/// `[out, in]`) with the rows from `start` on multiplied in int8 by the weight `panels` hold
-/// (the same shape: the merged weight, for a step's mask rows), the rows before `start`
-/// exactly what [`few_rows::product`] gives them. `None` when the operands do not fit.
+/// `x W^T + b` (`x`: `[rows, in]`, or `[1, rows, in]` for `[1, rows, out]`, f32 on the CPU,
+/// at most [`few_rows::MAX_ROWS`] rows, `weight` `[out, in]`) with the rows from `start` on multiplied
+/// in int8 by the weight `panels` hold (the same shape: the merged weight, for a step's mask
+/// rows), the rows before `start` exactly what [`few_rows::product`] gives them. `None` when
+/// the operands do not fit.
 pub fn product_tail(
     x: &Tensor,
     weight: &Tensor,
@@ -267,23 +268,27 @@ pub fn product_tail(
     panels: &Int8Panels,
     start: i64,
 ) -> Option<Tensor> {
-    let size = x.size();
-    let [rows, inp] = size[..] else { return None };
+    // A layer's `[1, rows, in]` is read in place: no view to make and undo (two of
+    // libtorch's view operations a product, about as long as a quarter of the demo's
+    // products of 25 rows, on the thread the other waits for).
+    let (rows, inp) = few_rows::takes_rows(x, weight)?;
     let out = weight.size()[0];
-    let fits = (1..=MAX_ROWS).contains(&rows)
-        && (0..rows).contains(&start)
+    let fits = (0..rows).contains(&start)
         && panels.fit(out as usize, inp as usize)
-        && few_rows::takes(x, weight)
         && bias.is_none_or(|b| b.kind() == Kind::Float && b.device() == Device::Cpu && b.numel() == out as usize);
     if !fits {
         return None;
     }
-    let x = x.contiguous();
+    let mut x_copy = None;
+    let x = few_rows::contiguous(x, &mut x_copy);
     let (mut weight_copy, mut bias_copy) = (None, None);
     let weight = few_rows::contiguous(weight, &mut weight_copy);
     let bias = bias.map(|b| few_rows::contiguous(b, &mut bias_copy));
-    let (rows, inp, out, start) = (rows as usize, inp as usize, out as usize, start as usize);
-    let y = Tensor::empty([rows as i64, out as i64], (Kind::Float, Device::Cpu));
+    let y = match x.dim() {
+        2 => Tensor::empty([rows, out], (Kind::Float, Device::Cpu)),
+        _ => Tensor::empty([1, rows, out], (Kind::Float, Device::Cpu)),
+    };
+    let (rows, inp, start) = (rows as usize, inp as usize, start as usize);
     // SAFETY: `x` is contiguous f32 with `rows x inp` values, alive to the end.
     let xs = unsafe { std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * inp) };
     let exact = [x.data_ptr(), weight.data_ptr(), bias.as_ref().map_or(std::ptr::null_mut(), |b| b.data_ptr())]
@@ -613,13 +618,16 @@ impl Ahead {
 fn quantize_rows(x: &[f32], inp: usize, shifted: bool, xq: &mut Vec<u8>, sx: &mut Vec<f32>) {
     let stride = inp.div_ceil(GROUP) * GROUP;
     let vnni = vnni();
-    xq.clear();
-    xq.resize(x.len() / inp * stride, if shifted { 128 } else { 0 });
+    let zero = if shifted { 128 } else { 0 };
+    // Every byte is written below (each row's values, then its padding): the buffer is
+    // only resized, not cleared.
+    xq.resize(x.len() / inp * stride, zero);
     sx.clear();
     sx.reserve(x.len() / inp);
     for (row, dst) in x.chunks_exact(inp).zip(xq.chunks_exact_mut(stride)) {
         let (s, inv) = scale_of(largest_magnitude(row));
         sx.push(s);
+        dst[inp..].fill(zero);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` holds wherever panels exist, the only callers'
         // precondition, and `vnni()` where the AVX-512 form runs.
@@ -794,17 +802,41 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn largest_magnitude(row: &[f32]) -> f32 {
         let sign = _mm256_set1_ps(-0.0);
-        let mut best = _mm256_setzero_ps();
-        for chunk in row.chunks(LANES) {
+        // Four vectors a pass, each into its own maximum (four chains side by side), the
+        // last values under a mask. A maximum of numbers is the same in any order.
+        let mut best = [_mm256_setzero_ps(); 4];
+        let mut chunks = row.chunks_exact(4 * LANES);
+        for chunk in &mut chunks {
+            for (j, b) in best.iter_mut().enumerate() {
+                // SAFETY: vector j of the chunk's 32 values.
+                let v = _mm256_andnot_ps(sign, unsafe { _mm256_loadu_ps(chunk.as_ptr().add(j * LANES)) });
+                // Where `v` is NaN, `max` returns its second operand: the best so far.
+                *b = _mm256_max_ps(v, *b);
+            }
+        }
+        for chunk in chunks.remainder().chunks(LANES) {
             // SAFETY: masked lanes only read the chunk's values (the others are 0).
             let v = _mm256_andnot_ps(sign, unsafe { _mm256_maskload_ps(chunk.as_ptr(), first_lanes(chunk.len())) });
-            // Where `v` is NaN, `max` returns its second operand: the best so far.
-            best = _mm256_max_ps(v, best);
+            best[0] = _mm256_max_ps(v, best[0]);
         }
-        let mut lanes = [0f32; LANES];
-        // SAFETY: eight values into eight.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), best) };
+        let mut lanes = [0f32; 4 * LANES];
+        for (j, b) in best.iter().enumerate() {
+            // SAFETY: eight values into eight of the 32.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(j * LANES), *b) };
+        }
         lanes.into_iter().fold(0f32, f32::max)
+    }
+
+    /// `v` times `scale`, rounded to int32 and clamped to `lo..=hi`.
+    ///
+    /// # Safety
+    /// AVX2 is available.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn clamped(v: __m256, scale: __m256, lo: __m256i, hi: __m256i) -> __m256i {
+        // Rounded by MXCSR's mode, to nearest (Rust never changes it); out of range gives
+        // i32::MIN, as AVX-512's conversion does.
+        _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v, scale)), lo), hi)
     }
 
     /// `row` times `inv`, rounded to nearest (ties to even), clamped to `[-127, 127]`, plus
@@ -819,14 +851,29 @@ mod avx2 {
         let scale = _mm256_set1_ps(inv);
         let flip = _mm256_set1_epi8(if shifted { -128 } else { 0 });
         let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+        // 32 values a pass, stored at once: four vectors of int32 packed to bytes (within
+        // each 128-bit half, so each vector's eight bytes come as two runs of four), the
+        // runs put in order by one permutation.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let whole = row.len() / (4 * LANES) * (4 * LANES);
+        for k in (0..whole).step_by(4 * LANES) {
+            // SAFETY: values k..k + 32 of `row` read, bytes k..k + 32 of `dst` written (at
+            // least `row.len()` bytes).
+            unsafe {
+                let at = row.as_ptr().add(k);
+                let q = [0, 1, 2, 3].map(|j| clamped(_mm256_loadu_ps(at.add(j * LANES)), scale, lo, hi));
+                // In [-127, 127]: the packs do not saturate.
+                let words = (_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+                let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words.0, words.1), order);
+                _mm256_storeu_si256(dst.as_mut_ptr().add(k) as *mut __m256i, _mm256_xor_si256(bytes, flip));
+            }
+        }
+        let (row, dst) = (&row[whole..], &mut dst[whole..]);
         for (k, chunk) in row.chunks(LANES).enumerate() {
             // SAFETY: masked lanes only read the chunk's values; the bytes written below lie
             // within the chunk's place in `dst`.
             unsafe {
-                let v = _mm256_mul_ps(_mm256_maskload_ps(chunk.as_ptr(), first_lanes(chunk.len())), scale);
-                // Rounded by MXCSR's mode, to nearest (Rust never changes it); out of range
-                // gives i32::MIN, as AVX-512's conversion does.
-                let q = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), lo), hi);
+                let q = clamped(_mm256_maskload_ps(chunk.as_ptr(), first_lanes(chunk.len())), scale, lo, hi);
                 // Eight int32 to eight signed bytes (each 128-bit half's four values in its
                 // first four bytes), then plus 128 if shifted: a signed byte's top bit flipped.
                 let words = _mm256_packs_epi32(q, q);
@@ -1374,6 +1421,49 @@ mod tests {
         assert_eq!(scale_of(0.0), (1.0, 1.0));
     }
 
+    /// Rows are quantized as the scalar formula says, shifted or signed, padded to whole
+    /// groups of four: lengths that end inside a pass of 32 values, a vector of eight and a
+    /// group; a NaN and an infinity (to the lowest level, as `vpdpbusd`'s form does), the
+    /// largest magnitudes of both signs, and values halfway between two levels.
+    #[test]
+    fn rows_quantize_as_the_scalar_formula() {
+        if !available() {
+            return;
+        }
+        for len in [1usize, 3, 8, 13, 31, 32, 33, 64, 70, 96, 171, 256] {
+            let mut rows: Vec<f32> = (0..3 * len).map(|j| ((j * 53 % 41) as f32 - 20.0) * 0.31).collect();
+            rows[len / 2] = f32::NAN;
+            rows[len - 1] = f32::INFINITY;
+            rows[len + len / 3] = -1e6;
+            rows[2 * len] = 2.5;
+            rows[3 * len - 1] = -2.5;
+            for shifted in [false, true] {
+                let (mut xq, mut sx) = (Vec::new(), Vec::new());
+                quantize_rows(&rows, len, shifted, &mut xq, &mut sx);
+                let stride = len.div_ceil(GROUP) * GROUP;
+                assert_eq!((xq.len(), sx.len()), (3 * stride, 3), "{len} values");
+                for (r, row) in rows.chunks_exact(len).enumerate() {
+                    let (s, inv) = scale_of(row.iter().fold(0f32, |m, v| m.max(v.abs())));
+                    assert_eq!(sx[r], s, "{len} values, row {r}");
+                    let shift = if shifted { 128 } else { 0 };
+                    let want: Vec<u8> = (0..stride)
+                        .map(|i| {
+                            let q = match row.get(i) {
+                                Some(v) if (v * inv).is_finite() => {
+                                    (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32
+                                }
+                                Some(_) => -127,
+                                None => 0,
+                            };
+                            (q + shift) as u8
+                        })
+                        .collect();
+                    assert_eq!(&xq[r * stride..(r + 1) * stride], &want[..], "{len} values, row {r}, {shifted}");
+                }
+            }
+        }
+    }
+
     /// The rows before `start` are `few_rows::product`'s bit for bit (one thread or two,
     /// widths that end inside a panel or a group of four, 9 head rows, whose f32 tiles take
     /// three weight rows while the parts here split at sixteen); the rows from `start` on
@@ -1590,5 +1680,29 @@ mod tests {
         assert!(product_tail(&x, &Tensor::randn([32, 8], o), None, &panels, 1).is_none(), "another weight");
         assert!(product_tail(&Tensor::randn([40, 16], o), &w, None, &panels, 1).is_none(), "too many rows");
         assert!(product_tail(&x, &w, None, &panels, 1).is_some());
+        assert!(product_tail(&x.view([2, 2, 16]), &w, None, &panels, 1).is_none(), "two sequences");
+        assert!(product_tail(&x.view([1, 1, 4, 16]), &w, None, &panels, 1).is_none(), "four dimensions");
+    }
+
+    /// One sequence's rows (`[1, rows, in]`, as a layer holds them) give `[1, rows, out]`,
+    /// the same values as the rows alone, also where they are not contiguous.
+    #[test]
+    fn a_sequence_gives_a_sequence() {
+        if !available() {
+            return;
+        }
+        let o = (Kind::Float, Device::Cpu);
+        let w = Tensor::randn([40, 24], o);
+        let bias = Tensor::randn([40], o);
+        let panels = Int8Panels::of(&w, false).expect("panels");
+        let x = Tensor::randn([7, 24], o);
+        let want = product_tail(&x, &w, Some(&bias), &panels, 3).expect("a product");
+        let got = product_tail(&x.unsqueeze(0), &w, Some(&bias), &panels, 3).expect("a product");
+        assert_eq!(got.size(), [1, 7, 40]);
+        assert!(got.squeeze_dim(0).equal(&want));
+        let wide = Tensor::randn([1, 7, 48], o);
+        wide.narrow(2, 0, 24).copy_(&x);
+        let got = product_tail(&wide.narrow(2, 0, 24), &w, Some(&bias), &panels, 3).expect("a product");
+        assert!(got.squeeze_dim(0).equal(&want), "rows not contiguous");
     }
 }

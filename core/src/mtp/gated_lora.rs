@@ -371,21 +371,19 @@ impl ProjDelta for PreparedLora {
             // the merged weight) in one call of the CPU's few-row kernel, where it runs.
             (Gate::Tail(start), merged) if x.size()[0] == 1 && few_row_kernel_runs(x.device(), x.kind()) => {
                 let (w, bias) = prepared.base.as_ref()?;
-                let x = x.reshape([x.size()[1], x.size()[2]]);
-                let tail = (x.size()[0] - start).max(0) as usize;
+                let tail = (x.size()[1] - start).max(0) as usize;
                 // The mask rows in int8 where they were asked for and run (the merged
-                // weight's panels: the term is in them).
+                // weight's panels: the term is in them), `[1, t, in]` read in place.
                 if let Some(panels) =
                     prepared.int8.as_ref().filter(|_| self.int8_min_rows.is_some_and(|min| tail >= min))
-                    && let Some(y) = int8::product_tail(&x, w, bias.as_ref(), panels, *start)
+                    && let Some(y) = int8::product_tail(x, w, bias.as_ref(), panels, *start)
                 {
-                    return Some(y.unsqueeze(0));
+                    return Some(y);
                 }
                 let bf16 = self.bf16_min_rows.is_some_and(|min| tail >= min);
                 if let Some(Merged::Tail { adapted, panels }) = merged {
                     let panels = panels.as_ref();
-                    let y = few_rows::product_two_weights(&x, w, adapted, panels, bias.as_ref(), *start, bf16)?;
-                    return Some(y.unsqueeze(0));
+                    return few_rows::product_two_weights(x, w, adapted, panels, bias.as_ref(), *start, bf16);
                 }
                 let term = few_rows::TailTerm {
                     a: &prepared.a,
@@ -394,8 +392,7 @@ impl ProjDelta for PreparedLora {
                     start: *start,
                     bf16,
                 };
-                let y = few_rows::product_with_low_rank(&x, w, bias.as_ref(), &term)?;
-                return Some(y.unsqueeze(0));
+                return few_rows::product_with_low_rank(x, w, bias.as_ref(), &term);
             }
             _ => return None,
         };
