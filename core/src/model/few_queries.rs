@@ -60,6 +60,16 @@ pub const MAX_ROWS: i64 = 1024;
 /// session, `layer_ops`), where the products run 32 multiply-adds a nanosecond.
 const UNIT_AS_F32_MACS: f64 = 3.2;
 
+/// The share of [`super::few_rows::worth_sharing`]'s threshold from which a call's key/value
+/// heads are shared out between threads: the products' threshold (20 us) also pays for
+/// what a shared product costs the cache around it, while the heads' parts read separate
+/// keys and values. A 1-mask step's four rows of the demo (8 heads of 32 over 130 keys,
+/// about 17 us estimated) ran on one thread while the other waited; shared, the step's
+/// forward took 0.926-0.933 of the time (Zen 3, one process, 30 rounds in turns, faster in
+/// 23-28 of them), its AR step and the steps of more rows (already shared) the same
+/// (docs/BENCHMARKS.md, fifty-sixth session).
+const SHARE_FRACTION: f64 = 0.5;
+
 /// Query rows a pass takes together in eight lanes: twelve accumulators (two blocks of eight
 /// keys' scores for six rows, or sixteen value columns of six rows), the two vectors of
 /// keys or values and a broadcast in sixteen registers; each vector loaded serves six rows,
@@ -227,7 +237,7 @@ pub(crate) fn attend_views(
         f32_macs: (b * h * t * s * hd) as f64 * UNIT_AS_F32_MACS,
     };
     #[cfg(target_arch = "x86_64")]
-    super::few_rows::in_parts(super::few_rows::worth_sharing(work), &|i, n| {
+    super::few_rows::in_parts(super::few_rows::worth_sharing_from(work, SHARE_FRACTION), &|i, n| {
         // SAFETY: `runs()` checked AVX2 and FMA; every pointer in `call` reads data of the
         // sizes and strides it states (the caller's views; `mask` and `out` contiguous),
         // kept alive until `in_parts` returns; the parts write disjoint rows of `out`.

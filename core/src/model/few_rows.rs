@@ -81,11 +81,18 @@ fn share_min_ns() -> f64 {
 /// time on one thread is at least [`SHARE_MIN_NS`]. Which thread computes a row or column
 /// never changes its value, so this decides speed only.
 pub(super) fn worth_sharing(work: Work) -> bool {
+    worth_sharing_from(work, 1.0)
+}
+
+/// [`worth_sharing`] from `fraction` of its threshold ([`SHARE_MIN_NS`], or
+/// `MTP_SHARE_MIN_US`): for calls whose parts read nothing the other part reads, such as
+/// attention's key/value heads, where sharing costs the hand-over and little more.
+pub(super) fn worth_sharing_from(work: Work, fraction: f64) -> bool {
     #[cfg(test)]
     if tests::SHARE_ALL.with(std::cell::Cell::get) {
         return true;
     }
-    work.bytes as f64 / BYTES_PER_NS + work.f32_macs / F32_MACS_PER_NS >= share_min_ns()
+    work.bytes as f64 / BYTES_PER_NS + work.f32_macs / F32_MACS_PER_NS >= share_min_ns() * fraction
 }
 
 /// Weight rows a bf16 block multiplies at once: one output a lane of a 512-bit vector.
