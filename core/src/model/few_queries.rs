@@ -63,9 +63,9 @@ const UNIT_AS_F32_MACS: f64 = 3.2;
 /// The share of [`super::few_rows::worth_sharing`]'s threshold from which a call's key/value
 /// heads are shared out between threads: the products' threshold (20 us) also pays for
 /// what a shared product costs the cache around it, while the heads' parts read separate
-/// keys and values. A 1-mask step's four rows of the demo (8 heads of 32 over 130 keys,
-/// about 17 us estimated) ran on one thread while the other waited; shared, the step's
-/// forward took 0.926-0.933 of the time (Zen 3, one process, 30 rounds in turns, faster in
+/// keys and values. A 1-mask step's four rows of the demo (8 heads of 32, estimated under
+/// 20 us) ran on one thread while the other waited; shared, the step's forward took
+/// 0.926-0.933 of the time (Zen 3, one process, 30 rounds in turns, faster in
 /// 23-28 of them), its AR step and the steps of more rows (already shared) the same
 /// (docs/BENCHMARKS.md, fifty-sixth session).
 const SHARE_FRACTION: f64 = 0.5;
