@@ -761,7 +761,7 @@ pub(super) fn contiguous<'a>(t: &'a Tensor, slot: &'a mut Option<Tensor>) -> &'a
 
 /// A new `[rows, out]` for `x` of `[rows, in]`, `[1, rows, out]` for `[1, rows, in]`
 /// ([`takes_rows`]).
-fn output_like(x: &Tensor, rows: i64, out: i64) -> Tensor {
+pub(super) fn output_like(x: &Tensor, rows: i64, out: i64) -> Tensor {
     match x.dim() {
         2 => Tensor::empty([rows, out], (Kind::Float, Device::Cpu)),
         _ => Tensor::empty([1, rows, out], (Kind::Float, Device::Cpu)),

@@ -284,10 +284,7 @@ pub fn product_tail(
     let (mut weight_copy, mut bias_copy) = (None, None);
     let weight = few_rows::contiguous(weight, &mut weight_copy);
     let bias = bias.map(|b| few_rows::contiguous(b, &mut bias_copy));
-    let y = match x.dim() {
-        2 => Tensor::empty([rows, out], (Kind::Float, Device::Cpu)),
-        _ => Tensor::empty([1, rows, out], (Kind::Float, Device::Cpu)),
-    };
+    let y = few_rows::output_like(x, rows, out);
     let (rows, inp, start) = (rows as usize, inp as usize, start as usize);
     // SAFETY: `x` is contiguous f32 with `rows x inp` values, alive to the end.
     let xs = unsafe { std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * inp) };
