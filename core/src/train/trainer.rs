@@ -759,17 +759,21 @@ impl Objective for MtpObjective<'_> {
 /// with 8 of these of 64 tokens 2.75, and 2.82 on the benchmark prompts, 64 tokens each.)
 fn measure_prompts(val: &[Tokenized]) -> Vec<Vec<i64>> {
     let prompt = |t: &Tokenized, end: usize| t.ids[(end + 1).saturating_sub(MEASURE_PROMPT_TOKENS)..=end].to_vec();
-    let with_context = |t: &Tokenized| {
-        (MEASURE_MIN_CONTEXT - 1..t.loss.len())
-            .find(|&i| t.loss[i] && (!t.loss[i - 1] || !t.loss[..i].contains(&false)))
-    };
-    let mut prompts: Vec<Vec<i64>> =
-        val.iter().filter_map(|t| Some(prompt(t, with_context(t)?))).take(MEASURE_PROMPTS).collect();
-    if prompts.len() < MEASURE_PROMPTS {
-        let short = val.iter().filter(|t| with_context(t).is_none());
-        let more = short.filter_map(|t| Some(prompt(t, t.loss.iter().position(|&l| l)?)));
-        prompts.extend(more.take(MEASURE_PROMPTS - prompts.len()));
+    let (mut prompts, mut short) = (Vec::new(), Vec::new());
+    for t in val {
+        // Plain text up to here: every position before the first non-target.
+        let text_until = t.loss.iter().position(|&l| !l).unwrap_or(t.loss.len());
+        let starts = (MEASURE_MIN_CONTEXT - 1..t.loss.len()).find(|&i| t.loss[i] && (i < text_until || !t.loss[i - 1]));
+        match starts {
+            Some(end) => prompts.push(prompt(t, end)),
+            None => short.extend(t.loss.iter().position(|&l| l).map(|first| (t, first))),
+        }
+        if prompts.len() == MEASURE_PROMPTS {
+            return prompts;
+        }
     }
+    let missing = MEASURE_PROMPTS - prompts.len();
+    prompts.extend(short.into_iter().take(missing).map(|(t, first)| prompt(t, first)));
     prompts
 }
 
