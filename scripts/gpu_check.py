@@ -368,12 +368,14 @@ class Check:
     # ------------------------------------------------------------------ kernels of a step
     def kernels(self) -> None:
         """Every GPU kernel of one decoding step, by name, counted and timed: an AR step and a
-        4-mask quadratic step (acceptance ~0: one token a step) of each shape, replayed from
+        4-mask quadratic step (near-random weights: acceptance low, yet not always 0) of each
+        shape, replayed from
         CUDA graphs as by default. libtorch's profiler records them as they run (`mtp generate
         --profile-trace`: CUPTI on a GPU, graph replays included; on the CPU its operations
         stand in), over a repeat of the generation after a first, unrecorded one (which makes
         the recordings). A step's kernels are the difference between generations of N and 2N
-        tokens, over N, so the prefill cancels out. Against each step's wall time from an
+        tokens, over the forwards between them (a step that accepts a draft makes more than
+        one token), so the prefill cancels out. Against each step's wall time from an
         ordinary run: what the GPU computes, what it waits for, and which kernels a step adds
         to AR's (why the 8B step costs more than 1.3 AR steps, and AR less than 70% of the
         bandwidth bound). Where the trace holds no kernel on a GPU, Nsight Compute
@@ -393,10 +395,13 @@ class Check:
             for mode, extra in modes.items():
                 generate = ["generate", "--model", folder, "--prompt-ids", prompt, "--ignore-eos", "--device",
                             self.args.device, "--dtype", self.dtype_name(), *extra]
-                # The step's wall time, unprofiled: the slope between the two lengths.
-                wall = {t: self.mtp_json([*generate, "--max-new-tokens", t, "--repeats", 2])["total_seconds"]
-                        for t in (n, 2 * n)}
-                row = {"step_wall_us": (wall[2 * n] - wall[n]) / n * 1e6}
+                # The step's wall time, unprofiled: the slope between the two lengths, over the
+                # forwards (steps) between them: a speculative step that accepts a draft makes
+                # more than one token, so tokens would undercount its cost.
+                runs = {t: self.mtp_json([*generate, "--max-new-tokens", t, "--repeats", 2]) for t in (n, 2 * n)}
+                steps = max(1, runs[2 * n]["forwards"] - runs[n]["forwards"])
+                row = {"steps": steps,
+                       "step_wall_us": (runs[2 * n]["total_seconds"] - runs[n]["total_seconds"]) / steps * 1e6}
                 rows[mode] = row
                 category = "kernel" if self.dev == "cuda" else "cpu_op"
                 per = {}
@@ -405,18 +410,18 @@ class Check:
                         path = self.tmp / f"trace-{shape}-{mode}-{t}.json"
                         self.mtp_json([*generate, "--max-new-tokens", t, "--repeats", 1, "--profile-trace", path])
                         per[t] = trace_events(json.loads(path.read_text()), category)
-                    row.update(per_step(per[n], per[2 * n], n), source=f"profiler ({category})")
+                    row.update(per_step(per[n], per[2 * n], steps), source=f"profiler ({category})")
                 except (RuntimeError, OSError, ValueError) as e:
                     if self.dev != "cuda":
                         raise
                     row["profiler_error"] = str(e)[-1500:]
                 if self.dev == "cuda" and not per.get(2 * n):
-                    row.update(self.ncu_step(generate, n, shape, mode), source="ncu")
+                    row.update(self.ncu_step(generate, n, steps, shape, mode), source="ncu")
         if self.dev != "cuda":
             # No GPU: the ncu parser read on a sample of its table (so that it cannot rot).
             out["sample_parsed"] = {k: list(v) for k, v in ncu_kernels(NCU_SAMPLE).items()}
 
-    def ncu_step(self, generate: list, n: int, shape: str, mode: str) -> dict:
+    def ncu_step(self, generate: list, n: int, steps: int, shape: str, mode: str) -> dict:
         """One step's kernels by Nsight Compute (the fallback of `kernels`)."""
         ncu = shutil.which("ncu") or next(iter(sorted(Path("/opt/nvidia").glob("nsight-compute/*/ncu"))), None)
         if ncu is None:
@@ -432,7 +437,7 @@ class Check:
             # The table is in the log file (or on stdout, should this ncu print it there).
             table = log_file.read_text() if log_file.exists() else ""
             per[t] = ncu_kernels(table + "\n" + done.stdout)
-        return per_step(per[n], per[2 * n], n)
+        return per_step(per[n], per[2 * n], steps)
 
     # ------------------------------------------------------------------ training
     def gpu_used(self) -> int | None:
@@ -723,11 +728,11 @@ def trace_events(trace: dict, category: str) -> dict[str, tuple[int, float]]:
     return totals
 
 
-def per_step(short: dict, long: dict, n: int) -> dict:
-    """One step's kernels: the difference between a generation of 2n tokens and one of n,
-    over n (count and microseconds by name), with their sums."""
-    step = {name: {"count": (long.get(name, (0, 0))[0] - short.get(name, (0, 0))[0]) / n,
-                   "us": (long.get(name, (0, 0))[1] - short.get(name, (0, 0))[1]) / n / 1e3}
+def per_step(short: dict, long: dict, steps: int) -> dict:
+    """One step's kernels: the difference between a longer generation and a shorter one, over
+    the steps (forwards) between them (count and microseconds by name), with their sums."""
+    step = {name: {"count": (long.get(name, (0, 0))[0] - short.get(name, (0, 0))[0]) / steps,
+                   "us": (long.get(name, (0, 0))[1] - short.get(name, (0, 0))[1]) / steps / 1e3}
             for name in set(short) | set(long)}
     step = {k: v for k, v in step.items() if v["count"] > 0 or v["us"] > 0}
     return {"kernels_per_step": sum(v["count"] for v in step.values()),

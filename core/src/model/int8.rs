@@ -629,7 +629,7 @@ fn quantize_rows(x: &[f32], inp: usize, shifted: bool, xq: &mut Vec<u8>, sx: &mu
         // SAFETY: `available()` holds wherever panels exist, the only callers'
         // precondition, and `vnni()` where the AVX-512 form runs.
         unsafe {
-            if vnni { avx512::quantize(row, inv, dst) } else { avx2::quantize(row, inv, shifted, dst) }
+            if vnni { avx512::quantize(row, inv, shifted, dst) } else { avx2::quantize(row, inv, shifted, dst) }
         };
         #[cfg(not(target_arch = "x86_64"))]
         for (d, &v) in dst.iter_mut().zip(row) {
@@ -663,14 +663,16 @@ mod avx512 {
     }
 
     /// `row` times `inv`, rounded to nearest (ties to even), clamped to `[-127, 127]`, plus
-    /// 128, into `dst` (at least `row.len()` bytes).
+    /// 128 where `shifted` (the unsigned bytes `vpdpbusd` takes; signed bytes else), into
+    /// `dst` (at least `row.len()` bytes).
     ///
     /// # Safety
     /// AVX-512F and BW are available.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn quantize(row: &[f32], inv: f32, dst: &mut [u8]) {
+    pub(super) unsafe fn quantize(row: &[f32], inv: f32, shifted: bool, dst: &mut [u8]) {
         let scale = _mm512_set1_ps(inv);
-        let (lo, hi, shift) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127), _mm512_set1_epi32(128));
+        let shift = _mm512_set1_epi32(if shifted { 128 } else { 0 });
+        let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
         for (k, chunk) in row.chunks(WIDTH).enumerate() {
             let mask: __mmask16 = if chunk.len() == WIDTH { 0xffff } else { ((1u32 << chunk.len()) - 1) as __mmask16 };
             // SAFETY: masked lanes only read and write the chunk's values.
