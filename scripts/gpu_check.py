@@ -369,10 +369,9 @@ class Check:
     def kernels(self) -> None:
         """Every GPU kernel of one decoding step, by name, counted and timed: an AR step and a
         4-mask quadratic step (near-random weights: acceptance low, yet not always 0) of each
-        shape, replayed from
-        CUDA graphs as by default. libtorch's profiler records them as they run (`mtp generate
-        --profile-trace`: CUPTI on a GPU, graph replays included; on the CPU its operations
-        stand in), over a repeat of the generation after a first, unrecorded one (which makes
+        shape, replayed from CUDA graphs as by default. libtorch's profiler records them as
+        they run (`mtp generate --profile-trace`: CUPTI on a GPU, graph replays included; on
+        the CPU its operations stand in), over a repeat of the generation after a first, unrecorded one (which makes
         the recordings). A step's kernels are the difference between generations of N and 2N
         tokens, over the forwards between them (a step that accepts a draft makes more than
         one token), so the prefill cancels out. Against each step's wall time from an
