@@ -568,13 +568,14 @@ fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
 /// A step's rows shared out between two threads through every layer
 /// (`mtp_core::model::row_split`) give the same bits as on one thread: every row of the step,
 /// the cache rows it wrote (read by the AR step after it), with each form and arithmetic of
-/// the mask rows, quadratic and linear, the threads meeting one way and both ways; and the
-/// split is taken where the process has two threads.
+/// the mask rows, quadratic and linear, the threads meeting one way and both ways, the
+/// second thread taking halves of the first's calls or not; and the split is taken, and the
+/// halves, where the process has two threads.
 #[test]
 fn rows_shared_between_threads_give_the_same_bits() -> anyhow::Result<()> {
     use mtp_core::decode::Layout;
     use mtp_core::decode::speculative::{StepLayout, StepPlan};
-    use mtp_core::model::row_split::{head_on_first_rows, one_way_meetings, split_rows};
+    use mtp_core::model::row_split::{PartnerCalls, head_on_first_rows, one_way_meetings, partner_calls, split_rows};
     let t = trained();
     let model = &t.loaded.model;
     let prompt = Tensor::from_slice(&t.loaded.tokenizer.encode("def add(a, b):\n    return a")?).unsqueeze(0);
@@ -590,6 +591,7 @@ fn rows_shared_between_threads_give_the_same_bits() -> anyhow::Result<()> {
         .map(|(what, d)| (*what, d))
         .chain([("low-rank, exact", &t.low_rank), ("low-rank, bf16", &t.bf16)]);
     let mut shared = 0;
+    let mut halves = 0;
     let early_logits = std::cell::Cell::new(0);
     for (what, drafter) in drafters {
         for (layout, drafts, masks) in [(Layout::Quadratic, 4, 4), (Layout::Quadratic, 2, 2), (Layout::Linear, 3, 3)] {
@@ -618,9 +620,13 @@ fn rows_shared_between_threads_give_the_same_bits() -> anyhow::Result<()> {
             let case = format!("{what}, {layout:?}, {drafts} drafts, {masks} masks");
             assert_eq!(none, 0, "{case}: shared out while switched off");
             // The threads meeting one way (the layouts' first rows, the next-token rows, see
-            // no later row) and both ways once a layer.
-            for one_way in [true, false] {
+            // no later row) and both ways once a layer; the second thread offered every call
+            // of the first's, however small (the default offers only big ones), or none.
+            for (one_way, calls) in
+                [(true, PartnerCalls::Every), (false, PartnerCalls::Every), (true, PartnerCalls::Off)]
+            {
                 let before = one_way_meetings(one_way);
+                let taken_before = partner_calls(calls);
                 let mut took = false;
                 // A step gives up sharing where the other thread does not get a core in time
                 // (tests running side by side): then it runs on one thread, and is tried again.
@@ -638,14 +644,20 @@ fn rows_shared_between_threads_give_the_same_bits() -> anyhow::Result<()> {
                     }
                 }
                 let met_one_way = one_way_meetings(true) - before;
+                let taken = partner_calls(PartnerCalls::Big) - taken_before;
                 if took {
                     assert_eq!(met_one_way > 0, one_way, "{case}: passes that met one way");
                 }
+                if calls == PartnerCalls::Off {
+                    assert_eq!(taken, 0, "{case}: the second thread took calls while offered none");
+                }
+                halves += taken;
             }
         }
     }
     if tch::get_num_threads() > 1 {
-        assert_eq!(shared, 36, "steps shared out");
+        assert_eq!(shared, 54, "steps shared out");
+        assert!(halves > 0, "the second thread took none of the first's calls");
         assert!(early_logits.get() > 0, "no step's first thread took the logits");
     }
     Ok(())

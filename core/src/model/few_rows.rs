@@ -821,14 +821,10 @@ fn run(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor, accumulat
     });
 }
 
-/// Run `job`, shared with the OpenMP team when the weight is big enough.
+/// Run `job`, shared ([`in_parts`]) when the weight is big enough.
 fn dispatch(job: Job) {
     let job = Job { from_memory: super::huge_pages::read_from_memory(job.w as usize), ..job };
-    let threads = tch::get_num_threads().max(1) as usize;
-    match openmp() {
-        Some(omp) if threads > 1 && job.out >= 8 && !is_alone() && worth_sharing(job.work()) => omp.run(&job, threads),
-        _ => job.run_part(0, 1),
-    }
+    in_parts(job.out >= 8 && worth_sharing(job.work()), &|i, n| job.run_part(i, n));
 }
 
 /// A low-rank term `(x A^T) B^T` on the rows of a product from `start` on, for
@@ -991,12 +987,6 @@ fn openmp() -> Option<&'static OpenMp> {
 }
 
 impl OpenMp {
-    /// Every part of `job`, one per thread of a team of `threads` (the calling thread
-    /// among them); returns when all are done.
-    fn run(&self, job: &Job, threads: usize) {
-        self.team(threads, &|i, n| job.run_part(i, n));
-    }
-
     /// `part(i, n)` on every thread `i` of a team of `n = threads` (the calling thread
     /// among them); returns when all are done.
     fn team(&self, threads: usize, part: &(dyn Fn(usize, usize) + Sync)) {
@@ -1020,12 +1010,18 @@ impl OpenMp {
 
 /// `part(i, n)` for every part `i` of `n`: on the threads of libtorch's OpenMP team when
 /// `share` and the team has more than one thread (and this thread is not one of a team
-/// already, see [`alone`]), else `part(0, 1)` on this thread.
+/// already, see [`alone`]); on a thread that runs its share of a pass alone and owns a
+/// partner ([`super::partner`]), in two halves, the second offered to the partner when
+/// `share`; else `part(0, 1)` on this thread (a partner first running the part on offer).
 pub(super) fn in_parts(share: bool, part: &(dyn Fn(usize, usize) + Sync)) {
     let threads = tch::get_num_threads().max(1) as usize;
     match openmp() {
         Some(omp) if share && threads > 1 && !is_alone() => omp.team(threads, part),
-        _ => part(0, 1),
+        _ if is_alone() && super::partner::offers(share) => super::partner::offer(part),
+        _ => {
+            super::partner::serve();
+            part(0, 1);
+        }
     }
 }
 

@@ -391,7 +391,27 @@ impl Job<'_> {
             f32_macs: (self.start * elements) as f64
                 + (rows - self.start) as f64 * elements as f64 / self.panels.macs_per_f32(),
         };
-        few_rows::in_parts(out > WIDTH && few_rows::worth_sharing(work), &|i, n| {
+        let share = out > WIDTH && few_rows::worth_sharing(work);
+        #[cfg(target_arch = "x86_64")]
+        if self.start > 0 && few_rows::is_alone() && super::partner::offers(share) {
+            // The first thread of a pass shared out by rows: the other thread takes half of
+            // the next-token rows' columns, the f32 work that reads the whole weight, and
+            // none of the mask rows, which stay on this core ([`super::partner`]).
+            let mid = out.div_ceil(2 * WIDTH) * WIDTH;
+            super::partner::offer(&|i, n| match (i, n) {
+                (0, 2) => {
+                    // SAFETY: as in `columns`: columns 0..mid lie within `out`.
+                    unsafe { self.exact_columns(0, mid.min(out)) };
+                    self.mask_columns(0, out, rows - self.start);
+                }
+                // SAFETY: as above, columns mid..out.
+                (_, 2) if mid < out => unsafe { self.exact_columns(mid, out) },
+                (_, 2) => {}
+                _ => self.columns(0, out, rows - self.start),
+            });
+            return;
+        }
+        few_rows::in_parts(share, &|i, n| {
             let edge = |i: usize| if i >= n { out } else { (out.div_ceil(WIDTH) * i / n) * WIDTH };
             let (o0, o1) = (edge(i).min(out), edge(i + 1).min(out));
             if o0 < o1 {
@@ -434,6 +454,18 @@ impl Job<'_> {
             }
         }
         self.tail_columns(o0, o1, tail, &mut { Ahead::NONE });
+    }
+
+    /// The mask rows' outputs at columns `o0..o1` (`o0` a multiple of [`WIDTH`]; `o1` one
+    /// too, or `out`), as [`Job::columns`] computes them where it does not chunk them.
+    #[cfg(target_arch = "x86_64")]
+    fn mask_columns(&self, o0: usize, o1: usize, tail: usize) {
+        if self.amx && tail >= AMX_MIN_ROWS && self.out * self.inp >= AMX_MIN_WEIGHT {
+            // SAFETY: as in `columns`.
+            unsafe { amx::tail(self, o0, o1, tail) };
+        } else {
+            self.tail_columns(o0, o1, tail, &mut { Ahead::NONE });
+        }
     }
 
     /// The next-token rows' outputs at columns `o0..o1`, in f32 as AR computes them.

@@ -15,6 +15,7 @@ pub mod llama;
 pub mod mlp;
 pub mod norm;
 pub mod panels;
+mod partner;
 pub mod rope;
 pub mod row_ops;
 pub mod row_split;

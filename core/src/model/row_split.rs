@@ -42,6 +42,7 @@ use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::{Gate, Gated};
 use super::norm::RmsNorm;
+use super::partner::Partner;
 use super::rope::RopeTables;
 
 /// The fewest rows a pass shares out. A 1-mask quadratic step's 4 rows on the proxy
@@ -146,6 +147,44 @@ pub fn one_way_meetings(on: bool) -> u64 {
     })
 }
 
+/// Which of the first thread's calls a shared-out pass offers the second thread
+/// ([`super::partner`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartnerCalls {
+    /// None: each thread takes its rows through every call alone.
+    Off,
+    /// Those big enough to share ([`super::few_rows::worth_sharing`]): the default.
+    Big,
+    /// Every call that has parts, however small (tests of small shapes).
+    Every,
+}
+
+thread_local! {
+    /// Which calls this thread's shared passes offer, and how many the second threads took.
+    static PARTNER: std::cell::Cell<(PartnerCalls, u64)> = std::cell::Cell::new((partner_default(), 0));
+}
+
+/// `MTP_ROW_SPLIT_PARTNER=off` turns [`super::partner`] off (to measure it).
+fn partner_default() -> PartnerCalls {
+    static CALLS: OnceLock<PartnerCalls> = OnceLock::new();
+    *CALLS.get_or_init(|| match std::env::var("MTP_ROW_SPLIT_PARTNER").as_deref().map(str::trim) {
+        Ok("off" | "0") => PartnerCalls::Off,
+        _ => PartnerCalls::Big,
+    })
+}
+
+/// Which of the first thread's calls this thread's shared passes offer the second thread
+/// ([`PartnerCalls::Big`], the default unless `MTP_ROW_SPLIT_PARTNER=off`; the tests compare
+/// the outputs of each, the examples time them in turns); returns how many calls the second
+/// threads of this thread's passes took so far.
+pub fn partner_calls(calls: PartnerCalls) -> u64 {
+    PARTNER.with(|c| {
+        let (_, count) = c.get();
+        c.set((calls, count));
+        count
+    })
+}
+
 /// What [`head_on_first_rows`] asks of this thread's next shared pass, and what it gave.
 #[derive(Default)]
 struct EarlyHead {
@@ -241,6 +280,9 @@ struct Meeting {
     /// start: with `one_way` the first thread never waits at a meeting, so its share being
     /// too light shows only here.
     finished: [AtomicU64; 2],
+    /// Set when the first thread is through its share: its partner stops serving it
+    /// ([`super::partner`]).
+    owner_done: AtomicBool,
 }
 
 impl Meeting {
@@ -255,6 +297,7 @@ impl Meeting {
             one_way,
             written: AtomicUsize::new(0),
             finished: [AtomicU64::new(0), AtomicU64::new(0)],
+            owner_done: AtomicBool::new(false),
         }
     }
 
@@ -282,20 +325,29 @@ impl Meeting {
     }
 
     /// Spin until `done()`, the time counted as `thread`'s wait; false when a thread
-    /// failed, or this one waited past [`WAIT_LIMIT`] (then it fails the pass).
+    /// failed, or this one waited past [`WAIT_LIMIT`] (then it fails the pass). A partner
+    /// runs the owner's offered parts meanwhile ([`super::partner`]), their time not counted
+    /// as waiting.
     fn wait(&self, thread: usize, done: impl Fn() -> bool) -> bool {
         let since = std::time::Instant::now();
         let mut spins = 0u32;
+        let mut helped = 0u64;
         while !done() {
             if self.failed.load(Ordering::Acquire) {
                 return false;
+            }
+            let ns = super::partner::serve();
+            if ns > 0 {
+                helped += ns;
+                spins = 0;
+                continue;
             }
             // Where the threads outnumber the cores (tests running side by side), the
             // thread waited for may need this one's core.
             spins += 1;
             if spins < SPINS_BEFORE_YIELDING {
                 std::hint::spin_loop();
-            } else if since.elapsed() < WAIT_LIMIT {
+            } else if since.elapsed().saturating_sub(std::time::Duration::from_nanos(helped)) < WAIT_LIMIT {
                 std::thread::yield_now();
             } else {
                 // The other thread has not had a core for a while: every thread stops at
@@ -306,7 +358,7 @@ impl Meeting {
             }
         }
         if let Some(waited) = self.waited.get(thread) {
-            waited.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            waited.fetch_add((since.elapsed().as_nanos() as u64).saturating_sub(helped), Ordering::Relaxed);
         }
         !self.failed.load(Ordering::Acquire)
     }
@@ -336,6 +388,9 @@ struct Shared<'a> {
     began: std::time::Instant,
     /// This thread's settings that the other threads take for the pass.
     amx: bool,
+    /// With two threads, the second takes halves of the first's calls
+    /// ([`super::partner`]).
+    partner: Option<Partner>,
     #[cfg(test)]
     lanes16: Option<bool>,
 }
@@ -414,6 +469,10 @@ pub(super) fn forward(
         t,
         began,
         amx: super::int8::amx_asked(),
+        partner: match PARTNER.with(|c| c.get().0) {
+            PartnerCalls::Off => None,
+            calls => Some(Partner::new(calls == PartnerCalls::Every)),
+        },
         #[cfg(test)]
         lanes16: super::few_rows::tests::lanes_here(),
     };
@@ -454,6 +513,10 @@ pub(super) fn forward(
         // More than half the two threads' time spent waiting: the other thread did not get
         // its core (other work on the machine, more threads than cores).
         backoff_record(first + second > took);
+    }
+    if let Some(partner) = &shared.partner {
+        let taken = partner.counts().1;
+        PARTNER.with(|c| c.set((c.get().0, c.get().1 + taken)));
     }
     if done {
         if let Some(logits) = shared.logits.lock().ok().and_then(|mut l| l.take()) {
@@ -504,11 +567,21 @@ fn sees_only_earlier(mask: &Tensor, past: i64, split: i64) -> bool {
 }
 
 /// Whether this thread shares out a pass of `config`'s model with `untermed` rows without
-/// the adapter's term and `tail` with it ([`Setting`]): for `auto`, where the pass's largest
-/// product (gate/up) is too small to be shared between the threads by its columns
-/// ([`super::few_rows::worth_sharing`]). Where it is big enough, each thread reads half of
-/// each weight there, and a share of rows would read all of it; a next-token row's products
-/// (SmolLM2-135M's, the demo's) are then too big a piece to balance the shares with.
+/// the adapter's term and `tail` with it ([`Setting`]). For `auto`:
+/// - where the pass's largest product (gate/up) is too small to be shared between the
+///   threads by its columns ([`super::few_rows::worth_sharing`]);
+/// - or where the model's f32 weights fit the last-level cache and the second thread takes
+///   halves of the first's calls ([`super::partner`]): the next-token rows' products, which
+///   read every weight, are then shared by their columns as an AR step's are, and each
+///   thread reads the int8 weights of its mask rows from the cache. The calls shared one at
+///   a time, the team's way until the sixtieth session, move every row of every product
+///   between the cores; on a VM whose vCPUs the host placed on two core complexes the demo's
+///   4-mask step cost about 3.1 AR steps so, against 2.0 on one (docs/BENCHMARKS.md).
+///
+/// A model whose weights come from memory keeps the calls shared one at a time: each
+/// thread's mask rows would read all of the int8 weights, twice the bytes a step reads now.
+/// So does a process whose OpenMP team has more than two threads: a shared-out pass takes
+/// two, a call shared one at a time all of them (measured only on two vCPUs).
 fn wanted(config: &ModelConfig, untermed: i64, tail: i64, tail_cost: f64) -> bool {
     if !ALLOWED.with(|c| c.get().0) {
         return false;
@@ -519,7 +592,13 @@ fn wanted(config: &ModelConfig, untermed: i64, tail: i64, tail_cost: f64) -> boo
         Setting::Auto => {
             let weight = 2 * config.intermediate_size * config.hidden_size;
             let rows = untermed as f64 + tail as f64 * tail_cost;
-            !super::few_rows::worth_sharing(super::few_rows::Work { bytes: weight * 4, f32_macs: weight as f64 * rows })
+            let calls_small = !super::few_rows::worth_sharing(super::few_rows::Work {
+                bytes: weight * 4,
+                f32_macs: weight as f64 * rows,
+            });
+            let in_cache = row_products(config) * config.num_layers * 4 <= super::huge_pages::last_level_cache();
+            let pair = tch::get_num_threads() == 2;
+            calls_small || (in_cache && pair && PARTNER.with(|c| c.get().0) != PartnerCalls::Off)
         }
     }
 }
@@ -548,9 +627,32 @@ fn run_share(shared: &Shared, meeting: &Meeting, i: usize, n: usize) {
     super::int8::use_amx(shared.amx);
     #[cfg(test)]
     let lanes16 = super::few_rows::tests::set_lanes(shared.lanes16);
-    super::few_rows::alone(|| share_through_layers(shared, meeting, i, start, rows));
-    if let Some(end) = meeting.finished.get(i) {
-        end.store(shared.began.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    let through = || {
+        super::few_rows::alone(|| share_through_layers(shared, meeting, i, start, rows));
+        let end = shared.began.elapsed().as_nanos() as u64;
+        if i == 0 {
+            if let Some(at) = meeting.finished.first() {
+                at.store(end, Ordering::Relaxed);
+            }
+            meeting.owner_done.store(true, Ordering::Release);
+            return;
+        }
+        // The second thread serves the first until it is through: the time spent on its
+        // calls counts as this thread's work, the rest as waiting at the end.
+        let mut helped = 0;
+        while !meeting.owner_done.load(Ordering::Acquire) && !meeting.failed.load(Ordering::Acquire) {
+            match super::partner::serve() {
+                0 => std::hint::spin_loop(),
+                ns => helped += ns,
+            }
+        }
+        if let Some(at) = meeting.finished.get(i) {
+            at.store(end + helped, Ordering::Relaxed);
+        }
+    };
+    match (&shared.partner, n) {
+        (Some(partner), 2) => super::partner::paired(partner, i == 0, through),
+        _ => through(),
     }
     super::int8::use_amx(amx);
     #[cfg(test)]
