@@ -262,11 +262,11 @@ mod tests {
     fn an_offer_nobody_takes_runs_on_the_owner() {
         let p = Partner::new(false);
         let parts = Mutex::new(Vec::new());
-        let part = |i: usize, n: usize| parts.lock().unwrap().push((i, n, std::thread::current().id()));
+        let part = |i: usize, n: usize| parts.lock().expect("parts").push((i, n, std::thread::current().id()));
         paired(&p, true, || offer(&part));
         offer(&part);
         let me = std::thread::current().id();
-        assert_eq!(*parts.lock().unwrap(), vec![(0, 2, me), (1, 2, me), (0, 1, me)]);
+        assert_eq!(*parts.lock().expect("parts"), vec![(0, 2, me), (1, 2, me), (0, 1, me)]);
         assert_eq!(p.counts(), (1, 0));
         assert_eq!(p.state.load(Ordering::Relaxed), EMPTY);
         assert!(!offers(true), "no owner outside `paired`");

@@ -24,9 +24,18 @@
 //! towards the thread that waits ([`Balance`]); a pass whose threads mostly wait (another
 //! program holds a core) puts the sharing off for a while ([`Backoff`]).
 //!
+//! The second thread also takes halves of the first thread's calls that are big enough to
+//! share, between its own calls, at its waits and once its rows are through
+//! ([`super::partner`]): the next-token rows' f32 products read every weight, and shared
+//! by their columns they cost the first thread what an AR step's cost each core. With it a
+//! model whose calls are big enough to share one at a time is shared out by rows too where
+//! its f32 weights fit the last-level cache (the demo, see [`wanted`]).
+//!
 //! `MTP_ROW_SPLIT=off` turns it off, `on` takes passes whose calls are big enough to share
-//! one at a time too (see [`wanted`]); `MTP_ROW_SPLIT_WEIGHT` sets how many mask rows a row
-//! without the adapter's term counts as in the estimate (in place of [`row_weights`]'s).
+//! one at a time too, whatever the model's size (see [`wanted`]); `MTP_ROW_SPLIT_PARTNER=off`
+//! keeps the second thread off the first's calls; `MTP_ROW_SPLIT_WEIGHT` sets how many mask
+//! rows a row without the adapter's term counts as in the estimate (in place of
+//! [`row_weights`]'s).
 
 // The threads share the pass's tensors (see `Shared`) and meet through atomics.
 #![allow(unsafe_code)]
@@ -639,11 +648,19 @@ fn run_share(shared: &Shared, meeting: &Meeting, i: usize, n: usize) {
         }
         // The second thread serves the first until it is through: the time spent on its
         // calls counts as this thread's work, the rest as waiting at the end.
-        let mut helped = 0;
+        let (mut helped, mut spins) = (0, 0u32);
         while !meeting.owner_done.load(Ordering::Acquire) && !meeting.failed.load(Ordering::Acquire) {
             match super::partner::serve() {
-                0 => std::hint::spin_loop(),
-                ns => helped += ns,
+                0 if spins < SPINS_BEFORE_YIELDING => {
+                    spins += 1;
+                    std::hint::spin_loop();
+                }
+                // The first thread may need this core (more threads than cores).
+                0 => std::thread::yield_now(),
+                ns => {
+                    helped += ns;
+                    spins = 0;
+                }
             }
         }
         if let Some(at) = meeting.finished.get(i) {
