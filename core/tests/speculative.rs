@@ -592,6 +592,7 @@ fn rows_shared_between_threads_give_the_same_bits() -> anyhow::Result<()> {
         .chain([("low-rank, exact", &t.low_rank), ("low-rank, bf16", &t.bf16)]);
     let mut shared = 0;
     let mut halves = 0;
+    let mut unshared = Vec::new();
     let early_logits = std::cell::Cell::new(0);
     for (what, drafter) in drafters {
         for (layout, drafts, masks) in [(Layout::Quadratic, 4, 4), (Layout::Quadratic, 2, 2), (Layout::Linear, 3, 3)] {
@@ -643,6 +644,9 @@ fn rows_shared_between_threads_give_the_same_bits() -> anyhow::Result<()> {
                         break;
                     }
                 }
+                if !took {
+                    unshared.push(format!("{case}, one way {one_way}, {calls:?}"));
+                }
                 let met_one_way = one_way_meetings(true) - before;
                 let taken = partner_calls(PartnerCalls::Big) - taken_before;
                 if took {
@@ -656,7 +660,7 @@ fn rows_shared_between_threads_give_the_same_bits() -> anyhow::Result<()> {
         }
     }
     if tch::get_num_threads() > 1 {
-        assert_eq!(shared, 54, "steps shared out");
+        assert_eq!(shared, 54, "steps shared out; never: {unshared:?}");
         assert!(halves > 0, "the second thread took none of the first's calls");
         assert!(early_logits.get() > 0, "no step's first thread took the logits");
     }

@@ -47,7 +47,8 @@ pub(super) struct Partner {
     /// Calls offered, and those the partner took.
     offered: std::sync::atomic::AtomicU64,
     taken: std::sync::atomic::AtomicU64,
-    /// Offer every call that has parts, whatever its size (tests of small shapes).
+    /// Offer every call that has parts, whatever its size, and wait a while for the
+    /// partner to take each (tests of small shapes).
     every: bool,
 }
 
@@ -93,12 +94,32 @@ impl Partner {
             }
         }
         let retract = Retract(self);
+        if self.every {
+            // Tests of small shapes: the partner must see the offers, whose halves take
+            // less time than its way to the next check.
+            self.wait_taken(std::time::Duration::from_millis(1));
+        }
         part(0, 2);
         std::mem::forget(retract);
         match self.settle() {
             Settled::Back => part(1, 2),
             Settled::Ran => {}
             Settled::Failed => panic!("the second thread's part of a call panicked"),
+        }
+    }
+
+    /// Waits until the offer is taken, or for `limit` at most.
+    fn wait_taken(&self, limit: std::time::Duration) {
+        let since = std::time::Instant::now();
+        let mut spins = 0u32;
+        while self.state.load(Ordering::Acquire) == OFFERED && since.elapsed() < limit {
+            spins += 1;
+            if spins < SPINS_BEFORE_YIELDING {
+                std::hint::spin_loop();
+            } else {
+                // The partner may need this core (more threads than cores).
+                std::thread::yield_now();
+            }
         }
     }
 
@@ -230,10 +251,7 @@ mod tests {
 
     /// Waits (a while at most) until the offer is out of the owner's hands.
     fn until_taken(p: &Partner) {
-        let since = std::time::Instant::now();
-        while p.state.load(Ordering::Acquire) == OFFERED && since.elapsed() < std::time::Duration::from_secs(5) {
-            std::hint::spin_loop();
-        }
+        p.wait_taken(std::time::Duration::from_secs(5));
     }
 
     /// `f(partner)` with a second thread serving `partner` until `f` returns; returns

@@ -164,7 +164,9 @@ pub enum PartnerCalls {
     Off,
     /// Those big enough to share ([`super::few_rows::worth_sharing`]): the default.
     Big,
-    /// Every call that has parts, however small (tests of small shapes).
+    /// Every call that has parts, however small, the first thread waiting up to 1 ms for
+    /// the second to take each (tests of small shapes, whose calls are over before the
+    /// second thread would look).
     Every,
 }
 
