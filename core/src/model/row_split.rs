@@ -29,7 +29,8 @@
 //! ([`super::partner`]): the next-token rows' f32 products read every weight, and shared
 //! by their columns they cost the first thread what an AR step's cost each core. With it a
 //! model whose calls are big enough to share one at a time is shared out by rows too where
-//! its f32 weights fit the last-level cache (the demo, see [`wanted`]).
+//! its f32 weights fit the last-level cache, in passes of a full 4-mask step's rows (the
+//! demo, see [`wanted`]).
 //!
 //! `MTP_ROW_SPLIT=off` turns it off, `on` takes passes whose calls are big enough to share
 //! one at a time too, whatever the model's size (see [`wanted`]); `MTP_ROW_SPLIT_PARTNER=off`
@@ -53,6 +54,19 @@ use super::linear::{Gate, Gated};
 use super::norm::RmsNorm;
 use super::partner::Partner;
 use super::rope::RopeTables;
+
+/// The fewest rows of a pass of a model whose calls are big enough to share one at a time
+/// that is shared out by rows ([`wanted`]): a full 4-mask quadratic step. There the first
+/// thread's next-token rows set a floor under the pass's time whatever its mask rows, so
+/// fewer rows save little, where calls shared one at a time save in proportion. On the demo
+/// (Zen 4, `mtp bench` with `auto`, whose steps leave out blocks down to 7-13 rows) its
+/// steps of 7-10 rows took 1.16-1.38 ms shared out by rows against 1.15-1.29 ms for 25 rows,
+/// and 0.80-1.24 ms for 9-13 rows with their calls shared one at a time; shared out from 6
+/// rows, `auto` saw no cost in
+/// rows, stopped leaving blocks out, and lost (speedup 1.47x -> 1.36x, medians of eight
+/// rounds), from 16 rows it still lost in six rounds of eight, from 25 it gained (1.57x ->
+/// 1.66x, five rounds; docs/BENCHMARKS.md, sixtieth session).
+const MIN_ROWS_BIG_CALLS: i64 = 25;
 
 /// The fewest rows a pass shares out. A 1-mask quadratic step's 4 rows on the proxy
 /// (Zen 4 VM, `mtp bench`) cost 1.13-1.16 AR steps shared out against 1.19-1.24 on one
@@ -581,8 +595,9 @@ fn sees_only_earlier(mask: &Tensor, past: i64, split: i64) -> bool {
 /// the adapter's term and `tail` with it ([`Setting`]). For `auto`:
 /// - where the pass's largest product (gate/up) is too small to be shared between the
 ///   threads by its columns ([`super::few_rows::worth_sharing`]);
-/// - or where the model's f32 weights fit the last-level cache and the second thread takes
-///   halves of the first's calls ([`super::partner`]): the next-token rows' products, which
+/// - or, for a pass of [`MIN_ROWS_BIG_CALLS`] rows or more, where the model's f32 weights
+///   fit the last-level cache and the second thread takes halves of the first's calls
+///   ([`super::partner`]): the next-token rows' products, which
 ///   read every weight, are then shared by their columns as an AR step's are, and each
 ///   thread reads the int8 weights of its mask rows from the cache. The calls shared one at
 ///   a time, the team's way until the sixtieth session, move every row of every product
@@ -609,7 +624,8 @@ fn wanted(config: &ModelConfig, untermed: i64, tail: i64, tail_cost: f64) -> boo
             });
             let in_cache = row_products(config) * config.num_layers * 4 <= super::huge_pages::last_level_cache();
             let pair = tch::get_num_threads() == 2;
-            calls_small || (in_cache && pair && PARTNER.with(|c| c.get().0) != PartnerCalls::Off)
+            let rows_enough = untermed + tail >= MIN_ROWS_BIG_CALLS;
+            calls_small || (in_cache && pair && rows_enough && PARTNER.with(|c| c.get().0) != PartnerCalls::Off)
         }
     }
 }
