@@ -428,8 +428,7 @@ impl Job<'_> {
     fn columns(&self, o0: usize, o1: usize, tail: usize) {
         #[cfg(target_arch = "x86_64")]
         {
-            let amx = self.amx && tail >= AMX_MIN_ROWS && self.out * self.inp >= AMX_MIN_WEIGHT;
-            if self.ahead && !amx {
+            if self.ahead && !self.amx_tiles(tail) {
                 let mut c = o0;
                 while c < o1 {
                     let c1 = (c + AHEAD_CHUNK).min(o1);
@@ -446,26 +445,28 @@ impl Job<'_> {
                 // out` values; columns o0..o1 lie within `out`.
                 unsafe { self.exact_columns(o0, o1) };
             }
-            if amx {
-                // SAFETY: `amx` holds only where the tiles run (the process may use them);
-                // columns o0..o1 lie within `out`.
-                unsafe { amx::tail(self, o0, o1, tail) };
-                return;
-            }
         }
-        self.tail_columns(o0, o1, tail, &mut { Ahead::NONE });
+        self.mask_columns(o0, o1, tail);
+    }
+
+    /// Whether the job's `tail` mask rows go through AMX tiles (asked for, where they run,
+    /// and enough rows and weight).
+    fn amx_tiles(&self, tail: usize) -> bool {
+        self.amx && tail >= AMX_MIN_ROWS && self.out * self.inp >= AMX_MIN_WEIGHT
     }
 
     /// The mask rows' outputs at columns `o0..o1` (`o0` a multiple of [`WIDTH`]; `o1` one
-    /// too, or `out`), as [`Job::columns`] computes them where it does not chunk them.
-    #[cfg(target_arch = "x86_64")]
+    /// too, or `out`), as [`Job::columns`] computes them where it does not chunk them: in AMX
+    /// tiles where [`Job::amx_tiles`], else in the vector units' tiles.
     fn mask_columns(&self, o0: usize, o1: usize, tail: usize) {
-        if self.amx && tail >= AMX_MIN_ROWS && self.out * self.inp >= AMX_MIN_WEIGHT {
-            // SAFETY: as in `columns`.
+        #[cfg(target_arch = "x86_64")]
+        if self.amx_tiles(tail) {
+            // SAFETY: `amx` holds only where the tiles run (the process may use them);
+            // columns o0..o1 lie within `out`.
             unsafe { amx::tail(self, o0, o1, tail) };
-        } else {
-            self.tail_columns(o0, o1, tail, &mut { Ahead::NONE });
+            return;
         }
+        self.tail_columns(o0, o1, tail, &mut { Ahead::NONE });
     }
 
     /// The next-token rows' outputs at columns `o0..o1`, in f32 as AR computes them.
