@@ -67,9 +67,10 @@ impl WorkbenchApp {
         // draw a box for what no font covers rather than fail.
         ctx.set_missing_glyph_policy(egui::MissingGlyphPolicy::Tofu);
         let repaint = ctx.clone();
-        // Events wake the window at most ~30 times a second: a fast stream (tokens, bench
-        // progress) must not spend the CPU on frames the worker needs.
-        let worker = WorkerHandle::spawn(move || repaint.request_repaint_after(Duration::from_millis(33)));
+        // An event wakes the window within 33 ms, a job's progress or a run's metrics within
+        // 250 ms ([`Event::latency`]): a fast stream (a race's tokens, a benchmark's or a
+        // run's progress) must not spend the CPU on frames the worker needs.
+        let worker = WorkerHandle::spawn(move |after| repaint.request_repaint_after(after));
         let mut app = Self {
             persisted,
             runtime: Runtime::default(),
@@ -276,7 +277,7 @@ impl WorkbenchApp {
         if self.runtime.job.is_some() || self.runtime.race.lanes.iter().any(|l| l.started.is_some() && l.done.is_none())
         {
             // Live numbers (tokens/s, ETA) move with time, not only with events.
-            ui.ctx().request_repaint_after(Duration::from_millis(250));
+            ui.ctx().request_repaint_after(crate::worker::protocol::LIVE_REFRESH);
         }
         if shooting {
             self.handle_screenshot(ui.ctx(), view);

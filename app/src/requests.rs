@@ -121,7 +121,7 @@ pub fn bench(p: &Persisted) -> anyhow::Result<Request> {
         modes.push(Mode::Quadratic);
     }
     let prompts = if b.prompts.trim().is_empty() { mtp_core::source::demo_prompts() } else { b.prompts.trim().into() };
-    let config = BenchConfig { modes, masks, max_new_tokens: b.max_new_tokens, repeats: 1 };
+    let config = BenchConfig { modes, masks, max_new_tokens: b.max_new_tokens, repeats: b.repeats.max(1) };
     Ok(Request::Bench { prompts, config })
 }
 
@@ -207,6 +207,11 @@ mod tests {
         assert_eq!(config.modes, [Mode::Ar, Mode::Quadratic]);
         assert_eq!(config.masks, [MaskCount::Fixed(1), MaskCount::Fixed(2), MaskCount::Auto]);
         assert_eq!(prompts, mtp_core::source::demo_prompts());
+        // The fastest of three runs by default, as the documented commands; never none.
+        assert_eq!(config.repeats, 3);
+        p.bench.repeats = 0;
+        let Request::Bench { config, .. } = bench(&p)? else { anyhow::bail!("not a bench request") };
+        assert_eq!(config.repeats, 1);
         p.bench.masks = "1,two".into();
         assert!(bench(&p).is_err());
         Ok(())

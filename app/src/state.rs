@@ -237,11 +237,22 @@ pub struct BenchForm {
     pub quadratic: bool,
     /// New tokens per prompt.
     pub max_new_tokens: usize,
+    /// Runs of each generation, the fastest counted (`mtp bench --repeats`).
+    pub repeats: usize,
 }
 
 impl Default for BenchForm {
     fn default() -> Self {
-        Self { prompts: String::new(), masks: "1,2,4,auto".into(), linear: true, quadratic: true, max_new_tokens: 48 }
+        Self {
+            prompts: String::new(),
+            masks: "1,2,4,auto".into(),
+            linear: true,
+            quadratic: true,
+            max_new_tokens: 48,
+            // One run of a generation on a shared or busy machine can be off by tens of
+            // percent (docs/BENCHMARKS.md): the fastest of three, as the documented commands.
+            repeats: 3,
+        }
     }
 }
 

@@ -356,6 +356,13 @@ fn quitting_during_training_leaves_a_resumable_checkpoint() -> anyhow::Result<()
     settle(&mut h);
     h.get_by_label("Start training").click();
     until(&mut h, 120, "a few steps", |a| a.runtime.live.as_ref().is_some_and(|l| l.train.len() >= 2));
+    // While it trains, no frame asks for the next one at once: a busy indicator that did
+    // would have the window draw frames as fast as it can for as long as the run lasts (with
+    // a software renderer, two thirds of a 2-core machine's training speed; BENCHMARKS.md).
+    for _ in 0..3 {
+        h.step();
+        assert!(!h.ctx.requested_repaint_last_pass(), "{:?}", h.ctx.repaint_causes());
+    }
     // Quit: the app is dropped (eframe calls on_exit, then drops it).
     drop(h);
     let run = proj.join("runs").join("interrupted");

@@ -14,7 +14,9 @@
 //! that part, 2,000 times in a loop (`STEP_PROFILE_CALLS=N`: N times, for a model whose step
 //! takes tens of milliseconds), for `perf record`. `STEP_PROFILE_STAT=min`: the
 //! fastest round of each part instead of the median. `STEP_PROFILE_PAST=N`: the cached
-//! positions every step attends to (default 100).
+//! positions every step attends to (default 100). `STEP_PROFILE_ONLY=alt`: an AR step and
+//! the merged int8 step in turns, 4,000 of each, and each one's mean (a step as it runs
+//! after another kind of pass, not after itself).
 use std::time::Instant;
 
 use mtp_core::decode::speculative::{StepLayout, StepPlan};
@@ -137,6 +139,19 @@ fn main() -> anyhow::Result<()> {
 
     // For a sampling profiler (`perf record`): only the AR step, the step without its
     // adapter or the low-rank step, 2,000 times, then the mean time of one.
+    if std::env::var("STEP_PROFILE_ONLY").is_ok_and(|o| o == "alt") {
+        let (mut ta, mut ts) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        for _ in 0..4000 {
+            let t = std::time::Instant::now();
+            ar(model, c1);
+            ta += t.elapsed();
+            let t = std::time::Instant::now();
+            drop(step(&merged_int8, &plan_mi, c3, true));
+            ts += t.elapsed();
+        }
+        println!("alt: ar {:?}, merged-int8 {:?}", ta / 4000, ts / 4000);
+        return Ok(());
+    }
     if let Ok(only) = std::env::var("STEP_PROFILE_ONLY") {
         let t = std::time::Instant::now();
         let calls: u32 = std::env::var("STEP_PROFILE_CALLS").ok().and_then(|c| c.parse().ok()).unwrap_or(2000);

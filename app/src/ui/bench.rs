@@ -57,6 +57,14 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             egui::Role::SpinButton,
             "New tokens per prompt",
         );
+        super::named(
+            ui.add(egui::DragValue::new(&mut b.repeats).range(1..=10).prefix("runs ")).on_hover_text(
+                "Each generation runs this many times, AR's and each mode's in turn, and the fastest counts: \
+                 one run on a shared or busy machine can be off by tens of percent",
+            ),
+            egui::Role::SpinButton,
+            "Runs of each generation",
+        );
         let k = rt.adapter.as_ref().map(|a| a.config.k);
         let problem = masks_problem(&b.masks, k);
         let why = super::not_ready(rt, true).map(str::to_owned).or(problem.clone());

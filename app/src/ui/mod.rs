@@ -14,6 +14,7 @@ pub mod train;
 
 use crate::app::Command;
 use crate::state::Runtime;
+use crate::worker::protocol::LIVE_REFRESH;
 
 /// Errors (dismissable, in red) and notices, drawn in a box floating over the views.
 pub fn messages(ui: &mut egui::Ui, rt: &Runtime, commands: &mut Vec<Command>) {
@@ -155,11 +156,39 @@ pub fn measured_with(ui: &mut egui::Ui, adapter: Option<&std::path::Path>) {
     }
 }
 
+/// A busy indicator that turns in steps, one every [`LIVE_REFRESH`] (when the live
+/// numbers are redrawn anyway). egui's own spinner asks for a new frame every frame, so a
+/// window that shows one draws as many frames as it can for as long as a job runs: with a
+/// software renderer, up to one of two cores taken from the job it shows (benchmarks, races
+/// and training runs included); with a GPU, sixty frames a second through hours of training.
+pub fn spinner(ui: &mut egui::Ui) -> egui::Response {
+    let size = ui.style().spacing.interact_size.y;
+    let (rect, response) = ui.allocate_exact_size(egui::vec2(size, size), egui::Sense::hover());
+    response.widget_info(|| egui::WidgetInfo::new(egui::Role::ProgressIndicator));
+    if ui.is_rect_visible(rect) {
+        let period = LIVE_REFRESH.as_secs_f64();
+        let step = (ui.input(|i| i.time) / period).floor();
+        // A quarter-turn arc that moves an eighth of a turn each step.
+        let start = step * std::f64::consts::TAU / 8.0;
+        let radius = rect.height() * 0.5 - 2.0;
+        let points: Vec<egui::Pos2> = (0..=16)
+            .map(|i| {
+                let angle = start + std::f64::consts::FRAC_PI_2 * f64::from(i) / 16.0;
+                rect.center() + radius * egui::vec2(angle.cos() as f32, angle.sin() as f32)
+            })
+            .collect();
+        let color = ui.visuals().strong_text_color();
+        ui.painter().add(egui::Shape::line(points, egui::Stroke::new(3.0, color)));
+        ui.ctx().request_repaint_after(LIVE_REFRESH);
+    }
+    response
+}
+
 /// Busy indicator: a spinner and the job's progress when `busy`.
 pub fn busy_line(ui: &mut egui::Ui, rt: &Runtime, job: crate::worker::Job) {
     if rt.job == Some(job) {
         ui.horizontal(|ui| {
-            ui.spinner();
+            spinner(ui);
             match &rt.progress {
                 Some((msg, Some(f))) => {
                     ui.add(egui::ProgressBar::new(*f).text(msg.as_str()).desired_width(360.0));

@@ -22,7 +22,7 @@ pub fn show(ui: &mut egui::Ui, app: &WorkbenchApp, commands: &mut Vec<Command>) 
             Some(job) => {
                 // A step-through session waits for clicks between steps: nothing spins.
                 if rt.busy() && !app.runtime.paused {
-                    ui.spinner();
+                    super::spinner(ui);
                 }
                 let paused = if app.runtime.paused { " (paused)" } else { "" };
                 ui.label(format!("{}{paused}", job.name()));

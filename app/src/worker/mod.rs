@@ -47,9 +47,9 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Start the worker. `wake` is called after every event (the GUI passes
-    /// `request_repaint`).
-    pub fn spawn(wake: impl Fn() + Send + 'static) -> Self {
+    /// Start the worker. `wake` is called after every event with how long the event may
+    /// wait to be shown ([`Event::latency`]; the GUI passes `request_repaint_after`).
+    pub fn spawn(wake: impl Fn(Duration) + Send + 'static) -> Self {
         let (req_tx, req_rx) = bounded(REQUEST_CAPACITY);
         let (ev_tx, ev_rx) = bounded(EVENT_CAPACITY);
         let control = Control::new();
@@ -124,7 +124,7 @@ impl Drop for WorkerHandle {
 
 struct Worker {
     events: Sender<Event>,
-    wake: Box<dyn Fn() + Send>,
+    wake: Box<dyn Fn(Duration) + Send>,
     control: Control,
     model: Option<LoadedModel>,
     adapter: Option<Adapter>,
@@ -186,8 +186,9 @@ impl Worker {
     }
 
     fn emit(&self, event: Event) {
+        let latency = event.latency();
         let _ = self.events.send(event);
-        (self.wake)();
+        (self.wake)(latency);
     }
 
     fn model(&self) -> anyhow::Result<&LoadedModel> {

@@ -1,6 +1,7 @@
 //! The messages between the UI and the worker thread: plain data, never a tensor.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use mtp_core::decode::bench::{BenchConfig, BenchReport};
 use mtp_core::decode::speculative::StepDetail;
@@ -353,4 +354,42 @@ pub enum Event {
         /// LoRA tensors written.
         tensors: usize,
     },
+}
+
+/// How often the window refreshes what moves while a job runs (its progress, a run's
+/// metrics, tokens/s and times), and how long such an event may wait to be shown.
+pub const LIVE_REFRESH: Duration = Duration::from_millis(250);
+
+/// How long any other event may wait to be shown: a job starting or ending, a result, a
+/// race's tokens (about 30 frames a second at most, however fast they come).
+pub const PROMPT_REFRESH: Duration = Duration::from_millis(33);
+
+impl Event {
+    /// How soon the window must show this event. A frame costs the machine the job runs on
+    /// (with a software renderer, a VM's or a remote desktop's, tens of milliseconds of both
+    /// cores of a small machine): a job's progress and a training run's metrics are shown
+    /// with the other live numbers, a few times a second, so that a benchmark or a run does
+    /// not share its cores with frames nobody needs.
+    pub fn latency(&self) -> Duration {
+        match self {
+            Event::Progress(..) | Event::Train(_) => LIVE_REFRESH,
+            _ => PROMPT_REFRESH,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What moves with a running job waits for the live refresh; a job's start and end, its
+    /// results and a race's tokens are shown at once.
+    #[test]
+    fn progress_and_metrics_wait_for_the_live_refresh() {
+        assert_eq!(Event::Progress(Job::Bench, "prompt 1 of 30".into(), Some(0.0)).latency(), LIVE_REFRESH);
+        for prompt in [Event::Started(Job::Bench), Event::Finished(Job::Bench), Event::Notice("stopped".into())] {
+            assert_eq!(prompt.latency(), PROMPT_REFRESH, "{prompt:?}");
+        }
+        assert!(PROMPT_REFRESH < LIVE_REFRESH);
+    }
 }
