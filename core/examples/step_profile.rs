@@ -137,8 +137,7 @@ fn main() -> anyhow::Result<()> {
     let prev = Tensor::from_slice(&[5i64]);
     let block_rows = plan_lr.block_rows.shallow_clone();
 
-    // For a sampling profiler (`perf record`): only the AR step, the step without its
-    // adapter or the low-rank step, 2,000 times, then the mean time of one.
+    // An AR step and the merged int8 step in turns: each after the other kind of pass.
     if std::env::var("STEP_PROFILE_ONLY").is_ok_and(|o| o == "alt") {
         let (mut ta, mut ts) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         for _ in 0..4000 {
@@ -152,6 +151,8 @@ fn main() -> anyhow::Result<()> {
         println!("alt: ar {:?}, merged-int8 {:?}", ta / 4000, ts / 4000);
         return Ok(());
     }
+    // For a sampling profiler (`perf record`): only the AR step, the step without its
+    // adapter or the low-rank step, 2,000 times, then the mean time of one.
     if let Ok(only) = std::env::var("STEP_PROFILE_ONLY") {
         let t = std::time::Instant::now();
         let calls: u32 = std::env::var("STEP_PROFILE_CALLS").ok().and_then(|c| c.parse().ok()).unwrap_or(2000);

@@ -35,9 +35,40 @@ const DONE: u8 = 3;
 /// The partner's run of it panicked.
 const FAILED: u8 = 4;
 
-/// Spins on an offer the partner runs before this thread offers its core to others between
-/// checks (a part runs for some microseconds).
+/// How many times a thread checks on another (an offer, a meeting) before it offers its
+/// core to others between checks: some microseconds, a pause being tens of cycles, about
+/// what a part of a call or a layer's wait takes.
 const SPINS_BEFORE_YIELDING: u32 = 2_000;
+
+/// A thread's way of waiting on another: a pause between its first
+/// [`SPINS_BEFORE_YIELDING`] checks, then its core offered to others between checks (where
+/// threads outnumber cores, tests running side by side, the one waited for may need it).
+#[derive(Default)]
+pub(super) struct Spinner(u32);
+
+impl Spinner {
+    /// One pause, while the first checks last; false once they are over (nothing done).
+    pub(super) fn spin(&mut self) -> bool {
+        if self.0 >= SPINS_BEFORE_YIELDING {
+            return false;
+        }
+        self.0 += 1;
+        std::hint::spin_loop();
+        true
+    }
+
+    /// A pause, or the core offered to others once the first checks are over.
+    pub(super) fn pause(&mut self) {
+        if !self.spin() {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Back to the first checks (the thread did some work in between).
+    pub(super) fn reset(&mut self) {
+        self.0 = 0;
+    }
+}
 
 /// The part `(1, 2)` of one call, offered by the owner to the partner.
 pub(super) struct Partner {
@@ -111,15 +142,9 @@ impl Partner {
     /// Waits until the offer is taken, or for `limit` at most.
     fn wait_taken(&self, limit: std::time::Duration) {
         let since = std::time::Instant::now();
-        let mut spins = 0u32;
+        let mut spinner = Spinner::default();
         while self.state.load(Ordering::Acquire) == OFFERED && since.elapsed() < limit {
-            spins += 1;
-            if spins < SPINS_BEFORE_YIELDING {
-                std::hint::spin_loop();
-            } else {
-                // The partner may need this core (more threads than cores).
-                std::thread::yield_now();
-            }
+            spinner.pause();
         }
     }
 
@@ -129,7 +154,7 @@ impl Partner {
         if self.state.compare_exchange(OFFERED, EMPTY, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             return Settled::Back;
         }
-        let mut spins = 0u32;
+        let mut spinner = Spinner::default();
         loop {
             match self.state.load(Ordering::Acquire) {
                 DONE => break,
@@ -137,14 +162,7 @@ impl Partner {
                     self.state.store(EMPTY, Ordering::Relaxed);
                     return Settled::Failed;
                 }
-                _ => {
-                    spins += 1;
-                    if spins < SPINS_BEFORE_YIELDING {
-                        std::hint::spin_loop();
-                    } else {
-                        std::thread::yield_now();
-                    }
-                }
+                _ => spinner.pause(),
             }
         }
         self.state.store(EMPTY, Ordering::Relaxed);

@@ -52,7 +52,7 @@ use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::{Gate, Gated};
 use super::norm::RmsNorm;
-use super::partner::Partner;
+use super::partner::{Partner, Spinner};
 use super::rope::RopeTables;
 
 /// The fewest rows of a pass of a model whose calls are big enough to share one at a time
@@ -80,10 +80,6 @@ const MIN_ROWS: i64 = 6;
 /// values' multiply-adds (forty-eighth session: a pass of eight rows over the proxy's 125
 /// keys, 2,024 cycles of multiply-adds and about 900 of exponentials and masking).
 const ATTENTION_FACTOR: f64 = 1.4;
-
-/// How many times a thread checks for the others at a meeting before it offers its core to
-/// another thread between checks (some microseconds: a pause is tens of cycles).
-const SPINS_BEFORE_YIELDING: u32 = 2_000;
 
 /// How long a thread waits at a meeting before the pass gives up on sharing (a layer of a
 /// pass that shares its rows takes tens of microseconds; a thread without a core waits for
@@ -355,7 +351,7 @@ impl Meeting {
     /// as waiting.
     fn wait(&self, thread: usize, done: impl Fn() -> bool) -> bool {
         let since = std::time::Instant::now();
-        let mut spins = 0u32;
+        let mut spinner = Spinner::default();
         let mut helped = 0u64;
         while !done() {
             if self.failed.load(Ordering::Acquire) {
@@ -364,15 +360,15 @@ impl Meeting {
             let ns = super::partner::serve();
             if ns > 0 {
                 helped += ns;
-                spins = 0;
+                spinner.reset();
                 continue;
             }
-            // Where the threads outnumber the cores (tests running side by side), the
-            // thread waited for may need this one's core.
-            spins += 1;
-            if spins < SPINS_BEFORE_YIELDING {
-                std::hint::spin_loop();
-            } else if since.elapsed().saturating_sub(std::time::Duration::from_nanos(helped)) < WAIT_LIMIT {
+            if spinner.spin() {
+                continue;
+            }
+            if since.elapsed().saturating_sub(std::time::Duration::from_nanos(helped)) < WAIT_LIMIT {
+                // Where the threads outnumber the cores (tests running side by side), the
+                // thread waited for may need this one's core.
                 std::thread::yield_now();
             } else {
                 // The other thread has not had a core for a while: every thread stops at
@@ -666,18 +662,13 @@ fn run_share(shared: &Shared, meeting: &Meeting, i: usize, n: usize) {
         }
         // The second thread serves the first until it is through: the time spent on its
         // calls counts as this thread's work, the rest as waiting at the end.
-        let (mut helped, mut spins) = (0, 0u32);
+        let (mut helped, mut spinner) = (0, Spinner::default());
         while !meeting.owner_done.load(Ordering::Acquire) && !meeting.failed.load(Ordering::Acquire) {
             match super::partner::serve() {
-                0 if spins < SPINS_BEFORE_YIELDING => {
-                    spins += 1;
-                    std::hint::spin_loop();
-                }
-                // The first thread may need this core (more threads than cores).
-                0 => std::thread::yield_now(),
+                0 => spinner.pause(),
                 ns => {
                     helped += ns;
-                    spins = 0;
+                    spinner.reset();
                 }
             }
         }
