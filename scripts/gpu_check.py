@@ -9,7 +9,8 @@ Sections (each one's failure is recorded under "errors" and the others still run
              measured in the same run (a device copy);
   step_cost  one speculative step over one AR step, linear and quadratic, 1/2/4/8 masks, both
              shapes (an untrained k = 8 adapter: acceptance ~0, so the ratio is the step cost),
-             each form eagerly (--no-cuda-graphs) and replayed from CUDA graphs (the default);
+             each form replayed from CUDA graphs (the default), and eagerly (--no-cuda-graphs)
+             too with --step-cost-eager;
   gemm_rows  one layer's four products and its attention at 1 to 32 rows, both shapes (does a
              call of a few rows cost less than one of a single row: the step cost's 9-row anomaly);
   kernels    (only when asked) every GPU kernel of an AR step and a 4-mask quadratic step, both
@@ -291,10 +292,13 @@ class Check:
             # Both forms of the adapter's term where the merged weights (the layers twice
             # more) are small enough to be worth measuring; the 8B shape runs low-rank.
             forms = ["low-rank"] if shape == "llama-3.1-8b" else ["low-rank", "merged"]
-            # Then each form with every step replayed from a CUDA graph, AR's and the
-            # speculative ones (--cuda-graphs): longer generations, so that each run's
-            # recordings (one per step shape, made at its second step) weigh less.
-            for form, graphs in [(f, False) for f in forms] + [(f, True) for f in forms]:
+            # Each form with every step replayed from a CUDA graph, AR's and the speculative
+            # ones (--cuda-graphs, the CUDA default): longer generations, so that each run's
+            # recordings (one per step shape, made at its second step) weigh less. Eager steps
+            # (--no-cuda-graphs) only with --step-cost-eager: on the H200 of 2026-12-04 the
+            # section took 225 s with them, most of the proof's six minutes.
+            runs = [(f, True) for f in forms] + ([(f, False) for f in forms] if self.args.step_cost_eager else [])
+            for form, graphs in runs:
                 tokens = ("96" if graphs else "32") if not self.args.tiny else "8"
                 report = self.bench_json(["--model", folder, "--adapter", adapter, "--prompts", prompts,
                                           "--masks", masks, "--modes", "ar,linear,quadratic", "--max-new-tokens",
@@ -308,6 +312,8 @@ class Check:
                                                          "masks": r["masks"], "ratio": r["step_cost_vs_ar"],
                                                          "identical": r["identical"], "graphs": graphs,
                                                          "graphed": r.get("cuda_graphs", False)})
+                # Written after every run: a call cut short by its time limit keeps the runs done.
+                self.write()
 
     # ------------------------------------------------------------------ products by rows
     def gemm_rows(self) -> None:
@@ -319,12 +325,13 @@ class Check:
         issues it over 100 cached positions (grouped heads in the kernel): one row without a
         mask (AR's call), more rows under an additive mask (a step's), and one row under a mask
         too, in case the unmasked call takes a slower kernel. Microseconds per call, median of
-        50 timed rounds of 20 calls each (synchronised)."""
+        50 timed rounds of 20 calls each (synchronised); on a GPU the 20 calls replayed from one
+        CUDA graph (`gemm_rows_timing` says which)."""
         dims = {"smollm2-135m": (576, 1536, 9, 3, 64), "llama-3.1-8b": (4096, 14336, 32, 8, 128),
                 "tiny": (64, 172, 4, 2, 16)}
         rows = [1, 2, 3, 4, 5, 8, 9, 12, 16, 25, 32]
         rounds, calls = (5, 2) if self.args.tiny else (50, 20)
-        out = []
+        out, timing = [], set()
         for shape in self.shapes:
             d, inter, heads, kv, hd = dims[shape]
             opts = {"device": self.dev, "dtype": self.dtype()}
@@ -336,12 +343,20 @@ class Check:
                 with torch.no_grad():
                     for _ in range(3):
                         call()
+                    # On a GPU the calls replayed from one CUDA graph: eager, a call of a few
+                    # microseconds times Python's launch (every product of the 135M shape read
+                    # 17-19 us at every row count on the H200 of 2026-12-04), not the kernel.
+                    graph = cuda_graph_of(lambda: [call() for _ in range(calls)]) if self.dev == "cuda" else None
+                    timing.add("graph" if graph else "launches")
                     times = []
                     for _ in range(rounds):
                         sync(self.dev)
                         t0 = time.perf_counter()
-                        for _ in range(calls):
-                            call()
+                        if graph:
+                            graph.replay()
+                        else:
+                            for _ in range(calls):
+                                call()
                         sync(self.dev)
                         times.append((time.perf_counter() - t0) / calls * 1e6)
                 return sorted(times)[len(times) // 2]
@@ -364,6 +379,7 @@ class Check:
                 out.append(row)
             del weights
         self.result["gemm_rows"] = out
+        self.result["gemm_rows_timing"] = sorted(timing)
 
     # ------------------------------------------------------------------ kernels of a step
     def kernels(self) -> None:
@@ -414,8 +430,16 @@ class Check:
                     if self.dev != "cuda":
                         raise
                     row["profiler_error"] = str(e)[-1500:]
-                if self.dev == "cuda" and not per.get(2 * n):
-                    row.update(self.ncu_step(generate, n, steps, shape, mode), source="ncu")
+                # Nsight Compute where the trace holds no kernel, or too few for a step of this
+                # model (fewer than one a layer: CUPTI may miss the replays of graphs recorded
+                # before it was switched on).
+                layers = bench_ar.SHAPES[shape].get("num_hidden_layers", 1)
+                if self.dev == "cuda" and (not per.get(2 * n) or row.get("kernels_per_step", 0) < layers):
+                    try:
+                        row.update(self.ncu_step(generate, n, steps, shape, mode), source="ncu")
+                    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+                        row["ncu_error"] = f"{type(e).__name__}: {str(e)[-1500:]}"
+                self.write()
         if self.dev != "cuda":
             # No GPU: the ncu parser read on a sample of its table (so that it cannot rot).
             out["sample_parsed"] = {k: list(v) for k, v in ncu_kernels(NCU_SAMPLE).items()}
@@ -714,6 +738,24 @@ def bench_rows(report: dict) -> list[dict]:
             for r in report["rows"] if r["mode"] != "ar"]
 
 
+def cuda_graph_of(work):
+    """`work` recorded as a CUDA graph (warmed up on a side stream first, as recording asks),
+    or None where recording fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            work()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            work()
+        return graph
+    except RuntimeError as e:
+        log(f"gemm_rows: no CUDA graph ({e}); timing the launches")
+        return None
+
+
 def trace_events(trace: dict, category: str) -> dict[str, tuple[int, float]]:
     """Count and total duration (ns) of each event of `category` (`kernel`: a GPU kernel;
     `cpu_op`: a libtorch operation) in a Chrome trace of libtorch's profiler, by name."""
@@ -899,6 +941,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke test that runs anywhere)")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench"))
     p.add_argument("--sections", default="parity,ar,step_cost,gemm_rows,train,demo", help="comma-separated, in order")
+    p.add_argument("--step-cost-eager", action="store_true",
+                   help="step_cost: eager steps (--no-cuda-graphs) too, besides the replayed ones")
     p.add_argument("--smollm2", help="smollm2_train: a model folder, or the folder scripts/gpu-pack made")
     p.add_argument("--smollm2-data", help="smollm2_train: the distilled answers (JSONL, or .jsonl.xz)")
     p.add_argument("--smollm2-questions", help="smollm2_train: questions (JSONL with messages, or .jsonl.xz) to chat-distill "

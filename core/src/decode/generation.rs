@@ -60,7 +60,10 @@ impl<'a> Generation<'a> {
             return Ok(false);
         }
         let t0 = Instant::now();
+        // On the CPU, the pass's time tells how many threads the next passes get.
+        let timed = (self.model.device() == tch::Device::Cpu).then(crate::model::threads::pass);
         let result = self.advance_inner(sink);
+        drop(timed);
         self.busy += t0.elapsed();
         self.out.total_time = self.busy;
         if self.out.forwards == 1 {

@@ -118,8 +118,10 @@ pub fn set_enabled(on: bool) {
 /// seeing keys `0..=i` (only for `s == t`). `None` when this kernel does not take the call
 /// (see the module's documentation).
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> Option<Tensor> {
-    if [q, k, v].iter().all(|x| x.kind() == Kind::BFloat16) && runs() {
-        // Widened: a bf16 value is exactly an f32 value, and the f32 kernel then decides.
+    if [q, k, v].iter().all(|x| x.kind() == Kind::BFloat16) && may_take(q, k, v, mask) {
+        // Widened: a bf16 value is exactly an f32 value, and the f32 kernel then decides
+        // the rest (shapes, strides, the mask's shape); a call it never takes (on a GPU, for
+        // training, a long prefill) is not widened only to be refused.
         let wide = |x: &Tensor| x.to_kind(Kind::Float);
         let mask = mask.map(|m| if m.kind() == Kind::BFloat16 { wide(m) } else { m.shallow_clone() });
         return attend(&wide(q), &wide(k), &wide(v), mask.as_ref(), causal, scale).map(|y| y.to_kind(Kind::BFloat16));
@@ -141,6 +143,15 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal:
     let dims = Dims { b: b as usize, h: h as usize, kv: kv as usize, t: t as usize, s: s as usize, hd: hd as usize };
     let out = attend_views(dims, [view(q), view(k), view(v)], mask, causal, scale, &[b, t, h, hd])?;
     Some(out.transpose(1, 2))
+}
+
+/// Whether [`attend`] may take a call at all, judged without touching the tensors' data:
+/// the kernel runs, every tensor lives on the CPU and needs no gradient, and the queries'
+/// rows are within [`MAX_ROWS`]. What it decides before widening bf16 to f32.
+fn may_take(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> bool {
+    let here = |x: &Tensor| x.device() == Device::Cpu && !x.requires_grad();
+    let rows = q.size().get(2).is_some_and(|&t| (1..=MAX_ROWS).contains(&t));
+    runs() && rows && [q, k, v].into_iter().chain(mask).all(here)
 }
 
 /// A call's sizes: batch entries, query heads, key/value heads, query rows, keys, head width.
@@ -1096,6 +1107,27 @@ mod tests {
         let big_q = Tensor::randn([1, 4, 40, 16], o);
         let _ = attend(&big_q, &big_k, &big_k, None, false, 0.25).expect("taken");
         assert!(call(&inputs, &mask).equal(&fresh), "sixteen lanes: {lanes}");
+    }
+
+    /// bf16 calls are widened to f32 only when the kernel may take them: not for gradients
+    /// or too many rows (nor, on a GPU, for tensors off the CPU), which would otherwise pay
+    /// for four f32 copies only to be refused.
+    #[test]
+    fn widens_bf16_only_when_it_may_take_the_call() {
+        if !runs() {
+            return;
+        }
+        let o = (Kind::BFloat16, Device::Cpu);
+        let (q, k) = (Tensor::randn([1, 4, 3, 16], o), Tensor::randn([1, 2, 10, 16], o));
+        assert!(may_take(&q, &k, &k, None));
+        assert!(attend(&q, &k, &k, None, false, 0.25).is_some_and(|y| y.kind() == Kind::BFloat16));
+        let mask = Tensor::zeros([3, 10], o);
+        assert!(may_take(&q, &k, &k, Some(&mask)));
+        assert!(!may_take(&q.copy().set_requires_grad(true), &k, &k, None));
+        assert!(!may_take(&q, &k, &k, Some(&mask.copy().set_requires_grad(true))));
+        let many = Tensor::randn([1, 4, MAX_ROWS + 1, 16], o);
+        assert!(!may_take(&many, &k, &k, None));
+        assert!(attend(&many, &k, &k, None, false, 0.25).is_none());
     }
 
     /// What it leaves to libtorch: gradients, too many rows, widths not a multiple of 8,

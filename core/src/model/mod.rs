@@ -19,6 +19,7 @@ mod partner;
 pub mod rope;
 pub mod row_ops;
 pub mod row_split;
+pub mod threads;
 pub mod trace;
 pub mod weights;
 
