@@ -117,8 +117,9 @@ struct Window {
 }
 
 impl Window {
-    fn open() -> Self {
-        Self { opened: Instant::now(), ticks: idle_ticks(), wall: Duration::ZERO, cpu: Duration::ZERO }
+    /// A window opened now, `/proc/stat` read as `ticks`.
+    fn open(ticks: Option<(u64, u64, usize)>) -> Self {
+        Self { opened: Instant::now(), ticks, wall: Duration::ZERO, cpu: Duration::ZERO }
     }
 }
 
@@ -193,7 +194,7 @@ impl Drop for Pass {
         ADAPTER.with(|a| {
             let mut a = a.borrow_mut();
             let a = a.get_or_insert_with(|| Adapter {
-                window: Window { opened: t0, ..Window::open() },
+                window: Window { opened: t0, ..Window::open(idle_ticks()) },
                 uncrowded: None,
                 crowded: 0,
             });
@@ -232,7 +233,7 @@ impl Drop for Pass {
                     (a.uncrowded, a.crowded) = (None, 0);
                 }
             }
-            a.window = Window { ticks, ..Window::open() };
+            a.window = Window::open(ticks);
         });
     }
 }
