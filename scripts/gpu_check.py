@@ -430,11 +430,11 @@ class Check:
                     if self.dev != "cuda":
                         raise
                     row["profiler_error"] = str(e)[-1500:]
-                # Nsight Compute where the trace holds no kernel, or too few for a step of this
-                # model (fewer than one a layer: CUPTI may miss the replays of graphs recorded
-                # before it was switched on).
+                # Nsight Compute where the trace holds no kernel (or none was read), or too few
+                # for a step of this model (fewer than one a layer: CUPTI may miss the replays
+                # of graphs recorded before it was switched on).
                 layers = bench_ar.SHAPES[shape].get("num_hidden_layers", 1)
-                if self.dev == "cuda" and (not per.get(2 * n) or row.get("kernels_per_step", 0) < layers):
+                if self.dev == "cuda" and row.get("kernels_per_step", 0) < layers:
                     try:
                         row.update(self.ncu_step(generate, n, steps, shape, mode), source="ncu")
                     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:

@@ -4,7 +4,7 @@
 fn main() -> std::process::ExitCode {
     let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).try_init();
     // CPU decoding's thread count follows what the machine leaves free: the window's own
-    // frames (a software renderer draws on the same cores) included. MTP_THREADS fixes it.
+    // frames (a software renderer draws on the same cores) included. OMP_NUM_THREADS fixes it.
     mtp_core::model::threads::adapt();
     let target = std::env::args().nth(1);
     match mtp_app::app::run(target) {

@@ -56,7 +56,7 @@ pub enum Command {
 /// Parse arguments, run, and turn any error into a message on stderr and exit code 1.
 pub fn main() -> ExitCode {
     init_tracing();
-    // CPU decoding's thread count follows what the machine leaves free (MTP_THREADS fixes it).
+    // CPU decoding's thread count follows what the machine leaves free (OMP_NUM_THREADS fixes it).
     mtp_core::model::threads::adapt();
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {

@@ -26,8 +26,8 @@
 //! once ([`adapt`]: the `mtp` command line and the workbench); tests and libraries keep
 //! libtorch's count. Training keeps it too: libtorch splits a long sum by thread (a tensor's
 //! sum differs in its last bits between one thread and two), and a resumed run must equal an
-//! uninterrupted one to the bit. Nothing changes where `MTP_THREADS=N` fixes the count,
-//! `OMP_NUM_THREADS` is set, or off Linux.
+//! uninterrupted one to the bit. Nothing changes where `OMP_NUM_THREADS` is set (libtorch's
+//! own way to fix the count, for every thread and for training too), or off Linux.
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -54,29 +54,17 @@ pub const FREE_CORE: f64 = 0.75;
 /// The span of uncrowded windows whose idle cores decide whether the team grows.
 pub const GROW_AFTER: Duration = Duration::from_millis(300);
 
-/// What this process does with its count: nothing, a fixed count, or adapting from the
-/// count libtorch started with.
-#[derive(Clone, Copy, Debug)]
-enum Mode {
-    Off,
-    Fixed(i32),
-    Adapt(i32),
-}
+/// The count libtorch started with, where this process adapts it (set once by [`adapt`]).
+static STARTED_WITH: OnceLock<Option<i32>> = OnceLock::new();
 
-static MODE: OnceLock<Mode> = OnceLock::new();
-
-/// Turn adaptation on for this process (where it applies, see the module's documentation),
-/// or fix the count to `MTP_THREADS`. Call once, before decoding, from the program's start;
-/// the count is each thread's own setting, and each pass's thread takes it up.
+/// Turn adaptation on for this process, where it applies (see the module's documentation).
+/// Call once, before decoding, from the program's start.
 pub fn adapt() {
-    let _ = MODE.get_or_init(|| {
-        if let Some(n) = std::env::var("MTP_THREADS").ok().and_then(|v| v.trim().parse::<i32>().ok()) {
-            return if n >= 1 { Mode::Fixed(n) } else { Mode::Off };
-        }
+    let _ = STARTED_WITH.get_or_init(|| {
         let applies =
             cfg!(target_os = "linux") && std::env::var_os("OMP_NUM_THREADS").is_none() && idle_ticks().is_some();
         let start = tch::get_num_threads();
-        if applies && start > 1 { Mode::Adapt(start) } else { Mode::Off }
+        (applies && start > 1).then_some(start)
     });
 }
 
@@ -172,24 +160,15 @@ pub struct Pass {
     start: Option<(Instant, Duration)>,
 }
 
-/// Start timing one CPU pass (nothing where this process does not adapt; its thread set to
-/// the count where `MTP_THREADS` fixes it).
+/// Start timing one CPU pass (nothing where this process does not adapt).
 pub fn pass() -> Pass {
-    match MODE.get() {
-        Some(&Mode::Fixed(n)) => {
-            if tch::get_num_threads() != n {
-                tch::set_num_threads(n);
-            }
-            Pass { start: None }
-        }
-        Some(Mode::Adapt(_)) => Pass { start: Some((Instant::now(), thread_cpu())) },
-        _ => Pass { start: None },
-    }
+    let adapting = STARTED_WITH.get().is_some_and(Option::is_some);
+    Pass { start: adapting.then(|| (Instant::now(), thread_cpu())) }
 }
 
 impl Drop for Pass {
     fn drop(&mut self) {
-        let (Some((t0, c0)), Some(&Mode::Adapt(max))) = (self.start, MODE.get()) else { return };
+        let (Some((t0, c0)), Some(&Some(max))) = (self.start, STARTED_WITH.get()) else { return };
         let (wall, cpu) = (t0.elapsed(), thread_cpu().saturating_sub(c0));
         ADAPTER.with(|a| {
             let mut a = a.borrow_mut();
