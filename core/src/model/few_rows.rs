@@ -176,14 +176,24 @@ pub fn bf16_available() -> bool {
 /// 256-bit ones (docs/BENCHMARKS.md, "bf16 models on the CPU"). Both measured before the f32
 /// tiles took sixteen lanes ([`sixteen_lanes`]), which made the exact form cheaper still.
 pub fn bf16_pairs_pay() -> bool {
-    static PAYS: OnceLock<bool> = OnceLock::new();
-    *PAYS.get_or_init(|| {
+    bf16_available() && amd_cpu()
+}
+
+/// Whether the CPU is an AMD one (the vendor string of CPUID leaf 0). Where a default
+/// depends on the vendor, it is because the two vendors' cores measured differently: a
+/// Zen 4 core ran 3.3 G 512-bit f32 multiply-adds a second and a Zen 3 core 5.5 G 256-bit
+/// ones (two 256-bit units), an Emerald Rapids Xeon core 5.5 G 512-bit ones (two 512-bit
+/// units), so there a few rows' f32 arithmetic is the cheaper form more often
+/// (docs/BENCHMARKS.md).
+pub fn amd_cpu() -> bool {
+    static AMD: OnceLock<bool> = OnceLock::new();
+    *AMD.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
             // The vendor string of leaf 0: EBX, EDX, ECX.
             let leaf = std::arch::x86_64::__cpuid(0);
             let vendor: Vec<u8> = [leaf.ebx, leaf.edx, leaf.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
-            bf16_available() && vendor == b"AuthenticAMD"
+            vendor == b"AuthenticAMD"
         }
         #[cfg(not(target_arch = "x86_64"))]
         {

@@ -75,9 +75,9 @@ impl Default for DraftOptions {
 #[serde(rename_all = "kebab-case")]
 pub enum DraftArithmetic {
     /// [`DraftArithmetic::Int8`] for an f32 model's steps where it runs (AVX2 and FMA):
-    /// every mask row, or from [`AHEAD_MIN_MASK_ROWS`] of them for a model whose weights
-    /// are read from memory ([`BF16_MIN_MASK_ROWS`] through AMX tiles,
-    /// [`auto_int8_min_rows`]);
+    /// every mask row, or for a model whose weights are read from memory from
+    /// [`AHEAD_MIN_MASK_ROWS`] of them on an AMD CPU and [`BF16_MIN_MASK_ROWS`] elsewhere
+    /// ([`auto_int8_min_rows`]);
     /// else [`DraftArithmetic::Bf16`] for an f32 model's steps with at least
     /// [`BF16_MIN_MASK_ROWS`] mask rows, where it runs and pays
     /// ([`few_rows::bf16_pairs_pay`]: an AMD CPU); [`DraftArithmetic::Exact`] otherwise
@@ -151,8 +151,8 @@ impl DraftArithmetic {
         match self {
             DraftArithmetic::Int8 if f32_model && crate::model::int8::available() => Some(1),
             DraftArithmetic::Auto if f32_model && crate::model::int8::available() => {
-                let amx = crate::model::int8::amx_available();
-                Some(auto_int8_min_rows(layer_bytes(model) * model.config.num_layers, amx))
+                let ahead = !crate::model::int8::amx_available() && few_rows::amd_cpu();
+                Some(auto_int8_min_rows(layer_bytes(model) * model.config.num_layers, ahead))
             }
             _ => None,
         }
@@ -167,27 +167,31 @@ named_choices!(DraftArithmetic, "draft arithmetic");
 pub const FROM_MEMORY_BYTES: usize = 64 << 20;
 
 /// The fewest mask rows `auto` multiplies in int8 for a model of `projection_bytes` (f32,
-/// all layers), with `amx` where the mask rows go through AMX tiles
-/// ([`crate::model::int8::amx_available`]). Where the weights come from a cache (the demo,
-/// the proxy), every mask row: a step of 1, 2 or 4 masks cost the same or less with them in
-/// int8 (Zen 4, one process, the forms in turns; docs/BENCHMARKS.md, "Mask rows in int8").
-/// Where they are read from memory, the int8 copy is a quarter of their bytes read once
-/// more. Through AMX tiles, whose products run apart from the f32 rows' read, that paid
-/// only once the f32 rows' arithmetic outweighed it: from [`BF16_MIN_MASK_ROWS`] (a 3- or
-/// 4-mask quadratic step's 12 or 20 mask rows). SmolLM2-135M's shape on an Emerald Rapids
-/// Xeon (`step_profile`, the arithmetics in turns, fastest rounds): 1 / 2 / 4 masks 1.09 /
-/// 1.30 / 1.87 AR steps exact against 1.23 / 1.49 / 1.73 in int8 (docs/BENCHMARKS.md,
-/// fortieth session). Elsewhere the tiles take a product's columns in chunks whose int8
-/// arithmetic overlaps the next chunk's read (`model::int8`'s `AHEAD_CHUNK`), and int8
-/// paid from [`AHEAD_MIN_MASK_ROWS`]: on a Zen 3 (`mtp bench`, in turns, fifty-first
-/// session) 1 / 2 / 4 masks 1.15-1.25 / 1.71-1.75 / 2.86-2.93 AR steps exact against
-/// 1.31-1.37 / 1.47-1.58 / 2.23-2.39 in int8; on a Zen 4 before the chunks, 2 masks 1.42
-/// exact against 1.30 (fortieth session).
-pub fn auto_int8_min_rows(projection_bytes: usize, amx: bool) -> usize {
+/// all layers), with `ahead` where the int8 tiles overlapping the next chunk's read pay
+/// early (an AMD CPU: [`few_rows::amd_cpu`]; not through AMX tiles). Where the weights come
+/// from a cache (the demo, the proxy), every mask row: a step of 1, 2 or 4 masks cost the
+/// same or less with them in int8 (Zen 4, one process, the forms in turns;
+/// docs/BENCHMARKS.md, "Mask rows in int8"; on an Emerald Rapids Xeon, the sixty-third
+/// session, the demo's 1 / 2 / 4-mask steps ran 1,872-2,158 / 2,183-2,223 / 1,362-1,480
+/// tokens/s exact against 1,923-2,017 / 2,238-2,268 / 2,092-2,188 in int8). Where they
+/// are read from memory, the int8 copy is a quarter of their bytes read once more, which
+/// pays only once the f32 rows' arithmetic outweighs it:
+/// - from [`BF16_MIN_MASK_ROWS`] (a 3- or 4-mask quadratic step's 12 or 20 mask rows) on
+///   an Intel CPU, whose cores do twice an AMD core's f32 multiply-adds a cycle, with or
+///   without AMX tiles (whose products run apart from the f32 rows' read). SmolLM2-135M's
+///   shape on an Emerald Rapids Xeon without AMX (`mtp bench`, in turns, sixty-third
+///   session): 1 / 2 / 3 / 4 masks 1.13-1.14 / 1.34-1.36 / 1.60-1.63 / 2.05-2.09 AR steps
+///   exact against 1.42 / 1.52 / 1.65-1.66 / 1.78-1.79 in int8; the same shape with AMX
+///   (fortieth session, `step_profile`) 1.09 / 1.30 / 1.87 exact against 1.23 / 1.49 / 1.73.
+/// - from [`AHEAD_MIN_MASK_ROWS`] on an AMD CPU, where the chunks' int8 arithmetic
+///   (`model::int8`'s `AHEAD_CHUNK`) overlaps the read: on a Zen 3 (`mtp bench`, in turns,
+///   fifty-first session) 1 / 2 / 4 masks 1.15-1.25 / 1.71-1.75 / 2.86-2.93 AR steps exact
+///   against 1.31-1.37 / 1.47-1.58 / 2.23-2.39 in int8.
+pub fn auto_int8_min_rows(projection_bytes: usize, ahead: bool) -> usize {
     match projection_bytes > FROM_MEMORY_BYTES {
         false => 1,
-        true if amx => BF16_MIN_MASK_ROWS,
-        true => AHEAD_MIN_MASK_ROWS,
+        true if ahead => AHEAD_MIN_MASK_ROWS,
+        true => BF16_MIN_MASK_ROWS,
     }
 }
 
@@ -208,7 +212,8 @@ pub fn int8_short_panels(model: &Llama) -> bool {
 }
 
 /// The fewest mask rows `auto` multiplies in int8 for a model whose weights are read from
-/// memory, where the tiles overlap the read ([`auto_int8_min_rows`]): a 2-mask quadratic
+/// memory, where the tiles overlap the read and pay early (an AMD CPU:
+/// [`auto_int8_min_rows`]): a 2-mask quadratic
 /// step's 6 (a 1-mask step's 2 stay f32, whose arithmetic is too short to hide a read).
 pub const AHEAD_MIN_MASK_ROWS: usize = 6;
 
@@ -718,24 +723,25 @@ mod tests {
     use super::*;
 
     /// `auto` takes every mask row in int8 for weights a cache holds; for weights read from
-    /// memory, 2-mask steps' rows and more, or through AMX tiles 3- or 4-mask steps' only.
+    /// memory, 2-mask steps' rows and more where the chunked tiles pay early (AMD), else
+    /// 3- or 4-mask steps' only.
     #[test]
     fn auto_int8_rows_follow_where_the_weights_are_read_from() {
-        for amx in [false, true] {
+        for ahead in [false, true] {
             // The demo (6 layers of 2.9 MB) and the proxy (24 of 0.18 MB): every mask row.
-            assert_eq!(auto_int8_min_rows(6 * 737_280 * 4, amx), 1);
-            assert_eq!(auto_int8_min_rows(24 * 45_312 * 4, amx), 1);
-            assert_eq!(auto_int8_min_rows(FROM_MEMORY_BYTES, amx), 1);
+            assert_eq!(auto_int8_min_rows(6 * 737_280 * 4, ahead), 1);
+            assert_eq!(auto_int8_min_rows(24 * 45_312 * 4, ahead), 1);
+            assert_eq!(auto_int8_min_rows(FROM_MEMORY_BYTES, ahead), 1);
         }
-        // SmolLM2-135M (30 layers of 3.54 M parameters): from a 2-mask quadratic step's 2 x
-        // 3 = 6 mask rows, a 1-mask step's 2 staying f32; through AMX tiles from a 3-mask
+        // SmolLM2-135M (30 layers of 3.54 M parameters): on AMD from a 2-mask quadratic
+        // step's 2 x 3 = 6 mask rows, a 1-mask step's 2 staying f32; elsewhere from a 3-mask
         // step's 3 x 4 = 12, a 2-mask step's 6 staying f32.
         let smollm2 = 30 * 3_538_944 * 4;
-        assert_eq!(auto_int8_min_rows(smollm2, false), AHEAD_MIN_MASK_ROWS);
+        assert_eq!(auto_int8_min_rows(smollm2, true), AHEAD_MIN_MASK_ROWS);
         const { assert!(AHEAD_MIN_MASK_ROWS > 2 && AHEAD_MIN_MASK_ROWS <= 2 * 3) };
-        assert_eq!(auto_int8_min_rows(smollm2, true), BF16_MIN_MASK_ROWS);
+        assert_eq!(auto_int8_min_rows(smollm2, false), BF16_MIN_MASK_ROWS);
         const { assert!(BF16_MIN_MASK_ROWS > 2 * 3 && BF16_MIN_MASK_ROWS <= 3 * 4) };
-        assert_eq!(auto_int8_min_rows(FROM_MEMORY_BYTES + 1, true), BF16_MIN_MASK_ROWS);
-        assert_eq!(auto_int8_min_rows(FROM_MEMORY_BYTES + 1, false), AHEAD_MIN_MASK_ROWS);
+        assert_eq!(auto_int8_min_rows(FROM_MEMORY_BYTES + 1, false), BF16_MIN_MASK_ROWS);
+        assert_eq!(auto_int8_min_rows(FROM_MEMORY_BYTES + 1, true), AHEAD_MIN_MASK_ROWS);
     }
 }
