@@ -181,8 +181,9 @@ pub const FROM_MEMORY_BYTES: usize = 64 << 20;
 ///   without AMX tiles (whose products run apart from the f32 rows' read). SmolLM2-135M's
 ///   shape on an Emerald Rapids Xeon without AMX (`mtp bench`, in turns, sixty-third
 ///   session): 1 / 2 / 3 / 4 masks 1.13-1.14 / 1.34-1.36 / 1.60-1.63 / 2.05-2.09 AR steps
-///   exact against 1.42 / 1.52 / 1.65-1.66 / 1.78-1.79 in int8; the same shape with AMX
-///   (fortieth session, `step_profile`) 1.09 / 1.30 / 1.87 exact against 1.23 / 1.49 / 1.73.
+///   exact against 1.42 / 1.52 / 1.65-1.66 / 1.78-1.79 in int8 (the fortieth session's,
+///   also without AMX, before the chunks: 1 / 2 / 4 masks 1.09 / 1.30 / 1.87 against 1.23
+///   / 1.49 / 1.73, `step_profile`). With AMX tiles the same 12 (forty-third session).
 /// - from [`AHEAD_MIN_MASK_ROWS`] on an AMD CPU, where the chunks' int8 arithmetic
 ///   (`model::int8`'s `AHEAD_CHUNK`) overlaps the read: on a Zen 3 (`mtp bench`, in turns,
 ///   fifty-first session) 1 / 2 / 4 masks 1.15-1.25 / 1.71-1.75 / 2.86-2.93 AR steps exact
