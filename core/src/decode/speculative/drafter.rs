@@ -151,8 +151,7 @@ impl DraftArithmetic {
         match self {
             DraftArithmetic::Int8 if f32_model && crate::model::int8::available() => Some(1),
             DraftArithmetic::Auto if f32_model && crate::model::int8::available() => {
-                let ahead = !crate::model::int8::amx_available() && few_rows::amd_cpu();
-                Some(auto_int8_min_rows(layer_bytes(model) * model.config.num_layers, ahead))
+                Some(auto_int8_min_rows(layer_bytes(model) * model.config.num_layers, few_rows::amd_cpu()))
             }
             _ => None,
         }
@@ -168,7 +167,7 @@ pub const FROM_MEMORY_BYTES: usize = 64 << 20;
 
 /// The fewest mask rows `auto` multiplies in int8 for a model of `projection_bytes` (f32,
 /// all layers), with `ahead` where the int8 tiles overlapping the next chunk's read pay
-/// early (an AMD CPU: [`few_rows::amd_cpu`]; not through AMX tiles). Where the weights come
+/// early (an AMD CPU: [`few_rows::amd_cpu`]). Where the weights come
 /// from a cache (the demo, the proxy), every mask row: a step of 1, 2 or 4 masks cost the
 /// same or less with them in int8 (Zen 4, one process, the forms in turns;
 /// docs/BENCHMARKS.md, "Mask rows in int8"; on an Emerald Rapids Xeon, the sixty-third
@@ -176,9 +175,10 @@ pub const FROM_MEMORY_BYTES: usize = 64 << 20;
 /// tokens/s exact against 1,923-2,017 / 2,238-2,268 / 2,092-2,188 in int8). Where they
 /// are read from memory, the int8 copy is a quarter of their bytes read once more, which
 /// pays only once the f32 rows' arithmetic outweighs it:
-/// - from [`BF16_MIN_MASK_ROWS`] (a 3- or 4-mask quadratic step's 12 or 20 mask rows) on
-///   an Intel CPU, whose cores do twice an AMD core's f32 multiply-adds a cycle, with or
-///   without AMX tiles (whose products run apart from the f32 rows' read). SmolLM2-135M's
+/// - from [`BF16_MIN_MASK_ROWS`] (a 3- or 4-mask quadratic step's 12 or 20 mask rows)
+///   elsewhere: the Intel Xeons measured, whose cores do twice a Zen core's f32
+///   multiply-adds a cycle, with or without AMX tiles (whose products run apart from the
+///   f32 rows' read). SmolLM2-135M's
 ///   shape on an Emerald Rapids Xeon without AMX (`mtp bench`, in turns, sixty-third
 ///   session): 1 / 2 / 3 / 4 masks 1.13-1.14 / 1.34-1.36 / 1.60-1.63 / 2.05-2.09 AR steps
 ///   exact against 1.42 / 1.52 / 1.65-1.66 / 1.78-1.79 in int8 (the fortieth session's,
