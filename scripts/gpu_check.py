@@ -387,7 +387,7 @@ class Check:
         4-mask quadratic step (near-random weights: acceptance low, yet not always 0) of each
         shape, replayed from CUDA graphs as by default. libtorch's profiler records them as
         they run (`mtp generate --profile-trace`: CUPTI on a GPU, graph replays included; on
-        the CPU its operations stand in), over a repeat of the generation after a first, unrecorded one (which makes
+        the CPU its operations stand in, the model in f16), over a repeat of the generation after a first, unrecorded one (which makes
         the recordings). A step's kernels are the difference between generations of N and 2N
         tokens, over the forwards between them (a step that accepts a draft makes more than
         one token), so the prefill cancels out. Against each step's wall time from an
@@ -407,9 +407,15 @@ class Check:
             modes = {"ar": ["--mode", "ar"],
                      f"quadratic-{masks}": ["--adapter", adapter, "--mode", "quadratic", "--masks", masks]}
             rows = out["shapes"].setdefault(shape, {})
+            # On the CPU the model runs in f16, which takes libtorch's general path as CUDA
+            # does: in f32 our own loops take most of a pass, and whether the second thread
+            # takes a share of a call (model::partner, model::row_split) depends on timing, so
+            # a loaded machine changed the operations the first thread issued (a tiny 2-mask
+            # step counted 77 to 101 a step over runs of one binary).
+            dtype = self.dtype_name() if self.dev == "cuda" else "f16"
             for mode, extra in modes.items():
                 generate = ["generate", "--model", folder, "--prompt-ids", prompt, "--ignore-eos", "--device",
-                            self.args.device, "--dtype", self.dtype_name(), *extra]
+                            self.args.device, "--dtype", dtype, *extra]
                 # The step's wall time, unprofiled: the slope between the two lengths, over the
                 # forwards (steps) between them: a speculative step that accepts a draft makes
                 # more than one token, so tokens would undercount its cost.

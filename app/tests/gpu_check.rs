@@ -81,8 +81,9 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     }
     // The kernels section: each step's wall time from the two lengths (a difference of two
     // short timings, whose sign the noise of a shared CPU may flip), and its operations from
-    // libtorch's profiler (`mtp generate --profile-trace`; on the CPU its operations stand in
-    // for the kernels): a speculative step issues more than an AR step; without a GPU (no
+    // libtorch's profiler (`mtp generate --profile-trace`; on the CPU its operations, in f16
+    // through libtorch's general path as on CUDA, stand in for the kernels): a speculative
+    // step issues more than an AR step; without a GPU (no
     // ncu), the ncu parser read on a sample of its table: three kernels, each named apart.
     let kernels = &report["kernels"];
     let steps = &kernels["shapes"]["tiny"];
