@@ -387,13 +387,13 @@ class Check:
         4-mask quadratic step (near-random weights: acceptance low, yet not always 0) of each
         shape, replayed from CUDA graphs as by default. libtorch's profiler records them as
         they run (`mtp generate --profile-trace`: CUPTI on a GPU, graph replays included; on
-        the CPU its operations stand in, the model in f16), over a repeat of the generation after a first, unrecorded one (which makes
-        the recordings). A step's kernels are the difference between generations of N and 2N
-        tokens, over the forwards between them (a step that accepts a draft makes more than
-        one token), so the prefill cancels out. Against each step's wall time from an
-        ordinary run: what the GPU computes, what it waits for, and which kernels a step adds
-        to AR's (why the 8B step costs more than 1.3 AR steps, and AR less than 70% of the
-        bandwidth bound). Where the trace holds no kernel on a GPU, Nsight Compute
+        the CPU its operations stand in, the model in f16), over a repeat of the generation
+        after a first, unrecorded one (which makes the recordings). A step's kernels are the
+        difference between generations of N and 2N tokens, over the forwards between them (a
+        step that accepts a draft makes more than one token), so the prefill cancels out.
+        Against each step's wall time from an ordinary run: what the GPU computes, what it
+        waits for, and which kernels a step adds to AR's (why the 8B step costs more than 1.3
+        AR steps, and AR less than 70% of the bandwidth bound). Where the trace holds no kernel on a GPU, Nsight Compute
         (`ncu --graph-profiling node`, each run stopped at 90 s) counts them instead."""
         n = 4
         prompt = ",".join(map(str, range(3, 19)))

@@ -214,8 +214,8 @@ pub fn int8_short_panels(model: &Llama) -> bool {
 
 /// The fewest mask rows `auto` multiplies in int8 for a model whose weights are read from
 /// memory, where the tiles overlap the read and pay early (an AMD CPU:
-/// [`auto_int8_min_rows`]): a 2-mask quadratic
-/// step's 6 (a 1-mask step's 2 stay f32, whose arithmetic is too short to hide a read).
+/// [`auto_int8_min_rows`]): a 2-mask quadratic step's 6 (a 1-mask step's 2 stay f32, whose
+/// arithmetic is too short to hide a read).
 pub const AHEAD_MIN_MASK_ROWS: usize = 6;
 
 /// How a decoding step applies the adapter's term to the mask rows. Either way the
