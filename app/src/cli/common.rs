@@ -102,8 +102,8 @@ pub struct AdapterArg {
     /// four times the multiply-adds with AVX-512 VNNI, about 1.7 times with AVX2 alone, 2.8
     /// for a model within 64 MiB, whose weights it holds at 32 levels; the
     /// draft chain's head and sampler too), or auto (int8 where it runs, for a model whose
-    /// weights exceed 64 MiB only in steps of at least 6 mask rows on an AMD CPU, 12 on
-    /// others).
+    /// weights exceed 64 MiB only in steps of at least 6 mask rows on an AMD CPU before Zen
+    /// 5, 12 on others).
     #[arg(long, default_value = "auto")]
     pub draft_arithmetic: DraftArithmetic,
 }

@@ -72,7 +72,7 @@ pub fn show(
         });
         let tip = "How a speculative step multiplies its mask rows, whose outputs are only drafts (greedy output is \
                    the same either way): auto (int8 on a CPU with AVX2, for a model over 64 MiB only in steps of \
-                   6 or more mask rows on an AMD CPU, 12 on others), exact (the model's dtype), \
+                   6 or more mask rows on an AMD CPU before Zen 5, 12 on others), exact (the model's dtype), \
                    bf16 or int8 (CPU only; the draft chain's head and sampler in int8 too); applies at the next load";
         form_row(ui, "Draft arithmetic", tip, |ui| {
             egui::ComboBox::from_id_salt("draft-arithmetic")

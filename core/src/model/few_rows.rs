@@ -169,37 +169,52 @@ pub fn bf16_available() -> bool {
 }
 
 /// Whether multiplying rows in bf16 pairs ([`TailTerm::bf16`]) pays on this CPU, for a
-/// choice made by default: it runs ([`bf16_available`]) and the CPU is an AMD one. On the
-/// Zen 4 measured, a 4-mask step of the SmolLM2-135M shape fell from 2.1-2.8 to 1.6-2.2 AR
-/// steps with its mask rows in pairs; on an Intel Xeon (AVX-512 BF16 and AMX) it rose from
-/// 2.17-2.20 to 2.46-2.56, the pairs' 512-bit instructions slower there than the f32 tiles'
-/// 256-bit ones (docs/BENCHMARKS.md, "bf16 models on the CPU"). Both measured before the f32
-/// tiles took sixteen lanes ([`sixteen_lanes`]), which made the exact form cheaper still.
+/// choice made by default: it runs ([`bf16_available`]) and the CPU is an AMD one before
+/// Zen 5 ([`amd_before_zen5`]). On the Zen 4 measured, a 4-mask step of the SmolLM2-135M
+/// shape fell from 2.1-2.8 to 1.6-2.2 AR steps with its mask rows in pairs; on an Intel
+/// Xeon (AVX-512 BF16 and AMX) it rose from 2.17-2.20 to 2.46-2.56, the pairs' 512-bit
+/// instructions slower there than the f32 tiles' 256-bit ones (docs/BENCHMARKS.md, "bf16
+/// models on the CPU"). Both measured before the f32 tiles took sixteen lanes
+/// ([`sixteen_lanes`]), which made the exact form cheaper still. On a Zen 5 (sixty-fourth
+/// session, `mtp bench`, three rounds in turns) the 3- and 4-mask steps ran 1.91-1.93 and
+/// 2.11-2.17 AR steps in pairs against 1.22-1.55 and 1.75-2.26 exact.
 pub fn bf16_pairs_pay() -> bool {
-    bf16_available() && amd_cpu()
+    bf16_available() && amd_before_zen5()
 }
 
-/// Whether the CPU is an AMD one (the vendor string of CPUID leaf 0). Where a default
-/// depends on the vendor, it is because the two vendors' cores measured differently: a
-/// Zen 4 core ran 3.3 G 512-bit f32 multiply-adds a second and a Zen 3 core 5.5 G 256-bit
-/// ones (two 256-bit units), an Emerald Rapids Xeon core 5.5 G 512-bit ones (two 512-bit
-/// units), so there a few rows' f32 arithmetic is the cheaper form more often
+/// Whether the CPU is an AMD one before Zen 5 (vendor string `AuthenticAMD`, family 0x19
+/// or lower: Zen 3 and Zen 4), whose cores do half the f32 multiply-adds a cycle of an
+/// Intel Xeon's or a Zen 5's. Where a default depends on it, it is because the cores
+/// measured so: a Zen 4 core ran 3.3 G 512-bit f32 multiply-adds a second (its 512-bit
+/// instructions in two halves) and a Zen 3 core 5.5 G 256-bit ones, an Emerald Rapids Xeon
+/// core 5.5 G 512-bit ones and a Zen 5 (EPYC, family 0x1A) core 8.9 G (two 512-bit units
+/// each), so on the latter a few rows' f32 arithmetic is the cheaper form more often
 /// (docs/BENCHMARKS.md).
-pub fn amd_cpu() -> bool {
-    static AMD: OnceLock<bool> = OnceLock::new();
-    *AMD.get_or_init(|| {
+pub fn amd_before_zen5() -> bool {
+    static BEFORE: OnceLock<bool> = OnceLock::new();
+    *BEFORE.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            // The vendor string of leaf 0: EBX, EDX, ECX.
+            // The vendor string of leaf 0 (EBX, EDX, ECX); leaf 1's EAX holds the family.
             let leaf = std::arch::x86_64::__cpuid(0);
             let vendor: Vec<u8> = [leaf.ebx, leaf.edx, leaf.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
-            vendor == b"AuthenticAMD"
+            vendor == b"AuthenticAMD" && cpu_family(std::arch::x86_64::__cpuid(1).eax) <= 0x19
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             false
         }
     })
+}
+
+/// The family of CPUID leaf 1's `eax`: the base family (bits 8-11), plus the extended
+/// family (bits 20-27) where the base is 0xF (every AMD CPU since the Athlon 64).
+fn cpu_family(eax: u32) -> u32 {
+    let base = (eax >> 8) & 0xF;
+    match base {
+        0xF => base + ((eax >> 20) & 0xFF),
+        _ => base,
+    }
 }
 
 /// Whether `x W^T` (`x`: `[rows, in]`) can run here: the CPU has the instructions, both
@@ -2170,6 +2185,18 @@ pub(super) mod tests {
     /// This thread's [`LANES16`].
     pub(in crate::model) fn lanes_here() -> Option<bool> {
         LANES16.with(std::cell::Cell::get)
+    }
+
+    /// The family read from CPUID leaf 1's `eax` as the CPUs of docs/BENCHMARKS.md report
+    /// it: Zen 3 and Zen 4 are family 0x19, so [`amd_before_zen5`] takes them; the Zen 5 of
+    /// the sixty-fourth session (`00b00f21`) is 0x1A; Intel's Xeons are family 6.
+    #[test]
+    fn cpu_families() {
+        assert_eq!(cpu_family(0x00a2_0f10), 0x19); // Zen 3 (Milan)
+        assert_eq!(cpu_family(0x00a1_0f11), 0x19); // Zen 4 (Genoa)
+        assert_eq!(cpu_family(0x00b0_0f21), 0x1a); // Zen 5 (Turin)
+        assert_eq!(cpu_family(0x000c_06f2), 6); // Emerald Rapids: the extended family only counts for 0xF
+        assert_eq!(cpu_family(0x0080_0f82), 0x17); // Zen 2
     }
 
     /// Set this thread's [`LANES16`]; returns what it was.

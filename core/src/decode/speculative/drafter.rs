@@ -76,11 +76,13 @@ impl Default for DraftOptions {
 pub enum DraftArithmetic {
     /// [`DraftArithmetic::Int8`] for an f32 model's steps where it runs (AVX2 and FMA):
     /// every mask row, or for a model whose weights are read from memory from
-    /// [`AHEAD_MIN_MASK_ROWS`] of them on an AMD CPU and [`BF16_MIN_MASK_ROWS`] elsewhere
+    /// [`AHEAD_MIN_MASK_ROWS`] of them on an AMD CPU before Zen 5 and [`BF16_MIN_MASK_ROWS`]
+    /// elsewhere
     /// ([`auto_int8_min_rows`]);
     /// else [`DraftArithmetic::Bf16`] for an f32 model's steps with at least
     /// [`BF16_MIN_MASK_ROWS`] mask rows, where it runs and pays
-    /// ([`few_rows::bf16_pairs_pay`]: an AMD CPU); [`DraftArithmetic::Exact`] otherwise
+    /// ([`few_rows::bf16_pairs_pay`]: an AMD CPU before Zen 5); [`DraftArithmetic::Exact`]
+    /// otherwise
     /// (a bf16 model's included).
     #[default]
     Auto,
@@ -151,7 +153,7 @@ impl DraftArithmetic {
         match self {
             DraftArithmetic::Int8 if f32_model && crate::model::int8::available() => Some(1),
             DraftArithmetic::Auto if f32_model && crate::model::int8::available() => {
-                Some(auto_int8_min_rows(layer_bytes(model) * model.config.num_layers, few_rows::amd_cpu()))
+                Some(auto_int8_min_rows(layer_bytes(model) * model.config.num_layers, few_rows::amd_before_zen5()))
             }
             _ => None,
         }
@@ -167,7 +169,7 @@ pub const FROM_MEMORY_BYTES: usize = 64 << 20;
 
 /// The fewest mask rows `auto` multiplies in int8 for a model of `projection_bytes` (f32,
 /// all layers), with `ahead` where the int8 tiles overlapping the next chunk's read pay
-/// early (an AMD CPU: [`few_rows::amd_cpu`]). Where the weights come
+/// early (an AMD CPU before Zen 5: [`few_rows::amd_before_zen5`]). Where the weights come
 /// from a cache (the demo, the proxy), every mask row: a step of 1, 2 or 4 masks cost the
 /// same or less with them in int8 (Zen 4, one process, the forms in turns;
 /// docs/BENCHMARKS.md, "Mask rows in int8"; on an Emerald Rapids Xeon, the sixty-third
@@ -176,15 +178,17 @@ pub const FROM_MEMORY_BYTES: usize = 64 << 20;
 /// are read from memory, the int8 copy is a quarter of their bytes read once more, which
 /// pays only once the f32 rows' arithmetic outweighs it:
 /// - from [`BF16_MIN_MASK_ROWS`] (a 3- or 4-mask quadratic step's 12 or 20 mask rows)
-///   elsewhere: the Intel Xeons measured, whose cores do twice a Zen core's f32
-///   multiply-adds a cycle, with or without AMX tiles (whose products run apart from the
-///   f32 rows' read). SmolLM2-135M's
+///   elsewhere: the Intel Xeons and the Zen 5 measured, whose cores do twice a Zen 3 or 4
+///   core's f32 multiply-adds a cycle, with or without AMX tiles (whose products run apart
+///   from the f32 rows' read). SmolLM2-135M's
 ///   shape on an Emerald Rapids Xeon without AMX (`mtp bench`, in turns, sixty-third
 ///   session): 1 / 2 / 3 / 4 masks 1.13-1.14 / 1.34-1.36 / 1.60-1.63 / 2.05-2.09 AR steps
 ///   exact against 1.42 / 1.52 / 1.65-1.66 / 1.78-1.79 in int8 (the fortieth session's,
 ///   also without AMX, before the chunks: 1 / 2 / 4 masks 1.09 / 1.30 / 1.87 against 1.23
-///   / 1.49 / 1.73, `step_profile`). With AMX tiles the same 12 (forty-third session).
-/// - from [`AHEAD_MIN_MASK_ROWS`] on an AMD CPU, where the chunks' int8 arithmetic
+///   / 1.49 / 1.73, `step_profile`). With AMX tiles the same 12 (forty-third session). On a
+///   Zen 5 EPYC (sixty-fourth session, four rounds in turns) the 2-mask step ran 1.13-1.15
+///   AR steps exact against 1.17-1.19 in int8, the 3-mask step 1.21-1.23 against 1.20-1.23.
+/// - from [`AHEAD_MIN_MASK_ROWS`] on an AMD CPU before Zen 5, where the chunks' int8 arithmetic
 ///   (`model::int8`'s `AHEAD_CHUNK`) overlaps the read: on a Zen 3 (`mtp bench`, in turns,
 ///   fifty-first session) 1 / 2 / 4 masks 1.15-1.25 / 1.71-1.75 / 2.86-2.93 AR steps exact
 ///   against 1.31-1.37 / 1.47-1.58 / 2.23-2.39 in int8.
@@ -213,7 +217,7 @@ pub fn int8_short_panels(model: &Llama) -> bool {
 }
 
 /// The fewest mask rows `auto` multiplies in int8 for a model whose weights are read from
-/// memory, where the tiles overlap the read and pay early (an AMD CPU:
+/// memory, where the tiles overlap the read and pay early (an AMD CPU before Zen 5:
 /// [`auto_int8_min_rows`]): a 2-mask quadratic step's 6 (a 1-mask step's 2 stay f32, whose
 /// arithmetic is too short to hide a read).
 pub const AHEAD_MIN_MASK_ROWS: usize = 6;
