@@ -183,7 +183,7 @@ pub fn bf16_pairs_pay() -> bool {
 }
 
 /// Whether the CPU is an AMD one before Zen 5 (vendor string `AuthenticAMD`, family 0x19
-/// or lower: Zen 3 and Zen 4), whose cores do half the f32 multiply-adds a cycle of an
+/// or lower: Zen 3, Zen 4 and the cores before them), whose cores do half the f32 multiply-adds a cycle of an
 /// Intel Xeon's or a Zen 5's. Where a default depends on it, it is because the cores
 /// measured so: a Zen 4 core ran 3.3 G 512-bit f32 multiply-adds a second (its 512-bit
 /// instructions in two halves) and a Zen 3 core 5.5 G 256-bit ones, an Emerald Rapids Xeon
@@ -2192,10 +2192,10 @@ pub(super) mod tests {
     /// the sixty-fourth session (`00b00f21`) is 0x1A; Intel's Xeons are family 6.
     #[test]
     fn cpu_families() {
-        assert_eq!(cpu_family(0x00a2_0f10), 0x19); // Zen 3 (Milan)
-        assert_eq!(cpu_family(0x00a1_0f11), 0x19); // Zen 4 (Genoa)
+        assert_eq!(cpu_family(0x00a0_0f11), 0x19); // Zen 3 (Milan: family 25 model 1)
+        assert_eq!(cpu_family(0x00a1_0f11), 0x19); // Zen 4 (Genoa: family 25 model 17)
         assert_eq!(cpu_family(0x00b0_0f21), 0x1a); // Zen 5 (Turin)
-        assert_eq!(cpu_family(0x000c_06f2), 6); // Emerald Rapids: the extended family only counts for 0xF
+        assert_eq!(cpu_family(0x000c_06f2), 6); // Emerald Rapids (model 207): no extended family
         assert_eq!(cpu_family(0x0080_0f82), 0x17); // Zen 2
     }
 

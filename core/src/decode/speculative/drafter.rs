@@ -76,14 +76,12 @@ impl Default for DraftOptions {
 pub enum DraftArithmetic {
     /// [`DraftArithmetic::Int8`] for an f32 model's steps where it runs (AVX2 and FMA):
     /// every mask row, or for a model whose weights are read from memory from
-    /// [`AHEAD_MIN_MASK_ROWS`] of them on an AMD CPU before Zen 5 and [`BF16_MIN_MASK_ROWS`]
-    /// elsewhere
-    /// ([`auto_int8_min_rows`]);
-    /// else [`DraftArithmetic::Bf16`] for an f32 model's steps with at least
+    /// [`AHEAD_MIN_MASK_ROWS`] of them on an AMD CPU before Zen 5 and
+    /// [`BF16_MIN_MASK_ROWS`] elsewhere ([`auto_int8_min_rows`]); else
+    /// [`DraftArithmetic::Bf16`] for an f32 model's steps with at least
     /// [`BF16_MIN_MASK_ROWS`] mask rows, where it runs and pays
     /// ([`few_rows::bf16_pairs_pay`]: an AMD CPU before Zen 5); [`DraftArithmetic::Exact`]
-    /// otherwise
-    /// (a bf16 model's included).
+    /// otherwise (a bf16 model's included).
     #[default]
     Auto,
     /// The model's own dtype.
@@ -188,8 +186,8 @@ pub const FROM_MEMORY_BYTES: usize = 64 << 20;
 ///   / 1.49 / 1.73, `step_profile`). With AMX tiles the same 12 (forty-third session). On a
 ///   Zen 5 EPYC (sixty-fourth session, four rounds in turns) the 2-mask step ran 1.13-1.15
 ///   AR steps exact against 1.17-1.19 in int8, the 3-mask step 1.21-1.23 against 1.20-1.23.
-/// - from [`AHEAD_MIN_MASK_ROWS`] on an AMD CPU before Zen 5, where the chunks' int8 arithmetic
-///   (`model::int8`'s `AHEAD_CHUNK`) overlaps the read: on a Zen 3 (`mtp bench`, in turns,
+/// - from [`AHEAD_MIN_MASK_ROWS`] on an AMD CPU before Zen 5, where the chunks' int8
+///   arithmetic (`model::int8`'s `AHEAD_CHUNK`) overlaps the read: on a Zen 3 (`mtp bench`, in turns,
 ///   fifty-first session) 1 / 2 / 4 masks 1.15-1.25 / 1.71-1.75 / 2.86-2.93 AR steps exact
 ///   against 1.31-1.37 / 1.47-1.58 / 2.23-2.39 in int8.
 pub fn auto_int8_min_rows(projection_bytes: usize, ahead: bool) -> usize {
