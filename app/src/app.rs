@@ -3,6 +3,8 @@
 //! touches the disk, the worker or a tensor; file dialogs run on their own threads.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
@@ -12,7 +14,7 @@ use mtp_core::project::Project;
 pub use crate::commands::{Command, Pick};
 use crate::state::{Persisted, Runtime, Tab};
 use crate::ui;
-use crate::worker::{Event, Job, WorkerHandle};
+use crate::worker::{Event, Frames, Job, Wake, WorkerHandle};
 
 /// Most time per frame spent draining worker events.
 const EVENT_BUDGET: Duration = Duration::from_millis(6);
@@ -56,9 +58,20 @@ pub struct WorkbenchApp {
     saved: Option<(Persisted, Instant)>,
     /// Saves [`Persisted`] (none in the tests, which leave the user's settings alone).
     pub(crate) saver: Option<crate::settings::Saver>,
+    /// Whether a software renderer draws the window (on the CPU's cores), which the
+    /// worker's wake-ups read ([`Wake::after`]).
+    software_renderer: Arc<AtomicBool>,
+    /// When frames start, for the worker ([`Frames`]).
+    frames: Frames,
 }
 
 impl WorkbenchApp {
+    /// Say whether a software renderer draws the window: then a race's events wait for the
+    /// live refresh until it has finished ([`Wake::Race`]).
+    pub fn set_software_renderer(&self, software: bool) {
+        self.software_renderer.store(software, Ordering::Relaxed);
+    }
+
     /// An app with `persisted` state, opened on `target` (a project folder or a model
     /// source; `None` keeps the persisted project). Loads the project's model at once.
     pub fn new(ctx: &egui::Context, persisted: Persisted, target: Option<&str>) -> Self {
@@ -68,9 +81,16 @@ impl WorkbenchApp {
         ctx.set_missing_glyph_policy(egui::MissingGlyphPolicy::Tofu);
         let repaint = ctx.clone();
         // An event wakes the window within 33 ms, a job's progress or a run's metrics within
-        // 250 ms ([`Event::latency`]): a fast stream (a race's tokens, a benchmark's or a
-        // run's progress) must not spend the CPU on frames the worker needs.
-        let worker = WorkerHandle::spawn(move |after| repaint.request_repaint_after(after));
+        // 250 ms, a race's tokens within 250 ms under a software renderer ([`Wake`]): a fast
+        // stream (a race's tokens, a benchmark's or a run's progress) must not spend the CPU
+        // on frames the worker needs.
+        let software_renderer = Arc::new(AtomicBool::new(false));
+        let software = software_renderer.clone();
+        let frames = Frames::default();
+        let worker = WorkerHandle::spawn(
+            move |wake: Wake| repaint.request_repaint_after(wake.after(software.load(Ordering::Relaxed))),
+            frames.clone(),
+        );
         let mut app = Self {
             persisted,
             runtime: Runtime::default(),
@@ -78,6 +98,8 @@ impl WorkbenchApp {
             background: unbounded(),
             devices: DeviceSpec::all_available(),
             screenshot_pending: false,
+            software_renderer,
+            frames,
             saved: None,
             saver: None,
         };
@@ -228,6 +250,7 @@ impl WorkbenchApp {
     /// Draw one frame (also used by the headless tests).
     pub fn draw(&mut self, ui: &mut egui::Ui) {
         let started = Instant::now();
+        self.frames.mark();
         let mut commands = Vec::new();
         egui::Panel::bottom("status").show(ui, |ui| ui::status::show(ui, self, &mut commands));
         egui::Panel::left("projects")
@@ -353,8 +376,9 @@ impl WorkbenchApp {
                 self.apply(e);
             }
             if !self.runtime.busy() {
-                // A request may still be queued: give the worker a moment to pick it up.
-                match self.worker.recv_timeout(Duration::from_millis(50)) {
+                // A request may still be queued: give the worker a moment to pick it up (a
+                // race starts after a pause in the frames, `worker::RACE_QUIET`).
+                match self.worker.recv_timeout(crate::worker::RACE_QUIET + Duration::from_millis(50)) {
                     Some(e) => self.apply(e),
                     None => return true,
                 }
@@ -422,6 +446,11 @@ pub fn run(target: Option<String>) -> eframe::Result {
                 .unwrap_or_default();
             let mut app = WorkbenchApp::new(&cc.egui_ctx, persisted, target.as_deref());
             app.saver = file.map(crate::settings::Saver::spawn);
+            let adapter = cc.wgpu_render_state.as_ref().map(|state| state.adapter.get_info());
+            if let Some(info) = adapter.filter(|info| info.device_type == eframe::wgpu::DeviceType::Cpu) {
+                tracing::info!("{} draws the window on the CPU: a race's tokens are shown 4 times a second", info.name);
+                app.set_software_renderer(true);
+            }
             Ok(Box::new(app))
         }),
     )

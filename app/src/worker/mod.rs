@@ -8,6 +8,7 @@ pub mod protocol;
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,13 +30,59 @@ use mtp_core::train::{Control, Outcome, TrainEvent};
 use mtp_core::{LoadOptions, LoadedModel};
 
 pub use protocol::{
-    AdapterSummary, DataPreview, Event, Job, LaneDone, LaneSpec, LaneToken, ModelSummary, Request, RunSummary, StepView,
+    AdapterSummary, DataPreview, Event, Job, LaneDone, LaneSpec, LaneToken, ModelSummary, Request, RunSummary,
+    StepView, Wake,
 };
 
 /// Requests waiting for the worker; the UI never needs more.
 const REQUEST_CAPACITY: usize = 64;
 /// Events waiting for the UI; a fast producer blocks rather than growing memory.
 const EVENT_CAPACITY: usize = 4096;
+
+/// The pause in the window's frames a race waits for before its first pass
+/// ([`Frames::wait_quiet`]): a click on Race starts a few frames (the press, the button's
+/// animation), and under a software renderer they take both cores of a small machine
+/// (lavapipe at 1280 x 820 on a 2-core Zen 5, the sixty-fourth session: its two threads
+/// used about 350 ms of CPU time over a click on Race and the demo's race), so a lane
+/// timed meanwhile was timed against them. After 100 ms without one the last has been
+/// drawn.
+pub(crate) const RACE_QUIET: Duration = Duration::from_millis(100);
+
+/// The longest a race waits for [`RACE_QUIET`] (a window that never stops drawing, say
+/// under a moving mouse, delays it no more).
+const RACE_QUIET_AT_MOST: Duration = Duration::from_secs(1);
+
+/// When the window last started a frame, shared with the worker, which waits for a pause
+/// in them before it times a race's lanes. Never marked (the tests, the command line): no
+/// frame to wait for.
+#[derive(Debug, Clone, Default)]
+pub struct Frames(Arc<Mutex<Option<Instant>>>);
+
+impl Frames {
+    /// A frame starts now.
+    pub fn mark(&self) {
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some(Instant::now());
+        }
+    }
+
+    /// The time since the last frame started (`None`: none has).
+    fn since_last(&self) -> Option<Duration> {
+        self.0.lock().ok().and_then(|last| last.map(|t| t.elapsed()))
+    }
+
+    /// Wait until no frame has started for `quiet`, or `at_most` has passed.
+    fn wait_quiet(&self, quiet: Duration, at_most: Duration) {
+        let until = Instant::now() + at_most;
+        while let Some(since) = self.since_last().filter(|since| *since < quiet) {
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            std::thread::sleep((quiet - since).min(until - now));
+        }
+    }
+}
 
 /// The UI's handle on the worker. Dropping it cancels the running job, waits for it to
 /// stop cleanly (a training run checkpoints) and joins the thread.
@@ -47,9 +94,10 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Start the worker. `wake` is called after every event with how long the event may
-    /// wait to be shown ([`Event::latency`]; the GUI passes `request_repaint_after`).
-    pub fn spawn(wake: impl Fn(Duration) + Send + 'static) -> Self {
+    /// Start the worker. `wake` is called after every event with how soon it must be shown
+    /// ([`Event::wake`]; the GUI asks for a frame within [`Wake::after`]); `frames` tells
+    /// when the window draws.
+    pub fn spawn(wake: impl Fn(Wake) + Send + 'static, frames: Frames) -> Self {
         let (req_tx, req_rx) = bounded(REQUEST_CAPACITY);
         let (ev_tx, ev_rx) = bounded(EVENT_CAPACITY);
         let control = Control::new();
@@ -60,6 +108,7 @@ impl WorkerHandle {
                 Worker {
                     events: ev_tx,
                     wake: Box::new(wake),
+                    frames,
                     control: worker_control,
                     model: None,
                     adapter: None,
@@ -124,7 +173,8 @@ impl Drop for WorkerHandle {
 
 struct Worker {
     events: Sender<Event>,
-    wake: Box<dyn Fn(Duration) + Send>,
+    wake: Box<dyn Fn(Wake) + Send>,
+    frames: Frames,
     control: Control,
     model: Option<LoadedModel>,
     adapter: Option<Adapter>,
@@ -171,6 +221,15 @@ impl Worker {
                 }
             }
             self.control.reset();
+            if job == Job::Race {
+                // The frames of the click that asked for the race, drawn on the machine's
+                // cores by a software renderer, pass before either lane is timed; those that
+                // show it come after, under a software renderer with the live numbers
+                // (`Wake::Race`), when a short race has finished. The window learns of the
+                // race only then: a window that knows a job runs draws its live numbers
+                // every 250 ms, one of which would fall in the race.
+                self.frames.wait_quiet(RACE_QUIET, RACE_QUIET_AT_MOST);
+            }
             self.emit(Event::Started(job));
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.handle(request, &requests)));
             match result {
@@ -186,9 +245,9 @@ impl Worker {
     }
 
     fn emit(&self, event: Event) {
-        let latency = event.latency();
+        let wake = event.wake();
         let _ = self.events.send(event);
-        (self.wake)(latency);
+        (self.wake)(wake);
     }
 
     fn model(&self) -> anyhow::Result<&LoadedModel> {
@@ -610,4 +669,39 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .cloned()
         .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A race waits for a pause in the window's frames: none when no frame was ever drawn
+    /// (the command line, the tests), until `quiet` after the last one otherwise, and no
+    /// longer than `at_most` while frames keep coming.
+    #[test]
+    fn races_wait_for_a_pause_in_the_frames() {
+        let frames = Frames::default();
+        let quiet = Duration::from_millis(60);
+        frames.wait_quiet(Duration::from_secs(3600), Duration::from_secs(3600));
+        assert_eq!(frames.since_last(), None, "never drawn: nothing to wait for");
+        frames.mark();
+        frames.wait_quiet(quiet, Duration::from_secs(3600));
+        assert!(frames.since_last().is_some_and(|since| since >= quiet), "returned within `quiet` of a frame");
+        // A window drawing every 5 ms: the wait gives up after `at_most`.
+        let drawing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let window = {
+            let (frames, drawing) = (frames.clone(), drawing.clone());
+            std::thread::spawn(move || {
+                while drawing.load(std::sync::atomic::Ordering::Relaxed) {
+                    frames.mark();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        let (at_most, started) = (Duration::from_millis(50), Instant::now());
+        frames.wait_quiet(Duration::from_secs(3600), at_most);
+        assert!(started.elapsed() >= at_most);
+        drawing.store(false, std::sync::atomic::Ordering::Relaxed);
+        window.join().expect("the drawing thread");
+    }
 }

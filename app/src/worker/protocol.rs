@@ -361,19 +361,50 @@ pub enum Event {
 pub const LIVE_REFRESH: Duration = Duration::from_millis(250);
 
 /// How long any other event may wait to be shown: a job starting or ending, a result, a
-/// race's tokens (about 30 frames a second at most, however fast they come).
+/// race's tokens where frames are cheap (about 30 frames a second at most, however fast
+/// they come).
 pub const PROMPT_REFRESH: Duration = Duration::from_millis(33);
 
-impl Event {
-    /// How soon the window must show this event. A frame costs the machine the job runs on
-    /// (with a software renderer, a VM's or a remote desktop's, tens of milliseconds of both
-    /// cores of a small machine): a job's progress and a training run's metrics are shown
-    /// with the other live numbers, a few times a second, so that a benchmark or a run does
-    /// not share its cores with frames nobody needs.
-    pub fn latency(&self) -> Duration {
+/// How soon the window must show an event ([`Event::wake`]). A frame costs the machine the
+/// job runs on (with a software renderer, a VM's or a remote desktop's, tens of
+/// milliseconds of both cores of a small machine), so what moves with a job is shown a few
+/// times a second, and nothing a race measures shares its cores with frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// With the other live numbers ([`LIVE_REFRESH`]): a job's progress, a run's metrics.
+    Live,
+    /// A race's start, tokens, steps and finished lanes: at once ([`PROMPT_REFRESH`]) where
+    /// a GPU draws the window, with the live numbers where a software renderer does, so that
+    /// no frame falls inside a short race. There a frame took both cores of a 2-core machine
+    /// for tens of milliseconds, and the lanes, timed pass by pass in turns, were timed
+    /// against whichever frames fell in their passes: the demo's race under lavapipe on a
+    /// Zen 5 (the sixty-fourth session) read 0.90x to 9.52x over five races, AR's lane at
+    /// 111-1,432 tokens/s; with this and the worker's wait for a pause in the frames
+    /// (`worker::RACE_QUIET`), 1.20x to 1.69x over sixteen, AR's lane at 1,540-2,521
+    /// tokens/s, as `mtp generate` runs it (2,320-2,590).
+    Race,
+    /// At once ([`PROMPT_REFRESH`]): a job starting or ending, a result, a notice.
+    Prompt,
+}
+
+impl Wake {
+    /// How long the event may wait to be shown, with a software renderer or not.
+    pub fn after(self, software_renderer: bool) -> Duration {
         match self {
-            Event::Progress(..) | Event::Train(_) => LIVE_REFRESH,
-            _ => PROMPT_REFRESH,
+            Wake::Live => LIVE_REFRESH,
+            Wake::Race if software_renderer => LIVE_REFRESH,
+            Wake::Race | Wake::Prompt => PROMPT_REFRESH,
+        }
+    }
+}
+
+impl Event {
+    /// How soon the window must show this event ([`Wake`]).
+    pub fn wake(&self) -> Wake {
+        match self {
+            Event::Progress(..) | Event::Train(_) => Wake::Live,
+            Event::Started(Job::Race) | Event::RaceToken(..) | Event::RaceStep(..) | Event::RaceDone(..) => Wake::Race,
+            _ => Wake::Prompt,
         }
     }
 }
@@ -383,12 +414,23 @@ mod tests {
     use super::*;
 
     /// What moves with a running job waits for the live refresh; a job's start and end, its
-    /// results and a race's tokens are shown at once.
+    /// results and a race's tokens are shown at once, but for a race's under a software
+    /// renderer, which wait for the live refresh until the race has finished.
     #[test]
     fn progress_and_metrics_wait_for_the_live_refresh() {
-        assert_eq!(Event::Progress(Job::Bench, "prompt 1 of 30".into(), Some(0.0)).latency(), LIVE_REFRESH);
-        for prompt in [Event::Started(Job::Bench), Event::Finished(Job::Bench), Event::Notice("stopped".into())] {
-            assert_eq!(prompt.latency(), PROMPT_REFRESH, "{prompt:?}");
+        for software in [false, true] {
+            let progress = Event::Progress(Job::Bench, "prompt 1 of 30".into(), Some(0.0));
+            assert_eq!(progress.wake().after(software), LIVE_REFRESH);
+            for prompt in [Event::Started(Job::Bench), Event::Finished(Job::Bench), Event::Notice("stopped".into())] {
+                assert_eq!(prompt.wake().after(software), PROMPT_REFRESH, "{prompt:?}");
+            }
+            let token = LaneToken { id: 7, text: "x".into(), origin: TokenOrigin::Verified, step: 1 };
+            let expected = if software { LIVE_REFRESH } else { PROMPT_REFRESH };
+            for event in [Event::Started(Job::Race), Event::RaceToken(1, token)] {
+                assert_eq!(event.wake().after(software), expected, "{event:?}, software renderer {software}");
+            }
+            // The race's end shows its numbers at once.
+            assert_eq!(Event::Finished(Job::Race).wake().after(software), PROMPT_REFRESH);
         }
         assert!(PROMPT_REFRESH < LIVE_REFRESH);
     }
