@@ -43,7 +43,7 @@ const EVENT_CAPACITY: usize = 4096;
 /// ([`Frames::wait_quiet`]): a click on Race starts a few frames (the press, the button's
 /// animation), and under a software renderer they take both cores of a small machine
 /// (lavapipe at 1280 x 820 on a 2-core Zen 5, the sixty-fourth session: its two threads
-/// used about 350 ms of CPU time over a click on Race and the demo's race), so a lane
+/// used 240-350 ms of CPU time over a click on Race and the demo's race), so a lane
 /// timed meanwhile was timed against them. After 100 ms without one the last has been
 /// drawn.
 pub(crate) const RACE_QUIET: Duration = Duration::from_millis(100);
