@@ -52,9 +52,9 @@ pub(crate) const RACE_QUIET: Duration = Duration::from_millis(100);
 /// under a moving mouse, delays it no more).
 const RACE_QUIET_AT_MOST: Duration = Duration::from_secs(1);
 
-/// When the window last started a frame, shared with the worker, which waits for a pause
-/// in them before it times a race's lanes. Never marked (the tests, the command line): no
-/// frame to wait for.
+/// When the window last started a frame ([`crate::app::WorkbenchApp::draw`], the headless
+/// tests' frames included), shared with the worker, which waits for a pause in them before
+/// it times a race's lanes. Never marked: no frame to wait for.
 #[derive(Debug, Clone, Default)]
 pub struct Frames(Arc<Mutex<Option<Instant>>>);
 
@@ -675,9 +675,9 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 mod tests {
     use super::*;
 
-    /// A race waits for a pause in the window's frames: none when no frame was ever drawn
-    /// (the command line, the tests), until `quiet` after the last one otherwise, and no
-    /// longer than `at_most` while frames keep coming.
+    /// A race waits for a pause in the window's frames: none when no frame was ever drawn,
+    /// until `quiet` after the last one otherwise, and no longer than `at_most` while frames
+    /// keep coming.
     #[test]
     fn races_wait_for_a_pause_in_the_frames() {
         let frames = Frames::default();
