@@ -93,6 +93,14 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
     }
     let ops = |mode: &str| steps[mode]["kernels_per_step"].as_f64().unwrap_or(0.0);
     assert!(ops("ar") >= 10.0 && ops("quadratic-2") > ops("ar"), "{kernels}");
+    // The folded form: one product a projection group fewer than the low-rank form.
+    let count = |mode: &str, op: &str| steps[mode]["by_kernel"][op]["count"].as_f64().unwrap_or(0.0);
+    let layers = 2.0; // TINY's num_hidden_layers (scripts/gpu_check.py)
+    assert!(
+        count("quadratic-2-low-rank", "aten::mm") - count("quadratic-2-folded", "aten::mm") >= 4.0 * layers - 0.5,
+        "{kernels}"
+    );
+    assert!(ops("quadratic-2-folded") < ops("quadratic-2-low-rank"), "{kernels}");
     assert!(steps["ar"]["by_kernel"].as_object().is_some_and(|k| k.contains_key("aten::empty")), "{kernels}");
     let sample = kernels["sample_parsed"].as_object().ok_or_else(|| anyhow::anyhow!("no sample: {kernels}"))?;
     assert_eq!(sample.len(), 3, "{kernels}");

@@ -23,13 +23,14 @@ use mtp_core::{DType, LoadOptions, LoadedModel};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: step_ops MODEL_DIR ADAPTER [MASKS] [ar|spec] [low-rank|merged]";
+    let usage = "usage: step_ops MODEL_DIR ADAPTER [MASKS] [ar|spec] [low-rank|merged|folded]";
     let (Some(model_dir), Some(adapter_path)) = (args.get(1), args.get(2)) else { anyhow::bail!(usage) };
     let masks: usize = args.get(3).map_or(Ok(4), |s| s.parse())?;
     let what = args.get(4).map_or("spec", String::as_str);
     let lora = match args.get(5).map(String::as_str) {
         None | Some("low-rank") => LoraForm::LowRank,
         Some("merged") => LoraForm::Merged,
+        Some("folded") => LoraForm::Folded,
         Some(other) => anyhow::bail!("unknown form `{other}`; {usage}"),
     };
     let options = LoadOptions { dtype: DType::F16, ..LoadOptions::default() };

@@ -565,6 +565,85 @@ fn step_rows_keep_next_token_rows_bit_identical() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The folded form (each group's `[W; A]` in one product, then the mask rows' term) on
+/// libtorch's general path, as a GPU runs it (an f16 model on the CPU): a step's rows are
+/// the low-rank form's (the next-token rows the base model's, the mask rows the term's) to
+/// f16 rounding, and greedy decoding with it is the low-rank form's; on our f32 kernel the
+/// folded form is the low-rank form.
+#[test]
+fn folded_form_steps_as_the_low_rank_form() -> anyhow::Result<()> {
+    use mtp_core::decode::Layout;
+    use mtp_core::decode::speculative::{StepLayout, StepPlan};
+    let t = trained();
+    let exact = |lora| DraftOptions { lora, arithmetic: DraftArithmetic::Exact, ..DraftOptions::default() };
+    if mtp_core::model::linear::few_row_products_ours(tch::Device::Cpu, Kind::Float) {
+        assert_eq!(Drafter::new(&t.loaded.model, &t.adapter, exact(LoraForm::Folded))?.form(), LoraForm::LowRank);
+    }
+    let (model_dir, adapter_path) = files();
+    let options = LoadOptions { dtype: mtp_core::DType::F16, ..LoadOptions::default() };
+    let loaded = LoadedModel::from_folder(model_dir, &options)?;
+    let model = &loaded.model;
+    let adapter = MtpAdapter::load(adapter_path, model)?;
+    let fresh = MtpAdapter::new(model, adapter.config.clone(), "fresh")?;
+    let (low, folded) = (
+        Drafter::new(model, &adapter, exact(LoraForm::LowRank))?,
+        Drafter::new(model, &adapter, exact(LoraForm::Folded))?,
+    );
+    let zero = Drafter::new(model, &fresh, exact(LoraForm::Folded))?;
+    assert_eq!((low.form(), folded.form()), (LoraForm::LowRank, LoraForm::Folded));
+    // The base weights once more, with the factors.
+    let c = &model.config;
+    let weights = c.num_layers
+        * (c.hidden_size * (c.q_dim() + 2 * c.kv_dim())
+            + c.q_dim() * c.hidden_size
+            + 3 * c.hidden_size * c.intermediate_size);
+    assert!(
+        folded.extra_bytes() - low.extra_bytes() > 2 * weights,
+        "{} bytes",
+        folded.extra_bytes() - low.extra_bytes()
+    );
+    let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+    let prompt = t.loaded.tokenizer.encode("def add(a, b):\n    return a")?;
+    for (layout, drafts, masks) in [(Layout::Quadratic, 4, 4), (Layout::Quadratic, 2, 3), (Layout::Linear, 3, 3)] {
+        let step = StepLayout::new(layout, drafts, masks);
+        let plan = StepPlan::new(model, &low, step.clone())?;
+        let inputs = Tensor::from_slice(&prompt[..drafts + 1]);
+        let rows = |d: &Drafter| {
+            let mut cache = model.new_cache(8);
+            tch::no_grad(|| {
+                let _ = model.forward(&Tensor::from_slice(&prompt).unsqueeze(0), Some(&mut cache));
+                let past = cache.len();
+                plan.forward(model, &d.step_gate(&plan), &inputs, None, past, Some(&mut cache)).to_kind(Kind::Float)
+            })
+        };
+        let (h_low, h_folded, h_zero) = (rows(&low), rows(&folded), rows(&zero));
+        let what = format!("{layout:?}, {drafts} drafts, {masks} masks");
+        let reg = drafts as i64 + 1;
+        let scale = h_low.abs().max().double_value(&[]);
+        let regular = diff(&h_folded.narrow(0, 0, reg), &h_low.narrow(0, 0, reg)) / scale;
+        let all = diff(&h_folded, &h_low) / scale;
+        println!("{what}: next-token rows {regular:.2e}, every row {all:.2e} of the largest value");
+        assert!(all < 1e-2, "{what}: folded rows differ from the low-rank form's by {all:.2e}");
+        assert!(
+            h_folded.narrow(0, 0, reg).equal(&h_zero.narrow(0, 0, reg)),
+            "{what}: next-token rows depend on the adapter"
+        );
+        let tail = |h: &Tensor| h.narrow(0, reg, h.size()[0] - reg);
+        assert!(diff(&tail(&h_folded), &tail(&h_zero)) / scale > 1e-2, "{what}: the folded term did nothing");
+    }
+    // Greedy decoding: the low-rank form's tokens, quadratic and linear.
+    for prompt in random_prompts(&t, 4, 11)? {
+        let req = request(prompt.clone(), 24, Decoding::Greedy, vec![]);
+        for (layout, masks) in [(Layout::Quadratic, MaskCount::Fixed(4)), (Layout::Linear, MaskCount::Fixed(3))] {
+            let spec = |drafter| Strategy::Speculative(mtp_core::decode::Speculative { drafter, layout, masks });
+            let a = generate(model, spec(&low), &req, &mut ())?;
+            let b = generate(model, spec(&folded), &req, &mut ())?;
+            assert_eq!(a.token_ids, b.token_ids, "{layout:?}, prompt {prompt:?}");
+        }
+    }
+    Ok(())
+}
+
 /// A step's rows shared out between two threads through every layer
 /// (`mtp_core::model::row_split`) give the same bits as on one thread: every row of the step,
 /// the cache rows it wrote (read by the AR step after it), with each form and arithmetic of
@@ -722,10 +801,10 @@ fn host_chain_drafts_as_the_tensor_chain() -> anyhow::Result<()> {
 /// The fixed-shape steps that CUDA graphs record (`StepGraphs::Eager`: the same passes,
 /// the same bookkeeping, run eagerly on the CPU) decode as the ordinary steps do, step for
 /// step (accepted drafts, next token, new drafts), and as AR does: both layouts, fixed and
-/// chosen mask counts, both forms of the adapter (the low-rank one with its mask rows in
+/// chosen mask counts, the forms of the adapter (the low-rank one with its mask rows in
 /// bf16 pairs where the CPU has them), in f32 and bf16 (products and attention
 /// through our CPU kernels, so AR's output exactly) and f16 (libtorch's kernels, where
-/// merged weights run as two halves, padding rows included).
+/// merged weights run as two halves, padding rows included, and the folded form runs).
 #[test]
 fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
     use mtp_core::decode::speculative::SpecDecoder;
@@ -749,12 +828,15 @@ fn fixed_shape_steps_decode_as_ordinary_steps() -> anyhow::Result<()> {
         // The low-rank form with the mask rows in bf16 where the CPU has the pairs (an f32
         // model's rounded, a bf16 model's as they are: few_rows::product_bf16_tail), and in
         // int8 where it has VNNI (an f32 model's; others as bf16).
+        // The folded form where libtorch's general path runs (f16): on our kernels it is the
+        // low-rank form.
+        let folded = (dtype == mtp_core::DType::F16).then_some((LoraForm::Folded, DraftArithmetic::Exact));
         let setups = [
             (LoraForm::Merged, DraftArithmetic::Auto),
             (LoraForm::LowRank, DraftArithmetic::Bf16),
             (LoraForm::LowRank, DraftArithmetic::Int8),
         ];
-        for (form, arithmetic) in setups {
+        for (form, arithmetic) in setups.into_iter().chain(folded) {
             let options = DraftOptions { lora: form, arithmetic, ..DraftOptions::default() };
             let (d_ordinary, d_fixed) =
                 (Drafter::new(&ordinary.model, &adapter, options)?, Drafter::new(&fixed.model, &adapter, options)?);

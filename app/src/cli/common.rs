@@ -92,7 +92,9 @@ pub struct AdapterArg {
     pub allow_other_base: bool,
     /// How a step applies the adapter to its mask rows: low-rank (two small products per
     /// projection group), merged (the mask rows through the weights with the adapter's
-    /// delta merged in, held once more), or auto (merged for small layers).
+    /// delta merged in, held once more), folded (on a GPU: the A factors stacked after each
+    /// base weight, held once more, one small product per group; on the CPU's own kernel
+    /// the same as low-rank), or auto (merged for small layers).
     #[arg(long, default_value = "auto")]
     pub lora_form: LoraForm,
     /// The arithmetic of a step's mask rows (drafts only: the next-token rows, and so

@@ -153,7 +153,7 @@ impl Lora {
                     }
                     let (a, b) = (a.to_kind(kind).contiguous(), b.tr().contiguous().to_kind(kind));
                     let base = model.group_weight(layer, group);
-                    groups.push(Some(PreparedGroup { a, b, bt, term_parts, merged, base, int8: None }));
+                    groups.push(Some(PreparedGroup { a, b, bt, term_parts, merged, base, int8: None, folded: None }));
                 }
             }
             PreparedLora { groups, bf16_min_rows: None, int8_min_rows: None }
@@ -253,6 +253,24 @@ struct PreparedGroup {
     /// The merged weight `W + s B A` quantized to int8, for the [`Gate::Tail`] rows
     /// ([`PreparedLora::with_int8_tail`]).
     int8: Option<Int8Panels>,
+    /// `A` stacked after the base weight ([`PreparedLora::with_folded_base`]).
+    folded: Option<Folded>,
+}
+
+/// A group's base weight with its stacked `A` factors after it, `[out + parts * r, in]`
+/// (and the bias with zeros after it): one product on a step's rows gives their base
+/// outputs and, in its last columns, `x A^T`, which the mask rows then multiply by `s B^T`
+/// in place. One operation per group beyond AR's where the low-rank form issues two (on a
+/// GPU, the `x A^T` product of a few rows and thousands of inputs would otherwise be its
+/// own small kernel).
+#[derive(Debug)]
+struct Folded {
+    /// `[out + parts * r, in]`.
+    weight: Tensor,
+    /// `[out + parts * r]`.
+    bias: Option<Tensor>,
+    /// `out`: the base outputs' columns.
+    out: i64,
 }
 
 /// A group's weight with the adapter's delta merged in (`W + scale * B A`).
@@ -285,6 +303,39 @@ impl Merged {
             Merged::Tail { adapted, panels } => (adapted, panels.as_ref()),
         };
         t.numel() * t.kind().elt_size_in_bytes() + panels.map_or(0, Panels::bytes)
+    }
+}
+
+impl Folded {
+    /// `[w; a]` (`w`: `[out, in]`, `a`: `[parts * r, in]`) in `w`'s dtype, and `bias` with
+    /// `parts * r` zeros after it.
+    fn of(w: &Tensor, bias: Option<&Tensor>, a: &Tensor) -> Self {
+        let a = a.to_kind(w.kind());
+        let rank = a.size()[0];
+        let bias = bias.map(|b| Tensor::cat(&[b.shallow_clone(), b.new_zeros([rank], (b.kind(), b.device()))], 0));
+        Folded { weight: Tensor::cat(&[w, &a], 0), bias, out: w.size()[0] }
+    }
+
+    /// The base outputs of every row of `x` (`[b, t, in]`) and the term `(x A^T) (s B)^T`
+    /// added to rows `start..` of each sequence, from one product by the folded weight;
+    /// `[b, t, out]`, a view of that product's output (rows `out + parts * r` apart).
+    fn product(&self, x: &Tensor, b_scaled: &Tensor, start: i64) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        // Through the routes of a projection's product (on the CPU, those for few rows).
+        let full = linear(x, &self.weight, self.bias.as_ref()); // [b, t, out + parts r]
+        let y = full.narrow(-1, 0, self.out);
+        if start < t {
+            let rank = self.weight.size()[0] - self.out;
+            let rows = t - start;
+            // x A^T of the tail rows: the product's last columns.
+            let h = full.narrow(1, start, rows).narrow(-1, self.out, rank);
+            if b == 1 {
+                add_product(&y.select(0, 0).narrow(0, start, rows), &h.select(0, 0), b_scaled);
+            } else {
+                let _ = y.narrow(1, start, rows).g_add_(&h.matmul(&b_scaled.tr()));
+            }
+        }
+        y
     }
 }
 
@@ -327,6 +378,32 @@ impl PreparedLora {
             });
         }
         self
+    }
+
+    /// With `on`, each adapted group's base weight is held once more with its `A` factors
+    /// stacked after it ([`Folded`]), and a [`Gate::Tail`] product on libtorch's general
+    /// path (a GPU) runs as one product of the step's rows by that weight and one in-place
+    /// product for the mask rows' term. Where the CPU's few-row kernel runs a group's step,
+    /// the kernel computes the term with the base product already and does not read it.
+    pub fn with_folded_base(mut self, on: bool) -> Self {
+        for group in self.groups.iter_mut().flatten() {
+            group.folded = match (&group.base, on) {
+                (Some((w, bias)), true) => Some(tch::no_grad(|| Folded::of(w, bias.as_ref(), &group.a))),
+                _ => None,
+            };
+        }
+        self
+    }
+
+    /// Bytes of the folded weights ([`PreparedLora::with_folded_base`]).
+    pub fn folded_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        self.groups
+            .iter()
+            .flatten()
+            .filter_map(|g| g.folded.as_ref())
+            .map(|f| bytes(&f.weight) + f.bias.as_ref().map_or(0, bytes))
+            .sum()
     }
 
     /// The fewest tail rows multiplied in int8 (`None`: never).
@@ -394,6 +471,9 @@ impl ProjDelta for PreparedLora {
                 };
                 return few_rows::product_with_low_rank(x, w, bias.as_ref(), &term);
             }
+            (Gate::Tail(start), _) if prepared.folded.is_some() => {
+                return prepared.folded.as_ref().map(|f| f.product(x, &prepared.b, *start));
+            }
             _ => return None,
         };
         // [2, r, in] x [2, in, out]: entry 0 through W, entry 1 through W + delta.
@@ -454,5 +534,32 @@ impl ProjDelta for PreparedLora {
             let _ = y.narrow(1, start, rows).g_add_(&delta);
         }
         y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// A folded product is the base product with its bias, plus the low-rank term on the
+    /// tail rows only, for one sequence and for several.
+    #[test]
+    fn folded_product_is_base_plus_tail_term() {
+        tch::manual_seed(5);
+        let f = (Kind::Double, Device::Cpu);
+        let (w, bias, a, b_scaled) =
+            (Tensor::randn([12, 8], f), Tensor::randn([12], f), Tensor::randn([6, 8], f), Tensor::randn([12, 6], f));
+        let folded = Folded::of(&w, Some(&bias), &a);
+        assert_eq!((folded.weight.size(), folded.out), (vec![18, 8], 12));
+        for (batch, t, start) in [(1, 5, 2), (3, 4, 1), (1, 3, 3)] {
+            let x = Tensor::randn([batch, t, 8], f);
+            let y = folded.product(&x, &b_scaled, start);
+            let expected = x.matmul(&w.tr()) + &bias;
+            let term = x.narrow(1, start, t - start).matmul(&a.tr()).matmul(&b_scaled.tr());
+            let _ = expected.narrow(1, start, t - start).g_add_(&term);
+            let diff = (&y - &expected).abs().max().double_value(&[]);
+            assert!(diff < 1e-12, "{batch} x {t} from {start}: {diff}");
+        }
     }
 }

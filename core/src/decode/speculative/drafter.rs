@@ -247,11 +247,20 @@ pub enum LoraForm {
     /// beyond AR's, the layer weights held twice more, and padding rows when the halves
     /// differ in length.
     Merged,
+    /// Each group's base weight held once more with the `A` factors stacked after it
+    /// (`[W; A]`, made once): on libtorch's general path (a GPU) one product gives a step's
+    /// base outputs and the mask rows' `x A^T`, then one in-place product adds their term:
+    /// one operation per group beyond AR's where [`LoraForm::LowRank`] issues two, the
+    /// layer weights held once more (not read twice, as the merged form's halves are).
+    /// Where the CPU's few-row kernel runs the products, [`LoraForm::LowRank`] (the kernel
+    /// computes the term with the base product already). Never chosen by `auto` until a GPU
+    /// has measured it (docs/BENCHMARKS.md).
+    Folded,
 }
 
 impl LoraForm {
     /// Every form, as named on the command line.
-    pub const ALL: [LoraForm; 3] = [LoraForm::Auto, LoraForm::LowRank, LoraForm::Merged];
+    pub const ALL: [LoraForm; 4] = [LoraForm::Auto, LoraForm::LowRank, LoraForm::Merged, LoraForm::Folded];
 
     /// The name users type.
     pub fn name(self) -> &'static str {
@@ -259,6 +268,7 @@ impl LoraForm {
             LoraForm::Auto => "auto",
             LoraForm::LowRank => "low-rank",
             LoraForm::Merged => "merged",
+            LoraForm::Folded => "folded",
         }
     }
 
@@ -272,6 +282,9 @@ impl LoraForm {
             // Where our kernel runs a bf16 model's products, only its f32 form reads merged
             // weights ([`few_rows::product_two_weights`]): the term runs on its own.
             LoraForm::Auto if bf16_on_our_kernel(model) => LoraForm::LowRank,
+            LoraForm::Folded if crate::model::linear::few_row_products_ours(model.device(), model.dtype().kind()) => {
+                LoraForm::LowRank
+            }
             LoraForm::Auto => {
                 let limit = if model.device().is_cuda() { 64 << 20 } else { 1 << 20 };
                 if layer_bytes(model) <= limit { LoraForm::Merged } else { LoraForm::LowRank }
@@ -393,6 +406,7 @@ impl Drafter {
                 mask_embeddings: adapter.mask_embeddings.detach().to_kind(kind),
                 lora: adapter
                     .prepared_lora(model, form == LoraForm::Merged)
+                    .with_folded_base(form == LoraForm::Folded)
                     .with_bf16_tail(options.arithmetic.bf16_min_rows(model))
                     .with_int8_tail(int8_rows, short),
                 form,
@@ -469,9 +483,11 @@ impl Drafter {
         self.halves
     }
 
-    /// Bytes the drafter holds beyond the adapter itself (merged weights, int8 panels).
+    /// Bytes the drafter holds beyond the adapter itself (merged or folded weights, int8
+    /// panels).
     pub fn extra_bytes(&self) -> usize {
         self.lora.merged_bytes()
+            + self.lora.folded_bytes()
             + self.lora.int8_bytes()
             + self.head_int8.as_ref().map_or(0, Int8Panels::bytes)
             + self.sampler.as_ref().map_or(0, |s| s.prev_table_bytes() + s.int8_bytes())
