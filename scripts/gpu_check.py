@@ -449,7 +449,9 @@ class Check:
                 # for a step of this model (fewer than one a layer: CUPTI may miss the replays
                 # of graphs recorded before it was switched on).
                 layers = bench_ar.SHAPES[shape].get("num_hidden_layers", 1)
-                if self.dev == "cuda" and row.get("kernels_per_step", 0) < layers:
+                # Not for the folded step (its wall time is what it is here for): its ncu
+                # runs could cost the call three minutes.
+                if self.dev == "cuda" and row.get("kernels_per_step", 0) < layers and not mode.endswith("-folded"):
                     try:
                         row.update(self.ncu_step(generate, n, steps, shape, mode), source="ncu")
                     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:

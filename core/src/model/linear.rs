@@ -382,7 +382,9 @@ pub enum Gate {
     Rows(Tensor),
     /// Rows `start..t` of every sequence (decoding lays out mask rows last): the rows
     /// before `start` are not touched at all, so they cost nothing extra and equal the
-    /// base output bit for bit.
+    /// base output bit for bit (with an adapter's folded weights on libtorch's general
+    /// path, they come from a product with more columns: on a GPU the base output to its
+    /// kernels' rounding).
     Tail(i64),
     /// Activations packed as two halves, `[2, r, ·]`: entry 0 holds next-token rows, entry
     /// 1 mask rows, and attention joins them into one sequence of `2r` rows (entry 0

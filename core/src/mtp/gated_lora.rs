@@ -487,8 +487,13 @@ impl ProjDelta for PreparedLora {
     /// Which form a tail row takes (int8, bf16 or f32) depends on how many tail rows share
     /// its call only through the thresholds: rows may go apart where every mask row takes
     /// int8 (the groups all have their panels), or bf16 is not counted (never, or from one
-    /// row). Every form computes a row from that row alone.
+    /// row). Every form computes a row from that row alone. Not with folded weights: their
+    /// outputs are views with rows apart by more than their width, which the in-place
+    /// passes a split takes do not read (and they run only on libtorch's general path).
     fn rows_apart(&self) -> bool {
+        if self.groups.iter().flatten().any(|g| g.folded.is_some()) {
+            return false;
+        }
         let every_int8 =
             self.int8_min_rows.is_some_and(|min| min <= 1) && self.groups.iter().flatten().all(|g| g.int8.is_some());
         every_int8 || self.bf16_min_rows.is_none_or(|min| min <= 1) && self.int8_min_rows.is_none_or(|min| min <= 1)
