@@ -431,7 +431,9 @@ class Check:
                 runs = {t: self.mtp_json([*generate, "--max-new-tokens", t, "--repeats", 2]) for t in (n, 2 * n)}
                 steps = max(1, runs[2 * n]["forwards"] - runs[n]["forwards"])
                 row = {"steps": steps,
-                       "step_wall_us": (runs[2 * n]["total_seconds"] - runs[n]["total_seconds"]) / steps * 1e6}
+                       "step_wall_us": (runs[2 * n]["total_seconds"] - runs[n]["total_seconds"]) / steps * 1e6,
+                       "lora_form": runs[n].get("lora_form"),
+                       "drafter_extra_bytes": runs[n].get("drafter_extra_bytes")}
                 rows[mode] = row
                 category = "kernel" if self.dev == "cuda" else "cpu_op"
                 per = {}

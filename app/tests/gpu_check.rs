@@ -101,6 +101,11 @@ fn gpu_check_runs_on_tiny_shapes_and_writes_every_section() -> anyhow::Result<()
         "{kernels}"
     );
     assert!(ops("quadratic-2-folded") < ops("quadratic-2-low-rank"), "{kernels}");
+    // Its forms as reported, and the folded weights' memory.
+    assert_eq!(steps["quadratic-2-folded"]["lora_form"], "folded", "{kernels}");
+    assert_eq!(steps["quadratic-2-low-rank"]["lora_form"], "low-rank", "{kernels}");
+    let extra = |mode: &str| steps[mode]["drafter_extra_bytes"].as_u64().unwrap_or(0);
+    assert!(extra("quadratic-2-folded") > extra("quadratic-2-low-rank"), "{kernels}");
     assert!(steps["ar"]["by_kernel"].as_object().is_some_and(|k| k.contains_key("aten::empty")), "{kernels}");
     let sample = kernels["sample_parsed"].as_object().ok_or_else(|| anyhow::anyhow!("no sample: {kernels}"))?;
     assert_eq!(sample.len(), 3, "{kernels}");

@@ -101,7 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         super::print_json(&report)?;
     } else {
         println!(
-            "{} prompts from {}, {} new tokens each, {} on {}; drafts from {}; adapter form {}; {}",
+            "{} prompts from {}, {} new tokens each, {} on {}; drafts from {}; adapter form {}{}; {}",
             prompts.len(),
             prompts_path.display(),
             args.max_new_tokens,
@@ -111,6 +111,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .draft_vocab_size()
                 .map_or("the whole vocabulary".into(), |n| format!("a draft vocabulary of {n} tokens")),
             drafter.form(),
+            match drafter.extra_bytes() {
+                0 => String::new(),
+                bytes => format!(" (holding {:.1} MB beyond the model and adapter)", bytes as f64 / 1e6),
+            },
             match (drafter.int8_min_rows(), drafter.bf16_min_rows()) {
                 (Some(n), _) if drafter.int8_head() => {
                     format!("mask rows in int8 in steps of {n} or more, the draft chain's head and sampler too")

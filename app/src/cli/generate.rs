@@ -104,6 +104,9 @@ struct Report<'a> {
     /// True when the draft chain read its head (and its sampler's weights) in int8 (with
     /// int8 mask rows).
     int8_draft_head: bool,
+    /// Bytes the drafter held beyond the model and the adapter (merged or folded weights,
+    /// int8 panels).
+    drafter_extra_bytes: usize,
     /// UNO recipe: the random ids the mask block after the prompt read (in the prefill; the
     /// drafts that block made are the first step's `drafts`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -243,6 +246,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bf16_min_mask_rows: drafter.as_ref().and_then(|d| d.bf16_min_rows()),
             int8_min_mask_rows: drafter.as_ref().and_then(|d| d.int8_min_rows()),
             int8_draft_head: drafter.as_ref().is_some_and(|d| d.int8_head()),
+            drafter_extra_bytes: drafter.as_ref().map_or(0, |d| d.extra_bytes()),
             bootstrap_noise_ids: (!out.prefill_noise_ids.is_empty()).then(|| out.prefill_noise_ids.clone()),
             device: args.model.device.to_string(),
             dtype: args.model.dtype().to_string(),

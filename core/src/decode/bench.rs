@@ -170,6 +170,10 @@ pub struct BenchReport {
     /// int8 mask rows).
     #[serde(default)]
     pub int8_draft_head: bool,
+    /// Bytes the drafter held beyond the model and the adapter (merged or folded weights,
+    /// int8 panels; [`Drafter::extra_bytes`]).
+    #[serde(default)]
+    pub drafter_extra_bytes: usize,
     /// The chat template that encoded the conversation prompts (its file), when any prompt
     /// was a conversation.
     #[serde(default)]
@@ -425,6 +429,7 @@ pub fn run_bench(
         bf16_min_mask_rows: drafter.bf16_min_rows(),
         int8_min_mask_rows: drafter.int8_min_rows(),
         int8_draft_head: drafter.int8_head(),
+        drafter_extra_bytes: drafter.extra_bytes(),
         chat_template,
         model: None,
         adapter: None,
@@ -571,6 +576,7 @@ mod tests {
             bf16_min_mask_rows: None,
             int8_min_mask_rows: None,
             int8_draft_head: false,
+            drafter_extra_bytes: 0,
             chat_template: None,
             model: None,
             adapter: None,
@@ -589,6 +595,7 @@ mod tests {
             bf16_min_mask_rows: None,
             int8_min_mask_rows: None,
             int8_draft_head: false,
+            drafter_extra_bytes: 0,
             chat_template: None,
             model: None,
             adapter: None,
