@@ -393,9 +393,10 @@ class Check:
         step that accepts a draft makes more than one token), so the prefill cancels out.
         Against each step's wall time from an ordinary run: what the GPU computes, what it
         waits for, and which kernels a step adds to AR's (why the 8B step costs more than 1.3
-        AR steps, and AR less than 70% of the bandwidth bound); on the 8B shape also the
-        step with the adapter folded into the base products (`--lora-form folded`). Where the trace holds no kernel on a GPU, Nsight Compute
-        (`ncu --graph-profiling node`, each run stopped at 90 s) counts them instead."""
+        AR steps, and AR less than 70% of the bandwidth bound); also the step with the
+        adapter folded into the base products (`--lora-form folded`), on both shapes. Where
+        the trace holds no kernel on a GPU, Nsight Compute (`ncu --graph-profiling node`,
+        each run stopped at 90 s) counts them instead, except for the folded step."""
         n = 4
         prompt = ",".join(map(str, range(3, 19)))
         masks = 2 if self.args.tiny else 4
@@ -407,12 +408,12 @@ class Check:
             adapter = self.adapter_for(folder, 8 if not self.args.tiny else 2)
             quadratic = ["--adapter", adapter, "--mode", "quadratic", "--masks", masks]
             modes = {"ar": ["--mode", "ar"], f"quadratic-{masks}": quadratic}
-            # The folded form beside the one `auto` takes where that is low-rank (the 8B
-            # shape): each group's `[W; A]` in one product, one operation a group fewer.
-            # With --tiny both beside `auto`'s merged form, so that the suite sees the
-            # folded step issue fewer operations than the low-rank one.
-            if shape == "llama-3.1-8b" or self.args.tiny:
-                modes[f"quadratic-{masks}-folded"] = [*quadratic, "--lora-form", "folded"]
+            # The folded form beside the one `auto` takes (low-rank on the 8B shape, merged
+            # on the 135M one): each group's `[W; A]` in one product, one operation a group
+            # fewer than low-rank, one more than merged, the weights read once. With --tiny
+            # the low-rank form too, so that the suite sees the folded step issue fewer
+            # operations than the low-rank one.
+            modes[f"quadratic-{masks}-folded"] = [*quadratic, "--lora-form", "folded"]
             if self.args.tiny:
                 modes[f"quadratic-{masks}-low-rank"] = [*quadratic, "--lora-form", "low-rank"]
             rows = out["shapes"].setdefault(shape, {})
