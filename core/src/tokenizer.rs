@@ -195,15 +195,19 @@ impl TextTokenizer {
             path: self.path.with_file_name("tokenizer_config.json"),
             reason: "the model has no chat template".into(),
         })?;
+        self.render_chat_template(template, messages, add_generation_prompt, chrono::Local::now().fixed_offset())
+    }
+
+    /// [`TextTokenizer::apply_chat_template`] with the clock read as `now`.
+    fn render_chat_template(
+        &self,
+        template: &ChatTemplate,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        now: chrono::DateTime<chrono::FixedOffset>,
+    ) -> Result<String> {
         let err = |e: minijinja::Error| Error::ChatTemplate { path: template.path.clone(), reason: format!("{e:#}") };
-        let mut env = minijinja::Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_function("strftime_now", |_fmt: String| String::new());
+        let env = chat_environment(now);
         let tmpl = env.template_from_str(&template.source).map_err(err)?;
         let ctx = minijinja::context! {
             messages => messages,
@@ -212,6 +216,150 @@ impl TextTokenizer {
             eos_token => self.eos_text.clone().unwrap_or_default(),
         };
         tmpl.render(ctx).map_err(err)
+    }
+}
+
+/// The Jinja environment transformers renders chat templates in: `trim_blocks` and
+/// `lstrip_blocks`, loop controls (`{% break %}`, `{% continue %}`), Python's string and
+/// dict methods, `raise_exception`, `strftime_now` (the date at `now`: Llama 3.x
+/// templates write it into every system header) and its own `tojson` (Python's
+/// `json.dumps`, not Jinja's HTML-safe filter).
+fn chat_environment(now: chrono::DateTime<chrono::FixedOffset>) -> minijinja::Environment<'static> {
+    let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_function("strftime_now", move |format: String| strftime(&now, &format));
+    env.add_filter("tojson", python_json);
+    env
+}
+
+/// Python's `datetime.strftime(format)` of `at` (the directives Python and chrono share:
+/// `%d %b %B %Y %m %H %M %S %A %a %j %p` and the rest); a directive chrono does not know is
+/// an error naming it, not an empty date.
+fn strftime(at: &chrono::DateTime<chrono::FixedOffset>, format: &str) -> std::result::Result<String, minijinja::Error> {
+    use chrono::format::{Item, StrftimeItems};
+    let items: Vec<Item> = StrftimeItems::new(format).collect();
+    if items.contains(&Item::Error) {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("strftime_now: a directive of `{format}` is not supported"),
+        ));
+    }
+    Ok(at.format_with_items(items.into_iter()).to_string())
+}
+
+/// transformers' `tojson` filter: Python's `json.dumps(value, ensure_ascii=False)` with the
+/// keyword arguments it passes on (`indent`, `ensure_ascii`; `sort_keys` and `separators`
+/// as Python's defaults): `", "` and `": "` between items on one line, `","` and `": "`
+/// with an indent; a map's keys in their order (a message's `role` before its `content`).
+fn python_json(
+    value: &minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<String, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let _: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let indent = indent.map(|n| " ".repeat(n).into_bytes());
+    let mut out = Vec::new();
+    let formatter = PythonJson {
+        indent: indent.as_deref(),
+        depth: 0,
+        has_value: false,
+        ensure_ascii: ensure_ascii.unwrap_or(false),
+    };
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, formatter);
+    serde::Serialize::serialize(value, &mut ser)
+        .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    String::from_utf8(out).map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string()))
+}
+
+/// Python's `json.dumps` layout for serde_json (see [`python_json`]).
+struct PythonJson<'a> {
+    indent: Option<&'a [u8]>,
+    depth: usize,
+    /// Whether the innermost open array or object has an item yet.
+    has_value: bool,
+    ensure_ascii: bool,
+}
+
+impl PythonJson<'_> {
+    fn item<W: ?Sized + std::io::Write>(&self, w: &mut W, first: bool) -> std::io::Result<()> {
+        match self.indent {
+            Some(indent) => {
+                w.write_all(if first { b"\n" } else { b",\n" })?;
+                (0..self.depth).try_for_each(|_| w.write_all(indent))
+            }
+            None if first => Ok(()),
+            None => w.write_all(b", "),
+        }
+    }
+
+    fn open<W: ?Sized + std::io::Write>(&mut self, w: &mut W, bracket: &[u8]) -> std::io::Result<()> {
+        self.depth += 1;
+        self.has_value = false;
+        w.write_all(bracket)
+    }
+
+    fn close<W: ?Sized + std::io::Write>(&mut self, w: &mut W, bracket: &[u8]) -> std::io::Result<()> {
+        self.depth -= 1;
+        if let (Some(indent), true) = (self.indent, self.has_value) {
+            w.write_all(b"\n")?;
+            (0..self.depth).try_for_each(|_| w.write_all(indent))?;
+        }
+        w.write_all(bracket)
+    }
+}
+
+impl serde_json::ser::Formatter for PythonJson<'_> {
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"[")
+    }
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"]")
+    }
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        self.item(w, first)
+    }
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, _: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"{")
+    }
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"}")
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        self.item(w, first)
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, _: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+    fn write_string_fragment<W: ?Sized + std::io::Write>(&mut self, w: &mut W, fragment: &str) -> std::io::Result<()> {
+        if !self.ensure_ascii {
+            return w.write_all(fragment.as_bytes());
+        }
+        for c in fragment.chars() {
+            if c.is_ascii() {
+                w.write_all(&[c as u8])?;
+            } else {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    write!(w, "\\u{unit:04x}")?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -248,5 +396,101 @@ impl TokenStream<'_> {
         let rest = all.get(self.emitted..).unwrap_or_default().to_owned();
         self.emitted = all.len();
         rest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> chrono::DateTime<chrono::FixedOffset> {
+        use chrono::TimeZone;
+        chrono::FixedOffset::east_opt(0)
+            .and_then(|tz| tz.with_ymd_and_hms(y, mo, d, h, mi, s).single())
+            .expect("a valid instant")
+    }
+
+    fn render(source: &str, now: chrono::DateTime<chrono::FixedOffset>, ctx: minijinja::Value) -> String {
+        chat_environment(now).render_str(source, ctx).unwrap_or_else(|e| format!("error: {e:#}"))
+    }
+
+    /// `strftime_now` formats as Python's `datetime.strftime` does (the expected strings
+    /// are Python's for the same instant); a directive chrono lacks is an error.
+    #[test]
+    fn strftime_now_formats_as_python() {
+        let now = at(2026, 12, 8, 9, 5, 7);
+        let cases = [
+            ("%d %b %Y", "08 Dec 2026"),
+            ("%d %B %Y", "08 December 2026"),
+            ("%Y-%m-%d %H:%M:%S", "2026-12-08 09:05:07"),
+            ("%A %a %j %p", "Tuesday Tue 342 AM"),
+        ];
+        for (format, python) in cases {
+            assert_eq!(render(&format!("{{{{ strftime_now('{format}') }}}}"), now, minijinja::context! {}), python);
+        }
+        assert!(render("{{ strftime_now('%Q') }}", now, minijinja::context! {}).starts_with("error:"));
+    }
+
+    /// A Llama 3.x-style header takes the date from `strftime_now` (it was rendered empty),
+    /// and loop controls, which transformers' Jinja environment enables, work.
+    #[test]
+    fn date_header_and_loop_controls_render() {
+        let source = "{%- if not date_string is defined %}{%- if strftime_now is defined %}\
+            {%- set date_string = strftime_now(\"%d %b %Y\") %}{%- else %}{%- set date_string = \"none\" %}\
+            {%- endif %}{%- endif %}Today Date: {{ date_string }}|\
+            {%- for m in messages %}{%- if m.role == 'stop' %}{% break %}{% endif %}\
+            {%- if m.role == 'skip' %}{% continue %}{% endif %}{{ m.content }};{%- endfor %}";
+        let messages = [
+            ChatMessage::new("user", "a"),
+            ChatMessage::new("skip", "b"),
+            ChatMessage::new("assistant", "c"),
+            ChatMessage::new("stop", "d"),
+            ChatMessage::new("user", "e"),
+        ];
+        let out = render(source, at(2026, 12, 8, 23, 59, 0), minijinja::context! { messages => messages });
+        assert_eq!(out, "Today Date: 08 Dec 2026|a;c;");
+    }
+
+    /// `tojson` writes what Python's `json.dumps(..., ensure_ascii=False)` writes (the
+    /// expected strings are Python's), with its `indent` and `ensure_ascii` arguments, not
+    /// Jinja's HTML-escaped compact form.
+    #[test]
+    fn tojson_is_pythons_json_dumps() {
+        let value = serde_json::json!({"a": "é<", "b": [1, {"x": null}], "c": {}, "d": []});
+        let ctx = minijinja::context! { v => minijinja::Value::from_serialize(&value), s => "é😀" };
+        let now = at(2026, 1, 1, 0, 0, 0);
+        assert_eq!(
+            render("{{ v | tojson }}", now, ctx.clone()),
+            r#"{"a": "é<", "b": [1, {"x": null}], "c": {}, "d": []}"#
+        );
+        assert_eq!(
+            render("{{ v | tojson(indent=2) }}", now, ctx.clone()),
+            "{\n  \"a\": \"é<\",\n  \"b\": [\n    1,\n    {\n      \"x\": null\n    }\n  ],\n  \"c\": {},\n  \"d\": []\n}"
+        );
+        assert_eq!(render("{{ s | tojson(ensure_ascii=true) }}", now, ctx.clone()), r#""\u00e9\ud83d\ude00""#);
+        assert!(render("{{ v | tojson(colour=1) }}", now, ctx).starts_with("error:"));
+        // A message's keys in their order, as a Python dict read from JSON keeps them.
+        let ctx = minijinja::context! { m => ChatMessage::new("user", "hi") };
+        assert_eq!(render("{{ m | tojson }}", now, ctx), r#"{"role": "user", "content": "hi"}"#);
+    }
+
+    /// A model folder's template renders today's date through `apply_chat_template`.
+    #[test]
+    fn chat_template_reads_the_clock() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/llama3-tied");
+        std::fs::copy(fixture.join("tokenizer.json"), dir.path().join("tokenizer.json"))?;
+        std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"bos_token": "<s>", "eos_token": "</s>"}"#)?;
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "{{ strftime_now('%d %b %Y') }}|{% for m in messages %}{{ m.content }}{% endfor %}",
+        )?;
+        let tok = TextTokenizer::from_folder(dir.path(), None, &[])?;
+        let today = || chrono::Local::now().format("%d %b %Y").to_string();
+        let before = today();
+        let rendered = tok.apply_chat_template(&[ChatMessage::new("user", "hi")], true)?;
+        let after = today();
+        assert!(rendered == format!("{before}|hi") || rendered == format!("{after}|hi"), "{rendered}");
+        Ok(())
     }
 }
