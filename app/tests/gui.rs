@@ -222,6 +222,10 @@ fn main_flow_and_snapshots() -> anyhow::Result<()> {
     // The paper's tables, one per mode.
     h.get_by_label("quadratic: tokens per forward (speedup over AR)");
     h.get_by_label("linear: tokens per forward (speedup over AR)");
+    // Why the acceptance is what it is, each finding a line.
+    assert!(!report.findings.is_empty(), "no findings");
+    h.get_by_label("Why this acceptance");
+    h.get_by_label(report.findings[0].text.as_str());
     // The temporary path differs per run: show a stable one in the snapshot.
     h.state_mut().persisted.bench.prompts = "prompts.jsonl".into();
     h.run_steps(2);

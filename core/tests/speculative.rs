@@ -1001,6 +1001,49 @@ fn bench_repeats_go_round_the_modes() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A benchmark row counts its drafts slot by slot as its generations' steps do, and with a
+/// draft vocabulary the report counts AR's answer tokens it lacks, per domain and in all.
+#[test]
+fn bench_counts_slots_and_the_tokens_a_draft_vocabulary_lacks() -> anyhow::Result<()> {
+    use mtp_core::decode::Acceptance;
+    use mtp_core::decode::bench::{BenchConfig, BenchPrompt, run_bench};
+    let t = trained();
+    let prompts: Vec<BenchPrompt> = [("def ", "code"), ("class ", "code"), ("(a b", "text")]
+        .iter()
+        .map(|(p, d)| BenchPrompt { prompt: (*p).into(), messages: None, domain: (*d).into() })
+        .collect();
+    let config =
+        BenchConfig { modes: vec![Mode::Quadratic], masks: vec![MaskCount::Fixed(2)], max_new_tokens: 24, repeats: 1 };
+    let report = run_bench(&t.loaded.model, &t.small_vocab, &t.loaded.tokenizer, &prompts, &config, &mut ())?;
+    let vocab = t.small_vocab.draft_vocab_ids()?.unwrap_or_default();
+    assert_eq!((report.draft_vocab, vocab.len()), (Some(64), 64));
+    let strategy = Strategy::new(Mode::Quadratic, Some(&t.small_vocab), MaskCount::Fixed(2))?;
+    let (mut acceptance, mut tokens, mut outside) = (Acceptance::default(), 0, 0);
+    for p in &prompts {
+        let req =
+            request(t.loaded.tokenizer.encode(&p.prompt)?, 24, Decoding::Greedy, t.loaded.tokenizer.eos_ids.clone());
+        let ar = generate(&t.loaded.model, Strategy::Ar, &req, &mut ())?;
+        tokens += ar.token_ids.len();
+        outside += ar.token_ids.iter().filter(|id| !vocab.contains(id)).count();
+        acceptance.merge(&Acceptance::of(&generate(&t.loaded.model, strategy, &req, &mut ())?.steps));
+    }
+    let all = report.rows.iter().find(|r| r.domain == "all" && r.mode == Mode::Quadratic);
+    assert_eq!(all.map(|r| &r.acceptance), Some(&acceptance), "{:?}", report.rows);
+    assert!(acceptance.reached.first().is_some_and(|&n| n > 0), "{acceptance:?}");
+    let misses =
+        |domain: &str| report.draft_vocab_misses.iter().find(|m| m.domain == domain).map(|m| (m.tokens, m.outside));
+    assert_eq!(misses("all"), Some((tokens, outside)), "{:?}", report.draft_vocab_misses);
+    // Some answer tokens lie outside the 64 frequent ones, most inside.
+    assert!(0 < outside && 2 * outside < tokens, "{outside} of {tokens}");
+    let code = misses("code").unwrap_or_default();
+    let text = misses("text").unwrap_or_default();
+    assert_eq!((code.0 + text.0, code.1 + text.1), (tokens, outside));
+    // Drafting from the whole vocabulary: nothing to count.
+    let whole = run_bench(&t.loaded.model, &t.drafter, &t.loaded.tokenizer, &prompts, &config, &mut ())?;
+    assert!(whole.draft_vocab.is_none() && whole.draft_vocab_misses.is_empty());
+    Ok(())
+}
+
 /// A benchmark stopped on request reports the prompts it measured in every mode (the table
 /// covers them alone and says how many of how many); stopped before the first is measured,
 /// it reports no table.

@@ -84,9 +84,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         other => other.with_context(|| format!("benchmarking {}", prompts_path.display()))?,
     };
+    let adapter = args.adapter.path(&source).ok();
+    let context = mtp_core::decode::explain::Context::of(&drafter, adapter.as_deref(), &loaded.tokenizer);
     let report = mtp_core::decode::bench::BenchReport {
         model: Some(source.to_string()),
-        adapter: args.adapter.path(&source).ok(),
+        findings: mtp_core::decode::explain::explain(&report, &context),
+        adapter,
         ..report
     };
     bar.finish_and_clear();

@@ -131,7 +131,23 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
     egui::CollapsingHeader::new("Every row: tokens/s, speedup, step cost").default_open(false).show(ui, |ui| {
         rows_table(ui, rt, report);
     });
+    findings(ui, report);
     chart(ui, report);
+}
+
+/// Why the acceptance is what it is: the report's findings, one line each.
+fn findings(ui: &mut egui::Ui, report: &mtp_core::decode::bench::BenchReport) {
+    if report.findings.is_empty() {
+        return;
+    }
+    egui::CollapsingHeader::new("Why this acceptance").default_open(true).show(ui, |ui| {
+        for f in &report.findings {
+            ui.horizontal_wrapped(|ui| {
+                ui.label("•");
+                ui.label(&f.text);
+            });
+        }
+    });
 }
 
 /// The paper's tables, one per mode: tokens per forward by domain (rows) and mask count

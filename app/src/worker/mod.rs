@@ -404,8 +404,14 @@ impl Worker {
                 let adapter = self.loaded_adapter()?.path.clone();
                 match run_bench(&loaded.model, drafter, &loaded.tokenizer, &prompts, &config, &mut progress) {
                     Ok(report) => {
-                        let report =
-                            BenchReport { model: Some(loaded.source.to_string()), adapter: Some(adapter), ..report };
+                        let context =
+                            mtp_core::decode::explain::Context::of(drafter, Some(&adapter), &loaded.tokenizer);
+                        let report = BenchReport {
+                            model: Some(loaded.source.to_string()),
+                            findings: mtp_core::decode::explain::explain(&report, &context),
+                            adapter: Some(adapter),
+                            ..report
+                        };
                         self.emit(Event::Bench(Box::new(report)))
                     }
                     Err(mtp_core::Error::Cancelled) => self.emit(Event::Notice(

@@ -12,6 +12,7 @@ use tch::{Kind, Tensor};
 
 use super::generate;
 use super::speculative::{Drafter, LoraForm};
+use super::stats::Acceptance;
 use super::strategy::{MaskCount, Mode, Strategy};
 use super::{Decoding, GenerateOutput, GenerateRequest};
 use crate::error::{Error, Result};
@@ -123,6 +124,21 @@ pub struct BenchRow {
     /// Every generation replayed its steps from CUDA graphs (`--cuda-graphs`).
     #[serde(default)]
     pub cuda_graphs: bool,
+    /// How the drafts fared, slot by slot, over the row's generations (empty for AR).
+    #[serde(default)]
+    pub acceptance: Acceptance,
+}
+
+/// The tokens of AR's answers in one domain (or `all`) that the draft vocabulary lacks: no
+/// draft can be right there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DraftVocabMisses {
+    /// Domain, or `all`.
+    pub domain: String,
+    /// Tokens of AR's answers.
+    pub tokens: usize,
+    /// Those outside the draft vocabulary.
+    pub outside: usize,
 }
 
 /// A greedy output that differs from AR's.
@@ -147,7 +163,7 @@ pub struct Divergence {
 }
 
 /// The benchmark's result.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BenchReport {
     /// Rows per domain, then `all`; in each, AR first, then each mode and mask count.
     pub rows: Vec<BenchRow>,
@@ -191,6 +207,16 @@ pub struct BenchReport {
     /// Prompts in the benchmark.
     #[serde(default)]
     pub prompts: usize,
+    /// Size of the vocabulary drafts were chosen from (absent: the whole vocabulary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_vocab: Option<usize>,
+    /// With a draft vocabulary: per domain, AR's answer tokens it lacks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draft_vocab_misses: Vec<DraftVocabMisses>,
+    /// Why the acceptance is what it is ([`super::explain`]; filled in by the caller, which
+    /// knows the adapter's training run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub findings: Vec<super::explain::Finding>,
 }
 
 /// Receives benchmark progress; `Break` cancels.
@@ -222,6 +248,7 @@ struct Acc {
     masks_used: usize,
     identical: bool,
     graphs: bool,
+    acceptance: Acceptance,
 }
 
 impl Acc {
@@ -245,6 +272,7 @@ impl Acc {
         }
         self.identical &= identical;
         self.graphs &= out.cuda_graph;
+        self.acceptance.merge(&Acceptance::of(&out.steps));
     }
 
     fn tps(&self) -> f64 {
@@ -317,6 +345,9 @@ pub fn run_bench(
     }
 
     let mut acc: BTreeMap<(String, usize), Acc> = BTreeMap::new();
+    // AR's answer tokens per domain, and those the draft vocabulary lacks.
+    let draft_vocab = drafter.draft_vocab_ids()?;
+    let mut misses: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut divergences = Vec::new();
     let mut done = 0;
     // Stopped on request after this many prompts, each measured in every mode.
@@ -381,6 +412,13 @@ pub fn run_bench(
                 });
             }
             if reference.is_none() {
+                if let Some(vocab) = &draft_vocab {
+                    let outside = out.token_ids.iter().filter(|t| vocab.binary_search(t).is_err()).count();
+                    for domain in [p.domain.clone(), "all".to_string()] {
+                        let m = misses.entry(domain).or_default();
+                        *m = (m.0 + out.token_ids.len(), m.1 + outside);
+                    }
+                }
                 reference = Some(out.token_ids.clone());
             }
             for domain in [p.domain.clone(), "all".to_string()] {
@@ -416,6 +454,7 @@ pub fn run_bench(
                 step_cost_vs_ar: if ar.step_time() > 0.0 { a.step_time() / ar.step_time() } else { 0.0 },
                 identical: a.identical,
                 cuda_graphs: a.graphs,
+                acceptance: a.acceptance,
             });
         }
     }
@@ -435,6 +474,12 @@ pub fn run_bench(
         adapter: None,
         stopped_after,
         prompts: prompts.len(),
+        draft_vocab: drafter.draft_vocab_size(),
+        draft_vocab_misses: misses
+            .into_iter()
+            .map(|(domain, (tokens, outside))| DraftVocabMisses { domain, tokens, outside })
+            .collect(),
+        findings: Vec::new(),
     })
 }
 
@@ -536,6 +581,12 @@ impl BenchReport {
                 s.push('\n');
             }
         }
+        if !self.findings.is_empty() {
+            s.push_str("\nWhy this acceptance:\n\n");
+            for f in &self.findings {
+                s.push_str(&format!("- {}\n", f.text));
+            }
+        }
         s
     }
 }
@@ -559,6 +610,7 @@ mod tests {
             step_cost_vs_ar: 1.0,
             identical: true,
             cuda_graphs: false,
+            acceptance: Acceptance::default(),
         }
     }
 
@@ -582,11 +634,17 @@ mod tests {
             adapter: None,
             stopped_after: None,
             prompts: 3,
+            ..BenchReport::default()
         }
         .to_markdown();
         assert_eq!(md.matches("quadratic: tokens per forward").count(), 1);
         assert_eq!(md.matches("linear: tokens per forward").count(), 1);
         assert_eq!(md.matches("| math |").count(), 2);
+        assert!(!md.contains("Why this acceptance"));
+        // The findings, a line each, after the tables.
+        let finding = crate::decode::explain::Finding::from(crate::decode::explain::Why::RawPrompts);
+        let md = BenchReport { findings: vec![finding.clone()], ..BenchReport::default() }.to_markdown();
+        assert!(md.ends_with(&format!("Why this acceptance:\n\n- {}\n", finding.text)), "{md}");
         let csv = BenchReport {
             rows: vec![row("code", Mode::Ar, 0)],
             divergences: vec![],
@@ -601,6 +659,7 @@ mod tests {
             adapter: None,
             stopped_after: None,
             prompts: 3,
+            ..BenchReport::default()
         }
         .to_csv();
         assert_eq!(csv.lines().count(), 2);

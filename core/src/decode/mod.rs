@@ -3,6 +3,7 @@
 
 pub mod ar;
 pub mod bench;
+pub mod explain;
 pub mod generation;
 pub mod sampling;
 pub mod speculative;

@@ -75,6 +75,19 @@ impl Acceptance {
         a
     }
 
+    /// Add `other`'s counts (another generation's) to these.
+    pub fn merge(&mut self, other: &Acceptance) {
+        fn add(into: &mut Vec<usize>, from: &[usize]) {
+            if into.len() < from.len() {
+                into.resize(from.len(), 0);
+            }
+            into.iter_mut().zip(from).for_each(|(a, b)| *a += b);
+        }
+        add(&mut self.reached, &other.reached);
+        add(&mut self.accepted, &other.accepted);
+        add(&mut self.emitted, &other.emitted);
+    }
+
     /// The share of the steps reaching draft slot `slot` (1-based) that accepted it.
     pub fn rate(&self, slot: usize) -> Option<f64> {
         let i = slot.checked_sub(1)?;
@@ -124,5 +137,19 @@ mod tests {
         assert_eq!((a.rate(0), a.rate(4)), (None, None));
         assert_eq!(a.summary(), "slot 1 75% (3/4) · slot 2 33% (1/3) · slot 3 100% (1/1)");
         assert_eq!(Acceptance::of(&[]).summary(), "");
+    }
+
+    /// Two generations' counts merged are the counts of their steps together.
+    #[test]
+    fn merged_counts_are_the_counts_of_both_generations_steps() {
+        let first = [step(3, 3, 4), step(3, 0, 1)];
+        let second = [step(4, 4, 5), step(2, 1, 2), step(0, 0, 1)];
+        let mut merged = Acceptance::of(&first);
+        merged.merge(&Acceptance::of(&second));
+        let all: Vec<StepStats> = first.iter().chain(&second).cloned().collect();
+        assert_eq!(merged, Acceptance::of(&all));
+        let mut empty = Acceptance::default();
+        empty.merge(&Acceptance::of(&second));
+        assert_eq!(empty, Acceptance::of(&second));
     }
 }

@@ -536,7 +536,12 @@ impl MetricsLog {
 
 /// Read `metrics.jsonl` of a run.
 pub fn read_metrics(run_dir: &Path) -> Result<Vec<StepMetrics>> {
-    let path = RunDir(run_dir.to_owned()).metrics();
+    read_metrics_file(&RunDir(run_dir.to_owned()).metrics())
+}
+
+/// The lines of a metrics file (a run's `metrics.jsonl`, or a copy kept beside its adapter).
+pub fn read_metrics_file(path: &Path) -> Result<Vec<StepMetrics>> {
+    let path = path.to_owned();
     let text = crate::error::read_to_string(&path)?;
     text.lines()
         .filter(|l| !l.trim().is_empty())

@@ -535,9 +535,23 @@ impl Drafter {
         self.config.k
     }
 
+    /// The LoRA rank the adapter was trained with.
+    pub fn rank(&self) -> usize {
+        self.config.lora.rank
+    }
+
     /// Size of the vocabulary drafts are chosen from (`None`: the whole vocabulary).
     pub fn draft_vocab_size(&self) -> Option<usize> {
         self.vocab.as_ref().map(|v| v.size()[0] as usize)
+    }
+
+    /// The draft vocabulary's token ids, sorted (`None`: drafts come from the whole
+    /// vocabulary).
+    pub fn draft_vocab_ids(&self) -> Result<Option<Vec<i64>>> {
+        let Some(vocab) = &self.vocab else { return Ok(None) };
+        let mut ids = Vec::<i64>::try_from(vocab.to_device(tch::Device::Cpu))?;
+        ids.sort_unstable();
+        Ok(Some(ids))
     }
 
     /// `[k, d]`: the mask embeddings in the model's dtype.
