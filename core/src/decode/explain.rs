@@ -122,6 +122,9 @@ pub enum Why {
     },
     /// The first draft slot's acceptance, which every later slot is reached through.
     FirstSlot {
+        /// The mask count of the steps counted (1 where it ran: the paper's 1-mask figures
+        /// are its first slot's acceptance).
+        masks: usize,
         /// Accepted share of the steps that offered a first draft.
         rate: f64,
         /// Those steps.
@@ -204,10 +207,11 @@ impl Why {
                 "{domain} at {masks} mask{}: {ours:.2} tokens per forward; the paper's adapter {paper:.2} on {benchmark}.",
                 if *masks == 1 { "" } else { "s" }
             ),
-            Why::FirstSlot { rate, reached, paper } => format!(
-                "The first draft is accepted in {} of the {reached} steps that offered one. Every later draft is \
-                 reached only through it, so it weighs on every mask count; the paper's 1-mask figures put its \
-                 first slot at {} to {}.",
+            Why::FirstSlot { masks, rate, reached, paper } => format!(
+                "With {masks} mask{}, the first draft is accepted in {} of the {reached} steps that offered one. \
+                 Every later draft is reached only through it, so it weighs on every mask count; the paper's \
+                 1-mask figures put its first slot at {} to {}.",
+                if *masks == 1 { "" } else { "s" },
                 percent(*rate),
                 percent(paper.0),
                 percent(paper.1)
@@ -301,13 +305,18 @@ pub fn explain(report: &BenchReport, context: &Context) -> Vec<Finding> {
         }
     }
 
-    // Slot by slot.
-    let acceptance = &main.acceptance;
-    if let (Some(rate), Some(&reached)) = (acceptance.rate(1), acceptance.reached.first()) {
+    // Slot by slot: the first slot from the 1-mask steps where they ran (what the paper's
+    // 1-mask figures measure), the fall between slots from the main row.
+    let one = report.rows.iter().find(|r| r.domain == "all" && r.mode == main.mode && r.masks == MaskCount::Fixed(1));
+    let first = one.unwrap_or(main);
+    if let (Some(rate), Some(&reached), MaskCount::Fixed(masks)) =
+        (first.acceptance.rate(1), first.acceptance.reached.first(), first.masks)
+    {
         let paper_first = PAPER.iter().map(|(_, _, f)| f[0] - 1.0);
         let paper = (paper_first.clone().fold(f64::INFINITY, f64::min), paper_first.fold(0.0, f64::max));
-        found.push(Why::FirstSlot { rate, reached, paper });
+        found.push(Why::FirstSlot { masks, rate, reached, paper });
     }
+    let acceptance = &main.acceptance;
     let drop = (2..=acceptance.reached.len())
         .filter_map(|slot| Some((slot, acceptance.rate(slot)?, acceptance.rate(slot - 1)?)))
         .filter(|&(_, rate, previous)| previous - rate >= SLOT_DROP)
@@ -438,10 +447,23 @@ mod tests {
             Why::Paper { domain: "code".into(), benchmark: "HumanEval".into(), masks: 4, ours: 2.2, paper: 3.87 }
         );
         assert_eq!(found[1].text, "chat at 4 masks: 1.60 tokens per forward; the paper's adapter 2.31 on AlpacaEval.");
-        let Why::FirstSlot { rate, reached, paper } = found[2].why else { unreachable!() };
-        assert_eq!((rate, reached), (0.4, 100));
+        let Why::FirstSlot { masks, rate, reached, paper } = found[2].why else { unreachable!() };
+        assert_eq!((masks, rate, reached), (4, 0.4, 100));
         assert!((paper.0 - 0.54).abs() < 1e-9 && (paper.1 - 0.86).abs() < 1e-9, "{paper:?}");
-        assert!(found[2].text.starts_with("The first draft is accepted in 40% of the 100 steps"), "{}", found[2].text);
+        assert!(
+            found[2].text.starts_with("With 4 masks, the first draft is accepted in 40% of the 100 steps"),
+            "{}",
+            found[2].text
+        );
+        // With a 1-mask row, its steps are the ones counted.
+        let mut with_one = report();
+        with_one.rows.push(row("all", Mode::Quadratic, 1, 1.5, acceptance(&[80], &[50])));
+        let found = explain(&with_one, &context);
+        let first = found.iter().find(|f| matches!(f.why, Why::FirstSlot { .. })).map(|f| f.text.as_str());
+        assert!(
+            first.is_some_and(|t| t.starts_with("With 1 mask, the first draft is accepted in 62% of the 80 steps"))
+        );
+        let found = explain(&report(), &context);
         // Slot 3 (10 of 30) after slot 2 (30 of 40): the largest fall.
         let Why::SlotDrop { slot, rate, previous } = found[3].why else { unreachable!() };
         assert_eq!(slot, 3);
@@ -515,7 +537,7 @@ mod tests {
         let json = serde_json::to_value(&found)?;
         assert_eq!(json[2]["kind"], "first_slot");
         assert_eq!(json[2]["reached"], 100);
-        assert!(json[2]["text"].as_str().is_some_and(|t| t.starts_with("The first draft")));
+        assert!(json[2]["text"].as_str().is_some_and(|t| t.starts_with("With 4 masks, the first draft")));
         let back: Vec<Finding> = serde_json::from_value(json)?;
         assert_eq!(back, found);
         Ok(())
