@@ -237,50 +237,118 @@ fn chat_environment(now: chrono::DateTime<chrono::FixedOffset>) -> minijinja::En
     env
 }
 
-/// Python's `datetime.strftime(format)` of `at` (the directives Python and chrono share:
-/// `%d %b %B %Y %m %H %M %S %A %a %j %p` and the rest); a directive chrono does not know is
-/// an error naming it, not an empty date.
+/// Python's `datetime.now().strftime(format)` at `at`, through chrono: Python's directives
+/// as chrono writes them (`%f` as six digits of microseconds, `%z` and `%Z` empty as for
+/// Python's naive local time, `%%`); a directive chrono does not know is an error naming it,
+/// not an empty date.
 fn strftime(at: &chrono::DateTime<chrono::FixedOffset>, format: &str) -> std::result::Result<String, minijinja::Error> {
     use chrono::format::{Item, StrftimeItems};
-    let items: Vec<Item> = StrftimeItems::new(format).collect();
-    if items.contains(&Item::Error) {
-        return Err(minijinja::Error::new(
-            minijinja::ErrorKind::InvalidOperation,
-            format!("strftime_now: a directive of `{format}` is not supported"),
-        ));
+    let bad =
+        |what: String| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("strftime_now: {what}"));
+    let mut chrono_format = String::with_capacity(format.len());
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            chrono_format.push(c);
+            continue;
+        }
+        let directive = match chars.next() {
+            Some('-') => chars.next().map(|d| format!("-{d}")),
+            d => d.map(String::from),
+        }
+        .ok_or_else(|| bad(format!("`{format}` ends inside a directive")))?;
+        match directive.as_str() {
+            "f" => chrono_format.push_str("%6f"),
+            "z" | "Z" => {}
+            "%" => chrono_format.push_str("%%"),
+            d if StrftimeItems::new(&format!("%{d}")).any(|i| i == Item::Error) => {
+                return Err(bad(format!("the directive `%{d}` of `{format}` is not supported")));
+            }
+            d => {
+                chrono_format.push('%');
+                chrono_format.push_str(d);
+            }
+        }
     }
-    Ok(at.format_with_items(items.into_iter()).to_string())
+    Ok(at.format(&chrono_format).to_string())
 }
 
 /// transformers' `tojson` filter: Python's `json.dumps(value, ensure_ascii=False)` with the
-/// keyword arguments it passes on (`indent`, `ensure_ascii`; `sort_keys` and `separators`
-/// as Python's defaults): `", "` and `": "` between items on one line, `","` and `": "`
-/// with an indent; a map's keys in their order (a message's `role` before its `content`).
+/// keyword arguments it passes on: `indent`, `ensure_ascii`, `sort_keys` and `separators`
+/// (Python's defaults: `", "` and `": "` on one line, `","` and `": "` with an indent); a
+/// map's keys otherwise in their order (a message's `role` before its `content`).
 fn python_json(
     value: &minijinja::Value,
     kwargs: minijinja::value::Kwargs,
 ) -> std::result::Result<String, minijinja::Error> {
+    let bad = |what: String| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("tojson: {what}"));
     let indent: Option<usize> = kwargs.get("indent")?;
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
-    let _: Option<bool> = kwargs.get("sort_keys")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
+    let (item_separator, key_separator) = match separators.as_deref() {
+        None => (if indent.is_some() { "," } else { ", " }, ": "),
+        Some([item, key]) => (item.as_str(), key.as_str()),
+        Some(other) => return Err(bad(format!("separators must be two strings, not {}", other.len()))),
+    };
     let indent = indent.map(|n| " ".repeat(n).into_bytes());
     let mut out = Vec::new();
     let formatter = PythonJson {
         indent: indent.as_deref(),
+        item_separator: item_separator.as_bytes(),
+        key_separator: key_separator.as_bytes(),
         depth: 0,
         has_value: false,
         ensure_ascii: ensure_ascii.unwrap_or(false),
     };
     let mut ser = serde_json::Serializer::with_formatter(&mut out, formatter);
-    serde::Serialize::serialize(value, &mut ser)
-        .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    String::from_utf8(out).map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string()))
+    let written = if sort_keys.unwrap_or(false) {
+        serde::Serialize::serialize(&SortedKeys(value), &mut ser)
+    } else {
+        serde::Serialize::serialize(value, &mut ser)
+    };
+    written.map_err(|e| bad(e.to_string()))?;
+    String::from_utf8(out).map_err(|e| bad(e.to_string()))
+}
+
+/// A template value serialized with every map's keys sorted (`sort_keys=True`).
+struct SortedKeys<'a>(&'a minijinja::Value);
+
+impl serde::Serialize for SortedKeys<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        use minijinja::value::ValueKind;
+        use serde::ser::{SerializeMap, SerializeSeq};
+        let items = || self.0.try_iter().map_err(serde::ser::Error::custom);
+        match self.0.kind() {
+            ValueKind::Map => {
+                let mut keys: Vec<minijinja::Value> = items()?.collect();
+                keys.sort_by_key(|k| k.to_string());
+                let mut map = serializer.serialize_map(Some(keys.len()))?;
+                for key in &keys {
+                    let value = self.0.get_item(key).map_err(serde::ser::Error::custom)?;
+                    map.serialize_entry(key, &SortedKeys(&value))?;
+                }
+                map.end()
+            }
+            ValueKind::Seq | ValueKind::Iterable => {
+                let values: Vec<minijinja::Value> = items()?.collect();
+                let mut seq = serializer.serialize_seq(Some(values.len()))?;
+                for value in &values {
+                    seq.serialize_element(&SortedKeys(value))?;
+                }
+                seq.end()
+            }
+            _ => self.0.serialize(serializer),
+        }
+    }
 }
 
 /// Python's `json.dumps` layout for serde_json (see [`python_json`]).
 struct PythonJson<'a> {
     indent: Option<&'a [u8]>,
+    item_separator: &'a [u8],
+    key_separator: &'a [u8],
     depth: usize,
     /// Whether the innermost open array or object has an item yet.
     has_value: bool,
@@ -289,13 +357,15 @@ struct PythonJson<'a> {
 
 impl PythonJson<'_> {
     fn item<W: ?Sized + std::io::Write>(&self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if !first {
+            w.write_all(self.item_separator)?;
+        }
         match self.indent {
             Some(indent) => {
-                w.write_all(if first { b"\n" } else { b",\n" })?;
+                w.write_all(b"\n")?;
                 (0..self.depth).try_for_each(|_| w.write_all(indent))
             }
-            None if first => Ok(()),
-            None => w.write_all(b", "),
+            None => Ok(()),
         }
     }
 
@@ -339,7 +409,7 @@ impl serde_json::ser::Formatter for PythonJson<'_> {
         self.item(w, first)
     }
     fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
-        w.write_all(b": ")
+        w.write_all(self.key_separator)
     }
     fn end_object_value<W: ?Sized + std::io::Write>(&mut self, _: &mut W) -> std::io::Result<()> {
         self.has_value = true;
@@ -349,8 +419,10 @@ impl serde_json::ser::Formatter for PythonJson<'_> {
         if !self.ensure_ascii {
             return w.write_all(fragment.as_bytes());
         }
+        // Python escapes every character outside `' '..='~'` (serde_json has escaped the
+        // control characters, quotes and backslashes already).
         for c in fragment.chars() {
-            if c.is_ascii() {
+            if (' '..='~').contains(&c) {
                 w.write_all(&[c as u8])?;
             } else {
                 let mut units = [0u16; 2];
@@ -428,7 +500,13 @@ mod tests {
         for (format, python) in cases {
             assert_eq!(render(&format!("{{{{ strftime_now('{format}') }}}}"), now, minijinja::context! {}), python);
         }
-        assert!(render("{{ strftime_now('%Q') }}", now, minijinja::context! {}).starts_with("error:"));
+        // Microseconds as six digits, no zone for naive local time, `%%`, glibc's `%-d`.
+        use chrono::Timelike;
+        let micro = now.with_nanosecond(123_456_789).expect("a valid instant");
+        assert_eq!(render("{{ strftime_now('%f|%z|%Z|%%|%-d') }}", micro, minijinja::context! {}), "123456|||%|8");
+        let error = render("{{ strftime_now('%Y %Q') }}", now, minijinja::context! {});
+        assert!(error.starts_with("error:") && error.contains("`%Q`"), "{error}");
+        assert!(render("{{ strftime_now('%Y %') }}", now, minijinja::context! {}).starts_with("error:"));
     }
 
     /// A Llama 3.x-style header takes the date from `strftime_now` (it was rendered empty),
@@ -468,7 +546,19 @@ mod tests {
             "{\n  \"a\": \"é<\",\n  \"b\": [\n    1,\n    {\n      \"x\": null\n    }\n  ],\n  \"c\": {},\n  \"d\": []\n}"
         );
         assert_eq!(render("{{ s | tojson(ensure_ascii=true) }}", now, ctx.clone()), r#""\u00e9\ud83d\ude00""#);
-        assert!(render("{{ v | tojson(colour=1) }}", now, ctx).starts_with("error:"));
+        assert!(render("{{ v | tojson(colour=1) }}", now, ctx.clone()).starts_with("error:"));
+        // Python's `sort_keys` and `separators`, with and without an indent; DEL escaped.
+        let ctx = minijinja::context! { m => minijinja::Value::from_serialize(serde_json::json!({"b": 1, "a": [2, {"d": 3, "c": 4}]})), del => "\u{7f}" };
+        assert_eq!(
+            render("{{ m | tojson(sort_keys=true, separators=(',', ':')) }}", now, ctx.clone()),
+            r#"{"a":[2,{"c":4,"d":3}],"b":1}"#
+        );
+        assert_eq!(
+            render("{{ [1, {'a': 2}] | tojson(indent=2, separators=(',', ' = ')) }}", now, ctx.clone()),
+            "[\n  1,\n  {\n    \"a\" = 2\n  }\n]"
+        );
+        assert_eq!(render("{{ del | tojson(ensure_ascii=true) }}", now, ctx.clone()), r#""\u007f""#);
+        assert!(render("{{ m | tojson(separators=(',',)) }}", now, ctx).starts_with("error:"));
         // A message's keys in their order, as a Python dict read from JSON keeps them.
         let ctx = minijinja::context! { m => ChatMessage::new("user", "hi") };
         assert_eq!(render("{{ m | tojson }}", now, ctx), r#"{"role": "user", "content": "hi"}"#);

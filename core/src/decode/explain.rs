@@ -28,6 +28,9 @@ const PAPER_TRAINING: (usize, usize, usize) = (50_000, 128, 8);
 /// A slot whose acceptance falls this far below the slot before it is named.
 const SLOT_DROP: f64 = 0.15;
 
+/// The fewest steps reaching a slot for its acceptance to be compared with the slot before.
+const SLOT_MIN_REACHED: usize = 20;
+
 /// A domain lacking this share of its answer tokens in the draft vocabulary is named.
 const VOCAB_MISS_SHARE: f64 = 0.03;
 
@@ -124,7 +127,7 @@ pub enum Why {
     FirstSlot {
         /// The mask count of the steps counted (1 where it ran: the paper's 1-mask figures
         /// are its first slot's acceptance).
-        masks: usize,
+        masks: MaskCount,
         /// Accepted share of the steps that offered a first draft.
         rate: f64,
         /// Those steps.
@@ -208,10 +211,14 @@ impl Why {
                 if *masks == 1 { "" } else { "s" }
             ),
             Why::FirstSlot { masks, rate, reached, paper } => format!(
-                "With {masks} mask{}, the first draft is accepted in {} of the {reached} steps that offered one. \
-                 Every later draft is reached only through it, so it weighs on every mask count; the paper's \
-                 1-mask figures put its first slot at {} to {}.",
-                if *masks == 1 { "" } else { "s" },
+                "With {}, the first draft is accepted in {} of the {reached} steps that offered one. Every later \
+                 draft is reached only through it, so it weighs on every mask count; the paper's 1-mask figures \
+                 put its first slot at {} to {}.",
+                match masks {
+                    MaskCount::Fixed(1) => "1 mask".to_string(),
+                    MaskCount::Fixed(n) => format!("{n} masks"),
+                    MaskCount::Auto => "the mask count chosen each step".to_string(),
+                },
                 percent(*rate),
                 percent(paper.0),
                 percent(paper.1)
@@ -220,9 +227,9 @@ impl Why {
                 "Slot {slot} is where the drafts fall off: {} accepted where slot {} had {}. Masks beyond slot {} \
                  add little here; a longer training run raises the later slots most.",
                 percent(*rate),
-                slot - 1,
+                slot.saturating_sub(1),
                 percent(*previous),
-                slot - 1
+                slot.saturating_sub(1)
             ),
             Why::AgainstTraining { masks, expected, measured, validation_step, weakest } => {
                 let weakest = weakest.as_ref().map(|(d, t)| format!(" ({d} drafts worst: {t:.2})")).unwrap_or_default();
@@ -267,28 +274,36 @@ impl Why {
     }
 }
 
-/// The speculative row the explanation reads slot by slot: every domain together, the
-/// quadratic mode where it ran (else linear), at its largest fixed mask count.
-fn main_row(report: &BenchReport) -> Option<&BenchRow> {
-    let fixed = |r: &BenchRow| match r.masks {
+fn fixed(r: &BenchRow) -> Option<usize> {
+    match r.masks {
         MaskCount::Fixed(n) => Some(n),
         MaskCount::Auto => None,
-    };
+    }
+}
+
+/// Every domain's row of `mode` with `masks`.
+fn all_row(report: &BenchReport, mode: Mode, masks: MaskCount) -> Option<&BenchRow> {
+    report.rows.iter().find(|r| r.domain == "all" && r.mode == mode && r.masks == masks)
+}
+
+/// The speculative row the explanation reads slot by slot: every domain together, the
+/// quadratic mode where it ran (else linear), at its largest fixed mask count (else `auto`).
+fn main_row(report: &BenchReport) -> Option<&BenchRow> {
     [Mode::Quadratic, Mode::Linear].into_iter().find_map(|mode| {
-        report
-            .rows
-            .iter()
-            .filter(|r| r.domain == "all" && r.mode == mode && fixed(r).is_some_and(|n| n > 0))
+        let rows = || report.rows.iter().filter(move |r| r.domain == "all" && r.mode == mode);
+        rows()
+            .filter(|r| fixed(r).is_some_and(|n| n > 0))
             .max_by_key(|r| fixed(r))
+            .or_else(|| rows().find(|r| r.masks == MaskCount::Auto))
     })
 }
 
 /// Why `report`'s acceptance is what it is: the domains the paper measured against its
-/// figures, then the reasons that apply, each with its numbers. Empty without a
-/// speculative row.
+/// figures, then the reasons that apply, each with its numbers. The paper's figures and
+/// the training's estimate are quadratic decoding's at fixed mask counts, and only such
+/// rows are held against them. Empty without a speculative row.
 pub fn explain(report: &BenchReport, context: &Context) -> Vec<Finding> {
     let Some(main) = main_row(report) else { return Vec::new() };
-    let MaskCount::Fixed(masks) = main.masks else { return Vec::new() };
     let mut found: Vec<Why> = Vec::new();
 
     // The paper's domains, each at the largest of its mask counts measured here.
@@ -297,7 +312,7 @@ pub fn explain(report: &BenchReport, context: &Context) -> Vec<Finding> {
             report
                 .rows
                 .iter()
-                .find(|r| r.domain == domain && r.mode == main.mode && r.masks == MaskCount::Fixed(m))
+                .find(|r| r.domain == domain && r.mode == Mode::Quadratic && r.masks == MaskCount::Fixed(m))
                 .map(|r| (m, r.tokens_per_forward, paper))
         });
         if let Some((masks, ours, paper)) = row {
@@ -307,17 +322,16 @@ pub fn explain(report: &BenchReport, context: &Context) -> Vec<Finding> {
 
     // Slot by slot: the first slot from the 1-mask steps where they ran (what the paper's
     // 1-mask figures measure), the fall between slots from the main row.
-    let one = report.rows.iter().find(|r| r.domain == "all" && r.mode == main.mode && r.masks == MaskCount::Fixed(1));
+    let one = all_row(report, main.mode, MaskCount::Fixed(1)).filter(|r| r.acceptance.rate(1).is_some());
     let first = one.unwrap_or(main);
-    if let (Some(rate), Some(&reached), MaskCount::Fixed(masks)) =
-        (first.acceptance.rate(1), first.acceptance.reached.first(), first.masks)
-    {
+    if let (Some(rate), Some(&reached)) = (first.acceptance.rate(1), first.acceptance.reached.first()) {
         let paper_first = PAPER.iter().map(|(_, _, f)| f[0] - 1.0);
         let paper = (paper_first.clone().fold(f64::INFINITY, f64::min), paper_first.fold(0.0, f64::max));
-        found.push(Why::FirstSlot { masks, rate, reached, paper });
+        found.push(Why::FirstSlot { masks: first.masks, rate, reached, paper });
     }
     let acceptance = &main.acceptance;
     let drop = (2..=acceptance.reached.len())
+        .filter(|&slot| acceptance.reached[slot - 1] >= SLOT_MIN_REACHED)
         .filter_map(|slot| Some((slot, acceptance.rate(slot)?, acceptance.rate(slot - 1)?)))
         .filter(|&(_, rate, previous)| previous - rate >= SLOT_DROP)
         .max_by(|a, b| (a.2 - a.1).total_cmp(&(b.2 - b.1)));
@@ -325,21 +339,26 @@ pub fn explain(report: &BenchReport, context: &Context) -> Vec<Finding> {
         found.push(Why::SlotDrop { slot, rate, previous });
     }
 
-    // Against what training expected at the same mask count.
+    // Against what training estimated, at the largest quadratic mask count it estimated.
     if let Some(t) = &context.training
-        && let Some(&expected) = masks.checked_sub(1).and_then(|i| t.expected.get(i))
-    {
-        let weakest = report
+        && let Some(row) = report
             .rows
             .iter()
-            .filter(|r| r.domain != "all" && r.mode == main.mode && r.masks == main.masks)
+            .filter(|r| r.domain == "all" && r.mode == Mode::Quadratic)
+            .filter(|r| fixed(r).is_some_and(|n| n > 0 && n <= t.expected.len()))
+            .max_by_key(|r| fixed(r))
+        && let Some(masks) = fixed(row)
+    {
+        let domains =
+            || report.rows.iter().filter(|r| r.domain != "all" && r.mode == Mode::Quadratic && r.masks == row.masks);
+        let weakest = domains()
             .min_by(|a, b| a.tokens_per_forward.total_cmp(&b.tokens_per_forward))
-            .filter(|_| report.rows.iter().filter(|r| r.mode == main.mode && r.masks == main.masks).count() > 2)
+            .filter(|_| domains().count() > 1)
             .map(|r| (r.domain.clone(), r.tokens_per_forward));
         found.push(Why::AgainstTraining {
             masks,
-            expected,
-            measured: main.tokens_per_forward,
+            expected: t.expected[masks - 1],
+            measured: row.tokens_per_forward,
             validation_step: t.validation_step,
             weakest,
         });
@@ -359,7 +378,7 @@ pub fn explain(report: &BenchReport, context: &Context) -> Vec<Finding> {
     }
     let (paper_steps, paper_rank, paper_k) = PAPER_TRAINING;
     let steps = context.training.as_ref().map(|t| t.steps);
-    if steps.is_none_or(|s| s < paper_steps) || context.rank < paper_rank || context.k < paper_k {
+    if steps.is_some_and(|s| s < paper_steps) || context.rank < paper_rank || context.k < paper_k {
         found.push(Why::Training { steps, rank: context.rank, k: context.k });
     }
     found.into_iter().map(Finding::from).collect()
@@ -448,7 +467,7 @@ mod tests {
         );
         assert_eq!(found[1].text, "chat at 4 masks: 1.60 tokens per forward; the paper's adapter 2.31 on AlpacaEval.");
         let Why::FirstSlot { masks, rate, reached, paper } = found[2].why else { unreachable!() };
-        assert_eq!((masks, rate, reached), (4, 0.4, 100));
+        assert_eq!((masks, rate, reached), (MaskCount::Fixed(4), 0.4, 100));
         assert!((paper.0 - 0.54).abs() < 1e-9 && (paper.1 - 0.86).abs() < 1e-9, "{paper:?}");
         assert!(
             found[2].text.starts_with("With 4 masks, the first draft is accepted in 40% of the 100 steps"),
@@ -527,6 +546,48 @@ mod tests {
         );
         r.rows.retain(|row| row.mode == Mode::Ar);
         assert!(explain(&r, &no_run).is_empty());
+    }
+
+    /// Linear rows are not held against the paper's figures nor training's estimate (both
+    /// quadratic); an `auto`-only run still gets its slots; training's estimate is read at
+    /// the largest mask count it covers; a slot reached by few steps is not called a fall;
+    /// the paper's recipe without a known run is not listed as a difference.
+    #[test]
+    fn rows_the_paper_and_training_do_not_measure_are_left_to_their_slots() {
+        let training = TrainingFacts { steps: 470, validation_step: 470, expected: vec![1.6, 2.0] };
+        let context = Context { k: 4, rank: 16, training: Some(training), model_chat_template: false };
+        let mut linear = report();
+        linear.draft_vocab_misses.clear();
+        linear.rows.iter_mut().filter(|r| r.mode == Mode::Quadratic).for_each(|r| r.mode = Mode::Linear);
+        assert_eq!(kinds(&explain(&linear, &context)), ["first_slot", "slot_drop", "training"]);
+
+        let mut auto = report();
+        auto.draft_vocab_misses.clear();
+        auto.rows.retain(|r| r.mode == Mode::Ar);
+        let mut row = row("all", Mode::Quadratic, 0, 1.8, acceptance(&[50, 30], &[30, 20]));
+        row.masks = MaskCount::Auto;
+        auto.rows.push(row);
+        let found = explain(&auto, &context);
+        assert_eq!(kinds(&found), ["first_slot", "training"]);
+        assert!(found[0].text.starts_with("With the mask count chosen each step, the first draft is accepted in 60%"));
+
+        // Training estimated 1..2 masks: the 2-mask row (1.7) is held against its 2.0.
+        let found = explain(&report(), &context);
+        let against = found.iter().find(|f| matches!(f.why, Why::AgainstTraining { .. })).map(|f| f.why.clone());
+        assert_eq!(
+            against,
+            Some(Why::AgainstTraining { masks: 2, expected: 2.0, measured: 1.7, validation_step: 470, weakest: None })
+        );
+
+        // Slot 2 reached by 10 steps only: no fall named.
+        let mut few = report();
+        few.rows.iter_mut().filter(|r| r.domain == "all" && r.masks == MaskCount::Fixed(4)).for_each(|r| {
+            r.acceptance = acceptance(&[100, 10], &[10, 1]);
+        });
+        assert!(!kinds(&explain(&few, &context)).contains(&"slot_drop"));
+
+        let paper_recipe = Context { k: 8, rank: 128, training: None, model_chat_template: false };
+        assert!(!kinds(&explain(&report(), &paper_recipe)).contains(&"training"));
     }
 
     /// A finding's JSON holds its kind, its numbers and its sentence, and reads back.

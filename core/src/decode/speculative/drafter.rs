@@ -547,11 +547,10 @@ impl Drafter {
 
     /// The draft vocabulary's token ids, sorted (`None`: drafts come from the whole
     /// vocabulary).
-    pub fn draft_vocab_ids(&self) -> Result<Option<Vec<i64>>> {
-        let Some(vocab) = &self.vocab else { return Ok(None) };
-        let mut ids = Vec::<i64>::try_from(vocab.to_device(tch::Device::Cpu))?;
+    pub fn draft_vocab_ids(&self) -> Option<Vec<i64>> {
+        let mut ids = self.vocab_ids.clone()?;
         ids.sort_unstable();
-        Ok(Some(ids))
+        Some(ids)
     }
 
     /// `[k, d]`: the mask embeddings in the model's dtype.
