@@ -33,6 +33,7 @@ pub fn load_model(p: &Persisted, in_use: Option<(&ModelSource, &std::path::Path)
         device: m.device,
         dtype: m.dtype,
         cuda_graphs,
+        template_vars: m.template_vars().context("Template variables")?,
         arithmetic: m.draft_arithmetic,
         adapter,
     })
@@ -75,6 +76,8 @@ pub fn train(p: &Persisted, model: Option<&ModelSummary>, run_dir: PathBuf) -> a
         strict_data: p.data.strict,
         training: mtp_core::train::LoopConfig { device: m.device, ..p.train.recipe.training.clone() },
         dtype: m.dtype,
+        // Conversations rendered as the loaded model renders them.
+        chat_template_vars: m.tokenizer.template_vars().clone(),
         ..p.train.recipe.clone()
     };
     if config.method.lora.targets.is_empty() {
@@ -176,6 +179,15 @@ mod tests {
         // Everything else is the form's recipe as it stands.
         assert_eq!(config.training.optim, p.train.recipe.training.optim);
         assert_eq!(config.lcm_weight, p.train.recipe.lcm_weight);
+        assert!(config.chat_template_vars.is_empty());
+        // Conversations are rendered with the loaded model's template variables.
+        let mut tokenizer = (*m.tokenizer).clone();
+        tokenizer.set_template_vars(mtp_core::TemplateVars::from([("enable_thinking".into(), false.into())]));
+        let with_vars = ModelSummary { tokenizer: std::sync::Arc::new(tokenizer), ..model()? };
+        let Request::Train { config, .. } = train(&p, Some(&with_vars), "runs/x".into())? else {
+            anyhow::bail!("not a training request")
+        };
+        assert_eq!(&config.chat_template_vars, with_vars.tokenizer.template_vars());
         assert!(train(&p, None, "runs/y".into()).is_err(), "no model loaded");
         p.train.recipe.method.lora.targets.clear();
         assert!(train(&p, Some(&m), "runs/z".into()).is_err(), "no target");
@@ -270,6 +282,15 @@ mod tests {
         p.project_dir = Some("projects/a".into());
         std::fs::remove_file(&kept)?;
         assert!(matches!(load_model(&p, None)?, Request::LoadModel { adapter: None, .. }), "a deleted file");
+        // The template variables, a line each, parsed; a bad line names the field.
+        p.model.chat_template_vars = "enable_thinking=false\n\ndate_string=26 Jul 2024\n".into();
+        let Request::LoadModel { template_vars, .. } = load_model(&p, None)? else { anyhow::bail!("not a load") };
+        assert_eq!(template_vars.get("enable_thinking"), Some(&serde_json::Value::Bool(false)));
+        assert_eq!(template_vars.get("date_string"), Some(&serde_json::Value::from("26 Jul 2024")));
+        p.model.chat_template_vars = "enable_thinking".into();
+        let error = load_model(&p, None).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(error.starts_with("Template variables") && error.contains("KEY=VALUE"), "{error}");
+        p.model.chat_template_vars.clear();
         p.model.source = "not a model or a folder".into();
         assert!(load_model(&p, None).is_err());
         p.model.adapter = " a.safetensors ".into();

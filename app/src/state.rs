@@ -73,6 +73,21 @@ pub struct ModelForm {
     pub draft_arithmetic: DraftArithmetic,
     /// Adapter file to load.
     pub adapter: String,
+    /// Variables the chat template reads besides the conversation, one `KEY=VALUE` a line
+    /// (`--chat-template-var`; applies at the next load).
+    pub chat_template_vars: String,
+}
+
+impl ModelForm {
+    /// The template variables of [`ModelForm::chat_template_vars`], blank lines skipped; a
+    /// bad line is an error naming it.
+    pub fn template_vars(&self) -> anyhow::Result<mtp_core::TemplateVars> {
+        self.chat_template_vars
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| mtp_core::tokenizer::parse_template_var(l).map_err(anyhow::Error::from))
+            .collect()
+    }
 }
 
 impl Default for ModelForm {
@@ -85,6 +100,7 @@ impl Default for ModelForm {
             cuda_graphs: true,
             draft_arithmetic: DraftArithmetic::Auto,
             adapter: String::new(),
+            chat_template_vars: String::new(),
         }
     }
 }

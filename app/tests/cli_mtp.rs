@@ -73,6 +73,29 @@ fn train_adapter(dir: &Path, steps: &str) -> anyhow::Result<PathBuf> {
     Ok(run)
 }
 
+/// `--chat-template-var` reaches a run's recipe (which a resumed run renders with); a bad
+/// one is refused before anything loads, naming it.
+#[test]
+fn chat_template_vars_reach_the_run_recipe() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let run = tmp.path().join("run");
+    let mut args = train_args(&run, "1");
+    args.extend(
+        ["--chat-template-var", "enable_thinking=false", "--chat-template-var", "date_string=26 Jul 2024"]
+            .map(String::from),
+    );
+    ok(mtp(&args.iter().map(String::as_str).collect::<Vec<_>>()))?;
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json"))?)?;
+    assert_eq!(config["chat_template_vars"]["enable_thinking"], false, "{config}");
+    assert_eq!(config["chat_template_vars"]["date_string"], "26 Jul 2024", "{config}");
+    let model = fixture("llama");
+    let bad = mtp(&["generate", "--model", s(&model), "--prompt", "x", "--chat-template-var", "enable_thinking"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(err.contains("--chat-template-var") && err.contains("template variable `enable_thinking`"), "{err}");
+    Ok(())
+}
+
 #[test]
 fn train_writes_a_run_and_resumes() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;

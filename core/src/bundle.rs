@@ -23,11 +23,20 @@ pub struct LoadOptions {
     /// (SmolLM2-135M shape) and 1.7x (Llama-3.1-8B shape) the eager steps' speed, with the
     /// same tokens (docs/BENCHMARKS.md, 2026-12-04).
     pub cuda_graphs: bool,
+    /// Variables the chat template reads besides the conversation (Qwen3's
+    /// `enable_thinking`, Llama 3.x's `date_string`).
+    pub template_vars: crate::tokenizer::TemplateVars,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: DeviceSpec::Cpu, dtype: DType::F32, hub: HubOptions::from_env(), cuda_graphs: true }
+        Self {
+            device: DeviceSpec::Cpu,
+            dtype: DType::F32,
+            hub: HubOptions::from_env(),
+            cuda_graphs: true,
+            template_vars: Default::default(),
+        }
     }
 }
 
@@ -57,7 +66,8 @@ impl LoadedModel {
         let device = options.device.resolve()?;
         let mut model = Llama::from_folder(dir, options.dtype, device)?;
         model.set_cuda_graphs(options.cuda_graphs);
-        let tokenizer = TextTokenizer::from_folder(dir, model.config.bos_token_id, &model.config.eos_token_ids)?;
+        let mut tokenizer = TextTokenizer::from_folder(dir, model.config.bos_token_id, &model.config.eos_token_ids)?;
+        tokenizer.set_template_vars(options.template_vars.clone());
         Ok(Self { source: ModelSource::Local { path: dir.to_owned() }, dir: dir.to_owned(), model, tokenizer })
     }
 }

@@ -25,4 +25,4 @@ pub use device::{DType, DeviceSpec};
 pub use error::{Error, Result};
 pub use model::Llama;
 pub use source::ModelSource;
-pub use tokenizer::TextTokenizer;
+pub use tokenizer::{TemplateVars, TextTokenizer};

@@ -26,6 +26,29 @@ impl ChatMessage {
     }
 }
 
+/// Variables a chat template reads besides the conversation, as transformers'
+/// `apply_chat_template(..., **kwargs)` passes them: Qwen3's `enable_thinking`, Llama 3.x's
+/// `date_string` (today's date when absent), and the like.
+pub type TemplateVars = std::collections::BTreeMap<String, Value>;
+
+/// One template variable from `KEY=VALUE`: the value as JSON where it is JSON (`false`,
+/// `3`, `"x"`, `[1, 2]`), else as text (`26 Jul 2024`).
+pub fn parse_template_var(text: &str) -> Result<(String, Value)> {
+    let bad = |why: &str| Error::Invalid(format!("template variable `{text}`: {why}"));
+    let (key, value) = text.split_once('=').ok_or_else(|| bad("write it KEY=VALUE"))?;
+    let key = key.trim();
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    if key.is_empty() || !key.chars().all(word) || key.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(bad("its name must be letters, digits and underscores, not starting with a digit"));
+    }
+    if ["messages", "add_generation_prompt", "bos_token", "eos_token"].contains(&key) {
+        return Err(bad("the conversation and its special tokens are set for each rendering"));
+    }
+    let value = value.trim();
+    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+    Ok((key.to_owned(), value))
+}
+
 /// A chat template and the file it came from.
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
@@ -46,6 +69,8 @@ pub struct TextTokenizer {
     /// tokenizer's `eos_token`).
     pub eos_ids: Vec<i64>,
     chat_template: Option<ChatTemplate>,
+    /// Variables the chat template reads besides the conversation.
+    template_vars: TemplateVars,
 }
 
 /// A special token as tokenizer_config.json spells it: a string or `{"content": ...}`.
@@ -91,7 +116,7 @@ impl TextTokenizer {
         }
 
         let chat_template = Self::find_template(dir, &tc_path, &tc)?;
-        Ok(Self { inner, path, bos, eos_text, eos_ids, chat_template })
+        Ok(Self { inner, path, bos, eos_text, eos_ids, chat_template, template_vars: TemplateVars::new() })
     }
 
     /// The chat template: `chat_template.jinja` when present, else `chat_template` in
@@ -124,7 +149,18 @@ impl TextTokenizer {
             eos_text: eos.as_ref().map(|(t, _)| t.clone()),
             eos_ids: eos.map(|(_, id)| id).into_iter().collect(),
             chat_template: None,
+            template_vars: TemplateVars::new(),
         }
+    }
+
+    /// Give the chat template these variables from now on (replacing any given before).
+    pub fn set_template_vars(&mut self, vars: TemplateVars) {
+        self.template_vars = vars;
+    }
+
+    /// The variables the chat template is given besides the conversation.
+    pub fn template_vars(&self) -> &TemplateVars {
+        &self.template_vars
     }
 
     /// Where the chat template comes from (`chat_template.jinja`, or `tokenizer_config.json`
@@ -214,6 +250,7 @@ impl TextTokenizer {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos.as_ref().map(|(t, _)| t.clone()).unwrap_or_default(),
             eos_token => self.eos_text.clone().unwrap_or_default(),
+            ..minijinja::Value::from_serialize(&self.template_vars)
         };
         tmpl.render(ctx).map_err(err)
     }
@@ -562,6 +599,41 @@ mod tests {
         // A message's keys in their order, as a Python dict read from JSON keeps them.
         let ctx = minijinja::context! { m => ChatMessage::new("user", "hi") };
         assert_eq!(render("{{ m | tojson }}", now, ctx), r#"{"role": "user", "content": "hi"}"#);
+    }
+
+    /// Template variables reach the template as transformers' keyword arguments do (a
+    /// `date_string` in place of today's date, Qwen3's `enable_thinking`); a bad one is an
+    /// error naming it, and the conversation cannot be replaced by one.
+    #[test]
+    fn template_variables_reach_the_template() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/llama3-tied");
+        std::fs::copy(fixture.join("tokenizer.json"), dir.path().join("tokenizer.json"))?;
+        std::fs::write(dir.path().join("tokenizer_config.json"), "{}")?;
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}{%- endif %}\
+             {{ date_string }}|{{ messages | length }}\
+             {%- if enable_thinking is defined and enable_thinking is false %}|no thinking{% endif %}",
+        )?;
+        let mut tok = TextTokenizer::from_folder(dir.path(), None, &[])?;
+        let hi = [ChatMessage::new("user", "hi")];
+        let vars: TemplateVars = ["date_string=26 Jul 2024", "enable_thinking=false"]
+            .iter()
+            .map(|v| parse_template_var(v))
+            .collect::<Result<_>>()?;
+        assert_eq!(vars.get("enable_thinking"), Some(&Value::Bool(false)));
+        assert_eq!(vars.get("date_string"), Some(&Value::String("26 Jul 2024".into())));
+        tok.set_template_vars(vars);
+        assert_eq!(tok.apply_chat_template(&hi, true)?, "26 Jul 2024|1|no thinking");
+        tok.set_template_vars(TemplateVars::from([("enable_thinking".to_string(), Value::Bool(true))]));
+        let today = tok.apply_chat_template(&hi, true)?;
+        assert!(today.ends_with("|1") && !today.starts_with("26 Jul 2024"), "{today}");
+        for bad in ["enable_thinking", "=1", "two words=1", "1st=2", "messages=[]"] {
+            assert!(parse_template_var(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_template_var(" n = 3 ")?, ("n".to_string(), Value::from(3)));
+        Ok(())
     }
 
     /// A model folder's template renders today's date through `apply_chat_template`.

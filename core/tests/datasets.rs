@@ -158,3 +158,46 @@ fn hub_dataset_resolves_its_train_split_from_the_cache() -> anyhow::Result<()> {
     assert!(missing.contains("such.jsonl"), "{missing}");
     Ok(())
 }
+
+/// A run renders its conversations with its recipe's template variables, whatever the model
+/// was loaded with (a resumed run renders as it started): the model's template writes the
+/// variable into every prompt, and the training sequences hold what the recipe gave it.
+#[test]
+fn training_renders_conversations_with_its_recipes_template_variables() -> anyhow::Result<()> {
+    use mtp_core::train::trainer::{TrainConfig, prepare_data};
+    use mtp_core::{LoadOptions, LoadedModel, TemplateVars};
+    let dir = tempfile::tempdir()?;
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/llama");
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model)?;
+    for entry in std::fs::read_dir(&fixture)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), model.join(entry.file_name()))?;
+    }
+    write(
+        &model.join("chat_template.jinja"),
+        "{% for m in messages %}{% if m.role == 'user' %}[{{ marker | default('none') }}] {{ m.content }}\n\
+         {% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}{% endif %}",
+    )?;
+    let data = dir.path().join("chat.jsonl");
+    let line =
+        r#"{"messages": [{"role": "user", "content": "add two and two"}, {"role": "assistant", "content": "four"}]}"#;
+    write(&data, &format!("{line}\n").repeat(8))?;
+    let loaded = LoadedModel::from_folder(&model, &LoadOptions::default())?;
+    let rendered = |vars: TemplateVars| -> anyhow::Result<String> {
+        let config = TrainConfig {
+            data: data.display().to_string().parse()?,
+            chat_template_vars: vars,
+            training: mtp_core::train::LoopConfig { seq_len: 32, val_fraction: 0.0, ..Default::default() },
+            ..TrainConfig::default()
+        };
+        let prepared = prepare_data(&config, &loaded)?;
+        let first = prepared.train.first().map(|t| t.ids.clone()).unwrap_or_default();
+        Ok(loaded.tokenizer.decode(&first, false)?)
+    };
+    let marked = TemplateVars::from([("marker".to_string(), serde_json::Value::from("zz"))]);
+    assert!(rendered(marked)?.contains("[zz] add two and two"), "the recipe's variable");
+    assert!(rendered(TemplateVars::new())?.contains("[none] add two and two"), "no variable");
+    assert!(loaded.tokenizer.template_vars().is_empty(), "the loaded model's tokenizer is left as it was");
+    Ok(())
+}

@@ -32,6 +32,17 @@ pub struct ModelArgs {
     /// Run every decoding step eagerly on CUDA, one launch per operation (no CUDA graphs).
     #[arg(long, conflicts_with = "cuda_graphs")]
     pub no_cuda_graphs: bool,
+    /// A variable the chat template reads besides the conversation, as transformers'
+    /// `apply_chat_template` keyword arguments: `enable_thinking=false` (Qwen3),
+    /// `date_string=26 Jul 2024` (Llama 3.x; today's date when absent). Repeatable; the
+    /// value is JSON where it parses as JSON, else text.
+    #[arg(long = "chat-template-var", value_name = "KEY=VALUE", value_parser = template_var)]
+    pub chat_template_vars: Vec<(String, serde_json::Value)>,
+}
+
+/// `KEY=VALUE` of `--chat-template-var`.
+pub fn template_var(text: &str) -> Result<(String, serde_json::Value), String> {
+    mtp_core::tokenizer::parse_template_var(text).map_err(|e| e.to_string())
 }
 
 impl ModelArgs {
@@ -50,6 +61,7 @@ impl ModelArgs {
             device: self.device,
             dtype: self.dtype(),
             cuda_graphs: !self.no_cuda_graphs,
+            template_vars: self.chat_template_vars.iter().cloned().collect(),
             ..LoadOptions::default()
         };
         let loaded = LoadedModel::load(&source, &options, &mut DownloadBar::new())

@@ -54,6 +54,11 @@ pub struct Args {
     /// few held-out prompts at 1..k masks (0 = never).
     #[arg(long, default_value_t = TrainConfig::default().measure_every)]
     pub measure_every: usize,
+    /// A variable the chat template reads when rendering conversations, as for the other
+    /// commands (`enable_thinking=false`, `date_string=26 Jul 2024`); recorded in the run's
+    /// recipe, which a resumed run renders with.
+    #[arg(long = "chat-template-var", value_name = "KEY=VALUE", value_parser = super::common::template_var)]
+    pub chat_template_vars: Vec<(String, serde_json::Value)>,
     /// What mask rows read: paper (learned mask embeddings, a sampler head) or uno (random
     /// token ids and no sampler: the recipe SGLang's and vLLM's UNO decoding serve; export it
     /// with `mtp export --format peft`).
@@ -137,6 +142,7 @@ impl Args {
             draft_vocab: self.draft_vocab,
             checkpointing: self.checkpointing,
             measure_every: self.measure_every,
+            chat_template_vars: self.chat_template_vars.iter().cloned().collect(),
         })
     }
 }
@@ -357,6 +363,7 @@ fn load(config: &TrainConfig) -> anyhow::Result<LoadedModel> {
         device: config.training.device,
         dtype: config.dtype,
         cuda_graphs: false,
+        template_vars: config.chat_template_vars.clone(),
         ..LoadOptions::default()
     };
     LoadedModel::load(&config.model, &options, &mut DownloadBar::new())

@@ -84,6 +84,25 @@ pub fn show(
                 })
                 .response
         });
+        let tip = "Variables the chat template reads besides the conversation, one KEY=VALUE a line, as \
+                   transformers' apply_chat_template keyword arguments: enable_thinking=false (Qwen3), \
+                   date_string=26 Jul 2024 (Llama 3.x, which otherwise writes today's date); applies at the next \
+                   load, and training records them with its recipe";
+        form_row(ui, "Template variables", tip, |ui| {
+            ui.vertical(|ui| {
+                let r = ui.add(
+                    egui::TextEdit::multiline(&mut p.model.chat_template_vars)
+                        .desired_rows(1)
+                        .desired_width(320.0)
+                        .hint_text("enable_thinking=false"),
+                );
+                if let Err(e) = p.model.template_vars() {
+                    ui.colored_label(super::theme::BAD, format!("{e:#}"));
+                }
+                r
+            })
+            .inner
+        });
     });
     ui.horizontal(|ui| {
         if ui
@@ -120,7 +139,17 @@ pub fn show(
             ("Context", i.context_length.to_string()),
             ("Stored as", format!("{} ({})", i.stored_dtype, human_bytes(i.stored_bytes))),
             ("Running on", format!("{} in {}", m.device, m.dtype)),
-            ("Chat template", if m.chat_template { "yes" } else { "no" }.into()),
+            (
+                "Chat template",
+                match (m.chat_template, m.tokenizer.template_vars()) {
+                    (false, _) => "no".into(),
+                    (true, vars) if vars.is_empty() => "yes".into(),
+                    (true, vars) => format!(
+                        "yes, with {}",
+                        vars.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
+                    ),
+                },
+            ),
             ("Loaded in", super::timing(rt, format!("{:.2} s", m.load_seconds))),
         ];
         for (k, v) in rows {

@@ -280,12 +280,12 @@ impl Worker {
     /// ends one is returned to be handled next.
     fn handle(&mut self, request: Request, queue: &Receiver<Request>) -> anyhow::Result<Option<Request>> {
         match request {
-            Request::LoadModel { source, device, dtype, cuda_graphs, arithmetic, adapter: keep } => {
+            Request::LoadModel { source, device, dtype, cuda_graphs, template_vars, arithmetic, adapter: keep } => {
                 let start = Instant::now();
                 self.arithmetic = arithmetic;
                 self.model = None;
                 self.adapter = None;
-                let options = LoadOptions { device, dtype, hub: HubOptions::from_env(), cuda_graphs };
+                let options = LoadOptions { device, dtype, hub: HubOptions::from_env(), cuda_graphs, template_vars };
                 let loaded = {
                     let mut progress =
                         Progress { worker: self, file: String::new(), total: 0, done: 0, last: Instant::now() };

@@ -82,6 +82,8 @@ pub enum Request {
         dtype: DType,
         /// Record decoding steps as CUDA graphs (CUDA only).
         cuda_graphs: bool,
+        /// Variables the chat template reads besides the conversation.
+        template_vars: mtp_core::TemplateVars,
         /// The arithmetic of the mask rows of the adapters loaded from now on.
         arithmetic: DraftArithmetic,
         /// The adapter to load with it (the one in use, when the same model is loaded again,

@@ -153,6 +153,10 @@ pub struct TrainConfig {
     /// decoding a few held-out prompts at 1..k masks (0 = never).
     #[serde(default = "default_measure_every")]
     pub measure_every: usize,
+    /// Variables the chat template reads besides the conversation, as the data is rendered
+    /// with them (runs recorded before had none).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub chat_template_vars: crate::tokenizer::TemplateVars,
 }
 
 fn default_measure_every() -> usize {
@@ -233,6 +237,7 @@ impl Default for TrainConfig {
             draft_vocab: DEFAULT_DRAFT_VOCAB,
             checkpointing: Checkpointing::Auto,
             measure_every: default_measure_every(),
+            chat_template_vars: Default::default(),
         }
     }
 }
@@ -357,11 +362,20 @@ pub struct PreparedData {
 pub fn prepare_data(config: &TrainConfig, loaded: &LoadedModel) -> Result<PreparedData> {
     let (examples, report) = data::read_examples(&config.data, config.strict_data)?;
     let (train_ex, val_ex) = data::split(&examples, config.training.val_fraction, config.training.seed);
+    // Conversations rendered with the recipe's template variables, whatever the model was
+    // loaded with (a run resumed renders as it started).
+    let tokenizer = if loaded.tokenizer.template_vars() == &config.chat_template_vars {
+        std::borrow::Cow::Borrowed(&loaded.tokenizer)
+    } else {
+        let mut tokenizer = loaded.tokenizer.clone();
+        tokenizer.set_template_vars(config.chat_template_vars.clone());
+        std::borrow::Cow::Owned(tokenizer)
+    };
     // Ids given directly (a distilled set) must fit this model's embedding table.
     let tokenize = |exs: &[data::Example]| -> Result<Vec<Tokenized>> {
         exs.iter()
             .map(|e| {
-                let t = data::tokenize(e, &loaded.tokenizer)?;
+                let t = data::tokenize(e, &tokenizer)?;
                 loaded.model.check_ids(&t.ids).map_err(|err| {
                     Error::Invalid(format!("dataset {}: {err} (token ids written for another model?)", config.data))
                 })?;
