@@ -190,8 +190,8 @@ pub struct BenchReport {
     /// int8 panels; [`Drafter::extra_bytes`]).
     #[serde(default)]
     pub drafter_extra_bytes: usize,
-    /// The chat template that encoded the conversation prompts (its file), when any prompt
-    /// was a conversation.
+    /// The chat template that encoded the conversation prompts (its file, and the variables
+    /// it was given), when any prompt was a conversation.
     #[serde(default)]
     pub chat_template: Option<String>,
     /// The model measured, as its source names it (filled in by the caller).
@@ -458,8 +458,13 @@ pub fn run_bench(
             });
         }
     }
+    // The template's file, and the variables it was given.
     let chat_template =
         prompts.iter().any(|p| p.messages.is_some()).then(|| tokenizer.chat_template_origin()).flatten();
+    let chat_template = chat_template.map(|origin| match tokenizer.template_vars() {
+        vars if vars.is_empty() => origin,
+        vars => format!("{origin} ({})", vars.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")),
+    });
     Ok(BenchReport {
         rows,
         divergences,
