@@ -73,8 +73,8 @@ fn train_adapter(dir: &Path, steps: &str) -> anyhow::Result<PathBuf> {
     Ok(run)
 }
 
-/// `--chat-template-var` reaches a run's recipe (which a resumed run renders with); a bad
-/// one is refused before anything loads, naming it.
+/// `--chat-template-var` reaches a run's recipe (which a resumed run renders with, and which
+/// `--resume` does not take again); a bad one is refused before anything loads, naming it.
 #[test]
 fn chat_template_vars_reach_the_run_recipe() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -88,6 +88,8 @@ fn chat_template_vars_reach_the_run_recipe() -> anyhow::Result<()> {
     let config: Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json"))?)?;
     assert_eq!(config["chat_template_vars"]["enable_thinking"], false, "{config}");
     assert_eq!(config["chat_template_vars"]["date_string"], "26 Jul 2024", "{config}");
+    let again = mtp(&["train", "--resume", s(&run), "--chat-template-var", "enable_thinking=true"]);
+    assert_eq!(again.status.code(), Some(2), "{}", String::from_utf8_lossy(&again.stderr));
     let model = fixture("llama");
     let bad = mtp(&["generate", "--model", s(&model), "--prompt", "x", "--chat-template-var", "enable_thinking"]);
     let err = String::from_utf8_lossy(&bad.stderr);

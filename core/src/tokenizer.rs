@@ -32,7 +32,8 @@ impl ChatMessage {
 pub type TemplateVars = std::collections::BTreeMap<String, Value>;
 
 /// One template variable from `KEY=VALUE`: the value as JSON where it is JSON (`false`,
-/// `3`, `"x"`, `[1, 2]`), else as text (`26 Jul 2024`).
+/// `3`, `"x"`, `[1, 2]`), Python's `True`, `False` and `None` as the keyword arguments
+/// transformers users write them, else as text (`26 Jul 2024`).
 pub fn parse_template_var(text: &str) -> Result<(String, Value)> {
     let bad = |why: &str| Error::Invalid(format!("template variable `{text}`: {why}"));
     let (key, value) = text.split_once('=').ok_or_else(|| bad("write it KEY=VALUE"))?;
@@ -45,8 +46,19 @@ pub fn parse_template_var(text: &str) -> Result<(String, Value)> {
         return Err(bad("the conversation and its special tokens are set for each rendering"));
     }
     let value = value.trim();
-    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+    let value = serde_json::from_str(value).unwrap_or_else(|_| match value {
+        "True" => Value::Bool(true),
+        "False" => Value::Bool(false),
+        "None" => Value::Null,
+        text => Value::String(text.to_owned()),
+    });
     Ok((key.to_owned(), value))
+}
+
+/// `KEY=VALUE, ...` as the variables would be typed (text unquoted).
+pub fn describe_template_vars(vars: &TemplateVars) -> String {
+    let value = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    vars.iter().map(|(k, v)| format!("{k}={}", value(v))).collect::<Vec<_>>().join(", ")
 }
 
 /// A chat template and the file it came from.
@@ -630,9 +642,22 @@ mod tests {
         let today = tok.apply_chat_template(&hi, true)?;
         assert!(today.ends_with("|1") && !today.starts_with("26 Jul 2024"), "{today}");
         for bad in ["enable_thinking", "=1", "two words=1", "1st=2", "messages=[]"] {
-            assert!(parse_template_var(bad).is_err(), "{bad}");
+            let error = parse_template_var(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(error.contains(&format!("template variable `{bad}`")), "{bad}: {error}");
         }
         assert_eq!(parse_template_var(" n = 3 ")?, ("n".to_string(), Value::from(3)));
+        // Python's spellings, as transformers' keyword arguments are written.
+        for (text, value) in [("a=False", Value::Bool(false)), ("a=True", Value::Bool(true)), ("a=None", Value::Null)] {
+            assert_eq!(parse_template_var(text)?.1, value, "{text}");
+        }
+        let vars: TemplateVars = ["date_string=26 Jul 2024", "enable_thinking=False"]
+            .iter()
+            .map(|v| parse_template_var(v))
+            .collect::<Result<_>>()?;
+        assert_eq!(describe_template_vars(&vars), "date_string=26 Jul 2024, enable_thinking=false");
+        // Variables given directly cannot replace the conversation either: its keys win.
+        tok.set_template_vars(TemplateVars::from([("messages".to_string(), Value::from(Vec::<i64>::new()))]));
+        assert!(tok.apply_chat_template(&hi, true)?.ends_with("|1"));
         Ok(())
     }
 

@@ -183,21 +183,27 @@ fn training_renders_conversations_with_its_recipes_template_variables() -> anyho
     let line =
         r#"{"messages": [{"role": "user", "content": "add two and two"}, {"role": "assistant", "content": "four"}]}"#;
     write(&data, &format!("{line}\n").repeat(8))?;
-    let loaded = LoadedModel::from_folder(&model, &LoadOptions::default())?;
-    let rendered = |vars: TemplateVars| -> anyhow::Result<String> {
+    let plain = LoadedModel::from_folder(&model, &LoadOptions::default())?;
+    let marker = |m: &str| TemplateVars::from([("marker".to_string(), serde_json::Value::from(m))]);
+    let with_vars =
+        LoadedModel::from_folder(&model, &LoadOptions { template_vars: marker("loaded"), ..Default::default() })?;
+    let rendered = |loaded: &LoadedModel, vars: TemplateVars| -> anyhow::Result<String> {
         let config = TrainConfig {
             data: data.display().to_string().parse()?,
             chat_template_vars: vars,
             training: mtp_core::train::LoopConfig { seq_len: 32, val_fraction: 0.0, ..Default::default() },
             ..TrainConfig::default()
         };
-        let prepared = prepare_data(&config, &loaded)?;
+        let prepared = prepare_data(&config, loaded)?;
         let first = prepared.train.first().map(|t| t.ids.clone()).unwrap_or_default();
         Ok(loaded.tokenizer.decode(&first, false)?)
     };
-    let marked = TemplateVars::from([("marker".to_string(), serde_json::Value::from("zz"))]);
-    assert!(rendered(marked)?.contains("[zz] add two and two"), "the recipe's variable");
-    assert!(rendered(TemplateVars::new())?.contains("[none] add two and two"), "no variable");
-    assert!(loaded.tokenizer.template_vars().is_empty(), "the loaded model's tokenizer is left as it was");
+    assert!(rendered(&plain, marker("zz"))?.contains("[zz] add two and two"), "the recipe's variable");
+    assert!(rendered(&plain, TemplateVars::new())?.contains("[none] add two and two"), "no variable");
+    // A model loaded with other variables (a run resumed in the window) renders the recipe's.
+    assert!(rendered(&with_vars, TemplateVars::new())?.contains("[none] add two and two"), "the recipe's: none");
+    assert!(rendered(&with_vars, marker("zz"))?.contains("[zz] add two and two"), "the recipe's, not the model's");
+    assert!(rendered(&with_vars, marker("loaded"))?.contains("[loaded] add two and two"), "the same");
+    assert!(plain.tokenizer.template_vars().is_empty() && with_vars.tokenizer.template_vars() == &marker("loaded"));
     Ok(())
 }

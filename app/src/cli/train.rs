@@ -19,7 +19,7 @@ use super::recipe::TrainLoopArgs;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Continue the run in this folder from its last checkpoint.
-    #[arg(long, conflicts_with_all = ["model", "data", "out"])]
+    #[arg(long, conflicts_with_all = ["model", "data", "out", "chat_template_vars"])]
     pub resume: Option<PathBuf>,
     /// A model folder, a hub repo id (owner/name[@revision]) or `demo`.
     #[arg(long, required_unless_present = "resume")]

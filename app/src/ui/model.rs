@@ -144,10 +144,7 @@ pub fn show(
                 match (m.chat_template, m.tokenizer.template_vars()) {
                     (false, _) => "no".into(),
                     (true, vars) if vars.is_empty() => "yes".into(),
-                    (true, vars) => format!(
-                        "yes, with {}",
-                        vars.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
-                    ),
+                    (true, vars) => format!("yes, with {}", mtp_core::tokenizer::describe_template_vars(vars)),
                 },
             ),
             ("Loaded in", super::timing(rt, format!("{:.2} s", m.load_seconds))),

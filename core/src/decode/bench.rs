@@ -463,7 +463,7 @@ pub fn run_bench(
         prompts.iter().any(|p| p.messages.is_some()).then(|| tokenizer.chat_template_origin()).flatten();
     let chat_template = chat_template.map(|origin| match tokenizer.template_vars() {
         vars if vars.is_empty() => origin,
-        vars => format!("{origin} ({})", vars.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")),
+        vars => format!("{origin} ({})", crate::tokenizer::describe_template_vars(vars)),
     });
     Ok(BenchReport {
         rows,
