@@ -124,7 +124,8 @@ pub fn bench(p: &Persisted) -> anyhow::Result<Request> {
         modes.push(Mode::Quadratic);
     }
     let prompts = if b.prompts.trim().is_empty() { mtp_core::source::demo_prompts() } else { b.prompts.trim().into() };
-    let config = BenchConfig { modes, masks, max_new_tokens: b.max_new_tokens, repeats: b.repeats.max(1) };
+    let config =
+        BenchConfig { modes, masks, max_new_tokens: b.max_new_tokens, repeats: b.repeats.max(1), chat: b.chat };
     Ok(Request::Bench { prompts, config })
 }
 
@@ -222,8 +223,12 @@ mod tests {
         // The fastest of three runs by default, as the documented commands; never none.
         assert_eq!(config.repeats, 3);
         p.bench.repeats = 0;
+        // Text prompts through the chat template when ticked.
+        assert!(!config.chat);
+        p.bench.chat = true;
         let Request::Bench { config, .. } = bench(&p)? else { anyhow::bail!("not a bench request") };
         assert_eq!(config.repeats, 1);
+        assert!(config.chat);
         p.bench.masks = "1,two".into();
         assert!(bench(&p).is_err());
         Ok(())

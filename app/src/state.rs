@@ -255,6 +255,8 @@ pub struct BenchForm {
     pub max_new_tokens: usize,
     /// Runs of each generation, the fastest counted (`mtp bench --repeats`).
     pub repeats: usize,
+    /// Text prompts as a user's turn through the model's chat template (`mtp bench --chat`).
+    pub chat: bool,
 }
 
 impl Default for BenchForm {
@@ -268,6 +270,7 @@ impl Default for BenchForm {
             // One run of a generation on a shared or busy machine can be off by tens of
             // percent (docs/BENCHMARKS.md): the fastest of three, as the documented commands.
             repeats: 3,
+            chat: false,
         }
     }
 }

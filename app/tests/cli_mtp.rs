@@ -321,6 +321,31 @@ fn generate_bench_and_probe_with_an_adapter() -> anyhow::Result<()> {
     assert_eq!(all["tokens"], ar_tokens.unwrap_or_default()["tokens"], "{report}");
     let within = all["outside"].as_u64().is_some_and(|o| all["tokens"].as_u64().is_some_and(|t| o <= t && t > 0));
     assert!(within && misses.len() == 4, "{report}");
+    // Text prompts: raw, the finding says the model has a chat template; with --chat they go
+    // through it (the report names it) and the finding is gone.
+    let text = tmp.path().join("text.jsonl");
+    std::fs::write(&text, "{\"prompt\": \"What is 2 + 2?\", \"domain\": \"chat\"}\n")?;
+    let quick = [
+        "bench",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--prompts",
+        s(&text),
+        "--masks",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ];
+    for chat in [false, true] {
+        let args = if chat { [&quick[..], &["--chat"]].concat() } else { quick.to_vec() };
+        let report: Value = serde_json::from_str(&ok(mtp(&args))?)?;
+        let raw = report["findings"].as_array().is_some_and(|f| f.iter().any(|f| f["kind"] == "raw_prompts"));
+        assert_eq!((raw, report["chat_template"].is_string()), (!chat, chat), "--chat {chat}: {report}");
+        assert!(report["rows"].as_array().is_some_and(|r| r.iter().all(|r| r["identical"] == true)), "{report}");
+    }
     std::fs::write(&prompts, "{\"prompt\": \"x\", \"domain\": \"code\"}\nnot json\n")?;
     fails_with(
         mtp(&["bench", "--model", s(&model), "--adapter", s(&adapter), "--prompts", s(&prompts)]),

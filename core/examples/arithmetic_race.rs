@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         })
         .collect::<Result<_, _>>()?;
     let prompts = read_prompts(&prompts_path)?;
-    let ids: Vec<Vec<i64>> = prompts.iter().map(|p| p.encode(&loaded.tokenizer)).collect::<Result<_, _>>()?;
+    let ids: Vec<Vec<i64>> = prompts.iter().map(|p| p.encode(&loaded.tokenizer, false)).collect::<Result<_, _>>()?;
     let runs: Vec<(usize, MaskCount)> = (0..setups.len()).flat_map(|s| masks.iter().map(move |&m| (s, m))).collect();
     // Per prompt: AR's fastest seconds and output; per run: fastest seconds, tokens, forwards, identical.
     let mut ar_best = vec![f64::MAX; ids.len()];

@@ -964,6 +964,7 @@ fn bench_repeats_go_round_the_modes() -> anyhow::Result<()> {
         masks: vec![MaskCount::Fixed(1), MaskCount::Fixed(2)],
         max_new_tokens: 12,
         repeats: 3,
+        chat: false,
     };
     let mut seen: Vec<(usize, usize, String)> = Vec::new();
     let mut progress = |done: usize, total: usize, what: &str| {
@@ -1012,8 +1013,13 @@ fn bench_counts_slots_and_the_tokens_a_draft_vocabulary_lacks() -> anyhow::Resul
         .iter()
         .map(|(p, d)| BenchPrompt { prompt: (*p).into(), messages: None, domain: (*d).into() })
         .collect();
-    let config =
-        BenchConfig { modes: vec![Mode::Quadratic], masks: vec![MaskCount::Fixed(2)], max_new_tokens: 24, repeats: 1 };
+    let config = BenchConfig {
+        modes: vec![Mode::Quadratic],
+        masks: vec![MaskCount::Fixed(2)],
+        max_new_tokens: 24,
+        repeats: 1,
+        chat: false,
+    };
     let report = run_bench(&t.loaded.model, &t.small_vocab, &t.loaded.tokenizer, &prompts, &config, &mut ())?;
     let vocab = t.small_vocab.draft_vocab_ids().unwrap_or_default();
     assert_eq!((report.draft_vocab, vocab.len()), (Some(64), 64));
@@ -1061,6 +1067,7 @@ fn a_stopped_bench_reports_the_prompts_it_measured() -> anyhow::Result<()> {
         masks: vec![MaskCount::Fixed(2)],
         max_new_tokens: 8,
         repeats: 1,
+        chat: false,
     };
     // Two generations a prompt (AR, then 2 masks): stopped as the second prompt's second starts.
     let mut calls = 0;

@@ -40,6 +40,10 @@ pub struct Args {
     /// same stretch of time.
     #[arg(long, default_value_t = 1, value_parser = super::common::at_least_one)]
     pub repeats: usize,
+    /// Encode `prompt` lines as a user's turn with the model's chat template, as an instruct
+    /// model is used (`messages` lines always are).
+    #[arg(long)]
+    pub chat: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -60,8 +64,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for m in &masks {
         m.check(drafter.k()).context("--masks")?;
     }
-    let config =
-        BenchConfig { modes: args.modes.clone(), masks, max_new_tokens: args.max_new_tokens, repeats: args.repeats };
+    let config = BenchConfig {
+        modes: args.modes.clone(),
+        masks,
+        max_new_tokens: args.max_new_tokens,
+        repeats: args.repeats,
+        chat: args.chat,
+    };
 
     let bar = if std::io::stderr().is_terminal() && !args.json { ProgressBar::new(0) } else { ProgressBar::hidden() };
     bar.set_style(
@@ -128,7 +137,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             },
         );
         if let Some(template) = &report.chat_template {
-            println!("conversation prompts encoded with the chat template of {template}");
+            println!("prompts encoded with the chat template of {template}");
         }
         print!("{}", report.to_markdown());
         println!(

@@ -65,6 +65,11 @@ pub fn show(ui: &mut egui::Ui, p: &mut Persisted, rt: &Runtime, commands: &mut V
             egui::Role::SpinButton,
             "Runs of each generation",
         );
+        ui.add_enabled(
+            rt.model.as_ref().is_some_and(|m| m.chat_template),
+            egui::Checkbox::new(&mut b.chat, "Chat template"),
+        )
+        .on_hover_text("Text prompts as a user's turn through the model's chat template, as an instruct model is used");
         let k = rt.adapter.as_ref().map(|a| a.config.k);
         let problem = masks_problem(&b.masks, k);
         let why = super::not_ready(rt, true).map(str::to_owned).or(problem.clone());

@@ -35,13 +35,22 @@ pub struct BenchPrompt {
 }
 
 impl BenchPrompt {
-    /// The prompt's token ids: the text as it is, or the conversation through the chat
-    /// template.
-    pub fn encode(&self, tokenizer: &TextTokenizer) -> Result<Vec<i64>> {
+    /// The prompt's token ids: the conversation through the chat template; the text as it
+    /// is, or with `chat` as a user's turn through the chat template.
+    pub fn encode(&self, tokenizer: &TextTokenizer, chat: bool) -> Result<Vec<i64>> {
+        let templated =
+            |messages: &[ChatMessage]| tokenizer.encode_with(&tokenizer.apply_chat_template(messages, true)?, false);
         match &self.messages {
-            Some(messages) => tokenizer.encode_with(&tokenizer.apply_chat_template(messages, true)?, false),
+            Some(messages) => templated(messages),
+            None if chat => templated(&[ChatMessage::new("user", &self.prompt)]),
             None => tokenizer.encode(&self.prompt),
         }
+    }
+
+    /// True when the prompt goes through the chat template (a conversation, or text with
+    /// `chat`).
+    pub fn templated(&self, chat: bool) -> bool {
+        chat || self.messages.is_some()
     }
 }
 
@@ -87,6 +96,10 @@ pub struct BenchConfig {
     /// mode's fastest comes from the same stretch of time. 1 when absent.
     #[serde(default = "one")]
     pub repeats: usize,
+    /// Encode text prompts as a user's turn with the model's chat template, as an instruct
+    /// model is used (conversation prompts always go through it).
+    #[serde(default)]
+    pub chat: bool,
 }
 
 fn one() -> usize {
@@ -190,8 +203,8 @@ pub struct BenchReport {
     /// int8 panels; [`Drafter::extra_bytes`]).
     #[serde(default)]
     pub drafter_extra_bytes: usize,
-    /// The chat template that encoded the conversation prompts (its file, and the variables
-    /// it was given), when any prompt was a conversation.
+    /// The chat template that encoded the prompts (its file, and the variables it was
+    /// given), when any prompt went through it.
     #[serde(default)]
     pub chat_template: Option<String>,
     /// The model measured, as its source names it (filled in by the caller).
@@ -319,7 +332,7 @@ pub fn run_bench(
     let named = |i: usize, p: &BenchPrompt, e: Error| Error::Invalid(format!("prompt {} ({}): {e}", i + 1, p.domain));
     let mut encoded: Vec<Vec<i64>> = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {
-        let ids = p.encode(tokenizer).map_err(|e| named(i, p, e))?;
+        let ids = p.encode(tokenizer, config.chat).map_err(|e| named(i, p, e))?;
         let req = GenerateRequest {
             prompt_ids: ids,
             max_new_tokens: config.max_new_tokens,
@@ -460,7 +473,7 @@ pub fn run_bench(
     }
     // The template's file, and the variables it was given.
     let chat_template =
-        prompts.iter().any(|p| p.messages.is_some()).then(|| tokenizer.chat_template_origin()).flatten();
+        prompts.iter().any(|p| p.templated(config.chat)).then(|| tokenizer.chat_template_origin()).flatten();
     let chat_template = chat_template.map(|origin| match tokenizer.template_vars() {
         vars if vars.is_empty() => origin,
         vars => format!("{origin} ({})", crate::tokenizer::describe_template_vars(vars)),

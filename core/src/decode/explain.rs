@@ -260,7 +260,7 @@ impl Why {
             ),
             Why::RawPrompts => "The prompts were encoded as raw text, but the model has a chat template: an \
                  instruct model answers, and an adapter distilled from its chat answers drafts, under its template. \
-                 Give the prompts as conversations (`messages`)."
+                 Encode them with the chat template, or give them as conversations (`messages`)."
                 .into(),
             Why::Training { steps, rank, k } => {
                 let (paper_steps, paper_rank, paper_k) = PAPER_TRAINING;
