@@ -609,27 +609,34 @@ impl BenchReport {
     }
 }
 
+/// A row of `domain`, `mode` and a fixed mask count, its numbers plain (2 tokens, 1 forward,
+/// every ratio 1), for tests that read rows.
+#[cfg(test)]
+pub(crate) fn test_row(domain: &str, mode: Mode, masks: usize) -> BenchRow {
+    BenchRow {
+        domain: domain.into(),
+        mode,
+        masks: MaskCount::Fixed(masks),
+        mean_masks: masks as f64,
+        prompts: 1,
+        tokens: 2,
+        forwards: 1,
+        tokens_per_forward: 2.0,
+        tokens_per_second: 1.0,
+        speedup: 1.0,
+        step_cost_vs_ar: 1.0,
+        identical: true,
+        cuda_graphs: false,
+        acceptance: Acceptance::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn row(domain: &str, mode: Mode, masks: usize) -> BenchRow {
-        BenchRow {
-            domain: domain.into(),
-            mode,
-            masks: MaskCount::Fixed(masks),
-            mean_masks: masks as f64,
-            prompts: 1,
-            tokens: 2,
-            forwards: 1,
-            tokens_per_forward: 2.0,
-            tokens_per_second: 1.0,
-            speedup: 1.0,
-            step_cost_vs_ar: 1.0,
-            identical: true,
-            cuda_graphs: false,
-            acceptance: Acceptance::default(),
-        }
+        test_row(domain, mode, masks)
     }
 
     #[test]

@@ -391,22 +391,7 @@ mod tests {
     use crate::decode::stats::Acceptance;
 
     fn row(domain: &str, mode: Mode, masks: usize, tpf: f64, acceptance: Acceptance) -> BenchRow {
-        BenchRow {
-            domain: domain.into(),
-            mode,
-            masks: MaskCount::Fixed(masks),
-            mean_masks: masks as f64,
-            prompts: 1,
-            tokens: 10,
-            forwards: 5,
-            tokens_per_forward: tpf,
-            tokens_per_second: 1.0,
-            speedup: 1.0,
-            step_cost_vs_ar: 1.0,
-            identical: true,
-            cuda_graphs: false,
-            acceptance,
-        }
+        BenchRow { tokens_per_forward: tpf, acceptance, ..crate::decode::bench::test_row(domain, mode, masks) }
     }
 
     fn acceptance(reached: &[usize], accepted: &[usize]) -> Acceptance {
